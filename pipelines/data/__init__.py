@@ -1,0 +1,179 @@
+"""Data sources behind one interface: `prepare` a source (generate or check shards), `nested_subset` its keys,
+`load` a split into memory. The pretraining and evaluation stages only use these three."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipelines.data import shapes
+from pipelines.data.shards import DataError, check_local_shards, iter_samples, list_keys, write_shard
+
+SHARD_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One dataset. `shapes` is generated here; `webdataset` reads the user's shards (`urls`, `test_urls`).
+
+    `size` is the number of training examples the source holds: it is declared so a dry run can price a grid
+    without touching the data, and checked against the shards when the data is read.
+    """
+
+    source: Literal["shapes", "webdataset"] = "shapes"
+    name: str = ""
+    size: int = 65536
+    test_size: int = 0
+    image_size: int = 32
+    num_classes: int = 64
+    seed: int = 0
+    urls: str | None = None
+    test_urls: str | None = None
+
+    def __post_init__(self):
+        if self.size <= 0 or self.test_size < 0 or self.image_size < 8 or self.num_classes < 2:
+            raise ValueError("need size > 0, test_size >= 0, image_size >= 8 and num_classes >= 2")
+        if self.source == "webdataset" and not self.urls:
+            raise ValueError("source 'webdataset' needs 'urls' (e.g. /data/in21k/{000000..001023}.tar)")
+        if self.source == "shapes" and (self.urls or self.test_urls):
+            raise ValueError("source 'shapes' is generated; it takes no 'urls'")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.source
+
+
+@dataclass
+class ImageArrays:
+    """A split held in memory: uint8 images [N, H, W, 3] and int64 labels [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    keys: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VITSCALE_CACHE", Path.home() / ".cache" / "vit-scaling"))
+
+
+def prepare(src: SourceConfig, cache_dir: Path, progress: bool = True) -> dict[str, list[str]]:
+    """Make the source readable and return its shard lists per split ('train', and 'test' if any).
+
+    `shapes` is generated once into `cache_dir` (keyed by everything that changes its pixels); later calls
+    and concurrent studies reuse it. `webdataset` shards are checked to exist.
+    """
+    if src.source == "webdataset":
+        splits = {"train": check_local_shards(src.urls)}
+        if src.test_urls:
+            splits["test"] = check_local_shards(src.test_urls)
+        return splits
+    root = Path(cache_dir) / f"shapes-{_shapes_digest(src)}"
+    if not (root / "_info.json").exists():
+        _generate_shapes(src, root, progress)
+    info = json.loads((root / "_info.json").read_text())
+    return {split: [str(root / name) for name in names] for split, names in info["shards"].items()}
+
+
+def _shapes_digest(src: SourceConfig) -> str:
+    ident = [shapes.GENERATOR_VERSION, src.seed, src.size, src.test_size, src.image_size, src.num_classes]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
+
+
+def _generate_shapes(src: SourceConfig, root: Path, progress: bool) -> None:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp{os.getpid()}"
+    tmp.mkdir()
+    jobs, names = [], {}
+    for split, count in (("train", src.size), ("test", src.test_size)):
+        names[split] = []
+        for start in range(0, count, SHARD_SIZE):
+            name = f"{split}-{start // SHARD_SIZE:06d}.tar"
+            names[split].append(name)
+            jobs.append((src, split, start, min(start + SHARD_SIZE, count), tmp / name))
+    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        done = pool.map(_write_shapes_shard, jobs)
+        bar = tqdm(done, total=len(jobs), desc=f"generating {src.label} shards", unit="shard", disable=not progress)
+        for _ in bar:
+            pass
+    info = {"name": src.label, "splits": {"train": src.size, "test": src.test_size}, "shards": names,
+            "num_classes": src.num_classes, "image_size": src.image_size}
+    (tmp / "_info.json").write_text(json.dumps(info, indent=1))
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished the same cache first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_shapes_shard(job) -> int:
+    src, split, start, stop, path = job
+    samples = ((f"{i:08d}", *shapes.render(src.seed, split, i, src.num_classes, src.image_size))
+               for i in range(start, stop))
+    return write_shard(path, samples)
+
+
+def nested_subset(keys: list[str], n: int, seed: int) -> list[str]:
+    """The first `n` keys of a seeded permutation of all keys: subset(n) contains every smaller subset.
+
+    A pure function of (seed, n, the source's key set): keys are sorted first, so shard order is irrelevant.
+    """
+    if n > len(keys):
+        raise DataError(f"subset of {n} examples asked, but the source has only {len(keys)}")
+    ordered = sorted(keys)
+    perm = np.random.default_rng([seed, 20210603]).permutation(len(ordered))
+    return sorted(ordered[i] for i in perm[:n])
+
+
+def manifest_hash(keys: list[str]) -> str:
+    """Short content hash of a subset's key set, logged with every trial."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+def source_keys(src: SourceConfig, shards: list[str]) -> list[str]:
+    """All training keys of a source; its declared `size` must not exceed what the shards hold."""
+    keys = list_keys(shards)
+    if len(keys) < src.size:
+        raise DataError(f"source '{src.label}' declares size {src.size} but its shards hold {len(keys)} samples")
+    return keys
+
+
+def load(shards: list[str], image_size: int, keys: list[str] | None = None, progress: bool = False,
+         desc: str = "") -> ImageArrays:
+    """Decode a split (or the samples named by `keys`) into memory at `image_size`, in shard order.
+
+    Images of another size are resized (shorter side) and centre-cropped, as for evaluation.
+    """
+    wanted = set(keys) if keys is not None else None
+    images, labels, names = [], [], []
+    total = len(wanted) if wanted is not None else None
+    for key, image, label in tqdm(iter_samples(shards, wanted), total=total, desc=desc or "loading",
+                                  unit="img", disable=not progress, mininterval=5):
+        images.append(image if image.shape[:2] == (image_size, image_size) else _fit(image, image_size))
+        labels.append(label)
+        names.append(key)
+    if wanted is not None and len(names) != len(wanted):
+        raise DataError(f"{len(wanted) - len(names)} of the {len(wanted)} requested samples are not in the shards")
+    if not images:
+        raise DataError(f"no samples found in {shards[0] if shards else 'an empty shard list'}")
+    return ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), names)
+
+
+def _fit(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    im = Image.fromarray(image).resize((max(size, round(w * scale)), max(size, round(h * scale))),
+                                       Image.BICUBIC)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))

@@ -1,0 +1,180 @@
+"""The model table: paper names -> timm constructions, parameter counts and forward FLOPs.
+
+    python -m pipelines.models [--image-size 224] [--json]
+
+Parameter counts in the table exclude the classifier head (`get_classifier()`), since its size depends on the
+dataset. The ViT paper's Table 1 counts (B 86M, L 307M, H 632M) match the model with a 1000-way head
+(86.6M, 304.3M, 632.0M: within 1%), so `paper_params_m` is compared with that count; Table 1 is computed for
+B/16, L/16 and H/14, so /32 variants carry no published count (their larger patch embedding adds 1.8M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from timm.layers import GroupNormAct, StdConv2d, resample_abs_pos_embed
+from timm.models.resnetv2 import ResNetV2
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipelines.config import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # "ViT" | "BiT"
+    kwargs: dict = field(default_factory=dict)
+    paper_params_m: float | None = None  # millions, ViT Table 1 (counted with a 1000-way head, see above)
+    cpu_sized: bool = False
+
+
+def _vit(depth: int, dim: int, heads: int, mlp: int, patch: int, **extra) -> dict:
+    return dict(depth=depth, embed_dim=dim, num_heads=heads, mlp_ratio=mlp / dim, patch_size=patch, **extra)
+
+
+def _bit(layers: tuple[int, ...], width: int = 1, **extra) -> dict:
+    return dict(layers=layers, width_factor=width, **extra)
+
+
+# Small-image BiT variants: 3x3 stride-1 stem without max-pool (a 7x7/2 stem + pool would leave 8x8 of a
+# 32-px image before the first block), bottleneck channels 1/8 of R50's, GroupNorm with 8 groups.
+_TINY_BIT = dict(channels=(32, 64, 128, 256), stem_chs=16, small_stem=True, gn_groups=8)
+
+MODELS: dict[str, ModelSpec] = {s.name: s for s in [
+    # ViT paper Table 1 (B, L, H) and DeiT's Ti/S widths; patch size after the slash.
+    ModelSpec("ViT-Ti/16", "ViT", _vit(12, 192, 3, 768, 16)),
+    ModelSpec("ViT-S/16", "ViT", _vit(12, 384, 6, 1536, 16)),
+    ModelSpec("ViT-B/32", "ViT", _vit(12, 768, 12, 3072, 32)),
+    ModelSpec("ViT-B/16", "ViT", _vit(12, 768, 12, 3072, 16), 86.0),
+    ModelSpec("ViT-L/32", "ViT", _vit(24, 1024, 16, 4096, 32)),
+    ModelSpec("ViT-L/16", "ViT", _vit(24, 1024, 16, 4096, 16), 307.0),
+    ModelSpec("ViT-H/14", "ViT", _vit(32, 1280, 16, 5120, 14), 632.0),
+    # BiT (Kolesnikov et al. 2020): ResNet-v2, GroupNorm + Weight Standardization.
+    ModelSpec("BiT-R50x1", "BiT", _bit((3, 4, 6, 3), 1)),
+    ModelSpec("BiT-R101x1", "BiT", _bit((3, 4, 23, 3), 1)),
+    ModelSpec("BiT-R152x1", "BiT", _bit((3, 8, 36, 3), 1)),
+    ModelSpec("BiT-R50x2", "BiT", _bit((3, 4, 6, 3), 2)),
+    ModelSpec("BiT-R50x3", "BiT", _bit((3, 4, 6, 3), 3)),
+    ModelSpec("BiT-R101x3", "BiT", _bit((3, 4, 23, 3), 3)),
+    ModelSpec("BiT-R152x2", "BiT", _bit((3, 8, 36, 3), 2)),
+    ModelSpec("BiT-R152x4", "BiT", _bit((3, 8, 36, 3), 4)),
+    ModelSpec("BiT-R200x3", "BiT", _bit((3, 24, 36, 3), 3)),
+    # CPU-sized variants for 32-px images; a pair per tier has about the same parameter count.
+    ModelSpec("ViT-Pico/4", "ViT", _vit(4, 64, 4, 128, 4), cpu_sized=True),
+    ModelSpec("ViT-Nano/4", "ViT", _vit(6, 96, 4, 192, 4), cpu_sized=True),
+    ModelSpec("BiT-R14-Pico", "BiT", _bit((1, 1, 1, 1), **_TINY_BIT), cpu_sized=True),
+    ModelSpec("BiT-R26-Nano", "BiT", _bit((2, 2, 2, 2), **_TINY_BIT), cpu_sized=True),
+]}
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ConfigError(f"unknown model '{name}'; valid models: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def build(name: str, num_classes: int, image_size: int) -> nn.Module:
+    """Build a fresh timm model by table name (on the current default device; use `torch.device('meta')`)."""
+    spec = get_spec(name)
+    builder: Callable[..., nn.Module] = _build_vit if spec.family == "ViT" else _build_bit
+    return builder(dict(spec.kwargs), num_classes, image_size)
+
+
+def _build_vit(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+    # Class token + token pooling, as in the paper; timm's default init (trunc-normal, zero head).
+    return VisionTransformer(img_size=image_size, num_classes=num_classes, class_token=True,
+                             global_pool="token", **kw)
+
+
+def _build_bit(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+    small_stem = kw.pop("small_stem", False)
+    groups = kw.pop("gn_groups", 32)
+    model = ResNetV2(num_classes=num_classes, stem_type="fixed", conv_layer=partial(StdConv2d, eps=1e-8),
+                     norm_layer=partial(GroupNormAct, num_groups=groups), **kw)
+    if small_stem:
+        model.stem = nn.Sequential(StdConv2d(3, kw["stem_chs"], kernel_size=3, stride=1, padding=1, eps=1e-8))
+    return model
+
+
+def backbone_params(model: nn.Module) -> int:
+    """Parameters excluding the classifier head (see module docstring)."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in head)
+
+
+@functools.lru_cache(maxsize=256)
+def forward_flops(name: str, image_size: int, num_classes: int = 1000) -> int:
+    """FLOPs (2 x multiply-adds) of one forward pass of one image, counted from the module graph on the
+    meta device (no weights allocated), attention matmuls included whichever SDPA kernel timm calls."""
+    with torch.device("meta"):
+        model = build(name, num_classes, image_size)
+        x = torch.empty(1, 3, image_size, image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def pretrained_for_task(name: str, state: dict[str, torch.Tensor], num_classes: int, image_size: int) -> nn.Module:
+    """A pretrained backbone re-headed for a downstream task at `image_size`.
+
+    The head is dropped and replaced by a zero-initialised one (the paper's fine-tuning set-up); a ViT's
+    position embeddings are resampled by 2D interpolation of the patch grid, the class token kept apart.
+    """
+    model = build(name, num_classes, image_size)
+    head_keys = {k for k in model.state_dict() if k.startswith(_head_prefix(model))}
+    backbone = {k: v for k, v in state.items() if not k.startswith(_head_prefix(model))}
+    if "pos_embed" in backbone:
+        grid = model.patch_embed.grid_size
+        backbone["pos_embed"] = resample_abs_pos_embed(backbone["pos_embed"], new_size=list(grid),
+                                                       num_prefix_tokens=model.num_prefix_tokens)
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    if set(missing) != head_keys or unexpected:
+        raise RuntimeError(f"checkpoint does not match {name}: missing {missing}, unexpected {unexpected}")
+    head = model.get_classifier()
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return model
+
+
+def _head_prefix(model: nn.Module) -> str:
+    return "head." if isinstance(model, VisionTransformer) else "head.fc."
+
+
+def table(image_size: int) -> list[dict]:
+    rows = []
+    for spec in MODELS.values():
+        with torch.device("meta"):
+            model = build(spec.name, 1000, image_size)
+        rows.append({"name": spec.name, "family": spec.family, "params": backbone_params(model),
+                     "paper_params": None if spec.paper_params_m is None else int(spec.paper_params_m * 1e6),
+                     "gflops": forward_flops(spec.name, image_size) / 1e9, "cpu_sized": spec.cpu_sized})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.models", description=__doc__.splitlines()[0])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--json", action="store_true", help="print JSON for machines")
+    args = parser.parse_args(argv)
+    rows = table(args.image_size)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'model':<14} {'family':<6} {'params':>12} {'paper':>8} {'GFLOPs@' + str(args.image_size):>12}")
+    for r in rows:
+        paper = "" if r["paper_params"] is None else f"{r['paper_params'] / 1e6:.1f}M"
+        print(f"{r['name']:<14} {r['family']:<6} {r['params']:>12,} {paper:>8} {r['gflops']:>12.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""One grid point: pretrain -> linear few-shot -> fine-tune. `run_point` is plain Python (no Ray, no MLflow);
+`trainable` is the Ray Tune function trainable around it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from pipelines import data, fewshot, finetune, models, pretrain
+from pipelines.config import UserError, from_dict, to_dict
+from pipelines.training import TrainingDiverged, infer, pick_device, top1
+from study.config import GridPoint, StudyConfig, grid_point
+
+Report = Callable[[dict], None]
+
+
+def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path | None,
+              progress: bool = False) -> dict:
+    """Run one trial; `report` receives params once, then per-epoch metrics, then the final metrics.
+
+    Returns:
+        the final metrics (also passed to `report`).
+    """
+    device = pick_device(cfg.resources.gpus_per_trial)
+    src = cfg.data.pretrain
+    shards = data.prepare(src, cfg.cache_dir, progress=False)
+    keys = data.nested_subset(data.source_keys(src, shards["train"]), point.subset_size, point.seed)
+    report({"params": {"manifest_hash": data.manifest_hash(keys), "device": str(device),
+                       "planned_steps": point.steps}})
+    train = data.load(shards["train"], src.image_size, keys)
+    result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, point.seed, device,
+                          out_dir, on_epoch=lambda m: report({"step": m["epoch"], "pretrain": m}), progress=progress)
+    del train
+    final = {"examples_seen": result.examples_seen, "pretrain_flops": point.pretrain_flops,
+             "pretrain/seconds": result.seconds}
+    model = models.build(point.model, src.num_classes, src.image_size)
+    model.load_state_dict(result.state_dict)
+    model.to(device)
+    if "test" in shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
+        val = data.load(shards["test"], src.image_size)
+        final["pretrain/val_top1"] = top1(infer(model, val.images, src.image_size, device), val.labels)
+    final.update(_evaluate_downstream(cfg, point, model, result.state_dict, device, progress))
+    report({"final": final})
+    return final
+
+
+def _evaluate_downstream(cfg: StudyConfig, point: GridPoint, model, state, device, progress) -> dict:
+    out = {}
+    image_size = cfg.data.pretrain.image_size
+    for i, task in enumerate(cfg.downstream):
+        shards = data.prepare(task, cfg.cache_dir, progress=False)
+        train, test = data.load(shards["train"], task.image_size), data.load(shards["test"], task.image_size)
+        # Few-shot on frozen features at the pretraining resolution (the paper's linear few-shot set-up).
+        feats = [infer(model, split.images, image_size, device, pre_logits=True) for split in (train, test)]
+        shots = fewshot.run(cfg.evaluate.fewshot, feats[0], train.labels, feats[1], test.labels, point.seed)
+        ft = finetune.run(cfg.evaluate.finetune, point.model, state, train, test, task.num_classes, point.seed,
+                          device, progress=progress, desc=f"finetune {task.label}")
+        for k in cfg.evaluate.fewshot.shots:
+            out[f"fewshot/{task.label}/{k}shot_top1"] = shots.top1[k]
+            out[f"fewshot/{task.label}/{k}shot_top1_std"] = shots.top1_std[k]
+            if i == 0:  # the first task is the study's headline task, also logged under plain names
+                out[f"fewshot_{k}shot_top1"] = shots.top1[k]
+        out[f"finetune/{task.label}/top1"] = ft.top1
+        out[f"finetune/{task.label}/seconds"] = ft.seconds
+        if i == 0:
+            out["finetune_top1"] = ft.top1
+    return out
+
+
+def trial_config(cfg: StudyConfig) -> dict:
+    """Tune's param space: the resolved study plus the three grid axes, which Tune expands and shows."""
+    from ray import tune
+
+    return {"study": to_dict(cfg), "model": tune.grid_search(list(cfg.models)),
+            "subset_size": tune.grid_search(list(cfg.data.subsets)), "seed": tune.grid_search(list(cfg.seeds))}
+
+
+def trial_point(config: dict) -> tuple[StudyConfig, GridPoint]:
+    cfg = from_dict(StudyConfig, config["study"])
+    return cfg, grid_point(cfg, config["model"], config["subset_size"], config["seed"])
+
+
+def trainable(config: dict) -> None:
+    """Ray Tune function trainable. Failures known to be deterministic (divergence, bad data) are reported
+    as the trial's `failure` and end it without a retry; anything else raises so Tune's FailureConfig applies."""
+    from ray import tune
+
+    cfg, point = trial_point(config)
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
+    out_dir = Path(tune.get_context().get_trial_dir())
+    start = time.time()
+    try:
+        run_point(cfg, point, tune.report, out_dir)
+    except (TrainingDiverged, UserError) as err:
+        tune.report({"failure": f"{type(err).__name__}: {err}", "seconds": time.time() - start})

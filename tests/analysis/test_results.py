@@ -1,0 +1,66 @@
+import pandas as pd
+import pytest
+
+from analysis import results
+from analysis.report import leader_lines
+from pipelines.config import UserError
+from tests.conftest import run_cli
+
+TRIAL = {"model": "ViT-Pico/4", "family": "ViT", "subset_size": 1024, "seed": 0, "examples_seen": 4096,
+         "pretrain_flops": 1e12}
+
+
+def test_metric_keys_become_tidy_rows():
+    rows = results.records_from_metrics(TRIAL, {
+        "fewshot/shapes/5shot_top1": 40.0, "fewshot/shapes/5shot_top1_std": 1.0, "fewshot_5shot_top1": 40.0,
+        "finetune/shapes/top1": 70.0, "finetune/shapes/seconds": 9.0, "pretrain/val_top1": 50.0})
+    table = results.build_table(rows)
+    assert table[["eval", "dataset", "shots", "metric", "value"]].astype(object).values.tolist() == [
+        ["fewshot", "shapes", 5, "top1", 40.0], ["finetune", "shapes", pd.NA, "top1", 70.0]]
+
+
+def _csv(tmp_path, rows):
+    path = tmp_path / "r.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def _row(**kw):
+    row = {"model": "ViT-B/16", "family": "ViT", "subset_size": 9e6, "examples_seen": 6.3e7,
+           "pretrain_flops": 6.6e18, "eval": "fewshot", "dataset": "imagenet", "shots": 5, "metric": "top1",
+           "value": 50.0, "seed": 0}
+    return {**row, **kw}
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{k: v for k, v in _row().items() if k != "value"}], "missing required column 'value'"),
+    ([_row(), _row(value="high")], "column 'value' row 3 is not a number: 'high'"),
+    ([_row(family="CNN")], "column 'family' row 2 is 'CNN'; valid: ViT, BiT, Hybrid"),
+])
+def test_malformed_results_name_column_and_row(tmp_path, rows, message):
+    with pytest.raises(UserError, match=message):
+        results.read(_csv(tmp_path, rows))
+
+
+def test_leader_lines_report_the_gap_per_size():
+    table = pd.DataFrame([_row(subset_size=1, value=40), _row(model="BiT-R50x1", family="BiT", subset_size=1,
+                          value=50), _row(subset_size=10, value=70),
+                          _row(model="BiT-R50x1", family="BiT", subset_size=10, value=60)])
+    lines = leader_lines(table)
+    assert lines[0].endswith("| -10.0 | BiT-R50x1 |") and lines[1].endswith("| +10.0 | ViT-B/16 |")
+
+
+def test_report_cli_on_an_external_csv(tmp_path, cache_dir):
+    rows = [_row(model=m, family=f, subset_size=n, value=v, eval=e, shots=s)
+            for m, f, curve in (("ViT-B/16", "ViT", (30, 50, 70)), ("BiT-R50x1", "BiT", (45, 55, 60)))
+            for n, v in zip((9e6, 3e7, 9e7), curve, strict=True)
+            for e, s in (("fewshot", 5), ("finetune", None))]
+    proc = run_cli(["-m", "analysis.report", "--results", str(_csv(tmp_path, rows)), "--out", str(tmp_path / "o")],
+                   cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "| 90,000,000 | ViT-B/16 70.0 | BiT-R50x1 60.0 | +10.0 | ViT-B/16 |" in report
+    assert (tmp_path / "o" / "figures" / "fig4_fewshot_vs_data.pdf").exists()
+    bad = run_cli(["-m", "analysis.report", "--results", str(tmp_path / "nope.csv"), "--out", str(tmp_path)],
+                  cache_dir)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: results file not found")

@@ -1,0 +1,99 @@
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from pipelines import data
+from pipelines.data import shapes
+from pipelines.data.shards import DataError, check_local_shards, iter_samples, write_shard
+
+SMALL = data.SourceConfig(source="shapes", size=600, test_size=100, image_size=32, num_classes=8, seed=5)
+
+
+def test_render_is_a_pure_function_of_seed_split_index():
+    a, la = shapes.render(0, "train", 17, 8, 32)
+    b, lb = shapes.render(0, "train", 17, 8, 32)
+    c, _ = shapes.render(0, "test", 17, 8, 32)
+    d, _ = shapes.render(1, "train", 17, 8, 32)
+    assert np.array_equal(a, b) and la == lb
+    assert not np.array_equal(a, c) and not np.array_equal(a, d)
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+
+
+def test_classes_are_distinct_outline_fill_pairs_and_sources_differ():
+    parts = [shapes.class_parts(c, 16, seed=0) for c in range(16)]
+    assert len(set(parts)) == 16
+    other = {shapes.class_parts(c, 10, seed=1) for c in range(10)}
+    assert other != set(parts[:10])
+    with pytest.raises(ValueError, match="at most 64 classes"):
+        shapes.class_parts(0, 65, seed=0)
+
+
+def test_prepare_writes_shards_once_and_reads_back_identical_pixels(cache_dir):
+    shards = data.prepare(SMALL, cache_dir, progress=False)
+    assert len(shards["train"]) == 1 and len(shards["test"]) == 1
+    again = data.prepare(SMALL, cache_dir, progress=False)
+    assert again == shards
+    split = data.load(shards["train"], 32, progress=False)
+    assert len(split) == 600
+    i = split.keys.index("00000123")
+    image, label = shapes.render(SMALL.seed, "train", 123, SMALL.num_classes, SMALL.image_size)
+    assert np.array_equal(split.images[i], image) and split.labels[i] == label  # PNG is lossless
+
+
+def test_nested_subsets_contain_each_other_and_are_deterministic(cache_dir):
+    keys = data.source_keys(SMALL, data.prepare(SMALL, cache_dir, progress=False)["train"])
+    small, mid, big = (set(data.nested_subset(keys, n, seed=3)) for n in (50, 200, 600))
+    assert small < mid < big and len(small) == 50 and len(big) == 600
+    assert set(data.nested_subset(keys, 200, seed=4)) != mid
+    # Shard order does not matter, and another process computes the same manifest.
+    assert data.nested_subset(list(reversed(keys)), 200, seed=3) == sorted(mid)
+    code = ("from pipelines import data; import sys, json; keys=json.load(sys.stdin); "
+            "print(data.manifest_hash(data.nested_subset(keys, 200, 3)))")
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(keys), capture_output=True, text=True)
+    assert out.stdout.strip() == data.manifest_hash(sorted(mid))
+
+
+def test_subset_larger_than_source_is_a_clear_error():
+    with pytest.raises(DataError, match="subset of 700 examples asked, but the source has only 600"):
+        data.nested_subset([f"{i}" for i in range(600)], 700, seed=0)
+
+
+def test_missing_shard_path_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"data path not found: .*missing-000001.tar \(1 of 2 shards missing\)"):
+        (tmp_path / "missing-000000.tar").write_bytes(b"")
+        check_local_shards(str(tmp_path / "missing-{000000..000001}.tar"))
+
+
+def _write(tmp_path, n=5):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "s.tar"
+    write_shard(path, ((f"k{i}", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), i % 3) for i in range(n)))
+    return path
+
+
+def test_truncated_shard_fails_with_a_clear_error(tmp_path):
+    path = _write(tmp_path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2 + 100])
+    with pytest.raises(DataError):
+        list(iter_samples([str(path)]))
+
+
+def test_sample_without_label_is_named(tmp_path):
+    path = tmp_path / "nolabel.tar"
+    with tarfile.open(path, "w") as tar:
+        src = _write(tmp_path / "..", 1)
+        with tarfile.open(src) as inner:
+            member = next(m for m in inner.getmembers() if m.name.endswith(".png"))
+            tar.addfile(member, inner.extractfile(member))
+    with pytest.raises(DataError, match="lacks an image or a .cls label"):
+        list(iter_samples([str(path)]))
+
+
+def test_load_resizes_other_sizes_to_the_requested_resolution(tmp_path):
+    split = data.load([str(_write(tmp_path))], 8)
+    assert split.images.shape == (5, 8, 8, 3) and split.labels.tolist() == [0, 1, 2, 0, 1]

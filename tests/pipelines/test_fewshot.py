@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+
+from pipelines import fewshot
+
+
+def test_linearly_separable_features_reach_100_percent():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (10, 32))
+    labels = np.repeat(np.arange(10), 30)
+    feats = centres[labels] + rng.normal(0, 0.5, (300, 32))
+    result = fewshot.run(fewshot.FewshotConfig(shots=(1, 5), repeats=2), feats[::2], labels[::2], feats[1::2],
+                         labels[1::2], seed=0)
+    assert result.top1 == {1: 100.0, 5: 100.0}
+
+
+@pytest.mark.parametrize("n", [20, 200])  # kernel form (N < D) and primal form (N >= D)
+def test_solution_equals_a_direct_lstsq_ridge_solve(n):
+    rng = np.random.default_rng(1)
+    x, y, xt = rng.normal(size=(n, 64)), rng.integers(0, 5, n), rng.normal(size=(50, 64))
+    l2 = 2.0**10
+    scores = fewshot.ridge_scores(x, y, xt, 5, l2)
+    # Reference: ridge as an augmented least-squares problem [X; sqrt(l2) I] w = [Y; 0], on the same
+    # standardised, bias-padded features, solved by numpy.linalg.lstsq.
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    pad = lambda a: np.hstack([(a - mean) / std, np.full((len(a), 1), fewshot.BIAS_FEATURE)])  # noqa: E731
+    target = 2.0 * np.eye(5)[y] - 1.0
+    w, *_ = np.linalg.lstsq(np.vstack([pad(x), np.sqrt(l2) * np.eye(65)]),
+                            np.vstack([target, np.zeros((65, 5))]), rcond=None)
+    np.testing.assert_allclose(scores, pad(xt) @ w, atol=1e-5)
+
+
+def test_shot_sets_are_nested_and_balanced():
+    labels = np.repeat(np.arange(4), 30)
+    sets = fewshot.nested_shots(labels, (1, 5, 10), seed=3)
+    assert set(sets[1]) < set(sets[5]) < set(sets[10])
+    assert np.bincount(labels[sets[5]]).tolist() == [5, 5, 5, 5]
+    assert not np.array_equal(sets[5], fewshot.nested_shots(labels, (1, 5, 10), seed=4)[5])
+
+
+def test_too_many_shots_is_a_clear_error():
+    with pytest.raises(Exception, match="25-shot asked, but a class has only 3"):
+        fewshot.nested_shots(np.repeat(np.arange(2), 3), (25,), seed=0)

@@ -1,0 +1,61 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import models, pretrain
+from pipelines.config import UserError
+from pipelines.data import ImageArrays
+from pipelines.training import TrainingDiverged, duration_steps, warmup_decay
+
+
+def test_duration_helper_converts_each_unit():
+    assert duration_steps(None, 70, None, 32, 1000) == 70
+    assert duration_steps(2.0, None, None, 32, 1000) == math.ceil(2000 / 32)
+    assert duration_steps(None, None, 65536, 32, 1000) == 2048
+    with pytest.raises(UserError, match="exactly one of epochs, steps, examples"):
+        duration_steps(1.0, 10, None, 32, 1000)
+
+
+def test_schedule_warms_up_linearly_then_decays_to_zero():
+    lrs = [warmup_decay(s, total=100, warmup=10, decay="cosine") for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)) and lrs[-1] < 0.01
+    assert warmup_decay(55, total=100, warmup=10, decay="linear") == pytest.approx(0.5)
+
+
+def _tiny_data(n=64, classes=4):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, classes, n)
+    images = np.clip(labels[:, None, None, None] * 60 + rng.integers(0, 30, (n, 32, 32, 3)), 0, 255)
+    return ImageArrays(images.astype(np.uint8), labels)
+
+
+def test_pretraining_learns_an_easy_task_and_saves_safetensors(tmp_path):
+    cfg = pretrain.PretrainConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=5)
+    epochs = []
+    result = pretrain.run(cfg, "ViT-Pico/4", _tiny_data(), 4, 32, seed=0, device=torch.device("cpu"),
+                          out_dir=tmp_path, on_epoch=epochs.append, progress=False)
+    assert result.steps == 40 and result.examples_seen == 1280 and len(epochs) == 20
+    assert epochs[-1]["loss"] < epochs[0]["loss"] * 0.5
+    from safetensors.torch import load_file
+    loaded = load_file(str(result.weights_path))
+    assert torch.equal(loaded["pos_embed"], result.state_dict["pos_embed"])
+
+
+def test_non_finite_loss_stops_the_run_at_the_first_step(monkeypatch):
+    cfg = pretrain.PretrainConfig(steps=5, batch_size=16, lr=1e-3)
+    data = _tiny_data()
+    data.images[:] = 0
+    original = models.build
+
+    def poisoned(name, num_classes, image_size):
+        model = original(name, num_classes, image_size)
+        with torch.no_grad():
+            model.head.weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(models, "build", poisoned)  # a real model whose head weights are NaN
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
+        pretrain.run(cfg, "ViT-Pico/4", data, 4, 32, seed=0, device=torch.device("cpu"), progress=False)

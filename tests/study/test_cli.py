@@ -1,0 +1,63 @@
+"""Bad input fails before any work starts: one line naming the problem, exit code 2, no traceback."""
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+
+def _grid(tmp_path, text: str):
+    path = tmp_path / "grid.yaml"
+    path.write_text((ROOT / "configs" / "smoke.yaml").read_text() + text)
+    return path
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["pretrain.epocs=3"], "unknown key 'pretrain.epocs'; valid keys here: epochs, steps, examples"),
+    (["pretrain.batch_size=big"], "pretrain.batch_size: expected int, got 'big'"),
+    (["models=[ViT-B/17]"], "unknown model 'ViT-B/17'; valid models: ViT-Ti/16"),
+    (["data.subsets=[256, 4096]"], "data.subsets: 4096 examples asked, but data.pretrain holds only 2048"),
+    (["pretrain.steps=null"], "pretrain: give exactly one duration: epochs, steps or examples"),
+    (["evaluate.finetune.image_size=50"], "evaluate.finetune.image_size=50 is not a multiple of ViT-Pico/4's "
+                                          "patch size 4"),
+    (["data.pretrain.source=webdataset", "data.pretrain.urls=/nonexistent/{000000..000003}.tar"],
+     "data path not found: /nonexistent/000000.tar (4 of 4 shards missing)"),
+])
+def test_bad_input_is_one_line_and_exit_2(overrides, message, cache_dir, tmp_path):
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), *overrides],
+                   cache_dir)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {message}")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_missing_grid_file(cache_dir):
+    proc = run_cli(["-m", "study.run", "--grid", "configs/nope.yaml"], cache_dir)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: grid file not found: configs/nope.yaml"
+
+
+def test_dry_run_json_lists_every_grid_point(cache_dir):
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--dry-run", "--json"], cache_dir)
+    rows = json.loads(proc.stdout)
+    assert [(r["model"], r["subset_size"]) for r in rows] == [
+        ("ViT-Pico/4", 256), ("ViT-Pico/4", 1024), ("BiT-R14-Pico", 256), ("BiT-R14-Pico", 1024)]
+    assert all(r["examples_seen"] == 12 * 64 for r in rows)
+    from pipelines.models import forward_flops
+    assert rows[0]["pretrain_flops"] == 3 * forward_flops("ViT-Pico/4", 32, 16) * 768
+
+
+def test_paper_scale_dry_run_is_fast_and_touches_no_data(cache_dir):
+    start = time.monotonic()
+    proc = run_cli(["-m", "study.run", "--grid", "configs/paper/vit-vs-bit-jft.yaml", "--dry-run", "--json"],
+                   cache_dir)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 11 * 4 and elapsed < 60
+    assert {"model", "subset_size", "examples_seen", "pretrain_flops"} <= set(rows[0])
+    b16 = next(r for r in rows if r["model"] == "ViT-B/16" and r["subset_size"] == 303_000_000)
+    # Paper Table 6: ViT-B/16, 7 epochs of JFT-300M = 224 exaFLOPs.
+    assert b16["pretrain_flops"] == pytest.approx(224e18, rel=0.01)

@@ -1,0 +1,77 @@
+"""The smoke study end to end: real Ray, real MLflow (SQLite store), real torch; no mocks."""
+
+import re
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out)], cache_dir)
+    return out, proc
+
+
+def test_study_finishes_and_prints_where_everything_is(smoke):
+    out, proc = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"mlflow ui --backend-store-uri sqlite:///\S+mlflow.db", proc.stdout)
+    assert "results:" in proc.stdout and "report:" in proc.stdout
+
+
+def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
+    out, _ = smoke
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {(c.data.params["model"], c.data.params["subset_size"]) for c in children} == {
+        ("ViT-Pico/4", "256"), ("ViT-Pico/4", "1024"), ("BiT-R14-Pico", "256"), ("BiT-R14-Pico", "1024")}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        m, p = child.data.metrics, child.data.params
+        assert {"fewshot_1shot_top1", "fewshot_5shot_top1", "finetune_top1", "pretrain_flops",
+                "examples_seen"} <= set(m)
+        assert m["examples_seen"] == 768 and len(p["manifest_hash"]) == 16
+        assert p["config.pretrain.lr"] == "0.001" and "git_commit" in child.data.tags
+        history = client.get_metric_history(child.info.run_id, "pretrain/loss")
+        assert len(history) >= 1  # per-epoch metrics
+    hashes = {(c.data.params["subset_size"], c.data.params["manifest_hash"]) for c in children}
+    assert len(hashes) == 2  # both models trained on the same subset of each size
+
+
+def test_results_table_and_figures(smoke):
+    out, _ = smoke
+    (study_dir,) = (out / "smoke").iterdir()
+    table = pd.read_csv(study_dir / "results.csv")
+    assert list(table.columns) == ["model", "family", "subset_size", "examples_seen", "pretrain_flops", "eval",
+                                   "dataset", "shots", "metric", "value", "seed"]
+    assert len(table) == 4 * (2 + 1)  # 4 trials x (1- and 5-shot + fine-tune)
+    assert set(table["eval"]) == {"fewshot", "finetune"} and set(table["family"]) == {"ViT", "BiT"}
+    assert table["value"].between(0, 100).all()
+    for name in ("fig3_finetune_vs_data", "fig4_fewshot_vs_data", "fig5_accuracy_vs_compute"):
+        for ext in ("png", "pdf"):
+            assert (study_dir / "figures" / f"{name}.{ext}").stat().st_size > 5000
+    report = (study_dir / "report.md").read_text()
+    assert "fig4_fewshot_vs_data.png" in report and "| ViT-Pico/4 |" in report
+
+
+def test_diverging_trials_fail_with_a_reason_and_the_study_carries_on(tmp_path, cache_dir):
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path),
+                    "pretrain.lr=1.0e+30", "models=[ViT-Pico/4]", "data.subsets=[256]"], cache_dir)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "trials failed" in proc.stderr and "TrainingDiverged" in proc.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
+    assert child.info.status == "FAILED" and "loss became" in child.data.tags["failure_reason"]
