@@ -44,7 +44,7 @@ def leader_lines(frame: pd.DataFrame) -> list[str]:
 def _section(title: str, frame: pd.DataFrame) -> list[str]:
     table = _mean_table(frame)
     header = "| model | " + " | ".join(f"{int(c):,}" for c in table.columns) + " |"
-    out = [f"### {title}", "", "Top-1 (%) by pretraining subset size (examples):", "", header,
+    out = [f"### {title}", "", "Percent, by pretraining subset size (examples):", "", header,
            "|---" * (len(table.columns) + 1) + "|"]
     out += [f"| {model} | " + " | ".join(str(v) for v in row) + " |" for model, row in table.iterrows()]
     leads = leader_lines(frame)
@@ -63,8 +63,9 @@ def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
              "(`results.csv`).", ""]
     lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png"] + [""]
     lines += ["## Results", ""]
-    for (evaluation, dataset, shots), frame in table.groupby(["eval", "dataset", "shots"], dropna=False):
-        name = f"{evaluation} / {dataset}" + ("" if pd.isna(shots) else f" / {int(shots)}-shot")
+    groups = table.groupby(["eval", "dataset", "shots", "metric"], dropna=False)
+    for (evaluation, dataset, shots, metric), frame in groups:
+        name = f"{evaluation} / {dataset}" + ("" if pd.isna(shots) else f" / {int(shots)}-shot") + f" / {metric}"
         lines += _section(name, frame)
     if failures:
         lines += ["## Failed trials", ""] + [f"- {name}: {why}" for name, why in failures.items()] + [""]

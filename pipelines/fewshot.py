@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
+import scipy.sparse
 
 from pipelines.config import UserError
 
@@ -34,18 +36,35 @@ def ridge_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n
     """Class scores [N_test, C] of the ridge regression from features to {-1, +1} one-hot targets.
 
     Features are standardised with the training set's statistics and given a constant bias feature; the
-    solve uses the smaller of the D x D and N x N systems (kernel form when N < D), in float64.
+    solve uses the smaller of the D x D and N x N systems (kernel form when N < D), in float64. The targets
+    are never materialised: X^T Y = 2 * (per-class feature sums) - (feature sums).
     """
-    x_train = x_train.astype(np.float64)
-    mean, std = x_train.mean(0, keepdims=True), x_train.std(0, keepdims=True) + 1e-5
-    x = _with_bias((x_train - mean) / std)
-    xt = _with_bias((x_test.astype(np.float64) - mean) / std)
-    y = 2.0 * np.eye(num_classes)[y_train] - 1.0
+    x = x_train.astype(np.float64)  # the one copy of the training features; the rest works in place
+    mean = x.mean(0)
+    x -= mean
     n, d = x.shape
+    onehot = scipy.sparse.csr_matrix((np.ones(n), (y_train, np.arange(n))), shape=(num_classes, n))
     if n >= d:
-        w = np.linalg.solve(x.T @ x + l2_reg * np.eye(d), x.T @ y)
+        # Normal equations of [X / std, b]: X^T X of the centred features gives their variances on its diagonal,
+        # so standardising is a rescaling of the D x D system and the bias column is handled in closed form.
+        upper = scipy.linalg.blas.dsyrk(1.0, x.T, trans=0)  # X^T X (upper triangle), X^T is Fortran-ordered
+        std = np.sqrt(np.diag(upper) / n) + 1e-5
+        col = x.sum(0) / std
+        gram = np.empty((d + 1, d + 1))
+        gram[:d, :d] = (np.triu(upper) + np.triu(upper, 1).T) / np.outer(std, std)
+        gram[:d, d] = gram[d, :d] = BIAS_FEATURE * col
+        gram[d, d] = BIAS_FEATURE**2 * n
+        gram[np.diag_indices(d + 1)] += l2_reg
+        counts = np.bincount(y_train, minlength=num_classes)
+        class_sums = (onehot @ x) / std
+        xty = np.vstack([2.0 * class_sums.T - col[:, None], BIAS_FEATURE * (2.0 * counts - n)[None, :]])
+        w = scipy.linalg.solve(gram, xty, assume_a="pos")
     else:
-        w = x.T @ np.linalg.solve(x @ x.T + l2_reg * np.eye(n), y)
+        std = np.sqrt(np.einsum("ij,ij->j", x, x) / n) + 1e-5
+        x = _with_bias(x / std)
+        y = 2.0 * onehot.T.toarray() - 1.0
+        w = x.T @ scipy.linalg.solve(x @ x.T + l2_reg * np.eye(n), y, assume_a="pos")
+    xt = _with_bias((x_test.astype(np.float64) - mean) / std)
     return xt @ w
 
 

@@ -109,7 +109,6 @@ def train_loop(model: nn.Module, data: ImageArrays, spec: LoopSpec, optimizer: t
     Raises:
         TrainingDiverged: the loss is NaN/inf (checked every step, before the update is applied).
     """
-    model.train()
     rng = np.random.default_rng([spec.seed, 1])
     gen = torch.Generator().manual_seed(spec.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
@@ -117,6 +116,7 @@ def train_loop(model: nn.Module, data: ImageArrays, spec: LoopSpec, optimizer: t
     bar = tqdm(total=spec.steps, desc=desc, unit="step", disable=not progress, mininterval=2)
     last: dict = {}
     while step < spec.steps:
+        model.train()  # on_epoch may have evaluated the model
         loss_sum, correct, seen = 0.0, 0, 0
         for idx in epoch_batches(len(data), spec.batch_size, rng):
             x = augment_batch(to_input(data.images[idx], spec.image_size, device), spec.augment, gen)
@@ -168,6 +168,28 @@ def infer(model: nn.Module, images: np.ndarray, image_size: int, device: torch.d
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return 100.0 * float((logits.argmax(-1) == labels).mean())
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean of per-class F1 (percent) over the classes present in labels or predictions."""
+    scores = []
+    for c in np.union1d(labels, predictions):
+        tp = np.sum((predictions == c) & (labels == c))
+        fp = np.sum((predictions == c) & (labels != c))
+        fn = np.sum((predictions != c) & (labels == c))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return 100.0 * float(np.mean(scores))
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The one metrics path: cross-entropy loss, top-1 and macro-F1 (percent) from logits."""
+    logp = torch.log_softmax(torch.from_numpy(logits).double(), -1)
+    loss = float(-logp[torch.arange(len(labels)), torch.from_numpy(labels)].mean())
+    return {"loss": loss, "top1": top1(logits, labels), "macro_f1": macro_f1(logits.argmax(-1), labels)}
+
+
+def evaluate(model: nn.Module, data: ImageArrays, image_size: int, device: torch.device) -> dict[str, float]:
+    return classification_metrics(infer(model, data.images, image_size, device), data.labels)
 
 
 def pick_device(gpus: float) -> torch.device:

@@ -13,6 +13,7 @@ from pipelines.config import ConfigError, apply_overrides, from_dict
 from pipelines.data import SourceConfig, default_cache_dir
 from pipelines.fewshot import FewshotConfig
 from pipelines.finetune import FinetuneConfig
+from pipelines.linear_probe import LinearProbeConfig
 from pipelines.pretrain import PretrainConfig
 
 
@@ -25,8 +26,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Each evaluation runs on every downstream task; `null` switches one off."""
+
+    fewshot: FewshotConfig | None = field(default_factory=FewshotConfig)
+    linear_probe: LinearProbeConfig | None = field(default_factory=LinearProbeConfig)
+    finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
 
 
 @dataclass(frozen=True)
@@ -106,13 +110,15 @@ def validate(cfg: StudyConfig) -> None:
         per_class = task.size // task.num_classes
         if task.test_size <= 0:
             raise ConfigError(f"downstream '{task.label}': test_size must be > 0 (it is the evaluation split)")
-        if per_class < max(cfg.evaluate.fewshot.shots):
+        if cfg.evaluate.fewshot and per_class < max(cfg.evaluate.fewshot.shots):
             raise ConfigError(f"downstream '{task.label}': {max(cfg.evaluate.fewshot.shots)}-shot needs that "
                               f"many examples per class, size {task.size} gives {per_class}")
     for spec in specs:
         patch = spec.kwargs.get("patch_size")
-        for key, size in (("data.pretrain.image_size", cfg.data.pretrain.image_size),
-                          ("evaluate.finetune.image_size", cfg.evaluate.finetune.image_size)):
+        sizes = [("data.pretrain.image_size", cfg.data.pretrain.image_size)]
+        if cfg.evaluate.finetune:
+            sizes.append(("evaluate.finetune.image_size", cfg.evaluate.finetune.image_size))
+        for key, size in sizes:
             if patch and size % patch:
                 raise ConfigError(f"{key}={size} is not a multiple of {spec.name}'s patch size {patch}")
 

@@ -100,9 +100,8 @@ class MlflowTuneCallback(Callback):
         run_id = self.runs[trial.trial_id]
         if "params" in result:
             self.tracker._log(run_id, params=result["params"])
-        if "pretrain" in result:
-            metrics = {f"pretrain/{k}": v for k, v in result["pretrain"].items() if k != "epoch"}
-            self.tracker.log_metrics(run_id, metrics, step=int(result.get("step", 0)))
+        if "curves" in result:  # per-epoch metrics of a stage, keyed by their MLflow names
+            self.tracker.log_metrics(run_id, result["curves"], step=int(result.get("step", 0)))
         if "final" in result:
             self.tracker.log_metrics(run_id, result["final"])
         if "failure" in result:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines import data, fewshot, finetune, models, pretrain
+from pipelines import data, fewshot, finetune, linear_probe, models, pretrain
 from pipelines.config import UserError, from_dict, to_dict
 from pipelines.training import TrainingDiverged, infer, pick_device, top1
 from study.config import GridPoint, StudyConfig, grid_point
@@ -32,7 +32,8 @@ def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path 
                        "planned_steps": point.steps}})
     train = data.load(shards["train"], src.image_size, keys)
     result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, point.seed, device,
-                          out_dir, on_epoch=lambda m: report({"step": m["epoch"], "pretrain": m}), progress=progress)
+                          out_dir, on_epoch=lambda m: report({"step": m["epoch"], "curves": {
+                              f"pretrain/{k}": v for k, v in m.items() if k != "epoch"}}), progress=progress)
     del train
     final = {"examples_seen": result.examples_seen, "pretrain_flops": point.pretrain_flops,
              "pretrain/seconds": result.seconds}
@@ -42,31 +43,43 @@ def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path 
     if "test" in shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
         val = data.load(shards["test"], src.image_size)
         final["pretrain/val_top1"] = top1(infer(model, val.images, src.image_size, device), val.labels)
-    final.update(_evaluate_downstream(cfg, point, model, result.state_dict, device, progress))
+    final.update(_evaluate_downstream(cfg, point, model, result.state_dict, device, report, progress))
     report({"final": final})
     return final
 
 
-def _evaluate_downstream(cfg: StudyConfig, point: GridPoint, model, state, device, progress) -> dict:
+def _evaluate_downstream(cfg: StudyConfig, point: GridPoint, model, state, device, report: Report,
+                         progress: bool) -> dict:
+    """Every enabled evaluation on every downstream task; features are extracted once per task and shared."""
     out = {}
     image_size = cfg.data.pretrain.image_size
+    ev = cfg.evaluate
     for i, task in enumerate(cfg.downstream):
+        name = task.label
         shards = data.prepare(task, cfg.cache_dir, progress=False)
         train, test = data.load(shards["train"], task.image_size), data.load(shards["test"], task.image_size)
-        # Few-shot on frozen features at the pretraining resolution (the paper's linear few-shot set-up).
-        feats = [infer(model, split.images, image_size, device, pre_logits=True) for split in (train, test)]
-        shots = fewshot.run(cfg.evaluate.fewshot, feats[0], train.labels, feats[1], test.labels, point.seed)
-        ft = finetune.run(cfg.evaluate.finetune, point.model, state, train, test, task.num_classes, point.seed,
-                          device, progress=progress, desc=f"finetune {task.label}")
-        for k in cfg.evaluate.fewshot.shots:
-            out[f"fewshot/{task.label}/{k}shot_top1"] = shots.top1[k]
-            out[f"fewshot/{task.label}/{k}shot_top1_std"] = shots.top1_std[k]
-            if i == 0:  # the first task is the study's headline task, also logged under plain names
-                out[f"fewshot_{k}shot_top1"] = shots.top1[k]
-        out[f"finetune/{task.label}/top1"] = ft.top1
-        out[f"finetune/{task.label}/seconds"] = ft.seconds
-        if i == 0:
-            out["finetune_top1"] = ft.top1
+        if ev.fewshot or ev.linear_probe:  # frozen pre-logit features at the pretraining resolution
+            feats = [infer(model, split.images, image_size, device, pre_logits=True) for split in (train, test)]
+        if ev.fewshot:
+            shots = fewshot.run(ev.fewshot, feats[0], train.labels, feats[1], test.labels, point.seed)
+            for k in ev.fewshot.shots:
+                out[f"fewshot/{name}/{k}shot_top1"] = shots.top1[k]
+                out[f"fewshot/{name}/{k}shot_top1_std"] = shots.top1_std[k]
+                if i == 0:  # the first task is the study's headline task, also logged under plain names
+                    out[f"fewshot_{k}shot_top1"] = shots.top1[k]
+        if ev.linear_probe:
+            probe = linear_probe.run(ev.linear_probe, feats[0], train.labels, feats[1], test.labels, point.seed)
+            out.update({f"linear_probe/{name}/top1": probe.top1, f"linear_probe/{name}/macro_f1": probe.macro_f1,
+                        f"linear_probe/{name}/l2": probe.l2})
+        if ev.finetune:
+            curve = lambda m, name=name: report(  # noqa: E731
+                {"step": m["epoch"], "curves": {f"finetune/{name}/{k}": v for k, v in m.items() if k != "epoch"}})
+            ft = finetune.run(ev.finetune, point.model, state, train, test, task.num_classes, point.seed, device,
+                              progress=progress, desc=f"finetune {name}", on_epoch=curve)
+            out.update({f"finetune/{name}/top1": ft.top1, f"finetune/{name}/macro_f1": ft.macro_f1,
+                        f"finetune/{name}/seconds": ft.seconds})
+            if i == 0:
+                out["finetune_top1"] = ft.top1
     return out
 
 

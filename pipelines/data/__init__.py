@@ -17,20 +17,30 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.data import shapes
-from pipelines.data.shards import DataError, check_local_shards, iter_samples, list_keys, write_shard
+from pipelines.data.shards import (
+    DataError,
+    check_local_shards,
+    folder_classes,
+    folder_files,
+    iter_folder,
+    iter_samples,
+    list_keys,
+    write_shard,
+)
 
 SHARD_SIZE = 4096
 
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """One dataset. `shapes` is generated here; `webdataset` reads the user's shards (`urls`, `test_urls`).
+    """One dataset. `shapes` is generated here; `webdataset` reads the user's shards (`urls`, `test_urls`);
+    `folder` reads ImageNet-style class folders (`root/<class>/<image>`, and `test_root`).
 
     `size` is the number of training examples the source holds: it is declared so a dry run can price a grid
     without touching the data, and checked against the shards when the data is read.
     """
 
-    source: Literal["shapes", "webdataset"] = "shapes"
+    source: Literal["shapes", "webdataset", "folder"] = "shapes"
     name: str = ""
     size: int = 65536
     test_size: int = 0
@@ -39,14 +49,18 @@ class SourceConfig:
     seed: int = 0
     urls: str | None = None
     test_urls: str | None = None
+    root: str | None = None
+    test_root: str | None = None
 
     def __post_init__(self):
         if self.size <= 0 or self.test_size < 0 or self.image_size < 8 or self.num_classes < 2:
             raise ValueError("need size > 0, test_size >= 0, image_size >= 8 and num_classes >= 2")
         if self.source == "webdataset" and not self.urls:
             raise ValueError("source 'webdataset' needs 'urls' (e.g. /data/in21k/{000000..001023}.tar)")
-        if self.source == "shapes" and (self.urls or self.test_urls):
-            raise ValueError("source 'shapes' is generated; it takes no 'urls'")
+        if self.source == "folder" and not self.root:
+            raise ValueError("source 'folder' needs 'root' (a folder of class folders), and 'test_root' for a task")
+        if self.source == "shapes" and (self.urls or self.test_urls or self.root or self.test_root):
+            raise ValueError("source 'shapes' is generated; it takes no 'urls' or 'root'")
 
     @property
     def label(self) -> str:
@@ -80,6 +94,8 @@ def prepare(src: SourceConfig, cache_dir: Path, progress: bool = True) -> dict[s
         if src.test_urls:
             splits["test"] = check_local_shards(src.test_urls)
         return splits
+    if src.source == "folder":
+        return _check_folders(src)
     root = Path(cache_dir) / f"shapes-{_shapes_digest(src)}"
     if not (root / "_info.json").exists():
         _generate_shapes(src, root, progress)
@@ -143,23 +159,43 @@ def manifest_hash(keys: list[str]) -> str:
 
 def source_keys(src: SourceConfig, shards: list[str]) -> list[str]:
     """All training keys of a source; its declared `size` must not exceed what the shards hold."""
-    keys = list_keys(shards)
+    keys = list_keys(shards) if not os.path.isdir(shards[0]) else [key for key, _ in folder_files(shards[0])]
     if len(keys) < src.size:
         raise DataError(f"source '{src.label}' declares size {src.size} but its shards hold {len(keys)} samples")
     return keys
+
+
+def _check_folders(src: SourceConfig) -> dict[str, list[str]]:
+    splits = {"train": [src.root]} | ({"test": [src.test_root]} if src.test_root else {})
+    classes = None
+    for (path,) in splits.values():
+        if not os.path.isdir(path):
+            raise DataError(f"data path not found: {path} (expected a folder of class folders)")
+        found = folder_classes(path)
+        if classes is not None and found != classes:
+            raise DataError(f"{path} has classes {found[:5]}..., unlike the train folder's {classes[:5]}...")
+        classes = found
+    if len(classes) != src.num_classes:
+        raise DataError(f"{src.root} has {len(classes)} class folders, but num_classes is {src.num_classes}")
+    return splits
 
 
 def load(shards: list[str], image_size: int, keys: list[str] | None = None, progress: bool = False,
          desc: str = "") -> ImageArrays:
     """Decode a split (or the samples named by `keys`) into memory at `image_size`, in shard order.
 
+    `shards` may also be one class-folder root (the `folder` source).
+
     Images of another size are resized (shorter side) and centre-cropped, as for evaluation.
     """
     wanted = set(keys) if keys is not None else None
     images, labels, names = [], [], []
     total = len(wanted) if wanted is not None else None
-    for key, image, label in tqdm(iter_samples(shards, wanted), total=total, desc=desc or "loading",
+    samples = iter_folder(shards[0]) if len(shards) == 1 and os.path.isdir(shards[0]) else iter_samples(shards, wanted)
+    for key, image, label in tqdm(samples, total=total, desc=desc or "loading",
                                   unit="img", disable=not progress, mininterval=5):
+        if wanted is not None and key not in wanted:
+            continue
         images.append(image if image.shape[:2] == (image_size, image_size) else _fit(image, image_size))
         labels.append(label)
         names.append(key)

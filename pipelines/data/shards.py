@@ -106,3 +106,31 @@ def iter_samples(shards: list[str], keys: set[str] | None = None) -> Iterator[tu
 
 def _reraise(exn: Exception) -> bool:
     raise DataError(f"corrupt shard: {exn}") from None
+
+
+def folder_classes(root: str) -> list[str]:
+    """Class names of an ImageNet-style folder (`root/<class>/<image>`), sorted: label i is the i-th name."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def folder_files(root: str) -> list[tuple[str, str]]:
+    """(key, path) of every image under `root/<class>/`, key = '<class>/<file stem>', in sorted order."""
+    out = []
+    for name in folder_classes(root):
+        for entry in sorted(os.scandir(os.path.join(root, name)), key=lambda e: e.name):
+            stem, _, ext = entry.name.rpartition(".")
+            if entry.is_file() and ext.lower() in IMAGE_EXTS:
+                out.append((f"{name}/{stem}", entry.path))
+    return out
+
+
+def iter_folder(root: str) -> Iterator[tuple[str, np.ndarray, int]]:
+    """Decoded (key, RGB uint8 image, label) for every image of an ImageNet-style folder."""
+    labels = {name: i for i, name in enumerate(folder_classes(root))}
+    for key, path in folder_files(root):
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("RGB"))
+        except OSError as err:
+            raise DataError(f"cannot decode image {path}: {err}") from None
+        yield key, image, labels[key.split("/", 1)[0]]

@@ -97,3 +97,39 @@ def test_sample_without_label_is_named(tmp_path):
 def test_load_resizes_other_sizes_to_the_requested_resolution(tmp_path):
     split = data.load([str(_write(tmp_path))], 8)
     assert split.images.shape == (5, 8, 8, 3) and split.labels.tolist() == [0, 1, 2, 0, 1]
+
+
+def _folder(root, classes, per_class, rng):
+    from PIL import Image
+
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / name / f"{i}.jpg")
+
+
+def test_folder_source_reads_real_jpegs_with_sorted_class_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    _folder(tmp_path / "train", ["cat", "ant", "bee"], 4, rng)
+    _folder(tmp_path / "test", ["cat", "ant", "bee"], 2, rng)
+    src = data.SourceConfig(source="folder", root=str(tmp_path / "train"), test_root=str(tmp_path / "test"),
+                            size=12, test_size=6, num_classes=3, image_size=16)
+    splits = data.prepare(src, tmp_path / "cache")
+    train = data.load(splits["train"], 16)
+    assert train.images.shape == (12, 16, 16, 3)
+    assert [train.labels[train.keys.index(k)] for k in ("ant/0", "bee/3", "cat/1")] == [0, 1, 2]
+    keys = data.source_keys(src, splits["train"])
+    assert len(data.load(splits["train"], 16, keys=data.nested_subset(keys, 5, seed=0))) == 5
+
+
+def test_folder_source_errors_name_the_problem(tmp_path):
+    rng = np.random.default_rng(0)
+    _folder(tmp_path / "train", ["a", "b"], 1, rng)
+    _folder(tmp_path / "test", ["a", "c"], 1, rng)
+    base = dict(source="folder", root=str(tmp_path / "train"), size=2, num_classes=2)
+    with pytest.raises(DataError, match="unlike the train folder's"):
+        data.prepare(data.SourceConfig(**base, test_root=str(tmp_path / "test")), tmp_path)
+    with pytest.raises(DataError, match="data path not found: .*nope"):
+        data.prepare(data.SourceConfig(**base, test_root=str(tmp_path / "nope")), tmp_path)
+    with pytest.raises(DataError, match="has 2 class folders, but num_classes is 3"):
+        data.prepare(data.SourceConfig(**{**base, "num_classes": 3}), tmp_path)

@@ -46,6 +46,9 @@ def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
         assert p["config.pretrain.lr"] == "0.001" and "git_commit" in child.data.tags
         history = client.get_metric_history(child.info.run_id, "pretrain/loss")
         assert len(history) >= 1  # per-epoch metrics
+        curve = client.get_metric_history(child.info.run_id, "finetune/shapes-novel/val_top1")
+        assert [h.step for h in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 1
+        assert {"linear_probe/shapes-novel/top1", "finetune/shapes-novel/macro_f1"} <= set(m)
     hashes = {(c.data.params["subset_size"], c.data.params["manifest_hash"]) for c in children}
     assert len(hashes) == 2  # both models trained on the same subset of each size
 
@@ -56,8 +59,10 @@ def test_results_table_and_figures(smoke):
     table = pd.read_csv(study_dir / "results.csv")
     assert list(table.columns) == ["model", "family", "subset_size", "examples_seen", "pretrain_flops", "eval",
                                    "dataset", "shots", "metric", "value", "seed"]
-    assert len(table) == 4 * (2 + 1)  # 4 trials x (1- and 5-shot + fine-tune)
-    assert set(table["eval"]) == {"fewshot", "finetune"} and set(table["family"]) == {"ViT", "BiT"}
+    # 4 trials x (1- and 5-shot top-1 + linear probe top-1/macro-F1 + fine-tune top-1/macro-F1)
+    assert len(table) == 4 * (2 + 2 + 2)
+    assert set(table["eval"]) == {"fewshot", "linear_probe", "finetune"}
+    assert set(table["family"]) == {"ViT", "BiT"} and set(table["metric"]) == {"top1", "macro_f1"}
     assert table["value"].between(0, 100).all()
     for name in ("fig3_finetune_vs_data", "fig4_fewshot_vs_data", "fig5_accuracy_vs_compute"):
         for ext in ("png", "pdf"):

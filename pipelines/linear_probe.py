@@ -1,0 +1,79 @@
+"""Linear probe: multinomial logistic regression on cached frozen pre-logit features (the full train split).
+
+All regularisation strengths of the grid are trained together from one feature pass (one batched L-BFGS
+problem: their objectives are independent, so the joint minimum is every single minimum), the strength is
+chosen on a held-out validation slice of the train split, and the chosen probe is scored on the test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.training import classification_metrics
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig:
+    l2_grid: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # weight penalty, per mean-loss unit
+    max_iter: int = 300
+    val_fraction: float = 0.2
+
+    def __post_init__(self):
+        if not self.l2_grid or min(self.l2_grid) < 0 or not 0 < self.val_fraction < 1 or self.max_iter < 1:
+            raise ValueError("l2_grid must be non-negative and non-empty, 0 < val_fraction < 1, max_iter >= 1")
+
+
+@dataclass
+class LinearProbeResult:
+    top1: float
+    macro_f1: float
+    l2: float
+    val_top1: dict[float, float]
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2_grid: tuple[float, ...],
+                 max_iter: int) -> torch.Tensor:
+    """Weights [R, D+1, C] (last row: bias, unpenalised) minimising mean CE + l2_r * ||W_r||^2 for each r."""
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    l2 = torch.tensor(l2_grid, dtype=x.dtype)
+    w = torch.zeros(len(l2_grid), x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = torch.einsum("nd,rdc->rnc", x, w)
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, num_classes), y.repeat(len(l2_grid)),
+                                               reduction="none").view(len(l2_grid), -1).mean(1)
+        loss = (ce + l2 * w[:, :-1].pow(2).sum((1, 2))).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach()
+
+
+def _logits(w: torch.Tensor, x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    z = torch.from_numpy((x - mean) / std)
+    return (torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1) @ w).numpy()
+
+
+def run(cfg: LinearProbeConfig, train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+        test_labels: np.ndarray, seed: int) -> LinearProbeResult:
+    """Fit on (1 - val_fraction) of the train split, pick l2 on the rest, report the test metrics (percent)."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    perm = np.random.default_rng([seed, 31337]).permutation(len(train_labels))
+    n_val = max(1, int(round(cfg.val_fraction * len(perm))))
+    val, fit = perm[:n_val], perm[n_val:]
+    feats = train_features.astype(np.float64)
+    mean, std = feats[fit].mean(0), feats[fit].std(0) + 1e-6
+    x = torch.from_numpy((feats[fit] - mean) / std)
+    w = fit_logistic(x, torch.from_numpy(train_labels[fit]), num_classes, cfg.l2_grid, cfg.max_iter)
+    val_top1 = {l2: classification_metrics(_logits(w[r], feats[val], mean, std), train_labels[val])["top1"]
+                for r, l2 in enumerate(cfg.l2_grid)}
+    best = max(range(len(cfg.l2_grid)), key=lambda r: (val_top1[cfg.l2_grid[r]], cfg.l2_grid[r]))
+    test = classification_metrics(_logits(w[best], test_features.astype(np.float64), mean, std), test_labels)
+    return LinearProbeResult(test["top1"], test["macro_f1"], cfg.l2_grid[best], val_top1)
