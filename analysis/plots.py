@@ -1,7 +1,9 @@
 """Paper-style figures from the tidy results table (seaborn; PNG + PDF each).
 
-Fig 3 analog: fine-tune accuracy vs pretraining data. Fig 4 analog: linear few-shot accuracy vs subset size.
-Fig 5 analog: accuracy vs pretraining compute. One colour per model, one marker per family, log x.
+Fig 3 analog: fine-tune accuracy vs pretraining data, a shaded band per family's range. Fig 4 analog: linear
+few-shot accuracy vs subset size with the fitted laws and the crossovers marked. Fig 5 analog: accuracy vs
+pretraining compute with the Pareto frontier. Fit diagnostics: fitted/held-out prediction vs measured.
+One colour per model, one marker per family, log x.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from analysis.fits import Fit  # noqa: E402
+
 FAMILY_MARKERS = {"ViT": "o", "BiT": "s", "Hybrid": "^"}
+FAMILY_BANDS = {"ViT": "#f4a261", "BiT": "#8d99ae", "Hybrid": "#90be6d"}
 
 
 def _style() -> None:
@@ -27,23 +33,53 @@ def _palette(models: list[str]) -> dict[str, tuple]:
     return {m: colours[i] for i, m in enumerate(sorted(models))}
 
 
-def _lineplot(ax, frame: pd.DataFrame, x: str, palette: dict) -> None:
-    sns.lineplot(data=frame, x=x, y="value", hue="model", style="family", markers=FAMILY_MARKERS,
-                 dashes=False, palette=palette, errorbar=("sd") if frame["seed"].nunique() > 1 else None,
-                 ax=ax, markersize=7)
-    ax.set_xscale("log")
-    ax.set_ylabel("top-1 accuracy (%)")
-    if x == "subset_size":  # label the sizes actually measured
-        sizes = sorted(frame[x].unique())
-        ax.set_xticks(sizes, [_short(v) for v in sizes], minor=False)
-        ax.minorticks_off()
-
-
 def _short(n: float) -> str:
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if n >= div:
-            return f"{n / div:g}{suffix}"
+            return f"{n / div:.3g}{suffix}"
     return f"{n:g}"
+
+
+def _size_axis(ax, sizes) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [_short(v) for v in sizes], minor=False)
+    ax.minorticks_off()
+    ax.set_xlabel("pretraining examples (subset size)")
+
+
+def _lineplot(ax, frame: pd.DataFrame, palette: dict) -> None:
+    sns.lineplot(data=frame, x="subset_size", y="value", hue="model", style="family", markers=FAMILY_MARKERS,
+                 dashes=False, palette=palette, errorbar="sd" if frame["seed"].nunique() > 1 else None,
+                 ax=ax, markersize=7)
+    ax.set_ylabel("top-1 accuracy (%)")
+
+
+def _family_bands(ax, frame: pd.DataFrame) -> None:
+    means = frame.groupby(["family", "model", "subset_size"])["value"].mean().reset_index()
+    for family, group in means.groupby("family"):
+        if group["model"].nunique() < 2:
+            continue
+        span = group.groupby("subset_size")["value"].agg(["min", "max"])
+        ax.fill_between(span.index, span["min"], span["max"], color=FAMILY_BANDS.get(family, "0.7"), alpha=0.25,
+                        lw=0, label=f"{family} range")
+
+
+def _fitted_curves(ax, frame: pd.DataFrame, key: tuple, fits: dict, palette: dict) -> None:
+    sizes = np.geomspace(frame["subset_size"].min(), frame["subset_size"].max(), 100)
+    for model in frame["model"].unique():
+        fit: Fit | None = fits.get((model, *key))
+        if fit is not None:
+            ax.plot(sizes, fit.accuracy(sizes), ls="--", lw=1, color=palette[model], alpha=0.8)
+
+
+def _mark_crossovers(ax, key: tuple, crossovers: list[dict], lo: float, hi: float) -> None:
+    for c in crossovers:
+        if (c["eval"], c["dataset"], c["shots"], c["metric"]) != key or c["estimate"] is None:
+            continue
+        if lo / 10 <= c["estimate"] <= hi * 10:
+            ax.axvline(c["estimate"], color="k", ls=":", lw=1)
+            ax.annotate(f"{c['status']}\n{_short(c['estimate'])}", (c["estimate"], ax.get_ylim()[0]),
+                        xytext=(3, 3), textcoords="offset points", fontsize=7)
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
@@ -55,60 +91,103 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def _panels(frame: pd.DataFrame, by: list[str]) -> list[tuple[tuple, pd.DataFrame]]:
-    return [((k,) if not isinstance(k, tuple) else k, g) for k, g in frame.groupby(by, dropna=False)]
+def _key(evaluation: str, dataset: str, shots, metric: str = "top1") -> tuple:
+    return evaluation, dataset, None if pd.isna(shots) else int(shots), metric
 
 
-def fig_vs_data(table: pd.DataFrame, evaluation: str, out_dir: Path, name: str, title: str) -> list[Path]:
+def _panels(frame: pd.DataFrame, by: list[str]):
+    fig, axes = plt.subplots(1, frame.groupby(by, dropna=False).ngroups, squeeze=False,
+                             figsize=(3.6 * frame.groupby(by, dropna=False).ngroups + 1.6, 3.4))
+    return fig, list(zip(axes[0], frame.groupby(by, dropna=False), strict=True))
+
+
+def _legend(fig, axes) -> None:
+    for ax in axes[:-1]:
+        if ax.get_legend():
+            ax.get_legend().remove()
+    sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+
+
+def fig_vs_data(table: pd.DataFrame, evaluation: str, out_dir: Path, name: str, title: str, fits: dict,
+                crossovers: list[dict]) -> list[Path]:
     frame = table[(table["eval"] == evaluation) & (table["metric"] == "top1")]
     if frame.empty:
         return []
-    by = ["dataset", "shots"] if evaluation == "fewshot" else ["dataset"]
-    panels = _panels(frame, by)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.4, 3.4), squeeze=False)
     palette = _palette(list(frame["model"].unique()))
-    for ax, (key, group) in zip(axes[0], panels, strict=True):
-        _lineplot(ax, group, "subset_size", palette)
-        ax.set_xlabel("pretraining examples (subset size)")
-        ax.set_title(f"{key[0]}" + (f", {key[1]}-shot" if len(key) > 1 else ""))
-        if ax is not axes[0][-1]:
-            ax.get_legend().remove()
-    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    fig, panels = _panels(frame, ["dataset", "shots"])
+    for ax, ((dataset, shots), group) in panels:
+        key = _key(evaluation, dataset, shots)
+        _family_bands(ax, group)
+        _lineplot(ax, group, palette)
+        _fitted_curves(ax, group, key, fits, palette)
+        _mark_crossovers(ax, key, crossovers, group["subset_size"].min(), group["subset_size"].max())
+        _size_axis(ax, sorted(group["subset_size"].unique()))
+        ax.set_title(f"{dataset}" + ("" if pd.isna(shots) else f", {int(shots)}-shot"))
+    _legend(fig, [ax for ax, _ in panels])
     fig.suptitle(title)
     return _save(fig, out_dir, name)
 
 
-def fig_vs_compute(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict]) -> list[Path]:
     frame = table[(table["metric"] == "top1") & table["pretrain_flops"].notna()]
-    five = frame["eval"].eq("fewshot") & frame["shots"].eq(5)
-    frame = frame[frame["eval"].eq("finetune") | five.fillna(False)]
+    five = frame["eval"].eq("fewshot") & frame["shots"].eq(5).fillna(False)
+    frame = frame[frame["eval"].isin(["finetune", "linear_probe"]) | five]
     if frame.empty:
         return []
-    frame = frame.assign(panel=frame["eval"].where(frame["eval"] != "fewshot", "5-shot linear") + " / "
-                         + frame["dataset"])
-    panels = _panels(frame, ["panel"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.4, 3.4), squeeze=False)
     palette = _palette(list(frame["model"].unique()))
-    for ax, (key, group) in zip(axes[0], panels, strict=True):
+    fig, panels = _panels(frame, ["eval", "dataset"])
+    for ax, ((evaluation, dataset), group) in panels:
         sns.scatterplot(data=group, x="pretrain_flops", y="value", hue="model", style="family",
                         markers=FAMILY_MARKERS, palette=palette, ax=ax, s=50)
+        shots = 5 if evaluation == "fewshot" else None
+        for entry in pareto:
+            if (entry["eval"], entry["dataset"], entry["shots"], entry["metric"]) == (evaluation, dataset, shots,
+                                                                                        "top1"):
+                pts = entry["points"]
+                ax.step([p["pretrain_flops"] for p in pts], [p["value"] for p in pts], where="post", color="k",
+                        lw=1, alpha=0.6, label="frontier")
         ax.set_xscale("log")
         ax.set_xlabel("pretraining compute (FLOPs)")
         ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(key[0])
-        if ax is not axes[0][-1]:
-            ax.get_legend().remove()
-    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
-    fig.suptitle("Accuracy vs pretraining compute (Fig 5 analog)")
+        ax.set_title(f"{'5-shot linear' if evaluation == 'fewshot' else evaluation} / {dataset}")
+    _legend(fig, [ax for ax, _ in panels])
+    fig.suptitle("Accuracy vs pretraining compute, with the Pareto frontier (Fig 5 analog)")
     return _save(fig, out_dir, "fig5_accuracy_vs_compute")
 
 
-def plot_all(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict], fits: dict) -> list[Path]:
+    """Fitted value vs measured value at every size, and the held-out prediction of the largest size."""
+    points, held = [], []
+    for (model, evaluation, dataset, shots, metric), fit in fits.items():
+        sel = table[(table["model"] == model) & (table["eval"] == evaluation) & (table["dataset"] == dataset)
+                    & (table["metric"] == metric)]
+        sel = sel[sel["shots"].isna()] if shots is None else sel[sel["shots"] == shots]
+        means = sel.groupby("subset_size")["value"].mean()
+        points += [(m, float(fit.accuracy(n))) for n, m in means.items()]
+    held = [(r["heldout"]["measured"], r["heldout"]["predicted"]) for r in fit_rows if r.get("heldout")]
+    if not points:
+        return []
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.scatter(*zip(*points, strict=True), s=18, alpha=0.6, label="fit (all sizes)")
+    if held:
+        ax.scatter(*zip(*held, strict=True), s=60, marker="*", color="C3", label="held-out largest size")
+    lims = [min(min(p) for p in points + held) - 2, max(max(p) for p in points + held) + 2]
+    ax.plot(lims, lims, color="k", lw=0.8, ls=":")
+    ax.set(xlim=lims, ylim=lims, xlabel="measured accuracy (%)", ylabel="predicted accuracy (%)")
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title("Fit diagnostics" + ("" if held else " (no held-out check: < 4 sizes)"), fontsize=10)
+    return _save(fig, out_dir, "fit_diagnostics")
+
+
+def plot_all(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict] | None = None, fits: dict | None = None,
+             crossovers: list[dict] | None = None, pareto: list[dict] | None = None) -> list[Path]:
     """Draw every figure the table supports into `out_dir`; returns the written files."""
     _style()
     out_dir.mkdir(parents=True, exist_ok=True)
+    fits, crossovers, pareto, fit_rows = fits or {}, crossovers or [], pareto or [], fit_rows or []
     return [*fig_vs_data(table, "finetune", out_dir, "fig3_finetune_vs_data",
-                         "Fine-tuning accuracy vs pretraining data (Fig 3 analog)"),
+                         "Fine-tuning accuracy vs pretraining data (Fig 3 analog)", fits, crossovers),
             *fig_vs_data(table, "fewshot", out_dir, "fig4_fewshot_vs_data",
-                         "Linear few-shot accuracy vs pretraining data (Fig 4 analog)"),
-            *fig_vs_compute(table, out_dir)]
+                         "Linear few-shot accuracy vs pretraining data (Fig 4 analog)", fits, crossovers),
+            *fig_vs_compute(table, out_dir, pareto),
+            *fig_fit_diagnostics(table, out_dir, fit_rows, fits)]

@@ -1,34 +1,55 @@
-"""The study report: figures plus `report.md` (results tables, who leads at each data size).
+"""The study report: fits, crossovers, frontier (`summary.json`), figures, `report.md` and a self-contained
+`report.html`, from one tidy results table.
 
     python -m analysis.report --results results.csv --out DIR
+    python -m analysis.report --experiment NAME [--tracking-uri URI] --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import html
+import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from analysis import plots, results
+from analysis import fits, plots, results
 from pipelines.config import UserError
 
+Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", header, rows) | ("img", path)
 
-def _mean_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """model x subset_size, mean over seeds (with the spread when there are several seeds)."""
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and pd.isna(v)):
+        return "–"
+    if isinstance(v, float):
+        if abs(v) >= 1e7 or (v and abs(v) < 0.01):
+            return f"{v:.3g}"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.2f}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def _mean_table(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """model x subset_size, mean over seeds (± std when there are several seeds)."""
     grouped = frame.groupby(["model", "subset_size"])["value"]
     mean, std, n = grouped.mean(), grouped.std(), grouped.count()
     cells = mean.map("{:.1f}".format)
     if (n > 1).any():
         cells = cells + std.fillna(0).map(" ± {:.1f}".format)
-    return cells.unstack("subset_size")
+    wide = cells.unstack("subset_size")
+    header = ["model", *(f"{int(c):,}" for c in wide.columns)]
+    return header, [[m, *(str(v) for v in row)] for m, row in wide.iterrows()]
 
 
-def leader_lines(frame: pd.DataFrame) -> list[str]:
+def leader_rows(frame: pd.DataFrame) -> list[list[str]]:
     """Per subset size: the best ViT/Hybrid vs the best BiT, and the gap (ViT minus BiT)."""
     means = frame.groupby(["family", "model", "subset_size"])["value"].mean().reset_index()
-    lines = []
+    rows = []
     for n, group in means.groupby("subset_size"):
         vit = group[group["family"].isin(["ViT", "Hybrid"])].nlargest(1, "value")
         bit = group[group["family"] == "BiT"].nlargest(1, "value")
@@ -36,58 +57,140 @@ def leader_lines(frame: pd.DataFrame) -> list[str]:
             continue
         gap = float(vit["value"].iloc[0] - bit["value"].iloc[0])
         leader = vit["model"].iloc[0] if gap > 0 else bit["model"].iloc[0]
-        lines.append(f"| {int(n):,} | {vit['model'].iloc[0]} {vit['value'].iloc[0]:.1f} | "
-                     f"{bit['model'].iloc[0]} {bit['value'].iloc[0]:.1f} | {gap:+.1f} | {leader} |")
-    return lines
+        rows.append([f"{int(n):,}", f"{vit['model'].iloc[0]} {vit['value'].iloc[0]:.1f}",
+                     f"{bit['model'].iloc[0]} {bit['value'].iloc[0]:.1f}", f"{gap:+.1f}", leader])
+    return rows
 
 
-def _section(title: str, frame: pd.DataFrame) -> list[str]:
-    table = _mean_table(frame)
-    header = "| model | " + " | ".join(f"{int(c):,}" for c in table.columns) + " |"
-    out = [f"### {title}", "", "Percent, by pretraining subset size (examples):", "", header,
-           "|---" * (len(table.columns) + 1) + "|"]
-    out += [f"| {model} | " + " | ".join(str(v) for v in row) + " |" for model, row in table.iterrows()]
-    leads = leader_lines(frame)
-    if leads:
-        out += ["", "| subset | best ViT | best BiT | ViT − BiT | leader |", "|---|---|---|---|---|", *leads]
-    return out + [""]
+def _eval_name(evaluation, dataset, shots, metric) -> str:
+    return f"{evaluation} / {dataset}" + ("" if shots is None or pd.isna(shots) else f" / {int(shots)}-shot") + \
+        f" / {metric}"
+
+
+def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[Path],
+                 failures: dict[str, str] | None) -> list[Block]:
+    blocks: list[Block] = [
+        ("h1", f"{title}: ViT vs BiT-ResNet across pretraining-data scale"),
+        ("p", f"{table['model'].nunique()} models, subsets {sorted(int(x) for x in table['subset_size'].unique())}, "
+              f"seeds {sorted(int(s) for s in table['seed'].dropna().unique())}; {len(table)} result rows."),
+        ("h2", "Where does the ViT overtake the ResNet?"),
+        ("p", "observed: the sign of (ViT − BiT) flips between two measured sizes (log-linear interpolation "
+              "inside the bracket; fit_estimate is the fitted curves' crossing there); extrapolated: the fitted "
+              "laws cross outside the measured range (95% bootstrap CI); none: neither."),
+        ("table", ["ViT", "BiT", "evaluation", "status", "estimate", "bracket", "fit estimate", "95% CI"],
+         [[c["vit"], c["resnet"], _eval_name(c["eval"], c["dataset"], c["shots"], c["metric"]), c["status"],
+           _fmt(c["estimate"]), _fmt(c["bracket"]), _fmt(c["fit_estimate"]), _fmt(c["ci"])]
+          for c in summary["crossovers"]]),
+        ("h2", "Figures"), *(("img", p) for p in figures if p.suffix == ".png"),
+        ("h2", "Results")]
+    for key, frame in table.groupby(["eval", "dataset", "shots", "metric"], dropna=False):
+        header, rows = _mean_table(frame)
+        blocks += [("h3", _eval_name(*key)), ("p", "Percent, by pretraining subset size (examples)."),
+                   ("table", header, rows)]
+        leads = leader_rows(frame)
+        if leads:
+            blocks.append(("table", ["subset", "best ViT", "best BiT", "ViT − BiT", "leader"], leads))
+    blocks += [("h2", "Scaling-law fits"),
+               ("p", "error = 100 − accuracy; a·x^−b + c (a·(x+d)^−b + c with ≥ 5 sizes). CIs are 95% bootstrap "
+                     "intervals, over seeds when every size has several, else over residuals; held-out: fit "
+                     "without the largest size, predict it."),
+               ("table", ["model", "evaluation", "form", "b", "b 95% CI", "c", "c 95% CI", "bootstrap",
+                          "held-out |error|"],
+                [[f["model"], _eval_name(f["eval"], f["dataset"], f["shots"], f["metric"]), f.get("form", "–"),
+                  _fmt(f.get("b")), _fmt((f.get("ci") or {}).get("b")), _fmt(f.get("c")),
+                  _fmt((f.get("ci") or {}).get("c")), f.get("bootstrap", f["status"]),
+                  _fmt((f.get("heldout") or {}).get("abs_error"))] for f in summary["fits"]])]
+    blocks += [("h2", "Compute frontier"), ("p", "Points no cheaper point beats, per evaluation.")]
+    for entry in summary["pareto"]:
+        blocks.append(("p", _eval_name(entry["eval"], entry["dataset"], entry["shots"], entry["metric"]) + ": " +
+                       "; ".join(f"{p['model']} n={_fmt(p['subset_size'])} ({p['pretrain_flops']:.3g} FLOPs, "
+                                 f"{p['value']:.1f})" for p in entry["points"])))
+    if failures:
+        blocks += [("h2", "Failed trials"), *(("p", f"{name}: {why}") for name, why in failures.items())]
+    return blocks
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            out += ["#" * int(kind[1]) + " " + block[1], ""]
+        elif kind == "p":
+            out += [block[1], ""]
+        elif kind == "img":
+            out += [f"![{block[1].stem}](figures/{block[1].name})", ""]
+        else:
+            _, header, rows = block
+            out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            out += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    return "\n".join(out)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "font-size:13px}th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}")
+# Marks the page once every embedded figure has decoded, so a headless browser can check the report renders.
+_SCRIPT = ("window.addEventListener('load',()=>{const i=[...document.images];document.body.dataset.figures="
+           "i.length&&i.every(x=>x.complete&&x.naturalWidth>0)?'loaded':'missing'});")
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    body = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3", "p"):
+            body.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "img":
+            data = base64.b64encode(block[1].read_bytes()).decode()
+            body.append(f'<img alt="{block[1].stem}" src="data:image/png;base64,{data}">')
+        else:
+            _, header, rows = block
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>{''.join(body)}</body></html>")
 
 
 def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
                  failures: dict[str, str] | None = None) -> Path:
-    """Figures into `out/figures`, and `out/report.md` linking them."""
-    figures = plots.plot_all(table, out / "figures")
-    lines = [f"# {title}: ViT vs BiT-ResNet across pretraining-data scale", "",
-             f"{table['model'].nunique()} models, subsets {sorted(table['subset_size'].unique().tolist())}, "
-             f"seeds {sorted(table['seed'].dropna().unique().tolist())}; {len(table)} result rows "
-             "(`results.csv`).", ""]
-    lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png"] + [""]
-    lines += ["## Results", ""]
-    groups = table.groupby(["eval", "dataset", "shots", "metric"], dropna=False)
-    for (evaluation, dataset, shots, metric), frame in groups:
-        name = f"{evaluation} / {dataset}" + ("" if pd.isna(shots) else f" / {int(shots)}-shot") + f" / {metric}"
-        lines += _section(name, frame)
-    if failures:
-        lines += ["## Failed trials", ""] + [f"- {name}: {why}" for name, why in failures.items()] + [""]
+    """summary.json, figures/, report.md and report.html in `out`; returns the report.md path."""
+    out.mkdir(parents=True, exist_ok=True)
+    fit_rows, fitted = fits.fit_table(table)
+    summary = {"fits": fit_rows, "crossovers": fits.crossover_table(table, fitted),
+               "pareto": fits.pareto_table(table)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    figures = plots.plot_all(table, out / "figures", fit_rows, fitted, summary["crossovers"], summary["pareto"])
+    blocks = build_blocks(table, title, summary, figures, failures)
+    (out / "report.html").write_text(to_html(blocks, title))
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    path.write_text(to_markdown(blocks))
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--results", required=True, help="tidy results CSV (the study's results.csv schema)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--results", help="tidy results CSV (the study's results.csv schema)")
+    source.add_argument("--experiment", help="MLflow experiment (study) name: its latest study run")
+    parser.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db", help="with --experiment")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     try:
-        table = results.read(args.results)
+        if args.results:
+            table, title = results.read(args.results), Path(args.results).stem
+        else:
+            from analysis.mlflow_source import table_from_experiment
+
+            table, title = table_from_experiment(args.experiment, args.tracking_uri), args.experiment
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = write_report(table, out, title=Path(args.results).stem)
+        path = write_report(table, out, title=title)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"report: {path}\nfigures: {out / 'figures'}")
+    print(f"report:  {path}\nhtml:    {out / 'report.html'}\nsummary: {out / 'summary.json'}\n"
+          f"figures: {out / 'figures'}")
     return 0
 
 

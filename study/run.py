@@ -110,13 +110,14 @@ def launch(cfg: StudyConfig, args: argparse.Namespace) -> int:
                                      for row in results.records_from_metrics(point, final)])
         results.write(table, out / "results.csv")
         report.write_report(table, out, title=cfg.study, failures=failures)
-        for f in (out / "results.csv", out / "report.md"):
+        for f in (out / "results.csv", out / "report.md", out / "report.html", out / "summary.json"):
             tracker.client.log_artifact(tracker.parent_id, str(f))
         tracker.client.log_artifacts(tracker.parent_id, str(out / "figures"), "figures")
         status = "FINISHED"
     finally:
         tracker.finish(tracker.parent_id, status)
-    print(f"\nresults:  {out / 'results.csv'}\nreport:   {out / 'report.md'}\nfigures:  {out / 'figures'}")
+    print(f"\nresults:  {out / 'results.csv'}\nreport:   {out / 'report.md'} (and report.html, summary.json)\n"
+          f"figures:  {out / 'figures'}")
     print(f"mlflow:   {ui_command(tracking_uri)}   (experiment '{cfg.study}')")
     if failures:
         print(f"{len(failures)} of {len(finished) + len(failures)} trials failed: " +

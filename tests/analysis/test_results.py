@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from analysis import results
-from analysis.report import leader_lines
+from analysis.report import leader_rows
 from pipelines.config import UserError
 from tests.conftest import run_cli
 
@@ -46,8 +46,8 @@ def test_leader_lines_report_the_gap_per_size():
     table = pd.DataFrame([_row(subset_size=1, value=40), _row(model="BiT-R50x1", family="BiT", subset_size=1,
                           value=50), _row(subset_size=10, value=70),
                           _row(model="BiT-R50x1", family="BiT", subset_size=10, value=60)])
-    lines = leader_lines(table)
-    assert lines[0].endswith("| -10.0 | BiT-R50x1 |") and lines[1].endswith("| +10.0 | ViT-B/16 |")
+    rows = leader_rows(table)
+    assert rows[0][-2:] == ["-10.0", "BiT-R50x1"] and rows[1][-2:] == ["+10.0", "ViT-B/16"]
 
 
 def test_report_cli_on_an_external_csv(tmp_path, cache_dir):

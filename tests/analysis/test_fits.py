@@ -1,0 +1,87 @@
+"""Known-answer tests: synthetic curves with known parameters through the same estimators."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import fits
+
+SIZES = np.geomspace(1e4, 1e7, 7)
+
+
+def _curve(model, family, a, b, c, sizes=SIZES, noise=0.0, seeds=(0,), rng=None):
+    rng = rng or np.random.default_rng(0)
+    rows = []
+    for s in seeds:
+        for n in sizes:
+            acc = 100 - fits.power_law(n, a, b, c) + (rng.normal(0, noise) if noise else 0.0)
+            rows.append({"model": model, "family": family, "subset_size": n, "examples_seen": n,
+                         "pretrain_flops": n * (2 if family == "ViT" else 1), "eval": "fewshot", "dataset": "d",
+                         "shots": 5, "metric": "top1", "value": acc, "seed": s})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("noise, seeds, kind", [(0.0, (0,), "residuals"), (0.3, (0, 1, 2), "seeds")])
+def test_fit_recovers_exponent_and_floor(noise, seeds, kind):
+    frame = _curve("ViT-B/16", "ViT", a=2000, b=0.4, c=12, noise=noise, seeds=seeds)
+    fit = fits.fit_law(frame)
+    a, b, c, d = fit.params
+    assert b == pytest.approx(0.4, abs=0.05) and c == pytest.approx(12, abs=1.5)  # 4-param fit: 7 sizes
+    assert fit.bootstrap == kind and len(fit.samples) > 100
+    if noise:
+        lo, hi = np.percentile(fit.samples[:, 1], [2.5, 97.5])
+        assert lo <= 0.4 <= hi
+
+
+@pytest.mark.parametrize("sizes, key", [(np.geomspace(1e4, 1e7, 16), "estimate"), (SIZES, "fit_estimate")])
+def test_observed_crossover_is_found_within_5_percent(sizes, key):
+    # Errors a n^-b + c with equal floors cross where n^(b_vit - b_bit) = a_vit / a_bit. On a dense grid the
+    # log-linear interpolation inside the measured bracket is within 5%; on a coarse grid the fitted curves are.
+    vit = _curve("ViT-B/16", "ViT", a=3000, b=0.5, c=5, sizes=sizes)
+    bit = _curve("BiT-R50x1", "BiT", a=150, b=0.2, c=5, sizes=sizes)
+    true = (3000 / 150) ** (1 / 0.3)  # where the two errors are equal
+    table = pd.concat([vit, bit])
+    _, fitted = fits.fit_table(table)
+    (row,) = fits.crossover_table(table, fitted)
+    assert row["status"] == "observed" and row[key] == pytest.approx(true, rel=0.05)
+    lo, hi = row["bracket"]
+    assert lo < true < hi
+
+
+def test_crossover_beyond_the_measured_range_is_extrapolated_with_an_interval():
+    rng = np.random.default_rng(1)
+    sizes = np.geomspace(1e4, 1e6, 6)
+    vit = _curve("ViT-B/16", "ViT", a=3000, b=0.5, c=5, sizes=sizes, noise=0.05, rng=rng)
+    bit = _curve("BiT-R50x1", "BiT", a=150, b=0.3, c=5, sizes=sizes, noise=0.05, rng=rng)
+    true = (3000 / 150) ** (1 / 0.2)
+    assert true > sizes[-1]
+    table = pd.concat([vit, bit])
+    _, fitted = fits.fit_table(table)
+    (row,) = fits.crossover_table(table, fitted)
+    assert row["status"] == "extrapolated" and row["estimate"] == pytest.approx(true, rel=0.25)
+    assert row["ci"] is not None and row["ci"][0] < row["estimate"] < row["ci"][1]
+
+
+def test_curves_that_never_cross():
+    table = pd.concat([_curve("ViT-B/16", "ViT", a=400, b=0.2, c=20), _curve("BiT-R50x1", "BiT", a=300, b=0.2, c=5)])
+    _, fitted = fits.fit_table(table)
+    (row,) = fits.crossover_table(table, fitted)
+    assert row["status"] == "none" and row["estimate"] is None
+
+
+def test_heldout_check_predicts_the_largest_size():
+    frame = _curve("ViT-B/16", "ViT", a=2000, b=0.4, c=12)
+    check = fits.heldout_check(frame)
+    assert check["size"] == SIZES[-1] and check["abs_error"] < 0.5
+
+
+def test_pareto_frontier_drops_dominated_points():
+    table = pd.DataFrame([
+        {"model": m, "subset_size": 1, "pretrain_flops": f, "value": v, "eval": "finetune", "dataset": "d",
+         "shots": None, "metric": "top1", "family": "ViT", "seed": 0}
+        for m, f, v in (("a", 1.0, 50), ("b", 2.0, 40), ("c", 3.0, 60), ("d", 4.0, 60))])
+    (entry,) = fits.pareto_table(table)
+    assert [p["model"] for p in entry["points"]] == ["a", "c"]
+    assert math.isclose(entry["points"][1]["pretrain_flops"], 3.0)

@@ -1,0 +1,76 @@
+"""The report end to end from a CSV: summary.json schema, files, and a rendered check in headless Chromium."""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from analysis import fits
+from tests.conftest import run_cli
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _table(tmp_path):
+    rows = []
+    for model, family, (a, b) in (("ViT-B/16", "ViT", (3000, 0.5)), ("BiT-R50x1", "BiT", (150, 0.2))):
+        for seed in (0, 1):
+            for n in np.geomspace(1e4, 1e7, 6):
+                for evaluation, shots in (("fewshot", 5), ("finetune", None)):
+                    rows.append({"model": model, "family": family, "subset_size": n, "examples_seen": 7 * n,
+                                 "pretrain_flops": 3e9 * 7 * n * (1.5 if family == "ViT" else 1.0),
+                                 "eval": evaluation, "dataset": "imagenet", "shots": shots, "metric": "top1",
+                                 "value": 100 - fits.power_law(n, a, b, 5) + 0.2 * seed, "seed": seed})
+    path = tmp_path / "published.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, cache_dir):
+    tmp = tmp_path_factory.mktemp("report")
+    proc = run_cli(["-m", "analysis.report", "--results", str(_table(tmp)), "--out", str(tmp / "out")], cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "out"
+
+
+def test_summary_json_has_the_documented_schema(report_dir):
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert set(summary) == {"fits", "crossovers", "pareto"}
+    (cross,) = [c for c in summary["crossovers"] if c["eval"] == "fewshot"]
+    assert {"vit", "resnet", "eval", "dataset", "shots", "metric", "status", "estimate", "bracket", "ci"} <= set(cross)
+    assert cross["status"] == "observed" and cross["shots"] == 5
+    assert cross["estimate"] == pytest.approx((3000 / 150) ** (1 / 0.3), rel=0.25)
+    fit = next(f for f in summary["fits"] if f["model"] == "ViT-B/16" and f["eval"] == "fewshot")
+    assert fit["bootstrap"] == "seeds" and fit["heldout"]["abs_error"] < 1.0
+    assert all({"eval", "dataset", "metric", "points"} <= set(p) for p in summary["pareto"])
+
+
+def test_report_files_and_figures(report_dir):
+    for name in ("fig3_finetune_vs_data", "fig4_fewshot_vs_data", "fig5_accuracy_vs_compute", "fit_diagnostics"):
+        assert (report_dir / "figures" / f"{name}.png").stat().st_size > 5000
+        assert (report_dir / "figures" / f"{name}.pdf").exists()
+    md = (report_dir / "report.md").read_text()
+    assert "## Where does the ViT overtake the ResNet?" in md and "| ViT-B/16 | BiT-R50x1 |" in md
+    page = (report_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "<table>" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it: "
+                                             "apt-get install chromium)")
+def test_report_html_renders_with_its_figures_in_headless_chromium(report_dir, tmp_path):
+    url = (report_dir / "report.html").resolve().as_uri()
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert 'data-figures="loaded"' in dom.stdout, dom.stderr[-2000:]
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,1800", url], capture_output=True,
+                   timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (1800, 1200) and pixels.std() > 10  # not a blank page
