@@ -110,9 +110,15 @@ def _interval(values: np.ndarray) -> list[float] | None:
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) >= 10 else None
 
 
+def accuracy_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The evaluation rows (percentages); diagnostics have their own units and are not fitted."""
+    return table[table["eval"] != "diagnostic"]
+
+
 def fit_table(table: pd.DataFrame) -> tuple[list[dict], dict[tuple, Fit]]:
     """Every curve's fit as summary rows, and the fits keyed by (model, eval, dataset, shots, metric)."""
     rows, fits = [], {}
+    table = accuracy_rows(table)
     for key, frame in table.groupby(["model", *GROUP], dropna=False):
         fit = fit_law(frame)
         row = {"model": key[0], "eval": key[1], "dataset": key[2], "shots": _int_or_none(key[3]),
@@ -192,6 +198,7 @@ def crossover(vit: pd.Series, bit: pd.Series, vit_fit: Fit | None, bit_fit: Fit 
 def crossover_table(table: pd.DataFrame, fits: dict[tuple, Fit]) -> list[dict]:
     """Every (ViT or Hybrid, BiT) pair measured on the same evaluation."""
     out = []
+    table = accuracy_rows(table)
     for key, frame in table.groupby(GROUP, dropna=False):
         means = frame.groupby(["model", "subset_size"])["value"].mean()
         families = frame.groupby("model")["family"].first()
@@ -208,7 +215,7 @@ def crossover_table(table: pd.DataFrame, fits: dict[tuple, Fit]) -> list[dict]:
 def pareto_table(table: pd.DataFrame) -> list[dict]:
     """Per evaluation: the points no cheaper point beats (accuracy vs pretraining FLOPs)."""
     out = []
-    frame = table.dropna(subset=["pretrain_flops"])
+    frame = accuracy_rows(table).dropna(subset=["pretrain_flops"])
     for key, group in frame.groupby(GROUP, dropna=False):
         points = group.groupby(["model", "subset_size"]).agg(pretrain_flops=("pretrain_flops", "mean"),
                                                             value=("value", "mean")).reset_index()

@@ -190,4 +190,77 @@ def plot_all(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict] | None = N
             *fig_vs_data(table, "fewshot", out_dir, "fig4_fewshot_vs_data",
                          "Linear few-shot accuracy vs pretraining data (Fig 4 analog)", fits, crossovers),
             *fig_vs_compute(table, out_dir, pareto),
-            *fig_fit_diagnostics(table, out_dir, fit_rows, fits)]
+            *fig_fit_diagnostics(table, out_dir, fit_rows, fits),
+            *fig7_across_grid(table, out_dir)]
+
+
+def fig7_panels(diag, path: Path, title: str) -> Path:
+    """One ViT's Fig 7: patch-filter principal components, position-embedding similarity, attention distance."""
+    _style()
+    fig = plt.figure(figsize=(12, 4))
+    left, centre, right = fig.subfigures(1, 3, width_ratios=[1.2, 1, 1])
+    comps = diag.filters
+    lo, hi = comps.min((1, 2, 3), keepdims=True), comps.max((1, 2, 3), keepdims=True)
+    shown = (comps - lo) / np.maximum(hi - lo, 1e-12)  # each component min-max scaled, as the paper shows them
+    cols = 7
+    axes = left.subplots(int(np.ceil(len(shown) / cols)), cols)
+    for ax, comp in zip(axes.flat, list(shown) + [None] * (axes.size - len(shown)), strict=True):
+        ax.axis("off")
+        if comp is not None:
+            ax.imshow(comp, interpolation="nearest")
+    left.suptitle(f"Patch-filter PCA (top {len(shown)})", fontsize=10)
+    g = diag.posemb_sim.shape[0]
+    axes = centre.subplots(g, g, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
+    for r in range(g):
+        for c in range(g):
+            axes[r, c].imshow(diag.posemb_sim[r, c], vmin=-1, vmax=1, cmap="viridis")
+            axes[r, c].axis("off")
+    centre.suptitle(f"Position-embedding similarity (locality {diag.metrics['diag/posemb_locality']:.2f})",
+                    fontsize=10)
+    ax = right.subplots()
+    layers = np.arange(1, len(diag.attn_distance) + 1)
+    for head in range(diag.attn_distance.shape[1]):
+        ax.scatter(layers, diag.attn_distance[:, head], s=14, alpha=0.8)
+    ax.set(xlabel="network depth (layer)", ylabel="mean attention distance (pixels)", xticks=layers)
+    right.suptitle("Attention distance per head", fontsize=10)
+    fig.suptitle(title, y=1.02)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def fig7_across_grid(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Does the ViT learn locality with more data? Attention distance per layer (one line per subset), the
+    lowest layer's mean/min distance and the position-embedding locality vs subset size; the ResNets'
+    theoretical receptive field per stage on the same pixel axis."""
+    diag = table[table["eval"] == "diagnostic"]
+    vit = diag[diag["family"] != "BiT"]
+    if vit.empty:
+        return []
+    _style()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    layers = vit[vit["metric"].str.match(r"attn_dist_layer\d+_mean")].copy()
+    layers["layer"] = layers["metric"].str.extract(r"layer(\d+)_")[0].astype(int)
+    layers["subset"] = layers["subset_size"].map(lambda n: _short(float(n)))
+    sns.lineplot(data=layers, x="layer", y="value", hue="subset", style="model", marker="o", ax=axes[0],
+                 errorbar=None, palette="viridis")
+    rf = diag[(diag["family"] == "BiT") & diag["metric"].str.startswith("rf_stage")]
+    for model, group in rf.groupby("model"):
+        stages = group.groupby("metric")["value"].mean().sort_index()
+        x = np.linspace(1, max(layers["layer"].max(), 2), len(stages))
+        axes[0].plot(x, stages.to_numpy(), ls="--", color="0.5", lw=1, label=f"{model} receptive field")
+    axes[0].set(xlabel="layer (ResNet: stages spread over the same depth)", ylabel="pixels",
+                title="Mean attention distance per layer")
+    axes[0].legend(fontsize=7, frameon=False)
+    low = vit[vit["metric"].isin(["attn_dist_layer1_mean", "attn_dist_layer1_min"])]
+    sns.lineplot(data=low, x="subset_size", y="value", hue="model", style="metric", marker="o", ax=axes[1],
+                 errorbar=None)
+    _size_axis(axes[1], sorted(low["subset_size"].unique()))
+    axes[1].set(ylabel="pixels", title="Layer 1 attention distance (mean, min head)")
+    loc = vit[vit["metric"] == "posemb_locality"]
+    sns.lineplot(data=loc, x="subset_size", y="value", hue="model", marker="o", ax=axes[2], errorbar=None)
+    _size_axis(axes[2], sorted(loc["subset_size"].unique()))
+    axes[2].set(ylabel="Spearman(similarity, −distance)", title="Position-embedding locality")
+    fig.suptitle("What the ViT learned as pretraining data grows (Fig 7 analog)")
+    return _save(fig, out_dir, "fig7_vit_diagnostics_vs_data")

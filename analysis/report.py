@@ -46,6 +46,13 @@ def _mean_table(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, [[m, *(str(v) for v in row)] for m, row in wide.iterrows()]
 
 
+def _mean_table_by_metric(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """(model, subset) x diagnostic metric, mean over seeds."""
+    wide = frame.groupby(["model", "subset_size", "metric"])["value"].mean().unstack("metric")
+    return (["model", "subset", *wide.columns],
+            [[m, f"{int(n):,}", *(_fmt(float(v)) for v in row)] for (m, n), row in wide.iterrows()])
+
+
 def leader_rows(frame: pd.DataFrame) -> list[list[str]]:
     """Per subset size: the best ViT/Hybrid vs the best BiT, and the gap (ViT minus BiT)."""
     means = frame.groupby(["family", "model", "subset_size"])["value"].mean().reset_index()
@@ -81,9 +88,9 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
          [[c["vit"], c["resnet"], _eval_name(c["eval"], c["dataset"], c["shots"], c["metric"]), c["status"],
            _fmt(c["estimate"]), _fmt(c["bracket"]), _fmt(c["fit_estimate"]), _fmt(c["ci"])]
           for c in summary["crossovers"]]),
-        ("h2", "Figures"), *(("img", p) for p in figures if p.suffix == ".png"),
+        ("h2", "Figures"), *(("img", p) for p in figures if p.suffix == ".png" and not p.stem.startswith("fig7")),
         ("h2", "Results")]
-    for key, frame in table.groupby(["eval", "dataset", "shots", "metric"], dropna=False):
+    for key, frame in fits.accuracy_rows(table).groupby(["eval", "dataset", "shots", "metric"], dropna=False):
         header, rows = _mean_table(frame)
         blocks += [("h3", _eval_name(*key)), ("p", "Percent, by pretraining subset size (examples)."),
                    ("table", header, rows)]
@@ -105,6 +112,14 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
         blocks.append(("p", _eval_name(entry["eval"], entry["dataset"], entry["shots"], entry["metric"]) + ": " +
                        "; ".join(f"{p['model']} n={_fmt(p['subset_size'])} ({p['pretrain_flops']:.3g} FLOPs, "
                                  f"{p['value']:.1f})" for p in entry["points"])))
+    diag = table[table["eval"] == "diagnostic"]
+    if not diag.empty:
+        blocks += [("h2", "What the ViT learned (Fig 7)"),
+                   ("p", "Mean attention distance (pixels; class token excluded) per layer, its minimum over heads, "
+                         "position-embedding locality (Spearman correlation of embedding similarity with minus "
+                         "the 2D grid distance) and, for the ResNets, the theoretical receptive field per stage."),
+                   *(("img", p) for p in figures if p.stem.startswith("fig7") and p.suffix == ".png"),
+                   ("table", *_mean_table_by_metric(diag))]
     if failures:
         blocks += [("h2", "Failed trials"), *(("p", f"{name}: {why}") for name, why in failures.items())]
     return blocks
@@ -154,14 +169,18 @@ def to_html(blocks: list[Block], title: str) -> str:
 
 
 def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
-                 failures: dict[str, str] | None = None) -> Path:
-    """summary.json, figures/, report.md and report.html in `out`; returns the report.md path."""
+                 failures: dict[str, str] | None = None, panels: list[Path] | None = None) -> Path:
+    """summary.json, figures/, report.md and report.html in `out`; returns the report.md path.
+
+    `panels`: extra PNGs already in `out/figures` (per-trial Fig 7 panels) to show in the Fig 7 section.
+    """
     out.mkdir(parents=True, exist_ok=True)
     fit_rows, fitted = fits.fit_table(table)
     summary = {"fits": fit_rows, "crossovers": fits.crossover_table(table, fitted),
                "pareto": fits.pareto_table(table)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     figures = plots.plot_all(table, out / "figures", fit_rows, fitted, summary["crossovers"], summary["pareto"])
+    figures += panels or []
     blocks = build_blocks(table, title, summary, figures, failures)
     (out / "report.html").write_text(to_html(blocks, title))
     path = out / "report.md"

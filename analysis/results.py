@@ -13,21 +13,26 @@ from pipelines.config import UserError
 COLUMNS = ["model", "family", "subset_size", "examples_seen", "pretrain_flops", "eval", "dataset", "shots",
            "metric", "value", "seed"]
 FAMILIES = ("ViT", "BiT", "Hybrid")
-EVALS = ("fewshot", "linear_probe", "finetune")
+EVALS = ("fewshot", "linear_probe", "finetune", "diagnostic")
 ACCURACY_METRICS = ("top1", "top5", "macro_f1")
 _FEWSHOT = re.compile(r"(\d+)shot_(\w+)")
 
 
 def records_from_metrics(trial: dict, metrics: dict[str, float]) -> list[dict]:
     """Rows for one trial from its metric keys (`fewshot/<dataset>/<k>shot_top1`, `finetune/<dataset>/top1`,
-    `linear_probe/<dataset>/top1`), the names the study logs to MLflow.
+    `linear_probe/<dataset>/top1`, and `diag/<name>` as eval `diagnostic`), the names the study logs to MLflow.
 
     Args:
         trial: model, family, subset_size, seed, examples_seen, pretrain_flops.
         metrics: final metrics of the trial.
     """
     rows = []
+    base = {k: trial[k] for k in ("model", "family", "subset_size", "examples_seen", "pretrain_flops")}
     for key, value in metrics.items():
+        if key.startswith("diag/"):  # Fig 7 numbers: pixels or a correlation, not percentages
+            rows.append({**base, "eval": "diagnostic", "dataset": "pretrain", "shots": None,
+                         "metric": key.split("/", 1)[1], "value": float(value), "seed": trial["seed"]})
+            continue
         parts = key.split("/")
         if len(parts) != 3 or parts[0] not in EVALS:
             continue

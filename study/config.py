@@ -31,6 +31,8 @@ class EvaluateConfig:
     fewshot: FewshotConfig | None = field(default_factory=FewshotConfig)
     linear_probe: LinearProbeConfig | None = field(default_factory=LinearProbeConfig)
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
+    diagnostics: bool = True  # Fig 7: patch-filter PCA, position-embedding similarity, attention distance
+    diagnostic_batch: int = 128  # fixed images (the pretraining test split's first) for attention distances
 
 
 @dataclass(frozen=True)

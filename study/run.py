@@ -71,6 +71,28 @@ def prepare_data(cfg: StudyConfig) -> None:
         data.prepare(src, cfg.cache_dir, progress=True)
 
 
+def fig7_side_by_side(finished: list[tuple[dict, dict]], out_dir: Path) -> list[Path]:
+    """Per ViT: its Fig 7 panels at the smallest and the largest subset, side by side in one PNG."""
+    import numpy as np
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_model: dict[str, list[tuple[int, str]]] = {}
+    for point, final in finished:
+        if final.get("fig7_path") and Path(final["fig7_path"]).exists():
+            by_model.setdefault(point["model"], []).append((point["subset_size"], final["fig7_path"]))
+    written = []
+    for model, items in by_model.items():
+        (small, a), (large, b) = min(items), max(items)
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in dict.fromkeys([a, b])]
+        height = max(im.shape[0] for im in images)
+        padded = [np.pad(im, ((0, height - im.shape[0]), (0, 20), (0, 0)), constant_values=255) for im in images]
+        path = out_dir / f"fig7_{model.replace('/', '-')}_n{small}_vs_n{large}.png"
+        Image.fromarray(np.concatenate(padded, 1)).save(path)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -109,7 +131,8 @@ def launch(cfg: StudyConfig, args: argparse.Namespace) -> int:
         table = results.build_table([row for point, final in finished
                                      for row in results.records_from_metrics(point, final)])
         results.write(table, out / "results.csv")
-        report.write_report(table, out, title=cfg.study, failures=failures)
+        panels = fig7_side_by_side(finished, out / "figures")
+        report.write_report(table, out, title=cfg.study, failures=failures, panels=panels)
         for f in (out / "results.csv", out / "report.md", out / "report.html", out / "summary.json"):
             tracker.client.log_artifact(tracker.parent_id, str(f))
         tracker.client.log_artifacts(tracker.parent_id, str(out / "figures"), "figures")

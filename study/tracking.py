@@ -104,6 +104,9 @@ class MlflowTuneCallback(Callback):
             self.tracker.log_metrics(run_id, result["curves"], step=int(result.get("step", 0)))
         if "final" in result:
             self.tracker.log_metrics(run_id, result["final"])
+        for path in result.get("artifacts") or []:
+            if Path(path).exists():  # local Ray; on a cluster the trial's own storage keeps it
+                self.tracker.client.log_artifact(run_id, path)
         if "failure" in result:
             self.failures[trial.trial_id] = result["failure"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines import data, fewshot, finetune, linear_probe, models, pretrain
+from pipelines import data, diagnostics, fewshot, finetune, linear_probe, models, pretrain
 from pipelines.config import UserError, from_dict, to_dict
 from pipelines.training import TrainingDiverged, infer, pick_device, top1
 from study.config import GridPoint, StudyConfig, grid_point
@@ -34,6 +34,7 @@ def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path 
     result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, point.seed, device,
                           out_dir, on_epoch=lambda m: report({"step": m["epoch"], "curves": {
                               f"pretrain/{k}": v for k, v in m.items() if k != "epoch"}}), progress=progress)
+    probe_images = train.images[:cfg.evaluate.diagnostic_batch].copy()
     del train
     final = {"examples_seen": result.examples_seen, "pretrain_flops": point.pretrain_flops,
              "pretrain/seconds": result.seconds}
@@ -43,9 +44,27 @@ def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path 
     if "test" in shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
         val = data.load(shards["test"], src.image_size)
         final["pretrain/val_top1"] = top1(infer(model, val.images, src.image_size, device), val.labels)
+        probe_images = val.images[:cfg.evaluate.diagnostic_batch]
+    if cfg.evaluate.diagnostics:
+        final.update(_diagnose(point, model, probe_images, src.image_size, device, out_dir, report))
     final.update(_evaluate_downstream(cfg, point, model, result.state_dict, device, report, progress))
     report({"final": final})
     return final
+
+
+def _diagnose(point: GridPoint, model, images, image_size: int, device, out_dir: Path | None,
+              report: Report) -> dict:
+    """Fig 7 numbers for every model; for a ViT also its Fig 7 panels, saved beside the weights."""
+    from analysis.plots import fig7_panels
+
+    diag = diagnostics.run(model, images, image_size, device)
+    out = dict(diag.metrics)
+    if diag.family == "ViT" and out_dir is not None:
+        path = out_dir / "fig7.png"
+        fig7_panels(diag, path, f"{point.model}, {point.subset_size:,} pretraining examples")
+        report({"artifacts": [str(path)]})
+        out["fig7_path"] = str(path)
+    return out
 
 
 def _evaluate_downstream(cfg: StudyConfig, point: GridPoint, model, state, device, report: Report,

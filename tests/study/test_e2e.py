@@ -49,6 +49,8 @@ def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
         curve = client.get_metric_history(child.info.run_id, "finetune/shapes-novel/val_top1")
         assert [h.step for h in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 1
         assert {"linear_probe/shapes-novel/top1", "finetune/shapes-novel/macro_f1"} <= set(m)
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert ("fig7.png" in artifacts) == (p["family"] == "ViT")
     hashes = {(c.data.params["subset_size"], c.data.params["manifest_hash"]) for c in children}
     assert len(hashes) == 2  # both models trained on the same subset of each size
 
@@ -59,11 +61,19 @@ def test_results_table_and_figures(smoke):
     table = pd.read_csv(study_dir / "results.csv")
     assert list(table.columns) == ["model", "family", "subset_size", "examples_seen", "pretrain_flops", "eval",
                                    "dataset", "shots", "metric", "value", "seed"]
+    evals = table[table["eval"] != "diagnostic"]
     # 4 trials x (1- and 5-shot top-1 + linear probe top-1/macro-F1 + fine-tune top-1/macro-F1)
-    assert len(table) == 4 * (2 + 2 + 2)
-    assert set(table["eval"]) == {"fewshot", "linear_probe", "finetune"}
-    assert set(table["family"]) == {"ViT", "BiT"} and set(table["metric"]) == {"top1", "macro_f1"}
-    assert table["value"].between(0, 100).all()
+    assert len(evals) == 4 * (2 + 2 + 2)
+    assert set(evals["eval"]) == {"fewshot", "linear_probe", "finetune"}
+    assert set(evals["family"]) == {"ViT", "BiT"} and set(evals["metric"]) == {"top1", "macro_f1"}
+    assert evals["value"].between(0, 100).all()
+    # Fig 7 numbers: ViT-Pico/4 has 4 layers (mean + min) and a locality; the ResNet a receptive field per stage.
+    diag = table[table["eval"] == "diagnostic"]
+    assert len(diag) == 2 * (4 * 2 + 1) + 2 * 4
+    rf = diag[diag["metric"] == "rf_stage4"]["value"]
+    assert (rf == 19).all() and diag[diag["metric"] == "posemb_locality"]["value"].between(-1, 1).all()
+    assert (study_dir / "figures" / "fig7_ViT-Pico-4_n256_vs_n1024.png").exists()
+    assert (study_dir / "figures" / "fig7_vit_diagnostics_vs_data.pdf").exists()
     for name in ("fig3_finetune_vs_data", "fig4_fewshot_vs_data", "fig5_accuracy_vs_compute"):
         for ext in ("png", "pdf"):
             assert (study_dir / "figures" / f"{name}.{ext}").stat().st_size > 5000

@@ -1,0 +1,140 @@
+"""What a model learned in place of the CNN's built-in bias (the ViT paper's Fig 7), as numbers.
+
+For a ViT: PCA of the patch-embedding filters, the cosine similarity of the position embeddings (and one
+number, `posemb_locality`), and the mean attention distance per layer and head. For a ResNet: the theoretical
+receptive field per stage, so both families share one distance axis (pixels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from timm.models.resnetv2 import ResNetV2
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from pipelines.training import to_input
+
+
+@dataclass
+class Diagnostics:
+    family: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    filters: np.ndarray | None = None  # [k, p, p, 3] PCA components of the patch filters (unit norm)
+    explained: np.ndarray | None = None  # their explained-variance ratios
+    posemb_sim: np.ndarray | None = None  # [g, g, g, g]: similarity of position (r, c) to every (r', c')
+    attn_distance: np.ndarray | None = None  # [layers, heads], pixels
+    receptive_field: list[int] = field(default_factory=list)  # pixels, per ResNet stage
+
+
+def filter_pca(weight: torch.Tensor, k: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Principal components of the flattened patch-embedding filters [D, 3, p, p] -> ([k, p, p, 3], ratios)."""
+    w = weight.detach().double().flatten(1).numpy()
+    w = w - w.mean(0)
+    _, s, vt = np.linalg.svd(w, full_matrices=False)
+    k = min(k, len(s))
+    p = weight.shape[-1]
+    return vt[:k].reshape(k, 3, p, p).transpose(0, 2, 3, 1), (s**2 / (s**2).sum())[:k]
+
+
+def posemb_similarity(pos_embed: np.ndarray, grid: int) -> np.ndarray:
+    """Cosine similarity between every pair of patch position embeddings [g*g, D] -> [g, g, g, g]."""
+    e = pos_embed / np.linalg.norm(pos_embed, axis=1, keepdims=True)
+    return (e @ e.T).reshape(grid, grid, grid, grid)
+
+
+def grid_distances(grid: int) -> np.ndarray:
+    """Euclidean distance between patch positions, in patches: [g*g, g*g]."""
+    rc = np.stack(np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij"), -1).reshape(-1, 2)
+    return np.linalg.norm(rc[:, None, :] - rc[None, :, :], axis=-1)
+
+
+def posemb_locality(pos_embed: np.ndarray, grid: int) -> float:
+    """Spearman correlation between embedding similarity and closeness (minus 2D grid distance), over all
+    pairs of distinct positions: near 1 when nearby patches have similar embeddings, near 0 for random ones."""
+    sim = posemb_similarity(pos_embed, grid).reshape(grid * grid, grid * grid)
+    iu = np.triu_indices(grid * grid, 1)
+    return float(spearmanr(sim[iu], -grid_distances(grid)[iu]).statistic)
+
+
+def mean_attention_distance(probs: torch.Tensor, grid: int, patch_size: int, num_prefix: int = 1) -> np.ndarray:
+    """Attention-weighted mean distance (pixels) between query and key patches, per head: [B, H, N, N] -> [H].
+
+    Prefix tokens (the class token) are excluded as queries and keys; each query's weights over the patch keys
+    are renormalised to sum to one.
+    """
+    patches = probs[..., num_prefix:, num_prefix:].double()
+    patches = patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
+    dist = torch.from_numpy(grid_distances(grid) * patch_size)
+    return (patches * dist).sum(-1).mean((0, 2)).numpy()
+
+
+@torch.no_grad()
+def attention_probabilities(model: VisionTransformer, x: torch.Tensor) -> list[torch.Tensor]:
+    """Per block, the softmax attention [B, H, N, N], recomputed from each attention module's input.
+
+    Fused attention (SDPA) never materialises the probabilities; rather than switching it off, a forward hook
+    captures the input of every `Attention` and the probabilities are recomputed from its own q/k projections.
+    """
+    inputs: list[torch.Tensor] = []
+    hooks = [blk.attn.register_forward_hook(lambda mod, args, out: inputs.append(args[0])) for blk in model.blocks]
+    try:
+        model.eval()
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    probs = []
+    for blk, inp in zip(model.blocks, inputs, strict=True):
+        attn = blk.attn
+        b, n, _ = inp.shape
+        qkv = attn.qkv(inp).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        probs.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1))
+    return probs
+
+
+def receptive_fields(model: ResNetV2) -> list[int]:
+    """Theoretical receptive field (pixels) at the end of each stage, along the main path of the blocks."""
+    rf, jump = 1, 1
+
+    def walk(layer: nn.Module) -> None:
+        nonlocal rf, jump
+        if isinstance(layer, nn.Conv2d | nn.MaxPool2d):
+            k = layer.kernel_size if isinstance(layer.kernel_size, int) else layer.kernel_size[0]
+            s = layer.stride if isinstance(layer.stride, int) else layer.stride[0]
+            d = layer.dilation if isinstance(layer.dilation, int) else layer.dilation[0]
+            rf += (k - 1) * d * jump
+            jump *= s
+
+    for layer in model.stem.modules():
+        walk(layer)
+    out = []
+    for stage in model.stages:
+        for block in stage.blocks:
+            for conv in (block.conv1, block.conv2, block.conv3):
+                walk(conv)
+        out.append(rf)
+    return out
+
+
+def run(model: nn.Module, images: np.ndarray, image_size: int, device: torch.device) -> Diagnostics:
+    """Diagnostics of a pretrained model on a fixed evaluation batch (`images`, uint8 [B, H, W, 3])."""
+    if isinstance(model, ResNetV2):
+        rfs = receptive_fields(model)
+        return Diagnostics("BiT", {f"diag/rf_stage{i + 1}": float(r) for i, r in enumerate(rfs)},
+                           receptive_field=rfs)
+    grid = model.patch_embed.grid_size[0]
+    patch = model.patch_embed.patch_size[0]
+    filters, explained = filter_pca(model.patch_embed.proj.weight.cpu())
+    posemb = model.pos_embed[0, model.num_prefix_tokens:].detach().cpu().double().numpy()
+    probs = attention_probabilities(model, to_input(images, image_size, device))
+    dist = np.stack([mean_attention_distance(p.cpu(), grid, patch, model.num_prefix_tokens) for p in probs])
+    metrics = {"diag/posemb_locality": posemb_locality(posemb, grid)}
+    for layer, heads in enumerate(dist, start=1):
+        metrics[f"diag/attn_dist_layer{layer}_mean"] = float(heads.mean())
+        metrics[f"diag/attn_dist_layer{layer}_min"] = float(heads.min())
+    return Diagnostics("ViT", metrics, filters, explained, posemb_similarity(posemb, grid), dist)

@@ -1,0 +1,87 @@
+"""Known answers for the Fig 7 diagnostics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import diagnostics, models
+
+
+def test_identity_attention_has_distance_zero():
+    g = 4
+    probs = torch.eye(1 + g * g).expand(2, 3, -1, -1)
+    assert np.allclose(diagnostics.mean_attention_distance(probs, g, patch_size=4), 0)
+
+
+def test_uniform_attention_gives_the_closed_form_mean_pairwise_distance():
+    g, patch = 5, 4
+    probs = torch.full((1, 2, 1 + g * g, 1 + g * g), 1.0 / (1 + g * g))  # includes the class token: dropped
+    # Mean distance between two uniform random cells of a g x g grid, by counting offsets.
+    closed = sum((g - abs(dx)) * (g - abs(dy)) * math.hypot(dx, dy)
+                 for dx in range(-g + 1, g) for dy in range(-g + 1, g)) / g**4
+    assert diagnostics.mean_attention_distance(probs, g, patch) == pytest.approx([closed * patch] * 2)
+
+
+def _sincos_2d(g: int, dim: int = 64) -> np.ndarray:
+    rows, cols = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+    freqs = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
+    parts = [f(pos.reshape(-1, 1) * freqs) for pos in (rows, cols) for f in (np.sin, np.cos)]
+    return np.concatenate(parts, 1)
+
+
+def test_posemb_locality_is_high_for_sinusoidal_and_near_zero_for_random():
+    g = 8
+    assert diagnostics.posemb_locality(_sincos_2d(g), g) > 0.8
+    rng = np.random.default_rng(0)
+    assert abs(diagnostics.posemb_locality(rng.normal(size=(g * g, 64)), g)) < 0.1
+
+
+def test_filter_pca_recovers_known_components():
+    rng = np.random.default_rng(0)
+    p = 4
+    basis, _ = np.linalg.qr(rng.normal(size=(3 * p * p, 3)))  # three orthonormal filters
+    # Centred, exactly uncorrelated coefficients with distinct variances: the components are identifiable.
+    raw = rng.normal(size=(500, 3))
+    q, _ = np.linalg.qr(raw - raw.mean(0))
+    coeffs = q * np.array([5.0, 3.0, 1.5])
+    weight = torch.from_numpy((coeffs @ basis.T).reshape(500, 3, p, p))
+    comps, ratio = diagnostics.filter_pca(weight, k=3)
+    got = comps.transpose(0, 3, 1, 2).reshape(3, -1)
+    assert np.allclose(np.abs(got @ basis), np.eye(3), atol=1e-6)
+    assert ratio[0] > ratio[1] > ratio[2] and ratio.sum() == pytest.approx(1.0)
+
+
+def test_recomputed_attention_reproduces_the_fused_module_output():
+    torch.manual_seed(0)
+    model = models.build("ViT-Pico/4", 10, 32).eval()
+    assert all(blk.attn.fused_attn for blk in model.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    outputs = []
+    hook = model.blocks[1].attn.register_forward_hook(lambda m, a, out: outputs.append((a[0], out)))
+    probs = diagnostics.attention_probabilities(model, x)
+    hook.remove()
+    assert all(blk.attn.fused_attn for blk in model.blocks)  # left on
+    inp, out = outputs[0]
+    attn = model.blocks[1].attn
+    v = attn.qkv(inp).reshape(2, 65, 3, 4, 16).permute(2, 0, 3, 1, 4)[2]
+    manual = attn.proj((probs[1] @ v).transpose(1, 2).reshape(2, 65, 64))
+    torch.testing.assert_close(manual, out, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(probs[1].sum(-1), torch.ones(2, 4, 65))
+
+
+def test_resnet_receptive_fields():
+    assert diagnostics.receptive_fields(models.build("BiT-R14-Pico", 10, 32)) == [5, 7, 11, 19]
+    with torch.device("meta"):
+        r50 = models.build("BiT-R50x1", 10, 224)
+    assert diagnostics.receptive_fields(r50)[-1] == 427  # the textbook ResNet-50 receptive field
+
+
+def test_run_reports_per_layer_mean_and_min():
+    model = models.build("ViT-Pico/4", 10, 32)
+    images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    diag = diagnostics.run(model, images, 32, torch.device("cpu"))
+    assert diag.attn_distance.shape == (4, 4) and diag.filters.shape == (28, 4, 4, 3)
+    assert diag.metrics["diag/attn_dist_layer1_min"] <= diag.metrics["diag/attn_dist_layer1_mean"]
+    assert diag.posemb_sim.shape == (8, 8, 8, 8)
