@@ -39,6 +39,9 @@ class PretrainConfig:
     loss: Literal["softmax", "sigmoid"] = "softmax"
     augment: Augment = field(default_factory=Augment)
     compile: bool = False
+    micro_batch_size: int | None = None  # accumulate gradients over micro-batches of this size
+    checkpoint_every: int = 500  # steps between checkpoints (a trial restarted by Tune resumes from the newest)
+    keep_checkpoints: int = 2
 
     def __post_init__(self):
         given = [v for v in (self.epochs, self.steps, self.examples) if v is not None]
@@ -46,6 +49,8 @@ class PretrainConfig:
             raise ValueError("give exactly one duration: epochs, steps or examples")
         if any(v <= 0 for v in given) or self.batch_size <= 0 or self.lr <= 0:
             raise ValueError("durations, batch_size and lr must be positive")
+        if self.micro_batch_size is not None and not 0 < self.micro_batch_size <= self.batch_size:
+            raise ValueError("micro_batch_size must be in (0, batch_size]")
 
     def total_steps(self, dataset_size: int) -> int:
         return duration_steps(self.epochs, self.steps, self.examples, self.batch_size, dataset_size)
@@ -76,8 +81,10 @@ def make_optimizer(cfg: PretrainConfig, model: torch.nn.Module, device: torch.de
 
 def run(cfg: PretrainConfig, model_name: str, data: ImageArrays, num_classes: int, image_size: int, seed: int,
         device: torch.device, out_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
-        progress: bool = True) -> PretrainResult:
-    """Pretrain `model_name` from scratch on `data`; save the weights as safetensors in `out_dir`."""
+        progress: bool = True, checkpoint_dir: Path | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None) -> PretrainResult:
+    """Pretrain `model_name` from scratch on `data` (resuming from `checkpoint_dir` if it holds a checkpoint);
+    save the weights as safetensors in `out_dir`."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = models.build(model_name, num_classes, image_size).to(device)
@@ -89,9 +96,11 @@ def run(cfg: PretrainConfig, model_name: str, data: ImageArrays, num_classes: in
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     trained = torch.compile(model) if cfg.compile else model
     spec = LoopSpec(steps=steps, batch_size=cfg.batch_size, image_size=image_size, grad_clip=cfg.grad_clip,
-                    augment=cfg.augment, loss=cfg.loss, precision=cfg.precision, seed=seed)
+                    augment=cfg.augment, loss=cfg.loss, precision=cfg.precision, seed=seed,
+                    micro_batch_size=cfg.micro_batch_size, checkpoint_dir=checkpoint_dir,
+                    checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints)
     final = train_loop(trained, data, spec, optimizer, scheduler, device, on_epoch, desc=f"pretrain {model_name}",
-                       progress=progress)
+                       progress=progress, on_checkpoint=on_checkpoint)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = None
     if out_dir is not None:

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipelines import checkpoint
 from pipelines.config import UserError
 from pipelines.data import ImageArrays
 
@@ -91,6 +93,10 @@ class LoopSpec:
     loss: str = "softmax"  # or "sigmoid" (multi-label, as for ImageNet-21k)
     precision: str = "fp32"
     seed: int = 0
+    micro_batch_size: int | None = None  # gradient accumulation when the batch does not fit
+    checkpoint_dir: Path | None = None  # resume from its newest checkpoint; write new ones there
+    checkpoint_every: int = 0  # steps; 0: only at the end
+    keep_checkpoints: int = 2
 
 
 def loss_fn(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -103,8 +109,11 @@ def loss_fn(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 def train_loop(model: nn.Module, data: ImageArrays, spec: LoopSpec, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
                on_epoch: Callable[[dict], None] | None = None, desc: str = "train",
-               progress: bool = True) -> dict:
+               progress: bool = True, on_checkpoint: Callable[[Path], None] | None = None) -> dict:
     """Run `spec.steps` optimizer steps over `data`, calling `on_epoch(metrics)` after each pass.
+
+    With `spec.checkpoint_dir`, resumes from its newest checkpoint (weights, optimizer, scheduler, RNG states and
+    the position inside the epoch), so a killed run continues exactly where its last checkpoint left it.
 
     Raises:
         TrainingDiverged: the loss is NaN/inf (checked every step, before the update is applied).
@@ -112,40 +121,62 @@ def train_loop(model: nn.Module, data: ImageArrays, spec: LoopSpec, optimizer: t
     rng = np.random.default_rng([spec.seed, 1])
     gen = torch.Generator().manual_seed(spec.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
-    step, epoch, start = 0, 0, time.perf_counter()
-    bar = tqdm(total=spec.steps, desc=desc, unit="step", disable=not progress, mininterval=2)
+    step, epoch, first_batch, sums = 0, 0, 0, [0.0, 0, 0]
+    resume = checkpoint.latest(spec.checkpoint_dir)
+    if resume is not None:
+        loop = checkpoint.load(resume, model, optimizer, scheduler)
+        step, epoch, first_batch, sums = loop["step"], loop["epoch"], loop["batch"], loop["sums"]
+        rng.bit_generator.state = loop["epoch_rng"]
+        gen.set_state(loop["gen"])
+    micro = spec.micro_batch_size or spec.batch_size
+    start, start_step = time.perf_counter(), step
+    bar = tqdm(total=spec.steps, initial=step, desc=desc, unit="step", disable=not progress, mininterval=2)
     last: dict = {}
     while step < spec.steps:
         model.train()  # on_epoch may have evaluated the model
-        loss_sum, correct, seen = 0.0, 0, 0
-        for idx in epoch_batches(len(data), spec.batch_size, rng):
-            x = augment_batch(to_input(data.images[idx], spec.image_size, device), spec.augment, gen)
-            y = torch.from_numpy(data.labels[idx]).to(device)
-            with autocast:
-                logits = model(x)
-                loss = loss_fn(spec.loss, logits.float(), y)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"{desc}: loss became {value} at step {step + 1}; lower the learning "
-                                       f"rate or check the data")
+        epoch_rng = rng.bit_generator.state  # the epoch's order is drawn from here; a resume redraws it
+        batches = list(epoch_batches(len(data), spec.batch_size, rng))
+        for b in range(first_batch, len(batches)):
+            idx = batches[b]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for chunk in np.split(idx, range(micro, len(idx), micro)):
+                x = augment_batch(to_input(data.images[chunk], spec.image_size, device), spec.augment, gen)
+                y = torch.from_numpy(data.labels[chunk]).to(device)
+                with autocast:
+                    logits = model(x)
+                    loss = loss_fn(spec.loss, logits.float(), y)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise TrainingDiverged(f"{desc}: loss became {value} at step {step + 1}; lower the learning "
+                                           f"rate or check the data")
+                (loss * (len(chunk) / len(idx))).backward()
+                sums[0] += value * len(chunk)
+                sums[1] += int((logits.argmax(-1) == y).sum())
+                sums[2] += len(chunk)
             if spec.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
-            loss_sum += value * len(idx)
-            correct += int((logits.argmax(-1) == y).sum())
-            seen += len(idx)
             bar.update(1)
+            if spec.checkpoint_dir is not None and (step == spec.steps or
+                                                    (spec.checkpoint_every and step % spec.checkpoint_every == 0)):
+                state = {"step": step, "epoch": epoch, "batch": b + 1, "epoch_rng": epoch_rng,
+                         "gen": gen.get_state(), "sums": list(sums)}
+                path = checkpoint.save(spec.checkpoint_dir, step, model, optimizer, scheduler, state,
+                                       spec.keep_checkpoints)
+                if on_checkpoint is not None:
+                    on_checkpoint(path)
             if step >= spec.steps:
                 break
+        first_batch = 0
         epoch += 1
         elapsed = time.perf_counter() - start
         last = {"epoch": epoch, "step": step, "examples_seen": step * spec.batch_size,
-                "loss": loss_sum / seen, "train_top1": 100.0 * correct / seen,
-                "lr": scheduler.get_last_lr()[0], "images_per_s": step * spec.batch_size / elapsed}
+                "loss": sums[0] / max(sums[2], 1), "train_top1": 100.0 * sums[1] / max(sums[2], 1),
+                "lr": scheduler.get_last_lr()[0],
+                "images_per_s": (step - start_step) * spec.batch_size / max(elapsed, 1e-9)}
+        sums = [0.0, 0, 0]
         bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_top1']:.1f}")
         if on_epoch is not None:
             on_epoch(last)

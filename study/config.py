@@ -40,6 +40,7 @@ class Resources:
     cpus_per_trial: float = 1
     gpus_per_trial: float = 0
     max_concurrent_trials: int = 0  # 0: as many as the resources allow
+    max_failures: int = 2  # Tune restarts a crashed trial this often, from its newest checkpoint
 
 
 @dataclass(frozen=True)

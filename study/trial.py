@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from pipelines import data, diagnostics, fewshot, finetune, linear_probe, models, pretrain
+from pipelines import checkpoint, data, diagnostics, fewshot, finetune, linear_probe, models, pretrain
 from pipelines.config import UserError, from_dict, to_dict
 from pipelines.training import TrainingDiverged, infer, pick_device, top1
 from study.config import GridPoint, StudyConfig, grid_point
@@ -18,8 +19,10 @@ Report = Callable[[dict], None]
 
 
 def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path | None,
-              progress: bool = False) -> dict:
+              progress: bool = False, on_checkpoint: Callable[[Path], None] | None = None) -> dict:
     """Run one trial; `report` receives params once, then per-epoch metrics, then the final metrics.
+
+    Pretraining checkpoints go to `out_dir/checkpoints`; a restarted trial resumes from the newest one.
 
     Returns:
         the final metrics (also passed to `report`).
@@ -30,10 +33,13 @@ def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path 
     keys = data.nested_subset(data.source_keys(src, shards["train"]), point.subset_size, point.seed)
     report({"params": {"manifest_hash": data.manifest_hash(keys), "device": str(device),
                        "planned_steps": point.steps}})
+    if out_dir is not None and (resume := checkpoint.latest(out_dir / "checkpoints")) is not None:
+        report({"final": {"resumed_from_step": int(resume.name.removeprefix(checkpoint.PREFIX))}})
     train = data.load(shards["train"], src.image_size, keys)
     result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, point.seed, device,
                           out_dir, on_epoch=lambda m: report({"step": m["epoch"], "curves": {
-                              f"pretrain/{k}": v for k, v in m.items() if k != "epoch"}}), progress=progress)
+                              f"pretrain/{k}": v for k, v in m.items() if k != "epoch"}}), progress=progress,
+                          checkpoint_dir=out_dir / "checkpoints" if out_dir else None, on_checkpoint=on_checkpoint)
     probe_images = train.images[:cfg.evaluate.diagnostic_batch].copy()
     del train
     final = {"examples_seen": result.examples_seen, "pretrain_flops": point.pretrain_flops,
@@ -115,6 +121,15 @@ def trial_point(config: dict) -> tuple[StudyConfig, GridPoint]:
     return cfg, grid_point(cfg, config["model"], config["subset_size"], config["seed"])
 
 
+def _restore_tune_checkpoint(restored, local: Path) -> None:
+    """A retried trial on another node: bring Tune's latest checkpoint into the local checkpoint folder."""
+    if restored is None or checkpoint.latest(local) is not None:
+        return
+    with restored.as_directory() as folder:
+        step = torch.load(Path(folder) / "state.pt", weights_only=True)["step"]
+        shutil.copytree(folder, local / f"{checkpoint.PREFIX}{step:09d}")
+
+
 def trainable(config: dict) -> None:
     """Ray Tune function trainable. Failures known to be deterministic (divergence, bad data) are reported
     as the trial's `failure` and end it without a retry; anything else raises so Tune's FailureConfig applies."""
@@ -123,8 +138,13 @@ def trainable(config: dict) -> None:
     cfg, point = trial_point(config)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
     out_dir = Path(tune.get_context().get_trial_dir())
+    _restore_tune_checkpoint(tune.get_checkpoint(), out_dir / "checkpoints")
     start = time.time()
+
+    def persist(path: Path) -> None:  # Tune copies it to the run's storage, where a retry on any node finds it
+        tune.report({"checkpoint": path.name}, checkpoint=tune.Checkpoint.from_directory(str(path)))
+
     try:
-        run_point(cfg, point, tune.report, out_dir)
+        run_point(cfg, point, tune.report, out_dir, on_checkpoint=persist)
     except (TrainingDiverged, UserError) as err:
         tune.report({"failure": f"{type(err).__name__}: {err}", "seconds": time.time() - start})

@@ -36,7 +36,8 @@ def run_grid(cfg: StudyConfig, tracker: StudyTracker, tags: dict, storage: Path,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=cfg.study, storage_path=str(storage),
                                       callbacks=[MlflowTuneCallback(tracker, tags)],
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
         )
         grid = tuner.fit()
     finally:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +90,34 @@ def test_diverging_trials_fail_with_a_reason_and_the_study_carries_on(tmp_path, 
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
     assert child.info.status == "FAILED" and "loss became" in child.data.tags["failure_reason"]
+
+
+def test_a_killed_trial_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_path, cache_dir):
+    """SIGKILL the trial's Ray worker after its first checkpoint: Tune's FailureConfig restarts it, it resumes
+    from that checkpoint (not from scratch), and its MLflow child run is reused, not duplicated."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "VITSCALE_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "models=[ViT-Pico/4]",
+            "data.subsets=[1024]", "pretrain.steps=400", "pretrain.checkpoint_every=20"]
+    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("smoke/*/ray/smoke/*/checkpoints/ckpt-*/state.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 1
+    os.kill(int(workers[0]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    resumed = client.get_metric_history(children[0].info.run_id, "resumed_from_step")
+    assert resumed and resumed[0].value >= 20 and resumed[0].value % 20 == 0
