@@ -199,16 +199,21 @@ def fig7_panels(diag, path: Path, title: str) -> Path:
     _style()
     fig = plt.figure(figsize=(12, 4))
     left, centre, right = fig.subfigures(1, 3, width_ratios=[1.2, 1, 1])
-    comps = diag.filters
+    if diag.filters is None:
+        left.text(0.5, 0.5, "no RGB patch filters\n(hybrid: a ResNet embeds the patches)", ha="center")
+        comps = np.zeros((0, 1, 1, 3))
+    else:
+        comps = diag.filters
     lo, hi = comps.min((1, 2, 3), keepdims=True), comps.max((1, 2, 3), keepdims=True)
     shown = (comps - lo) / np.maximum(hi - lo, 1e-12)  # each component min-max scaled, as the paper shows them
     cols = 7
-    axes = left.subplots(int(np.ceil(len(shown) / cols)), cols)
-    for ax, comp in zip(axes.flat, list(shown) + [None] * (axes.size - len(shown)), strict=True):
-        ax.axis("off")
-        if comp is not None:
-            ax.imshow(comp, interpolation="nearest")
-    left.suptitle(f"Patch-filter PCA (top {len(shown)})", fontsize=10)
+    if len(shown):
+        axes = left.subplots(int(np.ceil(len(shown) / cols)), cols)
+        for ax, comp in zip(axes.flat, list(shown) + [None] * (axes.size - len(shown)), strict=True):
+            ax.axis("off")
+            if comp is not None:
+                ax.imshow(comp, interpolation="nearest")
+        left.suptitle(f"Patch-filter PCA (top {len(shown)})", fontsize=10)
     g = diag.posemb_sim.shape[0]
     axes = centre.subplots(g, g, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
     for r in range(g):

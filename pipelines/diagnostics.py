@@ -128,8 +128,10 @@ def run(model: nn.Module, images: np.ndarray, image_size: int, device: torch.dev
         return Diagnostics("BiT", {f"diag/rf_stage{i + 1}": float(r) for i, r in enumerate(rfs)},
                            receptive_field=rfs)
     grid = model.patch_embed.grid_size[0]
-    patch = model.patch_embed.patch_size[0]
-    filters, explained = filter_pca(model.patch_embed.proj.weight.cpu())
+    patch = image_size // grid  # pixels per token: the patch size, or a hybrid's backbone stride
+    filters = explained = None
+    if model.patch_embed.proj.weight.shape[1] == 3:  # a hybrid's projection acts on ResNet features, not RGB
+        filters, explained = filter_pca(model.patch_embed.proj.weight.cpu())
     posemb = model.pos_embed[0, model.num_prefix_tokens:].detach().cpu().double().numpy()
     probs = attention_probabilities(model, to_input(images, image_size, device))
     dist = np.stack([mean_attention_distance(p.cpu(), grid, patch, model.num_prefix_tokens) for p in probs])

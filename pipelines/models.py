@@ -3,9 +3,10 @@
     python -m pipelines.models [--image-size 224] [--json]
 
 Parameter counts in the table exclude the classifier head (`get_classifier()`), since its size depends on the
-dataset. The ViT paper's Table 1 counts (B 86M, L 307M, H 632M) match the model with a 1000-way head
-(86.6M, 304.3M, 632.0M: within 1%), so `paper_params_m` is compared with that count; Table 1 is computed for
-B/16, L/16 and H/14, so /32 variants carry no published count (their larger patch embedding adds 1.8M).
+dataset. Published counts are compared with the model carrying a 1000-way head: the ViT paper's Table 1
+(B 86M, L 307M, H 632M, computed for B/16, L/16, H/14: ours 86.6M, 304.3M, 632.0M, within 1%; /32 variants carry
+no published count, their larger patch embedding adds 1.8M) and, for BiT, the counts on timm's model cards of the
+released BiT weights (the BiT paper lists none).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from timm.layers import GroupNormAct, StdConv2d, resample_abs_pos_embed
+from timm.layers import GroupNormAct, StdConv2d, StdConv2dSame, resample_abs_pos_embed
 from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer_hybrid import HybridEmbed
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -33,8 +35,13 @@ class ModelSpec:
     name: str
     family: str  # "ViT" | "BiT"
     kwargs: dict = field(default_factory=dict)
-    paper_params_m: float | None = None  # millions, ViT Table 1 (counted with a 1000-way head, see above)
+    published_params_m: float | None = None  # millions, with a 1000-way head (see the module docstring)
     cpu_sized: bool = False
+
+    @property
+    def patch(self) -> int | None:
+        """Input pixels per token side: the ViT patch size, or a hybrid's backbone stride (its pixels per token)."""
+        return self.kwargs.get("patch_size")
 
 
 def _vit(depth: int, dim: int, heads: int, mlp: int, patch: int, **extra) -> dict:
@@ -43,6 +50,12 @@ def _vit(depth: int, dim: int, heads: int, mlp: int, patch: int, **extra) -> dic
 
 def _bit(layers: tuple[int, ...], width: int = 1, **extra) -> dict:
     return dict(layers=layers, width_factor=width, **extra)
+
+
+def _hybrid(vit: dict, layers: tuple[int, ...]) -> dict:
+    """ViT paper hybrids: ResNet-50 (v1-style stem and blocks, StdConv + GroupNorm) as the patch embedding, ViT on
+    its 1x1 feature 'patches'. Stages (3, 4, 9) end at stride 16; the full (3, 4, 6, 3) at stride 32."""
+    return {**vit, "patch_size": 16 if len(layers) == 3 else 32, "hybrid_layers": layers}
 
 
 # Small-image BiT variants: 3x3 stride-1 stem without max-pool (a 7x7/2 stem + pool would leave 8x8 of a
@@ -59,15 +72,19 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("ViT-L/16", "ViT", _vit(24, 1024, 16, 4096, 16), 307.0),
     ModelSpec("ViT-H/14", "ViT", _vit(32, 1280, 16, 5120, 14), 632.0),
     # BiT (Kolesnikov et al. 2020): ResNet-v2, GroupNorm + Weight Standardization.
-    ModelSpec("BiT-R50x1", "BiT", _bit((3, 4, 6, 3), 1)),
-    ModelSpec("BiT-R101x1", "BiT", _bit((3, 4, 23, 3), 1)),
+    ModelSpec("BiT-R50x1", "BiT", _bit((3, 4, 6, 3), 1), 25.5),
+    ModelSpec("BiT-R101x1", "BiT", _bit((3, 4, 23, 3), 1), 44.5),
     ModelSpec("BiT-R152x1", "BiT", _bit((3, 8, 36, 3), 1)),
     ModelSpec("BiT-R50x2", "BiT", _bit((3, 4, 6, 3), 2)),
-    ModelSpec("BiT-R50x3", "BiT", _bit((3, 4, 6, 3), 3)),
-    ModelSpec("BiT-R101x3", "BiT", _bit((3, 4, 23, 3), 3)),
-    ModelSpec("BiT-R152x2", "BiT", _bit((3, 8, 36, 3), 2)),
-    ModelSpec("BiT-R152x4", "BiT", _bit((3, 8, 36, 3), 4)),
+    ModelSpec("BiT-R50x3", "BiT", _bit((3, 4, 6, 3), 3), 217.3),
+    ModelSpec("BiT-R101x3", "BiT", _bit((3, 4, 23, 3), 3), 387.9),
+    ModelSpec("BiT-R152x2", "BiT", _bit((3, 8, 36, 3), 2), 236.3),
+    ModelSpec("BiT-R152x4", "BiT", _bit((3, 8, 36, 3), 4), 936.5),
     ModelSpec("BiT-R200x3", "BiT", _bit((3, 24, 36, 3), 3)),
+    # ViT paper hybrids (Section 3.1, Appendix Table 6).
+    ModelSpec("R50x1+ViT-B/32", "Hybrid", _hybrid(_vit(12, 768, 12, 3072, 32), (3, 4, 6, 3))),
+    ModelSpec("R50x1+ViT-B/16", "Hybrid", _hybrid(_vit(12, 768, 12, 3072, 16), (3, 4, 9))),
+    ModelSpec("R50x1+ViT-L/16", "Hybrid", _hybrid(_vit(24, 1024, 16, 4096, 16), (3, 4, 9))),
     # CPU-sized variants for 32-px images; a pair per tier has about the same parameter count.
     ModelSpec("ViT-Pico/4", "ViT", _vit(4, 64, 4, 128, 4), cpu_sized=True),
     ModelSpec("ViT-Nano/4", "ViT", _vit(6, 96, 4, 192, 4), cpu_sized=True),
@@ -85,7 +102,7 @@ def get_spec(name: str) -> ModelSpec:
 def build(name: str, num_classes: int, image_size: int) -> nn.Module:
     """Build a fresh timm model by table name (on the current default device; use `torch.device('meta')`)."""
     spec = get_spec(name)
-    builder: Callable[..., nn.Module] = _build_vit if spec.family == "ViT" else _build_bit
+    builder: Callable[..., nn.Module] = {"ViT": _build_vit, "BiT": _build_bit, "Hybrid": _build_hybrid}[spec.family]
     return builder(dict(spec.kwargs), num_classes, image_size)
 
 
@@ -93,6 +110,15 @@ def _build_vit(kw: dict, num_classes: int, image_size: int) -> nn.Module:
     # Class token + token pooling, as in the paper; timm's default init (trunc-normal, zero head).
     return VisionTransformer(img_size=image_size, num_classes=num_classes, class_token=True,
                              global_pool="token", **kw)
+
+
+def _build_hybrid(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+    layers = kw.pop("hybrid_layers")
+    kw.pop("patch_size")  # the backbone's stride; the ViT itself takes 1x1 patches of its features
+    backbone = ResNetV2(layers=layers, num_classes=0, global_pool="", preact=False, stem_type="same",
+                        conv_layer=partial(StdConv2dSame, eps=1e-8))
+    return VisionTransformer(img_size=image_size, num_classes=num_classes, patch_size=1, class_token=True,
+                             global_pool="token", embed_layer=partial(HybridEmbed, backbone=backbone), **kw)
 
 
 def _build_bit(kw: dict, num_classes: int, image_size: int) -> nn.Module:
@@ -155,7 +181,8 @@ def table(image_size: int) -> list[dict]:
         with torch.device("meta"):
             model = build(spec.name, 1000, image_size)
         rows.append({"name": spec.name, "family": spec.family, "params": backbone_params(model),
-                     "paper_params": None if spec.paper_params_m is None else int(spec.paper_params_m * 1e6),
+                     "published_params_with_head": None if spec.published_params_m is None
+                     else int(spec.published_params_m * 1e6),
                      "gflops": forward_flops(spec.name, image_size) / 1e9, "cpu_sized": spec.cpu_sized})
     return rows
 
@@ -169,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'model':<14} {'family':<6} {'params':>12} {'paper':>8} {'GFLOPs@' + str(args.image_size):>12}")
+    print(f"{'model':<16} {'family':<6} {'params':>12} {'published':>10} {'GFLOPs@' + str(args.image_size):>12}")
     for r in rows:
-        paper = "" if r["paper_params"] is None else f"{r['paper_params'] / 1e6:.1f}M"
-        print(f"{r['name']:<14} {r['family']:<6} {r['params']:>12,} {paper:>8} {r['gflops']:>12.3f}")
+        paper = "" if r["published_params_with_head"] is None else f"{r['published_params_with_head'] / 1e6:.1f}M"
+        print(f"{r['name']:<16} {r['family']:<6} {r['params']:>12,} {paper:>10} {r['gflops']:>12.3f}")
+    print("params: without the classifier head; published: counted with a 1000-way head (ViT Table 1; timm's "
+          "BiT model cards)")
     return 0
 
 

@@ -117,7 +117,7 @@ def validate(cfg: StudyConfig) -> None:
             raise ConfigError(f"downstream '{task.label}': {max(cfg.evaluate.fewshot.shots)}-shot needs that "
                               f"many examples per class, size {task.size} gives {per_class}")
     for spec in specs:
-        patch = spec.kwargs.get("patch_size")
+        patch = spec.patch
         sizes = [("data.pretrain.image_size", cfg.data.pretrain.image_size)]
         if cfg.evaluate.finetune:
             sizes.append(("evaluate.finetune.image_size", cfg.evaluate.finetune.image_size))

@@ -16,8 +16,8 @@ def test_every_entry_builds_on_meta_with_its_published_size(name):
     params = models.backbone_params(model)
     head = sum(p.numel() for p in model.get_classifier().parameters())
     assert params > 0 and head == (model.num_features + 1) * 1000
-    if spec.paper_params_m is not None:  # Table 1 counts include a 1000-way head (module docstring)
-        assert params + head == pytest.approx(spec.paper_params_m * 1e6, rel=0.01)
+    if spec.published_params_m is not None:  # published counts include a 1000-way head (module docstring)
+        assert params + head == pytest.approx(spec.published_params_m * 1e6, rel=0.01)
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -60,3 +60,11 @@ def test_resnet_takes_larger_inputs_with_a_zero_head():
     model = models.pretrained_for_task("BiT-R14-Pico", state, 10, 48)
     assert torch.equal(model.stem[0].weight, state["stem.0.weight"])
     assert torch.equal(model(torch.randn(2, 3, 48, 48)), torch.zeros(2, 10))
+
+
+@pytest.mark.parametrize("name, stride", [("R50x1+ViT-B/16", 16), ("R50x1+ViT-B/32", 32)])
+def test_hybrids_tokenise_the_resnet_feature_map(name, stride):
+    with torch.device("meta"):
+        model = models.build(name, 1000, 224)
+    assert model.patch_embed.grid_size == (224 // stride, 224 // stride)
+    assert models.get_spec(name).patch == stride and models.get_spec(name).family == "Hybrid"
