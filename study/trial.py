@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -36,6 +37,12 @@ def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path 
     if out_dir is not None and (resume := checkpoint.latest(out_dir / "checkpoints")) is not None:
         report({"final": {"resumed_from_step": int(resume.name.removeprefix(checkpoint.PREFIX))}})
     train = data.load(shards["train"], src.image_size, keys)
+    balance = data.class_counts(train.labels, src.num_classes)
+    report({"params": {"class_count_min": balance["min"], "class_count_max": balance["max"],
+                       "empty_classes": balance["empty_classes"]}})
+    if out_dir is not None:
+        (out_dir / "class_counts.json").write_text(json.dumps(balance))
+        report({"artifacts": [str(out_dir / "class_counts.json")]})
     result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, point.seed, device,
                           out_dir, on_epoch=lambda m: report({"step": m["epoch"], "curves": {
                               f"pretrain/{k}": v for k, v in m.items() if k != "epoch"}}), progress=progress,

@@ -93,6 +93,7 @@ def prepare(src: SourceConfig, cache_dir: Path, progress: bool = True) -> dict[s
         splits = {"train": check_local_shards(src.urls)}
         if src.test_urls:
             splits["test"] = check_local_shards(src.test_urls)
+        _check_info(src, splits["train"][0])
         return splits
     if src.source == "folder":
         return _check_folders(src)
@@ -163,6 +164,23 @@ def source_keys(src: SourceConfig, shards: list[str]) -> list[str]:
     if len(keys) < src.size:
         raise DataError(f"source '{src.label}' declares size {src.size} but its shards hold {len(keys)} samples")
     return keys
+
+
+def _check_info(src: SourceConfig, first_shard: str) -> None:
+    """Where the shards come with an `_info.json` (timm's wds layout), check the declared size against it."""
+    info_path = Path(first_shard).parent / "_info.json"
+    if "://" in first_shard or not info_path.exists():
+        return
+    held = json.loads(info_path.read_text()).get("splits", {}).get("train", {}).get("num_samples")
+    if held is not None and src.size > held:
+        raise DataError(f"source '{src.label}' declares size {src.size}, but {info_path} lists {held} train samples")
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> dict:
+    """Per-class example counts of a (sub)set and their spread: small subsets are where imbalance bites."""
+    counts = np.bincount(labels, minlength=num_classes)
+    return {"counts": counts.tolist(), "min": int(counts.min()), "max": int(counts.max()),
+            "empty_classes": int((counts == 0).sum())}
 
 
 def _check_folders(src: SourceConfig) -> dict[str, list[str]]:

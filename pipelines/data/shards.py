@@ -4,6 +4,7 @@ the same reader that reads a user's ImageNet-21k shards (timm / img2dataset layo
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -13,6 +14,7 @@ import braceexpand
 import numpy as np
 import webdataset as wds
 from PIL import Image
+from tqdm import tqdm
 
 from pipelines.config import UserError
 
@@ -134,3 +136,76 @@ def iter_folder(root: str) -> Iterator[tuple[str, np.ndarray, int]]:
         except OSError as err:
             raise DataError(f"cannot decode image {path}: {err}") from None
         yield key, image, labels[key.split("/", 1)[0]]
+
+
+def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int = 1000, seed: int = 0,
+                     progress: bool = True) -> dict:
+    """Write an ImageNet-style folder as webdataset shards `<split>-NNNNNN.tar`, plus `classes.json` (label ->
+    class name) and `_info.json` (split sizes and shard lengths, the layout timm's wds reader reads).
+
+    Image bytes are copied verbatim (no re-encoding, so pixels are identical); samples are shuffled with `seed`
+    so that shard prefixes are class-mixed; each sample carries a `.json` with its source path and class.
+    """
+    files = folder_files(root)
+    if not files:
+        raise DataError(f"no images found under {root} (expected {root}/<class>/<image>)")
+    classes = folder_classes(root)
+    labels = {name: i for i, name in enumerate(classes)}
+    order = np.random.default_rng(seed).permutation(len(files))
+    out.mkdir(parents=True, exist_ok=True)
+    names, lengths = [], []
+    bar = tqdm(total=len(files), desc=f"{root} -> shards", unit="img", disable=not progress, mininterval=2)
+    for start in range(0, len(files), shard_size):
+        name = f"{split}-{start // shard_size:06d}.tar"
+        tmp = out / f".{name}.tmp{os.getpid()}"
+        with wds.TarWriter(str(tmp)) as sink:
+            for i in order[start:start + shard_size]:
+                key, path = files[i]
+                cls = key.split("/", 1)[0]
+                ext = path.rpartition(".")[2].lower()
+                with open(path, "rb") as f:
+                    data = f.read()
+                sink.write({"__key__": f"{i:09d}", "jpg" if ext == "jpeg" else ext: data,
+                            "cls": str(labels[cls]).encode(),
+                            "json": json.dumps({"path": os.path.relpath(path, root), "class": cls}).encode()})
+                bar.update(1)
+        os.replace(tmp, out / name)
+        names.append(name)
+        lengths.append(len(order[start:start + shard_size]))
+    bar.close()
+    (out / "classes.json").write_text(json.dumps(classes, indent=0))
+    info_path = out / "_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"name": Path(root).name, "splits": {}}
+    info["num_classes"] = len(classes)
+    info["splits"][split] = {"num_samples": len(files), "filenames": names, "shard_lengths": lengths,
+                             "shuffle_seed": seed}
+    info_path.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.data.shards",
+                                     description="Convert an ImageNet-style folder (root/<class>/<image>) to shards.")
+    parser.add_argument("--from-folder", required=True, help="folder of class folders")
+    parser.add_argument("--out", required=True, help="output folder for the shards, classes.json and _info.json")
+    parser.add_argument("--split", default="train", help="split name: shard prefix and _info.json entry")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    args = parser.parse_args(argv)
+    try:
+        if not os.path.isdir(args.from_folder):
+            raise DataError(f"data path not found: {args.from_folder} (expected a folder of class folders)")
+        info = folder_to_shards(args.from_folder, Path(args.out), args.split, args.shard_size)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    split = info["splits"][args.split]
+    print(f"{split['num_samples']:,} samples of {info['num_classes']} classes in {len(split['filenames'])} shards: "
+          f"{args.out}/{args.split}-{{000000..{len(split['filenames']) - 1:06d}}}.tar")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -133,3 +133,41 @@ def test_folder_source_errors_name_the_problem(tmp_path):
         data.prepare(data.SourceConfig(**base, test_root=str(tmp_path / "nope")), tmp_path)
     with pytest.raises(DataError, match="has 2 class folders, but num_classes is 3"):
         data.prepare(data.SourceConfig(**{**base, "num_classes": 3}), tmp_path)
+
+
+def test_folder_to_shards_round_trip_is_pixel_and_label_identical(tmp_path, cache_dir):
+    from PIL import Image
+
+    from tests.conftest import run_cli
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "folder"
+    for c, name in enumerate(["dog", "cat", "emu"]):
+        (root / name).mkdir(parents=True)
+        for i in range(7):
+            ext = "png" if i % 2 else "jpg"  # PNG is lossless; JPEG bytes are copied, not re-encoded
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / name / f"{c}_{i}.{ext}")
+    proc = run_cli(["-m", "pipelines.data.shards", "--from-folder", str(root), "--out", str(tmp_path / "wds"),
+                    "--shard-size", "5"], cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "21 samples of 3 classes in 5 shards" in proc.stdout
+    info = json.loads((tmp_path / "wds" / "_info.json").read_text())
+    assert info["splits"]["train"]["num_samples"] == 21 and info["splits"]["train"]["shard_lengths"] == [5] * 4 + [1]
+    assert json.loads((tmp_path / "wds" / "classes.json").read_text()) == ["cat", "dog", "emu"]
+    from_folder = data.load([str(root)], 12)
+    src = data.SourceConfig(source="webdataset", urls=str(tmp_path / "wds" / "train-{000000..000004}.tar"),
+                            size=21, num_classes=3, image_size=12)
+    from_shards = data.load(data.prepare(src, tmp_path)["train"], 12)
+    as_set = lambda split: sorted(  # noqa: E731
+        (int(label), im.tobytes()) for im, label in zip(split.images, split.labels, strict=True))
+    assert as_set(from_folder) == as_set(from_shards)
+    with pytest.raises(DataError, match="declares size 22, but .*_info.json lists 21 train samples"):
+        data.prepare(data.SourceConfig(**{**src.__dict__, "size": 22}), tmp_path)
+    bad = run_cli(["-m", "pipelines.data.shards", "--from-folder", str(tmp_path / "nope"), "--out", str(tmp_path)],
+                  cache_dir)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: data path not found")
+
+
+def test_class_counts_report_the_spread():
+    balance = data.class_counts(np.array([0, 0, 1, 3]), 5)
+    assert balance == {"counts": [2, 1, 0, 1, 0], "min": 0, "max": 2, "empty_classes": 2}
