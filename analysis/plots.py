@@ -96,9 +96,9 @@ def _key(evaluation: str, dataset: str, shots, metric: str = "top1") -> tuple:
 
 
 def _panels(frame: pd.DataFrame, by: list[str]):
-    fig, axes = plt.subplots(1, frame.groupby(by, dropna=False).ngroups, squeeze=False,
-                             figsize=(3.6 * frame.groupby(by, dropna=False).ngroups + 1.6, 3.4))
-    return fig, list(zip(axes[0], frame.groupby(by, dropna=False), strict=True))
+    groups = list(frame.groupby(by, dropna=False))
+    fig, axes = plt.subplots(1, len(groups), squeeze=False, figsize=(3.6 * len(groups) + 1.6, 3.4))
+    return fig, list(zip(axes[0], groups, strict=True))
 
 
 def _legend(fig, axes) -> None:

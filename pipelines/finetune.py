@@ -14,7 +14,7 @@ import torch
 
 from pipelines import models
 from pipelines.data import ImageArrays
-from pipelines.training import Augment, LoopSpec, duration_steps, evaluate, train_loop, warmup_decay
+from pipelines.training import Augment, LoopSpec, duration_steps, evaluate, holdout, train_loop, warmup_decay
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,9 @@ def split_minival(data: ImageArrays, fraction: float, seed: int) -> tuple[ImageA
     """(train, minival): a seeded `fraction` of `data` held out for validation curves."""
     if fraction == 0:
         return data, None
-    perm = np.random.default_rng([seed, 777]).permutation(len(data))
-    n_val = max(1, int(round(fraction * len(data))))
+    kept, held = holdout(len(data), fraction, seed, salt=777)
     pick = lambda idx: ImageArrays(data.images[idx], data.labels[idx])  # noqa: E731
-    return pick(np.sort(perm[n_val:])), pick(np.sort(perm[:n_val]))
+    return pick(np.sort(kept)), pick(np.sort(held))
 
 
 def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], train: ImageArrays,

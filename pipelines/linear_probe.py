@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.training import classification_metrics
+from pipelines.training import classification_metrics, holdout
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,7 @@ def run(cfg: LinearProbeConfig, train_features: np.ndarray, train_labels: np.nda
         test_labels: np.ndarray, seed: int) -> LinearProbeResult:
     """Fit on (1 - val_fraction) of the train split, pick l2 on the rest, report the test metrics (percent)."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    perm = np.random.default_rng([seed, 31337]).permutation(len(train_labels))
-    n_val = max(1, int(round(cfg.val_fraction * len(perm))))
-    val, fit = perm[:n_val], perm[n_val:]
+    fit, val = holdout(len(train_labels), cfg.val_fraction, seed, salt=31337)
     feats = train_features.astype(np.float64)
     mean, std = feats[fit].mean(0), feats[fit].std(0) + 1e-6
     x = torch.from_numpy((feats[fit] - mean) / std)

@@ -83,6 +83,13 @@ def epoch_batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator
         yield order[b * batch_size:(b + 1) * batch_size]
 
 
+def holdout(n: int, fraction: float, seed: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices: a seeded `fraction` of `n` examples (at least one) held out for validation."""
+    perm = np.random.default_rng([seed, salt]).permutation(n)
+    n_val = max(1, int(round(fraction * n)))
+    return perm[n_val:], perm[:n_val]
+
+
 @dataclass
 class LoopSpec:
     steps: int

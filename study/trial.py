@@ -13,7 +13,7 @@ import torch
 
 from pipelines import checkpoint, data, diagnostics, fewshot, finetune, linear_probe, models, pretrain
 from pipelines.config import UserError, from_dict, to_dict
-from pipelines.training import TrainingDiverged, infer, pick_device, top1
+from pipelines.training import TrainingDiverged, evaluate, infer, pick_device
 from study.config import GridPoint, StudyConfig, grid_point
 
 Report = Callable[[dict], None]
@@ -56,7 +56,7 @@ def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path 
     model.to(device)
     if "test" in shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
         val = data.load(shards["test"], src.image_size)
-        final["pretrain/val_top1"] = top1(infer(model, val.images, src.image_size, device), val.labels)
+        final["pretrain/val_top1"] = evaluate(model, val, src.image_size, device)["top1"]
         probe_images = val.images[:cfg.evaluate.diagnostic_batch]
     if cfg.evaluate.diagnostics:
         final.update(_diagnose(point, model, probe_images, src.image_size, device, out_dir, report))

@@ -160,10 +160,15 @@ def manifest_hash(keys: list[str]) -> str:
 
 def source_keys(src: SourceConfig, shards: list[str]) -> list[str]:
     """All training keys of a source; its declared `size` must not exceed what the shards hold."""
-    keys = list_keys(shards) if not os.path.isdir(shards[0]) else [key for key, _ in folder_files(shards[0])]
+    keys = [key for key, _ in folder_files(shards[0])] if _is_folder(shards) else list_keys(shards)
     if len(keys) < src.size:
         raise DataError(f"source '{src.label}' declares size {src.size} but its shards hold {len(keys)} samples")
     return keys
+
+
+def _is_folder(locations: list[str]) -> bool:
+    """A split's locations are either shard URLs or one class-folder root (the `folder` source)."""
+    return len(locations) == 1 and os.path.isdir(locations[0])
 
 
 def _check_info(src: SourceConfig, first_shard: str) -> None:
@@ -209,11 +214,9 @@ def load(shards: list[str], image_size: int, keys: list[str] | None = None, prog
     wanted = set(keys) if keys is not None else None
     images, labels, names = [], [], []
     total = len(wanted) if wanted is not None else None
-    samples = iter_folder(shards[0]) if len(shards) == 1 and os.path.isdir(shards[0]) else iter_samples(shards, wanted)
+    samples = iter_folder(shards[0], wanted) if _is_folder(shards) else iter_samples(shards, wanted)
     for key, image, label in tqdm(samples, total=total, desc=desc or "loading",
                                   unit="img", disable=not progress, mininterval=5):
-        if wanted is not None and key not in wanted:
-            continue
         images.append(image if image.shape[:2] == (image_size, image_size) else _fit(image, image_size))
         labels.append(label)
         names.append(key)

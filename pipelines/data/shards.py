@@ -126,10 +126,12 @@ def folder_files(root: str) -> list[tuple[str, str]]:
     return out
 
 
-def iter_folder(root: str) -> Iterator[tuple[str, np.ndarray, int]]:
-    """Decoded (key, RGB uint8 image, label) for every image of an ImageNet-style folder."""
+def iter_folder(root: str, keys: set[str] | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
+    """Decoded (key, RGB uint8 image, label) for every image of an ImageNet-style folder (or those in `keys`)."""
     labels = {name: i for i, name in enumerate(folder_classes(root))}
     for key, path in folder_files(root):
+        if keys is not None and key not in keys:
+            continue
         try:
             with Image.open(path) as im:
                 image = np.asarray(im.convert("RGB"))
