@@ -22,8 +22,11 @@ from timm.utils import dispatch_clip_grad
 
 from pipelines import models
 from pipelines.data import ImageArrays
+from pipelines.data.augment import Augment, augment_batch
 from pipelines.pretrain import PretrainConfig, make_optimizer
-from pipelines.training import Augment, LoopSpec, augment_batch, to_input, train_loop, warmup_decay
+from pipelines.training import LoopSpec, MemoryBatches, to_input, train_loop, warmup_decay
+
+AUGMENT = Augment(crop="translate", crop_padding=4, flip=False)
 
 
 def ours(name: str, data: ImageArrays, steps: int, batch: int) -> float:
@@ -33,9 +36,10 @@ def ours(name: str, data: ImageArrays, steps: int, batch: int) -> float:
     optimizer = make_optimizer(cfg, model, torch.device("cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_decay, total=steps, warmup=10,
                                                                      decay="cosine"))
-    spec = LoopSpec(steps=steps, batch_size=batch, image_size=32, grad_clip=1.0, augment=Augment())
+    spec = LoopSpec(steps=steps, batch_size=batch, image_size=32, grad_clip=1.0)
     start = time.perf_counter()
-    train_loop(model, data, spec, optimizer, scheduler, torch.device("cpu"), progress=False)
+    batches = MemoryBatches(data, batch, 0, AUGMENT)
+    train_loop(model, batches, spec, optimizer, scheduler, torch.device("cpu"), progress=False)
     return steps * batch / (time.perf_counter() - start)
 
 
@@ -52,7 +56,7 @@ def timm_style(name: str, data: ImageArrays, steps: int, batch: int) -> float:
     start = time.perf_counter()
     for num_updates in range(1, steps + 1):
         idx = rng.integers(0, len(data), batch)
-        x = augment_batch(to_input(data.images[idx], 32, torch.device("cpu")), Augment(), gen)
+        x = augment_batch(to_input(data.images[idx], 32, torch.device("cpu")), AUGMENT, gen)
         y = torch.from_numpy(data.labels[idx])
         loss = loss_fn(model(x), y)
         optimizer.zero_grad()

@@ -14,7 +14,16 @@ import torch
 
 from pipelines import models
 from pipelines.data import ImageArrays
-from pipelines.training import Augment, LoopSpec, duration_steps, evaluate, holdout, train_loop, warmup_decay
+from pipelines.data.augment import Augment
+from pipelines.training import (
+    LoopSpec,
+    MemoryBatches,
+    duration_steps,
+    evaluate,
+    holdout,
+    train_loop,
+    warmup_decay,
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,7 @@ class FinetuneConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
-    augment: Augment = field(default_factory=Augment)
+    augment: Augment = field(default_factory=lambda: Augment(crop="translate", crop_padding=4, flip=False))
     val_fraction: float = 0.1  # minival carved from the train split for the per-epoch curves (0: none)
 
     def __post_init__(self):
@@ -83,7 +92,7 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_decay, total=steps, warmup=cfg.warmup_steps, decay="cosine"))
     spec = LoopSpec(steps=steps, batch_size=min(cfg.batch_size, len(train)), image_size=cfg.image_size,
-                    grad_clip=cfg.grad_clip, augment=cfg.augment, precision=cfg.precision, seed=seed)
+                    grad_clip=cfg.grad_clip, precision=cfg.precision, seed=seed)
     curves: list[dict] = []
 
     def epoch_end(metrics: dict) -> None:
@@ -95,6 +104,7 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
         if on_epoch is not None:
             on_epoch(point)
 
-    train_loop(model, train, spec, optimizer, scheduler, device, on_epoch=epoch_end, desc=desc, progress=progress)
+    batches = MemoryBatches(train, spec.batch_size, seed, cfg.augment)
+    train_loop(model, batches, spec, optimizer, scheduler, device, on_epoch=epoch_end, desc=desc, progress=progress)
     result = evaluate(model, test, cfg.image_size, device)
     return FinetuneResult(result["top1"], result["macro_f1"], steps, curves, time.perf_counter() - start)

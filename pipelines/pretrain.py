@@ -15,7 +15,9 @@ from timm.models.resnetv2 import ResNetV2
 
 from pipelines import models
 from pipelines.data import ImageArrays
-from pipelines.training import Augment, LoopSpec, duration_steps, train_loop, warmup_decay
+from pipelines.data.augment import Augment
+from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
+from pipelines.training import LoopSpec, MemoryBatches, duration_steps, train_loop, warmup_decay
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
     loss: Literal["softmax", "sigmoid"] = "softmax"
-    augment: Augment = field(default_factory=Augment)
+    augment: Augment = field(default_factory=Augment)  # inception crop + flip, as the ViT paper pretrains
     compile: bool = False
     micro_batch_size: int | None = None  # accumulate gradients over micro-batches of this size
     checkpoint_every: int = 500  # steps between checkpoints (a trial restarted by Tune resumes from the newest)
@@ -79,12 +81,22 @@ def make_optimizer(cfg: PretrainConfig, model: torch.nn.Module, device: torch.de
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def run(cfg: PretrainConfig, model_name: str, data: ImageArrays, num_classes: int, image_size: int, seed: int,
-        device: torch.device, out_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
+def training_source(cfg: PretrainConfig, data: ImageArrays | ShardSubset, image_size: int, seed: int,
+                    device: torch.device, loader: LoaderConfig) -> MemoryBatches | StreamLoader:
+    """Batches for pretraining: streamed from shards by DataLoader workers, or drawn from a split in memory."""
+    if isinstance(data, ImageArrays):
+        return MemoryBatches(data, cfg.batch_size, seed, cfg.augment)
+    stream = ShardStream(data.index, data.keys, image_size, cfg.batch_size, cfg.augment, seed, loader.shuffle_buffer)
+    return StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=device.type == "cuda")
+
+
+def run(cfg: PretrainConfig, model_name: str, data: ImageArrays | ShardSubset, num_classes: int, image_size: int,
+        seed: int, device: torch.device, out_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
         progress: bool = True, checkpoint_dir: Path | None = None,
-        on_checkpoint: Callable[[Path], None] | None = None) -> PretrainResult:
+        on_checkpoint: Callable[[Path], None] | None = None, loader: LoaderConfig | None = None) -> PretrainResult:
     """Pretrain `model_name` from scratch on `data` (resuming from `checkpoint_dir` if it holds a checkpoint);
-    save the weights as safetensors in `out_dir`."""
+    save the weights as safetensors in `out_dir`. `data` is a split in memory or a shard subset streamed with
+    `loader`."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = models.build(model_name, num_classes, image_size).to(device)
@@ -96,10 +108,11 @@ def run(cfg: PretrainConfig, model_name: str, data: ImageArrays, num_classes: in
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     trained = torch.compile(model) if cfg.compile else model
     spec = LoopSpec(steps=steps, batch_size=cfg.batch_size, image_size=image_size, grad_clip=cfg.grad_clip,
-                    augment=cfg.augment, loss=cfg.loss, precision=cfg.precision, seed=seed,
+                    loss=cfg.loss, precision=cfg.precision, seed=seed,
                     micro_batch_size=cfg.micro_batch_size, checkpoint_dir=checkpoint_dir,
                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints)
-    final = train_loop(trained, data, spec, optimizer, scheduler, device, on_epoch, desc=f"pretrain {model_name}",
+    source = training_source(cfg, data, image_size, seed, device, loader or LoaderConfig())
+    final = train_loop(trained, source, spec, optimizer, scheduler, device, on_epoch, desc=f"pretrain {model_name}",
                        progress=progress, on_checkpoint=on_checkpoint)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = None

@@ -3,6 +3,7 @@ optimisation loop with clipping and non-finite-loss detection, and batched infer
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,8 @@ from tqdm import tqdm
 from pipelines import checkpoint
 from pipelines.config import UserError
 from pipelines.data import ImageArrays
+from pipelines.data.augment import Augment, augment_batch
+from pipelines.data.stream import Batch, StreamLoader
 
 
 class TrainingDiverged(RuntimeError):
@@ -45,42 +48,33 @@ def warmup_decay(step: int, total: int, warmup: int, decay: str) -> float:
     return 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-@dataclass(frozen=True)
-class Augment:
-    """Pretraining/fine-tuning augmentation on in-memory batches: random translation (zero-pad + crop)
-    and optional horizontal flip."""
-
-    crop_padding: int = 4
-    flip: bool = False
-
-
-def to_input(images: np.ndarray, image_size: int, device: torch.device) -> torch.Tensor:
+def to_input(images: np.ndarray | torch.Tensor, image_size: int, device: torch.device) -> torch.Tensor:
     """uint8 [B,H,W,3] -> float [B,3,S,S] in [-1, 1] (the ViT/BiT normalisation), resized if needed."""
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    x = torch.as_tensor(images).to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+    x = x.float().div_(127.5).sub_(1.0)
     if x.shape[-1] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     return x
 
 
-def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
-    if aug.crop_padding:
-        p = aug.crop_padding
-        size = x.shape[-1]
-        padded = F.pad(x, (p, p, p, p))
-        offsets = torch.randint(0, 2 * p + 1, (x.shape[0], 2), generator=gen).tolist()
-        x = torch.stack([padded[i, :, dy:dy + size, dx:dx + size] for i, (dy, dx) in enumerate(offsets)])
-    if aug.flip:
-        flip = torch.rand(x.shape[0], generator=gen) < 0.5
-        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-    return x
+class MemoryBatches:
+    """Training batches of a split held in memory: a seeded permutation per epoch, the final partial batch dropped
+    (when there is more than one batch), augmented on the device by the training loop."""
 
+    def __init__(self, data: ImageArrays, batch_size: int, seed: int, augment: Augment):
+        self.data, self.batch_size, self.seed, self.augment = data, batch_size, seed, augment
+        self.steps_per_epoch = max(1, len(data) // batch_size)
 
-def epoch_batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Index batches for one pass over `n` examples (a final partial batch is dropped when n > batch)."""
-    order = rng.permutation(n)
-    full = max(1, n // batch_size)
-    for b in range(full):
-        yield order[b * batch_size:(b + 1) * batch_size]
+    def batches(self, start_epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
+        for epoch in itertools.count(start_epoch):
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.data))
+            for b in range(skip if epoch == start_epoch else 0, self.steps_per_epoch):
+                idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+                yield Batch(torch.from_numpy(self.data.images[idx]), torch.from_numpy(self.data.labels[idx]), [],
+                            epoch, b == self.steps_per_epoch - 1)
+
+    def skipped(self, epoch: int) -> dict[str, int]:
+        return {}
 
 
 def holdout(n: int, fraction: float, seed: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +90,6 @@ class LoopSpec:
     batch_size: int
     image_size: int
     grad_clip: float
-    augment: Augment
     loss: str = "softmax"  # or "sigmoid" (multi-label, as for ImageNet-21k)
     precision: str = "fp32"
     seed: int = 0
@@ -113,82 +106,94 @@ def loss_fn(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, labels)
 
 
-def train_loop(model: nn.Module, data: ImageArrays, spec: LoopSpec, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
-               on_epoch: Callable[[dict], None] | None = None, desc: str = "train",
+def train_loop(model: nn.Module, source: MemoryBatches | StreamLoader, spec: LoopSpec,
+               optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               device: torch.device, on_epoch: Callable[[dict], None] | None = None, desc: str = "train",
                progress: bool = True, on_checkpoint: Callable[[Path], None] | None = None) -> dict:
-    """Run `spec.steps` optimizer steps over `data`, calling `on_epoch(metrics)` after each pass.
+    """Run `spec.steps` optimizer steps over batches from `source`, calling `on_epoch(metrics)` after each epoch.
 
-    With `spec.checkpoint_dir`, resumes from its newest checkpoint (weights, optimizer, scheduler, RNG states and
+    With `spec.checkpoint_dir`, resumes from its newest checkpoint (weights, optimizer, scheduler, RNG state and
     the position inside the epoch), so a killed run continues exactly where its last checkpoint left it.
+    `loader_wait_fraction` is the share of the epoch's wall time spent waiting for the next batch.
 
     Raises:
         TrainingDiverged: the loss is NaN/inf (checked every step, before the update is applied).
     """
-    rng = np.random.default_rng([spec.seed, 1])
     gen = torch.Generator().manual_seed(spec.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
-    step, epoch, first_batch, sums = 0, 0, 0, [0.0, 0, 0]
+    step, epoch, in_epoch, sums = 0, 0, 0, [0.0, 0, 0]
     resume = checkpoint.latest(spec.checkpoint_dir)
     if resume is not None:
         loop = checkpoint.load(resume, model, optimizer, scheduler)
-        step, epoch, first_batch, sums = loop["step"], loop["epoch"], loop["batch"], loop["sums"]
-        rng.bit_generator.state = loop["epoch_rng"]
+        step, epoch, in_epoch, sums = loop["step"], loop["epoch"], loop["batch"], loop["sums"]
         gen.set_state(loop["gen"])
-    micro = spec.micro_batch_size or spec.batch_size
-    start, start_step = time.perf_counter(), step
+    start, start_step, epoch_start, waited = time.perf_counter(), step, time.perf_counter(), 0.0
     bar = tqdm(total=spec.steps, initial=step, desc=desc, unit="step", disable=not progress, mininterval=2)
     last: dict = {}
+    batches = source.batches(epoch, in_epoch) if step < spec.steps else iter(())
+    model.train()
     while step < spec.steps:
-        model.train()  # on_epoch may have evaluated the model
-        epoch_rng = rng.bit_generator.state  # the epoch's order is drawn from here; a resume redraws it
-        batches = list(epoch_batches(len(data), spec.batch_size, rng))
-        for b in range(first_batch, len(batches)):
-            idx = batches[b]
-            optimizer.zero_grad(set_to_none=True)
-            for chunk in np.split(idx, range(micro, len(idx), micro)):
-                x = augment_batch(to_input(data.images[chunk], spec.image_size, device), spec.augment, gen)
-                y = torch.from_numpy(data.labels[chunk]).to(device)
-                with autocast:
-                    logits = model(x)
-                    loss = loss_fn(spec.loss, logits.float(), y)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise TrainingDiverged(f"{desc}: loss became {value} at step {step + 1}; lower the learning "
-                                           f"rate or check the data")
-                (loss * (len(chunk) / len(idx))).backward()
-                sums[0] += value * len(chunk)
-                sums[1] += int((logits.argmax(-1) == y).sum())
-                sums[2] += len(chunk)
-            if spec.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if spec.checkpoint_dir is not None and (step == spec.steps or
-                                                    (spec.checkpoint_every and step % spec.checkpoint_every == 0)):
-                state = {"step": step, "epoch": epoch, "batch": b + 1, "epoch_rng": epoch_rng,
-                         "gen": gen.get_state(), "sums": list(sums)}
-                path = checkpoint.save(spec.checkpoint_dir, step, model, optimizer, scheduler, state,
-                                       spec.keep_checkpoints)
-                if on_checkpoint is not None:
-                    on_checkpoint(path)
-            if step >= spec.steps:
-                break
-        first_batch = 0
-        epoch += 1
-        elapsed = time.perf_counter() - start
-        last = {"epoch": epoch, "step": step, "examples_seen": step * spec.batch_size,
-                "loss": sums[0] / max(sums[2], 1), "train_top1": 100.0 * sums[1] / max(sums[2], 1),
-                "lr": scheduler.get_last_lr()[0],
-                "images_per_s": (step - start_step) * spec.batch_size / max(elapsed, 1e-9)}
-        sums = [0.0, 0, 0]
-        bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_top1']:.1f}")
-        if on_epoch is not None:
-            on_epoch(last)
+        tick = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - tick
+        optimizer.zero_grad(set_to_none=True)
+        _step(model, batch, spec, source.augment, gen, autocast, device, sums, desc, step + 1)
+        if spec.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step, in_epoch = step + 1, in_epoch + 1
+        bar.update(1)
+        epoch_done = batch.end_of_epoch or step == spec.steps
+        if epoch_done:
+            epoch, in_epoch = epoch + 1, 0
+        if spec.checkpoint_dir is not None and (step == spec.steps or
+                                                (spec.checkpoint_every and step % spec.checkpoint_every == 0)):
+            state = {"step": step, "epoch": epoch, "batch": in_epoch, "gen": gen.get_state(), "sums": list(sums)}
+            path = checkpoint.save(spec.checkpoint_dir, step, model, optimizer, scheduler, state,
+                                   spec.keep_checkpoints)
+            if on_checkpoint is not None:
+                on_checkpoint(path)
+        if epoch_done:
+            now = time.perf_counter()
+            last = {"epoch": epoch, "step": step, "examples_seen": step * spec.batch_size,
+                    "loss": sums[0] / max(sums[2], 1), "train_top1": 100.0 * sums[1] / max(sums[2], 1),
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": (step - start_step) * spec.batch_size / max(now - start, 1e-9),
+                    "loader_wait_fraction": waited / max(now - epoch_start, 1e-9)}
+            last.update({f"skipped_{cause}": n for cause, n in source.skipped(batch.epoch).items()})
+            sums, waited = [0.0, 0, 0], 0.0
+            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_top1']:.1f}")
+            if on_epoch is not None:
+                on_epoch(last)
+                model.train()  # on_epoch may have evaluated the model
+            epoch_start = time.perf_counter()
     bar.close()
     return last
+
+
+def _step(model: nn.Module, batch: Batch, spec: LoopSpec, augment: Augment | None, gen: torch.Generator,
+          autocast, device: torch.device, sums: list, desc: str, step: int) -> None:
+    """Forward and backward of one batch (in micro-batches), accumulating loss/accuracy sums; no update."""
+    micro = spec.micro_batch_size or spec.batch_size
+    n = len(batch.labels)
+    inputs = to_input(batch.images, spec.image_size, device)
+    if augment is not None:  # once per batch, so micro-batching does not change the augmentation
+        inputs = augment_batch(inputs, augment, gen)
+    labels = batch.labels.to(device, non_blocking=True)
+    for lo in range(0, n, micro):
+        x, y = inputs[lo:lo + micro], labels[lo:lo + micro]
+        with autocast:
+            logits = model(x)
+            loss = loss_fn(spec.loss, logits.float(), y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"{desc}: loss became {value} at step {step}; lower the learning rate or check "
+                                   f"the data")
+        (loss * (len(y) / n)).backward()
+        sums[0] += value * len(y)
+        sums[1] += int((logits.argmax(-1) == y).sum())
+        sums[2] += len(y)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import yaml
 from pipelines import models
 from pipelines.config import ConfigError, apply_overrides, from_dict
 from pipelines.data import SourceConfig, default_cache_dir
+from pipelines.data.stream import LoaderConfig
 from pipelines.fewshot import FewshotConfig
 from pipelines.finetune import FinetuneConfig
 from pipelines.linear_probe import LinearProbeConfig
@@ -22,6 +23,7 @@ class DataConfig:
     pretrain: SourceConfig
     subsets: tuple[int, ...]  # numbers of examples; each subset contains the smaller ones
     cache_dir: str = ""  # where generated shards live; default $VITSCALE_CACHE or ~/.cache/vit-scaling
+    loader: LoaderConfig = field(default_factory=LoaderConfig)  # streaming pretraining data from shards
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 
 from pipelines import checkpoint, data, diagnostics, fewshot, finetune, linear_probe, models, pretrain
 from pipelines.config import UserError, from_dict, to_dict
+from pipelines.data.stream import ShardSubset
 from pipelines.training import TrainingDiverged, evaluate, infer, pick_device
 from study.config import GridPoint, StudyConfig, grid_point
 
@@ -29,14 +30,14 @@ def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path 
         the final metrics (also passed to `report`).
     """
     device = pick_device(cfg.resources.gpus_per_trial)
-    src = cfg.data.pretrain
+    src, loader = cfg.data.pretrain, cfg.data.loader
     shards = data.prepare(src, cfg.cache_dir, progress=False)
-    keys = data.nested_subset(data.source_keys(src, shards["train"]), point.subset_size, point.seed)
-    report({"params": {"manifest_hash": data.manifest_hash(keys), "device": str(device),
-                       "planned_steps": point.steps}})
+    train = _pretraining_data(cfg, point, shards["train"])
+    report({"params": {"manifest_hash": data.manifest_hash(train.keys), "device": str(device),
+                       "planned_steps": point.steps, "data_loading": "stream" if isinstance(
+                           train, ShardSubset) else "memory", "loader_workers": loader.workers}})
     if out_dir is not None and (resume := checkpoint.latest(out_dir / "checkpoints")) is not None:
         report({"final": {"resumed_from_step": int(resume.name.removeprefix(checkpoint.PREFIX))}})
-    train = data.load(shards["train"], src.image_size, keys)
     balance = data.class_counts(train.labels, src.num_classes)
     report({"params": {"class_count_min": balance["min"], "class_count_max": balance["max"],
                        "empty_classes": balance["empty_classes"]}})
@@ -46,8 +47,9 @@ def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path 
     result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, point.seed, device,
                           out_dir, on_epoch=lambda m: report({"step": m["epoch"], "curves": {
                               f"pretrain/{k}": v for k, v in m.items() if k != "epoch"}}), progress=progress,
-                          checkpoint_dir=out_dir / "checkpoints" if out_dir else None, on_checkpoint=on_checkpoint)
-    probe_images = train.images[:cfg.evaluate.diagnostic_batch].copy()
+                          checkpoint_dir=out_dir / "checkpoints" if out_dir else None, on_checkpoint=on_checkpoint,
+                          loader=loader)
+    probe_keys = sorted(train.keys)[:cfg.evaluate.diagnostic_batch]
     del train
     final = {"examples_seen": result.examples_seen, "pretrain_flops": point.pretrain_flops,
              "pretrain/seconds": result.seconds}
@@ -55,14 +57,26 @@ def run_point(cfg: StudyConfig, point: GridPoint, report: Report, out_dir: Path 
     model.load_state_dict(result.state_dict)
     model.to(device)
     if "test" in shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
-        val = data.load(shards["test"], src.image_size)
+        val = data.load(shards["test"], src.image_size, max_bad_fraction=loader.max_bad_fraction)
         final["pretrain/val_top1"] = evaluate(model, val, src.image_size, device)["top1"]
         probe_images = val.images[:cfg.evaluate.diagnostic_batch]
+    else:
+        probe_images = data.load(shards["train"], src.image_size, probe_keys).images
     if cfg.evaluate.diagnostics:
         final.update(_diagnose(point, model, probe_images, src.image_size, device, out_dir, report))
     final.update(_evaluate_downstream(cfg, point, model, result.state_dict, device, report, progress))
     report({"final": final})
     return final
+
+
+def _pretraining_data(cfg: StudyConfig, point: GridPoint, train_shards: list[str]) -> data.ImageArrays | ShardSubset:
+    """The grid point's nested subset: streamed from shards, or (an ImageNet-style folder) loaded into memory."""
+    src = cfg.data.pretrain
+    if src.source == "folder":
+        keys = data.nested_subset(data.source_keys(src, train_shards), point.subset_size, point.seed)
+        return data.load(train_shards, src.image_size, keys, max_bad_fraction=cfg.data.loader.max_bad_fraction)
+    index = data.source_index(src, train_shards, cfg.data.loader.max_bad_fraction)
+    return ShardSubset(index, data.nested_subset(index.all_keys, point.subset_size, point.seed))
 
 
 def _diagnose(point: GridPoint, model, images, image_size: int, device, out_dir: Path | None,

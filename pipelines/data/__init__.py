@@ -1,5 +1,6 @@
-"""Data sources behind one interface: `prepare` a source (generate or check shards), `nested_subset` its keys,
-`load` a split into memory. The pretraining and evaluation stages only use these three."""
+"""Data sources behind one interface: `prepare` a source (generate or check shards), index it (`source_index`)
+and take a `nested_subset` of its keys, then `load` a split into memory (evaluation) or stream it
+(`pipelines.data.stream`, pretraining)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from tqdm import tqdm
 
 from pipelines.data import shapes
 from pipelines.data.shards import (
+    BadCounts,
     DataError,
+    ShardIndex,
     check_local_shards,
     folder_classes,
     folder_files,
+    index_shards,
     iter_folder,
     iter_samples,
-    list_keys,
     write_shard,
 )
 
@@ -74,6 +77,7 @@ class ImageArrays:
     images: np.ndarray
     labels: np.ndarray
     keys: list[str] = field(default_factory=list)
+    bad: dict[str, int] = field(default_factory=dict)  # unreadable samples skipped, per cause
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -160,10 +164,24 @@ def manifest_hash(keys: list[str]) -> str:
 
 def source_keys(src: SourceConfig, shards: list[str]) -> list[str]:
     """All training keys of a source; its declared `size` must not exceed what the shards hold."""
-    keys = [key for key, _ in folder_files(shards[0])] if _is_folder(shards) else list_keys(shards)
-    if len(keys) < src.size:
-        raise DataError(f"source '{src.label}' declares size {src.size} but its shards hold {len(keys)} samples")
-    return keys
+    if _is_folder(shards):
+        keys = [key for key, _ in folder_files(shards[0])]
+        if len(keys) < src.size:
+            raise DataError(f"source '{src.label}' declares size {src.size} but {shards[0]} holds {len(keys)} images")
+        return keys
+    return source_index(src, shards).all_keys
+
+
+def source_index(src: SourceConfig, shards: list[str], max_bad_fraction: float = 0.001) -> ShardIndex:
+    """The training shards' index; its declared `size` must not exceed what they hold, and samples lost to
+    truncated or corrupt tars must stay within `max_bad_fraction`."""
+    index = index_shards(shards)
+    held, lost = len(index.all_keys), sum(index.lost)
+    if held < src.size:
+        raise DataError(f"source '{src.label}' declares size {src.size} but its shards hold {held} readable samples"
+                        + (f" ({lost} lost to truncated or corrupt tars)" if lost else ""))
+    BadCounts(truncated_tar=lost).check(held + lost, max_bad_fraction, f"indexing {src.label}")
+    return index
 
 
 def _is_folder(locations: list[str]) -> bool:
@@ -182,8 +200,9 @@ def _check_info(src: SourceConfig, first_shard: str) -> None:
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> dict:
-    """Per-class example counts of a (sub)set and their spread: small subsets are where imbalance bites."""
-    counts = np.bincount(labels, minlength=num_classes)
+    """Per-class example counts of a (sub)set and their spread: small subsets are where imbalance bites.
+    Unlabelled samples (label -1, skipped when read) are not counted."""
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes)
     return {"counts": counts.tolist(), "min": int(counts.min()), "max": int(counts.max()),
             "empty_classes": int((counts == 0).sum())}
 
@@ -204,27 +223,35 @@ def _check_folders(src: SourceConfig) -> dict[str, list[str]]:
 
 
 def load(shards: list[str], image_size: int, keys: list[str] | None = None, progress: bool = False,
-         desc: str = "") -> ImageArrays:
+         desc: str = "", max_bad_fraction: float = 0.001) -> ImageArrays:
     """Decode a split (or the samples named by `keys`) into memory at `image_size`, in shard order.
 
-    `shards` may also be one class-folder root (the `folder` source).
-
-    Images of another size are resized (shorter side) and centre-cropped, as for evaluation.
+    `shards` may also be one class-folder root (the `folder` source). Images of another size are resized
+    (shorter side) and centre-cropped, as for evaluation. Unreadable samples are counted per cause and skipped
+    (`ImageArrays.bad`), up to `max_bad_fraction` of the samples expected.
     """
     wanted = set(keys) if keys is not None else None
     images, labels, names = [], [], []
-    total = len(wanted) if wanted is not None else None
-    samples = iter_folder(shards[0], wanted) if _is_folder(shards) else iter_samples(shards, wanted)
-    for key, image, label in tqdm(samples, total=total, desc=desc or "loading",
+    bad = BadCounts()
+    if _is_folder(shards):
+        expected, samples = None, iter_folder(shards[0], wanted)
+    else:
+        index = index_shards(shards)
+        expected = len(wanted) if wanted is not None else len(index.all_keys) + sum(index.lost)
+        samples = iter_samples(shards, wanted, bad)
+    for key, image, label in tqdm(samples, total=expected, desc=desc or "loading",
                                   unit="img", disable=not progress, mininterval=5):
         images.append(image if image.shape[:2] == (image_size, image_size) else _fit(image, image_size))
         labels.append(label)
         names.append(key)
-    if wanted is not None and len(names) != len(wanted):
-        raise DataError(f"{len(wanted) - len(names)} of the {len(wanted)} requested samples are not in the shards")
+    if expected is not None:
+        bad["truncated_tar"] += max(0, expected - len(names) - sum(bad.values()))  # expected, neither read nor counted
+        bad.check(expected, max_bad_fraction, f"loading {desc or shards[0]}")
+    elif wanted is not None and len(names) != len(wanted):
+        raise DataError(f"{len(wanted) - len(names)} of the {len(wanted)} requested samples are not in {shards[0]}")
     if not images:
         raise DataError(f"no samples found in {shards[0] if shards else 'an empty shard list'}")
-    return ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), names)
+    return ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), names, dict(+bad))
 
 
 def _fit(image: np.ndarray, size: int) -> np.ndarray:

@@ -3,11 +3,15 @@ the same reader that reads a user's ImageNet-21k shards (timm / img2dataset layo
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
@@ -65,21 +69,103 @@ def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, int]]) -> i
     return count
 
 
-def list_keys(shards: list[str]) -> list[str]:
-    """Sample keys in shard order, read from tar headers only (no image decoding)."""
-    keys: list[str] = []
-    for shard in shards:
-        seen: set[str] = set()
+BAD_CAUSES = ("truncated_tar", "empty_member", "missing_label", "missing_image", "undecodable_image",
+              "checksum_mismatch")
+
+
+class BadSample(Exception):
+    """One unreadable sample; `cause` is one of BAD_CAUSES. Counted and skipped by the readers."""
+
+    def __init__(self, cause: str, message: str):
+        super().__init__(message)
+        self.cause = cause
+
+
+@dataclass
+class ShardIndex:
+    """Sample keys and labels per shard, in tar order, read from tar headers and `.cls` members only (no image is
+    read or decoded). A sample without a `.cls` has label -1.
+
+    `lost[i]` counts samples of shard i that cannot be read because the tar ends early or is corrupt: the
+    shortfall against `_info.json`'s `shard_lengths` where the shards have one, else the one sample whose
+    members were cut.
+    """
+
+    shards: list[str]
+    keys: list[list[str]]
+    labels: list[list[int]]
+    lost: list[int]
+
+    @property
+    def all_keys(self) -> list[str]:
+        return [key for shard in self.keys for key in shard]
+
+    def label_of(self) -> dict[str, int]:
+        return {k: c for keys, labels in zip(self.keys, self.labels, strict=True)
+                for k, c in zip(keys, labels, strict=True)}
+
+
+def index_shards(shards: list[str], progress: bool = False) -> ShardIndex:
+    """Read every shard's tar headers and labels (seeking over image data in local files) into a ShardIndex."""
+    lengths = _info_lengths(shards)
+    index = ShardIndex(list(shards), [], [], [])
+    for shard in tqdm(shards, desc="indexing shards", unit="shard", disable=not progress, mininterval=5):
+        keys: list[str] = []
+        labels: list[int] = []
+        truncated, cut = False, None
         try:
-            with tarfile.open(shard, "r|*") as tar:
+            local = "://" not in shard and not shard.startswith("pipe:")
+            end = os.path.getsize(shard) if local else math.inf
+            with (tarfile.open(shard, "r:*") if local else tarfile.open(fileobj=wds.gopen(shard), mode="r|*")) as tar:
                 for member in tar:
-                    key = _split_member_name(member.name)[0]
-                    if key not in seen:
-                        seen.add(key)
+                    key, ext = _split_member_name(member.name)
+                    cut = key
+                    if member.offset_data + member.size > end:  # seeking past the end raises nothing: check
+                        raise EOFError(f"{member.name} ends past the end of the file")
+                    if not member.isfile():
+                        continue
+                    if not keys or keys[-1] != key:
                         keys.append(key)
-        except (tarfile.TarError, OSError) as err:
-            raise DataError(f"corrupt or unreadable shard {shard}: {err}") from None
-    return keys
+                        labels.append(-1)
+                    if ext == "cls":
+                        labels[-1] = _int_or(tar.extractfile(member).read(), -1)
+                # Every tar writer ends with two zero blocks; without them the file was cut between members.
+                truncated = tar.offset + 2 * tarfile.BLOCKSIZE > end
+        except (tarfile.TarError, OSError, EOFError):
+            truncated = True
+            if keys and keys[-1] == cut:  # the sample being read when the tar ended may have lost members
+                keys, labels = keys[:-1], labels[:-1]
+        expected = lengths.get(os.path.basename(shard))
+        index.keys.append(keys)
+        index.labels.append(labels)
+        index.lost.append(max(expected - len(keys), 0) if expected is not None else int(truncated))
+    return index
+
+
+def _int_or(raw: bytes, default: int) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        return default
+
+
+def list_keys(shards: list[str]) -> list[str]:
+    """Sample keys in shard order (see `index_shards`)."""
+    return index_shards(shards).all_keys
+
+
+def _info_lengths(shards: list[str]) -> dict[str, int]:
+    """Shard name -> sample count from an `_info.json` beside local shards (timm's wds layout), if any."""
+    if not shards or "://" in shards[0] or shards[0].startswith("pipe:"):
+        return {}
+    path = Path(shards[0]).parent / "_info.json"
+    if not path.exists():
+        return {}
+    out = {}
+    for split in json.loads(path.read_text()).get("splits", {}).values():
+        if isinstance(split, dict):
+            out.update(zip(split.get("filenames", []), split.get("shard_lengths", []), strict=False))
+    return out
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -88,26 +174,104 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return os.path.join(os.path.dirname(name), stem), ext.lower()
 
 
-def iter_samples(shards: list[str], keys: set[str] | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
-    """Decoded (key, RGB uint8 image, label) for each sample (optionally only those in `keys`)."""
-    dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False, handler=_reraise)
-    for sample in dataset:
-        key = sample["__key__"]
-        if keys is not None and key not in keys:
-            continue
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None or "cls" not in sample:
-            raise DataError(f"sample '{key}' in {sample.get('__url__')} lacks an image or a .cls label")
+def read_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Raw samples (key, {extension: bytes}) of one shard, members grouped by key as webdataset groups them.
+
+    Opens anything webdataset's `gopen` opens (local paths, `pipe:`, URLs). A sample is yielded only once the
+    next one starts, so the sample that a truncation cuts is never yielded.
+
+    Raises:
+        BadSample('truncated_tar'): the tar ends early or its headers are corrupt.
+    """
+    current, parts = None, {}
+    try:
+        with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_member_name(member.name)
+                if key != current:
+                    if current is not None:
+                        yield current, parts
+                    current, parts = key, {}
+                parts[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise BadSample("truncated_tar", f"corrupt or truncated shard {url}: {err}") from None
+    if current is not None:
+        yield current, parts
+
+
+def image_and_label(key: str, parts: dict[str, bytes]) -> tuple[bytes, int]:
+    """The encoded image and integer label of a raw sample, checked before any decoding.
+
+    Raises:
+        BadSample: a zero-byte member, no image, no `.cls` label, or a `.json` `sha256` that the image bytes
+            do not match (how a flipped byte that the JPEG decoder would accept is caught).
+    """
+    if any(len(v) == 0 for v in parts.values()):
+        empty = next(ext for ext, v in parts.items() if len(v) == 0)
+        raise BadSample("empty_member", f"sample '{key}' has a zero-byte .{empty}")
+    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    if ext is None:
+        raise BadSample("missing_image", f"sample '{key}' has no image ({', '.join(IMAGE_EXTS)})")
+    if "cls" not in parts:
+        raise BadSample("missing_label", f"sample '{key}' has no .cls label")
+    try:
+        label = int(parts["cls"])
+    except ValueError:
+        raise BadSample("missing_label", f"sample '{key}' has a .cls that is not an integer") from None
+    if "json" in parts:
         try:
-            with Image.open(io.BytesIO(sample[ext])) as im:
-                image = np.asarray(im.convert("RGB"))
-        except OSError as err:
-            raise DataError(f"cannot decode image of sample '{key}' in {sample.get('__url__')}: {err}") from None
-        yield key, image, int(sample["cls"])
+            digest = json.loads(parts["json"]).get("sha256")
+        except (ValueError, AttributeError):
+            digest = None
+        if digest and hashlib.sha256(parts[ext]).hexdigest() != digest:
+            raise BadSample("checksum_mismatch", f"sample '{key}': image bytes do not match their sha256")
+    return parts[ext], label
 
 
-def _reraise(exn: Exception) -> bool:
-    raise DataError(f"corrupt shard: {exn}") from None
+class BadCounts(Counter):
+    """Unreadable samples per cause; `check` fails once they exceed a fraction of the samples expected."""
+
+    def check(self, expected: int, max_fraction: float, where: str) -> None:
+        bad = sum(self.values())
+        if bad > max_fraction * expected:
+            causes = ", ".join(f"{cause} {n}" for cause, n in sorted(self.items()) if n)
+            raise DataError(f"{where}: {bad:,} of {expected:,} samples unreadable ({100 * bad / expected:.2f}%: "
+                            f"{causes}), above the limit max_bad_fraction={max_fraction:g}; fix or re-write the "
+                            f"shards, or raise data.loader.max_bad_fraction")
+
+
+def iter_samples(shards: list[str], keys: set[str] | None = None, bad: BadCounts | None = None
+                 ) -> Iterator[tuple[str, np.ndarray, int]]:
+    """Decoded (key, RGB uint8 image, label) for each sample (optionally only those in `keys`).
+
+    Unreadable samples are counted per cause in `bad` and skipped (samples lost to a truncated tar are not
+    counted here: the caller knows how many it expected); without `bad` the first one raises DataError.
+    """
+    for shard in shards:
+        try:
+            for key, parts in read_shard(shard):
+                if keys is not None and key not in keys:
+                    continue
+                try:
+                    data, label = image_and_label(key, parts)
+                    yield key, _decode_rgb(key, data), label
+                except BadSample as err:
+                    if bad is None:
+                        raise DataError(f"{err} (in {shard})") from None
+                    bad[err.cause] += 1
+        except BadSample as err:  # the rest of this shard is lost: the caller counts it as expected but not read
+            if bad is None:
+                raise DataError(str(err)) from None
+
+
+def _decode_rgb(key: str, data: bytes) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise BadSample("undecodable_image", f"cannot decode image of sample '{key}': {err}") from None
 
 
 def folder_classes(root: str) -> list[str]:
@@ -146,7 +310,8 @@ def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int
     class name) and `_info.json` (split sizes and shard lengths, the layout timm's wds reader reads).
 
     Image bytes are copied verbatim (no re-encoding, so pixels are identical); samples are shuffled with `seed`
-    so that shard prefixes are class-mixed; each sample carries a `.json` with its source path and class.
+    so that shard prefixes are class-mixed; each sample carries a `.json` with its source path, class and the
+    image's sha256 (img2dataset's field), which the readers check.
     """
     files = folder_files(root)
     if not files:
@@ -169,7 +334,8 @@ def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int
                     data = f.read()
                 sink.write({"__key__": f"{i:09d}", "jpg" if ext == "jpeg" else ext: data,
                             "cls": str(labels[cls]).encode(),
-                            "json": json.dumps({"path": os.path.relpath(path, root), "class": cls}).encode()})
+                            "json": json.dumps({"path": os.path.relpath(path, root), "class": cls,
+                                                "sha256": hashlib.sha256(data).hexdigest()}).encode()})
                 bar.update(1)
         os.replace(tmp, out / name)
         names.append(name)

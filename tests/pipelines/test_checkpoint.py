@@ -19,11 +19,11 @@ from pathlib import Path
 torch.set_num_threads(1)
 from pipelines import pretrain
 from pipelines.data import ImageArrays
-from pipelines.training import Augment
+from pipelines.data.augment import Augment
 rng = np.random.default_rng(0)
 data = ImageArrays(rng.integers(0, 255, (320, 32, 32, 3), dtype=np.uint8), rng.integers(0, 8, 320))
 cfg = pretrain.PretrainConfig(steps=24, batch_size=32, lr=3e-3, warmup_steps=4, checkpoint_every=12,
-                              augment=Augment(crop_padding=2, flip=True))
+                              augment=Augment(crop="translate", crop_padding=2, flip=True))
 out, stall = Path(sys.argv[1]), sys.argv[2] == "stall"
 # 10 steps per epoch; the checkpoint at step 12 is mid-epoch. When asked, stall at the end of epoch 2 (step 20)
 # so the parent can kill this process after checkpoint 12 and before the run could finish.
@@ -77,9 +77,14 @@ def test_gradient_accumulation_matches_the_full_batch_step():
 
     rng = np.random.default_rng(0)
     data = ImageArrays(rng.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 64))
+    from pipelines.data.augment import Augment
+
     results = []
     for micro in (None, 16):
-        cfg = pretrain.PretrainConfig(steps=3, batch_size=64, lr=1e-3, warmup_steps=1, micro_batch_size=micro)
+        # SGD: its update is linear in the gradient, so float noise from summing micro-batches stays noise
+        # (Adam's g / sqrt(v) turns the noise on near-zero gradients into a full-size step).
+        cfg = pretrain.PretrainConfig(steps=3, batch_size=64, optimizer="sgd", lr=0.1, warmup_steps=1,
+                                      micro_batch_size=micro, augment=Augment(crop="inception", flip=True))
         results.append(pretrain.run(cfg, "BiT-R14-Pico", data, 4, 32, seed=0, device=torch.device("cpu"),
                                     progress=False).state_dict)
     for k in results[0]:

@@ -90,7 +90,7 @@ def test_sample_without_label_is_named(tmp_path):
         with tarfile.open(src) as inner:
             member = next(m for m in inner.getmembers() if m.name.endswith(".png"))
             tar.addfile(member, inner.extractfile(member))
-    with pytest.raises(DataError, match="lacks an image or a .cls label"):
+    with pytest.raises(DataError, match="sample 'k0' has no .cls label"):
         list(iter_samples([str(path)]))
 
 

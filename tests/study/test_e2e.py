@@ -110,7 +110,10 @@ def test_a_killed_trial_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_
     while not list(tmp_path.glob("smoke/*/ray/smoke/*/checkpoints/ckpt-*/state.pt")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
-    workers = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
+    found = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
+    # The trial's DataLoader worker is forked from it and shares its title: kill the one whose parent is not a match.
+    parent = {pid: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] for pid in found}
+    workers = [pid for pid in found if parent[pid] not in found]
     assert len(workers) == 1
     os.kill(int(workers[0]), signal.SIGKILL)
     out, _ = proc.communicate(timeout=600)

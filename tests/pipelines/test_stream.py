@@ -1,0 +1,187 @@
+"""Streaming loader: exactly once per epoch on real JPEG tar shards, per-cause corruption counts, augmentation."""
+
+import io
+import json
+import math
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import data
+from pipelines.data.augment import Augment, center_box, eval_image, inception_box, train_image
+from pipelines.data.shards import DataError, index_shards
+from pipelines.data.stream import ShardStream, StreamLoader, part_plan
+
+AUG = Augment(crop="inception", flip=True)
+
+
+def _jpeg(rng, size=(20, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _shard(path, samples) -> None:
+    """Write (key, {ext: bytes}) samples as a plain tar, members in webdataset order."""
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples:
+            for ext, raw in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+
+
+def _source(tmp_path, sizes, rng=None):
+    """Shards of real JPEGs with the given sample counts; returns (shard paths, all keys)."""
+    rng = rng or np.random.default_rng(0)
+    paths, keys, n = [], [], 0
+    for s, size in enumerate(sizes):
+        samples = [(f"s{s}k{i:04d}", {"jpg": _jpeg(rng), "cls": str((n + i) % 5).encode()}) for i in range(size)]
+        _shard(tmp_path / f"{s:06d}.tar", samples)
+        paths.append(str(tmp_path / f"{s:06d}.tar"))
+        keys += [k for k, _ in samples]
+        n += size
+    return paths, keys
+
+
+def _epochs(loader: StreamLoader, epochs: int, **kw) -> list[list]:
+    out, current = [], []
+    for batch in loader.batches(**kw):
+        current.append(batch)
+        if batch.end_of_epoch:
+            out.append(current)
+            current = []
+            if len(out) == epochs:
+                return out
+    raise AssertionError("unreachable: the stream is endless")
+
+
+@pytest.mark.parametrize("sizes", [[50, 40, 13], [37], [20, 16]],
+                         ids=["3 uneven shards", "1 shard, more workers", "batch-multiple parts"])
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_every_subset_sample_is_seen_exactly_once_per_epoch(tmp_path, sizes, workers):
+    shards, keys = _source(tmp_path, sizes)
+    subset = data.nested_subset(keys, len(keys) - 4, seed=0)
+    stream = ShardStream(index_shards(shards), subset, 12, batch_size=8, augment=AUG, seed=1, shuffle_buffer=16)
+    loader = StreamLoader(stream, workers)
+    for batches in _epochs(loader, 2):
+        seen = Counter(k for b in batches for k in b.keys)
+        assert set(seen) == set(subset) and set(seen.values()) == {1}
+        assert len(batches) == math.ceil(len(subset) / 8) == loader.steps_per_epoch  # whatever the workers
+        assert [len(b.labels) for b in batches[:-1]] == [8] * (len(batches) - 1)
+        assert [b.end_of_epoch for b in batches] == [False] * (len(batches) - 1) + [True]
+        assert all(b.images.shape[1:] == (12, 12, 3) and b.images.dtype.is_floating_point is False for b in batches)
+
+
+def test_ranks_split_an_epoch_disjointly_and_completely(tmp_path):
+    shards, keys = _source(tmp_path, [30, 11])
+    index, seen = index_shards(shards), Counter()
+    for rank in range(3):
+        stream = ShardStream(index, keys, 12, 4, AUG, seed=2, rank=rank, world_size=3)
+        (epoch,) = _epochs(StreamLoader(stream, workers=2), 1)
+        seen.update(k for b in epoch for k in b.keys)
+        assert len(stream) in (13, 14)
+    assert set(seen) == set(keys) and set(seen.values()) == {1}
+
+
+def test_part_plan_covers_every_position_once():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        counts = rng.integers(0, 9, rng.integers(1, 6)).tolist()
+        parts, order = int(rng.integers(1, 8)), rng.permutation(len(counts))
+        taken = Counter((shard, i) for p in range(parts) for shard, a, b in part_plan(counts, order, p, parts)
+                        for i in range(a, b))
+        assert taken == Counter((s, i) for s in range(len(counts)) for i in range(counts[s]))
+
+
+def test_epochs_reshuffle_and_a_resume_replays_the_same_batches(tmp_path):
+    shards, keys = _source(tmp_path, [20, 20])
+    make = lambda: StreamLoader(ShardStream(index_shards(shards), keys, 12, 6, AUG, seed=3), workers=2)  # noqa: E731
+    first, second = _epochs(make(), 2)
+    assert [k for b in first for k in b.keys] != [k for b in second for k in b.keys]
+    (resumed,) = _epochs(make(), 1, start_epoch=1, skip=3)
+    assert [b.keys for b in resumed] == [b.keys for b in second[3:]]
+    assert all((a.images == b.images).all() for a, b in zip(resumed, second[3:], strict=True))
+
+
+def _corrupt_source(tmp_path):
+    """One shard of 40 good JPEGs and one bad sample of each kind a reader can meet."""
+    rng = np.random.default_rng(4)
+    good = [(f"g{i:03d}", {"jpg": _jpeg(rng), "cls": b"1"}) for i in range(40)]
+    flipped = bytearray(_jpeg(rng))
+    flipped[len(flipped) // 2] ^= 0xFF  # libjpeg decodes this with a warning: only the checksum catches it
+    original = _jpeg(rng)
+    header_flipped = bytearray(original)
+    header_flipped[2:40] = bytes(38)  # destroys the JPEG markers: undecodable
+    bad = [("flip", {"jpg": bytes(flipped), "cls": b"2",
+                     "json": json.dumps({"sha256": __import__("hashlib").sha256(original).hexdigest()}).encode()}),
+           ("header", {"jpg": bytes(header_flipped), "cls": b"2"}),
+           ("cut", {"jpg": original[:len(original) * 2 // 3], "cls": b"2"}),  # a truncated image
+           ("empty", {"jpg": b"", "cls": b"2"}),
+           ("nolabel", {"jpg": _jpeg(rng)})]
+    _shard(tmp_path / "000000.tar", good[:20] + bad + good[20:])
+    return [str(tmp_path / "000000.tar")]
+
+
+def test_corrupt_samples_are_counted_per_cause_and_skipped(tmp_path):
+    shards = _corrupt_source(tmp_path)
+    index = index_shards(shards)
+    loader = StreamLoader(ShardStream(index, None, 12, 8, AUG, seed=0), workers=2, max_bad_fraction=0.5)
+    (epoch,) = _epochs(loader, 1)
+    assert sorted(k for b in epoch for k in b.keys) == [f"g{i:03d}" for i in range(40)]
+    assert loader.skipped(0) == {"checksum_mismatch": 1, "undecodable_image": 2, "empty_member": 1,
+                                 "missing_label": 1}
+    strict = StreamLoader(ShardStream(index, None, 12, 8, AUG, seed=0), workers=0)  # default limit 0.1%
+    with pytest.raises(DataError, match=r"epoch 0 of the training data: \d of 45 samples unreadable \(.*\), above "
+                                        r"the limit max_bad_fraction=0.001"):  # as soon as the limit is passed
+        _epochs(strict, 1)
+    loaded = data.load(shards, 12, max_bad_fraction=0.5)
+    assert len(loaded) == 40 and loaded.bad == loader.skipped(0)
+
+
+def test_truncated_tars_are_counted_when_indexed_and_when_streamed(tmp_path):
+    shards, keys = _source(tmp_path, [30, 30])
+    index = index_shards(shards)  # indexed while intact; the second shard is cut afterwards
+    raw = open(shards[1], "rb").read()
+    open(shards[1], "wb").write(raw[:len(raw) // 2])
+    loader = StreamLoader(ShardStream(index, keys, 12, 8, AUG, seed=0), workers=2, max_bad_fraction=0.5)
+    (epoch,) = _epochs(loader, 1)
+    read = sum(len(b.keys) for b in epoch)
+    assert 30 < read < 60 and loader.skipped(0) == {"truncated_tar": 60 - read}
+    cut = index_shards(shards)
+    assert len(cut.keys[1]) == read - 30 and cut.lost == [0, 1]  # without _info.json: the one sample cut
+    (tmp_path / "_info.json").write_text(json.dumps({"splits": {"train": {
+        "filenames": ["000000.tar", "000001.tar"], "shard_lengths": [30, 30]}}}))
+    assert index_shards(shards).lost == [0, 60 - read]
+    src = data.SourceConfig(source="webdataset", urls=str(tmp_path / "{000000..000001}.tar"), size=40, num_classes=5)
+    with pytest.raises(DataError, match=rf"indexing webdataset: {60 - read} of 60 samples unreadable .*truncated_tar"):
+        data.source_index(src, shards)
+
+
+def test_inception_box_stays_inside_the_image_with_area_and_aspect_in_range():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        left, top, w, h = inception_box(300, 200, 0.05, rng)
+        assert 0 <= left and left + w <= 300 and 0 <= top and top + h <= 200
+    areas = [np.prod(inception_box(200, 200, 0.05, rng)[2:]) / 40000 for _ in range(2000)]
+    assert 0.04 < min(areas) < 0.07 and max(areas) > 0.95 and 0.4 < np.mean(areas) < 0.55  # ~U(0.05, 1)
+    assert center_box(300, 200) == (50, 0, 200, 200)
+
+
+def test_train_and_eval_transforms_on_a_large_jpeg():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:200, :400]
+    image = np.repeat(((xx + yy) * 150 // 600).astype(np.uint8)[..., None], 3, axis=2)  # a dark gradient ...
+    image[:, 100:300] = 255  # ... either side of a white centre square
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=95)
+    center = eval_image(buf.getvalue(), 32)
+    assert center.shape == (32, 32, 3) and center.min() > 200  # resize + centre crop keeps only the square
+    crops = [train_image(buf.getvalue(), 24, AUG, rng) for _ in range(50)]  # decoded at 1/2..1/8 scale (draft)
+    assert all(c.shape == (24, 24, 3) and c.dtype == np.uint8 for c in crops)
+    assert len({c.tobytes() for c in crops}) > 30 and min(c.mean() for c in crops) < 150 < max(c.mean() for c in crops)
+    with pytest.raises(OSError):
+        train_image(buf.getvalue()[:2000], 24, AUG, rng)  # a truncated image is never accepted
