@@ -11,7 +11,7 @@ import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
@@ -89,12 +89,16 @@ class ShardIndex:
     `lost[i]` counts samples of shard i that cannot be read because the tar ends early or is corrupt: the
     shortfall against `_info.json`'s `shard_lengths` where the shards have one, else the one sample whose
     members were cut.
+
+    `spans[i]` (local shards only, else None): per sample, the byte offset and size of its image and of its `.json`
+    (-1 where absent), so a reader seeks straight to the samples it wants.
     """
 
     shards: list[str]
     keys: list[list[str]]
     labels: list[list[int]]
     lost: list[int]
+    spans: list[np.ndarray | None] = field(default_factory=list)
 
     @property
     def all_keys(self) -> list[str]:
@@ -108,13 +112,14 @@ class ShardIndex:
 def index_shards(shards: list[str], progress: bool = False) -> ShardIndex:
     """Read every shard's tar headers and labels (seeking over image data in local files) into a ShardIndex."""
     lengths = _info_lengths(shards)
-    index = ShardIndex(list(shards), [], [], [])
+    index = ShardIndex(list(shards), [], [], [], [])
     for shard in tqdm(shards, desc="indexing shards", unit="shard", disable=not progress, mininterval=5):
         keys: list[str] = []
         labels: list[int] = []
+        spans: list[list[int]] = []
         truncated, cut = False, None
+        local = "://" not in shard and not shard.startswith("pipe:")
         try:
-            local = "://" not in shard and not shard.startswith("pipe:")
             end = os.path.getsize(shard) if local else math.inf
             with (tarfile.open(shard, "r:*") if local else tarfile.open(fileobj=wds.gopen(shard), mode="r|*")) as tar:
                 for member in tar:
@@ -127,17 +132,23 @@ def index_shards(shards: list[str], progress: bool = False) -> ShardIndex:
                     if not keys or keys[-1] != key:
                         keys.append(key)
                         labels.append(-1)
+                        spans.append([-1, -1, -1, -1])
                     if ext == "cls":
                         labels[-1] = _int_or(tar.extractfile(member).read(), -1)
+                    elif ext in IMAGE_EXTS and spans[-1][0] < 0:
+                        spans[-1][:2] = member.offset_data, member.size
+                    elif ext == "json":
+                        spans[-1][2:] = member.offset_data, member.size
                 # Every tar writer ends with two zero blocks; without them the file was cut between members.
                 truncated = tar.offset + 2 * tarfile.BLOCKSIZE > end
         except (tarfile.TarError, OSError, EOFError):
             truncated = True
             if keys and keys[-1] == cut:  # the sample being read when the tar ended may have lost members
-                keys, labels = keys[:-1], labels[:-1]
+                keys, labels, spans = keys[:-1], labels[:-1], spans[:-1]
         expected = lengths.get(os.path.basename(shard))
         index.keys.append(keys)
         index.labels.append(labels)
+        index.spans.append(np.asarray(spans, dtype=np.int64).reshape(-1, 4) if local else None)
         index.lost.append(max(expected - len(keys), 0) if expected is not None else int(truncated))
     return index
 
@@ -228,6 +239,30 @@ def image_and_label(key: str, parts: dict[str, bytes]) -> tuple[bytes, int]:
         if digest and hashlib.sha256(parts[ext]).hexdigest() != digest:
             raise BadSample("checksum_mismatch", f"sample '{key}': image bytes do not match their sha256")
     return parts[ext], label
+
+
+def read_span(file, key: str, label: int, span: np.ndarray) -> tuple[bytes, int]:
+    """A sample's image bytes and label, read by offset from an open local shard (see `ShardIndex.spans`), with
+    the same checks as `image_and_label`."""
+    offset, size, json_offset, json_size = (int(v) for v in span)
+    if offset < 0:
+        raise BadSample("missing_image", f"sample '{key}' has no image ({', '.join(IMAGE_EXTS)})")
+    if size == 0 or json_size == 0:
+        raise BadSample("empty_member", f"sample '{key}' has a zero-byte member")
+    if label < 0:
+        raise BadSample("missing_label", f"sample '{key}' has no integer .cls label")
+    parts = {"jpg": _read_at(file, key, offset, size), "cls": b"0"}
+    if json_offset >= 0:
+        parts["json"] = _read_at(file, key, json_offset, json_size)
+    return image_and_label(key, parts)[0], label
+
+
+def _read_at(file, key: str, offset: int, size: int) -> bytes:
+    file.seek(offset)
+    raw = file.read(size)
+    if len(raw) < size:
+        raise BadSample("truncated_tar", f"sample '{key}': the shard ends inside it")
+    return raw
 
 
 class BadCounts(Counter):

@@ -3,8 +3,9 @@ DataLoader workers, ranks and shards.
 
 Each epoch orders the subset by a seeded shard permutation (samples keep their tar order within a shard) and
 cuts that sequence into `world_size x workers` contiguous, near-equal parts; part `rank x workers + worker`
-is read by that worker, through a seeded shuffle buffer of encoded samples, decoded and augmented there, and
-sent as uint8 batches. A part may start or end inside a shard (so fewer shards than workers is fine) and
+is read by that worker (local shards by offset from the index, in a seeded permutation of the part; remote ones
+streamed through a seeded shuffle buffer of encoded samples), decoded and augmented there, and sent as uint8
+batches. A part may start or end inside a shard (so fewer shards than workers is fine) and
 shard counts need not divide. The main process re-batches the workers' final partial batches, so an epoch has
 ceil(samples / batch) steps on every worker count. Workers run ahead into the next epoch; nothing stops
 between epochs.
@@ -23,7 +24,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data.augment import Augment, train_image
-from pipelines.data.shards import BadCounts, BadSample, DataError, ShardIndex, image_and_label, read_shard
+from pipelines.data.shards import (
+    BadCounts,
+    BadSample,
+    DataError,
+    ShardIndex,
+    image_and_label,
+    read_shard,
+    read_span,
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,8 @@ class LoaderConfig:
     """How pretraining data streams from shards.
 
     `workers`: DataLoader worker processes per trial (0 reads in the training process).
-    `shuffle_buffer`: encoded samples each worker shuffles over, on top of the per-epoch shard permutation.
+    `shuffle_buffer`: for streamed (remote) shards, the encoded samples each worker shuffles over, on top of the
+    per-epoch shard permutation. Local shards are read by offset, so each worker's part is fully permuted.
     `max_bad_fraction`: unreadable samples (truncated tar, undecodable or empty image, missing label, checksum
     mismatch) are counted per cause and skipped; above this fraction of an epoch the trial fails.
     """
@@ -93,9 +103,11 @@ class ShardStream(IterableDataset):
                  augment: Augment, seed: int, shuffle_buffer: int = 1024, rank: int = 0, world_size: int = 1,
                  start_epoch: int = 0):
         wanted = set(keys) if keys is not None else None
-        self.shards = index.shards
-        self.keys = [[k for k in shard if wanted is None or k in wanted] for shard in index.keys]
-        self.counts = [len(k) for k in self.keys]
+        self.shards, self.spans, self.labels = index.shards, index.spans, index.labels
+        self.keys = index.keys
+        self.positions = [np.asarray([i for i, k in enumerate(shard) if wanted is None or k in wanted], dtype=np.int64)
+                          for shard in index.keys]  # the subset's samples in each shard, in tar order
+        self.counts = [len(p) for p in self.positions]
         if sum(self.counts) == 0:
             raise ValueError("the subset has no samples in these shards")
         self.image_size, self.batch_size, self.augment, self.seed = image_size, batch_size, augment, seed
@@ -122,7 +134,7 @@ class ShardStream(IterableDataset):
         bad = BadCounts()
         images, labels, keys = [], [], []
         held = None  # a full batch waits for the next sample: if none comes, it is the epoch's last
-        for key, data, label in self._shuffled(self._samples(epoch, worker, workers, bad), rng):
+        for key, data, label in self._samples(epoch, worker, workers, bad, rng):
             try:
                 image = train_image(data, self.image_size, self.augment, rng)
             except (OSError, ValueError, Image.DecompressionBombError):  # PIL's errors for corrupt/truncated images
@@ -136,7 +148,8 @@ class ShardStream(IterableDataset):
             keys.append(key)
             if len(labels) == self.batch_size:
                 held = self._batch(images, labels, keys, epoch, False, bad)
-                images, labels, keys, bad = [], [], [], BadCounts()
+                images, labels, keys = [], [], []
+                bad.clear()  # the same counter: the sample reader keeps counting into it
         if held is not None:
             held["last"] = True
             held["bad"] = dict(BadCounts(held["bad"]) + bad)
@@ -144,10 +157,44 @@ class ShardStream(IterableDataset):
         else:
             yield self._batch(images, labels, keys, epoch, True, bad)
 
-    def _samples(self, epoch: int, worker: int, workers: int, bad: BadCounts) -> Iterator[tuple[str, bytes, int]]:
-        """This part's encoded samples in epoch order; samples that cannot be read are counted in `bad`."""
-        for shard, first, stop in self.plan(epoch, worker, workers):
-            take = set(self.keys[shard][first:stop])
+    def _samples(self, epoch: int, worker: int, workers: int, bad: BadCounts,
+                 rng: np.random.Generator) -> Iterator[tuple[str, bytes, int]]:
+        """This part's encoded samples, shuffled; samples that cannot be read are counted in `bad`.
+
+        Local shards are read by offset (from the index) in a full permutation of the part; others are streamed
+        shard by shard through a shuffle buffer.
+        """
+        plan = self.plan(epoch, worker, workers)
+        if all(self.spans and self.spans[shard] is not None for shard, _, _ in plan):
+            yield from self._read_at_offsets(plan, bad, rng)
+        else:
+            yield from self._shuffled(self._stream(plan, bad), rng)
+
+    def _read_at_offsets(self, plan, bad: BadCounts, rng: np.random.Generator) -> Iterator[tuple[str, bytes, int]]:
+        picks = [(shard, int(p)) for shard, first, stop in plan for p in self.positions[shard][first:stop]]
+        files: dict[int, object] = {}
+        try:
+            for i in rng.permutation(len(picks)):
+                shard, pos = picks[i]
+                key = self.keys[shard][pos]
+                try:
+                    if shard not in files:
+                        files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 (closed below)
+                    data, label = read_span(files[shard], key, self.labels[shard][pos], self.spans[shard][pos])
+                except OSError:
+                    bad["truncated_tar"] += 1
+                    continue
+                except BadSample as err:
+                    bad[err.cause] += 1
+                    continue
+                yield key, data, label
+        finally:
+            for f in files.values():
+                f.close()
+
+    def _stream(self, plan, bad: BadCounts) -> Iterator[tuple[str, bytes, int]]:
+        for shard, first, stop in plan:
+            take = {self.keys[shard][p] for p in self.positions[shard][first:stop]}
             found = 0
             try:
                 for key, parts in read_shard(self.shards[shard]):

@@ -185,3 +185,22 @@ def test_train_and_eval_transforms_on_a_large_jpeg():
     assert len({c.tobytes() for c in crops}) > 30 and min(c.mean() for c in crops) < 150 < max(c.mean() for c in crops)
     with pytest.raises(OSError):
         train_image(buf.getvalue()[:2000], 24, AUG, rng)  # a truncated image is never accepted
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_streamed_pipe_urls_are_read_exactly_once_with_bad_samples_counted(tmp_path, workers):
+    """`pipe:` URLs cannot be read by offset: they go through webdataset's gopen and the shuffle buffer."""
+    shards, keys = _source(tmp_path, [23, 9])
+    (tmp_path / "c").mkdir()
+    corrupt = _corrupt_source(tmp_path / "c")
+    urls = [f"pipe:cat {path}" for path in shards + corrupt]
+    index = index_shards(urls)
+    assert index.spans == [None] * 3 and len(index.all_keys) == 32 + 45
+    subset = data.nested_subset(index.all_keys, 70, seed=0)
+    loader = StreamLoader(ShardStream(index, subset, 12, 8, AUG, seed=0, shuffle_buffer=10), workers,
+                          max_bad_fraction=0.5)
+    for batches in _epochs(loader, 2):
+        seen = Counter(k for b in batches for k in b.keys)
+        good = {k for k in subset if k.startswith(("s", "g"))}
+        assert set(seen) == good and set(seen.values()) == {1}
+    assert sum(loader.skipped(0).values()) == len(subset) - len(good)
