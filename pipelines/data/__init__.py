@@ -26,6 +26,7 @@ from pipelines.data.shards import (
     folder_classes,
     folder_files,
     index_shards,
+    is_local,
     iter_folder,
     iter_samples,
     write_shard,
@@ -192,7 +193,7 @@ def _is_folder(locations: list[str]) -> bool:
 def _check_info(src: SourceConfig, first_shard: str) -> None:
     """Where the shards come with an `_info.json` (timm's wds layout), check the declared size against it."""
     info_path = Path(first_shard).parent / "_info.json"
-    if "://" in first_shard or not info_path.exists():
+    if not is_local(first_shard) or not info_path.exists():
         return
     held = json.loads(info_path.read_text()).get("splits", {}).get("train", {}).get("num_samples")
     if held is not None and src.size > held:
@@ -236,8 +237,11 @@ def load(shards: list[str], image_size: int, keys: list[str] | None = None, prog
     if _is_folder(shards):
         expected, samples = None, iter_folder(shards[0], wanted)
     else:
-        index = index_shards(shards)
-        expected = len(wanted) if wanted is not None else len(index.all_keys) + sum(index.lost)
+        if wanted is not None:
+            expected = len(wanted)
+        else:  # the whole split: what the tar headers list, plus what truncated tars lost
+            index = index_shards(shards)
+            expected = len(index.all_keys) + sum(index.lost)
         samples = iter_samples(shards, wanted, bad)
     for key, image, label in tqdm(samples, total=expected, desc=desc or "loading",
                                   unit="img", disable=not progress, mininterval=5):

@@ -37,10 +37,15 @@ def expand_urls(urls: str) -> list[str]:
     return out
 
 
+def is_local(url: str) -> bool:
+    """A plain file path, as opposed to a URL or a `pipe:` command that only webdataset's `gopen` can open."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def check_local_shards(urls: str) -> list[str]:
     """Expanded shard list; local paths must exist (remote `pipe:`/`s3://` URLs are left to webdataset)."""
     shards = expand_urls(urls)
-    local = [u for u in shards if "://" not in u and not u.startswith("pipe:")]
+    local = [u for u in shards if is_local(u)]
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
         raise DataError(f"data path not found: {missing[0]} ({len(missing)} of {len(shards)} shards missing)")
@@ -118,7 +123,7 @@ def index_shards(shards: list[str], progress: bool = False) -> ShardIndex:
         labels: list[int] = []
         spans: list[list[int]] = []
         truncated, cut = False, None
-        local = "://" not in shard and not shard.startswith("pipe:")
+        local = is_local(shard)
         try:
             end = os.path.getsize(shard) if local else math.inf
             with (tarfile.open(shard, "r:*") if local else tarfile.open(fileobj=wds.gopen(shard), mode="r|*")) as tar:
@@ -160,14 +165,9 @@ def _int_or(raw: bytes, default: int) -> int:
         return default
 
 
-def list_keys(shards: list[str]) -> list[str]:
-    """Sample keys in shard order (see `index_shards`)."""
-    return index_shards(shards).all_keys
-
-
 def _info_lengths(shards: list[str]) -> dict[str, int]:
     """Shard name -> sample count from an `_info.json` beside local shards (timm's wds layout), if any."""
-    if not shards or "://" in shards[0] or shards[0].startswith("pipe:"):
+    if not shards or not is_local(shards[0]):
         return {}
     path = Path(shards[0]).parent / "_info.json"
     if not path.exists():
@@ -242,19 +242,15 @@ def image_and_label(key: str, parts: dict[str, bytes]) -> tuple[bytes, int]:
 
 
 def read_span(file, key: str, label: int, span: np.ndarray) -> tuple[bytes, int]:
-    """A sample's image bytes and label, read by offset from an open local shard (see `ShardIndex.spans`), with
-    the same checks as `image_and_label`."""
+    """A sample's image bytes and label, read by offset from an open local shard (see `ShardIndex.spans`), and
+    checked by `image_and_label` as a streamed sample is."""
     offset, size, json_offset, json_size = (int(v) for v in span)
-    if offset < 0:
-        raise BadSample("missing_image", f"sample '{key}' has no image ({', '.join(IMAGE_EXTS)})")
-    if size == 0 or json_size == 0:
-        raise BadSample("empty_member", f"sample '{key}' has a zero-byte member")
-    if label < 0:
-        raise BadSample("missing_label", f"sample '{key}' has no integer .cls label")
-    parts = {"jpg": _read_at(file, key, offset, size), "cls": b"0"}
+    parts = {"cls": str(label).encode()} if label >= 0 else {}
+    if offset >= 0:
+        parts["jpg"] = _read_at(file, key, offset, size)
     if json_offset >= 0:
         parts["json"] = _read_at(file, key, json_offset, json_size)
-    return image_and_label(key, parts)[0], label
+    return image_and_label(key, parts)
 
 
 def _read_at(file, key: str, offset: int, size: int) -> bytes:
