@@ -1,7 +1,10 @@
-"""The tidy results table from an MLflow experiment written by `study.run`, through MLflow's public client API
-(run params and metrics), so a study can be re-reported from its tracking store alone."""
+"""The tidy results table of a study from its MLflow tracking store alone: the `results.csv` artifact that
+`study.run` logs to the study's parent run after every invocation (the same table, not metric names parsed
+back), read through MLflow's public client API."""
 
 from __future__ import annotations
+
+import tempfile
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -9,30 +12,24 @@ from mlflow.tracking import MlflowClient
 from analysis import results
 from pipelines.config import UserError
 
-PARENT_TAG = "mlflow.parentRunId"
-
 
 def table_from_experiment(name: str, tracking_uri: str) -> pd.DataFrame:
-    """Rows of the FINISHED child runs of the experiment's most recent study (parent) run."""
+    """The results table of the experiment's most recent study (parent) run."""
+    from study.tracking import ROLE_TAG  # the one definition of the study's MLflow tags
+
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         known = [e.name for e in client.search_experiments()]
         raise UserError(f"no MLflow experiment '{name}' at {tracking_uri}; experiments there: {', '.join(known)}")
-    runs = client.search_runs([experiment.experiment_id], max_results=50_000)
-    parents = sorted((r for r in runs if PARENT_TAG not in r.data.tags), key=lambda r: r.info.start_time)
+    parents = client.search_runs([experiment.experiment_id], f"tags.{ROLE_TAG} = 'parent'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
         raise UserError(f"experiment '{name}' has no study run")
-    parent = parents[-1].info.run_id
-    records = []
-    for run in runs:
-        if run.data.tags.get(PARENT_TAG) != parent or run.info.status != "FINISHED":
-            continue
-        p = run.data.params
-        trial = {"model": p["model"], "family": p["family"], "subset_size": int(p["subset_size"]),
-                 "seed": int(p["seed"]), "examples_seen": int(p["examples_seen"]),
-                 "pretrain_flops": float(p["pretrain_flops"])}
-        records += results.records_from_metrics(trial, run.data.metrics)
-    if not records:
-        raise UserError(f"the latest study run of '{name}' has no finished trials with evaluation metrics")
-    return results.build_table(records)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parents[0].info.run_id, "results.csv", tmp)
+        except Exception:  # noqa: BLE001  (MLflow raises several types for a missing artifact)
+            raise UserError(f"the latest study run of '{name}' has no results.csv yet (it is logged when an "
+                            "invocation finishes)") from None
+        return results.read(path)

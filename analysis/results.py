@@ -3,7 +3,7 @@ table, so numbers from elsewhere (a published table, another lab's CSV) go throu
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -11,45 +11,21 @@ import pandas as pd
 from pipelines.config import UserError
 
 COLUMNS = ["model", "family", "subset_size", "examples_seen", "pretrain_flops", "eval", "dataset", "shots",
-           "metric", "value", "seed"]
+           "metric", "value", "spread", "seed"]  # spread: std over repeats (few-shot draws), where there are some
 FAMILIES = ("ViT", "BiT", "Hybrid")
 EVALS = ("fewshot", "linear_probe", "finetune", "diagnostic")
-ACCURACY_METRICS = ("top1", "top5", "macro_f1")
-_FEWSHOT = re.compile(r"(\d+)shot_(\w+)")
 
 
-def records_from_metrics(trial: dict, metrics: dict[str, float]) -> list[dict]:
-    """Rows for one trial from its metric keys (`fewshot/<dataset>/<k>shot_top1`, `finetune/<dataset>/top1`,
-    `linear_probe/<dataset>/top1`, and `diag/<name>` as eval `diagnostic`), the names the study logs to MLflow.
+def rows(fields: dict, measurements: Iterable) -> list[dict]:
+    """One row per measurement of a trial.
 
     Args:
-        trial: model, family, subset_size, seed, examples_seen, pretrain_flops.
-        metrics: final metrics of the trial.
+        fields: the trial's model, family, subset_size, examples_seen, pretrain_flops and seed.
+        measurements: records with eval, dataset, shots, metric, value and spread (the trial's typed output).
     """
-    rows = []
-    base = {k: trial[k] for k in ("model", "family", "subset_size", "examples_seen", "pretrain_flops")}
-    for key, value in metrics.items():
-        if key.startswith("diag/"):  # Fig 7 numbers: pixels or a correlation, not percentages
-            rows.append({**base, "eval": "diagnostic", "dataset": "pretrain", "shots": None,
-                         "metric": key.split("/", 1)[1], "value": float(value), "seed": trial["seed"]})
-            continue
-        parts = key.split("/")
-        if len(parts) != 3 or parts[0] not in EVALS:
-            continue
-        evaluation, dataset, name = parts
-        shots = None
-        if evaluation == "fewshot":
-            match = _FEWSHOT.fullmatch(name)
-            if not match:
-                continue
-            shots, name = int(match.group(1)), match.group(2)
-        if name not in ACCURACY_METRICS:
-            continue
-        rows.append({"model": trial["model"], "family": trial["family"], "subset_size": trial["subset_size"],
-                     "examples_seen": trial["examples_seen"], "pretrain_flops": trial["pretrain_flops"],
-                     "eval": evaluation, "dataset": dataset, "shots": shots, "metric": name,
-                     "value": float(value), "seed": trial["seed"]})
-    return rows
+    base = {k: fields[k] for k in ("model", "family", "subset_size", "examples_seen", "pretrain_flops", "seed")}
+    return [{**base, "eval": m.eval, "dataset": m.dataset, "shots": m.shots, "metric": m.metric,
+             "value": float(m.value), "spread": m.spread} for m in measurements]
 
 
 def build_table(records: list[dict]) -> pd.DataFrame:
@@ -76,7 +52,7 @@ def read(path: str | Path) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in table.columns:
             table[col] = None
-    for col in ("subset_size", "examples_seen", "pretrain_flops", "value", "shots", "seed"):
+    for col in ("subset_size", "examples_seen", "pretrain_flops", "value", "spread", "shots", "seed"):
         numeric = pd.to_numeric(table[col], errors="coerce")
         bad = numeric.isna() & table[col].notna()
         if bad.any():

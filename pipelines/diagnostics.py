@@ -7,10 +7,12 @@ receptive field per stage, so both families share one distance axis (pixels).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors.numpy import load, save
 from scipy.stats import spearmanr
 from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
@@ -140,3 +142,22 @@ def run(model: nn.Module, images: np.ndarray, image_size: int, device: torch.dev
         metrics[f"diag/attn_dist_layer{layer}_mean"] = float(heads.mean())
         metrics[f"diag/attn_dist_layer{layer}_min"] = float(heads.min())
     return Diagnostics("ViT", metrics, filters, explained, posemb_similarity(posemb, grid), dist)
+
+
+_ARRAYS = ("filters", "explained", "posemb_sim", "attn_distance")
+
+
+def to_bytes(diag: Diagnostics) -> bytes:
+    """The diagnostics as safetensors bytes (arrays as tensors, the rest as JSON metadata), for storage."""
+    arrays = {name: np.ascontiguousarray(getattr(diag, name)) for name in _ARRAYS if getattr(diag, name) is not None}
+    meta = {"family": diag.family, "metrics": diag.metrics, "receptive_field": diag.receptive_field}
+    return save(arrays, metadata={"diagnostics": json.dumps(meta)})
+
+
+def from_bytes(data: bytes) -> Diagnostics:
+    """Inverse of `to_bytes` (safetensors: tensors and a JSON header, nothing unpickled)."""
+    arrays = load(data)
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["diagnostics"])
+    return Diagnostics(meta["family"], meta["metrics"], receptive_field=meta["receptive_field"],
+                       **{name: arrays.get(name) for name in _ARRAYS})

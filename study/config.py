@@ -12,10 +12,9 @@ from pipelines import models
 from pipelines.config import ConfigError, apply_overrides, from_dict
 from pipelines.data import SourceConfig, default_cache_dir
 from pipelines.data.stream import LoaderConfig
-from pipelines.fewshot import FewshotConfig
-from pipelines.finetune import FinetuneConfig
-from pipelines.linear_probe import LinearProbeConfig
+from pipelines.downstream import EvaluateConfig
 from pipelines.pretrain import PretrainConfig
+from study.identity import point_id
 
 
 @dataclass(frozen=True)
@@ -24,17 +23,6 @@ class DataConfig:
     subsets: tuple[int, ...]  # numbers of examples; each subset contains the smaller ones
     cache_dir: str = ""  # where generated shards live; default $VITSCALE_CACHE or ~/.cache/vit-scaling
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # streaming pretraining data from shards
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Each evaluation runs on every downstream task; `null` switches one off."""
-
-    fewshot: FewshotConfig | None = field(default_factory=FewshotConfig)
-    linear_probe: LinearProbeConfig | None = field(default_factory=LinearProbeConfig)
-    finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
-    diagnostics: bool = True  # Fig 7: patch-filter PCA, position-embedding similarity, attention distance
-    diagnostic_batch: int = 128  # fixed images (the pretraining test split's first) for attention distances
 
 
 @dataclass(frozen=True)
@@ -63,6 +51,7 @@ class StudyConfig:
 
 @dataclass(frozen=True)
 class GridPoint:
+    id: str  # content hash of what determines its pretrained weights (study.identity)
     model: str
     family: str
     subset_size: int
@@ -79,6 +68,12 @@ class GridPoint:
     @property
     def name(self) -> str:
         return f"{self.model.replace('/', '-')}_n{self.subset_size}_s{self.seed}"
+
+    @property
+    def table_fields(self) -> dict:
+        """The columns the results table carries for every row of this point."""
+        return {"model": self.model, "family": self.family, "subset_size": self.subset_size,
+                "examples_seen": self.examples_seen, "pretrain_flops": self.pretrain_flops, "seed": self.seed}
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
@@ -132,8 +127,9 @@ def grid_point(cfg: StudyConfig, model: str, subset_size: int, seed: int) -> Gri
     """One grid point with its planned examples seen and forward FLOPs (no data touched, no weights)."""
     src = cfg.data.pretrain
     steps = cfg.pretrain.total_steps(subset_size)
-    return GridPoint(model, models.get_spec(model).family, subset_size, seed, steps,
-                     steps * cfg.pretrain.batch_size, models.forward_flops(model, src.image_size, src.num_classes))
+    return GridPoint(point_id(cfg, model, subset_size, seed), model, models.get_spec(model).family, subset_size,
+                     seed, steps, steps * cfg.pretrain.batch_size,
+                     models.forward_flops(model, src.image_size, src.num_classes))
 
 
 def expand(cfg: StudyConfig) -> list[GridPoint]:

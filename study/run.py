@@ -1,7 +1,8 @@
-"""Run a scaling study: expand the grid, run it with Ray Tune, log to MLflow, write the results and report.
+"""Run a scaling study: expand the grid, find what is already done, run the rest with Ray Tune, log to MLflow,
+write the results and the report. Running the same command again resumes, extends and re-evaluates.
 
-    python -m study.run --grid configs/scaling.yaml [key.path=value ...] [--dry-run [--json]]
-                        [--address ray://host:10001] [--out runs] [--tracking-uri URI]
+    python -m study.run --grid configs/scaling.yaml [key.path=value ...] [--dry-run [--json]] [--fresh]
+                        [--address host:port] [--out runs] [--storage PATH_OR_URI] [--tracking-uri URI]
 """
 
 from __future__ import annotations
@@ -27,28 +28,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.splitlines()[0])
     parser.add_argument("--grid", required=True, help="study YAML, e.g. configs/scaling.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.epochs=3")
-    parser.add_argument("--dry-run", action="store_true", help="print the expanded grid and its cost, then exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the expanded grid, its cost and what each point will do, then exit")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the grid as JSON")
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore earlier results: a new MLflow parent run, every point trained anew")
     parser.add_argument("--address", default=None, help="join an existing Ray cluster instead of starting one")
     parser.add_argument("--out", default="runs", help="output root (results, figures, the MLflow store)")
+    parser.add_argument("--storage", default=None,
+                        help="where checkpoints, weights and trial files live (default: OUT/STUDY/storage; "
+                             "on a cluster a shared folder or s3://, gs://)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in --out)")
     return parser.parse_args(argv)
 
 
-def describe(points: list[GridPoint]) -> list[dict]:
-    return [{"model": p.model, "family": p.family, "subset_size": p.subset_size, "seed": p.seed,
+def describe(points: list[GridPoint], actions: dict[str, str]) -> list[dict]:
+    return [{"id": p.id, "model": p.model, "family": p.family, "subset_size": p.subset_size, "seed": p.seed,
              "steps": p.steps, "examples_seen": p.examples_seen, "pretrain_flops": p.pretrain_flops,
-             "h100_hours": p.pretrain_flops / (H100_BF16_PEAK * ASSUMED_MFU) / 3600} for p in points]
+             "h100_hours": p.pretrain_flops / (H100_BF16_PEAK * ASSUMED_MFU) / 3600,
+             "action": actions.get(p.id, "train")} for p in points]
 
 
 def print_grid(rows: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'model':<14} {'subset':>12} {'seed':>4} {'examples seen':>15} {'pretrain FLOPs':>15} {'H100-h':>10}")
+    print(f"{'model':<14} {'subset':>12} {'seed':>4} {'examples seen':>15} {'pretrain FLOPs':>15} {'H100-h':>10}  "
+          f"this run")
     for r in rows:
         print(f"{r['model']:<14} {r['subset_size']:>12,} {r['seed']:>4} {r['examples_seen']:>15,} "
-              f"{r['pretrain_flops']:>15.3e} {r['h100_hours']:>10.2f}")
+              f"{r['pretrain_flops']:>15.3e} {r['h100_hours']:>10.2f}  {r['action']}")
     total = sum(r["pretrain_flops"] for r in rows)
     print(f"{len(rows)} trials, {total:.3e} pretraining FLOPs in all, ~{sum(r['h100_hours'] for r in rows):,.1f} "
           f"H100-hours at {ASSUMED_MFU:.0%} of bf16 peak")
@@ -71,82 +80,189 @@ def prepare_data(cfg: StudyConfig) -> None:
         data.prepare(src, cfg.cache_dir, progress=True)
 
 
-def fig7_side_by_side(finished: list[tuple[dict, dict]], out_dir: Path) -> list[Path]:
-    """Per ViT: its Fig 7 panels at the smallest and the largest subset, side by side in one PNG."""
-    import numpy as np
-    from PIL import Image
+class Locations:
+    """Where an invocation reads and writes: the output folder, the storage and the tracking store."""
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    by_model: dict[str, list[tuple[int, str]]] = {}
-    for point, final in finished:
-        if final.get("fig7_path") and Path(final["fig7_path"]).exists():
-            by_model.setdefault(point["model"], []).append((point["subset_size"], final["fig7_path"]))
-    written = []
-    for model, items in by_model.items():
-        (small, a), (large, b) = min(items), max(items)
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in dict.fromkeys([a, b])]
-        height = max(im.shape[0] for im in images)
-        padded = [np.pad(im, ((0, height - im.shape[0]), (0, 20), (0, 0)), constant_values=255) for im in images]
-        path = out_dir / f"fig7_{model.replace('/', '-')}_n{small}_vs_n{large}.png"
-        Image.fromarray(np.concatenate(padded, 1)).save(path)
-        written.append(path)
-    return written
+    def __init__(self, cfg: StudyConfig, args: argparse.Namespace):
+        from study.storage import Storage
+        from study.tracking import default_tracking_uri
+
+        self.root = Path(args.out).resolve()
+        self.out = self.root / cfg.study
+        self.storage_root = args.storage or str(self.out / "storage")
+        self.storage = Storage(self.storage_root)
+        self.tracking_uri = args.tracking_uri or default_tracking_uri(self.root)
+
+
+def planned_actions(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) -> dict[str, str]:
+    """For `--dry-run`: what each point would do, read from storage and MLflow without writing to either."""
+    from study.identity import eval_ids
+    from study.plan import plan
+    from study.tracking import Tracker
+
+    where = Locations(cfg, args)
+    if not args.fresh and (args.tracking_uri is not None or (where.root / "mlflow.db").exists()):
+        children = Tracker(where.tracking_uri, cfg.study, where.root / "mlartifacts", read_only=True).known
+    else:
+        children = {}
+    return {d.point.id: d.describe() for d in plan(points, eval_ids(cfg), where.storage, children, args.fresh)}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_study(args.grid, args.overrides)
-        rows = describe(expand(cfg))
+        points = expand(cfg)  # the one expansion of the grid; Tune receives these points
         if args.dry_run:
-            print_grid(rows, args.json)
+            print_grid(describe(points, planned_actions(cfg, points, args)), args.json)
             return 0
-        print_grid(rows, as_json=False)
         prepare_data(cfg)
-        return launch(cfg, args)
+        return launch(cfg, points, args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def launch(cfg: StudyConfig, args: argparse.Namespace) -> int:
-    from analysis import report, results
-    from study import tune_runner
-    from study.tracking import StudyTracker, default_tracking_uri, ui_command
+def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) -> int:
+    from study.identity import eval_ids
+    from study.plan import plan
+    from study.tracking import Tracker, ui_command
 
-    root = Path(args.out).resolve()
-    out = root / cfg.study / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=False)
+    where = Locations(cfg, args)
+    where.out.mkdir(parents=True, exist_ok=True)
     resolved = to_dict(cfg)
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (where.out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     commit = git_commit()
-    (out / "git_commit.txt").write_text(commit + "\n")
-    tracking_uri = args.tracking_uri or default_tracking_uri(root)
-    tracker = StudyTracker(tracking_uri, cfg.study, root / "mlartifacts")
+    (where.out / "git_commit.txt").write_text(commit + "\n")
+    tracker = Tracker(where.tracking_uri, cfg.study, where.root / "mlartifacts", fresh=args.fresh)
+    evals = eval_ids(cfg)
+    decisions = plan(points, evals, where.storage, tracker.known, args.fresh)
+    print_grid(describe(points, {d.point.id: d.describe() for d in decisions}), as_json=False)
     tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve())}
-    tracker.start_parent(f"{cfg.study} {out.name}", resolved, tags, [out / "config.yaml"])
+    tracker.start_parent(f"{cfg.study}", resolved, tags, [where.out / "config.yaml"])
     status = "FAILED"
     try:
-        finished, failures = tune_runner.run_grid(cfg, tracker, tags, out / "ray", args.address)
-        table = results.build_table([row for point, final in finished
-                                     for row in results.records_from_metrics(point, final)])
-        results.write(table, out / "results.csv")
-        panels = fig7_side_by_side(finished, out / "figures")
-        report.write_report(table, out, title=cfg.study, failures=failures, panels=panels)
-        for f in (out / "results.csv", out / "report.md", out / "report.html", out / "summary.json"):
-            tracker.client.log_artifact(tracker.parent_id, str(f))
-        tracker.client.log_artifacts(tracker.parent_id, str(out / "figures"), "figures")
+        records, failures = _run(cfg, decisions, evals, where, tracker, tags, args)
+        table, panels = _write_results(cfg, points, records, evals, where)
         status = "FINISHED"
     finally:
-        tracker.finish(tracker.parent_id, status)
-    print(f"\nresults:  {out / 'results.csv'}\nreport:   {out / 'report.md'} (and report.html, summary.json)\n"
-          f"figures:  {out / 'figures'}")
-    print(f"mlflow:   {ui_command(tracking_uri)}   (experiment '{cfg.study}')")
+        files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
+        tracker.finish_parent(status, [f for f in files if f.exists()], where.out / "figures")
+        left = tracker.close()
+    print(f"\nresults:  {where.out / 'results.csv'}\nreport:   {where.out / 'report.md'} (and report.html, "
+          f"summary.json)\nfigures:  {where.out / 'figures'}\nstorage:  {where.storage_root} (checkpoints, weights)")
+    print(f"mlflow:   {ui_command(where.tracking_uri)}   (experiment '{cfg.study}')")
+    if left:
+        print(f"mlflow:   {left} writes could not be logged (tracking store unreachable); the next invocation logs "
+              "them from the storage", file=sys.stderr)
     if failures:
-        print(f"{len(failures)} of {len(finished) + len(failures)} trials failed: " +
+        print(f"{len(failures)} of {len(points)} trials failed: " +
               "; ".join(f"{name}: {why}" for name, why in failures.items()), file=sys.stderr)
         return 1
     return 0
+
+
+def _run(cfg, decisions, evals, where, tracker, tags, args):
+    """Log what storage already holds, run the trials the plan needs; returns ({point id: record}, failures)."""
+    from study.plan import RUNS
+    from study.trial import TrialPlan, point_dir
+
+    finisher = Finisher(cfg, where, tracker, tags)
+    records = {}
+    for d in decisions:
+        if d.action == "reuse":
+            record = d.record if d.record and not d.record.stale(evals) else tracker.fetch_record(d.child)
+            if record is None:  # a complete child without its record (logged by an older version): retrain
+                d.action, d.evals = "train", dict(evals)
+            else:
+                records[d.point.id] = record
+        elif d.action == "log":
+            records[d.point.id] = d.record
+            finisher(d.point, d.record)
+        elif d.action == "evaluate" and d.record is None and not tracker.fetch_weights(
+                d.child, where.storage, point_dir(d.point.id)):
+            d.action, d.evals = "train", dict(evals)  # the logged weights could not be fetched
+        if args.fresh:
+            where.storage.delete_dir(point_dir(d.point.id))
+    plans = {d.point.id: TrialPlan(d.point, d.action, d.evals) for d in decisions if d.action in RUNS}
+    tracker.close_orphans(set(plans))
+    failures: dict[str, str] = {}
+    if plans:
+        from study.tune_runner import StudyCallback, run_trials
+
+        callback = StudyCallback(plans, finisher, tracker, tags)
+        run_trials(cfg, plans, where.storage, callback, args.address, f"{cfg.study}-{time.strftime('%Y%m%d-%H%M%S')}")
+        records.update(callback.records)
+        for pid, plan in plans.items():
+            if pid not in records:
+                failures[plan.point.name] = callback.failures.get(pid, "no result reported")
+    return records, failures
+
+
+class Finisher:
+    """A finished point: its Fig 7 panel drawn from the stored arrays, then everything logged to its child run."""
+
+    def __init__(self, cfg: StudyConfig, where: Locations, tracker, tags: dict):
+        self.cfg, self.where, self.tracker, self.tags = cfg, where, tracker, tags
+
+    def __call__(self, point: GridPoint, record) -> None:
+        panel = fig7_panel(point, self.where, self.where.out / "figures" / "points")
+        headline = {}
+        first = self.cfg.downstream[0].label  # the study's headline task, also logged under plain names
+        for m in record.measurements():
+            if m.dataset == first and m.metric == "top1" and m.eval in ("fewshot", "finetune"):
+                headline["finetune_top1" if m.eval == "finetune" else f"fewshot_{m.shots}shot_top1"] = m.value
+        self.tracker.finish_point(point, record, self.where.storage, headline, [panel] if panel else [], self.tags)
+
+
+def fig7_panel(point: GridPoint, where: Locations, folder: Path) -> Path | None:
+    """A ViT's Fig 7 panels, drawn by the driver from the arrays its trial stored."""
+    from analysis.plots import fig7_panels
+    from pipelines import diagnostics
+    from study.trial import point_dir
+
+    raw = where.storage.read_bytes(f"{point_dir(point.id)}/fig7.safetensors")
+    if raw is None:
+        return None
+    path = folder / f"fig7_{point.name}_{point.id[:8]}.png"  # named by content: drawn once
+    if path.exists():
+        return path
+    return fig7_panels(diagnostics.from_bytes(raw), path, f"{point.model}, {point.subset_size:,} pretraining examples")
+
+
+def _write_results(cfg, points, records, evals, where):
+    """results.csv and the report over every point of the current grid, old and new together."""
+    from analysis import report, results
+
+    rows = [row for p in points if p.id in records
+            for row in results.rows(p.table_fields, records[p.id].measurements(evals))]
+    table = results.build_table(rows)
+    results.write(table, where.out / "results.csv")
+    panels = fig7_side_by_side(points, records, where)
+    report.write_report(table, where.out, title=cfg.study, panels=panels)
+    return table, panels
+
+
+def fig7_side_by_side(points: list[GridPoint], records: dict, where: Locations) -> list[Path]:
+    """Per ViT: its Fig 7 panels at the smallest and the largest subset, side by side in one PNG."""
+    import numpy as np
+    from PIL import Image
+
+    folder = where.out / "figures"
+    by_model: dict[str, list[tuple[int, Path]]] = {}
+    for p in points:
+        if p.id in records and (path := fig7_panel(p, where, folder / "points")) is not None:
+            by_model.setdefault(p.model, []).append((p.subset_size, path))
+    written = []
+    for model, items in by_model.items():
+        (small, a), (large, b) = min(items), max(items)
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in dict.fromkeys([a, b])]
+        height = max(im.shape[0] for im in images)
+        padded = [np.pad(im, ((0, height - im.shape[0]), (0, 20), (0, 0)), constant_values=255) for im in images]
+        path = folder / f"fig7_{model.replace('/', '-')}_n{small}_vs_n{large}.png"
+        Image.fromarray(np.concatenate(padded, 1)).save(path)
+        written.append(path)
+    return written
 
 
 if __name__ == "__main__":

@@ -1,126 +1,347 @@
-"""MLflow, kept behind one small module. The driver is the single writer: trials report to Ray Tune, and a
-Tune callback in the driver logs to MLflow, so any store (the default SQLite file included) is safe with
-many concurrent trials. One parent run per study, one child run per grid point (reused on a retry)."""
+"""MLflow as the study's record, kept behind one small module.
+
+One parent run per study name, reused by every invocation (`--fresh` starts a new one); one child run per grid
+point, found by its `point_id` tag. A child is complete once its `complete` tag is set, which happens last, after
+its final metrics, its weights and its record were logged. The driver is the only writer.
+
+Every write goes through one background thread, so a slow or unreachable tracking server never stalls Ray's
+loop or training: the first failure is reported once, writes wait and retry until the server is back, and
+whatever is still unlogged when the study ends is logged by the next invocation from the study's storage.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import os
+import queue
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
-from ray.tune import Callback
+# The client's own retries (7, with backoff) would hold one write for minutes; our writer retries instead.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-from pipelines.config import flatten
-from study.trial import trial_point
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 
-PARENT_TAG = "mlflow.parentRunId"
+from pipelines.config import flatten  # noqa: E402
+from study.protocol import PointRecord  # noqa: E402
+from study.storage import Storage  # noqa: E402
+
+ROLE_TAG, POINT_TAG, COMPLETE_TAG, WEIGHTS_TAG, EVAL_TAG = "study_role", "point_id", "complete", "has_weights", "eval_"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3: open on the runs table
 _BATCH = 900  # MLflow's log_batch accepts at most 1000 entries
+# Errors that retrying cannot fix (a changed param, a deleted run): reported and the write dropped.
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
+              "INVALID_STATE", "PERMISSION_DENIED"}
 
 
 def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+def is_remote(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("http://", "https://", "databricks"))
+
+
 def ui_command(tracking_uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else \
-        f"open {tracking_uri} in a browser"
+    return f"open {tracking_uri} in a browser" if is_remote(tracking_uri) else \
+        f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
-class StudyTracker:
-    """The study's parent run and its child runs."""
+@dataclass
+class ChildRun:
+    run_id: str
+    status: str
+    tags: dict[str, str]
+    params: dict[str, str]
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path):
-        mlflow.set_tracking_uri(tracking_uri)
+    @property
+    def complete(self) -> bool:
+        return self.tags.get(COMPLETE_TAG) == "1"
+
+    @property
+    def has_weights(self) -> bool:
+        return self.tags.get(WEIGHTS_TAG) == "1"
+
+    @property
+    def eval_ids(self) -> dict[str, str]:
+        return {k.removeprefix(EVAL_TAG): v for k, v in self.tags.items() if k.startswith(EVAL_TAG)}
+
+
+class _Writer(threading.Thread):
+    """Runs queued MLflow writes in order; retries a write until the server takes it or the study ends."""
+
+    def __init__(self, uri: str):
+        super().__init__(daemon=True, name="mlflow-writer")
+        self.uri, self.jobs, self.down_since = uri, queue.Queue(), None
+        self.stopping = threading.Event()
+        self.start()
+
+    def submit(self, what: str, job: Callable[[], None]) -> None:
+        self.jobs.put((what, job))
+
+    def run(self) -> None:
+        while True:
+            what, job = self.jobs.get()
+            self._until_done(what, job)
+            self.jobs.task_done()
+
+    def _until_done(self, what: str, job: Callable[[], None]) -> None:
+        wait = 1.0
+        while True:
+            try:
+                job()
+            except MlflowException as err:
+                if err.error_code in _PERMANENT:
+                    print(f"mlflow: {what} not logged: {_first_line(err)}", file=sys.stderr)
+                    return
+                self._down(err)
+            except Exception as err:  # noqa: BLE001  (a network or database error: wait and retry)
+                self._down(err)
+            else:
+                if self.down_since is not None:
+                    print(f"mlflow: {self.uri} is reachable again after {time.time() - self.down_since:.0f} s; "
+                          f"logging the {self.jobs.qsize() + 1} queued writes", file=sys.stderr)
+                    self.down_since = None
+                return
+            if self.stopping.is_set():
+                return
+            time.sleep(wait)
+            wait = min(2 * wait, 10.0)
+
+    def _down(self, err: Exception) -> None:
+        if self.down_since is None:
+            self.down_since = time.time()
+            print(f"mlflow: {self.uri} is unreachable ({_first_line(err)}); training goes on, results are kept "
+                  "in the study's storage and logged when the server is back", file=sys.stderr)
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` s for the queue to empty; returns the number of writes left."""
+        deadline = time.time() + timeout
+        while self.jobs.unfinished_tasks and time.time() < deadline:
+            time.sleep(0.2)
+        self.stopping.set()
+        return self.jobs.unfinished_tasks
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+class Tracker:
+    """The study's parent run and its children. Reads (at start) are synchronous; writes are queued."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path, fresh: bool = False,
+                 read_only: bool = False):
+        self.uri, self.name, self.fresh = tracking_uri, experiment, fresh
         self.client = MlflowClient(tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=artifact_root.resolve().as_uri())
-        self.parent_id = ""
+        self.experiment_id, self.parent_id = "", ""
+        self.runs: dict[str, str] = {}  # point id -> child run id
+        self.params: dict[str, set[str]] = {}  # run id -> params already logged (params are immutable)
+        self.last_step: dict[tuple[str, str], int] = {}  # (run id, key) -> newest step logged
+        self.known: dict[str, ChildRun] = {}
+        self.writer = None if read_only else _Writer(tracking_uri)
+        try:
+            self._open(artifact_root, read_only)
+        except Exception as err:  # noqa: BLE001  (an outage at start: plan from storage, log later)
+            if self.writer is None:
+                print(f"mlflow: {tracking_uri} is unreachable ({_first_line(err)}); planning from storage alone",
+                      file=sys.stderr)
+                return
+            self.writer._down(err)
+            self.writer.submit("experiment", lambda: self._open(artifact_root, False))
 
-    def start_parent(self, run_name: str, params: dict, tags: dict, files: list[Path]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        self.parent_id = run.info.run_id
-        self._log(self.parent_id, params=params)
-        for f in files:
-            self.client.log_artifact(self.parent_id, str(f))
-        return self.parent_id
+    def _open(self, artifact_root: Path, read_only: bool) -> None:
+        found = self.client.get_experiment_by_name(self.name)
+        if found is None and read_only:
+            return
+        if found is None:  # a server decides where artifacts go (proxied); a local store keeps them beside it
+            location = None if is_remote(self.uri) else artifact_root.resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(self.name, artifact_location=location)
+        else:
+            self.experiment_id = found.experiment_id
+        if not read_only:
+            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
+        if not self.fresh and not self.parent_id:
+            parents = self.client.search_runs([self.experiment_id], f"tags.{ROLE_TAG} = 'parent'",
+                                              order_by=["attributes.start_time DESC"], max_results=1)
+            if parents:
+                self.parent_id = parents[0].info.run_id
+                self.known = self._children()
 
-    def start_child(self, run_name: str, params: dict, tags: dict) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={PARENT_TAG: self.parent_id, **tags})
-        self._log(run.info.run_id, params=params)
-        return run.info.run_id
+    def _children(self) -> dict[str, ChildRun]:
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}'",
+                                       max_results=50_000)
+        out: dict[str, ChildRun] = {}
+        for run in sorted(runs, key=lambda r: r.info.start_time):
+            point = run.data.tags.get(POINT_TAG)
+            if point and (point not in out or not out[point].complete):
+                out[point] = ChildRun(run.info.run_id, run.info.status, dict(run.data.tags), dict(run.data.params))
+        for point, child in out.items():
+            self.runs[point] = child.run_id
+            self.params[child.run_id] = set(child.params)
+        return out
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        now = int(time.time() * 1000)
-        self._log(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
-                                   if isinstance(v, int | float) and math.isfinite(v)])
+    # Writes (queued).
 
-    def finish(self, run_id: str, status: str = "FINISHED", reason: str = "") -> None:
-        if reason:
+    def start_parent(self, run_name: str, params: dict, tags: dict, files: list[Path]) -> None:
+        def job() -> None:
+            if not self.parent_id:
+                run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                             tags={ROLE_TAG: "parent", **tags})
+                self.parent_id = run.info.run_id
+            else:
+                self.client.update_run(self.parent_id, status="RUNNING")
+                self.client.log_batch(self.parent_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self._log_params(self.parent_id, params)
+            for f in files:
+                self.client.log_artifact(self.parent_id, str(f))
+        self.writer.submit("the study's parent run", job)
+
+    def start_point(self, point, params: dict, metrics: dict, tags: dict) -> None:
+        """Create (or take over) the point's child run and log params; marks it RUNNING."""
+        def job() -> None:
+            run_id = self._child(point, tags)
+            self.client.update_run(run_id, status="RUNNING")
+            self._log_params(run_id, params)
+            self._log_metrics(run_id, metrics, step=0)
+        self.writer.submit(f"start of {point.name}", job)
+
+    def log_curve(self, point, prefix: str, step: int, values: dict) -> None:
+        """Per-epoch metrics at the stage's global step; a (key, step) already logged is not logged again."""
+        def job() -> None:
+            run_id = self._child(point, {})
+            fresh = {f"{prefix}/{k}": v for k, v in values.items()
+                     if step > self.last_step.get((run_id, f"{prefix}/{k}"), -1)}
+            self._log_metrics(run_id, fresh, step)
+        self.writer.submit(f"{prefix} curve of {point.name}", job)
+
+    def finish_point(self, point, record: PointRecord, storage: Storage, headline: dict, extra: list[Path],
+                     tags: dict) -> None:
+        """Final metrics, the weights and files from storage, the evaluation ids, then `complete`, FINISHED."""
+        def job() -> None:
+            run_id = self._child(point, tags)
+            self._log_params(run_id, {k: v for k, v in record.pretrain.items() if isinstance(v, str)})
+            finals = {k: v for k, v in record.pretrain.items() if not isinstance(v, str)}
+            finals.update({m.key: m.value for m in record.measurements()})
+            finals.update({m.key + "_std": m.spread for m in record.measurements() if m.spread is not None})
+            self._log_metrics(run_id, {**finals, **headline}, step=point.steps, dedupe=False)
+            with tempfile.TemporaryDirectory() as tmp:
+                self._log_stored(run_id, storage, point.id, Path(tmp), record)
+            for f in extra:
+                self.client.log_artifact(run_id, str(f))
+            self.client.log_batch(run_id, tags=[RunTag(f"{EVAL_TAG}{k}", v.id) for k, v in record.evals.items()]
+                                  + [RunTag(WEIGHTS_TAG, "1")])
+            self.client.set_tag(run_id, COMPLETE_TAG, "1")
+            self.client.set_terminated(run_id, "FINISHED")
+        self.writer.submit(f"results of {point.name}", job)
+
+    def fail_point(self, point, reason: str, tags: dict) -> None:
+        def job() -> None:
+            run_id = self._child(point, tags)
             self.client.set_tag(run_id, "failure_reason", reason[:5000])
-        self.client.set_terminated(run_id, status=status)
+            self.client.set_terminated(run_id, "FAILED")
+        self.writer.submit(f"failure of {point.name}", job)
 
-    def _log(self, run_id: str, params: dict | None = None, metrics: list[Metric] | None = None) -> None:
-        plist = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
+    def close_orphans(self, running_now: set[str]) -> None:
+        """Children left RUNNING by a killed driver whose points do not run now are marked KILLED."""
+        for point, child in self.known.items():
+            if child.status == "RUNNING" and point not in running_now:
+                self.writer.submit(f"orphan {child.run_id}",
+                                   lambda run_id=child.run_id: self.client.set_terminated(run_id, "KILLED"))
+
+    def finish_parent(self, status: str, files: list[Path], folder: Path | None) -> None:
+        def job() -> None:
+            for f in files:
+                self.client.log_artifact(self.parent_id, str(f))
+            if folder is not None and folder.is_dir():
+                self.client.log_artifacts(self.parent_id, str(folder), folder.name)
+            self.client.set_terminated(self.parent_id, status)
+        self.writer.submit("the study's report", job)
+
+    def close(self, timeout: float = 120.0) -> int:
+        """Wait for queued writes (at most `timeout` s); returns how many could not be logged."""
+        return self.writer.drain(timeout)
+
+    # Reads for a later invocation.
+
+    def fetch_record(self, child: ChildRun) -> PointRecord | None:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.client.download_artifacts(child.run_id, "record.json", tmp)
+            except Exception:  # noqa: BLE001  (no such artifact, or the store is unreachable)
+                return None
+            return PointRecord.from_json(Path(path).read_text())
+
+    def fetch_weights(self, child: ChildRun, storage: Storage, rel: str) -> bool:
+        """Copy a finished point's logged weights (and record) into storage, for re-evaluation elsewhere."""
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                folder = Path(self.client.download_artifacts(child.run_id, "model", tmp))
+                record = Path(self.client.download_artifacts(child.run_id, "record.json", tmp))
+            except Exception:  # noqa: BLE001
+                return False
+            for f in folder.iterdir():
+                storage.upload_file(f, f"{rel}/{f.name}")
+            storage.upload_file(record, f"{rel}/record.json")
+        return True
+
+    # Helpers (writer thread only).
+
+    def _child(self, point, tags: dict) -> str:
+        if point.id in self.runs:
+            return self.runs[point.id]
+        found = self.client.search_runs([self.experiment_id], f"tags.{POINT_TAG} = '{point.id}' and "
+                                        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.params[run_id] = set(found[0].data.params)
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=f"{point.model} n={point.subset_size} "
+                                         f"seed={point.seed}", tags={MLFLOW_PARENT_RUN_ID: self.parent_id,
+                                                                     ROLE_TAG: "point", POINT_TAG: point.id, **tags})
+            run_id = run.info.run_id
+        self.runs[point.id] = run_id
+        self._load_steps(run_id)
+        return run_id
+
+    def _load_steps(self, run_id: str) -> None:
+        """The newest step of every metric a taken-over run already has, so nothing is logged twice."""
+        for key in self.client.get_run(run_id).data.metrics:
+            history = self.client.get_metric_history(run_id, key)
+            self.last_step[(run_id, key)] = max(m.step for m in history)
+
+    def _log_params(self, run_id: str, params: dict) -> None:
+        done = self.params.setdefault(run_id, set())
+        plist = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if k not in done]
         for i in range(0, len(plist), _BATCH):
             self.client.log_batch(run_id, params=plist[i:i + _BATCH])
-        metrics = metrics or []
-        for i in range(0, len(metrics), _BATCH):
-            self.client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
+        done.update(p.key for p in plist)
 
-    def set_tags(self, run_id: str, tags: dict) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    def _log_metrics(self, run_id: str, metrics: dict, step: int, dedupe: bool = True) -> None:
+        now = int(time.time() * 1000)
+        entries = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                   if isinstance(v, int | float) and math.isfinite(v)
+                   and not (dedupe and step <= self.last_step.get((run_id, k), -1))]
+        for i in range(0, len(entries), _BATCH):
+            self.client.log_batch(run_id, metrics=entries[i:i + _BATCH])
+        for m in entries:
+            self.last_step[(run_id, m.key)] = max(step, self.last_step.get((run_id, m.key), -1))
 
+    def _log_stored(self, run_id: str, storage: Storage, point_id: str, tmp: Path, record: PointRecord) -> None:
+        rel = f"points/{point_id}"
+        (tmp / "record.json").write_text(record.to_json())
+        self.client.log_artifact(run_id, str(tmp / "record.json"))
+        for name, artifact_path in (("pretrained.safetensors", "model"), ("model.json", "model"),
+                                    ("class_counts.json", None)):
+            if storage.download_file(f"{rel}/{name}", tmp / name):
+                self.client.log_artifact(run_id, str(tmp / name), artifact_path)
 
-class MlflowTuneCallback(Callback):
-    """Turns each Tune trial into a child run: params at start, per-epoch and final metrics, status at end."""
-
-    def __init__(self, tracker: StudyTracker, tags: dict):
-        self.tracker = tracker
-        self.tags = tags
-        self.runs: dict[str, str] = {}  # trial_id -> MLflow run id; a retried trial keeps its run
-        self.failures: dict[str, str] = {}
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        if trial.trial_id in self.runs:
-            return
-        _, point = trial_point(trial.config)
-        params = {**dataclasses.asdict(point), "pretrain_flops": point.pretrain_flops,
-                  "config": trial.config["study"]}
-        self.runs[trial.trial_id] = self.tracker.start_child(
-            f"{point.model} n={point.subset_size} seed={point.seed}", params,
-            {**self.tags, "trial_id": trial.trial_id})
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self.runs[trial.trial_id]
-        if "params" in result:
-            self.tracker._log(run_id, params=result["params"])
-        if "curves" in result:  # per-epoch metrics of a stage, keyed by their MLflow names
-            self.tracker.log_metrics(run_id, result["curves"], step=int(result.get("step", 0)))
-        if "final" in result:
-            self.tracker.log_metrics(run_id, result["final"])
-        for path in result.get("artifacts") or []:
-            if Path(path).exists():  # local Ray; on a cluster the trial's own storage keeps it
-                self.tracker.client.log_artifact(run_id, path)
-        if "failure" in result:
-            self.failures[trial.trial_id] = result["failure"]
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        reason = self.failures.get(trial.trial_id, "")
-        self.tracker.finish(self.runs[trial.trial_id], "FAILED" if reason else "FINISHED", reason)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.tracker.finish(self.runs[trial.trial_id], "FAILED", _error_text(trial))
-
-
-def _error_text(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).exists():
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-        return lines[-1] if lines else "trial raised an error"
-    return "trial raised an error"

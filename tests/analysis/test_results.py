@@ -4,19 +4,20 @@ import pytest
 from analysis import results
 from analysis.report import leader_rows
 from pipelines.config import UserError
+from pipelines.downstream import Measurement
 from tests.conftest import run_cli
 
 TRIAL = {"model": "ViT-Pico/4", "family": "ViT", "subset_size": 1024, "seed": 0, "examples_seen": 4096,
          "pretrain_flops": 1e12}
 
 
-def test_metric_keys_become_tidy_rows():
-    rows = results.records_from_metrics(TRIAL, {
-        "fewshot/shapes/5shot_top1": 40.0, "fewshot/shapes/5shot_top1_std": 1.0, "fewshot_5shot_top1": 40.0,
-        "finetune/shapes/top1": 70.0, "finetune/shapes/seconds": 9.0, "pretrain/val_top1": 50.0})
-    table = results.build_table(rows)
-    assert table[["eval", "dataset", "shots", "metric", "value"]].astype(object).values.tolist() == [
-        ["fewshot", "shapes", 5, "top1", 40.0], ["finetune", "shapes", pd.NA, "top1", 70.0]]
+def test_typed_measurements_become_tidy_rows_with_their_spread():
+    measured = [Measurement("fewshot", "shapes", 5, "top1", 40.0, 1.5), Measurement("finetune", "shapes", None,
+                                                                                     "top1", 70.0)]
+    table = results.build_table(results.rows(TRIAL, measured))
+    assert table[["eval", "dataset", "shots", "metric", "value", "spread", "seed"]].astype(object).values.tolist() \
+        == [["fewshot", "shapes", 5, "top1", 40.0, 1.5, 0], ["finetune", "shapes", pd.NA, "top1", 70.0, None, 0]]
+    assert list(table.columns) == results.COLUMNS
 
 
 def _csv(tmp_path, rows):

@@ -1,0 +1,63 @@
+"""What each grid point needs this time, from what MLflow and the study's storage already hold.
+
+- reuse: its child run is complete with the current evaluation protocols; nothing runs.
+- log: storage holds its finished record but MLflow does not (a driver killed after the trial, or a tracking
+  outage); the record is logged, nothing runs.
+- evaluate: its pretrained weights exist (storage, or MLflow from any machine); only the missing or changed
+  evaluations run.
+- resume: storage holds a checkpoint; pretraining continues from it.
+- train: nothing yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from study.config import GridPoint
+from study.protocol import PointRecord
+from study.storage import Storage
+from study.tracking import ChildRun
+from study.trial import load_record, point_dir
+
+RUNS = ("evaluate", "resume", "train")  # the actions that start a trial
+
+
+@dataclass
+class Decision:
+    point: GridPoint
+    action: str  # reuse | log | evaluate | resume | train
+    evals: dict[str, str]  # the evaluations a trial runs {kind: protocol id} (empty when nothing runs)
+    record: PointRecord | None  # what storage holds for the point
+    child: ChildRun | None  # its MLflow child run, if any
+
+    def describe(self) -> str:
+        if self.action == "evaluate":
+            return f"evaluate ({', '.join(self.evals)})"
+        return self.action
+
+
+def decide(point: GridPoint, evals: dict[str, str], storage: Storage, child: ChildRun | None,
+           fresh: bool) -> Decision:
+    if fresh:
+        return Decision(point, "train", dict(evals), None, None)
+    record = load_record(storage, point.id)
+    if child is not None and child.complete and not _stale(child.eval_ids, evals):
+        return Decision(point, "reuse", {}, record, child)
+    if record is not None and record.pretrain:
+        stale = record.stale(evals)
+        return Decision(point, "evaluate" if stale else "log", {k: evals[k] for k in stale}, record, child)
+    if child is not None and child.has_weights:
+        stale = _stale(child.eval_ids, evals) or list(evals)  # an incomplete child re-runs every evaluation
+        return Decision(point, "evaluate", {k: evals[k] for k in stale}, None, child)
+    if storage.newest_checkpoint(f"{point_dir(point.id)}/checkpoints") is not None:
+        return Decision(point, "resume", dict(evals), record, child)
+    return Decision(point, "train", dict(evals), record, child)
+
+
+def _stale(have: dict[str, str], want: dict[str, str]) -> list[str]:
+    return [k for k, ident in want.items() if have.get(k) != ident]
+
+
+def plan(points: list[GridPoint], evals: dict[str, str], storage: Storage, children: dict[str, ChildRun],
+         fresh: bool) -> list[Decision]:
+    return [decide(p, evals, storage, children.get(p.id), fresh) for p in points]

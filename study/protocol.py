@@ -1,0 +1,93 @@
+"""The seam between a trial and the driver, as types.
+
+A trial emits `Started`, `Curve`, `Finished` or `Failed` events; Ray Tune carries each as one JSON string (its
+wire format) and the driver decodes it back into the same type. What a finished point produced is a
+`PointRecord`: its pretraining summary and, per evaluation, the identity of the protocol it ran and the typed
+`Measurement`s. The record is kept in storage (`points/<id>/record.json`) and in MLflow (`record.json`), and
+the results table is built from records alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from pipelines.downstream import Measurement
+
+
+@dataclass
+class EvalRecord:
+    id: str  # the protocol's identity (study.identity.eval_ids)
+    measurements: list[Measurement]
+
+
+@dataclass
+class PointRecord:
+    point_id: str
+    fields: dict  # model, family, subset_size, examples_seen, pretrain_flops, seed
+    pretrain: dict = field(default_factory=dict)  # steps, examples_seen, seconds, val_top1, throughput, ...
+    evals: dict[str, EvalRecord] = field(default_factory=dict)
+
+    def measurements(self, kinds: dict[str, str] | None = None) -> list[Measurement]:
+        """Every measurement, or only those of the evaluations whose identity matches `kinds`."""
+        return [m for kind, ev in sorted(self.evals.items())
+                if kinds is None or kinds.get(kind) == ev.id for m in ev.measurements]
+
+    def stale(self, kinds: dict[str, str]) -> tuple[str, ...]:
+        """The evaluations of `kinds` that this record lacks or ran with another protocol."""
+        return tuple(k for k, ident in kinds.items() if k not in self.evals or self.evals[k].id != ident)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> PointRecord:
+        raw = json.loads(text)
+        evals = {k: EvalRecord(v["id"], [Measurement(**m) for m in v["measurements"]])
+                 for k, v in raw.get("evals", {}).items()}
+        return cls(raw["point_id"], raw["fields"], raw.get("pretrain", {}), evals)
+
+
+@dataclass
+class Started:
+    params: dict  # MLflow params of the child run (manifest hash, device, world size, class balance, ...)
+    metrics: dict = field(default_factory=dict)  # e.g. resumed_from_step
+
+
+@dataclass
+class Curve:
+    prefix: str  # "pretrain" or "finetune/<task>"
+    step: int  # the stage's global optimizer step
+    values: dict
+
+
+@dataclass
+class Finished:
+    record: PointRecord
+
+
+@dataclass
+class Failed:
+    reason: str  # one line: a diverged loss or bad data; a deterministic failure Tune must not retry
+
+
+Event = Started | Curve | Finished | Failed
+_KINDS = {cls.__name__: cls for cls in (Started, Curve, Finished, Failed)}
+WIRE_KEY = "study_event"
+
+
+def encode(event: Event) -> dict:
+    """The dict Ray Tune reports: one key holding the event as JSON."""
+    payload = json.loads(event.record.to_json()) if isinstance(event, Finished) else asdict(event)
+    return {WIRE_KEY: json.dumps({"kind": type(event).__name__, "payload": payload})}
+
+
+def decode(result: dict) -> Event | None:
+    """The event in a Tune result, or None for Tune's own bookkeeping results."""
+    if WIRE_KEY not in result:
+        return None
+    raw = json.loads(result[WIRE_KEY])
+    cls = _KINDS[raw["kind"]]
+    if cls is Finished:
+        return Finished(PointRecord.from_json(json.dumps(raw["payload"])))
+    return cls(**raw["payload"])

@@ -1,0 +1,113 @@
+"""The study's storage: one root (a local or NFS folder, or an `s3://` / `gs://` URI) that the driver and every node
+see, read and written through `pyarrow.fs`. It holds Ray Tune's state, each grid point's checkpoints, its final
+weights and the files the driver needs from it, under `points/<point id>/`, so nothing on the driver ever opens a
+path that exists only on the node that trained a point.
+
+Each file is written under a temporary name and moved into place, so a reader never sees half a file; a
+checkpoint folder is complete once its `state.pt` (written last) exists.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from pipelines import checkpoint
+from pipelines.config import UserError
+
+
+class Storage:
+    """A storage root and paths relative to it (`points/<id>/record.json`)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        local = "://" not in root
+        try:
+            self.fs, base = pafs.FileSystem.from_uri(Path(root).resolve().as_uri() if local else root)
+        except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise UserError(f"--storage {root}: cannot open it ({err})") from None
+        self.base = base.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"Storage({self.root!r})"
+
+    def path(self, rel: str) -> str:
+        return f"{self.base}/{rel}".rstrip("/")
+
+    def uri(self, rel: str) -> str:
+        """`rel` as a path or URI that Ray and users understand."""
+        local = self.local_path(rel)
+        return str(local) if local is not None else f"{self.root.rstrip('/')}/{rel}"
+
+    def local_path(self, rel: str) -> Path | None:
+        """The path on this machine, for a local root (Ray's `storage_path` and the user's messages)."""
+        return Path(self.path(rel)) if isinstance(self.fs, pafs.LocalFileSystem) else None
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write `rel` whole: a temporary name, then a move."""
+        target = self.path(rel)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, target)
+
+    def upload_file(self, local: Path, rel: str) -> None:
+        self.write_bytes(rel, Path(local).read_bytes())
+
+    def download_file(self, rel: str, local: Path) -> bool:
+        data = self.read_bytes(rel)
+        if data is None:
+            return False
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, local)
+        return True
+
+    def list_dir(self, rel: str) -> list[str]:
+        """Names directly under `rel` (empty when it does not exist)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+        return sorted(info.base_name for info in infos)
+
+    def delete_dir(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.delete_dir(self.path(rel))
+
+    # Checkpoints: the newest few of a point, as written by `pipelines.checkpoint`.
+
+    def push_checkpoint(self, folder: Path, rel: str, keep: int) -> None:
+        """Copy a local checkpoint folder to `rel/<its name>`, `state.pt` last, and keep the newest `keep`."""
+        files = sorted(folder.iterdir(), key=lambda p: p.name == "state.pt")
+        for f in files:
+            self.upload_file(f, f"{rel}/{folder.name}/{f.name}")
+        names = [n for n in self.list_dir(rel) if n.startswith(checkpoint.PREFIX)]
+        for old in names[:-keep]:
+            self.delete_dir(f"{rel}/{old}")
+
+    def newest_checkpoint(self, rel: str) -> str | None:
+        """The name of the newest complete checkpoint under `rel`."""
+        done = [n for n in self.list_dir(rel) if n.startswith(checkpoint.PREFIX)
+                and self.exists(f"{rel}/{n}/state.pt")]
+        return done[-1] if done else None
+
+    def pull_checkpoint(self, rel: str, name: str, local_root: Path) -> Path:
+        """Bring checkpoint `rel/name` into `local_root/name` (state.pt last, so a partial copy is never taken)."""
+        target = local_root / name
+        files = sorted(self.list_dir(f"{rel}/{name}"), key=lambda n: n == "state.pt")
+        for f in files:
+            self.download_file(f"{rel}/{name}/{f}", target / f)
+        return target
