@@ -1,6 +1,10 @@
 """Training checkpoints: weights as safetensors plus a small state file (optimizer, scheduler, step, RNG states,
 data position), written atomically (temporary folder + rename), the newest `keep` kept.
 
+Every `ckpt-*` folder a save leaves is complete, whenever the writer is killed: a checkpoint is written under a
+dot-name and renamed into place, and one being replaced or pruned is renamed back to a dot-name before it is
+deleted. Dot-folders are never read; the next save removes those a killed save left (one writer per folder).
+
 The state file holds only tensors and plain Python values and is read with `torch.load(weights_only=True)`,
 so loading a checkpoint never unpickles arbitrary objects.
 """
@@ -20,29 +24,46 @@ PREFIX = "ckpt-"
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: torch.optim.lr_scheduler.LRScheduler, loop_state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` under `root`; a reader never sees a half-written one."""
+    """Write checkpoint `step` under `root` and prune all but the newest `keep` complete ones.
+
+    A reader never sees a half-written or half-deleted checkpoint, even if this process is killed midway.
+    """
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # from a save killed midway
+        shutil.rmtree(leftover)
     final = root / f"{PREFIX}{step:09d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
+    # state.pt last: it marks a folder complete (storage copies it last too).
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "loop": loop_state, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
+    replaced = _set_aside(final) if final.exists() else None  # a resumed run reached this step again
     os.rename(tmp, final)
-    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    # Only complete ones count: a folder without state.pt (an interrupted copy) must not push out a good one.
+    pruned = [_set_aside(path) for path in _complete(root)[:-keep]]
+    for trash in filter(None, [replaced, *pruned]):
+        shutil.rmtree(trash)
     return final
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename out of the `ckpt-*` names before deleting: a kill mid-delete must not leave state.pt without
+    its weights."""
+    os.rename(path, trash := path.with_name(f".old-{path.name}"))
+    return trash
+
+
+def _complete(root: Path) -> list[Path]:
+    return [p for p in sorted(root.glob(f"{PREFIX}*")) if (p / "state.pt").exists()]
 
 
 def latest(root: Path | None) -> Path | None:
     """The newest complete checkpoint under `root` (temporary folders are never complete)."""
     if root is None or not root.is_dir():
         return None
-    done = [p for p in sorted(root.glob(f"{PREFIX}*")) if (p / "state.pt").exists()]
+    done = _complete(root)
     return done[-1] if done else None
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -56,17 +57,88 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoints_are_atomic_and_pruned(tmp_path):
+# Saves checkpoints `steps` in turn and SIGKILLs itself at `where` inside the last save: at a chosen point rather
+# than after a timer, so every case interrupts the write it names.
+KILLED_SAVE = """
+import os, shutil, signal, sys
+from pathlib import Path
+import torch
+from pipelines import checkpoint
+
+root, where, steps = Path(sys.argv[1]), sys.argv[2], [int(s) for s in sys.argv[3:]]
+model = torch.nn.Linear(8, 4)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+sched = torch.optim.lr_scheduler.StepLR(opt, 10)
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def cut_short(write):  # the file as a kill mid-write leaves it: its first half
+    def cut(obj, path, *args, **kwargs):
+        write(obj, path, *args, **kwargs)
+        os.truncate(path, os.path.getsize(path) // 2)
+        die()
+    return cut
+
+def rmtree_killed(path, *args, **kwargs):  # killed mid-delete, the weights gone and state.pt not yet
+    if (Path(path) / "model.safetensors").exists():
+        (Path(path) / "model.safetensors").unlink()
+        die()
+    real_rmtree(path, *args, **kwargs)
+
+real_rmtree, real_rename = shutil.rmtree, os.rename
+for step in steps:
+    if step == steps[-1]:
+        if where == "weights":
+            checkpoint.save_file = cut_short(checkpoint.save_file)
+        elif where == "state":
+            torch.save = cut_short(torch.save)
+        elif where == "rename":  # everything written, the rename into place not done
+            os.rename = lambda src, dst: die() if ".tmp-" in str(src) else real_rename(src, dst)
+        else:
+            shutil.rmtree = rmtree_killed
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(step)  # the weights say which step they were saved at
+    checkpoint.save(root, step, model, opt, sched, {"step": step}, keep=2)
+"""
+
+
+# Where the last save is killed, the steps saved, and the checkpoint that must then be the newest complete one.
+@pytest.mark.parametrize("where, steps, survivor", [
+    ("weights", [5, 10, 15], 10),
+    ("state", [5, 10, 15], 10),
+    ("rename", [5, 10, 15], 10),
+    ("replace", [5, 10, 10], 10),  # a resumed run saving a step again, killed deleting the old one
+    ("prune", [5, 10, 15], 15),  # killed deleting the oldest
+])
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path, where, steps, survivor):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path), where, *map(str, steps)], env=env,
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 10)
+    assert checkpoint.latest(tmp_path).name == f"ckpt-{survivor:09d}"
+    assert checkpoint.load(checkpoint.latest(tmp_path), model, opt, sched) == {"step": survivor}
+    assert all(torch.all(p == survivor) for p in model.parameters())
+    checkpoint.save(tmp_path, 20, model, opt, sched, {"step": 20}, keep=2)  # the next save clears the leftovers
+    assert sorted(os.listdir(tmp_path)) == [f"ckpt-{survivor:09d}", "ckpt-000000020"]
+
+
+def test_incomplete_folders_are_never_loaded_nor_push_out_a_complete_one(tmp_path):
     model = models.build("ViT-Pico/4", 4, 32)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for step in (5, 10, 15):
         checkpoint.save(tmp_path, step, model, opt, sched, {"step": step}, keep=2)
-    (tmp_path / ".tmp-ckpt-000000020-1").mkdir()  # a writer killed mid-write leaves only a temp folder
-    (tmp_path / "ckpt-000000025").mkdir()  # or a folder without its state file
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000000010", "ckpt-000000015", "ckpt-000000025"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000000010", "ckpt-000000015"]
+    (tmp_path / "ckpt-000000025").mkdir()  # a copy from storage cut short: no state.pt yet
     assert checkpoint.latest(tmp_path).name == "ckpt-000000015"
-    assert checkpoint.load(checkpoint.latest(tmp_path), model, opt, sched) == {"step": 15}
+    checkpoint.save(tmp_path, 20, model, opt, sched, {"step": 20}, keep=1)
+    assert checkpoint.latest(tmp_path).name == "ckpt-000000020"
+    assert checkpoint.load(checkpoint.latest(tmp_path), model, opt, sched) == {"step": 20}
 
 
 def test_gradient_accumulation_matches_the_full_batch_step():
