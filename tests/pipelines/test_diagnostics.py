@@ -18,10 +18,13 @@ def test_identity_attention_has_distance_zero():
 def test_uniform_attention_gives_the_closed_form_mean_pairwise_distance():
     g, patch = 5, 4
     probs = torch.full((1, 2, 1 + g * g, 1 + g * g), 1.0 / (1 + g * g))  # includes the class token: dropped
-    # Mean distance between two uniform random cells of a g x g grid, by counting offsets.
-    closed = sum((g - abs(dx)) * (g - abs(dy)) * math.hypot(dx, dy)
-                 for dx in range(-g + 1, g) for dy in range(-g + 1, g)) / g**4
-    assert diagnostics.mean_attention_distance(probs, g, patch) == pytest.approx([closed * patch] * 2)
+    assert diagnostics.mean_attention_distance(probs, g, patch) == pytest.approx([_uniform_distance(g) * patch] * 2)
+
+
+def _uniform_distance(g: int) -> float:
+    """Mean distance between two uniform random cells of a g x g grid, by counting offsets."""
+    return sum((g - abs(dx)) * (g - abs(dy)) * math.hypot(dx, dy)
+               for dx in range(-g + 1, g) for dy in range(-g + 1, g)) / g**4
 
 
 def _sincos_2d(g: int, dim: int = 64) -> np.ndarray:
@@ -83,5 +86,23 @@ def test_run_reports_per_layer_mean_and_min():
     images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
     diag = diagnostics.run(model, images, 32, torch.device("cpu"))
     assert diag.attn_distance.shape == (4, 4) and diag.filters.shape == (28, 4, 4, 3)
-    assert diag.metrics["diag/attn_dist_layer1_min"] <= diag.metrics["diag/attn_dist_layer1_mean"]
     assert diag.posemb_sim.shape == (8, 8, 8, 8)
+    for layer, heads in enumerate(diag.attn_distance, start=1):  # each layer's own heads, the named reduction
+        assert heads.min() < heads.mean()  # the heads differ, so a swapped reduction would show
+        assert diag.metrics[f"diag/attn_dist_layer{layer}_mean"] == pytest.approx(heads.mean())
+        assert diag.metrics[f"diag/attn_dist_layer{layer}_min"] == pytest.approx(heads.min())
+    # The layers differ as well, so a metric taken from the wrong layer would show.
+    assert len({round(v, 6) for k, v in diag.metrics.items() if k.endswith("_mean")}) == 4
+
+
+def test_run_measures_uniform_attention_in_pixels_without_the_class_token():
+    model = models.build("ViT-Pico/4", 10, 32)
+    with torch.no_grad():
+        for blk in model.blocks:  # q = k = 0: every head attends uniformly to all 65 tokens
+            blk.attn.qkv.weight.zero_()
+            blk.attn.qkv.bias.zero_()
+    images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    diag = diagnostics.run(model, images, 32, torch.device("cpu"))
+    expected = _uniform_distance(8) * 4  # 8 x 8 patches of 4 pixels; the class token is no position
+    assert diag.attn_distance == pytest.approx(np.full((4, 4), expected))
+    assert diag.metrics["diag/attn_dist_layer4_min"] == pytest.approx(expected)
