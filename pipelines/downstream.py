@@ -7,10 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipelines import data, fewshot, finetune, linear_probe
-from pipelines.data import SourceConfig
+from pipelines.data import ImageArrays, SourceConfig
+from pipelines.data.shards import DataError, index_shards
+from pipelines.data.stream import LoaderConfig, ShardSubset
 from pipelines.fewshot import FewshotConfig
 from pipelines.finetune import FinetuneConfig
 from pipelines.linear_probe import LinearProbeConfig
@@ -58,24 +61,27 @@ class Measurement:
 def run(ev: EvaluateConfig, task: SourceConfig, model_name: str, model: torch.nn.Module,
         state: dict[str, torch.Tensor], feature_size: int, cache_dir: Path, seed: int, device: torch.device,
         kinds: tuple[str, ...] | None = None, on_curve: Curve | None = None,
-        progress: bool = False) -> list[Measurement]:
+        progress: bool = False, loader: LoaderConfig | None = None) -> list[Measurement]:
     """Run the enabled evaluations named in `kinds` (default: all enabled) on `task`.
 
     Few-shot and the probe share one pass of frozen pre-logit features at `feature_size` (the pretraining
-    resolution); fine-tuning starts from `state` at its own resolution.
+    resolution), extracted batch by batch from the shards; fine-tuning starts from `state` at its own resolution
+    and streams its splits with `loader` (default: in the evaluating process). Memory holds the features, never
+    a split's pixels.
     """
     kinds = tuple(k for k in (kinds or ev.enabled()) if getattr(ev, k) is not None)
+    loader = loader or LoaderConfig(workers=0)
     name = task.label
-    shards = data.prepare(task, cache_dir, progress=False)
-    train, test = data.load(shards["train"], task.image_size), data.load(shards["test"], task.image_size)
+    train, test = task_splits(task, cache_dir, loader.max_bad_fraction)
     out: list[Measurement] = []
     if "fewshot" in kinds or "linear_probe" in kinds:
-        feats = [infer(model, split.images, feature_size, device, pre_logits=True) for split in (train, test)]
+        (x_train, y_train), (x_test, y_test) = (features(model, split, feature_size, device, loader.max_bad_fraction)
+                                                for split in (train, test))
     if "fewshot" in kinds:
-        shots = fewshot.run(ev.fewshot, feats[0], train.labels, feats[1], test.labels, seed)
+        shots = fewshot.run(ev.fewshot, x_train, y_train, x_test, y_test, seed)
         out += [Measurement("fewshot", name, k, "top1", shots.top1[k], shots.top1_std[k]) for k in ev.fewshot.shots]
     if "linear_probe" in kinds:
-        probe = linear_probe.run(ev.linear_probe, feats[0], train.labels, feats[1], test.labels, seed)
+        probe = linear_probe.run(ev.linear_probe, x_train, y_train, x_test, y_test, seed, device=device)
         out += [Measurement("linear_probe", name, None, "top1", probe.top1),
                 Measurement("linear_probe", name, None, "macro_f1", probe.macro_f1)]
     if "finetune" in kinds:
@@ -85,7 +91,27 @@ def run(ev: EvaluateConfig, task: SourceConfig, model_name: str, model: torch.nn
                          {k: v for k, v in metrics.items() if k != "epoch"})
 
         ft = finetune.run(ev.finetune, model_name, state, train, test, task.num_classes, seed, device,
-                          progress=progress, desc=f"finetune {name}", on_epoch=curve)
+                          progress=progress, desc=f"finetune {name}", on_epoch=curve, loader=loader)
         out += [Measurement("finetune", name, None, "top1", ft.top1),
                 Measurement("finetune", name, None, "macro_f1", ft.macro_f1)]
     return out
+
+
+def task_splits(task: SourceConfig, cache_dir: Path, max_bad_fraction: float = 0.001) -> tuple[ShardSubset, ShardSubset]:
+    """A downstream task's train and test splits, left in their shards (indexed, not read)."""
+    shards = data.prepare(task, cache_dir, progress=False)
+    if "test" not in shards:
+        raise DataError(f"downstream task '{task.label}' has no test split (give test_urls, test_root or test_size)")
+    index = data.source_index(task, shards["train"], max_bad_fraction)
+    test = index_shards(shards["test"])
+    return ShardSubset(index, index.all_keys), ShardSubset(test, test.all_keys)
+
+
+def features(model: torch.nn.Module, split: ImageArrays | ShardSubset, image_size: int, device: torch.device,
+             max_bad_fraction: float = 0.001) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen pre-logit features [N, D] (float32) and labels [N], extracted batch by batch at `image_size`."""
+    feats, labels = [], []
+    for batch in data.split_batches(split, image_size, max_bad_fraction=max_bad_fraction):
+        feats.append(infer(model, batch.images, image_size, device, pre_logits=True))
+        labels.append(batch.labels)
+    return np.concatenate(feats), np.concatenate(labels)

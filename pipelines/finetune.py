@@ -15,6 +15,7 @@ import torch
 from pipelines import models
 from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
+from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
 from pipelines.training import (
     LoopSpec,
     MemoryBatches,
@@ -36,7 +37,8 @@ class FinetuneConfig:
     epochs: float | None = None
     examples: int | None = None
     batch_size: int = 64
-    lr: float = 0.01
+    lr: float | None = None  # a fixed learning rate; None: the sweep below
+    lr_sweep: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # ViT paper B.1.1; the best on the minival is kept
     warmup_steps: int = 20
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -48,6 +50,14 @@ class FinetuneConfig:
             raise ValueError("give at most one duration: steps, epochs or examples")
         if not 0 <= self.val_fraction < 1:
             raise ValueError("val_fraction must be in [0, 1)")
+        if self.lr is None and (not self.lr_sweep or len(self.lr_sweep) > 1 and self.val_fraction == 0):
+            raise ValueError("give lr, or an lr_sweep (chosen on the minival: val_fraction > 0)")
+        if any(lr <= 0 for lr in self.learning_rates):
+            raise ValueError("learning rates must be positive")
+
+    @property
+    def learning_rates(self) -> tuple[float, ...]:
+        return (self.lr,) if self.lr is not None else self.lr_sweep
 
     def total_steps(self, dataset_size: int) -> int:
         if (self.steps, self.epochs, self.examples) == (None, None, None):
@@ -66,29 +76,61 @@ class FinetuneResult:
     top1: float
     macro_f1: float
     steps: int
-    curves: list[dict]  # per epoch: train loss/top-1 and minival loss/top-1
+    curves: list[dict]  # per epoch of the chosen run: train loss/top-1 and minival loss/top-1
     seconds: float
+    lr: float = 0.0  # the chosen learning rate
+    val_top1: dict[float, float] = field(default_factory=dict)  # minival top-1 at the end of each swept run
 
 
-def split_minival(data: ImageArrays, fraction: float, seed: int) -> tuple[ImageArrays, ImageArrays | None]:
-    """(train, minival): a seeded `fraction` of `data` held out for validation curves."""
+Split = ImageArrays | ShardSubset  # in memory, or left in its shards and streamed
+
+
+def split_minival(data: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
+    """(train, minival): a seeded `fraction` of `data` held out for choosing the learning rate and for curves."""
     if fraction == 0:
         return data, None
-    kept, held = holdout(len(data), fraction, seed, salt=777)
+    kept, held = (np.sort(i) for i in holdout(len(data), fraction, seed, salt=777))
+    if isinstance(data, ShardSubset):
+        return ShardSubset(data.index, [data.keys[i] for i in kept]), ShardSubset(data.index, [data.keys[i] for i in held])
     pick = lambda idx: ImageArrays(data.images[idx], data.labels[idx])  # noqa: E731
-    return pick(np.sort(kept)), pick(np.sort(held))
+    return pick(kept), pick(held)
 
 
-def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], train: ImageArrays,
-        test: ImageArrays, num_classes: int, seed: int, device: torch.device, progress: bool = True,
-        desc: str = "finetune", on_epoch: Callable[[dict], None] | None = None) -> FinetuneResult:
-    """Fine-tune the pretrained `state` on `train` (less a minival); top-1 and macro-F1 (percent) on `test`."""
+def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], train: Split, test: Split,
+        num_classes: int, seed: int, device: torch.device, progress: bool = True, desc: str = "finetune",
+        on_epoch: Callable[[dict], None] | None = None, loader: LoaderConfig | None = None) -> FinetuneResult:
+    """Fine-tune the pretrained `state` on `train` (less a minival) at each of `cfg.learning_rates`,
+    keep the run with the best minival top-1 and report its top-1 and macro-F1 (percent) on `test`.
+
+    Splits in shards are streamed (training through the exactly-once loader, evaluation batch by batch), so memory
+    does not grow with them. `on_epoch` receives the chosen run's per-epoch curve once the sweep is decided.
+    """
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size).to(device)
+    loader = loader or LoaderConfig(workers=0)
     train, minival = split_minival(train, cfg.val_fraction, seed)
     steps = cfg.total_steps(len(train))
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=0.0)
+    best, val_top1 = None, {}
+    for lr in cfg.learning_rates:
+        model, curves = _train(cfg, lr, steps, model_name, state, train, minival, num_classes, seed, device,
+                               progress, f"{desc} lr={lr:g}", loader)
+        val_top1[lr] = curves[-1]["val_top1"] if minival is not None else float("nan")
+        if best is None or val_top1[lr] > val_top1[best[0]]:  # ties keep the earlier rate
+            best = (lr, model, curves)
+    lr, model, curves = best
+    for point in curves if on_epoch is not None else ():
+        on_epoch(point)
+    result = evaluate(model, test, cfg.image_size, device, loader.max_bad_fraction)
+    return FinetuneResult(result["top1"], result["macro_f1"], steps, curves, time.perf_counter() - start, lr,
+                          val_top1)
+
+
+def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: dict[str, torch.Tensor],
+           train: Split, minival: Split | None, num_classes: int, seed: int, device: torch.device, progress: bool,
+           desc: str, loader: LoaderConfig) -> tuple[torch.nn.Module, list[dict]]:
+    """One fine-tuning run at learning rate `lr`: the model and its per-epoch curve."""
+    torch.manual_seed(seed)
+    model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_decay, total=steps, warmup=cfg.warmup_steps, decay="cosine"))
     spec = LoopSpec(steps=steps, batch_size=min(cfg.batch_size, len(train)), image_size=cfg.image_size,
@@ -98,13 +140,15 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     def epoch_end(metrics: dict) -> None:
         point = {"epoch": metrics["epoch"], "train_loss": metrics["loss"], "train_top1": metrics["train_top1"]}
         if minival is not None:
-            val = evaluate(model, minival, cfg.image_size, device)
+            val = evaluate(model, minival, cfg.image_size, device, loader.max_bad_fraction)
             point.update(val_loss=val["loss"], val_top1=val["top1"])
         curves.append(point)
-        if on_epoch is not None:
-            on_epoch(point)
 
-    batches = MemoryBatches(train, spec.batch_size, seed, cfg.augment)
+    if isinstance(train, ShardSubset):
+        stream = ShardStream(train.index, train.keys, cfg.image_size, spec.batch_size, cfg.augment, seed,
+                             loader.shuffle_buffer)
+        batches = StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=device.type == "cuda")
+    else:
+        batches = MemoryBatches(train, spec.batch_size, seed, cfg.augment)
     train_loop(model, batches, spec, optimizer, scheduler, device, on_epoch=epoch_end, desc=desc, progress=progress)
-    result = evaluate(model, test, cfg.image_size, device)
-    return FinetuneResult(result["top1"], result["macro_f1"], steps, curves, time.perf_counter() - start)
+    return model, curves

@@ -35,43 +35,58 @@ class LinearProbeResult:
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2_grid: tuple[float, ...],
-                 max_iter: int) -> torch.Tensor:
-    """Weights [R, D+1, C] (last row: bias, unpenalised) minimising mean CE + l2_r * ||W_r||^2 for each r."""
-    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    l2 = torch.tensor(l2_grid, dtype=x.dtype)
-    w = torch.zeros(len(l2_grid), x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
+                 max_iter: int, chunk: int = 8192) -> torch.Tensor:
+    """Weights [R, D+1, C] (last row: bias, unpenalised) minimising mean CE + l2_r * ||W_r||^2 for each r.
+
+    L-BFGS on the exact full-data objective, its loss and gradient accumulated over mini-batches of `chunk`
+    examples, so memory beyond the features is one chunk's logits for every strength; runs where `x` lives.
+    """
+    l2 = torch.tensor(l2_grid, dtype=x.dtype, device=x.device)
+    w = torch.zeros(len(l2_grid), x.shape[1] + 1, num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
                                   history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        logits = torch.einsum("nd,rdc->rnc", x, w)
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, num_classes), y.repeat(len(l2_grid)),
-                                               reduction="none").view(len(l2_grid), -1).mean(1)
-        loss = (ce + l2 * w[:, :-1].pow(2).sum((1, 2))).sum()
-        loss.backward()
-        return loss
+        total = (l2 * w[:, :-1].pow(2).sum((1, 2))).sum()
+        total.backward()
+        total = total.detach()
+        for lo in range(0, len(x), chunk):
+            logits = torch.einsum("nd,rdc->rnc", x[lo:lo + chunk], w[:, :-1]) + w[:, -1:]
+            yc = y[lo:lo + chunk]
+            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, num_classes), yc.repeat(len(l2_grid)),
+                                                   reduction="sum") / len(x)
+            ce.backward()
+            total += ce.detach()
+        return total
 
     optimizer.step(closure)
     return w.detach()
 
 
-def _logits(w: torch.Tensor, x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    z = torch.from_numpy((x - mean) / std)
-    return (torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1) @ w).numpy()
+def _logits(w: torch.Tensor, x: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    z = (torch.from_numpy(x).to(mean) - mean) / std
+    return (z @ w[:-1] + w[-1]).cpu().double().numpy()
 
 
 def run(cfg: LinearProbeConfig, train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-        test_labels: np.ndarray, seed: int) -> LinearProbeResult:
-    """Fit on (1 - val_fraction) of the train split, pick l2 on the rest, report the test metrics (percent)."""
+        test_labels: np.ndarray, seed: int, device: torch.device | None = None) -> LinearProbeResult:
+    """Fit on (1 - val_fraction) of the train split, pick l2 on the rest, report the test metrics (percent).
+
+    Runs on `device` (float32 on a GPU, float64 on the CPU).
+    """
+    device = device or torch.device("cpu")
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     fit, val = holdout(len(train_labels), cfg.val_fraction, seed, salt=31337)
-    feats = train_features.astype(np.float64)
-    mean, std = feats[fit].mean(0), feats[fit].std(0) + 1e-6
-    x = torch.from_numpy((feats[fit] - mean) / std)
-    w = fit_logistic(x, torch.from_numpy(train_labels[fit]), num_classes, cfg.l2_grid, cfg.max_iter)
-    val_top1 = {l2: classification_metrics(_logits(w[r], feats[val], mean, std), train_labels[val])["top1"]
+    x = torch.from_numpy(train_features[np.sort(fit)]).to(device, dtype)
+    mean, std = x.mean(0), x.std(0, unbiased=False) + 1e-6
+    x = (x - mean) / std
+    w = fit_logistic(x, torch.from_numpy(train_labels[np.sort(fit)]).to(device), num_classes, cfg.l2_grid,
+                     cfg.max_iter)
+    del x
+    val_top1 = {l2: classification_metrics(_logits(w[r], train_features[val], mean, std), train_labels[val])["top1"]
                 for r, l2 in enumerate(cfg.l2_grid)}
     best = max(range(len(cfg.l2_grid)), key=lambda r: (val_top1[cfg.l2_grid[r]], cfg.l2_grid[r]))
-    test = classification_metrics(_logits(w[best], test_features.astype(np.float64), mean, std), test_labels)
+    test = classification_metrics(_logits(w[best], test_features, mean, std), test_labels)
     return LinearProbeResult(test["top1"], test["macro_f1"], cfg.l2_grid[best], val_top1)

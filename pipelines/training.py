@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from pipelines import checkpoint
 from pipelines.config import UserError
-from pipelines.data import ImageArrays
+from pipelines.data import ImageArrays, split_batches
 from pipelines.data.augment import Augment, augment_batch
-from pipelines.data.stream import Batch, StreamLoader
+from pipelines.data.stream import Batch, ShardSubset, StreamLoader
 
 
 class TrainingDiverged(RuntimeError):
@@ -231,8 +231,14 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
     return {"loss": loss, "top1": top1(logits, labels), "macro_f1": macro_f1(logits.argmax(-1), labels)}
 
 
-def evaluate(model: nn.Module, data: ImageArrays, image_size: int, device: torch.device) -> dict[str, float]:
-    return classification_metrics(infer(model, data.images, image_size, device), data.labels)
+def evaluate(model: nn.Module, data: ImageArrays | ShardSubset, image_size: int, device: torch.device,
+             max_bad_fraction: float = 0.001) -> dict[str, float]:
+    """Loss, top-1 and macro-F1 of `model` on a split in memory or streamed from its shards batch by batch."""
+    logits, labels = [], []
+    for batch in split_batches(data, image_size, max_bad_fraction=max_bad_fraction):
+        logits.append(infer(model, batch.images, image_size, device))
+        labels.append(batch.labels)
+    return classification_metrics(np.concatenate(logits), np.concatenate(labels))
 
 
 def pick_device(gpus: float) -> torch.device:

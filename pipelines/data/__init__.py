@@ -10,14 +10,16 @@ import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from pipelines.data import shapes
+from pipelines.data.augment import eval_image
 from pipelines.data.shards import (
     BadCounts,
     DataError,
@@ -27,10 +29,13 @@ from pipelines.data.shards import (
     folder_files,
     index_shards,
     is_local,
+    iter_encoded,
     iter_folder,
-    iter_samples,
     write_shard,
 )
+
+if TYPE_CHECKING:
+    from pipelines.data.stream import ShardSubset
 
 SHARD_SIZE = 4096
 
@@ -223,16 +228,17 @@ def _check_folders(src: SourceConfig) -> dict[str, list[str]]:
     return splits
 
 
-def load(shards: list[str], image_size: int, keys: list[str] | None = None, progress: bool = False,
-         desc: str = "", max_bad_fraction: float = 0.001) -> ImageArrays:
-    """Decode a split (or the samples named by `keys`) into memory at `image_size`, in shard order.
+def eval_batches(shards: list[str], image_size: int, batch_size: int = 256, keys: list[str] | None = None,
+                 progress: bool = False, desc: str = "", max_bad_fraction: float = 0.001) -> Iterator[ImageArrays]:
+    """A split (or the samples named by `keys`) decoded batch by batch at `image_size`, in shard order: memory
+    holds one batch, whatever the split's size.
 
-    `shards` may also be one class-folder root (the `folder` source). Images of another size are resized
-    (shorter side) and centre-cropped, as for evaluation. Unreadable samples are counted per cause and skipped
-    (`ImageArrays.bad`), up to `max_bad_fraction` of the samples expected.
+    `shards` may also be one class-folder root (the `folder` source). Images go through the evaluation transform
+    of the training image path (`augment.eval_image`: shorter side resized, centre crop). Unreadable samples are
+    counted per cause and skipped (each batch's `bad`: the running counts), up to `max_bad_fraction` of the
+    samples expected; past it DataError names the causes.
     """
     wanted = set(keys) if keys is not None else None
-    images, labels, names = [], [], []
     bad = BadCounts()
     if _is_folder(shards):
         expected, samples = None, iter_folder(shards[0], wanted)
@@ -242,26 +248,53 @@ def load(shards: list[str], image_size: int, keys: list[str] | None = None, prog
         else:  # the whole split: what the tar headers list, plus what truncated tars lost
             index = index_shards(shards)
             expected = len(index.all_keys) + sum(index.lost)
-        samples = iter_samples(shards, wanted, bad)
-    for key, image, label in tqdm(samples, total=expected, desc=desc or "loading",
-                                  unit="img", disable=not progress, mininterval=5):
-        images.append(image if image.shape[:2] == (image_size, image_size) else _fit(image, image_size))
+        samples = iter_encoded(shards, wanted, bad)
+    where = f"loading {desc or (shards[0] if shards else 'an empty shard list')}"
+    images, labels, names, read = [], [], [], 0
+    for key, raw, label in tqdm(samples, total=expected, desc=desc or "loading", unit="img", disable=not progress,
+                                mininterval=5):
+        try:
+            images.append(eval_image(raw, image_size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            bad["undecodable_image"] += 1
+            continue
         labels.append(label)
         names.append(key)
+        if len(names) == batch_size:
+            read += len(names)
+            if expected is not None:
+                bad.check(expected, max_bad_fraction, where)
+            yield ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), names, dict(+bad))
+            images, labels, names = [], [], []
+    read += len(names)
     if expected is not None:
-        bad["truncated_tar"] += max(0, expected - len(names) - sum(bad.values()))  # expected, neither read nor counted
-        bad.check(expected, max_bad_fraction, f"loading {desc or shards[0]}")
-    elif wanted is not None and len(names) != len(wanted):
-        raise DataError(f"{len(wanted) - len(names)} of the {len(wanted)} requested samples are not in {shards[0]}")
-    if not images:
+        bad["truncated_tar"] += max(0, expected - read - sum(bad.values()))  # expected, neither read nor counted
+        bad.check(expected, max_bad_fraction, where)
+    elif wanted is not None and read != len(wanted):
+        raise DataError(f"{len(wanted) - read} of the {len(wanted)} requested samples are not in {shards[0]}")
+    if read == 0:
         raise DataError(f"no samples found in {shards[0] if shards else 'an empty shard list'}")
-    return ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), names, dict(+bad))
+    if names:
+        yield ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), names, dict(+bad))
 
 
-def _fit(image: np.ndarray, size: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    scale = size / min(h, w)
-    im = Image.fromarray(image).resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                                       Image.BICUBIC)
-    left, top = (im.width - size) // 2, (im.height - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)))
+def load(shards: list[str], image_size: int, keys: list[str] | None = None, progress: bool = False,
+         desc: str = "", max_bad_fraction: float = 0.001) -> ImageArrays:
+    """A split (or the samples named by `keys`) in memory: `eval_batches` joined. For the few places that need
+    the pixels at once (the Fig 7 probe images); evaluation streams."""
+    parts = list(eval_batches(shards, image_size, 1024, keys, progress, desc, max_bad_fraction))
+    return ImageArrays(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
+                       [k for p in parts for k in p.keys], parts[-1].bad)
+
+
+def split_batches(split: ImageArrays | ShardSubset, image_size: int, batch_size: int = 256,
+                  max_bad_fraction: float = 0.001) -> Iterator[ImageArrays]:
+    """Evaluation batches of a split held in memory (as stored; the model input resizes) or left in shards
+    (decoded at `image_size` batch by batch, see `eval_batches`)."""
+    if isinstance(split, ImageArrays):
+        for start in range(0, len(split), batch_size):
+            stop = start + batch_size
+            yield ImageArrays(split.images[start:stop], split.labels[start:stop], split.keys[start:stop])
+        return
+    yield from eval_batches(split.index.shards, image_size, batch_size, split.keys,
+                            max_bad_fraction=max_bad_fraction)

@@ -273,9 +273,10 @@ class BadCounts(Counter):
                             f"shards, or raise data.loader.max_bad_fraction")
 
 
-def iter_samples(shards: list[str], keys: set[str] | None = None, bad: BadCounts | None = None
-                 ) -> Iterator[tuple[str, np.ndarray, int]]:
-    """Decoded (key, RGB uint8 image, label) for each sample (optionally only those in `keys`).
+def iter_encoded(shards: list[str], keys: set[str] | None = None, bad: BadCounts | None = None
+                 ) -> Iterator[tuple[str, bytes, int]]:
+    """Encoded (key, image bytes, label) for each sample (optionally only those in `keys`), checked by
+    `image_and_label`; the one shard read loop of evaluation (training reads by offset, see `stream`).
 
     Unreadable samples are counted per cause in `bad` and skipped (samples lost to a truncated tar are not
     counted here: the caller knows how many it expected); without `bad` the first one raises DataError.
@@ -286,8 +287,7 @@ def iter_samples(shards: list[str], keys: set[str] | None = None, bad: BadCounts
                 if keys is not None and key not in keys:
                     continue
                 try:
-                    data, label = image_and_label(key, parts)
-                    yield key, _decode_rgb(key, data), label
+                    yield (key, *image_and_label(key, parts))
                 except BadSample as err:
                     if bad is None:
                         raise DataError(f"{err} (in {shard})") from None
@@ -295,6 +295,18 @@ def iter_samples(shards: list[str], keys: set[str] | None = None, bad: BadCounts
         except BadSample as err:  # the rest of this shard is lost: the caller counts it as expected but not read
             if bad is None:
                 raise DataError(str(err)) from None
+
+
+def iter_samples(shards: list[str], keys: set[str] | None = None, bad: BadCounts | None = None
+                 ) -> Iterator[tuple[str, np.ndarray, int]]:
+    """Decoded (key, RGB uint8 image at its stored size, label) for each sample, as `iter_encoded` reads them."""
+    for key, data, label in iter_encoded(shards, keys, bad):
+        try:
+            yield key, _decode_rgb(key, data), label
+        except BadSample as err:
+            if bad is None:
+                raise DataError(str(err)) from None
+            bad[err.cause] += 1
 
 
 def _decode_rgb(key: str, data: bytes) -> np.ndarray:
@@ -321,18 +333,14 @@ def folder_files(root: str) -> list[tuple[str, str]]:
     return out
 
 
-def iter_folder(root: str, keys: set[str] | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
-    """Decoded (key, RGB uint8 image, label) for every image of an ImageNet-style folder (or those in `keys`)."""
+def iter_folder(root: str, keys: set[str] | None = None) -> Iterator[tuple[str, bytes, int]]:
+    """Encoded (key, image bytes, label) for every image of an ImageNet-style folder (or those in `keys`)."""
     labels = {name: i for i, name in enumerate(folder_classes(root))}
     for key, path in folder_files(root):
         if keys is not None and key not in keys:
             continue
-        try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
-        except OSError as err:
-            raise DataError(f"cannot decode image {path}: {err}") from None
-        yield key, image, labels[key.split("/", 1)[0]]
+        with open(path, "rb") as f:
+            yield key, f.read(), labels[key.split("/", 1)[0]]
 
 
 def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int = 1000, seed: int = 0,

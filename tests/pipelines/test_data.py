@@ -1,7 +1,9 @@
 import json
+import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,8 +37,11 @@ def test_classes_are_distinct_outline_fill_pairs_and_sources_differ():
 def test_prepare_writes_shards_once_and_reads_back_identical_pixels(cache_dir):
     shards = data.prepare(SMALL, cache_dir, progress=False)
     assert len(shards["train"]) == 1 and len(shards["test"]) == 1
+    files = [*shards["train"], *shards["test"], str(Path(shards["train"][0]).parent / "_info.json")]
+    written = {f: (os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files}
     again = data.prepare(SMALL, cache_dir, progress=False)
     assert again == shards
+    assert {f: (os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files} == written  # not rewritten
     split = data.load(shards["train"], 32, progress=False)
     assert len(split) == 600
     i = split.keys.index("00000123")

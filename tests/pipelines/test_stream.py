@@ -171,15 +171,17 @@ def test_inception_box_stays_inside_the_image_with_area_and_aspect_in_range():
     assert center_box(300, 200) == (50, 0, 200, 200)
 
 
-def test_train_and_eval_transforms_on_a_large_jpeg():
+def test_train_and_eval_transforms_on_a_large_jpeg(tmp_path):
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:200, :400]
     image = np.repeat(((xx + yy) * 150 // 600).astype(np.uint8)[..., None], 3, axis=2)  # a dark gradient ...
     image[:, 100:300] = 255  # ... either side of a white centre square
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=95)
-    center = eval_image(buf.getvalue(), 32)
+    _shard(tmp_path / "big.tar", [("big", {"jpg": buf.getvalue(), "cls": b"0"})])
+    (center,) = data.load([str(tmp_path / "big.tar")], 32).images  # the evaluation path: one batch from shards
     assert center.shape == (32, 32, 3) and center.min() > 200  # resize + centre crop keeps only the square
+    assert np.array_equal(center, eval_image(buf.getvalue(), 32))
     crops = [train_image(buf.getvalue(), 24, AUG, rng) for _ in range(50)]  # decoded at 1/2..1/8 scale (draft)
     assert all(c.shape == (24, 24, 3) and c.dtype == np.uint8 for c in crops)
     assert len({c.tobytes() for c in crops}) > 30 and min(c.mean() for c in crops) < 150 < max(c.mean() for c in crops)
