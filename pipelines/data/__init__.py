@@ -27,6 +27,7 @@ from pipelines.data.shards import (
     check_local_shards,
     folder_classes,
     folder_files,
+    folder_to_shards,
     index_shards,
     is_local,
     iter_encoded,
@@ -97,7 +98,8 @@ def prepare(src: SourceConfig, cache_dir: Path, progress: bool = True) -> dict[s
     """Make the source readable and return its shard lists per split ('train', and 'test' if any).
 
     `shapes` is generated once into `cache_dir` (keyed by everything that changes its pixels); later calls
-    and concurrent studies reuse it. `webdataset` shards are checked to exist.
+    and concurrent studies reuse it. `folder` class folders are converted once into shards there (keyed by their
+    files' names, sizes and mtimes). `webdataset` shards are checked to exist.
     """
     if src.source == "webdataset":
         splits = {"train": check_local_shards(src.urls)}
@@ -106,12 +108,32 @@ def prepare(src: SourceConfig, cache_dir: Path, progress: bool = True) -> dict[s
         _check_info(src, splits["train"][0])
         return splits
     if src.source == "folder":
-        return _check_folders(src)
+        return {split: _folder_shards(root, split, Path(cache_dir), progress)
+                for split, (root,) in _check_folders(src).items()}
     root = Path(cache_dir) / f"shapes-{_shapes_digest(src)}"
     if not (root / "_info.json").exists():
         _generate_shapes(src, root, progress)
     info = json.loads((root / "_info.json").read_text())
     return {split: [str(root / name) for name in names] for split, names in info["shards"].items()}
+
+
+def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool) -> list[str]:
+    """A class folder converted once into shards in the cache (keyed by its files' names, sizes and mtimes), so
+    a `folder` source is read by the same reader, index and image path as every other source."""
+    files = folder_files(root)
+    ident = [os.path.abspath(root), split] + [(key, os.stat(path).st_size, os.stat(path).st_mtime_ns)
+                                              for key, path in files]
+    dest = cache_dir / f"folder-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}"
+    if not (dest / "_info.json").exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".{dest.name}.tmp{os.getpid()}"
+        folder_to_shards(root, tmp, split, progress=progress)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process converted the same folder first; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    info = json.loads((dest / "_info.json").read_text())
+    return [str(dest / name) for name in info["splits"][split]["filenames"]]
 
 
 def _shapes_digest(src: SourceConfig) -> str:

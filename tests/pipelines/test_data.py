@@ -113,16 +113,23 @@ def _folder(root, classes, per_class, rng):
             Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / name / f"{i}.jpg")
 
 
-def test_folder_source_reads_real_jpegs_with_sorted_class_labels(tmp_path):
+def test_folder_source_is_converted_once_to_shards_that_give_the_model_the_same_pixels(tmp_path):
     rng = np.random.default_rng(0)
     _folder(tmp_path / "train", ["cat", "ant", "bee"], 4, rng)
     _folder(tmp_path / "test", ["cat", "ant", "bee"], 2, rng)
     src = data.SourceConfig(source="folder", root=str(tmp_path / "train"), test_root=str(tmp_path / "test"),
                             size=12, test_size=6, num_classes=3, image_size=16)
     splits = data.prepare(src, tmp_path / "cache")
-    train = data.load(splits["train"], 16)
-    assert train.images.shape == (12, 16, 16, 3)
-    assert [train.labels[train.keys.index(k)] for k in ("ant/0", "bee/3", "cat/1")] == [0, 1, 2]
+    assert all(path.endswith(".tar") for paths in splits.values() for path in paths)
+    stamp = {p: os.stat(p).st_mtime_ns for paths in splits.values() for p in paths}
+    assert data.prepare(src, tmp_path / "cache") == splits
+    assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp  # converted once
+    for split, root in (("train", src.root), ("test", src.test_root)):
+        from_folder, from_shards = data.load([root], 16), data.load(splits[split], 16)
+        as_set = lambda s: sorted((int(y), im.tobytes()) for im, y in zip(s.images, s.labels, strict=True))  # noqa: E731
+        assert len(from_shards) == {"train": 12, "test": 6}[split] and as_set(from_folder) == as_set(from_shards)
+    labels = dict(zip(data.load([src.root], 16).keys, data.load([src.root], 16).labels, strict=True))
+    assert [labels[k] for k in ("ant/0", "bee/3", "cat/1")] == [0, 1, 2]  # sorted class names
     keys = data.source_keys(src, splits["train"])
     assert len(data.load(splits["train"], 16, keys=data.nested_subset(keys, 5, seed=0))) == 5
 
