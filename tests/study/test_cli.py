@@ -45,8 +45,12 @@ def test_dry_run_json_lists_every_grid_point(cache_dir):
     assert [(r["model"], r["subset_size"]) for r in rows] == [
         ("ViT-Pico/4", 256), ("ViT-Pico/4", 1024), ("BiT-R14-Pico", 256), ("BiT-R14-Pico", 1024)]
     assert all(r["examples_seen"] == 12 * 64 for r in rows)
-    from pipelines.models import forward_flops
-    assert rows[0]["pretrain_flops"] == 3 * forward_flops("ViT-Pico/4", 32, 16) * 768
+    # ViT-Pico/4 on 32 px, 16 classes, counted by hand: 8 x 8 patches + the class token = 65 tokens of width 64.
+    # Multiply-adds: patch embedding 64 * 48 * 64; per block (4 of them) qkv 65 * 64 * 192, q @ k and attn @ v
+    # 2 * 65 * 65 * 64, projection 65 * 64 * 64, MLP 2 * 65 * 64 * 128; head 64 * 16. FLOPs = 2 x multiply-adds.
+    macs = 64 * 48 * 64 + 4 * (65 * 64 * 192 + 2 * 65 * 65 * 64 + 65 * 64 * 64 + 2 * 65 * 64 * 128) + 64 * 16
+    assert macs == 10_880_512
+    assert rows[0]["pretrain_flops"] == 3 * 2 * macs * 768  # backward ~ 2 x forward, 768 examples seen
 
 
 def test_paper_scale_dry_run_is_fast_and_touches_no_data(cache_dir):
