@@ -7,6 +7,8 @@ One config system for the whole project. Unknown keys and wrong types fail at lo
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from typing import Any, TypeVar
@@ -14,6 +16,10 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+# `field(metadata=ALLOW_NONFINITE)`: a float field that may be nan or inf. Others refuse them: `lr: .nan` parses
+# as a float and would otherwise pass every `lr <= 0` check.
+ALLOW_NONFINITE = {"allow_nonfinite": True}
 
 
 class UserError(Exception):
@@ -28,7 +34,34 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+class _Loader(yaml.SafeLoader):
+    """Safe loading (plain data only) that reads numbers as a person writes them.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent: `1e6`, `1.0e3` and `-.5` are strings
+    there. This adds YAML 1.2's floats (a dot or an exponent); ints (`1_000` too) and the rest resolve as before.
+    """
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^[-+]?(?:
+    [0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+   # 1e6, 1E-3, 3e+4, 2.5e3
+    |[0-9][0-9_]*\.[0-9_]*                       # 2.5, 1_000.0
+    |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?          # .5, -.5e-3
+    )$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML as plain data (safe loading), with `1e6`, `1E-3`, `3e+4` and `.5` as numbers.
+
+    Args:
+        text: a YAML document.
+
+    Returns:
+        Its value: dicts, lists, strings, numbers, booleans and None only.
+    """
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects are built
+
+
+def _coerce(value: Any, tp: Any, where: str, finite: bool = True) -> Any:
     """Check `value` against the annotation `tp`, converting where YAML is loose (int -> float)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -40,7 +73,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, where)
+                return _coerce(value, arg, where, finite)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of "
@@ -54,7 +87,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]", finite) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -65,6 +98,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and finite and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, bool) and tp is not bool:
@@ -84,7 +119,8 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         raise ConfigError(f"unknown key '{key}'; valid keys here: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+        finite = not fields[name].metadata.get("allow_nonfinite", False)
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name, finite)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -118,7 +154,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{path}': '{key}' is not a mapping")
         try:
-            node[keys[-1]] = yaml.safe_load(raw)
+            node[keys[-1]] = load_yaml(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override '{item}': value is not valid YAML") from None
     return data

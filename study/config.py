@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from pipelines import models
-from pipelines.config import ConfigError, apply_overrides, from_dict
+from pipelines.config import ConfigError, apply_overrides, from_dict, load_yaml
 from pipelines.data import SourceConfig, default_cache_dir
+from pipelines.data.shards import expand_urls
 from pipelines.data.stream import LoaderConfig
 from pipelines.downstream import EvaluateConfig
 from pipelines.pretrain import PretrainConfig
@@ -82,7 +84,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
     if not path.is_file():
         raise ConfigError(f"grid file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -93,9 +95,12 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
 
 
 def validate(cfg: StudyConfig) -> None:
-    """Checks that need more than one key; all before any work starts."""
+    """Checks that need more than one key, or more than a type; all before any work starts."""
+    _check_name(cfg.study)
     if not cfg.models or not cfg.seeds or not cfg.data.subsets or not cfg.downstream:
         raise ConfigError("models, seeds, data.subsets and downstream must each list at least one entry")
+    _check_distinct(cfg)
+    _check_ranges(cfg)
     specs = [models.get_spec(name) for name in cfg.models]
     subsets = cfg.data.subsets
     if min(subsets) <= 0 or list(subsets) != sorted(set(subsets)):
@@ -121,6 +126,81 @@ def validate(cfg: StudyConfig) -> None:
         for key, size in sizes:
             if patch and size % patch:
                 raise ConfigError(f"{key}={size} is not a multiple of {spec.name}'s patch size {patch}")
+
+
+# ASCII letters, digits, '-', '_', '.': the name becomes an MLflow experiment and a folder (runs/<study>/), so a
+# '/' or a leading '.' would put the study's files somewhere else.
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def _check_name(study: str) -> None:
+    if not _NAME.fullmatch(study):
+        raise ConfigError(f"study: {study!r} is not a name; use letters, digits, '-', '_' and '.', "
+                          "not starting with '.'")
+
+
+def _check_distinct(cfg: StudyConfig) -> None:
+    """A model or seed listed twice would train and log the same grid points twice."""
+    for key, values in (("models", cfg.models), ("seeds", cfg.seeds)):
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise ConfigError(f"{key}: {twice[0]!r} is listed twice; its grid points would run twice")
+    if min(cfg.seeds) < 0:
+        raise ConfigError(f"seeds: {min(cfg.seeds)} is negative; numpy takes only non-negative seeds")
+
+
+# What each rule in _check_ranges accepts; the rule's text is also the error message.
+_RULES = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1, ">= 8": lambda v: v >= 8,
+          "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def _check_ranges(cfg: StudyConfig) -> None:
+    """Numbers whose type allows values that make no sense: a negative count, a zero size or rate."""
+    p, r, e = cfg.pretrain, cfg.resources, cfg.evaluate
+    rules = [
+        ("pretrain.warmup_steps", p.warmup_steps, ">= 0"),
+        ("pretrain.weight_decay", p.weight_decay, ">= 0"),
+        ("pretrain.beta1", p.beta1, "in [0, 1)"),
+        ("pretrain.beta2", p.beta2, "in [0, 1)"),
+        ("pretrain.grad_clip", p.grad_clip, ">= 0"),  # 0: no clipping
+        ("pretrain.checkpoint_every", p.checkpoint_every, ">= 0"),  # 0: a checkpoint at the end only
+        ("pretrain.keep_checkpoints", p.keep_checkpoints, ">= 1"),
+        ("resources.cpus_per_trial", r.cpus_per_trial, "> 0"),
+        ("resources.gpus_per_trial", r.gpus_per_trial, ">= 0"),
+        ("resources.max_concurrent_trials", r.max_concurrent_trials, ">= 0"),  # 0: as many as fit
+        ("resources.max_failures", r.max_failures, ">= 0"),  # Tune would read -1 as "retry forever"
+        ("evaluate.diagnostic_batch", e.diagnostic_batch, ">= 1"),
+    ]
+    if (f := e.finetune) is not None:
+        rules += [("evaluate.finetune.image_size", f.image_size, ">= 8"),
+                  ("evaluate.finetune.batch_size", f.batch_size, ">= 1"),
+                  ("evaluate.finetune.lr", f.lr, "> 0"),
+                  ("evaluate.finetune.warmup_steps", f.warmup_steps, ">= 0"),
+                  ("evaluate.finetune.grad_clip", f.grad_clip, ">= 0"),
+                  *[(f"evaluate.finetune.{k}", getattr(f, k), "> 0") for k in ("steps", "epochs", "examples")]]
+    for key, value, rule in rules:
+        if value is not None and not _RULES[rule](value):  # None: a duration not given
+            raise ConfigError(f"{key} must be {rule}, got {value}")
+
+
+def pipe_commands(cfg: StudyConfig) -> list[str]:
+    """Every shell command the grid's `pipe:` URLs run, brace-expanded as the shard reader expands them.
+
+    A grid file is code: webdataset runs whatever follows `pipe:` in a shell when it opens a shard. This lists
+    those commands from `data.pretrain` and each `downstream` entry (`urls` and `test_urls`) so a person can
+    review them before anything runs.
+
+    Args:
+        cfg: a loaded study.
+
+    Returns:
+        The commands without their `pipe:` prefix, one per shard, each once, in the order the grid gives them.
+    """
+    commands: list[str] = []
+    for src in (cfg.data.pretrain, *cfg.downstream):
+        for urls in (src.urls, src.test_urls):
+            commands += [url.removeprefix("pipe:") for url in expand_urls(urls or "") if url.startswith("pipe:")]
+    return list(dict.fromkeys(commands))
 
 
 def grid_point(cfg: StudyConfig, model: str, subset_size: int, seed: int) -> GridPoint:

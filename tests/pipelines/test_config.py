@@ -2,8 +2,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
+import yaml
 
-from pipelines.config import ConfigError, apply_overrides, from_dict, to_dict
+from pipelines.config import ALLOW_NONFINITE, ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
 @dataclass(frozen=True)
@@ -50,3 +51,40 @@ def test_dotted_overrides_parse_yaml_values():
     assert data == {"pretrain": {"epochs": 3}, "seeds": [0, 1], "a": {"b": "x"}}
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides({}, ["pretrain.epochs"])
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1e6", 1e6), ("1E-3", 1e-3), ("3e+4", 3e4), ("2.5e3", 2500.0), (".5", 0.5), ("-.5", -0.5), ("1_000", 1000),
+    ("1.0e3", 1000.0), ("1.0e-3", 1e-3), ("42", 42),
+    ("1e", "1e"), ("e5", "e5"), ("v1.2", "v1.2"), ("09", "09"), ("1.2.3", "1.2.3"),  # not numbers: stay strings
+])
+def test_numbers_parse_as_a_person_writes_them(text, value):
+    got = load_yaml(text)
+    assert got == value and type(got) is type(value)
+    assert apply_overrides({}, [f"inner.lr={text}"]) == {"inner": {"lr": value}}
+
+
+def test_yaml_loading_stays_safe():
+    with pytest.raises(yaml.YAMLError, match="could not determine a constructor"):
+        load_yaml("!!python/object/apply:os.system ['echo no']")
+
+
+@dataclass(frozen=True)
+class Floats:
+    lr: float = 1e-3
+    grid: tuple[float, ...] = (1.0,)
+    maybe: float | None = None
+    bound: float = field(default=0.0, metadata=ALLOW_NONFINITE)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"lr": ".nan"}, r"^lr: expected a finite number, got nan$"),
+    ({"lr": ".inf"}, r"^lr: expected a finite number, got inf$"),
+    ({"lr": "-.inf"}, r"^lr: expected a finite number, got -inf$"),
+    ({"grid": "[1.0, .nan]"}, r"^grid\[1\]: expected a finite number, got nan$"),
+    ({"maybe": ".inf"}, r"^maybe: expected a finite number, got inf$"),
+])
+def test_nan_and_inf_are_refused_unless_the_field_allows_them(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Floats, {k: load_yaml(v) for k, v in data.items()})
+    assert from_dict(Floats, {"bound": load_yaml(".inf")}).bound == float("inf")

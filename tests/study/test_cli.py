@@ -24,7 +24,11 @@ def _grid(tmp_path, text: str):
                                           "patch size 4"),
     (["data.pretrain.source=webdataset", "data.pretrain.urls=/nonexistent/{000000..000003}.tar"],
      "data path not found: /nonexistent/000000.tar (4 of 4 shards missing)"),
-])
+    (["study=../elsewhere"], "study: '../elsewhere' is not a name; use letters, digits, '-', '_' and '.', not "
+                             "starting with '.'"),
+    (["pretrain.lr=.nan"], "pretrain.lr: expected a finite number, got nan"),
+    (["pretrain.checkpoint_every=-1"], "pretrain.checkpoint_every must be >= 0, got -1"),
+])  # the other refusals of values that parse but make no sense: tests/study/test_config.py, in process
 def test_bad_input_is_one_line_and_exit_2(overrides, message, cache_dir, tmp_path):
     proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), *overrides],
                    cache_dir)
