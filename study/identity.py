@@ -10,16 +10,18 @@ and the seed, so hashing those hashes the manifest without reading the data; the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
 
 from pipelines.config import to_dict
 
-# Bump when a change to the training code changes the weights a given config produces.
-RECIPE_VERSION = 1
-# Bump when a change to an evaluation's code changes its numbers for given weights.
-EVAL_VERSION = 1
+# Only values that differ from their field's default are hashed, so adding a config field whose default keeps
+# today's behaviour keeps every identity (no retraining after an upgrade). Changing a default, or code that
+# changes results, must bump these; tests/study/test_identity.py pins the defaults to catch that.
+RECIPE_VERSION = 1  # the training code and the pretraining / source defaults
+EVAL_VERSION = 1  # the evaluation code and the evaluation defaults
 
 # Per config section: fields that change how a run executes, not what it computes.
 EXECUTION_ONLY = {
@@ -37,15 +39,34 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _without(section: dict, kind: str) -> dict:
-    return {k: v for k, v in section.items() if k not in EXECUTION_ONLY.get(kind, ())}
+def settings(obj: Any, kind: str = "") -> dict:
+    """The non-default, result-shaping fields of a config dataclass, nested dataclasses included."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in EXECUTION_ONLY.get(kind, ()):
+            continue
+        if dataclasses.is_dataclass(value):
+            if (nested := settings(value)) or _default(f) is None:
+                out[f.name] = nested
+            continue
+        if _default(f) != value:
+            out[f.name] = to_dict(value)
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
     """What determines a grid point's pretrained weights, as plain data (`cfg` is a `StudyConfig`)."""
     return {"recipe_version": RECIPE_VERSION, "model": model, "subset_size": subset_size, "seed": seed,
-            "source": _without(to_dict(cfg.data.pretrain), "source"),
-            "pretrain": _without(to_dict(cfg.pretrain), "pretrain")}
+            "source": settings(cfg.data.pretrain, "source"), "pretrain": settings(cfg.pretrain, "pretrain")}
 
 
 def point_id(cfg, model: str, subset_size: int, seed: int) -> str:
@@ -54,7 +75,7 @@ def point_id(cfg, model: str, subset_size: int, seed: int) -> str:
 
 def eval_ids(cfg) -> dict[str, str]:
     """One identity per enabled evaluation (a changed `evaluate:` block re-runs only what changed)."""
-    tasks = [_without(to_dict(task), "source") | {"name": task.label} for task in cfg.downstream]
+    tasks = [settings(task, "source") | {"name": task.label} for task in cfg.downstream]
     out = {}
     for kind in EVAL_KINDS:
         if kind == "diagnostics":
@@ -63,5 +84,5 @@ def eval_ids(cfg) -> dict[str, str]:
             continue
         section = getattr(cfg.evaluate, kind)
         if section is not None:
-            out[kind] = digest({"v": EVAL_VERSION, kind: _without(to_dict(section), kind), "tasks": tasks})
+            out[kind] = digest({"v": EVAL_VERSION, kind: settings(section, kind), "tasks": tasks})
     return out

@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where checkpoints, weights and trial files live (default: OUT/STUDY/storage; "
                              "on a cluster a shared folder or s3://, gs://)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in --out)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def describe(points: list[GridPoint], actions: dict[str, str]) -> list[dict]:
@@ -139,7 +139,8 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) 
     decisions = plan(points, evals, where.storage, tracker.known, args.fresh)
     print_grid(describe(points, {d.point.id: d.describe() for d in decisions}), as_json=False)
     tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve())}
-    tracker.start_parent(f"{cfg.study}", resolved, tags, [where.out / "config.yaml"])
+    tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
+                         time.strftime("%Y%m%d-%H%M%S"))
     status = "FAILED"
     try:
         records, failures = _run(cfg, decisions, evals, where, tracker, tags, args)

@@ -192,7 +192,9 @@ class Tracker:
 
     # Writes (queued).
 
-    def start_parent(self, run_name: str, params: dict, tags: dict, files: list[Path]) -> None:
+    def start_parent(self, run_name: str, tags: dict, files: list[Path], invocation: str) -> None:
+        """Create or reopen the study's parent run. Its config changes from one invocation to the next (params
+        are immutable), so each invocation's files go under `invocations/<invocation>/`."""
         def job() -> None:
             if not self.parent_id:
                 run = self.client.create_run(self.experiment_id, run_name=run_name,
@@ -201,9 +203,8 @@ class Tracker:
             else:
                 self.client.update_run(self.parent_id, status="RUNNING")
                 self.client.log_batch(self.parent_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-            self._log_params(self.parent_id, params)
             for f in files:
-                self.client.log_artifact(self.parent_id, str(f))
+                self.client.log_artifact(self.parent_id, str(f), f"invocations/{invocation}")
         self.writer.submit("the study's parent run", job)
 
     def start_point(self, point, params: dict, metrics: dict, tags: dict) -> None:

@@ -21,6 +21,7 @@ from pipelines.config import UserError
 from pipelines.downstream import Measurement
 from pipelines.training import TrainingDiverged, evaluate, pick_device
 from study.config import GridPoint, StudyConfig
+from study.identity import point_identity
 from study.protocol import Curve, EvalRecord, Event, Failed, Finished, PointRecord, Started
 from study.storage import Storage
 
@@ -65,7 +66,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
         storage.write_bytes(f"{rel}/record.json", record.to_json().encode())
         storage.delete_dir(f"{rel}/checkpoints")  # the stored weights and record supersede them
     else:
-        emit(Started({"device": str(device)}))
+        emit(Started({**identity_params(cfg, point), "device": str(device)}))
         state = load_weights(storage.read_bytes(f"{rel}/pretrained.safetensors"))
     model = models.build(point.model, src.num_classes, src.image_size)
     model.load_state_dict(state)
@@ -90,9 +91,9 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
     train = _pretraining_data(cfg, point, shards["train"])
     balance = data.class_counts(train.labels, src.num_classes)
     storage.write_bytes(f"{rel}/class_counts.json", json.dumps(balance).encode())
-    emit(Started({"manifest_hash": data.manifest_hash(train.keys), "device": str(device),
-                  "planned_steps": point.steps, "loader_workers": loader.workers, "world_size": 1,
-                  "class_count_min": balance["min"], "class_count_max": balance["max"],
+    emit(Started({**identity_params(cfg, point), "manifest_hash": data.manifest_hash(train.keys),
+                  "device": str(device), "planned_steps": point.steps, "loader_workers": loader.workers,
+                  "world_size": 1, "class_count_min": balance["min"], "class_count_max": balance["max"],
                   "empty_classes": balance["empty_classes"]},
                  {"resumed_from_step": resumed} if resumed else {}))
 
@@ -119,6 +120,12 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
         {"model": point.model, "num_classes": src.num_classes, "image_size": src.image_size}).encode())
     storage.write_bytes(f"{rel}/pretrain.json", json.dumps(summary).encode())
     return result.state_dict
+
+
+def identity_params(cfg: StudyConfig, point: GridPoint) -> dict:
+    """The child run's params: the point and everything its identity hashes (the same for every invocation)."""
+    return {"point_id": point.id, **point.table_fields, "steps": point.steps,
+            **point_identity(cfg, point.model, point.subset_size, point.seed)}
 
 
 def pretrain_step_of(checkpoint_name: str | None) -> int:

@@ -22,7 +22,7 @@ def test_study_finishes_and_prints_where_everything_is(smoke):
     out, proc = smoke
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"mlflow ui --backend-store-uri sqlite:///\S+mlflow.db", proc.stdout)
-    assert "results:" in proc.stdout and "report:" in proc.stdout
+    assert "results:" in proc.stdout and "report:" in proc.stdout and "storage:" in proc.stdout
 
 
 def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
@@ -42,31 +42,37 @@ def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
         m, p = child.data.metrics, child.data.params
         assert {"fewshot_1shot_top1", "fewshot_5shot_top1", "finetune_top1", "pretrain_flops",
                 "examples_seen"} <= set(m)
-        assert m["examples_seen"] == 768 and len(p["manifest_hash"]) == 16
-        assert p["config.pretrain.lr"] == "0.001" and "git_commit" in child.data.tags
+        assert m["examples_seen"] == 768 and len(p["manifest_hash"]) == 16 and p["world_size"] == "1"
+        assert p["pretrain.lr"] == "0.001" and "git_commit" in child.data.tags
+        assert child.data.tags["complete"] == "1" and len(child.data.tags["point_id"]) == 16
         history = client.get_metric_history(child.info.run_id, "pretrain/loss")
-        assert len(history) >= 1  # per-epoch metrics
+        assert history and all(h.step > 0 for h in history)  # per-epoch metrics at the global step
         curve = client.get_metric_history(child.info.run_id, "finetune/shapes-novel/val_top1")
         assert [h.step for h in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 1
         assert {"linear_probe/shapes-novel/top1", "finetune/shapes-novel/macro_f1"} <= set(m)
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert ("fig7.png" in artifacts) == (p["family"] == "ViT")
+        assert any(a.startswith("fig7_") for a in artifacts) == (p["family"] == "ViT")
+        assert {"record.json", "class_counts.json", "model"} <= artifacts
+        assert {a.path for a in client.list_artifacts(child.info.run_id, "model")} == {
+            "model/pretrained.safetensors", "model/model.json"}
     hashes = {(c.data.params["subset_size"], c.data.params["manifest_hash"]) for c in children}
     assert len(hashes) == 2  # both models trained on the same subset of each size
 
 
 def test_results_table_and_figures(smoke):
     out, _ = smoke
-    (study_dir,) = (out / "smoke").iterdir()
+    study_dir = out / "smoke"
     table = pd.read_csv(study_dir / "results.csv")
     assert list(table.columns) == ["model", "family", "subset_size", "examples_seen", "pretrain_flops", "eval",
-                                   "dataset", "shots", "metric", "value", "seed"]
+                                   "dataset", "shots", "metric", "value", "spread", "seed"]
     evals = table[table["eval"] != "diagnostic"]
     # 4 trials x (1- and 5-shot top-1 + linear probe top-1/macro-F1 + fine-tune top-1/macro-F1)
     assert len(evals) == 4 * (2 + 2 + 2)
     assert set(evals["eval"]) == {"fewshot", "linear_probe", "finetune"}
     assert set(evals["family"]) == {"ViT", "BiT"} and set(evals["metric"]) == {"top1", "macro_f1"}
     assert evals["value"].between(0, 100).all()
+    fewshot = evals[evals["eval"] == "fewshot"]  # the spread over the repeated k-shot draws travels with the mean
+    assert fewshot["spread"].notna().all() and evals[evals["eval"] != "fewshot"]["spread"].isna().all()
     # Fig 7 numbers: ViT-Pico/4 has 4 layers (mean + min) and a locality; the ResNet a receptive field per stage.
     diag = table[table["eval"] == "diagnostic"]
     assert len(diag) == 2 * (4 * 2 + 1) + 2 * 4
@@ -107,7 +113,7 @@ def test_a_killed_trial_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_
     proc = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while not list(tmp_path.glob("smoke/*/ray/smoke/*/checkpoints/ckpt-*/state.pt")):
+    while not list(tmp_path.glob("smoke/storage/points/*/checkpoints/ckpt-*/state.pt")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
     found = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()

@@ -1,0 +1,153 @@
+"""Rerunning the study command resumes, extends and re-evaluates (real Ray, real MLflow, no mocks).
+
+One output folder goes through four invocations: a driver SIGKILLed mid-study, the same command again, a grid with
+one more subset size, and a changed few-shot protocol.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+BASE = ["-m", "study.run", "--grid", "configs/smoke.yaml", "pretrain.steps=60", "pretrain.checkpoint_every=4",
+        "resources.max_concurrent_trials=1", "evaluate.finetune.steps=4"]
+ACTIONS = re.compile(r"^(\S+)\s+([\d,]+)\s+(\d+)\s+[\d,]+\s+\S+\s+\S+\s+(reuse|log|evaluate.*|resume|train)$", re.M)
+
+
+def _actions(stdout: str) -> dict[tuple[str, int], str]:
+    return {(m[1], int(m[2].replace(",", ""))): m[4] for m in ACTIONS.finditer(stdout)}
+
+
+def _points(out):
+    return {p.name: p for p in (out / "smoke" / "storage" / "points").iterdir()}
+
+
+def _finished(out) -> list[str]:
+    done = []
+    for name, folder in _points(out).items():
+        record = folder / "record.json"
+        if record.exists() and len(json.loads(record.read_text())["evals"]) == 4:
+            done.append(name)
+    return done
+
+
+def _client(out):
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("smoke").experiment_id
+
+
+def _children(out):
+    client, exp = _client(out)
+    runs = client.search_runs([exp])
+    parents = [r for r in runs if r.data.tags.get("study_role") == "parent"]
+    return parents, [r for r in runs if r.data.tags.get("study_role") == "point"]
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, cache_dir):
+    """SIGKILL the driver once one point has finished and another has a checkpoint in storage."""
+    out = tmp_path_factory.mktemp("idem")
+    env = {**os.environ, "VITSCALE_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, *BASE, "--out", str(out)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 420
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "the study ended before it could be killed"
+        points = _points(out) if (out / "smoke" / "storage" / "points").exists() else {}
+        done = _finished(out) if points else []
+        halfway = [n for n, f in points.items() if n not in done and list(f.glob("checkpoints/ckpt-*/state.pt"))]
+        if done and halfway:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # Ray's processes notice their driver is gone
+    return out, done, halfway
+
+
+@pytest.fixture(scope="module")
+def rerun(killed, cache_dir):
+    out, done, halfway = killed
+    start = time.monotonic()
+    proc = run_cli([*BASE, "--out", str(out)], cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, time.monotonic() - start
+
+
+def test_a_killed_driver_leaves_nothing_that_blocks_the_next_run(killed, rerun):
+    out, done, halfway = killed
+    proc, _ = rerun
+    actions = _actions(proc.stdout)
+    assert len(actions) == 4
+    assert sorted(actions.values()).count("train") == 2, actions  # the two points that never started
+    assert sum(a in ("reuse", "log") for a in actions.values()) == 1, actions  # the finished one: not again
+    assert sorted(actions.values()).count("resume") == 1, actions  # the half-done one, from its checkpoint
+    parents, children = _children(out)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    by_point = {c.data.tags["point_id"]: c for c in children}
+    assert by_point[halfway[0]].data.metrics["resumed_from_step"] > 0
+    client, _ = _client(out)
+    for child in children:  # a resumed point logs no (key, step) twice
+        steps = [h.step for h in client.get_metric_history(child.info.run_id, "pretrain/loss")]
+        assert steps and len(steps) == len(set(steps)), steps
+
+
+@pytest.fixture(scope="module")
+def extended(rerun, killed, cache_dir):
+    out = killed[0]
+    _, before = _children(out)
+    proc = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]"], cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, {c.info.run_id: c.info.end_time for c in before}
+
+
+def test_extending_the_grid_trains_exactly_the_new_points(killed, extended):
+    out = killed[0]
+    proc, old_end_times = extended
+    actions = _actions(proc.stdout)
+    assert {k: a for k, a in actions.items() if a != "reuse"} == {("ViT-Pico/4", 2048): "train",
+                                                                  ("BiT-R14-Pico", 2048): "train"}
+    _, children = _children(out)
+    assert len(children) == 6 and {c.info.status for c in children} == {"FINISHED"}
+    assert {c.info.run_id: c.info.end_time for c in children if c.info.run_id in old_end_times} == old_end_times
+    table = pd.read_csv(out / "smoke" / "results.csv")
+    assert set(zip(table["model"], table["subset_size"], strict=True)) == {
+        (m, n) for m in ("ViT-Pico/4", "BiT-R14-Pico") for n in (256, 1024, 2048)}
+
+
+def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, cache_dir):
+    out = killed[0]
+    client, _ = _client(out)
+    _, children = _children(out)
+
+    def pretrain_entries():
+        return {c.info.run_id: {k: len(client.get_metric_history(c.info.run_id, k)) for k in c.data.metrics
+                                if k.startswith("pretrain/")} for c in _children(out)[1]}
+
+    before = pretrain_entries()
+    proc = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 2, 5]"],
+                   cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(_actions(proc.stdout).values()) == {"evaluate (fewshot)"}
+    assert pretrain_entries() == before  # no pretraining step ran
+    _, children = _children(out)
+    assert all("fewshot/shapes-novel/2shot_top1" in c.data.metrics for c in children)
+    assert {c.info.status for c in children} == {"FINISHED"} and len(children) == 6
+    table = pd.read_csv(out / "smoke" / "results.csv")
+    assert sorted(table[table["eval"] == "fewshot"]["shots"].unique()) == [1, 2, 5]
+    again = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 2, 5]",
+                     "--dry-run"], cache_dir)
+    assert set(_actions(again.stdout).values()) == {"reuse"}

@@ -1,0 +1,89 @@
+"""Grid-point and evaluation identities: what changes them and what must not."""
+
+import pytest
+import yaml
+
+from study.config import expand, load_study
+from study.identity import eval_ids, point_id
+from tests.conftest import ROOT
+
+
+def _study(tmp_path, text: str | None = None, overrides: list[str] | None = None):
+    path = tmp_path / "grid.yaml"
+    path.write_text(text if text is not None else (ROOT / "configs" / "smoke.yaml").read_text())
+    return load_study(path, overrides or [])
+
+
+def _ids(cfg) -> list[str]:
+    return [p.id for p in expand(cfg)]
+
+
+def test_ids_are_unique_per_point_and_stable_across_key_order(tmp_path):
+    cfg = _study(tmp_path)
+    ids = _ids(cfg)
+    assert len(set(ids)) == len(ids) == 4 and all(len(i) == 16 for i in ids)
+    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    reordered = {k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v)
+                 for k, v in reversed(list(data.items()))}
+    assert _ids(_study(tmp_path, yaml.safe_dump(reordered, sort_keys=False))) == ids
+
+
+@pytest.mark.parametrize("override", [
+    "pretrain.checkpoint_every=3", "pretrain.keep_checkpoints=5", "pretrain.micro_batch_size=16",
+    "data.loader.workers=3", "resources.max_failures=7", "data.cache_dir=/elsewhere",
+    "data.pretrain.name=renamed", "resources.max_concurrent_trials=1",
+])
+def test_execution_only_settings_keep_every_id(tmp_path, override):
+    assert _ids(_study(tmp_path, overrides=[override])) == _ids(_study(tmp_path))
+
+
+@pytest.mark.parametrize("override", [
+    "pretrain.lr=3.0e-4", "pretrain.warmup_steps=2", "pretrain.batch_size=32", "data.pretrain.seed=5",
+    "data.pretrain.size=1536",
+])
+def test_what_shapes_the_weights_changes_every_id(tmp_path, override):
+    before, after = _ids(_study(tmp_path)), _ids(_study(tmp_path, overrides=[override]))
+    assert not set(before) & set(after)
+
+
+def test_seed_and_subset_change_only_their_points(tmp_path):
+    base = {(p.model, p.subset_size, p.seed): p.id for p in expand(_study(tmp_path))}
+    grown = {(p.model, p.subset_size, p.seed): p.id
+             for p in expand(_study(tmp_path, overrides=["seeds=[0, 1]", "data.subsets=[256, 1024, 2048]"]))}
+    assert {k: grown[k] for k in base} == base  # the old points keep their ids: nothing is retrained
+    assert len(set(grown.values())) == 12
+    cfg = _study(tmp_path)
+    assert point_id(cfg, "ViT-Pico/4", 256, 0) != point_id(cfg, "ViT-Pico/4", 256, 1)
+    assert point_id(cfg, "ViT-Pico/4", 256, 0) != point_id(cfg, "ViT-Pico/4", 1024, 0)
+
+
+def test_an_evaluation_change_keeps_the_pretraining_and_changes_only_its_own_id(tmp_path):
+    cfg, changed = _study(tmp_path), _study(tmp_path, overrides=["evaluate.fewshot.shots=[1, 2, 5]"])
+    assert _ids(cfg) == _ids(changed)
+    before, after = eval_ids(cfg), eval_ids(changed)
+    assert set(before) == {"fewshot", "linear_probe", "finetune", "diagnostics"}
+    assert {k for k in before if before[k] != after[k]} == {"fewshot"}
+    no_probe = eval_ids(_study(tmp_path, overrides=["evaluate.linear_probe=null"]))
+    assert "linear_probe" not in no_probe and no_probe["fewshot"] == before["fewshot"]
+
+
+def _defaults():
+    from pipelines.config import to_dict
+    from pipelines.data import SourceConfig
+    from pipelines.downstream import EvaluateConfig
+    from pipelines.pretrain import PretrainConfig
+    from study.identity import EVAL_VERSION, RECIPE_VERSION, digest
+
+    recipe = digest([RECIPE_VERSION, to_dict(PretrainConfig(steps=1)), to_dict(SourceConfig())])
+    evaluation = digest([EVAL_VERSION, to_dict(EvaluateConfig())])
+    return recipe, evaluation
+
+
+# Identities hash only non-default values, so a changed default would change results under the same ids.
+# When this fails: if a default changed what a config computes, bump RECIPE_VERSION (pretraining, sources) or
+# EVAL_VERSION (evaluations) in study/identity.py; then (in either case, a new field too) update the pin.
+PINNED_DEFAULTS = ("", "")
+
+
+def test_config_defaults_are_pinned_to_the_recipe_and_eval_versions():
+    assert _defaults() == PINNED_DEFAULTS, f"defaults changed: see the comment above; now {_defaults()}"

@@ -1,0 +1,94 @@
+"""A real `mlflow server` on 127.0.0.1 (proxied artifacts): runs and artifacts land on the server, none on the
+driver's disk, and a 30-second outage mid-study loses no row of the results table."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+class Server:
+    def __init__(self, root):
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+               "--artifacts-destination", str(self.root / "server-artifacts"), "--workers", "1"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, 9)
+        self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_runs_and_artifacts_go_to_the_server_and_an_outage_loses_nothing(server, tmp_path, cache_dir):
+    out = tmp_path / "runs"
+    args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out), "--tracking-uri", server.uri,
+            "models=[ViT-Pico/4]", "pretrain.steps=150", "pretrain.checkpoint_every=10",
+            "resources.max_concurrent_trials=1"]
+    env = {**os.environ, "VITSCALE_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("smoke/storage/points/*/checkpoints/ckpt-*/state.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    server.stop()  # mid-study: the first point is training
+    time.sleep(30)
+    server.start()
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stderr.count("is unreachable") == 1  # said once, not per write
+    table = pd.read_csv(out / "smoke" / "results.csv")  # complete whatever MLflow had
+    assert sorted(table["subset_size"].unique()) == [256, 1024]
+    assert len(table[table["eval"] != "diagnostic"]) == 2 * (2 + 2 + 2)
+    again = run_cli(args, cache_dir)  # logs from storage whatever the outage kept from MLflow
+    assert again.returncode == 0, again.stderr[-3000:]
+    client = MlflowClient(server.uri)
+    exp = client.get_experiment_by_name("smoke")
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert exp.artifact_location.startswith("mlflow-artifacts:")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("study_role") == "point"]
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    assert sum(r.data.tags.get("study_role") == "parent" for r in runs) == 1
+    for child in children:
+        assert "fewshot/shapes-novel/5shot_top1" in child.data.metrics
+        assert {a.path for a in client.list_artifacts(child.info.run_id, "model")} == {
+            "model/pretrained.safetensors", "model/model.json"}
+    assert list((tmp_path / "server-artifacts").rglob("pretrained.safetensors"))  # on the server's side
+    assert not (out / "mlartifacts").exists() and not (out / "mlflow.db").exists()  # nothing on the driver's disk
