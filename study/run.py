@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import UserError, to_dict
-from study.config import GridPoint, StudyConfig, expand, load_study
+from study.config import GridPoint, StudyConfig, expand, load_study, pipe_commands
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA datasheet)
 ASSUMED_MFU = 0.4
@@ -61,6 +61,18 @@ def print_grid(rows: list[dict], as_json: bool) -> None:
     total = sum(r["pretrain_flops"] for r in rows)
     print(f"{len(rows)} trials, {total:.3e} pretraining FLOPs in all, ~{sum(r['h100_hours'] for r in rows):,.1f} "
           f"H100-hours at {ASSUMED_MFU:.0%} of bf16 peak")
+
+
+def print_commands(commands: list[str], as_json: bool) -> None:
+    """A grid file is code: show every shell command its `pipe:` URLs would run."""
+    if not commands:
+        return
+    if as_json:  # stdout stays one JSON document
+        print(f"{len(commands)} shell commands from pipe: URLs; --dry-run without --json lists them", file=sys.stderr)
+        return
+    print(f"\nThe grid's pipe: URLs run these {len(commands)} shell commands (review them as you would a script):")
+    for command in commands:
+        print(f"  {command}")
 
 
 def git_commit() -> str:
@@ -115,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         points = expand(cfg)  # the one expansion of the grid; Tune receives these points
         if args.dry_run:
             print_grid(describe(points, planned_actions(cfg, points, args)), args.json)
+            print_commands(pipe_commands(cfg), args.json)
             return 0
         prepare_data(cfg)
         return launch(cfg, points, args)

@@ -57,6 +57,15 @@ def test_dry_run_json_lists_every_grid_point(cache_dir):
     assert rows[0]["pretrain_flops"] == 3 * 2 * macs * 768  # backward ~ 2 x forward, 768 examples seen
 
 
+def test_dry_run_lists_the_shell_commands_of_pipe_urls_and_what_each_point_will_do(tmp_path, cache_dir):
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--dry-run", "--out", str(tmp_path),
+                    "data.pretrain.source=webdataset", "data.pretrain.urls=pipe:cat /data/s-{0..1}.tar"], cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "  cat /data/s-0.tar\n  cat /data/s-1.tar" in proc.stdout and "2 shell commands" in proc.stdout
+    assert proc.stdout.count("  train\n") == 4  # nothing done yet: every point trains
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
 def test_paper_scale_dry_run_is_fast_and_touches_no_data(cache_dir):
     start = time.monotonic()
     proc = run_cli(["-m", "study.run", "--grid", "configs/paper/vit-vs-bit-jft.yaml", "--dry-run", "--json"],
