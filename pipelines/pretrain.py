@@ -11,9 +11,8 @@ from typing import Literal
 
 import torch
 from safetensors.torch import save_file
-from timm.models.resnetv2 import ResNetV2
 
-from pipelines import models
+from pipelines import models, perf
 from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
@@ -37,11 +36,13 @@ class PretrainConfig:
     warmup_steps: int = 200
     decay: Literal["cosine", "linear"] = "cosine"
     grad_clip: float = 1.0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: perf.Precision = "auto"  # auto: bf16 on CUDA (fp16 + loss scaling without bf16), fp32 on a CPU
     loss: Literal["softmax", "sigmoid"] = "softmax"
     augment: Augment = field(default_factory=Augment)  # inception crop + flip, as the ViT paper pretrains
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: on CUDA only
     micro_batch_size: int | None = None  # accumulate gradients over micro-batches of this size
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (timm): less memory, ~30% slower
+    nonfinite_check_every: int = 25  # steps between host reads of the loss; a NaN/inf stops the run within these
     checkpoint_every: int = 500  # steps between checkpoints (a trial restarted by Tune resumes from the newest)
     keep_checkpoints: int = 2
 
@@ -53,12 +54,11 @@ class PretrainConfig:
             raise ValueError("durations, batch_size and lr must be positive")
         if self.micro_batch_size is not None and not 0 < self.micro_batch_size <= self.batch_size:
             raise ValueError("micro_batch_size must be in (0, batch_size]")
+        if self.nonfinite_check_every <= 0:
+            raise ValueError("nonfinite_check_every must be positive")
 
     def total_steps(self, dataset_size: int) -> int:
         return duration_steps(self.epochs, self.steps, self.examples, self.batch_size, dataset_size)
-
-    def examples_seen(self, dataset_size: int) -> int:
-        return self.total_steps(dataset_size) * self.batch_size
 
 
 @dataclass
@@ -69,16 +69,26 @@ class PretrainResult:
     examples_seen: int
     final: dict
     seconds: float
+    # Steady state of the run (`perf.throughput`): images_per_s, step_time_s, data_wait_fraction,
+    # peak_device_memory_gb (CUDA) or peak_host_rss_gb (CPU), and mfu, device_peak_tflops where the peak is known.
+    throughput: dict[str, float] = field(default_factory=dict)
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Parameter groups: weight decay on weights only, not on what the model exempts (`no_weight_decay()`: a ViT's
+    position embedding and class token) nor on any 1-D parameter (biases, norm scales)."""
+    exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def make_optimizer(cfg: PretrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    groups, fused = decay_groups(model, cfg.weight_decay), perf.fused_optimizer(device)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    # Weight decay on weights only, not on biases, norms, position embeddings or the class token.
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def training_source(cfg: PretrainConfig, data: ImageArrays | ShardSubset, image_size: int, seed: int,
@@ -99,25 +109,33 @@ def run(cfg: PretrainConfig, model_name: str, data: ImageArrays | ShardSubset, n
     `loader`."""
     start = time.perf_counter()
     torch.manual_seed(seed)
+    perf.reset_peak_memory(device)
     model = models.build(model_name, num_classes, image_size).to(device)
-    if isinstance(model, ResNetV2) and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    perf.channels_last(model, device)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     steps = cfg.total_steps(len(data))
     optimizer = make_optimizer(cfg, model, device)
     schedule = partial(warmup_decay, total=steps, warmup=cfg.warmup_steps, decay=cfg.decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    trained = torch.compile(model) if cfg.compile else model
+    if perf.compile_enabled(cfg.compile, device):
+        perf.compile_model(model)  # in place: checkpoints and the weights keep the plain module's keys
+    precision = perf.resolve_precision(cfg.precision, device)
     spec = LoopSpec(steps=steps, batch_size=cfg.batch_size, image_size=image_size, grad_clip=cfg.grad_clip,
-                    loss=cfg.loss, precision=cfg.precision, seed=seed,
+                    loss=cfg.loss, precision=precision, seed=seed,
                     micro_batch_size=cfg.micro_batch_size, checkpoint_dir=checkpoint_dir,
-                    checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints)
+                    checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+                    nonfinite_check_every=cfg.nonfinite_check_every)
     source = training_source(cfg, data, image_size, seed, device, loader or LoaderConfig())
-    final = train_loop(trained, source, spec, optimizer, scheduler, device, on_epoch, desc=f"pretrain {model_name}",
-                       progress=progress, on_checkpoint=on_checkpoint)
+    loop = train_loop(model, source, spec, optimizer, scheduler, device, on_epoch, desc=f"pretrain {model_name}",
+                      progress=progress, on_checkpoint=on_checkpoint)
+    flops = 3 * models.forward_flops(model_name, image_size, num_classes)  # forward + backward (2x forward)
+    throughput = perf.throughput(loop.timed_steps * cfg.batch_size, loop.timed_seconds, loop.waited_seconds,
+                                 loop.timed_steps, flops, device, precision) if loop.timed_steps else {}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "pretrained.safetensors"
         save_file(state, str(path), metadata={"model": model_name, "steps": str(steps)})
-    return PretrainResult(state, path, steps, steps * cfg.batch_size, final, time.perf_counter() - start)
+    return PretrainResult(state, path, steps, steps * cfg.batch_size, loop.final, time.perf_counter() - start,
+                          throughput)

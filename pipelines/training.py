@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipelines import checkpoint
+from pipelines import checkpoint, perf
 from pipelines.config import UserError
 from pipelines.data import ImageArrays, split_batches
 from pipelines.data.augment import Augment, augment_batch
@@ -91,12 +91,24 @@ class LoopSpec:
     image_size: int
     grad_clip: float
     loss: str = "softmax"  # or "sigmoid" (multi-label, as for ImageNet-21k)
-    precision: str = "fp32"
+    precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (`perf.resolve_precision`)
     seed: int = 0
     micro_batch_size: int | None = None  # gradient accumulation when the batch does not fit
     checkpoint_dir: Path | None = None  # resume from its newest checkpoint; write new ones there
     checkpoint_every: int = 0  # steps; 0: only at the end
     keep_checkpoints: int = 2
+    nonfinite_check_every: int = 25  # steps between reads of the loss from the device
+
+
+@dataclass
+class LoopResult:
+    """The last epoch's metrics, and the steady-state timing of the run (its first steps, which include
+    compilation and autotuning, left out)."""
+
+    final: dict
+    timed_steps: int = 0
+    timed_seconds: float = 0.0
+    waited_seconds: float = 0.0  # of timed_seconds, waiting for the next batch
 
 
 def loss_fn(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -106,106 +118,187 @@ def loss_fn(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, labels)
 
 
+class _Sums:
+    """Loss and correct-prediction sums kept on the device (no host read per step), with the one read at log
+    points that also checks the loss is finite."""
+
+    def __init__(self, device: torch.device, saved: list | None = None):
+        loss, correct, self.count = saved or (0.0, 0, 0)
+        self.device = device
+        self.values = torch.tensor([loss, correct], dtype=torch.float64, device=device)
+        self.checked = 0  # the last step whose loss was read and finite
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        correct = (logits.argmax(-1) == labels).sum()
+        self.values += torch.stack((loss.detach().double() * len(labels), correct.double()))
+        self.count += len(labels)
+
+    def read(self, step: int, desc: str) -> list:
+        """[loss sum, correct, count] on the host; raises TrainingDiverged if a loss since the last read was not
+        finite."""
+        loss, correct = self.values.tolist()
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"{desc}: loss became {loss} between step {self.checked + 1} and {step}; lower "
+                                   f"the learning rate or check the data")
+        self.checked = step
+        return [loss, int(correct), self.count]
+
+    def reset(self) -> None:
+        self.values.zero_()
+        self.count = 0
+
+
 def train_loop(model: nn.Module, source: MemoryBatches | StreamLoader, spec: LoopSpec,
                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                device: torch.device, on_epoch: Callable[[dict], None] | None = None, desc: str = "train",
-               progress: bool = True, on_checkpoint: Callable[[Path], None] | None = None) -> dict:
+               progress: bool = True, on_checkpoint: Callable[[Path], None] | None = None) -> LoopResult:
     """Run `spec.steps` optimizer steps over batches from `source`, calling `on_epoch(metrics)` after each epoch.
 
     With `spec.checkpoint_dir`, resumes from its newest checkpoint (weights, optimizer, scheduler, RNG state and
     the position inside the epoch), so a killed run continues exactly where its last checkpoint left it.
-    `loader_wait_fraction` is the share of the epoch's wall time spent waiting for the next batch.
+    `loader_wait_fraction` is the share of the epoch's wall time spent waiting for the next batch. Nothing is read
+    from the device inside the step: the loss is read every `spec.nonfinite_check_every` steps, at epoch ends and
+    before each checkpoint (so no checkpoint holds a diverged state).
 
     Raises:
-        TrainingDiverged: the loss is NaN/inf (checked every step, before the update is applied).
+        TrainingDiverged: the loss became NaN/inf (within `spec.nonfinite_check_every` steps of it happening).
     """
     gen = torch.Generator().manual_seed(spec.seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
-    step, epoch, in_epoch, sums = 0, 0, 0, [0.0, 0, 0]
+    precision = perf.resolve_precision(spec.precision, device)
+    perf.enable_tf32(device)
+    autocast, scaler = perf.autocast(precision, device), perf.grad_scaler(precision, device)
+    memory_format = perf.channels_last(model, device)
+    step, epoch, in_epoch, saved = 0, 0, 0, None
     resume = checkpoint.latest(spec.checkpoint_dir)
     if resume is not None:
         loop = checkpoint.load(resume, model, optimizer, scheduler)
-        step, epoch, in_epoch, sums = loop["step"], loop["epoch"], loop["batch"], loop["sums"]
+        step, epoch, in_epoch, saved = loop["step"], loop["epoch"], loop["batch"], loop["sums"]
         gen.set_state(loop["gen"])
-    start, start_step, epoch_start, waited = time.perf_counter(), step, time.perf_counter(), 0.0
+        if "scaler" in loop:
+            scaler.load_state_dict(loop["scaler"])
+    sums = _Sums(device, saved)
+    sums.checked = step
+    timer = _Timer(device, step, spec.steps)
     bar = tqdm(total=spec.steps, initial=step, desc=desc, unit="step", disable=not progress, mininterval=2)
     last: dict = {}
     batches = source.batches(epoch, in_epoch) if step < spec.steps else iter(())
     model.train()
     while step < spec.steps:
+        timer.at_step(step)
         tick = time.perf_counter()
         batch = next(batches)
-        waited += time.perf_counter() - tick
+        timer.waited(time.perf_counter() - tick)
         optimizer.zero_grad(set_to_none=True)
-        _step(model, batch, spec, source.augment, gen, autocast, device, sums, desc, step + 1)
+        _step(model, batch, spec, source.augment, gen, autocast, scaler, memory_format, device, sums)
         if spec.grad_clip:
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         step, in_epoch = step + 1, in_epoch + 1
         bar.update(1)
         epoch_done = batch.end_of_epoch or step == spec.steps
         if epoch_done:
             epoch, in_epoch = epoch + 1, 0
-        if spec.checkpoint_dir is not None and (step == spec.steps or
-                                                (spec.checkpoint_every and step % spec.checkpoint_every == 0)):
-            state = {"step": step, "epoch": epoch, "batch": in_epoch, "gen": gen.get_state(), "sums": list(sums)}
+        save = spec.checkpoint_dir is not None and (step == spec.steps or
+                                                   (spec.checkpoint_every and step % spec.checkpoint_every == 0))
+        if save or epoch_done or step % spec.nonfinite_check_every == 0:
+            totals = sums.read(step, desc)  # the one host read; raises if the loss is not finite
+        if save:
+            state = {"step": step, "epoch": epoch, "batch": in_epoch, "gen": gen.get_state(), "sums": totals}
+            if scaler.is_enabled():
+                state["scaler"] = scaler.state_dict()
             path = checkpoint.save(spec.checkpoint_dir, step, model, optimizer, scheduler, state,
                                    spec.keep_checkpoints)
             if on_checkpoint is not None:
                 on_checkpoint(path)
         if epoch_done:
-            now = time.perf_counter()
-            last = {"epoch": epoch, "step": step, "examples_seen": step * spec.batch_size,
-                    "loss": sums[0] / max(sums[2], 1), "train_top1": 100.0 * sums[1] / max(sums[2], 1),
-                    "lr": scheduler.get_last_lr()[0],
-                    "images_per_s": (step - start_step) * spec.batch_size / max(now - start, 1e-9),
-                    "loader_wait_fraction": waited / max(now - epoch_start, 1e-9)}
+            last = timer.epoch_metrics(epoch, step, spec.batch_size, totals, scheduler.get_last_lr()[0])
             last.update({f"skipped_{cause}": n for cause, n in source.skipped(batch.epoch).items()})
-            sums, waited = [0.0, 0, 0], 0.0
+            sums.reset()
             bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_top1']:.1f}")
             if on_epoch is not None:
                 on_epoch(last)
                 model.train()  # on_epoch may have evaluated the model
-            epoch_start = time.perf_counter()
+            timer.epoch_start = time.perf_counter()
     bar.close()
-    return last
+    return timer.result(last)
+
+
+class _Timer:
+    """Wall time per epoch (for the per-epoch metrics) and over the steady-state window of the run: from step
+    `first + warm-up` to the end, bracketed by device synchronisations (two per run)."""
+
+    def __init__(self, device: torch.device, step: int, total: int):
+        self.device, self.start_step, self.start = device, step, time.perf_counter()
+        self.epoch_start, self.epoch_waited = self.start, 0.0
+        self.window_step = step + min(5, (total - step) // 4)  # compilation and autotuning happen before it
+        self.window_start, self.window_waited = None, 0.0
+
+    def at_step(self, step: int) -> None:
+        if step == self.window_step:
+            perf.synchronize(self.device)
+            self.window_start, self.window_waited = time.perf_counter(), 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.epoch_waited += seconds
+        self.window_waited += seconds
+
+    def epoch_metrics(self, epoch: int, step: int, batch_size: int, totals: list, lr: float) -> dict:
+        now = time.perf_counter()
+        loss, correct, count = totals
+        out = {"epoch": epoch, "step": step, "examples_seen": step * batch_size,
+               "loss": loss / max(count, 1), "train_top1": 100.0 * correct / max(count, 1), "lr": lr,
+               "images_per_s": (step - self.start_step) * batch_size / max(now - self.start, 1e-9),
+               "loader_wait_fraction": self.epoch_waited / max(now - self.epoch_start, 1e-9)}
+        self.epoch_waited = 0.0
+        return out
+
+    def result(self, last: dict) -> LoopResult:
+        if self.window_start is None:
+            return LoopResult(last)
+        perf.synchronize(self.device)
+        seconds = time.perf_counter() - self.window_start
+        return LoopResult(last, last.get("step", self.window_step) - self.window_step, seconds, self.window_waited)
 
 
 def _step(model: nn.Module, batch: Batch, spec: LoopSpec, augment: Augment | None, gen: torch.Generator,
-          autocast, device: torch.device, sums: list, desc: str, step: int) -> None:
-    """Forward and backward of one batch (in micro-batches), accumulating loss/accuracy sums; no update."""
+          autocast, scaler: torch.amp.GradScaler, memory_format: torch.memory_format, device: torch.device,
+          sums: _Sums) -> None:
+    """Forward and backward of one batch (in micro-batches), adding to the loss/accuracy sums on the device; no
+    update, no host read."""
     micro = spec.micro_batch_size or spec.batch_size
     n = len(batch.labels)
     inputs = to_input(batch.images, spec.image_size, device)
     if augment is not None:  # once per batch, so micro-batching does not change the augmentation
         inputs = augment_batch(inputs, augment, gen)
+    inputs = inputs.contiguous(memory_format=memory_format)
     labels = batch.labels.to(device, non_blocking=True)
     for lo in range(0, n, micro):
         x, y = inputs[lo:lo + micro], labels[lo:lo + micro]
         with autocast:
             logits = model(x)
             loss = loss_fn(spec.loss, logits.float(), y)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"{desc}: loss became {value} at step {step}; lower the learning rate or check "
-                                   f"the data")
-        (loss * (len(y) / n)).backward()
-        sums[0] += value * len(y)
-        sums[1] += int((logits.argmax(-1) == y).sum())
-        sums[2] += len(y)
+        scaler.scale(loss if len(y) == n else loss * (len(y) / n)).backward()
+        sums.add(loss, logits, y)
 
 
 @torch.no_grad()
 def infer(model: nn.Module, images: np.ndarray, image_size: int, device: torch.device, batch_size: int = 256,
-          pre_logits: bool = False) -> np.ndarray:
-    """Logits, or pre-logit features (`pre_logits=True`: class token or global average pool, as trained)."""
+          pre_logits: bool = False, precision: str = "auto") -> np.ndarray:
+    """Logits, or pre-logit features (`pre_logits=True`: class token or global average pool, as trained), in
+    mixed precision where the device has it (`perf.resolve_precision`); returned as float32."""
     model.eval()
+    precision = perf.resolve_precision(precision, device)
+    perf.enable_tf32(device)
+    memory_format = perf.channels_last(model, device)
     out = []
     for start in range(0, len(images), batch_size):
-        x = to_input(images[start:start + batch_size], image_size, device)
-        feats = model.forward_features(x)
-        out.append(model.forward_head(feats, pre_logits=pre_logits).float().cpu())
+        x = to_input(images[start:start + batch_size], image_size, device).contiguous(memory_format=memory_format)
+        with perf.autocast(precision, device):
+            feats = model.forward_features(x)
+            out.append(model.forward_head(feats, pre_logits=pre_logits).float().cpu())
     return torch.cat(out).numpy()
 
 

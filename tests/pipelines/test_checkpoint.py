@@ -160,4 +160,6 @@ def test_gradient_accumulation_matches_the_full_batch_step():
         results.append(pretrain.run(cfg, "BiT-R14-Pico", data, 4, 32, seed=0, device=torch.device("cpu"),
                                     progress=False).state_dict)
     for k in results[0]:
-        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-5, rtol=1e-4)
+        # Weight standardisation + GroupNorm carry summation-order noise to ~3e-5 after three steps (with or
+        # without weight decay on the 1-D parameters); a wrong accumulation is off by ~1e-2.
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-4, rtol=1e-3)

@@ -44,8 +44,8 @@ def test_pretraining_learns_an_easy_task_and_saves_safetensors(tmp_path):
     assert torch.equal(loaded["pos_embed"], result.state_dict["pos_embed"])
 
 
-def test_non_finite_loss_stops_the_run_at_the_first_step(monkeypatch):
-    cfg = pretrain.PretrainConfig(steps=5, batch_size=16, lr=1e-3)
+def test_non_finite_loss_stops_the_run_within_the_check_interval(monkeypatch):
+    cfg = pretrain.PretrainConfig(steps=5, batch_size=16, lr=1e-3, nonfinite_check_every=3)
     data = _tiny_data()
     data.images[:] = 0
     original = models.build
@@ -57,5 +57,5 @@ def test_non_finite_loss_stops_the_run_at_the_first_step(monkeypatch):
         return model
 
     monkeypatch.setattr(models, "build", poisoned)  # a real model whose head weights are NaN
-    with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
+    with pytest.raises(TrainingDiverged, match="loss became nan between step 1 and 3; lower the learning rate"):
         pretrain.run(cfg, "ViT-Pico/4", data, 4, 32, seed=0, device=torch.device("cpu"), progress=False)

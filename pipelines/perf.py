@@ -1,0 +1,155 @@
+"""How a step runs fast on its device, and how fast it ran: precision, TF32, torch.compile, channels_last, fused
+optimizers; device peak FLOP/s and the model FLOPs utilisation (MFU) of a run.
+
+The defaults are on for CUDA and off on a CPU (DESIGN-scale.md section 5), except channels_last for ResNet paths,
+which also pays on a CPU (oneDNN: about 30% faster steps for the CPU-sized BiTs, bench/pretrain_throughput.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import resource
+import sys
+from typing import Literal
+
+import torch
+from timm.models.resnetv2 import ResNetV2
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+BACKEND = "inductor"  # torch.compile backend; tests swap in "aot_eager" where only the plumbing is checked
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """`auto` -> bf16 on a CUDA GPU with bf16 (Ampere and later), fp16 on older GPUs, fp32 elsewhere."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed-precision region for forward passes (a resolved precision: fp32 means no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 only (bf16 has fp32's exponent range); a disabled scaler passes calls through."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (10-bit mantissa products, fp32 sums)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def fused_optimizer(device: torch.device) -> bool:
+    """Fused AdamW/SGD kernels: one launch for all parameters on CUDA; on a CPU fewer passes over memory."""
+    return device.type in ("cuda", "cpu")
+
+
+def channels_last(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """Put the model's ResNet paths (a BiT, a hybrid's backbone) in channels_last, in place; returns the memory
+    format its input should have. A plain ViT stays as it is (its one convolution is the patch embedding)."""
+    resnets = [m for m in model.modules() if isinstance(m, ResNetV2)]
+    if not resnets or device.type not in ("cuda", "cpu"):
+        return torch.contiguous_format
+    for resnet in resnets:
+        resnet.to(memory_format=torch.channels_last)
+    return torch.channels_last
+
+
+def compile_enabled(setting: bool | str, device: torch.device) -> bool:
+    """`auto`: compile on CUDA only (on a CPU the cold start costs minutes and the CPU-sized models gain nothing
+    measurable, see README)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def compile_model(model: nn.Module) -> None:
+    """torch.compile in place (`Module.compile`), so `state_dict()` keeps the plain module's keys and a DDP wrapper
+    can be applied afterwards. Static shapes (`dynamic=False`); a ViT's blocks are compiled one by one (regional
+    compilation: one graph reused by every block, a shorter cold start than the whole model)."""
+    if isinstance(model, VisionTransformer):
+        model.patch_embed.compile(dynamic=False, backend=BACKEND)
+        for block in model.blocks:
+            block.compile(dynamic=False, backend=BACKEND)
+    else:
+        model.compile(dynamic=False, backend=BACKEND)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """`peak_device_memory_gb` (CUDA: most bytes allocated by tensors since the last reset) or, on a CPU,
+    `peak_host_rss_gb` (the process's peak resident set since it started: an upper bound for one run)."""
+    if device.type == "cuda":
+        return {"peak_device_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return {"peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9}
+
+
+# Dense peak FLOP/s per precision from the vendors' data sheets ("tf32" for fp32 matmuls on tensor cores).
+# Most specific names first: a device name is matched against each pattern in order. Left out where no data
+# sheet gives a dense tensor peak (A10G): its MFU is then not reported rather than guessed.
+PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    (r"H100.*PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51.2e12}),
+    (r"H100.*NVL|H200.*NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    (r"H100|H200|GH200", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}),  # SXM
+    (r"A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    (r"L40S", {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    (r"\bL4\b", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
+    (r"\bA10\b", {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
+    (r"V100.*PCIe", {"fp16": 112e12, "fp32": 14e12}),
+    (r"V100", {"fp16": 125e12, "fp32": 15.7e12}),
+    (r"\bT4\b", {"fp16": 65e12, "fp32": 8.1e12}),
+    (r"RTX 4090", {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12, "fp32": 82.6e12}),
+    (r"RTX 3090", {"bf16": 71e12, "fp16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12}),
+]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def peak_flops(device: str | torch.device, precision: str) -> float:
+    """Dense peak FLOP/s of `device` (a torch device or a CUDA device name) at a resolved precision; fp32 on CUDA
+    counts the TF32 peak where the device has one (`enable_tf32`). NaN for a CPU or an unknown device."""
+    name = device_name(device) if isinstance(device, torch.device) else device
+    if name == "cpu":
+        return math.nan
+    for pattern, peaks in PEAK_FLOPS:
+        if re.search(pattern, name):
+            key = "tf32" if precision == "fp32" and "tf32" in peaks else precision
+            return peaks.get(key, math.nan)
+    return math.nan
+
+
+def throughput(images: int, seconds: float, waited: float, steps: int, train_flops_per_image: float,
+               device: torch.device, precision: str) -> dict[str, float]:
+    """A run's throughput measurements (for MLflow: plain floats). `mfu` and `device_peak_tflops` only where the
+    device's peak is known."""
+    per_s = images / max(seconds, 1e-9)
+    out = {"images_per_s": per_s, "step_time_s": seconds / max(steps, 1),
+           "data_wait_fraction": waited / max(seconds, 1e-9), **peak_memory(device)}
+    peak = peak_flops(device, precision)
+    if math.isfinite(peak):
+        out.update(mfu=train_flops_per_image * per_s / peak, device_peak_tflops=peak / 1e12)
+    return out
