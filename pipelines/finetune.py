@@ -19,6 +19,7 @@ from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, Stream
 from pipelines.training import (
     LoopSpec,
     MemoryBatches,
+    TrainingDiverged,
     duration_steps,
     evaluate,
     holdout,
@@ -109,13 +110,19 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     loader = loader or LoaderConfig(workers=0)
     train, minival = split_minival(train, cfg.val_fraction, seed)
     steps = cfg.total_steps(len(train))
-    best, val_top1 = None, {}
+    best, val_top1, diverged = None, {}, None
     for lr in cfg.learning_rates:
-        model, curves = _train(cfg, lr, steps, model_name, state, train, minival, num_classes, seed, device,
-                               progress, f"{desc} lr={lr:g}", loader)
+        try:
+            model, curves = _train(cfg, lr, steps, model_name, state, train, minival, num_classes, seed, device,
+                                   progress, f"{desc} lr={lr:g}", loader)
+        except TrainingDiverged as err:  # a rate too high for this task is a bad point of the sweep, not an error
+            val_top1[lr], diverged = float("nan"), err
+            continue
         val_top1[lr] = curves[-1]["val_top1"] if minival is not None else float("nan")
         if best is None or val_top1[lr] > val_top1[best[0]]:  # ties keep the earlier rate
             best = (lr, model, curves)
+    if best is None:
+        raise diverged
     lr, model, curves = best
     for point in curves if on_epoch is not None else ():
         on_epoch(point)
