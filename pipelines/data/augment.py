@@ -19,7 +19,7 @@ class Augment:
     """Training augmentation.
 
     `crop`: `inception` takes a random crop of `min_area`..100% of the image area with aspect ratio 3/4..4/3 and
-    resizes it to the training resolution (the ViT and BiT pretraining crop); `translate` zero-pads by
+    resizes it to the training resolution (the ViT and BiT pretraining crop); `translate` pads with black by
     `crop_padding` pixels and crops back (a small-image variant that keeps the whole object); `none` resizes.
     `flip`: random horizontal flip.
     """
@@ -116,7 +116,7 @@ def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.
         x = torch.cat(crops)
     elif aug.crop == "translate" and aug.crop_padding:
         p = aug.crop_padding
-        padded = F.pad(x, (p, p, p, p))
+        padded = F.pad(x, (p, p, p, p), value=-1.0)  # black, as `train_image` pads uint8 zeros ([-1, 1] input)
         offsets = torch.randint(0, 2 * p + 1, (x.shape[0], 2), generator=gen).tolist()
         x = torch.stack([padded[i, :, dy:dy + size, dx:dx + size] for i, (dy, dx) in enumerate(offsets)])
     if aug.flip:

@@ -206,3 +206,24 @@ def test_streamed_pipe_urls_are_read_exactly_once_with_bad_samples_counted(tmp_p
         good = {k for k in subset if k.startswith(("s", "g"))}
         assert set(seen) == good and set(seen.values()) == {1}
     assert sum(loader.skipped(0).values()) == len(subset) - len(good)
+
+
+def test_translate_pads_the_same_in_the_stream_and_in_memory():
+    """One augmentation, two places it runs: a white image shifted by up to 4 px shows the same black border in
+    the loader's workers (uint8, PIL) and on a batch held in memory (tensor in [-1, 1])."""
+    import torch
+
+    from pipelines.data.augment import augment_batch
+    from pipelines.training import to_input
+
+    aug = Augment(crop="translate", crop_padding=4, flip=False)
+    white = np.full((16, 16, 3), 255, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(white).save(buf, format="PNG")
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    streamed = to_input(np.stack([train_image(buf.getvalue(), 16, aug, rng) for _ in range(64)]), 16,
+                        torch.device("cpu"))
+    in_memory = augment_batch(to_input(np.repeat(white[None], 64, 0), 16, torch.device("cpu")), aug, gen)
+    for x in (streamed, in_memory):
+        assert set(torch.unique(x).tolist()) == {-1.0, 1.0}  # white, and a black border where shifted
+        assert 0.1 < (x == -1.0).float().mean() < 0.3
