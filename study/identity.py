@@ -69,6 +69,16 @@ def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
             "source": settings(cfg.data.pretrain, "source"), "pretrain": settings(cfg.pretrain, "pretrain")}
 
 
+def recipe_params(cfg) -> dict:
+    """The pretraining recipe and source in full (defaults included, execution-only fields left out), for people
+    reading a run: the same for every invocation of a point, as MLflow's immutable params must be."""
+    def full(obj, kind: str) -> dict:
+        return {k: v for k, v in to_dict(obj).items() if k not in EXECUTION_ONLY.get(kind, ())}
+
+    return {"recipe_version": RECIPE_VERSION, "source": full(cfg.data.pretrain, "source"),
+            "pretrain": full(cfg.pretrain, "pretrain")}
+
+
 def point_id(cfg, model: str, subset_size: int, seed: int) -> str:
     return digest(point_identity(cfg, model, subset_size, seed))
 

@@ -221,7 +221,7 @@ class Finisher:
 
     def __call__(self, point: GridPoint, record) -> None:
         panel = fig7_panel(point, self.where, self.where.out / "figures" / "points")
-        headline = {}
+        headline = {"pretrain_flops": point.pretrain_flops}  # the x-axis of Fig 5, plotted by the MLflow UI too
         first = self.cfg.downstream[0].label  # the study's headline task, also logged under plain names
         for m in record.measurements():
             if m.dataset == first and m.metric == "top1" and m.eval in ("fewshot", "finetune"):

@@ -21,7 +21,7 @@ from pipelines.config import UserError
 from pipelines.downstream import Measurement
 from pipelines.training import TrainingDiverged, evaluate, pick_device
 from study.config import GridPoint, StudyConfig
-from study.identity import point_identity
+from study.identity import recipe_params
 from study.protocol import Curve, EvalRecord, Event, Failed, Finished, PointRecord, Started
 from study.storage import Storage
 
@@ -124,8 +124,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
 
 def identity_params(cfg: StudyConfig, point: GridPoint) -> dict:
     """The child run's params: the point and everything its identity hashes (the same for every invocation)."""
-    return {"point_id": point.id, **point.table_fields, "steps": point.steps,
-            **point_identity(cfg, point.model, point.subset_size, point.seed)}
+    return {"point_id": point.id, **point.table_fields, "steps": point.steps, **recipe_params(cfg)}
 
 
 def pretrain_step_of(checkpoint_name: str | None) -> int:

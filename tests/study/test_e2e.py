@@ -130,3 +130,23 @@ def test_a_killed_trial_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     resumed = client.get_metric_history(children[0].info.run_id, "resumed_from_step")
     assert resumed and resumed[0].value >= 20 and resumed[0].value % 20 == 0
+
+
+def test_the_readme_snippet_loads_a_points_weights_from_mlflow(smoke):
+    """The README's snippet, run as written: a finished point's weights from the tracking store alone."""
+    import torch
+
+    out, _ = smoke
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("<!-- weights-snippet", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    child = next(r for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+                 if r.data.params.get("model") == "ViT-Pico/4" and r.data.params.get("subset_size") == "256")
+    scope = {"RUN_ID": child.info.run_id, "TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    exec(snippet, scope)  # noqa: S102
+    stored = out / "smoke" / "storage" / "points" / child.data.tags["point_id"] / "pretrained.safetensors"
+    from safetensors.torch import load_file
+    expected = load_file(str(stored))
+    loaded = scope["model"].state_dict()
+    assert set(loaded) == set(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert scope["model"](torch.zeros(1, 3, 32, 32)).shape == (1, 16)
