@@ -12,7 +12,7 @@ import torch
 
 from pipelines import data, fewshot, finetune, linear_probe
 from pipelines.data import ImageArrays, SourceConfig
-from pipelines.data.shards import DataError, index_shards
+from pipelines.data.shards import DataError
 from pipelines.data.stream import LoaderConfig, ShardSubset
 from pipelines.fewshot import FewshotConfig
 from pipelines.finetune import FinetuneConfig
@@ -99,11 +99,11 @@ def run(ev: EvaluateConfig, task: SourceConfig, model_name: str, model: torch.nn
 
 def task_splits(task: SourceConfig, cache_dir: Path, max_bad_fraction: float = 0.001) -> tuple[ShardSubset, ShardSubset]:
     """A downstream task's train and test splits, left in their shards (indexed, not read)."""
-    shards = data.prepare(task, cache_dir, progress=False)
+    shards = data.prepare(task, cache_dir, progress=False, max_bad_fraction=max_bad_fraction)
     if "test" not in shards:
         raise DataError(f"downstream task '{task.label}' has no test split (give test_urls, test_root or test_size)")
-    index = data.source_index(task, shards["train"], max_bad_fraction)
-    test = index_shards(shards["test"])
+    index = data.source_index(task, shards["train"], max_bad_fraction, cache_dir)
+    test = data.cached_index(shards["test"], cache_dir)
     return ShardSubset(index, index.all_keys), ShardSubset(test, test.all_keys)
 
 

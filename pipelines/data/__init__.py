@@ -94,13 +94,26 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("VITSCALE_CACHE", Path.home() / ".cache" / "vit-scaling"))
 
 
-def prepare(src: SourceConfig, cache_dir: Path, progress: bool = True) -> dict[str, list[str]]:
+def prepare(src: SourceConfig, cache_dir: Path, progress: bool = True,
+            max_bad_fraction: float = 0.001) -> dict[str, list[str]]:
     """Make the source readable and return its shard lists per split ('train', and 'test' if any).
 
     `shapes` is generated once into `cache_dir` (keyed by everything that changes its pixels); later calls
     and concurrent studies reuse it. `folder` class folders are converted once into shards there (keyed by their
     files' names, sizes and mtimes). `webdataset` shards are checked to exist.
+
+    Every split is then indexed once into the cache (`cached_index`), so the driver, which prepares every source
+    before any trial starts, finds a corrupt or truncated training shard (past `max_bad_fraction`) or a declared
+    size the shards do not hold up front, as one DataError; trials read the cached index.
     """
+    splits = _shard_lists(src, Path(cache_dir), progress)
+    source_index(src, splits["train"], max_bad_fraction, cache_dir)
+    if "test" in splits:
+        cached_index(splits["test"], cache_dir)
+    return splits
+
+
+def _shard_lists(src: SourceConfig, cache_dir: Path, progress: bool) -> dict[str, list[str]]:
     if src.source == "webdataset":
         splits = {"train": check_local_shards(src.urls)}
         if src.test_urls:
@@ -108,9 +121,9 @@ def prepare(src: SourceConfig, cache_dir: Path, progress: bool = True) -> dict[s
         _check_info(src, splits["train"][0])
         return splits
     if src.source == "folder":
-        return {split: _folder_shards(root, split, Path(cache_dir), progress)
+        return {split: _folder_shards(root, split, cache_dir, progress)
                 for split, (root,) in _check_folders(src).items()}
-    root = Path(cache_dir) / f"shapes-{_shapes_digest(src)}"
+    root = cache_dir / f"shapes-{_shapes_digest(src)}"
     if not (root / "_info.json").exists():
         _generate_shapes(src, root, progress)
     info = json.loads((root / "_info.json").read_text())
@@ -200,15 +213,36 @@ def source_keys(src: SourceConfig, shards: list[str]) -> list[str]:
     return source_index(src, shards).all_keys
 
 
-def source_index(src: SourceConfig, shards: list[str], max_bad_fraction: float = 0.001) -> ShardIndex:
+def source_index(src: SourceConfig, shards: list[str], max_bad_fraction: float = 0.001,
+                 cache_dir: Path | None = None) -> ShardIndex:
     """The training shards' index; its declared `size` must not exceed what they hold, and samples lost to
-    truncated or corrupt tars must stay within `max_bad_fraction`."""
-    index = index_shards(shards)
+    truncated or corrupt tars must stay within `max_bad_fraction`. With `cache_dir`, read from (or built once
+    into) the index cache that `prepare` fills, so trials and ranks do not re-read the shards' headers."""
+    index = cached_index(shards, cache_dir) if cache_dir is not None else index_shards(shards)
     held, lost = len(index.all_keys), sum(index.lost)
     if held < src.size:
         raise DataError(f"source '{src.label}' declares size {src.size} but its shards hold {held} readable samples"
                         + (f" ({lost} lost to truncated or corrupt tars)" if lost else ""))
     BadCounts(truncated_tar=lost).check(held + lost, max_bad_fraction, f"indexing {src.label}")
+    return index
+
+
+def cached_index(shards: list[str], cache_dir: Path) -> ShardIndex:
+    """`index_shards(shards)`, built once and cached in `cache_dir/index/` under a key made from the shards'
+    identity: each local shard's path, size and modification time (a rewritten shard changes the key); a remote
+    URL by its text only (its content is assumed immutable, as for versioned object-store paths)."""
+    ident = []
+    for shard in shards:
+        st = os.stat(shard) if is_local(shard) else None
+        ident.append([os.path.abspath(shard), st.st_size, st.st_mtime_ns] if st else [shard])
+    path = Path(cache_dir) / "index" / f"{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]}.json"
+    if path.exists():
+        return ShardIndex.from_json(path.read_text())
+    index = index_shards(shards)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(index.to_json())
+    os.replace(tmp, path)  # atomic: concurrent builders write the same content
     return index
 
 

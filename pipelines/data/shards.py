@@ -113,6 +113,17 @@ class ShardIndex:
         return {k: c for keys, labels in zip(self.keys, self.labels, strict=True)
                 for k, c in zip(keys, labels, strict=True)}
 
+    def to_json(self) -> str:
+        spans = [None if s is None else s.tolist() for s in self.spans]
+        return json.dumps({"shards": self.shards, "keys": self.keys, "labels": self.labels, "lost": self.lost,
+                           "spans": spans})
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardIndex:
+        raw = json.loads(text)
+        spans = [None if s is None else np.asarray(s, dtype=np.int64).reshape(-1, 4) for s in raw["spans"]]
+        return cls(raw["shards"], raw["keys"], raw["labels"], raw["lost"], spans)
+
 
 def index_shards(shards: list[str], progress: bool = False) -> ShardIndex:
     """Read every shard's tar headers and labels (seeking over image data in local files) into a ShardIndex."""

@@ -183,3 +183,25 @@ def test_folder_to_shards_round_trip_is_pixel_and_label_identical(tmp_path, cach
 def test_class_counts_report_the_spread():
     balance = data.class_counts(np.array([0, 0, 1, 3]), 5)
     assert balance == {"counts": [2, 1, 0, 1, 0], "min": 0, "max": 2, "empty_classes": 2}
+
+
+def test_prepare_indexes_a_source_once_and_fails_up_front_on_a_corrupt_training_shard(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for s in range(3):
+        write_shard(tmp_path / f"train-{s}.tar", ((f"{s}-{i:03d}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+                                                   i % 3) for i in range(100)))
+    src = data.SourceConfig(source="webdataset", urls=str(tmp_path / "train-{0..2}.tar"), size=240, num_classes=3,
+                            image_size=8)
+    built = []
+    real = data.index_shards
+    monkeypatch.setattr(data, "index_shards", lambda shards: built.append(shards) or real(shards))
+    shards = data.prepare(src, tmp_path / "cache")
+    assert len(built) == 1
+    index = data.source_index(src, shards["train"], 0.001, cache_dir=tmp_path / "cache")  # a trial, a rank
+    assert data.prepare(src, tmp_path / "cache") == shards and len(built) == 1  # read from the cache
+    assert sorted(index.all_keys) == sorted(real(shards["train"]).all_keys) and index.spans[0].shape == (100, 4)
+    raw = (tmp_path / "train-1.tar").read_bytes()
+    (tmp_path / "train-1.tar").write_bytes(raw[: len(raw) // 2])  # a new size and mtime: a new cache key
+    with pytest.raises(DataError, match=r"^indexing webdataset: 1 of \d+ samples unreadable .*truncated_tar 1"):
+        data.prepare(src, tmp_path / "cache")
+    assert len(built) == 2
