@@ -18,6 +18,7 @@ from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from pipelines import perf
 from pipelines.training import to_input
 
 
@@ -75,17 +76,20 @@ def mean_attention_distance(probs: torch.Tensor, grid: int, patch_size: int, num
 
 
 @torch.no_grad()
-def attention_probabilities(model: VisionTransformer, x: torch.Tensor) -> list[torch.Tensor]:
+def attention_probabilities(model: VisionTransformer, x: torch.Tensor,
+                            precision: str = "fp32") -> list[torch.Tensor]:
     """Per block, the softmax attention [B, H, N, N], recomputed from each attention module's input.
 
     Fused attention (SDPA) never materialises the probabilities; rather than switching it off, a forward hook
     captures the input of every `Attention` and the probabilities are recomputed from its own q/k projections.
+    The forward runs in `precision` (`perf.autocast`); the recomputation in fp32, so the softmax is not rounded.
     """
     inputs: list[torch.Tensor] = []
     hooks = [blk.attn.register_forward_hook(lambda mod, args, out: inputs.append(args[0])) for blk in model.blocks]
     try:
         model.eval()
-        model(x)
+        with perf.autocast(precision, x.device):
+            model(x)
     finally:
         for h in hooks:
             h.remove()
@@ -93,7 +97,7 @@ def attention_probabilities(model: VisionTransformer, x: torch.Tensor) -> list[t
     for blk, inp in zip(model.blocks, inputs, strict=True):
         attn = blk.attn
         b, n, _ = inp.shape
-        qkv = attn.qkv(inp).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = attn.qkv(inp.float()).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
         probs.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1))
     return probs
@@ -123,8 +127,10 @@ def receptive_fields(model: ResNetV2) -> list[int]:
     return out
 
 
-def run(model: nn.Module, images: np.ndarray, image_size: int, device: torch.device) -> Diagnostics:
-    """Diagnostics of a pretrained model on a fixed evaluation batch (`images`, uint8 [B, H, W, 3])."""
+def run(model: nn.Module, images: np.ndarray, image_size: int, device: torch.device,
+        precision: str = "auto") -> Diagnostics:
+    """Diagnostics of a pretrained model on a fixed evaluation batch (`images`, uint8 [B, H, W, 3]); the forward
+    pass in `precision` (auto: bf16 on CUDA, fp32 on a CPU)."""
     if isinstance(model, ResNetV2):
         rfs = receptive_fields(model)
         return Diagnostics("BiT", {f"diag/rf_stage{i + 1}": float(r) for i, r in enumerate(rfs)},
@@ -135,7 +141,8 @@ def run(model: nn.Module, images: np.ndarray, image_size: int, device: torch.dev
     if model.patch_embed.proj.weight.shape[1] == 3:  # a hybrid's projection acts on ResNet features, not RGB
         filters, explained = filter_pca(model.patch_embed.proj.weight.cpu())
     posemb = model.pos_embed[0, model.num_prefix_tokens:].detach().cpu().double().numpy()
-    probs = attention_probabilities(model, to_input(images, image_size, device))
+    x = to_input(images, image_size, device).contiguous(memory_format=perf.channels_last(model, device))
+    probs = attention_probabilities(model, x, perf.resolve_precision(precision, device))
     dist = np.stack([mean_attention_distance(p.cpu(), grid, patch, model.num_prefix_tokens) for p in probs])
     metrics = {"diag/posemb_locality": posemb_locality(posemb, grid)}
     for layer, heads in enumerate(dist, start=1):

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipelines import models
+from pipelines import models, perf
 from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
@@ -42,7 +42,9 @@ class FinetuneConfig:
     lr_sweep: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # ViT paper B.1.1; the best on the minival is kept
     warmup_steps: int = 20
     grad_clip: float = 1.0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (pipelines.perf)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: on CUDA only
+    nonfinite_check_every: int = 25  # steps between host reads of the loss (a NaN/inf stops the run within these)
     augment: Augment = field(default_factory=lambda: Augment(crop="translate", crop_padding=4, flip=False))
     val_fraction: float = 0.1  # minival carved from the train split for the per-epoch curves (0: none)
 
@@ -137,11 +139,16 @@ def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: d
     """One fine-tuning run at learning rate `lr`: the model and its per-epoch curve."""
     torch.manual_seed(seed)
     model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    perf.channels_last(model, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0,
+                                fused=perf.fused_optimizer(device))
+    if perf.compile_enabled(cfg.compile, device):
+        perf.compile_model(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_decay, total=steps, warmup=cfg.warmup_steps, decay="cosine"))
     spec = LoopSpec(steps=steps, batch_size=min(cfg.batch_size, len(train)), image_size=cfg.image_size,
-                    grad_clip=cfg.grad_clip, precision=cfg.precision, seed=seed)
+                    grad_clip=cfg.grad_clip, precision=cfg.precision, seed=seed,
+                    nonfinite_check_every=cfg.nonfinite_check_every)
     curves: list[dict] = []
 
     def epoch_end(metrics: dict) -> None:
