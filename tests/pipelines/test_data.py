@@ -205,3 +205,23 @@ def test_prepare_indexes_a_source_once_and_fails_up_front_on_a_corrupt_training_
     with pytest.raises(DataError, match=r"^indexing webdataset: 1 of \d+ samples unreadable .*truncated_tar 1"):
         data.prepare(src, tmp_path / "cache")
     assert len(built) == 2
+
+
+def test_shard_mode_subsets_are_nested_deterministic_and_read_few_shards():
+    from pipelines.data.shards import ShardIndex
+
+    counts = [100, 80, 120, 100, 50, 100, 90, 110]
+    keys = [[f"{s}-{i:03d}" for i in range(c)] for s, c in enumerate(counts)]
+    index = ShardIndex([f"/d/train-{s:02d}.tar" for s in range(8)], keys, [[0] * c for c in counts], [0] * 8)
+    subsets = [data.nested_shard_subset(index, n, seed=3) for n in (60, 250, 500, 750)]
+    assert [len(s) for s in subsets] == [60, 250, 500, 750]
+    assert all(set(a) < set(b) for a, b in zip(subsets, subsets[1:]))  # nested
+    shards_read = [{k.split("-")[0] for k in s} for s in subsets]
+    assert len(shards_read[0]) == 1 and len(shards_read[1]) <= 4  # whole shards, not samples across all 8
+    assert data.nested_shard_subset(index, 250, seed=3) == subsets[1]  # deterministic
+    assert data.nested_shard_subset(index, 250, seed=4) != subsets[1]
+    backwards = ShardIndex(index.shards[::-1], keys[::-1], index.labels[::-1], index.lost)
+    assert data.nested_shard_subset(backwards, 250, seed=3) == subsets[1]  # the shard list's order is irrelevant
+    assert data.subset_keys(index, 250, 3, "samples") == data.nested_subset(index.all_keys, 250, 3)
+    with pytest.raises(DataError, match="subset of 751 examples asked, but the source has only 750"):
+        data.nested_shard_subset(index, 751, seed=0)
