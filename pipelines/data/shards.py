@@ -71,7 +71,37 @@ def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, int]]) -> i
             sink.write({"__key__": key, "png": encode_png(image), "cls": str(label).encode()})
             count += 1
     os.replace(tmp, path)
+    write_sidecar(path)
     return count
+
+
+SIDECAR = ".idx.json"  # `<shard>.tar.idx.json`: the shard's index (keys, labels, offsets) beside it
+
+
+def sidecar_url(url: str) -> str:
+    """Where a shard's sidecar index lives: its URL (or `pipe:` command) with the last `.tar` -> `.tar.idx.json`."""
+    head, dot, tail = url.rpartition(".tar")
+    return f"{head}{dot}{SIDECAR}{tail}" if dot else url + SIDECAR
+
+
+def write_sidecar(path: Path) -> None:
+    """Index a local shard just written and store it beside it, so a remote copy is indexed without reading it."""
+    index = index_shards([str(path)], sidecars=False)
+    side = {"keys": index.keys[0], "labels": index.labels[0], "spans": index.spans[0].tolist(),
+            "size": os.path.getsize(path)}
+    tmp = Path(sidecar_url(str(path)) + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(side))
+    os.replace(tmp, sidecar_url(str(path)))
+
+
+def _read_sidecar(url: str) -> dict | None:
+    """A remote shard's sidecar index, or None where there is none (the shard is then streamed to index it)."""
+    try:
+        with wds.gopen(sidecar_url(url)) as f:
+            side = json.loads(f.read())
+        return side if isinstance(side, dict) and {"keys", "labels"} <= set(side) else None
+    except (OSError, ValueError):
+        return None
 
 
 BAD_CAUSES = ("truncated_tar", "empty_member", "missing_label", "missing_image", "undecodable_image",
@@ -125,11 +155,22 @@ class ShardIndex:
         return cls(raw["shards"], raw["keys"], raw["labels"], raw["lost"], spans)
 
 
-def index_shards(shards: list[str], progress: bool = False) -> ShardIndex:
-    """Read every shard's tar headers and labels (seeking over image data in local files) into a ShardIndex."""
+def index_shards(shards: list[str], progress: bool = False, sidecars: bool = True) -> ShardIndex:
+    """Read every shard's tar headers and labels (seeking over image data in local files) into a ShardIndex.
+
+    A remote shard (`pipe:`, URLs) with a sidecar index (`sidecar_url`, written by this project's shard writers)
+    is indexed from the sidecar alone, without downloading the shard.
+    """
     lengths = _info_lengths(shards)
     index = ShardIndex(list(shards), [], [], [], [])
     for shard in tqdm(shards, desc="indexing shards", unit="shard", disable=not progress, mininterval=5):
+        side = _read_sidecar(shard) if sidecars and not is_local(shard) else None
+        if side is not None:
+            index.keys.append(list(side["keys"]))
+            index.labels.append(list(side["labels"]))
+            index.spans.append(None)
+            index.lost.append(0)
+            continue
         keys: list[str] = []
         labels: list[int] = []
         spans: list[list[int]] = []
@@ -388,6 +429,7 @@ def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int
                                                 "sha256": hashlib.sha256(data).hexdigest()}).encode()})
                 bar.update(1)
         os.replace(tmp, out / name)
+        write_sidecar(out / name)
         names.append(name)
         lengths.append(len(order[start:start + shard_size]))
     bar.close()

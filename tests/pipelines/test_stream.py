@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import sys
 import tarfile
 from collections import Counter
 
@@ -227,3 +228,27 @@ def test_translate_pads_the_same_in_the_stream_and_in_memory():
     for x in (streamed, in_memory):
         assert set(torch.unique(x).tolist()) == {-1.0, 1.0}  # white, and a black border where shifted
         assert 0.1 < (x == -1.0).float().mean() < 0.3
+
+
+def test_a_remote_source_is_indexed_from_its_sidecars_without_reading_its_shards(tmp_path):
+    """The shard writer leaves `<shard>.tar.idx.json` beside each shard; a `pipe:` source reads those alone."""
+    from pipelines.data.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    for s in range(3):
+        write_shard(tmp_path / f"train-{s}.tar", ((f"{s}-{i:02d}", rng.integers(0, 255, (24, 24, 3), dtype=np.uint8),
+                                                   i % 4) for i in range(30)))
+    log = tmp_path / "read.log"
+    cat = tmp_path / "cat.py"  # a `cat` that logs what it sends: the bytes a remote read would download
+    cat.write_text("import sys\ndata = open(sys.argv[1], 'rb').read()\n"
+                   f"open({str(log)!r}, 'a').write(f'{{sys.argv[1]}} {{len(data)}}\\n')\nsys.stdout.buffer.write(data)\n")
+    urls = [f"pipe:{sys.executable} {cat} {tmp_path}/train-{s}.tar" for s in range(3)]
+    remote, local = index_shards(urls), index_shards([str(tmp_path / f"train-{s}.tar") for s in range(3)])
+    assert remote.keys == local.keys and remote.labels == local.labels and remote.lost == [0, 0, 0]
+    read = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(path for path, _ in read) == [f"{tmp_path}/train-{s}.tar.idx.json" for s in range(3)]
+    tar_bytes = sum((tmp_path / f"train-{s}.tar").stat().st_size for s in range(3))
+    assert sum(int(n) for _, n in read) < tar_bytes / 5  # headers and labels, not images
+    (tmp_path / "train-1.tar.idx.json").unlink()  # no sidecar: that shard is streamed to index it
+    assert index_shards(urls).keys == local.keys
+    assert f"{tmp_path}/train-1.tar " in log.read_text()
