@@ -48,10 +48,13 @@ def warmup_decay(step: int, total: int, warmup: int, decay: str) -> float:
     return 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def to_input(images: np.ndarray | torch.Tensor, image_size: int, device: torch.device) -> torch.Tensor:
-    """uint8 [B,H,W,3] -> float [B,3,S,S] in [-1, 1] (the ViT/BiT normalisation), resized if needed."""
-    x = torch.as_tensor(images).to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-    x = x.float().div_(127.5).sub_(1.0)
+def to_input(images: np.ndarray | torch.Tensor, image_size: int, device: torch.device,
+             memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> float [B,3,S,S] in [-1, 1] (the ViT/BiT normalisation), resized if needed.
+
+    The layout change happens on the uint8 copy (a no-op for channels_last, whose layout HWC already is)."""
+    x = torch.as_tensor(images).to(device, non_blocking=True).permute(0, 3, 1, 2)
+    x = x.contiguous(memory_format=memory_format).float().div_(127.5).sub_(1.0)
     if x.shape[-1] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     return x
@@ -270,7 +273,7 @@ def _step(model: nn.Module, batch: Batch, spec: LoopSpec, augment: Augment | Non
     update, no host read."""
     micro = spec.micro_batch_size or spec.batch_size
     n = len(batch.labels)
-    inputs = to_input(batch.images, spec.image_size, device)
+    inputs = to_input(batch.images, spec.image_size, device, memory_format)
     if augment is not None:  # once per batch, so micro-batching does not change the augmentation
         inputs = augment_batch(inputs, augment, gen)
     inputs = inputs.contiguous(memory_format=memory_format)
@@ -295,7 +298,7 @@ def infer(model: nn.Module, images: np.ndarray, image_size: int, device: torch.d
     memory_format = perf.channels_last(model, device)
     out = []
     for start in range(0, len(images), batch_size):
-        x = to_input(images[start:start + batch_size], image_size, device).contiguous(memory_format=memory_format)
+        x = to_input(images[start:start + batch_size], image_size, device, memory_format)
         with perf.autocast(precision, device):
             feats = model.forward_features(x)
             out.append(model.forward_head(feats, pre_logits=pre_logits).float().cpu())
