@@ -88,7 +88,7 @@ def default_study_stall(steps: int) -> float:
 
     cfg = load_study(ROOT / "configs" / "scaling.yaml")
     src = cfg.data.pretrain
-    torch.set_num_threads(int(cfg.resources.cpus_per_trial))
+    torch.set_num_threads(int(cfg.resources.cpus_per_worker))
     shards = data.prepare(src, cfg.cache_dir)["train"]
     index = data.source_index(src, shards)
     subset = ShardSubset(index, data.nested_subset(index.all_keys, cfg.data.subsets[0], 0))

@@ -29,10 +29,22 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class Resources:
-    cpus_per_trial: float = 1
-    gpus_per_trial: float = 0
+    """What one grid point reserves: `workers_per_trial` workers of `cpus_per_worker` CPUs and `gpus_per_worker`
+    GPUs each (one worker: the trial trains in its own process)."""
+
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
     max_concurrent_trials: int = 0  # 0: as many as the resources allow
     max_failures: int = 2  # Tune restarts a crashed trial this often, from its newest checkpoint
+
+    @property
+    def gpus_per_trial(self) -> float:
+        return self.workers_per_trial * self.gpus_per_worker
+
+
+RENAMED = {"resources.cpus_per_trial": "resources.cpus_per_worker (with resources.workers_per_trial)",
+           "resources.gpus_per_trial": "resources.gpus_per_worker (with resources.workers_per_trial)"}
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,12 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
         raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of study keys at the top level")
-    cfg = from_dict(StudyConfig, apply_overrides(data, overrides or []))
+    data = apply_overrides(data, overrides or [])
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ConfigError(f"{old} is now {new}")
+    cfg = from_dict(StudyConfig, data)
     validate(cfg)
     return cfg
 
@@ -165,8 +182,9 @@ def _check_ranges(cfg: StudyConfig) -> None:
         ("pretrain.grad_clip", p.grad_clip, ">= 0"),  # 0: no clipping
         ("pretrain.checkpoint_every", p.checkpoint_every, ">= 0"),  # 0: a checkpoint at the end only
         ("pretrain.keep_checkpoints", p.keep_checkpoints, ">= 1"),
-        ("resources.cpus_per_trial", r.cpus_per_trial, "> 0"),
-        ("resources.gpus_per_trial", r.gpus_per_trial, ">= 0"),
+        ("resources.workers_per_trial", r.workers_per_trial, ">= 1"),
+        ("resources.cpus_per_worker", r.cpus_per_worker, "> 0"),
+        ("resources.gpus_per_worker", r.gpus_per_worker, ">= 0"),
         ("resources.max_concurrent_trials", r.max_concurrent_trials, ">= 0"),  # 0: as many as fit
         ("resources.max_failures", r.max_failures, ">= 0"),  # Tune would read -1 as "retry forever"
         ("evaluate.diagnostic_batch", e.diagnostic_batch, ">= 1"),

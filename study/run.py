@@ -42,10 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
-def describe(points: list[GridPoint], actions: dict[str, str]) -> list[dict]:
+def describe(cfg: StudyConfig, points: list[GridPoint], actions: dict[str, str]) -> list[dict]:
+    gpus = cfg.resources.gpus_per_trial
     return [{"id": p.id, "model": p.model, "family": p.family, "subset_size": p.subset_size, "seed": p.seed,
              "steps": p.steps, "examples_seen": p.examples_seen, "pretrain_flops": p.pretrain_flops,
-             "h100_hours": p.pretrain_flops / (H100_BF16_PEAK * ASSUMED_MFU) / 3600,
+             "gpus": gpus, "h100_hours": p.pretrain_flops / (H100_BF16_PEAK * ASSUMED_MFU) / 3600,
              "action": actions.get(p.id, "train")} for p in points]
 
 
@@ -58,9 +59,11 @@ def print_grid(rows: list[dict], as_json: bool) -> None:
     for r in rows:
         print(f"{r['model']:<14} {r['subset_size']:>12,} {r['seed']:>4} {r['examples_seen']:>15,} "
               f"{r['pretrain_flops']:>15.3e} {r['h100_hours']:>10.2f}  {r['action']}")
-    total = sum(r["pretrain_flops"] for r in rows)
-    print(f"{len(rows)} trials, {total:.3e} pretraining FLOPs in all, ~{sum(r['h100_hours'] for r in rows):,.1f} "
-          f"H100-hours at {ASSUMED_MFU:.0%} of bf16 peak")
+    total, hours = sum(r["pretrain_flops"] for r in rows), sum(r["h100_hours"] for r in rows)
+    gpus = rows[0]["gpus"] if rows else 0
+    wall = f"; {gpus:g} GPUs per point, so ~{hours / gpus:,.1f} h of wall time one point at a time" if gpus else ""
+    print(f"{len(rows)} trials, {total:.3e} pretraining FLOPs in all, ~{hours:,.1f} H100 GPU-hours at "
+          f"{ASSUMED_MFU:.0%} of bf16 peak{wall}")
 
 
 def print_commands(commands: list[str], as_json: bool) -> None:
@@ -126,11 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_study(args.grid, args.overrides)
         points = expand(cfg)  # the one expansion of the grid; Tune receives these points
         if args.dry_run:
-            print_grid(describe(points, planned_actions(cfg, points, args)), args.json)
+            print_grid(describe(cfg, points, planned_actions(cfg, points, args)), args.json)
             print_commands(pipe_commands(cfg), args.json)
             return 0
-        prepare_data(cfg)
-        return launch(cfg, points, args)
+        from study import tune_runner
+
+        try:
+            tune_runner.connect(cfg, args.address)
+            prepare_data(cfg)
+            return launch(cfg, points, args)
+        finally:
+            tune_runner.disconnect()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -150,7 +159,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) 
     tracker = Tracker(where.tracking_uri, cfg.study, where.root / "mlartifacts", fresh=args.fresh)
     evals = eval_ids(cfg)
     decisions = plan(points, evals, where.storage, tracker.known, args.fresh)
-    print_grid(describe(points, {d.point.id: d.describe() for d in decisions}), as_json=False)
+    print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}), as_json=False)
     tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve())}
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))
@@ -205,7 +214,7 @@ def _run(cfg, decisions, evals, where, tracker, tags, args):
         from study.tune_runner import StudyCallback, run_trials
 
         callback = StudyCallback(plans, finisher, tracker, tags)
-        run_trials(cfg, plans, where.storage, callback, args.address, f"{cfg.study}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_trials(cfg, plans, where.storage, callback, f"{cfg.study}-{time.strftime('%Y%m%d-%H%M%S')}")
         records.update(callback.records)
         for pid, plan in plans.items():
             if pid not in records:

@@ -55,7 +55,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
               progress: bool = False) -> PointRecord:
     """Run one trial; every file it makes goes to `storage` under `points/<id>/`, `scratch` is node-local."""
     point, rel = plan.point, plan.rel
-    device = pick_device(cfg.resources.gpus_per_trial)
+    device = pick_device(cfg.resources.gpus_per_worker)
     record = load_record(storage, point.id) or PointRecord(point.id, point.table_fields)
     src = cfg.data.pretrain
     shards = data.prepare(src, cfg.cache_dir, progress=False)
@@ -181,7 +181,7 @@ def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, stora
     from study.protocol import encode
 
     plan = plans[config["point"]]
-    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     scratch = Path(tune.get_context().get_trial_dir())
 
     def emit(event: Event) -> None:

@@ -5,12 +5,14 @@ a driver-side callback that turns the trials' typed events into MLflow writes an
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import ray
 from ray import tune
 from ray.tune import Callback
 
+from pipelines.config import UserError
 from study.config import StudyConfig
 from study.protocol import Curve, Failed, Finished, PointRecord, Started, decode
 from study.storage import Storage
@@ -55,30 +57,117 @@ class StudyCallback(Callback):
         self.tracker.fail_point(point, self.failures[point.id], self.tags)
 
 
+def connect(cfg: StudyConfig, address: str | None) -> None:
+    """Check that the study can run where it is asked to, before any data or run exists: join the cluster at
+    `address` (host:port, `auto` or `ray://host:port`) and check that one node can place a trial's worker; with no
+    address, check this machine (the local Ray itself starts only when a trial runs)."""
+    if address is None:
+        import torch
+
+        _check_fits(cfg, [{"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}], "this machine")
+        return
+    target = _resolve(address)
+    _check_listening(address, target)
+    if not address.startswith("ray://") and "RAY_AUTH_MODE" not in os.environ and _token_available():
+        # Ray >= 2.59 turns token authentication on for clusters started with `ray start`; a client given an
+        # explicit address does not turn it on by itself and fails with InvalidAuthToken after 20 s.
+        _enable_token_auth()
+    try:
+        ray.init(address=address, logging_level="warning", configure_logging=True)
+    except Exception as err:  # noqa: BLE001  (Ray raises ConnectionError, RuntimeError, AuthenticationError, ...)
+        raise UserError(f"--address {address}: could not join the Ray cluster: "
+                        f"{(str(err).strip().splitlines() or [type(err).__name__])[0][:300]}") from None
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    try:
+        _check_fits(cfg, nodes, f"the cluster at {address}")
+    except UserError:
+        ray.shutdown()
+        raise
+
+
+def _resolve(address: str) -> tuple[str, int]:
+    """(host, port) to probe; `auto` is the cluster `ray start` recorded on this machine (or RAY_ADDRESS)."""
+    if address == "auto":
+        from ray._private.services import get_ray_address_from_environment
+
+        try:
+            found = get_ray_address_from_environment("auto", None)
+        except Exception:  # noqa: BLE001
+            found = None
+        if not found:
+            raise UserError("--address auto: no Ray cluster is running on this machine (start one with "
+                            "`ray start --head`, or give --address host:port)")
+        address = found
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--address {address!r} is not host:port, auto or ray://host:port")
+    return host, int(port)
+
+
+def _check_listening(address: str, target: tuple[str, int]) -> None:
+    try:
+        with socket.create_connection(target, timeout=5):
+            pass
+    except OSError as err:
+        raise UserError(f"--address {address}: nothing answers at {target[0]}:{target[1]} ({err.strerror or err}); "
+                        "start the head with `ray start --head --port PORT`, or drop --address to run "
+                        "locally") from None
+
+
+def _enable_token_auth() -> None:
+    """What `ray start` does when it finds a token: the mode for this process, and Ray's cached config refreshed."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):  # an older Ray reads the variable when it connects
+        pass
+
+
+def _token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").exists())
+
+
+def _check_fits(cfg: StudyConfig, nodes: list[dict], where: str) -> None:
+    """A trial's worker must fit on one node, or Tune leaves it PENDING forever."""
+    r = cfg.resources
+    if r.workers_per_trial > 1:
+        raise UserError(f"resources.workers_per_trial={r.workers_per_trial}: data-parallel grid points are not "
+                        "implemented yet; use 1 (one process per grid point)")
+    need = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
+    for kind, amount in need.items():
+        most = max((n.get(kind, 0) for n in nodes), default=0)
+        if amount > most:
+            key = "cpus_per_worker" if kind == "CPU" else "gpus_per_worker"
+            raise UserError(f"resources.{key}={amount:g}: a trial's worker needs {amount:g} {kind}s on one node, "
+                            f"but {where} has at most {most:g}; lower it or add a bigger node")
+
+
 def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, callback: StudyCallback,
-               address: str | None, name: str) -> None:
-    """Run one Tune trial per plan; results arrive through `callback`."""
-    if address:
-        ray.init(address=address)
-    else:
+               name: str) -> None:
+    """Run one Tune trial per plan; results arrive through `callback`. Starts a local Ray unless `connect`
+    joined a cluster."""
+    if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
                  logging_level="warning")
-    try:
-        resources = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
-        fn = tune.with_parameters(trainable, plans=plans, cfg=cfg, storage_root=storage.root)
-        tuner = tune.Tuner(
-            tune.with_resources(fn, resources),
-            param_space={"point": tune.grid_search(list(plans))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials or None,
-                                        trial_name_creator=TrialNames(plans),
-                                        trial_dirname_creator=TrialNames(plans)),
-            run_config=tune.RunConfig(name=name, storage_path=storage.uri("tune"),
-                                      callbacks=[callback],
-                                      failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-                                      verbose=1),
-        )
-        tuner.fit()
-    finally:
+    resources = {"cpu": cfg.resources.cpus_per_worker, "gpu": cfg.resources.gpus_per_worker}
+    fn = tune.with_parameters(trainable, plans=plans, cfg=cfg, storage_root=storage.root)
+    tuner = tune.Tuner(
+        tune.with_resources(fn, resources),
+        param_space={"point": tune.grid_search(list(plans))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials or None,
+                                    trial_name_creator=TrialNames(plans), trial_dirname_creator=TrialNames(plans)),
+        run_config=tune.RunConfig(name=name, storage_path=storage.uri("tune"), callbacks=[callback],
+                                  failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+                                  verbose=1),
+    )
+    tuner.fit()
+
+
+def disconnect() -> None:
+    if ray.is_initialized():
         ray.shutdown()
 
 

@@ -21,7 +21,10 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
     (["pretrain.beta2=1"], r"pretrain.beta2 must be in [0, 1), got 1.0"),
     (["pretrain.warmup_steps=-5"], "pretrain.warmup_steps must be >= 0, got -5"),
     (["resources.max_failures=-1"], "resources.max_failures must be >= 0, got -1"),
-    (["resources.cpus_per_trial=0"], "resources.cpus_per_trial must be > 0, got 0.0"),
+    (["resources.cpus_per_worker=0"], "resources.cpus_per_worker must be > 0, got 0.0"),
+    (["resources.workers_per_trial=0"], "resources.workers_per_trial must be >= 1, got 0"),
+    (["resources.cpus_per_trial=2"], "resources.cpus_per_trial is now resources.cpus_per_worker (with "
+                                     "resources.workers_per_trial)"),
     (["resources.max_concurrent_trials=-2"], "resources.max_concurrent_trials must be >= 0, got -2"),
     (["seeds=[0, 1, 0]"], "seeds: 0 is listed twice; its grid points would run twice"),
     (["seeds=[-1]"], "seeds: -1 is negative; numpy takes only non-negative seeds"),

@@ -1,0 +1,80 @@
+"""Joining a Ray cluster with --address: a head started with `ray start --head` (token authentication on, as
+Ray >= 2.59 starts it), and addresses or resource requests that can never work, refused before any work."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import run_cli
+
+RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _refused(proc, tmp_path, message: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not list(tmp_path.iterdir())  # no data, folder or MLflow run
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:{port}", "--address 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}"),
+    ("127.0.0.1", "--address '127.0.0.1' is not host:port, auto or ray://host:port"),
+    ("host:port", "--address 'host:port' is not host:port, auto or ray://host:port"),
+])
+def test_an_address_that_cannot_work_is_one_line_and_exit_2(address, message, tmp_path, cache_dir):
+    port = _free_port()
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path),
+                    "--address", address.format(port=port)], cache_dir, timeout=60)
+    _refused(proc, tmp_path, message.format(port=port))
+
+
+def test_auto_with_no_cluster_running(tmp_path, cache_dir):
+    env_before = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address",
+                        "auto"], cache_dir, timeout=60)
+    finally:
+        if env_before is not None:
+            os.environ["RAY_ADDRESS"] = env_before
+    if proc.returncode != 2 or "no Ray cluster is running" not in proc.stderr:
+        pytest.skip("a Ray cluster is running on this machine")
+    _refused(proc, tmp_path, "--address auto: no Ray cluster is running on this machine")
+
+
+def test_more_cpus_than_this_machine_has_is_refused_up_front(tmp_path, cache_dir):
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path),
+                    "resources.cpus_per_worker=1000"], cache_dir, timeout=60)
+    _refused(proc, tmp_path, "resources.cpus_per_worker=1000: a trial's worker needs 1000 CPUs on one node")
+
+
+@pytest.fixture
+def head():
+    port = _free_port()
+    env = {**os.environ}
+    env.pop("RAY_AUTH_MODE", None)
+    subprocess.run([RAY, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard=false"],
+                   check=True, capture_output=True, env=env, timeout=120)
+    yield f"127.0.0.1:{port}"
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_joining_a_head_started_with_ray_start(head, tmp_path, cache_dir):
+    impossible = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address",
+                          head, "resources.gpus_per_worker=1"], cache_dir, timeout=120)
+    _refused(impossible, tmp_path, f"resources.gpus_per_worker=1: a trial's worker needs 1 GPUs on one node, but "
+                                   f"the cluster at {head} has at most 0")
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address", head,
+                    "models=[ViT-Pico/4]", "data.subsets=[256]"], cache_dir, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "smoke" / "results.csv").exists()
