@@ -97,7 +97,8 @@ def run(ev: EvaluateConfig, task: SourceConfig, model_name: str, model: torch.nn
     return out
 
 
-def task_splits(task: SourceConfig, cache_dir: Path, max_bad_fraction: float = 0.001) -> tuple[ShardSubset, ShardSubset]:
+def task_splits(task: SourceConfig, cache_dir: Path,
+                max_bad_fraction: float = 0.001) -> tuple[ShardSubset, ShardSubset]:
     """A downstream task's train and test splits, left in their shards (indexed, not read)."""
     shards = data.prepare(task, cache_dir, progress=False, max_bad_fraction=max_bad_fraction)
     if "test" not in shards:

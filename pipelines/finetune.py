@@ -94,7 +94,8 @@ def split_minival(data: Split, fraction: float, seed: int) -> tuple[Split, Split
         return data, None
     kept, held = (np.sort(i) for i in holdout(len(data), fraction, seed, salt=777))
     if isinstance(data, ShardSubset):
-        return ShardSubset(data.index, [data.keys[i] for i in kept]), ShardSubset(data.index, [data.keys[i] for i in held])
+        return (ShardSubset(data.index, [data.keys[i] for i in kept]),
+                ShardSubset(data.index, [data.keys[i] for i in held]))
     pick = lambda idx: ImageArrays(data.images[idx], data.labels[idx])  # noqa: E731
     return pick(kept), pick(held)
 

@@ -29,8 +29,7 @@ from pipelines.data.shards import (
     BadSample,
     DataError,
     ShardIndex,
-    image_and_label,
-    read_shard,
+    iter_encoded,
     read_span,
 )
 
@@ -193,20 +192,17 @@ class ShardStream(IterableDataset):
                 f.close()
 
     def _stream(self, plan, bad: BadCounts) -> Iterator[tuple[str, bytes, int]]:
+        """Streamed shards through the one shard read loop (`iter_encoded`, as evaluation reads them)."""
         for shard, first, stop in plan:
             take = {self.keys[shard][p] for p in self.positions[shard][first:stop]}
-            found = 0
-            try:
-                for key, parts in read_shard(self.shards[shard]):
-                    if key not in take:
-                        continue
-                    found += 1
-                    try:
-                        yield (key, *image_and_label(key, parts))
-                    except BadSample as err:
-                        bad[err.cause] += 1
-            except BadSample:
-                pass  # a truncated tar: the samples it cut are counted next
+            found, here = 0, BadCounts()  # `bad` is shared with the decoding loop, which clears it per batch
+            for sample in iter_encoded([self.shards[shard]], take, here):
+                found += 1 + sum(here.values())  # read, and those read but unreadable (counted by cause)
+                bad.update(here)
+                here.clear()
+                yield sample
+            found += sum(here.values())
+            bad.update(here)
             bad["truncated_tar"] += len(take) - found  # indexed, but the tar ended (or changed) before them
 
     def _shuffled(self, samples: Iterator, rng: np.random.Generator) -> Iterator:

@@ -241,7 +241,8 @@ def test_a_remote_source_is_indexed_from_its_sidecars_without_reading_its_shards
     log = tmp_path / "read.log"
     cat = tmp_path / "cat.py"  # a `cat` that logs what it sends: the bytes a remote read would download
     cat.write_text("import sys\ndata = open(sys.argv[1], 'rb').read()\n"
-                   f"open({str(log)!r}, 'a').write(f'{{sys.argv[1]}} {{len(data)}}\\n')\nsys.stdout.buffer.write(data)\n")
+                   f"open({str(log)!r}, 'a').write(f'{{sys.argv[1]}} {{len(data)}}\\n')\n"
+                   "sys.stdout.buffer.write(data)\n")
     urls = [f"pipe:{sys.executable} {cat} {tmp_path}/train-{s}.tar" for s in range(3)]
     remote, local = index_shards(urls), index_shards([str(tmp_path / f"train-{s}.tar") for s in range(3)])
     assert remote.keys == local.keys and remote.labels == local.labels and remote.lost == [0, 0, 0]
