@@ -20,8 +20,7 @@ import yaml
 from pipelines.config import UserError, to_dict
 from study.config import GridPoint, StudyConfig, expand, load_study, pipe_commands
 
-H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA datasheet)
-ASSUMED_MFU = 0.4
+ASSUMED_MFU = 0.4  # what the dry run assumes without --mfu (35-45% is typical for ViT-B/16 on an H100)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the expanded grid, its cost and what each point will do, then exit")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the grid as JSON")
+    parser.add_argument("--mfu", type=float, default=None,
+                        help="with --dry-run: price the grid at this model FLOPs utilisation (e.g. a measured "
+                             "throughput/mfu of a trial); default: 0.4, assumed")
     parser.add_argument("--fresh", action="store_true",
                         help="ignore earlier results: a new MLflow parent run, every point trained anew")
     parser.add_argument("--address", default=None, help="join an existing Ray cluster instead of starting one")
@@ -42,11 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
-def describe(cfg: StudyConfig, points: list[GridPoint], actions: dict[str, str]) -> list[dict]:
-    gpus = cfg.resources.gpus_per_trial
+def describe(cfg: StudyConfig, points: list[GridPoint], actions: dict[str, str], mfu: float) -> list[dict]:
+    from pipelines.perf import peak_flops
+
+    gpus, peak = cfg.resources.gpus_per_trial, peak_flops("H100 SXM", "bf16")
     return [{"id": p.id, "model": p.model, "family": p.family, "subset_size": p.subset_size, "seed": p.seed,
              "steps": p.steps, "examples_seen": p.examples_seen, "pretrain_flops": p.pretrain_flops,
-             "gpus": gpus, "h100_hours": p.pretrain_flops / (H100_BF16_PEAK * ASSUMED_MFU) / 3600,
+             "gpus": gpus, "h100_hours": p.pretrain_flops / (peak * mfu) / 3600, "mfu": mfu,
              "action": actions.get(p.id, "train")} for p in points]
 
 
@@ -62,8 +66,10 @@ def print_grid(rows: list[dict], as_json: bool) -> None:
     total, hours = sum(r["pretrain_flops"] for r in rows), sum(r["h100_hours"] for r in rows)
     gpus = rows[0]["gpus"] if rows else 0
     wall = f"; {gpus:g} GPUs per point, so ~{hours / gpus:,.1f} h of wall time one point at a time" if gpus else ""
-    print(f"{len(rows)} trials, {total:.3e} pretraining FLOPs in all, ~{hours:,.1f} H100 GPU-hours at "
-          f"{ASSUMED_MFU:.0%} of bf16 peak{wall}")
+    mfu = rows[0]["mfu"] if rows else ASSUMED_MFU
+    said = f"{mfu:.0%} MFU (--mfu)" if mfu != ASSUMED_MFU else f"an assumed {mfu:.0%} MFU (measure it: --mfu X)"
+    print(f"{len(rows)} trials, {total:.3e} pretraining FLOPs in all, ~{hours:,.1f} H100 GPU-hours at {said} of "
+          f"the bf16 peak{wall}")
 
 
 def print_commands(commands: list[str], as_json: bool) -> None:
@@ -128,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_study(args.grid, args.overrides)
         points = expand(cfg)  # the one expansion of the grid; Tune receives these points
+        if args.mfu is not None and not 0 < args.mfu <= 1:
+            raise UserError(f"--mfu {args.mfu}: a fraction of the peak, in (0, 1]")
         if args.dry_run:
-            print_grid(describe(cfg, points, planned_actions(cfg, points, args)), args.json)
+            print_grid(describe(cfg, points, planned_actions(cfg, points, args), args.mfu or ASSUMED_MFU), args.json)
             print_commands(pipe_commands(cfg), args.json)
             return 0
         from study import tune_runner
@@ -159,7 +167,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) 
     tracker = Tracker(where.tracking_uri, cfg.study, where.root / "mlartifacts", fresh=args.fresh)
     evals = eval_ids(cfg)
     decisions = plan(points, evals, where.storage, tracker.known, args.fresh)
-    print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}), as_json=False)
+    print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, ASSUMED_MFU), as_json=False)
     tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve())}
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))

@@ -68,8 +68,8 @@ def test_dry_run_lists_the_shell_commands_of_pipe_urls_and_what_each_point_will_
 
 def test_paper_scale_dry_run_is_fast_and_touches_no_data(cache_dir):
     start = time.monotonic()
-    proc = run_cli(["-m", "study.run", "--grid", "configs/paper/vit-vs-bit-jft.yaml", "--dry-run", "--json"],
-                   cache_dir)
+    proc = run_cli(["-m", "study.run", "--grid", "configs/paper/vit-vs-bit-jft.yaml", "--dry-run", "--json",
+                    "--mfu", "0.5"], cache_dir)
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
@@ -78,3 +78,5 @@ def test_paper_scale_dry_run_is_fast_and_touches_no_data(cache_dir):
     b16 = next(r for r in rows if r["model"] == "ViT-B/16" and r["subset_size"] == 303_000_000)
     # Paper Table 6: ViT-B/16, 7 epochs of JFT-300M = 224 exaFLOPs.
     assert b16["pretrain_flops"] == pytest.approx(224e18, rel=0.01)
+    # priced at the given MFU of an H100 SXM's dense bf16 peak (989 TFLOP/s), on 8 GPUs per point
+    assert b16["h100_hours"] == pytest.approx(b16["pretrain_flops"] / (989e12 * 0.5) / 3600) and b16["gpus"] == 8

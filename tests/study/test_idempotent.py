@@ -151,3 +151,5 @@ def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, 
     again = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 2, 5]",
                      "--dry-run"], cache_dir)
     assert set(_actions(again.stdout).values()) == {"reuse"}
+    fresh = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]", "--dry-run", "--fresh"], cache_dir)
+    assert set(_actions(fresh.stdout).values()) == {"train"}  # --fresh ignores what is done
