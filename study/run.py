@@ -236,14 +236,10 @@ class Finisher:
     def __init__(self, cfg: StudyConfig, where: Locations, tracker, tags: dict):
         self.cfg, self.where, self.tracker, self.tags = cfg, where, tracker, tags
 
-    def __call__(self, point: GridPoint, record) -> None:
+    def __call__(self, point: GridPoint, record, ran: tuple[str, ...] | None = None) -> None:
         panel = fig7_panel(point, self.where, self.where.out / "figures" / "points")
-        headline = {"pretrain_flops": point.pretrain_flops}  # the x-axis of Fig 5, plotted by the MLflow UI too
-        first = self.cfg.downstream[0].label  # the study's headline task, also logged under plain names
-        for m in record.measurements():
-            if m.dataset == first and m.metric == "top1" and m.eval in ("fewshot", "finetune"):
-                headline["finetune_top1" if m.eval == "finetune" else f"fewshot_{m.shots}shot_top1"] = m.value
-        self.tracker.finish_point(point, record, self.where.storage, headline, [panel] if panel else [], self.tags)
+        self.tracker.finish_point(point, record, self.where.storage, ran, [panel] if panel else [], self.tags,
+                                  headline_task=self.cfg.downstream[0].label)
 
 
 def fig7_panel(point: GridPoint, where: Locations, folder: Path) -> Path | None:

@@ -132,6 +132,28 @@ class _Writer(threading.Thread):
         return self.jobs.unfinished_tasks
 
 
+def pretrain_metrics(record: PointRecord) -> dict[str, float]:
+    """The pretraining summary under MLflow names (`examples_seen` and `pretrain_flops` plain: plot axes)."""
+    plain = {"examples_seen", "resumed_from_step"}
+    out = {(k if k in plain else f"pretrain/{k}"): v for k, v in record.pretrain.items() if not isinstance(v, str)}
+    return {**out, "pretrain_flops": record.fields["pretrain_flops"]}
+
+
+def eval_metrics(record: PointRecord, ran: tuple[str, ...] | None, headline_task: str) -> dict[str, float]:
+    """Measurements of the evaluations that ran, by name; the headline task's top-1 also under short names."""
+    out = {}
+    for kind, ev in record.evals.items():
+        if ran is not None and kind not in ran:
+            continue
+        for m in ev.measurements:
+            out[m.key] = m.value
+            if m.spread is not None:
+                out[m.key + "_std"] = m.spread
+            if m.dataset == headline_task and m.metric == "top1" and m.eval in ("fewshot", "finetune"):
+                out["finetune_top1" if m.eval == "finetune" else f"fewshot_{m.shots}shot_top1"] = m.value
+    return out
+
+
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
@@ -225,16 +247,16 @@ class Tracker:
             self._log_metrics(run_id, fresh, step)
         self.writer.submit(f"{prefix} curve of {point.name}", job)
 
-    def finish_point(self, point, record: PointRecord, storage: Storage, headline: dict, extra: list[Path],
-                     tags: dict) -> None:
-        """Final metrics, the weights and files from storage, the evaluation ids, then `complete`, FINISHED."""
+    def finish_point(self, point, record: PointRecord, storage: Storage, ran: tuple[str, ...] | None,
+                     extra: list[Path], tags: dict, headline_task: str) -> None:
+        """Final metrics of the evaluations that `ran` (all: None), the pretraining summary once, the weights and
+        files from storage, the evaluation ids, then `complete` and FINISHED."""
         def job() -> None:
             run_id = self._child(point, tags)
             self._log_params(run_id, {k: v for k, v in record.pretrain.items() if isinstance(v, str)})
-            finals = {k: v for k, v in record.pretrain.items() if not isinstance(v, str)}
-            finals.update({m.key: m.value for m in record.measurements()})
-            finals.update({m.key + "_std": m.spread for m in record.measurements() if m.spread is not None})
-            self._log_metrics(run_id, {**finals, **headline}, step=point.steps, dedupe=False)
+            # Logged once: a re-evaluation adds no pretraining entries (its step is already there).
+            self._log_metrics(run_id, pretrain_metrics(record), step=point.steps)
+            self._log_metrics(run_id, eval_metrics(record, ran, headline_task), step=point.steps, dedupe=False)
             with tempfile.TemporaryDirectory() as tmp:
                 self._log_stored(run_id, storage, point.id, Path(tmp), record)
             for f in extra:

@@ -46,7 +46,7 @@ class StudyCallback(Callback):
                 self.tracker.log_curve(point, prefix, step, values)
             case Finished(record=record):
                 self.records[point.id] = record
-                self.on_finished(point, record)
+                self.on_finished(point, record, tuple(self.plans[point.id].evals))
             case Failed(reason=reason):
                 self.failures[point.id] = reason
                 self.tracker.fail_point(point, reason, self.tags)

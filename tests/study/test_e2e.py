@@ -40,7 +40,7 @@ def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
     for child in children:
         assert child.info.status == "FINISHED"
         m, p = child.data.metrics, child.data.params
-        assert {"fewshot_1shot_top1", "fewshot_5shot_top1", "finetune_top1", "pretrain_flops",
+        assert {"fewshot_1shot_top1", "fewshot_5shot_top1", "finetune_top1", "pretrain_flops", "pretrain/val_top1",
                 "examples_seen"} <= set(m)
         assert m["examples_seen"] == 768 and len(p["manifest_hash"]) == 16 and p["world_size"] == "1"
         assert p["pretrain.lr"] == "0.001" and "git_commit" in child.data.tags

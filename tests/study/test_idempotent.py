@@ -54,6 +54,13 @@ def _children(out):
     return parents, [r for r in runs if r.data.tags.get("study_role") == "point"]
 
 
+def _pretrain_entries(out) -> dict:
+    """Per child run, how many entries each pretraining metric has."""
+    client, _ = _client(out)
+    return {c.info.run_id: {k: len(client.get_metric_history(c.info.run_id, k)) for k in c.data.metrics
+                            if k.startswith("pretrain/")} for c in _children(out)[1]}
+
+
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory, cache_dir):
     """SIGKILL the driver once one point has finished and another has a checkpoint in storage."""
@@ -130,19 +137,12 @@ def test_extending_the_grid_trains_exactly_the_new_points(killed, extended):
 
 def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, cache_dir):
     out = killed[0]
-    client, _ = _client(out)
-    _, children = _children(out)
-
-    def pretrain_entries():
-        return {c.info.run_id: {k: len(client.get_metric_history(c.info.run_id, k)) for k in c.data.metrics
-                                if k.startswith("pretrain/")} for c in _children(out)[1]}
-
-    before = pretrain_entries()
+    before = _pretrain_entries(out)
     proc = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 2, 5]"],
                    cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(_actions(proc.stdout).values()) == {"evaluate (fewshot)"}
-    assert pretrain_entries() == before  # no pretraining step ran
+    assert _pretrain_entries(out) == before  # no pretraining step ran
     _, children = _children(out)
     assert all("fewshot/shapes-novel/2shot_top1" in c.data.metrics for c in children)
     assert {c.info.status for c in children} == {"FINISHED"} and len(children) == 6
@@ -153,3 +153,18 @@ def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, 
     assert set(_actions(again.stdout).values()) == {"reuse"}
     fresh = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]", "--dry-run", "--fresh"], cache_dir)
     assert set(_actions(fresh.stdout).values()) == {"train"}  # --fresh ignores what is done
+
+
+def test_weights_in_mlflow_serve_a_reevaluation_without_the_storage(killed, extended, cache_dir, tmp_path):
+    """Another machine: an empty storage, the same tracking store. The weights come from MLflow; nothing pretrains."""
+    out = killed[0]
+    before = _pretrain_entries(out)
+    proc = run_cli([*BASE, "--out", str(out), "--storage", str(tmp_path / "elsewhere"),
+                    "data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 3]"], cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(_actions(proc.stdout).values()) == {"evaluate (fewshot)"}
+    assert _pretrain_entries(out) == before  # no pretraining step ran
+    assert len(list((tmp_path / "elsewhere" / "points").glob("*/pretrained.safetensors"))) == 6  # from MLflow
+    table = pd.read_csv(out / "smoke" / "results.csv")
+    assert sorted(table[table["eval"] == "fewshot"]["shots"].unique()) == [1, 3]
+    assert len(table[table["eval"] == "finetune"]) == 6 * 2  # the other evaluations come from the records
