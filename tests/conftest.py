@@ -18,3 +18,24 @@ def run_cli(args: list[str], cache: Path, timeout: int = 600, cwd: Path = ROOT) 
     env = {**os.environ, "VITSCALE_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=cwd)
+
+
+def start_cli(args: list[str], cache: Path, **popen) -> subprocess.Popen:
+    """`run_cli` in the background, for tests that interrupt a study."""
+    env = {**os.environ, "VITSCALE_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, text=True, **popen)
+
+
+def wait_until(proc: subprocess.Popen, condition, what: str, timeout: float = 420) -> None:
+    """Poll `condition()` while `proc` runs; fail naming `what` if the study ends or time runs out first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not happen"
+        time.sleep(0.2)
+
+
+def checkpointed(out: Path) -> bool:
+    """A checkpoint of some grid point has reached the study's storage."""
+    return bool(list(out.glob("smoke/storage/points/*/checkpoints/ckpt-*/state.pt")))

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, checkpointed, run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -104,18 +104,11 @@ def test_a_killed_trial_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_
     import os
     import signal
     import subprocess
-    import sys
-    import time
 
-    env = {**os.environ, "VITSCALE_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
     args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "models=[ViT-Pico/4]",
             "data.subsets=[1024]", "pretrain.steps=400", "pretrain.checkpoint_every=20"]
-    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not list(tmp_path.glob("smoke/storage/points/*/checkpoints/ckpt-*/state.pt")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
+    proc = start_cli(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_until(proc, lambda: checkpointed(tmp_path), "a checkpoint in storage")
     found = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
     # The trial's DataLoader worker is forked from it and shares its title: kill the one whose parent is not a match.
     parent = {pid: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] for pid in found}

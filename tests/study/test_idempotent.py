@@ -9,14 +9,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -65,18 +64,18 @@ def _pretrain_entries(out) -> dict:
 def killed(tmp_path_factory, cache_dir):
     """SIGKILL the driver once one point has finished and another has a checkpoint in storage."""
     out = tmp_path_factory.mktemp("idem")
-    env = {**os.environ, "VITSCALE_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, *BASE, "--out", str(out)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 420
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, "the study ended before it could be killed"
+    proc = start_cli([*BASE, "--out", str(out)], cache_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = {}
+
+    def one_done_one_halfway() -> bool:
         points = _points(out) if (out / "smoke" / "storage" / "points").exists() else {}
-        done = _finished(out) if points else []
-        halfway = [n for n, f in points.items() if n not in done and list(f.glob("checkpoints/ckpt-*/state.pt"))]
-        if done and halfway:
-            break
-        time.sleep(0.2)
+        state["done"] = done = _finished(out) if points else []
+        state["halfway"] = [n for n, f in points.items()
+                            if n not in done and list(f.glob("checkpoints/ckpt-*/state.pt"))]
+        return bool(done and state["halfway"])
+
+    wait_until(proc, one_done_one_halfway, "one point finished and another checkpointed")
+    done, halfway = state["done"], state["halfway"]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(3)  # Ray's processes notice their driver is gone

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import checkpointed, run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -60,13 +60,8 @@ def test_runs_and_artifacts_go_to_the_server_and_an_outage_loses_nothing(server,
     args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out), "--tracking-uri", server.uri,
             "models=[ViT-Pico/4]", "pretrain.steps=150", "pretrain.checkpoint_every=10",
             "resources.max_concurrent_trials=1"]
-    env = {**os.environ, "VITSCALE_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list(out.glob("smoke/storage/points/*/checkpoints/ckpt-*/state.pt")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
+    proc = start_cli(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(proc, lambda: checkpointed(out), "a checkpoint in storage")
     server.stop()  # mid-study: the first point is training
     time.sleep(30)
     server.start()
