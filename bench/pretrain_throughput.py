@@ -1,17 +1,21 @@
 """Pretraining step throughput: our loop vs a timm `train.py`-style loop, same model, batch, data, precision.
 
-    python bench/pretrain_throughput.py [--models ViT-Pico/4 BiT-R14-Pico] [--steps 60] [--batch 128]
+    python bench/pretrain_throughput.py [--models ViT-Pico/4 BiT-R14-Pico] [--steps 15] [--rounds 5] [--compile]
 
 Both loops read the same uint8 images in memory and apply the same conversion and augmentation; the baseline
 uses timm's own optimizer/scheduler factories and gradient clipping (timm.optim.create_optimizer_v2,
-timm.scheduler.create_scheduler_v2, timm.utils.dispatch_clip_grad), as timm's train_one_epoch does.
-Goal (issue 3): ratio >= 1.0 on CPU. Prints the ratio last.
+timm.scheduler.create_scheduler_v2, timm.utils.dispatch_clip_grad) with train.py's defaults (no channels_last, no
+compile), as timm's train_one_epoch does. The two run in alternating rounds of `--steps` steps (A B, then B A), so
+a machine whose speed drifts (other processes on shared cores) slows both alike; the ratio is taken round by round
+and its median printed. `--compile` also times our loop with torch.compile against our eager loop, and the compile.
+Goal (issue 13): ratio >= 1.0 on CPU. Prints the ratio last.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -20,71 +24,111 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import dispatch_clip_grad
 
-from pipelines import models
+from pipelines import models, perf
 from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment, augment_batch
 from pipelines.pretrain import PretrainConfig, make_optimizer
 from pipelines.training import LoopSpec, MemoryBatches, to_input, train_loop, warmup_decay
 
 AUGMENT = Augment(crop="translate", crop_padding=4, flip=False)
+CPU = torch.device("cpu")
+Loop = Callable[[int], None]  # runs that many steps
 
 
-def ours(name: str, data: ImageArrays, steps: int, batch: int) -> float:
+def ours(name: str, data: ImageArrays, batch: int, compile_model: bool = False) -> Loop:
     torch.manual_seed(0)
     model = models.build(name, 64, 32)
-    cfg = PretrainConfig(steps=steps, batch_size=batch)
-    optimizer = make_optimizer(cfg, model, torch.device("cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_decay, total=steps, warmup=10,
+    perf.channels_last(model, CPU)
+    optimizer = make_optimizer(PretrainConfig(steps=1, batch_size=batch), model, CPU)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_decay, total=10**6, warmup=10,
                                                                      decay="cosine"))
-    spec = LoopSpec(steps=steps, batch_size=batch, image_size=32, grad_clip=1.0)
-    start = time.perf_counter()
+    if compile_model:
+        perf.compile_model(model)
     batches = MemoryBatches(data, batch, 0, AUGMENT)
-    train_loop(model, batches, spec, optimizer, scheduler, torch.device("cpu"), progress=False)
-    return steps * batch / (time.perf_counter() - start)
+
+    def run(steps: int) -> None:
+        spec = LoopSpec(steps=steps, batch_size=batch, image_size=32, grad_clip=1.0)
+        train_loop(model, batches, spec, optimizer, scheduler, CPU, progress=False)
+
+    return run
 
 
-def timm_style(name: str, data: ImageArrays, steps: int, batch: int) -> float:
+def timm_style(name: str, data: ImageArrays, batch: int) -> Loop:
     torch.manual_seed(0)
     model = models.build(name, 64, 32)
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.1)
-    scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=steps, warmup_epochs=10, step_on_epochs=False,
-                                       updates_per_epoch=1)
+    scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=10**6, warmup_epochs=10,
+                                       step_on_epochs=False, updates_per_epoch=1)
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(1)
     gen = torch.Generator().manual_seed(0)
-    model.train()
-    start = time.perf_counter()
-    for num_updates in range(1, steps + 1):
-        idx = rng.integers(0, len(data), batch)
-        x = augment_batch(to_input(data.images[idx], 32, torch.device("cpu")), AUGMENT, gen)
-        y = torch.from_numpy(data.labels[idx])
-        loss = loss_fn(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        dispatch_clip_grad(model.parameters(), value=1.0, mode="norm")
-        optimizer.step()
-        scheduler.step_update(num_updates=num_updates)
-    return steps * batch / (time.perf_counter() - start)
+    num_updates = 0
+
+    def run(steps: int) -> None:
+        nonlocal num_updates
+        model.train()
+        for _ in range(steps):
+            idx = rng.integers(0, len(data), batch)
+            x = augment_batch(to_input(data.images[idx], 32, CPU), AUGMENT, gen)
+            y = torch.from_numpy(data.labels[idx])
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            dispatch_clip_grad(model.parameters(), value=1.0, mode="norm")
+            optimizer.step()
+            num_updates += 1
+            scheduler.step_update(num_updates=num_updates)
+
+    return run
+
+
+def rounds(a: Loop, b: Loop, steps: int, batch: int, n: int) -> tuple[list[float], list[float]]:
+    """Images/s of `a` and `b` over `n` rounds of `steps` steps each, alternating which goes first."""
+    a(2), b(2)  # warm-up: allocator, oneDNN primitives, compilation
+    speeds: tuple[list[float], list[float]] = ([], [])
+    for r in range(n):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            (a, b)[i](steps)
+            speeds[i].append(steps * batch / (time.perf_counter() - start))
+    return speeds
+
+
+def summary(ratios: list[float]) -> str:
+    return f"min {min(ratios):.2f} median {float(np.median(ratios)):.2f} max {max(ratios):.2f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["ViT-Pico/4", "BiT-R14-Pico"])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=15, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also time our loop compiled vs eager")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     data = ImageArrays(rng.integers(0, 255, (4096, 32, 32, 3), dtype=np.uint8), rng.integers(0, 64, 4096))
-    ratios = []
+    medians = []
     for name in args.models:
-        ours(name, data, 5, args.batch), timm_style(name, data, 5, args.batch)  # warm-up
-        a, b = ours(name, data, args.steps, args.batch), timm_style(name, data, args.steps, args.batch)
-        ratios.append(a / b)
-        print(f"{name}: ours {a:.0f} img/s, timm train.py-style {b:.0f} img/s, ratio {a / b:.2f}")
-    print(f"throughput ratio ours / timm-style (geometric mean over {len(ratios)} models): "
-          f"{float(np.exp(np.mean(np.log(ratios)))):.2f}")
+        if args.compile:
+            start = time.perf_counter()
+            compiled = ours(name, data, args.batch, compile_model=True)
+            compiled(1)
+            cold = time.perf_counter() - start
+            c, e = rounds(compiled, ours(name, data, args.batch), args.steps, args.batch, args.rounds)
+            ratios = [x / y for x, y in zip(c, e, strict=True)]
+            print(f"{name}: compiled {np.median(c):.0f} img/s, eager {np.median(e):.0f} img/s, compile "
+                  f"{cold:.0f} s, ratio compiled / eager {summary(ratios)}")
+        a, b = rounds(ours(name, data, args.batch), timm_style(name, data, args.batch), args.steps, args.batch,
+                      args.rounds)
+        ratios = [x / y for x, y in zip(a, b, strict=True)]
+        medians.append(float(np.median(ratios)))
+        print(f"{name}: ours {np.median(a):.0f} img/s, timm train.py-style {np.median(b):.0f} img/s, "
+              f"ratio per round {summary(ratios)}")
+    print(f"throughput ratio ours / timm-style (geometric mean over {len(medians)} models of the median per-round "
+          f"ratio): {float(np.exp(np.mean(np.log(medians)))):.2f}")
 
 
 if __name__ == "__main__":
