@@ -68,3 +68,19 @@ def test_hybrids_tokenise_the_resnet_feature_map(name, stride):
         model = models.build(name, 1000, 224)
     assert model.patch_embed.grid_size == (224 // stride, 224 // stride)
     assert models.get_spec(name).patch == stride and models.get_spec(name).family == "Hybrid"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_convolutional_path_runs_channels_last_and_every_model_can_checkpoint_activations(name):
+    from pipelines import perf
+
+    spec = models.MODELS[name]
+    with torch.device("meta"):
+        model = models.build(name, 10, 224 if not spec.cpu_sized else 32)
+    layout = perf.channels_last(model, torch.device("cuda"))
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    in_resnet = spec.family in ("BiT", "Hybrid")
+    assert (layout == torch.channels_last) == in_resnet
+    if in_resnet:  # every spatial convolution of a BiT or a hybrid's backbone (1x1 weights have no layout)
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    model.set_grad_checkpointing(True)  # `pretrain.grad_checkpointing`: timm's hook exists for every entry
