@@ -11,6 +11,7 @@ import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -396,9 +397,10 @@ def iter_folder(root: str, keys: set[str] | None = None) -> Iterator[tuple[str, 
 
 
 def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int = 1000, seed: int = 0,
-                     progress: bool = True) -> dict:
-    """Write an ImageNet-style folder as webdataset shards `<split>-NNNNNN.tar`, plus `classes.json` (label ->
-    class name) and `_info.json` (split sizes and shard lengths, the layout timm's wds reader reads).
+                     progress: bool = True, workers: int | None = None) -> dict:
+    """Write an ImageNet-style folder as webdataset shards `<split>-NNNNNN.tar` (in parallel, `workers` processes;
+    default: one per core), plus `classes.json` (label -> class name) and `_info.json` (split sizes and shard
+    lengths, the layout timm's wds reader reads).
 
     Image bytes are copied verbatim (no re-encoding, so pixels are identical); samples are shuffled with `seed`
     so that shard prefixes are class-mixed; each sample carries a `.json` with its source path, class and the
@@ -411,36 +413,44 @@ def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int
     labels = {name: i for i, name in enumerate(classes)}
     order = np.random.default_rng(seed).permutation(len(files))
     out.mkdir(parents=True, exist_ok=True)
-    names, lengths = [], []
+    jobs = [(root, out / f"{split}-{start // shard_size:06d}.tar",
+             [(int(i), *files[i], labels[files[i][0].split("/", 1)[0]]) for i in order[start:start + shard_size]])
+            for start in range(0, len(files), shard_size)]
+    workers = min(len(jobs), workers or os.cpu_count() or 1)
     bar = tqdm(total=len(files), desc=f"{root} -> shards", unit="img", disable=not progress, mininterval=2)
-    for start in range(0, len(files), shard_size):
-        name = f"{split}-{start // shard_size:06d}.tar"
-        tmp = out / f".{name}.tmp{os.getpid()}"
-        with wds.TarWriter(str(tmp)) as sink:
-            for i in order[start:start + shard_size]:
-                key, path = files[i]
-                cls = key.split("/", 1)[0]
-                ext = path.rpartition(".")[2].lower()
-                with open(path, "rb") as f:
-                    data = f.read()
-                sink.write({"__key__": f"{i:09d}", "jpg" if ext == "jpeg" else ext: data,
-                            "cls": str(labels[cls]).encode(),
-                            "json": json.dumps({"path": os.path.relpath(path, root), "class": cls,
-                                                "sha256": hashlib.sha256(data).hexdigest()}).encode()})
-                bar.update(1)
-        os.replace(tmp, out / name)
-        write_sidecar(out / name)
-        names.append(name)
-        lengths.append(len(order[start:start + shard_size]))
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for written in pool.map(_write_folder_shard, jobs):
+                bar.update(written)
+    else:
+        for job in jobs:
+            bar.update(_write_folder_shard(job))
     bar.close()
     (out / "classes.json").write_text(json.dumps(classes, indent=0))
     info_path = out / "_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {"name": Path(root).name, "splits": {}}
     info["num_classes"] = len(classes)
-    info["splits"][split] = {"num_samples": len(files), "filenames": names, "shard_lengths": lengths,
-                             "shuffle_seed": seed}
+    info["splits"][split] = {"num_samples": len(files), "filenames": [path.name for _, path, _ in jobs],
+                             "shard_lengths": [len(samples) for _, _, samples in jobs], "shuffle_seed": seed}
     info_path.write_text(json.dumps(info, indent=1))
     return info
+
+
+def _write_folder_shard(job: tuple) -> int:
+    """One shard of `folder_to_shards` (atomic: temp file + rename), with its sidecar index."""
+    root, path, samples = job
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+    with wds.TarWriter(str(tmp)) as sink:
+        for i, key, file, label in samples:
+            ext = file.rpartition(".")[2].lower()
+            with open(file, "rb") as f:
+                data = f.read()
+            sink.write({"__key__": f"{i:09d}", "jpg" if ext == "jpeg" else ext: data, "cls": str(label).encode(),
+                        "json": json.dumps({"path": os.path.relpath(file, root), "class": key.split("/", 1)[0],
+                                            "sha256": hashlib.sha256(data).hexdigest()}).encode()})
+    os.replace(tmp, path)
+    write_sidecar(path)
+    return len(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
