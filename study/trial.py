@@ -7,6 +7,8 @@ events. `trainable` is the Ray Tune function trainable around it.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +87,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
     """Pretrain from scratch or from the newest checkpoint in storage; store the weights and a summary."""
     src, loader = cfg.data.pretrain, cfg.data.loader
     local_ckpts = scratch / "checkpoints"
+    shutil.rmtree(local_ckpts, ignore_errors=True)  # storage decides where training resumes, never a node's leftovers
     if (name := storage.newest_checkpoint(f"{rel}/checkpoints")) is not None:
         storage.pull_checkpoint(f"{rel}/checkpoints", name, local_ckpts)
     resumed = pretrain_step_of(name)
@@ -182,7 +185,7 @@ def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, stora
 
     plan = plans[config["point"]]
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    scratch = Path(tune.get_context().get_trial_dir())
+    scratch = Path(tempfile.gettempdir()) / "vitscale-scratch" / plan.point.id  # this node's; removed at the end
 
     def emit(event: Event) -> None:
         tune.report(encode(event))
@@ -192,3 +195,4 @@ def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, stora
         run_point(cfg, plan, Storage(storage_root), scratch, emit)
     except (TrainingDiverged, UserError) as err:
         emit(Failed(f"{type(err).__name__}: {err} (after {time.time() - start:.0f} s)"))
+    shutil.rmtree(scratch, ignore_errors=True)  # a crash keeps it for nobody: a retry starts from storage

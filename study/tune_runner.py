@@ -71,7 +71,7 @@ def connect(cfg: StudyConfig, address: str | None) -> None:
     if not address.startswith("ray://") and "RAY_AUTH_MODE" not in os.environ and _token_available():
         # Ray >= 2.59 turns token authentication on for clusters started with `ray start`; a client given an
         # explicit address does not turn it on by itself and fails with InvalidAuthToken after 20 s.
-        _enable_token_auth()
+        enable_token_auth()
     try:
         ray.init(address=address, logging_level="warning", configure_logging=True)
     except Exception as err:  # noqa: BLE001  (Ray raises ConnectionError, RuntimeError, AuthenticationError, ...)
@@ -114,7 +114,7 @@ def _check_listening(address: str, target: tuple[str, int]) -> None:
                         "locally") from None
 
 
-def _enable_token_auth() -> None:
+def enable_token_auth() -> None:
     """What `ray start` does when it finds a token: the mode for this process, and Ray's cached config refreshed."""
     os.environ["RAY_AUTH_MODE"] = "token"
     try:

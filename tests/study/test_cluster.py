@@ -6,7 +6,9 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.conftest import run_cli
@@ -78,3 +80,40 @@ def test_joining_a_head_started_with_ray_start(head, tmp_path, cache_dir):
                     "models=[ViT-Pico/4]", "data.subsets=[256]"], cache_dir, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "smoke" / "results.csv").exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cache_dir, monkeypatch):
+    """A head that runs no trial and a worker node; `--storage` is a folder apart from any trial's working directory.
+    Every trial's node-local scratch is gone before the driver builds the report, so the complete report, figures
+    and MLflow artifacts can only have come through the storage."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+    from ray.cluster_utils import Cluster
+
+    from study.tune_runner import enable_token_auth
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # as heads started with `ray start` run (Ray >= 2.59)
+    enable_token_auth()  # and for this process's Ray, which has read its config already
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head places no trial
+    cluster.add_node(num_cpus=2)
+    try:
+        proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path / "runs"),
+                        "--storage", str(tmp_path / "shared"), "--address", cluster.address,
+                        "models=[ViT-Pico/4]"], cache_dir, timeout=900)
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    points = [p.name for p in (tmp_path / "shared" / "points").iterdir()]
+    assert len(points) == 2
+    assert not any((Path(tempfile.gettempdir()) / "vitscale-scratch" / p).exists() for p in points)
+    study = tmp_path / "runs" / "smoke"
+    table = pd.read_csv(study / "results.csv")
+    assert sorted(table["subset_size"].unique()) == [256, 1024] and "fig7_ViT-Pico-4_n256_vs_n1024.png" in {
+        f.name for f in (study / "figures").iterdir()}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], "tags.study_role = 'point'")
+    for run in runs:
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"record.json", "class_counts.json", "model"} <= names and any(n.startswith("fig7_") for n in names)
