@@ -174,7 +174,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) 
     status = "FAILED"
     try:
         records, failures = _run(cfg, decisions, evals, where, tracker, tags, args)
-        table, panels = _write_results(cfg, points, records, evals, where)
+        _write_results(cfg, points, records, evals, where)
         status = "FINISHED"
     finally:
         files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
@@ -267,7 +267,6 @@ def _write_results(cfg, points, records, evals, where):
     results.write(table, where.out / "results.csv")
     panels = fig7_side_by_side(points, records, where)
     report.write_report(table, where.out, title=cfg.study, panels=panels)
-    return table, panels
 
 
 def fig7_side_by_side(points: list[GridPoint], records: dict, where: Locations) -> list[Path]:
