@@ -174,7 +174,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) 
     status = "FAILED"
     try:
         records, failures = _run(cfg, decisions, evals, where, tracker, tags, args)
-        _write_results(cfg, points, records, evals, where)
+        _write_results(cfg, points, records, evals, where, failures)
         status = "FINISHED"
     finally:
         files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
@@ -257,7 +257,7 @@ def fig7_panel(point: GridPoint, where: Locations, folder: Path) -> Path | None:
     return fig7_panels(diagnostics.from_bytes(raw), path, f"{point.model}, {point.subset_size:,} pretraining examples")
 
 
-def _write_results(cfg, points, records, evals, where):
+def _write_results(cfg, points, records, evals, where, failures: dict[str, str]) -> None:
     """results.csv and the report over every point of the current grid, old and new together."""
     from analysis import report, results
 
@@ -266,7 +266,7 @@ def _write_results(cfg, points, records, evals, where):
     table = results.build_table(rows)
     results.write(table, where.out / "results.csv")
     panels = fig7_side_by_side(points, records, where)
-    report.write_report(table, where.out, title=cfg.study, panels=panels)
+    report.write_report(table, where.out, title=cfg.study, failures=failures, panels=panels)
 
 
 def fig7_side_by_side(points: list[GridPoint], records: dict, where: Locations) -> list[Path]:
