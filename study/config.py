@@ -6,6 +6,7 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -25,6 +26,9 @@ class DataConfig:
     subsets: tuple[int, ...]  # numbers of examples; each subset contains the smaller ones
     cache_dir: str = ""  # where generated shards live; default $VITSCALE_CACHE or ~/.cache/vit-scaling
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # streaming pretraining data from shards
+    # Nested subsets of samples (a seeded permutation of every key), or of whole shards (a subset of a remote
+    # source then reads only its own shards).
+    subset_mode: Literal["samples", "shards"] = "samples"
 
 
 @dataclass(frozen=True)

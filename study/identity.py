@@ -65,7 +65,8 @@ def _default(f: dataclasses.Field) -> Any:
 
 def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
     """What determines a grid point's pretrained weights, as plain data (`cfg` is a `StudyConfig`)."""
-    return {"recipe_version": RECIPE_VERSION, "model": model, "subset_size": subset_size, "seed": seed,
+    mode = {} if cfg.data.subset_mode == "samples" else {"subset_mode": cfg.data.subset_mode}
+    return {"recipe_version": RECIPE_VERSION, "model": model, "subset_size": subset_size, "seed": seed, **mode,
             "source": settings(cfg.data.pretrain, "source"), "pretrain": settings(cfg.pretrain, "pretrain")}
 
 
@@ -75,8 +76,8 @@ def recipe_params(cfg) -> dict:
     def full(obj, kind: str) -> dict:
         return {k: v for k, v in to_dict(obj).items() if k not in EXECUTION_ONLY.get(kind, ())}
 
-    return {"recipe_version": RECIPE_VERSION, "source": full(cfg.data.pretrain, "source"),
-            "pretrain": full(cfg.pretrain, "pretrain")}
+    return {"recipe_version": RECIPE_VERSION, "subset_mode": cfg.data.subset_mode,
+            "source": full(cfg.data.pretrain, "source"), "pretrain": full(cfg.pretrain, "pretrain")}
 
 
 def point_id(cfg, model: str, subset_size: int, seed: int) -> str:

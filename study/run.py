@@ -97,8 +97,8 @@ def prepare_data(cfg: StudyConfig) -> None:
     """Generate or check every data source before any trial starts (missing paths fail here)."""
     from pipelines import data
 
-    for src in (cfg.data.pretrain, *cfg.downstream):
-        data.prepare(src, cfg.cache_dir, progress=True)
+    for src in (cfg.data.pretrain, *cfg.downstream):  # indexes every shard once: a corrupt one fails here
+        data.prepare(src, cfg.cache_dir, progress=True, max_bad_fraction=cfg.data.loader.max_bad_fraction)
 
 
 class Locations:

@@ -113,10 +113,14 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
                **{f"throughput/{k}": v for k, v in (getattr(result, "throughput", None) or {}).items()}}
     if "test" in shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
+        from pipelines.data.stream import ShardSubset
+
         model = models.build(point.model, src.num_classes, src.image_size)
         model.load_state_dict(result.state_dict)
-        val = data.load(shards["test"], src.image_size, max_bad_fraction=loader.max_bad_fraction)
-        summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device)["top1"]
+        index = data.cached_index(shards["test"], cfg.cache_dir)
+        val = ShardSubset(index, index.all_keys)
+        summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
+                                       max_bad_fraction=loader.max_bad_fraction)["top1"]
     storage.write_bytes(f"{rel}/pretrained.safetensors",
                         save_weights(result.state_dict, metadata={"model": point.model, "steps": str(point.steps)}))
     storage.write_bytes(f"{rel}/model.json", json.dumps(
@@ -135,27 +139,21 @@ def pretrain_step_of(checkpoint_name: str | None) -> int:
 
 
 def _pretraining_data(cfg: StudyConfig, point: GridPoint, train_shards: list[str]):
-    """The grid point's nested subset: streamed from shards, or (an ImageNet-style folder) loaded into memory."""
+    """The grid point's nested subset, streamed from the shards through the index the driver built."""
     from pipelines.data.stream import ShardSubset
 
-    src = cfg.data.pretrain
-    if src.source == "folder":
-        keys = data.nested_subset(data.source_keys(src, train_shards), point.subset_size, point.seed)
-        return data.load(train_shards, src.image_size, keys, max_bad_fraction=cfg.data.loader.max_bad_fraction)
-    index = data.source_index(src, train_shards, cfg.data.loader.max_bad_fraction)
-    return ShardSubset(index, data.nested_subset(index.all_keys, point.subset_size, point.seed))
+    index = data.source_index(cfg.data.pretrain, train_shards, cfg.data.loader.max_bad_fraction,
+                              cache_dir=cfg.cache_dir)
+    return ShardSubset(index, data.subset_keys(index, point.subset_size, point.seed, cfg.data.subset_mode))
 
 
 def _diagnose(cfg: StudyConfig, point: GridPoint, model, shards: dict, device, storage: Storage,
               rel: str) -> list[Measurement]:
     """Fig 7 numbers for every model; a ViT's arrays go to storage, where the driver draws its panels."""
-    src, n = cfg.data.pretrain, cfg.evaluate.diagnostic_batch
-    if "test" in shards:
-        images = data.load(shards["test"], src.image_size, max_bad_fraction=cfg.data.loader.max_bad_fraction)
-        images = images.images[:n]
-    else:
-        keys = sorted(data.source_keys(src, shards["train"]))[:n]
-        images = data.load(shards["train"], src.image_size, keys).images
+    src, n, limit = cfg.data.pretrain, cfg.evaluate.diagnostic_batch, cfg.data.loader.max_bad_fraction
+    split = shards["test"] if "test" in shards else shards["train"]  # the held-out images where there are some
+    keys = sorted(data.cached_index(split, cfg.cache_dir).all_keys)[:n]
+    images = data.load(split, src.image_size, keys, max_bad_fraction=limit).images
     diag = diagnostics.run(model, images, src.image_size, device)
     if diag.family == "ViT":
         storage.write_bytes(f"{rel}/fig7.safetensors", diagnostics.to_bytes(diag))
@@ -171,7 +169,8 @@ def _downstream(cfg: StudyConfig, point: GridPoint, kind: str, model, state, dev
     found = []
     for task in cfg.downstream:
         found += downstream.run(cfg.evaluate, task, point.model, model, state, cfg.data.pretrain.image_size,
-                                cfg.cache_dir, point.seed, device, kinds=(kind,), on_curve=curve, progress=progress)
+                                cfg.cache_dir, point.seed, device, kinds=(kind,), on_curve=curve, progress=progress,
+                                loader=cfg.data.loader)
     return found
 
 

@@ -84,7 +84,7 @@ def test_truncated_shard_fails_with_a_clear_error(tmp_path):
     path = _write(tmp_path)
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2 + 100])
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"corrupt or truncated shard \S*s\.tar: unexpected end of data"):
         list(iter_samples([str(path)]))
 
 

@@ -186,7 +186,7 @@ def test_train_and_eval_transforms_on_a_large_jpeg(tmp_path):
     crops = [train_image(buf.getvalue(), 24, AUG, rng) for _ in range(50)]  # decoded at 1/2..1/8 scale (draft)
     assert all(c.shape == (24, 24, 3) and c.dtype == np.uint8 for c in crops)
     assert len({c.tobytes() for c in crops}) > 30 and min(c.mean() for c in crops) < 150 < max(c.mean() for c in crops)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="image file is truncated"):
         train_image(buf.getvalue()[:2000], 24, AUG, rng)  # a truncated image is never accepted
 
 

@@ -39,7 +39,7 @@ def test_execution_only_settings_keep_every_id(tmp_path, override):
 
 @pytest.mark.parametrize("override", [
     "pretrain.lr=3.0e-4", "pretrain.warmup_steps=2", "pretrain.batch_size=32", "data.pretrain.seed=5",
-    "data.pretrain.size=1536",
+    "data.pretrain.size=1536", "data.subset_mode=shards",
 ])
 def test_what_shapes_the_weights_changes_every_id(tmp_path, override):
     before, after = _ids(_study(tmp_path)), _ids(_study(tmp_path, overrides=[override]))
