@@ -113,7 +113,7 @@ def test_bf16_pretraining_on_a_cpu_learns():
     assert all(math.isfinite(e["loss"]) for e in epochs) and epochs[-1]["loss"] < epochs[0]["loss"]
 
 
-@pytest.mark.slow  # inductor generates and compiles C++ kernels: ~35 s for the ViT, ~95 s for the BiT on 2 cores
+@pytest.mark.slow  # inductor writes and compiles C++ kernels: cold, 20-35 s for the ViT, 45-95 s for the BiT
 @pytest.mark.parametrize("name", ["ViT-Pico/4", "BiT-R14-Pico"])
 def test_compiled_model_matches_eager(name):
     torch.manual_seed(0)
