@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the grid as JSON")
     parser.add_argument("--mfu", type=float, default=None,
                         help="with --dry-run: price the grid at this model FLOPs utilisation (e.g. a measured "
-                             "throughput/mfu of a trial); default: 0.4, assumed")
+                             "pretrain/mfu of a trial on the same GPU); default: 0.4, assumed")
     parser.add_argument("--fresh", action="store_true",
                         help="ignore earlier results: a new MLflow parent run, every point trained anew")
     parser.add_argument("--address", default=None, help="join an existing Ray cluster instead of starting one")

@@ -26,6 +26,7 @@ from study.config import GridPoint, StudyConfig
 from study.identity import recipe_params
 from study.protocol import Curve, EvalRecord, Event, Failed, Finished, PointRecord, Started
 from study.storage import Storage
+from study.system_metrics import NodeSampler
 
 Emit = Callable[[Event], None]
 
@@ -105,13 +106,16 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
 
     def epoch_end(m: dict) -> None:
         emit(Curve("pretrain", int(m["step"]), {k: v for k, v in m.items() if k not in ("epoch", "step")}))
+        if system := sampler.read():
+            emit(Curve(f"system/{sampler.node}", int(m["step"]), system))
 
-    result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, point.seed, device,
-                          None, on_epoch=epoch_end, progress=progress, checkpoint_dir=local_ckpts,
-                          on_checkpoint=push, loader=loader)
+    with NodeSampler() as sampler:
+        result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, point.seed,
+                              device, None, on_epoch=epoch_end, progress=progress, checkpoint_dir=local_ckpts,
+                              on_checkpoint=push, loader=loader)
     del train
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
-               **{f"throughput/{k}": v for k, v in (getattr(result, "throughput", None) or {}).items()}}
+               **result.throughput}  # images_per_s, step_time_s, data_wait_fraction, peak memory, mfu
     if "test" in shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
         from pipelines.data.stream import ShardSubset
 
