@@ -207,9 +207,6 @@ class Tracker:
             point = run.data.tags.get(POINT_TAG)
             if point and (point not in out or not out[point].complete):
                 out[point] = ChildRun(run.info.run_id, run.info.status, dict(run.data.tags), dict(run.data.params))
-        for point, child in out.items():
-            self.runs[point] = child.run_id
-            self.params[child.run_id] = set(child.params)
         return out
 
     # Writes (queued).
@@ -322,6 +319,11 @@ class Tracker:
     def _child(self, point, tags: dict) -> str:
         if point.id in self.runs:
             return self.runs[point.id]
+        if (known := self.known.get(point.id)) is not None:
+            self.runs[point.id] = known.run_id
+            self.params[known.run_id] = set(known.params)
+            self._load_steps(known.run_id)
+            return known.run_id
         found = self.client.search_runs([self.experiment_id], f"tags.{POINT_TAG} = '{point.id}' and "
                                         f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}'", max_results=1)
         if found:

@@ -15,8 +15,9 @@ def test_typed_measurements_become_tidy_rows_with_their_spread():
     measured = [Measurement("fewshot", "shapes", 5, "top1", 40.0, 1.5), Measurement("finetune", "shapes", None,
                                                                                      "top1", 70.0)]
     table = results.build_table(results.rows(TRIAL, measured))
-    assert table[["eval", "dataset", "shots", "metric", "value", "spread", "seed"]].astype(object).values.tolist() \
-        == [["fewshot", "shapes", 5, "top1", 40.0, 1.5, 0], ["finetune", "shapes", pd.NA, "top1", 70.0, None, 0]]
+    assert table[["eval", "dataset", "shots", "metric", "value", "seed"]].astype(object).values.tolist() == [
+        ["fewshot", "shapes", 5, "top1", 40.0, 0], ["finetune", "shapes", pd.NA, "top1", 70.0, 0]]
+    assert table["spread"].iloc[0] == 1.5 and pd.isna(table["spread"].iloc[1])
     assert list(table.columns) == results.COLUMNS
 
 
