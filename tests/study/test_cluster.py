@@ -101,7 +101,7 @@ def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cac
     try:
         proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path / "runs"),
                         "--storage", str(tmp_path / "shared"), "--address", cluster.address,
-                        "models=[ViT-Pico/4]"], cache_dir, timeout=900)
+                        "models=[ViT-Pico/4]", "evaluate.finetune.lr=0.01"], cache_dir, timeout=900)
     finally:
         cluster.shutdown()
     assert proc.returncode == 0, proc.stderr[-3000:]

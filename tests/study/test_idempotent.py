@@ -20,7 +20,7 @@ from tests.conftest import run_cli, start_cli, wait_until
 pytestmark = pytest.mark.slow
 
 BASE = ["-m", "study.run", "--grid", "configs/smoke.yaml", "pretrain.steps=60", "pretrain.checkpoint_every=4",
-        "resources.max_concurrent_trials=1", "evaluate.finetune.steps=4"]
+        "resources.max_concurrent_trials=1", "evaluate.finetune.steps=4", "evaluate.finetune.lr=0.01"]
 ACTIONS = re.compile(r"^(\S+)\s+([\d,]+)\s+(\d+)\s+[\d,]+\s+\S+\s+\S+\s+(reuse|log|evaluate.*|resume|train)$", re.M)
 
 

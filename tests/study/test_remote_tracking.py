@@ -59,7 +59,7 @@ def test_runs_and_artifacts_go_to_the_server_and_an_outage_loses_nothing(server,
     out = tmp_path / "runs"
     args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out), "--tracking-uri", server.uri,
             "models=[ViT-Pico/4]", "pretrain.steps=150", "pretrain.checkpoint_every=10",
-            "resources.max_concurrent_trials=1"]
+            "resources.max_concurrent_trials=1", "evaluate.finetune.lr=0.01"]
     proc = start_cli(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_until(proc, lambda: checkpointed(out), "a checkpoint in storage")
     server.stop()  # mid-study: the first point is training
