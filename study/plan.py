@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from study.config import GridPoint
-from study.protocol import PointRecord
+from study.protocol import PointRecord, stale
 from study.storage import Storage
 from study.tracking import ChildRun
 from study.trial import load_record, point_dir
@@ -41,21 +41,17 @@ def decide(point: GridPoint, evals: dict[str, str], storage: Storage, child: Chi
     if fresh:
         return Decision(point, "train", dict(evals), None, None)
     record = load_record(storage, point.id)
-    if child is not None and child.complete and not _stale(child.eval_ids, evals):
+    if child is not None and child.complete and not stale(child.eval_ids, evals):
         return Decision(point, "reuse", {}, record, child)
     if record is not None and record.pretrain:
-        stale = record.stale(evals)
-        return Decision(point, "evaluate" if stale else "log", {k: evals[k] for k in stale}, record, child)
+        todo = record.stale(evals)
+        return Decision(point, "evaluate" if todo else "log", {k: evals[k] for k in todo}, record, child)
     if child is not None and child.has_weights:
-        stale = _stale(child.eval_ids, evals) or list(evals)  # an incomplete child re-runs every evaluation
-        return Decision(point, "evaluate", {k: evals[k] for k in stale}, None, child)
+        todo = stale(child.eval_ids, evals) or tuple(evals)  # an incomplete child re-runs every evaluation
+        return Decision(point, "evaluate", {k: evals[k] for k in todo}, None, child)
     if storage.newest_checkpoint(f"{point_dir(point.id)}/checkpoints") is not None:
         return Decision(point, "resume", dict(evals), record, child)
     return Decision(point, "train", dict(evals), record, child)
-
-
-def _stale(have: dict[str, str], want: dict[str, str]) -> list[str]:
-    return [k for k, ident in want.items() if have.get(k) != ident]
 
 
 def plan(points: list[GridPoint], evals: dict[str, str], storage: Storage, children: dict[str, ChildRun],

@@ -15,6 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pipelines.downstream import Measurement
 
 
+def stale(have: dict[str, str], want: dict[str, str]) -> tuple[str, ...]:
+    """The evaluations of `want` ({kind: protocol id}) missing from `have` or done there with another protocol."""
+    return tuple(k for k, ident in want.items() if have.get(k) != ident)
+
+
 @dataclass
 class EvalRecord:
     id: str  # the protocol's identity (study.identity.eval_ids)
@@ -35,7 +40,7 @@ class PointRecord:
 
     def stale(self, kinds: dict[str, str]) -> tuple[str, ...]:
         """The evaluations of `kinds` that this record lacks or ran with another protocol."""
-        return tuple(k for k, ident in kinds.items() if k not in self.evals or self.evals[k].id != ident)
+        return stale({k: ev.id for k, ev in self.evals.items()}, kinds)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)

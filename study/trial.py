@@ -20,6 +20,7 @@ from safetensors.torch import save as save_weights
 
 from pipelines import data, diagnostics, downstream, models, pretrain
 from pipelines.config import UserError
+from pipelines.data.stream import ShardSubset
 from pipelines.downstream import Measurement
 from pipelines.training import TrainingDiverged, evaluate, pick_device
 from study.config import GridPoint, StudyConfig
@@ -117,8 +118,6 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
                **result.throughput}  # images_per_s, step_time_s, data_wait_fraction, peak memory, mfu
     if "test" in shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
-        from pipelines.data.stream import ShardSubset
-
         model = models.build(point.model, src.num_classes, src.image_size)
         model.load_state_dict(result.state_dict)
         index = data.cached_index(shards["test"], cfg.cache_dir)
@@ -144,8 +143,6 @@ def pretrain_step_of(checkpoint_name: str | None) -> int:
 
 def _pretraining_data(cfg: StudyConfig, point: GridPoint, train_shards: list[str]):
     """The grid point's nested subset, streamed from the shards through the index the driver built."""
-    from pipelines.data.stream import ShardSubset
-
     index = data.source_index(cfg.data.pretrain, train_shards, cfg.data.loader.max_bad_fraction,
                               cache_dir=cfg.cache_dir)
     return ShardSubset(index, data.subset_keys(index, point.subset_size, point.seed, cfg.data.subset_mode))
