@@ -32,6 +32,7 @@ class PointRecord:
     fields: dict  # model, family, subset_size, examples_seen, pretrain_flops, seed
     pretrain: dict = field(default_factory=dict)  # steps, examples_seen, seconds, val_top1, throughput, ...
     evals: dict[str, EvalRecord] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the trial(s) that made it
 
     def measurements(self, kinds: dict[str, str] | None = None) -> list[Measurement]:
         """Every measurement, or only those of the evaluations whose identity matches `kinds`."""
@@ -50,7 +51,7 @@ class PointRecord:
         raw = json.loads(text)
         evals = {k: EvalRecord(v["id"], [Measurement(**m) for m in v["measurements"]])
                  for k, v in raw.get("evals", {}).items()}
-        return cls(raw["point_id"], raw["fields"], raw.get("pretrain", {}), evals)
+        return cls(raw["point_id"], raw["fields"], raw.get("pretrain", {}), evals, raw.get("timings", {}))
 
 
 @dataclass

@@ -141,11 +141,15 @@ def main(argv: list[str] | None = None) -> int:
             print_commands(pipe_commands(cfg), args.json)
             return 0
         from study import tune_runner
+        from study.trial import Stopwatch
 
+        clock: dict[str, float] = {}
         try:
-            tune_runner.connect(cfg, args.address)
-            prepare_data(cfg)
-            return launch(cfg, points, args)
+            with Stopwatch(clock)("connect"):
+                tune_runner.connect(cfg, args.address)
+            with Stopwatch(clock)("prepare_data"):
+                prepare_data(cfg)
+            return launch(cfg, points, args, clock)
         finally:
             tune_runner.disconnect()
     except UserError as err:
@@ -153,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) -> int:
+def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, clock: dict[str, float]) -> int:
     from study.identity import eval_ids
     from study.plan import plan
     from study.tracking import Tracker, ui_command
+    from study.trial import Stopwatch
 
     where = Locations(cfg, args)
     where.out.mkdir(parents=True, exist_ok=True)
@@ -173,8 +178,10 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) 
                          time.strftime("%Y%m%d-%H%M%S"))
     status = "FAILED"
     try:
-        records, failures = _run(cfg, decisions, evals, where, tracker, tags, args)
-        _write_results(cfg, points, records, evals, where, failures)
+        records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock)
+        with Stopwatch(clock)("report"):
+            _write_results(cfg, points, records, evals, where, failures)
+        write_timings(where.out / "timings.json", clock, records, decisions)
         status = "FINISHED"
     finally:
         files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
@@ -193,7 +200,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) 
     return 0
 
 
-def _run(cfg, decisions, evals, where, tracker, tags, args):
+def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, float]):
     """Log what storage already holds, run the trials the plan needs; returns ({point id: record}, failures)."""
     from study.plan import RUNS
     from study.trial import TrialPlan, point_dir
@@ -222,12 +229,28 @@ def _run(cfg, decisions, evals, where, tracker, tags, args):
         from study.tune_runner import StudyCallback, run_trials
 
         callback = StudyCallback(plans, finisher, tracker, tags)
-        run_trials(cfg, plans, where.storage, callback, f"{cfg.study}-{time.strftime('%Y%m%d-%H%M%S')}")
+        clock.update(run_trials(cfg, plans, where.storage, callback, f"{cfg.study}-{time.strftime('%Y%m%d-%H%M%S')}"))
         records.update(callback.records)
         for pid, plan in plans.items():
             if pid not in records:
                 failures[plan.point.name] = callback.failures.get(pid, "no result reported")
     return records, failures
+
+
+def write_timings(path: Path, clock: dict[str, float], records: dict, decisions) -> None:
+    """Where this invocation's time went: the driver's stages (wall seconds) and, summed over the points that ran,
+    the trials' stages (seconds of trial time; trials run side by side, so these add up to more than the wall)."""
+    from study.plan import RUNS
+
+    ran = [records[d.point.id] for d in decisions if d.action in RUNS and d.point.id in records]
+    trials: dict[str, float] = {}
+    for record in ran:
+        for stage, seconds in record.timings.items():
+            trials[stage] = trials.get(stage, 0.0) + seconds
+    path.write_text(json.dumps({"driver_wall_s": clock, "trial_s": trials, "points_ran": len(ran),
+                                "per_point_s": {r.point_id: r.timings for r in ran}}, indent=1))
+    print("\ntime (s): " + ", ".join(f"{k} {v:.0f}" for k, v in clock.items()) +
+          (f" | summed over {len(ran)} trials: " + ", ".join(f"{k} {v:.0f}" for k, v in trials.items()) if ran else ""))
 
 
 class Finisher:

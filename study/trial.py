@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +62,13 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     point, rel = plan.point, plan.rel
     device = pick_device(cfg.resources.gpus_per_worker)
     record = load_record(storage, point.id) or PointRecord(point.id, point.table_fields)
+    clock = Stopwatch(record.timings)
     src = cfg.data.pretrain
-    shards = data.prepare(src, cfg.cache_dir, progress=False)
+    with clock("data"):
+        shards = data.prepare(src, cfg.cache_dir, progress=False)
     if not record.pretrain:
-        state = _pretrain(cfg, point, storage, rel, shards, scratch, device, emit, progress)
+        with clock("pretrain"):
+            state = _pretrain(cfg, point, storage, rel, shards, scratch, device, emit, progress)
         record.pretrain = {"steps": point.steps, "examples_seen": point.examples_seen,
                            **json.loads(storage.read_bytes(f"{rel}/pretrain.json"))}
         storage.write_bytes(f"{rel}/record.json", record.to_json().encode())
@@ -76,8 +80,9 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     model.load_state_dict(state)
     model.to(device)
     for kind, ident in plan.evals.items():
-        found = _diagnose(cfg, point, model, shards, device, storage, rel) if kind == "diagnostics" else \
-            _downstream(cfg, point, kind, model, state, device, emit, progress)
+        with clock(kind):
+            found = _diagnose(cfg, point, model, shards, device, storage, rel) if kind == "diagnostics" else \
+                _downstream(cfg, point, kind, model, state, device, emit, progress)
         record.evals[kind] = EvalRecord(ident, found)
         storage.write_bytes(f"{rel}/record.json", record.to_json().encode())
     emit(Finished(record))
@@ -130,6 +135,21 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
         {"model": point.model, "num_classes": src.num_classes, "image_size": src.image_size}).encode())
     storage.write_bytes(f"{rel}/pretrain.json", json.dumps(summary).encode())
     return result.state_dict
+
+
+class Stopwatch:
+    """Seconds per stage, added into `into` (a record's timings: a resumed or re-evaluated point adds up)."""
+
+    def __init__(self, into: dict[str, float]):
+        self.into = into
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.into[stage] = self.into.get(stage, 0.0) + time.perf_counter() - start
 
 
 def identity_params(cfg: StudyConfig, point: GridPoint) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import ray
@@ -146,12 +147,14 @@ def _check_fits(cfg: StudyConfig, nodes: list[dict], where: str) -> None:
 
 
 def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, callback: StudyCallback,
-               name: str) -> None:
+               name: str) -> dict[str, float]:
     """Run one Tune trial per plan; results arrive through `callback`. Starts a local Ray unless `connect`
-    joined a cluster."""
+    joined a cluster. Returns the seconds spent starting Ray and running the trials."""
+    start = time.perf_counter()
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
                  logging_level="warning")
+    started = time.perf_counter()
     resources = {"cpu": cfg.resources.cpus_per_worker, "gpu": cfg.resources.gpus_per_worker}
     fn = tune.with_parameters(trainable, plans=plans, cfg=cfg, storage_root=storage.root)
     tuner = tune.Tuner(
@@ -164,6 +167,7 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
                                   verbose=1),
     )
     tuner.fit()
+    return {"ray_start": started - start, "trials": time.perf_counter() - started}
 
 
 def disconnect() -> None:
