@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
-from pipelines import models, perf
+from pipelines import distributed, models, perf
 from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
@@ -93,10 +93,14 @@ def make_optimizer(cfg: PretrainConfig, model: torch.nn.Module, device: torch.de
 
 def training_source(cfg: PretrainConfig, data: ImageArrays | ShardSubset, image_size: int, seed: int,
                     device: torch.device, loader: LoaderConfig) -> MemoryBatches | StreamLoader:
-    """Batches for pretraining: streamed from shards by DataLoader workers, or drawn from a split in memory."""
+    """This rank's batches for pretraining: streamed from shards by DataLoader workers, or drawn from a split in
+    memory."""
+    where = distributed.ranks()
+    where.share(cfg.batch_size, "pretrain.batch_size")
     if isinstance(data, ImageArrays):
-        return MemoryBatches(data, cfg.batch_size, seed, cfg.augment)
-    stream = ShardStream(data.index, data.keys, image_size, cfg.batch_size, cfg.augment, seed, loader.shuffle_buffer)
+        return MemoryBatches(data, cfg.batch_size, seed, cfg.augment, where.rank, where.world_size)
+    stream = ShardStream(data.index, data.keys, image_size, cfg.batch_size, cfg.augment, seed, loader.shuffle_buffer,
+                         where.rank, where.world_size)
     return StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=device.type == "cuda")
 
 
@@ -106,7 +110,8 @@ def run(cfg: PretrainConfig, model_name: str, data: ImageArrays | ShardSubset, n
         on_checkpoint: Callable[[Path], None] | None = None, loader: LoaderConfig | None = None) -> PretrainResult:
     """Pretrain `model_name` from scratch on `data` (resuming from `checkpoint_dir` if it holds a checkpoint);
     save the weights as safetensors in `out_dir`. `data` is a split in memory or a shard subset streamed with
-    `loader`."""
+    `loader`. Run on every rank of a process group, it trains data-parallel (`cfg.batch_size` is global; rank 0
+    writes the checkpoints and the weights)."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     perf.reset_peak_memory(device)
@@ -133,7 +138,7 @@ def run(cfg: PretrainConfig, model_name: str, data: ImageArrays | ShardSubset, n
                                  loop.timed_steps, flops, device, precision) if loop.timed_steps else {}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = None
-    if out_dir is not None:
+    if out_dir is not None and distributed.ranks().main:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "pretrained.safetensors"
         save_file(state, str(path), metadata={"model": model_name, "steps": str(steps)})

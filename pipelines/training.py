@@ -3,6 +3,7 @@ optimisation loop with clipping and non-finite-loss detection, and batched infer
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipelines import checkpoint, perf
+from pipelines import checkpoint, distributed, perf
 from pipelines.config import UserError
 from pipelines.data import ImageArrays, split_batches
 from pipelines.data.augment import Augment, augment_batch
@@ -62,17 +63,22 @@ def to_input(images: np.ndarray | torch.Tensor, image_size: int, device: torch.d
 
 class MemoryBatches:
     """Training batches of a split held in memory: a seeded permutation per epoch, the final partial batch dropped
-    (when there is more than one batch), augmented on the device by the training loop."""
+    (when there is more than one batch), augmented on the device by the training loop. `batch_size` is global:
+    rank r of N takes the r-th of N equal slices of each batch."""
 
-    def __init__(self, data: ImageArrays, batch_size: int, seed: int, augment: Augment):
+    def __init__(self, data: ImageArrays, batch_size: int, seed: int, augment: Augment, rank: int = 0,
+                 world_size: int = 1):
         self.data, self.batch_size, self.seed, self.augment = data, batch_size, seed, augment
         self.steps_per_epoch = max(1, len(data) // batch_size)
+        self.rank, self.local = rank, batch_size // world_size
 
-    def batches(self, start_epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
+    def batches(self, start_step: int = 0) -> Iterator[Batch]:
+        start_epoch, skip = divmod(start_step, self.steps_per_epoch)
         for epoch in itertools.count(start_epoch):
             order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.data))
             for b in range(skip if epoch == start_epoch else 0, self.steps_per_epoch):
-                idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+                lo = b * self.batch_size + self.rank * self.local
+                idx = order[lo:lo + self.local]
                 yield Batch(torch.from_numpy(self.data.images[idx]), torch.from_numpy(self.data.labels[idx]), [],
                             epoch, b == self.steps_per_epoch - 1)
 
@@ -122,33 +128,38 @@ def loss_fn(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 class _Sums:
-    """Loss and correct-prediction sums kept on the device (no host read per step), with the one read at log
-    points that also checks the loss is finite."""
+    """Loss, correct-prediction and sample sums kept on the device (no host read per step), with the one read at
+    log points: summed over ranks, so every rank sees the same numbers and stops together on a non-finite loss."""
 
     def __init__(self, device: torch.device, saved: list | None = None):
-        loss, correct, self.count = saved or (0.0, 0, 0)
+        loss, correct, count = saved or (0.0, 0, 0)
         self.device = device
-        self.values = torch.tensor([loss, correct], dtype=torch.float64, device=device)
+        self.values = torch.tensor([loss, correct, count], dtype=torch.float64, device=device)
+        self.local = torch.zeros(2, dtype=torch.float64, device=device)  # since the last read, this rank only
+        self.local_count = 0
         self.checked = 0  # the last step whose loss was read and finite
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         correct = (logits.argmax(-1) == labels).sum()
-        self.values += torch.stack((loss.detach().double() * len(labels), correct.double()))
-        self.count += len(labels)
+        self.local += torch.stack((loss.detach().double() * len(labels), correct.double()))
+        self.local_count += len(labels)
 
     def read(self, step: int, desc: str) -> list:
-        """[loss sum, correct, count] on the host; raises TrainingDiverged if a loss since the last read was not
-        finite."""
-        loss, correct = self.values.tolist()
+        """[loss sum, correct, count] over all ranks on the host; raises TrainingDiverged if a loss since the last
+        read was not finite (on every rank alike)."""
+        count = torch.tensor([float(self.local_count)], dtype=torch.float64, device=self.device)
+        self.values += distributed.all_reduce_sum(torch.cat((self.local, count)))
+        self.local.zero_()
+        self.local_count = 0
+        loss, correct, count = self.values.tolist()
         if not math.isfinite(loss):
             raise TrainingDiverged(f"{desc}: loss became {loss} between step {self.checked + 1} and {step}; lower "
                                    f"the learning rate or check the data")
         self.checked = step
-        return [loss, int(correct), self.count]
+        return [loss, int(correct), int(count)]
 
     def reset(self) -> None:
         self.values.zero_()
-        self.count = 0
 
 
 def train_loop(model: nn.Module, source: MemoryBatches | StreamLoader, spec: LoopSpec,
@@ -158,7 +169,9 @@ def train_loop(model: nn.Module, source: MemoryBatches | StreamLoader, spec: Loo
     """Run `spec.steps` optimizer steps over batches from `source`, calling `on_epoch(metrics)` after each epoch.
 
     With `spec.checkpoint_dir`, resumes from its newest checkpoint (weights, optimizer, scheduler, RNG state and
-    the position inside the epoch), so a killed run continues exactly where its last checkpoint left it.
+    the step, which fixes the data position), so a killed run continues exactly where its last checkpoint left it.
+    In a process group (`pipelines.distributed`) each rank runs this with its part of every batch: DDP averages
+    the gradients, the metrics are summed over ranks, and rank 0 alone writes checkpoints.
     `loader_wait_fraction` is the share of the epoch's wall time spent waiting for the next batch. Nothing is read
     from the device inside the step: the loss is read every `spec.nonfinite_check_every` steps, at epoch ends and
     before each checkpoint (so no checkpoint holds a diverged state).
@@ -166,25 +179,28 @@ def train_loop(model: nn.Module, source: MemoryBatches | StreamLoader, spec: Loo
     Raises:
         TrainingDiverged: the loss became NaN/inf (within `spec.nonfinite_check_every` steps of it happening).
     """
-    gen = torch.Generator().manual_seed(spec.seed)
+    where = distributed.ranks()
+    gen = torch.Generator().manual_seed(spec.seed + 7919 * where.rank)  # device-side augmentation, per rank
     precision = perf.resolve_precision(spec.precision, device)
     perf.enable_tf32(device)
     autocast, scaler = perf.autocast(precision, device), perf.grad_scaler(precision, device)
     memory_format = perf.channels_last(model, device)
-    step, epoch, in_epoch, saved = 0, 0, 0, None
+    step, epoch, saved = 0, 0, None
     resume = checkpoint.latest(spec.checkpoint_dir)
     if resume is not None:
         loop = checkpoint.load(resume, model, optimizer, scheduler)
-        step, epoch, in_epoch, saved = loop["step"], loop["epoch"], loop["batch"], loop["sums"]
+        step, epoch, saved = loop["step"], loop["epoch"], loop["sums"]
         gen.set_state(loop["gen"])
         if "scaler" in loop:
             scaler.load_state_dict(loop["scaler"])
     sums = _Sums(device, saved)
     sums.checked = step
     timer = _Timer(device, step, spec.steps)
-    bar = tqdm(total=spec.steps, initial=step, desc=desc, unit="step", disable=not progress, mininterval=2)
+    bar = tqdm(total=spec.steps, initial=step, desc=desc, unit="step", disable=not progress or not where.main,
+               mininterval=2)
     last: dict = {}
-    batches = source.batches(epoch, in_epoch) if step < spec.steps else iter(())
+    batches = source.batches(step) if step < spec.steps else iter(())
+    net = distributed.wrap(model, device)
     model.train()
     while step < spec.steps:
         timer.at_step(step)
@@ -192,24 +208,24 @@ def train_loop(model: nn.Module, source: MemoryBatches | StreamLoader, spec: Loo
         batch = next(batches)
         timer.waited(time.perf_counter() - tick)
         optimizer.zero_grad(set_to_none=True)
-        _step(model, batch, spec, source.augment, gen, autocast, scaler, memory_format, device, sums)
+        _step(net, batch, spec, source.augment, gen, autocast, scaler, memory_format, device, sums)
         if spec.grad_clip:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        step, in_epoch = step + 1, in_epoch + 1
+        step += 1
         bar.update(1)
         epoch_done = batch.end_of_epoch or step == spec.steps
         if epoch_done:
-            epoch, in_epoch = epoch + 1, 0
+            epoch += 1
         save = spec.checkpoint_dir is not None and (step == spec.steps or
                                                    (spec.checkpoint_every and step % spec.checkpoint_every == 0))
         if save or epoch_done or step % spec.nonfinite_check_every == 0:
             totals = sums.read(step, desc)  # the one host read; raises if the loss is not finite
-        if save:
-            state = {"step": step, "epoch": epoch, "batch": in_epoch, "gen": gen.get_state(), "sums": totals}
+        if save and where.main:
+            state = {"step": step, "epoch": epoch, "gen": gen.get_state(), "sums": totals}
             if scaler.is_enabled():
                 state["scaler"] = scaler.state_dict()
             path = checkpoint.save(spec.checkpoint_dir, step, model, optimizer, scheduler, state,
@@ -269,21 +285,25 @@ class _Timer:
 def _step(model: nn.Module, batch: Batch, spec: LoopSpec, augment: Augment | None, gen: torch.Generator,
           autocast, scaler: torch.amp.GradScaler, memory_format: torch.memory_format, device: torch.device,
           sums: _Sums) -> None:
-    """Forward and backward of one batch (in micro-batches), adding to the loss/accuracy sums on the device; no
-    update, no host read."""
-    micro = spec.micro_batch_size or spec.batch_size
+    """Forward and backward of this rank's part of a batch (in micro-batches of `spec.micro_batch_size`, with the
+    DDP gradient all-reduce only after the last), adding to the loss/accuracy sums on the device; no update, no
+    host read."""
     n = len(batch.labels)
+    micro = spec.micro_batch_size or n
     inputs = to_input(batch.images, spec.image_size, device, memory_format)
     if augment is not None:  # once per batch, so micro-batching does not change the augmentation
         inputs = augment_batch(inputs, augment, gen)
     inputs = inputs.contiguous(memory_format=memory_format)
     labels = batch.labels.to(device, non_blocking=True)
-    for lo in range(0, n, micro):
+    starts = range(0, n, micro)
+    for lo in starts:
         x, y = inputs[lo:lo + micro], labels[lo:lo + micro]
-        with autocast:
-            logits = model(x)
-            loss = loss_fn(spec.loss, logits.float(), y)
-        scaler.scale(loss if len(y) == n else loss * (len(y) / n)).backward()
+        last = lo == starts[-1]
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast:
+                logits = model(x)
+                loss = loss_fn(spec.loss, logits.float(), y)
+            scaler.scale(loss if len(y) == n else loss * (len(y) / n)).backward()
         sums.add(loss, logits, y)
 
 

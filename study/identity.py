@@ -20,8 +20,8 @@ from pipelines.config import to_dict
 # Only values that differ from their field's default are hashed, so adding a config field whose default keeps
 # today's behaviour keeps every identity (no retraining after an upgrade). Changing a default, or code that
 # changes results, must bump these; tests/study/test_identity.py pins the defaults to catch that.
-RECIPE_VERSION = 1  # the training code and the pretraining / source defaults
-EVAL_VERSION = 1  # the evaluation code and the evaluation defaults
+RECIPE_VERSION = 2  # 2: the world-size-independent data order (batches run on across epochs)
+EVAL_VERSION = 2  # 2: fine-tuning streams in the world-size-independent order
 
 # Per config section: fields that change how a run executes, not what it computes.
 EXECUTION_ONLY = {

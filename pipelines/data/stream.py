@@ -1,20 +1,25 @@
-"""Streaming training data from shards: every sample of a subset exactly once per epoch, whatever the number of
-DataLoader workers, ranks and shards.
+"""Streaming training data from shards: every sample of a subset once per epoch, in an order that does not depend
+on the number of ranks or DataLoader workers, and every rank running the same number of steps.
 
-Each epoch orders the subset by a seeded shard permutation (samples keep their tar order within a shard) and
-cuts that sequence into `world_size x workers` contiguous, near-equal parts; part `rank x workers + worker`
-is read by that worker (local shards by offset from the index, in a seeded permutation of the part; remote ones
-streamed through a seeded shuffle buffer of encoded samples), decoded and augmented there, and sent as uint8
-batches. A part may start or end inside a shard (so fewer shards than workers is fine) and
-shard counts need not divide. The main process re-batches the workers' final partial batches, so an epoch has
-ceil(samples / batch) steps on every worker count. Workers run ahead into the next epoch; nothing stops
-between epochs.
+The subset is one endless sequence: epoch after epoch, each a seeded order of all its samples. Global step t
+takes positions [tB, (t+1)B) of that sequence (B the global batch), so a batch may straddle two epochs and every
+batch is full; rank r of N takes the r-th of N equal slices of it, and DataLoader worker w of W reads the steps
+t = w (mod W) (the DataLoader hands batches out round-robin, so they arrive in step order). Each sample's
+augmentation is drawn from a generator seeded by (seed, epoch, position), so N ranks see, step for step, the same
+augmented images as one process, and a run can resume from step t with another N or W.
+
+An epoch's order: a seeded shard permutation, then a seeded permutation within consecutive windows of
+`ORDER_WINDOW` positions (the whole epoch for subsets up to that size), computed lazily, so a worker's memory does
+not grow with the source. Local shards are read by offset from the index. Shards that can only be streamed
+(`pipe:` and other remote URLs) cannot be read at arbitrary positions: there each (rank, worker) streams its
+contiguous part of the epoch's shard order through a seeded shuffle buffer, continuing into the next epoch for
+its next batch (the order then depends on N and W; the batch sizes and step counts do not).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -90,112 +95,136 @@ class ShardSubset:
         return np.asarray([label_of[k] for k in self.keys], dtype=np.int64)
 
 
-class ShardStream(IterableDataset):
-    """An endless stream of uint8 training batches, epoch after epoch, for one rank (see the module docstring).
+ORDER_WINDOW = 1 << 20  # positions shuffled together within an epoch (8 MB of int64 per window)
 
-    Each item is a dict: `image` uint8 [b, S, S, 3], `label` int64 [b], `key` (sample keys), `epoch`, `last`
-    (this worker's final batch of the epoch, possibly partial or empty) and `bad` (samples skipped since the
-    worker's previous batch, per cause).
+
+class ShardStream(IterableDataset):
+    """The endless stream of one rank's uint8 training batches (see the module docstring).
+
+    Each item is a dict: `image` uint8 [b, S, S, 3], `label` int64 [b], `key` (sample keys), `epoch` (each
+    sample's), `step` (the global step it belongs to) and `bad` ({epoch: {cause: samples skipped as
+    unreadable}}). `batch_size` is global; a rank
+    takes batch_size / world_size samples per step.
     """
 
     def __init__(self, index: ShardIndex, keys: list[str] | None, image_size: int, batch_size: int,
                  augment: Augment, seed: int, shuffle_buffer: int = 1024, rank: int = 0, world_size: int = 1,
-                 start_epoch: int = 0):
+                 start_step: int = 0):
         wanted = set(keys) if keys is not None else None
         self.shards, self.spans, self.labels = index.shards, index.spans, index.labels
         self.keys = index.keys
         self.positions = [np.asarray([i for i, k in enumerate(shard) if wanted is None or k in wanted], dtype=np.int64)
                           for shard in index.keys]  # the subset's samples in each shard, in tar order
-        self.counts = [len(p) for p in self.positions]
-        if sum(self.counts) == 0:
+        self.counts = np.asarray([len(p) for p in self.positions], dtype=np.int64)
+        self.total = int(self.counts.sum())
+        if self.total == 0:
             raise ValueError("the subset has no samples in these shards")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} does not divide among {world_size} ranks")
         self.image_size, self.batch_size, self.augment, self.seed = image_size, batch_size, augment, seed
+        self.local_batch = batch_size // world_size
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
-        self.start_epoch = start_epoch
+        self.start_step = start_step
+        self.indexed = all(self.spans and self.spans[s] is not None for s in range(len(self.shards)) if self.counts[s])
 
     def __len__(self) -> int:
-        """Samples this rank reads per epoch (before any are skipped as unreadable)."""
-        total = sum(self.counts)
-        return (self.rank + 1) * total // self.world_size - self.rank * total // self.world_size
-
-    def plan(self, epoch: int, worker: int, workers: int) -> list[tuple[int, int, int]]:
-        order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.shards))
-        return part_plan(self.counts, order, self.rank * workers + worker, self.world_size * workers)
+        """Samples per epoch (all ranks together)."""
+        return self.total
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for epoch in itertools.count(self.start_epoch):
-            yield from self.epoch(epoch, worker, workers)
+        steps = itertools.count(self.start_step + worker, workers)
+        yield from (self._indexed(steps) if self.indexed else self._streamed(steps, worker, workers))
 
-    def epoch(self, epoch: int, worker: int, workers: int) -> Iterator[dict]:
-        rng = np.random.default_rng([self.seed, epoch, self.rank * workers + worker, 2])
-        bad = BadCounts()
-        images, labels, keys = [], [], []
-        held = None  # a full batch waits for the next sample: if none comes, it is the epoch's last
-        for key, data, label in self._samples(epoch, worker, workers, bad, rng):
-            try:
-                image = train_image(data, self.image_size, self.augment, rng)
-            except (OSError, ValueError, Image.DecompressionBombError):  # PIL's errors for corrupt/truncated images
-                bad["undecodable_image"] += 1
-                continue
-            if held is not None:
-                yield held
-                held = None
-            images.append(image)
-            labels.append(label)
-            keys.append(key)
-            if len(labels) == self.batch_size:
-                held = self._batch(images, labels, keys, epoch, False, bad)
-                images, labels, keys = [], [], []
-                bad.clear()  # the same counter: the sample reader keeps counting into it
-        if held is not None:
-            held["last"] = True
-            held["bad"] = dict(BadCounts(held["bad"]) + bad)
-            yield held
-        else:
-            yield self._batch(images, labels, keys, epoch, True, bad)
+    # -- local shards: any position, read by offset ------------------------------------------------------------
 
-    def _samples(self, epoch: int, worker: int, workers: int, bad: BadCounts,
-                 rng: np.random.Generator) -> Iterator[tuple[str, bytes, int]]:
-        """This part's encoded samples, shuffled; samples that cannot be read are counted in `bad`.
-
-        Local shards are read by offset (from the index) in a full permutation of the part; others are streamed
-        shard by shard through a shuffle buffer.
-        """
-        plan = self.plan(epoch, worker, workers)
-        if all(self.spans and self.spans[shard] is not None for shard, _, _ in plan):
-            yield from self._read_at_offsets(plan, bad, rng)
-        else:
-            yield from self._shuffled(self._stream(plan, bad), rng)
-
-    def _read_at_offsets(self, plan, bad: BadCounts, rng: np.random.Generator) -> Iterator[tuple[str, bytes, int]]:
-        picks = [(shard, int(p)) for shard, first, stop in plan for p in self.positions[shard][first:stop]]
-        files: dict[int, object] = {}
+    def _indexed(self, steps: Iterator[int]) -> Iterator[dict]:
+        order, files = _EpochOrder(self.counts, self.seed), {}
         try:
-            for i in rng.permutation(len(picks)):
-                shard, pos = picks[i]
-                key = self.keys[shard][pos]
-                try:
-                    if shard not in files:
-                        files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 (closed below)
-                    data, label = read_span(files[shard], key, self.labels[shard][pos], self.spans[shard][pos])
-                except OSError:
-                    bad["truncated_tar"] += 1
-                    continue
-                except BadSample as err:
-                    bad[err.cause] += 1
-                    continue
-                yield key, data, label
+            for t in steps:
+                lo = t * self.batch_size + self.rank * self.local_batch
+                bad, images, labels, keys, epochs = defaultdict(BadCounts), [], [], [], []
+                for p in range(lo, lo + self.local_batch):
+                    epoch, at = divmod(p, self.total)
+                    shard, i = order.sample(epoch, at)
+                    pos = int(self.positions[shard][i])
+                    key = self.keys[shard][pos]
+                    try:
+                        if shard not in files:
+                            files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 (closed below)
+                        raw, label = read_span(files[shard], key, self.labels[shard][pos], self.spans[shard][pos])
+                    except OSError:
+                        bad[epoch]["truncated_tar"] += 1
+                        continue
+                    except BadSample as err:
+                        bad[epoch][err.cause] += 1
+                        continue
+                    try:
+                        image = train_image(raw, self.image_size, self.augment,
+                                            np.random.default_rng([self.seed, epoch, at, 2]))
+                    except _ImageErrors:
+                        bad[epoch]["undecodable_image"] += 1
+                        continue
+                    images.append(image)
+                    labels.append(label)
+                    keys.append(key)
+                    epochs.append(epoch)
+                yield self._batch(images, labels, keys, epochs, t, bad)
         finally:
             for f in files.values():
                 f.close()
+
+    # -- streamed shards: each (rank, worker) reads its part of every epoch --------------------------------------
+
+    def _streamed(self, steps: Iterator[int], worker: int, workers: int) -> Iterator[dict]:
+        part, parts = self.rank * workers + worker, self.world_size * workers
+        first = next(steps)
+        # This worker's batches before `first` (one per `workers` steps) were consumed: skip their samples, undecoded.
+        skip = ((first - worker) // workers) * self.local_batch
+        samples = self._part_samples(part, parts, skip)
+        for t in itertools.chain([first], steps):
+            bad, images, labels, keys, epochs = defaultdict(BadCounts), [], [], [], []
+            while len(labels) < self.local_batch:
+                key, raw, label, epoch, here = next(samples)
+                bad[epoch].update(here)
+                try:
+                    images.append(train_image(raw, self.image_size, self.augment,
+                                              np.random.default_rng([self.seed, epoch, part, len(labels), t, 3])))
+                except _ImageErrors:
+                    bad[epoch]["undecodable_image"] += 1
+                    continue
+                labels.append(label)
+                keys.append(key)
+                epochs.append(epoch)
+            yield self._batch(images, labels, keys, epochs, t, bad)
+
+    def _part_samples(self, part: int, parts: int, skip: int) -> Iterator[tuple]:
+        """(key, bytes, label, epoch, bad counts) of this part's samples, epoch after epoch; the first `skip`
+        readable ones dropped."""
+        size = (part + 1) * self.total // parts - part * self.total // parts
+        if size == 0:
+            raise ValueError(f"{self.total} samples cannot feed {parts} (ranks x loader workers) streams")
+        first_epoch = skip // size
+        skip -= first_epoch * size
+        for epoch in itertools.count(first_epoch):
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.shards))
+            plan = part_plan(self.counts.tolist(), order, part, parts)
+            rng = np.random.default_rng([self.seed, epoch, part, 2])
+            bad = BadCounts()
+            for key, raw, label in _shuffled(self._stream(plan, bad), rng, self.shuffle_buffer):
+                here = BadCounts(bad)  # what the reader counted since the previous sample
+                bad.clear()
+                if skip:
+                    skip -= 1
+                    continue
+                yield key, raw, label, epoch, here
 
     def _stream(self, plan, bad: BadCounts) -> Iterator[tuple[str, bytes, int]]:
         """Streamed shards through the one shard read loop (`iter_encoded`, as evaluation reads them)."""
         for shard, first, stop in plan:
             take = {self.keys[shard][p] for p in self.positions[shard][first:stop]}
-            found, here = 0, BadCounts()  # `bad` is shared with the decoding loop, which clears it per batch
+            found, here = 0, BadCounts()
             for sample in iter_encoded([self.shards[shard]], take, here):
                 found += 1 + sum(here.values())  # read, and those read but unreadable (counted by cause)
                 bad.update(here)
@@ -205,43 +234,72 @@ class ShardStream(IterableDataset):
             bad.update(here)
             bad["truncated_tar"] += len(take) - found  # indexed, but the tar ended (or changed) before them
 
-    def _shuffled(self, samples: Iterator, rng: np.random.Generator) -> Iterator:
-        """webdataset-style shuffle buffer: emit a random buffered sample for each new one, then drain."""
-        buffer: list = []
-        for sample in samples:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = int(rng.integers(len(buffer)))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _batch(self, images, labels, keys, epoch, last, bad) -> dict:
+    def _batch(self, images, labels, keys, epochs, step, bad) -> dict:
         shape = (0, self.image_size, self.image_size, 3)
         return {"image": np.stack(images) if images else np.zeros(shape, np.uint8),
-                "label": np.asarray(labels, dtype=np.int64), "key": keys, "epoch": epoch, "last": last,
-                "bad": dict(bad)}
+                "label": np.asarray(labels, dtype=np.int64), "key": keys, "epoch": np.asarray(epochs, np.int64),
+                "step": step, "bad": {e: dict(counts) for e, counts in bad.items() if counts}}
+
+
+_ImageErrors = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for corrupt or cut images
+
+
+class _EpochOrder:
+    """Position -> (shard, index among the subset's samples in that shard) in an epoch's order: a seeded shard
+    permutation, then a seeded permutation within each window of ORDER_WINDOW positions. Keeps one epoch's shard
+    layout and one window's permutation."""
+
+    def __init__(self, counts: np.ndarray, seed: int):
+        self.counts, self.seed, self.total = counts, seed, int(counts.sum())
+        self.epoch, self.window = None, None
+
+    def sample(self, epoch: int, at: int) -> tuple[int, int]:
+        if epoch != self.epoch:
+            self.epoch, self.window = epoch, None
+            self.shard_order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.counts))
+            self.ends = np.cumsum(self.counts[self.shard_order])
+        w = at // ORDER_WINDOW
+        if w != self.window:
+            lo = w * ORDER_WINDOW
+            size = min(ORDER_WINDOW, self.total - lo)
+            self.perm, self.window = lo + np.random.default_rng([self.seed, epoch, w, 4]).permutation(size), w
+        q = int(self.perm[at - w * ORDER_WINDOW])  # position in the shard-ordered sequence
+        j = int(np.searchsorted(self.ends, q, side="right"))
+        return int(self.shard_order[j]), q - int(self.ends[j] - self.counts[self.shard_order[j]])
+
+
+def _shuffled(samples: Iterator, rng: np.random.Generator, buffer_size: int) -> Iterator:
+    """webdataset-style shuffle buffer: emit a random buffered sample for each new one, then drain."""
+    buffer: list = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        i = int(rng.integers(len(buffer)))
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 @dataclass
 class Batch:
-    """One training batch from the loader: uint8 images [B, S, S, 3] (augmented), labels, keys, and whether it
-    ends its epoch."""
+    """One training batch from the loader: uint8 images [B, S, S, 3] (augmented), labels, keys, the epoch of its
+    first sample, whether it ends an epoch, and (streamed) each sample's epoch."""
 
     images: torch.Tensor
     labels: torch.Tensor
     keys: list[str]
     epoch: int
     end_of_epoch: bool
+    sample_epochs: np.ndarray | None = None
 
 
 class StreamLoader:
-    """ShardStream through a torch DataLoader, re-batched so each epoch has ceil(samples / batch) steps.
+    """ShardStream through a torch DataLoader, as `Batch`es in global-step order.
 
-    Unreadable samples are counted per cause per epoch (`bad[epoch]`); past `max_bad_fraction` of the epoch's
-    samples, iteration raises DataError naming the causes.
+    Unreadable samples are counted per cause per epoch (`bad[epoch]`, the epoch of the step's first sample); past
+    `max_bad_fraction` of an epoch's samples, iteration raises DataError naming the causes.
     """
 
     def __init__(self, stream: ShardStream, workers: int, max_bad_fraction: float = 0.001,
@@ -252,55 +310,22 @@ class StreamLoader:
 
     augment = None  # applied in the workers, per decoded image
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return -(-len(self.stream) // self.stream.batch_size)
-
     def skipped(self, epoch: int) -> dict[str, int]:
         return {cause: n for cause, n in self.bad.get(epoch, {}).items() if n}
 
-    def batches(self, start_epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
-        """Batches from `start_epoch` on, endlessly; the first `skip` of that epoch are read and dropped (resume)."""
-        self.stream.start_epoch = start_epoch
+    def batches(self, start_step: int = 0) -> Iterator[Batch]:
+        """Batches from global step `start_step` on, endlessly (a resumed run starts where it stopped)."""
+        self.stream.start_step = start_step
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.workers else None)
-        for i, batch in enumerate(self._rebatch(iter(loader), start_epoch)):
-            if batch.epoch > start_epoch or i >= skip:
-                yield batch
-
-    def _rebatch(self, items: Iterator[dict], epoch: int) -> Iterator[Batch]:
-        size, parts = self.stream.batch_size, max(self.workers, 1)
-        partial: dict[int, list[dict]] = defaultdict(list)
-        ahead: dict[int, deque] = defaultdict(deque)  # full batches of later epochs, from workers running ahead
-        finished: dict[int, int] = defaultdict(int)
-        for item in items:
-            e = item["epoch"]
-            self.bad[e].update(item["bad"])
-            self.bad[e].check(max(len(self.stream), 1), self.max_bad_fraction, f"epoch {e} of the training data")
-            if item["last"]:
-                finished[e] += 1
-                partial[e].append(item)
-            elif len(item["label"]) < size:
-                partial[e].append(item)
-            elif e == epoch:
-                yield Batch(item["image"], item["label"], item["key"], e, False)
-            else:
-                ahead[e].append(item)
-            while finished[epoch] == parts:
-                yield from self._flush(partial.pop(epoch, []), epoch)
-                finished.pop(epoch)
-                epoch += 1
-                for queued in ahead.pop(epoch, ()):
-                    yield Batch(queued["image"], queued["label"], queued["key"], epoch, False)
-
-    def _flush(self, items: list[dict], epoch: int) -> Iterator[Batch]:
-        """The workers' final partial batches of an epoch, joined and cut into full batches plus one remainder."""
-        size = self.stream.batch_size
-        images = torch.cat([torch.as_tensor(i["image"]) for i in items])
-        labels = torch.cat([torch.as_tensor(i["label"]) for i in items])
-        keys = [k for i in items for k in i["key"]]
-        if len(labels) == 0:
-            raise DataError(f"epoch {epoch} of the training data: no readable samples")
-        for start in range(0, len(labels), size):
-            stop = min(start + size, len(labels))
-            yield Batch(images[start:stop], labels[start:stop], keys[start:stop], epoch, stop == len(labels))
+                            prefetch_factor=4 if self.workers else None, persistent_workers=False)
+        size, total = self.stream.batch_size, len(self.stream)
+        for expected, item in zip(itertools.count(start_step), loader, strict=False):
+            t = item["step"]
+            assert t == expected, f"loader returned step {t} for {expected}"  # the round-robin contract
+            for epoch, counts in item["bad"].items():
+                self.bad[epoch].update(counts)
+                self.bad[epoch].check(total, self.max_bad_fraction, f"epoch {epoch} of the training data")
+            if len(item["label"]) == 0:
+                raise DataError(f"step {t} of the training data: no readable samples")
+            yield Batch(torch.as_tensor(item["image"]), torch.as_tensor(item["label"]), item["key"], t * size // total,
+                        (t + 1) * size // total > t * size // total, item["epoch"])

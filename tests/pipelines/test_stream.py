@@ -2,6 +2,7 @@
 
 import io
 import json
+import itertools
 import math
 import sys
 import tarfile
@@ -9,6 +10,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipelines import data
@@ -48,44 +50,57 @@ def _source(tmp_path, sizes, rng=None):
     return paths, keys
 
 
-def _epochs(loader: StreamLoader, epochs: int, **kw) -> list[list]:
-    out, current = [], []
-    for batch in loader.batches(**kw):
-        current.append(batch)
-        if batch.end_of_epoch:
-            out.append(current)
-            current = []
-            if len(out) == epochs:
-                return out
+def _epochs(loader: StreamLoader, epochs: int, start_step: int = 0) -> list[list[str]]:
+    """The keys of each of the first `epochs` epochs (by each sample's epoch), and the batches read."""
+    out: dict[int, list[str]] = {}
+    for batch in loader.batches(start_step):
+        for key, epoch in zip(batch.keys, batch.sample_epochs, strict=True):
+            out.setdefault(int(epoch), []).append(key)
+        if batch.end_of_epoch and batch.epoch + 1 >= epochs and len(out) > epochs - 1 and \
+                all(e >= epochs - 1 for e in batch.sample_epochs[-1:]):
+            return [out[e] for e in sorted(out)[:epochs]]
     raise AssertionError("unreachable: the stream is endless")
+
+
+def _steps(loader: StreamLoader, n: int, start_step: int = 0) -> list:
+    return list(itertools.islice(loader.batches(start_step), n))
 
 
 @pytest.mark.parametrize("sizes", [[50, 40, 13], [37], [20, 16]],
                          ids=["3 uneven shards", "1 shard, more workers", "batch-multiple parts"])
-@pytest.mark.parametrize("workers", [0, 1, 2, 3])
-def test_every_subset_sample_is_seen_exactly_once_per_epoch(tmp_path, sizes, workers):
+def test_every_subset_sample_is_seen_exactly_once_per_epoch_in_the_same_order_for_any_workers(tmp_path, sizes):
     shards, keys = _source(tmp_path, sizes)
     subset = data.nested_subset(keys, len(keys) - 4, seed=0)
-    stream = ShardStream(index_shards(shards), subset, 12, batch_size=8, augment=AUG, seed=1, shuffle_buffer=16)
-    loader = StreamLoader(stream, workers)
-    for batches in _epochs(loader, 2):
-        seen = Counter(k for b in batches for k in b.keys)
-        assert set(seen) == set(subset) and set(seen.values()) == {1}
-        assert len(batches) == math.ceil(len(subset) / 8) == loader.steps_per_epoch  # whatever the workers
-        assert [len(b.labels) for b in batches[:-1]] == [8] * (len(batches) - 1)
-        assert [b.end_of_epoch for b in batches] == [False] * (len(batches) - 1) + [True]
-        assert all(b.images.shape[1:] == (12, 12, 3) and b.images.dtype.is_floating_point is False for b in batches)
+    n, runs = len(subset), {}
+    for workers in (0, 1, 3):
+        stream = ShardStream(index_shards(shards), subset, 12, batch_size=8, augment=AUG, seed=1, shuffle_buffer=16)
+        batches = _steps(StreamLoader(stream, workers), math.ceil(2 * n / 8) + 1)
+        flat = [k for b in batches for k in b.keys]
+        for e in range(2):
+            assert Counter(flat[e * n:(e + 1) * n]) == Counter(subset)  # each sample once per epoch
+        assert [len(b.labels) for b in batches] == [8] * len(batches)  # every batch full: epochs run on
+        assert [b.end_of_epoch for b in batches] == [(t + 1) * 8 // n > t * 8 // n for t in range(len(batches))]
+        assert all(b.images.shape[1:] == (12, 12, 3) and b.images.dtype == torch.uint8 for b in batches)
+        runs[workers] = batches
+    for batches in (runs[1], runs[3]):  # the order and the augmentation do not depend on the loader workers
+        assert [b.keys for b in batches] == [b.keys for b in runs[0]]
+        assert all(torch.equal(a.images, b.images) for a, b in zip(batches, runs[0], strict=True))
 
 
-def test_ranks_split_an_epoch_disjointly_and_completely(tmp_path):
+def test_ranks_take_equal_slices_of_the_one_process_batches(tmp_path):
+    """World-size independence: rank r of 3 reads the r-th third of what one process reads at each step,
+    with the same augmentation, and every rank runs the same steps."""
     shards, keys = _source(tmp_path, [30, 11])
-    index, seen = index_shards(shards), Counter()
-    for rank in range(3):
-        stream = ShardStream(index, keys, 12, 4, AUG, seed=2, rank=rank, world_size=3)
-        (epoch,) = _epochs(StreamLoader(stream, workers=2), 1)
-        seen.update(k for b in epoch for k in b.keys)
-        assert len(stream) in (13, 14)
-    assert set(seen) == set(keys) and set(seen.values()) == {1}
+    index = index_shards(shards)
+    whole = _steps(StreamLoader(ShardStream(index, keys, 12, 12, AUG, seed=2), workers=2), 8)
+    parts = [_steps(StreamLoader(ShardStream(index, keys, 12, 12, AUG, seed=2, rank=r, world_size=3), workers=r),
+                    8) for r in range(3)]
+    for t, batch in enumerate(whole):
+        assert [k for p in parts for k in p[t].keys] == batch.keys
+        assert torch.equal(torch.cat([p[t].images for p in parts]), batch.images)
+        assert {p[t].end_of_epoch for p in parts} == {batch.end_of_epoch}
+    with pytest.raises(ValueError, match="does not divide among 5 ranks"):
+        ShardStream(index, keys, 12, 12, AUG, seed=2, rank=0, world_size=5)
 
 
 def test_part_plan_covers_every_position_once():
@@ -101,11 +116,11 @@ def test_part_plan_covers_every_position_once():
 def test_epochs_reshuffle_and_a_resume_replays_the_same_batches(tmp_path):
     shards, keys = _source(tmp_path, [20, 20])
     make = lambda: StreamLoader(ShardStream(index_shards(shards), keys, 12, 6, AUG, seed=3), workers=2)  # noqa: E731
-    first, second = _epochs(make(), 2)
-    assert [k for b in first for k in b.keys] != [k for b in second for k in b.keys]
-    (resumed,) = _epochs(make(), 1, start_epoch=1, skip=3)
-    assert [b.keys for b in resumed] == [b.keys for b in second[3:]]
-    assert all((a.images == b.images).all() for a, b in zip(resumed, second[3:], strict=True))
+    first = _steps(make(), 14)
+    assert [k for b in first[:6] for k in b.keys] != [k for b in first[7:13] for k in b.keys]
+    resumed = _steps(make(), 5, start_step=9)
+    assert [b.keys for b in resumed] == [b.keys for b in first[9:]]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(resumed, first[9:], strict=True))
 
 
 def _corrupt_source(tmp_path):
@@ -130,9 +145,9 @@ def _corrupt_source(tmp_path):
 def test_corrupt_samples_are_counted_per_cause_and_skipped(tmp_path):
     shards = _corrupt_source(tmp_path)
     index = index_shards(shards)
-    loader = StreamLoader(ShardStream(index, None, 12, 8, AUG, seed=0), workers=2, max_bad_fraction=0.5)
+    loader = StreamLoader(ShardStream(index, None, 12, 9, AUG, seed=0), workers=2, max_bad_fraction=0.5)
     (epoch,) = _epochs(loader, 1)
-    assert sorted(k for b in epoch for k in b.keys) == [f"g{i:03d}" for i in range(40)]
+    assert sorted(epoch) == [f"g{i:03d}" for i in range(40)]
     assert loader.skipped(0) == {"checksum_mismatch": 1, "undecodable_image": 2, "empty_member": 1,
                                  "missing_label": 1}
     strict = StreamLoader(ShardStream(index, None, 12, 8, AUG, seed=0), workers=0)  # default limit 0.1%
@@ -148,9 +163,9 @@ def test_truncated_tars_are_counted_when_indexed_and_when_streamed(tmp_path):
     index = index_shards(shards)  # indexed while intact; the second shard is cut afterwards
     raw = open(shards[1], "rb").read()
     open(shards[1], "wb").write(raw[:len(raw) // 2])
-    loader = StreamLoader(ShardStream(index, keys, 12, 8, AUG, seed=0), workers=2, max_bad_fraction=0.5)
+    loader = StreamLoader(ShardStream(index, keys, 12, 10, AUG, seed=0), workers=2, max_bad_fraction=0.5)
     (epoch,) = _epochs(loader, 1)
-    read = sum(len(b.keys) for b in epoch)
+    read = len(epoch)
     assert 30 < read < 60 and loader.skipped(0) == {"truncated_tar": 60 - read}
     cut = index_shards(shards)
     assert len(cut.keys[1]) == read - 30 and cut.lost == [0, 1]  # without _info.json: the one sample cut
@@ -202,10 +217,9 @@ def test_streamed_pipe_urls_are_read_exactly_once_with_bad_samples_counted(tmp_p
     subset = data.nested_subset(index.all_keys, 70, seed=0)
     loader = StreamLoader(ShardStream(index, subset, 12, 8, AUG, seed=0, shuffle_buffer=10), workers,
                           max_bad_fraction=0.5)
-    for batches in _epochs(loader, 2):
-        seen = Counter(k for b in batches for k in b.keys)
-        good = {k for k in subset if k.startswith(("s", "g"))}
-        assert set(seen) == good and set(seen.values()) == {1}
+    good = {k for k in subset if k.startswith(("s", "g"))}
+    for keys_of_epoch in _epochs(loader, 2):
+        assert Counter(keys_of_epoch) == Counter(good)
     assert sum(loader.skipped(0).values()) == len(subset) - len(good)
 
 

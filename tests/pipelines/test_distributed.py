@@ -1,0 +1,81 @@
+"""Data parallelism without Ray: 2 processes with gloo train to the same parameters as 1 process on the same global
+batch (fp32, SGD), with micro-batches, a tiny ViT and a tiny BiT (as PyTorch's own DDP tests compare)."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipelines import pretrain
+from pipelines.data import ImageArrays
+from pipelines.data.augment import Augment
+from pipelines.distributed import Ranks, gather_rows
+
+MODELS = ["ViT-Pico/4", "BiT-R14-Pico"]
+
+
+def _data() -> ImageArrays:
+    rng = np.random.default_rng(0)
+    return ImageArrays(rng.integers(0, 255, (64, 16, 16, 3), dtype=np.uint8), rng.integers(0, 4, 64))
+
+
+def _cfg(micro: int | None) -> pretrain.PretrainConfig:
+    return pretrain.PretrainConfig(steps=4, batch_size=16, optimizer="sgd", lr=0.05, warmup_steps=1,
+                                   precision="fp32", weight_decay=0.0, augment=Augment(crop="none", flip=False),
+                                   micro_batch_size=micro, compile=False)
+
+
+def _train(model: str, micro: int | None) -> dict[str, torch.Tensor]:
+    torch.set_num_threads(1)
+    return pretrain.run(_cfg(micro), model, _data(), 4, 16, seed=0, device=torch.device("cpu"),
+                        progress=False).state_dict
+
+
+def _rank(rank: int, world: int, port: int, model: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        state = _train(model, micro=4)  # 8 samples per rank, in 2 micro-batches with one all-reduce
+        rows = gather_rows(np.full((rank + 1, 2), rank))
+        if rank == 0:
+            torch.save({"state": state, "rows": torch.from_numpy(rows)}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_two_gloo_ranks_train_to_the_parameters_of_one_process(tmp_path, model):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_rank, args=(2, _free_port(), model, str(out)), nprocs=2, join=True)
+    two = torch.load(out, weights_only=True)
+    one = _train(model, micro=None)
+    assert two["state"].keys() == one.keys()
+    moved = 0
+    for name, value in one.items():
+        torch.testing.assert_close(two["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        moved += value.is_floating_point() and not torch.equal(value, _initial(model)[name])
+    assert moved > 0  # the steps changed the weights: equality is not that of two untrained models
+    assert two["rows"].tolist() == [[0, 0], [1, 1], [1, 1]]  # rank 0's row, then rank 1's two
+
+
+def _initial(model: str) -> dict[str, torch.Tensor]:
+    from pipelines import models
+
+    torch.manual_seed(0)
+    return models.build(model, 4, 16).state_dict()
+
+
+def test_a_batch_the_ranks_cannot_split_is_refused():
+    assert Ranks(1, 4).share(512) == 128
+    with pytest.raises(ValueError, match="batch 30 does not divide among 4 workers; use a multiple of 4"):
+        Ranks(0, 4).share(30)
