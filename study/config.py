@@ -203,6 +203,18 @@ def _check_ranges(cfg: StudyConfig) -> None:
     for key, value, rule in rules:
         if value is not None and not _RULES[rule](value):  # None: a duration not given
             raise ConfigError(f"{key} must be {rule}, got {value}")
+    _check_split(cfg)
+
+
+def _check_split(cfg: StudyConfig) -> None:
+    """Batches are global: each of the N workers takes batch / N, and micro-batches are per worker."""
+    n, p = cfg.resources.workers_per_trial, cfg.pretrain
+    if p.batch_size % n:
+        raise ConfigError(f"pretrain.batch_size={p.batch_size} does not divide among resources.workers_per_trial="
+                          f"{n} workers; use a multiple of {n}")
+    if p.micro_batch_size is not None and p.micro_batch_size > p.batch_size // n:
+        raise ConfigError(f"pretrain.micro_batch_size={p.micro_batch_size} is more than a worker's part of the "
+                          f"batch ({p.batch_size} / {n} = {p.batch_size // n})")
 
 
 def pipe_commands(cfg: StudyConfig) -> list[str]:

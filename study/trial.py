@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as load_weights
 from safetensors.torch import save as save_weights
 
-from pipelines import data, diagnostics, downstream, models, pretrain
+from pipelines import data, diagnostics, distributed, downstream, models, pretrain
 from pipelines.config import UserError
 from pipelines.data.stream import ShardSubset
 from pipelines.downstream import Measurement
@@ -57,10 +57,14 @@ def load_record(storage: Storage, point_id: str) -> PointRecord | None:
 
 
 def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path, emit: Emit,
-              progress: bool = False) -> PointRecord:
-    """Run one trial; every file it makes goes to `storage` under `points/<id>/`, `scratch` is node-local."""
+              progress: bool = False, device: torch.device | None = None) -> PointRecord | None:
+    """Run one trial; every file it makes goes to `storage` under `points/<id>/`, `scratch` is node-local.
+
+    Called on every rank of a process group, it pretrains data-parallel; rank 0 alone writes to storage, emits
+    events and then runs the evaluations (the other ranks return None once the weights are stored)."""
     point, rel = plan.point, plan.rel
-    device = pick_device(cfg.resources.gpus_per_worker)
+    device = device or pick_device(cfg.resources.gpus_per_worker)
+    where = distributed.ranks()
     record = load_record(storage, point.id) or PointRecord(point.id, point.table_fields)
     clock = Stopwatch(record.timings)
     src = cfg.data.pretrain
@@ -69,10 +73,14 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     if not record.pretrain:
         with clock("pretrain"):
             state = _pretrain(cfg, point, storage, rel, shards, scratch, device, emit, progress)
+        if not where.main:
+            return None
         record.pretrain = {"steps": point.steps, "examples_seen": point.examples_seen,
                            **json.loads(storage.read_bytes(f"{rel}/pretrain.json"))}
         storage.write_bytes(f"{rel}/record.json", record.to_json().encode())
         storage.delete_dir(f"{rel}/checkpoints")  # the stored weights and record supersede them
+    elif not where.main:
+        return None
     else:
         emit(Started({**identity_params(cfg, point), "device": str(device)}))
         state = load_weights(storage.read_bytes(f"{rel}/pretrained.safetensors"))
@@ -80,7 +88,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     model.load_state_dict(state)
     model.to(device)
     for kind, ident in plan.evals.items():
-        with clock(kind):
+        with clock(kind), distributed.alone():
             found = _diagnose(cfg, point, model, shards, device, storage, rel) if kind == "diagnostics" else \
                 _downstream(cfg, point, kind, model, state, device, emit, progress)
         record.evals[kind] = EvalRecord(ident, found)
@@ -100,14 +108,16 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
     resumed = pretrain_step_of(name)
     train = _pretraining_data(cfg, point, shards["train"])
     balance = data.class_counts(train.labels, src.num_classes)
-    storage.write_bytes(f"{rel}/class_counts.json", json.dumps(balance).encode())
+    where = distributed.ranks()
+    if where.main:
+        storage.write_bytes(f"{rel}/class_counts.json", json.dumps(balance).encode())
     emit(Started({**identity_params(cfg, point), "manifest_hash": data.manifest_hash(train.keys),
                   "device": str(device), "planned_steps": point.steps, "loader_workers": loader.workers,
-                  "world_size": 1, "class_count_min": balance["min"], "class_count_max": balance["max"],
+                  "world_size": where.world_size, "class_count_min": balance["min"], "class_count_max": balance["max"],
                   "empty_classes": balance["empty_classes"]},
                  {"resumed_from_step": resumed} if resumed else {}))
 
-    def push(path: Path) -> None:  # every checkpoint reaches storage, where a retry on any node finds it
+    def push(path: Path) -> None:  # rank 0's checkpoints reach storage, where a retry on any node finds them
         storage.push_checkpoint(path, f"{rel}/checkpoints", cfg.pretrain.keep_checkpoints)
 
     def epoch_end(m: dict) -> None:
@@ -120,6 +130,8 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
                               device, None, on_epoch=epoch_end, progress=progress, checkpoint_dir=local_ckpts,
                               on_checkpoint=push, loader=loader)
     del train
+    if not where.main:
+        return result.state_dict
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
                **result.throughput}  # images_per_s, step_time_s, data_wait_fraction, peak memory, mfu
     if "test" in shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
@@ -127,8 +139,9 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
         model.load_state_dict(result.state_dict)
         index = data.cached_index(shards["test"], cfg.cache_dir)
         val = ShardSubset(index, index.all_keys)
-        summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
-                                       max_bad_fraction=loader.max_bad_fraction)["top1"]
+        with distributed.alone():
+            summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
+                                           max_bad_fraction=loader.max_bad_fraction)["top1"]
     storage.write_bytes(f"{rel}/pretrained.safetensors",
                         save_weights(result.state_dict, metadata={"model": point.model, "steps": str(point.steps)}))
     storage.write_bytes(f"{rel}/model.json", json.dumps(
@@ -196,23 +209,97 @@ def _downstream(cfg: StudyConfig, point: GridPoint, kind: str, model, state, dev
 
 
 def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, storage_root: str) -> None:
-    """Ray Tune function trainable for the point `config["point"]`. Failures known to be deterministic
-    (divergence, bad data) are reported as `Failed` and end the trial without a retry; anything else raises,
-    so Tune's FailureConfig restarts the trial, which resumes from the newest checkpoint in storage."""
+    """Ray Tune function trainable for the point `config["point"]`: the point itself (one worker), or the driver of
+    its Ray Train run (`resources.workers_per_trial` > 1). Failures known to be deterministic (divergence, bad
+    data) are reported as `Failed` and end the trial without a retry; anything else raises, so Tune's (or
+    Train's) FailureConfig restarts it, and it resumes from the newest checkpoint in storage."""
     from ray import tune
 
     from study.protocol import encode
 
     plan = plans[config["point"]]
+    if cfg.resources.workers_per_trial > 1:
+        return _drive_train_run(plan, cfg, storage_root)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     scratch = Path(tempfile.gettempdir()) / "vitscale-scratch" / plan.point.id  # this node's; removed at the end
 
     def emit(event: Event) -> None:
         tune.report(encode(event))
 
+    _run_guarded(cfg, plan, Storage(storage_root), scratch, emit)
+    return None
+
+
+def _run_guarded(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path, emit: Emit,
+                 device: torch.device | None = None) -> None:
     start = time.time()
     try:
-        run_point(cfg, plan, Storage(storage_root), scratch, emit)
+        run_point(cfg, plan, storage, scratch, emit, device=device)
     except (TrainingDiverged, UserError) as err:
         emit(Failed(f"{type(err).__name__}: {err} (after {time.time() - start:.0f} s)"))
     shutil.rmtree(scratch, ignore_errors=True)  # a crash keeps it for nobody: a retry starts from storage
+
+
+def _drive_train_run(plan: TrialPlan, cfg: StudyConfig, storage_root: str) -> None:
+    """Start the point's Ray Train run (N DDP ranks that Ray places, across nodes when needed) and pass rank 0's
+    events on to Tune as they come. The Train run's state lives in storage under `train/`; its restarts (a rank
+    or node lost) resume from the point's newest checkpoint in storage."""
+    import threading
+
+    from ray import train, tune
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    r = cfg.resources
+    events = Queue(actor_options={"num_cpus": 0})  # lives in the trial's (CPU-less) placement group
+    trainer = TorchTrainer(
+        _rank_main, train_loop_config={"plan": plan, "cfg": cfg, "storage_root": storage_root, "events": events},
+        scaling_config=train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
+                                           resources_per_worker={"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}),
+        run_config=train.RunConfig(name=f"{plan.point.id}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   storage_path=Storage(storage_root).uri("train"),
+                                   failure_config=train.FailureConfig(max_failures=r.max_failures)))
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except Exception as err:  # noqa: BLE001  (re-raised in the trial below, so Tune sees it)
+            outcome["error"] = err
+
+    runner = threading.Thread(target=fit, name=f"train-{plan.point.id}", daemon=True)
+    runner.start()
+    while True:
+        try:
+            tune.report(events.get(timeout=1.0))
+        except Empty:
+            if not runner.is_alive():
+                break
+    while not events.empty():
+        tune.report(events.get())
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _rank_main(config: dict) -> None:
+    """One DDP rank of a point's Ray Train run: node-local caches built by the node's first rank, then the point
+    (rank 0 sends its events to the trial through the queue)."""
+    from ray import train
+    from ray.train.torch import get_device
+
+    from study.protocol import encode
+
+    plan, cfg, events = config["plan"], config["cfg"], config["events"]
+    context = train.get_context()
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    if context.get_local_rank() == 0:  # one process per node writes the shared cache
+        data.prepare(cfg.data.pretrain, cfg.cache_dir, progress=False)
+    distributed.barrier()
+    main = context.get_world_rank() == 0
+
+    def emit(event: Event) -> None:
+        if main:
+            events.put(encode(event))
+
+    scratch = Path(tempfile.gettempdir()) / "vitscale-scratch" / plan.point.id / f"rank{context.get_world_rank()}"
+    _run_guarded(cfg, plan, Storage(config["storage_root"]), scratch, emit, device=get_device())

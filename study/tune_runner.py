@@ -134,9 +134,6 @@ def _token_available() -> bool:
 def _check_fits(cfg: StudyConfig, nodes: list[dict], where: str) -> None:
     """A trial's worker must fit on one node, or Tune leaves it PENDING forever."""
     r = cfg.resources
-    if r.workers_per_trial > 1:
-        raise UserError(f"resources.workers_per_trial={r.workers_per_trial}: data-parallel grid points are not "
-                        "implemented yet; use 1 (one process per grid point)")
     need = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
     for kind, amount in need.items():
         most = max((n.get(kind, 0) for n in nodes), default=0)
@@ -144,6 +141,11 @@ def _check_fits(cfg: StudyConfig, nodes: list[dict], where: str) -> None:
             key = "cpus_per_worker" if kind == "CPU" else "gpus_per_worker"
             raise UserError(f"resources.{key}={amount:g}: a trial's worker needs {amount:g} {kind}s on one node, "
                             f"but {where} has at most {most:g}; lower it or add a bigger node")
+    places = sum(min((n.get(k, 0) // v) if v else r.workers_per_trial for k, v in need.items()) for n in nodes)
+    if places < r.workers_per_trial:
+        raise UserError(f"resources.workers_per_trial={r.workers_per_trial}: {where} can place at most "
+                        f"{int(places)} workers of {r.cpus_per_worker:g} CPUs and {r.gpus_per_worker:g} GPUs; "
+                        "lower it or add nodes")
 
 
 def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, callback: StudyCallback,
@@ -155,12 +157,18 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
                  logging_level="warning")
     started = time.perf_counter()
-    resources = {"cpu": cfg.resources.cpus_per_worker, "gpu": cfg.resources.gpus_per_worker}
+    r = cfg.resources
+    if r.workers_per_trial == 1:
+        resources = {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker}
+        concurrent = r.max_concurrent_trials or None
+    else:  # the trial only drives its Ray Train run, whose workers hold the resources (gang-scheduled)
+        resources = {"memory": 1 << 20}  # Tune needs a non-empty request; a driver uses no CPU to speak of
+        concurrent = r.max_concurrent_trials or _trials_that_fit(r)
     fn = tune.with_parameters(trainable, plans=plans, cfg=cfg, storage_root=storage.root)
     tuner = tune.Tuner(
         tune.with_resources(fn, resources),
         param_space={"point": tune.grid_search(list(plans))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials or None,
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent,
                                     trial_name_creator=TrialNames(plans), trial_dirname_creator=TrialNames(plans)),
         run_config=tune.RunConfig(name=name, storage_path=storage.uri("tune"), callbacks=[callback],
                                   failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
@@ -168,6 +176,14 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
     )
     tuner.fit()
     return {"ray_start": started - start, "trials": time.perf_counter() - started}
+
+
+def _trials_that_fit(r) -> int:
+    """Data-parallel points the cluster can run at once, so Tune does not start drivers whose workers must wait."""
+    have = ray.cluster_resources()
+    fits = [have.get(k, 0) // (v * r.workers_per_trial) for k, v in (("CPU", r.cpus_per_worker),
+                                                                    ("GPU", r.gpus_per_worker)) if v]
+    return max(1, int(min(fits, default=1)))
 
 
 def disconnect() -> None:
