@@ -58,11 +58,22 @@ def center_box(width: int, height: int) -> tuple[int, int, int, int]:
     return (width - side) // 2, (height - side) // 2, side, side
 
 
+def draft_scale(w: int, h: int, size: int) -> int:
+    """The largest JPEG DCT down-scaling (1, 2, 4 or 8: libjpeg's) at which a `w` x `h` crop still has at least
+    `size` pixels on both sides, so that resizing it to `size` x `size` never upsamples what a full decode would
+    have downsampled."""
+    return next((s for s in (8, 4, 2) if min(w, h) >= s * size), 1)
+
+
 def decode(data: bytes, size: int, box_fn) -> Image.Image:
     """Decode `data` and resize the crop `box_fn(width, height)` to `size` x `size` (bilinear, antialiased).
 
-    JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain when the crop stays at least `size` pixels
-    on both sides, which is where most of the loader's time goes for large images and small resolutions.
+    The box is chosen in the original image's coordinates (so the sampled crops do not depend on the decoding),
+    then a JPEG is decoded at the largest DCT scale (`draft_scale`) that still covers `size` on both sides of the
+    crop: 1/2 to 1/8 of the work of the inverse DCT and colour conversion, and a smaller image to resize. Other
+    formats (PNG: the procedural sources) are decoded whole, as before. libjpeg-turbo's region decoding is not
+    used: Pillow does not expose it, and entropy decoding, which a region decode cannot skip above the crop's
+    bottom edge, is most of the cost at the quality of ImageNet-like JPEGs (see bench/data_throughput.py).
 
     Raises:
         OSError: the bytes are not a complete image (a truncated image is never accepted: PIL's
@@ -71,13 +82,15 @@ def decode(data: bytes, size: int, box_fn) -> Image.Image:
     im = Image.open(io.BytesIO(data))
     width, height = im.size
     left, top, w, h = box_fn(width, height)
-    if im.format == "JPEG":
-        scale = next((s for s in (8, 4, 2) if min(w, h) // s >= size), 1)
-        if scale > 1:
-            im.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
-    im = im.convert("RGB")
-    sx, sy = im.width / width, im.height / height
-    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    scale = draft_scale(w, h, size) if im.format == "JPEG" else 1
+    if scale > 1:
+        # Pillow picks the largest scale s with size >= requested * s: ask for exactly 1/scale. Decoded pixel i
+        # covers original pixels [s*i, s*i + s), so the box scales by 1/s (not by the rounded-up size ratio).
+        drafted = im.draft("RGB", (width // scale, height // scale))
+        scale = width / drafted[1][2] if drafted else 1
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
     return im.resize((size, size), Image.BILINEAR, box=box)
 
 
