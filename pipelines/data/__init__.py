@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -32,6 +32,7 @@ from pipelines.data.shards import (
     is_local,
     iter_encoded,
     iter_folder,
+    shard_identity,
     write_shard,
 )
 
@@ -254,12 +255,12 @@ def source_index(src: SourceConfig, shards: list[str], max_bad_fraction: float =
 
 def cached_index(shards: list[str], cache_dir: Path) -> ShardIndex:
     """`index_shards(shards)`, built once and cached in `cache_dir/index/` under a key made from the shards'
-    identity: each local shard's path, size and modification time (a rewritten shard changes the key); a remote
-    URL by its text only (its content is assumed immutable, as for versioned object-store paths)."""
-    ident = []
-    for shard in shards:
-        st = os.stat(shard) if is_local(shard) else None
-        ident.append([os.path.abspath(shard), st.st_size, st.st_mtime_ns] if st else [shard])
+    identity (`shard_identity`): a local shard's path, size and modification time; a remote one's ETag or its
+    sidecar's content hash. A rewritten shard, local or remote, changes the key."""
+    remote = [shard for shard in shards if not is_local(shard)]
+    with ThreadPoolExecutor(max_workers=min(16, len(remote) or 1)) as pool:  # remote look-ups wait on the network
+        found = dict(zip(remote, pool.map(shard_identity, remote), strict=True))
+    ident = [found[shard] if shard in found else shard_identity(shard) for shard in shards]
     path = Path(cache_dir) / "index" / f"{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]}.json"
     if path.exists():
         return ShardIndex.from_json(path.read_text())

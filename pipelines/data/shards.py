@@ -9,6 +9,7 @@ import json
 import math
 import os
 import tarfile
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -103,6 +104,42 @@ def _read_sidecar(url: str) -> dict | None:
         return side if isinstance(side, dict) and {"keys", "labels"} <= set(side) else None
     except (OSError, ValueError):
         return None
+
+
+def shard_identity(url: str) -> list:
+    """What identifies a shard's content, for the key of its cached index (a changed shard gets a new key).
+
+    A local file: its path, size and modification time. An http(s) shard: its ETag (else Last-Modified and
+    Content-Length), from a HEAD request. Any other remote shard (`pipe:` commands, how object stores are read):
+    the content hash of its sidecar index, which the shard writers rewrite with the shard. A remote shard with none
+    of these is known by its URL alone (assumed immutable, as versioned object-store paths are).
+    """
+    if is_local(url):
+        st = os.stat(url)
+        return [os.path.abspath(url), st.st_size, st.st_mtime_ns]
+    if url.startswith(("http://", "https://")):
+        tag = _http_tag(url)
+        if tag:
+            return [url, "etag", tag]
+    try:
+        with wds.gopen(sidecar_url(url)) as f:
+            return [url, "sidecar", hashlib.sha256(f.read()).hexdigest()]
+    except (OSError, ValueError):
+        return [url]
+
+
+def _http_tag(url: str) -> str | None:
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            headers = response.headers
+    except (OSError, ValueError):  # URLError and HTTPError are OSErrors
+        return None
+    if headers.get("ETag"):
+        return headers["ETag"]
+    if headers.get("Last-Modified"):
+        return f"{headers['Last-Modified']} {headers.get('Content-Length', '')}"
+    return None
 
 
 BAD_CAUSES = ("truncated_tar", "empty_member", "missing_label", "missing_image", "undecodable_image",

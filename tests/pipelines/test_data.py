@@ -225,3 +225,44 @@ def test_shard_mode_subsets_are_nested_deterministic_and_read_few_shards():
     assert data.subset_keys(index, 250, 3, "samples") == data.nested_subset(index.all_keys, 250, 3)
     with pytest.raises(DataError, match="subset of 751 examples asked, but the source has only 750"):
         data.nested_shard_subset(index, 751, seed=0)
+
+
+def test_a_changed_remote_shard_gets_a_new_cached_index(tmp_path, monkeypatch):
+    """Remote shards are keyed by their sidecar's content hash (`pipe:`) or ETag (http), not by their URL alone."""
+    import http.server
+    import threading
+
+    from pipelines.data.shards import shard_identity
+
+    rng = np.random.default_rng(0)
+
+    def write(s, n, tag):
+        write_shard(tmp_path / f"train-{s}.tar", ((f"{tag}{s}-{i:02d}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+                                                   i % 3) for i in range(n)))
+
+    for s in range(2):
+        write(s, 10, "a")
+    urls = [f"pipe:cat {tmp_path}/train-{s}.tar" for s in range(2)]
+    built = []
+    real = data.index_shards
+    monkeypatch.setattr(data, "index_shards", lambda shards: built.append(shards) or real(shards))
+    first = data.cached_index(urls, tmp_path / "cache")
+    assert data.cached_index(urls, tmp_path / "cache").keys == first.keys and len(built) == 1  # from the cache
+    write(1, 12, "b")  # the shard behind the same URL changes, and its sidecar with it
+    again = data.cached_index(urls, tmp_path / "cache")
+    assert len(built) == 2 and again.keys[1] == [f"b1-{i:02d}" for i in range(12)] and again.keys[0] == first.keys[0]
+    (tmp_path / "train-0.tar.idx.json").unlink()
+    assert shard_identity(urls[0]) == [urls[0]]  # no sidecar: the URL alone
+
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/train-1.tar"
+        before = shard_identity(url)
+        assert before[1] == "etag"  # http.server sends Last-Modified and Content-Length
+        write(1, 12, "c")
+        os.utime(tmp_path / "train-1.tar", (1e9, 1e9))  # a new Last-Modified, whatever the clock's resolution
+        assert shard_identity(url)[1] == "etag" and shard_identity(url) != before
+    finally:
+        server.shutdown()
