@@ -31,7 +31,6 @@ from pipelines.data.shards import (
     index_shards,
     is_local,
     iter_encoded,
-    iter_folder,
     shard_identity,
     write_shard,
 )
@@ -231,11 +230,6 @@ def manifest_hash(keys: list[str]) -> str:
 
 def source_keys(src: SourceConfig, shards: list[str]) -> list[str]:
     """All training keys of a source; its declared `size` must not exceed what the shards hold."""
-    if _is_folder(shards):
-        keys = [key for key, _ in folder_files(shards[0])]
-        if len(keys) < src.size:
-            raise DataError(f"source '{src.label}' declares size {src.size} but {shards[0]} holds {len(keys)} images")
-        return keys
     return source_index(src, shards).all_keys
 
 
@@ -270,11 +264,6 @@ def cached_index(shards: list[str], cache_dir: Path) -> ShardIndex:
     tmp.write_text(index.to_json())
     os.replace(tmp, path)  # atomic: concurrent builders write the same content
     return index
-
-
-def _is_folder(locations: list[str]) -> bool:
-    """A split's locations are either shard URLs or one class-folder root (the `folder` source)."""
-    return len(locations) == 1 and os.path.isdir(locations[0])
 
 
 def _check_info(src: SourceConfig, first_shard: str) -> None:
@@ -315,22 +304,19 @@ def eval_batches(shards: list[str], image_size: int, batch_size: int = 256, keys
     """A split (or the samples named by `keys`) decoded batch by batch at `image_size`, in shard order: memory
     holds one batch, whatever the split's size.
 
-    `shards` may also be one class-folder root (the `folder` source). Images go through the evaluation transform
-    of the training image path (`augment.eval_image`: shorter side resized, centre crop). Unreadable samples are
-    counted per cause and skipped (each batch's `bad`: the running counts), up to `max_bad_fraction` of the
-    samples expected; past it DataError names the causes.
+    A `folder` source is read from the shards `prepare` converted it into. Images go through the evaluation
+    transform of the training image path (`augment.eval_image`: shorter side resized, centre crop). Unreadable
+    samples are counted per cause and skipped (each batch's `bad`: the running counts), up to `max_bad_fraction`
+    of the samples expected; past it DataError names the causes.
     """
     wanted = set(keys) if keys is not None else None
     bad = BadCounts()
-    if _is_folder(shards):
-        expected, samples = None, iter_folder(shards[0], wanted)
-    else:
-        if wanted is not None:
-            expected = len(wanted)
-        else:  # the whole split: what the tar headers list, plus what truncated tars lost
-            index = index_shards(shards)
-            expected = len(index.all_keys) + sum(index.lost)
-        samples = iter_encoded(shards, wanted, bad)
+    if wanted is not None:
+        expected = len(wanted)
+    else:  # the whole split: what the tar headers list, plus what truncated tars lost
+        index = index_shards(shards)
+        expected = len(index.all_keys) + sum(index.lost)
+    samples = iter_encoded(shards, wanted, bad)
     where = f"loading {desc or (shards[0] if shards else 'an empty shard list')}"
     images, labels, names, read = [], [], [], 0
     for key, raw, label in tqdm(samples, total=expected, desc=desc or "loading", unit="img", disable=not progress,
@@ -344,16 +330,12 @@ def eval_batches(shards: list[str], image_size: int, batch_size: int = 256, keys
         names.append(key)
         if len(names) == batch_size:
             read += len(names)
-            if expected is not None:
-                bad.check(expected, max_bad_fraction, where)
+            bad.check(expected, max_bad_fraction, where)
             yield ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), names, dict(+bad))
             images, labels, names = [], [], []
     read += len(names)
-    if expected is not None:
-        bad["truncated_tar"] += max(0, expected - read - sum(bad.values()))  # expected, neither read nor counted
-        bad.check(expected, max_bad_fraction, where)
-    elif wanted is not None and read != len(wanted):
-        raise DataError(f"{len(wanted) - read} of the {len(wanted)} requested samples are not in {shards[0]}")
+    bad["truncated_tar"] += max(0, expected - read - sum(bad.values()))  # expected, neither read nor counted
+    bad.check(expected, max_bad_fraction, where)
     if read == 0:
         raise DataError(f"no samples found in {shards[0] if shards else 'an empty shard list'}")
     if names:

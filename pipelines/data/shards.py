@@ -387,26 +387,6 @@ def iter_encoded(shards: list[str], keys: set[str] | None = None, bad: BadCounts
                 raise DataError(str(err)) from None
 
 
-def iter_samples(shards: list[str], keys: set[str] | None = None, bad: BadCounts | None = None
-                 ) -> Iterator[tuple[str, np.ndarray, int]]:
-    """Decoded (key, RGB uint8 image at its stored size, label) for each sample, as `iter_encoded` reads them."""
-    for key, data, label in iter_encoded(shards, keys, bad):
-        try:
-            yield key, _decode_rgb(key, data), label
-        except BadSample as err:
-            if bad is None:
-                raise DataError(str(err)) from None
-            bad[err.cause] += 1
-
-
-def _decode_rgb(key: str, data: bytes) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise BadSample("undecodable_image", f"cannot decode image of sample '{key}': {err}") from None
-
-
 def folder_classes(root: str) -> list[str]:
     """Class names of an ImageNet-style folder (`root/<class>/<image>`), sorted: label i is the i-th name."""
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -421,16 +401,6 @@ def folder_files(root: str) -> list[tuple[str, str]]:
             if entry.is_file() and ext.lower() in IMAGE_EXTS:
                 out.append((f"{name}/{stem}", entry.path))
     return out
-
-
-def iter_folder(root: str, keys: set[str] | None = None) -> Iterator[tuple[str, bytes, int]]:
-    """Encoded (key, image bytes, label) for every image of an ImageNet-style folder (or those in `keys`)."""
-    labels = {name: i for i, name in enumerate(folder_classes(root))}
-    for key, path in folder_files(root):
-        if keys is not None and key not in keys:
-            continue
-        with open(path, "rb") as f:
-            yield key, f.read(), labels[key.split("/", 1)[0]]
 
 
 def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int = 1000, seed: int = 0,

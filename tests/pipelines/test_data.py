@@ -10,7 +10,8 @@ import pytest
 
 from pipelines import data
 from pipelines.data import shapes
-from pipelines.data.shards import DataError, check_local_shards, iter_samples, write_shard
+from pipelines.data.augment import eval_image
+from pipelines.data.shards import DataError, check_local_shards, iter_encoded, write_shard
 
 SMALL = data.SourceConfig(source="shapes", size=600, test_size=100, image_size=32, num_classes=8, seed=5)
 
@@ -34,14 +35,19 @@ def test_classes_are_distinct_outline_fill_pairs_and_sources_differ():
         shapes.class_parts(0, 65, seed=0)
 
 
-def test_prepare_writes_shards_once_and_reads_back_identical_pixels(cache_dir):
+def test_prepare_writes_shards_once_and_reads_back_identical_pixels(cache_dir, monkeypatch):
+    generated = []
+    real = data._generate_shapes
+    monkeypatch.setattr(data, "_generate_shapes", lambda *a: generated.append(a) or real(*a))
     shards = data.prepare(SMALL, cache_dir, progress=False)
     assert len(shards["train"]) == 1 and len(shards["test"]) == 1
     files = [*shards["train"], *shards["test"], str(Path(shards["train"][0]).parent / "_info.json")]
     written = {f: (os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files}
     again = data.prepare(SMALL, cache_dir, progress=False)
     assert again == shards
-    assert {f: (os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files} == written  # not rewritten
+    assert {f: (os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files} == written  # not rewritten ...
+    assert len(generated) <= 1  # ... nor generated again (a second copy would lose the rename and leave these)
+    assert data.prepare(SMALL, cache_dir, progress=False) == shards and len(generated) <= 1
     split = data.load(shards["train"], 32, progress=False)
     assert len(split) == 600
     i = split.keys.index("00000123")
@@ -85,7 +91,7 @@ def test_truncated_shard_fails_with_a_clear_error(tmp_path):
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2 + 100])
     with pytest.raises(DataError, match=r"corrupt or truncated shard \S*s\.tar: unexpected end of data"):
-        list(iter_samples([str(path)]))
+        list(iter_encoded([str(path)]))
 
 
 def test_sample_without_label_is_named(tmp_path):
@@ -96,12 +102,22 @@ def test_sample_without_label_is_named(tmp_path):
             member = next(m for m in inner.getmembers() if m.name.endswith(".png"))
             tar.addfile(member, inner.extractfile(member))
     with pytest.raises(DataError, match="sample 'k0' has no .cls label"):
-        list(iter_samples([str(path)]))
+        list(iter_encoded([str(path)]))
 
 
 def test_load_resizes_other_sizes_to_the_requested_resolution(tmp_path):
-    split = data.load([str(_write(tmp_path))], 8)
+    """The evaluation transform as production reads it (`data.load` -> `eval_batches`): the centred square of the
+    shorter side, resized bilinearly (antialiased) to the requested size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (16, 24, 3), dtype=np.uint8) for _ in range(5)]
+    write_shard(tmp_path / "s.tar", ((f"k{i}", image, i % 3) for i, image in enumerate(images)))
+    split = data.load([str(tmp_path / "s.tar")], 8)
     assert split.images.shape == (5, 8, 8, 3) and split.labels.tolist() == [0, 1, 2, 0, 1]
+    for image, got in zip(images, split.images, strict=True):
+        expected = Image.fromarray(image).resize((8, 8), Image.BILINEAR, box=(4, 0, 20, 16))  # the centre 16 x 16
+        assert np.array_equal(got, np.asarray(expected))
 
 
 def _folder(root, classes, per_class, rng):
@@ -113,25 +129,49 @@ def _folder(root, classes, per_class, rng):
             Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / name / f"{i}.jpg")
 
 
-def test_folder_source_is_converted_once_to_shards_that_give_the_model_the_same_pixels(tmp_path):
+def _folder_pixels(root, size):
+    """(label, pixels) of every image of a class folder through the one image path, the reference for its shards."""
+    from pipelines.data.shards import folder_classes, folder_files
+
+    labels = {name: i for i, name in enumerate(folder_classes(str(root)))}
+    return sorted((labels[key.split("/")[0]], eval_image(Path(path).read_bytes(), size).tobytes())
+                  for key, path in folder_files(str(root)))
+
+
+def _as_set(split):
+    return sorted((int(label), im.tobytes()) for im, label in zip(split.images, split.labels, strict=True))
+
+
+def test_folder_source_is_converted_once_to_shards_that_give_the_model_the_same_pixels(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     _folder(tmp_path / "train", ["cat", "ant", "bee"], 4, rng)
     _folder(tmp_path / "test", ["cat", "ant", "bee"], 2, rng)
     src = data.SourceConfig(source="folder", root=str(tmp_path / "train"), test_root=str(tmp_path / "test"),
                             size=12, test_size=6, num_classes=3, image_size=16)
+    converted = []
+    real = data.folder_to_shards
+    monkeypatch.setattr(data, "folder_to_shards", lambda *a, **k: converted.append(a) or real(*a, **k))
     splits = data.prepare(src, tmp_path / "cache")
     assert all(path.endswith(".tar") for paths in splits.values() for path in paths)
     stamp = {p: os.stat(p).st_mtime_ns for paths in splits.values() for p in paths}
     assert data.prepare(src, tmp_path / "cache") == splits
-    assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp  # converted once
+    assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp and len(converted) == 2  # once per split
     for split, root in (("train", src.root), ("test", src.test_root)):
-        from_folder, from_shards = data.load([root], 16), data.load(splits[split], 16)
-        as_set = lambda s: sorted((int(y), im.tobytes()) for im, y in zip(s.images, s.labels, strict=True))  # noqa: E731
-        assert len(from_shards) == {"train": 12, "test": 6}[split] and as_set(from_folder) == as_set(from_shards)
-    labels = dict(zip(data.load([src.root], 16).keys, data.load([src.root], 16).labels, strict=True))
-    assert [labels[k] for k in ("ant/0", "bee/3", "cat/1")] == [0, 1, 2]  # sorted class names
+        from_shards = data.load(splits[split], 16)
+        assert len(from_shards) == {"train": 12, "test": 6}[split] and _as_set(from_shards) == _folder_pixels(root, 16)
+    from_shards = data.load(splits["train"], 16)
+    paths = {json.loads(raw)["path"]: key for key, raw in _jsons(splits["train"])}
+    labels = dict(zip(from_shards.keys, from_shards.labels, strict=True))
+    assert [labels[paths[f]] for f in ("ant/0.jpg", "bee/3.jpg", "cat/1.jpg")] == [0, 1, 2]  # sorted class names
     keys = data.source_keys(src, splits["train"])
     assert len(data.load(splits["train"], 16, keys=data.nested_subset(keys, 5, seed=0))) == 5
+
+
+def _jsons(shards):
+    """(key, .json bytes) of every sample: where a converted image came from."""
+    from pipelines.data.shards import read_shard
+
+    return [(key, parts["json"]) for shard in shards for key, parts in read_shard(shard)]
 
 
 def test_folder_source_errors_name_the_problem(tmp_path):
@@ -166,13 +206,9 @@ def test_folder_to_shards_round_trip_is_pixel_and_label_identical(tmp_path, cach
     info = json.loads((tmp_path / "wds" / "_info.json").read_text())
     assert info["splits"]["train"]["num_samples"] == 21 and info["splits"]["train"]["shard_lengths"] == [5] * 4 + [1]
     assert json.loads((tmp_path / "wds" / "classes.json").read_text()) == ["cat", "dog", "emu"]
-    from_folder = data.load([str(root)], 12)
     src = data.SourceConfig(source="webdataset", urls=str(tmp_path / "wds" / "train-{000000..000004}.tar"),
                             size=21, num_classes=3, image_size=12)
-    from_shards = data.load(data.prepare(src, tmp_path)["train"], 12)
-    as_set = lambda split: sorted(  # noqa: E731
-        (int(label), im.tobytes()) for im, label in zip(split.images, split.labels, strict=True))
-    assert as_set(from_folder) == as_set(from_shards)
+    assert _as_set(data.load(data.prepare(src, tmp_path)["train"], 12)) == _folder_pixels(root, 12)
     with pytest.raises(DataError, match="declares size 22, but .*_info.json lists 21 train samples"):
         data.prepare(data.SourceConfig(**{**src.__dict__, "size": 22}), tmp_path)
     bad = run_cli(["-m", "pipelines.data.shards", "--from-folder", str(tmp_path / "nope"), "--out", str(tmp_path)],
