@@ -69,6 +69,13 @@ def gather_rows(rows: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def part(n: int) -> slice:
+    """This rank's contiguous part of n items (sizes within one): concatenated in rank order, the parts are the
+    items in their order, so a result gathered from N ranks equals that of one process."""
+    where = ranks()
+    return slice(where.rank * n // where.world_size, (where.rank + 1) * n // where.world_size)
+
+
 def barrier() -> None:
     if ranks().world_size > 1:
         dist.barrier()

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import data, fewshot, finetune, linear_probe
+from pipelines import data, distributed, fewshot, finetune, linear_probe
 from pipelines.data import ImageArrays, SourceConfig
 from pipelines.data.shards import DataError
 from pipelines.data.stream import LoaderConfig, ShardSubset
 from pipelines.fewshot import FewshotConfig
 from pipelines.finetune import FinetuneConfig
 from pipelines.linear_probe import LinearProbeConfig
-from pipelines.training import infer
+from pipelines.training import infer, rank_part
 
 KINDS = ("fewshot", "linear_probe", "finetune")  # each can be re-run alone when its config changes
 
@@ -110,9 +110,10 @@ def task_splits(task: SourceConfig, cache_dir: Path,
 
 def features(model: torch.nn.Module, split: ImageArrays | ShardSubset, image_size: int, device: torch.device,
              max_bad_fraction: float = 0.001) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen pre-logit features [N, D] (float32) and labels [N], extracted batch by batch at `image_size`."""
+    """Frozen pre-logit features [N, D] (float32) and labels [N], extracted batch by batch at `image_size` (in a
+    process group, each rank extracts its part and every rank gets all of them, in the split's order)."""
     feats, labels = [], []
-    for batch in data.split_batches(split, image_size, max_bad_fraction=max_bad_fraction):
+    for batch in data.split_batches(rank_part(split), image_size, max_bad_fraction=max_bad_fraction):
         feats.append(infer(model, batch.images, image_size, device, pre_logits=True))
         labels.append(batch.labels)
-    return np.concatenate(feats), np.concatenate(labels)
+    return distributed.gather_rows(np.concatenate(feats)), distributed.gather_rows(np.concatenate(labels))

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipelines import models, perf
+from pipelines import distributed, models, perf
 from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
@@ -42,6 +42,7 @@ class FinetuneConfig:
     lr_sweep: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # ViT paper B.1.1; the best on the minival is kept
     warmup_steps: int = 20
     grad_clip: float = 1.0
+    micro_batch_size: int | None = None  # per worker: accumulate gradients over micro-batches of this size
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (pipelines.perf)
     compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: on CUDA only
     nonfinite_check_every: int = 25  # steps between host reads of the loss (a NaN/inf stops the run within these)
@@ -147,9 +148,11 @@ def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: d
         perf.compile_model(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_decay, total=steps, warmup=cfg.warmup_steps, decay="cosine"))
-    spec = LoopSpec(steps=steps, batch_size=min(cfg.batch_size, len(train)), image_size=cfg.image_size,
+    where = distributed.ranks()  # the batch is global: each of N ranks takes batch / N
+    batch = max(where.world_size, min(cfg.batch_size, len(train)) // where.world_size * where.world_size)
+    spec = LoopSpec(steps=steps, batch_size=batch, image_size=cfg.image_size,
                     grad_clip=cfg.grad_clip, precision=cfg.precision, seed=seed,
-                    nonfinite_check_every=cfg.nonfinite_check_every)
+                    micro_batch_size=cfg.micro_batch_size, nonfinite_check_every=cfg.nonfinite_check_every)
     curves: list[dict] = []
 
     def epoch_end(metrics: dict) -> None:
@@ -161,9 +164,9 @@ def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: d
 
     if isinstance(train, ShardSubset):
         stream = ShardStream(train.index, train.keys, cfg.image_size, spec.batch_size, cfg.augment, seed,
-                             loader.shuffle_buffer)
+                             loader.shuffle_buffer, where.rank, where.world_size)
         batches = StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=device.type == "cuda")
     else:
-        batches = MemoryBatches(train, spec.batch_size, seed, cfg.augment)
+        batches = MemoryBatches(train, spec.batch_size, seed, cfg.augment, where.rank, where.world_size)
     train_loop(model, batches, spec, optimizer, scheduler, device, on_epoch=epoch_end, desc=desc, progress=progress)
     return model, curves

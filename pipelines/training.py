@@ -349,12 +349,24 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
 
 def evaluate(model: nn.Module, data: ImageArrays | ShardSubset, image_size: int, device: torch.device,
              max_bad_fraction: float = 0.001) -> dict[str, float]:
-    """Loss, top-1 and macro-F1 of `model` on a split in memory or streamed from its shards batch by batch."""
+    """Loss, top-1 and macro-F1 of `model` on a split in memory or streamed from its shards batch by batch (in a
+    process group, each rank infers its part and every rank gets the metrics of the whole split)."""
     logits, labels = [], []
-    for batch in split_batches(data, image_size, max_bad_fraction=max_bad_fraction):
+    for batch in split_batches(rank_part(data), image_size, max_bad_fraction=max_bad_fraction):
         logits.append(infer(model, batch.images, image_size, device))
         labels.append(batch.labels)
-    return classification_metrics(np.concatenate(logits), np.concatenate(labels))
+    logits, labels = (distributed.gather_rows(np.concatenate(x)) for x in (logits, labels))
+    return classification_metrics(logits, labels)
+
+
+def rank_part(split: ImageArrays | ShardSubset) -> ImageArrays | ShardSubset:
+    """This rank's contiguous part of an evaluation split (the whole split in one process)."""
+    if distributed.ranks().world_size == 1:
+        return split
+    mine = distributed.part(len(split))
+    if isinstance(split, ShardSubset):
+        return ShardSubset(split.index, split.keys[mine])
+    return ImageArrays(split.images[mine], split.labels[mine], split.keys[mine] if split.keys else split.keys)
 
 
 def pick_device(gpus: float) -> torch.device:

@@ -167,7 +167,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         self.experiment_id, self.parent_id = "", ""
         self.runs: dict[str, str] = {}  # point id -> child run id
-        self.params: dict[str, set[str]] = {}  # run id -> params already logged (params are immutable)
+        self.params: dict[str, dict[str, str]] = {}  # run id -> params already logged (params are immutable)
         self.last_step: dict[tuple[str, str], int] = {}  # (run id, key) -> newest step logged
         self.known: dict[str, ChildRun] = {}
         self.writer = None if read_only else _Writer(tracking_uri)
@@ -321,14 +321,14 @@ class Tracker:
             return self.runs[point.id]
         if (known := self.known.get(point.id)) is not None:
             self.runs[point.id] = known.run_id
-            self.params[known.run_id] = set(known.params)
+            self.params[known.run_id] = dict(known.params)
             self._load_steps(known.run_id)
             return known.run_id
         found = self.client.search_runs([self.experiment_id], f"tags.{POINT_TAG} = '{point.id}' and "
                                         f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}'", max_results=1)
         if found:
             run_id = found[0].info.run_id
-            self.params[run_id] = set(found[0].data.params)
+            self.params[run_id] = dict(found[0].data.params)
         else:
             run = self.client.create_run(self.experiment_id, run_name=f"{point.model} n={point.subset_size} "
                                          f"seed={point.seed}", tags={MLFLOW_PARENT_RUN_ID: self.parent_id,
@@ -345,11 +345,19 @@ class Tracker:
             self.last_step[(run_id, key)] = max(m.step for m in history)
 
     def _log_params(self, run_id: str, params: dict) -> None:
-        done = self.params.setdefault(run_id, set())
-        plist = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if k not in done]
+        """Params not yet on the run. MLflow params are immutable: a value that changed since the run logged it
+        (an execution setting such as the device or world_size of a resumed point) goes to a `latest.<key>` tag."""
+        if run_id not in self.params:
+            self.params[run_id] = dict(self.client.get_run(run_id).data.params)
+        done = self.params[run_id]
+        values = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        plist = [Param(k, v) for k, v in values.items() if k not in done]
+        changed = [RunTag(f"latest.{k}", v) for k, v in values.items() if k in done and done[k] != v]
         for i in range(0, len(plist), _BATCH):
             self.client.log_batch(run_id, params=plist[i:i + _BATCH])
-        done.update(p.key for p in plist)
+        if changed:
+            self.client.log_batch(run_id, tags=changed)
+        done.update((p.key, p.value) for p in plist)
 
     def _log_metrics(self, run_id: str, metrics: dict, step: int, dedupe: bool = True) -> None:
         now = int(time.time() * 1000)

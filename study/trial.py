@@ -60,8 +60,9 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
               progress: bool = False, device: torch.device | None = None) -> PointRecord | None:
     """Run one trial; every file it makes goes to `storage` under `points/<id>/`, `scratch` is node-local.
 
-    Called on every rank of a process group, it pretrains data-parallel; rank 0 alone writes to storage, emits
-    events and then runs the evaluations (the other ranks return None once the weights are stored)."""
+    Called on every rank of a process group, it pretrains and evaluates data-parallel (features extracted in
+    parts and gathered, fine-tuning with DDP); rank 0 alone writes to storage, emits events and returns the
+    record (the other ranks return None)."""
     point, rel = plan.point, plan.rel
     device = device or pick_device(cfg.resources.gpus_per_worker)
     where = distributed.ranks()
@@ -73,26 +74,32 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     if not record.pretrain:
         with clock("pretrain"):
             state = _pretrain(cfg, point, storage, rel, shards, scratch, device, emit, progress)
-        if not where.main:
-            return None
+        distributed.barrier()  # rank 0 has stored the weights and the summary
         record.pretrain = {"steps": point.steps, "examples_seen": point.examples_seen,
                            **json.loads(storage.read_bytes(f"{rel}/pretrain.json"))}
-        storage.write_bytes(f"{rel}/record.json", record.to_json().encode())
-        storage.delete_dir(f"{rel}/checkpoints")  # the stored weights and record supersede them
-    elif not where.main:
-        return None
+        if where.main:
+            storage.write_bytes(f"{rel}/record.json", record.to_json().encode())
+            storage.delete_dir(f"{rel}/checkpoints")  # the stored weights and record supersede them
     else:
-        emit(Started({**identity_params(cfg, point), "device": str(device)}))
+        emit(Started({**identity_params(cfg, point), "device": str(device), "world_size": where.world_size}))
         state = load_weights(storage.read_bytes(f"{rel}/pretrained.safetensors"))
     model = models.build(point.model, src.num_classes, src.image_size)
     model.load_state_dict(state)
     model.to(device)
     for kind, ident in plan.evals.items():
-        with clock(kind), distributed.alone():
-            found = _diagnose(cfg, point, model, shards, device, storage, rel) if kind == "diagnostics" else \
-                _downstream(cfg, point, kind, model, state, device, emit, progress)
+        with clock(kind):
+            if kind != "diagnostics":
+                found = _downstream(cfg, point, kind, model, state, device, emit, progress)
+            elif where.main:  # a batch of 128 images: rank 0 alone
+                with distributed.alone():
+                    found = _diagnose(cfg, point, model, shards, device, storage, rel)
+            else:
+                continue
         record.evals[kind] = EvalRecord(ident, found)
-        storage.write_bytes(f"{rel}/record.json", record.to_json().encode())
+        if where.main:
+            storage.write_bytes(f"{rel}/record.json", record.to_json().encode())
+    if not where.main:
+        return None
     emit(Finished(record))
     return record
 
@@ -130,8 +137,6 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
                               device, None, on_epoch=epoch_end, progress=progress, checkpoint_dir=local_ckpts,
                               on_checkpoint=push, loader=loader)
     del train
-    if not where.main:
-        return result.state_dict
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
                **result.throughput}  # images_per_s, step_time_s, data_wait_fraction, peak memory, mfu
     if "test" in shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
@@ -139,9 +144,10 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
         model.load_state_dict(result.state_dict)
         index = data.cached_index(shards["test"], cfg.cache_dir)
         val = ShardSubset(index, index.all_keys)
-        with distributed.alone():
-            summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
-                                           max_bad_fraction=loader.max_bad_fraction)["top1"]
+        summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
+                                       max_bad_fraction=loader.max_bad_fraction)["top1"]
+    if not where.main:
+        return result.state_dict
     storage.write_bytes(f"{rel}/pretrained.safetensors",
                         save_weights(result.state_dict, metadata={"model": point.model, "steps": str(point.steps)}))
     storage.write_bytes(f"{rel}/model.json", json.dumps(
