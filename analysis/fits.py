@@ -39,45 +39,70 @@ class Fit:
         return 100.0 - self.error(x)
 
 
-def _fit_once(x: np.ndarray, err: np.ndarray, four: bool) -> np.ndarray:
-    """Least squares in log-x space; x is rescaled by its minimum for conditioning."""
+def _fit_once(x: np.ndarray, err: np.ndarray, four: bool, start: np.ndarray | None = None) -> np.ndarray:
+    """Least squares in log-x space; x is rescaled by its minimum for conditioning. `start`: parameters (original
+    x scale) to start from, e.g. the point estimate for a bootstrap refit, which then converges in a few steps."""
     x0 = x.min()
     xs = x / x0
     c0 = max(0.0, err.min() * 0.5)
     p0 = [max(err.max() - c0, 1e-3), 0.5, c0] + ([0.0] if four else [])
+    if start is not None and np.all(np.isfinite(start)):
+        a, b, c, d = start
+        p0 = [max(a / x0**b, 1e-3), min(max(b, 1e-6), 5.0 - 1e-6), min(max(c, 0.0), 100.0)] + \
+            ([min(d / x0, xs.max())] if four else [])
     lower = [0.0, 0.0, 0.0] + ([0.0] if four else [])
     upper = [np.inf, 5.0, 100.0] + ([xs.max()] if four else [])
     fn = power_law if four else (lambda x, a, b, c: power_law(x, a, b, c))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OptimizeWarning)
-        popt, _ = curve_fit(fn, xs, err, p0=p0, bounds=(lower, upper), maxfev=20000)
+        popt, _ = curve_fit(fn, xs, err, p0=p0, bounds=(lower, upper), maxfev=2000 if start is not None else 20000)
     a, b, c = popt[:3]
     d = popt[3] if four else 0.0
     return np.array([a * x0**b, b, c, d * x0])  # back to the original x scale
 
 
-def fit_law(frame: pd.DataFrame, seed: int = 0) -> Fit | None:
-    """Fit one (model, eval, dataset, shots, metric) curve; None with fewer than 3 distinct sizes.
+def _by_size(frame: pd.DataFrame) -> list[tuple[float, np.ndarray]]:
+    """Per subset size (ascending): its values, one per seed in seed order (a seed's repeated rows averaged)."""
+    out = []
+    for n, group in frame.groupby("subset_size"):
+        out.append((float(n), group.groupby(group["seed"].fillna(-1))["value"].mean().to_numpy(float)))
+    return out
 
-    Bootstrap: over seeds when every size has >= 2 seeds, else over residuals; an exactly determined fit
-    (as many points as parameters) has no residual freedom and gets no interval.
+
+def seed_resamples(counts: list[int], seed: int = 0, n: int = N_BOOTSTRAP):
+    """Bootstrap draws of seed positions, per size: resampling seeds within each size. The draws depend only on
+    the seed counts and `seed`, so two models with the same seeds per size get the same draws (a paired
+    bootstrap: seed s of each model pretrained on the same nested subset)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield [rng.integers(0, k, k) for k in counts]
+
+
+def fit_law(frame: pd.DataFrame, seed: int = 0, bootstrap: bool = True) -> Fit | None:
+    """Fit one (model, eval, dataset, shots, metric) curve to every seed's point; None with fewer than 3 sizes.
+
+    Bootstrap: over seeds (resampled within each size, `seed_resamples`) when every size has >= 2 seeds, else
+    over residuals; one seed per size and as many sizes as parameters leaves no freedom and no interval.
     """
-    means = frame.groupby("subset_size")["value"].mean()
-    if len(means) < 3:
+    per_size = _by_size(frame)
+    if len(per_size) < 3:
         return None
-    x, err = means.index.to_numpy(float), 100.0 - means.to_numpy(float)
-    four = len(means) >= FOUR_PARAM_MIN_SIZES
+    four = len(per_size) >= FOUR_PARAM_MIN_SIZES
+    x = np.concatenate([np.full(len(v), n) for n, v in per_size])
+    err = 100.0 - np.concatenate([v for _, v in per_size])
     try:
         params = _fit_once(x, err, four)
     except (RuntimeError, ValueError):
         return None
-    rng = np.random.default_rng(seed)
-    per_size = [g.to_numpy(float) for _, g in frame.groupby("subset_size")["value"]]
-    if min(len(v) for v in per_size) >= 2:
+    if not bootstrap:
+        return Fit(params, bootstrap="none (not asked)")
+    if min(len(v) for _, v in per_size) >= 2:
         kind = "seeds"
-        draws = (100.0 - np.array([rng.choice(v, len(v)).mean() for v in per_size]) for _ in range(N_BOOTSTRAP))
-    elif len(means) > (4 if four else 3):
+        draws = (100.0 - np.concatenate([v[i] for (_, v), i in zip(per_size, idx, strict=True)])
+                 for idx in seed_resamples([len(v) for _, v in per_size], seed))
+    elif len(err) > (4 if four else 3):
         kind = "residuals"
+        rng = np.random.default_rng(seed)
         resid = err - power_law(x, *params)
         draws = (power_law(x, *params) + rng.choice(resid, len(resid)) for _ in range(N_BOOTSTRAP))
     else:
@@ -85,9 +110,9 @@ def fit_law(frame: pd.DataFrame, seed: int = 0) -> Fit | None:
     samples = []
     for boot in draws:
         try:
-            samples.append(_fit_once(x, boot, four))
+            samples.append(_fit_once(x, boot, four, start=params))
         except (RuntimeError, ValueError):
-            continue
+            samples.append(np.full(4, np.nan))  # keeps replicate i paired with replicate i of another model
     return Fit(params, np.array(samples).reshape(-1, 4), kind)
 
 
@@ -96,7 +121,7 @@ def heldout_check(frame: pd.DataFrame) -> dict | None:
     sizes = sorted(frame["subset_size"].unique())
     if len(sizes) < 4:
         return None
-    fit = fit_law(frame[frame["subset_size"] < sizes[-1]])
+    fit = fit_law(frame[frame["subset_size"] < sizes[-1]], bootstrap=False)
     if fit is None:
         return None
     measured = float(frame[frame["subset_size"] == sizes[-1]]["value"].mean())
@@ -154,45 +179,98 @@ def _crossing(diff_fn, lo: float, hi: float) -> float | None:
 
 
 EXTRAPOLATE = 1000.0  # search fitted crossings up to 1000x beyond the measured range on either side
+MIN_SUPPORT = 0.5  # an interval is given only where at least half of the bootstrap replicates cross
 
 
-def crossover(vit: pd.Series, bit: pd.Series, vit_fit: Fit | None, bit_fit: Fit | None) -> dict:
-    """Where the ViT's accuracy overtakes the ResNet's.
-
-    Args:
-        vit, bit: mean accuracy indexed by subset size.
-    Returns:
-        status 'observed' (sign flip between two measured sizes, log-linear interpolation inside the
-        bracket), 'extrapolated' (fitted curves cross outside the measured range; CI over bootstrap pairs)
-        or 'none'.
-    """
+def observed_crossing(vit: pd.Series, bit: pd.Series) -> tuple[float, float, float] | None:
+    """(estimate, x1, x2): the first measured bracket where ViT - BiT goes from <= 0 to > 0, the crossing placed by
+    log-linear interpolation inside it; None without a sign flip. `vit`, `bit`: mean accuracy by size."""
     sizes = sorted(set(vit.index) & set(bit.index))
     diff = [float(vit[s] - bit[s]) for s in sizes]
-    for (x1, d1), (x2, d2) in zip(zip(sizes, diff, strict=True), list(zip(sizes, diff, strict=True))[1:],
-                                  strict=False):
+    for i in range(len(sizes) - 1):
+        (x1, d1), (x2, d2) = (sizes[i], diff[i]), (sizes[i + 1], diff[i + 1])
         if d1 <= 0 < d2:
             t = d1 / (d1 - d2)
-            estimate = math.exp(math.log(x1) + t * (math.log(x2) - math.log(x1)))
-            fitted = None  # the fitted curves' crossing inside the bracket, when both curves are fitted
-            if vit_fit is not None and bit_fit is not None:
-                fitted = _crossing(lambda x: vit_fit.accuracy(x) - bit_fit.accuracy(x), x1, x2)
-            return {"status": "observed", "estimate": estimate, "bracket": [float(x1), float(x2)], "ci": None,
-                    "fit_estimate": fitted}
-    none = {"status": "none", "estimate": None, "bracket": None, "ci": None, "fit_estimate": None}
+            return math.exp(math.log(x1) + t * (math.log(x2) - math.log(x1))), float(x1), float(x2)
+    return None
+
+
+def _seed_means(vit: pd.DataFrame, bit: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]] | None:
+    """Bootstrap replicates of both models' mean-by-size series, resampling seeds within each size; paired
+    (the same seed draws for both models) when both ran the same seeds at every size. None when some size has
+    a single seed (nothing to resample)."""
+    pv, pb = _by_size(vit), _by_size(bit)
+    if min(len(v) for _, v in pv + pb) < 2:
+        return None
+    same = [len(v) for _, v in pv] == [len(v) for _, v in pb] and all(
+        sorted(vit[vit["subset_size"] == n]["seed"]) == sorted(bit[bit["subset_size"] == n]["seed"]) for n, _ in pv)
+    draws_v = seed_resamples([len(v) for _, v in pv], 0)
+    draws_b = seed_resamples([len(v) for _, v in pb], 0 if same else 1)
+    return [(pd.Series([v[i].mean() for (_, v), i in zip(pv, iv, strict=True)], index=[n for n, _ in pv]),
+             pd.Series([v[i].mean() for (_, v), i in zip(pb, ib, strict=True)], index=[n for n, _ in pb]))
+            for iv, ib in zip(draws_v, draws_b, strict=True)]
+
+
+def _with_interval(found: dict, boots: list[float | None], what: str) -> dict:
+    """Add the bootstrap's support (fraction of replicates that cross) and its 95% interval, or why there is none."""
+    crossing = np.array([b for b in boots if b is not None], dtype=float)
+    support = len(crossing) / len(boots) if boots else None
+    found["support"] = support
+    if support is not None and support >= MIN_SUPPORT:
+        found["ci"] = _interval(crossing)
+        found["reason"] = None if found["ci"] else f"only {len(crossing)} crossing replicates"
+    elif support is not None:
+        found["ci"] = None
+        found["reason"] = (f"only {len(crossing)} of {len(boots)} {what} replicates cross (< {MIN_SUPPORT:.0%}): "
+                           "where it crosses is not resolved")
+    return found
+
+
+def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit: Fit | None) -> dict:
+    """Where the ViT's accuracy overtakes the ResNet's, with a 95% bootstrap interval over seeds.
+
+    Args:
+        vit, bit: the two models' rows on one evaluation (subset_size, seed, value).
+    Returns:
+        status 'observed' (sign flip between two measured sizes, log-linear interpolation inside the bracket; CI:
+        the same estimate on seed-resampled means), 'extrapolated' (fitted curves cross outside the measured
+        range; CI over pairs of bootstrap fits) or 'none'; `support`: the fraction of bootstrap replicates that
+        cross; `reason`: why there is no interval.
+    """
+    means_v, means_b = vit.groupby("subset_size")["value"].mean(), bit.groupby("subset_size")["value"].mean()
+    replicates = _seed_means(vit, bit)
+    boots = None if replicates is None else [observed_crossing(v, b) for v, b in replicates]
+    boot_estimates = None if boots is None else [None if c is None else c[0] for c in boots]
+    no_seeds = "a single seed at some size: no bootstrap over seeds"
+    found = observed_crossing(means_v, means_b)
+    if found is not None:
+        estimate, x1, x2 = found
+        fitted = None  # the fitted curves' crossing inside the bracket, when both curves are fitted
+        if vit_fit is not None and bit_fit is not None:
+            fitted = _crossing(lambda x: vit_fit.accuracy(x) - bit_fit.accuracy(x), x1, x2)
+        out = {"status": "observed", "estimate": estimate, "bracket": [x1, x2], "ci": None, "fit_estimate": fitted,
+               "support": None, "reason": no_seeds}
+        return out if boot_estimates is None else _with_interval(out, boot_estimates, "seed-bootstrap")
+    none = {"status": "none", "estimate": None, "bracket": None, "ci": None, "fit_estimate": None,
+            "support": None if boot_estimates is None else
+            sum(b is not None for b in boot_estimates) / len(boot_estimates)}
+    sizes = sorted(set(means_v.index) & set(means_b.index))
     if vit_fit is None or bit_fit is None or not sizes:
-        return none
+        return {**none, "reason": "no sign flip between measured sizes, and no fitted law for both (need 3 sizes)"}
     lo, hi = min(sizes), max(sizes)
-    ranges = [(lo / EXTRAPOLATE, lo)] if diff[0] > 0 else [(hi, hi * EXTRAPOLATE)]
-    for a, b in ranges:
-        estimate = _crossing(lambda x: vit_fit.accuracy(x) - bit_fit.accuracy(x), a, b)
-        if estimate is None:
-            continue
-        n = min(len(vit_fit.samples), len(bit_fit.samples))
-        boots = [_crossing(lambda x, i=i: power_law(x, *bit_fit.samples[i]) - power_law(x, *vit_fit.samples[i]),
+    ahead = float(means_v[lo] - means_b[lo]) > 0
+    a, b = (lo / EXTRAPOLATE, lo) if ahead else (hi, hi * EXTRAPOLATE)
+    estimate = _crossing(lambda x: vit_fit.accuracy(x) - bit_fit.accuracy(x), a, b)
+    if estimate is None:
+        where = "below the smallest" if ahead else "beyond the largest"
+        return {**none, "reason": f"{'ViT ahead' if ahead else 'BiT ahead'} at every measured size and the fitted "
+                                  f"laws do not cross within {EXTRAPOLATE:g}x {where} size"}
+    n = min(len(vit_fit.samples), len(bit_fit.samples))
+    fit_boots = [_crossing(lambda x, i=i: power_law(x, *bit_fit.samples[i]) - power_law(x, *vit_fit.samples[i]),
                            a, b) for i in range(n)]
-        ci = _interval(np.array([v for v in boots if v is not None], dtype=float))
-        return {"status": "extrapolated", "estimate": estimate, "bracket": None, "ci": ci, "fit_estimate": estimate}
-    return none
+    out = {"status": "extrapolated", "estimate": estimate, "bracket": None, "ci": None, "fit_estimate": estimate,
+           "support": None, "reason": f"no bootstrap fits (ViT: {vit_fit.bootstrap}; BiT: {bit_fit.bootstrap})"}
+    return _with_interval(out, fit_boots, "fit-bootstrap") if n else out
 
 
 def crossover_table(table: pd.DataFrame, fits: dict[tuple, Fit]) -> list[dict]:
@@ -200,13 +278,13 @@ def crossover_table(table: pd.DataFrame, fits: dict[tuple, Fit]) -> list[dict]:
     out = []
     table = accuracy_rows(table)
     for key, frame in table.groupby(GROUP, dropna=False):
-        means = frame.groupby(["model", "subset_size"])["value"].mean()
         families = frame.groupby("model")["family"].first()
         vits = [m for m, f in families.items() if f in ("ViT", "Hybrid")]
         bits = [m for m, f in families.items() if f == "BiT"]
         for v in vits:
             for r in bits:
-                found = crossover(means[v], means[r], fits.get((v, *key)), fits.get((r, *key)))
+                found = crossover(frame[frame["model"] == v], frame[frame["model"] == r], fits.get((v, *key)),
+                                  fits.get((r, *key)))
                 out.append({"vit": v, "resnet": r, "eval": key[0], "dataset": key[1],
                             "shots": _int_or_none(key[2]), "metric": key[3], **found})
     return out

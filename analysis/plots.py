@@ -3,7 +3,8 @@
 Fig 3 analog: fine-tune accuracy vs pretraining data, a shaded band per family's range. Fig 4 analog: linear
 few-shot accuracy vs subset size with the fitted laws and the crossovers marked. Fig 5 analog: accuracy vs
 pretraining compute with the Pareto frontier. Fit diagnostics: fitted/held-out prediction vs measured.
-One colour per model, one marker per family, log x.
+One colour per model, one marker per family, log x. Every point is the mean over seeds with its 95% t interval
+(`analysis.intervals`, the numbers the report's tables and `summary.json` give).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from analysis import intervals  # noqa: E402
 from analysis.fits import Fit  # noqa: E402
 
 FAMILY_MARKERS = {"ViT": "o", "BiT": "s", "Hybrid": "^"}
@@ -49,8 +51,8 @@ def _size_axis(ax, sizes) -> None:
 
 def _lineplot(ax, frame: pd.DataFrame, palette: dict) -> None:
     sns.lineplot(data=frame, x="subset_size", y="value", hue="model", style="family", markers=FAMILY_MARKERS,
-                 dashes=False, palette=palette, errorbar="sd" if frame["seed"].nunique() > 1 else None,
-                 ax=ax, markersize=7)
+                 dashes=False, palette=palette, errorbar=intervals.errorbar, err_style="bars",
+                 err_kws={"capsize": 3}, ax=ax, markersize=7)
     ax.set_ylabel("top-1 accuracy (%)")
 
 
@@ -128,8 +130,8 @@ def fig_vs_data(table: pd.DataFrame, evaluation: str, out_dir: Path, name: str, 
     return _save(fig, out_dir, name)
 
 
-def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict]) -> list[Path]:
-    frame = table[(table["metric"] == "top1") & table["pretrain_flops"].notna()]
+def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict], points: pd.DataFrame) -> list[Path]:
+    frame = points[(points["metric"] == "top1") & points["pretrain_flops"].notna()]
     five = frame["eval"].eq("fewshot") & frame["shots"].eq(5).fillna(False)
     frame = frame[frame["eval"].isin(["finetune", "linear_probe"]) | five]
     if frame.empty:
@@ -137,8 +139,10 @@ def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict]) -> li
     palette = _palette(list(frame["model"].unique()))
     fig, panels = _panels(frame, ["eval", "dataset"])
     for ax, ((evaluation, dataset), group) in panels:
-        sns.scatterplot(data=group, x="pretrain_flops", y="value", hue="model", style="family",
-                        markers=FAMILY_MARKERS, palette=palette, ax=ax, s=50)
+        for (model, family), pts in group.groupby(["model", "family"]):
+            lo, hi = pts["ci_low"].fillna(pts["mean"]), pts["ci_high"].fillna(pts["mean"])
+            ax.errorbar(pts["pretrain_flops"], pts["mean"], yerr=[pts["mean"] - lo, hi - pts["mean"]], ls="none",
+                        marker=FAMILY_MARKERS.get(family, "o"), color=palette[model], capsize=3, label=model)
         shots = 5 if evaluation == "fewshot" else None
         for entry in pareto:
             if (entry["eval"], entry["dataset"], entry["shots"], entry["metric"]) == (evaluation, dataset, shots,
@@ -146,6 +150,7 @@ def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict]) -> li
                 pts = entry["points"]
                 ax.step([p["pretrain_flops"] for p in pts], [p["value"] for p in pts], where="post", color="k",
                         lw=1, alpha=0.6, label="frontier")
+        ax.legend()
         ax.set_xscale("log")
         ax.set_xlabel("pretraining compute (FLOPs)")
         ax.set_ylabel("top-1 accuracy (%)")
@@ -157,18 +162,22 @@ def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict]) -> li
 
 def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict], fits: dict) -> list[Path]:
     """Fitted value vs measured value at every size, and the held-out prediction of the largest size."""
-    points, held = [], []
+    points, held, bars = [], [], []
     for (model, evaluation, dataset, shots, metric), fit in fits.items():
         sel = table[(table["model"] == model) & (table["eval"] == evaluation) & (table["dataset"] == dataset)
                     & (table["metric"] == metric)]
         sel = sel[sel["shots"].isna()] if shots is None else sel[sel["shots"] == shots]
-        means = sel.groupby("subset_size")["value"].mean()
-        points += [(m, float(fit.accuracy(n))) for n, m in means.items()]
+        for n, group in sel.groupby("subset_size"):  # measured: the mean over seeds and its interval
+            mean, lo, hi = intervals.mean_interval(intervals.per_seed(group).to_numpy())
+            points.append((mean, float(fit.accuracy(n))))
+            bars.append((mean - (mean if lo is None else lo), (mean if hi is None else hi) - mean))
     held = [(r["heldout"]["measured"], r["heldout"]["predicted"]) for r in fit_rows if r.get("heldout")]
     if not points:
         return []
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ax.scatter(*zip(*points, strict=True), s=18, alpha=0.6, label="fit (all sizes)")
+    measured, predicted = zip(*points, strict=True)
+    ax.errorbar(measured, predicted, xerr=np.array(bars).T, ls="none", marker="o", ms=4, alpha=0.6, capsize=2,
+                label="fit (all sizes); bar: 95% interval over seeds")
     if held:
         ax.scatter(*zip(*held, strict=True), s=60, marker="*", color="C3", label="held-out largest size")
     lims = [min(min(p) for p in points + held) - 2, max(max(p) for p in points + held) + 2]
@@ -180,16 +189,18 @@ def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict]
 
 
 def plot_all(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict] | None = None, fits: dict | None = None,
-             crossovers: list[dict] | None = None, pareto: list[dict] | None = None) -> list[Path]:
+             crossovers: list[dict] | None = None, pareto: list[dict] | None = None,
+             points: pd.DataFrame | None = None) -> list[Path]:
     """Draw every figure the table supports into `out_dir`; returns the written files."""
     _style()
+    points = intervals.point_table(table[table["eval"] != "diagnostic"]) if points is None else points
     out_dir.mkdir(parents=True, exist_ok=True)
     fits, crossovers, pareto, fit_rows = fits or {}, crossovers or [], pareto or [], fit_rows or []
     return [*fig_vs_data(table, "finetune", out_dir, "fig3_finetune_vs_data",
                          "Fine-tuning accuracy vs pretraining data (Fig 3 analog)", fits, crossovers),
             *fig_vs_data(table, "fewshot", out_dir, "fig4_fewshot_vs_data",
                          "Linear few-shot accuracy vs pretraining data (Fig 4 analog)", fits, crossovers),
-            *fig_vs_compute(table, out_dir, pareto),
+            *fig_vs_compute(table, out_dir, pareto, points),
             *fig_fit_diagnostics(table, out_dir, fit_rows, fits),
             *fig7_across_grid(table, out_dir)]
 
@@ -249,7 +260,7 @@ def fig7_across_grid(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     layers["layer"] = layers["metric"].str.extract(r"layer(\d+)_")[0].astype(int)
     layers["subset"] = layers["subset_size"].map(lambda n: _short(float(n)))
     sns.lineplot(data=layers, x="layer", y="value", hue="subset", style="model", marker="o", ax=axes[0],
-                 errorbar=None, palette="viridis")
+                 errorbar=intervals.errorbar, err_style="bars", palette="viridis")
     rf = diag[(diag["family"] == "BiT") & diag["metric"].str.startswith("rf_stage")]
     for model, group in rf.groupby("model"):
         stages = group.groupby("metric")["value"].mean().sort_index()
@@ -260,11 +271,12 @@ def fig7_across_grid(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     axes[0].legend(fontsize=7, frameon=False)
     low = vit[vit["metric"].isin(["attn_dist_layer1_mean", "attn_dist_layer1_min"])]
     sns.lineplot(data=low, x="subset_size", y="value", hue="model", style="metric", marker="o", ax=axes[1],
-                 errorbar=None)
+                 errorbar=intervals.errorbar, err_style="bars")
     _size_axis(axes[1], sorted(low["subset_size"].unique()))
     axes[1].set(ylabel="pixels", title="Layer 1 attention distance (mean, min head)")
     loc = vit[vit["metric"] == "posemb_locality"]
-    sns.lineplot(data=loc, x="subset_size", y="value", hue="model", marker="o", ax=axes[2], errorbar=None)
+    sns.lineplot(data=loc, x="subset_size", y="value", hue="model", marker="o", ax=axes[2],
+                 errorbar=intervals.errorbar, err_style="bars")
     _size_axis(axes[2], sorted(loc["subset_size"].unique()))
     axes[2].set(ylabel="Spearman(similarity, −distance)", title="Position-embedding locality")
     fig.suptitle("What the ViT learned as pretraining data grows (Fig 7 analog)")

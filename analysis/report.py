@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import fits, plots, results
+from analysis import fits, intervals, plots, results
 from pipelines.config import UserError
 
 Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", header, rows) | ("img", path)
@@ -34,16 +34,34 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _cell(mean: float, lo: float | None, hi: float | None) -> str:
+    return f"{mean:.1f}" if lo is None else f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
 def _mean_table(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """model x subset_size, mean over seeds (± std when there are several seeds)."""
-    grouped = frame.groupby(["model", "subset_size"])["value"]
-    mean, std, n = grouped.mean(), grouped.std(), grouped.count()
-    cells = mean.map("{:.1f}".format)
-    if (n > 1).any():
-        cells = cells + std.fillna(0).map(" ± {:.1f}".format)
-    wide = cells.unstack("subset_size")
+    """model x subset_size: mean over seeds [95% t interval] (`intervals.point_table`, as the figures draw it)."""
+    points = intervals.point_table(frame)
+    points["cell"] = [_cell(m, lo, hi) for m, lo, hi in zip(points["mean"], points["ci_low"], points["ci_high"],
+                                                             strict=True)]
+    wide = points.set_index(["model", "subset_size"])["cell"].unstack("subset_size").fillna("–")
     header = ["model", *(f"{int(c):,}" for c in wide.columns)]
     return header, [[m, *(str(v) for v in row)] for m, row in wide.iterrows()]
+
+
+def _gap_at(g: dict) -> str:
+    ci = "" if g["ci"] is None else f" [{g['ci'][0]:+.1f}, {g['ci'][1]:+.1f}]"
+    return f"{g['bit_minus_vit']:+.1f}{ci} at {int(g['subset_size']):,}"
+
+
+def gap_lines(gaps: list[dict]) -> list[str]:
+    """One line per (pair, evaluation): BiT - ViT at the smallest and at the largest subset, with intervals."""
+    lines = []
+    for small, large in intervals.ends(gaps):
+        name = _eval_name(small["eval"], small["dataset"], small["shots"], small["metric"])
+        both = _gap_at(small) if small is large else f"{_gap_at(small)}; {_gap_at(large)}"
+        methods = sorted({small["method"], large["method"]})
+        lines.append(f"{name}: {small['resnet']} − {small['vit']} = {both} ({'; '.join(methods)})")
+    return lines
 
 
 def _mean_table_by_metric(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
@@ -82,17 +100,26 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
               f"seeds {sorted(int(s) for s in table['seed'].dropna().unique())}; {len(table)} result rows."),
         ("h2", "Where does the ViT overtake the ResNet?"),
         ("p", "observed: the sign of (ViT − BiT) flips between two measured sizes (log-linear interpolation "
-              "inside the bracket; fit_estimate is the fitted curves' crossing there); extrapolated: the fitted "
-              "laws cross outside the measured range (95% bootstrap CI); none: neither."),
-        ("table", ["ViT", "BiT", "evaluation", "status", "estimate", "bracket", "fit estimate", "95% CI"],
+              "inside the bracket; fit_estimate is the fitted curves' crossing there; 95% CI: the same estimate on "
+              "means with seeds resampled within each size, paired across models); extrapolated: the fitted "
+              "laws cross outside the measured range (95% CI over pairs of seed-bootstrap fits); none: neither. "
+              "support: the fraction of bootstrap replicates that cross; a CI is given where at least half do."),
+        ("table", ["ViT", "BiT", "evaluation", "status", "estimate", "bracket", "fit estimate", "95% CI",
+                   "support", "no CI because"],
          [[c["vit"], c["resnet"], _eval_name(c["eval"], c["dataset"], c["shots"], c["metric"]), c["status"],
-           _fmt(c["estimate"]), _fmt(c["bracket"]), _fmt(c["fit_estimate"]), _fmt(c["ci"])]
+           _fmt(c["estimate"]), _fmt(c["bracket"]), _fmt(c["fit_estimate"]), _fmt(c["ci"]),
+           "–" if c.get("support") is None else f"{c['support']:.0%}", c.get("reason") or "–"]
           for c in summary["crossovers"]]),
+        ("h2", "BiT − ViT at the smallest and the largest subset"),
+        ("p", "Percentage points, mean over seeds [95% t interval; paired over seeds when both models ran the "
+              "same seeds, which pretrain on the same nested subset]."),
+        *(("p", line) for line in gap_lines(summary["gaps"])),
         ("h2", "Figures"), *(("img", p) for p in figures if p.suffix == ".png" and not p.stem.startswith("fig7")),
         ("h2", "Results")]
     for key, frame in fits.accuracy_rows(table).groupby(["eval", "dataset", "shots", "metric"], dropna=False):
         header, rows = _mean_table(frame)
-        blocks += [("h3", _eval_name(*key)), ("p", "Percent, by pretraining subset size (examples)."),
+        blocks += [("h3", _eval_name(*key)),
+                   ("p", "Percent, by pretraining subset size (examples): mean over seeds [95% t interval]."),
                    ("table", header, rows)]
         leads = leader_rows(frame)
         if leads:
@@ -168,6 +195,16 @@ def to_html(blocks: list[Block], title: str) -> str:
             f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>{''.join(body)}</body></html>")
 
 
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """JSON-ready rows: missing values as null, shots as an int."""
+    rows = []
+    for row in frame.to_dict("records"):
+        row = {k: (None if v is None or (not isinstance(v, str) and pd.isna(v)) else v) for k, v in row.items()}
+        row["shots"] = None if row.get("shots") is None else int(row["shots"])
+        rows.append(row)
+    return rows
+
+
 def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
                  failures: dict[str, str] | None = None, panels: list[Path] | None = None) -> Path:
     """summary.json, figures/, report.md and report.html in `out`; returns the report.md path.
@@ -176,10 +213,12 @@ def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
     """
     out.mkdir(parents=True, exist_ok=True)
     fit_rows, fitted = fits.fit_table(table)
-    summary = {"fits": fit_rows, "crossovers": fits.crossover_table(table, fitted),
-               "pareto": fits.pareto_table(table)}
+    points = intervals.point_table(fits.accuracy_rows(table))
+    summary = {"points": _records(points), "gaps": intervals.gap_table(fits.accuracy_rows(table)),
+               "fits": fit_rows, "crossovers": fits.crossover_table(table, fitted), "pareto": fits.pareto_table(table)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    figures = plots.plot_all(table, out / "figures", fit_rows, fitted, summary["crossovers"], summary["pareto"])
+    figures = plots.plot_all(table, out / "figures", fit_rows, fitted, summary["crossovers"], summary["pareto"],
+                             points)
     figures += panels or []
     blocks = build_blocks(table, title, summary, figures, failures)
     (out / "report.html").write_text(to_html(blocks, title))

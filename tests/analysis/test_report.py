@@ -40,7 +40,7 @@ def report_dir(tmp_path_factory, cache_dir):
 
 def test_summary_json_has_the_documented_schema(report_dir):
     summary = json.loads((report_dir / "summary.json").read_text())
-    assert set(summary) == {"fits", "crossovers", "pareto"}
+    assert set(summary) == {"points", "gaps", "fits", "crossovers", "pareto"}
     (cross,) = [c for c in summary["crossovers"] if c["eval"] == "fewshot"]
     assert {"vit", "resnet", "eval", "dataset", "shots", "metric", "status", "estimate", "bracket", "ci"} <= set(cross)
     assert cross["status"] == "observed" and cross["shots"] == 5

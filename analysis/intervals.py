@@ -1,0 +1,111 @@
+"""Means over seeds and their 95% intervals: every plotted point, table cell and BiT - ViT gap in the report.
+
+A point's interval is Student's t interval over its seeds (mean +- t_{0.975, n-1} * sd / sqrt(n)). With the
+3-5 seeds a CPU study affords, a percentile bootstrap of a mean under-covers badly (3 values have only 10
+distinct resampled means); the t interval is exact for normal seed noise and says honestly how wide 3 seeds are.
+A gap between two models is paired over seeds when both ran the same seeds (seed s of every model pretrains on
+the same nested subset, so the per-seed differences cancel the subset draw), else Welch's interval.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+LEVEL = 0.95
+GROUP = ["eval", "dataset", "shots", "metric"]
+POINT = ["model", "family", *GROUP, "subset_size"]
+
+
+def mean_interval(values) -> tuple[float, float | None, float | None]:
+    """Mean of `values` (one per seed) and its 95% t interval; no interval from a single value."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return math.nan, None, None
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, None, None
+    half = float(stats.t.ppf(0.5 + LEVEL / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return mean, mean - half, mean + half
+
+
+def errorbar(values) -> tuple[float, float]:
+    """seaborn's `errorbar=` callable: the same interval the tables give (a single seed: no bar)."""
+    mean, lo, hi = mean_interval(values)
+    return (mean, mean) if lo is None else (lo, hi)
+
+
+def per_seed(frame: pd.DataFrame) -> pd.Series:
+    """One value per seed (repeated rows of a seed are averaged), indexed by seed."""
+    return frame.groupby(frame["seed"].fillna(-1))["value"].mean()
+
+
+def point_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per plotted point (model, evaluation, subset size): n_seeds, mean, ci_low, ci_high and the mean
+    examples_seen / pretrain_flops (the compute axis)."""
+    out = []
+    for key, frame in table.groupby(POINT, dropna=False):
+        mean, lo, hi = mean_interval(per_seed(frame).to_numpy())
+        out.append({**dict(zip(POINT, key, strict=True)), "n_seeds": int(frame["seed"].nunique(dropna=False)),
+                    "mean": mean, "ci_low": lo, "ci_high": hi,
+                    "examples_seen": _mean_or_none(frame["examples_seen"]),
+                    "pretrain_flops": _mean_or_none(frame["pretrain_flops"])})
+    columns = [*POINT, "n_seeds", "mean", "ci_low", "ci_high", "examples_seen", "pretrain_flops"]
+    return pd.DataFrame(out, columns=columns)
+
+
+def _mean_or_none(col: pd.Series) -> float | None:
+    col = pd.to_numeric(col, errors="coerce").dropna()
+    return float(col.mean()) if len(col) else None
+
+
+def gap(bit: pd.Series, vit: pd.Series) -> dict:
+    """BiT minus ViT (percentage points) from per-seed values, with its 95% interval and how it was made."""
+    if len(bit) >= 2 and set(bit.index) == set(vit.index):
+        mean, lo, hi = mean_interval((bit - vit[bit.index]).to_numpy())
+        method = f"paired over {len(bit)} seeds"
+    elif len(bit) >= 2 and len(vit) >= 2:
+        mean = float(bit.mean() - vit.mean())
+        vb, vv = bit.var(ddof=1) / len(bit), vit.var(ddof=1) / len(vit)
+        se = math.sqrt(vb + vv)
+        df = (vb + vv) ** 2 / (vb**2 / (len(bit) - 1) + vv**2 / (len(vit) - 1)) if se > 0 else 1.0
+        half = float(stats.t.ppf(0.5 + LEVEL / 2, df) * se)
+        lo, hi = mean - half, mean + half
+        method = f"Welch ({len(bit)} vs {len(vit)} seeds, not the same seeds)"
+    else:
+        mean, lo, hi = float(bit.mean() - vit.mean()), None, None
+        method = "one seed: no interval"
+    return {"bit_minus_vit": mean, "ci": None if lo is None else [lo, hi], "method": method}
+
+
+def gap_table(table: pd.DataFrame) -> list[dict]:
+    """Every (ViT or Hybrid, BiT) pair on every evaluation, at every subset size both were measured at."""
+    out = []
+    for key, frame in table.groupby(GROUP, dropna=False):
+        families = frame.groupby("model")["family"].first()
+        vits = [m for m, f in families.items() if f in ("ViT", "Hybrid")]
+        bits = [m for m, f in families.items() if f == "BiT"]
+        for v in vits:
+            for r in bits:
+                sizes = sorted(set(frame.loc[frame["model"] == v, "subset_size"])
+                               & set(frame.loc[frame["model"] == r, "subset_size"]))
+                for n in sizes:
+                    at = frame[frame["subset_size"] == n]
+                    out.append({"vit": v, "resnet": r, "eval": key[0], "dataset": key[1],
+                                "shots": None if pd.isna(key[2]) else int(key[2]), "metric": key[3],
+                                "subset_size": float(n),
+                                **gap(per_seed(at[at["model"] == r]), per_seed(at[at["model"] == v]))})
+    return out
+
+
+def ends(gaps: list[dict]) -> list[tuple[dict, dict]]:
+    """Per (pair, evaluation): the gap at the smallest and at the largest subset size."""
+    groups: dict[tuple, list[dict]] = {}
+    for g in gaps:
+        groups.setdefault((g["vit"], g["resnet"], g["eval"], g["dataset"], g["shots"], g["metric"]), []).append(g)
+    return [(min(rows, key=lambda g: g["subset_size"]), max(rows, key=lambda g: g["subset_size"]))
+            for rows in groups.values()]
