@@ -209,12 +209,16 @@ def _check_ranges(cfg: StudyConfig) -> None:
 def _check_split(cfg: StudyConfig) -> None:
     """Batches are global: each of the N workers takes batch / N, and micro-batches are per worker."""
     n, p = cfg.resources.workers_per_trial, cfg.pretrain
-    if p.batch_size % n:
-        raise ConfigError(f"pretrain.batch_size={p.batch_size} does not divide among resources.workers_per_trial="
-                          f"{n} workers; use a multiple of {n}")
-    if p.micro_batch_size is not None and p.micro_batch_size > p.batch_size // n:
-        raise ConfigError(f"pretrain.micro_batch_size={p.micro_batch_size} is more than a worker's part of the "
-                          f"batch ({p.batch_size} / {n} = {p.batch_size // n})")
+    parts = [("pretrain", p.batch_size, p.micro_batch_size)]
+    if (f := cfg.evaluate.finetune) is not None:
+        parts.append(("evaluate.finetune", f.batch_size, f.micro_batch_size))
+    for key, batch, micro in parts:
+        if batch % n:
+            raise ConfigError(f"{key}.batch_size={batch} does not divide among resources.workers_per_trial={n} "
+                              f"workers; use a multiple of {n}")
+        if micro is not None and not 0 < micro <= batch // n:
+            raise ConfigError(f"{key}.micro_batch_size={micro} must be in (0, {batch // n}], a worker's part of the "
+                              f"batch ({batch} / {n})")
 
 
 def pipe_commands(cfg: StudyConfig) -> list[str]:

@@ -59,6 +59,13 @@ def test_more_cpus_than_this_machine_has_is_refused_up_front(tmp_path, cache_dir
     _refused(proc, tmp_path, "resources.cpus_per_worker=1000: a trial's worker needs 1000 CPUs on one node")
 
 
+def test_more_workers_than_this_machine_can_place_is_refused_up_front(tmp_path, cache_dir):
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path),
+                    "resources.workers_per_trial=32"], cache_dir, timeout=60)
+    _refused(proc, tmp_path, f"resources.workers_per_trial=32: this machine can place at most {os.cpu_count()} "
+                             "workers of 1 CPUs")
+
+
 @pytest.fixture
 def head():
     port = _free_port()

@@ -34,6 +34,12 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
     (["evaluate.finetune.steps=0"], "evaluate.finetune.steps must be > 0, got 0"),
     (["evaluate.finetune.image_size=0"], "evaluate.finetune.image_size must be >= 8, got 0"),
     (["evaluate.finetune.batch_size=0"], "evaluate.finetune.batch_size must be >= 1, got 0"),
+    (["resources.workers_per_trial=3"], "pretrain.batch_size=64 does not divide among resources.workers_per_trial=3 "
+                                        "workers; use a multiple of 3"),
+    (["resources.workers_per_trial=4", "pretrain.micro_batch_size=32"],
+     "pretrain.micro_batch_size=32 must be in (0, 16], a worker's part of the batch (64 / 4)"),
+    (["resources.workers_per_trial=2", "evaluate.finetune.batch_size=33", "pretrain.batch_size=64"],
+     "evaluate.finetune.batch_size=33 does not divide among resources.workers_per_trial=2 workers"),
 ])
 def test_values_that_make_no_sense_are_refused(overrides, message):
     with pytest.raises(ConfigError) as err:
