@@ -298,8 +298,9 @@ def _rank_main(config: dict) -> None:
     plan, cfg, events = config["plan"], config["cfg"], config["events"]
     context = train.get_context()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    if context.get_local_rank() == 0:  # one process per node writes the shared cache
-        data.prepare(cfg.data.pretrain, cfg.cache_dir, progress=False)
+    if context.get_local_rank() == 0:  # one process per node writes the shared cache, the others read it
+        for src in (cfg.data.pretrain, *cfg.downstream):
+            data.prepare(src, cfg.cache_dir, progress=False, max_bad_fraction=cfg.data.loader.max_bad_fraction)
     distributed.barrier()
     main = context.get_world_rank() == 0
 
