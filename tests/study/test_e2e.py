@@ -1,5 +1,6 @@
 """The smoke study end to end: real Ray, real MLflow (SQLite store), real torch; no mocks."""
 
+import json
 import re
 
 import pandas as pd
@@ -23,6 +24,14 @@ def test_study_finishes_and_prints_where_everything_is(smoke):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"mlflow ui --backend-store-uri sqlite:///\S+mlflow.db", proc.stdout)
     assert "results:" in proc.stdout and "report:" in proc.stdout and "storage:" in proc.stdout
+    timings = json.loads((out / "smoke" / "timings.json").read_text())
+    assert timings["points_ran"] == 4 and len(timings["per_point_s"]) == 4
+    assert {"ray_start", "trials", "report"} <= set(timings["driver_wall_s"])
+    stages = {"data", "pretrain", "diagnostics", "fewshot", "linear_probe", "finetune"}
+    assert all(set(point) == stages and point["pretrain"] > 0 for point in timings["per_point_s"].values())
+    assert timings["trial_s"]["finetune"] == pytest.approx(sum(p["finetune"] for p in timings["per_point_s"].values()))
+    assert re.search(r"^time \(s\): connect \d+, prepare_data \d+, ray_start \d+, trials \d+, report \d+ \| summed "
+                     r"over 4 trials: ", proc.stdout, re.M)
 
 
 def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
