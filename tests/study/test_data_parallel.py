@@ -103,4 +103,4 @@ def test_ray_train_ranks_train_to_the_parameters_of_one_process(tmp_path, cache_
     one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
     assert one.keys() == two.keys()
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
