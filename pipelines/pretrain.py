@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from pipelines import distributed, models, perf
+from pipelines.config import UserError
 from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
+from pipelines.data.shards import ShardIndex
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
 from pipelines.training import LoopSpec, MemoryBatches, duration_steps, train_loop, warmup_decay
 
@@ -91,6 +93,24 @@ def make_optimizer(cfg: PretrainConfig, model: torch.nn.Module, device: torch.de
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
+def check_labels(loss: str, data: ImageArrays | ShardSubset | ShardIndex, name: str = "the pretraining source"
+                 ) -> None:
+    """Refuse `loss: softmax` on a multi-label source (whole source, not the subset, so the answer does not
+    depend on the subset size): a softmax target would keep one of a sample's classes and silently drop the
+    rest, and which one would be an accident of how the labels were written.
+
+    Raises:
+        UserError: one line, naming the fix (`pretrain.loss=sigmoid`).
+    """
+    if isinstance(data, ImageArrays):
+        width = data.labels.shape[1] if data.labels.ndim == 2 else 1
+    else:
+        width = (data.index if isinstance(data, ShardSubset) else data).label_width
+    if loss == "softmax" and width > 1:
+        raise UserError(f"{name} is multi-label (up to {width} classes per sample) but pretrain.loss is 'softmax', "
+                        f"which takes one class per sample: set pretrain.loss=sigmoid")
+
+
 def training_source(cfg: PretrainConfig, data: ImageArrays | ShardSubset, image_size: int, seed: int,
                     device: torch.device, loader: LoaderConfig) -> MemoryBatches | StreamLoader:
     """This rank's batches for pretraining: streamed from shards by DataLoader workers, or drawn from a split in
@@ -112,6 +132,7 @@ def run(cfg: PretrainConfig, model_name: str, data: ImageArrays | ShardSubset, n
     save the weights as safetensors in `out_dir`. `data` is a split in memory or a shard subset streamed with
     `loader`. Run on every rank of a process group, it trains data-parallel (`cfg.batch_size` is global; rank 0
     writes the checkpoints and the weights)."""
+    check_labels(cfg.loss, data)
     start = time.perf_counter()
     torch.manual_seed(seed)
     perf.reset_peak_memory(device)

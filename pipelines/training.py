@@ -121,10 +121,23 @@ class LoopResult:
 
 
 def loss_fn(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy on int labels [B], or the sigmoid loss on the multi-hot target (BCE summed over
+    classes, averaged over samples, as big_vision's `sigmoid_xent`) of labels [B] or, multi-label, [B, K] padded
+    with -1 (the multi-hot target is built here, on the device)."""
     if kind == "sigmoid":
-        targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
-        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+        return F.binary_cross_entropy_with_logits(logits, multi_hot(labels, logits.shape[-1], logits.dtype),
+                                                  reduction="sum") / logits.shape[0]
+    if labels.ndim != 1:
+        raise ValueError("softmax cross-entropy needs one label per sample; multi-label targets need loss 'sigmoid'")
     return F.cross_entropy(logits, labels)
+
+
+def multi_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, C] target: 1 at each sample's classes. `labels` is [B], or [B, K] padded with -1."""
+    labels = labels.reshape(len(labels), -1)
+    spare = torch.where(labels >= 0, labels, num_classes)  # padding goes to an extra column, dropped below
+    target = torch.zeros(len(labels), num_classes + 1, dtype=dtype, device=labels.device)
+    return target.scatter_(1, spare, 1.0)[:, :num_classes]
 
 
 class _Sums:
@@ -140,7 +153,11 @@ class _Sums:
         self.checked = 0  # the last step whose loss was read and finite
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        correct = (logits.argmax(-1) == labels).sum()
+        """A (micro-)batch's loss and correct top-1 predictions; multi-label (labels [B, K], -1 padded), a top-1
+        prediction is correct when it is any of the sample's classes."""
+        predicted = logits.argmax(-1)
+        hit = predicted == labels if labels.ndim == 1 else (labels == predicted[:, None]).any(-1)
+        correct = hit.sum()
         self.local += torch.stack((loss.detach().double() * len(labels), correct.double()))
         self.local_count += len(labels)
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from pipelines.data import shapes
 from pipelines.data.augment import eval_image
 from pipelines.data.shards import (
+    INDEX_VERSION,
     BadCounts,
     DataError,
     ShardIndex,
@@ -31,6 +32,8 @@ from pipelines.data.shards import (
     index_shards,
     is_local,
     iter_encoded,
+    label_array,
+    label_width,
     shard_identity,
     write_shard,
 )
@@ -79,7 +82,8 @@ class SourceConfig:
 
 @dataclass
 class ImageArrays:
-    """A split held in memory: uint8 images [N, H, W, 3] and int64 labels [N]."""
+    """A split held in memory: uint8 images [N, H, W, 3] and int64 labels [N] ([N, K], -1 padded, for a multi-label
+    source: see `shards.label_array`)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -250,11 +254,13 @@ def source_index(src: SourceConfig, shards: list[str], max_bad_fraction: float =
 def cached_index(shards: list[str], cache_dir: Path) -> ShardIndex:
     """`index_shards(shards)`, built once and cached in `cache_dir/index/` under a key made from the shards'
     identity (`shard_identity`): a local shard's path, size and modification time; a remote one's ETag or its
-    sidecar's content hash. A rewritten shard, local or remote, changes the key."""
+    sidecar's content hash. A rewritten shard, local or remote, changes the key, and so does `INDEX_VERSION` (an
+    index an older reader built is rebuilt)."""
     remote = [shard for shard in shards if not is_local(shard)]
     with ThreadPoolExecutor(max_workers=min(16, len(remote) or 1)) as pool:  # remote look-ups wait on the network
         found = dict(zip(remote, pool.map(shard_identity, remote), strict=True))
     ident = [found[shard] if shard in found else shard_identity(shard) for shard in shards]
+    ident = [f"index-v{INDEX_VERSION}", *ident]  # version 1 indexes were keyed by the shards alone
     path = Path(cache_dir) / "index" / f"{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]}.json"
     if path.exists():
         return ShardIndex.from_json(path.read_text())
@@ -278,7 +284,9 @@ def _check_info(src: SourceConfig, first_shard: str) -> None:
 
 def class_counts(labels: np.ndarray, num_classes: int) -> dict:
     """Per-class example counts of a (sub)set and their spread: small subsets are where imbalance bites.
-    Unlabelled samples (label -1, skipped when read) are not counted."""
+
+    `labels` is int [n], or [n, k] for a multi-label source (-1 padded, see `shards.label_array`): a sample counts
+    once for each of its classes. Unlabelled samples (label -1, skipped when read) are not counted."""
     counts = np.bincount(labels[labels >= 0], minlength=num_classes)
     return {"counts": counts.tolist(), "min": int(counts.min()), "max": int(counts.max()),
             "empty_classes": int((counts == 0).sum())}
@@ -300,14 +308,17 @@ def _check_folders(src: SourceConfig) -> dict[str, list[str]]:
 
 
 def eval_batches(shards: list[str], image_size: int, batch_size: int = 256, keys: list[str] | None = None,
-                 progress: bool = False, desc: str = "", max_bad_fraction: float = 0.001) -> Iterator[ImageArrays]:
+                 progress: bool = False, desc: str = "", max_bad_fraction: float = 0.001,
+                 width: int | None = None) -> Iterator[ImageArrays]:
     """A split (or the samples named by `keys`) decoded batch by batch at `image_size`, in shard order: memory
     holds one batch, whatever the split's size.
 
     A `folder` source is read from the shards `prepare` converted it into. Images go through the evaluation
     transform of the training image path (`augment.eval_image`: shorter side resized, centre crop). Unreadable
     samples are counted per cause and skipped (each batch's `bad`: the running counts), up to `max_bad_fraction`
-    of the samples expected; past it DataError names the causes.
+    of the samples expected; past it DataError names the causes. Labels are int64 [b], or [b, width] for a
+    multi-label source (`width`: its `ShardIndex.label_width`; found from the index when the whole split is read,
+    else from each batch).
     """
     wanted = set(keys) if keys is not None else None
     bad = BadCounts()
@@ -316,6 +327,7 @@ def eval_batches(shards: list[str], image_size: int, batch_size: int = 256, keys
     else:  # the whole split: what the tar headers list, plus what truncated tars lost
         index = index_shards(shards)
         expected = len(index.all_keys) + sum(index.lost)
+        width = width or index.label_width
     samples = iter_encoded(shards, wanted, bad)
     where = f"loading {desc or (shards[0] if shards else 'an empty shard list')}"
     images, labels, names, read = [], [], [], 0
@@ -331,7 +343,7 @@ def eval_batches(shards: list[str], image_size: int, batch_size: int = 256, keys
         if len(names) == batch_size:
             read += len(names)
             bad.check(expected, max_bad_fraction, where)
-            yield ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), names, dict(+bad))
+            yield ImageArrays(np.stack(images), label_array(labels, width or label_width(labels)), names, dict(+bad))
             images, labels, names = [], [], []
     read += len(names)
     bad["truncated_tar"] += max(0, expected - read - sum(bad.values()))  # expected, neither read nor counted
@@ -339,7 +351,7 @@ def eval_batches(shards: list[str], image_size: int, batch_size: int = 256, keys
     if read == 0:
         raise DataError(f"no samples found in {shards[0] if shards else 'an empty shard list'}")
     if names:
-        yield ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), names, dict(+bad))
+        yield ImageArrays(np.stack(images), label_array(labels, width or label_width(labels)), names, dict(+bad))
 
 
 def load(shards: list[str], image_size: int, keys: list[str] | None = None, progress: bool = False,
@@ -347,8 +359,22 @@ def load(shards: list[str], image_size: int, keys: list[str] | None = None, prog
     """A split (or the samples named by `keys`) in memory: `eval_batches` joined. For the few places that need
     the pixels at once (the Fig 7 probe images); evaluation streams."""
     parts = list(eval_batches(shards, image_size, 1024, keys, progress, desc, max_bad_fraction))
-    return ImageArrays(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
+    return ImageArrays(np.concatenate([p.images for p in parts]), _join_labels([p.labels for p in parts]),
                        [k for p in parts for k in p.keys], parts[-1].bad)
+
+
+def _join_labels(parts: list[np.ndarray]) -> np.ndarray:
+    """Batches' labels joined; multi-label batches of different widths padded to the widest with -1."""
+    if all(p.ndim == 1 for p in parts):
+        return np.concatenate(parts)
+    width = max(p.shape[1] if p.ndim == 2 else 1 for p in parts)
+    out = np.full((sum(len(p) for p in parts), width), -1, dtype=np.int64)
+    row = 0
+    for p in parts:
+        p = p.reshape(len(p), -1)
+        out[row:row + len(p), :p.shape[1]] = p
+        row += len(p)
+    return out
 
 
 def split_batches(split: ImageArrays | ShardSubset, image_size: int, batch_size: int = 256,
@@ -361,4 +387,4 @@ def split_batches(split: ImageArrays | ShardSubset, image_size: int, batch_size:
             yield ImageArrays(split.images[start:stop], split.labels[start:stop], split.keys[start:stop])
         return
     yield from eval_batches(split.index.shards, image_size, batch_size, split.keys,
-                            max_bad_fraction=max_bad_fraction)
+                            max_bad_fraction=max_bad_fraction, width=split.index.label_width)

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import braceexpand
@@ -29,6 +30,54 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 class DataError(UserError):
     """Data that cannot be read: a missing path, a corrupt shard, a sample without its label."""
+
+
+# A sample's label: one class (int; -1 where it has none), or, multi-label (JFT, ImageNet-21k winter release), the
+# sorted list of its two or more classes. Bump INDEX_VERSION when what the index holds changes: it is part of the
+# index cache key and of every sidecar, so an index built by an older reader is rebuilt, never misread.
+Label = int | list[int]
+INDEX_VERSION = 2  # 2: multi-label `.cls` and `.json` `labels`
+
+
+def parse_labels(cls: bytes | None, meta: bytes | None) -> Label | None:
+    """A sample's label from its `.cls` (one or more integers, whitespace- or comma-separated) and its `.json`'s
+    `labels` list, merged: an int for one class, a sorted list for several, -1 for none; None where either member
+    holds something that is not a class (a non-integer or negative `.cls` entry or `labels` item)."""
+    found: set[int] = set()
+    if cls is not None:
+        try:
+            found.update(int(v) for v in cls.replace(b",", b" ").split())
+        except ValueError:
+            return None
+    if meta is not None and b'"labels"' in meta:
+        try:
+            listed = json.loads(meta).get("labels")
+        except (ValueError, AttributeError):
+            listed = None
+        if listed is not None:
+            if not isinstance(listed, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in listed):
+                return None
+            found.update(listed)
+    if any(v < 0 for v in found):
+        return None
+    return -1 if not found else found.pop() if len(found) == 1 else sorted(found)
+
+
+def label_array(labels: list[Label], width: int = 1) -> np.ndarray:
+    """Labels as int64: [n] where `width` is 1 (single-label sources, as always), else [n, width], each row a
+    sample's classes padded with -1 (the loss builds the multi-hot target on the device)."""
+    if width == 1:
+        return np.asarray(labels, dtype=np.int64)
+    out = np.full((len(labels), width), -1, dtype=np.int64)
+    for row, label in zip(out, labels, strict=True):
+        classes = label if isinstance(label, list) else [label]
+        row[:len(classes)] = classes
+    return out
+
+
+def label_width(labels: Iterable[Label]) -> int:
+    """The most classes any of `labels` carries (1 for a single-label source)."""
+    return max((len(label) for label in labels if isinstance(label, list)), default=1)
 
 
 def expand_urls(urls: str) -> list[str]:
@@ -89,19 +138,21 @@ def sidecar_url(url: str) -> str:
 def write_sidecar(path: Path) -> None:
     """Index a local shard just written and store it beside it, so a remote copy is indexed without reading it."""
     index = index_shards([str(path)], sidecars=False)
-    side = {"keys": index.keys[0], "labels": index.labels[0], "spans": index.spans[0].tolist(),
-            "size": os.path.getsize(path)}
+    side = {"version": INDEX_VERSION, "keys": index.keys[0], "labels": index.labels[0],
+            "spans": index.spans[0].tolist(), "size": os.path.getsize(path)}
     tmp = Path(sidecar_url(str(path)) + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(side))
     os.replace(tmp, sidecar_url(str(path)))
 
 
 def _read_sidecar(url: str) -> dict | None:
-    """A remote shard's sidecar index, or None where there is none (the shard is then streamed to index it)."""
+    """A remote shard's sidecar index, or None where there is none or an older reader wrote it (which read no
+    multi-label samples): the shard is then streamed to index it."""
     try:
         with wds.gopen(sidecar_url(url)) as f:
             side = json.loads(f.read())
-        return side if isinstance(side, dict) and {"keys", "labels"} <= set(side) else None
+        usable = isinstance(side, dict) and {"keys", "labels"} <= set(side) and side.get("version") == INDEX_VERSION
+        return side if usable else None
     except (OSError, ValueError):
         return None
 
@@ -156,8 +207,9 @@ class BadSample(Exception):
 
 @dataclass
 class ShardIndex:
-    """Sample keys and labels per shard, in tar order, read from tar headers and `.cls` members only (no image is
-    read or decoded). A sample without a `.cls` has label -1.
+    """Sample keys and labels per shard, in tar order, read from tar headers and the `.cls` and `.json` members
+    only (no image is read or decoded). Labels as `parse_labels` gives them: an int, or a list of several classes
+    for a multi-label sample; -1 where a sample has none.
 
     `lost[i]` counts samples of shard i that cannot be read because the tar ends early or is corrupt: the
     shortfall against `_info.json`'s `shard_lengths` where the shards have one, else the one sample whose
@@ -169,7 +221,7 @@ class ShardIndex:
 
     shards: list[str]
     keys: list[list[str]]
-    labels: list[list[int]]
+    labels: list[list[Label]]
     lost: list[int]
     spans: list[np.ndarray | None] = field(default_factory=list)
 
@@ -177,7 +229,12 @@ class ShardIndex:
     def all_keys(self) -> list[str]:
         return [key for shard in self.keys for key in shard]
 
-    def label_of(self) -> dict[str, int]:
+    @cached_property
+    def label_width(self) -> int:
+        """The most classes one sample carries: 1 for a single-label source, >1 for a multi-label one."""
+        return max((label_width(labels) for labels in self.labels), default=1)
+
+    def label_of(self) -> dict[str, Label]:
         return {k: c for keys, labels in zip(self.keys, self.labels, strict=True)
                 for k, c in zip(keys, labels, strict=True)}
 
@@ -210,7 +267,7 @@ def index_shards(shards: list[str], progress: bool = False, sidecars: bool = Tru
             index.lost.append(0)
             continue
         keys: list[str] = []
-        labels: list[int] = []
+        members: list[list[bytes | None]] = []  # per sample: its `.cls`, and its `.json` where it lists labels
         spans: list[list[int]] = []
         truncated, cut = False, None
         local = is_local(shard)
@@ -226,33 +283,32 @@ def index_shards(shards: list[str], progress: bool = False, sidecars: bool = Tru
                         continue
                     if not keys or keys[-1] != key:
                         keys.append(key)
-                        labels.append(-1)
+                        members.append([None, None])
                         spans.append([-1, -1, -1, -1])
                     if ext == "cls":
-                        labels[-1] = _int_or(tar.extractfile(member).read(), -1)
+                        members[-1][0] = tar.extractfile(member).read()
                     elif ext in IMAGE_EXTS and spans[-1][0] < 0:
                         spans[-1][:2] = member.offset_data, member.size
                     elif ext == "json":
                         spans[-1][2:] = member.offset_data, member.size
+                        meta = tar.extractfile(member).read()
+                        members[-1][1] = meta if b'"labels"' in meta else None
                 # Every tar writer ends with two zero blocks; without them the file was cut between members.
                 truncated = tar.offset + 2 * tarfile.BLOCKSIZE > end
         except (tarfile.TarError, OSError, EOFError):
             truncated = True
             if keys and keys[-1] == cut:  # the sample being read when the tar ended may have lost members
-                keys, labels, spans = keys[:-1], labels[:-1], spans[:-1]
+                keys, members, spans = keys[:-1], members[:-1], spans[:-1]
         expected = lengths.get(os.path.basename(shard))
         index.keys.append(keys)
-        index.labels.append(labels)
+        index.labels.append([_or_unlabelled(parse_labels(cls, meta)) for cls, meta in members])
         index.spans.append(np.asarray(spans, dtype=np.int64).reshape(-1, 4) if local else None)
         index.lost.append(max(expected - len(keys), 0) if expected is not None else int(truncated))
     return index
 
 
-def _int_or(raw: bytes, default: int) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        return default
+def _or_unlabelled(label: Label | None) -> Label:
+    return -1 if label is None else label  # an unreadable label: the readers skip the sample as missing_label
 
 
 def _info_lengths(shards: list[str]) -> dict[str, int]:
@@ -302,12 +358,14 @@ def read_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield current, parts
 
 
-def image_and_label(key: str, parts: dict[str, bytes]) -> tuple[bytes, int]:
-    """The encoded image and integer label of a raw sample, checked before any decoding.
+def image_and_label(key: str, parts: dict[str, bytes]) -> tuple[bytes, Label]:
+    """The encoded image and label (`parse_labels`: an int, or a list of classes) of a raw sample, checked before
+    any decoding.
 
     Raises:
-        BadSample: a zero-byte member, no image, no `.cls` label, or a `.json` `sha256` that the image bytes
-            do not match (how a flipped byte that the JPEG decoder would accept is caught).
+        BadSample: a zero-byte member, no image, no label (neither a `.cls` nor a `.json` `labels` list), or a
+            `.json` `sha256` that the image bytes do not match (how a flipped byte that the JPEG decoder would accept
+            is caught).
     """
     if any(len(v) == 0 for v in parts.values()):
         empty = next(ext for ext, v in parts.items() if len(v) == 0)
@@ -315,12 +373,11 @@ def image_and_label(key: str, parts: dict[str, bytes]) -> tuple[bytes, int]:
     ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if ext is None:
         raise BadSample("missing_image", f"sample '{key}' has no image ({', '.join(IMAGE_EXTS)})")
-    if "cls" not in parts:
-        raise BadSample("missing_label", f"sample '{key}' has no .cls label")
-    try:
-        label = int(parts["cls"])
-    except ValueError:
-        raise BadSample("missing_label", f"sample '{key}' has a .cls that is not an integer") from None
+    label = parse_labels(parts.get("cls"), parts.get("json"))
+    if label is None:
+        raise BadSample("missing_label", f"sample '{key}' has a .cls or .json labels that are not class numbers")
+    if label == -1:
+        raise BadSample("missing_label", f"sample '{key}' has no .cls label (nor a .json labels list)")
     if "json" in parts:
         try:
             digest = json.loads(parts["json"]).get("sha256")
@@ -331,11 +388,13 @@ def image_and_label(key: str, parts: dict[str, bytes]) -> tuple[bytes, int]:
     return parts[ext], label
 
 
-def read_span(file, key: str, label: int, span: np.ndarray) -> tuple[bytes, int]:
-    """A sample's image bytes and label, read by offset from an open local shard (see `ShardIndex.spans`), and
-    checked by `image_and_label` as a streamed sample is."""
+def read_span(file, key: str, label: Label, span: np.ndarray) -> tuple[bytes, Label]:
+    """A sample's image bytes and label (the index's: the `.json`'s labels, read again, add nothing), read by
+    offset from an open local shard (see `ShardIndex.spans`), and checked by `image_and_label` as a streamed sample
+    is."""
     offset, size, json_offset, json_size = (int(v) for v in span)
-    parts = {"cls": str(label).encode()} if label >= 0 else {}
+    classes = label if isinstance(label, list) else [label] if label >= 0 else []
+    parts = {"cls": " ".join(map(str, classes)).encode()} if classes else {}
     if offset >= 0:
         parts["jpg"] = _read_at(file, key, offset, size)
     if json_offset >= 0:
@@ -364,7 +423,7 @@ class BadCounts(Counter):
 
 
 def iter_encoded(shards: list[str], keys: set[str] | None = None, bad: BadCounts | None = None
-                 ) -> Iterator[tuple[str, bytes, int]]:
+                 ) -> Iterator[tuple[str, bytes, Label]]:
     """Encoded (key, image bytes, label) for each sample (optionally only those in `keys`), checked by
     `image_and_label`; the one shard read loop of evaluation (training reads by offset, see `stream`).
 

@@ -35,6 +35,7 @@ from pipelines.data.shards import (
     DataError,
     ShardIndex,
     iter_encoded,
+    label_array,
     read_span,
 )
 
@@ -90,9 +91,10 @@ class ShardSubset:
 
     @property
     def labels(self) -> np.ndarray:
-        """The subset's labels, from the index (-1 where a sample has no `.cls`)."""
+        """The subset's labels, from the index (-1 where a sample has none): int64 [n], or [n, K] (-1 padded) for a
+        multi-label source (`shards.label_array`)."""
         label_of = self.index.label_of()
-        return np.asarray([label_of[k] for k in self.keys], dtype=np.int64)
+        return label_array([label_of[k] for k in self.keys], self.index.label_width)
 
 
 ORDER_WINDOW = 1 << 20  # positions shuffled together within an epoch (8 MB of int64 per window)
@@ -101,7 +103,8 @@ ORDER_WINDOW = 1 << 20  # positions shuffled together within an epoch (8 MB of i
 class ShardStream(IterableDataset):
     """The endless stream of one rank's uint8 training batches (see the module docstring).
 
-    Each item is a dict: `image` uint8 [b, S, S, 3], `label` int64 [b], `key` (sample keys), `epoch` (each
+    Each item is a dict: `image` uint8 [b, S, S, 3], `label` int64 [b] (a multi-label source: [b, K], each row a
+    sample's classes padded with -1, K the most any sample of the source carries), `key` (sample keys), `epoch` (each
     sample's), `step` (the global step it belongs to) and `bad` ({epoch: {cause: samples skipped as
     unreadable}}). `batch_size` is global; a rank
     takes batch_size / world_size samples per step.
@@ -112,7 +115,7 @@ class ShardStream(IterableDataset):
                  start_step: int = 0):
         wanted = set(keys) if keys is not None else None
         self.shards, self.spans, self.labels = index.shards, index.spans, index.labels
-        self.keys = index.keys
+        self.keys, self.label_width = index.keys, index.label_width
         self.positions = [np.asarray([i for i, k in enumerate(shard) if wanted is None or k in wanted], dtype=np.int64)
                           for shard in index.keys]  # the subset's samples in each shard, in tar order
         self.counts = np.asarray([len(p) for p in self.positions], dtype=np.int64)
@@ -237,7 +240,7 @@ class ShardStream(IterableDataset):
     def _batch(self, images, labels, keys, epochs, step, bad) -> dict:
         shape = (0, self.image_size, self.image_size, 3)
         return {"image": np.stack(images) if images else np.zeros(shape, np.uint8),
-                "label": np.asarray(labels, dtype=np.int64), "key": keys, "epoch": np.asarray(epochs, np.int64),
+                "label": label_array(labels, self.label_width), "key": keys, "epoch": np.asarray(epochs, np.int64),
                 "step": step, "bad": {e: dict(counts) for e, counts in bad.items() if counts}}
 
 
