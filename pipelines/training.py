@@ -358,7 +358,14 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The one metrics path: cross-entropy loss, top-1 and macro-F1 (percent) from logits."""
+    """The one metrics path: cross-entropy loss, top-1 and macro-F1 (percent) from logits. Multi-label labels
+    ([N, K], padded with -1): the sigmoid loss, and top-1 counts a prediction among the sample's classes."""
+    if labels.ndim == 2:
+        x = torch.from_numpy(logits).double()
+        target = multi_hot(torch.from_numpy(labels), logits.shape[-1], x.dtype)
+        loss = float(F.binary_cross_entropy_with_logits(x, target, reduction="sum") / len(labels))
+        hit = (labels == logits.argmax(-1)[:, None]).any(-1)
+        return {"loss": loss, "top1": 100.0 * float(hit.mean()), "macro_f1": float("nan")}
     logp = torch.log_softmax(torch.from_numpy(logits).double(), -1)
     loss = float(-logp[torch.arange(len(labels)), torch.from_numpy(labels)].mean())
     return {"loss": loss, "top1": top1(logits, labels), "macro_f1": macro_f1(logits.argmax(-1), labels)}

@@ -95,10 +95,13 @@ def git_commit() -> str:
 
 def prepare_data(cfg: StudyConfig) -> None:
     """Generate or check every data source before any trial starts (missing paths fail here)."""
-    from pipelines import data
+    from pipelines import data, pretrain
 
+    limit = cfg.data.loader.max_bad_fraction
     for src in (cfg.data.pretrain, *cfg.downstream):  # indexes every shard once: a corrupt one fails here
-        data.prepare(src, cfg.cache_dir, progress=True, max_bad_fraction=cfg.data.loader.max_bad_fraction)
+        shards = data.prepare(src, cfg.cache_dir, progress=True, max_bad_fraction=limit)
+        if src is cfg.data.pretrain:  # a multi-label source with a softmax loss (the index is cached by now)
+            pretrain.check_labels(cfg.pretrain.loss, data.source_index(src, shards["train"], limit, cfg.cache_dir))
 
 
 class Locations:

@@ -5,6 +5,7 @@ pretraining run; `softmax` on such a source is refused; single-label sources are
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +215,34 @@ def test_an_index_from_an_older_reader_is_not_reused(tmp_path):
         patch.setattr(data, "INDEX_VERSION", INDEX_VERSION + 1)
         data.cached_index([str(tmp_path / "train-0.tar")], cache)
     assert len(list((cache / "index").glob("*.json"))) == 2  # another version, another key
+
+
+def test_held_out_metrics_on_a_multi_label_split():
+    """The upstream val_top1 of a multi-label source: a top-1 among the sample's classes counts; sigmoid loss."""
+    from pipelines.training import classification_metrics
+
+    logits = np.array([[0.0, 5.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    labels = np.array([[1, 2], [1, -1], [2, 0]])
+    got = classification_metrics(logits, labels)
+    target = torch.tensor([[0, 1, 1], [0, 1, 0], [1, 0, 1]], dtype=torch.float64)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits), target,
+                                                                    reduction="sum") / 3
+    assert got["top1"] == pytest.approx(200 / 3) and got["loss"] == pytest.approx(float(expected))
+
+
+def test_the_study_refuses_softmax_on_a_multi_label_source_before_ray_starts(source, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    paths, truth = source
+    urls = str(Path(paths[0]).parent / "train-{0..2}.tar")
+    proc = subprocess.run([sys.executable, "-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path),
+                           "data.pretrain.source=webdataset", f"data.pretrain.urls={urls}", "data.pretrain.size=60",
+                           "data.pretrain.test_size=0", f"data.pretrain.num_classes={CLASSES}", "data.subsets=[30]",
+                           "data.pretrain.image_size=16"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**__import__("os").environ, "VITSCALE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
+    assert "multi-label" in proc.stderr and "pretrain.loss=sigmoid" in proc.stderr
+    assert not (tmp_path / "smoke").exists() and not (tmp_path / "mlflow.db").exists()
