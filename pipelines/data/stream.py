@@ -147,7 +147,7 @@ class ShardStream(IterableDataset):
         try:
             for t in steps:
                 lo = t * self.batch_size + self.rank * self.local_batch
-                bad, images, labels, keys, epochs = defaultdict(BadCounts), [], [], [], []
+                batch = _Batcher(self)
                 for p in range(lo, lo + self.local_batch):
                     epoch, at = divmod(p, self.total)
                     shard, i = order.sample(epoch, at)
@@ -158,22 +158,13 @@ class ShardStream(IterableDataset):
                             files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 (closed below)
                         raw, label = read_span(files[shard], key, self.labels[shard][pos], self.spans[shard][pos])
                     except OSError:
-                        bad[epoch]["truncated_tar"] += 1
+                        batch.bad[epoch]["truncated_tar"] += 1
                         continue
                     except BadSample as err:
-                        bad[epoch][err.cause] += 1
+                        batch.bad[epoch][err.cause] += 1
                         continue
-                    try:
-                        image = train_image(raw, self.image_size, self.augment,
-                                            np.random.default_rng([self.seed, epoch, at, 2]))
-                    except _ImageErrors:
-                        bad[epoch]["undecodable_image"] += 1
-                        continue
-                    images.append(image)
-                    labels.append(label)
-                    keys.append(key)
-                    epochs.append(epoch)
-                yield self._batch(images, labels, keys, epochs, t, bad)
+                    batch.add(key, raw, label, epoch, np.random.default_rng([self.seed, epoch, at, 2]))
+                yield batch.done(t)
         finally:
             for f in files.values():
                 f.close()
@@ -187,20 +178,13 @@ class ShardStream(IterableDataset):
         skip = ((first - worker) // workers) * self.local_batch
         samples = self._part_samples(part, parts, skip)
         for t in itertools.chain([first], steps):
-            bad, images, labels, keys, epochs = defaultdict(BadCounts), [], [], [], []
-            while len(labels) < self.local_batch:
+            batch = _Batcher(self)
+            while len(batch.keys) < self.local_batch:
                 key, raw, label, epoch, here = next(samples)
-                bad[epoch].update(here)
-                try:
-                    images.append(train_image(raw, self.image_size, self.augment,
-                                              np.random.default_rng([self.seed, epoch, part, len(labels), t, 3])))
-                except _ImageErrors:
-                    bad[epoch]["undecodable_image"] += 1
-                    continue
-                labels.append(label)
-                keys.append(key)
-                epochs.append(epoch)
-            yield self._batch(images, labels, keys, epochs, t, bad)
+                batch.bad[epoch].update(here)
+                rng = np.random.default_rng([self.seed, epoch, part, len(batch.keys), t, 3])
+                batch.add(key, raw, label, epoch, rng)
+            yield batch.done(t)
 
     def _part_samples(self, part: int, parts: int, skip: int) -> Iterator[tuple]:
         """(key, bytes, label, epoch, bad counts) of this part's samples, epoch after epoch; the first `skip`
@@ -237,14 +221,33 @@ class ShardStream(IterableDataset):
             bad.update(here)
             bad["truncated_tar"] += len(take) - found  # indexed, but the tar ended (or changed) before them
 
-    def _batch(self, images, labels, keys, epochs, step, bad) -> dict:
-        shape = (0, self.image_size, self.image_size, 3)
-        return {"image": np.stack(images) if images else np.zeros(shape, np.uint8),
-                "label": label_array(labels, self.label_width), "key": keys, "epoch": np.asarray(epochs, np.int64),
-                "step": step, "bad": {e: dict(counts) for e, counts in bad.items() if counts}}
-
-
 _ImageErrors = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for corrupt or cut images
+
+
+class _Batcher:
+    """One step's samples for one rank, decoded and augmented as they come; unreadable ones counted per epoch."""
+
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+        self.images, self.labels, self.keys, self.epochs = [], [], [], []
+        self.bad: defaultdict[int, BadCounts] = defaultdict(BadCounts)
+
+    def add(self, key: str, raw: bytes, label, epoch: int, rng: np.random.Generator) -> None:
+        try:
+            self.images.append(train_image(raw, self.stream.image_size, self.stream.augment, rng))
+        except _ImageErrors:
+            self.bad[epoch]["undecodable_image"] += 1
+            return
+        self.labels.append(label)
+        self.keys.append(key)
+        self.epochs.append(epoch)
+
+    def done(self, step: int) -> dict:
+        size = self.stream.image_size
+        return {"image": np.stack(self.images) if self.images else np.zeros((0, size, size, 3), np.uint8),
+                "label": label_array(self.labels, self.stream.label_width), "key": self.keys,
+                "epoch": np.asarray(self.epochs, np.int64), "step": step,
+                "bad": {e: dict(counts) for e, counts in self.bad.items() if counts}}
 
 
 class _EpochOrder:
