@@ -1,8 +1,8 @@
 """Streaming loader: exactly once per epoch on real JPEG tar shards, per-cause corruption counts, augmentation."""
 
 import io
-import json
 import itertools
+import json
 import math
 import sys
 import tarfile
