@@ -1,36 +1,44 @@
 """The embedded default dataset: procedural shape images, a pure function of (seed, split, index).
 
 Why this design: the ViT paper's question is whether a model without the CNN's locality and translation
-equivariance can learn them from data. So a class here is local structure at a random position: an
-outline filled with a periodic texture, drawn at a random place, size, texture phase and colour, on a
-textured, gradient, cluttered and noisy background. A CNN's shared local filters and pooling fit this from
-few examples; a ViT must learn from data that the same few pixels of structure, straddling patch
-boundaries differently at every offset, are one class.
+equivariance can learn what it needs from data. So an image holds two objects, one in each half, each an outline
+filled with a periodic texture at a random place, size and phase, and its class is the *ordered* pair of
+textures (left, right); outlines are distractors. Classes come in swapped pairs, (a, b) and (b, a), so which
+textures are present settles only half of the decision; the rest is which one is on the left, a relation
+between parts ~16 px apart. Recognising a texture at any offset is local structure that a CNN's shared filters
+fit from few examples (and a patch embedding must learn at every phase); the order is global structure that
+attention with position embeddings can learn from more data, and a globally pooled CNN must build up through
+depth and padding. Backgrounds are smooth gradients with coarse texture and pixel noise.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
-GENERATOR_VERSION = 2  # bump when the images change, so caches are regenerated
+GENERATOR_VERSION = 5  # bump when the images change, so caches are regenerated (5: two objects, ordered textures)
 _SPLIT_IDS = {"train": 0, "test": 1}
 
-# A class is (outline, fill texture). The outline is global structure at a random position and scale; the
-# fill is a local periodic pattern at a random phase, so recognising it means recognising the same few
-# pixels of structure at every offset - what a convolution has built in and a patch embedding must learn.
 OUTLINES = ("square", "disc", "diamond", "triangle", "cross", "ring", "hbar", "vbar")
+_CARRIERS = ("square", "disc", "diamond", "ring")  # outlines broad enough to show a texture at 32 px
 FILLS = ("solid", "hstripes", "vstripes", "checker", "diagonal", "antidiagonal", "dots", "grid")
-MAX_CLASSES = len(OUTLINES) * len(FILLS)
+_PAIRS = tuple(itertools.combinations(range(len(FILLS)), 2))
+MAX_CLASSES = len(FILLS) ** 2  # the 56 swapped pairs first; beyond them, the 8 same-texture pairs (a, a)
 
 
 def class_parts(label: int, num_classes: int, seed: int) -> tuple[str, str]:
-    """(outline, fill) of a class. A source's classes are a seeded draw from the 64 combinations, so two
-    sources with different seeds (pretraining vs a downstream task) mostly hold different classes."""
+    """(left fill, right fill) of a class. A source's classes are a seeded draw of unordered texture pairs, each
+    in both orders (labels 2k and 2k + 1), so a downstream source (another seed) holds mostly new pairs."""
     if num_classes > MAX_CLASSES:
         raise ValueError(f"the shapes source has at most {MAX_CLASSES} classes, {num_classes} asked")
-    combos = np.random.default_rng([seed, 7919]).permutation(MAX_CLASSES)[:num_classes]
-    combo = int(combos[label])
-    return OUTLINES[combo % len(OUTLINES)], FILLS[combo // len(OUTLINES)]
+    if label >= 2 * len(_PAIRS):
+        return FILLS[label - 2 * len(_PAIRS)], FILLS[label - 2 * len(_PAIRS)]
+    order = np.random.default_rng([seed, 7919]).permutation(len(_PAIRS))
+    first, second = _PAIRS[int(order[label // 2])]
+    if label % 2:
+        first, second = second, first
+    return FILLS[first], FILLS[second]
 
 
 def render(seed: int, split: str, index: int, num_classes: int, image_size: int) -> tuple[np.ndarray, int]:
@@ -41,25 +49,32 @@ def render(seed: int, split: str, index: int, num_classes: int, image_size: int)
     """
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
     label = int(index % num_classes)
-    outline, fill = class_parts(label, num_classes, seed)
     size = image_size
     img = _background(rng, size)
-    _draw_clutter(rng, img, size)
-    side = int(rng.integers(int(size * 0.4), int(size * 0.65) + 1))
-    y, x = rng.integers(0, size - side + 1, size=2)
+    half = size // 2
+    for fill, x0 in zip(class_parts(label, num_classes, seed), (0, half), strict=True):
+        _draw_object(rng, img, _CARRIERS[int(rng.integers(len(_CARRIERS)))], fill, x0, half, size)
+    img += rng.normal(0, 0.03, img.shape).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
+
+
+def _draw_object(rng: np.random.Generator, img: np.ndarray, outline: str, fill: str, x0: int, width: int,
+                 size: int) -> None:
+    """One object at a random size and place inside columns [x0, x0 + width), its texture at a random phase."""
+    side = int(rng.integers(int(width * 0.8), width + 1))
+    y = int(rng.integers(0, size - side + 1))
+    x = x0 + int(rng.integers(0, width - side + 1))
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
     mask = _outline(outline, (yy + 0.5) / side * 2 - 1, (xx + 0.5) / side * 2 - 1)
-    period = max(2, size // 10)
+    period = max(3, size // 8)
     tex = _fill(fill, yy + rng.integers(period * 2), xx + rng.integers(period * 2), period)
     patch = img[y:y + side, x:x + side]
     # Object colours contrast with the local background so shape and texture, not colour, carry the class.
     local = patch.reshape(-1, 3).mean(0)
-    fg = np.clip(1.0 - local + rng.normal(0, 0.15, 3), 0, 1)
-    shade = np.clip(fg * 0.35 + local * 0.65, 0, 1)
+    fg = np.clip(1.0 - local + rng.normal(0, 0.1, 3), 0, 1)
+    shade = np.clip(fg * 0.3 + local * 0.7, 0, 1)
     patch[mask & tex] = fg
     patch[mask & ~tex] = shade
-    img += rng.normal(0, 0.05, img.shape).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
 
 
 def _outline(kind: str, v: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -101,12 +116,3 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     coarse = rng.normal(0, 0.08, (cells, cells, 3))
     texture = np.kron(coarse, np.ones((size // cells + 1, size // cells + 1, 1)))[:size, :size]
     return (base + grad + texture).astype(np.float32)
-
-
-def _draw_clutter(rng: np.random.Generator, img: np.ndarray, size: int) -> None:
-    """Random bars: local structure that is *not* a class, so the model must look at the glyph's shape."""
-    for _ in range(int(rng.integers(2, 5))):
-        long, short = int(rng.integers(size // 8, size // 3)), max(1, size // 32)
-        h, w = (long, short) if rng.random() < 0.5 else (short, long)
-        y, x = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
-        img[y:y + h, x:x + w] = rng.uniform(0, 1, 3)
