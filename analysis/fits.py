@@ -226,6 +226,16 @@ def _with_interval(found: dict, boots: list[float | None], what: str) -> dict:
     return found
 
 
+def _who_leads(diff: pd.Series) -> str:
+    """Words for a ViT - BiT series (by size) with no ViT-overtakes-BiT flip."""
+    if (diff <= 0).all():
+        return "BiT ahead at every measured size"
+    if (diff > 0).all():
+        return "ViT ahead at every measured size"
+    behind = diff[diff <= 0].index.min()
+    return f"ViT ahead only below {behind:,.0f} (the ResNet overtakes the ViT, not the reverse)"
+
+
 def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit: Fit | None) -> dict:
     """Where the ViT's accuracy overtakes the ResNet's, with a 95% bootstrap interval over seeds.
 
@@ -262,9 +272,9 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
     a, b = (lo / EXTRAPOLATE, lo) if ahead else (hi, hi * EXTRAPOLATE)
     estimate = _crossing(lambda x: vit_fit.accuracy(x) - bit_fit.accuracy(x), a, b)
     if estimate is None:
-        where = "below the smallest" if ahead else "beyond the largest"
-        return {**none, "reason": f"{'ViT ahead' if ahead else 'BiT ahead'} at every measured size and the fitted "
-                                  f"laws do not cross within {EXTRAPOLATE:g}x {where} size"}
+        return {**none, "reason": f"{_who_leads(means_v[sizes] - means_b[sizes])} and the fitted laws do not cross "
+                                  f"within {EXTRAPOLATE:g}x {'below the smallest' if ahead else 'beyond the largest'} "
+                                  "size"}
     n = min(len(vit_fit.samples), len(bit_fit.samples))
     fit_boots = [_crossing(lambda x, i=i: power_law(x, *bit_fit.samples[i]) - power_law(x, *vit_fit.samples[i]),
                            a, b) for i in range(n)]

@@ -105,3 +105,12 @@ def test_crossover_rows_without_an_interval_say_why():
                                                           for i, n in enumerate(sizes)}))
     (row,) = fits.crossover_table(behind, fits.fit_table(behind)[1])
     assert row["status"] == "none" and row["support"] == 0.0 and "BiT ahead at every measured size" in row["reason"]
+
+
+def test_a_resnet_overtaking_the_vit_is_not_called_a_vit_lead():
+    sizes = [256, 1024, 4096]
+    table = pd.DataFrame(_rows("ViT-Pico/4", "ViT", {n: [30.0 + i, 31 + i, 32 + i] for i, n in enumerate(sizes)})
+                         + _rows("BiT-R14-Pico", "BiT", {n: [29.0 + 5 * i, 30 + 5 * i, 31 + 5 * i]
+                                                         for i, n in enumerate(sizes)}))
+    (row,) = fits.crossover_table(table, fits.fit_table(table)[1])
+    assert row["status"] == "none" and row["reason"].startswith("ViT ahead only below 1,024")
