@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import OptimizeWarning, curve_fit
 
-GROUP = ["eval", "dataset", "shots", "metric"]
+from analysis.intervals import GROUP, model_pairs
+
 N_BOOTSTRAP = 200
 FOUR_PARAM_MIN_SIZES = 5
 
@@ -288,15 +289,11 @@ def crossover_table(table: pd.DataFrame, fits: dict[tuple, Fit]) -> list[dict]:
     out = []
     table = accuracy_rows(table)
     for key, frame in table.groupby(GROUP, dropna=False):
-        families = frame.groupby("model")["family"].first()
-        vits = [m for m, f in families.items() if f in ("ViT", "Hybrid")]
-        bits = [m for m, f in families.items() if f == "BiT"]
-        for v in vits:
-            for r in bits:
-                found = crossover(frame[frame["model"] == v], frame[frame["model"] == r], fits.get((v, *key)),
-                                  fits.get((r, *key)))
-                out.append({"vit": v, "resnet": r, "eval": key[0], "dataset": key[1],
-                            "shots": _int_or_none(key[2]), "metric": key[3], **found})
+        for v, r in model_pairs(frame):
+            found = crossover(frame[frame["model"] == v], frame[frame["model"] == r], fits.get((v, *key)),
+                              fits.get((r, *key)))
+            out.append({"vit": v, "resnet": r, "eval": key[0], "dataset": key[1],
+                        "shots": _int_or_none(key[2]), "metric": key[3], **found})
     return out
 
 

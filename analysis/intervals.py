@@ -82,23 +82,26 @@ def gap(bit: pd.Series, vit: pd.Series) -> dict:
     return {"bit_minus_vit": mean, "ci": None if lo is None else [lo, hi], "method": method}
 
 
+def model_pairs(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """Every (ViT or Hybrid, BiT) pair of models in `frame`."""
+    families = frame.groupby("model")["family"].first()
+    vits = [m for m, f in families.items() if f in ("ViT", "Hybrid")]
+    return [(v, r) for v in vits for r, f in families.items() if f == "BiT"]
+
+
 def gap_table(table: pd.DataFrame) -> list[dict]:
     """Every (ViT or Hybrid, BiT) pair on every evaluation, at every subset size both were measured at."""
     out = []
     for key, frame in table.groupby(GROUP, dropna=False):
-        families = frame.groupby("model")["family"].first()
-        vits = [m for m, f in families.items() if f in ("ViT", "Hybrid")]
-        bits = [m for m, f in families.items() if f == "BiT"]
-        for v in vits:
-            for r in bits:
-                sizes = sorted(set(frame.loc[frame["model"] == v, "subset_size"])
-                               & set(frame.loc[frame["model"] == r, "subset_size"]))
-                for n in sizes:
-                    at = frame[frame["subset_size"] == n]
-                    out.append({"vit": v, "resnet": r, "eval": key[0], "dataset": key[1],
-                                "shots": None if pd.isna(key[2]) else int(key[2]), "metric": key[3],
-                                "subset_size": float(n),
-                                **gap(per_seed(at[at["model"] == r]), per_seed(at[at["model"] == v]))})
+        for v, r in model_pairs(frame):
+            sizes = sorted(set(frame.loc[frame["model"] == v, "subset_size"])
+                           & set(frame.loc[frame["model"] == r, "subset_size"]))
+            for n in sizes:
+                at = frame[frame["subset_size"] == n]
+                out.append({"vit": v, "resnet": r, "eval": key[0], "dataset": key[1],
+                            "shots": None if pd.isna(key[2]) else int(key[2]), "metric": key[3],
+                            "subset_size": float(n),
+                            **gap(per_seed(at[at["model"] == r]), per_seed(at[at["model"] == v]))})
     return out
 
 
