@@ -4,7 +4,6 @@ pretraining run; `softmax` on such a source is refused; single-label sources are
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from pipelines.data.augment import Augment
 from pipelines.data.shards import INDEX_VERSION, _read_sidecar, index_shards, parse_labels, sidecar_url, write_shard
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
 from pipelines.training import _Sums, loss_fn
+from tests.pipelines.test_stream import _shard
 
 CLASSES = 5
 NONE = Augment(crop="none", flip=False)
@@ -54,15 +54,6 @@ def _members(i: int, rng) -> tuple[dict[str, bytes], list[int]]:
     return {"jpg": _image(rng, "JPEG", classes), "cls": str(classes[0]).encode(), "json": meta}, classes
 
 
-def _tar(path, samples) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, parts in samples:
-            for ext, raw in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(raw)
-                tar.addfile(info, io.BytesIO(raw))
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """3 shards of 20 samples: (shard paths, {key: its classes})."""
@@ -74,7 +65,7 @@ def source(tmp_path_factory):
             parts, classes = _members(20 * s + i, rng)
             samples.append((f"s{s}-{i:02d}", parts))
             truth[f"s{s}-{i:02d}"] = classes
-        _tar(root / f"train-{s}.tar", samples)
+        _shard(root / f"train-{s}.tar", samples)
         paths.append(str(root / f"train-{s}.tar"))
     return paths, truth
 

@@ -30,8 +30,8 @@ def _train_workers() -> list[psutil.Process]:
 def test_two_ranks_per_point_survive_a_killed_rank(tmp_path, cache_dir):
     out = tmp_path / "runs"
     proc = start_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out),
-                      "resources.workers_per_trial=2", "data.subsets=[256]", "models=[ViT-Pico/4]", "pretrain.steps=120",
-                      "pretrain.checkpoint_every=4", "resources.max_concurrent_trials=1",
+                      "resources.workers_per_trial=2", "data.subsets=[256]", "models=[ViT-Pico/4]",
+                      "pretrain.steps=120", "pretrain.checkpoint_every=4", "resources.max_concurrent_trials=1",
                       "evaluate.finetune.steps=4", "evaluate.finetune.lr=0.01", "resources.max_failures=2"],
                      cache_dir, stdout=open(tmp_path / "stdout.txt", "w"), stderr=open(tmp_path / "stderr.txt", "w"))
     try:
