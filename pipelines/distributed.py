@@ -7,8 +7,6 @@ only ask for it here, so the same code runs as one process or as one of N.
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,24 +31,10 @@ class Ranks:
         return global_batch // self.world_size
 
 
-_alone = threading.local()
-
-
 def ranks() -> Ranks:
-    if dist.is_available() and dist.is_initialized() and not getattr(_alone, "active", False):
+    if dist.is_available() and dist.is_initialized():
         return Ranks(dist.get_rank(), dist.get_world_size())
     return Ranks()
-
-
-@contextmanager
-def alone():
-    """Inside, this process works as if it were the only one (a stage that rank 0 runs by itself, such as an
-    evaluation, must not wait for the other ranks in a collective)."""
-    before, _alone.active = getattr(_alone, "active", False), True
-    try:
-        yield
-    finally:
-        _alone.active = before
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -90,9 +90,8 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
         with clock(kind):
             if kind != "diagnostics":
                 found = _downstream(cfg, point, kind, model, state, device, emit, progress)
-            elif where.main:  # a batch of 128 images: rank 0 alone
-                with distributed.alone():
-                    found = _diagnose(cfg, point, model, shards, device, storage, rel)
+            elif where.main:  # a batch of 128 images, no collective: rank 0 alone
+                found = _diagnose(cfg, point, model, shards, device, storage, rel)
             else:
                 continue
         record.evals[kind] = EvalRecord(ident, found)
