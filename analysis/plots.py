@@ -205,6 +205,18 @@ def plot_all(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict] | None = N
             *fig7_across_grid(table, out_dir)]
 
 
+def _mosaic(tiles: np.ndarray, cols: int, gap: int = 1) -> np.ndarray:
+    """Tiles [n, h, w, ...] laid out row-major on a `cols`-wide grid, `gap` pixels of NaN between them (drawn as
+    the background): one image, so a grid of 64 tiles is one imshow instead of 64 axes."""
+    n, h, w = tiles.shape[:3]
+    rows = -(-n // cols)
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, *tiles.shape[3:]), np.nan)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
+    return out
+
+
 def fig7_panels(diag, path: Path, title: str) -> Path:
     """One ViT's Fig 7: patch-filter principal components, position-embedding similarity, attention distance."""
     _style()
@@ -212,25 +224,20 @@ def fig7_panels(diag, path: Path, title: str) -> Path:
     left, centre, right = fig.subfigures(1, 3, width_ratios=[1.2, 1, 1])
     if diag.filters is None:
         left.text(0.5, 0.5, "no RGB patch filters\n(hybrid: a ResNet embeds the patches)", ha="center")
-        comps = np.zeros((0, 1, 1, 3))
     else:
         comps = diag.filters
-    lo, hi = comps.min((1, 2, 3), keepdims=True), comps.max((1, 2, 3), keepdims=True)
-    shown = (comps - lo) / np.maximum(hi - lo, 1e-12)  # each component min-max scaled, as the paper shows them
-    cols = 7
-    if len(shown):
-        axes = left.subplots(int(np.ceil(len(shown) / cols)), cols)
-        for ax, comp in zip(axes.flat, list(shown) + [None] * (axes.size - len(shown)), strict=True):
-            ax.axis("off")
-            if comp is not None:
-                ax.imshow(comp, interpolation="nearest")
+        lo, hi = comps.min((1, 2, 3), keepdims=True), comps.max((1, 2, 3), keepdims=True)
+        shown = (comps - lo) / np.maximum(hi - lo, 1e-12)  # each component min-max scaled, as the paper shows them
+        ax = left.subplots()
+        ax.imshow(np.nan_to_num(_mosaic(shown, cols=7), nan=1.0), interpolation="nearest")  # white gaps
+        ax.axis("off")
         left.suptitle(f"Patch-filter PCA (top {len(shown)})", fontsize=10)
     g = diag.posemb_sim.shape[0]
-    axes = centre.subplots(g, g, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
-    for r in range(g):
-        for c in range(g):
-            axes[r, c].imshow(diag.posemb_sim[r, c], vmin=-1, vmax=1, cmap="viridis")
-            axes[r, c].axis("off")
+    ax = centre.subplots()
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    ax.imshow(_mosaic(diag.posemb_sim.reshape(g * g, g, g), cols=g), vmin=-1, vmax=1, cmap=cmap,
+              interpolation="nearest")
+    ax.axis("off")
     centre.suptitle(f"Position-embedding similarity (locality {diag.metrics['diag/posemb_locality']:.2f})",
                     fontsize=10)
     ax = right.subplots()
