@@ -56,10 +56,22 @@ def _fit_once(x: np.ndarray, err: np.ndarray, four: bool, start: np.ndarray | No
     fn = power_law if four else (lambda x, a, b, c: power_law(x, a, b, c))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OptimizeWarning)
-        popt, _ = curve_fit(fn, xs, err, p0=p0, bounds=(lower, upper), maxfev=2000 if start is not None else 20000)
+        popt, _ = curve_fit(fn, xs, err, p0=p0, bounds=(lower, upper), jac=_power_law_jac,
+                            maxfev=2000 if start is not None else 20000)
     a, b, c = popt[:3]
     d = popt[3] if four else 0.0
     return np.array([a * x0**b, b, c, d * x0])  # back to the original x scale
+
+
+def _power_law_jac(x, *params):
+    """d power_law / d (a, b, c[, d]) at x, exact: finite differences would cost a model evaluation per parameter
+    (the bootstrap refits are most of a study report's time)."""
+    a, b = params[:2]
+    d = params[3] if len(params) == 4 else 0.0
+    base = np.asarray(x, dtype=float) + d
+    term = np.power(base, -b)
+    cols = [term, -a * term * np.log(base), np.ones_like(base)] + ([-a * b * term / base] if len(params) == 4 else [])
+    return np.stack(cols, axis=1)
 
 
 def _by_size(frame: pd.DataFrame) -> list[tuple[float, np.ndarray]]:
