@@ -61,13 +61,15 @@ class Measurement:
 def run(ev: EvaluateConfig, task: SourceConfig, model_name: str, model: torch.nn.Module,
         state: dict[str, torch.Tensor], feature_size: int, cache_dir: Path, seed: int, device: torch.device,
         kinds: tuple[str, ...] | None = None, on_curve: Curve | None = None,
-        progress: bool = False, loader: LoaderConfig | None = None) -> list[Measurement]:
+        progress: bool = False, loader: LoaderConfig | None = None,
+        feature_cache: dict | None = None) -> list[Measurement]:
     """Run the enabled evaluations named in `kinds` (default: all enabled) on `task`.
 
     Few-shot and the probe share one pass of frozen pre-logit features at `feature_size` (the pretraining
-    resolution), extracted batch by batch from the shards; fine-tuning starts from `state` at its own resolution
-    and streams its splits with `loader` (default: in the evaluating process). Memory holds the features, never
-    a split's pixels.
+    resolution), extracted batch by batch from the shards; `feature_cache` (a dict the caller keeps for one frozen
+    `model`) carries them across calls that run the kinds one at a time. Fine-tuning starts from `state` at its
+    own resolution and streams its splits with `loader` (default: in the evaluating process). Memory holds the
+    features, never a split's pixels.
     """
     kinds = tuple(k for k in (kinds or ev.enabled()) if getattr(ev, k) is not None)
     loader = loader or LoaderConfig(workers=0)
@@ -75,8 +77,12 @@ def run(ev: EvaluateConfig, task: SourceConfig, model_name: str, model: torch.nn
     train, test = task_splits(task, cache_dir, loader.max_bad_fraction)
     out: list[Measurement] = []
     if "fewshot" in kinds or "linear_probe" in kinds:
-        (x_train, y_train), (x_test, y_test) = (features(model, split, feature_size, device, loader.max_bad_fraction)
-                                                for split in (train, test))
+        cache = {} if feature_cache is None else feature_cache
+        key = (name, feature_size)
+        if key not in cache:
+            cache[key] = tuple(features(model, split, feature_size, device, loader.max_bad_fraction)
+                               for split in (train, test))
+        (x_train, y_train), (x_test, y_test) = cache[key]
     if "fewshot" in kinds:
         shots = fewshot.run(ev.fewshot, x_train, y_train, x_test, y_test, seed)
         out += [Measurement("fewshot", name, k, "top1", shots.top1[k], shots.top1_std[k]) for k in ev.fewshot.shots]

@@ -86,10 +86,11 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     model = models.build(point.model, src.num_classes, src.image_size)
     model.load_state_dict(state)
     model.to(device)
+    features: dict = {}  # the frozen model's features, extracted once for few-shot and the probe
     for kind, ident in plan.evals.items():
         with clock(kind):
             if kind != "diagnostics":
-                found = _downstream(cfg, point, kind, model, state, device, emit, progress)
+                found = _downstream(cfg, point, kind, model, state, device, emit, progress, features)
             elif where.main:  # a batch of 128 images, no collective: rank 0 alone
                 found = _diagnose(cfg, point, model, shards, device, storage, rel)
             else:
@@ -201,7 +202,7 @@ def _diagnose(cfg: StudyConfig, point: GridPoint, model, shards: dict, device, s
 
 
 def _downstream(cfg: StudyConfig, point: GridPoint, kind: str, model, state, device, emit: Emit,
-                progress: bool) -> list[Measurement]:
+                progress: bool, features: dict) -> list[Measurement]:
     def curve(prefix: str, step: int, values: dict) -> None:
         emit(Curve(prefix, step, values))
 
@@ -209,7 +210,7 @@ def _downstream(cfg: StudyConfig, point: GridPoint, kind: str, model, state, dev
     for task in cfg.downstream:
         found += downstream.run(cfg.evaluate, task, point.model, model, state, cfg.data.pretrain.image_size,
                                 cfg.cache_dir, point.seed, device, kinds=(kind,), on_curve=curve, progress=progress,
-                                loader=cfg.data.loader)
+                                loader=cfg.data.loader, feature_cache=features)
     return found
 
 
