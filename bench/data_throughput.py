@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from pipelines import data, pretrain
-from pipelines.data.augment import Augment, draft_scale, inception_box
+from pipelines.data.augment import Augment, decode_jpeg_region, inception_box, jpeg_frame
 from pipelines.data.shards import folder_to_shards, index_shards
 from pipelines.data.stream import ShardStream, ShardSubset, StreamLoader
 
@@ -104,8 +104,9 @@ def image_folder(root: Path, size: int, batch: int, workers: int, n: int) -> Rat
 
 
 class DecodeOnly(torch.utils.data.Dataset):
-    """The folder's JPEGs, only decoded: whole (`size` None), or at the DCT scale our loader would decode an
-    inception crop of each at `size` (the same box draws)."""
+    """The folder's JPEGs, only decoded: whole by PIL (`size` None: what ImageFolder decodes), or as our loader
+    decodes an inception crop of each at `size` (the same box draws; `augment.decode_jpeg_region`: the DCT scale
+    that covers the crop, rows down to the crop's bottom)."""
 
     def __init__(self, root: Path, size: int | None):
         self.files, self.size = sorted(root.rglob("*.jpg")), size
@@ -114,13 +115,13 @@ class DecodeOnly(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, int]:
-        im = Image.open(self.files[i])
-        if self.size is not None:
-            _, _, w, h = inception_box(*im.size, 0.05, np.random.default_rng([0, i]))
-            scale = draft_scale(w, h, self.size)
-            if scale > 1:
-                im.draft("RGB", (im.width // scale, im.height // scale))
-        im.load()
+        if self.size is None:
+            Image.open(self.files[i]).load()
+        else:
+            data = self.files[i].read_bytes()
+            frame = jpeg_frame(data)
+            box = inception_box(frame.width, frame.height, 0.05, np.random.default_rng([0, i]))
+            decode_jpeg_region(data, frame, box, self.size)
         return 0, 0  # (image, label) as ImageFolder's, without pixels to send
 
 
@@ -162,7 +163,7 @@ def compare(folder: Path, shards: list[str], size: int, args) -> list[float]:
     runs = {"ours": lambda: ours(shards, size, args.batch, args.workers, n),
             "ImageFolder": lambda: image_folder(folder, size, args.batch, args.workers, n),
             "decode only, whole": lambda: decode_only(folder, None, args.batch, args.workers, n),
-            "decode only, draft": lambda: decode_only(folder, size, args.batch, args.workers, n)}
+            "decode only, ours": lambda: decode_only(folder, size, args.batch, args.workers, n)}
     rates: dict[str, list[Rate]] = {name: [] for name in runs}
     for r in range(args.rounds):
         for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
