@@ -22,6 +22,9 @@ from pipelines.config import to_dict
 # changes results, must bump these; tests/study/test_identity.py pins the defaults to catch that.
 RECIPE_VERSION = 2  # 2: the world-size-independent data order (batches run on across epochs)
 EVAL_VERSION = 2  # 2: fine-tuning streams in the world-size-independent order
+# Hashed into the identity of sources whose pixels are decoded from files (webdataset, folder), not of the
+# procedural source, whose pixels this path has never changed (so the default study keeps its ids).
+IMAGE_VERSION = 2  # 2: JPEG crops by libjpeg-turbo at the crop's scale, torch's uint8 resize, wide-box crop fix
 
 # Per config section: fields that change how a run executes, not what it computes.
 EXECUTION_ONLY = {
@@ -67,7 +70,12 @@ def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
     """What determines a grid point's pretrained weights, as plain data (`cfg` is a `StudyConfig`)."""
     mode = {} if cfg.data.subset_mode == "samples" else {"subset_mode": cfg.data.subset_mode}
     return {"recipe_version": RECIPE_VERSION, "model": model, "subset_size": subset_size, "seed": seed, **mode,
-            "source": settings(cfg.data.pretrain, "source"), "pretrain": settings(cfg.pretrain, "pretrain")}
+            "source": source_settings(cfg.data.pretrain), "pretrain": settings(cfg.pretrain, "pretrain")}
+
+
+def source_settings(src) -> dict:
+    """A source's non-default settings, with the image-path version where its pixels are decoded from files."""
+    return settings(src, "source") | ({} if src.source == "shapes" else {"image_version": IMAGE_VERSION})
 
 
 def recipe_params(cfg) -> dict:
@@ -76,7 +84,8 @@ def recipe_params(cfg) -> dict:
     def full(obj, kind: str) -> dict:
         return {k: v for k, v in to_dict(obj).items() if k not in EXECUTION_ONLY.get(kind, ())}
 
-    return {"recipe_version": RECIPE_VERSION, "subset_mode": cfg.data.subset_mode,
+    decoded = {} if cfg.data.pretrain.source == "shapes" else {"image_version": IMAGE_VERSION}
+    return {"recipe_version": RECIPE_VERSION, **decoded, "subset_mode": cfg.data.subset_mode,
             "source": full(cfg.data.pretrain, "source"), "pretrain": full(cfg.pretrain, "pretrain")}
 
 
@@ -86,7 +95,7 @@ def point_id(cfg, model: str, subset_size: int, seed: int) -> str:
 
 def eval_ids(cfg) -> dict[str, str]:
     """One identity per enabled evaluation (a changed `evaluate:` block re-runs only what changed)."""
-    tasks = [settings(task, "source") | {"name": task.label} for task in cfg.downstream]
+    tasks = [source_settings(task) | {"name": task.label} for task in cfg.downstream]
     out = {}
     for kind in EVAL_KINDS:
         if kind == "diagnostics":

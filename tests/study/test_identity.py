@@ -87,3 +87,18 @@ PINNED_DEFAULTS = ("7a1d97a0bdc50319", "b112959d0ab5ce39")
 
 def test_config_defaults_are_pinned_to_the_recipe_and_eval_versions():
     assert _defaults() == PINNED_DEFAULTS, f"defaults changed: see the comment above; now {_defaults()}"
+
+
+def test_the_image_path_version_keys_decoded_sources_and_leaves_the_procedural_default_alone(tmp_path, monkeypatch):
+    import study.identity
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-000000.tar").write_bytes(b"")
+    decoded = _study(tmp_path, overrides=["data.pretrain.source=webdataset",
+                                          f"data.pretrain.urls={shards}/train-000000.tar"])
+    procedural = _study(tmp_path)
+    before = _ids(decoded), _ids(procedural), eval_ids(procedural)
+    monkeypatch.setattr(study.identity, "IMAGE_VERSION", study.identity.IMAGE_VERSION + 1)
+    assert not set(_ids(decoded)) & set(before[0])
+    assert (_ids(procedural), eval_ids(procedural)) == before[1:]
