@@ -16,27 +16,35 @@ from tests.conftest import checkpointed, start_cli, wait_until
 pytestmark = pytest.mark.slow
 
 
-def _train_workers() -> list[psutil.Process]:
-    """The ranks' processes (their DataLoader workers are forks that carry the same title: left out)."""
+def _train_workers(driver: int) -> list[psutil.Process]:
+    """The ranks' processes under this study's driver (their DataLoader workers are forks that carry the same
+    title: left out)."""
     def titled(proc) -> bool:
         try:
             return " ".join(proc.cmdline()).startswith("ray::RayTrainWorker")
         except psutil.Error:
             return False
 
-    return [p for p in psutil.process_iter() if titled(p) and not titled(p.parent())]
+    try:
+        tree = psutil.Process(driver).children(recursive=True)  # its Ray is the driver's child
+    except psutil.Error:
+        return []
+    return [p for p in tree if titled(p) and not titled(p.parent())]
 
 
-def test_two_ranks_per_point_survive_a_killed_rank(tmp_path, cache_dir):
+def test_two_ranks_per_point_survive_a_killed_rank(tmp_path, cache_dir, monkeypatch):
     out = tmp_path / "runs"
+    # Train's controller polls its workers every 2 s by default: a finished or failed rank group is seen sooner.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # 40 steps: the first checkpoint (step 4) comes with 36 steps still to go, so the kill lands mid-pretraining.
     proc = start_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out),
                       "resources.workers_per_trial=2", "data.subsets=[256]", "models=[ViT-Pico/4]",
-                      "pretrain.steps=120", "pretrain.checkpoint_every=4", "resources.max_concurrent_trials=1",
+                      "pretrain.steps=40", "pretrain.checkpoint_every=4", "resources.max_concurrent_trials=1",
                       "evaluate.finetune.steps=4", "evaluate.finetune.lr=0.01", "resources.max_failures=2"],
                      cache_dir, stdout=open(tmp_path / "stdout.txt", "w"), stderr=open(tmp_path / "stderr.txt", "w"))
     try:
-        wait_until(proc, lambda: checkpointed(out) and len(_train_workers()) == 2, "a checkpoint in storage")
-        victim = max(_train_workers(), key=lambda p: p.pid)
+        wait_until(proc, lambda: checkpointed(out) and len(_train_workers(proc.pid)) == 2, "a checkpoint in storage")
+        victim = max(_train_workers(proc.pid), key=lambda p: p.pid)
         os.kill(victim.pid, signal.SIGKILL)
         assert proc.wait(timeout=600) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
     finally:
@@ -51,13 +59,13 @@ def test_two_ranks_per_point_survive_a_killed_rank(tmp_path, cache_dir):
     assert all(r.data.tags.get("complete") == "1" for r in children)
     resumed = [r for r in children if r.data.metrics.get("resumed_from_step", 0) > 0]
     assert len(resumed) == 1, "the point whose rank was killed resumes from its stored checkpoint"
-    assert 0 < resumed[0].data.metrics["resumed_from_step"] < 120
+    assert 0 < resumed[0].data.metrics["resumed_from_step"] < 40
     steps = [m.step for m in client.get_metric_history(resumed[0].info.run_id, "pretrain/loss")]
-    assert len(steps) == len(set(steps)) and max(steps) == 120  # one child, no step logged twice, run to the end
+    assert len(steps) == len(set(steps)) and max(steps) == 40  # one child, no step logged twice, run to the end
     table = pd.read_csv(out / "smoke" / "results.csv")
     assert set(table["eval"]) >= {"fewshot", "linear_probe", "finetune"}
     record = json.loads(next((out / "smoke" / "storage" / "points").glob("*/record.json")).read_text())
-    assert record["pretrain"]["steps"] == 120
+    assert record["pretrain"]["steps"] == 40
 
 
 def _pretrain_on_shards(config: dict) -> None:
