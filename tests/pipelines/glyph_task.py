@@ -64,6 +64,24 @@ def write_shards(out: Path, split: str, chars: str, n: int, seed: int, size: int
     return paths
 
 
+def digit_task(root: Path, train: int, test: int):
+    """The digit task as JPEG shards under `root` (`train` / `test` images), and its `SourceConfig`."""
+    from pipelines import data
+
+    train_shards = write_shards(root, "train", DIGITS, train, seed=1)
+    test_shards = write_shards(root, "test", DIGITS, test, seed=2)
+    return data.SourceConfig(source="webdataset", name="digits", size=train, test_size=test, image_size=32,
+                             num_classes=10, urls=_brace(train_shards), test_urls=_brace(test_shards))
+
+
+def _brace(paths: list[str]) -> str:
+    """`dir/split-{000000..00000N}.tar` for the shards `write_shards` made (one shard: its path)."""
+    if len(paths) == 1:
+        return paths[0]
+    head = paths[0].rsplit("-", 1)[0]
+    return f"{head}-{{000000..{len(paths) - 1:06d}}}.tar"
+
+
 ASSET = Path(__file__).parent / "assets" / "bit-r14-pico-letters.safetensors"
 
 

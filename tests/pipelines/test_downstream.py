@@ -4,7 +4,7 @@ the frozen features they share are extracted once."""
 import pytest
 import torch
 
-from pipelines import data, downstream, models
+from pipelines import downstream, models
 from pipelines.downstream import EvaluateConfig
 from pipelines.fewshot import FewshotConfig
 from pipelines.linear_probe import LinearProbeConfig
@@ -14,11 +14,7 @@ from tests.pipelines import glyph_task
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
-    glyph_task.write_shards(root, "train", glyph_task.DIGITS, 200, seed=1)
-    glyph_task.write_shards(root, "test", glyph_task.DIGITS, 100, seed=2)
-    task = data.SourceConfig(source="webdataset", name="digits", size=200, test_size=100, image_size=32,
-                             num_classes=10, urls=str(root / "train-000000.tar"),
-                             test_urls=str(root / "test-000000.tar"))
+    task = glyph_task.digit_task(root, 200, 100)
     return task, root
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import data, downstream, finetune, models
+from pipelines import downstream, finetune, models
 from pipelines.data import ImageArrays
 from pipelines.downstream import EvaluateConfig
 from pipelines.linear_probe import LinearProbeConfig
@@ -44,11 +44,7 @@ def test_finetune_logs_per_epoch_validation_and_learns_at_higher_resolution():
 def digits(tmp_path_factory):
     """The digit task as JPEG shards (1,400 train / 600 test at 32 px) and the letter-pretrained BiT-R14-Pico."""
     root = tmp_path_factory.mktemp("digits")
-    glyph_task.write_shards(root, "train", glyph_task.DIGITS, 1400, seed=1)
-    glyph_task.write_shards(root, "test", glyph_task.DIGITS, 600, seed=2)
-    task = data.SourceConfig(source="webdataset", name="digits", size=1400, test_size=600, image_size=32,
-                             num_classes=10, urls=str(root / "train-{000000..000002}.tar"),
-                             test_urls=str(root / "test-{000000..000001}.tar"))
+    task = glyph_task.digit_task(root, 1400, 600)
     state = glyph_task.pretrained_state()
     model = models.build("BiT-R14-Pico", len(glyph_task.LETTERS), 32)
     model.load_state_dict(state)
