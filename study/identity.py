@@ -75,7 +75,12 @@ def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
 
 def source_settings(src) -> dict:
     """A source's non-default settings, with the image-path version where its pixels are decoded from files."""
-    return settings(src, "source") | ({} if src.source == "shapes" else {"image_version": IMAGE_VERSION})
+    return settings(src, "source") | image_version(src)
+
+
+def image_version(src) -> dict:
+    """{"image_version": IMAGE_VERSION} for a source decoded from files; {} for the procedural one."""
+    return {} if src.source == "shapes" else {"image_version": IMAGE_VERSION}
 
 
 def recipe_params(cfg) -> dict:
@@ -84,8 +89,7 @@ def recipe_params(cfg) -> dict:
     def full(obj, kind: str) -> dict:
         return {k: v for k, v in to_dict(obj).items() if k not in EXECUTION_ONLY.get(kind, ())}
 
-    decoded = {} if cfg.data.pretrain.source == "shapes" else {"image_version": IMAGE_VERSION}
-    return {"recipe_version": RECIPE_VERSION, **decoded, "subset_mode": cfg.data.subset_mode,
+    return {"recipe_version": RECIPE_VERSION, **image_version(cfg.data.pretrain), "subset_mode": cfg.data.subset_mode,
             "source": full(cfg.data.pretrain, "source"), "pretrain": full(cfg.pretrain, "pretrain")}
 
 
