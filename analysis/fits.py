@@ -66,11 +66,10 @@ def _fit_once(x: np.ndarray, err: np.ndarray, four: bool, start: np.ndarray | No
 def _power_law_jac(x, *params):
     """d power_law / d (a, b, c[, d]) at x, exact: finite differences would cost a model evaluation per parameter
     (the bootstrap refits are most of a study report's time)."""
-    a, b = params[:2]
-    d = params[3] if len(params) == 4 else 0.0
-    base = np.asarray(x, dtype=float) + d
+    a, b, four = params[0], params[1], len(params) == 4
+    base = np.asarray(x, dtype=float) + (params[3] if four else 0.0)
     term = np.power(base, -b)
-    cols = [term, -a * term * np.log(base), np.ones_like(base)] + ([-a * b * term / base] if len(params) == 4 else [])
+    cols = [term, -a * term * np.log(base), np.ones_like(base)] + ([-a * b * term / base] if four else [])
     return np.stack(cols, axis=1)
 
 
