@@ -155,9 +155,7 @@ class _Sums:
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """A (micro-)batch's loss and correct top-1 predictions; multi-label (labels [B, K], -1 padded), a top-1
         prediction is correct when it is any of the sample's classes."""
-        predicted = logits.argmax(-1)
-        hit = predicted == labels if labels.ndim == 1 else (labels == predicted[:, None]).any(-1)
-        correct = hit.sum()
+        correct = hits(logits.argmax(-1), labels).sum()
         self.local += torch.stack((loss.detach().double() * len(labels), correct.double()))
         self.local_count += len(labels)
 
@@ -342,8 +340,14 @@ def infer(model: nn.Module, images: np.ndarray, image_size: int, device: torch.d
     return torch.cat(out).numpy()
 
 
+def hits(predicted, labels):
+    """Per sample, whether the top-1 prediction is right (numpy or torch): its label, or, multi-label (labels
+    [N, K] padded with -1), any of its classes."""
+    return predicted == labels if labels.ndim == 1 else (labels == predicted[:, None]).any(-1)
+
+
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
-    return 100.0 * float((logits.argmax(-1) == labels).mean())
+    return 100.0 * float(hits(logits.argmax(-1), labels).mean())
 
 
 def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -364,8 +368,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
         x = torch.from_numpy(logits).double()
         target = multi_hot(torch.from_numpy(labels), logits.shape[-1], x.dtype)
         loss = float(F.binary_cross_entropy_with_logits(x, target, reduction="sum") / len(labels))
-        hit = (labels == logits.argmax(-1)[:, None]).any(-1)
-        return {"loss": loss, "top1": 100.0 * float(hit.mean()), "macro_f1": float("nan")}
+        return {"loss": loss, "top1": top1(logits, labels), "macro_f1": float("nan")}
     logp = torch.log_softmax(torch.from_numpy(logits).double(), -1)
     loss = float(-logp[torch.arange(len(labels)), torch.from_numpy(labels)].mean())
     return {"loss": loss, "top1": top1(logits, labels), "macro_f1": macro_f1(logits.argmax(-1), labels)}
