@@ -71,15 +71,7 @@ def digit_task(root: Path, train: int, test: int):
     train_shards = write_shards(root, "train", DIGITS, train, seed=1)
     test_shards = write_shards(root, "test", DIGITS, test, seed=2)
     return data.SourceConfig(source="webdataset", name="digits", size=train, test_size=test, image_size=32,
-                             num_classes=10, urls=_brace(train_shards), test_urls=_brace(test_shards))
-
-
-def _brace(paths: list[str]) -> str:
-    """`dir/split-{000000..00000N}.tar` for the shards `write_shards` made (one shard: its path)."""
-    if len(paths) == 1:
-        return paths[0]
-    head = paths[0].rsplit("-", 1)[0]
-    return f"{head}-{{000000..{len(paths) - 1:06d}}}.tar"
+                             num_classes=10, urls=";".join(train_shards), test_urls=";".join(test_shards))
 
 
 ASSET = Path(__file__).parent / "assets" / "bit-r14-pico-letters.safetensors"
