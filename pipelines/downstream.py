@@ -12,7 +12,7 @@ import torch
 
 from pipelines import data, distributed, fewshot, finetune, linear_probe
 from pipelines.data import ImageArrays, SourceConfig
-from pipelines.data.shards import DataError
+from pipelines.data.reader import DataError
 from pipelines.data.stream import LoaderConfig, ShardSubset
 from pipelines.fewshot import FewshotConfig
 from pipelines.finetune import FinetuneConfig
@@ -62,7 +62,7 @@ def run(ev: EvaluateConfig, task: SourceConfig, model_name: str, model: torch.nn
         state: dict[str, torch.Tensor], feature_size: int, cache_dir: Path, seed: int, device: torch.device,
         kinds: tuple[str, ...] | None = None, on_curve: Curve | None = None,
         progress: bool = False, loader: LoaderConfig | None = None,
-        feature_cache: dict | None = None) -> list[Measurement]:
+        feature_cache: dict | None = None, index_root: Path | None = None) -> list[Measurement]:
     """Run the enabled evaluations named in `kinds` (default: all enabled) on `task`.
 
     Few-shot and the probe share one pass of frozen pre-logit features at `feature_size` (the pretraining
@@ -74,7 +74,7 @@ def run(ev: EvaluateConfig, task: SourceConfig, model_name: str, model: torch.nn
     kinds = tuple(k for k in (kinds or ev.enabled()) if getattr(ev, k) is not None)
     loader = loader or LoaderConfig(workers=0)
     name = task.label
-    train, test = task_splits(task, cache_dir, loader.max_bad_fraction)
+    train, test = task_splits(task, cache_dir, index_root)
     out: list[Measurement] = []
     if "fewshot" in kinds or "linear_probe" in kinds:
         cache = {} if feature_cache is None else feature_cache
@@ -103,15 +103,13 @@ def run(ev: EvaluateConfig, task: SourceConfig, model_name: str, model: torch.nn
     return out
 
 
-def task_splits(task: SourceConfig, cache_dir: Path,
-                max_bad_fraction: float = 0.001) -> tuple[ShardSubset, ShardSubset]:
+def task_splits(task: SourceConfig, cache_dir: Path, index_root: Path | None = None
+                ) -> tuple[ShardSubset, ShardSubset]:
     """A downstream task's train and test splits, left in their shards (indexed, not read)."""
-    shards = data.prepare(task, cache_dir, progress=False, max_bad_fraction=max_bad_fraction)
-    if "test" not in shards:
+    found = data.prepared(task, cache_dir, index_root)
+    if "test" not in found.shards:
         raise DataError(f"downstream task '{task.label}' has no test split (give test_urls, test_root or test_size)")
-    index = data.source_index(task, shards["train"], max_bad_fraction, cache_dir)
-    test = data.cached_index(shards["test"], cache_dir)
-    return ShardSubset(index, index.all_keys), ShardSubset(test, test.all_keys)
+    return found.subset("train"), found.subset("test")
 
 
 def features(model: torch.nn.Module, split: ImageArrays | ShardSubset, image_size: int, device: torch.device,

@@ -95,8 +95,7 @@ def split_minival(data: Split, fraction: float, seed: int) -> tuple[Split, Split
         return data, None
     kept, held = (np.sort(i) for i in holdout(len(data), fraction, seed, salt=777))
     if isinstance(data, ShardSubset):
-        return (ShardSubset(data.index, [data.keys[i] for i in kept]),
-                ShardSubset(data.index, [data.keys[i] for i in held]))
+        return data.part(kept), data.part(held)
     pick = lambda idx: ImageArrays(data.images[idx], data.labels[idx])  # noqa: E731
     return pick(kept), pick(held)
 
@@ -163,8 +162,8 @@ def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: d
         curves.append(point)
 
     if isinstance(train, ShardSubset):
-        stream = ShardStream(train.index, train.keys, cfg.image_size, spec.batch_size, cfg.augment, seed,
-                             loader.shuffle_buffer, where.rank, where.world_size)
+        stream = ShardStream(train, cfg.image_size, spec.batch_size, cfg.augment, seed, loader.shuffle_buffer,
+                             where.rank, where.world_size, open_shards=loader.open_shards)
         batches = StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=device.type == "cuda")
     else:
         batches = MemoryBatches(train, spec.batch_size, seed, cfg.augment, where.rank, where.world_size)

@@ -16,7 +16,7 @@ from pipelines import distributed, models, perf
 from pipelines.config import UserError
 from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
-from pipelines.data.shards import ShardIndex
+from pipelines.data.index import SourceIndex
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
 from pipelines.training import LoopSpec, MemoryBatches, duration_steps, train_loop, warmup_decay
 
@@ -93,7 +93,7 @@ def make_optimizer(cfg: PretrainConfig, model: torch.nn.Module, device: torch.de
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def check_labels(loss: str, data: ImageArrays | ShardSubset | ShardIndex, name: str = "the pretraining source"
+def check_labels(loss: str, data: ImageArrays | ShardSubset | SourceIndex, name: str = "the pretraining source"
                  ) -> None:
     """Refuse `loss: softmax` on a multi-label source (whole source, not the subset, so the answer does not
     depend on the subset size): a softmax target would keep one of a sample's classes and silently drop the
@@ -119,8 +119,8 @@ def training_source(cfg: PretrainConfig, data: ImageArrays | ShardSubset, image_
     where.share(cfg.batch_size, "pretrain.batch_size")
     if isinstance(data, ImageArrays):
         return MemoryBatches(data, cfg.batch_size, seed, cfg.augment, where.rank, where.world_size)
-    stream = ShardStream(data.index, data.keys, image_size, cfg.batch_size, cfg.augment, seed, loader.shuffle_buffer,
-                         where.rank, where.world_size)
+    stream = ShardStream(data, image_size, cfg.batch_size, cfg.augment, seed, loader.shuffle_buffer, where.rank,
+                         where.world_size, open_shards=loader.open_shards)
     return StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=device.type == "cuda")
 
 

@@ -392,7 +392,7 @@ def rank_part(split: ImageArrays | ShardSubset) -> ImageArrays | ShardSubset:
         return split
     mine = distributed.part(len(split))
     if isinstance(split, ShardSubset):
-        return ShardSubset(split.index, split.keys[mine])
+        return split.part(mine)
     return ImageArrays(split.images[mine], split.labels[mine], split.keys[mine] if split.keys else split.keys)
 
 

@@ -13,7 +13,7 @@ import yaml
 from pipelines import models
 from pipelines.config import ConfigError, apply_overrides, from_dict, load_yaml
 from pipelines.data import SourceConfig, default_cache_dir
-from pipelines.data.shards import expand_urls
+from pipelines.data.sources import expand_urls
 from pipelines.data.stream import LoaderConfig
 from pipelines.downstream import EvaluateConfig
 from pipelines.pretrain import PretrainConfig

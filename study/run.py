@@ -93,15 +93,22 @@ def git_commit() -> str:
         return "unknown"
 
 
-def prepare_data(cfg: StudyConfig) -> None:
-    """Generate or check every data source before any trial starts (missing paths fail here)."""
+def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:
+    """Generate or check every data source and index it once into storage, before any trial starts (missing paths,
+    corrupt shards and repeated keys fail here), with each seed's subset order, so trials only map files."""
     from pipelines import data, pretrain
+    from study.trial import index_root, sync_indexes
 
-    limit = cfg.data.loader.max_bad_fraction
-    for src in (cfg.data.pretrain, *cfg.downstream):  # indexes every shard once: a corrupt one fails here
-        shards = data.prepare(src, cfg.cache_dir, progress=True, max_bad_fraction=limit)
-        if src is cfg.data.pretrain:  # a multi-label source with a softmax loss (the index is cached by now)
-            pretrain.check_labels(cfg.pretrain.loss, data.source_index(src, shards["train"], limit, cfg.cache_dir))
+    limit, root = cfg.data.loader.max_bad_fraction, index_root(cfg, storage)
+    for src in (cfg.data.pretrain, *cfg.downstream):
+        found = data.prepare(src, cfg.cache_dir, root, progress=True, max_bad_fraction=limit, mapper=mapper)
+        if src is cfg.data.pretrain:  # a multi-label source with a softmax loss
+            index = found.index()
+            pretrain.check_labels(cfg.pretrain.loss, index)
+            if cfg.data.subset_mode == "samples":
+                for seed in cfg.seeds:
+                    index.order(seed)
+        sync_indexes(cfg, storage, src, found, upload=True)
 
 
 class Locations:
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             with Stopwatch(clock)("connect"):
                 tune_runner.connect(cfg, args.address)
             with Stopwatch(clock)("prepare_data"):
-                prepare_data(cfg)
+                prepare_data(cfg, Locations(cfg, args).storage, tune_runner.index_mapper(args.address))
             return launch(cfg, points, args, clock)
         finally:
             tune_runner.disconnect()

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_weights
 from safetensors.torch import save as save_weights
@@ -70,10 +71,11 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     clock = Stopwatch(record.timings)
     src = cfg.data.pretrain
     with clock("data"):
-        shards = data.prepare(src, cfg.cache_dir, progress=False)
+        sync_indexes(cfg, storage, src)
+        source = data.prepared(src, cfg.cache_dir, index_root(cfg, storage))
     if not record.pretrain:
         with clock("pretrain"):
-            state = _pretrain(cfg, point, storage, rel, shards, scratch, device, emit, progress)
+            state = _pretrain(cfg, point, storage, rel, source, scratch, device, emit, progress)
         distributed.barrier()  # rank 0 has stored the weights and the summary
         record.pretrain = {"steps": point.steps, "examples_seen": point.examples_seen,
                            **json.loads(storage.read_bytes(f"{rel}/pretrain.json"))}
@@ -90,9 +92,9 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     for kind, ident in plan.evals.items():
         with clock(kind):
             if kind != "diagnostics":
-                found = _downstream(cfg, point, kind, model, state, device, emit, progress, features)
+                found = _downstream(cfg, point, kind, model, state, device, emit, progress, features, index_root(cfg, storage))
             elif where.main:  # a batch of 128 images, no collective: rank 0 alone
-                found = _diagnose(cfg, point, model, shards, device, storage, rel)
+                found = _diagnose(cfg, point, model, source, device, storage, rel)
             else:
                 continue
         record.evals[kind] = EvalRecord(ident, found)
@@ -104,7 +106,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     return record
 
 
-def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, shards: dict, scratch: Path,
+def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, source: data.Prepared, scratch: Path,
               device: torch.device, emit: Emit, progress: bool) -> dict[str, torch.Tensor]:
     """Pretrain from scratch or from the newest checkpoint in storage; store the weights and a summary."""
     src, loader = cfg.data.pretrain, cfg.data.loader
@@ -113,12 +115,12 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
     if (name := storage.newest_checkpoint(f"{rel}/checkpoints")) is not None:
         storage.pull_checkpoint(f"{rel}/checkpoints", name, local_ckpts)
     resumed = pretrain_step_of(name)
-    train = _pretraining_data(cfg, point, shards["train"])
+    train = data.nested_subset(source.index(), point.subset_size, point.seed, cfg.data.subset_mode)
     balance = data.class_counts(train.labels, src.num_classes)
     where = distributed.ranks()
     if where.main:
         storage.write_bytes(f"{rel}/class_counts.json", json.dumps(balance).encode())
-    emit(Started({**identity_params(cfg, point), "manifest_hash": data.manifest_hash(train.keys),
+    emit(Started({**identity_params(cfg, point), "manifest_hash": data.manifest_hash(train),
                   "device": str(device), "planned_steps": point.steps, "loader_workers": loader.workers,
                   "world_size": where.world_size, "class_count_min": balance["min"], "class_count_max": balance["max"],
                   "empty_classes": balance["empty_classes"]},
@@ -139,11 +141,10 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, sh
     del train
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
                **result.throughput}  # images_per_s, step_time_s, data_wait_fraction, peak memory, mfu
-    if "test" in shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
+    if "test" in source.shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
         model = models.build(point.model, src.num_classes, src.image_size)
         model.load_state_dict(result.state_dict)
-        index = data.cached_index(shards["test"], cfg.cache_dir)
-        val = ShardSubset(index, index.all_keys)
+        val = source.subset("test")
         summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
                                        max_bad_fraction=loader.max_bad_fraction)["top1"]
     if not where.main:
@@ -180,20 +181,47 @@ def pretrain_step_of(checkpoint_name: str | None) -> int:
     return int(checkpoint_name.rsplit("-", 1)[1]) if checkpoint_name else 0
 
 
-def _pretraining_data(cfg: StudyConfig, point: GridPoint, train_shards: list[str]):
-    """The grid point's nested subset, streamed from the shards through the index the driver built."""
-    index = data.source_index(cfg.data.pretrain, train_shards, cfg.data.loader.max_bad_fraction,
-                              cache_dir=cfg.cache_dir)
-    return ShardSubset(index, data.subset_keys(index, point.subset_size, point.seed, cfg.data.subset_mode))
+def index_root(cfg: StudyConfig, storage: Storage) -> Path:
+    """Where the study's source indexes live: under a local (or NFS) storage root, which every node sees, so the
+    driver builds each once and no node rebuilds it; with object storage, in each node's cache (`cfg.cache_dir`),
+    filled from storage (`sync_indexes`)."""
+    local = storage.local_path("index")
+    return local if local is not None else cfg.cache_dir / "index"
 
 
-def _diagnose(cfg: StudyConfig, point: GridPoint, model, shards: dict, device, storage: Storage,
+def sync_indexes(cfg: StudyConfig, storage: Storage, src, found: data.Prepared | None = None,
+                 upload: bool = False) -> None:
+    """With object storage: the driver uploads what it prepared (`upload`, `found`); a node downloads the record and
+    the index folders it lacks, once (each folder moved into place whole). Nothing to do on a local root."""
+    from pipelines import atomic
+
+    if storage.local_path("index") is not None:
+        return
+    root = index_root(cfg, storage)
+    record = data.record_path(src, root)
+    rel = f"index/{record.parent.name}/{record.name}"
+    if upload:
+        for folder in map(Path, found.indexes.values()):
+            if not storage.exists(f"index/{folder.name}/meta.json"):
+                for f in sorted(folder.iterdir(), key=lambda p: p.name == "meta.json"):  # meta.json last
+                    storage.upload_file(f, f"index/{folder.name}/{f.name}")
+        storage.upload_file(record, rel)
+        return
+    if not record.exists() and storage.download_file(rel, record):
+        for folder in map(Path, json.loads(record.read_text())["indexes"].values()):
+            if not (folder / "meta.json").exists():
+                with atomic.folder(folder) as tmp:
+                    for name in storage.list_dir(f"index/{folder.name}"):
+                        storage.download_file(f"index/{folder.name}/{name}", tmp / name)
+
+
+def _diagnose(cfg: StudyConfig, point: GridPoint, model, source: data.Prepared, device, storage: Storage,
               rel: str) -> list[Measurement]:
     """Fig 7 numbers for every model; a ViT's arrays go to storage, where the driver draws its panels."""
     src, n, limit = cfg.data.pretrain, cfg.evaluate.diagnostic_batch, cfg.data.loader.max_bad_fraction
-    split = shards["test"] if "test" in shards else shards["train"]  # the held-out images where there are some
-    keys = sorted(data.cached_index(split, cfg.cache_dir).all_keys)[:n]
-    images = data.load(split, src.image_size, keys, max_bad_fraction=limit).images
+    index = source.index("test" if "test" in source.shards else "train")  # held-out images where there are some
+    first = ShardSubset(index, np.arange(min(n, len(index)), dtype=np.int64))  # a fixed slice, read by offset
+    images = data.load(first, src.image_size, max_bad_fraction=limit).images
     diag = diagnostics.run(model, images, src.image_size, device)
     if diag.family == "ViT":
         storage.write_bytes(f"{rel}/fig7.safetensors", diagnostics.to_bytes(diag))
@@ -202,7 +230,7 @@ def _diagnose(cfg: StudyConfig, point: GridPoint, model, shards: dict, device, s
 
 
 def _downstream(cfg: StudyConfig, point: GridPoint, kind: str, model, state, device, emit: Emit,
-                progress: bool, features: dict) -> list[Measurement]:
+                progress: bool, features: dict, indexes: Path) -> list[Measurement]:
     def curve(prefix: str, step: int, values: dict) -> None:
         emit(Curve(prefix, step, values))
 
@@ -210,7 +238,8 @@ def _downstream(cfg: StudyConfig, point: GridPoint, kind: str, model, state, dev
     for task in cfg.downstream:
         found += downstream.run(cfg.evaluate, task, point.model, model, state, cfg.data.pretrain.image_size,
                                 cfg.cache_dir, point.seed, device, kinds=(kind,), on_curve=curve, progress=progress,
-                                loader=cfg.data.loader, feature_cache=features)
+                                loader=cfg.data.loader, feature_cache=features,
+                                index_root=indexes)
     return found
 
 
@@ -299,8 +328,8 @@ def _rank_main(config: dict) -> None:
     context = train.get_context()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     if context.get_local_rank() == 0:  # one process per node writes the shared cache, the others read it
-        for src in (cfg.data.pretrain, *cfg.downstream):
-            data.prepare(src, cfg.cache_dir, progress=False, max_bad_fraction=cfg.data.loader.max_bad_fraction)
+        for src in (cfg.data.pretrain, *cfg.downstream):  # shards generated in this node's cache, if it lacks them
+            data.prepared(src, cfg.cache_dir, index_root(cfg, Storage(config["storage_root"])))
     distributed.barrier()
     main = context.get_world_rank() == 0
 

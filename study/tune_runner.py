@@ -86,6 +86,21 @@ def connect(cfg: StudyConfig, address: str | None) -> None:
         raise
 
 
+def index_mapper(address: str | None):
+    """Where a study joins a cluster, source indexes are built by Ray tasks across it (one task per run of shards,
+    results merged on the driver); on one machine, by a process pool (`pipelines.data.index.build`)."""
+    if address is None or not ray.is_initialized():
+        return None
+
+    def cluster_map(fn, jobs):
+        task = ray.remote(num_cpus=1)(fn)
+        refs = [task.remote(job) for job in jobs]
+        for ref in refs:
+            yield ray.get(ref)
+
+    return cluster_map
+
+
 def _resolve(address: str) -> tuple[str, int]:
     """(host, port) to probe; `auto` is the cluster `ray start` recorded on this machine (or RAY_ADDRESS)."""
     if address == "auto":

@@ -1,47 +1,31 @@
-"""Data sources behind one interface: `prepare` a source (generate or check shards), index it (`source_index`)
-and take a `nested_subset` of its keys, then `load` a split into memory (evaluation) or stream it
-(`pipelines.data.stream`, pretraining)."""
+"""Data sources behind one interface: `prepare` a source (generate, convert or check its shards, and index them once
+into a `SourceIndex`), take a `nested_subset` of its rows, then stream it (`pipelines.data.stream`, training) or
+read it batch by batch (`pipelines.data.batches`, evaluation)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from pipelines import atomic
+from pipelines.data import index as index_mod
 from pipelines.data import shapes
-from pipelines.data.augment import eval_image
-from pipelines.data.shards import (
-    INDEX_VERSION,
-    BadCounts,
-    DataError,
-    ShardIndex,
-    check_local_shards,
-    folder_classes,
-    folder_files,
-    folder_to_shards,
-    index_shards,
-    is_local,
-    iter_encoded,
-    label_array,
-    label_width,
-    shard_identity,
-    write_shard,
-)
-
-if TYPE_CHECKING:
-    from pipelines.data.stream import ShardSubset
+from pipelines.data.folder import folder_classes, folder_files, folder_to_shards
+from pipelines.data.index import INDEX_VERSION, Mapper, ShardSubset, SourceIndex
+from pipelines.data.reader import BadCounts, DataError
+from pipelines.data.sources import check_local_shards, info_lengths, is_local, shard_identity, split_files, write_info
+from pipelines.data.writer import write_shard
 
 SHARD_SIZE = 4096
+SHAPES_LAYOUT = 2  # 2: `_info.json` in timm's layout (`sources.write_info`); the shards' bytes are unchanged
 
 
 @dataclass(frozen=True)
@@ -64,6 +48,7 @@ class SourceConfig:
     test_urls: str | None = None
     root: str | None = None
     test_root: str | None = None
+    duplicates: Literal["refuse", "first"] = "refuse"  # a key in two places: refused, or the first copy kept
 
     def __post_init__(self):
         if self.size <= 0 or self.test_size < 0 or self.image_size < 8 or self.num_classes < 2:
@@ -83,7 +68,7 @@ class SourceConfig:
 @dataclass
 class ImageArrays:
     """A split held in memory: uint8 images [N, H, W, 3] and int64 labels [N] ([N, K], -1 padded, for a multi-label
-    source: see `shards.label_array`)."""
+    source: see `labels.label_array`)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -98,23 +83,96 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("VITSCALE_CACHE", Path.home() / ".cache" / "vit-scaling"))
 
 
-def prepare(src: SourceConfig, cache_dir: Path, progress: bool = True,
-            max_bad_fraction: float = 0.001) -> dict[str, list[str]]:
-    """Make the source readable and return its shard lists per split ('train', and 'test' if any).
+@dataclass(frozen=True)
+class Prepared:
+    """A source made readable: per split ('train', and 'test' where there is one) its shards and its index."""
 
-    `shapes` is generated once into `cache_dir` (keyed by everything that changes its pixels); later calls
-    and concurrent studies reuse it. `folder` class folders are converted once into shards there (keyed by their
-    files' names, sizes and mtimes). `webdataset` shards are checked to exist.
+    label: str
+    shards: dict[str, list[str]]
+    indexes: dict[str, str]
 
-    Every split is then indexed once into the cache (`cached_index`), so the driver, which prepares every source
-    before any trial starts, finds a corrupt or truncated training shard (past `max_bad_fraction`) or a declared
-    size the shards do not hold up front, as one DataError; trials read the cached index.
+    def index(self, split: str = "train") -> SourceIndex:
+        return SourceIndex(self.indexes[split])
+
+    def subset(self, split: str = "train") -> ShardSubset:
+        """A whole split as a subset (evaluation reads all of it)."""
+        index = self.index(split)
+        return ShardSubset(index, np.arange(len(index), dtype=np.int64))
+
+    def to_json(self) -> str:
+        return json.dumps({"label": self.label, "shards": self.shards, "indexes": self.indexes})
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VITSCALE_CACHE", Path.home() / ".cache" / "vit-scaling"))
+
+
+def prepare(src: SourceConfig, cache_dir: Path, index_root: Path | None = None, progress: bool = True,
+            max_bad_fraction: float = 0.001, mapper: Mapper | None = None) -> Prepared:
+    """Make the source readable: `shapes` generated once into `cache_dir` (keyed by everything that changes its
+    pixels), `folder` class folders converted once into shards there, `webdataset` shards checked to exist; then
+    every split indexed once into `index_root` (default `cache_dir/index`; a study passes its storage, which every
+    node sees), keyed by the shards' identity (`sources.shard_identity`).
+
+    The driver prepares every source before any trial starts, so a corrupt or truncated training shard (past
+    `max_bad_fraction`), a repeated key or a declared size the shards do not hold is one DataError up front. It
+    records what it prepared (`prepared`), so trials open the index without identifying a shard again.
     """
-    splits = _shard_lists(src, Path(cache_dir), progress)
-    source_index(src, splits["train"], max_bad_fraction, cache_dir)
-    if "test" in splits:
-        cached_index(splits["test"], cache_dir)
-    return splits
+    cache_dir = Path(cache_dir)
+    root = Path(index_root) if index_root is not None else cache_dir / "index"
+    shards = _shard_lists(src, cache_dir, progress)
+    indexes = {split: str(cached_index(urls, root, mapper=mapper, progress=progress, duplicates=src.duplicates))
+               for split, urls in shards.items()}
+    found = Prepared(src.label, shards, indexes)
+    check_source(src, found.index("train"), max_bad_fraction)
+    atomic.write_bytes(record_path(src, root), found.to_json().encode())
+    return found
+
+
+def prepared(src: SourceConfig, cache_dir: Path, index_root: Path | None = None) -> Prepared:
+    """What the driver's `prepare` recorded for `src` (O(1): no shard is listed or identified again); shards that
+    live in this node's cache (generated or converted) are made here if this node lacks them. Falls back to
+    `prepare` where nothing is recorded (a plain Python process)."""
+    cache_dir = Path(cache_dir)
+    root = Path(index_root) if index_root is not None else cache_dir / "index"
+    path = record_path(src, root)
+    if not path.exists():
+        return prepare(src, cache_dir, root, progress=False)
+    raw = json.loads(path.read_text())
+    if src.source != "webdataset" and not all(os.path.exists(s) for s in (raw["shards"]["train"][:1])):
+        _shard_lists(src, cache_dir, progress=False)  # a node that has not generated (or converted) them yet
+    return Prepared(raw["label"], raw["shards"], raw["indexes"])
+
+
+def record_path(src: SourceConfig, root: Path) -> Path:
+    ident = json.dumps([INDEX_VERSION, {k: v for k, v in src.__dict__.items() if k != "name"}], sort_keys=True)
+    return root / "prepared" / f"{hashlib.sha256(ident.encode()).hexdigest()[:20]}.json"
+
+
+def cached_index(shards: list[str], root: Path, mapper: Mapper | None = None, progress: bool = False,
+                 duplicates: str = "refuse", workers: int | None = None) -> Path:
+    """The folder of `shards`' index under `root`, built there once (in parallel, moved into place whole) under a
+    key made from the shards' identity: a local shard's path, size and modification time; a remote one's ETag or
+    its sidecar's content hash. A rewritten shard changes the key, and so does `INDEX_VERSION`."""
+    remote = [shard for shard in shards if not is_local(shard)]
+    with ThreadPoolExecutor(max_workers=min(16, len(remote) or 1)) as pool:  # remote look-ups wait on the network
+        found = dict(zip(remote, pool.map(shard_identity, remote), strict=True))
+    ident = [f"index-v{INDEX_VERSION}", duplicates, *(found.get(s) or shard_identity(s) for s in shards),
+             info_lengths(shards)]  # an `_info.json` saying what a cut shard lost changes the index too
+    folder = Path(root) / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
+    if not (folder / "meta.json").exists():
+        index_mod.build(shards, folder, mapper=mapper, workers=workers, duplicates=duplicates, progress=progress)
+    return folder
+
+
+def check_source(src: SourceConfig, index: SourceIndex, max_bad_fraction: float = 0.001) -> None:
+    """The training split holds the declared `size`, and truncated or corrupt tars lost at most
+    `max_bad_fraction` of it."""
+    held, lost = len(index), index.lost
+    if held < src.size:
+        raise DataError(f"source '{src.label}' declares size {src.size} but its shards hold {held} readable samples"
+                        + (f" ({lost} lost to truncated or corrupt tars)" if lost else ""))
+    BadCounts(truncated_tar=lost).check(held + lost, max_bad_fraction, f"indexing {src.label}")
 
 
 def _shard_lists(src: SourceConfig, cache_dir: Path, progress: bool) -> dict[str, list[str]]:
@@ -130,146 +188,7 @@ def _shard_lists(src: SourceConfig, cache_dir: Path, progress: bool) -> dict[str
     root = cache_dir / f"shapes-{_shapes_digest(src)}"
     if not (root / "_info.json").exists():
         _generate_shapes(src, root, progress)
-    info = json.loads((root / "_info.json").read_text())
-    return {split: [str(root / name) for name in names] for split, names in info["shards"].items()}
-
-
-def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool) -> list[str]:
-    """A class folder converted once into shards in the cache (keyed by its files' names, sizes and mtimes), so
-    a `folder` source is read by the same reader, index and image path as every other source."""
-    files = folder_files(root)
-    ident = [os.path.abspath(root), split] + [(key, os.stat(path).st_size, os.stat(path).st_mtime_ns)
-                                              for key, path in files]
-    dest = cache_dir / f"folder-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}"
-    if not (dest / "_info.json").exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{dest.name}.tmp{os.getpid()}"
-        folder_to_shards(root, tmp, split, progress=progress)
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process converted the same folder first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    info = json.loads((dest / "_info.json").read_text())
-    return [str(dest / name) for name in info["splits"][split]["filenames"]]
-
-
-def _shapes_digest(src: SourceConfig) -> str:
-    ident = [shapes.GENERATOR_VERSION, src.seed, src.size, src.test_size, src.image_size, src.num_classes]
-    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
-
-
-def _generate_shapes(src: SourceConfig, root: Path, progress: bool) -> None:
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp{os.getpid()}"
-    tmp.mkdir()
-    jobs, names = [], {}
-    for split, count in (("train", src.size), ("test", src.test_size)):
-        names[split] = []
-        for start in range(0, count, SHARD_SIZE):
-            name = f"{split}-{start // SHARD_SIZE:06d}.tar"
-            names[split].append(name)
-            jobs.append((src, split, start, min(start + SHARD_SIZE, count), tmp / name))
-    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-        done = pool.map(_write_shapes_shard, jobs)
-        bar = tqdm(done, total=len(jobs), desc=f"generating {src.label} shards", unit="shard", disable=not progress)
-        for _ in bar:
-            pass
-    info = {"name": src.label, "splits": {"train": src.size, "test": src.test_size}, "shards": names,
-            "num_classes": src.num_classes, "image_size": src.image_size}
-    (tmp / "_info.json").write_text(json.dumps(info, indent=1))
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished the same cache first; theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_shapes_shard(job) -> int:
-    src, split, start, stop, path = job
-    samples = ((f"{i:08d}", *shapes.render(src.seed, split, i, src.num_classes, src.image_size))
-               for i in range(start, stop))
-    return write_shard(path, samples)
-
-
-def nested_subset(keys: list[str], n: int, seed: int) -> list[str]:
-    """The first `n` keys of a seeded permutation of all keys: subset(n) contains every smaller subset.
-
-    A pure function of (seed, n, the source's key set): keys are sorted first, so shard order is irrelevant.
-    """
-    if n > len(keys):
-        raise DataError(f"subset of {n} examples asked, but the source has only {len(keys)}")
-    ordered = sorted(keys)
-    perm = np.random.default_rng([seed, 20210603]).permutation(len(ordered))
-    return sorted(ordered[i] for i in perm[:n])
-
-
-def nested_shard_subset(index: ShardIndex, n: int, seed: int) -> list[str]:
-    """`n` keys taken whole shard by whole shard (`data.subset_mode: shards`): shards in a seeded permutation of
-    their names, each contributing its samples in tar order, the last one cut at `n`. Nested by construction
-    (subset(n) is a prefix of subset(m) for n < m), deterministic, and independent of the shard list's order;
-    a subset reads only the shards it covers (9M of a 300M-image source: 3% of its shards)."""
-    held = sum(len(keys) for keys in index.keys)
-    if n > held:
-        raise DataError(f"subset of {n} examples asked, but the source has only {held}")
-    names = sorted(range(len(index.shards)), key=lambda i: os.path.basename(index.shards[i]))
-    order = [names[i] for i in np.random.default_rng([seed, 20210604]).permutation(len(names))]
-    keys: list[str] = []
-    for shard in order:
-        keys += index.keys[shard][:n - len(keys)]
-        if len(keys) == n:
-            break
-    return sorted(keys)
-
-
-def subset_keys(index: ShardIndex, n: int, seed: int, mode: str = "samples") -> list[str]:
-    """The nested subset of `n` keys for `data.subset_mode` `samples` (`nested_subset`) or `shards`."""
-    if mode == "shards":
-        return nested_shard_subset(index, n, seed)
-    return nested_subset(index.all_keys, n, seed)
-
-
-def manifest_hash(keys: list[str]) -> str:
-    """Short content hash of a subset's key set, logged with every trial."""
-    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
-
-
-def source_keys(src: SourceConfig, shards: list[str]) -> list[str]:
-    """All training keys of a source; its declared `size` must not exceed what the shards hold."""
-    return source_index(src, shards).all_keys
-
-
-def source_index(src: SourceConfig, shards: list[str], max_bad_fraction: float = 0.001,
-                 cache_dir: Path | None = None) -> ShardIndex:
-    """The training shards' index; its declared `size` must not exceed what they hold, and samples lost to
-    truncated or corrupt tars must stay within `max_bad_fraction`. With `cache_dir`, read from (or built once
-    into) the index cache that `prepare` fills, so trials and ranks do not re-read the shards' headers."""
-    index = cached_index(shards, cache_dir) if cache_dir is not None else index_shards(shards)
-    held, lost = len(index.all_keys), sum(index.lost)
-    if held < src.size:
-        raise DataError(f"source '{src.label}' declares size {src.size} but its shards hold {held} readable samples"
-                        + (f" ({lost} lost to truncated or corrupt tars)" if lost else ""))
-    BadCounts(truncated_tar=lost).check(held + lost, max_bad_fraction, f"indexing {src.label}")
-    return index
-
-
-def cached_index(shards: list[str], cache_dir: Path) -> ShardIndex:
-    """`index_shards(shards)`, built once and cached in `cache_dir/index/` under a key made from the shards'
-    identity (`shard_identity`): a local shard's path, size and modification time; a remote one's ETag or its
-    sidecar's content hash. A rewritten shard, local or remote, changes the key, and so does `INDEX_VERSION` (an
-    index an older reader built is rebuilt)."""
-    remote = [shard for shard in shards if not is_local(shard)]
-    with ThreadPoolExecutor(max_workers=min(16, len(remote) or 1)) as pool:  # remote look-ups wait on the network
-        found = dict(zip(remote, pool.map(shard_identity, remote), strict=True))
-    ident = [found[shard] if shard in found else shard_identity(shard) for shard in shards]
-    ident = [f"index-v{INDEX_VERSION}", *ident]  # version 1 indexes were keyed by the shards alone
-    path = Path(cache_dir) / "index" / f"{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]}.json"
-    if path.exists():
-        return ShardIndex.from_json(path.read_text())
-    index = index_shards(shards)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(index.to_json())
-    os.replace(tmp, path)  # atomic: concurrent builders write the same content
-    return index
+    return {split: files for split in ("train", "test") if (files := split_files(root, split))}
 
 
 def _check_info(src: SourceConfig, first_shard: str) -> None:
@@ -280,6 +199,82 @@ def _check_info(src: SourceConfig, first_shard: str) -> None:
     held = json.loads(info_path.read_text()).get("splits", {}).get("train", {}).get("num_samples")
     if held is not None and src.size > held:
         raise DataError(f"source '{src.label}' declares size {src.size}, but {info_path} lists {held} train samples")
+
+
+def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool) -> list[str]:
+    """A class folder converted once into shards in the cache (keyed by its files' names, sizes and mtimes), so
+    a `folder` source is read by the same reader, index and image path as every other source."""
+    files = folder_files(root)
+    ident = [os.path.abspath(root), split] + [(key, os.stat(path).st_size, os.stat(path).st_mtime_ns)
+                                              for key, path in files]
+    dest = cache_dir / f"folder-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}"
+    if not (dest / "_info.json").exists():
+        with atomic.folder(dest) as tmp:
+            folder_to_shards(root, tmp, split, progress=progress)
+    return [str(dest / name) for name in json.loads((dest / "_info.json").read_text())["splits"][split]["filenames"]]
+
+
+def _shapes_digest(src: SourceConfig) -> str:
+    ident = [shapes.GENERATOR_VERSION, src.seed, src.size, src.test_size, src.image_size, src.num_classes]
+    ident += [SHAPES_LAYOUT] if SHAPES_LAYOUT > 1 else []
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
+
+
+def _generate_shapes(src: SourceConfig, root: Path, progress: bool) -> None:
+    with atomic.folder(root) as tmp:
+        jobs, names = [], {}
+        for split, count in (("train", src.size), ("test", src.test_size)):
+            names[split] = []
+            for start in range(0, count, SHARD_SIZE):
+                names[split].append(f"{split}-{start // SHARD_SIZE:06d}.tar")
+                jobs.append((src, split, start, min(start + SHARD_SIZE, count), tmp / names[split][-1]))
+        with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+            done = pool.map(_write_shapes_shard, jobs)
+            for _ in tqdm(done, total=len(jobs), desc=f"generating {src.label} shards", unit="shard",
+                          disable=not progress):
+                pass
+        for split, count in (("train", src.size), ("test", src.test_size)):
+            if count:
+                write_info(tmp, split, names[split], [min(SHARD_SIZE, count - i * SHARD_SIZE)
+                                                      for i in range(len(names[split]))],
+                           name=src.label, num_classes=src.num_classes, image_size=src.image_size)
+
+
+def _write_shapes_shard(job) -> int:
+    src, split, start, stop, path = job
+    samples = ((f"{i:08d}", *shapes.render(src.seed, split, i, src.num_classes, src.image_size))
+               for i in range(start, stop))
+    return write_shard(path, samples)
+
+
+def nested_subset(index: SourceIndex, n: int, seed: int, mode: str = "samples") -> ShardSubset:
+    """The nested subset of `n` rows for `data.subset_mode`: subset(n) contains every smaller subset, and is a pure
+    function of (the source's keys, seed, n), whatever the shard order or the number of ranks.
+
+    `samples`: the `n` rows first in the source's seeded key order (`SourceIndex.order`: O(N) once per (source,
+    seed), then O(n)). `shards`: whole shards in a seeded permutation of their names, each contributing its rows in
+    tar order, the last one cut at `n`: a subset reads only the shards it covers (9M of a 300M-image source: 3%).
+    """
+    if n > len(index):
+        raise DataError(f"subset of {n} examples asked, but the source has only {len(index)}")
+    if mode == "samples":
+        return ShardSubset(index, np.sort(np.asarray(index.order(seed)[:n], dtype=np.int64)))
+    names = sorted(range(index.num_shards), key=lambda i: os.path.basename(index.shard_url(i)))
+    parts, taken = [], 0
+    for i in np.random.default_rng([seed, 20210604]).permutation(len(names)):
+        shard = names[i]
+        start = index.shard_start(shard)
+        take = min(int(index.shard_end[shard]) - start, n - taken)
+        parts.append(np.arange(start, start + take, dtype=np.int64))
+        taken += take
+        if taken == n:
+            break
+    return ShardSubset(index, np.sort(np.concatenate(parts)))
+
+
+def manifest_hash(subset: ShardSubset) -> str:
+    """Short content hash of a subset's key set (its rows' key hashes, sorted), logged with every trial."""
+    return hashlib.sha256(np.sort(np.asarray(subset.index.key[subset.positions])).tobytes()).hexdigest()[:16]
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> dict:
@@ -307,84 +302,8 @@ def _check_folders(src: SourceConfig) -> dict[str, list[str]]:
     return splits
 
 
-def eval_batches(shards: list[str], image_size: int, batch_size: int = 256, keys: list[str] | None = None,
-                 progress: bool = False, desc: str = "", max_bad_fraction: float = 0.001,
-                 width: int | None = None) -> Iterator[ImageArrays]:
-    """A split (or the samples named by `keys`) decoded batch by batch at `image_size`, in shard order: memory
-    holds one batch, whatever the split's size.
+from pipelines.data.batches import eval_batches, load, split_batches  # noqa: E402  (they read `ImageArrays`)
 
-    A `folder` source is read from the shards `prepare` converted it into. Images go through the evaluation
-    transform of the training image path (`augment.eval_image`: shorter side resized, centre crop). Unreadable
-    samples are counted per cause and skipped (each batch's `bad`: the running counts), up to `max_bad_fraction`
-    of the samples expected; past it DataError names the causes. Labels are int64 [b], or [b, width] for a
-    multi-label source (`width`: its `ShardIndex.label_width`; found from the index when the whole split is read,
-    else from each batch).
-    """
-    wanted = set(keys) if keys is not None else None
-    bad = BadCounts()
-    if wanted is not None:
-        expected = len(wanted)
-    else:  # the whole split: what the tar headers list, plus what truncated tars lost
-        index = index_shards(shards)
-        expected = len(index.all_keys) + sum(index.lost)
-        width = width or index.label_width
-    samples = iter_encoded(shards, wanted, bad)
-    where = f"loading {desc or (shards[0] if shards else 'an empty shard list')}"
-    images, labels, names, read = [], [], [], 0
-    for key, raw, label in tqdm(samples, total=expected, desc=desc or "loading", unit="img", disable=not progress,
-                                mininterval=5):
-        try:
-            images.append(eval_image(raw, image_size))
-        except (OSError, ValueError, Image.DecompressionBombError):
-            bad["undecodable_image"] += 1
-            continue
-        labels.append(label)
-        names.append(key)
-        if len(names) == batch_size:
-            read += len(names)
-            bad.check(expected, max_bad_fraction, where)
-            yield ImageArrays(np.stack(images), label_array(labels, width or label_width(labels)), names, dict(+bad))
-            images, labels, names = [], [], []
-    read += len(names)
-    bad["truncated_tar"] += max(0, expected - read - sum(bad.values()))  # expected, neither read nor counted
-    bad.check(expected, max_bad_fraction, where)
-    if read == 0:
-        raise DataError(f"no samples found in {shards[0] if shards else 'an empty shard list'}")
-    if names:
-        yield ImageArrays(np.stack(images), label_array(labels, width or label_width(labels)), names, dict(+bad))
-
-
-def load(shards: list[str], image_size: int, keys: list[str] | None = None, progress: bool = False,
-         desc: str = "", max_bad_fraction: float = 0.001) -> ImageArrays:
-    """A split (or the samples named by `keys`) in memory: `eval_batches` joined. For the few places that need
-    the pixels at once (the Fig 7 probe images); evaluation streams."""
-    parts = list(eval_batches(shards, image_size, 1024, keys, progress, desc, max_bad_fraction))
-    return ImageArrays(np.concatenate([p.images for p in parts]), _join_labels([p.labels for p in parts]),
-                       [k for p in parts for k in p.keys], parts[-1].bad)
-
-
-def _join_labels(parts: list[np.ndarray]) -> np.ndarray:
-    """Batches' labels joined; multi-label batches of different widths padded to the widest with -1."""
-    if all(p.ndim == 1 for p in parts):
-        return np.concatenate(parts)
-    width = max(p.shape[1] if p.ndim == 2 else 1 for p in parts)
-    out = np.full((sum(len(p) for p in parts), width), -1, dtype=np.int64)
-    row = 0
-    for p in parts:
-        p = p.reshape(len(p), -1)
-        out[row:row + len(p), :p.shape[1]] = p
-        row += len(p)
-    return out
-
-
-def split_batches(split: ImageArrays | ShardSubset, image_size: int, batch_size: int = 256,
-                  max_bad_fraction: float = 0.001) -> Iterator[ImageArrays]:
-    """Evaluation batches of a split held in memory (as stored; the model input resizes) or left in shards
-    (decoded at `image_size` batch by batch, see `eval_batches`)."""
-    if isinstance(split, ImageArrays):
-        for start in range(0, len(split), batch_size):
-            stop = start + batch_size
-            yield ImageArrays(split.images[start:stop], split.labels[start:stop], split.keys[start:stop])
-        return
-    yield from eval_batches(split.index.shards, image_size, batch_size, split.keys,
-                            max_bad_fraction=max_bad_fraction, width=split.index.label_width)
+__all__ = ["DataError", "ImageArrays", "Prepared", "ShardSubset", "SourceConfig", "SourceIndex", "class_counts",
+           "default_cache_dir", "eval_batches", "load", "manifest_hash", "nested_subset", "prepare", "prepared",
+           "split_batches"]

@@ -29,15 +29,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data.augment import Augment, train_image
-from pipelines.data.shards import (
-    BadCounts,
-    BadSample,
-    DataError,
-    ShardIndex,
-    iter_encoded,
-    label_array,
-    read_span,
-)
+from pipelines.data.index import ShardSubset, key_hash
+from pipelines.data.labels import label_array
+from pipelines.data.reader import BadCounts, BadSample, DataError, ShardFiles, iter_encoded, read_sample
 
 
 @dataclass(frozen=True)
@@ -54,10 +48,11 @@ class LoaderConfig:
     workers: int = 2
     shuffle_buffer: int = 1024
     max_bad_fraction: float = 0.001
+    open_shards: int = 64  # shard files each loader process keeps open (least recently used closed first)
 
     def __post_init__(self):
-        if self.workers < 0 or self.shuffle_buffer < 1 or not 0 <= self.max_bad_fraction < 1:
-            raise ValueError("need workers >= 0, shuffle_buffer >= 1 and 0 <= max_bad_fraction < 1")
+        if self.workers < 0 or self.shuffle_buffer < 1 or not 0 <= self.max_bad_fraction < 1 or self.open_shards < 1:
+            raise ValueError("need workers >= 0, shuffle_buffer >= 1, 0 <= max_bad_fraction < 1 and open_shards >= 1")
 
 
 def part_plan(counts: list[int], order: np.ndarray, part: int, parts: int) -> list[tuple[int, int, int]]:
@@ -79,24 +74,6 @@ def part_plan(counts: list[int], order: np.ndarray, part: int, parts: int) -> li
     return plan
 
 
-@dataclass
-class ShardSubset:
-    """A (nested) subset of a shard source, to be streamed rather than loaded: the source's index and the keys."""
-
-    index: ShardIndex
-    keys: list[str]
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """The subset's labels, from the index (-1 where a sample has none): int64 [n], or [n, K] (-1 padded) for a
-        multi-label source (`shards.label_array`)."""
-        label_of = self.index.label_of()
-        return label_array([label_of[k] for k in self.keys], self.index.label_width)
-
-
 ORDER_WINDOW = 1 << 20  # positions shuffled together within an epoch (8 MB of int64 per window)
 
 
@@ -110,15 +87,13 @@ class ShardStream(IterableDataset):
     takes batch_size / world_size samples per step.
     """
 
-    def __init__(self, index: ShardIndex, keys: list[str] | None, image_size: int, batch_size: int,
-                 augment: Augment, seed: int, shuffle_buffer: int = 1024, rank: int = 0, world_size: int = 1,
-                 start_step: int = 0):
-        wanted = set(keys) if keys is not None else None
-        self.shards, self.spans, self.labels = index.shards, index.spans, index.labels
-        self.keys, self.label_width = index.keys, index.label_width
-        self.positions = [np.asarray([i for i, k in enumerate(shard) if wanted is None or k in wanted], dtype=np.int64)
-                          for shard in index.keys]  # the subset's samples in each shard, in tar order
-        self.counts = np.asarray([len(p) for p in self.positions], dtype=np.int64)
+    def __init__(self, subset: ShardSubset, image_size: int, batch_size: int, augment: Augment, seed: int,
+                 shuffle_buffer: int = 1024, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                 open_shards: int = 64):
+        index, rows = subset.index, np.asarray(subset.positions, dtype=np.int64)
+        self.index, self.rows, self.label_width = index, rows, index.label_width
+        self.counts = np.bincount(index.shard_of(rows), minlength=index.num_shards).astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])  # each shard's first entry in `rows`
         self.total = int(self.counts.sum())
         if self.total == 0:
             raise ValueError("the subset has no samples in these shards")
@@ -127,8 +102,13 @@ class ShardStream(IterableDataset):
         self.image_size, self.batch_size, self.augment, self.seed = image_size, batch_size, augment, seed
         self.local_batch = batch_size // world_size
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
-        self.start_step = start_step
-        self.indexed = all(self.spans and self.spans[s] is not None for s in range(len(self.shards)) if self.counts[s])
+        self.start_step, self.open_shards = start_step, open_shards
+        used = np.flatnonzero(self.counts)
+        self.indexed = bool(np.all(np.asarray(index.shard_seekable)[used])) if len(used) else True
+
+    def shard_rows(self, shard: int) -> np.ndarray:
+        """The subset's rows in shard `shard`, in tar order (a view of the subset's positions)."""
+        return self.rows[self.starts[shard]:self.starts[shard] + self.counts[shard]]
 
     def __len__(self) -> int:
         """Samples per epoch (all ranks together)."""
@@ -143,7 +123,7 @@ class ShardStream(IterableDataset):
     # -- local shards: any position, read by offset ------------------------------------------------------------
 
     def _indexed(self, steps: Iterator[int]) -> Iterator[dict]:
-        order, files = _EpochOrder(self.counts, self.seed), {}
+        order, files, index = _EpochOrder(self.counts, self.seed), ShardFiles(self.open_shards), self.index
         try:
             for t in steps:
                 lo = t * self.batch_size + self.rank * self.local_batch
@@ -151,23 +131,17 @@ class ShardStream(IterableDataset):
                 for p in range(lo, lo + self.local_batch):
                     epoch, at = divmod(p, self.total)
                     shard, i = order.sample(epoch, at)
-                    pos = int(self.positions[shard][i])
-                    key = self.keys[shard][pos]
+                    row = int(self.rows[self.starts[shard] + i])
                     try:
-                        if shard not in files:
-                            files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 (closed below)
-                        raw, label = read_span(files[shard], key, self.labels[shard][pos], self.spans[shard][pos])
-                    except OSError:
-                        batch.bad[epoch]["truncated_tar"] += 1
-                        continue
+                        key, raw, label = read_sample(files, index.shard_url(shard), int(index.offset[row]),
+                                                      int(index.size[row]))
                     except BadSample as err:
                         batch.bad[epoch][err.cause] += 1
                         continue
                     batch.add(key, raw, label, epoch, np.random.default_rng([self.seed, epoch, at, 2]))
                 yield batch.done(t)
         finally:
-            for f in files.values():
-                f.close()
+            files.close()
 
     # -- streamed shards: each (rank, worker) reads its part of every epoch --------------------------------------
 
@@ -195,7 +169,7 @@ class ShardStream(IterableDataset):
         first_epoch = skip // size
         skip -= first_epoch * size
         for epoch in itertools.count(first_epoch):
-            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.shards))
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(self.index.num_shards)
             plan = part_plan(self.counts.tolist(), order, part, parts)
             rng = np.random.default_rng([self.seed, epoch, part, 2])
             bad = BadCounts()
@@ -210,9 +184,10 @@ class ShardStream(IterableDataset):
     def _stream(self, plan, bad: BadCounts) -> Iterator[tuple[str, bytes, int]]:
         """Streamed shards through the one shard read loop (`iter_encoded`, as evaluation reads them)."""
         for shard, first, stop in plan:
-            take = {self.keys[shard][p] for p in self.positions[shard][first:stop]}
+            take = set(np.asarray(self.index.key[self.shard_rows(shard)[first:stop]]).tolist())
             found, here = 0, BadCounts()
-            for sample in iter_encoded([self.shards[shard]], take, here):
+            want = lambda key, take=take: int(key_hash([key])[0]) in take  # noqa: E731
+            for sample in iter_encoded([self.index.shard_url(shard)], here, want):
                 found += 1 + sum(here.values())  # read, and those read but unreadable (counted by cause)
                 bad.update(here)
                 here.clear()

@@ -11,7 +11,9 @@ import pytest
 from pipelines import data
 from pipelines.data import shapes
 from pipelines.data.augment import eval_image
-from pipelines.data.shards import DataError, check_local_shards, iter_encoded, write_shard
+from pipelines.data.reader import DataError, iter_encoded
+from pipelines.data.sources import check_local_shards
+from pipelines.data.writer import write_shard
 
 SMALL = data.SourceConfig(source="shapes", size=600, test_size=100, image_size=32, num_classes=8, seed=5)
 
@@ -39,15 +41,15 @@ def test_prepare_writes_shards_once_and_reads_back_identical_pixels(cache_dir, m
     generated = []
     real = data._generate_shapes
     monkeypatch.setattr(data, "_generate_shapes", lambda *a: generated.append(a) or real(*a))
-    shards = data.prepare(SMALL, cache_dir, progress=False)
+    shards = data.prepare(SMALL, cache_dir, progress=False).shards
     assert len(shards["train"]) == 1 and len(shards["test"]) == 1
     files = [*shards["train"], *shards["test"], str(Path(shards["train"][0]).parent / "_info.json")]
     written = {f: (os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files}
-    again = data.prepare(SMALL, cache_dir, progress=False)
+    again = data.prepare(SMALL, cache_dir, progress=False).shards
     assert again == shards
     assert {f: (os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files} == written  # not rewritten ...
     assert len(generated) <= 1  # ... nor generated again (a second copy would lose the rename and leave these)
-    assert data.prepare(SMALL, cache_dir, progress=False) == shards and len(generated) <= 1
+    assert data.prepare(SMALL, cache_dir, progress=False).shards == shards and len(generated) <= 1
     split = data.load(shards["train"], 32, progress=False)
     assert len(split) == 600
     i = split.keys.index("00000123")
@@ -55,22 +57,23 @@ def test_prepare_writes_shards_once_and_reads_back_identical_pixels(cache_dir, m
     assert np.array_equal(split.images[i], image) and split.labels[i] == label  # PNG is lossless
 
 
-def test_nested_subsets_contain_each_other_and_are_deterministic(cache_dir):
-    keys = data.source_keys(SMALL, data.prepare(SMALL, cache_dir, progress=False)["train"])
-    small, mid, big = (set(data.nested_subset(keys, n, seed=3)) for n in (50, 200, 600))
+def test_nested_subsets_contain_each_other_and_are_deterministic(cache_dir, tmp_path):
+    index = data.prepare(SMALL, cache_dir, progress=False).index()
+    small, mid, big = (set(data.nested_subset(index, n, seed=3).positions.tolist()) for n in (50, 200, 600))
     assert small < mid < big and len(small) == 50 and len(big) == 600
-    assert set(data.nested_subset(keys, 200, seed=4)) != mid
-    # Shard order does not matter, and another process computes the same manifest.
-    assert data.nested_subset(list(reversed(keys)), 200, seed=3) == sorted(mid)
-    code = ("from pipelines import data; import sys, json; keys=json.load(sys.stdin); "
-            "print(data.manifest_hash(data.nested_subset(keys, 200, 3)))")
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(keys), capture_output=True, text=True)
-    assert out.stdout.strip() == data.manifest_hash(sorted(mid))
+    assert set(data.nested_subset(index, 200, seed=4).positions.tolist()) != mid
+    # Another process computes the same manifest (shard order: see the shard-mode test).
+    subset = data.nested_subset(index, 200, seed=3)
+    code = ("from pipelines import data; import sys; index = data.SourceIndex(sys.argv[1]); "
+            "print(data.manifest_hash(data.nested_subset(index, 200, 3)))")
+    out = subprocess.run([sys.executable, "-c", code, str(index.folder)], capture_output=True, text=True)
+    assert out.stdout.strip() == data.manifest_hash(subset)
 
 
-def test_subset_larger_than_source_is_a_clear_error():
+def test_subset_larger_than_source_is_a_clear_error(cache_dir):
+    index = data.prepare(SMALL, cache_dir, progress=False).index()
     with pytest.raises(DataError, match="subset of 700 examples asked, but the source has only 600"):
-        data.nested_subset([f"{i}" for i in range(600)], 700, seed=0)
+        data.nested_subset(index, 700, seed=0)
 
 
 def test_missing_shard_path_is_named(tmp_path):
@@ -131,7 +134,7 @@ def _folder(root, classes, per_class, rng):
 
 def _folder_pixels(root, size):
     """(label, pixels) of every image of a class folder through the one image path, the reference for its shards."""
-    from pipelines.data.shards import folder_classes, folder_files
+    from pipelines.data.folder import folder_classes, folder_files
 
     labels = {name: i for i, name in enumerate(folder_classes(str(root)))}
     return sorted((labels[key.split("/")[0]], eval_image(Path(path).read_bytes(), size).tobytes())
@@ -151,10 +154,11 @@ def test_folder_source_is_converted_once_to_shards_that_give_the_model_the_same_
     converted = []
     real = data.folder_to_shards
     monkeypatch.setattr(data, "folder_to_shards", lambda *a, **k: converted.append(a) or real(*a, **k))
-    splits = data.prepare(src, tmp_path / "cache")
+    found = data.prepare(src, tmp_path / "cache")
+    splits = found.shards
     assert all(path.endswith(".tar") for paths in splits.values() for path in paths)
     stamp = {p: os.stat(p).st_mtime_ns for paths in splits.values() for p in paths}
-    assert data.prepare(src, tmp_path / "cache") == splits
+    assert data.prepare(src, tmp_path / "cache").shards == splits
     assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp and len(converted) == 2  # once per split
     for split, root in (("train", src.root), ("test", src.test_root)):
         from_shards = data.load(splits[split], 16)
@@ -163,13 +167,12 @@ def test_folder_source_is_converted_once_to_shards_that_give_the_model_the_same_
     paths = {json.loads(raw)["path"]: key for key, raw in _jsons(splits["train"])}
     labels = dict(zip(from_shards.keys, from_shards.labels, strict=True))
     assert [labels[paths[f]] for f in ("ant/0.jpg", "bee/3.jpg", "cat/1.jpg")] == [0, 1, 2]  # sorted class names
-    keys = data.source_keys(src, splits["train"])
-    assert len(data.load(splits["train"], 16, keys=data.nested_subset(keys, 5, seed=0))) == 5
+    assert len(data.load(data.nested_subset(found.index(), 5, seed=0), 16)) == 5
 
 
 def _jsons(shards):
     """(key, .json bytes) of every sample: where a converted image came from."""
-    from pipelines.data.shards import read_shard
+    from pipelines.data.reader import read_shard
 
     return [(key, parts["json"]) for shard in shards for key, parts in read_shard(shard)]
 
@@ -199,7 +202,7 @@ def test_folder_to_shards_round_trip_is_pixel_and_label_identical(tmp_path, cach
         for i in range(7):
             ext = "png" if i % 2 else "jpg"  # PNG is lossless; JPEG bytes are copied, not re-encoded
             Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / name / f"{c}_{i}.{ext}")
-    proc = run_cli(["-m", "pipelines.data.shards", "--from-folder", str(root), "--out", str(tmp_path / "wds"),
+    proc = run_cli(["-m", "pipelines.data.folder", "--from-folder", str(root), "--out", str(tmp_path / "wds"),
                     "--shard-size", "5"], cache_dir)
     assert proc.returncode == 0, proc.stderr
     assert "21 samples of 3 classes in 5 shards" in proc.stdout
@@ -208,10 +211,10 @@ def test_folder_to_shards_round_trip_is_pixel_and_label_identical(tmp_path, cach
     assert json.loads((tmp_path / "wds" / "classes.json").read_text()) == ["cat", "dog", "emu"]
     src = data.SourceConfig(source="webdataset", urls=str(tmp_path / "wds" / "train-{000000..000004}.tar"),
                             size=21, num_classes=3, image_size=12)
-    assert _as_set(data.load(data.prepare(src, tmp_path)["train"], 12)) == _folder_pixels(root, 12)
+    assert _as_set(data.load(data.prepare(src, tmp_path).subset(), 12)) == _folder_pixels(root, 12)
     with pytest.raises(DataError, match="declares size 22, but .*_info.json lists 21 train samples"):
         data.prepare(data.SourceConfig(**{**src.__dict__, "size": 22}), tmp_path)
-    bad = run_cli(["-m", "pipelines.data.shards", "--from-folder", str(tmp_path / "nope"), "--out", str(tmp_path)],
+    bad = run_cli(["-m", "pipelines.data.folder", "--from-folder", str(tmp_path / "nope"), "--out", str(tmp_path)],
                   cache_dir)
     assert bad.returncode == 2 and bad.stderr.startswith("error: data path not found")
 
@@ -221,84 +224,73 @@ def test_class_counts_report_the_spread():
     assert balance == {"counts": [2, 1, 0, 1, 0], "min": 0, "max": 2, "empty_classes": 2}
 
 
-def test_prepare_indexes_a_source_once_and_fails_up_front_on_a_corrupt_training_shard(tmp_path, monkeypatch):
+def _source(folder, counts, tag=""):
+    """Real shards `train-<s>.tar` of tiny PNGs with `counts[s]` samples each; keys `<tag><s>-<i>`."""
     rng = np.random.default_rng(0)
-    for s in range(3):
-        write_shard(tmp_path / f"train-{s}.tar", ((f"{s}-{i:03d}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
-                                                   i % 3) for i in range(100)))
+    for s, n in enumerate(counts):
+        write_shard(folder / f"train-{s}.tar", ((f"{tag}{s}-{i:03d}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+                                                 i % 3) for i in range(n)))
+    return [str(folder / f"train-{s}.tar") for s in range(len(counts))]
+
+
+def test_prepare_indexes_a_source_once_and_fails_up_front_on_a_corrupt_training_shard(tmp_path, monkeypatch):
+    from pipelines.data import index as index_mod
+
+    _source(tmp_path, [100] * 3)
     src = data.SourceConfig(source="webdataset", urls=str(tmp_path / "train-{0..2}.tar"), size=240, num_classes=3,
                             image_size=8)
     built = []
-    real = data.index_shards
-    monkeypatch.setattr(data, "index_shards", lambda shards: built.append(shards) or real(shards))
-    shards = data.prepare(src, tmp_path / "cache")
+    real = index_mod.build
+    monkeypatch.setattr(index_mod, "build", lambda shards, *a, **k: built.append(shards) or real(shards, *a, **k))
+    found = data.prepare(src, tmp_path / "cache")
     assert len(built) == 1
-    index = data.source_index(src, shards["train"], 0.001, cache_dir=tmp_path / "cache")  # a trial, a rank
-    assert data.prepare(src, tmp_path / "cache") == shards and len(built) == 1  # read from the cache
-    assert sorted(index.all_keys) == sorted(real(shards["train"]).all_keys) and index.spans[0].shape == (100, 4)
+    again = data.prepared(src, tmp_path / "cache")  # a trial, a rank: the driver's record, nothing rebuilt
+    assert again == found and len(built) == 1 and data.prepare(src, tmp_path / "cache") == found and len(built) == 1
+    index = again.index()
+    assert len(index) == 300 and index.keys_of([0, 150, 299]) == ["0-000", "1-050", "2-099"]
+    assert index.labels_of(np.array([0, 1, 2, 150])).tolist() == [0, 1, 2, 50 % 3]
     raw = (tmp_path / "train-1.tar").read_bytes()
-    (tmp_path / "train-1.tar").write_bytes(raw[: len(raw) // 2])  # a new size and mtime: a new cache key
+    (tmp_path / "train-1.tar").write_bytes(raw[: len(raw) // 2])  # a new size and mtime: a new index key
     with pytest.raises(DataError, match=r"^indexing webdataset: 1 of \d+ samples unreadable .*truncated_tar 1"):
         data.prepare(src, tmp_path / "cache")
     assert len(built) == 2
 
 
-def test_shard_mode_subsets_are_nested_deterministic_and_read_few_shards():
-    from pipelines.data.shards import ShardIndex
-
+def test_shard_mode_subsets_are_nested_deterministic_and_read_few_shards(tmp_path):
     counts = [100, 80, 120, 100, 50, 100, 90, 110]
-    keys = [[f"{s}-{i:03d}" for i in range(c)] for s, c in enumerate(counts)]
-    index = ShardIndex([f"/d/train-{s:02d}.tar" for s in range(8)], keys, [[0] * c for c in counts], [0] * 8)
-    subsets = [data.nested_shard_subset(index, n, seed=3) for n in (60, 250, 500, 750)]
+    shards = _source(tmp_path, counts)
+    index = data.SourceIndex(data.cached_index(shards, tmp_path / "index"))
+    subsets = [data.nested_subset(index, n, seed=3, mode="shards") for n in (60, 250, 500, 750)]
     assert [len(s) for s in subsets] == [60, 250, 500, 750]
-    assert all(set(a) < set(b) for a, b in zip(subsets, subsets[1:], strict=False))  # nested
-    shards_read = [{k.split("-")[0] for k in s} for s in subsets]
+    rows = [set(s.positions.tolist()) for s in subsets]
+    assert all(a < b for a, b in zip(rows, rows[1:], strict=False))  # nested
+    shards_read = [set(index.shard_of(s.positions).tolist()) for s in subsets]
     assert len(shards_read[0]) == 1 and len(shards_read[1]) <= 4  # whole shards, not samples across all 8
-    assert data.nested_shard_subset(index, 250, seed=3) == subsets[1]  # deterministic
-    assert data.nested_shard_subset(index, 250, seed=4) != subsets[1]
-    backwards = ShardIndex(index.shards[::-1], keys[::-1], index.labels[::-1], index.lost)
-    assert data.nested_shard_subset(backwards, 250, seed=3) == subsets[1]  # the shard list's order is irrelevant
-    assert data.subset_keys(index, 250, 3, "samples") == data.nested_subset(index.all_keys, 250, 3)
+    assert rows[1] == set(data.nested_subset(index, 250, seed=3, mode="shards").positions.tolist())  # deterministic
+    assert rows[1] != set(data.nested_subset(index, 250, seed=4, mode="shards").positions.tolist())
+    backwards = data.SourceIndex(data.cached_index(shards[::-1], tmp_path / "index"))
+    for mode in ("shards", "samples"):  # the shard list's order is irrelevant: the same keys are chosen
+        assert data.manifest_hash(data.nested_subset(backwards, 250, 3, mode)) == \
+            data.manifest_hash(data.nested_subset(index, 250, 3, mode))
     with pytest.raises(DataError, match="subset of 751 examples asked, but the source has only 750"):
-        data.nested_shard_subset(index, 751, seed=0)
+        data.nested_subset(index, 751, seed=0, mode="shards")
 
 
-def test_a_changed_remote_shard_gets_a_new_cached_index(tmp_path, monkeypatch):
+def test_a_changed_remote_shard_gets_a_new_index(tmp_path, monkeypatch):
     """Remote shards are keyed by their sidecar's content hash (`pipe:`) or ETag (http), not by their URL alone."""
-    import http.server
-    import threading
+    from pipelines.data import index as index_mod
+    from pipelines.data.sources import shard_identity
 
-    from pipelines.data.shards import shard_identity
-
-    rng = np.random.default_rng(0)
-
-    def write(s, n, tag):
-        write_shard(tmp_path / f"train-{s}.tar", ((f"{tag}{s}-{i:02d}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
-                                                   i % 3) for i in range(n)))
-
-    for s in range(2):
-        write(s, 10, "a")
+    _source(tmp_path, [10, 10], "a")
     urls = [f"pipe:cat {tmp_path}/train-{s}.tar" for s in range(2)]
     built = []
-    real = data.index_shards
-    monkeypatch.setattr(data, "index_shards", lambda shards: built.append(shards) or real(shards))
+    real = index_mod.build
+    monkeypatch.setattr(index_mod, "build", lambda shards, *a, **k: built.append(shards) or real(shards, *a, **k))
     first = data.cached_index(urls, tmp_path / "cache")
-    assert data.cached_index(urls, tmp_path / "cache").keys == first.keys and len(built) == 1  # from the cache
-    write(1, 12, "b")  # the shard behind the same URL changes, and its sidecar with it
-    again = data.cached_index(urls, tmp_path / "cache")
-    assert len(built) == 2 and again.keys[1] == [f"b1-{i:02d}" for i in range(12)] and again.keys[0] == first.keys[0]
+    assert data.cached_index(urls, tmp_path / "cache") == first and len(built) == 1  # built once
+    write_shard(tmp_path / "train-1.tar", ((f"b1-{i:02d}", np.zeros((8, 8, 3), np.uint8), 0) for i in range(12)))
+    again = data.SourceIndex(data.cached_index(urls, tmp_path / "cache"))
+    assert len(built) == 2 and again.shard_start(1) == 10 and len(again) == 22
+    assert not again.shard_seekable[0]  # read from the sidecar, streamed when trained on
     (tmp_path / "train-0.tar.idx.json").unlink()
     assert shard_identity(urls[0]) == [urls[0]]  # no sidecar: the URL alone
-
-    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/train-1.tar"
-        before = shard_identity(url)
-        assert before[1] == "etag"  # http.server sends Last-Modified and Content-Length
-        write(1, 12, "c")
-        os.utime(tmp_path / "train-1.tar", (1e9, 1e9))  # a new Last-Modified, whatever the clock's resolution
-        assert shard_identity(url)[1] == "etag" and shard_identity(url) != before
-    finally:
-        server.shutdown()

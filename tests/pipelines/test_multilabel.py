@@ -14,7 +14,10 @@ from PIL import Image
 from pipelines import data, pretrain
 from pipelines.config import UserError
 from pipelines.data.augment import Augment
-from pipelines.data.shards import INDEX_VERSION, _read_sidecar, index_shards, parse_labels, sidecar_url, write_shard
+from pipelines.data.index import scratch_index
+from pipelines.data.labels import parse_labels
+from pipelines.data.sources import SIDECAR_VERSION, read_sidecar, sidecar_url
+from pipelines.data.writer import write_shard
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
 from pipelines.training import _Sums, loss_fn
 from tests.pipelines.test_stream import _shard
@@ -84,24 +87,25 @@ def test_labels_parse_from_cls_and_json():
     assert parse_labels(b"-1", None) is None
 
 
+def _everything(paths) -> ShardSubset:
+    index = scratch_index(paths)
+    return ShardSubset(index, np.arange(len(index), dtype=np.int64))
+
+
 def test_the_index_holds_every_label(source):
     paths, truth = source
-    index = index_shards(paths)
-    assert index.label_width == 3
-    got = index.label_of()
-    for key, classes in truth.items():
-        assert got[key] == (classes[0] if len(classes) == 1 else classes), key
-    subset = ShardSubset(index, sorted(truth))
+    subset = _everything(paths)
+    assert subset.index.label_width == 3 and subset.index.label_ptr is not None  # CSR columns
+    keys = subset.index.keys_of(subset.positions)
     assert subset.labels.dtype == np.int64 and subset.labels.shape == (60, 3)
-    assert _rows(subset.labels) == [truth[k] for k in sorted(truth)]
+    assert dict(zip(keys, _rows(subset.labels), strict=True)) == truth
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["by-offset", "streamed"])
 def test_the_loader_yields_each_samples_classes(source, remote):
     paths, truth = source
     urls = [f"pipe:cat {p}" for p in paths] if remote else paths
-    index = index_shards(urls)
-    stream = ShardStream(index, None, 16, 12, NONE, seed=0)
+    stream = ShardStream(_everything(urls), 16, 12, NONE, seed=0)
     batches = StreamLoader(stream, workers=0).batches()
     seen = {}
     for _ in range(5):  # one epoch: 60 samples
@@ -121,7 +125,7 @@ def test_evaluation_batches_and_class_counts_carry_every_label(source):
     split = data.load(paths, 16)
     assert split.labels.shape == (60, 3)
     assert dict(zip(split.keys, _rows(split.labels), strict=True)) == truth
-    counts = data.class_counts(ShardSubset(index_shards(paths), sorted(truth)).labels, CLASSES)
+    counts = data.class_counts(_everything(paths).labels, CLASSES)
     expected = np.bincount([c for classes in truth.values() for c in classes], minlength=CLASSES)
     assert counts["counts"] == expected.tolist() and sum(counts["counts"]) > len(truth)
     assert counts["min"] == expected.min() and counts["max"] == expected.max() and counts["empty_classes"] == 0
@@ -145,7 +149,7 @@ def test_sigmoid_loss_and_top1_on_multi_hot_targets():
 
 def test_sigmoid_pretraining_on_a_multi_label_source_learns(source):
     paths, truth = source
-    subset = ShardSubset(index_shards(paths), sorted(truth))
+    subset = _everything(paths)
     cfg = pretrain.PretrainConfig(steps=30, batch_size=12, lr=3e-3, warmup_steps=2, loss="sigmoid", precision="fp32",
                                   augment=NONE, compile=False, checkpoint_every=0)
     epochs: list[dict] = []
@@ -159,11 +163,12 @@ def test_sigmoid_pretraining_on_a_multi_label_source_learns(source):
 
 def test_softmax_on_a_multi_label_source_is_refused_in_one_line(source):
     paths, truth = source
-    index = index_shards(paths)
-    singles = sorted(k for k, classes in truth.items() if len(classes) == 1)  # the source decides, not the subset
+    everything = _everything(paths)
+    index = everything.index
+    singles = everything.part(np.flatnonzero((everything.labels >= 0).sum(1) == 1))  # the source decides
     cfg = pretrain.PretrainConfig(steps=2, batch_size=4, loss="softmax", compile=False)
     with pytest.raises(UserError) as err:
-        pretrain.run(cfg, "ViT-Pico/4", ShardSubset(index, singles), CLASSES, 16, seed=0, device=torch.device("cpu"),
+        pretrain.run(cfg, "ViT-Pico/4", singles, CLASSES, 16, seed=0, device=torch.device("cpu"),
                      progress=False, loader=LoaderConfig(workers=0))
     message = str(err.value)
     assert "\n" not in message and "multi-label" in message and "pretrain.loss=sigmoid" in message
@@ -175,13 +180,12 @@ def test_a_single_label_source_is_carried_as_before(tmp_path):
     write_shard(tmp_path / "train-0.tar", ((f"{i:03d}", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), i % 4)
                                            for i in range(24)))
     shards = [str(tmp_path / "train-0.tar")]
-    index = data.cached_index(shards, tmp_path / "cache")
-    assert index.label_width == 1 and index.labels == [[i % 4 for i in range(24)]]
-    cached = json.loads(next((tmp_path / "cache" / "index").glob("*.json")).read_text())
-    assert cached["labels"] == [[i % 4 for i in range(24)]]  # the cache's format: plain ints, as before
-    subset = ShardSubset(index, index.all_keys)
+    index = data.SourceIndex(data.cached_index(shards, tmp_path / "cache"))
+    assert index.label_width == 1 and index.label_ptr is None and index.label.tolist() == [i % 4 for i in range(24)]
+    assert not (index.folder / "label_ptr.bin").exists()  # 24 bytes a sample: no CSR for a single-label source
+    subset = ShardSubset(index, np.arange(24))
     assert subset.labels.dtype == np.int64 and subset.labels.tolist() == [i % 4 for i in range(24)]
-    batch = next(StreamLoader(ShardStream(index, None, 16, 8, NONE, seed=0), workers=0).batches())
+    batch = next(StreamLoader(ShardStream(subset, 16, 8, NONE, seed=0), workers=0).batches())
     assert batch.labels.dtype == torch.int64 and batch.labels.shape == (8,)
     assert batch.labels.tolist() == [int(k) % 4 for k in batch.keys]
     assert data.load(shards, 16).labels.shape == (24,)
@@ -196,16 +200,16 @@ def test_an_index_from_an_older_reader_is_not_reused(tmp_path):
                                            for i in range(3)))
     url = f"pipe:cat {tmp_path}/train-0.tar"
     side = json.loads(open(sidecar_url(str(tmp_path / "train-0.tar"))).read())
-    assert side["version"] == INDEX_VERSION and _read_sidecar(url) is not None
+    assert side["version"] == SIDECAR_VERSION and read_sidecar(url) is not None
     del side["version"]
     open(sidecar_url(str(tmp_path / "train-0.tar")), "w").write(json.dumps(side))
-    assert _read_sidecar(url) is None
+    assert read_sidecar(url) is None
     cache = tmp_path / "cache"
     data.cached_index([str(tmp_path / "train-0.tar")], cache)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "INDEX_VERSION", INDEX_VERSION + 1)
+        patch.setattr(data, "INDEX_VERSION", data.INDEX_VERSION + 1)
         data.cached_index([str(tmp_path / "train-0.tar")], cache)
-    assert len(list((cache / "index").glob("*.json"))) == 2  # another version, another key
+    assert len([p for p in cache.iterdir() if (p / "meta.json").exists()]) == 2  # another version, another key
 
 
 def test_held_out_metrics_on_a_multi_label_split():

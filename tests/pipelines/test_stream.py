@@ -15,7 +15,8 @@ from PIL import Image
 
 from pipelines import data
 from pipelines.data.augment import Augment, center_box, eval_image, inception_box, train_image
-from pipelines.data.shards import DataError, index_shards
+from pipelines.data.index import ShardSubset, scratch_index
+from pipelines.data.reader import DataError
 from pipelines.data.stream import ShardStream, StreamLoader, part_plan
 
 AUG = Augment(crop="inception", flip=True)
@@ -50,6 +51,18 @@ def _source(tmp_path, sizes, rng=None):
     return paths, keys
 
 
+def _whole(shards) -> ShardSubset:
+    """Every sample of `shards`, through their index."""
+    index = scratch_index(shards)
+    return ShardSubset(index, np.arange(len(index), dtype=np.int64))
+
+
+def _keys(subset: ShardSubset, local: list[str] | None = None) -> list[str]:
+    """The subset's keys (read from the tar headers of `local`, the same shards as local files, if given)."""
+    index = scratch_index(local) if local is not None else subset.index
+    return index.keys_of(subset.positions)
+
+
 def _epochs(loader: StreamLoader, epochs: int, start_step: int = 0) -> list[list[str]]:
     """The keys of each of the first `epochs` epochs (by each sample's epoch), and the batches read."""
     out: dict[int, list[str]] = {}
@@ -70,10 +83,11 @@ def _steps(loader: StreamLoader, n: int, start_step: int = 0) -> list:
                          ids=["3 uneven shards", "1 shard, more workers", "batch-multiple parts"])
 def test_every_subset_sample_is_seen_exactly_once_per_epoch_in_the_same_order_for_any_workers(tmp_path, sizes):
     shards, keys = _source(tmp_path, sizes)
-    subset = data.nested_subset(keys, len(keys) - 4, seed=0)
+    rows = data.nested_subset(scratch_index(shards), len(keys) - 4, seed=0)
+    subset = _keys(rows)
     n, runs = len(subset), {}
     for workers in (0, 1, 3):
-        stream = ShardStream(index_shards(shards), subset, 12, batch_size=8, augment=AUG, seed=1, shuffle_buffer=16)
+        stream = ShardStream(rows, 12, batch_size=8, augment=AUG, seed=1, shuffle_buffer=16)
         batches = _steps(StreamLoader(stream, workers), math.ceil(2 * n / 8) + 1)
         flat = [k for b in batches for k in b.keys]
         for e in range(2):
@@ -91,16 +105,16 @@ def test_ranks_take_equal_slices_of_the_one_process_batches(tmp_path):
     """World-size independence: rank r of 3 reads the r-th third of what one process reads at each step,
     with the same augmentation, and every rank runs the same steps."""
     shards, keys = _source(tmp_path, [30, 11])
-    index = index_shards(shards)
-    whole = _steps(StreamLoader(ShardStream(index, keys, 12, 12, AUG, seed=2), workers=2), 8)
-    parts = [_steps(StreamLoader(ShardStream(index, keys, 12, 12, AUG, seed=2, rank=r, world_size=3), workers=r),
+    index = _whole(shards)
+    whole = _steps(StreamLoader(ShardStream(index, 12, 12, AUG, seed=2), workers=2), 8)
+    parts = [_steps(StreamLoader(ShardStream(index, 12, 12, AUG, seed=2, rank=r, world_size=3), workers=r),
                     8) for r in range(3)]
     for t, batch in enumerate(whole):
         assert [k for p in parts for k in p[t].keys] == batch.keys
         assert torch.equal(torch.cat([p[t].images for p in parts]), batch.images)
         assert {p[t].end_of_epoch for p in parts} == {batch.end_of_epoch}
     with pytest.raises(ValueError, match="does not divide among 5 ranks"):
-        ShardStream(index, keys, 12, 12, AUG, seed=2, rank=0, world_size=5)
+        ShardStream(index, 12, 12, AUG, seed=2, rank=0, world_size=5)
 
 
 def test_part_plan_covers_every_position_once():
@@ -115,7 +129,7 @@ def test_part_plan_covers_every_position_once():
 
 def test_epochs_reshuffle_and_a_resume_replays_the_same_batches(tmp_path):
     shards, keys = _source(tmp_path, [20, 20])
-    make = lambda: StreamLoader(ShardStream(index_shards(shards), keys, 12, 6, AUG, seed=3), workers=2)  # noqa: E731
+    make = lambda: StreamLoader(ShardStream(_whole(shards), 12, 6, AUG, seed=3), workers=2)  # noqa: E731
     first = _steps(make(), 14)
     assert [k for b in first[:6] for k in b.keys] != [k for b in first[7:13] for k in b.keys]
     resumed = _steps(make(), 5, start_step=9)
@@ -144,13 +158,13 @@ def _corrupt_source(tmp_path):
 
 def test_corrupt_samples_are_counted_per_cause_and_skipped(tmp_path):
     shards = _corrupt_source(tmp_path)
-    index = index_shards(shards)
-    loader = StreamLoader(ShardStream(index, None, 12, 9, AUG, seed=0), workers=2, max_bad_fraction=0.5)
+    index = _whole(shards)
+    loader = StreamLoader(ShardStream(index, 12, 9, AUG, seed=0), workers=2, max_bad_fraction=0.5)
     (epoch,) = _epochs(loader, 1)
     assert sorted(epoch) == [f"g{i:03d}" for i in range(40)]
     assert loader.skipped(0) == {"checksum_mismatch": 1, "undecodable_image": 2, "empty_member": 1,
                                  "missing_label": 1}
-    strict = StreamLoader(ShardStream(index, None, 12, 8, AUG, seed=0), workers=0)  # default limit 0.1%
+    strict = StreamLoader(ShardStream(index, 12, 8, AUG, seed=0), workers=0)  # default limit 0.1%
     with pytest.raises(DataError, match=r"epoch 0 of the training data: \d of 45 samples unreadable \(.*\), above "
                                         r"the limit max_bad_fraction=0.001"):  # as soon as the limit is passed
         _epochs(strict, 1)
@@ -160,21 +174,21 @@ def test_corrupt_samples_are_counted_per_cause_and_skipped(tmp_path):
 
 def test_truncated_tars_are_counted_when_indexed_and_when_streamed(tmp_path):
     shards, keys = _source(tmp_path, [30, 30])
-    index = index_shards(shards)  # indexed while intact; the second shard is cut afterwards
+    index = _whole(shards)  # indexed while intact; the second shard is cut afterwards
     raw = open(shards[1], "rb").read()
     open(shards[1], "wb").write(raw[:len(raw) // 2])
-    loader = StreamLoader(ShardStream(index, keys, 12, 10, AUG, seed=0), workers=2, max_bad_fraction=0.5)
+    loader = StreamLoader(ShardStream(index, 12, 10, AUG, seed=0), workers=2, max_bad_fraction=0.5)
     (epoch,) = _epochs(loader, 1)
     read = len(epoch)
     assert 30 < read < 60 and loader.skipped(0) == {"truncated_tar": 60 - read}
-    cut = index_shards(shards)
-    assert len(cut.keys[1]) == read - 30 and cut.lost == [0, 1]  # without _info.json: the one sample cut
+    cut = scratch_index(shards)
+    assert len(cut) - 30 == read - 30 and cut.shard_lost.tolist() == [0, 1]  # without _info.json: the one cut
     (tmp_path / "_info.json").write_text(json.dumps({"splits": {"train": {
         "filenames": ["000000.tar", "000001.tar"], "shard_lengths": [30, 30]}}}))
-    assert index_shards(shards).lost == [0, 60 - read]
+    assert scratch_index(shards).shard_lost.tolist() == [0, 60 - read]
     src = data.SourceConfig(source="webdataset", urls=str(tmp_path / "{000000..000001}.tar"), size=40, num_classes=5)
     with pytest.raises(DataError, match=rf"indexing webdataset: {60 - read} of 60 samples unreadable .*truncated_tar"):
-        data.source_index(src, shards)
+        data.prepare(src, tmp_path / "cache")
 
 
 def test_inception_box_stays_inside_the_image_with_area_and_aspect_in_range():
@@ -212,10 +226,11 @@ def test_streamed_pipe_urls_are_read_exactly_once_with_bad_samples_counted(tmp_p
     (tmp_path / "c").mkdir()
     corrupt = _corrupt_source(tmp_path / "c")
     urls = [f"pipe:cat {path}" for path in shards + corrupt]
-    index = index_shards(urls)
-    assert index.spans == [None] * 3 and len(index.all_keys) == 32 + 45
-    subset = data.nested_subset(index.all_keys, 70, seed=0)
-    loader = StreamLoader(ShardStream(index, subset, 12, 8, AUG, seed=0, shuffle_buffer=10), workers,
+    index = scratch_index(urls)
+    assert not any(index.shard_seekable) and len(index) == 32 + 45
+    rows = data.nested_subset(index, 70, seed=0)
+    subset = _keys(rows, shards + corrupt)
+    loader = StreamLoader(ShardStream(rows, 12, 8, AUG, seed=0, shuffle_buffer=10), workers,
                           max_bad_fraction=0.5)
     good = {k for k in subset if k.startswith(("s", "g"))}
     for keys_of_epoch in _epochs(loader, 2):
@@ -246,7 +261,7 @@ def test_translate_pads_the_same_in_the_stream_and_in_memory():
 
 def test_a_remote_source_is_indexed_from_its_sidecars_without_reading_its_shards(tmp_path):
     """The shard writer leaves `<shard>.tar.idx.json` beside each shard; a `pipe:` source reads those alone."""
-    from pipelines.data.shards import write_shard
+    from pipelines.data.writer import write_shard
 
     rng = np.random.default_rng(0)
     for s in range(3):
@@ -258,12 +273,14 @@ def test_a_remote_source_is_indexed_from_its_sidecars_without_reading_its_shards
                    f"open({str(log)!r}, 'a').write(f'{{sys.argv[1]}} {{len(data)}}\\n')\n"
                    "sys.stdout.buffer.write(data)\n")
     urls = [f"pipe:{sys.executable} {cat} {tmp_path}/train-{s}.tar" for s in range(3)]
-    remote, local = index_shards(urls), index_shards([str(tmp_path / f"train-{s}.tar") for s in range(3)])
-    assert remote.keys == local.keys and remote.labels == local.labels and remote.lost == [0, 0, 0]
+    remote, local = scratch_index(urls), scratch_index([str(tmp_path / f"train-{s}.tar") for s in range(3)])
+    for column in ("key", "label", "offset", "size", "shard_end", "shard_lost"):
+        assert np.array_equal(getattr(remote, column), getattr(local, column))
     read = [line.split() for line in log.read_text().splitlines()]
-    assert sorted(path for path, _ in read) == [f"{tmp_path}/train-{s}.tar.idx.json" for s in range(3)]
+    # Only sidecars (each read for the index key, then for the rows), never a shard.
+    assert sorted({path for path, _ in read}) == [f"{tmp_path}/train-{s}.tar.idx.json" for s in range(3)]
     tar_bytes = sum((tmp_path / f"train-{s}.tar").stat().st_size for s in range(3))
     assert sum(int(n) for _, n in read) < tar_bytes / 5  # headers and labels, not images
     (tmp_path / "train-1.tar.idx.json").unlink()  # no sidecar: that shard is streamed to index it
-    assert index_shards(urls).keys == local.keys
+    assert np.array_equal(scratch_index(urls).key, local.key)
     assert f"{tmp_path}/train-1.tar " in log.read_text()
