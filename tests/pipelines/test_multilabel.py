@@ -240,4 +240,6 @@ def test_the_study_refuses_softmax_on_a_multi_label_source_before_ray_starts(sou
                           env={**__import__("os").environ, "VITSCALE_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
     assert "multi-label" in proc.stderr and "pretrain.loss=sigmoid" in proc.stderr
-    assert not (tmp_path / "smoke").exists() and not (tmp_path / "mlflow.db").exists()
+    # Nothing ran and nothing was tracked; only the source's index was stored (a rerun reuses it).
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "smoke" / "storage" / "points").exists()
+    assert [p.name for p in (tmp_path / "smoke").iterdir()] == ["storage"]
