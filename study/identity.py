@@ -20,7 +20,7 @@ from pipelines.config import to_dict
 # Only values that differ from their field's default are hashed, so adding a config field whose default keeps
 # today's behaviour keeps every identity (no retraining after an upgrade). Changing a default, or code that
 # changes results, must bump these; tests/study/test_identity.py pins the defaults to catch that.
-RECIPE_VERSION = 2  # 2: the world-size-independent data order (batches run on across epochs)
+RECIPE_VERSION = 3  # 3: nested subsets by seeded key hash from the array index; 2: world-size-independent order
 EVAL_VERSION = 2  # 2: fine-tuning streams in the world-size-independent order
 # Hashed into the identity of sources whose pixels are decoded from files (webdataset, folder), not of the
 # procedural source, whose pixels this path has never changed (so the default study keeps its ids).

@@ -90,17 +90,19 @@ class Prepared:
     label: str
     shards: dict[str, list[str]]
     indexes: dict[str, str]
+    rebase: tuple[str, str] | None = None  # shards made in the driver's cache, found in this node's
 
     def index(self, split: str = "train") -> SourceIndex:
-        return SourceIndex(self.indexes[split])
+        return SourceIndex(self.indexes[split], self.rebase)
 
     def subset(self, split: str = "train") -> ShardSubset:
         """A whole split as a subset (evaluation reads all of it)."""
         index = self.index(split)
         return ShardSubset(index, np.arange(len(index), dtype=np.int64))
 
-    def to_json(self) -> str:
-        return json.dumps({"label": self.label, "shards": self.shards, "indexes": self.indexes})
+    def to_json(self, cache_dir: Path) -> str:
+        return json.dumps({"label": self.label, "shards": self.shards, "indexes": self.indexes,
+                           "cache_dir": str(Path(cache_dir).resolve())})
 
 
 def default_cache_dir() -> Path:
@@ -125,7 +127,7 @@ def prepare(src: SourceConfig, cache_dir: Path, index_root: Path | None = None, 
                for split, urls in shards.items()}
     found = Prepared(src.label, shards, indexes)
     check_source(src, found.index("train"), max_bad_fraction)
-    atomic.write_bytes(record_path(src, root), found.to_json().encode())
+    atomic.write_bytes(record_path(src, root), found.to_json(cache_dir).encode())
     return found
 
 
@@ -139,9 +141,16 @@ def prepared(src: SourceConfig, cache_dir: Path, index_root: Path | None = None)
     if not path.exists():
         return prepare(src, cache_dir, root, progress=False)
     raw = json.loads(path.read_text())
-    if src.source != "webdataset" and not all(os.path.exists(s) for s in (raw["shards"]["train"][:1])):
-        _shard_lists(src, cache_dir, progress=False)  # a node that has not generated (or converted) them yet
-    return Prepared(raw["label"], raw["shards"], raw["indexes"])
+    if src.source == "webdataset":
+        return Prepared(raw["label"], raw["shards"], raw["indexes"])
+    # Generated or converted shards live in each node's cache, made there if this node has not made them yet.
+    here, there = str(cache_dir.resolve()), raw["cache_dir"]
+    rebase = (there, here) if here != there else None
+    shards = {split: [here + s[len(there):] if rebase and s.startswith(there) else s for s in urls]
+              for split, urls in raw["shards"].items()}
+    if not os.path.exists(shards["train"][0]):
+        _shard_lists(src, cache_dir, progress=False)
+    return Prepared(raw["label"], shards, raw["indexes"], rebase)
 
 
 def record_path(src: SourceConfig, root: Path) -> Path:

@@ -282,10 +282,13 @@ def _check_duplicates(folder: Path, n: int, policy: str) -> int:
 
 class SourceIndex:
     """An index folder opened read-only: its columns memory-mapped (see the module docstring), its shard URLs
-    read on demand. Pickles as its folder, so a loader worker or a Ray task maps the same files."""
+    read on demand. Pickles as its folder, so a loader worker or a Ray task maps the same files.
 
-    def __init__(self, folder: Path | str):
-        self.folder = Path(folder)
+    `rebase` (old prefix, new prefix) maps shard paths made in the driver's cache to this node's cache, for shards
+    every node generates (or converts) itself at the same content."""
+
+    def __init__(self, folder: Path | str, rebase: tuple[str, str] | None = None):
+        self.folder, self.rebase = Path(folder), rebase
         meta_path = self.folder / "meta.json"
         if not meta_path.exists():
             raise DataError(f"no index at {self.folder} (meta.json missing)")
@@ -309,7 +312,7 @@ class SourceIndex:
         return np.memmap(path, dtype=dtype, mode="r")
 
     def __reduce__(self):
-        return SourceIndex, (str(self.folder),)
+        return SourceIndex, (str(self.folder), self.rebase)
 
     def __len__(self) -> int:
         return self.n
@@ -323,12 +326,17 @@ class SourceIndex:
             self._raw_urls = raw
             self._urls = np.concatenate([[0], np.flatnonzero(raw == 10) + 1])
         a, b = int(self._urls[shard]), int(self._urls[shard + 1]) - 1
-        return bytes(self._raw_urls[a:b]).decode("utf-8")
+        return self._rebased(bytes(self._raw_urls[a:b]).decode("utf-8"))
+
+    def _rebased(self, url: str) -> str:
+        if self.rebase is None or not url.startswith(self.rebase[0]):
+            return url
+        return self.rebase[1] + url[len(self.rebase[0]):]
 
     @property
     def shards(self) -> list[str]:
         """Every shard URL: O(shards) strings, for messages and small sources; hot paths use `shard_url`."""
-        return (self.folder / "shards.txt").read_text(encoding="utf-8").splitlines()
+        return [self._rebased(u) for u in (self.folder / "shards.txt").read_text(encoding="utf-8").splitlines()]
 
     def shard_start(self, shard: int) -> int:
         return int(self.shard_end[shard - 1]) if shard else 0

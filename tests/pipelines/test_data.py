@@ -294,3 +294,22 @@ def test_a_changed_remote_shard_gets_a_new_index(tmp_path, monkeypatch):
     assert not again.shard_seekable[0]  # read from the sidecar, streamed when trained on
     (tmp_path / "train-0.tar.idx.json").unlink()
     assert shard_identity(urls[0]) == [urls[0]]  # no sidecar: the URL alone
+
+
+def test_a_node_with_its_own_cache_reads_the_stored_index_without_building_it(tmp_path, monkeypatch):
+    """The driver indexes once into the study's storage; a node whose cache folder differs (generated shards are
+    made per node) maps that index, with its shard paths moved to its own cache, and builds nothing."""
+    from pipelines.data import index as index_mod
+
+    storage = tmp_path / "storage" / "index"
+    found = data.prepare(SMALL, tmp_path / "driver-cache", storage, progress=False)
+    built = []
+    monkeypatch.setattr(index_mod, "build", lambda *a, **k: built.append(a))
+    node = data.prepared(SMALL, tmp_path / "node-cache", storage)
+    assert built == [] and node.indexes == found.indexes  # the stored index, not a new one
+    assert node.index().shard_url(0).startswith(str((tmp_path / "node-cache").resolve()))
+    assert os.path.exists(node.index().shard_url(0))  # generated in this node's cache
+    subset = data.nested_subset(node.index(), 50, seed=1)
+    from_node = data.load(subset, 32)
+    from_driver = data.load(data.nested_subset(found.index(), 50, seed=1), 32)
+    assert np.array_equal(from_node.images, from_driver.images) and from_node.keys == from_driver.keys
