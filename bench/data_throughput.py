@@ -2,7 +2,7 @@
 
     python bench/data_throughput.py [--images 1536] [--workers 2] [--sizes 32 224] [--rounds 3] [--stall-steps 256]
 
-Both loaders read the same JPEG bytes (the folder, and shards written from it by `pipelines.data.shards`) and
+Both loaders read the same JPEG bytes (the folder, and shards written from it by `pipelines.data.folder`) and
 apply the same training transform: inception crop (5-100% area, aspect 3/4-4/3) + random flip, to uint8
 [B, S, S, 3] batches, with the same number of DataLoader workers. Baseline: `ImageFolder` with
 `RandomResizedCrop(S, scale=(0.05, 1))`, `RandomHorizontalFlip`, `PILToTensor` (uint8 too, so neither side pays
@@ -37,8 +37,9 @@ from PIL import Image
 
 from pipelines import data, pretrain
 from pipelines.data.augment import Augment, decode_jpeg_region, inception_box, jpeg_frame
-from pipelines.data.shards import folder_to_shards, index_shards
-from pipelines.data.stream import ShardStream, ShardSubset, StreamLoader
+from pipelines.data.folder import folder_to_shards
+from pipelines.data.index import ShardSubset, scratch_index
+from pipelines.data.stream import ShardStream, StreamLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,9 @@ def images_per_s(batches, n: int) -> Rate:
 
 
 def ours(shards: list[str], size: int, batch: int, workers: int, n: int) -> Rate:
-    stream = ShardStream(index_shards(shards), None, size, batch, Augment(crop="inception", flip=True), seed=0)
+    index = scratch_index(shards)
+    whole = ShardSubset(index, np.arange(len(index), dtype=np.int64))
+    stream = ShardStream(whole, size, batch, Augment(crop="inception", flip=True), seed=0)
     return images_per_s(StreamLoader(stream, workers).batches(), n)
 
 
@@ -143,9 +146,7 @@ def default_study_stall(steps: int) -> float:
     cfg = load_study(ROOT / "configs" / "scaling.yaml")
     src = cfg.data.pretrain
     torch.set_num_threads(int(cfg.resources.cpus_per_worker))
-    shards = data.prepare(src, cfg.cache_dir)["train"]
-    index = data.source_index(src, shards)
-    subset = ShardSubset(index, data.nested_subset(index.all_keys, cfg.data.subsets[0], 0))
+    subset = data.nested_subset(data.prepare(src, cfg.cache_dir).index(), cfg.data.subsets[0], 0)
     run_cfg = dataclasses.replace(cfg.pretrain, examples=None, steps=steps, checkpoint_every=0)
     fractions = []
     pretrain.run(run_cfg, cfg.models[0], subset, src.num_classes, src.image_size, 0, torch.device("cpu"),

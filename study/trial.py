@@ -92,7 +92,8 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     for kind, ident in plan.evals.items():
         with clock(kind):
             if kind != "diagnostics":
-                found = _downstream(cfg, point, kind, model, state, device, emit, progress, features, index_root(cfg, storage))
+                found = _downstream(cfg, point, kind, model, state, device, emit, progress, features,
+                                    index_root(cfg, storage))
             elif where.main:  # a batch of 128 images, no collective: rank 0 alone
                 found = _diagnose(cfg, point, model, source, device, storage, rel)
             else:

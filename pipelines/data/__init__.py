@@ -79,10 +79,6 @@ class ImageArrays:
         return len(self.labels)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("VITSCALE_CACHE", Path.home() / ".cache" / "vit-scaling"))
-
-
 @dataclass(frozen=True)
 class Prepared:
     """A source made readable: per split ('train', and 'test' where there is one) its shards and its index."""

@@ -30,9 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipelines import atomic
-from pipelines.data.labels import Label, label_array, parse_labels
+from pipelines.data.labels import Label, parse_labels
 from pipelines.data.reader import (
-    IMAGE_EXTS,
     DataError,
     TarFormatError,
     iter_members,

@@ -17,8 +17,8 @@ from pipelines.data.augment import Augment
 from pipelines.data.index import scratch_index
 from pipelines.data.labels import parse_labels
 from pipelines.data.sources import SIDECAR_VERSION, read_sidecar, sidecar_url
-from pipelines.data.writer import write_shard
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
+from pipelines.data.writer import write_shard
 from pipelines.training import _Sums, loss_fn
 from tests.pipelines.test_stream import _shard
 
