@@ -200,7 +200,7 @@ def build(shards: list[str], folder: Path, *, mapper: Mapper | None = None, work
         bar.close()
         dropped = writer.finish(duplicates)
         (tmp / "meta.json").write_text(json.dumps({
-            "version": INDEX_VERSION, "num_samples": writer.n, "num_shards": len(shards),
+            "version": INDEX_VERSION, "num_samples": writer.n - dropped, "num_shards": len(shards),
             "label_width": writer.width, "duplicates_dropped": dropped,
             "build_seconds": round(time.perf_counter() - started, 3)}))
     return SourceIndex(folder)

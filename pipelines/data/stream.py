@@ -194,7 +194,8 @@ class ShardStream(IterableDataset):
                 yield sample
             found += sum(here.values())
             bad.update(here)
-            bad["truncated_tar"] += len(take) - found  # indexed, but the tar ended (or changed) before them
+            if len(take) > found:  # indexed, but the tar ended (or changed) before them
+                bad["truncated_tar"] += len(take) - found
 
 _ImageErrors = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for corrupt or cut images
 
