@@ -201,7 +201,8 @@ def build(shards: list[str], folder: Path, *, mapper: Mapper | None = None, work
         dropped = writer.finish(duplicates)
         (tmp / "meta.json").write_text(json.dumps({
             "version": INDEX_VERSION, "num_samples": writer.n - dropped, "num_shards": len(shards),
-            "label_width": writer.width, "duplicates_dropped": dropped,
+            "label_width": writer.width, "duplicates_dropped": dropped, "workers": workers,
+            "built_by": getattr(mapper, "__name__", "process pool") if mapper else "process pool",
             "build_seconds": round(time.perf_counter() - started, 3)}))
     return SourceIndex(folder)
 

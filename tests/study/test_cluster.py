@@ -1,6 +1,7 @@
 """Joining a Ray cluster with --address: a head started with `ray start --head` (token authentication on, as
 Ray >= 2.59 starts it), and addresses or resource requests that can never work, refused before any work."""
 
+import json
 import os
 import shutil
 import socket
@@ -93,7 +94,8 @@ def test_joining_a_head_started_with_ray_start(head, tmp_path, cache_dir):
 def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cache_dir, monkeypatch):
     """A head that runs no trial and a worker node; `--storage` is a folder apart from any trial's working directory.
     Every trial's node-local scratch is gone before the driver builds the report, so the complete report, figures
-    and MLflow artifacts can only have come through the storage."""
+    and MLflow artifacts can only have come through the storage. The worker node has a cache of its own: it
+    generates the procedural shards there and maps the index the driver stored, building none."""
     import tempfile
 
     from mlflow.tracking import MlflowClient
@@ -104,7 +106,8 @@ def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cac
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # as heads started with `ray start` run (Ray >= 2.59)
     enable_token_auth()  # and for this process's Ray, which has read its config already
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head places no trial
-    cluster.add_node(num_cpus=2)
+    node_cache = tmp_path / "node-cache"
+    cluster.add_node(num_cpus=2, env_vars={"VITSCALE_CACHE": str(node_cache)})
     try:
         proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path / "runs"),
                         "--storage", str(tmp_path / "shared"), "--address", cluster.address,
@@ -114,6 +117,10 @@ def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cac
     assert proc.returncode == 0, proc.stderr[-3000:]
     points = [p.name for p in (tmp_path / "shared" / "points").iterdir()]
     assert len(points) == 2
+    stored = [p for p in (tmp_path / "shared" / "index").iterdir() if (p / "meta.json").exists()]
+    assert len(stored) == 4  # pretraining train + test, the task's train + test: each built once, for the driver
+    assert {json.loads((p / "meta.json").read_text())["built_by"] for p in stored} == {"cluster_map"}  # Ray tasks
+    assert list(node_cache.glob("shapes-*/train-*.tar")) and not (node_cache / "index").exists()
     assert not any((Path(tempfile.gettempdir()) / "vitscale-scratch" / p).exists() for p in points)
     study = tmp_path / "runs" / "smoke"
     table = pd.read_csv(study / "results.csv")
