@@ -202,14 +202,14 @@ def sync_indexes(cfg: StudyConfig, storage: Storage, src, found: data.Prepared |
     record = data.record_path(src, root)
     rel = f"index/{record.parent.name}/{record.name}"
     if upload:
-        for folder in map(Path, found.indexes.values()):
-            if not storage.exists(f"index/{folder.name}/meta.json"):
-                for f in sorted(folder.iterdir(), key=lambda p: p.name == "meta.json"):  # meta.json last
+        for folder in map(Path, found.indexes.values()):  # what storage lacks (new seeds' orders too), meta.json last
+            for f in sorted(folder.iterdir(), key=lambda p: p.name == "meta.json"):
+                if not storage.exists(f"index/{folder.name}/{f.name}"):
                     storage.upload_file(f, f"index/{folder.name}/{f.name}")
         storage.upload_file(record, rel)
         return
     if not record.exists() and storage.download_file(rel, record):
-        for folder in map(Path, json.loads(record.read_text())["indexes"].values()):
+        for folder in (root / Path(f).name for f in json.loads(record.read_text())["indexes"].values()):
             if not (folder / "meta.json").exists():
                 with atomic.folder(folder) as tmp:
                     for name in storage.list_dir(f"index/{folder.name}"):

@@ -137,6 +137,7 @@ def prepared(src: SourceConfig, cache_dir: Path, index_root: Path | None = None)
     if not path.exists():
         return prepare(src, cache_dir, root, progress=False)
     raw = json.loads(path.read_text())
+    raw["indexes"] = {split: str(root / Path(folder).name) for split, folder in raw["indexes"].items()}  # this node's
     if src.source == "webdataset":
         return Prepared(raw["label"], raw["shards"], raw["indexes"])
     # Generated or converted shards live in each node's cache, made there if this node has not made them yet.
