@@ -154,10 +154,17 @@ def _streamed_rows(url: str, expected: int | None) -> ShardRows:
     return rows
 
 
-def _scan_job(job: tuple[list[str], list[int | None], bool]) -> list[ShardRows]:
-    """One task of a parallel build: a run of shards (top level, so a process pool or Ray can ship it)."""
-    urls, expected, sidecars = job
-    return [scan_shard(url, n, sidecars) for url, n in zip(urls, expected, strict=True)]
+def _scan_job(job: tuple[list[str], list[int | None], bool, bool]) -> list[ShardRows]:
+    """One task of a parallel build: a run of shards (top level, so a process pool or Ray can ship it), each local
+    one's sidecar written from its rows where asked."""
+    from pipelines.data.writer import store_sidecar
+
+    urls, expected, sidecars, publish = job
+    found = [scan_shard(url, n, sidecars) for url, n in zip(urls, expected, strict=True)]
+    for rows in found:
+        if publish and rows.seekable:
+            store_sidecar(Path(rows.url), rows)
+    return found
 
 
 def _pool_map(workers: int) -> Mapper:
@@ -171,7 +178,8 @@ def _pool_map(workers: int) -> Mapper:
 
 
 def build(shards: list[str], folder: Path, *, mapper: Mapper | None = None, workers: int | None = None,
-          duplicates: str = "refuse", sidecars: bool = True, progress: bool = False) -> SourceIndex:
+          duplicates: str = "refuse", sidecars: bool = True, write_sidecars: bool = False,
+          progress: bool = False) -> SourceIndex:
     """Index `shards` into `folder` (which must not exist; it appears whole when done).
 
     Args:
@@ -179,14 +187,16 @@ def build(shards: list[str], folder: Path, *, mapper: Mapper | None = None, work
             (default: one per core).
         duplicates: a key found in two places is `refuse`d (DataError naming both shards) or, with `first`, its
             later copies are dropped, counted in the index's `duplicates_dropped`.
+        sidecars: read a remote shard's sidecar where it has one (else it is streamed).
+        write_sidecars: write a sidecar beside each local plain tar (`python -m pipelines.data.index`).
     """
     if duplicates not in ("refuse", "first"):
         raise ValueError(f"duplicates must be 'refuse' or 'first', not {duplicates!r}")
     workers = workers or os.cpu_count() or 1
     per_job = max(1, min(64, len(shards) // (workers * 8) or 1))
     lengths = info_lengths(shards)
-    jobs = [(shards[i:i + per_job], [lengths.get(os.path.basename(u)) for u in shards[i:i + per_job]], sidecars)
-            for i in range(0, len(shards), per_job)]
+    jobs = [(shards[i:i + per_job], [lengths.get(os.path.basename(u)) for u in shards[i:i + per_job]], sidecars,
+             write_sidecars) for i in range(0, len(shards), per_job)]
     started = time.perf_counter()
     with atomic.folder(Path(folder)) as tmp:
         writer = _Columns(tmp)
@@ -436,7 +446,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from pipelines.data.sources import expand_urls
-    from pipelines.data.writer import write_sidecars
 
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.data.index",
@@ -457,9 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"shard not found: {missing[0]} ({len(missing)} of {len(shards)} missing)")
         if Path(args.out).exists():
             raise DataError(f"--out {args.out} exists; an index is written into a new folder")
-        index = build(shards, Path(args.out), workers=args.workers, duplicates=args.duplicates, progress=True)
-        if not args.no_sidecars:
-            write_sidecars(index)
+        index = build(shards, Path(args.out), workers=args.workers, duplicates=args.duplicates,
+                      write_sidecars=not args.no_sidecars, progress=True)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -60,14 +60,9 @@ def write_sidecar(path: Path) -> None:
     """Index a local shard and store that beside it, so a remote copy is indexed without reading it."""
     from pipelines.data.index import scan_shard
 
-    atomic.write_bytes(Path(sidecar_url(str(path))), json.dumps(sidecar_of(scan_shard(str(path)))).encode())
+    store_sidecar(path, scan_shard(str(path)))
 
 
-def write_sidecars(index) -> int:
-    """Sidecars for every local, seekable shard of a built `SourceIndex` (`python -m pipelines.data.index`)."""
-    written = 0
-    for shard in range(index.num_shards):
-        if index.shard_seekable[shard]:
-            write_sidecar(Path(index.shard_url(shard)))
-            written += 1
-    return written
+def store_sidecar(path: Path, rows) -> None:
+    """Store a shard's rows (`index.ShardRows`) as its sidecar."""
+    atomic.write_bytes(Path(sidecar_url(str(path))), json.dumps(sidecar_of(rows)).encode())

@@ -398,3 +398,26 @@ def test_loader_workers_and_ranks_hold_no_per_sample_python_objects(tmp_path):
     assert big["read"] - small["read"] < 100_000, report
     assert (big["peak"] - small["peak"]) / more <= 32, report  # <= 4 int64 columns at once (measured: 3)
     assert (big["pickled"] - small["pickled"]) / more < 10, report
+
+
+def test_the_index_command_indexes_shards_it_did_not_write(tmp_path, cache_dir):
+    """`python -m pipelines.data.index` on shards without sidecars: the index, a sidecar per shard (from which a
+    remote copy is then indexed without being read), and one line for a user's error."""
+    from pipelines.data.index import SourceIndex, scratch_index
+    from tests.conftest import run_cli
+
+    shards, _ = _write(tmp_path / "in", _grid(4, 25))
+    for side in (tmp_path / "in").glob("*.idx.json"):
+        side.unlink()  # shards this project did not write carry none
+    proc = run_cli(["-m", "pipelines.data.index", str(tmp_path / "in" / "train-{0..3}.tar"), "--out",
+                    str(tmp_path / "idx"), "--workers", "2"], cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "100 samples in 4 shards indexed in" in proc.stdout
+    index = SourceIndex(tmp_path / "idx")
+    assert len(index) == 100 and index.meta["workers"] == 2
+    assert all(os.path.exists(f"{s}.idx.json") for s in shards)  # <shard>.tar.idx.json
+    remote = scratch_index([f"pipe:cat {s}" for s in shards])
+    assert np.array_equal(remote.key, index.key) and np.array_equal(remote.offset, index.offset)
+    again = run_cli(["-m", "pipelines.data.index", str(tmp_path / "in" / "train-{0..4}.tar"), "--out",
+                     str(tmp_path / "idx2")], cache_dir)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "train-4.tar" in again.stderr
