@@ -71,6 +71,30 @@ class ShardRows:
         self.labels.append(-1 if label is None else label)  # unreadable: the readers skip it as missing_label
 
 
+@dataclass
+class ShardColumns:
+    """One shard's rows as the index stores them: what a scan task sends back (no Python object per sample, so the
+    merge on the driver is a copy, and the work per sample stays in the parallel tasks)."""
+
+    url: str
+    offset: np.ndarray
+    size: np.ndarray
+    label: np.ndarray  # each sample's first class, -1 for none
+    key: np.ndarray
+    counts: np.ndarray  # classes per sample
+    classes: np.ndarray  # every sample's classes, flat
+    lost: int
+    seekable: bool
+
+    @classmethod
+    def of(cls, rows: ShardRows) -> ShardColumns:
+        multi = [label if isinstance(label, list) else [] if label < 0 else [label] for label in rows.labels]
+        return cls(rows.url, np.asarray(rows.offsets, "<u8"), np.asarray(rows.sizes, "<u4"),
+                   np.asarray([c[0] if c else -1 for c in multi], "<i4"), key_hash(rows.keys),
+                   np.asarray([len(c) for c in multi], np.int64), np.asarray([c for cs in multi for c in cs], "<i4"),
+                   rows.lost, rows.seekable)
+
+
 def scan_shard(url: str, expected: int | None = None, sidecars: bool = True) -> ShardRows:
     """Index one shard: a local plain tar from its headers alone (no image byte is read); a remote shard from its
     sidecar (`sources.sidecar_url`) where it has one, else by streaming it (the only way for shards nobody
@@ -90,32 +114,41 @@ def scan_shard(url: str, expected: int | None = None, sidecars: bool = True) -> 
     return _local_rows(url, expected)
 
 
+def _samples(members: Iterable[tuple[str, int, int, Callable[[], bytes]]]) -> Iterator[tuple]:
+    """(key, start, size, .cls, .json with labels) of each sample: consecutive members with one key, from (member
+    name, where its first header starts, where its padded data ends, a reader of its data). The last sample comes
+    only if `members` ends without an error: a cut tar may have cut it."""
+    current, start, stop, cls, meta = None, 0, 0, None, None
+    for name, first, end, read in members:
+        key, ext = split_member_name(name)
+        if key != current:
+            if current is not None:
+                yield current, start, stop - start, cls, meta
+            current, start, cls, meta = key, first, None, None
+        stop = end
+        if ext == "cls":
+            cls = read()
+        elif ext == "json":
+            body = read()
+            meta = body if b'"labels"' in body else None
+    if current is not None:
+        yield current, start, stop - start, cls, meta
+
+
 def _local_rows(url: str, expected: int | None) -> ShardRows:
-    rows, truncated = ShardRows(url, seekable=True), False
+    rows, ended = ShardRows(url, seekable=True), []
     fd = os.open(url, os.O_RDONLY)
     try:
-        end = os.fstat(fd).st_size
-        current, start, stop, cls, meta, ended = None, 0, 0, None, None, []
+        members = ((m.name, m.start, m.data + -(-m.size // 512) * 512, lambda m=m: os.pread(fd, m.size, m.data))
+                   for m in iter_members(lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size, ended))
         try:
-            for m in iter_members(lambda at, n: os.pread(fd, n, at), end, ended):
-                key, ext = split_member_name(m.name)
-                if key != current:
-                    if current is not None:
-                        rows.add(current, start, stop - start, cls, meta)
-                    current, start, cls, meta = key, m.start, None, None
-                stop = m.data + -(-m.size // 512) * 512
-                if ext == "cls":
-                    cls = os.pread(fd, m.size, m.data)
-                elif ext == "json":
-                    body = os.pread(fd, m.size, m.data)
-                    meta = body if b'"labels"' in body else None
-            truncated = not ended  # every tar writer ends with two zero blocks: without them it was cut
+            for sample in _samples(members):
+                rows.add(*sample)
         except TarFormatError:
-            truncated, current = True, None  # the sample being read when the tar ended may have lost members
-        if current is not None:
-            rows.add(current, start, stop - start, cls, meta)
+            pass
     finally:
         os.close(fd)
+    truncated = not ended  # every tar writer ends with two zero blocks: without them it was cut
     rows.lost = max(expected - len(rows.keys), 0) if expected is not None else int(truncated)
     return rows
 
@@ -126,35 +159,20 @@ def _streamed_rows(url: str, expected: int | None) -> ShardRows:
 
     import webdataset as wds
 
-    rows, truncated, current = ShardRows(url), False, None
-    cls = meta = None
-    start = stop = 0
+    rows, truncated = ShardRows(url), False
     try:
         with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                if key != current:
-                    if current is not None:
-                        rows.add(current, start, stop - start, cls, meta)
-                    current, start, cls, meta = key, member.offset, None, None
-                stop = member.offset_data + -(-member.size // 512) * 512
-                if ext in ("cls", "json"):
-                    body = tar.extractfile(member).read()
-                    if ext == "cls":
-                        cls = body
-                    else:
-                        meta = body if b'"labels"' in body else None
-        if current is not None:
-            rows.add(current, start, stop - start, cls, meta)
+            members = ((m.name, m.offset, m.offset_data + -(-m.size // 512) * 512,
+                        lambda m=m: tar.extractfile(m).read()) for m in tar if m.isfile())
+            for sample in _samples(members):
+                rows.add(*sample)
     except (tarfile.TarError, OSError, EOFError):
         truncated = True
     rows.lost = max(expected - len(rows.keys), 0) if expected is not None else int(truncated)
     return rows
 
 
-def _scan_job(job: tuple[list[str], list[int | None], bool, bool]) -> list[ShardRows]:
+def _scan_job(job: tuple[list[str], list[int | None], bool, bool]) -> list[ShardColumns]:
     """One task of a parallel build: a run of shards (top level, so a process pool or Ray can ship it), each local
     one's sidecar written from its rows where asked."""
     from pipelines.data.writer import store_sidecar
@@ -164,7 +182,7 @@ def _scan_job(job: tuple[list[str], list[int | None], bool, bool]) -> list[Shard
     for rows in found:
         if publish and rows.seekable:
             store_sidecar(Path(rows.url), rows)
-    return found
+    return [ShardColumns.of(rows) for rows in found]
 
 
 def _pool_map(workers: int) -> Mapper:
@@ -227,22 +245,17 @@ class _Columns:
         self.urls = open(folder / "shards.txt", "w", encoding="utf-8")  # noqa: SIM115
         self.files["label_ptr"].write(np.zeros(1, "<u8").tobytes())
 
-    def add(self, rows: ShardRows) -> None:
+    def add(self, rows: ShardColumns) -> None:
         if "\n" in rows.url:
             raise DataError(f"a shard URL holds a line break: {rows.url!r}")
-        multi = [label if isinstance(label, list) else [] if label < 0 else [label] for label in rows.labels]
-        firsts = [classes[0] if classes else -1 for classes in multi]
-        lengths = np.asarray([len(c) for c in multi], dtype=np.int64)
-        self.width = max(self.width, int(lengths.max(initial=1)))
+        self.width = max(self.width, int(rows.counts.max(initial=1)))
         f = self.files
-        f["offset"].write(np.asarray(rows.offsets, "<u8").tobytes())
-        f["size"].write(np.asarray(rows.sizes, "<u4").tobytes())
-        f["label"].write(np.asarray(firsts, "<i4").tobytes())
-        f["key"].write(key_hash(rows.keys).tobytes())
-        f["label_val"].write(np.asarray([c for classes in multi for c in classes], "<i4").tobytes())
-        f["label_ptr"].write((self.vals + np.cumsum(lengths)).astype("<u8").tobytes())
-        self.vals += int(lengths.sum())
-        self.n += len(rows.keys)
+        for name in SAMPLE_COLUMNS:
+            f[name].write(getattr(rows, name).tobytes())
+        f["label_val"].write(rows.classes.tobytes())
+        f["label_ptr"].write((self.vals + np.cumsum(rows.counts)).astype("<u8").tobytes())
+        self.vals += int(rows.counts.sum())
+        self.n += len(rows.key)
         f["shard_end"].write(np.asarray([self.n], "<u8").tobytes())
         f["shard_lost"].write(np.asarray([rows.lost], "<u4").tobytes())
         f["shard_seekable"].write(np.asarray([rows.seekable], "u1").tobytes())
