@@ -100,7 +100,12 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
     if not path.is_file():
         raise ConfigError(f"grid file not found: {path}")
     try:
-        data = load_yaml(path.read_text())
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not a text file (byte {err.start} is not UTF-8): give a YAML grid such as "
+                          f"configs/scaling.yaml") from None
+    except OSError as err:
+        raise ConfigError(f"grid file {path} cannot be read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

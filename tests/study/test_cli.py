@@ -52,6 +52,18 @@ def test_bad_input_from_the_command_line_is_one_line_exit_2_and_no_traceback(cac
     assert not list(tmp_path.iterdir())
 
 
+def test_a_grid_file_that_is_not_text_is_one_line_and_exit_2(tmp_path, capsys):
+    from study.run import main
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_bytes(bytes(range(256)) * 4)  # what `--grid model.safetensors` would give
+    assert main(["--grid", str(grid), "--out", str(tmp_path / "out")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr == f"error: {grid} is not a text file (byte 128 is not UTF-8): give a YAML grid such as " \
+                     "configs/scaling.yaml\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_grid_file(cache_dir):
     proc = run_cli(["-m", "study.run", "--grid", "configs/nope.yaml"], cache_dir)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: grid file not found: configs/nope.yaml"
