@@ -186,16 +186,17 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve())}
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))
-    status = "FAILED"
+    status, failures = "FAILED", {}
     try:
         records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock)
         with Stopwatch(clock)("report"):
             _write_results(cfg, points, records, evals, where, failures)
         write_timings(where.out / "timings.json", clock, records, decisions)
-        status = "FINISHED"
+        status = "FAILED" if failures else "FINISHED"  # FINISHED only when every point is
     finally:
         files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
-        tracker.finish_parent(status, [f for f in files if f.exists()], where.out / "figures")
+        tracker.finish_parent(status, [f for f in files if f.exists()], where.out / "figures",
+                              {"failed_points": f"{len(failures)} of {len(points)}"} if failures else {})
         left = tracker.close()
     print(f"\nresults:  {where.out / 'results.csv'}\nreport:   {where.out / 'report.md'} (and report.html, "
           f"summary.json)\nfigures:  {where.out / 'figures'}\nstorage:  {where.storage_root} (checkpoints, weights)")

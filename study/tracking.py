@@ -278,8 +278,10 @@ class Tracker:
                 self.writer.submit(f"orphan {child.run_id}",
                                    lambda run_id=child.run_id: self.client.set_terminated(run_id, "KILLED"))
 
-    def finish_parent(self, status: str, files: list[Path], folder: Path | None) -> None:
+    def finish_parent(self, status: str, files: list[Path], folder: Path | None, tags: dict | None = None) -> None:
         def job() -> None:
+            for name, value in (tags or {}).items():
+                self.client.set_tag(self.parent_id, name, value)
             for f in files:
                 self.client.log_artifact(self.parent_id, str(f))
             if folder is not None and folder.is_dir():

@@ -115,6 +115,8 @@ def test_diverging_trials_fail_with_a_reason_and_the_study_carries_on(tmp_path, 
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
     assert child.info.status == "FAILED" and "loss became" in child.data.tags["failure_reason"]
+    parent = next(r for r in runs if r.info.run_id == child.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_points"] == "1 of 1"  # not FINISHED
 
 
 def test_a_killed_trial_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_path, cache_dir):
