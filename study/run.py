@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where checkpoints, weights and trial files live (default: OUT/STUDY/storage; "
                              "on a cluster a shared folder or s3://, gs://)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in --out)")
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take the study's lease even if another driver seems to hold it (when that driver is "
+                             "known to be gone)")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             print_commands(pipe_commands(cfg), args.json)
             return 0
         from study import tune_runner
+        from study.lease import Lease
         from study.trial import Stopwatch
 
         clock: dict[str, float] = {}
@@ -159,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                 tune_runner.connect(cfg, args.address)
             with Stopwatch(clock)("prepare_data"):
                 prepare_data(cfg, Locations(cfg, args).storage, tune_runner.index_mapper(args.address))
-            return launch(cfg, points, args, clock)
+            lease = Lease(Locations(cfg, args).storage, cfg.study)
+            lease.acquire(force=args.force_unlock)  # one driver per study: a second one stops here
+            try:
+                return launch(cfg, points, args, clock)
+            finally:
+                lease.release()
         finally:
             tune_runner.disconnect()
     except UserError as err:

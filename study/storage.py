@@ -78,6 +78,12 @@ class Storage:
         os.replace(tmp, local)
         return True
 
+    def delete_file(self, rel: str) -> None:
+        try:
+            self.fs.delete_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
     def list_dir(self, rel: str) -> list[str]:
         """Names directly under `rel` (empty when it does not exist)."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))

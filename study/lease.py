@@ -1,0 +1,103 @@
+"""One driver per study: a lease file in the study's storage, renewed by a heartbeat while the driver runs.
+
+A second driver on the same storage finds a fresh lease and stops with one line naming the holder; a lease whose
+heartbeat is older than `STALE_AFTER` (its driver was killed, or lost its node) is taken over, and so is one held
+by a process of this machine that no longer runs (a killed driver, rerun at once); `--force-unlock` removes one by
+hand. Object stores have no exclusive create, so taking a lease is write, wait, read back: of two
+drivers that write within the wait, the one whose write survived holds it and the other stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from pipelines.config import UserError
+from study.storage import Storage
+
+LEASE = "lease.json"
+HEARTBEAT = 20.0  # seconds between renewals
+STALE_AFTER = 120.0  # a lease not renewed for this long belongs to a driver that is gone
+SETTLE = 1.0  # seconds between writing a lease and reading it back
+
+
+class LeaseHeld(UserError):
+    """Another driver holds the study's lease."""
+
+
+class Lease:
+    """Held from `acquire` to `release`; a daemon thread renews it every `HEARTBEAT` seconds."""
+
+    def __init__(self, storage: Storage, study: str):
+        self.storage, self.study = storage, study
+        self.token = uuid.uuid4().hex
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> dict:
+        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "study": self.study,
+                "started": self.started, "heartbeat": time.time()}
+
+    def read(self) -> dict | None:
+        raw = self.storage.read_bytes(LEASE)
+        try:
+            return json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None  # a torn or foreign file: treated as no lease
+
+    def acquire(self, force: bool = False) -> None:
+        """Take the lease, or raise LeaseHeld naming its holder."""
+        held = None if force else self.read()
+        if held is not None and not _gone(held):
+            raise LeaseHeld(_holder(held, self.storage))
+        self.storage.write_bytes(LEASE, json.dumps(self._body()).encode())
+        time.sleep(SETTLE)
+        now = self.read()
+        if now is None or now.get("token") != self.token:
+            raise LeaseHeld(_holder(now or {}, self.storage))
+        self._thread = threading.Thread(target=self._beat, name="study-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                self.storage.write_bytes(LEASE, json.dumps(self._body()).encode())
+            except OSError:
+                pass  # storage briefly unreachable: the next beat tries again, well before STALE_AFTER
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        held = self.read()
+        if held is not None and held.get("token") == self.token:
+            self.storage.delete_file(LEASE)
+
+
+def _gone(held: dict) -> bool:
+    """The lease's driver is gone: no heartbeat for `STALE_AFTER`, or it ran on this machine and its process has
+    ended (or its pid now belongs to a process started after the lease)."""
+    import psutil
+
+    if time.time() - float(held.get("heartbeat", 0)) >= STALE_AFTER:
+        return True
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        return psutil.Process(int(held.get("pid", -1))).create_time() > float(held.get("started", 0)) + 1
+    except (psutil.Error, ValueError):
+        return True
+
+
+def _holder(held: dict, storage: Storage) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(held.get("started", 0))))
+    age = time.time() - float(held.get("heartbeat", 0))
+    return (f"study '{held.get('study', '?')}' in {storage.root} is being run by another driver (host "
+            f"{held.get('host', '?')}, pid {held.get('pid', '?')}, started {started}, last heartbeat {age:.0f} s ago); "
+            f"wait for it, or, if that driver is gone, rerun after {STALE_AFTER:.0f} s without a heartbeat or with "
+            f"--force-unlock")

@@ -1,0 +1,59 @@
+"""One driver per study: a second driver on the same storage stops in one line naming the holder; a lease whose
+driver is gone (stale heartbeat, or a process of this machine that has ended) is taken over; --force-unlock."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from study.lease import STALE_AFTER, Lease, LeaseHeld
+from study.storage import Storage
+from tests.conftest import run_cli, start_cli, wait_until
+
+
+def _lease(storage: Storage, **fields) -> None:
+    body = {"token": "other", "host": socket.gethostname(), "pid": os.getpid(), "study": "smoke",
+            "started": psutil.Process().create_time(), "heartbeat": time.time(), **fields}
+    storage.write_bytes("lease.json", json.dumps(body).encode())
+
+
+def test_a_held_lease_stops_a_second_driver_and_a_stale_one_is_taken_over(tmp_path):
+    storage = Storage(str(tmp_path / "storage"))
+    _lease(storage)  # a live process of this machine (this one, standing in for another driver), renewed just now
+    with pytest.raises(LeaseHeld, match=rf"being run by another driver \(host {socket.gethostname()}, "
+                                        rf"pid {os.getpid()}, started .*--force-unlock"):
+        Lease(storage, "smoke").acquire()
+    _lease(storage, host="elsewhere")
+    with pytest.raises(LeaseHeld):
+        Lease(storage, "smoke").acquire()  # another machine's driver with a fresh heartbeat: held
+    for stale in ({"host": "elsewhere", "heartbeat": time.time() - STALE_AFTER - 1},  # no heartbeat: gone
+                  {"pid": 2**22 + 17}):  # a process of this machine that has ended
+        _lease(storage, **stale)
+        lease = Lease(storage, "smoke")
+        lease.acquire()
+        assert json.loads(storage.read_bytes("lease.json"))["token"] == lease.token
+        lease.release()
+        assert storage.read_bytes("lease.json") is None
+    _lease(storage, host="elsewhere")
+    lease = Lease(storage, "smoke")
+    lease.acquire(force=True)  # the operator knows better
+    lease.release()
+
+
+@pytest.mark.slow
+def test_two_drivers_on_one_study(tmp_path, cache_dir):
+    """The second of two drivers started on one study exits 2 in one line while the first runs; the first finishes."""
+    args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "models=[ViT-Pico/4]",
+            "data.subsets=[256]", "evaluate.finetune.lr=0.01"]
+    first = start_cli(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(first, lambda: (tmp_path / "smoke" / "storage" / "lease.json").exists(), "the first driver's lease")
+    second = run_cli(args, cache_dir, timeout=300)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: study 'smoke' in ") and f"pid {first.pid}" in last
