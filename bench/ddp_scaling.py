@@ -4,7 +4,9 @@ on the same global batch, in the same run.
     python bench/ddp_scaling.py [--model ViT-Pico/4] [--batch 64] [--steps 60] [--rounds 3]
 
 Each worker is a process running `pipelines.pretrain.run` (the study's training loop: DDP, no_sync micro-batches
-where asked, metrics summed over ranks) on the same in-memory images, so the loader is not what is measured. The
+where asked, metrics summed over ranks) on the same images, written once as tiny PNG shards and read through the
+production loader without DataLoader worker processes: each rank decodes and augments its part of every batch
+itself, so every process has one thread for everything, and decoding small PNGs is a small share of a step. The
 steady-state rate is the loop's own (`perf.throughput`, its first steps left out). Rounds alternate the order of
 the two set-ups; min / median / max over rounds are printed. Goal (issue 11): >= 1.6x on a 2-core machine.
 """
@@ -24,34 +26,50 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipelines import pretrain
-from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
+from pipelines.data.index import ShardSubset, SourceIndex, build
+from pipelines.data.stream import LoaderConfig
+from pipelines.data.writer import write_shard
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+def write_shards(args: argparse.Namespace, folder: Path, per_shard: int = 64) -> Path:
+    """`args.batch * 8` random images as PNG shards under `folder`, indexed there; returns the index folder."""
+    rng = np.random.default_rng(0)
+    n = args.batch * 8
+    images, labels = rng.integers(0, 255, (n, args.size, args.size, 3), dtype=np.uint8), rng.integers(0, 10, n)
+    paths = []
+    for s, lo in enumerate(range(0, n, per_shard)):
+        paths.append(str(folder / f"train-{s:06d}.tar"))
+        rows = range(lo, min(lo + per_shard, n))
+        write_shard(Path(paths[-1]), ((f"{i:06d}", images[i], int(labels[i])) for i in rows))
+    build(paths, folder / "index", workers=1)
+    return folder / "index"
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, index: str, out: str) -> None:
     torch.set_num_threads(1)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    rng = np.random.default_rng(0)
-    images = ImageArrays(rng.integers(0, 255, (args.batch * 8, args.size, args.size, 3), dtype=np.uint8),
-                         rng.integers(0, 10, args.batch * 8))
+    source = SourceIndex(Path(index))
+    data = ShardSubset(source, np.arange(len(source), dtype=np.int64))
     cfg = pretrain.PretrainConfig(steps=args.steps, batch_size=args.batch, precision="fp32", compile=False,
                                   augment=Augment(crop="translate", crop_padding=2, flip=True))
-    result = pretrain.run(cfg, args.model, images, 10, args.size, seed=0, device=torch.device("cpu"), progress=False)
+    result = pretrain.run(cfg, args.model, data, 10, args.size, seed=0, device=torch.device("cpu"), progress=False,
+                          loader=LoaderConfig(workers=0))
     if rank == 0:
         Path(out).write_text(str(result.throughput["images_per_s"]))
     if world > 1:
         dist.destroy_process_group()
 
 
-def images_per_s(world: int, args: argparse.Namespace) -> float:
+def images_per_s(world: int, args: argparse.Namespace, index: Path) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rate")
-        mp.spawn(_worker, args=(world, port, args, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, port, args, str(index), out), nprocs=world, join=True)
         return float(Path(out).read_text())
 
 
@@ -65,10 +83,12 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{args.model} at {args.size} px, global batch {args.batch}, {args.steps} steps, {os.cpu_count()} cores")
     rates: dict[int, list[float]] = {1: [], 2: []}
-    for r in range(args.rounds):
-        for world in ((1, 2) if r % 2 == 0 else (2, 1)):
-            rates[world].append(images_per_s(world, args))
-            print(f"round {r}: {world} worker(s): {rates[world][-1]:.1f} images/s", flush=True)
+    with tempfile.TemporaryDirectory() as shards:
+        index = write_shards(args, Path(shards))
+        for r in range(args.rounds):
+            for world in ((1, 2) if r % 2 == 0 else (2, 1)):
+                rates[world].append(images_per_s(world, args, index))
+                print(f"round {r}: {world} worker(s): {rates[world][-1]:.1f} images/s", flush=True)
     for world, got in rates.items():
         print(f"{world} worker(s): min {min(got):.1f} / median {statistics.median(got):.1f} / max {max(got):.1f} "
               "images/s")

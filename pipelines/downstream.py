@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipelines import data, distributed, fewshot, finetune, linear_probe
-from pipelines.data import ImageArrays, SourceConfig
+from pipelines.data import SourceConfig
 from pipelines.data.reader import DataError
 from pipelines.data.stream import LoaderConfig, ShardSubset
 from pipelines.fewshot import FewshotConfig
@@ -112,7 +112,7 @@ def task_splits(task: SourceConfig, cache_dir: Path, index_root: Path | None = N
     return found.subset("train"), found.subset("test")
 
 
-def features(model: torch.nn.Module, split: ImageArrays | ShardSubset, image_size: int, device: torch.device,
+def features(model: torch.nn.Module, split: ShardSubset, image_size: int, device: torch.device,
              max_bad_fraction: float = 0.001) -> tuple[np.ndarray, np.ndarray]:
     """Frozen pre-logit features [N, D] (float32) and labels [N], extracted batch by batch at `image_size` (in a
     process group, each rank extracts its part and every rank gets all of them, in the split's order)."""

@@ -13,12 +13,10 @@ import numpy as np
 import torch
 
 from pipelines import distributed, models, perf
-from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
 from pipelines.training import (
     LoopSpec,
-    MemoryBatches,
     TrainingDiverged,
     duration_steps,
     evaluate,
@@ -86,28 +84,23 @@ class FinetuneResult:
     val_top1: dict[float, float] = field(default_factory=dict)  # minival top-1 at the end of each swept run
 
 
-Split = ImageArrays | ShardSubset  # in memory, or left in its shards and streamed
-
-
-def split_minival(data: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
+def split_minival(data: ShardSubset, fraction: float, seed: int) -> tuple[ShardSubset, ShardSubset | None]:
     """(train, minival): a seeded `fraction` of `data` held out for choosing the learning rate and for curves."""
     if fraction == 0:
         return data, None
     kept, held = (np.sort(i) for i in holdout(len(data), fraction, seed, salt=777))
-    if isinstance(data, ShardSubset):
-        return data.part(kept), data.part(held)
-    pick = lambda idx: ImageArrays(data.images[idx], data.labels[idx])  # noqa: E731
-    return pick(kept), pick(held)
+    return data.part(kept), data.part(held)
 
 
-def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], train: Split, test: Split,
+def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, test: ShardSubset,
         num_classes: int, seed: int, device: torch.device, progress: bool = True, desc: str = "finetune",
         on_epoch: Callable[[dict], None] | None = None, loader: LoaderConfig | None = None) -> FinetuneResult:
     """Fine-tune the pretrained `state` on `train` (less a minival) at each of `cfg.learning_rates`,
     keep the run with the best minival top-1 and report its top-1 and macro-F1 (percent) on `test`.
 
-    Splits in shards are streamed (training through the exactly-once loader, evaluation batch by batch), so memory
-    does not grow with them. `on_epoch` receives the chosen run's per-epoch curve once the sweep is decided.
+    The splits stay in their shards and are streamed (training through the exactly-once loader, evaluation batch
+    by batch), so memory does not grow with them. `on_epoch` receives the chosen run's per-epoch curve once the
+    sweep is decided.
     """
     start = time.perf_counter()
     loader = loader or LoaderConfig(workers=0)
@@ -135,8 +128,8 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
 
 
 def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: dict[str, torch.Tensor],
-           train: Split, minival: Split | None, num_classes: int, seed: int, device: torch.device, progress: bool,
-           desc: str, loader: LoaderConfig) -> tuple[torch.nn.Module, list[dict]]:
+           train: ShardSubset, minival: ShardSubset | None, num_classes: int, seed: int, device: torch.device,
+           progress: bool, desc: str, loader: LoaderConfig) -> tuple[torch.nn.Module, list[dict]]:
     """One fine-tuning run at learning rate `lr`: the model and its per-epoch curve."""
     torch.manual_seed(seed)
     model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size).to(device)
@@ -150,7 +143,7 @@ def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: d
     where = distributed.ranks()  # the batch is global: each of N ranks takes batch / N
     batch = max(where.world_size, min(cfg.batch_size, len(train)) // where.world_size * where.world_size)
     spec = LoopSpec(steps=steps, batch_size=batch, image_size=cfg.image_size,
-                    grad_clip=cfg.grad_clip, precision=cfg.precision, seed=seed,
+                    grad_clip=cfg.grad_clip, precision=cfg.precision,
                     micro_batch_size=cfg.micro_batch_size, nonfinite_check_every=cfg.nonfinite_check_every)
     curves: list[dict] = []
 
@@ -161,11 +154,8 @@ def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: d
             point.update(val_loss=val["loss"], val_top1=val["top1"])
         curves.append(point)
 
-    if isinstance(train, ShardSubset):
-        stream = ShardStream(train, cfg.image_size, spec.batch_size, cfg.augment, seed, loader.shuffle_buffer,
-                             where.rank, where.world_size, open_shards=loader.open_shards)
-        batches = StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=device.type == "cuda")
-    else:
-        batches = MemoryBatches(train, spec.batch_size, seed, cfg.augment, where.rank, where.world_size)
+    stream = ShardStream(train, cfg.image_size, spec.batch_size, cfg.augment, seed, loader.shuffle_buffer,
+                         where.rank, where.world_size, open_shards=loader.open_shards)
+    batches = StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=device.type == "cuda")
     train_loop(model, batches, spec, optimizer, scheduler, device, on_epoch=epoch_end, desc=desc, progress=progress)
     return model, curves

@@ -14,11 +14,10 @@ from safetensors.torch import save_file
 
 from pipelines import distributed, models, perf
 from pipelines.config import UserError
-from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
 from pipelines.data.index import SourceIndex
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
-from pipelines.training import LoopSpec, MemoryBatches, duration_steps, train_loop, warmup_decay
+from pipelines.training import LoopSpec, duration_steps, train_loop, warmup_decay
 
 
 @dataclass(frozen=True)
@@ -93,8 +92,7 @@ def make_optimizer(cfg: PretrainConfig, model: torch.nn.Module, device: torch.de
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def check_labels(loss: str, data: ImageArrays | ShardSubset | SourceIndex, name: str = "the pretraining source"
-                 ) -> None:
+def check_labels(loss: str, data: ShardSubset | SourceIndex, name: str = "the pretraining source") -> None:
     """Refuse `loss: softmax` on a multi-label source (whole source, not the subset, so the answer does not
     depend on the subset size): a softmax target would keep one of a sample's classes and silently drop the
     rest, and which one would be an accident of how the labels were written.
@@ -102,36 +100,30 @@ def check_labels(loss: str, data: ImageArrays | ShardSubset | SourceIndex, name:
     Raises:
         UserError: one line, naming the fix (`pretrain.loss=sigmoid`).
     """
-    if isinstance(data, ImageArrays):
-        width = data.labels.shape[1] if data.labels.ndim == 2 else 1
-    else:
-        width = (data.index if isinstance(data, ShardSubset) else data).label_width
+    width = (data.index if isinstance(data, ShardSubset) else data).label_width
     if loss == "softmax" and width > 1:
         raise UserError(f"{name} is multi-label (up to {width} classes per sample) but pretrain.loss is 'softmax', "
                         f"which takes one class per sample: set pretrain.loss=sigmoid")
 
 
-def training_source(cfg: PretrainConfig, data: ImageArrays | ShardSubset, image_size: int, seed: int,
-                    device: torch.device, loader: LoaderConfig) -> MemoryBatches | StreamLoader:
-    """This rank's batches for pretraining: streamed from shards by DataLoader workers, or drawn from a split in
-    memory."""
+def training_source(cfg: PretrainConfig, data: ShardSubset, image_size: int, seed: int, device: torch.device,
+                    loader: LoaderConfig) -> StreamLoader:
+    """This rank's batches for pretraining: streamed from shards, decoded and augmented by DataLoader workers."""
     where = distributed.ranks()
     where.share(cfg.batch_size, "pretrain.batch_size")
-    if isinstance(data, ImageArrays):
-        return MemoryBatches(data, cfg.batch_size, seed, cfg.augment, where.rank, where.world_size)
     stream = ShardStream(data, image_size, cfg.batch_size, cfg.augment, seed, loader.shuffle_buffer, where.rank,
                          where.world_size, open_shards=loader.open_shards)
     return StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=device.type == "cuda")
 
 
-def run(cfg: PretrainConfig, model_name: str, data: ImageArrays | ShardSubset, num_classes: int, image_size: int,
+def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: int, image_size: int,
         seed: int, device: torch.device, out_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
         progress: bool = True, checkpoint_dir: Path | None = None,
         on_checkpoint: Callable[[Path], None] | None = None, loader: LoaderConfig | None = None) -> PretrainResult:
     """Pretrain `model_name` from scratch on `data` (resuming from `checkpoint_dir` if it holds a checkpoint);
-    save the weights as safetensors in `out_dir`. `data` is a split in memory or a shard subset streamed with
-    `loader`. Run on every rank of a process group, it trains data-parallel (`cfg.batch_size` is global; rank 0
-    writes the checkpoints and the weights)."""
+    save the weights as safetensors in `out_dir`. `data` is a shard subset, streamed with `loader`. Run on every
+    rank of a process group, it trains data-parallel (`cfg.batch_size` is global; rank 0 writes the checkpoints
+    and the weights)."""
     check_labels(cfg.loss, data)
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -147,7 +139,7 @@ def run(cfg: PretrainConfig, model_name: str, data: ImageArrays | ShardSubset, n
         perf.compile_model(model)  # in place: checkpoints and the weights keep the plain module's keys
     precision = perf.resolve_precision(cfg.precision, device)
     spec = LoopSpec(steps=steps, batch_size=cfg.batch_size, image_size=image_size, grad_clip=cfg.grad_clip,
-                    loss=cfg.loss, precision=precision, seed=seed,
+                    loss=cfg.loss, precision=precision,
                     micro_batch_size=cfg.micro_batch_size, checkpoint_dir=checkpoint_dir,
                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
                     nonfinite_check_every=cfg.nonfinite_check_every)

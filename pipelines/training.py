@@ -1,13 +1,13 @@
-"""What pretraining and fine-tuning share: the duration helper, the LR schedule, batches from memory, the
-optimisation loop with clipping and non-finite-loss detection, and batched inference (logits, features)."""
+"""What pretraining and fine-tuning share: the duration helper, the LR schedule, the optimisation loop (over
+batches streamed from shards) with clipping and non-finite-loss detection, and batched inference (logits,
+features)."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +19,7 @@ from tqdm import tqdm
 
 from pipelines import checkpoint, distributed, perf
 from pipelines.config import UserError
-from pipelines.data import ImageArrays, split_batches
-from pipelines.data.augment import Augment, augment_batch
+from pipelines.data import split_batches
 from pipelines.data.stream import Batch, ShardSubset, StreamLoader
 
 
@@ -61,31 +60,6 @@ def to_input(images: np.ndarray | torch.Tensor, image_size: int, device: torch.d
     return x
 
 
-class MemoryBatches:
-    """Training batches of a split held in memory: a seeded permutation per epoch, the final partial batch dropped
-    (when there is more than one batch), augmented on the device by the training loop. `batch_size` is global:
-    rank r of N takes the r-th of N equal slices of each batch."""
-
-    def __init__(self, data: ImageArrays, batch_size: int, seed: int, augment: Augment, rank: int = 0,
-                 world_size: int = 1):
-        self.data, self.batch_size, self.seed, self.augment = data, batch_size, seed, augment
-        self.steps_per_epoch = max(1, len(data) // batch_size)
-        self.rank, self.local = rank, batch_size // world_size
-
-    def batches(self, start_step: int = 0) -> Iterator[Batch]:
-        start_epoch, skip = divmod(start_step, self.steps_per_epoch)
-        for epoch in itertools.count(start_epoch):
-            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.data))
-            for b in range(skip if epoch == start_epoch else 0, self.steps_per_epoch):
-                lo = b * self.batch_size + self.rank * self.local
-                idx = order[lo:lo + self.local]
-                yield Batch(torch.from_numpy(self.data.images[idx]), torch.from_numpy(self.data.labels[idx]), [],
-                            epoch, b == self.steps_per_epoch - 1)
-
-    def skipped(self, epoch: int) -> dict[str, int]:
-        return {}
-
-
 def holdout(n: int, fraction: float, seed: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) indices: a seeded `fraction` of `n` examples (at least one) held out for validation."""
     perm = np.random.default_rng([seed, salt]).permutation(n)
@@ -101,7 +75,6 @@ class LoopSpec:
     grad_clip: float
     loss: str = "softmax"  # or "sigmoid" (multi-label, as for ImageNet-21k)
     precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (`perf.resolve_precision`)
-    seed: int = 0
     micro_batch_size: int | None = None  # gradient accumulation when the batch does not fit
     checkpoint_dir: Path | None = None  # resume from its newest checkpoint; write new ones there
     checkpoint_every: int = 0  # steps; 0: only at the end
@@ -177,7 +150,7 @@ class _Sums:
         self.values.zero_()
 
 
-def train_loop(model: nn.Module, source: MemoryBatches | StreamLoader, spec: LoopSpec,
+def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec,
                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                device: torch.device, on_epoch: Callable[[dict], None] | None = None, desc: str = "train",
                progress: bool = True, on_checkpoint: Callable[[Path], None] | None = None) -> LoopResult:
@@ -195,7 +168,6 @@ def train_loop(model: nn.Module, source: MemoryBatches | StreamLoader, spec: Loo
         TrainingDiverged: the loss became NaN/inf (within `spec.nonfinite_check_every` steps of it happening).
     """
     where = distributed.ranks()
-    gen = torch.Generator().manual_seed(spec.seed + 7919 * where.rank)  # device-side augmentation, per rank
     precision = perf.resolve_precision(spec.precision, device)
     perf.enable_tf32(device)
     autocast, scaler = perf.autocast(precision, device), perf.grad_scaler(precision, device)
@@ -204,8 +176,8 @@ def train_loop(model: nn.Module, source: MemoryBatches | StreamLoader, spec: Loo
     resume = checkpoint.latest(spec.checkpoint_dir)
     if resume is not None:
         loop = checkpoint.load(resume, model, optimizer, scheduler)
+        # Checkpoints of older code also hold "gen" (the RNG of the removed in-memory augmentation): ignored.
         step, epoch, saved = loop["step"], loop["epoch"], loop["sums"]
-        gen.set_state(loop["gen"])
         if "scaler" in loop:
             scaler.load_state_dict(loop["scaler"])
     sums = _Sums(device, saved)
@@ -223,7 +195,7 @@ def train_loop(model: nn.Module, source: MemoryBatches | StreamLoader, spec: Loo
         batch = next(batches)
         timer.waited(time.perf_counter() - tick)
         optimizer.zero_grad(set_to_none=True)
-        _step(net, batch, spec, source.augment, gen, autocast, scaler, memory_format, device, sums)
+        _step(net, batch, spec, autocast, scaler, memory_format, device, sums)
         if spec.grad_clip:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
@@ -240,7 +212,7 @@ def train_loop(model: nn.Module, source: MemoryBatches | StreamLoader, spec: Loo
         if save or epoch_done or step % spec.nonfinite_check_every == 0:
             totals = sums.read(step, desc)  # the one host read; raises if the loss is not finite
         if save and where.main:
-            state = {"step": step, "epoch": epoch, "gen": gen.get_state(), "sums": totals}
+            state = {"step": step, "epoch": epoch, "sums": totals}
             if scaler.is_enabled():
                 state["scaler"] = scaler.state_dict()
             path = checkpoint.save(spec.checkpoint_dir, step, model, optimizer, scheduler, state,
@@ -297,18 +269,14 @@ class _Timer:
         return LoopResult(last, last.get("step", self.window_step) - self.window_step, seconds, self.window_waited)
 
 
-def _step(model: nn.Module, batch: Batch, spec: LoopSpec, augment: Augment | None, gen: torch.Generator,
-          autocast, scaler: torch.amp.GradScaler, memory_format: torch.memory_format, device: torch.device,
-          sums: _Sums) -> None:
+def _step(model: nn.Module, batch: Batch, spec: LoopSpec, autocast, scaler: torch.amp.GradScaler,
+          memory_format: torch.memory_format, device: torch.device, sums: _Sums) -> None:
     """Forward and backward of this rank's part of a batch (in micro-batches of `spec.micro_batch_size`, with the
     DDP gradient all-reduce only after the last), adding to the loss/accuracy sums on the device; no update, no
-    host read."""
+    host read. The batch comes augmented from the loader's workers."""
     n = len(batch.labels)
     micro = spec.micro_batch_size or n
-    inputs = to_input(batch.images, spec.image_size, device, memory_format)
-    if augment is not None:  # once per batch, so micro-batching does not change the augmentation
-        inputs = augment_batch(inputs, augment, gen)
-    inputs = inputs.contiguous(memory_format=memory_format)
+    inputs = to_input(batch.images, spec.image_size, device, memory_format).contiguous(memory_format=memory_format)
     labels = batch.labels.to(device, non_blocking=True)
     starts = range(0, n, micro)
     for lo in starts:
@@ -374,10 +342,10 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
     return {"loss": loss, "top1": top1(logits, labels), "macro_f1": macro_f1(logits.argmax(-1), labels)}
 
 
-def evaluate(model: nn.Module, data: ImageArrays | ShardSubset, image_size: int, device: torch.device,
+def evaluate(model: nn.Module, data: ShardSubset, image_size: int, device: torch.device,
              max_bad_fraction: float = 0.001) -> dict[str, float]:
-    """Loss, top-1 and macro-F1 of `model` on a split in memory or streamed from its shards batch by batch (in a
-    process group, each rank infers its part and every rank gets the metrics of the whole split)."""
+    """Loss, top-1 and macro-F1 of `model` on a split streamed from its shards batch by batch (in a process group,
+    each rank infers its part and every rank gets the metrics of the whole split)."""
     logits, labels = [], []
     for batch in split_batches(rank_part(data), image_size, max_bad_fraction=max_bad_fraction):
         logits.append(infer(model, batch.images, image_size, device))
@@ -386,14 +354,11 @@ def evaluate(model: nn.Module, data: ImageArrays | ShardSubset, image_size: int,
     return classification_metrics(logits, labels)
 
 
-def rank_part(split: ImageArrays | ShardSubset) -> ImageArrays | ShardSubset:
+def rank_part(split: ShardSubset) -> ShardSubset:
     """This rank's contiguous part of an evaluation split (the whole split in one process)."""
     if distributed.ranks().world_size == 1:
         return split
-    mine = distributed.part(len(split))
-    if isinstance(split, ShardSubset):
-        return split.part(mine)
-    return ImageArrays(split.images[mine], split.labels[mine], split.keys[mine] if split.keys else split.keys)
+    return split.part(distributed.part(len(split)))
 
 
 def pick_device(gpus: float) -> torch.device:

@@ -1,5 +1,5 @@
-"""Image augmentation, one definition for both places it runs: per decoded image in the streaming loader's
-workers (`train_image`), and per batch on tensors for data held in memory (`augment_batch`)."""
+"""Image decoding and augmentation, per image in the streaming loader's workers: training crops, flips and shifts
+(`train_image`) and the evaluation transform (`eval_image`), from the encoded bytes to uint8 pixels."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Literal
 import numpy as np
 import simplejpeg
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 
@@ -196,25 +195,3 @@ def train_image(data: bytes, size: int, aug: Augment, rng: np.random.Generator) 
 def eval_image(data: bytes, size: int) -> np.ndarray:
     """Encoded image -> uint8 [size, size, 3]: resize the shorter side and centre-crop."""
     return decode(data, size, center_box)
-
-
-def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
-    """The same augmentation on a float batch [B, 3, S, S] already at the training resolution (data in memory)."""
-    size = x.shape[-1]
-    if aug.crop == "inception":
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        crops = []
-        for i in range(x.shape[0]):
-            left, top, w, h = inception_box(size, size, aug.min_area, rng)
-            crops.append(F.interpolate(x[i:i + 1, :, top:top + h, left:left + w], size=(size, size),
-                                       mode="bilinear", antialias=True, align_corners=False))
-        x = torch.cat(crops)
-    elif aug.crop == "translate" and aug.crop_padding:
-        p = aug.crop_padding
-        padded = F.pad(x, (p, p, p, p), value=-1.0)  # black, as `train_image` pads uint8 zeros ([-1, 1] input)
-        offsets = torch.randint(0, 2 * p + 1, (x.shape[0], 2), generator=gen).tolist()
-        x = torch.stack([padded[i, :, dy:dy + size, dx:dx + size] for i, (dy, dx) in enumerate(offsets)])
-    if aug.flip:
-        flip = torch.rand(x.shape[0], generator=gen) < 0.5
-        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-    return x

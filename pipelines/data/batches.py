@@ -92,13 +92,7 @@ def load(split: ShardSubset | list[str], image_size: int, progress: bool = False
                        [k for p in parts for k in p.keys], parts[-1].bad)
 
 
-def split_batches(split: ImageArrays | ShardSubset, image_size: int, batch_size: int = 256,
+def split_batches(split: ShardSubset, image_size: int, batch_size: int = 256,
                   max_bad_fraction: float = 0.001) -> Iterator[ImageArrays]:
-    """Evaluation batches of a split held in memory (as stored; the model input resizes) or left in its shards
-    (decoded at `image_size` batch by batch)."""
-    if isinstance(split, ImageArrays):
-        for start in range(0, len(split), batch_size):
-            stop = start + batch_size
-            yield ImageArrays(split.images[start:stop], split.labels[start:stop], split.keys[start:stop])
-        return
+    """Evaluation batches of a split left in its shards, decoded at `image_size` batch by batch (`eval_batches`)."""
     yield from eval_batches(split, image_size, batch_size, max_bad_fraction=max_bad_fraction)

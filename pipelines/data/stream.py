@@ -290,16 +290,17 @@ class StreamLoader:
         self.pin_memory = pin_memory
         self.bad: dict[int, BadCounts] = defaultdict(BadCounts)
 
-    augment = None  # applied in the workers, per decoded image
-
     def skipped(self, epoch: int) -> dict[str, int]:
         return {cause: n for cause, n in self.bad.get(epoch, {}).items() if n}
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         """Batches from global step `start_step` on, endlessly (a resumed run starts where it stopped)."""
         self.stream.start_step = start_step
+        # Its own generator: a DataLoader draws its base seed from the one it is given, and drawing from torch's
+        # global generator would shift what a resumed run draws (dropout, drop-path) against an uninterrupted one.
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.workers else None, persistent_workers=False)
+                            prefetch_factor=4 if self.workers else None, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(start_step))
         size, total = self.stream.batch_size, len(self.stream)
         for expected, item in zip(itertools.count(start_step), loader, strict=False):
             t = item["step"]

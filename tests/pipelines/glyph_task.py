@@ -80,18 +80,22 @@ ASSET = Path(__file__).parent / "assets" / "bit-r14-pico-letters.safetensors"
 def pretrain_letters(out: Path = ASSET, steps: int = 1200) -> None:
     """How the test asset was made: BiT-R14-Pico pretrained on 2,048 letter images at 32 px (AdamW lr 3e-3,
     batch 32, 1,200 steps, translate pad 2; ~3 min on one core; train top-1 99.8%), stored as float16.
-    Its frozen features probe the digit task at 95.9% (1,400 train / 1,000 test images)."""
+    Its frozen features probe the digit task at 95.9% (1,400 train / 1,000 test images).
+
+    The asset was made by the in-memory training path since removed (batches and augmentation drawn in another
+    order): this, which streams the same images from tiny shards, makes a model of the same recipe, not the
+    asset's bytes."""
     import torch
     from safetensors.torch import save_file
 
     from pipelines import pretrain
-    from pipelines.data import ImageArrays
     from pipelines.data.augment import Augment
+    from tests.pipelines.tiny import as_shards
 
     x, y = images(LETTERS, 2048, seed=0)
     cfg = pretrain.PretrainConfig(steps=steps, batch_size=32, lr=3e-3, warmup_steps=50,
                                   augment=Augment(crop="translate", crop_padding=2, flip=False))
-    result = pretrain.run(cfg, "BiT-R14-Pico", ImageArrays(x, y), len(LETTERS), 32, 0, torch.device("cpu"),
+    result = pretrain.run(cfg, "BiT-R14-Pico", as_shards(x, y), len(LETTERS), 32, 0, torch.device("cpu"),
                           progress=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half() if v.is_floating_point() else v for k, v in result.state_dict.items()}, str(out))

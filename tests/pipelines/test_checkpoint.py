@@ -1,5 +1,6 @@
 """Checkpoint/resume: N steps straight vs N/2 steps, SIGKILL, resume to N must give the same weights, bit for bit
-(CPU, one thread: the same kernels run in the same order on the same data, RNG states and optimizer state)."""
+(CPU, one thread: the same kernels run in the same order on the same data, RNG states and optimizer state), with
+the data read from shards by the loader production runs (DataLoader worker processes included)."""
 
 import os
 import signal
@@ -19,10 +20,11 @@ import sys, time, numpy as np, torch
 from pathlib import Path
 torch.set_num_threads(1)
 from pipelines import pretrain
-from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
+from pipelines.data.stream import LoaderConfig
+from tests.pipelines.tiny import as_shards
 rng = np.random.default_rng(0)
-data = ImageArrays(rng.integers(0, 255, (320, 32, 32, 3), dtype=np.uint8), rng.integers(0, 8, 320))
+data = as_shards(rng.integers(0, 255, (320, 32, 32, 3), dtype=np.uint8), rng.integers(0, 8, 320))
 cfg = pretrain.PretrainConfig(steps=24, batch_size=32, lr=3e-3, warmup_steps=4, checkpoint_every=12,
                               augment=Augment(crop="translate", crop_padding=2, flip=True))
 out, stall = Path(sys.argv[1]), sys.argv[2] == "stall"
@@ -30,7 +32,7 @@ out, stall = Path(sys.argv[1]), sys.argv[2] == "stall"
 # so the parent can kill this process after checkpoint 12 and before the run could finish.
 hold = lambda m: time.sleep(600) if stall and m["step"] == 20 else None
 pretrain.run(cfg, "ViT-Pico/4", data, 8, 32, seed=3, device=torch.device("cpu"), out_dir=out,
-             checkpoint_dir=out / "checkpoints", on_epoch=hold, progress=False)
+             checkpoint_dir=out / "checkpoints", on_epoch=hold, progress=False, loader=LoaderConfig(workers=2))
 """
 
 
@@ -141,15 +143,55 @@ def test_incomplete_folders_are_never_loaded_nor_push_out_a_complete_one(tmp_pat
     assert checkpoint.load(checkpoint.latest(tmp_path), model, opt, sched) == {"step": 20}
 
 
+def test_a_checkpoint_of_older_code_with_an_augmentation_generator_still_resumes(tmp_path):
+    """Checkpoints written before the in-memory path was removed hold a "gen" entry (its augmentation RNG): a run
+    resumes from one as from any other, to the weights of a run that was never interrupted."""
+    import numpy as np
+
+    from pipelines import pretrain
+    from pipelines.data.augment import Augment
+    from pipelines.data.stream import LoaderConfig
+    from tests.pipelines.tiny import as_shards
+
+    rng = np.random.default_rng(0)
+    data = as_shards(rng.integers(0, 255, (16, 16, 16, 3), dtype=np.uint8), rng.integers(0, 4, 16))
+
+    class Stop(Exception):
+        pass
+
+    def stop(path: Path) -> None:
+        raise Stop
+
+    def run(ckpt: Path, on_checkpoint=None) -> dict:
+        cfg = pretrain.PretrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, checkpoint_every=2,
+                                      augment=Augment(crop="translate", crop_padding=2, flip=True))
+        return pretrain.run(cfg, "ViT-Pico/4", data, 4, 16, seed=0, device=torch.device("cpu"), progress=False,
+                            checkpoint_dir=ckpt, on_checkpoint=on_checkpoint, loader=LoaderConfig(workers=0)).state_dict
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(Stop):
+        run(tmp_path / "old", on_checkpoint=stop)  # stopped right after its checkpoint at step 2
+    state_file = checkpoint.latest(tmp_path / "old") / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert "gen" not in state["loop"]
+    state["loop"]["gen"] = torch.Generator().manual_seed(0).get_state()  # as the older code wrote it
+    torch.save(state, state_file)
+    resumed = run(tmp_path / "old")
+    assert checkpoint.latest(tmp_path / "old").name == "ckpt-000000004"
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0)
+
+
 def test_gradient_accumulation_matches_the_full_batch_step():
     import numpy as np
 
     from pipelines import pretrain
-    from pipelines.data import ImageArrays
+    from pipelines.data.augment import Augment
+    from pipelines.data.stream import LoaderConfig
+    from tests.pipelines.tiny import as_shards
 
     rng = np.random.default_rng(0)
-    data = ImageArrays(rng.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 64))
-    from pipelines.data.augment import Augment
+    data = as_shards(rng.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 64))
 
     results = []
     for micro in (None, 16):
@@ -158,7 +200,7 @@ def test_gradient_accumulation_matches_the_full_batch_step():
         cfg = pretrain.PretrainConfig(steps=3, batch_size=64, optimizer="sgd", lr=0.1, warmup_steps=1,
                                       micro_batch_size=micro, augment=Augment(crop="inception", flip=True))
         results.append(pretrain.run(cfg, "BiT-R14-Pico", data, 4, 32, seed=0, device=torch.device("cpu"),
-                                    progress=False).state_dict)
+                                    progress=False, loader=LoaderConfig(workers=0)).state_dict)
     for k in results[0]:
         # Weight standardisation + GroupNorm carry summation-order noise to ~3e-5 after three steps (with or
         # without weight decay on the 1-D parameters); a wrong accumulation is off by ~1e-2.

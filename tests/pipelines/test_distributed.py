@@ -1,5 +1,6 @@
 """Data parallelism without Ray: 2 processes with gloo train to the same parameters as 1 process on the same global
-batch (fp32, SGD), with micro-batches, a tiny ViT and a tiny BiT (as PyTorch's own DDP tests compare)."""
+batch (fp32, SGD), with micro-batches, a tiny ViT and a tiny BiT (as PyTorch's own DDP tests compare), each rank
+reading its slice of every batch from shards through the production loader."""
 
 import os
 import socket
@@ -11,16 +12,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipelines import pretrain
-from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
+from pipelines.data.index import ShardSubset
+from pipelines.data.stream import LoaderConfig
 from pipelines.distributed import Ranks, gather_rows
+from tests.pipelines.tiny import as_shards
 
 MODELS = ["ViT-Pico/4", "BiT-R14-Pico"]
 
 
-def _data() -> ImageArrays:
-    rng = np.random.default_rng(0)
-    return ImageArrays(rng.integers(0, 255, (64, 16, 16, 3), dtype=np.uint8), rng.integers(0, 4, 64))
+def _data() -> ShardSubset:
+    # Seed 1, not 0: on some draws a near-tie at a non-smooth point of BiT-R14-Pico (max-pool, ReLU) flips under
+    # float summation-order noise and grows it from 1e-7 to ~3e-5 within 4 steps, as much between micro-batch sizes
+    # in one process as between ranks; seed 0's draw, in the loader's order, has one at step 2. Seed 1's has none.
+    rng = np.random.default_rng(1)
+    return as_shards(rng.integers(0, 255, (64, 16, 16, 3), dtype=np.uint8), rng.integers(0, 4, 64))
 
 
 def _cfg(micro: int | None) -> pretrain.PretrainConfig:
@@ -31,8 +37,8 @@ def _cfg(micro: int | None) -> pretrain.PretrainConfig:
 
 def _train(model: str, micro: int | None) -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)
-    return pretrain.run(_cfg(micro), model, _data(), 4, 16, seed=0, device=torch.device("cpu"),
-                        progress=False).state_dict
+    return pretrain.run(_cfg(micro), model, _data(), 4, 16, seed=0, device=torch.device("cpu"), progress=False,
+                        loader=LoaderConfig(workers=0)).state_dict
 
 
 def _rank(rank: int, world: int, port: int, model: str, out: str) -> None:
@@ -56,6 +62,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("model", MODELS)
 def test_two_gloo_ranks_train_to_the_parameters_of_one_process(tmp_path, model):
     out = tmp_path / "rank0.pt"
+    _data()  # the shards written once, before the ranks read them
     mp.spawn(_rank, args=(2, _free_port(), model, str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=True)
     one = _train(model, micro=None)

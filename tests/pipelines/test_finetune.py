@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from pipelines import downstream, finetune, models
-from pipelines.data import ImageArrays
 from pipelines.downstream import EvaluateConfig
 from pipelines.linear_probe import LinearProbeConfig
 from pipelines.training import classification_metrics, macro_f1
 from tests.pipelines import glyph_task
+from tests.pipelines.tiny import as_shards
 
 
 def test_macro_f1_known_answer():
@@ -18,24 +18,28 @@ def test_macro_f1_known_answer():
 
 
 def test_minival_is_a_disjoint_seeded_slice():
-    data = ImageArrays(np.arange(100)[:, None, None, None].repeat(3, -1).astype(np.uint8), np.arange(100) % 4)
+    data = as_shards(np.arange(100)[:, None, None, None].repeat(3, -1).astype(np.uint8), np.arange(100) % 4)
     train, val = finetune.split_minival(data, 0.1, seed=0)
-    assert len(train) == 90 and len(val) == 10
-    assert not set(train.images[:, 0, 0, 0]) & set(val.images[:, 0, 0, 0])
-    assert finetune.split_minival(data, 0.0, seed=0) == (data, None)
+    assert len(train) == 90 and len(val) == 10 and train.index is val.index is data.index
+    assert not set(train.positions.tolist()) & set(val.positions.tolist())
+    assert sorted([*train.positions.tolist(), *val.positions.tolist()]) == list(range(100))
+    again, other = finetune.split_minival(data, 0.1, seed=0), finetune.split_minival(data, 0.1, seed=1)
+    assert np.array_equal(again[1].positions, val.positions) and not np.array_equal(other[1].positions, val.positions)
+    kept, none = finetune.split_minival(data, 0.0, seed=0)
+    assert kept is data and none is None
 
 
 def test_finetune_logs_per_epoch_validation_and_learns_at_higher_resolution():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 240)
     images = np.clip(labels[:, None, None, None] * 90 + rng.integers(0, 30, (240, 48, 48, 3)), 0, 255)
-    data = ImageArrays(images.astype(np.uint8), labels)
+    data = as_shards(images.astype(np.uint8), labels)
     state = models.build("ViT-Pico/4", 16, 32).state_dict()
     cfg = finetune.FinetuneConfig(image_size=48, steps=30, batch_size=32, lr=0.03, warmup_steps=3)
     epochs = []
     result = finetune.run(cfg, "ViT-Pico/4", state, data, data, 3, seed=0, device=torch.device("cpu"),
                           progress=False, on_epoch=epochs.append)
-    assert len(epochs) == len(result.curves) == 5  # 216 train images / batch 32 = 6 steps per epoch
+    assert len(epochs) == len(result.curves) == 5  # 30 steps of 32 over 216 train images: 4 epoch ends, then the last
     assert {"train_loss", "val_loss", "val_top1"} <= set(epochs[0])
     assert epochs[-1]["val_loss"] < epochs[0]["val_loss"] and result.top1 > 90
 
@@ -69,7 +73,7 @@ def test_the_sweep_keeps_the_learning_rate_best_on_the_minival_and_reports_its_c
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 120)
     images = np.clip(labels[:, None, None, None] * 90 + rng.integers(0, 30, (120, 16, 16, 3)), 0, 255)
-    data_ = ImageArrays(images.astype(np.uint8), labels)
+    data_ = as_shards(images.astype(np.uint8), labels)
     state = models.build("ViT-Pico/4", 16, 16).state_dict()
     cfg = finetune.FinetuneConfig(image_size=16, steps=15, batch_size=32, warmup_steps=1, lr_sweep=(0.03, 1e4))
     epochs = []

@@ -12,19 +12,26 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines import checkpoint, models, perf, pretrain
-from pipelines.data import ImageArrays
 from pipelines.data.augment import Augment
-from pipelines.training import LoopSpec, MemoryBatches, TrainingDiverged, infer, train_loop, warmup_decay
+from pipelines.data.index import ShardSubset
+from pipelines.data.stream import LoaderConfig, ShardStream, StreamLoader
+from pipelines.training import LoopSpec, TrainingDiverged, infer, train_loop, warmup_decay
+from tests.pipelines.tiny import as_shards
 
 CPU = torch.device("cpu")
+IN_PROCESS = LoaderConfig(workers=0)  # the production loader, reading in the training process
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _data(n=320, classes=4, seed=0):
+def _images(n=320, classes=4, seed=0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, n)
     images = np.clip(labels[:, None, None, None] * 60 + rng.integers(0, 30, (n, 32, 32, 3)), 0, 255)
-    return ImageArrays(images.astype(np.uint8), labels)
+    return images.astype(np.uint8), labels
+
+
+def _data(n=320, classes=4, seed=0) -> ShardSubset:
+    return as_shards(*_images(n, classes, seed))
 
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
@@ -55,8 +62,9 @@ def test_step_loop_reads_the_device_only_every_k_steps_and_at_epoch_ends(host_re
                                                                      decay="cosine"))
     spec = LoopSpec(steps=steps, batch_size=16, image_size=32, grad_clip=1.0, micro_batch_size=micro,
                     nonfinite_check_every=every)
-    # No random crop or flip: the augmentation's own reads (of a CPU generator's draws) are not device reads.
-    source = MemoryBatches(_data(160), 16, 0, Augment(crop="none", flip=False))  # 10 steps per epoch
+    # The loader reads in this process (workers=0), so no flip: its `.numpy()` on a CPU tensor would count here.
+    stream = ShardStream(_data(160), 32, 16, Augment(crop="none", flip=False), seed=0)  # 10 steps per epoch
+    source = StreamLoader(stream, workers=0)
     epochs = []
     host_reads.clear()
     result = train_loop(model, source, spec, optimizer, scheduler, CPU, on_epoch=epochs.append, progress=False)
@@ -87,7 +95,7 @@ def test_divergence_is_caught_before_a_checkpoint_is_written(monkeypatch, tmp_pa
     cfg = pretrain.PretrainConfig(steps=12, batch_size=16, checkpoint_every=2, nonfinite_check_every=50)
     with pytest.raises(TrainingDiverged, match=r"loss became nan between step 3 and 4; lower the learning rate"):
         pretrain.run(cfg, "ViT-Pico/4", _data(), 4, 32, seed=0, device=CPU, progress=False,
-                     checkpoint_dir=tmp_path)
+                     checkpoint_dir=tmp_path, loader=IN_PROCESS)
     assert checkpoint.latest(tmp_path).name == "ckpt-000000002"  # the diverged step-4 state was never saved
 
 
@@ -97,7 +105,7 @@ def test_bf16_autocast_runs_on_a_cpu_and_matches_fp32():
     torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head would make every logit 0 in any precision
     dtypes = []
     model.blocks[0].mlp.fc1.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
-    images = _data(64).images
+    images = _images(64)[0]
     fp32 = infer(model, images, 32, CPU, precision="fp32")
     bf16 = infer(model, images, 32, CPU, precision="bf16")
     assert dtypes[0] == torch.float32 and dtypes[-1] == torch.bfloat16 and bf16.dtype == np.float32
@@ -109,7 +117,8 @@ def test_bf16_autocast_runs_on_a_cpu_and_matches_fp32():
 def test_bf16_pretraining_on_a_cpu_learns():
     cfg = pretrain.PretrainConfig(steps=16, batch_size=16, lr=3e-3, warmup_steps=2, precision="bf16")
     epochs = []
-    pretrain.run(cfg, "ViT-Pico/4", _data(64), 4, 32, seed=0, device=CPU, on_epoch=epochs.append, progress=False)
+    pretrain.run(cfg, "ViT-Pico/4", _data(64), 4, 32, seed=0, device=CPU, on_epoch=epochs.append, progress=False,
+                 loader=IN_PROCESS)
     assert all(math.isfinite(e["loss"]) for e in epochs) and epochs[-1]["loss"] < epochs[0]["loss"]
 
 
@@ -139,7 +148,7 @@ def test_checkpoint_of_a_compiled_run_loads_into_a_plain_model(monkeypatch, tmp_
     monkeypatch.setattr(perf, "BACKEND", "aot_eager")  # the graph capture without code generation: fast
     cfg = pretrain.PretrainConfig(steps=2, batch_size=16, compile=True, checkpoint_every=1)
     result = pretrain.run(cfg, name, _data(64), 4, 32, seed=0, device=CPU, out_dir=tmp_path, progress=False,
-                          checkpoint_dir=tmp_path / "ckpt")
+                          checkpoint_dir=tmp_path / "ckpt", loader=IN_PROCESS)
     plain = models.build(name, 4, 32)
     for saved in (load_file(str(result.weights_path)),
                   load_file(str(checkpoint.latest(tmp_path / "ckpt") / "model.safetensors"))):
@@ -161,7 +170,7 @@ def test_weight_decay_spares_position_embedding_class_token_and_1d_parameters():
 
 def test_pretraining_reports_throughput():
     cfg = pretrain.PretrainConfig(steps=12, batch_size=16)
-    result = pretrain.run(cfg, "ViT-Pico/4", _data(64), 4, 32, seed=0, device=CPU, progress=False)
+    result = pretrain.run(cfg, "ViT-Pico/4", _data(64), 4, 32, seed=0, device=CPU, progress=False, loader=IN_PROCESS)
     t = result.throughput
     assert set(t) == {"images_per_s", "step_time_s", "data_wait_fraction", "peak_host_rss_gb"}  # no MFU on a CPU
     assert t["images_per_s"] > 0 and t["step_time_s"] == pytest.approx(16 / t["images_per_s"])

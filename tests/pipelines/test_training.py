@@ -6,8 +6,11 @@ import torch
 
 from pipelines import models, pretrain
 from pipelines.config import UserError
-from pipelines.data import ImageArrays
+from pipelines.data.stream import LoaderConfig
 from pipelines.training import TrainingDiverged, duration_steps, warmup_decay
+from tests.pipelines.tiny import as_shards
+
+IN_PROCESS = LoaderConfig(workers=0)  # the production loader, reading in the training process
 
 
 def test_duration_helper_converts_each_unit():
@@ -25,18 +28,18 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
     assert warmup_decay(55, total=100, warmup=10, decay="linear") == pytest.approx(0.5)
 
 
-def _tiny_data(n=64, classes=4):
+def _tiny_images(n=64, classes=4):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, classes, n)
     images = np.clip(labels[:, None, None, None] * 60 + rng.integers(0, 30, (n, 32, 32, 3)), 0, 255)
-    return ImageArrays(images.astype(np.uint8), labels)
+    return images.astype(np.uint8), labels
 
 
 def test_pretraining_learns_an_easy_task_and_saves_safetensors(tmp_path):
     cfg = pretrain.PretrainConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=5)
     epochs = []
-    result = pretrain.run(cfg, "ViT-Pico/4", _tiny_data(), 4, 32, seed=0, device=torch.device("cpu"),
-                          out_dir=tmp_path, on_epoch=epochs.append, progress=False)
+    result = pretrain.run(cfg, "ViT-Pico/4", as_shards(*_tiny_images()), 4, 32, seed=0, device=torch.device("cpu"),
+                          out_dir=tmp_path, on_epoch=epochs.append, progress=False, loader=IN_PROCESS)
     assert result.steps == 40 and result.examples_seen == 1280 and len(epochs) == 20
     assert epochs[-1]["loss"] < epochs[0]["loss"] * 0.5
     from safetensors.torch import load_file
@@ -46,8 +49,8 @@ def test_pretraining_learns_an_easy_task_and_saves_safetensors(tmp_path):
 
 def test_non_finite_loss_stops_the_run_within_the_check_interval(monkeypatch):
     cfg = pretrain.PretrainConfig(steps=5, batch_size=16, lr=1e-3, nonfinite_check_every=3)
-    data = _tiny_data()
-    data.images[:] = 0
+    images, labels = _tiny_images()
+    data = as_shards(np.zeros_like(images), labels)
     original = models.build
 
     def poisoned(name, num_classes, image_size):
@@ -58,4 +61,5 @@ def test_non_finite_loss_stops_the_run_within_the_check_interval(monkeypatch):
 
     monkeypatch.setattr(models, "build", poisoned)  # a real model whose head weights are NaN
     with pytest.raises(TrainingDiverged, match="loss became nan between step 1 and 3; lower the learning rate"):
-        pretrain.run(cfg, "ViT-Pico/4", data, 4, 32, seed=0, device=torch.device("cpu"), progress=False)
+        pretrain.run(cfg, "ViT-Pico/4", data, 4, 32, seed=0, device=torch.device("cpu"), progress=False,
+                     loader=IN_PROCESS)
