@@ -69,9 +69,13 @@ def latest(root: Path | None) -> Path | None:
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
-    """Restore model, optimizer, scheduler and the global torch RNG; returns the loop state."""
+    """Restore model, optimizer, scheduler and the global torch RNG; returns the loop state.
+
+    The state file is read onto the CPU whatever device wrote it (`map_location`): a checkpoint saved on
+    `cuda:3` resumes on a node whose GPU is `cuda:0`, or that has none; `load_state_dict` then moves each tensor
+    to where its parameter lives."""
     model.load_state_dict(load_file(str(path / "model.safetensors")))
-    state = torch.load(path / "state.pt", weights_only=True)
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

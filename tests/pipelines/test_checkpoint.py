@@ -205,3 +205,42 @@ def test_gradient_accumulation_matches_the_full_batch_step():
         # Weight standardisation + GroupNorm carry summation-order noise to ~3e-5 after three steps (with or
         # without weight decay on the 1-D parameters); a wrong accumulation is off by ~1e-2.
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-4, rtol=1e-3)
+
+
+def _written_on(state_file: Path, device: str) -> None:
+    """Rewrite a saved state file's storage location tags, as if `device` had written it (torch.save records the
+    device of every storage; loading without `map_location` puts each tensor back there)."""
+    import io
+    import zipfile
+
+    raw = zipfile.ZipFile(io.BytesIO(state_file.read_bytes()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in raw.infolist():
+            data = raw.read(info)
+            if info.filename.endswith("data.pkl"):  # pickle protocol 2: `X` + 4-byte length + the string
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X" + len(device).to_bytes(4, "little") + device.encode())
+            dst.writestr(info, data)
+    state_file.write_bytes(out.getvalue())
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_another_device(tmp_path):
+    """Saved on `cuda:3` (its location tags rewritten), restored where that device does not exist: the state is
+    mapped to the CPU, then into the parameters' and optimizer's own devices."""
+    model = models.build("ViT-Pico/4", 4, 32)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model(torch.zeros(2, 3, 32, 32)).sum().backward()
+    opt.step()  # the optimizer has state (exp_avg, ...) to restore
+    saved = checkpoint.save(tmp_path, 7, model, opt, sched, {"step": 7}, keep=2)
+    _written_on(saved / "state.pt", "cuda:3")
+    if not torch.cuda.is_available():  # the file really names a device this machine lacks
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(saved / "state.pt", weights_only=True)
+    fresh = models.build("ViT-Pico/4", 4, 32)
+    opt2 = torch.optim.AdamW(fresh.parameters())
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
+    assert checkpoint.load(saved, fresh, opt2, sched2) == {"step": 7}
+    moments = [s["exp_avg"] for s in opt2.state.values()]
+    assert moments and all(m.device.type == "cpu" for m in moments)
+    assert all(torch.equal(a, b["exp_avg"]) for a, b in zip(moments, opt.state.values(), strict=True))
