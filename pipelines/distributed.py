@@ -44,6 +44,14 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (one all-reduce in a process group; `flag` alone without)."""
+    if ranks().world_size == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
 def gather_rows(rows: np.ndarray) -> np.ndarray:
     """Every rank's rows, concatenated in rank order (ranks may hold different numbers of rows)."""
     if ranks().world_size == 1:

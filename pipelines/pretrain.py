@@ -119,11 +119,12 @@ def training_source(cfg: PretrainConfig, data: ShardSubset, image_size: int, see
 def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: int, image_size: int,
         seed: int, device: torch.device, out_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
         progress: bool = True, checkpoint_dir: Path | None = None,
-        on_checkpoint: Callable[[Path], None] | None = None, loader: LoaderConfig | None = None) -> PretrainResult:
+        on_checkpoint: Callable[[Path], None] | None = None, loader: LoaderConfig | None = None,
+        should_stop: Callable[[], bool] | None = None) -> PretrainResult:
     """Pretrain `model_name` from scratch on `data` (resuming from `checkpoint_dir` if it holds a checkpoint);
     save the weights as safetensors in `out_dir`. `data` is a shard subset, streamed with `loader`. Run on every
     rank of a process group, it trains data-parallel (`cfg.batch_size` is global; rank 0 writes the checkpoints
-    and the weights)."""
+    and the weights). `should_stop` (polled at step boundaries) stops it with a checkpoint: TrainingStopped."""
     check_labels(cfg.loss, data)
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -145,7 +146,7 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
                     nonfinite_check_every=cfg.nonfinite_check_every)
     source = training_source(cfg, data, image_size, seed, device, loader or LoaderConfig())
     loop = train_loop(model, source, spec, optimizer, scheduler, device, on_epoch, desc=f"pretrain {model_name}",
-                      progress=progress, on_checkpoint=on_checkpoint)
+                      progress=progress, on_checkpoint=on_checkpoint, should_stop=should_stop)
     flops = 3 * models.forward_flops(model_name, image_size, num_classes)  # forward + backward (2x forward)
     throughput = perf.throughput(loop.timed_steps * cfg.batch_size, loop.timed_seconds, loop.waited_seconds,
                                  loop.timed_steps, flops, device, precision) if loop.timed_steps else {}

@@ -27,6 +27,15 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: the trial fails with this reason, the study carries on."""
 
 
+class TrainingStopped(Exception):
+    """`should_stop` asked the loop to stop (a signal): it stopped at a step boundary, checkpointed where it had a
+    checkpoint folder; `step` is where it stopped, and a rerun resumes there."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step}")
+        self.step = step
+
+
 def duration_steps(epochs: float | None, steps: int | None, examples: int | None, batch_size: int,
                    dataset_size: int) -> int:
     """The one duration helper: a length given as `steps`, `epochs` or `examples` -> optimizer steps."""
@@ -80,6 +89,7 @@ class LoopSpec:
     checkpoint_every: int = 0  # steps; 0: only at the end
     keep_checkpoints: int = 2
     nonfinite_check_every: int = 25  # steps between reads of the loss from the device
+    stop_check_every: int = 5  # steps between asking `should_stop` (all ranks at the same steps)
 
 
 @dataclass
@@ -153,7 +163,8 @@ class _Sums:
 def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec,
                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                device: torch.device, on_epoch: Callable[[dict], None] | None = None, desc: str = "train",
-               progress: bool = True, on_checkpoint: Callable[[Path], None] | None = None) -> LoopResult:
+               progress: bool = True, on_checkpoint: Callable[[Path], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> LoopResult:
     """Run `spec.steps` optimizer steps over batches from `source`, calling `on_epoch(metrics)` after each epoch.
 
     With `spec.checkpoint_dir`, resumes from its newest checkpoint (weights, optimizer, scheduler, RNG state and
@@ -162,10 +173,12 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec,
     the gradients, the metrics are summed over ranks, and rank 0 alone writes checkpoints.
     `loader_wait_fraction` is the share of the epoch's wall time spent waiting for the next batch. Nothing is read
     from the device inside the step: the loss is read every `spec.nonfinite_check_every` steps, at epoch ends and
-    before each checkpoint (so no checkpoint holds a diverged state).
+    before each checkpoint (so no checkpoint holds a diverged state). Every `spec.stop_check_every` steps it asks
+    `should_stop()` (any rank asking stops them all): then it checkpoints and raises TrainingStopped.
 
     Raises:
         TrainingDiverged: the loss became NaN/inf (within `spec.nonfinite_check_every` steps of it happening).
+        TrainingStopped: `should_stop()` said so.
     """
     where = distributed.ranks()
     precision = perf.resolve_precision(spec.precision, device)
@@ -207,7 +220,9 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec,
         epoch_done = batch.end_of_epoch or step == spec.steps
         if epoch_done:
             epoch += 1
-        save = spec.checkpoint_dir is not None and (step == spec.steps or
+        stop = (should_stop is not None and step < spec.steps and step % spec.stop_check_every == 0
+                and distributed.any_rank(should_stop()))
+        save = spec.checkpoint_dir is not None and (step == spec.steps or stop or
                                                    (spec.checkpoint_every and step % spec.checkpoint_every == 0))
         if save or epoch_done or step % spec.nonfinite_check_every == 0:
             totals = sums.read(step, desc)  # the one host read; raises if the loss is not finite
@@ -219,6 +234,10 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec,
                                    spec.keep_checkpoints)
             if on_checkpoint is not None:
                 on_checkpoint(path)
+        if stop:
+            distributed.barrier()  # rank 0's checkpoint is complete before any rank leaves
+            bar.close()
+            raise TrainingStopped(step)
         if epoch_done:
             last = timer.epoch_metrics(epoch, step, spec.batch_size, totals, scheduler.get_last_lr()[0])
             last.update({f"skipped_{cause}": n for cause, n in source.skipped(batch.epoch).items()})

@@ -174,10 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second signal, or one before the trials started: stop at once
+        print("\nerror: interrupted; rerun the same command to resume (finished points are kept)", file=sys.stderr)
+        return 130
 
 
 def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, clock: dict[str, float]) -> int:
     from study.identity import eval_ids
+    from study.interrupt import STOP, Interrupt
     from study.plan import plan
     from study.tracking import Tracker, ui_command
     from study.trial import Stopwatch
@@ -195,9 +199,14 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve())}
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))
-    status, failures = "FAILED", {}
+    status, failures = "KILLED", {}
+    interrupt = Interrupt(where.storage)
+    where.storage.delete_file(STOP)  # a stop asked of an earlier invocation
     try:
-        records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock)
+        records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock, interrupt)
+        if interrupt.signum is not None:
+            return _stopped(interrupt, tracker, decisions, records, where)
+        status = "FAILED"
         with Stopwatch(clock)("report"):
             _write_results(cfg, points, records, evals, where, failures)
         write_timings(where.out / "timings.json", clock, records, decisions)
@@ -220,7 +229,16 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     return 0
 
 
-def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, float]):
+def _stopped(interrupt, tracker, decisions, records: dict, where) -> int:
+    """After a signal: the points left unfinished end KILLED (the parent too, in `launch`), one line, 128 + n."""
+    left = [d.point for d in decisions if d.point.id not in records]
+    tracker.kill_points(left)
+    print(f"\nstopped by {interrupt.name}: {len(records)} of {len(decisions)} points done, {len(left)} stopped "
+          f"(checkpoints in {where.storage_root}); rerun the same command to resume", file=sys.stderr)
+    return interrupt.exit_code
+
+
+def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, float], interrupt):
     """Log what storage already holds, run the trials the plan needs; returns ({point id: record}, failures)."""
     from study.plan import RUNS
     from study.trial import TrialPlan, point_dir
@@ -249,7 +267,8 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
         from study.tune_runner import StudyCallback, run_trials
 
         callback = StudyCallback(plans, finisher, tracker, tags)
-        clock.update(run_trials(cfg, plans, where.storage, callback, f"{cfg.study}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        clock.update(run_trials(cfg, plans, where.storage, callback, f"{cfg.study}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                interrupt))
         records.update(callback.records)
         for pid, plan in plans.items():
             if pid not in records:

@@ -278,6 +278,18 @@ class Tracker:
                 self.writer.submit(f"orphan {child.run_id}",
                                    lambda run_id=child.run_id: self.client.set_terminated(run_id, "KILLED"))
 
+    def kill_points(self, points) -> None:
+        """The children of `points` (stopped by a signal) end KILLED, whatever a trial reported on its way out;
+        a point that never started has no child and gets none."""
+        def job(point) -> None:
+            known = self.known.get(point.id)
+            run_id = self.runs.get(point.id) or (known.run_id if known is not None else None)
+            if run_id is not None:
+                self.client.set_terminated(run_id, "KILLED")
+
+        for point in points:
+            self.writer.submit(f"stop of {point.name}", lambda point=point: job(point))
+
     def finish_parent(self, status: str, files: list[Path], folder: Path | None, tags: dict | None = None) -> None:
         def job() -> None:
             for name, value in (tags or {}).items():

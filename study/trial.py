@@ -24,9 +24,10 @@ from pipelines import data, diagnostics, distributed, downstream, models, pretra
 from pipelines.config import UserError
 from pipelines.data.stream import ShardSubset
 from pipelines.downstream import Measurement
-from pipelines.training import TrainingDiverged, evaluate, pick_device
+from pipelines.training import TrainingDiverged, TrainingStopped, evaluate, pick_device
 from study.config import GridPoint, StudyConfig
 from study.identity import recipe_params
+from study.interrupt import STOP, stop_requested
 from study.protocol import Curve, EvalRecord, Event, Failed, Finished, PointRecord, Started
 from study.storage import Storage
 from study.system_metrics import NodeSampler
@@ -65,6 +66,8 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     parts and gathered, fine-tuning with DDP); rank 0 alone writes to storage, emits events and returns the
     record (the other ranks return None)."""
     point, rel = plan.point, plan.rel
+    if storage.exists(STOP):  # the driver is stopping the study: a point not started yet stays so
+        raise TrainingStopped(0)
     device = device or pick_device(cfg.resources.gpus_per_worker)
     where = distributed.ranks()
     record = load_record(storage, point.id) or PointRecord(point.id, point.table_fields)
@@ -138,7 +141,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, so
     with NodeSampler() as sampler:
         result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, point.seed,
                               device, None, on_epoch=epoch_end, progress=progress, checkpoint_dir=local_ckpts,
-                              on_checkpoint=push, loader=loader)
+                              on_checkpoint=push, loader=loader, should_stop=stop_requested(storage))
     del train
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
                **result.throughput}  # images_per_s, step_time_s, data_wait_fraction, peak memory, mfu
@@ -273,6 +276,8 @@ def _run_guarded(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: P
         run_point(cfg, plan, storage, scratch, emit, device=device)
     except (TrainingDiverged, UserError) as err:
         emit(Failed(f"{type(err).__name__}: {err} (after {time.time() - start:.0f} s)"))
+    except TrainingStopped as err:  # the driver asked: checkpointed (if it had started), not retried
+        emit(Failed(f"stopped by the driver at step {err.step}; a rerun resumes there"))
     shutil.rmtree(scratch, ignore_errors=True)  # a crash keeps it for nobody: a retry starts from storage
 
 

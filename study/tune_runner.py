@@ -15,6 +15,7 @@ from ray.tune import Callback
 
 from pipelines.config import UserError
 from study.config import StudyConfig
+from study.interrupt import Interrupt, ray_apart
 from study.protocol import Curve, Failed, Finished, PointRecord, Started, decode
 from study.storage import Storage
 from study.tracking import Tracker
@@ -164,13 +165,17 @@ def _check_fits(cfg: StudyConfig, nodes: list[dict], where: str) -> None:
 
 
 def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, callback: StudyCallback,
-               name: str) -> dict[str, float]:
+               name: str, interrupt: Interrupt) -> dict[str, float]:
     """Run one Tune trial per plan; results arrive through `callback`. Starts a local Ray unless `connect`
-    joined a cluster. Returns the seconds spent starting Ray and running the trials."""
+    joined a cluster (its processes deaf to SIGINT and SIGTERM: `interrupt` handles those, after Ray is up).
+    Returns the seconds spent starting Ray and running the trials."""
     start = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
-                 logging_level="warning")
+        with ray_apart():
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
+                     logging_level="warning")
+    interrupt.install()  # after ray.init, which installs a SIGTERM handler of its own
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the study stops its trials itself (study/interrupt.py)
     started = time.perf_counter()
     r = cfg.resources
     if r.workers_per_trial == 1:

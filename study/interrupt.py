@@ -1,0 +1,91 @@
+"""SIGINT (Ctrl-C) and SIGTERM (Slurm, Kubernetes, spot preemption) to the driver: stop the study cleanly.
+
+The first signal asks every trial to stop at its next step boundary: a stop file in the study's storage, which the
+trials poll (`stop_requested`); each checkpoints and ends, points not yet started do not start, the MLflow runs of
+the points left unfinished and the study's parent end KILLED, and the driver exits 128 + the signal's number with
+one line saying how to resume. A second signal stops at once (`KeyboardInterrupt`).
+
+A terminal's Ctrl-C and a scheduler's SIGTERM go to the driver's whole process group, which would otherwise kill the
+local Ray's GCS and raylet, and with them every trial, before any could checkpoint: `ray_apart` starts them in
+process groups of their own, with both signals ignored (they still die with the driver: Ray binds them to it).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from study.storage import Storage
+
+STOP = "stop-requested"  # in the study's storage while a stop is asked for; removed when a driver starts
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupt:
+    """The driver's handler of SIGINT and SIGTERM (install it in the main thread, after Ray has started)."""
+
+    def __init__(self, storage: Storage):
+        self.storage, self.signum = storage, None
+
+    def install(self) -> None:
+        for sig in SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # the second signal: at once
+        self.signum = signum
+        try:
+            self.storage.write_bytes(STOP, signal.Signals(signum).name.encode())
+        except OSError:
+            pass  # storage unreachable: the trials stop when Ray does
+        print(f"\n{signal.Signals(signum).name}: stopping; trials checkpoint at their next step (send it again to "
+              "stop at once)", file=sys.stderr, flush=True)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "interrupted"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
+@contextmanager
+def ray_apart() -> Iterator[None]:
+    """While the block runs, processes that Ray starts (`ray.init`'s GCS, raylet, ...) are put in process groups of
+    their own, and SIGINT and SIGTERM are ignored (a process started then inherits that unless it handles them)."""
+    from ray._private import services  # where Ray spawns its processes: one class, patched for the block
+
+    spawn = services.ConsolePopen
+    apart = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+
+    class Apart(spawn):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**apart, **kwargs})
+
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    services.ConsolePopen = Apart
+    try:
+        yield
+    finally:
+        services.ConsolePopen = spawn
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def stop_requested(storage: Storage, every: float = 2.0) -> Callable[[], bool]:
+    """A trial's `should_stop`: whether the stop file exists, looked up at most every `every` seconds."""
+    state = {"at": 0.0, "stop": False}
+
+    def ask() -> bool:
+        if not state["stop"] and time.monotonic() - state["at"] >= every:
+            state["at"], state["stop"] = time.monotonic(), storage.exists(STOP)
+        return state["stop"]
+
+    return ask

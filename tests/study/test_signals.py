@@ -1,0 +1,53 @@
+"""SIGINT and SIGTERM to the driver's process group (what a terminal's Ctrl-C and a scheduler send): trials stop at
+their next step boundary with a checkpoint, MLflow says KILLED (never RUNNING or FINISHED), the driver exits
+128 + the signal in one line, and the same command resumes from that checkpoint."""
+
+import os
+import signal
+import subprocess
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import checkpointed, run_cli, start_cli, wait_until
+
+ARGS = ["--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[1024]", "pretrain.steps=600",
+        "pretrain.checkpoint_every=20", "evaluate.finetune.lr=0.01"]
+
+
+def _steps(tmp_path) -> list[int]:
+    return sorted(int(p.parent.name.rsplit("-", 1)[1])
+                  for p in tmp_path.glob("smoke/storage/points/*/checkpoints/ckpt-*/state.pt"))
+
+
+def _statuses(tmp_path) -> tuple[str, list[str]]:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    parent = [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parent[0], [r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_study_with_a_checkpoint_and_the_rerun_resumes(sig, tmp_path, cache_dir):
+    args = ["-m", "study.run", "--out", str(tmp_path), *ARGS]
+    proc = start_cli(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_until(proc, lambda: checkpointed(tmp_path), "a checkpoint in storage")
+    os.killpg(proc.pid, sig)  # the driver's whole process group, as a terminal or a scheduler signals a job
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err and "core dumped" not in err and "Aborted" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"stopped by {sig.name}: 0 of 1 points done, 1 stopped")
+    assert "rerun the same command to resume" in err
+    stopped_at = _steps(tmp_path)[-1]
+    assert stopped_at % 5 == 0 and stopped_at < 600  # a step boundary, before the end
+    assert _statuses(tmp_path) == ("KILLED", ["KILLED"])
+    if sig == signal.SIGINT:
+        return
+    again = run_cli(args, cache_dir, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _statuses(tmp_path) == ("FINISHED", ["FINISHED"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (child,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
+                                  "tags.study_role = 'point'")
+    assert child.data.metrics["resumed_from_step"] == stopped_at  # from the checkpoint of the stop
