@@ -108,9 +108,10 @@ def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:
         if src is cfg.data.pretrain:  # a multi-label source with a softmax loss
             index = found.index()
             pretrain.check_labels(cfg.pretrain.loss, index)
-            if cfg.data.subset_mode == "samples":
+            if cfg.data.subset_mode == "samples":  # each seed's order, each point's rows: trials map them
                 for seed in cfg.seeds:
-                    index.order(seed)
+                    for n in cfg.data.subsets:
+                        index.first_rows(seed, n)
         sync_indexes(cfg, storage, src, found, upload=True)
 
 

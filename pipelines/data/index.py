@@ -416,6 +416,20 @@ class SourceIndex:
             return order
         return self._map(path.stem, dtype)
 
+    def first_rows(self, seed: int, n: int) -> np.ndarray:
+        """The `n` rows first in `order(seed)`, sorted: stored beside the index (`subset-<seed>-<n>.bin`) once, then
+        memory-mapped, so every rank and loader worker of every trial of the point shares one copy."""
+        path = self.folder / f"subset-{seed}-{n}.bin"
+        dtype = "<u4" if self.n < 2**32 else "<u8"
+        if path.exists():
+            return self._map(path.stem, dtype)
+        rows = np.sort(np.asarray(self.order(seed)[:n])).astype(dtype)
+        try:
+            atomic.write_bytes(path, rows.tobytes())
+        except OSError:
+            return rows
+        return self._map(path.stem, dtype)
+
 
 def _mix(keys: np.ndarray, seed: int) -> np.ndarray:
     """splitmix64 of key hash + seed: a seeded, well-spread score per row."""

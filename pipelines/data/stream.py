@@ -90,7 +90,7 @@ class ShardStream(IterableDataset):
     def __init__(self, subset: ShardSubset, image_size: int, batch_size: int, augment: Augment, seed: int,
                  shuffle_buffer: int = 1024, rank: int = 0, world_size: int = 1, start_step: int = 0,
                  open_shards: int = 64):
-        index, rows = subset.index, np.asarray(subset.positions, dtype=np.int64)
+        index, rows = subset.index, subset.positions  # shared (memory-mapped) where the subset is stored
         self.index, self.rows, self.label_width = index, rows, index.label_width
         self.counts = np.bincount(index.shard_of(rows), minlength=index.num_shards).astype(np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])  # each shard's first entry in `rows`
