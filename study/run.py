@@ -262,7 +262,9 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
         if args.fresh:
             where.storage.delete_dir(point_dir(d.point.id))
     plans = {d.point.id: TrialPlan(d.point, d.action, d.evals) for d in decisions if d.action in RUNS}
-    tracker.close_orphans(set(plans))
+    # A child this invocation logs or runs is its own; only the others left RUNNING are orphans (marking a logged one
+    # KILLED from the status read before the logging would undo it).
+    tracker.close_orphans(set(plans) | {d.point.id for d in decisions if d.action == "log"})
     failures: dict[str, str] = {}
     if plans:
         from study.tune_runner import StudyCallback, run_trials

@@ -171,3 +171,21 @@ def test_weights_in_mlflow_serve_a_reevaluation_without_the_storage(killed, exte
     table = pd.read_csv(out / "smoke" / "results.csv")
     assert sorted(table[table["eval"] == "fewshot"]["shots"].unique()) == [1, 3]
     assert len(table[table["eval"] == "finetune"]) == 6 * 2  # the other evaluations come from the records
+
+
+def test_a_point_finished_in_storage_but_not_closed_in_mlflow_ends_with_one_finished_child(tmp_path, cache_dir):
+    """The moment a SIGKILL of the driver can leave: the point's pretraining and evaluations are in storage, its
+    child is still RUNNING and not marked complete. The next run logs it and closes it FINISHED, and nothing
+    marks it KILLED afterwards."""
+    args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[256]",
+            "evaluate.finetune.lr=0.01", "--out", str(tmp_path)]
+    assert run_cli(args, cache_dir).returncode == 0
+    client, (child,) = _client(tmp_path)[0], _children(tmp_path)[1]
+    client.delete_tag(child.info.run_id, "complete")
+    client.update_run(child.info.run_id, status="RUNNING")  # as the killed driver left it
+    again = run_cli(args, cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _actions(again.stdout) == {("ViT-Pico/4", 256): "log"}
+    (after,) = _children(tmp_path)[1]
+    assert after.info.run_id == child.info.run_id and after.info.status == "FINISHED"
+    assert after.data.tags["complete"] == "1"
