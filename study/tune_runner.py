@@ -61,7 +61,7 @@ class StudyCallback(Callback):
 
 def connect(cfg: StudyConfig, address: str | None) -> None:
     """Check that the study can run where it is asked to, before any data or run exists: join the cluster at
-    `address` (host:port, `auto` or `ray://host:port`) and check that one node can place a trial's worker; with no
+    `address` (host:port or `auto`; Ray Client's `ray://` is refused) and check that one node can place a trial's worker; with no
     address, check this machine (the local Ray itself starts only when a trial runs)."""
     if address is None:
         import torch
@@ -70,7 +70,7 @@ def connect(cfg: StudyConfig, address: str | None) -> None:
         return
     target = _resolve(address)
     _check_listening(address, target)
-    if not address.startswith("ray://") and "RAY_AUTH_MODE" not in os.environ and _token_available():
+    if "RAY_AUTH_MODE" not in os.environ and _token_available():
         # Ray >= 2.59 turns token authentication on for clusters started with `ray start`; a client given an
         # explicit address does not turn it on by itself and fails with InvalidAuthToken after 20 s.
         enable_token_auth()
@@ -115,20 +115,37 @@ def _resolve(address: str) -> tuple[str, int]:
             raise UserError("--address auto: no Ray cluster is running on this machine (start one with "
                             "`ray start --head`, or give --address host:port)")
         address = found
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address.startswith("ray://"):
+        raise UserError(f"--address {address}: Ray Client (ray://) is not supported: the study's Tune callback and "
+                        "storage live on the driver. Run the driver on the cluster: `ray job submit --address "
+                        "http://HEAD:8265 --working-dir . -- python -m study.run --grid G --address auto ...`")
+    host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--address {address!r} is not host:port, auto or ray://host:port")
+        raise UserError(f"--address {address!r} is not host:port or auto")
     return host, int(port)
 
 
 def _check_listening(address: str, target: tuple[str, int]) -> None:
+    """Something answers at `target`, and speaks gRPC (HTTP/2), as a Ray GCS does: Ray's client would otherwise
+    retry for minutes against a web server or a database."""
     try:
-        with socket.create_connection(target, timeout=5):
-            pass
+        with socket.create_connection(target, timeout=5) as conn:
+            conn.settimeout(5)
+            conn.sendall(HTTP2_PREFACE)
+            reply = conn.recv(9)
+    except TimeoutError:
+        reply = b""
     except OSError as err:
         raise UserError(f"--address {address}: nothing answers at {target[0]}:{target[1]} ({err.strerror or err}); "
                         "start the head with `ray start --head --port PORT`, or drop --address to run "
                         "locally") from None
+    if len(reply) < 9 or reply[3] != 0x04:  # an HTTP/2 server answers the preface with a SETTINGS frame
+        raise UserError(f"--address {address}: {target[0]}:{target[1]} answers, but not as a Ray cluster (no "
+                        "gRPC); give the head's GCS port (`ray start --head --port PORT`, 6379 by default)")
+
+
+# The HTTP/2 connection preface and an empty SETTINGS frame: what a gRPC client sends first.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
 def enable_token_auth() -> None:

@@ -31,8 +31,9 @@ def _refused(proc, tmp_path, message: str) -> None:
 
 @pytest.mark.parametrize("address, message", [
     ("127.0.0.1:{port}", "--address 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}"),
-    ("127.0.0.1", "--address '127.0.0.1' is not host:port, auto or ray://host:port"),
-    ("host:port", "--address 'host:port' is not host:port, auto or ray://host:port"),
+    ("127.0.0.1", "--address '127.0.0.1' is not host:port or auto"),
+    ("host:port", "--address 'host:port' is not host:port or auto"),
+    ("ray://127.0.0.1:{port}", "--address ray://127.0.0.1:{port}: Ray Client (ray://) is not supported"),
 ])
 def test_an_address_that_cannot_work_is_one_line_and_exit_2(address, message, tmp_path, cache_dir):
     port = _free_port()
@@ -129,3 +130,23 @@ def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cac
     for run in runs:
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"record.json", "class_counts.json", "model"} <= names and any(n.startswith("fig7_") for n in names)
+
+
+def test_an_address_where_something_else_listens_is_one_line_within_30_s(tmp_path, cache_dir):
+    """A web server at the port: refused in one line, fast (Ray's own client would retry for minutes)."""
+    import http.server
+    import threading
+    import time
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        start = time.monotonic()
+        proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address",
+                        f"127.0.0.1:{port}"], cache_dir, timeout=60)
+        took = time.monotonic() - start
+    finally:
+        server.shutdown()
+    _refused(proc, tmp_path, f"--address 127.0.0.1:{port}: 127.0.0.1:{port} answers, but not as a Ray cluster")
+    assert took < 30
