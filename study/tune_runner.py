@@ -61,8 +61,8 @@ class StudyCallback(Callback):
 
 def connect(cfg: StudyConfig, address: str | None) -> None:
     """Check that the study can run where it is asked to, before any data or run exists: join the cluster at
-    `address` (host:port or `auto`; Ray Client's `ray://` is refused) and check that one node can place a trial's worker; with no
-    address, check this machine (the local Ray itself starts only when a trial runs)."""
+    `address` (host:port or `auto`; Ray Client's `ray://` is refused) and check that one node can place a trial's
+    worker; with no address, check this machine (the local Ray itself starts only when a trial runs)."""
     if address is None:
         import torch
 
