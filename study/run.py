@@ -175,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the driver's own writes: a full disk, no permission, a read-only folder
+        from study.trial import unfixable_by_retry
+
+        if (why := unfixable_by_retry(err)) is None:
+            raise
+        print(f"error: {why}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a second signal, or one before the trials started: stop at once
         print("\nerror: interrupted; rerun the same command to resume (finished points are kept)", file=sys.stderr)
         return 130

@@ -6,7 +6,9 @@ events. `trainable` is the Ray Tune function trainable around it.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -278,7 +280,31 @@ def _run_guarded(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: P
         emit(Failed(f"{type(err).__name__}: {err} (after {time.time() - start:.0f} s)"))
     except TrainingStopped as err:  # the driver asked: checkpointed (if it had started), not retried
         emit(Failed(f"stopped by the driver at step {err.step}; a rerun resumes there"))
+    except OSError as err:
+        if (why := unfixable_by_retry(err)) is None:
+            raise  # a transient error (a network blip, a lost node): Tune's FailureConfig retries the trial
+        emit(Failed(why))
     shutil.rmtree(scratch, ignore_errors=True)  # a crash keeps it for nobody: a retry starts from storage
+
+
+# OS errors that a retry of the trial cannot fix: what to do about each.
+UNFIXABLE = {errno.ENOSPC: "free space there", errno.EDQUOT: "raise the quota or free space there",
+             errno.EACCES: "fix the permissions", errno.EPERM: "fix the permissions",
+             errno.EROFS: "give a writable --storage"}
+
+
+def unfixable_by_retry(err: OSError) -> str | None:
+    """One line naming the path and what to do, for an OS error that retrying cannot fix (no space, no permission,
+    a read-only file system); None for others. pyarrow's file systems raise OSErrors without `errno` set, with
+    the C error in the message."""
+    code = err.errno
+    if code is None:
+        code = next((c for c in UNFIXABLE if os.strerror(c).lower() in str(err).lower()), None)
+    if code not in UNFIXABLE:
+        return None
+    where = f" ({err.filename})" if err.filename else ""
+    return (f"{os.strerror(code)}{where}: {UNFIXABLE[code]}, then rerun the same command (not retried: a retry "
+            f"cannot fix it; finished points and checkpoints are kept). {str(err).splitlines()[0][:300]}")
 
 
 def _drive_train_run(plan: TrialPlan, cfg: StudyConfig, storage_root: str) -> None:

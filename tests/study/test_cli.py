@@ -106,3 +106,39 @@ def test_paper_scale_dry_run_is_fast_and_touches_no_data(cache_dir):
     assert b16["pretrain_flops"] == pytest.approx(224e18, rel=0.01)
     # priced at the given MFU of an H100 SXM's dense bf16 peak (989 TFLOP/s), on 8 GPUs per point
     assert b16["h100_hours"] == pytest.approx(b16["pretrain_flops"] / (989e12 * 0.5) / 3600) and b16["gpus"] == 8
+
+
+def test_errors_a_retry_cannot_fix_are_named_with_what_to_do(tmp_path):
+    """No space, no permission, a read-only file system (as `open` raises them, and as pyarrow's file systems do,
+    without errno): one line naming the path and what to do; anything else is left to Tune's retries."""
+    import errno
+    import os
+
+    from study.trial import unfixable_by_retry
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "storage" / "x.tmp"))
+    assert unfixable_by_retry(full).startswith(f"No space left on device ({tmp_path / 'storage' / 'x.tmp'}): free "
+                                               "space there, then rerun the same command (not retried")
+    arrow = OSError("Failed to open local file '/data/s/points/a/state.pt'. Detail: [errno 30] Read-only file system")
+    assert "give a writable --storage" in unfixable_by_retry(arrow) and "/data/s/points" in unfixable_by_retry(arrow)
+    assert "fix the permissions" in unfixable_by_retry(PermissionError(errno.EACCES, "Permission denied", "/x"))
+    assert unfixable_by_retry(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")) is None
+
+
+def test_a_storage_that_cannot_be_written_stops_the_driver_in_one_line(tmp_path, cache_dir):
+    """`--storage` on a read-only file system (a tmpfs mounted read-only: root cannot write it either)."""
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()[:200]}")
+    try:
+        proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path / "out"),
+                        "--storage", str(ro / "storage")], cache_dir)
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Read-only file system") and "give a writable --storage" in last, last
