@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             with Stopwatch(clock)("connect"):
                 tune_runner.connect(cfg, args.address)
             with Stopwatch(clock)("prepare_data"):
-                prepare_data(cfg, Locations(cfg, args).storage, tune_runner.index_mapper(args.address))
-            lease = Lease(Locations(cfg, args).storage, cfg.study)
+                storage = Locations(cfg, args).storage
+                prepare_data(cfg, storage, tune_runner.index_mapper(args.address))
+            lease = Lease(storage, cfg.study)
             lease.acquire(force=args.force_unlock)  # one driver per study: a second one stops here
             try:
                 return launch(cfg, points, args, clock)

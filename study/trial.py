@@ -75,9 +75,10 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     record = load_record(storage, point.id) or PointRecord(point.id, point.table_fields)
     clock = Stopwatch(record.timings)
     src = cfg.data.pretrain
+    indexes = index_root(cfg, storage)
     with clock("data"):
         sync_indexes(cfg, storage, src)
-        source = data.prepared(src, cfg.cache_dir, index_root(cfg, storage))
+        source = data.prepared(src, cfg.cache_dir, indexes)
     if not record.pretrain:
         with clock("pretrain"):
             state = _pretrain(cfg, point, storage, rel, source, scratch, device, emit, progress)
@@ -97,8 +98,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     for kind, ident in plan.evals.items():
         with clock(kind):
             if kind != "diagnostics":
-                found = _downstream(cfg, point, kind, model, state, device, emit, progress, features,
-                                    index_root(cfg, storage))
+                found = _downstream(cfg, point, kind, model, state, device, emit, progress, features, indexes)
             elif where.main:  # a batch of 128 images, no collective: rank 0 alone
                 found = _diagnose(cfg, point, model, source, device, storage, rel)
             else:

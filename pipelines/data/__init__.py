@@ -19,7 +19,7 @@ from pipelines import atomic
 from pipelines.data import index as index_mod
 from pipelines.data import shapes
 from pipelines.data.folder import folder_classes, folder_files, folder_to_shards
-from pipelines.data.index import INDEX_VERSION, Mapper, ShardSubset, SourceIndex
+from pipelines.data.index import INDEX_VERSION, Mapper, ShardSubset, SourceIndex, rebased
 from pipelines.data.reader import BadCounts, DataError
 from pipelines.data.sources import check_local_shards, info_lengths, is_local, shard_identity, split_files, write_info
 from pipelines.data.writer import write_shard
@@ -116,8 +116,7 @@ def prepare(src: SourceConfig, cache_dir: Path, index_root: Path | None = None, 
     `max_bad_fraction`), a repeated key or a declared size the shards do not hold is one DataError up front. It
     records what it prepared (`prepared`), so trials open the index without identifying a shard again.
     """
-    cache_dir = Path(cache_dir)
-    root = Path(index_root) if index_root is not None else cache_dir / "index"
+    cache_dir, root = Path(cache_dir), _index_root(cache_dir, index_root)
     shards = _shard_lists(src, cache_dir, progress)
     indexes = {split: str(cached_index(urls, root, mapper=mapper, progress=progress, duplicates=src.duplicates))
                for split, urls in shards.items()}
@@ -131,8 +130,7 @@ def prepared(src: SourceConfig, cache_dir: Path, index_root: Path | None = None)
     """What the driver's `prepare` recorded for `src` (O(1): no shard is listed or identified again); shards that
     live in this node's cache (generated or converted) are made here if this node lacks them. Falls back to
     `prepare` where nothing is recorded (a plain Python process)."""
-    cache_dir = Path(cache_dir)
-    root = Path(index_root) if index_root is not None else cache_dir / "index"
+    cache_dir, root = Path(cache_dir), _index_root(cache_dir, index_root)
     path = record_path(src, root)
     if not path.exists():
         return prepare(src, cache_dir, root, progress=False)
@@ -143,11 +141,14 @@ def prepared(src: SourceConfig, cache_dir: Path, index_root: Path | None = None)
     # Generated or converted shards live in each node's cache, made there if this node has not made them yet.
     here, there = str(cache_dir.resolve()), raw["cache_dir"]
     rebase = (there, here) if here != there else None
-    shards = {split: [here + s[len(there):] if rebase and s.startswith(there) else s for s in urls]
-              for split, urls in raw["shards"].items()}
+    shards = {split: [rebased(s, rebase) for s in urls] for split, urls in raw["shards"].items()}
     if not os.path.exists(shards["train"][0]):
         _shard_lists(src, cache_dir, progress=False)
     return Prepared(raw["label"], shards, raw["indexes"], rebase)
+
+
+def _index_root(cache_dir: Path, index_root: Path | None) -> Path:
+    return Path(index_root) if index_root is not None else Path(cache_dir) / "index"
 
 
 def record_path(src: SourceConfig, root: Path) -> Path:
@@ -222,7 +223,7 @@ def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool) -> li
 
 def _shapes_digest(src: SourceConfig) -> str:
     ident = [shapes.GENERATOR_VERSION, src.seed, src.size, src.test_size, src.image_size, src.num_classes]
-    ident += [SHAPES_LAYOUT] if SHAPES_LAYOUT > 1 else []
+    ident.append(SHAPES_LAYOUT)
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
 
 

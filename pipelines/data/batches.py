@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from pipelines.data import ImageArrays
 from pipelines.data.augment import eval_image
-from pipelines.data.index import ShardSubset, key_hash, scratch_index
+from pipelines.data.index import ShardSubset, key_filter, scratch_index
 from pipelines.data.labels import Label, label_array
 from pipelines.data.reader import BadCounts, BadSample, DataError, ShardFiles, iter_encoded, read_sample
 
@@ -29,8 +29,7 @@ def encoded(split: ShardSubset, bad: BadCounts) -> Iterator[tuple[str, bytes, La
             shard = int(shard_of[rows[0]])
             url, mine = index.shard_url(shard), positions[rows]
             if not index.shard_seekable[shard]:
-                wanted = set(np.asarray(index.key[mine]).tolist())
-                yield from iter_encoded([url], bad=bad, want=lambda key, w=wanted: int(key_hash([key])[0]) in w)
+                yield from iter_encoded([url], bad=bad, want=key_filter(index, mine))
                 continue
             for p in mine:
                 try:

@@ -31,13 +31,8 @@ from tqdm import tqdm
 
 from pipelines import atomic
 from pipelines.data.labels import Label, parse_labels
-from pipelines.data.reader import (
-    DataError,
-    TarFormatError,
-    iter_members,
-    split_member_name,
-)
-from pipelines.data.sources import info_lengths, is_local, read_sidecar
+from pipelines.data.reader import DataError, TarFormatError, iter_members, padded, split_member_name
+from pipelines.data.sources import check_local_shards, info_lengths, is_local, read_sidecar
 
 INDEX_VERSION = 3  # 3: columns of arrays, a sample's whole byte span; 2: multi-label JSON; bump when rows change
 SAMPLE_COLUMNS = {"offset": "<u8", "size": "<u4", "label": "<i4", "key": "<u8"}
@@ -105,8 +100,7 @@ def scan_shard(url: str, expected: int | None = None, sidecars: bool = True) -> 
     if not is_local(url):
         side = read_sidecar(url) if sidecars else None
         if side is not None:
-            rows = ShardRows(url, list(side["keys"]), list(side["offsets"]), list(side["sizes"]), list(side["labels"]))
-            return rows
+            return ShardRows(url, list(side["keys"]), list(side["offsets"]), list(side["sizes"]), list(side["labels"]))
         return _streamed_rows(url, expected)
     with open(url, "rb") as f:
         if f.read(2) == b"\x1f\x8b":  # gzip: nothing to seek in
@@ -139,7 +133,7 @@ def _local_rows(url: str, expected: int | None) -> ShardRows:
     rows, ended = ShardRows(url, seekable=True), []
     fd = os.open(url, os.O_RDONLY)
     try:
-        members = ((m.name, m.start, m.data + -(-m.size // 512) * 512, lambda m=m: os.pread(fd, m.size, m.data))
+        members = ((m.name, m.start, m.data + padded(m.size), lambda m=m: os.pread(fd, m.size, m.data))
                    for m in iter_members(lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size, ended))
         try:
             for sample in _samples(members):
@@ -162,7 +156,7 @@ def _streamed_rows(url: str, expected: int | None) -> ShardRows:
     rows, truncated = ShardRows(url), False
     try:
         with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            members = ((m.name, m.offset, m.offset_data + -(-m.size // 512) * 512,
+            members = ((m.name, m.offset, m.offset_data + padded(m.size),
                         lambda m=m: tar.extractfile(m).read()) for m in tar if m.isfile())
             for sample in _samples(members):
                 rows.add(*sample)
@@ -349,17 +343,12 @@ class SourceIndex:
             self._raw_urls = raw
             self._urls = np.concatenate([[0], np.flatnonzero(raw == 10) + 1])
         a, b = int(self._urls[shard]), int(self._urls[shard + 1]) - 1
-        return self._rebased(bytes(self._raw_urls[a:b]).decode("utf-8"))
-
-    def _rebased(self, url: str) -> str:
-        if self.rebase is None or not url.startswith(self.rebase[0]):
-            return url
-        return self.rebase[1] + url[len(self.rebase[0]):]
+        return rebased(bytes(self._raw_urls[a:b]).decode("utf-8"), self.rebase)
 
     @property
     def shards(self) -> list[str]:
         """Every shard URL: O(shards) strings, for messages and small sources; hot paths use `shard_url`."""
-        return [self._rebased(u) for u in (self.folder / "shards.txt").read_text(encoding="utf-8").splitlines()]
+        return [rebased(u, self.rebase) for u in (self.folder / "shards.txt").read_text(encoding="utf-8").splitlines()]
 
     def shard_start(self, shard: int) -> int:
         return int(self.shard_end[shard - 1]) if shard else 0
@@ -404,31 +393,39 @@ class SourceIndex:
         """Rows by a seeded hash of their key (64-bit mix of key hash and seed): a pure function of the source's key
         set and `seed`, whatever the shard order. Computed once per (source, seed), O(N), and kept beside the
         index (`order-<seed>.bin`); a read-only index computes it in memory."""
-        path = self.folder / f"order-{seed}.bin"
-        dtype = "<u4" if self.n < 2**32 else "<u8"
-        if path.exists():
-            return self._map(path.stem, dtype)
-        scores = _mix(np.asarray(self.key), seed)
-        order = np.argsort(scores, kind="stable").astype(dtype)
-        try:
-            atomic.write_bytes(path, order.tobytes())
-        except OSError:
-            return order
-        return self._map(path.stem, dtype)
+        return self._stored(f"order-{seed}", lambda: np.argsort(_mix(np.asarray(self.key), seed), kind="stable"))
 
     def first_rows(self, seed: int, n: int) -> np.ndarray:
         """The `n` rows first in `order(seed)`, sorted: stored beside the index (`subset-<seed>-<n>.bin`) once, then
         memory-mapped, so every rank and loader worker of every trial of the point shares one copy."""
-        path = self.folder / f"subset-{seed}-{n}.bin"
+        return self._stored(f"subset-{seed}-{n}", lambda: np.sort(np.asarray(self.order(seed)[:n])))
+
+    def _stored(self, name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """Row positions kept as `<name>.bin` beside the index: mapped where stored, else computed and stored (held
+        in memory where the index folder is read-only)."""
         dtype = "<u4" if self.n < 2**32 else "<u8"
-        if path.exists():
-            return self._map(path.stem, dtype)
-        rows = np.sort(np.asarray(self.order(seed)[:n])).astype(dtype)
-        try:
-            atomic.write_bytes(path, rows.tobytes())
-        except OSError:
-            return rows
-        return self._map(path.stem, dtype)
+        if not (self.folder / f"{name}.bin").exists():
+            rows = compute().astype(dtype)
+            try:
+                atomic.write_bytes(self.folder / f"{name}.bin", rows.tobytes())
+            except OSError:
+                return rows
+        return self._map(name, dtype)
+
+
+def rebased(url: str, rebase: tuple[str, str] | None) -> str:
+    """`url` with the prefix `rebase[0]` replaced by `rebase[1]` (shards made in the driver's cache, found in this
+    node's); unchanged without a rebase or that prefix."""
+    if rebase is None or not url.startswith(rebase[0]):
+        return url
+    return rebase[1] + url[len(rebase[0]):]
+
+
+def key_filter(index: SourceIndex, rows: np.ndarray) -> Callable[[str], bool]:
+    """Whether a streamed sample's key is one of `rows`' (by key hash): how a shard that can only be streamed is
+    read for a subset of its samples."""
+    wanted = set(np.asarray(index.key[rows]).tolist())
+    return lambda key: int(key_hash([key])[0]) in wanted
 
 
 def _mix(keys: np.ndarray, seed: int) -> np.ndarray:
@@ -441,7 +438,8 @@ def _mix(keys: np.ndarray, seed: int) -> np.ndarray:
 
 @dataclass
 class ShardSubset:
-    """Rows of a source to read: the index and the positions (sorted int64 rows) of the subset's samples."""
+    """Rows of a source to read: the index and the positions (sorted rows; integers, memory-mapped where the subset
+    is stored) of the subset's samples."""
 
     index: SourceIndex
     positions: np.ndarray
@@ -472,8 +470,6 @@ def scratch_index(shards: list[str]) -> SourceIndex:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from pipelines.data.sources import expand_urls
-
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.data.index",
         description="Index webdataset shards (local paths, http(s) URLs, pipe: commands) once, in parallel, so "
@@ -487,10 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-sidecars", action="store_true", help="do not write sidecars beside local shards")
     args = parser.parse_args(argv)
     try:
-        shards = expand_urls(args.urls)
-        missing = [u for u in shards if is_local(u) and not os.path.exists(u)]
-        if missing:
-            raise DataError(f"shard not found: {missing[0]} ({len(missing)} of {len(shards)} missing)")
+        shards = check_local_shards(args.urls)
         if Path(args.out).exists():
             raise DataError(f"--out {args.out} exists; an index is written into a new folder")
         index = build(shards, Path(args.out), workers=args.workers, duplicates=args.duplicates,

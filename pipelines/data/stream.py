@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data.augment import Augment, train_image
-from pipelines.data.index import ShardSubset, key_hash
+from pipelines.data.index import ShardSubset, key_filter
 from pipelines.data.labels import label_array
 from pipelines.data.reader import BadCounts, BadSample, DataError, ShardFiles, iter_encoded, read_sample
 
@@ -184,10 +184,9 @@ class ShardStream(IterableDataset):
     def _stream(self, plan, bad: BadCounts) -> Iterator[tuple[str, bytes, int]]:
         """Streamed shards through the one shard read loop (`iter_encoded`, as evaluation reads them)."""
         for shard, first, stop in plan:
-            take = set(np.asarray(self.index.key[self.shard_rows(shard)[first:stop]]).tolist())
+            take = self.shard_rows(shard)[first:stop]
             found, here = 0, BadCounts()
-            want = lambda key, take=take: int(key_hash([key])[0]) in take  # noqa: E731
-            for sample in iter_encoded([self.index.shard_url(shard)], here, want):
+            for sample in iter_encoded([self.index.shard_url(shard)], here, key_filter(self.index, take)):
                 found += 1 + sum(here.values())  # read, and those read but unreadable (counted by cause)
                 bad.update(here)
                 here.clear()
