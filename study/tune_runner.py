@@ -70,15 +70,11 @@ def connect(cfg: StudyConfig, address: str | None) -> None:
         return
     target = _resolve(address)
     _check_listening(address, target)
-    if "RAY_AUTH_MODE" not in os.environ and _token_available():
-        # Ray >= 2.59 turns token authentication on for clusters started with `ray start`; a client given an
-        # explicit address does not turn it on by itself and fails with InvalidAuthToken after 20 s.
-        enable_token_auth()
+    _match_auth(address, f"{target[0]}:{target[1]}")
     try:
         ray.init(address=address, logging_level="warning", configure_logging=True)
     except Exception as err:  # noqa: BLE001  (Ray raises ConnectionError, RuntimeError, AuthenticationError, ...)
-        raise UserError(f"--address {address}: could not join the Ray cluster: "
-                        f"{(str(err).strip().splitlines() or [type(err).__name__])[0][:300]}") from None
+        raise UserError(f"--address {address}: could not join the Ray cluster: {_first_line(err)}") from None
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     try:
         _check_fits(cfg, nodes, f"the cluster at {address}")
@@ -148,15 +144,62 @@ def _check_listening(address: str, target: tuple[str, int]) -> None:
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
-def enable_token_auth() -> None:
-    """What `ray start` does when it finds a token: the mode for this process, and Ray's cached config refreshed."""
-    os.environ["RAY_AUTH_MODE"] = "token"
+def _match_auth(address: str, gcs: str) -> None:
+    """Ask the cluster whether it wants a token, and talk to it the way it asks: a GCS that uses token
+    authentication refuses a call without one at once. (Ray >= 2.59 turns it on for heads started with `ray start`
+    where a token exists, and a client does not follow by itself: it fails with InvalidAuthToken after 20 s.)"""
+    from ray.exceptions import AuthenticationError
+
+    explicit = os.environ.get("RAY_AUTH_MODE")
+    set_auth_mode("disabled")
+    try:
+        _ping(gcs)
+        return  # no token asked for: none is sent
+    except AuthenticationError:
+        pass
+    where = f"--address {address}: the cluster uses token authentication"
+    if explicit == "disabled":
+        raise UserError(f"{where}, but RAY_AUTH_MODE=disabled here: unset it and give the cluster's token "
+                        f"({TOKEN_HELP})")
+    if not _token_available():
+        raise UserError(f"{where} and this machine has no token: {TOKEN_HELP}")
+    set_auth_mode("token")
+    try:
+        _ping(gcs)
+    except AuthenticationError:
+        raise UserError(f"{where} and refused this machine's token: {TOKEN_HELP}") from None
+
+
+TOKEN_HELP = "copy the head's ~/.ray/auth_token here, or set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
+
+
+def _ping(gcs: str) -> None:
+    """One cheap call to the cluster's GCS (raises AuthenticationError when it wants another token)."""
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        GcsClient(address=gcs).internal_kv_exists(b"vitscale-auth-probe", namespace=None, timeout=10)
+    except AuthenticationError:
+        raise
+    except Exception as err:  # noqa: BLE001  (a GCS that does not answer: RpcError, TimeoutError, ...)
+        raise UserError(f"{gcs}: the cluster's GCS did not answer: {_first_line(err)}") from None
+
+
+def set_auth_mode(mode: str) -> None:
+    """What `ray start` does when it finds a token: the mode for this process (and the processes it starts), and
+    Ray's cached config refreshed."""
+    os.environ["RAY_AUTH_MODE"] = mode
     try:
         from ray._raylet import Config
 
         Config.initialize("")
     except (ImportError, AttributeError):  # an older Ray reads the variable when it connects
         pass
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def _token_available() -> bool:

@@ -66,15 +66,23 @@ def test_more_workers_than_this_machine_can_place_is_refused_up_front(tmp_path, 
                              "workers of 1 CPUs")
 
 
-@pytest.fixture
-def head():
+def _start_head(auth: str, cpus: int = 2) -> str:
     port = _free_port()
-    env = {**os.environ}
-    env.pop("RAY_AUTH_MODE", None)
-    subprocess.run([RAY, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard=false"],
-                   check=True, capture_output=True, env=env, timeout=120)
-    yield f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_AUTH_MODE": auth}
+    subprocess.run([RAY, "start", "--head", "--port", str(port), "--num-cpus", str(cpus),
+                    "--include-dashboard=false"], check=True, capture_output=True, env=env, timeout=120)
+    return f"127.0.0.1:{port}"
+
+
+def _stop_heads() -> None:
     subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(params=["token", "disabled"])
+def head(request):
+    """A head as `ray start` makes it: with token authentication (Ray >= 2.59 where a token exists) and without."""
+    yield _start_head(request.param)
+    _stop_heads()
 
 
 @pytest.mark.slow
@@ -89,6 +97,42 @@ def test_joining_a_head_started_with_ray_start(head, tmp_path, cache_dir):
     assert (tmp_path / "smoke" / "results.csv").exists()
 
 
+def test_a_token_the_cluster_refuses_or_lacks_is_one_line(tmp_path, cache_dir, monkeypatch):
+    """The cluster says it wants a token (asked, not guessed from local files): without one here, with a wrong one,
+    or with authentication switched off here, the study stops in one line that says where the token goes."""
+    address = _start_head("token")
+    home = tmp_path / "home"  # no ~/.ray/auth_token there
+    home.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        for env, said in [({"HOME": str(home)}, " and this machine has no token"),
+                          ({"RAY_AUTH_TOKEN": "0" * 32}, " and refused this machine's token"),
+                          ({"RAY_AUTH_MODE": "disabled"}, ", but RAY_AUTH_MODE=disabled here")]:
+            with monkeypatch.context() as m:
+                m.delenv("RAY_AUTH_MODE", raising=False)
+                for key, value in env.items():
+                    m.setenv(key, value)
+                proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out), "--address",
+                                address], cache_dir, timeout=60)
+            _refused(proc, out, f"--address {address}: the cluster uses token authentication{said}")
+            assert "copy the head's ~/.ray/auth_token here" in proc.stderr
+    finally:
+        _stop_heads()
+
+
+def test_a_head_without_cpus_and_no_worker_node_is_refused_up_front(tmp_path, cache_dir):
+    """`ray start --head --num-cpus=0` (a head kept free of work) with no worker node yet: no trial could be placed."""
+    address = _start_head("token", cpus=0)
+    try:
+        proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address",
+                        address], cache_dir, timeout=60)
+    finally:
+        _stop_heads()
+    _refused(proc, tmp_path, f"resources.cpus_per_worker=1: a trial's worker needs 1 CPUs on one node, but the "
+                             f"cluster at {address} has at most 0")
+
+
 @pytest.mark.slow
 def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cache_dir, monkeypatch):
     """A head that runs no trial and a worker node; `--storage` is a folder apart from any trial's working directory.
@@ -100,10 +144,10 @@ def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cac
     from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
 
-    from study.tune_runner import enable_token_auth
+    from study.tune_runner import set_auth_mode
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # as heads started with `ray start` run (Ray >= 2.59)
-    enable_token_auth()  # and for this process's Ray, which has read its config already
+    set_auth_mode("token")  # and for this process's Ray, which has read its config already
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head places no trial
     node_cache = tmp_path / "node-cache"
     cluster.add_node(num_cpus=2, env_vars={"VITSCALE_CACHE": str(node_cache)})
