@@ -8,12 +8,16 @@ one line saying how to resume. A second signal stops at once (`KeyboardInterrupt
 A terminal's Ctrl-C and a scheduler's SIGTERM go to the driver's whole process group, which would otherwise kill the
 local Ray's GCS and raylet, and with them every trial, before any could checkpoint: `ray_apart` starts them in
 process groups of their own, with both signals ignored (they still die with the driver: Ray binds them to it).
+
+SIGTERM to a trial's worker (its node being preempted) is `preemption`'s: the trial checkpoints and Tune retries it.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,12 +84,84 @@ def ray_apart() -> Iterator[None]:
 
 
 def stop_requested(storage: Storage, every: float = 2.0) -> Callable[[], bool]:
-    """A trial's `should_stop`: whether the stop file exists, looked up at most every `every` seconds."""
+    """A trial's `should_stop`: whether this worker is being preempted, or the stop file exists (looked up at most
+    every `every` seconds)."""
     state = {"at": 0.0, "stop": False}
 
     def ask() -> bool:
+        if _PREEMPTED.is_set():
+            return True
         if not state["stop"] and time.monotonic() - state["at"] >= every:
             state["at"], state["stop"] = time.monotonic(), storage.exists(STOP)
         return state["stop"]
 
     return ask
+
+
+PREEMPTED_MARK = "preempted"  # in a point's folder while a preempted worker is saving its checkpoint
+_PREEMPTED = threading.Event()  # this worker process got SIGTERM: its trial stops at the next step boundary
+
+
+@contextmanager
+def preemption(storage: Storage, point_rel: str, grace: float = 120.0) -> Iterator[Callable[[], None]]:
+    """A trial's guard against SIGTERM to its worker process (a preempted node, `kill`, a scheduler's drain).
+
+    Ray's worker turns SIGTERM into SystemExit on its main thread and, on the way out, kills the worker's children
+    (the data loader's processes), so the trial could not even finish its step. While a trial runs here, that exit
+    is deferred: the first SIGTERM marks the point in storage and asks the trial to stop at its next step boundary
+    (`stop_requested`). Once the trial has stored its checkpoint and called the yielded `saved()` (or `grace`
+    seconds have passed) the worker exits as Ray would have, Tune's FailureConfig retries the trial, and the retry
+    waits for the mark to go (`await_preempted_checkpoint`) and resumes from that checkpoint.
+    """
+    from ray._private import worker as ray_worker  # its SIGTERM handler calls this module attribute to exit
+
+    exit_now = getattr(ray_worker, "raise_sys_exit_with_custom_error_message", None)
+    saved, mark = threading.Event(), f"{point_rel}/{PREEMPTED_MARK}"
+
+    def exit_when_saved() -> None:
+        try:
+            storage.write_bytes(mark, str(time.time()).encode())
+        except OSError:
+            pass
+        saved.wait(grace)
+        os.kill(os.getpid(), signal.SIGTERM)  # Ray's handler again: this time the worker exits
+
+    def deferred(*args, **kwargs):
+        if _PREEMPTED.is_set() or saved.is_set():
+            return exit_now(*args, **kwargs)
+        _PREEMPTED.set()
+        threading.Thread(target=exit_when_saved, name="preempted", daemon=True).start()
+        return None
+
+    def done() -> None:
+        storage.delete_file(mark)
+        saved.set()
+
+    if exit_now is not None:
+        ray_worker.raise_sys_exit_with_custom_error_message = deferred
+    try:
+        yield done
+    finally:
+        if exit_now is not None:
+            ray_worker.raise_sys_exit_with_custom_error_message = exit_now
+        if _PREEMPTED.is_set():
+            done()
+
+
+def preempted() -> bool:
+    """This worker got SIGTERM (its trial stopped for that, not because the driver asked)."""
+    return _PREEMPTED.is_set()
+
+
+def await_preempted_checkpoint(storage: Storage, point_rel: str, grace: float = 120.0) -> None:
+    """A retried trial starts while the preempted worker may still be saving: wait (at most `grace` seconds from
+    the mark's time) until it has, so the retry resumes from the newest checkpoint, not the one before."""
+    raw = storage.read_bytes(f"{point_rel}/{PREEMPTED_MARK}")
+    if raw is None:
+        return
+    try:
+        deadline = float(raw.decode()) + grace
+    except ValueError:
+        deadline = time.time() + grace
+    while time.time() < deadline and storage.exists(f"{point_rel}/{PREEMPTED_MARK}"):
+        time.sleep(0.5)

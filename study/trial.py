@@ -29,7 +29,7 @@ from pipelines.downstream import Measurement
 from pipelines.training import TrainingDiverged, TrainingStopped, evaluate, pick_device
 from study.config import GridPoint, StudyConfig
 from study.identity import recipe_params
-from study.interrupt import STOP, stop_requested
+from study.interrupt import STOP, await_preempted_checkpoint, preempted, preemption, stop_requested
 from study.protocol import Curve, EvalRecord, Event, Failed, Finished, PointRecord, Started
 from study.storage import Storage
 from study.system_metrics import NodeSampler
@@ -118,6 +118,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, so
     src, loader = cfg.data.pretrain, cfg.data.loader
     local_ckpts = scratch / "checkpoints"
     shutil.rmtree(local_ckpts, ignore_errors=True)  # storage decides where training resumes, never a node's leftovers
+    await_preempted_checkpoint(storage, rel)
     if (name := storage.newest_checkpoint(f"{rel}/checkpoints")) is not None:
         storage.pull_checkpoint(f"{rel}/checkpoints", name, local_ckpts)
     resumed = pretrain_step_of(name)
@@ -274,16 +275,21 @@ def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, stora
 def _run_guarded(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path, emit: Emit,
                  device: torch.device | None = None) -> None:
     start = time.time()
-    try:
-        run_point(cfg, plan, storage, scratch, emit, device=device)
-    except (TrainingDiverged, UserError) as err:
-        emit(Failed(f"{type(err).__name__}: {err} (after {time.time() - start:.0f} s)"))
-    except TrainingStopped as err:  # the driver asked: checkpointed (if it had started), not retried
-        emit(Failed(f"stopped by the driver at step {err.step}; a rerun resumes there"))
-    except OSError as err:
-        if (why := unfixable_by_retry(err)) is None:
-            raise  # a transient error (a network blip, a lost node): Tune's FailureConfig retries the trial
-        emit(Failed(why))
+    with preemption(storage, plan.rel) as saved:
+        try:
+            run_point(cfg, plan, storage, scratch, emit, device=device)
+        except TrainingStopped as err:
+            if preempted():  # this worker got SIGTERM: checkpointed; it exits, and Tune retries the trial from there
+                saved()
+                raise RuntimeError(f"worker preempted (SIGTERM) at step {err.step}: checkpointed, retried from "
+                                   "there") from None
+            emit(Failed(f"stopped by the driver at step {err.step}; a rerun resumes there"))  # not retried
+        except (TrainingDiverged, UserError) as err:
+            emit(Failed(f"{type(err).__name__}: {err} (after {time.time() - start:.0f} s)"))
+        except OSError as err:
+            if (why := unfixable_by_retry(err)) is None:
+                raise  # a transient error (a network blip, a lost node): Tune's FailureConfig retries the trial
+            emit(Failed(why))
     shutil.rmtree(scratch, ignore_errors=True)  # a crash keeps it for nobody: a retry starts from storage
 
 

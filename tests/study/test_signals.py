@@ -51,3 +51,40 @@ def test_a_signal_stops_the_study_with_a_checkpoint_and_the_rerun_resumes(sig, t
     (child,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
                                   "tags.study_role = 'point'")
     assert child.data.metrics["resumed_from_step"] == stopped_at  # from the checkpoint of the stop
+
+
+def _trial_worker(driver_pid: int):
+    """The Ray worker process that runs the study's trial (a descendant of the driver's local Ray)."""
+    import psutil
+
+    for p in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "ImplicitFunc" in " ".join(p.cmdline()):
+                return p
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_trial_worker_checkpoints_and_the_retry_resumes_from_it(tmp_path, cache_dir):
+    """A preempted node: SIGTERM to the worker that trains. It stops at its next step boundary with a checkpoint in
+    storage and exits; Tune retries the trial, which resumes from that checkpoint; the study ends normally."""
+    args = ["-m", "study.run", "--out", str(tmp_path), *ARGS, "pretrain.steps=300", "pretrain.checkpoint_every=7"]
+    proc = start_cli(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_until(proc, lambda: checkpointed(tmp_path), "a checkpoint in storage")
+    worker = _trial_worker(proc.pid)
+    assert worker is not None
+    seen = _steps(tmp_path)[-1]
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=180)
+    preempted_at = _steps(tmp_path)[-1]
+    assert preempted_at > seen and preempted_at % 5 == 0  # a checkpoint made for the signal, at a step boundary
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    assert _statuses(tmp_path) == ("FINISHED", ["FINISHED"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (child,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
+                                  "tags.study_role = 'point'")
+    assert child.data.metrics["resumed_from_step"] == preempted_at
+    assert not list(tmp_path.glob("smoke/storage/points/*/preempted"))
