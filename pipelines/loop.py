@@ -178,13 +178,13 @@ class _Sums:
     """Loss, correct-prediction and sample sums kept on the device (no host read per step), with the one read at
     log points: summed over ranks, so every rank sees the same numbers and stops together on a non-finite loss."""
 
-    def __init__(self, device: torch.device, saved: list | None = None):
+    def __init__(self, device: torch.device, saved: list | None = None, step: int = 0):
         loss, correct, count = saved or (0.0, 0, 0)
         self.device = device
         self.values = torch.tensor([loss, correct, count], dtype=torch.float64, device=device)
         self.local = torch.zeros(2, dtype=torch.float64, device=device)  # since the last read, this rank only
         self.local_count = 0
-        self.checked = 0  # the last step whose loss was read and finite
+        self.checked = step  # the last step whose loss was read and finite
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """A (micro-)batch's loss and correct top-1 predictions; multi-label (labels [B, K], -1 padded), a top-1
@@ -256,8 +256,8 @@ class _Timer:
 def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, rt: Runtime,
                hooks: Hooks[EpochRecord] | None = None) -> LoopResult:
-    """Run `spec.steps` optimizer steps over batches from `source` on `rt.device`, calling `hooks.on_epoch` with
-    each epoch's `EpochRecord`.
+    """Run `spec.steps` optimizer steps over batches from `source` on `rt.device`; each epoch's `EpochRecord`
+    goes to `hooks.on_epoch`.
 
     With `hooks.checkpoint_dir`, resumes from its newest checkpoint (weights, optimizer, scheduler, RNG state and
     the step, which fixes the data position), so a killed run continues exactly where its last checkpoint left it.
@@ -279,47 +279,44 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer
     autocast, scaler = perf.autocast(precision, device), perf.grad_scaler(precision, device)
     memory_format = perf.channels_last(model, device)
     step, epoch, saved = _resume(hooks.checkpoint_dir, model, optimizer, scheduler, scaler)
-    sums = _Sums(device, saved)
-    sums.checked = step
+    sums = _Sums(device, saved, step)
     timer = _Timer(device, step, spec.steps)
-    bar = tqdm(total=spec.steps, initial=step, desc=desc, unit="step", disable=not rt.progress or not where.main,
-               mininterval=2)
     last: EpochRecord | None = None
     batches = source.batches(step) if step < spec.steps else iter(())
     net = distributed.wrap(model, device)
     model.train()
-    while step < spec.steps:
-        timer.at_step(step)
-        batch = timer.next_batch(batches)
-        optimizer.zero_grad(set_to_none=True)
-        _step(net, batch, spec, autocast, scaler, memory_format, device, sums)
-        _update(model, optimizer, scheduler, scaler, spec.grad_clip)
-        step += 1
-        bar.update(1)
-        epoch_done = batch.end_of_epoch or step == spec.steps
-        epoch += epoch_done
-        stop = (rt.should_stop is not None and step < spec.steps and step % spec.stop_check_every == 0
-                and distributed.any_rank(rt.should_stop()))
-        save = hooks.checkpoint_dir is not None and (step == spec.steps or stop or
-                                                    (spec.checkpoint_every and step % spec.checkpoint_every == 0))
-        if save or epoch_done or step % spec.nonfinite_check_every == 0:
-            totals = sums.read(step, desc)  # the one host read; raises if the loss is not finite
-        if save and where.main:
-            _save(hooks, spec, {"step": step, "epoch": epoch, "sums": totals}, model, optimizer, scheduler, scaler)
-        if stop:
-            distributed.barrier()  # rank 0's checkpoint is complete before any rank leaves
-            bar.close()
-            raise TrainingStopped(step)
-        if epoch_done:
-            last = timer.epoch_record(epoch, step, spec.batch_size, totals, scheduler.get_last_lr()[0],
-                                      source.skipped(batch.epoch))
-            sums.reset()
-            bar.set_postfix(loss=f"{last.loss:.3f}", acc=f"{last.train_top1:.1f}")
-            if hooks.on_epoch is not None:
-                hooks.on_epoch(last)
-                model.train()  # on_epoch may have evaluated the model
-            timer.epoch_start = time.perf_counter()
-    bar.close()
+    with tqdm(total=spec.steps, initial=step, desc=desc, unit="step", disable=not rt.progress or not where.main,
+              mininterval=2) as bar:
+        while step < spec.steps:
+            timer.at_step(step)
+            batch = timer.next_batch(batches)
+            optimizer.zero_grad(set_to_none=True)
+            _step(net, batch, spec, autocast, scaler, memory_format, device, sums)
+            _update(model, optimizer, scheduler, scaler, spec.grad_clip)
+            step += 1
+            bar.update(1)
+            epoch_done = batch.end_of_epoch or step == spec.steps
+            epoch += epoch_done
+            stop = (rt.should_stop is not None and step < spec.steps and step % spec.stop_check_every == 0
+                    and distributed.any_rank(rt.should_stop()))
+            save = hooks.checkpoint_dir is not None and (step == spec.steps or stop or
+                                                        (spec.checkpoint_every and step % spec.checkpoint_every == 0))
+            if save or epoch_done or step % spec.nonfinite_check_every == 0:
+                totals = sums.read(step, desc)  # the one host read; raises if the loss is not finite
+            if save and where.main:
+                _save(hooks, spec, {"step": step, "epoch": epoch, "sums": totals}, model, optimizer, scheduler, scaler)
+            if stop:
+                distributed.barrier()  # rank 0's checkpoint is complete before any rank leaves
+                raise TrainingStopped(step)
+            if epoch_done:
+                last = timer.epoch_record(epoch, step, spec.batch_size, totals, scheduler.get_last_lr()[0],
+                                          source.skipped(batch.epoch))
+                sums.reset()
+                bar.set_postfix(loss=f"{last.loss:.3f}", acc=f"{last.train_top1:.1f}")
+                if hooks.on_epoch is not None:
+                    hooks.on_epoch(last)
+                    model.train()  # on_epoch may have evaluated the model
+                timer.epoch_start = time.perf_counter()
     return timer.result(last)
 
 
