@@ -40,6 +40,8 @@ from pipelines.data.augment import Augment, decode_jpeg_region, inception_box, j
 from pipelines.data.folder import folder_to_shards
 from pipelines.data.index import ShardSubset, scratch_index
 from pipelines.data.stream import ShardStream, StreamLoader
+from pipelines.loop import Hooks
+from pipelines.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,9 +151,9 @@ def default_study_stall(steps: int) -> float:
     subset = data.nested_subset(data.prepare(src, cfg.cache_dir).index(), cfg.data.subsets[0], 0)
     run_cfg = dataclasses.replace(cfg.pretrain, examples=None, steps=steps, checkpoint_every=0)
     fractions = []
-    pretrain.run(run_cfg, cfg.models[0], subset, src.num_classes, src.image_size, 0, torch.device("cpu"),
-                 on_epoch=lambda m: fractions.append(m["loader_wait_fraction"]), progress=False,
-                 loader=cfg.data.loader)
+    rt = Runtime(torch.device("cpu"), loader=cfg.data.loader, progress=False)
+    pretrain.run(run_cfg, cfg.models[0], subset, src.num_classes, src.image_size, rt,
+                 Hooks(on_epoch=lambda record: fractions.append(record.loader_wait_fraction)))
     per_epoch = ", ".join(f"{100 * f:.1f}%" for f in fractions)
     print(f"default study ({cfg.models[0]}, {cfg.data.subsets[0]:,} images, batch {cfg.pretrain.batch_size}, "
           f"{cfg.data.loader.workers} loader worker(s)): loader stall per epoch {per_epoch}")

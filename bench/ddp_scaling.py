@@ -30,6 +30,7 @@ from pipelines.data.augment import Augment
 from pipelines.data.index import ShardSubset, SourceIndex, build
 from pipelines.data.stream import LoaderConfig
 from pipelines.data.writer import write_shard
+from pipelines.runtime import Runtime
 
 
 def write_shards(args: argparse.Namespace, folder: Path, per_shard: int = 64) -> Path:
@@ -55,8 +56,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, index: s
     data = ShardSubset(source, np.arange(len(source), dtype=np.int64))
     cfg = pretrain.PretrainConfig(steps=args.steps, batch_size=args.batch, precision="fp32", compile=False,
                                   augment=Augment(crop="translate", crop_padding=2, flip=True))
-    result = pretrain.run(cfg, args.model, data, 10, args.size, seed=0, device=torch.device("cpu"), progress=False,
-                          loader=LoaderConfig(workers=0))
+    rt = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=0), progress=False)
+    result = pretrain.run(cfg, args.model, data, 10, args.size, rt)
     if rank == 0:
         Path(out).write_text(str(result.throughput["images_per_s"]))
     if world > 1:

@@ -80,7 +80,7 @@ def side(mode: str, task_fields: dict, cache: str) -> dict:
         out = downstream.run(ev, task, MODEL, model, state, FEATURE_SIZE, Path(cache), 0, cpu)
         values = {m.key: m.value for m in out}
     else:
-        from pipelines.training import infer
+        from pipelines.metrics import infer
 
         found = data.prepare(task, Path(cache), progress=False)
         train, test = (data.load(found.subset(s), task.image_size) for s in ("train", "test"))

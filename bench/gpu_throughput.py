@@ -4,7 +4,7 @@
 
 At 224 px in bf16, for each model: the largest batch (of a few candidates) that fits both loops, then images/s and
 MFU (3 x forward FLOPs counted from the model, against the device's bf16 peak from pipelines/perf.py) of both.
-Both read the same uint8 batch already on the GPU (no loader in the measurement). Ours is `training.train_loop`
+Both read the same uint8 batch already on the GPU (no loader in the measurement). Ours is `loop.train_loop`
 with the pretraining defaults on CUDA: bf16 autocast, torch.compile (regional for ViTs), channels_last for the
 BiT, fused AdamW, clipping at norm 1, the loss read every `nonfinite_check_every` steps. The baseline is timm
 train.py's `train_one_epoch` with `--amp --amp-dtype bfloat16 --torchcompile` (and `--channels-last` for the BiT):
@@ -27,8 +27,9 @@ from timm.scheduler import create_scheduler_v2
 
 from pipelines import models, perf
 from pipelines.data.stream import Batch
+from pipelines.loop import LoopSpec, train_loop, warmup_decay
 from pipelines.pretrain import PretrainConfig, make_optimizer
-from pipelines.training import LoopSpec, train_loop, warmup_decay
+from pipelines.runtime import Runtime
 
 SIZE, CLASSES, WARMUP = 224, 1000, 5
 
@@ -59,7 +60,8 @@ def ours(name: str, images: torch.Tensor, labels: torch.Tensor, steps: int) -> f
                                                                      decay="cosine"))
     perf.compile_model(model)
     spec = LoopSpec(steps=WARMUP + steps, batch_size=len(images), image_size=SIZE, grad_clip=1.0, precision="bf16")
-    result = train_loop(model, DeviceBatches(images, labels), spec, optimizer, scheduler, device, progress=False)
+    result = train_loop(model, DeviceBatches(images, labels), spec, optimizer, scheduler,
+                        Runtime(device, progress=False))
     return result.timed_steps * len(images) / result.timed_seconds
 
 

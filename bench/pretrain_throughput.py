@@ -37,8 +37,9 @@ from pipelines.data.augment import Augment
 from pipelines.data.index import ShardSubset, build
 from pipelines.data.stream import ShardStream, StreamLoader
 from pipelines.data.writer import write_shard
+from pipelines.loop import LoopSpec, to_input, train_loop, warmup_decay
 from pipelines.pretrain import PretrainConfig, make_optimizer
-from pipelines.training import LoopSpec, to_input, train_loop, warmup_decay
+from pipelines.runtime import Runtime
 
 AUGMENT = Augment(crop="translate", crop_padding=4, flip=False)
 CPU = torch.device("cpu")
@@ -78,7 +79,7 @@ def ours(name: str, data: ShardSubset, batch: int, workers: int = 0, compile_mod
 
     def run(steps: int) -> None:
         spec = LoopSpec(steps=steps, batch_size=batch, image_size=32, grad_clip=1.0)
-        train_loop(model, batches, spec, optimizer, scheduler, CPU, progress=False)
+        train_loop(model, batches, spec, optimizer, scheduler, Runtime(CPU, progress=False))
 
     return run
 

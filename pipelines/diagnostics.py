@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from pipelines import perf
-from pipelines.training import to_input
+from pipelines.loop import to_input
 
 
 @dataclass

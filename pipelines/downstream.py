@@ -17,7 +17,9 @@ from pipelines.data.stream import LoaderConfig, ShardSubset
 from pipelines.fewshot import FewshotConfig
 from pipelines.finetune import FinetuneConfig
 from pipelines.linear_probe import LinearProbeConfig
-from pipelines.training import infer, rank_part
+from pipelines.loop import Hooks
+from pipelines.metrics import infer, rank_part
+from pipelines.runtime import Runtime
 
 KINDS = ("fewshot", "linear_probe", "finetune")  # each can be re-run alone when its config changes
 
@@ -91,13 +93,13 @@ def run(ev: EvaluateConfig, task: SourceConfig, model_name: str, model: torch.nn
         out += [Measurement("linear_probe", name, None, "top1", probe.top1),
                 Measurement("linear_probe", name, None, "macro_f1", probe.macro_f1)]
     if "finetune" in kinds:
-        def curve(metrics: dict) -> None:
+        def curve(epoch: finetune.FinetuneEpoch) -> None:
             if on_curve is not None:
-                on_curve(f"finetune/{name}", int(metrics["epoch"]),
-                         {k: v for k, v in metrics.items() if k != "epoch"})
+                on_curve(f"finetune/{name}", epoch.epoch, epoch.metrics())
 
-        ft = finetune.run(ev.finetune, model_name, state, train, test, task.num_classes, seed, device,
-                          progress=progress, desc=f"finetune {name}", on_epoch=curve, loader=loader)
+        rt = Runtime(device, seed, cache_dir, index_root, loader, progress)
+        ft = finetune.run(ev.finetune, model_name, state, train, test, task.num_classes, rt,
+                          Hooks(on_epoch=curve, label=f"finetune {name}"))
         out += [Measurement("finetune", name, None, "top1", ft.top1),
                 Measurement("finetune", name, None, "macro_f1", ft.macro_f1)]
     return out

@@ -4,7 +4,6 @@ pretraining (ViT position embeddings resampled by 2D interpolation), with the pa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -14,16 +13,19 @@ import torch
 
 from pipelines import distributed, models, perf
 from pipelines.data.augment import Augment
-from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
-from pipelines.training import (
+from pipelines.data.stream import ShardSubset
+from pipelines.loop import (
+    EpochRecord,
+    Hooks,
     LoopSpec,
     TrainingDiverged,
     duration_steps,
-    evaluate,
-    holdout,
+    streamed_batches,
     train_loop,
     warmup_decay,
 )
+from pipelines.metrics import evaluate, holdout
+from pipelines.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,29 @@ def _hyper_rule_steps(dataset_size: int) -> int:
     return 500 if dataset_size < 20_000 else 10_000 if dataset_size < 500_000 else 20_000
 
 
+@dataclass(frozen=True)
+class FinetuneEpoch:
+    """One epoch of a fine-tuning run: its training loss and top-1, and the minival's where there is one."""
+
+    epoch: int
+    train_loss: float
+    train_top1: float
+    val_loss: float | None = None
+    val_top1: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """The epoch's row by metric name (the minival's only where there is one); `epoch` is its coordinate."""
+        row = {"train_loss": self.train_loss, "train_top1": self.train_top1, "val_loss": self.val_loss,
+               "val_top1": self.val_top1}
+        return {name: value for name, value in row.items() if value is not None}
+
+
 @dataclass
 class FinetuneResult:
     top1: float
     macro_f1: float
     steps: int
-    curves: list[dict]  # per epoch of the chosen run: train loss/top-1 and minival loss/top-1
+    curves: list[FinetuneEpoch]  # per epoch of the chosen run
     seconds: float
     lr: float = 0.0  # the chosen learning rate
     val_top1: dict[float, float] = field(default_factory=dict)  # minival top-1 at the end of each swept run
@@ -93,45 +112,48 @@ def split_minival(data: ShardSubset, fraction: float, seed: int) -> tuple[ShardS
 
 
 def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, test: ShardSubset,
-        num_classes: int, seed: int, device: torch.device, progress: bool = True, desc: str = "finetune",
-        on_epoch: Callable[[dict], None] | None = None, loader: LoaderConfig | None = None) -> FinetuneResult:
+        num_classes: int, rt: Runtime, hooks: Hooks[FinetuneEpoch] | None = None) -> FinetuneResult:
     """Fine-tune the pretrained `state` on `train` (less a minival) at each of `cfg.learning_rates`,
     keep the run with the best minival top-1 and report its top-1 and macro-F1 (percent) on `test`.
 
-    The splits stay in their shards and are streamed (training through the exactly-once loader, evaluation batch
-    by batch), so memory does not grow with them. `on_epoch` receives the chosen run's per-epoch curve once the
-    sweep is decided.
+    The splits stay in their shards and are streamed (training through the exactly-once loader with `rt.loader`,
+    evaluation batch by batch), so memory does not grow with them. `hooks.on_epoch` receives the chosen run's
+    per-epoch curve once the sweep is decided; `hooks.label` names the progress bars (default: `finetune`).
+    Fine-tuning keeps no checkpoints: a stop (`rt.should_stop`) raises TrainingStopped and a rerun starts over.
     """
+    hooks = hooks or Hooks()
+    if hooks.checkpoint_dir is not None or hooks.on_checkpoint is not None:
+        raise ValueError("fine-tuning keeps no checkpoints")
     start = time.perf_counter()
-    loader = loader or LoaderConfig(workers=0)
-    train, minival = split_minival(train, cfg.val_fraction, seed)
+    train, minival = split_minival(train, cfg.val_fraction, rt.seed)
     steps = cfg.total_steps(len(train))
     best, val_top1, diverged = None, {}, None
     for lr in cfg.learning_rates:
+        label = f"{hooks.label or 'finetune'} lr={lr:g}"
         try:
-            model, curves = _train(cfg, lr, steps, model_name, state, train, minival, num_classes, seed, device,
-                                   progress, f"{desc} lr={lr:g}", loader)
+            model, curves = _train(cfg, lr, steps, model_name, state, (train, minival), num_classes, rt, label)
         except TrainingDiverged as err:  # a rate too high for this task is a bad point of the sweep, not an error
             val_top1[lr], diverged = float("nan"), err
             continue
-        val_top1[lr] = curves[-1]["val_top1"] if minival is not None else float("nan")
+        val_top1[lr] = curves[-1].val_top1 if minival is not None else float("nan")
         if best is None or val_top1[lr] > val_top1[best[0]]:  # ties keep the earlier rate
             best = (lr, model, curves)
     if best is None:
         raise diverged
     lr, model, curves = best
-    for point in curves if on_epoch is not None else ():
-        on_epoch(point)
-    result = evaluate(model, test, cfg.image_size, device, loader.max_bad_fraction)
+    for point in curves if hooks.on_epoch is not None else ():
+        hooks.on_epoch(point)
+    result = evaluate(model, test, cfg.image_size, rt.device, rt.loader.max_bad_fraction)
     return FinetuneResult(result["top1"], result["macro_f1"], steps, curves, time.perf_counter() - start, lr,
                           val_top1)
 
 
 def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: dict[str, torch.Tensor],
-           train: ShardSubset, minival: ShardSubset | None, num_classes: int, seed: int, device: torch.device,
-           progress: bool, desc: str, loader: LoaderConfig) -> tuple[torch.nn.Module, list[dict]]:
-    """One fine-tuning run at learning rate `lr`: the model and its per-epoch curve."""
-    torch.manual_seed(seed)
+           splits: tuple[ShardSubset, ShardSubset | None], num_classes: int, rt: Runtime,
+           label: str) -> tuple[torch.nn.Module, list[FinetuneEpoch]]:
+    """One fine-tuning run at learning rate `lr` on `splits` (train, minival): the model and its per-epoch curve."""
+    (train, minival), device = splits, rt.device
+    torch.manual_seed(rt.seed)
     model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size).to(device)
     perf.channels_last(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0,
@@ -145,17 +167,14 @@ def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: d
     spec = LoopSpec(steps=steps, batch_size=batch, image_size=cfg.image_size,
                     grad_clip=cfg.grad_clip, precision=cfg.precision,
                     micro_batch_size=cfg.micro_batch_size, nonfinite_check_every=cfg.nonfinite_check_every)
-    curves: list[dict] = []
+    curves: list[FinetuneEpoch] = []
 
-    def epoch_end(metrics: dict) -> None:
-        point = {"epoch": metrics["epoch"], "train_loss": metrics["loss"], "train_top1": metrics["train_top1"]}
+    def epoch_end(record: EpochRecord) -> None:
+        val = {}
         if minival is not None:
-            val = evaluate(model, minival, cfg.image_size, device, loader.max_bad_fraction)
-            point.update(val_loss=val["loss"], val_top1=val["top1"])
-        curves.append(point)
+            val = evaluate(model, minival, cfg.image_size, device, rt.loader.max_bad_fraction)
+        curves.append(FinetuneEpoch(record.epoch, record.loss, record.train_top1, val.get("loss"), val.get("top1")))
 
-    stream = ShardStream(train, cfg.image_size, spec.batch_size, cfg.augment, seed, loader.shuffle_buffer,
-                         where.rank, where.world_size, open_shards=loader.open_shards)
-    batches = StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=device.type == "cuda")
-    train_loop(model, batches, spec, optimizer, scheduler, device, on_epoch=epoch_end, desc=desc, progress=progress)
+    batches = streamed_batches(train, cfg.image_size, spec.batch_size, cfg.augment, rt)
+    train_loop(model, batches, spec, optimizer, scheduler, rt, Hooks(on_epoch=epoch_end, label=label))
     return model, curves

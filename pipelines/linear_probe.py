@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.training import classification_metrics, holdout
+from pipelines.metrics import classification_metrics, holdout
 
 
 @dataclass(frozen=True)

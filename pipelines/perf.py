@@ -1,5 +1,6 @@
-"""How a step runs fast on its device, and how fast it ran: precision, TF32, torch.compile, channels_last, fused
-optimizers; device peak FLOP/s and the model FLOPs utilisation (MFU) of a run.
+"""The device module: which device a trial runs on, how a step runs fast there, and how fast it ran: device
+picking, precision and autocast, TF32, torch.compile, channels_last, fused optimizers; peak memory, device peak
+FLOP/s and the model FLOPs utilisation (MFU) of a run.
 
 The defaults are on for CUDA and off on a CPU (DESIGN-scale.md section 5), except channels_last for ResNet paths,
 which also pays on a CPU (oneDNN: about 30% faster steps for the CPU-sized BiTs, bench/pretrain_throughput.py).
@@ -23,6 +24,11 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 BACKEND = "inductor"  # torch.compile backend; tests swap in "aot_eager" where only the plumbing is checked
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(gpus: float) -> torch.device:
+    """CUDA when the trial was given GPUs (`resources.gpus_per_worker` > 0) and one is visible, else the CPU."""
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:

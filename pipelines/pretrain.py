@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -16,8 +15,9 @@ from pipelines import distributed, models, perf
 from pipelines.config import UserError
 from pipelines.data.augment import Augment
 from pipelines.data.index import SourceIndex
-from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
-from pipelines.training import LoopSpec, duration_steps, train_loop, warmup_decay
+from pipelines.data.stream import ShardSubset, StreamLoader
+from pipelines.loop import EpochRecord, Hooks, LoopSpec, duration_steps, streamed_batches, train_loop, warmup_decay
+from pipelines.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class PretrainResult:
     weights_path: Path | None
     steps: int
     examples_seen: int
-    final: dict
+    final: EpochRecord | None  # the last epoch's record (None: resumed with no step left)
     seconds: float
     # Steady state of the run (`perf.throughput`): images_per_s, step_time_s, data_wait_fraction,
     # peak_device_memory_gb (CUDA) or peak_host_rss_gb (CPU), and mfu, device_peak_tflops where the peak is known.
@@ -106,28 +106,30 @@ def check_labels(loss: str, data: ShardSubset | SourceIndex, name: str = "the pr
                         f"which takes one class per sample: set pretrain.loss=sigmoid")
 
 
-def training_source(cfg: PretrainConfig, data: ShardSubset, image_size: int, seed: int, device: torch.device,
-                    loader: LoaderConfig) -> StreamLoader:
+def training_source(cfg: PretrainConfig, data: ShardSubset, image_size: int, rt: Runtime) -> StreamLoader:
     """This rank's batches for pretraining: streamed from shards, decoded and augmented by DataLoader workers."""
-    where = distributed.ranks()
-    where.share(cfg.batch_size, "pretrain.batch_size")
-    stream = ShardStream(data, image_size, cfg.batch_size, cfg.augment, seed, loader.shuffle_buffer, where.rank,
-                         where.world_size, open_shards=loader.open_shards)
-    return StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=device.type == "cuda")
+    distributed.ranks().share(cfg.batch_size, "pretrain.batch_size")
+    return streamed_batches(data, image_size, cfg.batch_size, cfg.augment, rt)
 
 
-def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: int, image_size: int,
-        seed: int, device: torch.device, out_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
-        progress: bool = True, checkpoint_dir: Path | None = None,
-        on_checkpoint: Callable[[Path], None] | None = None, loader: LoaderConfig | None = None,
-        should_stop: Callable[[], bool] | None = None) -> PretrainResult:
-    """Pretrain `model_name` from scratch on `data` (resuming from `checkpoint_dir` if it holds a checkpoint);
-    save the weights as safetensors in `out_dir`. `data` is a shard subset, streamed with `loader`. Run on every
-    rank of a process group, it trains data-parallel (`cfg.batch_size` is global; rank 0 writes the checkpoints
-    and the weights). `should_stop` (polled at step boundaries) stops it with a checkpoint: TrainingStopped."""
+def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: int, image_size: int, rt: Runtime,
+        hooks: Hooks[EpochRecord] | None = None, out_dir: Path | None = None) -> PretrainResult:
+    """Pretrain `model_name` from scratch on `data`, a shard subset streamed with `rt.loader`.
+
+    Args:
+        rt: device, seed, loader, progress and the stop poll (polled at step boundaries, it stops the run with a
+            checkpoint: TrainingStopped).
+        hooks: each epoch's `EpochRecord`, the checkpoint folder (resumed from if it holds a checkpoint) and
+            each checkpoint written; the progress label (default: `pretrain <model>`).
+        out_dir: where the weights are saved as safetensors; None: not saved.
+
+    Run on every rank of a process group, it trains data-parallel (`cfg.batch_size` is global; rank 0 writes the
+    checkpoints and the weights).
+    """
     check_labels(cfg.loss, data)
-    start = time.perf_counter()
-    torch.manual_seed(seed)
+    hooks = hooks or Hooks()
+    device, start = rt.device, time.perf_counter()
+    torch.manual_seed(rt.seed)
     perf.reset_peak_memory(device)
     model = models.build(model_name, num_classes, image_size).to(device)
     perf.channels_last(model, device)
@@ -140,13 +142,12 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
         perf.compile_model(model)  # in place: checkpoints and the weights keep the plain module's keys
     precision = perf.resolve_precision(cfg.precision, device)
     spec = LoopSpec(steps=steps, batch_size=cfg.batch_size, image_size=image_size, grad_clip=cfg.grad_clip,
-                    loss=cfg.loss, precision=precision,
-                    micro_batch_size=cfg.micro_batch_size, checkpoint_dir=checkpoint_dir,
+                    loss=cfg.loss, precision=precision, micro_batch_size=cfg.micro_batch_size,
                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
                     nonfinite_check_every=cfg.nonfinite_check_every)
-    source = training_source(cfg, data, image_size, seed, device, loader or LoaderConfig())
-    loop = train_loop(model, source, spec, optimizer, scheduler, device, on_epoch, desc=f"pretrain {model_name}",
-                      progress=progress, on_checkpoint=on_checkpoint, should_stop=should_stop)
+    source = training_source(cfg, data, image_size, rt)
+    loop = train_loop(model, source, spec, optimizer, scheduler, rt,
+                      replace(hooks, label=hooks.label or f"pretrain {model_name}"))
     flops = 3 * models.forward_flops(model_name, image_size, num_classes)  # forward + backward (2x forward)
     throughput = perf.throughput(loop.timed_steps * cfg.batch_size, loop.timed_seconds, loop.waited_seconds,
                                  loop.timed_steps, flops, device, precision) if loop.timed_steps else {}

@@ -22,11 +22,13 @@ import torch
 from safetensors.torch import load as load_weights
 from safetensors.torch import save as save_weights
 
-from pipelines import data, diagnostics, distributed, downstream, models, pretrain
+from pipelines import data, diagnostics, distributed, downstream, models, perf, pretrain
 from pipelines.config import UserError
 from pipelines.data.stream import ShardSubset
 from pipelines.downstream import Measurement
-from pipelines.training import TrainingDiverged, TrainingStopped, evaluate, pick_device
+from pipelines.loop import EpochRecord, Hooks, TrainingDiverged, TrainingStopped
+from pipelines.metrics import evaluate
+from pipelines.runtime import Runtime
 from study.config import GridPoint, StudyConfig
 from study.identity import recipe_params
 from study.interrupt import STOP, await_preempted_checkpoint, preempted, preemption, stop_requested
@@ -70,7 +72,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     point, rel = plan.point, plan.rel
     if storage.exists(STOP):  # the driver is stopping the study: a point not started yet stays so
         raise TrainingStopped(0)
-    device = device or pick_device(cfg.resources.gpus_per_worker)
+    device = device or perf.pick_device(cfg.resources.gpus_per_worker)
     where = distributed.ranks()
     record = load_record(storage, point.id) or PointRecord(point.id, point.table_fields)
     clock = Stopwatch(record.timings)
@@ -136,15 +138,15 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, so
     def push(path: Path) -> None:  # rank 0's checkpoints reach storage, where a retry on any node finds them
         storage.push_checkpoint(path, f"{rel}/checkpoints", cfg.pretrain.keep_checkpoints)
 
-    def epoch_end(m: dict) -> None:
-        emit(Curve("pretrain", int(m["step"]), {k: v for k, v in m.items() if k not in ("epoch", "step")}))
+    def epoch_end(record: EpochRecord) -> None:
+        emit(Curve("pretrain", record.step, record.metrics()))
         if system := sampler.read():
-            emit(Curve(f"system/{sampler.node}", int(m["step"]), system))
+            emit(Curve(f"system/{sampler.node}", record.step, system))
 
+    rt = Runtime(device, point.seed, loader=loader, progress=progress, should_stop=stop_requested(storage))
     with NodeSampler() as sampler:
-        result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, point.seed,
-                              device, None, on_epoch=epoch_end, progress=progress, checkpoint_dir=local_ckpts,
-                              on_checkpoint=push, loader=loader, should_stop=stop_requested(storage))
+        result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, rt,
+                              Hooks(on_epoch=epoch_end, checkpoint_dir=local_ckpts, on_checkpoint=push))
     del train
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
                **result.throughput}  # images_per_s, step_time_s, data_wait_fraction, peak memory, mfu

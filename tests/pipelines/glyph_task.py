@@ -90,13 +90,13 @@ def pretrain_letters(out: Path = ASSET, steps: int = 1200) -> None:
 
     from pipelines import pretrain
     from pipelines.data.augment import Augment
+    from pipelines.runtime import Runtime
     from tests.pipelines.tiny import as_shards
 
     x, y = images(LETTERS, 2048, seed=0)
     cfg = pretrain.PretrainConfig(steps=steps, batch_size=32, lr=3e-3, warmup_steps=50,
                                   augment=Augment(crop="translate", crop_padding=2, flip=False))
-    result = pretrain.run(cfg, "BiT-R14-Pico", as_shards(x, y), len(LETTERS), 32, 0, torch.device("cpu"),
-                          progress=True)
+    result = pretrain.run(cfg, "BiT-R14-Pico", as_shards(x, y), len(LETTERS), 32, Runtime(torch.device("cpu")))
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half() if v.is_floating_point() else v for k, v in result.state_dict.items()}, str(out))
 

@@ -22,6 +22,8 @@ torch.set_num_threads(1)
 from pipelines import pretrain
 from pipelines.data.augment import Augment
 from pipelines.data.stream import LoaderConfig
+from pipelines.loop import Hooks
+from pipelines.runtime import Runtime
 from tests.pipelines.tiny import as_shards
 rng = np.random.default_rng(0)
 data = as_shards(rng.integers(0, 255, (320, 32, 32, 3), dtype=np.uint8), rng.integers(0, 8, 320))
@@ -30,9 +32,10 @@ cfg = pretrain.PretrainConfig(steps=24, batch_size=32, lr=3e-3, warmup_steps=4, 
 out, stall = Path(sys.argv[1]), sys.argv[2] == "stall"
 # 10 steps per epoch; the checkpoint at step 12 is mid-epoch. When asked, stall at the end of epoch 2 (step 20)
 # so the parent can kill this process after checkpoint 12 and before the run could finish.
-hold = lambda m: time.sleep(600) if stall and m["step"] == 20 else None
-pretrain.run(cfg, "ViT-Pico/4", data, 8, 32, seed=3, device=torch.device("cpu"), out_dir=out,
-             checkpoint_dir=out / "checkpoints", on_epoch=hold, progress=False, loader=LoaderConfig(workers=2))
+hold = lambda record: time.sleep(600) if stall and record.step == 20 else None
+rt = Runtime(torch.device("cpu"), seed=3, loader=LoaderConfig(workers=2), progress=False)
+pretrain.run(cfg, "ViT-Pico/4", data, 8, 32, rt, Hooks(on_epoch=hold, checkpoint_dir=out / "checkpoints"),
+             out_dir=out)
 """
 
 
@@ -151,6 +154,8 @@ def test_a_checkpoint_of_older_code_with_an_augmentation_generator_still_resumes
     from pipelines import pretrain
     from pipelines.data.augment import Augment
     from pipelines.data.stream import LoaderConfig
+    from pipelines.loop import Hooks
+    from pipelines.runtime import Runtime
     from tests.pipelines.tiny import as_shards
 
     rng = np.random.default_rng(0)
@@ -165,8 +170,9 @@ def test_a_checkpoint_of_older_code_with_an_augmentation_generator_still_resumes
     def run(ckpt: Path, on_checkpoint=None) -> dict:
         cfg = pretrain.PretrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, checkpoint_every=2,
                                       augment=Augment(crop="translate", crop_padding=2, flip=True))
-        return pretrain.run(cfg, "ViT-Pico/4", data, 4, 16, seed=0, device=torch.device("cpu"), progress=False,
-                            checkpoint_dir=ckpt, on_checkpoint=on_checkpoint, loader=LoaderConfig(workers=0)).state_dict
+        rt = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=0), progress=False)
+        return pretrain.run(cfg, "ViT-Pico/4", data, 4, 16, rt,
+                            Hooks(checkpoint_dir=ckpt, on_checkpoint=on_checkpoint)).state_dict
 
     straight = run(tmp_path / "straight")
     with pytest.raises(Stop):
@@ -188,6 +194,7 @@ def test_gradient_accumulation_matches_the_full_batch_step():
     from pipelines import pretrain
     from pipelines.data.augment import Augment
     from pipelines.data.stream import LoaderConfig
+    from pipelines.runtime import Runtime
     from tests.pipelines.tiny import as_shards
 
     rng = np.random.default_rng(0)
@@ -199,8 +206,8 @@ def test_gradient_accumulation_matches_the_full_batch_step():
         # (Adam's g / sqrt(v) turns the noise on near-zero gradients into a full-size step).
         cfg = pretrain.PretrainConfig(steps=3, batch_size=64, optimizer="sgd", lr=0.1, warmup_steps=1,
                                       micro_batch_size=micro, augment=Augment(crop="inception", flip=True))
-        results.append(pretrain.run(cfg, "BiT-R14-Pico", data, 4, 32, seed=0, device=torch.device("cpu"),
-                                    progress=False, loader=LoaderConfig(workers=0)).state_dict)
+        rt = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=0), progress=False)
+        results.append(pretrain.run(cfg, "BiT-R14-Pico", data, 4, 32, rt).state_dict)
     for k in results[0]:
         # Weight standardisation + GroupNorm carry summation-order noise to ~3e-5 after three steps (with or
         # without weight decay on the 1-D parameters); a wrong accumulation is off by ~1e-2.

@@ -16,6 +16,7 @@ from pipelines.data.augment import Augment
 from pipelines.data.index import ShardSubset
 from pipelines.data.stream import LoaderConfig
 from pipelines.distributed import Ranks, gather_rows
+from pipelines.runtime import Runtime
 from tests.pipelines.tiny import as_shards
 
 MODELS = ["ViT-Pico/4", "BiT-R14-Pico"]
@@ -37,8 +38,8 @@ def _cfg(micro: int | None) -> pretrain.PretrainConfig:
 
 def _train(model: str, micro: int | None) -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)
-    return pretrain.run(_cfg(micro), model, _data(), 4, 16, seed=0, device=torch.device("cpu"), progress=False,
-                        loader=LoaderConfig(workers=0)).state_dict
+    rt = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=0), progress=False)
+    return pretrain.run(_cfg(micro), model, _data(), 4, 16, rt).state_dict
 
 
 def _rank(rank: int, world: int, port: int, model: str, out: str) -> None:

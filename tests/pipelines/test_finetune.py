@@ -3,18 +3,15 @@ import pytest
 import torch
 
 from pipelines import downstream, finetune, models
+from pipelines.data.stream import LoaderConfig
 from pipelines.downstream import EvaluateConfig
 from pipelines.linear_probe import LinearProbeConfig
-from pipelines.training import classification_metrics, macro_f1
+from pipelines.loop import Hooks
+from pipelines.runtime import Runtime
 from tests.pipelines import glyph_task
 from tests.pipelines.tiny import as_shards
 
-
-def test_macro_f1_known_answer():
-    labels, preds = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
-    assert macro_f1(preds, labels) == pytest.approx(100 * (2 / 3 + 4 / 5) / 2)
-    metrics = classification_metrics(np.log(np.array([[0.5, 0.5], [0.25, 0.75]])), np.array([0, 1]))
-    assert metrics["loss"] == pytest.approx(-(np.log(0.5) + np.log(0.75)) / 2)
+IN_PROCESS = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=0), progress=False)  # reads in this process
 
 
 def test_minival_is_a_disjoint_seeded_slice():
@@ -37,11 +34,10 @@ def test_finetune_logs_per_epoch_validation_and_learns_at_higher_resolution():
     state = models.build("ViT-Pico/4", 16, 32).state_dict()
     cfg = finetune.FinetuneConfig(image_size=48, steps=30, batch_size=32, lr=0.03, warmup_steps=3)
     epochs = []
-    result = finetune.run(cfg, "ViT-Pico/4", state, data, data, 3, seed=0, device=torch.device("cpu"),
-                          progress=False, on_epoch=epochs.append)
+    result = finetune.run(cfg, "ViT-Pico/4", state, data, data, 3, IN_PROCESS, Hooks(on_epoch=epochs.append))
     assert len(epochs) == len(result.curves) == 5  # 30 steps of 32 over 216 train images: 4 epoch ends, then the last
-    assert {"train_loss", "val_loss", "val_top1"} <= set(epochs[0])
-    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"] and result.top1 > 90
+    assert list(epochs[0].metrics()) == ["train_loss", "train_top1", "val_loss", "val_top1"]
+    assert epochs[-1].val_loss < epochs[0].val_loss and result.top1 > 90
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +73,8 @@ def test_the_sweep_keeps_the_learning_rate_best_on_the_minival_and_reports_its_c
     state = models.build("ViT-Pico/4", 16, 16).state_dict()
     cfg = finetune.FinetuneConfig(image_size=16, steps=15, batch_size=32, warmup_steps=1, lr_sweep=(0.03, 1e4))
     epochs = []
-    result = finetune.run(cfg, "ViT-Pico/4", state, data_, data_, 3, seed=0, device=torch.device("cpu"),
-                          progress=False, on_epoch=epochs.append)
+    result = finetune.run(cfg, "ViT-Pico/4", state, data_, data_, 3, IN_PROCESS, Hooks(on_epoch=epochs.append))
     assert set(result.val_top1) == {0.03, 1e4} and not result.val_top1[1e4] >= result.val_top1[0.03]  # or NaN
-    assert result.lr == 0.03 and epochs == result.curves and epochs[-1]["val_top1"] == result.val_top1[0.03]
+    assert result.lr == 0.03 and epochs == result.curves and epochs[-1].val_top1 == result.val_top1[0.03]
     with pytest.raises(ValueError, match="give lr, or an lr_sweep"):
         finetune.FinetuneConfig(lr_sweep=())

@@ -15,11 +15,13 @@ from pipelines import checkpoint, models, perf, pretrain
 from pipelines.data.augment import Augment
 from pipelines.data.index import ShardSubset
 from pipelines.data.stream import LoaderConfig, ShardStream, StreamLoader
-from pipelines.training import LoopSpec, TrainingDiverged, infer, train_loop, warmup_decay
+from pipelines.loop import Hooks, LoopSpec, TrainingDiverged, train_loop, warmup_decay
+from pipelines.metrics import infer
+from pipelines.runtime import Runtime
 from tests.pipelines.tiny import as_shards
 
 CPU = torch.device("cpu")
-IN_PROCESS = LoaderConfig(workers=0)  # the production loader, reading in the training process
+IN_PROCESS = Runtime(CPU, loader=LoaderConfig(workers=0), progress=False)  # the production loader, in this process
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -67,8 +69,8 @@ def test_step_loop_reads_the_device_only_every_k_steps_and_at_epoch_ends(host_re
     source = StreamLoader(stream, workers=0)
     epochs = []
     host_reads.clear()
-    result = train_loop(model, source, spec, optimizer, scheduler, CPU, on_epoch=epochs.append, progress=False)
-    assert len(epochs) == 2 and math.isfinite(result.final["loss"])
+    result = train_loop(model, source, spec, optimizer, scheduler, IN_PROCESS, Hooks(on_epoch=epochs.append))
+    assert len(epochs) == 2 and math.isfinite(result.final.loss)
     assert 0 < len(host_reads) <= steps // every + len(epochs), host_reads
 
 
@@ -94,8 +96,7 @@ def test_divergence_is_caught_before_a_checkpoint_is_written(monkeypatch, tmp_pa
     _poisoned_build(monkeypatch, bad_call=3)
     cfg = pretrain.PretrainConfig(steps=12, batch_size=16, checkpoint_every=2, nonfinite_check_every=50)
     with pytest.raises(TrainingDiverged, match=r"loss became nan between step 3 and 4; lower the learning rate"):
-        pretrain.run(cfg, "ViT-Pico/4", _data(), 4, 32, seed=0, device=CPU, progress=False,
-                     checkpoint_dir=tmp_path, loader=IN_PROCESS)
+        pretrain.run(cfg, "ViT-Pico/4", _data(), 4, 32, IN_PROCESS, Hooks(checkpoint_dir=tmp_path))
     assert checkpoint.latest(tmp_path).name == "ckpt-000000002"  # the diverged step-4 state was never saved
 
 
@@ -117,9 +118,8 @@ def test_bf16_autocast_runs_on_a_cpu_and_matches_fp32():
 def test_bf16_pretraining_on_a_cpu_learns():
     cfg = pretrain.PretrainConfig(steps=16, batch_size=16, lr=3e-3, warmup_steps=2, precision="bf16")
     epochs = []
-    pretrain.run(cfg, "ViT-Pico/4", _data(64), 4, 32, seed=0, device=CPU, on_epoch=epochs.append, progress=False,
-                 loader=IN_PROCESS)
-    assert all(math.isfinite(e["loss"]) for e in epochs) and epochs[-1]["loss"] < epochs[0]["loss"]
+    pretrain.run(cfg, "ViT-Pico/4", _data(64), 4, 32, IN_PROCESS, Hooks(on_epoch=epochs.append))
+    assert all(math.isfinite(e.loss) for e in epochs) and epochs[-1].loss < epochs[0].loss
 
 
 @pytest.mark.slow  # inductor writes and compiles C++ kernels: cold, 20-35 s for the ViT, 45-95 s for the BiT
@@ -147,8 +147,8 @@ def test_compiled_model_matches_eager(name):
 def test_checkpoint_of_a_compiled_run_loads_into_a_plain_model(monkeypatch, tmp_path, name):
     monkeypatch.setattr(perf, "BACKEND", "aot_eager")  # the graph capture without code generation: fast
     cfg = pretrain.PretrainConfig(steps=2, batch_size=16, compile=True, checkpoint_every=1)
-    result = pretrain.run(cfg, name, _data(64), 4, 32, seed=0, device=CPU, out_dir=tmp_path, progress=False,
-                          checkpoint_dir=tmp_path / "ckpt", loader=IN_PROCESS)
+    result = pretrain.run(cfg, name, _data(64), 4, 32, IN_PROCESS, Hooks(checkpoint_dir=tmp_path / "ckpt"),
+                          out_dir=tmp_path)
     plain = models.build(name, 4, 32)
     for saved in (load_file(str(result.weights_path)),
                   load_file(str(checkpoint.latest(tmp_path / "ckpt") / "model.safetensors"))):
@@ -170,7 +170,7 @@ def test_weight_decay_spares_position_embedding_class_token_and_1d_parameters():
 
 def test_pretraining_reports_throughput():
     cfg = pretrain.PretrainConfig(steps=12, batch_size=16)
-    result = pretrain.run(cfg, "ViT-Pico/4", _data(64), 4, 32, seed=0, device=CPU, progress=False, loader=IN_PROCESS)
+    result = pretrain.run(cfg, "ViT-Pico/4", _data(64), 4, 32, IN_PROCESS)
     t = result.throughput
     assert set(t) == {"images_per_s", "step_time_s", "data_wait_fraction", "peak_host_rss_gb"}  # no MFU on a CPU
     assert t["images_per_s"] > 0 and t["step_time_s"] == pytest.approx(16 / t["images_per_s"])
@@ -204,9 +204,9 @@ def test_peak_flops_is_nan_where_unknown(name, precision):
 def test_cuda_step_defaults(name, tmp_path):
     cuda = torch.device("cuda")
     cfg = pretrain.PretrainConfig(steps=20, batch_size=32, checkpoint_every=10)
-    result = pretrain.run(cfg, name, _data(), 4, 32, seed=0, device=cuda, progress=False, out_dir=tmp_path,
-                          checkpoint_dir=tmp_path / "ckpt")
-    assert math.isfinite(result.final["loss"]) and result.throughput["peak_device_memory_gb"] > 0
+    result = pretrain.run(cfg, name, _data(), 4, 32, Runtime(cuda, progress=False),
+                          Hooks(checkpoint_dir=tmp_path / "ckpt"), out_dir=tmp_path)
+    assert math.isfinite(result.final.loss) and result.throughput["peak_device_memory_gb"] > 0
     if math.isfinite(perf.peak_flops(cuda, perf.resolve_precision("auto", cuda))):
         assert 0 < result.throughput["mfu"] < 1
     plain = models.build(name, 4, 32)

@@ -19,10 +19,12 @@ from pipelines.data.labels import parse_labels
 from pipelines.data.sources import SIDECAR_VERSION, read_sidecar, sidecar_url
 from pipelines.data.stream import LoaderConfig, ShardStream, ShardSubset, StreamLoader
 from pipelines.data.writer import write_shard
-from pipelines.training import _Sums, loss_fn
+from pipelines.loop import EpochRecord, Hooks, _Sums, loss_fn
+from pipelines.runtime import Runtime
 from tests.pipelines.test_stream import _shard
 
 CLASSES = 5
+IN_PROCESS = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=0), progress=False)
 NONE = Augment(crop="none", flip=False)
 
 
@@ -114,7 +116,7 @@ def test_the_loader_yields_each_samples_classes(source, remote):
         seen.update(zip(batch.keys, _rows(batch.labels.numpy()), strict=True))
     assert seen == truth
     target = (batch.labels[:, :, None] == torch.arange(CLASSES)).any(1).float()
-    from pipelines.training import multi_hot
+    from pipelines.loop import multi_hot
     assert torch.equal(multi_hot(batch.labels, CLASSES, torch.float32), target)
     assert torch.equal(multi_hot(batch.labels, CLASSES, torch.float32).sum(1),
                        torch.tensor([len(truth[k]) for k in batch.keys], dtype=torch.float32))
@@ -152,13 +154,12 @@ def test_sigmoid_pretraining_on_a_multi_label_source_learns(source):
     subset = _everything(paths)
     cfg = pretrain.PretrainConfig(steps=30, batch_size=12, lr=3e-3, warmup_steps=2, loss="sigmoid", precision="fp32",
                                   augment=NONE, compile=False, checkpoint_every=0)
-    epochs: list[dict] = []
+    epochs: list[EpochRecord] = []
     torch.set_num_threads(1)
-    result = pretrain.run(cfg, "ViT-Pico/4", subset, CLASSES, 16, seed=0, device=torch.device("cpu"),
-                          on_epoch=epochs.append, progress=False, loader=LoaderConfig(workers=0))
-    assert len(epochs) == 6 and all(np.isfinite(m["loss"]) for m in epochs)
-    assert epochs[-1]["loss"] < 0.7 * epochs[0]["loss"], [m["loss"] for m in epochs]
-    assert result.final["train_top1"] > 60  # a top-1 among a sample's classes counts: chance is ~40%
+    result = pretrain.run(cfg, "ViT-Pico/4", subset, CLASSES, 16, IN_PROCESS, Hooks(on_epoch=epochs.append))
+    assert len(epochs) == 6 and all(np.isfinite(m.loss) for m in epochs)
+    assert epochs[-1].loss < 0.7 * epochs[0].loss, [m.loss for m in epochs]
+    assert result.final.train_top1 > 60  # a top-1 among a sample's classes counts: chance is ~40%
 
 
 def test_softmax_on_a_multi_label_source_is_refused_in_one_line(source):
@@ -168,8 +169,7 @@ def test_softmax_on_a_multi_label_source_is_refused_in_one_line(source):
     singles = everything.part(np.flatnonzero((everything.labels >= 0).sum(1) == 1))  # the source decides
     cfg = pretrain.PretrainConfig(steps=2, batch_size=4, loss="softmax", compile=False)
     with pytest.raises(UserError) as err:
-        pretrain.run(cfg, "ViT-Pico/4", singles, CLASSES, 16, seed=0, device=torch.device("cpu"),
-                     progress=False, loader=LoaderConfig(workers=0))
+        pretrain.run(cfg, "ViT-Pico/4", singles, CLASSES, 16, IN_PROCESS)
     message = str(err.value)
     assert "\n" not in message and "multi-label" in message and "pretrain.loss=sigmoid" in message
     pretrain.check_labels("sigmoid", index)  # the driver's up-front check: sigmoid is fine
@@ -214,7 +214,7 @@ def test_an_index_from_an_older_reader_is_not_reused(tmp_path):
 
 def test_held_out_metrics_on_a_multi_label_split():
     """The upstream val_top1 of a multi-label source: a top-1 among the sample's classes counts; sigmoid loss."""
-    from pipelines.training import classification_metrics
+    from pipelines.metrics import classification_metrics
 
     logits = np.array([[0.0, 5.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     labels = np.array([[1, 2], [1, -1], [2, 0]])

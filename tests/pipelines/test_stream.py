@@ -243,7 +243,7 @@ def test_translate_pads_with_a_black_border_in_the_stream():
     white and black only (the model input, in [-1, 1])."""
     import torch
 
-    from pipelines.training import to_input
+    from pipelines.loop import to_input
 
     aug = Augment(crop="translate", crop_padding=4, flip=False)
     buf = io.BytesIO()

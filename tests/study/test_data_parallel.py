@@ -76,6 +76,7 @@ def _pretrain_on_shards(config: dict) -> None:
     from pipelines import data, distributed, pretrain
     from pipelines.data.augment import Augment
     from pipelines.data.stream import LoaderConfig
+    from pipelines.runtime import Runtime
 
     torch.set_num_threads(1)
     src = data.SourceConfig(source="shapes", size=256, test_size=0, image_size=16, num_classes=4, seed=0)
@@ -83,8 +84,8 @@ def _pretrain_on_shards(config: dict) -> None:
     cfg = pretrain.PretrainConfig(steps=5, batch_size=32, optimizer="sgd", lr=0.05, warmup_steps=1, precision="fp32",
                                   weight_decay=0.0, augment=Augment(crop="translate", crop_padding=2, flip=True),
                                   micro_batch_size=8, compile=False)
-    result = pretrain.run(cfg, config["model"], data.nested_subset(index, 128, 0), 4, 16, seed=0,
-                          device=torch.device("cpu"), progress=False, loader=LoaderConfig(workers=1))
+    rt = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=1), progress=False)
+    result = pretrain.run(cfg, config["model"], data.nested_subset(index, 128, 0), 4, 16, rt)
     if distributed.ranks().main:
         save_file(result.state_dict, config["out"])
 

@@ -7,10 +7,11 @@ import torch
 from pipelines import models, pretrain
 from pipelines.config import UserError
 from pipelines.data.stream import LoaderConfig
-from pipelines.training import TrainingDiverged, duration_steps, warmup_decay
+from pipelines.loop import EpochRecord, Hooks, TrainingDiverged, duration_steps, warmup_decay
+from pipelines.runtime import Runtime
 from tests.pipelines.tiny import as_shards
 
-IN_PROCESS = LoaderConfig(workers=0)  # the production loader, reading in the training process
+IN_PROCESS = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=0), progress=False)  # reads in this process
 
 
 def test_duration_helper_converts_each_unit():
@@ -37,11 +38,12 @@ def _tiny_images(n=64, classes=4):
 
 def test_pretraining_learns_an_easy_task_and_saves_safetensors(tmp_path):
     cfg = pretrain.PretrainConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=5)
-    epochs = []
-    result = pretrain.run(cfg, "ViT-Pico/4", as_shards(*_tiny_images()), 4, 32, seed=0, device=torch.device("cpu"),
-                          out_dir=tmp_path, on_epoch=epochs.append, progress=False, loader=IN_PROCESS)
+    epochs: list[EpochRecord] = []
+    result = pretrain.run(cfg, "ViT-Pico/4", as_shards(*_tiny_images()), 4, 32, IN_PROCESS,
+                          Hooks(on_epoch=epochs.append), out_dir=tmp_path)
     assert result.steps == 40 and result.examples_seen == 1280 and len(epochs) == 20
-    assert epochs[-1]["loss"] < epochs[0]["loss"] * 0.5
+    assert [e.step for e in epochs] == list(range(2, 41, 2)) and epochs[-1] == result.final
+    assert epochs[-1].examples_seen == 1280 and epochs[-1].loss < epochs[0].loss * 0.5
     from safetensors.torch import load_file
     loaded = load_file(str(result.weights_path))
     assert torch.equal(loaded["pos_embed"], result.state_dict["pos_embed"])
@@ -61,5 +63,13 @@ def test_non_finite_loss_stops_the_run_within_the_check_interval(monkeypatch):
 
     monkeypatch.setattr(models, "build", poisoned)  # a real model whose head weights are NaN
     with pytest.raises(TrainingDiverged, match="loss became nan between step 1 and 3; lower the learning rate"):
-        pretrain.run(cfg, "ViT-Pico/4", data, 4, 32, seed=0, device=torch.device("cpu"), progress=False,
-                     loader=IN_PROCESS)
+        pretrain.run(cfg, "ViT-Pico/4", data, 4, 32, IN_PROCESS)
+
+
+def test_an_epoch_record_names_its_metrics_once():
+    """The names each epoch's numbers reach MLflow under (after the stage's prefix): the step and epoch are the
+    row's coordinates, and skipped samples get one name per cause."""
+    record = EpochRecord(epoch=3, step=30, examples_seen=960, loss=0.5, train_top1=80.0, lr=1e-3, images_per_s=100.0,
+                         loader_wait_fraction=0.1, skipped={"decode": 2})
+    assert record.metrics() == {"examples_seen": 960, "loss": 0.5, "train_top1": 80.0, "lr": 1e-3,
+                                "images_per_s": 100.0, "loader_wait_fraction": 0.1, "skipped_decode": 2}

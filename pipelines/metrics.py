@@ -1,0 +1,87 @@
+"""Inference and the one metrics path: batched logits or features of a model, top-1, macro-F1 and the loss from
+logits, a split's metrics streamed from its shards, and the held-out part of a train split that a stage chooses its
+hyperparameters on (the fine-tune learning rate, the probe's l2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines import distributed, perf
+from pipelines.data import split_batches
+from pipelines.data.stream import ShardSubset
+from pipelines.loop import hits, multi_hot, to_input
+
+
+@torch.no_grad()
+def infer(model: nn.Module, images: np.ndarray, image_size: int, device: torch.device, batch_size: int = 256,
+          pre_logits: bool = False, precision: str = "auto") -> np.ndarray:
+    """Logits, or pre-logit features (`pre_logits=True`: class token or global average pool, as trained), in
+    mixed precision where the device has it (`perf.resolve_precision`); returned as float32."""
+    model.eval()
+    precision = perf.resolve_precision(precision, device)
+    perf.enable_tf32(device)
+    memory_format = perf.channels_last(model, device)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start:start + batch_size], image_size, device, memory_format)
+        with perf.autocast(precision, device):
+            feats = model.forward_features(x)
+            out.append(model.forward_head(feats, pre_logits=pre_logits).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return 100.0 * float(hits(logits.argmax(-1), labels).mean())
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean of per-class F1 (percent) over the classes present in labels or predictions."""
+    scores = []
+    for c in np.union1d(labels, predictions):
+        tp = np.sum((predictions == c) & (labels == c))
+        fp = np.sum((predictions == c) & (labels != c))
+        fn = np.sum((predictions != c) & (labels == c))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return 100.0 * float(np.mean(scores))
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The one metrics path: cross-entropy loss, top-1 and macro-F1 (percent) from logits. Multi-label labels
+    ([N, K], padded with -1): the sigmoid loss, and top-1 counts a prediction among the sample's classes."""
+    if labels.ndim == 2:
+        x = torch.from_numpy(logits).double()
+        target = multi_hot(torch.from_numpy(labels), logits.shape[-1], x.dtype)
+        loss = float(F.binary_cross_entropy_with_logits(x, target, reduction="sum") / len(labels))
+        return {"loss": loss, "top1": top1(logits, labels), "macro_f1": float("nan")}
+    logp = torch.log_softmax(torch.from_numpy(logits).double(), -1)
+    loss = float(-logp[torch.arange(len(labels)), torch.from_numpy(labels)].mean())
+    return {"loss": loss, "top1": top1(logits, labels), "macro_f1": macro_f1(logits.argmax(-1), labels)}
+
+
+def evaluate(model: nn.Module, data: ShardSubset, image_size: int, device: torch.device,
+             max_bad_fraction: float = 0.001) -> dict[str, float]:
+    """Loss, top-1 and macro-F1 of `model` on a split streamed from its shards batch by batch (in a process group,
+    each rank infers its part and every rank gets the metrics of the whole split)."""
+    logits, labels = [], []
+    for batch in split_batches(rank_part(data), image_size, max_bad_fraction=max_bad_fraction):
+        logits.append(infer(model, batch.images, image_size, device))
+        labels.append(batch.labels)
+    logits, labels = (distributed.gather_rows(np.concatenate(x)) for x in (logits, labels))
+    return classification_metrics(logits, labels)
+
+
+def rank_part(split: ShardSubset) -> ShardSubset:
+    """This rank's contiguous part of an evaluation split (the whole split in one process)."""
+    if distributed.ranks().world_size == 1:
+        return split
+    return split.part(distributed.part(len(split)))
+
+
+def holdout(n: int, fraction: float, seed: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices: a seeded `fraction` of `n` examples (at least one) held out for validation."""
+    perm = np.random.default_rng([seed, salt]).permutation(n)
+    n_val = max(1, int(round(fraction * n)))
+    return perm[n_val:], perm[:n_val]
