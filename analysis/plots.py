@@ -288,3 +288,20 @@ def fig7_across_grid(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     axes[2].set(ylabel="Spearman(similarity, −distance)", title="Position-embedding locality")
     fig.suptitle("What the ViT learned as pretraining data grows (Fig 7 analog)")
     return _save(fig, out_dir, "fig7_vit_diagnostics_vs_data")
+
+
+def fig7_side_by_side(panels: dict[str, list[tuple[int, Path]]], out_dir: Path) -> list[Path]:
+    """Per model, its Fig 7 panels (`fig7_panels` PNGs) at the smallest and the largest subset side by side in one
+    PNG. `panels`: {model: [(subset size, PNG path)]}."""
+    from PIL import Image
+
+    written = []
+    for model, items in panels.items():
+        (small, a), (large, b) = min(items), max(items)
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in dict.fromkeys([a, b])]
+        height = max(im.shape[0] for im in images)
+        padded = [np.pad(im, ((0, height - im.shape[0]), (0, 20), (0, 0)), constant_values=255) for im in images]
+        path = out_dir / f"fig7_{model.replace('/', '-')}_n{small}_vs_n{large}.png"
+        Image.fromarray(np.concatenate(padded, 1)).save(path)
+        written.append(path)
+    return written

@@ -2,7 +2,8 @@
 `report.html`, from one tidy results table.
 
     python -m analysis.report --results results.csv --out DIR
-    python -m analysis.report --experiment NAME [--tracking-uri URI] --out DIR
+
+(A study's MLflow store holds the same table: `python -m study.mlflow_source` rebuilds the report from it.)
 """
 
 from __future__ import annotations
@@ -229,21 +230,12 @@ def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--results", help="tidy results CSV (the study's results.csv schema)")
-    source.add_argument("--experiment", help="MLflow experiment (study) name: its latest study run")
-    parser.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db", help="with --experiment")
+    parser.add_argument("--results", required=True, help="tidy results CSV (the study's results.csv schema)")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     try:
-        if args.results:
-            table, title = results.read(args.results), Path(args.results).stem
-        else:
-            from analysis.mlflow_source import table_from_experiment
-
-            table, title = table_from_experiment(args.experiment, args.tracking_uri), args.experiment
         out = Path(args.out)
-        path = write_report(table, out, title=title)
+        path = write_report(results.read(args.results), out, title=Path(args.results).stem)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -62,6 +62,9 @@ class PretrainConfig:
         return duration_steps(self.epochs, self.steps, self.examples, self.batch_size, dataset_size)
 
 
+WEIGHTS_FILE = "pretrained.safetensors"  # what `run` names the weights in its caller's `out_dir`
+
+
 @dataclass
 class PretrainResult:
     state_dict: dict[str, torch.Tensor]
@@ -155,7 +158,7 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
     path = None
     if out_dir is not None and distributed.ranks().main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "pretrained.safetensors"
+        path = out_dir / WEIGHTS_FILE
         save_file(state, str(path), metadata={"model": model_name, "steps": str(steps)})
     return PretrainResult(state, path, steps, steps * cfg.batch_size, loop.final, time.perf_counter() - start,
                           throughput)

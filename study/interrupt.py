@@ -98,12 +98,11 @@ def stop_requested(storage: Storage, every: float = 2.0) -> Callable[[], bool]:
     return ask
 
 
-PREEMPTED_MARK = "preempted"  # in a point's folder while a preempted worker is saving its checkpoint
 _PREEMPTED = threading.Event()  # this worker process got SIGTERM: its trial stops at the next step boundary
 
 
 @contextmanager
-def preemption(storage: Storage, point_rel: str, grace: float = 120.0) -> Iterator[Callable[[], None]]:
+def preemption(storage: Storage, mark: str, grace: float = 120.0) -> Iterator[Callable[[], None]]:
     """A trial's guard against SIGTERM to its worker process (a preempted node, `kill`, a scheduler's drain).
 
     Ray's worker turns SIGTERM into SystemExit on its main thread and, on the way out, kills the worker's children
@@ -116,7 +115,7 @@ def preemption(storage: Storage, point_rel: str, grace: float = 120.0) -> Iterat
     from ray._private import worker as ray_worker  # its SIGTERM handler calls this module attribute to exit
 
     exit_now = getattr(ray_worker, "raise_sys_exit_with_custom_error_message", None)
-    saved, mark = threading.Event(), f"{point_rel}/{PREEMPTED_MARK}"
+    saved = threading.Event()
 
     def exit_when_saved() -> None:
         try:
@@ -153,15 +152,15 @@ def preempted() -> bool:
     return _PREEMPTED.is_set()
 
 
-def await_preempted_checkpoint(storage: Storage, point_rel: str, grace: float = 120.0) -> None:
+def await_preempted_checkpoint(storage: Storage, mark: str, grace: float = 120.0) -> None:
     """A retried trial starts while the preempted worker may still be saving: wait (at most `grace` seconds from
     the mark's time) until it has, so the retry resumes from the newest checkpoint, not the one before."""
-    raw = storage.read_bytes(f"{point_rel}/{PREEMPTED_MARK}")
+    raw = storage.read_bytes(mark)
     if raw is None:
         return
     try:
         deadline = float(raw.decode()) + grace
     except ValueError:
         deadline = time.time() + grace
-    while time.time() < deadline and storage.exists(f"{point_rel}/{PREEMPTED_MARK}"):
+    while time.time() < deadline and storage.exists(mark):
         time.sleep(0.5)

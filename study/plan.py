@@ -15,15 +15,17 @@ from dataclasses import dataclass
 
 from study.config import GridPoint
 from study.protocol import PointRecord, stale
-from study.storage import Storage
+from study.storage import PointFiles, Storage
 from study.tracking import ChildRun
-from study.trial import load_record, point_dir
+from study.trial import load_record
 
 RUNS = ("evaluate", "resume", "train")  # the actions that start a trial
 
 
-@dataclass
+@dataclass(frozen=True)
 class Decision:
+    """What a point needs, as planned; the driver never changes one (it replaces it: `dataclasses.replace`)."""
+
     point: GridPoint
     action: str  # reuse | log | evaluate | resume | train
     evals: dict[str, str]  # the evaluations a trial runs {kind: protocol id} (empty when nothing runs)
@@ -49,7 +51,7 @@ def decide(point: GridPoint, evals: dict[str, str], storage: Storage, child: Chi
     if child is not None and child.has_weights:
         todo = stale(child.eval_ids, evals) or tuple(evals)  # an incomplete child re-runs every evaluation
         return Decision(point, "evaluate", {k: evals[k] for k in todo}, None, child)
-    if storage.newest_checkpoint(f"{point_dir(point.id)}/checkpoints") is not None:
+    if storage.newest_checkpoint(PointFiles(point.id).checkpoints) is not None:
         return Decision(point, "resume", dict(evals), record, child)
     return Decision(point, "train", dict(evals), record, child)
 

@@ -9,6 +9,7 @@ the results table is built from records alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -26,11 +27,55 @@ class EvalRecord:
     measurements: list[Measurement]
 
 
+@dataclass(frozen=True)
+class PointFields:
+    """The columns every results row of the point carries (`GridPoint.table_fields`)."""
+
+    model: str
+    family: str
+    subset_size: int
+    examples_seen: int
+    pretrain_flops: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class PretrainSummary:
+    """What pretraining a point measured. The throughput fields are those `pipelines.perf.throughput` gives the
+    device (a CPU has no device memory, an unknown GPU no MFU); `val_top1` needs a held-out split."""
+
+    steps: int
+    examples_seen: int
+    seconds: float
+    resumed_from_step: int
+    val_top1: float | None = None
+    images_per_s: float | None = None
+    step_time_s: float | None = None
+    data_wait_fraction: float | None = None
+    peak_device_memory_gb: float | None = None
+    peak_host_rss_gb: float | None = None
+    mfu: float | None = None
+    device_peak_tflops: float | None = None
+
+    def to_dict(self) -> dict[str, float]:
+        """The fields it has (a field the device did not give is absent, as in the stored JSON)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> PretrainSummary:
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"pretraining summary: unknown fields {sorted(unknown)}")
+        return cls(**raw)
+
+
 @dataclass
 class PointRecord:
+    """A point's results so far: filled in by its trial(s) and kept, whole, in storage and MLflow."""
+
     point_id: str
-    fields: dict  # model, family, subset_size, examples_seen, pretrain_flops, seed
-    pretrain: dict = field(default_factory=dict)  # steps, examples_seen, seconds, val_top1, throughput, ...
+    fields: PointFields
+    pretrain: PretrainSummary | None = None  # None until the point is pretrained
     evals: dict[str, EvalRecord] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the trial(s) that made it
 
@@ -44,14 +89,19 @@ class PointRecord:
         return stale({k: ev.id for k, ev in self.evals.items()}, kinds)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        raw = {"point_id": self.point_id, "fields": asdict(self.fields),
+               "pretrain": self.pretrain.to_dict() if self.pretrain else {},  # {}: not pretrained yet
+               "evals": {k: asdict(ev) for k, ev in self.evals.items()}, "timings": self.timings}
+        return json.dumps(raw, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> PointRecord:
         raw = json.loads(text)
         evals = {k: EvalRecord(v["id"], [Measurement(**m) for m in v["measurements"]])
                  for k, v in raw.get("evals", {}).items()}
-        return cls(raw["point_id"], raw["fields"], raw.get("pretrain", {}), evals, raw.get("timings", {}))
+        pretrain = raw.get("pretrain") or None
+        return cls(raw["point_id"], PointFields(**raw["fields"]),
+                   PretrainSummary.from_dict(pretrain) if pretrain else None, evals, raw.get("timings", {}))
 
 
 @dataclass

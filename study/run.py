@@ -212,7 +212,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     interrupt = Interrupt(where.storage)
     where.storage.delete_file(STOP)  # a stop asked of an earlier invocation
     try:
-        records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock, interrupt)
+        decisions, records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock, interrupt)
         if interrupt.signum is not None:
             return _stopped(interrupt, tracker, decisions, records, where)
         status = "FAILED"
@@ -247,28 +247,40 @@ def _stopped(interrupt, tracker, decisions, records: dict, where) -> int:
     return interrupt.exit_code
 
 
+def settle(d, evals: dict[str, str], where: Locations, tracker, finisher, records: dict):
+    """One planned point before any trial starts: what storage or MLflow holds is taken into `records` (and logged);
+    a point whose logged results cannot be fetched trains instead, under a new decision (the plan stays as made)."""
+    from dataclasses import replace
+
+    from study.storage import PointFiles
+
+    if d.action == "reuse":
+        record = d.record if d.record and not d.record.stale(evals) else tracker.fetch_record(d.child)
+        if record is None:  # a complete child without its record (logged by an older version): retrain
+            return replace(d, action="train", evals=dict(evals))
+        records[d.point.id] = record
+    elif d.action == "log":
+        records[d.point.id] = d.record
+        finisher(d.point, d.record)
+    elif d.action == "evaluate" and d.record is None and not tracker.fetch_weights(
+            d.child, where.storage, PointFiles(d.point.id)):
+        return replace(d, action="train", evals=dict(evals))  # the logged weights could not be fetched
+    return d
+
+
 def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, float], interrupt):
-    """Log what storage already holds, run the trials the plan needs; returns ({point id: record}, failures)."""
+    """Log what storage already holds, run the trials the plan needs; returns the decisions as settled
+    (`settle`), {point id: record} and the failures."""
     from study.plan import RUNS
-    from study.trial import TrialPlan, point_dir
+    from study.storage import PointFiles
+    from study.trial import TrialPlan
 
     finisher = Finisher(cfg, where, tracker, tags)
     records = {}
-    for d in decisions:
-        if d.action == "reuse":
-            record = d.record if d.record and not d.record.stale(evals) else tracker.fetch_record(d.child)
-            if record is None:  # a complete child without its record (logged by an older version): retrain
-                d.action, d.evals = "train", dict(evals)
-            else:
-                records[d.point.id] = record
-        elif d.action == "log":
-            records[d.point.id] = d.record
-            finisher(d.point, d.record)
-        elif d.action == "evaluate" and d.record is None and not tracker.fetch_weights(
-                d.child, where.storage, point_dir(d.point.id)):
-            d.action, d.evals = "train", dict(evals)  # the logged weights could not be fetched
-        if args.fresh:
-            where.storage.delete_dir(point_dir(d.point.id))
+    decisions = [settle(d, evals, where, tracker, finisher, records) for d in decisions]
+    if args.fresh:
+        for d in decisions:
+            where.storage.delete_dir(PointFiles(d.point.id).folder)
     plans = {d.point.id: TrialPlan(d.point, d.action, d.evals) for d in decisions if d.action in RUNS}
     # A child this invocation logs or runs is its own; only the others left RUNNING are orphans (marking a logged one
     # KILLED from the status read before the logging would undo it).
@@ -284,7 +296,7 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
         for pid, plan in plans.items():
             if pid not in records:
                 failures[plan.point.name] = callback.failures.get(pid, "no result reported")
-    return records, failures
+    return decisions, records, failures
 
 
 def write_timings(path: Path, clock: dict[str, float], records: dict, decisions) -> None:
@@ -319,9 +331,9 @@ def fig7_panel(point: GridPoint, where: Locations, folder: Path) -> Path | None:
     """A ViT's Fig 7 panels, drawn by the driver from the arrays its trial stored."""
     from analysis.plots import fig7_panels
     from pipelines import diagnostics
-    from study.trial import point_dir
+    from study.storage import PointFiles
 
-    raw = where.storage.read_bytes(f"{point_dir(point.id)}/fig7.safetensors")
+    raw = where.storage.read_bytes(PointFiles(point.id).fig7)
     if raw is None:
         return None
     path = folder / f"fig7_{point.name}_{point.id[:8]}.png"  # named by content: drawn once
@@ -332,36 +344,19 @@ def fig7_panel(point: GridPoint, where: Locations, folder: Path) -> Path | None:
 
 def _write_results(cfg, points, records, evals, where, failures: dict[str, str]) -> None:
     """results.csv and the report over every point of the current grid, old and new together."""
-    from analysis import report, results
+    from analysis import plots, report, results
 
     rows = [row for p in points if p.id in records
             for row in results.rows(p.table_fields, records[p.id].measurements(evals))]
     table = results.build_table(rows)
     results.write(table, where.out / "results.csv")
-    panels = fig7_side_by_side(points, records, where)
-    report.write_report(table, where.out, title=cfg.study, failures=failures, panels=panels)
-
-
-def fig7_side_by_side(points: list[GridPoint], records: dict, where: Locations) -> list[Path]:
-    """Per ViT: its Fig 7 panels at the smallest and the largest subset, side by side in one PNG."""
-    import numpy as np
-    from PIL import Image
-
     folder = where.out / "figures"
     by_model: dict[str, list[tuple[int, Path]]] = {}
     for p in points:
         if p.id in records and (path := fig7_panel(p, where, folder / "points")) is not None:
             by_model.setdefault(p.model, []).append((p.subset_size, path))
-    written = []
-    for model, items in by_model.items():
-        (small, a), (large, b) = min(items), max(items)
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in dict.fromkeys([a, b])]
-        height = max(im.shape[0] for im in images)
-        padded = [np.pad(im, ((0, height - im.shape[0]), (0, 20), (0, 0)), constant_values=255) for im in images]
-        path = folder / f"fig7_{model.replace('/', '-')}_n{small}_vs_n{large}.png"
-        Image.fromarray(np.concatenate(padded, 1)).save(path)
-        written.append(path)
-    return written
+    panels = plots.fig7_side_by_side(by_model, folder)
+    report.write_report(table, where.out, title=cfg.study, failures=failures, panels=panels)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,77 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipelines import checkpoint
+from pipelines import checkpoint, pretrain
 from pipelines.config import UserError
+
+POINTS = "points"  # every grid point's folder is under it
+
+
+@dataclass(frozen=True)
+class PointFiles:
+    """Every file and folder of one grid point, relative to the storage root: the one place that names them.
+
+    The layout is part of a study's state (a rerun resumes from it), so a name here never changes."""
+
+    point_id: str
+
+    @property
+    def folder(self) -> str:
+        return f"{POINTS}/{self.point_id}"
+
+    def file(self, name: str) -> str:
+        return f"{self.folder}/{name}"
+
+    @property
+    def record(self) -> str:
+        """The point's `PointRecord` (written after pretraining and after each evaluation)."""
+        return self.file("record.json")
+
+    @property
+    def checkpoints(self) -> str:
+        """The newest few pretraining checkpoints (deleted once the weights and record are stored)."""
+        return self.file("checkpoints")
+
+    @property
+    def weights(self) -> str:
+        return self.file(pretrain.WEIGHTS_FILE)
+
+    @property
+    def model_spec(self) -> str:
+        """{"model", "num_classes", "image_size"}: what rebuilds the module the weights belong to."""
+        return self.file("model.json")
+
+    @property
+    def pretrain_summary(self) -> str:
+        return self.file("pretrain.json")
+
+    @property
+    def class_counts(self) -> str:
+        return self.file("class_counts.json")
+
+    @property
+    def preempted(self) -> str:
+        """Present while a preempted worker stores its checkpoint (`study.interrupt.preemption`)."""
+        return self.file("preempted")
+
+    @property
+    def fig7(self) -> str:
+        """A ViT's Fig 7 arrays (`pipelines.diagnostics.to_bytes`), drawn by the driver."""
+        return self.file("fig7.safetensors")
+
+    def logged(self) -> list[tuple[str, str | None]]:
+        """(file, MLflow artifact folder) of the stored files a point's child run holds besides its record:
+        the weights and their spec under `model/`, which a later invocation fetches back."""
+        return [(self.weights, "model"), (self.model_spec, "model"), (self.class_counts, None)]
 
 
 class Storage:
-    """A storage root and paths relative to it (`points/<id>/record.json`)."""
+    """A storage root and paths relative to it (a point's: `PointFiles`)."""
 
     def __init__(self, root: str):
         self.root = root

@@ -33,9 +33,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 
 from pipelines.config import flatten  # noqa: E402
 from study.protocol import PointRecord  # noqa: E402
-from study.storage import Storage  # noqa: E402
+from study.storage import PointFiles, Storage  # noqa: E402
 
 ROLE_TAG, POINT_TAG, COMPLETE_TAG, WEIGHTS_TAG, EVAL_TAG = "study_role", "point_id", "complete", "has_weights", "eval_"
+RECORD_ARTIFACT = "record.json"  # a child run's `PointRecord`, as storage holds it
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3: open on the runs table
 _BATCH = 900  # MLflow's log_batch accepts at most 1000 entries
 # Errors that retrying cannot fix (a changed param, a deleted run): reported and the write dropped.
@@ -135,8 +136,8 @@ class _Writer(threading.Thread):
 def pretrain_metrics(record: PointRecord) -> dict[str, float]:
     """The pretraining summary under MLflow names (`examples_seen` and `pretrain_flops` plain: plot axes)."""
     plain = {"examples_seen", "resumed_from_step"}
-    out = {(k if k in plain else f"pretrain/{k}"): v for k, v in record.pretrain.items() if not isinstance(v, str)}
-    return {**out, "pretrain_flops": record.fields["pretrain_flops"]}
+    out = {(k if k in plain else f"pretrain/{k}"): v for k, v in record.pretrain.to_dict().items()}
+    return {**out, "pretrain_flops": record.fields.pretrain_flops}
 
 
 def eval_metrics(record: PointRecord, ran: tuple[str, ...] | None, headline_task: str) -> dict[str, float]:
@@ -250,7 +251,6 @@ class Tracker:
         files from storage, the evaluation ids, then `complete` and FINISHED."""
         def job() -> None:
             run_id = self._child(point, tags)
-            self._log_params(run_id, {k: v for k, v in record.pretrain.items() if isinstance(v, str)})
             # Logged once: a re-evaluation adds no pretraining entries (its step is already there).
             self._log_metrics(run_id, pretrain_metrics(record), step=point.steps)
             self._log_metrics(run_id, eval_metrics(record, ran, headline_task), step=point.steps, dedupe=False)
@@ -310,22 +310,22 @@ class Tracker:
     def fetch_record(self, child: ChildRun) -> PointRecord | None:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                path = self.client.download_artifacts(child.run_id, "record.json", tmp)
+                path = self.client.download_artifacts(child.run_id, RECORD_ARTIFACT, tmp)
             except Exception:  # noqa: BLE001  (no such artifact, or the store is unreachable)
                 return None
             return PointRecord.from_json(Path(path).read_text())
 
-    def fetch_weights(self, child: ChildRun, storage: Storage, rel: str) -> bool:
+    def fetch_weights(self, child: ChildRun, storage: Storage, files: PointFiles) -> bool:
         """Copy a finished point's logged weights (and record) into storage, for re-evaluation elsewhere."""
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 folder = Path(self.client.download_artifacts(child.run_id, "model", tmp))
-                record = Path(self.client.download_artifacts(child.run_id, "record.json", tmp))
+                record = Path(self.client.download_artifacts(child.run_id, RECORD_ARTIFACT, tmp))
             except Exception:  # noqa: BLE001
                 return False
             for f in folder.iterdir():
-                storage.upload_file(f, f"{rel}/{f.name}")
-            storage.upload_file(record, f"{rel}/record.json")
+                storage.upload_file(f, files.file(f.name))
+            storage.upload_file(record, files.record)
         return True
 
     # Helpers (writer thread only).
@@ -384,11 +384,10 @@ class Tracker:
             self.last_step[(run_id, m.key)] = max(step, self.last_step.get((run_id, m.key), -1))
 
     def _log_stored(self, run_id: str, storage: Storage, point_id: str, tmp: Path, record: PointRecord) -> None:
-        rel = f"points/{point_id}"
-        (tmp / "record.json").write_text(record.to_json())
-        self.client.log_artifact(run_id, str(tmp / "record.json"))
-        for name, artifact_path in (("pretrained.safetensors", "model"), ("model.json", "model"),
-                                    ("class_counts.json", None)):
-            if storage.download_file(f"{rel}/{name}", tmp / name):
-                self.client.log_artifact(run_id, str(tmp / name), artifact_path)
+        (tmp / RECORD_ARTIFACT).write_text(record.to_json())
+        self.client.log_artifact(run_id, str(tmp / RECORD_ARTIFACT))
+        for rel, artifact_path in PointFiles(point_id).logged():
+            local = tmp / rel.rsplit("/", 1)[1]
+            if storage.download_file(rel, local):
+                self.client.log_artifact(run_id, str(local), artifact_path)
 

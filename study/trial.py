@@ -32,8 +32,18 @@ from pipelines.runtime import Runtime
 from study.config import GridPoint, StudyConfig
 from study.identity import recipe_params
 from study.interrupt import STOP, await_preempted_checkpoint, preempted, preemption, stop_requested
-from study.protocol import Curve, EvalRecord, Event, Failed, Finished, PointRecord, Started
-from study.storage import Storage
+from study.protocol import (
+    Curve,
+    EvalRecord,
+    Event,
+    Failed,
+    Finished,
+    PointFields,
+    PointRecord,
+    PretrainSummary,
+    Started,
+)
+from study.storage import PointFiles, Storage
 from study.system_metrics import NodeSampler
 
 Emit = Callable[[Event], None]
@@ -49,32 +59,28 @@ class TrialPlan:
     evals: dict[str, str]
 
     @property
-    def rel(self) -> str:
-        return point_dir(self.point.id)
-
-
-def point_dir(point_id: str) -> str:
-    return f"points/{point_id}"
+    def files(self) -> PointFiles:
+        return PointFiles(self.point.id)
 
 
 def load_record(storage: Storage, point_id: str) -> PointRecord | None:
-    raw = storage.read_bytes(f"{point_dir(point_id)}/record.json")
+    raw = storage.read_bytes(PointFiles(point_id).record)
     return PointRecord.from_json(raw) if raw is not None else None
 
 
 def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path, emit: Emit,
               progress: bool = False, device: torch.device | None = None) -> PointRecord | None:
-    """Run one trial; every file it makes goes to `storage` under `points/<id>/`, `scratch` is node-local.
+    """Run one trial; every file it makes goes to `storage` (`PointFiles`), `scratch` is node-local.
 
     Called on every rank of a process group, it pretrains and evaluates data-parallel (features extracted in
     parts and gathered, fine-tuning with DDP); rank 0 alone writes to storage, emits events and returns the
     record (the other ranks return None)."""
-    point, rel = plan.point, plan.rel
+    point, files = plan.point, plan.files
     if storage.exists(STOP):  # the driver is stopping the study: a point not started yet stays so
         raise TrainingStopped(0)
     device = device or perf.pick_device(cfg.resources.gpus_per_worker)
     where = distributed.ranks()
-    record = load_record(storage, point.id) or PointRecord(point.id, point.table_fields)
+    record = load_record(storage, point.id) or PointRecord(point.id, PointFields(**point.table_fields))
     clock = Stopwatch(record.timings)
     src = cfg.data.pretrain
     indexes = index_root(cfg, storage)
@@ -83,16 +89,16 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
         source = data.prepared(src, cfg.cache_dir, indexes)
     if not record.pretrain:
         with clock("pretrain"):
-            state = _pretrain(cfg, point, storage, rel, source, scratch, device, emit, progress)
+            state = _pretrain(cfg, point, storage, files, source, scratch, device, emit, progress)
         distributed.barrier()  # rank 0 has stored the weights and the summary
-        record.pretrain = {"steps": point.steps, "examples_seen": point.examples_seen,
-                           **json.loads(storage.read_bytes(f"{rel}/pretrain.json"))}
+        record.pretrain = PretrainSummary(steps=point.steps, examples_seen=point.examples_seen,
+                                          **json.loads(storage.read_bytes(files.pretrain_summary)))
         if where.main:
-            storage.write_bytes(f"{rel}/record.json", record.to_json().encode())
-            storage.delete_dir(f"{rel}/checkpoints")  # the stored weights and record supersede them
+            storage.write_bytes(files.record, record.to_json().encode())
+            storage.delete_dir(files.checkpoints)  # the stored weights and record supersede them
     else:
         emit(Started({**identity_params(cfg, point), "device": str(device), "world_size": where.world_size}))
-        state = load_weights(storage.read_bytes(f"{rel}/pretrained.safetensors"))
+        state = load_weights(storage.read_bytes(files.weights))
     model = models.build(point.model, src.num_classes, src.image_size)
     model.load_state_dict(state)
     model.to(device)
@@ -102,33 +108,33 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
             if kind != "diagnostics":
                 found = _downstream(cfg, point, kind, model, state, device, emit, progress, features, indexes)
             elif where.main:  # a batch of 128 images, no collective: rank 0 alone
-                found = _diagnose(cfg, point, model, source, device, storage, rel)
+                found = _diagnose(cfg, point, model, source, device, storage, files)
             else:
                 continue
         record.evals[kind] = EvalRecord(ident, found)
         if where.main:
-            storage.write_bytes(f"{rel}/record.json", record.to_json().encode())
+            storage.write_bytes(files.record, record.to_json().encode())
     if not where.main:
         return None
     emit(Finished(record))
     return record
 
 
-def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, source: data.Prepared, scratch: Path,
-              device: torch.device, emit: Emit, progress: bool) -> dict[str, torch.Tensor]:
+def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: PointFiles, source: data.Prepared,
+              scratch: Path, device: torch.device, emit: Emit, progress: bool) -> dict[str, torch.Tensor]:
     """Pretrain from scratch or from the newest checkpoint in storage; store the weights and a summary."""
     src, loader = cfg.data.pretrain, cfg.data.loader
     local_ckpts = scratch / "checkpoints"
     shutil.rmtree(local_ckpts, ignore_errors=True)  # storage decides where training resumes, never a node's leftovers
-    await_preempted_checkpoint(storage, rel)
-    if (name := storage.newest_checkpoint(f"{rel}/checkpoints")) is not None:
-        storage.pull_checkpoint(f"{rel}/checkpoints", name, local_ckpts)
+    await_preempted_checkpoint(storage, files.preempted)
+    if (name := storage.newest_checkpoint(files.checkpoints)) is not None:
+        storage.pull_checkpoint(files.checkpoints, name, local_ckpts)
     resumed = pretrain_step_of(name)
     train = data.nested_subset(source.index(), point.subset_size, point.seed, cfg.data.subset_mode)
     balance = data.class_counts(train.labels, src.num_classes)
     where = distributed.ranks()
     if where.main:
-        storage.write_bytes(f"{rel}/class_counts.json", json.dumps(balance).encode())
+        storage.write_bytes(files.class_counts, json.dumps(balance).encode())
     emit(Started({**identity_params(cfg, point), "manifest_hash": data.manifest_hash(train),
                   "device": str(device), "planned_steps": point.steps, "loader_workers": loader.workers,
                   "world_size": where.world_size, "class_count_min": balance["min"], "class_count_max": balance["max"],
@@ -136,7 +142,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, so
                  {"resumed_from_step": resumed} if resumed else {}))
 
     def push(path: Path) -> None:  # rank 0's checkpoints reach storage, where a retry on any node finds them
-        storage.push_checkpoint(path, f"{rel}/checkpoints", cfg.pretrain.keep_checkpoints)
+        storage.push_checkpoint(path, files.checkpoints, cfg.pretrain.keep_checkpoints)
 
     def epoch_end(record: EpochRecord) -> None:
         emit(Curve("pretrain", record.step, record.metrics()))
@@ -158,11 +164,11 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, rel: str, so
                                        max_bad_fraction=loader.max_bad_fraction)["top1"]
     if not where.main:
         return result.state_dict
-    storage.write_bytes(f"{rel}/pretrained.safetensors",
+    storage.write_bytes(files.weights,
                         save_weights(result.state_dict, metadata={"model": point.model, "steps": str(point.steps)}))
-    storage.write_bytes(f"{rel}/model.json", json.dumps(
+    storage.write_bytes(files.model_spec, json.dumps(
         {"model": point.model, "num_classes": src.num_classes, "image_size": src.image_size}).encode())
-    storage.write_bytes(f"{rel}/pretrain.json", json.dumps(summary).encode())
+    storage.write_bytes(files.pretrain_summary, json.dumps(summary).encode())
     return result.state_dict
 
 
@@ -225,7 +231,7 @@ def sync_indexes(cfg: StudyConfig, storage: Storage, src, found: data.Prepared |
 
 
 def _diagnose(cfg: StudyConfig, point: GridPoint, model, source: data.Prepared, device, storage: Storage,
-              rel: str) -> list[Measurement]:
+              files: PointFiles) -> list[Measurement]:
     """Fig 7 numbers for every model; a ViT's arrays go to storage, where the driver draws its panels."""
     src, n, limit = cfg.data.pretrain, cfg.evaluate.diagnostic_batch, cfg.data.loader.max_bad_fraction
     index = source.index("test" if "test" in source.shards else "train")  # held-out images where there are some
@@ -233,7 +239,7 @@ def _diagnose(cfg: StudyConfig, point: GridPoint, model, source: data.Prepared, 
     images = data.load(first, src.image_size, max_bad_fraction=limit).images
     diag = diagnostics.run(model, images, src.image_size, device)
     if diag.family == "ViT":
-        storage.write_bytes(f"{rel}/fig7.safetensors", diagnostics.to_bytes(diag))
+        storage.write_bytes(files.fig7, diagnostics.to_bytes(diag))
     return [Measurement("diagnostic", "pretrain", None, key.removeprefix("diag/"), float(value))
             for key, value in diag.metrics.items()]
 
@@ -277,7 +283,7 @@ def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, stora
 def _run_guarded(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path, emit: Emit,
                  device: torch.device | None = None) -> None:
     start = time.time()
-    with preemption(storage, plan.rel) as saved:
+    with preemption(storage, plan.files.preempted) as saved:
         try:
             run_point(cfg, plan, storage, scratch, emit, device=device)
         except TrainingStopped as err:

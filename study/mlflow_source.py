@@ -1,22 +1,27 @@
 """The tidy results table of a study from its MLflow tracking store alone: the `results.csv` artifact that
 `study.run` logs to the study's parent run after every invocation (the same table, not metric names parsed
-back), read through MLflow's public client API."""
+back), read through MLflow's public client API; and the report rebuilt from it.
+
+    python -m study.mlflow_source --experiment NAME [--tracking-uri URI] --out DIR
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
 import tempfile
+from pathlib import Path
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis import results
+from analysis import report, results
 from pipelines.config import UserError
+from study.tracking import ROLE_TAG
 
 
 def table_from_experiment(name: str, tracking_uri: str) -> pd.DataFrame:
     """The results table of the experiment's most recent study (parent) run."""
-    from study.tracking import ROLE_TAG  # the one definition of the study's MLflow tags
-
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -33,3 +38,26 @@ def table_from_experiment(name: str, tracking_uri: str) -> pd.DataFrame:
             raise UserError(f"the latest study run of '{name}' has no results.csv yet (it is logged when an "
                             "invocation finishes)") from None
         return results.read(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m study.mlflow_source",
+                                     description="Rebuild a study's report from its MLflow store alone.")
+    parser.add_argument("--experiment", required=True, help="MLflow experiment (study) name: its latest study run")
+    parser.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:
+        path = report.write_report(table_from_experiment(args.experiment, args.tracking_uri), out,
+                                   title=args.experiment)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report:  {path}\nhtml:    {out / 'report.html'}\nsummary: {out / 'summary.json'}\n"
+          f"figures: {out / 'figures'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

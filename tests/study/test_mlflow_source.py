@@ -1,0 +1,36 @@
+"""The results table read back from a study's MLflow store: the `results.csv` its latest parent run holds."""
+
+import time
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis import results
+from pipelines.config import UserError
+from pipelines.downstream import Measurement
+from study.mlflow_source import main, table_from_experiment
+from study.tracking import ROLE_TAG
+
+
+def _table(value: float) -> pd.DataFrame:
+    fields = {"model": "ViT-Pico/4", "family": "ViT", "subset_size": 256, "examples_seen": 768,
+              "pretrain_flops": 5e10, "seed": 0}
+    return results.build_table(results.rows(fields, [Measurement("fewshot", "shapes-novel", 5, "top1", value, 0.1),
+                                                     Measurement("finetune", "shapes-novel", None, "top1", 20.0)]))
+
+
+def test_the_latest_study_run_s_table_is_read_back_unchanged(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("toy", artifact_location=(tmp_path / "artifacts").as_uri())
+    for value in (10.0, 12.5):  # two invocations with --fresh: the newer parent run counts
+        run = client.create_run(experiment, tags={ROLE_TAG: "parent"})
+        results.write(_table(value), tmp_path / "results.csv")
+        client.log_artifact(run.info.run_id, str(tmp_path / "results.csv"))
+        time.sleep(0.01)  # distinct start times (milliseconds)
+    pd.testing.assert_frame_equal(table_from_experiment("toy", uri), results.read(tmp_path / "results.csv"))
+    assert table_from_experiment("toy", uri)["value"].tolist() == [12.5, 20.0]
+    with pytest.raises(UserError, match="experiments there: .*toy"):
+        table_from_experiment("other", uri)
+    assert main(["--experiment", "other", "--tracking-uri", uri, "--out", str(tmp_path / "report")]) == 2

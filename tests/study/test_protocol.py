@@ -1,0 +1,105 @@
+"""A point's record: typed fields, the JSON that storage and MLflow hold unchanged (records written by earlier
+versions load, and are written back byte for byte)."""
+
+import dataclasses
+
+import pytest
+
+from study.protocol import Finished, PointFields, PointRecord, PretrainSummary, decode, encode
+
+# A record as the study wrote it before its fields were typed (a smoke study's, two evaluations kept).
+STORED = """{
+ "evals": {
+  "diagnostics": {
+   "id": "80422ce3c0f28d18",
+   "measurements": [
+    {
+     "dataset": "pretrain",
+     "eval": "diagnostic",
+     "metric": "posemb_locality",
+     "shots": null,
+     "spread": null,
+     "value": -0.012825464947067346
+    }
+   ]
+  },
+  "fewshot": {
+   "id": "f863e9d7fb785b7f",
+   "measurements": [
+    {
+     "dataset": "shapes-novel",
+     "eval": "fewshot",
+     "metric": "top1",
+     "shots": 1,
+     "spread": 0.3125000000000009,
+     "value": 14.6875
+    },
+    {
+     "dataset": "shapes-novel",
+     "eval": "fewshot",
+     "metric": "top1",
+     "shots": 5,
+     "spread": 0.0,
+     "value": 13.750000000000002
+    }
+   ]
+  }
+ },
+ "fields": {
+  "examples_seen": 768,
+  "family": "ViT",
+  "model": "ViT-Pico/4",
+  "pretrain_flops": 50137399296.0,
+  "seed": 0,
+  "subset_size": 256
+ },
+ "point_id": "ca10c6d981753735",
+ "pretrain": {
+  "data_wait_fraction": 0.02132874628420951,
+  "examples_seen": 768,
+  "images_per_s": 519.6803742663573,
+  "peak_host_rss_gb": 1.142484992,
+  "resumed_from_step": 0,
+  "seconds": 1.741886161000366,
+  "step_time_s": 0.12315262066678972,
+  "steps": 12,
+  "val_top1": 7.421875
+ },
+ "timings": {
+  "data": 0.0002895899997383822,
+  "pretrain": 2.3981575060006435
+ }
+}"""
+
+
+def test_a_stored_record_loads_typed_and_is_written_back_byte_for_byte():
+    record = PointRecord.from_json(STORED)
+    assert record.fields == PointFields(model="ViT-Pico/4", family="ViT", subset_size=256, examples_seen=768,
+                                        pretrain_flops=50137399296.0, seed=0)
+    assert record.pretrain.steps == 12 and record.pretrain.val_top1 == 7.421875
+    assert record.pretrain.mfu is None  # a CPU run: no known peak, so no MFU
+    assert [m.shots for m in record.measurements()] == [None, 1, 5]
+    assert record.to_json() == STORED
+
+
+def test_a_record_not_yet_pretrained_keeps_an_empty_summary():
+    record = PointRecord("abc", PointFields("BiT-R50x1", "BiT", 10, 20, 3.0, 1))
+    assert record.pretrain is None and '"pretrain": {}' in record.to_json()
+    assert PointRecord.from_json(record.to_json()) == record
+
+
+def test_a_gpu_summary_round_trips_through_the_wire():
+    summary = PretrainSummary(steps=5, examples_seen=40, seconds=2.5, resumed_from_step=3, images_per_s=16.0,
+                              step_time_s=0.5, data_wait_fraction=0.1, peak_device_memory_gb=1.5, mfu=0.4,
+                              device_peak_tflops=989.0)
+    record = dataclasses.replace(PointRecord.from_json(STORED), pretrain=summary)
+    assert "peak_host_rss_gb" not in summary.to_dict()
+    assert decode(encode(Finished(record))) == Finished(record)
+
+
+def test_typed_fields_are_frozen_and_unknown_summary_keys_fail():
+    record = PointRecord.from_json(STORED)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.fields.seed = 1
+    with pytest.raises(ValueError, match="flops_per_s"):
+        PretrainSummary.from_dict({**record.pretrain.to_dict(), "flops_per_s": 1.0})
