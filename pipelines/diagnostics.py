@@ -143,12 +143,11 @@ def run(model: nn.Module, family: str, images: np.ndarray, image_size: int, devi
     parts = families.get(family).diagnostic
     if parts is None:
         return Diagnostics(family)
-    return _MEASURE[parts.kind](model, family, parts, images, image_size, device, precision)
-
-
-def _receptive_field(model: nn.Module, family: str, parts: families.ReceptiveField, *_) -> Diagnostics:
-    rfs = receptive_fields(model, parts)
-    return Diagnostics(family, {f"diag/rf_stage{i + 1}": float(r) for i, r in enumerate(rfs)}, receptive_field=rfs)
+    if isinstance(parts, families.ReceptiveField):
+        rfs = receptive_fields(model, parts)
+        return Diagnostics(family, {f"diag/rf_stage{i + 1}": float(r) for i, r in enumerate(rfs)},
+                           receptive_field=rfs)
+    return _attention(model, family, parts, images, image_size, device, precision)
 
 
 def _attention(model: nn.Module, family: str, parts: families.Attention, images: np.ndarray, image_size: int,
@@ -167,9 +166,6 @@ def _attention(model: nn.Module, family: str, parts: families.Attention, images:
         metrics[f"diag/attn_dist_layer{layer}_mean"] = float(heads.mean())
         metrics[f"diag/attn_dist_layer{layer}_min"] = float(heads.min())
     return Diagnostics(family, metrics, filters, explained, posemb_similarity(posemb, grid), dist)
-
-
-_MEASURE = {"attention": _attention, "receptive_field": _receptive_field}  # by `families.Attention.kind` etc.
 
 
 _ARRAYS = ("filters", "explained", "posemb_sim", "attn_distance")
