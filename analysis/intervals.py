@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from pipelines import families
+
 LEVEL = 0.95
 GROUP = ["eval", "dataset", "shots", "metric"]
 POINT = ["model", "family", *GROUP, "subset_size"]
@@ -83,14 +85,15 @@ def gap(bit: pd.Series, vit: pd.Series) -> dict:
 
 
 def model_pairs(frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """Every (ViT or Hybrid, BiT) pair of models in `frame`."""
-    families = frame.groupby("model")["family"].first()
-    vits = [m for m, f in families.items() if f in ("ViT", "Hybrid")]
-    return [(v, r) for v in vits for r, f in families.items() if f == "BiT"]
+    """Every (weak-bias, strong-bias) pair of models in `frame` (`families.Family.bias`: a ViT or a hybrid, a
+    BiT)."""
+    of_model = frame.groupby("model")["family"].first()
+    weak, strong = families.with_bias("weak"), families.with_bias("strong")
+    return [(v, r) for v, fv in of_model.items() if fv in weak for r, fr in of_model.items() if fr in strong]
 
 
 def gap_table(table: pd.DataFrame) -> list[dict]:
-    """Every (ViT or Hybrid, BiT) pair on every evaluation, at every subset size both were measured at."""
+    """Every (weak-bias, strong-bias) pair on every evaluation, at every subset size both were measured at."""
     out = []
     for key, frame in table.groupby(GROUP, dropna=False):
         for v, r in model_pairs(frame):

@@ -21,9 +21,7 @@ import seaborn as sns  # noqa: E402
 
 from analysis import intervals  # noqa: E402
 from analysis.fits import Fit  # noqa: E402
-
-FAMILY_MARKERS = {"ViT": "o", "BiT": "s", "Hybrid": "^"}
-FAMILY_BANDS = {"ViT": "#f4a261", "BiT": "#8d99ae", "Hybrid": "#90be6d"}
+from pipelines import families  # noqa: E402
 
 
 def _style() -> None:
@@ -50,9 +48,10 @@ def _size_axis(ax, sizes) -> None:
 
 
 def _lineplot(ax, frame: pd.DataFrame, palette: dict) -> None:
-    sns.lineplot(data=frame, x="subset_size", y="value", hue="model", style="family", markers=FAMILY_MARKERS,
-                 dashes=False, palette=palette, errorbar=intervals.errorbar, err_style="bars",
-                 err_kws={"capsize": 3}, ax=ax, markersize=7)
+    present = [f for f in families.names() if f in set(frame["family"])]  # the table's order, in every legend
+    sns.lineplot(data=frame, x="subset_size", y="value", hue="model", style="family", style_order=present,
+                 markers={f: families.get(f).marker for f in present}, dashes=False, palette=palette,
+                 errorbar=intervals.errorbar, err_style="bars", err_kws={"capsize": 3}, ax=ax, markersize=7)
     ax.set_ylabel("top-1 accuracy (%)")
 
 
@@ -62,8 +61,8 @@ def _family_bands(ax, frame: pd.DataFrame) -> None:
         if group["model"].nunique() < 2:
             continue
         span = group.groupby("subset_size")["value"].agg(["min", "max"])
-        ax.fill_between(span.index, span["min"], span["max"], color=FAMILY_BANDS.get(family, "0.7"), alpha=0.25,
-                        lw=0, label=f"{family} range")
+        ax.fill_between(span.index, span["min"], span["max"], color=families.get(family).colour, alpha=0.25,
+                        lw=0, label=f"{families.get(family).label} range")
 
 
 def _fitted_curves(ax, frame: pd.DataFrame, key: tuple, fits: dict, palette: dict) -> None:
@@ -142,7 +141,7 @@ def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict], point
         for (model, family), pts in group.groupby(["model", "family"]):
             lo, hi = pts["ci_low"].fillna(pts["mean"]), pts["ci_high"].fillna(pts["mean"])
             ax.errorbar(pts["pretrain_flops"], pts["mean"], yerr=[pts["mean"] - lo, hi - pts["mean"]], ls="none",
-                        marker=FAMILY_MARKERS.get(family, "o"), color=palette[model], capsize=3, label=model)
+                        marker=families.get(family).marker, color=palette[model], capsize=3, label=model)
         shots = 5 if evaluation == "fewshot" else None
         for entry in pareto:
             if (entry["eval"], entry["dataset"], entry["shots"], entry["metric"]) == (evaluation, dataset, shots,
@@ -258,7 +257,7 @@ def fig7_across_grid(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     lowest layer's mean/min distance and the position-embedding locality vs subset size; the ResNets'
     theoretical receptive field per stage on the same pixel axis."""
     diag = table[table["eval"] == "diagnostic"]
-    vit = diag[diag["family"] != "BiT"]
+    vit = diag[diag["family"].isin(families.with_diagnostic("attention"))]
     if vit.empty:
         return []
     _style()
@@ -268,7 +267,8 @@ def fig7_across_grid(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     layers["subset"] = layers["subset_size"].map(lambda n: _short(float(n)))
     sns.lineplot(data=layers, x="layer", y="value", hue="subset", style="model", marker="o", ax=axes[0],
                  errorbar=intervals.errorbar, err_style="bars", palette="viridis")
-    rf = diag[(diag["family"] == "BiT") & diag["metric"].str.startswith("rf_stage")]
+    resnets = diag["family"].isin(families.with_diagnostic("receptive_field"))
+    rf = diag[resnets & diag["metric"].str.startswith("rf_stage")]
     for model, group in rf.groupby("model"):
         stages = group.groupby("metric")["value"].mean().sort_index()
         x = np.linspace(1, max(layers["layer"].max(), 2), len(stages))

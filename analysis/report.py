@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import fits, intervals, plots, results
+from pipelines import families
 from pipelines.config import UserError
 
 Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", header, rows) | ("img", path)
@@ -72,13 +73,22 @@ def _mean_table_by_metric(frame: pd.DataFrame) -> tuple[list[str], list[list[str
             [[m, f"{int(n):,}", *(_fmt(float(v)) for v in row)] for (m, n), row in wide.iterrows()])
 
 
+def versus(table: pd.DataFrame) -> str:
+    """The families the study compares, by label: weak-bias ones vs strong-bias ones (e.g. "ViT vs BiT-ResNet")."""
+    present = set(table["family"])
+    side = [", ".join(families.get(f).label for f in families.with_bias(bias) if f in present)
+            for bias in ("weak", "strong")]
+    return " vs ".join(s for s in side if s)
+
+
 def leader_rows(frame: pd.DataFrame) -> list[list[str]]:
-    """Per subset size: the best ViT/Hybrid vs the best BiT, and the gap (ViT minus BiT)."""
+    """Per subset size: the best weak-bias model (a ViT or a hybrid) vs the best strong-bias one (a BiT), and the
+    gap (weak minus strong)."""
     means = frame.groupby(["family", "model", "subset_size"])["value"].mean().reset_index()
     rows = []
     for n, group in means.groupby("subset_size"):
-        vit = group[group["family"].isin(["ViT", "Hybrid"])].nlargest(1, "value")
-        bit = group[group["family"] == "BiT"].nlargest(1, "value")
+        vit = group[group["family"].isin(families.with_bias("weak"))].nlargest(1, "value")
+        bit = group[group["family"].isin(families.with_bias("strong"))].nlargest(1, "value")
         if vit.empty or bit.empty:
             continue
         gap = float(vit["value"].iloc[0] - bit["value"].iloc[0])
@@ -96,7 +106,7 @@ def _eval_name(evaluation, dataset, shots, metric) -> str:
 def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[Path],
                  failures: dict[str, str] | None) -> list[Block]:
     blocks: list[Block] = [
-        ("h1", f"{title}: ViT vs BiT-ResNet across pretraining-data scale"),
+        ("h1", f"{title}: {versus(table)} across pretraining-data scale"),
         ("p", f"{table['model'].nunique()} models, subsets {sorted(int(x) for x in table['subset_size'].unique())}, "
               f"seeds {sorted(int(s) for s in table['seed'].dropna().unique())}; {len(table)} result rows."),
         ("h2", "Where does the ViT overtake the ResNet?"),

@@ -25,7 +25,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from pipelines import models, perf
+from pipelines import families, models, perf
 from pipelines.data.stream import Batch
 from pipelines.loop import LoopSpec, train_loop, warmup_decay
 from pipelines.pretrain import PretrainConfig, make_optimizer
@@ -69,7 +69,7 @@ def timm_train_py(name: str, images: torch.Tensor, labels: torch.Tensor, steps: 
     """Images/s of timm train.py's train_one_epoch (bf16 amp, torch.compile, channels_last for CNNs)."""
     device = images.device
     model = models.build(name, CLASSES, SIZE).to(device)
-    conv = models.get_spec(name).family != "ViT"
+    conv = families.get(models.get_spec(name).family).convolutional
     if conv:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)

@@ -2,23 +2,23 @@
 
 For a ViT: PCA of the patch-embedding filters, the cosine similarity of the position embeddings (and one
 number, `posemb_locality`), and the mean attention distance per layer and head. For a ResNet: the theoretical
-receptive field per stage, so both families share one distance axis (pixels).
+receptive field per stage, so both share one distance axis (pixels). Which applies, and where the parts they read
+sit on the model, is the family's `diagnostic` (`pipelines.families`).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import numpy as np
 import torch
 from safetensors.numpy import load, save
 from scipy.stats import spearmanr
-from timm.models.resnetv2 import ResNetV2
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pipelines import perf
+from pipelines import families, perf
 from pipelines.loop import to_input
 
 
@@ -31,6 +31,11 @@ class Diagnostics:
     posemb_sim: np.ndarray | None = None  # [g, g, g, g]: similarity of position (r, c) to every (r', c')
     attn_distance: np.ndarray | None = None  # [layers, heads], pixels
     receptive_field: list[int] = field(default_factory=list)  # pixels, per ResNet stage
+
+    @property
+    def has_panel(self) -> bool:
+        """Whether it holds the arrays of a Fig 7 panel (an attention family's)."""
+        return self.attn_distance is not None
 
 
 def filter_pca(weight: torch.Tensor, k: int = 28) -> tuple[np.ndarray, np.ndarray]:
@@ -76,16 +81,18 @@ def mean_attention_distance(probs: torch.Tensor, grid: int, patch_size: int, num
 
 
 @torch.no_grad()
-def attention_probabilities(model: VisionTransformer, x: torch.Tensor,
-                            precision: str = "fp32") -> list[torch.Tensor]:
-    """Per block, the softmax attention [B, H, N, N], recomputed from each attention module's input.
+def attention_probabilities(model: nn.Module, x: torch.Tensor, precision: str = "fp32",
+                            blocks: str = "blocks") -> list[torch.Tensor]:
+    """Per block (`blocks`: their attribute path), the softmax attention [B, H, N, N], recomputed from each
+    attention module's input.
 
     Fused attention (SDPA) never materialises the probabilities; rather than switching it off, a forward hook
     captures the input of every `Attention` and the probabilities are recomputed from its own q/k projections.
     The forward runs in `precision` (`perf.autocast`); the recomputation in fp32, so the softmax is not rounded.
     """
     inputs: list[torch.Tensor] = []
-    hooks = [blk.attn.register_forward_hook(lambda mod, args, out: inputs.append(args[0])) for blk in model.blocks]
+    layers = attrgetter(blocks)(model)
+    hooks = [blk.attn.register_forward_hook(lambda mod, args, out: inputs.append(args[0])) for blk in layers]
     try:
         model.eval()
         with perf.autocast(precision, x.device):
@@ -94,7 +101,7 @@ def attention_probabilities(model: VisionTransformer, x: torch.Tensor,
         for h in hooks:
             h.remove()
     probs = []
-    for blk, inp in zip(model.blocks, inputs, strict=True):
+    for blk, inp in zip(layers, inputs, strict=True):
         attn = blk.attn
         b, n, _ = inp.shape
         qkv = attn.qkv(inp.float()).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -103,8 +110,10 @@ def attention_probabilities(model: VisionTransformer, x: torch.Tensor,
     return probs
 
 
-def receptive_fields(model: ResNetV2) -> list[int]:
-    """Theoretical receptive field (pixels) at the end of each stage, along the main path of the blocks."""
+def receptive_fields(model: nn.Module, parts: families.ReceptiveField | None = None) -> list[int]:
+    """Theoretical receptive field (pixels) at the end of each stage, along the main path of the blocks; `parts`
+    says where the stem and stages are (default: timm's `ResNetV2`)."""
+    parts = parts or families.ReceptiveField()
     rf, jump = 1, 1
 
     def walk(layer: nn.Module) -> None:
@@ -116,10 +125,10 @@ def receptive_fields(model: ResNetV2) -> list[int]:
             rf += (k - 1) * d * jump
             jump *= s
 
-    for layer in model.stem.modules():
+    for layer in attrgetter(parts.stem)(model).modules():
         walk(layer)
     out = []
-    for stage in model.stages:
+    for stage in attrgetter(parts.stages)(model):
         for block in stage.blocks:
             for conv in (block.conv1, block.conv2, block.conv3):
                 walk(conv)
@@ -127,28 +136,36 @@ def receptive_fields(model: ResNetV2) -> list[int]:
     return out
 
 
-def run(model: nn.Module, images: np.ndarray, image_size: int, device: torch.device,
+def run(model: nn.Module, family: str, images: np.ndarray, image_size: int, device: torch.device,
         precision: str = "auto") -> Diagnostics:
-    """Diagnostics of a pretrained model on a fixed evaluation batch (`images`, uint8 [B, H, W, 3]); the forward
-    pass in `precision` (auto: bf16 on CUDA, fp32 on a CPU)."""
-    if isinstance(model, ResNetV2):
-        rfs = receptive_fields(model)
-        return Diagnostics("BiT", {f"diag/rf_stage{i + 1}": float(r) for i, r in enumerate(rfs)},
+    """Diagnostics of a pretrained model of `family` on a fixed evaluation batch (`images`, uint8 [B, H, W, 3]);
+    the forward pass in `precision` (auto: bf16 on CUDA, fp32 on a CPU). A family without a diagnostic: none."""
+    parts = families.get(family).diagnostic
+    if parts is None:
+        return Diagnostics(family)
+    if isinstance(parts, families.ReceptiveField):
+        rfs = receptive_fields(model, parts)
+        return Diagnostics(family, {f"diag/rf_stage{i + 1}": float(r) for i, r in enumerate(rfs)},
                            receptive_field=rfs)
-    grid = model.patch_embed.grid_size[0]
+    return _attention(model, family, parts, images, image_size, device, precision)
+
+
+def _attention(model: nn.Module, family: str, parts: families.Attention, images: np.ndarray, image_size: int,
+               device: torch.device, precision: str) -> Diagnostics:
+    grid = attrgetter(parts.patch_embed)(model).grid_size[0]
     patch = image_size // grid  # pixels per token: the patch size, or a hybrid's backbone stride
     filters = explained = None
-    if model.patch_embed.proj.weight.shape[1] == 3:  # a hybrid's projection acts on ResNet features, not RGB
-        filters, explained = filter_pca(model.patch_embed.proj.weight.cpu())
-    posemb = model.pos_embed[0, model.num_prefix_tokens:].detach().cpu().double().numpy()
+    if parts.patch_filters is not None:
+        filters, explained = filter_pca(attrgetter(parts.patch_filters)(model).weight.cpu())
+    posemb = attrgetter(parts.pos_embed)(model)[0, model.num_prefix_tokens:].detach().cpu().double().numpy()
     x = to_input(images, image_size, device).contiguous(memory_format=perf.channels_last(model, device))
-    probs = attention_probabilities(model, x, perf.resolve_precision(precision, device))
+    probs = attention_probabilities(model, x, perf.resolve_precision(precision, device), parts.blocks)
     dist = np.stack([mean_attention_distance(p.cpu(), grid, patch, model.num_prefix_tokens) for p in probs])
     metrics = {"diag/posemb_locality": posemb_locality(posemb, grid)}
     for layer, heads in enumerate(dist, start=1):
         metrics[f"diag/attn_dist_layer{layer}_mean"] = float(heads.mean())
         metrics[f"diag/attn_dist_layer{layer}_min"] = float(heads.min())
-    return Diagnostics("ViT", metrics, filters, explained, posemb_similarity(posemb, grid), dist)
+    return Diagnostics(family, metrics, filters, explained, posemb_similarity(posemb, grid), dist)
 
 
 _ARRAYS = ("filters", "explained", "posemb_sim", "attn_distance")

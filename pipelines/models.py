@@ -1,5 +1,7 @@
 """The model table: paper names -> timm constructions, parameter counts and forward FLOPs.
 
+Each row names its family (`pipelines.families`), whose builder turns the row's kwargs into a model.
+
     python -m pipelines.models [--image-size 224] [--json]
 
 Parameter counts in the table exclude the classifier head (`get_classifier()`), since its size depends on the
@@ -14,8 +16,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import pkgutil
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,13 +29,14 @@ from timm.models.vision_transformer_hybrid import HybridEmbed
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipelines import families
 from pipelines.config import ConfigError
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str  # "ViT" | "BiT"
+    family: str  # a name in `families.FAMILIES`, whose builder takes `kwargs`
     kwargs: dict = field(default_factory=dict)
     published_params_m: float | None = None  # millions, with a 1000-way head (see the module docstring)
     cpu_sized: bool = False
@@ -102,17 +105,19 @@ def get_spec(name: str) -> ModelSpec:
 def build(name: str, num_classes: int, image_size: int) -> nn.Module:
     """Build a fresh timm model by table name (on the current default device; use `torch.device('meta')`)."""
     spec = get_spec(name)
-    builder: Callable[..., nn.Module] = {"ViT": _build_vit, "BiT": _build_bit, "Hybrid": _build_hybrid}[spec.family]
+    builder = pkgutil.resolve_name(families.get(spec.family).builder)
     return builder(dict(spec.kwargs), num_classes, image_size)
 
 
-def _build_vit(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+def build_vit(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+    """The ViT family's builder (`families.FAMILIES`): a model row's kwargs -> a timm `VisionTransformer`."""
     # Class token + token pooling, as in the paper; timm's default init (trunc-normal, zero head).
     return VisionTransformer(img_size=image_size, num_classes=num_classes, class_token=True,
                              global_pool="token", **kw)
 
 
-def _build_hybrid(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+def build_hybrid(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+    """The Hybrid family's builder: a ResNet-v1 backbone (`hybrid_layers`) as a ViT's patch embedding."""
     layers = kw.pop("hybrid_layers")
     kw.pop("patch_size")  # the backbone's stride; the ViT itself takes 1x1 patches of its features
     backbone = ResNetV2(layers=layers, num_classes=0, global_pool="", preact=False, stem_type="same",
@@ -121,7 +126,8 @@ def _build_hybrid(kw: dict, num_classes: int, image_size: int) -> nn.Module:
                              global_pool="token", embed_layer=partial(HybridEmbed, backbone=backbone), **kw)
 
 
-def _build_bit(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+def build_bit(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+    """The BiT family's builder: a timm `ResNetV2` with GroupNorm + Weight Standardization."""
     small_stem = kw.pop("small_stem", False)
     groups = kw.pop("gn_groups", 32)
     model = ResNetV2(num_classes=num_classes, stem_type="fixed", conv_layer=partial(StdConv2d, eps=1e-8),
@@ -156,8 +162,9 @@ def pretrained_for_task(name: str, state: dict[str, torch.Tensor], num_classes: 
     position embeddings are resampled by 2D interpolation of the patch grid, the class token kept apart.
     """
     model = build(name, num_classes, image_size)
-    head_keys = {k for k in model.state_dict() if k.startswith(_head_prefix(model))}
-    backbone = {k: v for k, v in state.items() if not k.startswith(_head_prefix(model))}
+    prefix = _head_prefix(model)
+    head_keys = {k for k in model.state_dict() if k.startswith(prefix)}
+    backbone = {k: v for k, v in state.items() if not k.startswith(prefix)}
     if "pos_embed" in backbone:
         grid = model.patch_embed.grid_size
         backbone["pos_embed"] = resample_abs_pos_embed(backbone["pos_embed"], new_size=list(grid),
@@ -172,7 +179,9 @@ def pretrained_for_task(name: str, state: dict[str, torch.Tensor], num_classes: 
 
 
 def _head_prefix(model: nn.Module) -> str:
-    return "head." if isinstance(model, VisionTransformer) else "head.fc."
+    """The state-dict prefix of the classifier (`head.` for a ViT, `head.fc.` for a ResNetV2)."""
+    classifier = model.get_classifier()
+    return next(name for name, module in model.named_modules() if module is classifier) + "."
 
 
 def table(image_size: int) -> list[dict]:

@@ -237,8 +237,8 @@ def _diagnose(cfg: StudyConfig, point: GridPoint, model, source: data.Prepared, 
     index = source.index("test" if "test" in source.shards else "train")  # held-out images where there are some
     first = ShardSubset(index, np.arange(min(n, len(index)), dtype=np.int64))  # a fixed slice, read by offset
     images = data.load(first, src.image_size, max_bad_fraction=limit).images
-    diag = diagnostics.run(model, images, src.image_size, device)
-    if diag.family == "ViT":
+    diag = diagnostics.run(model, point.family, images, src.image_size, device)
+    if diag.has_panel:
         storage.write_bytes(files.fig7, diagnostics.to_bytes(diag))
     return [Measurement("diagnostic", "pretrain", None, key.removeprefix("diag/"), float(value))
             for key, value in diag.metrics.items()]

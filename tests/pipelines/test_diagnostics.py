@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import diagnostics, models
+from pipelines import diagnostics, families, models
 
 
 def test_identity_attention_has_distance_zero():
@@ -84,7 +84,7 @@ def test_resnet_receptive_fields():
 def test_run_reports_per_layer_mean_and_min():
     model = models.build("ViT-Pico/4", 10, 32)
     images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
-    diag = diagnostics.run(model, images, 32, torch.device("cpu"))
+    diag = diagnostics.run(model, "ViT", images, 32, torch.device("cpu"))
     assert diag.attn_distance.shape == (4, 4) and diag.filters.shape == (28, 4, 4, 3)
     assert diag.posemb_sim.shape == (8, 8, 8, 8)
     for layer, heads in enumerate(diag.attn_distance, start=1):  # each layer's own heads, the named reduction
@@ -102,7 +102,24 @@ def test_run_measures_uniform_attention_in_pixels_without_the_class_token():
             blk.attn.qkv.weight.zero_()
             blk.attn.qkv.bias.zero_()
     images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
-    diag = diagnostics.run(model, images, 32, torch.device("cpu"))
+    diag = diagnostics.run(model, "ViT", images, 32, torch.device("cpu"))
     expected = _uniform_distance(8) * 4  # 8 x 8 patches of 4 pixels; the class token is no position
     assert diag.attn_distance == pytest.approx(np.full((4, 4), expected))
     assert diag.metrics["diag/attn_dist_layer4_min"] == pytest.approx(expected)
+
+
+def test_run_dispatches_on_the_family():
+    images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    bit = diagnostics.run(models.build("BiT-R14-Pico", 10, 32), "BiT", images, 32, torch.device("cpu"))
+    assert bit.family == "BiT" and bit.receptive_field == [5, 7, 11, 19] and not bit.has_panel
+    assert bit.metrics == {f"diag/rf_stage{i}": float(r) for i, r in enumerate([5, 7, 11, 19], start=1)}
+    vit = diagnostics.run(models.build("ViT-Pico/4", 10, 32), "ViT", images, 32, torch.device("cpu"))
+    assert vit.family == "ViT" and vit.has_panel and vit.filters is not None
+
+
+def test_a_hybrid_has_attention_numbers_but_no_rgb_patch_filters():
+    assert families.get("Hybrid").diagnostic.patch_filters is None  # its projection acts on ResNet features
+    images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    # The family, not the module's shape, decides: a ViT's layout measured as a hybrid shows no filters.
+    diag = diagnostics.run(models.build("ViT-Pico/4", 10, 32), "Hybrid", images, 32, torch.device("cpu"))
+    assert diag.family == "Hybrid" and diag.filters is None and diag.attn_distance.shape == (4, 4)

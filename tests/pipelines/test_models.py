@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipelines import models
+from pipelines import families, models
 from pipelines.config import ConfigError
 
 ALL = list(models.MODELS)
@@ -18,6 +18,11 @@ def test_every_entry_builds_on_meta_with_its_published_size(name):
     assert params > 0 and head == (model.num_features + 1) * 1000
     if spec.published_params_m is not None:  # published counts include a 1000-way head (module docstring)
         assert params + head == pytest.approx(spec.published_params_m * 1e6, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_model_names_a_family_of_the_family_table(name):
+    assert models.MODELS[name].family in families.FAMILIES
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -79,7 +84,7 @@ def test_every_convolutional_path_runs_channels_last_and_every_model_can_checkpo
         model = models.build(name, 10, 224 if not spec.cpu_sized else 32)
     layout = perf.channels_last(model, torch.device("cuda"))
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
-    in_resnet = spec.family in ("BiT", "Hybrid")
+    in_resnet = families.get(spec.family).convolutional
     assert (layout == torch.channels_last) == in_resnet
     if in_resnet:  # every spatial convolution of a BiT or a hybrid's backbone (1x1 weights have no layout)
         assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
