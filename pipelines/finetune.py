@@ -158,15 +158,14 @@ def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: d
     perf.channels_last(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0,
                                 fused=perf.fused_optimizer(device))
-    if perf.compile_enabled(cfg.compile, device):
-        perf.compile_model(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_decay, total=steps, warmup=cfg.warmup_steps, decay="cosine"))
     where = distributed.ranks()  # the batch is global: each of N ranks takes batch / N
     batch = max(where.world_size, min(cfg.batch_size, len(train)) // where.world_size * where.world_size)
     spec = LoopSpec(steps=steps, batch_size=batch, image_size=cfg.image_size,
                     grad_clip=cfg.grad_clip, precision=cfg.precision,
-                    micro_batch_size=cfg.micro_batch_size, nonfinite_check_every=cfg.nonfinite_check_every)
+                    micro_batch_size=cfg.micro_batch_size, nonfinite_check_every=cfg.nonfinite_check_every,
+                    compile=perf.compile_enabled(cfg.compile, device))
     curves: list[FinetuneEpoch] = []
 
     def epoch_end(record: EpochRecord) -> None:

@@ -94,6 +94,7 @@ class LoopSpec:
     keep_checkpoints: int = 2
     nonfinite_check_every: int = 25  # steps between reads of the loss from the device
     stop_check_every: int = 5  # steps between asking `should_stop` (all ranks at the same steps)
+    compile: bool = False  # torch.compile the step's module, after the DDP wrap (`perf.compile_model`)
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,8 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer
     last: EpochRecord | None = None
     batches = source.batches(step) if step < spec.steps else iter(())
     net = distributed.wrap(model, device)
+    if spec.compile:
+        perf.compile_model(net)  # in place: checkpoints and the weights keep the plain module's keys
     model.train()
     with tqdm(total=spec.steps, initial=step, desc=desc, unit="step", disable=not rt.progress or not where.main,
               mininterval=2) as bar:

@@ -24,12 +24,17 @@ def infer(model: nn.Module, images: np.ndarray, image_size: int, device: torch.d
     precision = perf.resolve_precision(precision, device)
     perf.enable_tf32(device)
     memory_format = perf.channels_last(model, device)
+    pad = perf.is_compiled(model)  # every batch one shape: one compiled graph, not one per ragged last batch
     out = []
     for start in range(0, len(images), batch_size):
-        x = to_input(images[start:start + batch_size], image_size, device, memory_format)
+        chunk = images[start:start + batch_size]
+        n = len(chunk)
+        if pad and n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+        x = to_input(chunk, image_size, device, memory_format)
         with perf.autocast(precision, device):
             feats = model.forward_features(x)
-            out.append(model.forward_head(feats, pre_logits=pre_logits).float().cpu())
+            out.append(model.forward_head(feats, pre_logits=pre_logits)[:n].float().cpu())
     return torch.cat(out).numpy()
 
 

@@ -81,16 +81,27 @@ def compile_enabled(setting: bool | str, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
-def compile_model(model: nn.Module) -> None:
-    """torch.compile in place (`Module.compile`), so `state_dict()` keeps the plain module's keys and a DDP wrapper
-    can be applied afterwards. Static shapes (`dynamic=False`); a ViT's blocks are compiled one by one (regional
-    compilation: one graph reused by every block, a shorter cold start than the whole model)."""
+def compile_model(net: nn.Module) -> None:
+    """torch.compile in place (`Module.compile`), so `state_dict()` keeps the plain module's keys. Static shapes
+    (`dynamic=False`: a training batch never changes shape; `metrics.infer` pads its last batch). A ViT's blocks are
+    compiled one by one (regional compilation: one graph reused by every block, a shorter cold start than the
+    whole model), inside a DDP wrapper too. Any other model is compiled whole, and where `net` is a DDP wrapper it
+    is the wrapper that is compiled (compile after the wrap, as PyTorch advises): dynamo then sees DDP's gradient
+    buckets and splits the graph at their boundaries (`optimize_ddp`), so the all-reduce overlaps the backward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = net.module if isinstance(net, DistributedDataParallel) else net
     if isinstance(model, VisionTransformer):
         model.patch_embed.compile(dynamic=False, backend=BACKEND)
         for block in model.blocks:
             block.compile(dynamic=False, backend=BACKEND)
     else:
-        model.compile(dynamic=False, backend=BACKEND)
+        net.compile(dynamic=False, backend=BACKEND)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Some part of `model` runs compiled (`compile_model`)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
 def synchronize(device: torch.device) -> None:

@@ -141,13 +141,12 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
     optimizer = make_optimizer(cfg, model, device)
     schedule = partial(warmup_decay, total=steps, warmup=cfg.warmup_steps, decay=cfg.decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    if perf.compile_enabled(cfg.compile, device):
-        perf.compile_model(model)  # in place: checkpoints and the weights keep the plain module's keys
     precision = perf.resolve_precision(cfg.precision, device)
     spec = LoopSpec(steps=steps, batch_size=cfg.batch_size, image_size=image_size, grad_clip=cfg.grad_clip,
                     loss=cfg.loss, precision=precision, micro_batch_size=cfg.micro_batch_size,
                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-                    nonfinite_check_every=cfg.nonfinite_check_every)
+                    nonfinite_check_every=cfg.nonfinite_check_every,
+                    compile=perf.compile_enabled(cfg.compile, device))
     source = training_source(cfg, data, image_size, rt)
     loop = train_loop(model, source, spec, optimizer, scheduler, rt,
                       replace(hooks, label=hooks.label or f"pretrain {model_name}"))
