@@ -133,7 +133,7 @@ def run(model: nn.Module, images: np.ndarray, image_size: int, device: torch.dev
     pass in `precision` (auto: bf16 on CUDA, fp32 on a CPU)."""
     if isinstance(model, ResNetV2):
         rfs = receptive_fields(model)
-        return Diagnostics("BiT", {f"diag/rf_stage{i + 1}": float(r) for i, r in enumerate(rfs)},
+        return Diagnostics("BiT", {f"rf_stage{i + 1}": float(r) for i, r in enumerate(rfs)},
                            receptive_field=rfs)
     grid = model.patch_embed.grid_size[0]
     patch = image_size // grid  # pixels per token: the patch size, or a hybrid's backbone stride
@@ -144,10 +144,10 @@ def run(model: nn.Module, images: np.ndarray, image_size: int, device: torch.dev
     x = to_input(images, image_size, device).contiguous(memory_format=perf.channels_last(model, device))
     probs = attention_probabilities(model, x, perf.resolve_precision(precision, device))
     dist = np.stack([mean_attention_distance(p.cpu(), grid, patch, model.num_prefix_tokens) for p in probs])
-    metrics = {"diag/posemb_locality": posemb_locality(posemb, grid)}
+    metrics = {"posemb_locality": posemb_locality(posemb, grid)}
     for layer, heads in enumerate(dist, start=1):
-        metrics[f"diag/attn_dist_layer{layer}_mean"] = float(heads.mean())
-        metrics[f"diag/attn_dist_layer{layer}_min"] = float(heads.min())
+        metrics[f"attn_dist_layer{layer}_mean"] = float(heads.mean())
+        metrics[f"attn_dist_layer{layer}_min"] = float(heads.min())
     return Diagnostics("ViT", metrics, filters, explained, posemb_similarity(posemb, grid), dist)
 
 
@@ -166,5 +166,7 @@ def from_bytes(data: bytes) -> Diagnostics:
     arrays = load(data)
     header_len = int.from_bytes(data[:8], "little")
     meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["diagnostics"])
-    return Diagnostics(meta["family"], meta["metrics"], receptive_field=meta["receptive_field"],
+    # Files stored before the evaluation's name became the metrics' one prefix carry "diag/" in their names.
+    metrics = {name.removeprefix("diag/"): value for name, value in meta["metrics"].items()}
+    return Diagnostics(meta["family"], metrics, receptive_field=meta["receptive_field"],
                        **{name: arrays.get(name) for name in _ARRAYS})

@@ -89,8 +89,8 @@ def test_run_reports_per_layer_mean_and_min():
     assert diag.posemb_sim.shape == (8, 8, 8, 8)
     for layer, heads in enumerate(diag.attn_distance, start=1):  # each layer's own heads, the named reduction
         assert heads.min() < heads.mean()  # the heads differ, so a swapped reduction would show
-        assert diag.metrics[f"diag/attn_dist_layer{layer}_mean"] == pytest.approx(heads.mean())
-        assert diag.metrics[f"diag/attn_dist_layer{layer}_min"] == pytest.approx(heads.min())
+        assert diag.metrics[f"attn_dist_layer{layer}_mean"] == pytest.approx(heads.mean())
+        assert diag.metrics[f"attn_dist_layer{layer}_min"] == pytest.approx(heads.min())
     # The layers differ as well, so a metric taken from the wrong layer would show.
     assert len({round(v, 6) for k, v in diag.metrics.items() if k.endswith("_mean")}) == 4
 
@@ -105,4 +105,4 @@ def test_run_measures_uniform_attention_in_pixels_without_the_class_token():
     diag = diagnostics.run(model, images, 32, torch.device("cpu"))
     expected = _uniform_distance(8) * 4  # 8 x 8 patches of 4 pixels; the class token is no position
     assert diag.attn_distance == pytest.approx(np.full((4, 4), expected))
-    assert diag.metrics["diag/attn_dist_layer4_min"] == pytest.approx(expected)
+    assert diag.metrics["attn_dist_layer4_min"] == pytest.approx(expected)
