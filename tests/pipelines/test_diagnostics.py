@@ -1,5 +1,6 @@
 """Known answers for the Fig 7 diagnostics."""
 
+import json
 import math
 
 import numpy as np
@@ -106,3 +107,11 @@ def test_run_measures_uniform_attention_in_pixels_without_the_class_token():
     expected = _uniform_distance(8) * 4  # 8 x 8 patches of 4 pixels; the class token is no position
     assert diag.attn_distance == pytest.approx(np.full((4, 4), expected))
     assert diag.metrics["attn_dist_layer4_min"] == pytest.approx(expected)
+
+
+def test_stored_arrays_of_older_runs_read_back_with_plain_metric_names():
+    from safetensors.numpy import save
+
+    meta = {"family": "BiT", "metrics": {"diag/rf_stage1": 3.0}, "receptive_field": [3]}
+    old = save({"explained": np.ones(2)}, metadata={"diagnostics": json.dumps(meta)})
+    assert diagnostics.from_bytes(old).metrics == {"rf_stage1": 3.0}
