@@ -16,6 +16,7 @@ import pandas as pd
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from analysis.intervals import GROUP, model_pairs
+from analysis.results import ACCURACY_METRICS
 
 N_BOOTSTRAP = 200
 FOUR_PARAM_MIN_SIZES = 5
@@ -148,8 +149,9 @@ def _interval(values: np.ndarray) -> list[float] | None:
 
 
 def accuracy_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The evaluation rows (percentages); diagnostics have their own units and are not fitted."""
-    return table[table["eval"] != "diagnostic"]
+    """The accuracy rows (percentages); diagnostics and selected hyperparameters have their own units and are not
+    fitted."""
+    return table[table["metric"].isin(ACCURACY_METRICS)]
 
 
 def fit_table(table: pd.DataFrame) -> tuple[list[dict], dict[tuple, Fit]]:

@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from analysis import intervals  # noqa: E402
-from analysis.fits import Fit  # noqa: E402
+from analysis.fits import Fit, accuracy_rows  # noqa: E402
 from pipelines import families  # noqa: E402
 
 
@@ -131,8 +131,7 @@ def fig_vs_data(table: pd.DataFrame, evaluation: str, out_dir: Path, name: str, 
 
 def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict], points: pd.DataFrame) -> list[Path]:
     frame = points[(points["metric"] == "top1") & points["pretrain_flops"].notna()]
-    five = frame["eval"].eq("fewshot") & frame["shots"].eq(5).fillna(False)
-    frame = frame[frame["eval"].isin(["finetune", "linear_probe"]) | five]
+    frame = frame[frame["shots"].isna() | frame["shots"].eq(5).fillna(False)]  # per-k evaluations: at 5 shots
     if frame.empty:
         return []
     palette = _palette(list(frame["model"].unique()))
@@ -142,7 +141,7 @@ def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict], point
             lo, hi = pts["ci_low"].fillna(pts["mean"]), pts["ci_high"].fillna(pts["mean"])
             ax.errorbar(pts["pretrain_flops"], pts["mean"], yerr=[pts["mean"] - lo, hi - pts["mean"]], ls="none",
                         marker=families.get(family).marker, color=palette[model], capsize=3, label=model)
-        shots = 5 if evaluation == "fewshot" else None
+        shots = 5 if group["shots"].notna().any() else None
         for entry in pareto:
             if (entry["eval"], entry["dataset"], entry["shots"], entry["metric"]) == (evaluation, dataset, shots,
                                                                                         "top1"):
@@ -153,7 +152,7 @@ def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict], point
         ax.set_xscale("log")
         ax.set_xlabel("pretraining compute (FLOPs)")
         ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(f"{'5-shot linear' if evaluation == 'fewshot' else evaluation} / {dataset}")
+        ax.set_title(f"{evaluation}{'' if shots is None else f' ({shots}-shot)'} / {dataset}")
     _legend(fig, [ax for ax, _ in panels])
     fig.suptitle("Accuracy vs pretraining compute, with the Pareto frontier (Fig 5 analog)")
     return _save(fig, out_dir, "fig5_accuracy_vs_compute")
@@ -192,7 +191,7 @@ def plot_all(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict] | None = N
              points: pd.DataFrame | None = None) -> list[Path]:
     """Draw every figure the table supports into `out_dir`; returns the written files."""
     _style()
-    points = intervals.point_table(table[table["eval"] != "diagnostic"]) if points is None else points
+    points = intervals.point_table(accuracy_rows(table)) if points is None else points
     out_dir.mkdir(parents=True, exist_ok=True)
     fits, crossovers, pareto, fit_rows = fits or {}, crossovers or [], pareto or [], fit_rows or []
     return [*fig_vs_data(table, "finetune", out_dir, "fig3_finetune_vs_data",
@@ -237,7 +236,7 @@ def fig7_panels(diag, path: Path, title: str) -> Path:
     ax.imshow(_mosaic(diag.posemb_sim.reshape(g * g, g, g), cols=g), vmin=-1, vmax=1, cmap=cmap,
               interpolation="nearest")
     ax.axis("off")
-    centre.suptitle(f"Position-embedding similarity (locality {diag.metrics['diag/posemb_locality']:.2f})",
+    centre.suptitle(f"Position-embedding similarity (locality {diag.metrics['posemb_locality']:.2f})",
                     fontsize=10)
     ax = right.subplots()
     layers = np.arange(1, len(diag.attn_distance) + 1)
@@ -256,7 +255,7 @@ def fig7_across_grid(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Does the ViT learn locality with more data? Attention distance per layer (one line per subset), the
     lowest layer's mean/min distance and the position-embedding locality vs subset size; the ResNets'
     theoretical receptive field per stage on the same pixel axis."""
-    diag = table[table["eval"] == "diagnostic"]
+    diag = table[table["eval"] == "diagnostics"]
     vit = diag[diag["family"].isin(families.with_diagnostic("attention"))]
     if vit.empty:
         return []

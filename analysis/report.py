@@ -150,7 +150,7 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
         blocks.append(("p", _eval_name(entry["eval"], entry["dataset"], entry["shots"], entry["metric"]) + ": " +
                        "; ".join(f"{p['model']} n={_fmt(p['subset_size'])} ({p['pretrain_flops']:.3g} FLOPs, "
                                  f"{p['value']:.1f})" for p in entry["points"])))
-    diag = table[table["eval"] == "diagnostic"]
+    diag = table[table["eval"] == "diagnostics"]
     if not diag.empty:
         blocks += [("h2", "What the ViT learned (Fig 7)"),
                    ("p", "Mean attention distance (pixels; class token excluded) per layer, its minimum over heads, "

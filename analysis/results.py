@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines import families
+from pipelines import evaluations, families
 from pipelines.config import UserError
 
 COLUMNS = ["model", "family", "subset_size", "examples_seen", "pretrain_flops", "eval", "dataset", "shots",
            "metric", "value", "spread", "seed"]  # spread: std over repeats (few-shot draws), where there are some
-EVALS = ("fewshot", "linear_probe", "finetune", "diagnostic")
+ACCURACY_METRICS = ("top1", "macro_f1")  # percentages, fitted and compared; other metrics have their own units
 
 
 def rows(fields: dict, measurements: Iterable) -> list[dict]:
@@ -59,7 +59,7 @@ def read(path: str | Path) -> pd.DataFrame:
             row = int(bad.idxmax())
             raise UserError(f"{path}: column '{col}' row {row + 2} is not a number: {table[col][row]!r}")
         table[col] = numeric
-    for col, valid in (("family", families.names()), ("eval", EVALS)):
+    for col, valid in (("family", families.names()), ("eval", evaluations.names())):
         bad = ~table[col].isin(valid)
         if bad.any():
             row = int(bad.idxmax())

@@ -67,17 +67,21 @@ def side(mode: str, task_fields: dict, cache: str) -> dict:
     import torch
 
     from pipelines import data, downstream, fewshot, finetune, linear_probe, models
-    from pipelines.downstream import EvaluateConfig
+    from pipelines.data.stream import LoaderConfig
+    from pipelines.downstream import EvaluateConfig, Pretrained
+    from pipelines.runtime import Runtime
 
     torch.set_num_threads(1)
     task = data.SourceConfig(**task_fields)
     ev = EvaluateConfig(fewshot=fewshot.FewshotConfig(shots=(1, 5), repeats=1),
-                        finetune=finetune.FinetuneConfig(image_size=FEATURE_SIZE, steps=20, batch_size=64, lr=0.01))
+                        finetune=finetune.FinetuneConfig(image_size=FEATURE_SIZE, steps=20, batch_size=64, lr=0.01),
+                        diagnostics=None)
     model = models.build(MODEL, 16, FEATURE_SIZE)
     state = model.state_dict()
     cpu, start = torch.device("cpu"), time.perf_counter()
     if mode == "streamed":
-        out = downstream.run(ev, task, MODEL, model, state, FEATURE_SIZE, Path(cache), 0, cpu)
+        runtime = Runtime(cpu, cache_dir=Path(cache), loader=LoaderConfig(workers=0), progress=False)
+        out = downstream.run(ev, Pretrained(MODEL, model, state, FEATURE_SIZE), (task,), runtime)
         values = {m.key: m.value for m in out}
     else:
         from pipelines.metrics import infer

@@ -88,6 +88,8 @@ def _coerce(value: Any, tp: Any, where: str, finite: bool = True) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         return tuple(_coerce(v, item_tp, f"{where}[{i}]", finite) for i, v in enumerate(value))
+    if hasattr(tp, "from_config"):  # a section whose keys come from a table (`evaluate:`, one per evaluation)
+        return value if isinstance(value, tp) else tp.from_config(value, where)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -134,6 +136,8 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
 
 def to_dict(obj: Any) -> Any:
     """Plain-data view of a config (tuples become lists) for YAML, JSON and MLflow params."""
+    if hasattr(obj, "to_config"):
+        return obj.to_config()
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, list | tuple):

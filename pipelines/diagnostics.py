@@ -145,7 +145,7 @@ def run(model: nn.Module, family: str, images: np.ndarray, image_size: int, devi
         return Diagnostics(family)
     if isinstance(parts, families.ReceptiveField):
         rfs = receptive_fields(model, parts)
-        return Diagnostics(family, {f"diag/rf_stage{i + 1}": float(r) for i, r in enumerate(rfs)},
+        return Diagnostics(family, {f"rf_stage{i + 1}": float(r) for i, r in enumerate(rfs)},
                            receptive_field=rfs)
     return _attention(model, family, parts, images, image_size, device, precision)
 
@@ -161,10 +161,10 @@ def _attention(model: nn.Module, family: str, parts: families.Attention, images:
     x = to_input(images, image_size, device).contiguous(memory_format=perf.channels_last(model, device))
     probs = attention_probabilities(model, x, perf.resolve_precision(precision, device), parts.blocks)
     dist = np.stack([mean_attention_distance(p.cpu(), grid, patch, model.num_prefix_tokens) for p in probs])
-    metrics = {"diag/posemb_locality": posemb_locality(posemb, grid)}
+    metrics = {"posemb_locality": posemb_locality(posemb, grid)}
     for layer, heads in enumerate(dist, start=1):
-        metrics[f"diag/attn_dist_layer{layer}_mean"] = float(heads.mean())
-        metrics[f"diag/attn_dist_layer{layer}_min"] = float(heads.min())
+        metrics[f"attn_dist_layer{layer}_mean"] = float(heads.mean())
+        metrics[f"attn_dist_layer{layer}_min"] = float(heads.min())
     return Diagnostics(family, metrics, filters, explained, posemb_similarity(posemb, grid), dist)
 
 
@@ -183,5 +183,7 @@ def from_bytes(data: bytes) -> Diagnostics:
     arrays = load(data)
     header_len = int.from_bytes(data[:8], "little")
     meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["diagnostics"])
-    return Diagnostics(meta["family"], meta["metrics"], receptive_field=meta["receptive_field"],
+    # Files stored before the evaluation's name became the metrics' one prefix carry "diag/" in their names.
+    metrics = {name.removeprefix("diag/"): value for name, value in meta["metrics"].items()}
+    return Diagnostics(meta["family"], metrics, receptive_field=meta["receptive_field"],
                        **{name: arrays.get(name) for name in _ARRAYS})

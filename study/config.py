@@ -196,7 +196,6 @@ def _check_ranges(cfg: StudyConfig) -> None:
         ("resources.gpus_per_worker", r.gpus_per_worker, ">= 0"),
         ("resources.max_concurrent_trials", r.max_concurrent_trials, ">= 0"),  # 0: as many as fit
         ("resources.max_failures", r.max_failures, ">= 0"),  # Tune would read -1 as "retry forever"
-        ("evaluate.diagnostic_batch", e.diagnostic_batch, ">= 1"),
     ]
     if (f := e.finetune) is not None:
         rules += [("evaluate.finetune.image_size", f.image_size, ">= 8"),

@@ -33,7 +33,6 @@ EXECUTION_ONLY = {
     "finetune": {"compile", "micro_batch_size", "nonfinite_check_every"},
     "source": {"name"},  # a label; the generator or the shards decide the pixels
 }
-EVAL_KINDS = ("fewshot", "linear_probe", "finetune", "diagnostics")
 
 
 def digest(obj: Any) -> str:
@@ -98,15 +97,12 @@ def point_id(cfg, model: str, subset_size: int, seed: int) -> str:
 
 
 def eval_ids(cfg) -> dict[str, str]:
-    """One identity per enabled evaluation (a changed `evaluate:` block re-runs only what changed)."""
+    """One identity per enabled evaluation (a changed `evaluate:` block re-runs only what changed): its protocol
+    (the module's `identity`, or its non-default settings and the downstream tasks) and `EVAL_VERSION`."""
     tasks = [source_settings(task) | {"name": task.label} for task in cfg.downstream]
     out = {}
-    for kind in EVAL_KINDS:
-        if kind == "diagnostics":
-            if cfg.evaluate.diagnostics:
-                out[kind] = digest({"v": EVAL_VERSION, "batch": cfg.evaluate.diagnostic_batch})
-            continue
-        section = getattr(cfg.evaluate, kind)
-        if section is not None:
-            out[kind] = digest({"v": EVAL_VERSION, kind: settings(section, kind), "tasks": tasks})
+    for row, section in cfg.evaluate.enabled():
+        protocol = getattr(row.load(), "identity", None)
+        what = protocol(section) if protocol is not None else {row.name: settings(section, row.name), "tasks": tasks}
+        out[row.name] = digest({"v": EVAL_VERSION, **what})
     return out

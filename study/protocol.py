@@ -97,7 +97,9 @@ class PointRecord:
     @classmethod
     def from_json(cls, text: str | bytes) -> PointRecord:
         raw = json.loads(text)
-        evals = {k: EvalRecord(v["id"], [Measurement(**m) for m in v["measurements"]])
+        # A measurement belongs to the evaluation it is recorded under (records written before one spelling per
+        # evaluation have "diagnostic" measurements under "diagnostics").
+        evals = {k: EvalRecord(v["id"], [Measurement(**{**m, "eval": k}) for m in v["measurements"]])
                  for k, v in raw.get("evals", {}).items()}
         pretrain = raw.get("pretrain") or None
         return cls(raw["point_id"], PointFields(**raw["fields"]),

@@ -1,4 +1,4 @@
-"""One grid point: pretrain (or resume, or reuse its stored weights) -> diagnostics -> downstream evaluations.
+"""One grid point: pretrain (or resume, or reuse its stored weights) -> the evaluations of `pipelines.evaluations`.
 
 `run_point` is plain Python (no Ray, no MLflow): it reads and writes the study's `Storage` and emits typed
 events. `trainable` is the Ray Tune function trainable around it.
@@ -17,17 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load as load_weights
 from safetensors.torch import save as save_weights
 
-from pipelines import data, diagnostics, distributed, downstream, models, perf, pretrain
+from pipelines import data, distributed, downstream, models, pretrain
 from pipelines.config import UserError
-from pipelines.data.stream import ShardSubset
-from pipelines.downstream import Measurement
 from pipelines.loop import EpochRecord, Hooks, TrainingDiverged, TrainingStopped
 from pipelines.metrics import evaluate
+from pipelines.perf import pick_device
 from pipelines.runtime import Runtime
 from study.config import GridPoint, StudyConfig
 from study.identity import recipe_params
@@ -78,7 +76,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     point, files = plan.point, plan.files
     if storage.exists(STOP):  # the driver is stopping the study: a point not started yet stays so
         raise TrainingStopped(0)
-    device = device or perf.pick_device(cfg.resources.gpus_per_worker)
+    device = device or pick_device(cfg.resources.gpus_per_worker)
     where = distributed.ranks()
     record = load_record(storage, point.id) or PointRecord(point.id, PointFields(**point.table_fields))
     clock = Stopwatch(record.timings)
@@ -102,15 +100,20 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     model = models.build(point.model, src.num_classes, src.image_size)
     model.load_state_dict(state)
     model.to(device)
-    features: dict = {}  # the frozen model's features, extracted once for few-shot and the probe
+    pretrained = downstream.Pretrained(point.model, model, state, src.image_size, source)
+    runtime = Runtime(device, point.seed, cfg.cache_dir, indexes, cfg.data.loader, progress)
+
+    def curve(prefix: str, step: int, values: dict) -> None:
+        emit(Curve(prefix, step, values))
+
+    def keep(name: str, contents: bytes) -> None:  # e.g. the ViT's Fig 7 arrays, drawn by the driver
+        if where.main:
+            storage.write_bytes(files.file(name), contents)
+
+    features: dict = {}  # the frozen model's features, extracted once for every evaluation that needs them
     for kind, ident in plan.evals.items():
         with clock(kind):
-            if kind != "diagnostics":
-                found = _downstream(cfg, point, kind, model, state, device, emit, progress, features, indexes)
-            elif where.main:  # a batch of 128 images, no collective: rank 0 alone
-                found = _diagnose(cfg, point, model, source, device, storage, files)
-            else:
-                continue
+            found = downstream.run(cfg.evaluate, pretrained, cfg.downstream, runtime, (kind,), curve, keep, features)
         record.evals[kind] = EvalRecord(ident, found)
         if where.main:
             storage.write_bytes(files.record, record.to_json().encode())
@@ -228,34 +231,6 @@ def sync_indexes(cfg: StudyConfig, storage: Storage, src, found: data.Prepared |
                 with atomic.folder(folder) as tmp:
                     for name in storage.list_dir(f"index/{folder.name}"):
                         storage.download_file(f"index/{folder.name}/{name}", tmp / name)
-
-
-def _diagnose(cfg: StudyConfig, point: GridPoint, model, source: data.Prepared, device, storage: Storage,
-              files: PointFiles) -> list[Measurement]:
-    """Fig 7 numbers for every model; a ViT's arrays go to storage, where the driver draws its panels."""
-    src, n, limit = cfg.data.pretrain, cfg.evaluate.diagnostic_batch, cfg.data.loader.max_bad_fraction
-    index = source.index("test" if "test" in source.shards else "train")  # held-out images where there are some
-    first = ShardSubset(index, np.arange(min(n, len(index)), dtype=np.int64))  # a fixed slice, read by offset
-    images = data.load(first, src.image_size, max_bad_fraction=limit).images
-    diag = diagnostics.run(model, point.family, images, src.image_size, device)
-    if diag.has_panel:
-        storage.write_bytes(files.fig7, diagnostics.to_bytes(diag))
-    return [Measurement("diagnostic", "pretrain", None, key.removeprefix("diag/"), float(value))
-            for key, value in diag.metrics.items()]
-
-
-def _downstream(cfg: StudyConfig, point: GridPoint, kind: str, model, state, device, emit: Emit,
-                progress: bool, features: dict, indexes: Path) -> list[Measurement]:
-    def curve(prefix: str, step: int, values: dict) -> None:
-        emit(Curve(prefix, step, values))
-
-    found = []
-    for task in cfg.downstream:
-        found += downstream.run(cfg.evaluate, task, point.model, model, state, cfg.data.pretrain.image_size,
-                                cfg.cache_dir, point.seed, device, kinds=(kind,), on_curve=curve, progress=progress,
-                                loader=cfg.data.loader, feature_cache=features,
-                                index_root=indexes)
-    return found
 
 
 def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, storage_root: str) -> None:

@@ -1,5 +1,6 @@
 """Known answers for the Fig 7 diagnostics."""
 
+import json
 import math
 
 import numpy as np
@@ -89,8 +90,8 @@ def test_run_reports_per_layer_mean_and_min():
     assert diag.posemb_sim.shape == (8, 8, 8, 8)
     for layer, heads in enumerate(diag.attn_distance, start=1):  # each layer's own heads, the named reduction
         assert heads.min() < heads.mean()  # the heads differ, so a swapped reduction would show
-        assert diag.metrics[f"diag/attn_dist_layer{layer}_mean"] == pytest.approx(heads.mean())
-        assert diag.metrics[f"diag/attn_dist_layer{layer}_min"] == pytest.approx(heads.min())
+        assert diag.metrics[f"attn_dist_layer{layer}_mean"] == pytest.approx(heads.mean())
+        assert diag.metrics[f"attn_dist_layer{layer}_min"] == pytest.approx(heads.min())
     # The layers differ as well, so a metric taken from the wrong layer would show.
     assert len({round(v, 6) for k, v in diag.metrics.items() if k.endswith("_mean")}) == 4
 
@@ -105,14 +106,14 @@ def test_run_measures_uniform_attention_in_pixels_without_the_class_token():
     diag = diagnostics.run(model, "ViT", images, 32, torch.device("cpu"))
     expected = _uniform_distance(8) * 4  # 8 x 8 patches of 4 pixels; the class token is no position
     assert diag.attn_distance == pytest.approx(np.full((4, 4), expected))
-    assert diag.metrics["diag/attn_dist_layer4_min"] == pytest.approx(expected)
+    assert diag.metrics["attn_dist_layer4_min"] == pytest.approx(expected)
 
 
 def test_run_dispatches_on_the_family():
     images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     bit = diagnostics.run(models.build("BiT-R14-Pico", 10, 32), "BiT", images, 32, torch.device("cpu"))
     assert bit.family == "BiT" and bit.receptive_field == [5, 7, 11, 19] and not bit.has_panel
-    assert bit.metrics == {f"diag/rf_stage{i}": float(r) for i, r in enumerate([5, 7, 11, 19], start=1)}
+    assert bit.metrics == {f"rf_stage{i}": float(r) for i, r in enumerate([5, 7, 11, 19], start=1)}
     vit = diagnostics.run(models.build("ViT-Pico/4", 10, 32), "ViT", images, 32, torch.device("cpu"))
     assert vit.family == "ViT" and vit.has_panel and vit.filters is not None
 
@@ -123,3 +124,11 @@ def test_a_hybrid_has_attention_numbers_but_no_rgb_patch_filters():
     # The family, not the module's shape, decides: a ViT's layout measured as a hybrid shows no filters.
     diag = diagnostics.run(models.build("ViT-Pico/4", 10, 32), "Hybrid", images, 32, torch.device("cpu"))
     assert diag.family == "Hybrid" and diag.filters is None and diag.attn_distance.shape == (4, 4)
+
+
+def test_stored_arrays_of_older_runs_read_back_with_plain_metric_names():
+    from safetensors.numpy import save
+
+    meta = {"family": "BiT", "metrics": {"diag/rf_stage1": 3.0}, "receptive_field": [3]}
+    old = save({"explained": np.ones(2)}, metadata={"diagnostics": json.dumps(meta)})
+    assert diagnostics.from_bytes(old).metrics == {"rf_stage1": 3.0}

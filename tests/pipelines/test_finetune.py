@@ -4,7 +4,7 @@ import torch
 
 from pipelines import downstream, finetune, models
 from pipelines.data.stream import LoaderConfig
-from pipelines.downstream import EvaluateConfig
+from pipelines.downstream import EvaluateConfig, Pretrained
 from pipelines.linear_probe import LinearProbeConfig
 from pipelines.loop import Hooks
 from pipelines.runtime import Runtime
@@ -58,11 +58,13 @@ def test_finetuning_reaches_the_frozen_probe_of_the_same_backbone(digits):
     task, model, state, root = digits
     ev = EvaluateConfig(fewshot=None, linear_probe=LinearProbeConfig(),
                         finetune=finetune.FinetuneConfig(image_size=32, steps=150, batch_size=64, warmup_steps=10,
-                                                         lr_sweep=(0.01, 0.03)))
-    got = {m.eval: m.value for m in downstream.run(ev, task, "BiT-R14-Pico", model, state, 32, root, 0,
-                                                    torch.device("cpu")) if m.metric == "top1"}
+                                                         lr_sweep=(0.01, 0.03)), diagnostics=None)
+    runtime = Runtime(torch.device("cpu"), cache_dir=root, loader=LoaderConfig(workers=0), progress=False)
+    found = downstream.run(ev, Pretrained("BiT-R14-Pico", model, state, 32), (task,), runtime)
+    got = {m.eval: m.value for m in found if m.metric == "top1"}
     assert got["linear_probe"] > 90  # the pretrained features are good: the bar is high
     assert got["finetune"] >= got["linear_probe"] - 2, got
+    assert [m.value for m in found if m.metric == "lr"][0] in (0.01, 0.03)  # the sweep's choice is measured too
 
 
 def test_the_sweep_keeps_the_learning_rate_best_on_the_minival_and_reports_its_curve():

@@ -30,7 +30,9 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
     (["seeds=[-1]"], "seeds: -1 is negative; numpy takes only non-negative seeds"),
     (["models=[ViT-Pico/4, BiT-R14-Pico, ViT-Pico/4]"],
      "models: 'ViT-Pico/4' is listed twice; its grid points would run twice"),
-    (["evaluate.diagnostic_batch=0"], "evaluate.diagnostic_batch must be >= 1, got 0"),
+    (["evaluate.diagnostics.batch=0"], "evaluate.diagnostics: batch must be >= 1, got 0"),
+    (["evaluate.fewshott.shots=[1]"], "unknown key 'evaluate.fewshott'; valid keys here: fewshot, linear_probe, "
+                                      "finetune, diagnostics"),
     (["evaluate.finetune.steps=0"], "evaluate.finetune.steps must be > 0, got 0"),
     (["evaluate.finetune.image_size=0"], "evaluate.finetune.image_size must be >= 8, got 0"),
     (["evaluate.finetune.batch_size=0"], "evaluate.finetune.batch_size must be >= 1, got 0"),

@@ -68,7 +68,9 @@ def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
         assert history and all(h.step > 0 for h in history)  # per-epoch metrics at the global step
         curve = client.get_metric_history(child.info.run_id, "finetune/shapes-novel/val_top1")
         assert [h.step for h in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 1
-        assert {"linear_probe/shapes-novel/top1", "finetune/shapes-novel/macro_f1"} <= set(m)
+        assert {"linear_probe/shapes-novel/top1", "finetune/shapes-novel/macro_f1", "linear_probe/shapes-novel/l2",
+                "finetune/shapes-novel/lr", "diagnostics/pretrain/rf_stage1" if p["family"] == "BiT" else
+                "diagnostics/pretrain/posemb_locality"} <= set(m)
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert any(a.startswith("fig7_") for a in artifacts) == (p["family"] == "ViT")
         assert {"record.json", "class_counts.json", "model"} <= artifacts
@@ -84,16 +86,18 @@ def test_results_table_and_figures(smoke):
     table = pd.read_csv(study_dir / "results.csv")
     assert list(table.columns) == ["model", "family", "subset_size", "examples_seen", "pretrain_flops", "eval",
                                    "dataset", "shots", "metric", "value", "spread", "seed"]
-    evals = table[table["eval"] != "diagnostic"]
-    # 4 trials x (1- and 5-shot top-1 + linear probe top-1/macro-F1 + fine-tune top-1/macro-F1)
-    assert len(evals) == 4 * (2 + 2 + 2)
+    evals = table[table["eval"] != "diagnostics"]
+    # 4 trials x (1- and 5-shot top-1 + linear probe top-1/macro-F1/chosen l2 + fine-tune top-1/macro-F1/chosen lr)
+    assert len(evals) == 4 * (2 + 3 + 3)
     assert set(evals["eval"]) == {"fewshot", "linear_probe", "finetune"}
-    assert set(evals["family"]) == {"ViT", "BiT"} and set(evals["metric"]) == {"top1", "macro_f1"}
-    assert evals["value"].between(0, 100).all()
+    assert set(evals["family"]) == {"ViT", "BiT"} and set(evals["metric"]) == {"top1", "macro_f1", "l2", "lr"}
+    assert evals[evals["metric"].isin(["top1", "macro_f1"])]["value"].between(0, 100).all()
+    assert set(evals[evals["metric"] == "lr"]["value"]) <= {0.001, 0.003, 0.01, 0.03}  # the sweep's choice
+    assert set(evals[evals["metric"] == "l2"]["value"]) <= {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1}
     fewshot = evals[evals["eval"] == "fewshot"]  # the spread over the repeated k-shot draws travels with the mean
     assert fewshot["spread"].notna().all() and evals[evals["eval"] != "fewshot"]["spread"].isna().all()
     # Fig 7 numbers: ViT-Pico/4 has 4 layers (mean + min) and a locality; the ResNet a receptive field per stage.
-    diag = table[table["eval"] == "diagnostic"]
+    diag = table[table["eval"] == "diagnostics"]
     assert len(diag) == 2 * (4 * 2 + 1) + 2 * 4
     rf = diag[diag["metric"] == "rf_stage4"]["value"]
     assert (rf == 19).all() and diag[diag["metric"] == "posemb_locality"]["value"].between(-1, 1).all()

@@ -82,11 +82,30 @@ def _defaults():
 # Identities hash only non-default values, so a changed default would change results under the same ids.
 # When this fails: if a default changed what a config computes, bump RECIPE_VERSION (pretraining, sources) or
 # EVAL_VERSION (evaluations) in study/identity.py; then (in either case, a new field too) update the pin.
-PINNED_DEFAULTS = ("065098a3544665e1", "b112959d0ab5ce39")
+# (The evaluation pin moved when `evaluate.diagnostics: true` + `diagnostic_batch: 128` became the section
+# `evaluate.diagnostics: {batch: 128}`: the same defaults in another shape; the ids below did not move.)
+PINNED_DEFAULTS = ("065098a3544665e1", "25c573da21b646fe")
+# The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade.
+PINNED_EVAL_IDS = {
+    "smoke": {"fewshot": "f863e9d7fb785b7f", "linear_probe": "9380b66fe0457576", "finetune": "d7a44a454bab1786",
+              "diagnostics": "80422ce3c0f28d18"},
+    "scaling": {"fewshot": "af53271c9c6d482a", "linear_probe": "ddd01448a13d7378", "finetune": "9ecee444a6bce9f5",
+                "diagnostics": "80422ce3c0f28d18"},
+}
 
 
 def test_config_defaults_are_pinned_to_the_recipe_and_eval_versions():
     assert _defaults() == PINNED_DEFAULTS, f"defaults changed: see the comment above; now {_defaults()}"
+
+
+@pytest.mark.parametrize("study", PINNED_EVAL_IDS)
+def test_the_shipped_studies_keep_their_evaluation_ids(study):
+    assert eval_ids(load_study(ROOT / "configs" / f"{study}.yaml")) == PINNED_EVAL_IDS[study]
+
+
+def test_a_null_section_switches_its_evaluation_off(tmp_path):
+    ids = eval_ids(_study(tmp_path, overrides=["evaluate.diagnostics=null", "evaluate.finetune=null"]))
+    assert set(ids) == {"fewshot", "linear_probe"}
 
 
 def test_the_image_path_version_keys_decoded_sources_and_leaves_the_procedural_default_alone(tmp_path, monkeypatch):

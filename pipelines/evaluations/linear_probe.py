@@ -1,0 +1,15 @@
+"""Linear probe on the frozen features: test top-1 and macro-F1, and the l2 strength chosen on the minival."""
+
+from __future__ import annotations
+
+from pipelines import linear_probe
+from pipelines.downstream import Inputs, Measurement
+from pipelines.linear_probe import LinearProbeConfig as Config
+
+DEFAULT = Config()
+
+
+def measure(cfg: Config, inputs: Inputs) -> list[Measurement]:
+    probe = linear_probe.run(cfg, *inputs.features(), inputs.runtime.seed, device=inputs.runtime.device)
+    return [inputs.measurement("top1", probe.top1), inputs.measurement("macro_f1", probe.macro_f1),
+            inputs.measurement("l2", probe.l2)]
