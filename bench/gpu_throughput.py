@@ -27,7 +27,7 @@ from timm.scheduler import create_scheduler_v2
 
 from pipelines import families, models, perf
 from pipelines.data.stream import Batch
-from pipelines.loop import LoopSpec, train_loop, warmup_decay
+from pipelines.loop import LoopResult, LoopSpec, train_loop, warmup_decay
 from pipelines.pretrain import PretrainConfig, make_optimizer
 from pipelines.runtime import Runtime
 
@@ -50,19 +50,28 @@ class DeviceBatches:
         return {}
 
 
-def ours(name: str, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
-    """Images/s of our pretraining step (steady state, as `pretrain.run` reports it)."""
-    device = images.device
-    model = models.build(name, CLASSES, SIZE).to(device)
+def our_setup(name: str, device: torch.device, batch: int, size: int = SIZE, classes: int = CLASSES):
+    """Model, optimizer and LR schedule of our pretraining at its defaults (as `pretrain.run` builds them)."""
+    model = models.build(name, classes, size).to(device)
     perf.channels_last(model, device)
-    optimizer = make_optimizer(PretrainConfig(steps=1, batch_size=len(images)), model, device)
+    optimizer = make_optimizer(PretrainConfig(steps=1, batch_size=batch), model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_decay, total=10**6, warmup=100,
                                                                      decay="cosine"))
-    perf.compile_model(model)
-    spec = LoopSpec(steps=WARMUP + steps, batch_size=len(images), image_size=SIZE, grad_clip=1.0, precision="bf16")
-    result = train_loop(model, DeviceBatches(images, labels), spec, optimizer, scheduler,
-                        Runtime(device, progress=False))
-    return result.timed_steps * len(images) / result.timed_seconds
+    return model, optimizer, scheduler
+
+
+def ours(name: str, images: torch.Tensor, labels: torch.Tensor, steps: int, precision: str = "bf16",
+         compiled: bool = True) -> LoopResult:
+    """Our pretraining step on `images` (uint8 [B,S,S,3]) for `WARMUP + steps` steps; the result's timing is the
+    steady state (as `pretrain.run` reports it), the first steps (compilation) left out."""
+    size = images.shape[1]
+    model, optimizer, scheduler = our_setup(name, images.device, len(images), size)
+    if compiled:
+        perf.compile_model(model)
+    spec = LoopSpec(steps=WARMUP + steps, batch_size=len(images), image_size=size, grad_clip=1.0,
+                    precision=precision)
+    return train_loop(model, DeviceBatches(images, labels), spec, optimizer, scheduler,
+                      Runtime(images.device, progress=False))
 
 
 def timm_train_py(name: str, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
@@ -136,7 +145,8 @@ def main() -> int:
         images = torch.randint(0, 256, (batch, SIZE, SIZE, 3), dtype=torch.uint8, device=device, generator=gen)
         labels = torch.randint(0, CLASSES, (batch,), device=device, generator=gen)
         flops = 3 * models.forward_flops(name, SIZE, CLASSES)
-        a = ours(name, images, labels, args.steps)
+        result = ours(name, images, labels, args.steps)
+        a = result.timed_steps * len(images) / result.timed_seconds
         torch.cuda.empty_cache()
         b = timm_train_py(name, images, labels, args.steps)
         torch.cuda.empty_cache()
