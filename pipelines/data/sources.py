@@ -98,8 +98,8 @@ def shard_identity(url: str) -> list:
     """What identifies a shard's content, for the key of its index (a changed shard gets a new key).
 
     A local file: its path, size and modification time. An http(s) shard: its ETag (else Last-Modified and
-    Content-Length), from a HEAD request. Any other remote shard (`pipe:` commands, how object stores are read):
-    the content hash of its sidecar index, which the shard writers rewrite with the shard. A remote shard with none
+    Content-Length), from a HEAD request. Any other remote shard (`s3://`, `gs://`, `pipe:` commands): the content
+    hash of its sidecar index, which the shard writers rewrite with the shard. A remote shard with none
     of these is known by its URL alone (assumed immutable, as versioned object-store paths are).
     """
     if is_local(url):

@@ -71,8 +71,8 @@ def test_credentials_in_a_storage_uri_are_refused_without_being_printed():
 
 
 # The end-to-end study: one output folder, three invocations (SIGKILLed, the same command, one more subset).
-STUDY = ["-m", "study.run", "--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "pretrain.steps=200",
-         "pretrain.checkpoint_every=10", "evaluate.finetune.steps=4", "evaluate.finetune.lr=0.01",
+STUDY = ["-m", "study.run", "--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "pretrain.steps=100",
+         "pretrain.checkpoint_every=5", "evaluate.finetune.steps=4", "evaluate.finetune.lr=0.01",
          "data.pretrain.source=webdataset", "data.pretrain.size=512", "data.pretrain.test_size=0"]
 ACTION = re.compile(r"^ViT-Pico/4\s+([\d,]+)\s+\d+\s+.*\s(reuse|log|evaluate\S*|resume|train)$", re.M)
 
@@ -129,7 +129,7 @@ def test_a_study_on_object_storage_resumes_after_sigkill_and_extends(study, cach
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
     assert child.info.run_id in {c.info.run_id for c in children}  # the old point's child, not a new one
     assert len(storage.list_dir("points")) == 2
-    assert set(pd.read_csv(out / "smoke" / "results.csv")["subset"]) == {256, 512}
+    assert set(pd.read_csv(out / "smoke" / "results.csv")["subset_size"]) == {256, 512}
 
 
 @pytest.mark.slow
