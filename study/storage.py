@@ -10,6 +10,7 @@ checkpoint folder is complete once its `state.pt` (written last) exists.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,12 +81,25 @@ class PointFiles:
         return [(self.weights, "model"), (self.model_spec, "model"), (self.class_counts, None)]
 
 
+_USERINFO = re.compile(r"(?<=://)[^/@?]*@")  # s3://KEY:SECRET@bucket
+_SECRET_PARAM = re.compile(r"([?&][^=&]*(?:secret|token|password|access_key|key_id)[^=&]*=)[^&]*", re.IGNORECASE)
+
+
+def redact(uri: str) -> str:
+    """`uri` with the credentials it may carry (`s3://KEY:SECRET@bucket`, `?secret_key=...`) replaced by `***`."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub("***@", uri))
+
+
 class Storage:
     """A storage root and paths relative to it (a point's: `PointFiles`)."""
 
     def __init__(self, root: str):
         self.root = root
         local = "://" not in root
+        if not local and redact(root) != root:  # Ray would store the URI in its experiment state, and we print it
+            raise UserError(f"--storage {redact(root)}: credentials in the URI would be printed and stored; put them "
+                            "in the standard environment variables (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                            "GOOGLE_APPLICATION_CREDENTIALS) instead")
         try:
             self.fs, base = pafs.FileSystem.from_uri(Path(root).resolve().as_uri() if local else root)
         except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
@@ -98,10 +112,14 @@ class Storage:
     def path(self, rel: str) -> str:
         return f"{self.base}/{rel}".rstrip("/")
 
-    def uri(self, rel: str) -> str:
-        """`rel` as a path or URI that Ray and users understand."""
+    def for_ray(self, rel: str) -> dict:
+        """`rel` as a Ray `RunConfig`'s `storage_path` and `storage_filesystem`. Ray gets our filesystem rather than
+        the URI: appending to a URI would land in its query (`?endpoint_override=...`), and a filesystem opened with
+        credentials from the environment carries none into what Ray pickles into storage."""
         local = self.local_path(rel)
-        return str(local) if local is not None else f"{self.root.rstrip('/')}/{rel}"
+        if local is not None:
+            return {"storage_path": str(local), "storage_filesystem": None}
+        return {"storage_path": self.path(rel), "storage_filesystem": self.fs}
 
     def local_path(self, rel: str) -> Path | None:
         """The path on this machine, for a local root (Ray's `storage_path` and the user's messages)."""

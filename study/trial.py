@@ -313,7 +313,7 @@ def _drive_train_run(plan: TrialPlan, cfg: StudyConfig, storage_root: str) -> No
         scaling_config=train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
                                            resources_per_worker={"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}),
         run_config=train.RunConfig(name=f"{plan.point.id}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                   storage_path=Storage(storage_root).uri("train"),
+                                   **Storage(storage_root).for_ray("train"),
                                    failure_config=train.FailureConfig(max_failures=r.max_failures)))
     outcome: dict = {}
 

@@ -252,7 +252,7 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
         # once per slot, not once per point (~8 s of CPU each on a small machine); every trial seeds its own RNGs.
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
                                     trial_name_creator=TrialNames(plans), trial_dirname_creator=TrialNames(plans)),
-        run_config=tune.RunConfig(name=name, storage_path=storage.uri("tune"), callbacks=[callback],
+        run_config=tune.RunConfig(name=name, **storage.for_ray("tune"), callbacks=[callback],
                                   failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
                                   verbose=1),
     )

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from pipelines import atomic
 from pipelines.data.labels import Label, parse_labels
-from pipelines.data.reader import DataError, TarFormatError, iter_members, padded, split_member_name
+from pipelines.data.reader import DataError, TarFormatError, iter_members, open_url, padded, split_member_name
 from pipelines.data.sources import check_local_shards, info_lengths, is_local, read_sidecar
 
 INDEX_VERSION = 3  # 3: columns of arrays, a sample's whole byte span; 2: multi-label JSON; bump when rows change
@@ -148,14 +148,12 @@ def _local_rows(url: str, expected: int | None) -> ShardRows:
 
 
 def _streamed_rows(url: str, expected: int | None) -> ShardRows:
-    """Index a shard that can only be streamed (webdataset's `gopen`: `pipe:`, URLs, gzip): every byte is read."""
+    """Index a shard that can only be streamed (`reader.open_url`: `pipe:`, URLs, gzip): every byte is read."""
     import tarfile
-
-    import webdataset as wds
 
     rows, truncated = ShardRows(url), False
     try:
-        with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             members = ((m.name, m.offset, m.offset_data + padded(m.size),
                         lambda m=m: tar.extractfile(m).read()) for m in tar if m.isfile())
             for sample in _samples(members):

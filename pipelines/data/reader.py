@@ -27,6 +27,22 @@ class DataError(UserError):
     """Data that cannot be read: a missing path, a corrupt shard, a sample without its label."""
 
 
+OBJECT_STORES = ("s3://", "gs://")  # read through pyarrow.fs, as the study's `--storage` is
+
+
+def open_url(url: str):
+    """A binary stream of a shard or its sidecar. Object storage (`s3://bucket/key.tar`, `gs://...`) is read through
+    `pyarrow.fs`, with credentials from the standard environment variables and the URI options `--storage` takes
+    (`?endpoint_override=host:port&scheme=http` for a server other than AWS's); anything else through webdataset's
+    `gopen` (local paths, `pipe:` commands, http(s) URLs)."""
+    if url.startswith(OBJECT_STORES):
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(url)
+        return fs.open_input_stream(path)
+    return wds.gopen(url)
+
+
 BAD_CAUSES = ("truncated_tar", "empty_member", "missing_label", "missing_image", "undecodable_image",
               "checksum_mismatch")
 
@@ -221,15 +237,15 @@ def read_sample(files: ShardFiles, path: str, offset: int, size: int) -> tuple[s
 def read_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Raw samples (key, {extension: bytes}) of one shard, members grouped by key as webdataset groups them.
 
-    Opens anything webdataset's `gopen` opens (local paths, `pipe:`, URLs). A sample is yielded only once the
-    next one starts, so the sample that a truncation cuts is never yielded.
+    Opens what `open_url` opens (local paths, `pipe:`, http(s) and object-storage URLs). A sample is yielded only
+    once the next one starts, so the sample that a truncation cuts is never yielded.
 
     Raises:
         BadSample('truncated_tar'): the tar ends early or its headers are corrupt.
     """
     current, parts = None, {}
     try:
-        with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import braceexpand
 
-from pipelines.data.reader import DataError
+from pipelines.data.reader import DataError, open_url
 
 SIDECAR = ".idx.json"  # `<shard>.tar.idx.json`: one shard's index (keys, labels, byte spans) beside it
 SIDECAR_VERSION = 3  # the version of `pipelines.data.index` whose rows it holds
@@ -31,7 +31,7 @@ def is_local(url: str) -> bool:
 
 
 def check_local_shards(urls: str) -> list[str]:
-    """Expanded shard list; local paths must exist (remote `pipe:`/`s3://` URLs are left to webdataset)."""
+    """Expanded shard list; local paths must exist (remote ones, `reader.open_url`'s, are checked when read)."""
     shards = expand_urls(urls)
     missing = [u for u in shards if is_local(u) and not os.path.exists(u)]
     if missing:
@@ -85,10 +85,8 @@ def sidecar_url(url: str) -> str:
 def read_sidecar(url: str) -> dict | None:
     """A shard's sidecar index, or None where there is none or another reader version wrote it (the shard is then
     streamed to index it)."""
-    import webdataset as wds
-
     try:
-        with wds.gopen(sidecar_url(url)) as f:
+        with open_url(sidecar_url(url)) as f:
             side = json.loads(f.read())
     except (OSError, ValueError):
         return None
@@ -100,12 +98,10 @@ def shard_identity(url: str) -> list:
     """What identifies a shard's content, for the key of its index (a changed shard gets a new key).
 
     A local file: its path, size and modification time. An http(s) shard: its ETag (else Last-Modified and
-    Content-Length), from a HEAD request. Any other remote shard (`pipe:` commands, how object stores are read):
-    the content hash of its sidecar index, which the shard writers rewrite with the shard. A remote shard with none
+    Content-Length), from a HEAD request. Any other remote shard (`s3://`, `gs://`, `pipe:` commands): the content
+    hash of its sidecar index, which the shard writers rewrite with the shard. A remote shard with none
     of these is known by its URL alone (assumed immutable, as versioned object-store paths are).
     """
-    import webdataset as wds
-
     if is_local(url):
         st = os.stat(url)
         return [os.path.abspath(url), st.st_size, st.st_mtime_ns]
@@ -114,7 +110,7 @@ def shard_identity(url: str) -> list:
         if tag:
             return [url, "etag", tag]
     try:
-        with wds.gopen(sidecar_url(url)) as f:
+        with open_url(sidecar_url(url)) as f:
             return [url, "sidecar", hashlib.sha256(f.read()).hexdigest()]
     except (OSError, ValueError):
         return [url]

@@ -1,44 +1,13 @@
-"""A study whose `--storage` is object storage (a real S3 server on 127.0.0.1: moto's standalone server): the driver
-uploads each source's index once; a node with another cache downloads it and maps it, building nothing."""
+"""A study whose `--storage` is object storage (a real S3 server on 127.0.0.1: moto's standalone server, the `s3`
+fixture of tests/study/conftest.py): the driver uploads each source's index once; a node with another cache downloads
+it and maps it, building nothing."""
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
-import pytest
 
 from pipelines import data
 from pipelines.data import index as index_mod
-
-MOTO = shutil.which("moto_server", path=os.path.dirname(sys.executable))
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """An S3 endpoint on 127.0.0.1 and credentials in the standard environment variables (fake ones)."""
-    assert MOTO, "moto_server is a dev dependency (moto[server]): pip install -e '.[dev]'"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    yield f"s3://study-bucket/runs?endpoint_override=127.0.0.1:{port}&scheme=http&allow_bucket_creation=true"
-    server.terminate()
-    server.wait(timeout=10)
 
 
 def _config(cache):
