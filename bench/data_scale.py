@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipelines import data
-from pipelines.data import index as index_mod
+from pipelines.data import scan as index_scan
 from pipelines.data.augment import Augment, train_image
 from pipelines.data.index import SourceIndex
 from pipelines.data.stream import ShardStream, StreamLoader
@@ -95,7 +95,7 @@ def large_member_rate(folder: Path, shards: int, shard_size: int, member: int) -
     for workers in (1, 2):
         rounds = []
         for r in range(2):
-            _, seconds = timed(index_mod.build, paths, folder / f"index-w{workers}-{r}", workers=workers)
+            _, seconds = timed(index_scan.build, paths, folder / f"index-w{workers}-{r}", workers=workers)
             rounds.append(n / seconds)
         print(f"  {workers} worker(s), {member / 1e3:.0f} kB members: {mmm(rounds, ',.0f')} samples/s "
               f"({max(rounds) / workers:,.0f} per core; page cache warm: the header scan, not the disk)", flush=True)
@@ -317,10 +317,10 @@ def build_report(shards: list[str], root: Path, n: int) -> SourceIndex:
     rates = {}
     for workers in (1, 2):
         print(f"building the index with {workers} worker(s)...", flush=True)
-        index, seconds = timed(index_mod.build, shards, root / f"index-w{workers}", workers=workers)
+        index, seconds = timed(index_scan.build, shards, root / f"index-w{workers}", workers=workers)
         rates[workers] = n / seconds
         print(f"  {workers} worker(s): {seconds:.2f} s, {rates[workers]:,.0f} samples/s", flush=True)
-    per_core, (_, scan) = rates[1], timed(lambda: [index_mod.scan_shard(s).lost for s in shards])
+    per_core, (_, scan) = rates[1], timed(lambda: [index_scan.scan_shard(s).lost for s in shards])
     serial = max(0.0, n / per_core - scan)  # the merge (hashes, columns, duplicate check) in the build's process
     print(f"index build on {CORES} cores at {n:,} | 14.2M | 300M samples, at {CORES}x the 1-worker rate "
           f"({per_core:,.0f} samples/s/core; 2 workers here: {rates[2] / rates[1]:.2f}x): "
@@ -365,7 +365,7 @@ def main() -> None:
                   + " | ".join(f"first {first * t / n:.1f}, warm {med * t / n:.2f}" for t in TARGETS))
         sources = []
         for part, folder in ((max(1, len(shards) // 10), root / "index-small"), (len(shards), index.folder)):
-            src = index_mod.build(shards[:part], folder) if part < len(shards) else index
+            src = index_scan.build(shards[:part], folder) if part < len(shards) else index
             src.order(0)  # the driver's first subset for seed 0 writes it; the probes find it
             sources.append((src.folder, folder.with_suffix(".json"), len(src)))
             sources[-1][1].write_text(old_json(src))

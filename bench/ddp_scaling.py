@@ -27,7 +27,8 @@ import torch.multiprocessing as mp
 
 from pipelines import pretrain
 from pipelines.data.augment import Augment
-from pipelines.data.index import ShardSubset, SourceIndex, build
+from pipelines.data.index import ShardSubset, SourceIndex
+from pipelines.data.scan import build
 from pipelines.data.stream import LoaderConfig
 from pipelines.data.writer import write_shard
 from pipelines.runtime import Runtime

@@ -34,7 +34,8 @@ from timm.utils import dispatch_clip_grad
 
 from pipelines import models, perf
 from pipelines.data.augment import Augment
-from pipelines.data.index import ShardSubset, build
+from pipelines.data.index import ShardSubset
+from pipelines.data.scan import build
 from pipelines.data.stream import ShardStream, StreamLoader
 from pipelines.data.writer import write_shard
 from pipelines.loop import LoopSpec, to_input, train_loop, warmup_decay

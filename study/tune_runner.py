@@ -85,7 +85,7 @@ def connect(cfg: StudyConfig, address: str | None) -> None:
 
 def index_mapper(address: str | None):
     """Where a study joins a cluster, source indexes are built by Ray tasks across it (one task per run of shards,
-    results merged on the driver); on one machine, by a process pool (`pipelines.data.index.build`)."""
+    results merged on the driver); on one machine, by a process pool (`pipelines.data.scan.build`)."""
     if address is None or not ray.is_initialized():
         return None
 

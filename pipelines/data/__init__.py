@@ -16,8 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipelines import atomic
-from pipelines.data import index as index_mod
-from pipelines.data import shapes
+from pipelines.data import scan, shapes
 from pipelines.data.folder import folder_classes, folder_files, folder_to_shards
 from pipelines.data.index import INDEX_VERSION, Mapper, ShardSubset, SourceIndex, rebased
 from pipelines.data.reader import BadCounts, DataError
@@ -168,7 +167,7 @@ def cached_index(shards: list[str], root: Path, mapper: Mapper | None = None, pr
              info_lengths(shards)]  # an `_info.json` saying what a cut shard lost changes the index too
     folder = Path(root) / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
     if not (folder / "meta.json").exists():
-        index_mod.build(shards, folder, mapper=mapper, workers=workers, duplicates=duplicates, progress=progress)
+        scan.build(shards, folder, mapper=mapper, workers=workers, duplicates=duplicates, progress=progress)
     return folder
 
 

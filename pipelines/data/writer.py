@@ -58,7 +58,7 @@ def sidecar_of(rows) -> dict:
 
 def write_sidecar(path: Path) -> None:
     """Index a local shard and store that beside it, so a remote copy is indexed without reading it."""
-    from pipelines.data.index import scan_shard
+    from pipelines.data.scan import scan_shard
 
     store_sidecar(path, scan_shard(str(path)))
 

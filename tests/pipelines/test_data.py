@@ -234,14 +234,14 @@ def _source(folder, counts, tag=""):
 
 
 def test_prepare_indexes_a_source_once_and_fails_up_front_on_a_corrupt_training_shard(tmp_path, monkeypatch):
-    from pipelines.data import index as index_mod
+    from pipelines.data import scan as index_scan
 
     _source(tmp_path, [100] * 3)
     src = data.SourceConfig(source="webdataset", urls=str(tmp_path / "train-{0..2}.tar"), size=240, num_classes=3,
                             image_size=8)
     built = []
-    real = index_mod.build
-    monkeypatch.setattr(index_mod, "build", lambda shards, *a, **k: built.append(shards) or real(shards, *a, **k))
+    real = index_scan.build
+    monkeypatch.setattr(index_scan, "build", lambda shards, *a, **k: built.append(shards) or real(shards, *a, **k))
     found = data.prepare(src, tmp_path / "cache")
     assert len(built) == 1
     again = data.prepared(src, tmp_path / "cache")  # a trial, a rank: the driver's record, nothing rebuilt
@@ -278,14 +278,14 @@ def test_shard_mode_subsets_are_nested_deterministic_and_read_few_shards(tmp_pat
 
 def test_a_changed_remote_shard_gets_a_new_index(tmp_path, monkeypatch):
     """Remote shards are keyed by their sidecar's content hash (`pipe:`) or ETag (http), not by their URL alone."""
-    from pipelines.data import index as index_mod
+    from pipelines.data import scan as index_scan
     from pipelines.data.sources import shard_identity
 
     _source(tmp_path, [10, 10], "a")
     urls = [f"pipe:cat {tmp_path}/train-{s}.tar" for s in range(2)]
     built = []
-    real = index_mod.build
-    monkeypatch.setattr(index_mod, "build", lambda shards, *a, **k: built.append(shards) or real(shards, *a, **k))
+    real = index_scan.build
+    monkeypatch.setattr(index_scan, "build", lambda shards, *a, **k: built.append(shards) or real(shards, *a, **k))
     first = data.cached_index(urls, tmp_path / "cache")
     assert data.cached_index(urls, tmp_path / "cache") == first and len(built) == 1  # built once
     write_shard(tmp_path / "train-1.tar", ((f"b1-{i:02d}", np.zeros((8, 8, 3), np.uint8), 0) for i in range(12)))
@@ -299,12 +299,12 @@ def test_a_changed_remote_shard_gets_a_new_index(tmp_path, monkeypatch):
 def test_a_node_with_its_own_cache_reads_the_stored_index_without_building_it(tmp_path, monkeypatch):
     """The driver indexes once into the study's storage; a node whose cache folder differs (generated shards are
     made per node) maps that index, with its shard paths moved to its own cache, and builds nothing."""
-    from pipelines.data import index as index_mod
+    from pipelines.data import scan as index_scan
 
     storage = tmp_path / "storage" / "index"
     found = data.prepare(SMALL, tmp_path / "driver-cache", storage, progress=False)
     built = []
-    monkeypatch.setattr(index_mod, "build", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(index_scan, "build", lambda *a, **k: built.append(a))
     node = data.prepared(SMALL, tmp_path / "node-cache", storage)
     assert built == [] and node.indexes == found.indexes  # the stored index, not a new one
     assert node.index().shard_url(0).startswith(str((tmp_path / "node-cache").resolve()))

@@ -198,7 +198,7 @@ _BUILDER = r"""
 import json, sys, time
 from pathlib import Path
 from pipelines import data
-from pipelines.data import index as index_mod
+from pipelines.data import scan as index_scan
 
 shards, root, sync, me = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 
@@ -209,7 +209,7 @@ def until(done, what):
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.01)
 
-real, built = index_mod.build, []
+real, built = index_scan.build, []
 
 def build(*args, **kwargs):  # the real build, entered by both processes before either writes a file
     (sync / f"building-{me}").touch()
@@ -217,7 +217,7 @@ def build(*args, **kwargs):  # the real build, entered by both processes before 
     built.append(True)
     return real(*args, **kwargs)
 
-index_mod.build = build
+index_scan.build = build
 (sync / f"ready-{me}").touch()
 until(lambda: (sync / "go").exists(), "go")
 folder = data.cached_index(shards, root)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from pipelines import data
-from pipelines.data import index as index_mod
+from pipelines.data import scan as index_scan
 
 
 def _config(cache):
@@ -32,7 +32,7 @@ def test_a_node_downloads_the_stored_index_once_and_builds_none(s3, tmp_path, mo
     def refuse(*args, **kwargs):
         raise AssertionError("a node built an index")
 
-    monkeypatch.setattr(index_mod, "build", refuse)
+    monkeypatch.setattr(index_scan, "build", refuse)
     sync_indexes(node, storage, src)  # what a trial does first, on its node
     here = data.prepared(src, node.cache_dir, index_root(node, storage))
     assert all(str(tmp_path / "node-cache") in f for f in here.indexes.values())
