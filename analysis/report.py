@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -243,9 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", required=True, help="tidy results CSV (the study's results.csv schema)")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
+    return report_command(lambda: results.read(args.results), Path(args.out), Path(args.results).stem)
+
+
+def report_command(table: Callable[[], pd.DataFrame], out: Path, title: str) -> int:
+    """A command's end: the report of `table()` written to `out` and where it is printed, or one line and exit 2."""
     try:
-        out = Path(args.out)
-        path = write_report(results.read(args.results), out, title=Path(args.results).stem)
+        path = write_report(table(), out, title=title)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

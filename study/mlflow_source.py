@@ -47,16 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    try:
-        path = report.write_report(table_from_experiment(args.experiment, args.tracking_uri), out,
-                                   title=args.experiment)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"report:  {path}\nhtml:    {out / 'report.html'}\nsummary: {out / 'summary.json'}\n"
-          f"figures: {out / 'figures'}")
-    return 0
+    return report.report_command(lambda: table_from_experiment(args.experiment, args.tracking_uri), Path(args.out),
+                                 args.experiment)
 
 
 if __name__ == "__main__":
