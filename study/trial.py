@@ -270,7 +270,7 @@ def _run_guarded(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: P
         except (TrainingDiverged, UserError) as err:
             emit(Failed(f"{type(err).__name__}: {err} (after {time.time() - start:.0f} s)"))
         except OSError as err:
-            if (why := unfixable_by_retry(err)) is None:
+            if (why := unfixable_by_retry(err, storage.root)) is None:
                 raise  # a transient error (a network blip, a lost node): Tune's FailureConfig retries the trial
             emit(Failed(why))
     shutil.rmtree(scratch, ignore_errors=True)  # a crash keeps it for nobody: a retry starts from storage
@@ -282,16 +282,16 @@ UNFIXABLE = {errno.ENOSPC: "free space there", errno.EDQUOT: "raise the quota or
              errno.EROFS: "give a writable --storage"}
 
 
-def unfixable_by_retry(err: OSError) -> str | None:
+def unfixable_by_retry(err: OSError, root: str | None = None) -> str | None:
     """One line naming the path and what to do, for an OS error that retrying cannot fix (no space, no permission,
     a read-only file system); None for others. pyarrow's file systems raise OSErrors without `errno` set, with
-    the C error in the message."""
+    the C error in the message (and no file name: then `root`, the storage it was writing to, is named)."""
     code = err.errno
     if code is None:
         code = next((c for c in UNFIXABLE if os.strerror(c).lower() in str(err).lower()), None)
     if code not in UNFIXABLE:
         return None
-    where = f" ({err.filename})" if err.filename else ""
+    where = f" ({err.filename})" if err.filename else f" (under {root})" if root else ""
     return (f"{os.strerror(code)}{where}: {UNFIXABLE[code]}, then rerun the same command (not retried: a retry "
             f"cannot fix it; finished points and checkpoints are kept). {str(err).splitlines()[0][:300]}")
 

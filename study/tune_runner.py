@@ -4,6 +4,7 @@ a driver-side callback that turns the trials' typed events into MLflow writes an
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -198,6 +199,18 @@ def set_auth_mode(mode: str) -> None:
         pass
 
 
+def _one_line_when_unfixable(record: logging.LogRecord) -> bool:
+    """Tune logs a traceback each time it cannot save its state to storage; where the cause is one a retry cannot
+    fix (a full disk), the trial's own line says what to do: keep Tune's message, drop the stack."""
+    from study.trial import unfixable_by_retry
+
+    err = record.exc_info[1] if record.exc_info else None
+    if isinstance(err, OSError) and unfixable_by_retry(err) is not None:
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            f"{record.getMessage().rstrip(': ')}: {_first_line(err)}", None, None, None)
+    return True
+
+
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
@@ -235,6 +248,7 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
                      logging_level="warning")
     interrupt.install()  # after ray.init, which installs a SIGTERM handler of its own
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(_one_line_when_unfixable)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the study stops its trials itself (study/interrupt.py)
     started = time.perf_counter()
     r = cfg.resources
