@@ -46,10 +46,9 @@ def inspect(src, key: str, asked: list[tuple[str, int]] = ()) -> Findings:
     if src.source == "folder":
         _folder(src, key, needs, test_needs, found)
     elif src.source == "webdataset":
-        for field_, urls, split_needs in (("urls", src.urls, needs), ("test_urls", src.test_urls, test_needs)):
-            if urls:
-                _shards(src, f"{key}.{field_}", urls, split_needs, found, num_classes_key=f"{key}.num_classes"
-                        if field_ == "urls" else None)
+        _shards(src.urls, f"{key}.urls", needs, found, classes=(f"{key}.num_classes", src.num_classes))
+        if src.test_urls:
+            _shards(src.test_urls, f"{key}.test_urls", test_needs, found)
     return found
 
 
@@ -87,7 +86,8 @@ def _count_folder(root: str, key: str, found: Findings) -> dict[str, int] | None
     return counts
 
 
-def _shards(src, key: str, urls: str, needs, found: Findings, num_classes_key: str | None) -> None:
+def _shards(urls: str, key: str, needs, found: Findings, classes: tuple[str, int] | None = None) -> None:
+    """One split's shards: local ones exist, and hold `needs` and the declared `classes` where `_info.json` says."""
     shards = expand_urls(urls)
     local = [u for u in shards if is_local(u)]
     missing = [u for u in local if not os.path.exists(u)]
@@ -97,8 +97,9 @@ def _shards(src, key: str, urls: str, needs, found: Findings, num_classes_key: s
         return
     if len(local) < len(shards):
         remote = next(u for u in shards if not is_local(u))
-        found.unchecked.append(f"{key}: {len(shards) - len(local)} remote shards ({remote}): existence and sample "
-                               "count are checked when they are indexed")
+        n = len(shards) - len(local)
+        found.unchecked.append(f"{key}: {n} remote shard{'s' * (n > 1)} ({remote}): existence and sample count are "
+                               "checked when they are indexed")
         return
     info = Path(local[0]).parent / "_info.json"
     if not info.exists():
@@ -107,7 +108,7 @@ def _shards(src, key: str, urls: str, needs, found: Findings, num_classes_key: s
         return
     try:
         lengths = info_lengths(local)
-        classes = json.loads(info.read_text()).get("num_classes")
+        held_classes = json.loads(info.read_text()).get("num_classes")
     except (ValueError, AttributeError):
         found.problems.append(f"{key}: {info} is not the JSON object timm's wds layout describes; fix or remove it")
         return
@@ -118,9 +119,9 @@ def _shards(src, key: str, urls: str, needs, found: Findings, num_classes_key: s
                                "when the shards are indexed")
     else:
         _held(found, sum(named), f"samples {info} lists for these shards", needs)
-    if num_classes_key and isinstance(classes, int) and classes != src.num_classes:
-        found.problems.append(f"{num_classes_key}: {src.num_classes}, but {info} says num_classes {classes}; "
-                              f"set {num_classes_key}: {classes}")
+    if classes and isinstance(held_classes, int) and held_classes != classes[1]:
+        found.problems.append(f"{classes[0]}: {classes[1]}, but {info} says num_classes {held_classes}; "
+                              f"set {classes[0]}: {held_classes}")
 
 
 def _held(found: Findings, held: int, what: str, needs: list[tuple[str, int]]) -> None:

@@ -114,7 +114,7 @@ def test_a_correct_folder_grid_passes_and_lists_the_remote_shards_it_could_not_c
     assert code == 0, err
     assert "ViT-Pico/4" in out and "not checked" in out
     assert "  downstream[1].urls: 4 remote shards (s3://bucket/pets/train-0.tar)" in out
-    assert "  downstream[1].test_urls: 1 remote shards (https://h/pets/test.tar)" in out
+    assert "  downstream[1].test_urls: 1 remote shard (https://h/pets/test.tar)" in out
     assert "downstream[0]" not in out  # the folders were checked
 
 
@@ -174,3 +174,21 @@ def test_help_lines_are_whole_sentences(cache_dir):
     text = " ".join(proc.stdout.split())
     assert "log to MLflow, write the results and the report. Running the same command again resumes" in text
     assert proc.stdout.split("\n\n")[1].endswith(".")  # the description paragraph
+
+
+def test_shards_are_checked_against_their_info_json_or_listed_as_not_checked(tmp_path):
+    from pipelines.data import SourceConfig
+    from pipelines.data.preflight import inspect
+
+    for name in ("a.tar", "b.tar"):
+        (tmp_path / name).write_bytes(b"")
+    src = SourceConfig(source="webdataset", urls=f"{tmp_path}/{{a,b}}.tar", size=10, num_classes=4)
+    found = inspect(src, "data.pretrain", [("data.subsets", 8), ("data.subsets", 12)])
+    assert found.problems == [] and found.unchecked == [
+        f"data.pretrain.urls: no _info.json beside {tmp_path}/a.tar: the sample count is checked when the shards are "
+        "indexed"]
+    write_info(tmp_path, "train", ["a.tar", "b.tar"], [5, 5], num_classes=3)
+    found = inspect(src, "data.pretrain", [("data.subsets", 8), ("data.subsets", 12)])
+    assert found.unchecked == [] and found.problems == [
+        f"data.subsets=12: more than the 10 samples {tmp_path}/_info.json lists for these shards; at most 10",
+        f"data.pretrain.num_classes: 4, but {tmp_path}/_info.json says num_classes 3; set data.pretrain.num_classes: 3"]
