@@ -127,11 +127,21 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
                and f.default_factory is dataclasses.MISSING]
     if missing:
         key = f"{where}.{missing[0]}" if where else missing[0]
-        raise ConfigError(f"missing required key '{key}'")
+        raise ConfigError(f"missing required key '{key}' ({_expected(hints[missing[0]])})")
     try:
         return cls(**kwargs)
     except ValueError as err:  # __post_init__ checks
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def _expected(tp: Any) -> str:
+    """What a missing key takes, for its error message."""
+    if dataclasses.is_dataclass(tp):
+        names = [f.name for f in dataclasses.fields(tp)]
+        return f"a mapping with keys {', '.join(names[:5])}" + (", ..." if len(names) > 5 else "")
+    if typing.get_origin(tp) in (tuple, list):
+        return f"a list of {_type_name((typing.get_args(tp) or (Any,))[0])}"
+    return _type_name(tp)
 
 
 def to_dict(obj: Any) -> Any:

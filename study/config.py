@@ -13,6 +13,7 @@ import yaml
 from pipelines import models
 from pipelines.config import ConfigError, apply_overrides, from_dict, load_yaml
 from pipelines.data import SourceConfig, default_cache_dir
+from pipelines.data.preflight import Findings, inspect
 from pipelines.data.sources import expand_urls
 from pipelines.data.stream import LoaderConfig
 from pipelines.downstream import EvaluateConfig
@@ -110,14 +111,26 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
         raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of study keys at the top level")
-    data = apply_overrides(data, overrides or [])
-    for old, new in RENAMED.items():
-        section, key = old.split(".")
-        if isinstance(data.get(section), dict) and key in data[section]:
-            raise ConfigError(f"{old} is now {new}")
-    cfg = from_dict(StudyConfig, data)
-    validate(cfg)
+    try:  # every error names the file, then the key path
+        data = apply_overrides(data, overrides or [])
+        for old, new in RENAMED.items():
+            section, key = old.split(".")
+            if isinstance(data.get(section), dict) and key in data[section]:
+                raise ConfigError(f"{old} is now {new}")
+        cfg = from_dict(StudyConfig, data)
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     return cfg
+
+
+def check_data(cfg: StudyConfig) -> Findings:
+    """What can be checked of every data source without a GPU or reading an image (`preflight.inspect`): the dry run
+    prints it, a real run stops on its problems before Ray starts."""
+    found = inspect(cfg.data.pretrain, "data.pretrain", [("data.subsets", n) for n in cfg.data.subsets])
+    for i, task in enumerate(cfg.downstream):
+        found += inspect(task, f"downstream[{i}]")
+    return found
 
 
 def validate(cfg: StudyConfig) -> None:
@@ -137,13 +150,12 @@ def validate(cfg: StudyConfig) -> None:
     names = [task.label for task in cfg.downstream]
     if len(set(names)) != len(names) or any("/" in n for n in names):
         raise ConfigError(f"downstream task names must be unique and contain no '/', got {names}")
-    for task in cfg.downstream:
+    for i, task in enumerate(cfg.downstream):
+        _check_test_split(task, f"downstream[{i}]")
         per_class = task.size // task.num_classes
-        if task.test_size <= 0:
-            raise ConfigError(f"downstream '{task.label}': test_size must be > 0 (it is the evaluation split)")
         if cfg.evaluate.fewshot and per_class < max(cfg.evaluate.fewshot.shots):
-            raise ConfigError(f"downstream '{task.label}': {max(cfg.evaluate.fewshot.shots)}-shot needs that "
-                              f"many examples per class, size {task.size} gives {per_class}")
+            raise ConfigError(f"downstream[{i}].size: {max(cfg.evaluate.fewshot.shots)}-shot needs that many "
+                              f"examples per class, size {task.size} gives {per_class} ('{task.label}')")
     for spec in specs:
         patch = spec.patch
         sizes = [("data.pretrain.image_size", cfg.data.pretrain.image_size)]
@@ -152,6 +164,19 @@ def validate(cfg: StudyConfig) -> None:
         for key, size in sizes:
             if patch and size % patch:
                 raise ConfigError(f"{key}={size} is not a multiple of {spec.name}'s patch size {patch}")
+
+
+# The key that gives a downstream task its evaluation split, per source: `shapes` generates `test_size` examples;
+# the others read theirs (a declared `test_size` is then checked against them, as `size` is).
+_TEST_SPLIT = {"shapes": ("test_size", "a number of examples > 0"), "webdataset": ("test_urls", "shards"),
+               "folder": ("test_root", "a folder of class folders")}
+
+
+def _check_test_split(task: SourceConfig, key: str) -> None:
+    name, what = _TEST_SPLIT[task.source]
+    if not getattr(task, name):
+        raise ConfigError(f"{key}.{name}: a downstream task needs a test split; give {name} ({what}) for source "
+                          f"'{task.source}'")
 
 
 # ASCII letters, digits, '-', '_', '.': the name becomes an MLflow experiment and a folder (runs/<study>/), so a

@@ -18,17 +18,18 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import UserError, to_dict
-from study.config import GridPoint, StudyConfig, expand, load_study, pipe_commands
+from study.config import GridPoint, StudyConfig, check_data, expand, load_study, pipe_commands
 
 ASSUMED_MFU = 0.4  # what the dry run assumes without --mfu (35-45% is typical for ViT-B/16 on an H100)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", required=True, help="study YAML, e.g. configs/scaling.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.epochs=3")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the expanded grid, its cost and what each point will do, then exit")
+                        help="print the expanded grid, its cost and what each point will do, check every local data "
+                             "path and count, list what it could not check, then exit (2 if a check failed)")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the grid as JSON")
     parser.add_argument("--mfu", type=float, default=None,
                         help="with --dry-run: price the grid at this model FLOPs utilisation (e.g. a measured "
@@ -85,6 +86,16 @@ def print_commands(commands: list[str], as_json: bool) -> None:
     print(f"\nThe grid's pipe: URLs run these {len(commands)} shell commands (review them as you would a script):")
     for command in commands:
         print(f"  {command}")
+
+
+def print_unchecked(unchecked: list[str], as_json: bool) -> None:
+    """What the dry run could not check without reading the data (remote shards, shards without `_info.json`)."""
+    if not unchecked:
+        return
+    out = sys.stderr if as_json else sys.stdout  # stdout stays one JSON document
+    print("\nnot checked (the real run checks these when it indexes the data, before any trial starts):", file=out)
+    for line in unchecked:
+        print(f"  {line}", file=out)
 
 
 def git_commit() -> str:
@@ -150,9 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         points = expand(cfg)  # the one expansion of the grid; Tune receives these points
         if args.mfu is not None and not 0 < args.mfu <= 1:
             raise UserError(f"--mfu {args.mfu}: a fraction of the peak, in (0, 1]")
+        checked = check_data(cfg)  # the same checks for a dry run and, before Ray starts, a real one
         if args.dry_run:
             print_grid(describe(cfg, points, planned_actions(cfg, points, args), args.mfu or ASSUMED_MFU), args.json)
             print_commands(pipe_commands(cfg), args.json)
+            print_unchecked(checked.unchecked, args.json)
+        if checked.problems:
+            raise UserError("\n".join(f"{args.grid}: {problem}" for problem in checked.problems))
+        if args.dry_run:
             return 0
         from study import tune_runner
         from study.lease import Lease
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             tune_runner.disconnect()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("\n".join(f"error: {line}" for line in str(err).splitlines()), file=sys.stderr)
         return 2
     except OSError as err:  # the driver's own writes: a full disk, no permission, a read-only folder
         from study.trial import unfixable_by_retry

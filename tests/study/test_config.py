@@ -46,7 +46,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 def test_values_that_make_no_sense_are_refused(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_study(SMOKE, overrides)
-    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{SMOKE}: {message}") and "\n" not in str(err.value)  # the file, then the key
 
 
 def test_zero_means_off_where_documented():

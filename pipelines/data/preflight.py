@@ -1,0 +1,140 @@
+"""Cheap checks of a source before anything runs: no image decoded, no tar read. Local paths exist, class folders
+match `num_classes`, image counts (files per class folder) and `_info.json` sample counts hold what the config
+declares and asks. What only reading can tell (remote URLs, `pipe:` commands, shards without `_info.json`) is
+listed as not checked; `prepare` checks it when it indexes the shards."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.data.folder import folder_classes
+from pipelines.data.reader import IMAGE_EXTS
+from pipelines.data.sources import expand_urls, info_lengths, is_local
+
+
+@dataclass
+class Findings:
+    """What a preflight found: `problems` (each one line, `key.path: what is wrong; what would be valid`) and
+    `unchecked` (each one line, `key.path: why it could not be checked here`)."""
+
+    problems: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+
+    def __iadd__(self, other: Findings) -> Findings:
+        self.problems += other.problems
+        self.unchecked += other.unchecked
+        return self
+
+
+def inspect(src, key: str, asked: list[tuple[str, int]] = ()) -> Findings:
+    """Check one source's local paths and declared counts without reading any image.
+
+    Args:
+        src: a `SourceConfig`.
+        key: its key path in the config (`data.pretrain`, `downstream[0]`), used in every line.
+        asked: further (key path, number of examples) its train split must hold, e.g. each of `data.subsets`.
+
+    Returns:
+        The problems and what could not be checked.
+    """
+    found = Findings()
+    needs = [(f"{key}.size", src.size), *asked]
+    test_needs = [(f"{key}.test_size", src.test_size)] if src.test_size else []
+    if src.source == "folder":
+        _folder(src, key, needs, test_needs, found)
+    elif src.source == "webdataset":
+        _shards(src.urls, f"{key}.urls", needs, found, classes=(f"{key}.num_classes", src.num_classes))
+        if src.test_urls:
+            _shards(src.test_urls, f"{key}.test_urls", test_needs, found)
+    return found
+
+
+def _folder(src, key: str, needs, test_needs, found: Findings) -> None:
+    train = _count_folder(src.root, f"{key}.root", found)
+    if train is None:
+        return
+    if len(train) != src.num_classes:
+        found.problems.append(f"{key}.num_classes: {src.num_classes}, but {src.root} has {len(train)} class folders "
+                              f"({_names(train)}); set {key}.num_classes: {len(train)}")
+    _held(found, sum(train.values()), f"images in {src.root}", needs)
+    if src.test_root:
+        test = _count_folder(src.test_root, f"{key}.test_root", found)
+        if test is None:
+            return
+        if sorted(test) != sorted(train):
+            found.problems.append(f"{key}.test_root: {src.test_root} has class folders ({_names(test)}), unlike "
+                                  f"{key}.root's ({_names(train)}); both need the same class folders")
+        _held(found, sum(test.values()), f"images in {src.test_root}", test_needs)
+
+
+def _count_folder(root: str, key: str, found: Findings) -> dict[str, int] | None:
+    """Images per class folder (files with an image extension, as `folder_files` takes them), or None if absent."""
+    if not os.path.isdir(root):
+        found.problems.append(f"{key}: {root} not found; give a folder of class folders (<class>/<image>)")
+        return None
+    counts = {}
+    for name in folder_classes(root):
+        with os.scandir(os.path.join(root, name)) as entries:
+            counts[name] = sum(1 for e in entries if e.is_file() and e.name.rpartition(".")[2].lower() in IMAGE_EXTS)
+    if not counts:
+        found.problems.append(f"{key}: {root} has no class folders; give a folder of class folders "
+                              f"(<class>/<image>)")
+        return None
+    return counts
+
+
+def _shards(urls: str, key: str, needs, found: Findings, classes: tuple[str, int] | None = None) -> None:
+    """One split's shards: local ones exist, and hold `needs` and the declared `classes` where `_info.json` says."""
+    shards = expand_urls(urls)
+    local = [u for u in shards if is_local(u)]
+    missing = [u for u in local if not os.path.exists(u)]
+    if missing:
+        found.problems.append(f"{key}: {missing[0]} not found ({len(missing)} of {len(shards)} shards missing); "
+                              "give existing paths")
+        return
+    if len(local) < len(shards):
+        remote = next(u for u in shards if not is_local(u))
+        n = len(shards) - len(local)
+        found.unchecked.append(f"{key}: {n} remote shard{'s' * (n > 1)} ({remote}): existence and sample count are "
+                               "checked when they are indexed")
+        return
+    info = Path(local[0]).parent / "_info.json"
+    if not info.exists():
+        found.unchecked.append(f"{key}: no _info.json beside {local[0]}: the sample count is checked when the "
+                               "shards are indexed")
+        return
+    try:
+        lengths = info_lengths(local)
+        held_classes = json.loads(info.read_text()).get("num_classes")
+    except (ValueError, AttributeError):
+        found.problems.append(f"{key}: {info} is not the JSON object timm's wds layout describes; fix or remove it")
+        return
+    named = [lengths.get(os.path.basename(u)) for u in local]
+    if None in named:
+        gone = local[named.index(None)]
+        found.unchecked.append(f"{key}: {info} does not list {os.path.basename(gone)}: the sample count is checked "
+                               "when the shards are indexed")
+    else:
+        _held(found, sum(named), f"samples {info} lists for these shards", needs)
+    if classes and isinstance(held_classes, int) and held_classes != classes[1]:
+        found.problems.append(f"{classes[0]}: {classes[1]}, but {info} says num_classes {held_classes}; "
+                              f"set {classes[0]}: {held_classes}")
+
+
+def _held(found: Findings, held: int, what: str, needs: list[tuple[str, int]]) -> None:
+    """One line naming every key that asks for more than the split holds."""
+    over: dict[str, list[int]] = {}
+    for key, n in needs:
+        if n > held:
+            over.setdefault(key, []).append(n)
+    if over:
+        said = ", ".join(f"{k}={v[0] if len(v) == 1 else v}" for k, v in over.items())
+        found.problems.append(f"{said}: more than the {held} {what}; at most {held}")
+
+
+def _names(counts: dict[str, int], limit: int = 5) -> str:
+    names = sorted(counts)
+    return ", ".join(names[:limit]) + (f", ... {len(names) - limit} more" if len(names) > limit else "")
