@@ -158,8 +158,9 @@ def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict], point
     return _save(fig, out_dir, "fig5_accuracy_vs_compute")
 
 
-def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict], fits: dict) -> list[Path]:
-    """Fitted value vs measured value at every size, and the held-out prediction of the largest size."""
+def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, extrapolation: list[dict], fits: dict) -> list[Path]:
+    """Fitted value vs measured value at every size, and the held-out prediction of the largest size
+    (`fits.extrapolation_table` rows)."""
     points, held, bars = [], [], []
     for (model, evaluation, dataset, shots, metric), fit in fits.items():
         sel = table[(table["model"] == model) & (table["eval"] == evaluation) & (table["dataset"] == dataset)
@@ -169,7 +170,7 @@ def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict]
             mean, lo, hi = intervals.mean_interval(intervals.per_seed(group).to_numpy())
             points.append((mean, float(fit.accuracy(n))))
             bars.append((mean - (mean if lo is None else lo), (mean if hi is None else hi) - mean))
-    held = [(r["heldout"]["measured"], r["heldout"]["predicted"]) for r in fit_rows if r.get("heldout")]
+    held = [(r["measured"], r["predicted"]) for r in extrapolation if r["predicted"] is not None]
     if not points:
         return []
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
@@ -186,20 +187,20 @@ def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict]
     return _save(fig, out_dir, "fit_diagnostics")
 
 
-def plot_all(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict] | None = None, fits: dict | None = None,
+def plot_all(table: pd.DataFrame, out_dir: Path, extrapolation: list[dict] | None = None, fits: dict | None = None,
              crossovers: list[dict] | None = None, pareto: list[dict] | None = None,
              points: pd.DataFrame | None = None) -> list[Path]:
     """Draw every figure the table supports into `out_dir`; returns the written files."""
     _style()
     points = intervals.point_table(accuracy_rows(table)) if points is None else points
     out_dir.mkdir(parents=True, exist_ok=True)
-    fits, crossovers, pareto, fit_rows = fits or {}, crossovers or [], pareto or [], fit_rows or []
+    fits, crossovers, pareto, extrapolation = fits or {}, crossovers or [], pareto or [], extrapolation or []
     return [*fig_vs_data(table, "finetune", out_dir, "fig3_finetune_vs_data",
                          "Fine-tuning accuracy vs pretraining data (Fig 3 analog)", fits, crossovers),
             *fig_vs_data(table, "fewshot", out_dir, "fig4_fewshot_vs_data",
                          "Linear few-shot accuracy vs pretraining data (Fig 4 analog)", fits, crossovers),
             *fig_vs_compute(table, out_dir, pareto, points),
-            *fig_fit_diagnostics(table, out_dir, fit_rows, fits),
+            *fig_fit_diagnostics(table, out_dir, extrapolation, fits),
             *fig7_across_grid(table, out_dir)]
 
 

@@ -99,6 +99,17 @@ def leader_rows(frame: pd.DataFrame) -> list[list[str]]:
     return rows
 
 
+def extrapolation_rows(rows: list[dict]) -> list[list[str]]:
+    """Table rows of `fits.extrapolation_table`: the signed error with its interval, or why there is none."""
+    out = []
+    for r in rows:
+        error = r["status"] if r["error"] is None else \
+            f"{r['error']:+.2f}" + ("" if r["ci"] is None else f" [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]")
+        out.append([r["model"], r["family"], _eval_name(r["eval"], r["dataset"], r["shots"], r["metric"]),
+                    _fmt(r["size"]), _fmt(r["predicted"]), _fmt(r["measured"]), error])
+    return out
+
+
 def _eval_name(evaluation, dataset, shots, metric) -> str:
     return f"{evaluation} / {dataset}" + ("" if shots is None or pd.isna(shots) else f" / {int(shots)}-shot") + \
         f" / {metric}"
@@ -138,14 +149,16 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
             blocks.append(("table", ["subset", "best ViT", "best BiT", "ViT − BiT", "leader"], leads))
     blocks += [("h2", "Scaling-law fits"),
                ("p", "error = 100 − accuracy; a·x^−b + c (a·(x+d)^−b + c with ≥ 5 sizes). CIs are 95% bootstrap "
-                     "intervals, over seeds when every size has several, else over residuals; held-out: fit "
-                     "without the largest size, predict it."),
-               ("table", ["model", "evaluation", "form", "b", "b 95% CI", "c", "c 95% CI", "bootstrap",
-                          "held-out |error|"],
+                     "intervals, over seeds when every size has several, else over residuals."),
+               ("table", ["model", "evaluation", "form", "b", "b 95% CI", "c", "c 95% CI", "bootstrap"],
                 [[f["model"], _eval_name(f["eval"], f["dataset"], f["shots"], f["metric"]), f.get("form", "–"),
                   _fmt(f.get("b")), _fmt((f.get("ci") or {}).get("b")), _fmt(f.get("c")),
-                  _fmt((f.get("ci") or {}).get("c")), f.get("bootstrap", f["status"]),
-                  _fmt((f.get("heldout") or {}).get("abs_error"))] for f in summary["fits"]])]
+                  _fmt((f.get("ci") or {}).get("c")), f.get("bootstrap", f["status"])] for f in summary["fits"]]),
+               ("h3", "Extrapolation error"),
+               ("p", "The largest measured size held out (all seeds), the same law fitted to the rest and the held-out "
+                     "size predicted: predicted − measured mean, accuracy points [95% bootstrap interval over seeds]."),
+               ("table", ["model", "family", "evaluation", "held-out size", "predicted", "measured", "error"],
+                extrapolation_rows(summary["extrapolation"]))]
     blocks += [("h2", "Compute frontier"), ("p", "Points no cheaper point beats, per evaluation.")]
     for entry in summary["pareto"]:
         blocks.append(("p", _eval_name(entry["eval"], entry["dataset"], entry["shots"], entry["metric"]) + ": " +
@@ -227,10 +240,11 @@ def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
     fit_rows, fitted = fits.fit_table(table)
     points = intervals.point_table(fits.accuracy_rows(table))
     summary = {"points": _records(points), "gaps": intervals.gap_table(fits.accuracy_rows(table)),
-               "fits": fit_rows, "crossovers": fits.crossover_table(table, fitted), "pareto": fits.pareto_table(table)}
+               "fits": fit_rows, "extrapolation": fits.extrapolation_table(table),
+               "crossovers": fits.crossover_table(table, fitted), "pareto": fits.pareto_table(table)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    figures = plots.plot_all(table, out / "figures", fit_rows, fitted, summary["crossovers"], summary["pareto"],
-                             points)
+    figures = plots.plot_all(table, out / "figures", summary["extrapolation"], fitted, summary["crossovers"],
+                             summary["pareto"], points)
     figures += panels or []
     blocks = build_blocks(table, title, summary, figures, failures)
     (out / "report.html").write_text(to_html(blocks, title))
