@@ -129,6 +129,42 @@ def fig_vs_data(table: pd.DataFrame, evaluation: str, out_dir: Path, name: str, 
     return _save(fig, out_dir, name)
 
 
+def fig_studies_vs_data(points: pd.DataFrame, evaluation: str, studies: list[str], out_dir: Path) -> list[Path]:
+    """Several studies on one evaluation protocol: a panel per (dataset, shots, metric), one colour per study,
+    one marker per family, one line style per model within a study. A study without a panel's evaluation is
+    named in the panel as missing.
+
+    Args:
+        points: `intervals.point_table` rows of every study, with a `study` column.
+        studies: every study's label, in legend order.
+    """
+    frame = points[points["eval"] == evaluation]
+    if frame.empty:
+        return []
+    _style()
+    colour = dict(zip(studies, sns.color_palette("tab10", n_colors=max(10, len(studies))), strict=False))
+    fig, panels = _panels(frame, ["dataset", "shots", "metric"])
+    for ax, ((dataset, shots, metric), group) in panels:
+        for study in studies:
+            mine = group[group["study"] == study]
+            for i, ((model, family), pts) in enumerate(mine.groupby(["model", "family"])):
+                pts = pts.sort_values("subset_size")
+                lo, hi = pts["ci_low"].fillna(pts["mean"]), pts["ci_high"].fillna(pts["mean"])
+                ax.errorbar(pts["subset_size"], pts["mean"], yerr=[pts["mean"] - lo, hi - pts["mean"]],
+                            color=colour[study], marker=families.get(family).marker, ls=("-", "--", ":", "-.")[i % 4],
+                            capsize=3, label=f"{study}: {model}")
+        missing = [s for s in studies if s not in set(group["study"])]
+        if missing:
+            ax.text(0.02, 0.98, "missing: " + ", ".join(missing), transform=ax.transAxes, va="top", fontsize=7)
+        ax.legend(fontsize=7)
+        _size_axis(ax, sorted(group["subset_size"].unique()))
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{dataset}" + ("" if pd.isna(shots) else f", {int(shots)}-shot"))
+    _legend(fig, [ax for ax, _ in panels])
+    fig.suptitle(f"{evaluation}: accuracy vs pretraining data, by study")
+    return _save(fig, out_dir, f"compare_{evaluation}")
+
+
 def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict], points: pd.DataFrame) -> list[Path]:
     frame = points[(points["metric"] == "top1") & points["pretrain_flops"].notna()]
     frame = frame[frame["shots"].isna() | frame["shots"].eq(5).fillna(False)]  # per-k evaluations: at 5 shots
