@@ -129,6 +129,15 @@ def fig_vs_data(table: pd.DataFrame, evaluation: str, out_dir: Path, name: str, 
     return _save(fig, out_dir, name)
 
 
+def _spread(sizes: list[float], ratio: float = 8.0) -> list[float]:
+    """Tick positions at least `ratio` apart (studies' sizes interleave and their labels would overlap)."""
+    ticks = sizes[:1]
+    for n in sizes[1:]:
+        if n >= ticks[-1] * ratio:
+            ticks.append(n)
+    return ticks
+
+
 def fig_studies_vs_data(points: pd.DataFrame, evaluation: str, studies: list[str], out_dir: Path) -> list[Path]:
     """Several studies on one evaluation protocol: a panel per (dataset, shots, metric), one colour per study,
     one marker per family, one line style per model within a study. A study without a panel's evaluation is
@@ -156,11 +165,11 @@ def fig_studies_vs_data(points: pd.DataFrame, evaluation: str, studies: list[str
         missing = [s for s in studies if s not in set(group["study"])]
         if missing:
             ax.text(0.02, 0.98, "missing: " + ", ".join(missing), transform=ax.transAxes, va="top", fontsize=7)
-        ax.legend(fontsize=7)
-        _size_axis(ax, sorted(group["subset_size"].unique()))
+        _size_axis(ax, _spread(sorted(group["subset_size"].unique())))
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{dataset}" + ("" if pd.isna(shots) else f", {int(shots)}-shot"))
-    _legend(fig, [ax for ax, _ in panels])
+    # matplotlib's own legend: seaborn's move_legend would redraw the errorbar handles without their markers
+    panels[-1][0].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=7)
     fig.suptitle(f"{evaluation}: accuracy vs pretraining data, by study")
     return _save(fig, out_dir, f"compare_{evaluation}")
 
