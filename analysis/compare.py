@@ -29,6 +29,8 @@ GAP_COLUMNS = ["eval", "dataset", "shots", "metric", "subset_size"]
 
 @dataclass(frozen=True)
 class Study:
+    """One input: its name in the report, where it was read from (as given), its results table."""
+
     label: str
     source: str
     table: pd.DataFrame

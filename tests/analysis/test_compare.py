@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import compare, fits, plots
+from analysis import compare, fits, intervals, plots
 from tests.conftest import ROOT
 
 PUBLISHED = ROOT / "configs" / "published" / "vit_bit_imagenet.csv"
@@ -67,7 +67,7 @@ def test_crossovers_and_gaps_side_by_side(compared):
 def test_each_study_is_drawn_in_the_figure_of_an_evaluation_it_measured(tmp_path, monkeypatch):
     a = compare.Study("a", "a.csv", pd.read_csv(_study(tmp_path / "a", [("finetune", None)]) / "results.csv"))
     b = compare.Study("b", "b.csv", pd.read_csv(_study(tmp_path / "b", [("fewshot", 5)]) / "results.csv"))
-    points = pd.concat([compare.intervals.point_table(s.table).assign(study=s.label) for s in (a, b)])
+    points = pd.concat([intervals.point_table(s.table).assign(study=s.label) for s in (a, b)])
     drawn = {}
 
     def texts(fig, out_dir, name):  # instead of saving: the panel notes and the legend's entries
