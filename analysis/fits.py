@@ -1,5 +1,6 @@
 """Scaling-law estimators on the tidy table: saturating power laws of error vs data size, their bootstrap
-confidence intervals and held-out checks, ViT-vs-BiT crossovers, and the accuracy-vs-compute frontier.
+confidence intervals, the error of extrapolating to a held-out largest size, ViT-vs-BiT crossovers, and the
+accuracy-vs-compute frontier.
 
 Error is 100 - accuracy (percent). The 3-parameter law is err = a * x^-b + c; with >= 5 sizes the
 4-parameter err = a * (x + d)^-b + c is used (revisiting_neural_scaling_laws' M2/M3 family).
@@ -129,18 +130,43 @@ def fit_law(frame: pd.DataFrame, seed: int = 0, bootstrap: bool = True) -> Fit |
     return Fit(params, np.array(samples).reshape(-1, 4), kind)
 
 
-def heldout_check(frame: pd.DataFrame) -> dict | None:
-    """Fit on all but the largest size, predict the largest: how well does the law extrapolate here?"""
-    sizes = sorted(frame["subset_size"].unique())
-    if len(sizes) < 4:
-        return None
-    fit = fit_law(frame[frame["subset_size"] < sizes[-1]], bootstrap=False)
+def extrapolation_error(frame: pd.DataFrame, seed: int = 0) -> dict:
+    """Hold out the largest measured size (all its seeds), fit the rest as `fit_law` does, predict the held-out
+    size: error = predicted - measured mean (accuracy points), with a 95% bootstrap interval over seeds (the
+    fit's seed resamples, each paired with a resample of the held-out size's seeds).
+
+    Returns:
+        size, status ('measured', 'not enough sizes' with < 3 sizes left, or 'fit failed'), predicted, measured,
+        error, ci (None with a single seed at some size: nothing to resample) and reason (why no value/interval).
+    """
+    per_size = _by_size(frame)
+    out = {"size": per_size[-1][0] if per_size else None, "n_fit_sizes": max(len(per_size) - 1, 0),
+           "status": "measured", "predicted": None, "measured": None, "error": None, "ci": None, "reason": None}
+    if len(per_size) < 4:
+        return {**out, "status": "not enough sizes",
+                "reason": f"{out['n_fit_sizes']} sizes left after holding out the largest (need 3)"}
+    fit = fit_law(frame[frame["subset_size"] < out["size"]], seed)
     if fit is None:
-        return None
-    measured = float(frame[frame["subset_size"] == sizes[-1]]["value"].mean())
-    predicted = float(fit.accuracy(sizes[-1]))
-    return {"size": float(sizes[-1]), "measured": measured, "predicted": predicted,
-            "abs_error": abs(predicted - measured)}
+        return {**out, "status": "fit failed", "reason": "the law did not converge on the remaining sizes"}
+    held = per_size[-1][1]
+    out.update(predicted=float(fit.accuracy(out["size"])), measured=float(held.mean()))
+    out["error"] = out["predicted"] - out["measured"]
+    if fit.bootstrap != "seeds" or len(held) < 2:
+        return {**out, "reason": "a single seed at some size: no bootstrap over seeds"}
+    rng = np.random.default_rng(seed + 1)
+    measured = np.array([held[rng.integers(0, len(held), len(held))].mean() for _ in fit.samples])
+    predicted = 100.0 - power_law(out["size"], *fit.samples.T)
+    out["ci"] = _interval(predicted - measured)
+    return out
+
+
+def extrapolation_table(table: pd.DataFrame) -> list[dict]:
+    """`extrapolation_error` of every (model, evaluation) accuracy curve, with the model's family."""
+    rows = []
+    for key, frame in accuracy_rows(table).groupby(["model", *GROUP], dropna=False):
+        rows.append({"model": key[0], "family": frame["family"].iloc[0], "eval": key[1], "dataset": key[2],
+                     "shots": _int_or_none(key[3]), "metric": key[4], **extrapolation_error(frame)})
+    return rows
 
 
 def _interval(values: np.ndarray) -> list[float] | None:
@@ -168,8 +194,7 @@ def fit_table(table: pd.DataFrame) -> tuple[list[dict], dict[tuple, Fit]]:
         fits[key] = fit
         a, b, c, d = (float(v) for v in fit.params)
         row.update(form="a*(x+d)^-b+c" if d else "a*x^-b+c", a=a, b=b, c=c, d=d, bootstrap=fit.bootstrap,
-                   ci={"b": _interval(fit.samples[:, 1]), "c": _interval(fit.samples[:, 2])},
-                   heldout=heldout_check(frame))
+                   ci={"b": _interval(fit.samples[:, 1]), "c": _interval(fit.samples[:, 2])})
         rows.append(row)
     return rows, fits
 

@@ -129,6 +129,51 @@ def fig_vs_data(table: pd.DataFrame, evaluation: str, out_dir: Path, name: str, 
     return _save(fig, out_dir, name)
 
 
+def _spread(sizes: list[float], ratio: float = 8.0) -> list[float]:
+    """Tick positions at least `ratio` apart (studies' sizes interleave and their labels would overlap)."""
+    ticks = sizes[:1]
+    for n in sizes[1:]:
+        if n >= ticks[-1] * ratio:
+            ticks.append(n)
+    return ticks
+
+
+def fig_studies_vs_data(points: pd.DataFrame, evaluation: str, studies: list[str], out_dir: Path) -> list[Path]:
+    """Several studies on one evaluation protocol: a panel per (dataset, shots, metric), one colour per study,
+    one marker per family, one line style per model within a study. A study without a panel's evaluation is
+    named in the panel as missing.
+
+    Args:
+        points: `intervals.point_table` rows of every study, with a `study` column.
+        studies: every study's label, in legend order.
+    """
+    frame = points[points["eval"] == evaluation]
+    if frame.empty:
+        return []
+    _style()
+    colour = dict(zip(studies, sns.color_palette("tab10", n_colors=max(10, len(studies))), strict=False))
+    fig, panels = _panels(frame, ["dataset", "shots", "metric"])
+    for ax, ((dataset, shots, metric), group) in panels:
+        for study in studies:
+            mine = group[group["study"] == study]
+            for i, ((model, family), pts) in enumerate(mine.groupby(["model", "family"])):
+                pts = pts.sort_values("subset_size")
+                lo, hi = pts["ci_low"].fillna(pts["mean"]), pts["ci_high"].fillna(pts["mean"])
+                ax.errorbar(pts["subset_size"], pts["mean"], yerr=[pts["mean"] - lo, hi - pts["mean"]],
+                            color=colour[study], marker=families.get(family).marker, ls=("-", "--", ":", "-.")[i % 4],
+                            capsize=3, label=f"{study}: {model}")
+        missing = [s for s in studies if s not in set(group["study"])]
+        if missing:
+            ax.text(0.02, 0.98, "missing: " + ", ".join(missing), transform=ax.transAxes, va="top", fontsize=7)
+        _size_axis(ax, _spread(sorted(group["subset_size"].unique())))
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{dataset}" + ("" if pd.isna(shots) else f", {int(shots)}-shot"))
+    # matplotlib's own legend: seaborn's move_legend would redraw the errorbar handles without their markers
+    panels[-1][0].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=7)
+    fig.suptitle(f"{evaluation}: accuracy vs pretraining data, by study")
+    return _save(fig, out_dir, f"compare_{evaluation}")
+
+
 def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict], points: pd.DataFrame) -> list[Path]:
     frame = points[(points["metric"] == "top1") & points["pretrain_flops"].notna()]
     frame = frame[frame["shots"].isna() | frame["shots"].eq(5).fillna(False)]  # per-k evaluations: at 5 shots
@@ -158,8 +203,9 @@ def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict], point
     return _save(fig, out_dir, "fig5_accuracy_vs_compute")
 
 
-def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict], fits: dict) -> list[Path]:
-    """Fitted value vs measured value at every size, and the held-out prediction of the largest size."""
+def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, extrapolation: list[dict], fits: dict) -> list[Path]:
+    """Fitted value vs measured value at every size, and the held-out prediction of the largest size
+    (`fits.extrapolation_table` rows)."""
     points, held, bars = [], [], []
     for (model, evaluation, dataset, shots, metric), fit in fits.items():
         sel = table[(table["model"] == model) & (table["eval"] == evaluation) & (table["dataset"] == dataset)
@@ -169,7 +215,7 @@ def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict]
             mean, lo, hi = intervals.mean_interval(intervals.per_seed(group).to_numpy())
             points.append((mean, float(fit.accuracy(n))))
             bars.append((mean - (mean if lo is None else lo), (mean if hi is None else hi) - mean))
-    held = [(r["heldout"]["measured"], r["heldout"]["predicted"]) for r in fit_rows if r.get("heldout")]
+    held = [(r["measured"], r["predicted"]) for r in extrapolation if r["predicted"] is not None]
     if not points:
         return []
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
@@ -186,20 +232,20 @@ def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict]
     return _save(fig, out_dir, "fit_diagnostics")
 
 
-def plot_all(table: pd.DataFrame, out_dir: Path, fit_rows: list[dict] | None = None, fits: dict | None = None,
+def plot_all(table: pd.DataFrame, out_dir: Path, extrapolation: list[dict] | None = None, fits: dict | None = None,
              crossovers: list[dict] | None = None, pareto: list[dict] | None = None,
              points: pd.DataFrame | None = None) -> list[Path]:
     """Draw every figure the table supports into `out_dir`; returns the written files."""
     _style()
     points = intervals.point_table(accuracy_rows(table)) if points is None else points
     out_dir.mkdir(parents=True, exist_ok=True)
-    fits, crossovers, pareto, fit_rows = fits or {}, crossovers or [], pareto or [], fit_rows or []
+    fits, crossovers, pareto, extrapolation = fits or {}, crossovers or [], pareto or [], extrapolation or []
     return [*fig_vs_data(table, "finetune", out_dir, "fig3_finetune_vs_data",
                          "Fine-tuning accuracy vs pretraining data (Fig 3 analog)", fits, crossovers),
             *fig_vs_data(table, "fewshot", out_dir, "fig4_fewshot_vs_data",
                          "Linear few-shot accuracy vs pretraining data (Fig 4 analog)", fits, crossovers),
             *fig_vs_compute(table, out_dir, pareto, points),
-            *fig_fit_diagnostics(table, out_dir, fit_rows, fits),
+            *fig_fit_diagnostics(table, out_dir, extrapolation, fits),
             *fig7_across_grid(table, out_dir)]
 
 

@@ -25,7 +25,8 @@ from pipelines.config import UserError
 Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", header, rows) | ("img", path)
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
+    """A number, list or missing value as a table cell (missing: an en dash)."""
     if v is None or (isinstance(v, float) and pd.isna(v)):
         return "–"
     if isinstance(v, float):
@@ -33,7 +34,7 @@ def _fmt(v) -> str:
             return f"{v:.3g}"
         return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.2f}"
     if isinstance(v, list):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+        return "[" + ", ".join(fmt(x) for x in v) + "]"
     return str(v)
 
 
@@ -60,7 +61,7 @@ def gap_lines(gaps: list[dict]) -> list[str]:
     """One line per (pair, evaluation): BiT - ViT at the smallest and at the largest subset, with intervals."""
     lines = []
     for small, large in intervals.ends(gaps):
-        name = _eval_name(small["eval"], small["dataset"], small["shots"], small["metric"])
+        name = eval_name(small["eval"], small["dataset"], small["shots"], small["metric"])
         both = _gap_at(small) if small is large else f"{_gap_at(small)}; {_gap_at(large)}"
         methods = sorted({small["method"], large["method"]})
         lines.append(f"{name}: {small['resnet']} − {small['vit']} = {both} ({'; '.join(methods)})")
@@ -71,7 +72,7 @@ def _mean_table_by_metric(frame: pd.DataFrame) -> tuple[list[str], list[list[str
     """(model, subset) x diagnostic metric, mean over seeds."""
     wide = frame.groupby(["model", "subset_size", "metric"])["value"].mean().unstack("metric")
     return (["model", "subset", *wide.columns],
-            [[m, f"{int(n):,}", *(_fmt(float(v)) for v in row)] for (m, n), row in wide.iterrows()])
+            [[m, f"{int(n):,}", *(fmt(float(v)) for v in row)] for (m, n), row in wide.iterrows()])
 
 
 def versus(table: pd.DataFrame) -> str:
@@ -99,7 +100,20 @@ def leader_rows(frame: pd.DataFrame) -> list[list[str]]:
     return rows
 
 
-def _eval_name(evaluation, dataset, shots, metric) -> str:
+def extrapolation_rows(rows: list[dict]) -> list[list[str]]:
+    """Table rows of `fits.extrapolation_table`: the signed error with its interval, or why there is none."""
+    out = []
+    for r in rows:
+        error = r["status"] if r["error"] is None else \
+            f"{r['error']:+.2f}" + ("" if r["ci"] is None else f" [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]")
+        out.append([r["model"], r["family"], eval_name(r["eval"], r["dataset"], r["shots"], r["metric"]),
+                    "–" if r["size"] is None else f"{int(r['size']):,}", fmt(r["predicted"]), fmt(r["measured"]),
+                    error])
+    return out
+
+
+def eval_name(evaluation, dataset, shots, metric) -> str:
+    """An evaluation as the report names it: 'fewshot / imagenet / 5-shot / top1'."""
     return f"{evaluation} / {dataset}" + ("" if shots is None or pd.isna(shots) else f" / {int(shots)}-shot") + \
         f" / {metric}"
 
@@ -118,8 +132,8 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
               "support: the fraction of bootstrap replicates that cross; a CI is given where at least half do."),
         ("table", ["ViT", "BiT", "evaluation", "status", "estimate", "bracket", "fit estimate", "95% CI",
                    "support", "no CI because"],
-         [[c["vit"], c["resnet"], _eval_name(c["eval"], c["dataset"], c["shots"], c["metric"]), c["status"],
-           _fmt(c["estimate"]), _fmt(c["bracket"]), _fmt(c["fit_estimate"]), _fmt(c["ci"]),
+         [[c["vit"], c["resnet"], eval_name(c["eval"], c["dataset"], c["shots"], c["metric"]), c["status"],
+           fmt(c["estimate"]), fmt(c["bracket"]), fmt(c["fit_estimate"]), fmt(c["ci"]),
            "–" if c.get("support") is None else f"{c['support']:.0%}", c.get("reason") or "–"]
           for c in summary["crossovers"]]),
         ("h2", "BiT − ViT at the smallest and the largest subset"),
@@ -130,7 +144,7 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
         ("h2", "Results")]
     for key, frame in fits.accuracy_rows(table).groupby(["eval", "dataset", "shots", "metric"], dropna=False):
         header, rows = _mean_table(frame)
-        blocks += [("h3", _eval_name(*key)),
+        blocks += [("h3", eval_name(*key)),
                    ("p", "Percent, by pretraining subset size (examples): mean over seeds [95% t interval]."),
                    ("table", header, rows)]
         leads = leader_rows(frame)
@@ -138,18 +152,20 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
             blocks.append(("table", ["subset", "best ViT", "best BiT", "ViT − BiT", "leader"], leads))
     blocks += [("h2", "Scaling-law fits"),
                ("p", "error = 100 − accuracy; a·x^−b + c (a·(x+d)^−b + c with ≥ 5 sizes). CIs are 95% bootstrap "
-                     "intervals, over seeds when every size has several, else over residuals; held-out: fit "
-                     "without the largest size, predict it."),
-               ("table", ["model", "evaluation", "form", "b", "b 95% CI", "c", "c 95% CI", "bootstrap",
-                          "held-out |error|"],
-                [[f["model"], _eval_name(f["eval"], f["dataset"], f["shots"], f["metric"]), f.get("form", "–"),
-                  _fmt(f.get("b")), _fmt((f.get("ci") or {}).get("b")), _fmt(f.get("c")),
-                  _fmt((f.get("ci") or {}).get("c")), f.get("bootstrap", f["status"]),
-                  _fmt((f.get("heldout") or {}).get("abs_error"))] for f in summary["fits"]])]
+                     "intervals, over seeds when every size has several, else over residuals."),
+               ("table", ["model", "evaluation", "form", "b", "b 95% CI", "c", "c 95% CI", "bootstrap"],
+                [[f["model"], eval_name(f["eval"], f["dataset"], f["shots"], f["metric"]), f.get("form", "–"),
+                  fmt(f.get("b")), fmt((f.get("ci") or {}).get("b")), fmt(f.get("c")),
+                  fmt((f.get("ci") or {}).get("c")), f.get("bootstrap", f["status"])] for f in summary["fits"]]),
+               ("h3", "Extrapolation error"),
+               ("p", "The largest measured size held out (all seeds), the same law fitted to the rest and the held-out "
+                     "size predicted: predicted − measured mean, accuracy points [95% bootstrap interval over seeds]."),
+               ("table", ["model", "family", "evaluation", "held-out size", "predicted", "measured", "error"],
+                extrapolation_rows(summary["extrapolation"]))]
     blocks += [("h2", "Compute frontier"), ("p", "Points no cheaper point beats, per evaluation.")]
     for entry in summary["pareto"]:
-        blocks.append(("p", _eval_name(entry["eval"], entry["dataset"], entry["shots"], entry["metric"]) + ": " +
-                       "; ".join(f"{p['model']} n={_fmt(p['subset_size'])} ({p['pretrain_flops']:.3g} FLOPs, "
+        blocks.append(("p", eval_name(entry["eval"], entry["dataset"], entry["shots"], entry["metric"]) + ": " +
+                       "; ".join(f"{p['model']} n={fmt(p['subset_size'])} ({p['pretrain_flops']:.3g} FLOPs, "
                                  f"{p['value']:.1f})" for p in entry["points"])))
     diag = table[table["eval"] == "diagnostics"]
     if not diag.empty:
@@ -227,10 +243,11 @@ def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
     fit_rows, fitted = fits.fit_table(table)
     points = intervals.point_table(fits.accuracy_rows(table))
     summary = {"points": _records(points), "gaps": intervals.gap_table(fits.accuracy_rows(table)),
-               "fits": fit_rows, "crossovers": fits.crossover_table(table, fitted), "pareto": fits.pareto_table(table)}
+               "fits": fit_rows, "extrapolation": fits.extrapolation_table(table),
+               "crossovers": fits.crossover_table(table, fitted), "pareto": fits.pareto_table(table)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    figures = plots.plot_all(table, out / "figures", fit_rows, fitted, summary["crossovers"], summary["pareto"],
-                             points)
+    figures = plots.plot_all(table, out / "figures", summary["extrapolation"], fitted, summary["crossovers"],
+                             summary["pareto"], points)
     figures += panels or []
     blocks = build_blocks(table, title, summary, figures, failures)
     (out / "report.html").write_text(to_html(blocks, title))

@@ -20,20 +20,27 @@ from pipelines.config import UserError
 from study.tracking import ROLE_TAG
 
 
-def table_from_experiment(name: str, tracking_uri: str) -> pd.DataFrame:
-    """The results table of the experiment's most recent study (parent) run."""
-    client = MlflowClient(tracking_uri)
+def study_run_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`'s most recent study (parent) run."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         known = [e.name for e in client.search_experiments()]
-        raise UserError(f"no MLflow experiment '{name}' at {tracking_uri}; experiments there: {', '.join(known)}")
+        raise UserError(f"no MLflow experiment '{name}' at {client.tracking_uri}; experiments there: "
+                        f"{', '.join(known)}")
     parents = client.search_runs([experiment.experiment_id], f"tags.{ROLE_TAG} = 'parent'",
                                  order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
         raise UserError(f"experiment '{name}' has no study run")
+    return parents[0].info.run_id
+
+
+def table_from_experiment(name: str, tracking_uri: str) -> pd.DataFrame:
+    """The results table of the experiment's most recent study (parent) run."""
+    client = MlflowClient(tracking_uri)
+    run_id = study_run_id(client, name)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(parents[0].info.run_id, "results.csv", tmp)
+            path = client.download_artifacts(run_id, "results.csv", tmp)
         except Exception:  # noqa: BLE001  (MLflow raises several types for a missing artifact)
             raise UserError(f"the latest study run of '{name}' has no results.csv yet (it is logged when an "
                             "invocation finishes)") from None

@@ -71,10 +71,38 @@ def test_curves_that_never_cross():
     assert row["status"] == "none" and row["estimate"] is None
 
 
-def test_heldout_check_predicts_the_largest_size():
-    frame = _curve("ViT-B/16", "ViT", a=2000, b=0.4, c=12)
-    check = fits.heldout_check(frame)
-    assert check["size"] == SIZES[-1] and check["abs_error"] < 0.5
+SEEDS = (0, 1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("rng_seed", [0, 1, 2])
+def test_extrapolation_error_interval_covers_zero_when_the_law_holds(rng_seed):
+    frame = _curve("ViT-B/16", "ViT", a=2000, b=0.4, c=12, sizes=SIZES[:5], noise=0.5, seeds=SEEDS,
+                   rng=np.random.default_rng(rng_seed))
+    check = fits.extrapolation_error(frame)
+    assert check["status"] == "measured" and check["size"] == SIZES[4] and check["n_fit_sizes"] == 4
+    assert check["error"] == pytest.approx(check["predicted"] - check["measured"])
+    assert check["ci"][0] < 0 < check["ci"][1]
+
+
+@pytest.mark.parametrize("rng_seed", [0, 1, 2])
+def test_extrapolation_error_shows_a_held_out_point_off_the_law(rng_seed):
+    frame = _curve("ViT-B/16", "ViT", a=2000, b=0.4, c=12, sizes=SIZES[:5], noise=0.5, seeds=SEEDS,
+                   rng=np.random.default_rng(rng_seed))
+    frame.loc[frame["subset_size"] == SIZES[4], "value"] += 4.0  # the largest size beats the law by 4 points
+    check = fits.extrapolation_error(frame)
+    assert check["error"] == pytest.approx(-4.0, abs=1.5)
+    assert check["ci"][1] < 0
+
+
+def test_extrapolation_error_needs_three_sizes_left():
+    check = fits.extrapolation_error(_curve("ViT-B/16", "ViT", a=2000, b=0.4, c=12, sizes=SIZES[:3]))
+    assert check["status"] == "not enough sizes" and check["error"] is None and check["n_fit_sizes"] == 2
+    table = pd.concat([_curve("ViT-B/16", "ViT", a=2000, b=0.4, c=12),
+                       _curve("BiT-R50x1", "BiT", a=300, b=0.2, c=5, sizes=SIZES[:3])])
+    rows = {r["model"]: r for r in fits.extrapolation_table(table)}
+    assert rows["ViT-B/16"]["family"] == "ViT" and abs(rows["ViT-B/16"]["error"]) < 0.5
+    assert rows["ViT-B/16"]["ci"] is None  # one seed: nothing to resample
+    assert rows["BiT-R50x1"]["status"] == "not enough sizes"
 
 
 def test_pareto_frontier_drops_dominated_points():

@@ -40,13 +40,15 @@ def report_dir(tmp_path_factory, cache_dir):
 
 def test_summary_json_has_the_documented_schema(report_dir):
     summary = json.loads((report_dir / "summary.json").read_text())
-    assert set(summary) == {"points", "gaps", "fits", "crossovers", "pareto"}
+    assert set(summary) == {"points", "gaps", "fits", "extrapolation", "crossovers", "pareto"}
     (cross,) = [c for c in summary["crossovers"] if c["eval"] == "fewshot"]
     assert {"vit", "resnet", "eval", "dataset", "shots", "metric", "status", "estimate", "bracket", "ci"} <= set(cross)
     assert cross["status"] == "observed" and cross["shots"] == 5
     assert cross["estimate"] == pytest.approx((3000 / 150) ** (1 / 0.3), rel=0.25)
     fit = next(f for f in summary["fits"] if f["model"] == "ViT-B/16" and f["eval"] == "fewshot")
-    assert fit["bootstrap"] == "seeds" and fit["heldout"]["abs_error"] < 1.0
+    assert fit["bootstrap"] == "seeds"
+    held = next(r for r in summary["extrapolation"] if r["model"] == "ViT-B/16" and r["eval"] == "fewshot")
+    assert held["family"] == "ViT" and held["size"] == pytest.approx(1e7) and abs(held["error"]) < 1.0
     assert all({"eval", "dataset", "metric", "points"} <= set(p) for p in summary["pareto"])
 
 
@@ -56,6 +58,8 @@ def test_report_files_and_figures(report_dir):
         assert (report_dir / "figures" / f"{name}.pdf").exists()
     md = (report_dir / "report.md").read_text()
     assert "## Where does the ViT overtake the ResNet?" in md and "| ViT-B/16 | BiT-R50x1 |" in md
+    assert "### Extrapolation error" in md
+    assert "| ViT-B/16 | ViT | fewshot / imagenet / 5-shot / top1 | 10,000,000 |" in md
     page = (report_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "<table>" in page
 

@@ -1,0 +1,39 @@
+"""`study.compare` on a real smoke study, read from its MLflow experiment and from its folder: the report lands on
+the study's parent run. Unit tests of the comparison itself: tests/analysis/test_compare.py."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study import compare
+from tests.conftest import ROOT, run_cli
+
+
+def test_mlflow_input_spellings():
+    assert compare.experiment_of("mlflow:sqlite:///a/b.db#smoke", "x") == ("sqlite:///a/b.db", "smoke")
+    assert compare.experiment_of("mlflow:smoke", "sqlite:///runs/mlflow.db") == ("sqlite:///runs/mlflow.db", "smoke")
+    assert compare.experiment_of("runs/smoke", "x") is None
+
+
+@pytest.mark.slow
+def test_compare_a_smoke_study_from_mlflow_and_from_its_folder(tmp_path, cache_dir):
+    runs = tmp_path / "runs"
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(runs), "data.subsets=[256]"],
+                   cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    out = tmp_path / "cmp"
+    proc = run_cli(["-m", "study.compare", f"mlflow:{uri}#smoke", str(runs / "smoke"),
+                    str(ROOT / "configs" / "published" / "vit_bit_imagenet.csv"), "--label", "from-mlflow",
+                    "--label", "from-folder", "--label", "published", "--out", str(out)], cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["crossovers"]["from-mlflow"] == summary["crossovers"]["from-folder"]  # the same table
+    fewshot = [e for e in summary["evaluations"] if e["eval"] == "fewshot"]
+    assert fewshot and all(e["missing"] == ["published"] for e in fewshot)
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
+                                   "tags.study_role = 'parent'")
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "comparisons/cmp")}
+    assert {"comparisons/cmp/report.md", "comparisons/cmp/report.html", "comparisons/cmp/summary.json"} <= logged
