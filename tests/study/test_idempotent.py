@@ -170,7 +170,7 @@ def test_weights_in_mlflow_serve_a_reevaluation_without_the_storage(killed, exte
     assert len(list((tmp_path / "elsewhere" / "points").glob("*/pretrained.safetensors"))) == 6  # from MLflow
     table = pd.read_csv(out / "smoke" / "results.csv")
     assert sorted(table[table["eval"] == "fewshot"]["shots"].unique()) == [1, 3]
-    assert len(table[table["eval"] == "finetune"]) == 6 * 2  # the other evaluations come from the records
+    assert len(table[table["eval"] == "finetune"]) == 6 * 3  # top-1, macro-F1 and the chosen lr: from the records
 
 
 def test_a_point_finished_in_storage_but_not_closed_in_mlflow_ends_with_one_finished_child(tmp_path, cache_dir):
