@@ -11,21 +11,23 @@ where the curve could be (the fits' spread) and what one seed of it would measur
 
 The interval: with a crossover (at least half of the replicate pairs cross within `RANGE` of the measured sizes),
 the 95% percentile interval of the replicates' crossing size, width in decades (log10) of subset size, replicates
-that do not cross counted at the range's end (so a candidate that makes them cross is rewarded). Without one: the
-95% interval of BiT - ViT accuracy (points) at the largest size a candidate within the budget reaches.
+that do not cross counted at the range's end where they point (so a candidate that makes them cross is rewarded).
+Without one: the 95% interval of BiT - ViT accuracy (points) at the largest size a candidate within the budget reaches.
 
 Why this and not a closed form: the law is nonlinear and the interval is a percentile of a crossing of two fits;
 refitting the same estimator the report uses measures exactly the interval the report will print. The cost is
 kept small: `N_REPLICATES` bootstrap fits per refit, `N_OUTCOMES` outcomes per candidate, a handful of candidates
 (midpoints between measured sizes, 2x and 4x beyond, one more seed): about 8 x 12 x 2 x 41 curve fits.
 
-With two measured sizes a 3-parameter law is not determined; the curves are then the 2-parameter err = a * x^-b
-(no floor), a straight line in log-log space, and the first candidates refit the full law once a third size is in.
+With two measured sizes the 3-parameter law is one equation short: `two_size_law` draws its floor uniformly over
+every value the two points allow, so the interval before a third size says honestly how little two sizes pin down,
+and a third size (simulated from those replicates) is refitted with the full law.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +38,7 @@ from analysis.fits import MIN_SUPPORT, Fit, _by_size, fit_law, power_law, seed_r
 
 N_REPLICATES = 40  # bootstrap fits per refit (the report uses 200; 40 resolve a 95% interval's width to ~10%)
 N_OUTCOMES = 12  # simulated outcomes per candidate
-RANGE = 1000.0  # crossings are searched from the smallest measured size to RANGE x the largest
+RANGE = 1000.0  # crossings are searched from the smallest measured size / RANGE to RANGE x the largest
 GRID = 256  # points of the log-spaced search grid
 
 Cost = Callable[[str, int, int], float]  # (model, subset size, seed) -> GPU-hours
@@ -79,36 +81,45 @@ class Suggestion:
 
 
 def fit_curve(frame: pd.DataFrame, n: int = N_REPLICATES, seed: int = 0) -> Fit | None:
-    """`fit_law` with `n` bootstrap replicates; with two sizes the floorless err = a * x^-b, bootstrapped over
-    seeds the same way (paired across models by `seed_resamples`). None with fewer sizes."""
+    """`fit_law` with `n` bootstrap replicates; with two sizes, `two_size_law`. None with fewer sizes."""
     per_size = _by_size(frame)
     if len(per_size) >= 3:
         return fit_law(frame, seed, n_bootstrap=n)
-    if len(per_size) != 2:
-        return None
-    line = _loglog_line([n for n, _ in per_size], [v.mean() for _, v in per_size])
-    if min(len(v) for _, v in per_size) < 2:
-        return Fit(line, bootstrap="none (exactly determined)")
-    samples = [_loglog_line([n for n, _ in per_size], [v[i].mean() for (_, v), i in zip(per_size, idx, strict=True)])
-               for idx in seed_resamples([len(v) for _, v in per_size], seed, n)]
-    return Fit(line, np.array(samples), "seeds (2 sizes: err = a * x^-b)")
+    return two_size_law(per_size, zlib.crc32(str(frame["model"].iloc[0]).encode()), n, seed) \
+        if len(per_size) == 2 else None
 
 
-def _loglog_line(sizes, accuracy) -> np.ndarray:
-    x, err = np.log(np.asarray(sizes, float)), np.log(np.maximum(100.0 - np.asarray(accuracy, float), 1e-6))
-    b = -(err[1] - err[0]) / (x[1] - x[0])
-    return np.array([math.exp(err[0] + b * x[0]), b, 0.0, 0.0])
+def two_size_law(per_size: list[tuple[float, np.ndarray]], salt: int, n: int, seed: int) -> Fit:
+    """err = a * x^-b + c through two sizes' means: one equation short, so each replicate draws the floor c uniformly
+    in [0, the smaller error) (any floor the two points allow) on top of resampling seeds (`seed_resamples`, paired
+    across models); `salt` (the model) makes the two models' floors independent. The point estimate: the middle
+    floor."""
+    (x1, v1), (x2, v2) = per_size
+    params = _through(x1, x2, 100.0 - v1.mean(), 100.0 - v2.mean(), 0.5)
+    if min(len(v1), len(v2)) < 2:
+        return Fit(params, bootstrap="none (one seed)")
+    floors = np.random.default_rng([seed, salt]).uniform(0.0, 1.0, n)
+    samples = [_through(x1, x2, 100.0 - v1[i1].mean(), 100.0 - v2[i2].mean(), u)
+               for (i1, i2), u in zip(seed_resamples([len(v1), len(v2)], seed, n), floors, strict=True)]
+    return Fit(params, np.array(samples), "seeds and a uniform floor (2 sizes)")
+
+
+def _through(x1: float, x2: float, e1: float, e2: float, u: float) -> np.ndarray:
+    """The law through (x1, e1) and (x2, e2) with the floor at fraction `u` of the smaller error (b >= 0)."""
+    c = u * max(min(e1, e2), 0.0)
+    b = max(math.log(max(e1 - c, 1e-9) / max(e2 - c, 1e-9)) / math.log(x2 / x1), 0.0)
+    return np.array([(e1 - c) * x1**b, b, c, 0.0])
 
 
 def crossings(vit: Fit, bit: Fit, lo: float, hi: float) -> np.ndarray:
-    """Per paired replicate: the first size in [lo, hi] where ViT's accuracy overtakes BiT's; `hi` where none does,
-    NaN where a replicate's fit failed."""
+    """Per paired replicate: the first size in [lo, hi] where ViT's accuracy overtakes BiT's; where none does, `lo`
+    if the ViT is ahead there already, else `hi`; NaN where a replicate's fit failed."""
     n = min(len(vit.samples), len(bit.samples))
     grid = np.geomspace(lo, hi, GRID)
     diff = np.stack([power_law(grid, *b) - power_law(grid, *v)  # err_bit - err_vit = acc_vit - acc_bit
                      for v, b in zip(vit.samples[:n], bit.samples[:n], strict=True)]) if n else np.empty((0, GRID))
     up = (diff[:, :-1] <= 0) & (diff[:, 1:] > 0)
-    out = np.full(n, hi)
+    out = np.where(diff[:, 0] > 0, lo, hi)
     for row in np.flatnonzero(up.any(axis=1)):
         i = int(np.argmax(up[row]))
         d1, d2 = diff[row, i], diff[row, i + 1]
@@ -116,6 +127,12 @@ def crossings(vit: Fit, bit: Fit, lo: float, hi: float) -> np.ndarray:
         out[row] = math.exp(math.log(grid[i]) + t * (math.log(grid[i + 1]) - math.log(grid[i])))
     out[~np.isfinite(diff).all(axis=1)] = np.nan
     return out
+
+
+def search_range(frame: pd.DataFrame) -> tuple[float, float]:
+    """Where crossings are searched: `RANGE` x beyond the measured sizes on either side (fixed by what is
+    measured now, so the widths before and after a candidate are comparable)."""
+    return float(frame["subset_size"].min()) / RANGE, float(frame["subset_size"].max()) * RANGE
 
 
 def _width(values: np.ndarray) -> float:
@@ -190,18 +207,18 @@ def simulate(frame: pd.DataFrame, fits: dict[str, Fit], noise: dict[str, float],
     return pd.concat([frame, pd.DataFrame(rows)], ignore_index=True)
 
 
-def target_for(fits: dict[str, Fit], vit: str, bit: str, sizes: list[int], cands: list[Candidate],
+def target_for(fits: dict[str, Fit], vit: str, bit: str, frame: pd.DataFrame, cands: list[Candidate],
                budget: float | None) -> Target:
     """The crossover when at least half of the replicate pairs cross in range, else the BiT - ViT gap at the
     largest size a size candidate within the budget reaches (the largest measured size if none does)."""
-    lo, hi = min(sizes), max(sizes) * RANGE
+    lo, hi = search_range(frame)
     found = crossings(fits[vit], fits[bit], lo, hi)
     found = found[np.isfinite(found)]
-    if len(found) and np.mean(found < hi) >= MIN_SUPPORT:
+    if len(found) and np.mean((found > lo) & (found < hi)) >= MIN_SUPPORT:
         probe = Target("crossover", None, 0.0)
     else:
         reach = [c.value for c in cands if c.kind == "size" and (budget is None or c.gpu_hours <= budget)]
-        probe = Target("gap", float(max(reach + list(sizes))), 0.0)
+        probe = Target("gap", float(max(reach + list(frame["subset_size"]))), 0.0)
     return Target(probe.kind, probe.at, interval_width(fits[vit], fits[bit], probe, lo, hi))
 
 
@@ -211,8 +228,7 @@ def expected_width(frame: pd.DataFrame, vit: str, bit: str, target: Target, fits
     candidate, so their differences are not sampling noise); an outcome with no interval counts as no change."""
     rng = np.random.default_rng(seed)
     noise = {m: seed_noise(frame[frame["model"] == m], fits[m]) for m in (vit, bit)}
-    sizes = sorted(set(frame["subset_size"]) | {p[1] for p in cand.points})
-    lo, hi = min(sizes[0], frame["subset_size"].min()), frame["subset_size"].max() * RANGE
+    lo, hi = search_range(frame)
     widths = []
     for _ in range(N_OUTCOMES):
         grown = simulate(frame, fits, noise, cand, rng)
@@ -220,6 +236,13 @@ def expected_width(frame: pd.DataFrame, vit: str, bit: str, target: Target, fits
         w = interval_width(after[vit], after[bit], target, lo, hi)
         widths.append(w if math.isfinite(w) else target.width)
     return float(np.mean(widths))
+
+
+def _rank(reduction: float, gpu_hours: float) -> tuple:
+    """Narrowing candidates first, most per GPU-hour first; then the others, least widening first."""
+    if reduction > 0:
+        return (0, -reduction / max(gpu_hours, 1e-12))
+    return (1, -reduction)
 
 
 def suggest(frame: pd.DataFrame, vit: str, bit: str, max_size: int, cost: Cost,
@@ -243,11 +266,10 @@ def suggest(frame: pd.DataFrame, vit: str, bit: str, max_size: int, cost: Cost,
     if any(f is None or not len(f.samples) for f in fits.values()):
         raise ValueError(f"{vit} and {bit} need 2 measured sizes and 2 seeds at each (or 3 sizes and a free "
                          "parameter) for a bootstrap to simulate from")
-    sizes = sorted(int(s) for s in frame["subset_size"].unique())
     cands = candidates(frame, max_size, cost)
-    target = target_for(fits, vit, bit, sizes, cands, budget)
+    target = target_for(fits, vit, bit, frame, cands, budget)
     ranked = sorted(((c, expected_width(frame, vit, bit, target, fits, c)) for c in cands),
-                    key=lambda cw: -(target.width - cw[1]) / max(cw[0].gpu_hours, 1e-12))
+                    key=lambda cw: _rank(target.width - cw[1], cw[0].gpu_hours))
     out, spent = [], 0.0
     for c, after in ranked:
         useful = target.width - after > 0
