@@ -75,7 +75,8 @@ def print_table(where: str, target, suggestions: list) -> None:
         print(f"{'*' if s.chosen else ' '} {models:<24} {size:>14} {seeds:>8} {c.gpu_hours:>9.3g} "
               f"{s.width_after:>12.3g} {s.per_gpu_hour:>10.3g}  {c.reason}")
     spent = sum(s.candidate.gpu_hours for s in suggestions if s.chosen)
-    print(f"* chosen: {spent:.3g} GPU-hours; width after: the mean over simulated outcomes ({target.unit})")
+    print(f"* chosen: {spent:.3g} GPU-hours. width after: the interval's expected width ({target.unit}), a mean over "
+          f"simulated outcomes; per GPU-h: its expected narrowing per GPU-hour")
 
 
 def run_suggest(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, mfu: float) -> int:

@@ -110,3 +110,17 @@ def test_with_two_published_sizes_the_next_size_goes_where_the_curves_cross():
     assert top.kind == "size" and first_two[1] < top.value < 303_000_000, [(s.candidate.value, s.width_after)
                                                                            for s in ranked]
     assert ranked[0].reduction > 0.5 * target.width  # the bracket resolves most of the interval
+
+
+def test_without_a_crossover_the_target_is_the_gap_at_the_largest_size_the_budget_reaches():
+    never = {VIT: (300.0, 0.45, 16.0), BIT: (8.8, 0.2, 12.0)}  # the ViT's floor is above the BiT's error
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame([{"model": m, "subset_size": n, "seed": s,
+                           "value": 100 - (never[m][0] * n**-never[m][1] + never[m][2]) + rng.normal(0, NOISE)}
+                          for m, n, s in GRID])
+    fits = {m: suggest.fit_curve(table[table["model"] == m]) for m in never}
+    cands = suggest.candidates(table, 1_000_000, _cost)
+    target = suggest.target_for(fits, VIT, BIT, table, cands, budget=20.0)  # 32,000 costs 19.2, 64,000 38.4
+    assert (target.kind, target.at, target.unit) == ("gap", 32_000, "points") and 0 < target.width < 10
+    assert suggest.target_for(fits, VIT, BIT, table, cands, budget=None).at == 64_000
+    assert suggest.target_for(fits, VIT, BIT, table, cands, budget=1.0).at == 16_000  # the largest measured
