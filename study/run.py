@@ -31,13 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the expanded grid, its cost and what each point will do, then exit")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the grid as JSON")
-    parser.add_argument("--suggest", action="store_true",
-                        help="rank the grid points that would most narrow the ViT-vs-BiT crossover interval per "
-                             "GPU-hour, from the points already finished, then exit")
+    parser.add_argument("--suggest", action="store_true", help="rank the grid points that would most narrow the "
+                        "ViT-vs-BiT crossover interval per GPU-hour, from the points already finished, then exit")
     parser.add_argument("--budget", type=float, default=None,
                         help="with --suggest: GPU-hours to spend (chosen greedily); default: the best point only")
-    parser.add_argument("--apply", default=None, metavar="FILE",
-                        help="with --suggest: write the grid extended with the chosen points to FILE")
+    parser.add_argument("--apply", metavar="FILE", help="with --suggest: write the grid with the chosen points added")
     parser.add_argument("--mfu", type=float, default=None,
                         help="with --dry-run or --suggest: price the grid at this model FLOPs utilisation (e.g. a "
                              "measured pretrain/mfu of a trial on the same GPU); default: 0.4, assumed")
@@ -56,18 +54,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def describe(cfg: StudyConfig, points: list[GridPoint], actions: dict[str, str], mfu: float) -> list[dict]:
-    gpus = cfg.resources.gpus_per_trial
-    return [{"id": p.id, "model": p.model, "family": p.family, "subset_size": p.subset_size, "seed": p.seed,
-             "steps": p.steps, "examples_seen": p.examples_seen, "pretrain_flops": p.pretrain_flops,
-             "gpus": gpus, "h100_hours": h100_hours(p, mfu), "mfu": mfu,
-             "action": actions.get(p.id, "train")} for p in points]
-
-
-def h100_hours(point: GridPoint, mfu: float) -> float:
-    """The cost model: a point's pretraining FLOPs at `mfu` of the H100's bf16 peak, in GPU-hours."""
+    """The dry run's rows, with the cost model: pretraining FLOPs at `mfu` of the H100's bf16 peak, in GPU-hours."""
     from pipelines.perf import peak_flops
 
-    return point.pretrain_flops / (peak_flops("H100 SXM", "bf16") * mfu) / 3600
+    gpus, peak = cfg.resources.gpus_per_trial, peak_flops("H100 SXM", "bf16")
+    return [{"id": p.id, "model": p.model, "family": p.family, "subset_size": p.subset_size, "seed": p.seed,
+             "steps": p.steps, "examples_seen": p.examples_seen, "pretrain_flops": p.pretrain_flops,
+             "gpus": gpus, "h100_hours": p.pretrain_flops / (peak * mfu) / 3600, "mfu": mfu,
+             "action": actions.get(p.id, "train")} for p in points]
 
 
 def print_grid(rows: list[dict], as_json: bool) -> None:

@@ -79,10 +79,21 @@ def print_table(where: str, target, suggestions: list) -> None:
           f"simulated outcomes; per GPU-h: its expected narrowing per GPU-hour")
 
 
+class PointCost:
+    """A grid point's GPU-hours, from the dry run's cost model (`study.run.describe`)."""
+
+    def __init__(self, cfg: StudyConfig, mfu: float):
+        self.cfg, self.mfu = cfg, mfu
+
+    def __call__(self, model: str, subset_size: int, seed: int) -> float:
+        from study.run import describe
+
+        return describe(self.cfg, [grid_point(self.cfg, model, subset_size, seed)], {}, self.mfu)[0]["h100_hours"]
+
+
 def run_suggest(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, mfu: float) -> int:
     """Rank, print and (with `--apply FILE`) write the extended grid; 0 on success."""
     from analysis import suggest
-    from study.run import h100_hours
 
     if args.budget is not None and args.budget <= 0:
         raise UserError(f"--budget {args.budget}: GPU-hours, a positive number")
@@ -90,7 +101,7 @@ def run_suggest(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namesp
     key, frame, vit, bit = pick_target(table, cfg.downstream[0].label)
     try:
         target, ranked = suggest.suggest(frame, vit, bit, cfg.data.pretrain.size,
-                                         lambda m, n, s: h100_hours(grid_point(cfg, m, n, s), mfu), args.budget)
+                                         PointCost(cfg, mfu), args.budget)
     except ValueError as err:
         raise UserError(f"--suggest: {err}") from err
     shots = "" if pd.isna(key[2]) else f" {int(key[2])}-shot"
