@@ -92,7 +92,7 @@ def seed_resamples(counts: list[int], seed: int = 0, n: int = N_BOOTSTRAP):
         yield [rng.integers(0, k, k) for k in counts]
 
 
-def fit_law(frame: pd.DataFrame, seed: int = 0, bootstrap: bool = True) -> Fit | None:
+def fit_law(frame: pd.DataFrame, seed: int = 0, bootstrap: bool = True, n_bootstrap: int = N_BOOTSTRAP) -> Fit | None:
     """Fit one (model, eval, dataset, shots, metric) curve to every seed's point; None with fewer than 3 sizes.
 
     Bootstrap: over seeds (resampled within each size, `seed_resamples`) when every size has >= 2 seeds, else
@@ -113,12 +113,12 @@ def fit_law(frame: pd.DataFrame, seed: int = 0, bootstrap: bool = True) -> Fit |
     if min(len(v) for _, v in per_size) >= 2:
         kind = "seeds"
         draws = (100.0 - np.concatenate([v[i] for (_, v), i in zip(per_size, idx, strict=True)])
-                 for idx in seed_resamples([len(v) for _, v in per_size], seed))
+                 for idx in seed_resamples([len(v) for _, v in per_size], seed, n_bootstrap))
     elif len(err) > (4 if four else 3):
         kind = "residuals"
         rng = np.random.default_rng(seed)
         resid = err - power_law(x, *params)
-        draws = (power_law(x, *params) + rng.choice(resid, len(resid)) for _ in range(N_BOOTSTRAP))
+        draws = (power_law(x, *params) + rng.choice(resid, len(resid)) for _ in range(n_bootstrap))
     else:
         return Fit(params, bootstrap="none (exactly determined)")
     samples = []

@@ -2,6 +2,7 @@
 write the results and the report. Running the same command again resumes, extends and re-evaluates.
 
     python -m study.run --grid configs/scaling.yaml [key.path=value ...] [--dry-run [--json]] [--fresh]
+                        [--suggest [--budget GPU_HOURS] [--apply FILE]] [--mfu X]
                         [--address host:port] [--out runs] [--storage PATH_OR_URI] [--tracking-uri URI]
 """
 
@@ -31,9 +32,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="print the expanded grid, its cost and what each point will do, check every local data "
                              "path and count, list what it could not check, then exit (2 if a check failed)")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the grid as JSON")
+    parser.add_argument("--suggest", action="store_true", help="rank the grid points that would most narrow the "
+                        "ViT-vs-BiT crossover interval per GPU-hour, from the points already finished, then exit")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="with --suggest: GPU-hours to spend (chosen greedily); default: the best point only")
+    parser.add_argument("--apply", metavar="FILE", help="with --suggest: write the grid with the chosen points added")
     parser.add_argument("--mfu", type=float, default=None,
-                        help="with --dry-run: price the grid at this model FLOPs utilisation (e.g. a measured "
-                             "pretrain/mfu of a trial on the same GPU); default: 0.4, assumed")
+                        help="with --dry-run or --suggest: price the grid at this model FLOPs utilisation (e.g. a "
+                             "measured pretrain/mfu of a trial on the same GPU); default: 0.4, assumed")
     parser.add_argument("--fresh", action="store_true",
                         help="ignore earlier results: a new MLflow parent run, every point trained anew")
     parser.add_argument("--address", default=None, help="join an existing Ray cluster instead of starting one")
@@ -49,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def describe(cfg: StudyConfig, points: list[GridPoint], actions: dict[str, str], mfu: float) -> list[dict]:
+    """The dry run's rows, with the cost model: pretraining FLOPs at `mfu` of the H100's bf16 peak, in GPU-hours."""
     from pipelines.perf import peak_flops
 
     gpus, peak = cfg.resources.gpus_per_trial, peak_flops("H100 SXM", "bf16")
@@ -140,18 +147,23 @@ class Locations:
         self.tracking_uri = args.tracking_uri or default_tracking_uri(self.root)
 
 
-def planned_actions(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) -> dict[str, str]:
-    """For `--dry-run`: what each point would do, read from storage and MLflow without writing to either."""
+def read_plan(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace):
+    """The plan from what storage and MLflow hold, read without writing to either, and the read-only tracker it
+    came from (None without a tracking store)."""
     from study.identity import eval_ids
     from study.plan import plan
     from study.tracking import Tracker
 
-    where = Locations(cfg, args)
+    where, tracker = Locations(cfg, args), None
     if not args.fresh and (args.tracking_uri is not None or (where.root / "mlflow.db").exists()):
-        children = Tracker(where.tracking_uri, cfg.study, where.root / "mlartifacts", read_only=True).known
-    else:
-        children = {}
-    return {d.point.id: d.describe() for d in plan(points, eval_ids(cfg), where.storage, children, args.fresh)}
+        tracker = Tracker(where.tracking_uri, cfg.study, where.root / "mlartifacts", read_only=True)
+    children = tracker.known if tracker is not None else {}
+    return plan(points, eval_ids(cfg), where.storage, children, args.fresh), tracker
+
+
+def planned_actions(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) -> dict[str, str]:
+    """For `--dry-run`: what each point would do."""
+    return {d.point.id: d.describe() for d in read_plan(cfg, points, args)[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         points = expand(cfg)  # the one expansion of the grid; Tune receives these points
         if args.mfu is not None and not 0 < args.mfu <= 1:
             raise UserError(f"--mfu {args.mfu}: a fraction of the peak, in (0, 1]")
+        if args.suggest:  # reads no data: what the study has, from storage and MLflow
+            from study.suggest import run_suggest
+
+            return run_suggest(cfg, points, args, args.mfu or ASSUMED_MFU)
         checked = check_data(cfg)  # the same checks for a dry run and, before Ray starts, a real one
         if args.dry_run:
             print_grid(describe(cfg, points, planned_actions(cfg, points, args), args.mfu or ASSUMED_MFU), args.json)
@@ -358,13 +374,19 @@ def fig7_panel(point: GridPoint, where: Locations, folder: Path) -> Path | None:
     return fig7_panels(diagnostics.from_bytes(raw), path, f"{point.model}, {point.subset_size:,} pretraining examples")
 
 
+def results_table(points: list[GridPoint], records: dict, evals: dict[str, str]):
+    """The tidy table of the grid's finished points: every measurement of the current evaluation protocols."""
+    from analysis import results
+
+    return results.build_table([row for p in points if p.id in records
+                                for row in results.rows(p.table_fields, records[p.id].measurements(evals))])
+
+
 def _write_results(cfg, points, records, evals, where, failures: dict[str, str]) -> None:
     """results.csv and the report over every point of the current grid, old and new together."""
     from analysis import plots, report, results
 
-    rows = [row for p in points if p.id in records
-            for row in results.rows(p.table_fields, records[p.id].measurements(evals))]
-    table = results.build_table(rows)
+    table = results_table(points, records, evals)
     results.write(table, where.out / "results.csv")
     folder = where.out / "figures"
     by_model: dict[str, list[tuple[int, Path]]] = {}

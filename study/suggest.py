@@ -1,0 +1,116 @@
+"""`python -m study.run --grid G --suggest [--budget H] [--mfu X] [--apply FILE]`: what to run next.
+
+Reads the points the planner finds finished (storage, else their MLflow child's record), ranks candidate points by
+the expected narrowing of the ViT-vs-BiT interval per GPU-hour (`analysis.suggest`), prices them with the dry
+run's cost model, prints the ranking and, with `--apply`, writes the grid extended with the chosen points: the
+idempotent runner then trains only those.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from pipelines.config import UserError, to_dict
+from study.config import GridPoint, StudyConfig, grid_point
+
+
+def study_table(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) -> pd.DataFrame:
+    """The results table of the grid's finished points, from what the plan reads (nothing is written)."""
+    from study.identity import eval_ids
+    from study.run import read_plan, results_table
+
+    decisions, tracker = read_plan(cfg, points, args)
+    evals, records = eval_ids(cfg), {}
+    for d in decisions:
+        record = d.record
+        if d.action == "reuse" and (record is None or record.stale(evals)) and tracker is not None:
+            record = tracker.fetch_record(d.child) or record  # finished on another machine: its logged record
+        if record is not None:
+            records[d.point.id] = record
+    return results_table(points, records, evals)
+
+
+def pick_target(table: pd.DataFrame, headline: str) -> tuple[tuple, pd.DataFrame, str, str]:
+    """The first (ViT or hybrid, BiT) pair on the first evaluation of the headline dataset (else of any)."""
+    from analysis.fits import accuracy_rows
+    from analysis.intervals import GROUP, model_pairs
+
+    groups = sorted(accuracy_rows(table).groupby(GROUP, dropna=False), key=lambda kv: kv[0][1] != headline)
+    for key, frame in groups:
+        if pairs := model_pairs(frame):
+            return key, frame, *pairs[0]
+    raise UserError("--suggest: no ViT/BiT pair measured on one evaluation yet; run the grid first")
+
+
+def extended(cfg: StudyConfig, chosen: list) -> StudyConfig:
+    """The grid with the chosen candidates' subset sizes and seeds added."""
+    sizes = sorted({*cfg.data.subsets, *(s.candidate.value for s in chosen if s.candidate.kind == "size")})
+    seeds = (*cfg.seeds, *sorted(s.candidate.value for s in chosen if s.candidate.kind == "seed"))
+    return replace(cfg, data=replace(cfg.data, subsets=tuple(sizes)), seeds=seeds)
+
+
+def write_grid(cfg: StudyConfig, path: Path, source: str) -> None:
+    header = (f"# {cfg.study}: {source} extended by `python -m study.run --grid {source} --suggest --apply`.\n"
+              f"# Run: python -m study.run --grid {path}  (points already finished are reused; only new ones train)\n")
+    path.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def print_table(where: str, target, suggestions: list) -> None:
+    what = ("the crossover's 95% interval" if target.kind == "crossover" else
+            f"the 95% interval of BiT - ViT at {target.at:,.0f} examples (no crossover resolved)")
+    print(f"{where}: {what} is {target.width:.3g} {target.unit} wide now")
+    print(f"{'':1} {'model':<24} {'subset size':>14} {'seed':>8} {'GPU-h':>9} {'width after':>12} "
+          f"{'per GPU-h':>10}  reason")
+    for s in suggestions:
+        c = s.candidate
+        models = ", ".join(dict.fromkeys(m for m, _, _ in c.points))
+        sizes = sorted({n for _, n, _ in c.points})
+        size = f"{c.value:,}" if c.kind == "size" else f"{sizes[0]:,}..{sizes[-1]:,}"
+        seeds = ",".join(str(x) for x in sorted({x for _, _, x in c.points}))
+        print(f"{'*' if s.chosen else ' '} {models:<24} {size:>14} {seeds:>8} {c.gpu_hours:>9.3g} "
+              f"{s.width_after:>12.3g} {s.per_gpu_hour:>10.3g}  {c.reason}")
+    spent = sum(s.candidate.gpu_hours for s in suggestions if s.chosen)
+    print(f"* chosen: {spent:.3g} GPU-hours. width after: the interval's expected width ({target.unit}), a mean over "
+          f"simulated outcomes; per GPU-h: its expected narrowing per GPU-hour")
+
+
+class PointCost:
+    """A grid point's GPU-hours, from the dry run's cost model (`study.run.describe`)."""
+
+    def __init__(self, cfg: StudyConfig, mfu: float):
+        self.cfg, self.mfu = cfg, mfu
+
+    def __call__(self, model: str, subset_size: int, seed: int) -> float:
+        from study.run import describe
+
+        return describe(self.cfg, [grid_point(self.cfg, model, subset_size, seed)], {}, self.mfu)[0]["h100_hours"]
+
+
+def run_suggest(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, mfu: float) -> int:
+    """Rank, print and (with `--apply FILE`) write the extended grid; 0 on success."""
+    from analysis import suggest
+
+    if args.budget is not None and args.budget <= 0:
+        raise UserError(f"--budget {args.budget}: GPU-hours, a positive number")
+    table = study_table(cfg, points, args)
+    key, frame, vit, bit = pick_target(table, cfg.downstream[0].label)
+    try:
+        target, ranked = suggest.suggest(frame, vit, bit, cfg.data.pretrain.size,
+                                         PointCost(cfg, mfu), args.budget)
+    except ValueError as err:
+        raise UserError(f"--suggest: {err}") from err
+    shots = "" if pd.isna(key[2]) else f" {int(key[2])}-shot"
+    print_table(f"{vit} vs {bit} on {key[0]}{shots} {key[1]} ({key[3]}), H100-hours at {mfu:.0%} MFU", target,
+                ranked)
+    chosen = [s for s in ranked if s.chosen]
+    if args.apply:
+        if not chosen:
+            raise UserError("--apply: no candidate narrows the interval within the budget; nothing written")
+        write_grid(extended(cfg, chosen), Path(args.apply), args.grid)
+        print(f"wrote {args.apply}: python -m study.run --grid {args.apply} trains only the new points")
+    return 0
