@@ -193,17 +193,15 @@ def command(args: argparse.Namespace, resolve: Resolve = read_input,
             then: Callable[[list[Study], Path], None] | None = None) -> int:
     """The comparison of `args.inputs` written to `args.out` (then `then(studies, out)`), or one line and exit 2."""
     out = Path(args.out)
-    try:
+
+    def write() -> Path:
         studies = load(args.inputs, args.label, resolve)
         path = write_comparison(studies, out)
         if then is not None:
             then(studies, out)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"report:  {path}\nhtml:    {out / 'report.html'}\nsummary: {out / 'summary.json'}\n"
-          f"figures: {out / 'figures'}")
-    return 0
+        return path
+
+    return report.report_command(write, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -261,13 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", required=True, help="tidy results CSV (the study's results.csv schema)")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
-    return report_command(lambda: results.read(args.results), Path(args.out), Path(args.results).stem)
+    out = Path(args.out)
+    return report_command(lambda: write_report(results.read(args.results), out, title=Path(args.results).stem), out)
 
 
-def report_command(table: Callable[[], pd.DataFrame], out: Path, title: str) -> int:
-    """A command's end: the report of `table()` written to `out` and where it is printed, or one line and exit 2."""
+def report_command(write: Callable[[], Path], out: Path) -> int:
+    """A command's end: `write()` makes a report in `out` (returning its markdown path) and where it is printed, or
+    one line and exit 2."""
     try:
-        path = write_report(table(), out, title=title)
+        path = write()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

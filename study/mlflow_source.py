@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
-    return report.report_command(lambda: table_from_experiment(args.experiment, args.tracking_uri), Path(args.out),
-                                 args.experiment)
+    out = Path(args.out)
+    return report.report_command(lambda: report.write_report(
+        table_from_experiment(args.experiment, args.tracking_uri), out, title=args.experiment), out)
 
 
 if __name__ == "__main__":

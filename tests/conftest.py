@@ -39,3 +39,23 @@ def wait_until(proc: subprocess.Popen, condition, what: str, timeout: float = 42
 def checkpointed(out: Path) -> bool:
     """A checkpoint of some grid point has reached the study's storage."""
     return bool(list(out.glob("smoke/storage/points/*/checkpoints/ckpt-*/state.pt")))
+
+
+def mlflow_statuses(out: Path, experiment: str = "smoke") -> tuple[str, list[str]]:
+    """The study's parent run status and its children's, from the MLflow store under `out`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parent = [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parent[0], [r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def mount_tmpfs(folder: Path, options: str) -> Path:
+    """A tmpfs at `folder` (a small or read-only file system, for the tests of storage that is full or cannot be
+    written); the test is skipped where mounting is not permitted (not root). Unmount with `umount`."""
+    folder.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()[:200]}")
+    return folder

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, mount_tmpfs, run_cli
 
 
 def _grid(tmp_path, text: str):
@@ -133,11 +133,7 @@ def test_a_storage_that_cannot_be_written_stops_the_driver_in_one_line(tmp_path,
     """`--storage` on a read-only file system (a tmpfs mounted read-only: root cannot write it either)."""
     import subprocess
 
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()[:200]}")
+    ro = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
     try:
         proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path / "out"),
                         "--storage", str(ro / "storage")], cache_dir)

@@ -5,27 +5,15 @@ space freed, the same command finishes the study."""
 import subprocess
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli
+from tests.conftest import mlflow_statuses, mount_tmpfs, run_cli
 
 ARGS = ["--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[256]", "evaluate.finetune.lr=0.01"]
 
 
-def _statuses(out) -> tuple[str, list[str]]:
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-    parent = [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    return parent[0], [r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags]
-
-
 @pytest.mark.slow
 def test_a_full_storage_fails_the_trial_once_in_one_line_and_the_rerun_finishes(tmp_path, cache_dir):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()[:200]}")
+    disk = mount_tmpfs(tmp_path / "disk", "size=1m")
     out, args = tmp_path / "out", ["-m", "study.run", *ARGS, "--storage", str(disk / "storage")]
     try:
         full = run_cli([*args, "--out", str(out)], cache_dir, timeout=600)
@@ -34,12 +22,12 @@ def test_a_full_storage_fails_the_trial_once_in_one_line_and_the_rerun_finishes(
         assert "No space left on device" in last and "free space there" in last, last
         assert str(disk / "storage") in last  # the path that is full
         assert full.stderr.count("No space left on device") <= 3  # said once or twice, not per retry
-        assert _statuses(out) == ("FAILED", ["FAILED"])
+        assert mlflow_statuses(out) == ("FAILED", ["FAILED"])
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True, capture_output=True)
         again = run_cli([*args, "--out", str(out)], cache_dir, timeout=600)
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "smoke" / "results.csv").exists()
-    parent, children = _statuses(out)
+    parent, children = mlflow_statuses(out)
     assert parent == "FINISHED" and children.count("FINISHED") == 1

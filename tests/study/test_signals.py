@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import checkpointed, run_cli, start_cli, wait_until
+from tests.conftest import checkpointed, mlflow_statuses, run_cli, start_cli, wait_until
 
 ARGS = ["--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[1024]", "pretrain.steps=600",
         "pretrain.checkpoint_every=20", "evaluate.finetune.lr=0.01"]
@@ -18,13 +18,6 @@ ARGS = ["--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[10
 def _steps(tmp_path) -> list[int]:
     return sorted(int(p.parent.name.rsplit("-", 1)[1])
                   for p in tmp_path.glob("smoke/storage/points/*/checkpoints/ckpt-*/state.pt"))
-
-
-def _statuses(tmp_path) -> tuple[str, list[str]]:
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-    parent = [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    return parent[0], [r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 
 @pytest.mark.slow
@@ -41,12 +34,12 @@ def test_a_signal_stops_the_study_with_a_checkpoint_and_the_rerun_resumes(sig, t
     assert "rerun the same command to resume" in err
     stopped_at = _steps(tmp_path)[-1]
     assert stopped_at % 5 == 0 and stopped_at < 600  # a step boundary, before the end
-    assert _statuses(tmp_path) == ("KILLED", ["KILLED"])
+    assert mlflow_statuses(tmp_path) == ("KILLED", ["KILLED"])
     if sig == signal.SIGINT:
         return
     again = run_cli(args, cache_dir, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert _statuses(tmp_path) == ("FINISHED", ["FINISHED"])
+    assert mlflow_statuses(tmp_path) == ("FINISHED", ["FINISHED"])
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (child,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
                                   "tags.study_role = 'point'")
@@ -82,7 +75,7 @@ def test_sigterm_to_a_trial_worker_checkpoints_and_the_retry_resumes_from_it(tmp
     assert preempted_at > seen and preempted_at % 5 == 0  # a checkpoint made for the signal, at a step boundary
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
-    assert _statuses(tmp_path) == ("FINISHED", ["FINISHED"])
+    assert mlflow_statuses(tmp_path) == ("FINISHED", ["FINISHED"])
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (child,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
                                   "tags.study_role = 'point'")
