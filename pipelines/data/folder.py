@@ -24,14 +24,18 @@ def folder_classes(root: str) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
+def is_image(entry: os.DirEntry) -> bool:
+    """A file of a class folder that is taken as an image (by its extension)."""
+    return entry.is_file() and entry.name.rpartition(".")[2].lower() in IMAGE_EXTS
+
+
 def folder_files(root: str) -> list[tuple[str, str]]:
     """(key, path) of every image under `root/<class>/`, key = '<class>/<file stem>', in sorted order."""
     out = []
     for name in folder_classes(root):
         for entry in sorted(os.scandir(os.path.join(root, name)), key=lambda e: e.name):
-            stem, _, ext = entry.name.rpartition(".")
-            if entry.is_file() and ext.lower() in IMAGE_EXTS:
-                out.append((f"{name}/{stem}", entry.path))
+            if is_image(entry):
+                out.append((f"{name}/{entry.name.rpartition('.')[0]}", entry.path))
     return out
 
 

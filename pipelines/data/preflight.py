@@ -10,8 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.data.folder import folder_classes
-from pipelines.data.reader import IMAGE_EXTS
+from pipelines.data.folder import folder_classes, is_image
 from pipelines.data.sources import expand_urls, info_lengths, is_local
 
 
@@ -71,14 +70,14 @@ def _folder(src, key: str, needs, test_needs, found: Findings) -> None:
 
 
 def _count_folder(root: str, key: str, found: Findings) -> dict[str, int] | None:
-    """Images per class folder (files with an image extension, as `folder_files` takes them), or None if absent."""
+    """Images per class folder (the files `folder.is_image` takes), or None if absent."""
     if not os.path.isdir(root):
         found.problems.append(f"{key}: {root} not found; give a folder of class folders (<class>/<image>)")
         return None
     counts = {}
     for name in folder_classes(root):
         with os.scandir(os.path.join(root, name)) as entries:
-            counts[name] = sum(1 for e in entries if e.is_file() and e.name.rpartition(".")[2].lower() in IMAGE_EXTS)
+            counts[name] = sum(1 for e in entries if is_image(e))
     if not counts:
         found.problems.append(f"{key}: {root} has no class folders; give a folder of class folders "
                               f"(<class>/<image>)")
