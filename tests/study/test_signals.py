@@ -11,8 +11,9 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import checkpointed, mlflow_statuses, run_cli, start_cli, wait_until
 
+# Batch 16: the many steps leave time for the signal to land mid-pretraining, and each is cheap, so the rerun is short.
 ARGS = ["--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[1024]", "pretrain.steps=600",
-        "pretrain.checkpoint_every=20", "evaluate.finetune.lr=0.01"]
+        "pretrain.batch_size=16", "pretrain.checkpoint_every=20", "evaluate.finetune.lr=0.01"]
 
 
 def _steps(tmp_path) -> list[int]:
