@@ -1,4 +1,5 @@
-"""Fixtures of the study tests: an S3 server on 127.0.0.1 (moto's standalone server) for `--storage s3://...`."""
+"""Fixtures of the study tests: the smoke study, run once per session and read by every test that only looks at a
+finished study; an S3 server on 127.0.0.1 (moto's standalone server) for `--storage s3://...`."""
 
 import os
 import shutil
@@ -11,8 +12,19 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.conftest import run_cli
+
 MOTO = shutil.which("moto_server", path=os.path.dirname(sys.executable))
 SECRET = "never-log-this-3f9a"  # a distinctive fake secret: tests grep what a study wrote for it
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory, cache_dir):
+    """`python -m study.run --grid configs/smoke.yaml` as a user runs it: (its --out folder, the finished process).
+    Tests that read it must not change what it wrote, except by adding to it (a comparison on its parent run)."""
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out)], cache_dir)
+    return out, proc
 
 
 @dataclass(frozen=True)

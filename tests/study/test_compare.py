@@ -17,10 +17,8 @@ def test_mlflow_input_spellings():
 
 
 @pytest.mark.slow
-def test_compare_a_smoke_study_from_mlflow_and_from_its_folder(tmp_path, cache_dir):
-    runs = tmp_path / "runs"
-    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(runs), "data.subsets=[256]"],
-                   cache_dir)
+def test_compare_a_smoke_study_from_mlflow_and_from_its_folder(smoke, tmp_path, cache_dir):
+    runs, proc = smoke
     assert proc.returncode == 0, proc.stderr[-3000:]
     uri = f"sqlite:///{runs / 'mlflow.db'}"
     out = tmp_path / "cmp"

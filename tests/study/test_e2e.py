@@ -20,13 +20,6 @@ def _titled(proc: psutil.Process, title: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, cache_dir):
-    out = tmp_path_factory.mktemp("runs")
-    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out)], cache_dir)
-    return out, proc
-
-
 def test_study_finishes_and_prints_where_everything_is(smoke):
     out, proc = smoke
     assert proc.returncode == 0, proc.stderr[-3000:]
