@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipelines import distributed, models, perf
+from pipelines.data import nested_subset
 from pipelines.data.augment import Augment
 from pipelines.data.stream import ShardSubset
 from pipelines.loop import (
@@ -105,17 +106,24 @@ class FinetuneResult:
 
 
 def split_minival(data: ShardSubset, fraction: float, seed: int) -> tuple[ShardSubset, ShardSubset | None]:
-    """(train, minival): the `fraction` of `data`'s rows first in the index's seeded key order (`SourceIndex.order`,
-    O(N) once per task and seed, stored beside the index) held out for choosing the learning rate and for curves,
-    and the rest. A pure function of the task's keys and `seed`: the same minival in every run, every point and for
-    any number of ranks or shard order; it is read by offset like any subset, and the train split never holds it."""
+    """(train, minival): a fixed `fraction` of `data` held out for choosing the learning rate and for curves, and the
+    rest (which never holds a minival row).
+
+    Shards read by offset: the rows first in the index's seeded key order (`SourceIndex.order`, O(N) once per task
+    and seed, stored beside the index), the same samples in every run and point, for any number of ranks or shard
+    order. Shards that can only be streamed: whole shards in a seeded order of their names (`nested_subset`'s
+    `shards` mode), so a minival pass streams those alone, not a tenth of every shard."""
     if fraction == 0:
         return data, None
-    index = data.index
+    index, n_val = data.index, max(1, round(fraction * len(data)))
     inside = np.zeros(len(index), dtype=bool)
     inside[data.positions] = True
-    order = np.asarray(index.order(seed))
-    held = np.sort(order[inside[order]][:max(1, round(fraction * len(data)))]).astype(np.int64)
+    if np.asarray(index.shard_seekable).all():
+        order = np.asarray(index.order(seed))
+        held = np.sort(order[inside[order]][:n_val]).astype(np.int64)
+    else:
+        held = np.asarray(nested_subset(index, n_val, seed, mode="shards").positions)
+        held = held[inside[held]]
     inside[held] = False
     return ShardSubset(index, np.flatnonzero(inside)), ShardSubset(index, held)
 

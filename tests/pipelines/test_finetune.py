@@ -43,6 +43,17 @@ def test_the_minival_is_the_same_keys_whatever_the_shard_order_and_never_trained
     assert not keys(train) & keys(val) and keys(train) | keys(val) == keys(data)
 
 
+def test_a_streamed_tasks_minival_is_whole_shards_so_a_pass_streams_only_them():
+    local = as_shards(np.arange(100)[:, None, None, None].repeat(3, -1).astype(np.uint8), np.arange(100) % 4,
+                      per_shard=10)
+    index = scratch_index([f"pipe:cat {url}" for url in local.index.shards])
+    data = ShardSubset(index, np.arange(len(index), dtype=np.int64))
+    train, val = finetune.split_minival(data, 0.2, seed=0)
+    assert len(val) == 20 and len(set(index.shard_of(val.positions).tolist())) == 2  # two whole shards of ten
+    assert not set(train.positions.tolist()) & set(val.positions.tolist()) and len(train) == 80
+    assert np.array_equal(finetune.split_minival(data, 0.2, seed=0)[1].positions, val.positions)
+
+
 def test_finetune_logs_per_epoch_validation_and_learns_at_higher_resolution():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 240)
