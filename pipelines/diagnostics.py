@@ -136,10 +136,16 @@ def receptive_fields(model: nn.Module, parts: families.ReceptiveField | None = N
     return out
 
 
-def run(model: nn.Module, family: str, images: np.ndarray, image_size: int, device: torch.device,
+def needs_images(family: str) -> bool:
+    """Whether `family`'s diagnostic looks at images (attention distances); a ResNet's receptive field does not."""
+    return isinstance(families.get(family).diagnostic, families.Attention)
+
+
+def run(model: nn.Module, family: str, images: np.ndarray | None, image_size: int, device: torch.device,
         precision: str = "auto") -> Diagnostics:
-    """Diagnostics of a pretrained model of `family` on a fixed evaluation batch (`images`, uint8 [B, H, W, 3]);
-    the forward pass in `precision` (auto: bf16 on CUDA, fp32 on a CPU). A family without a diagnostic: none."""
+    """Diagnostics of a pretrained model of `family` on a fixed evaluation batch (`images`, uint8 [B, H, W, 3]; None
+    where the family `needs_images` not); the forward pass in `precision` (auto: bf16 on CUDA, fp32 on a CPU). A
+    family without a diagnostic: none."""
     parts = families.get(family).diagnostic
     if parts is None:
         return Diagnostics(family)

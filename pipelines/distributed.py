@@ -7,11 +7,15 @@ only ask for it here, so the same code runs as one process or as one of N.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,26 @@ def gather_rows(rows: np.ndarray) -> np.ndarray:
         return rows
     parts: list = [None] * ranks().world_size
     dist.all_gather_object(parts, rows)
-    return np.concatenate(parts)
+    return np.concatenate([p for p in parts if len(p)] or parts[:1])  # a rank with no rows adds none
+
+
+def gather_to_main(rows: np.ndarray) -> np.ndarray | None:
+    """Every rank's rows, concatenated in rank order, on the main rank only (None elsewhere): what is solved once
+    needs its inputs in one place, not a copy on every rank."""
+    if ranks().world_size == 1:
+        return rows
+    parts: list | None = [None] * ranks().world_size if ranks().main else None
+    dist.gather_object(rows, parts, dst=0)
+    return np.concatenate([p for p in parts if len(p)] or parts[:1]) if parts is not None else None
+
+
+def on_main(compute: Callable[[], T]) -> T:
+    """`compute()` run on the main rank only, its (picklable) result handed to every rank."""
+    if ranks().world_size == 1:
+        return compute()
+    box = [compute() if ranks().main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def part(n: int) -> slice:

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from pipelines import data, distributed, evaluations, models
-from pipelines.config import ConfigError, from_dict, to_dict
-from pipelines.data import SourceConfig
+from pipelines.config import ConfigError, UserError, from_dict, to_dict
+from pipelines.data import SourceConfig, SourceIndex
+from pipelines.data.index import key_hash
 from pipelines.data.reader import DataError
 from pipelines.data.stream import ShardSubset
 from pipelines.evaluations import Evaluation
-from pipelines.metrics import infer, rank_part
+from pipelines.metrics import infer, rank_rows
 from pipelines.runtime import Runtime
 
 Curve = Callable[[str, int, dict[str, float]], None]  # (metric prefix, step, per-epoch values)
@@ -137,6 +138,7 @@ class Inputs:
     cache: dict = field(default_factory=dict)  # shared by the evaluations of one frozen model
     on_curve: Curve | None = None
     on_file: Keep | None = None
+    whole_train: bool = False  # an enabled evaluation extracts the whole train split's features: share them
 
     def measurement(self, metric: str, value: float, shots: int | None = None,
                     spread: float | None = None) -> Measurement:
@@ -150,15 +152,47 @@ class Inputs:
             self.cache[key] = task_splits(self.task, self.runtime.cache_dir, self.runtime.index_root)
         return self.cache[key]
 
-    def features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Frozen pre-logit features and labels of the train and test splits, at the pretraining resolution:
-        x_train, y_train, x_test, y_test (extracted once per task and model, batch by batch from the shards)."""
-        key = ("features", self.dataset, self.model.image_size)
+    def features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Frozen pre-logit features and labels of the whole train and test splits, at the pretraining resolution:
+        x_train, y_train, x_test, y_test, on the main rank (None elsewhere: the solves run there once)."""
+        train, test = self._split_features("train"), self._split_features("test")
+        return (*train[:2], *test[:2]) if train is not None else None
+
+    def test_features(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Features and labels of the whole test split (main rank; None elsewhere)."""
+        found = self._split_features("test")
+        return found[:2] if found is not None else None
+
+    def train_features(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Features of the train split's `rows` (sorted) that could be read, and those rows (main rank; None
+        elsewhere). Taken from the whole split's features where an enabled evaluation extracts them all
+        (`whole_train`, or already extracted), else extracted for these rows alone."""
+        if self.whole_train or self._key("train") in self.cache:
+            found = self._split_features("train")
+            if found is None:
+                return None
+            x, _, read = found
+            at = np.minimum(np.searchsorted(read, rows), len(read) - 1)
+            kept = read[at] == rows
+            return x[at[kept]], rows[kept]
+        train, _ = self.splits()
+        found = self._extract(train.part(np.asarray(rows)))
+        return (found[0], np.asarray(rows)[found[2]]) if found is not None else None
+
+    def _key(self, split: str) -> tuple:
+        return ("features", self.dataset, self.model.image_size, split)
+
+    def _split_features(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(features, labels, rows read) of a whole split, extracted once per task and model (main rank)."""
+        key = self._key(split)
         if key not in self.cache:
-            self.cache[key] = tuple(features(self.model.module, split, self.model.image_size, self.runtime.device,
-                                             self.runtime.loader.max_bad_fraction) for split in self.splits())
-        (x_train, y_train), (x_test, y_test) = self.cache[key]
-        return x_train, y_train, x_test, y_test
+            self.cache[key] = self._extract(self.splits()[split == "test"])
+        return self.cache[key]
+
+    def _extract(self, split: ShardSubset) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        loader = self.runtime.loader
+        return features(self.model.module, split, self.model.image_size, self.runtime.device,
+                        loader.max_bad_fraction, loader.workers)
 
     def pretrain_images(self, n: int) -> np.ndarray:
         """The first `n` images (uint8 [n, H, W, 3]) of the pretraining source's held-out split (train if none)."""
@@ -188,6 +222,9 @@ def run(ev: EvaluateConfig, model: Pretrained, tasks: tuple[SourceConfig, ...], 
     across calls that run the evaluations one at a time. Memory holds features, never a split's pixels.
     """
     cache = {} if cache is None else cache
+    for task in tasks:
+        check_task(ev, task, data.prepared(task, runtime.cache_dir, runtime.index_root).index())
+    whole_train = any(row.needs == evaluations.FEATURES for row, _ in ev.enabled())  # enabled, run now or not
     out: list[Measurement] = []
     for row, cfg in ev.enabled():
         if kinds is not None and row.name not in kinds:
@@ -199,8 +236,31 @@ def run(ev: EvaluateConfig, model: Pretrained, tasks: tuple[SourceConfig, ...], 
                                                   on_file))
             continue
         for task in tasks:
-            out += module.measure(cfg, Inputs(row.name, task.label, task, model, runtime, cache, on_curve, on_file))
+            out += module.measure(cfg, Inputs(row.name, task.label, task, model, runtime, cache, on_curve, on_file,
+                                              whole_train))
     return out
+
+
+def check_task(ev: EvaluateConfig, task: SourceConfig, index: SourceIndex) -> None:
+    """Refuse, before any work, what the enabled evaluations cannot measure on a downstream task (its train split's
+    `index`): a multi-label task (few-shot's one-hot targets, the probe's softmax and fine-tuning's loss take one
+    class per sample), or more shots than its smallest class holds. Any number of classes is measured.
+
+    Raises:
+        UserError: one line naming the key.
+    """
+    per_task = [row.name for row, _ in ev.enabled() if row.per_task]
+    if per_task and index.label_width > 1:
+        raise UserError(f"evaluate.{per_task[0]}: downstream task '{task.label}' is multi-label (up to "
+                        f"{index.label_width} classes per sample); the evaluations take one class per sample: use a "
+                        f"single-label task, or set evaluate.{per_task[0]}=null")
+    if (fewshot := ev.fewshot) is not None:
+        labels = np.asarray(index.label, dtype=np.int64)
+        counts = np.bincount(labels[labels >= 0], minlength=task.num_classes)  # -1: a sample without a class
+        short = int(np.flatnonzero(counts == counts[counts > 0].min())[0])
+        if max(fewshot.shots) > counts[short]:
+            raise UserError(f"evaluate.fewshot.shots: {max(fewshot.shots)}-shot asked, but class {short} of downstream "
+                            f"task '{task.label}' has only {counts[short]} training examples")
 
 
 def task_splits(task: SourceConfig, cache_dir: Path, index_root: Path | None = None
@@ -213,11 +273,26 @@ def task_splits(task: SourceConfig, cache_dir: Path, index_root: Path | None = N
 
 
 def features(model: torch.nn.Module, split: ShardSubset, image_size: int, device: torch.device,
-             max_bad_fraction: float = 0.001) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen pre-logit features [N, D] (float32) and labels [N], extracted batch by batch at `image_size` (in a
-    process group, each rank extracts its part and every rank gets all of them, in the split's order)."""
-    feats, labels = [], []
-    for batch in data.split_batches(rank_part(split), image_size, max_bad_fraction=max_bad_fraction):
+             max_bad_fraction: float = 0.001, workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Frozen pre-logit features [n, D] (float32), labels [n] and which of the split's rows they are ([n], sorted:
+    unreadable samples are skipped), extracted batch by batch at `image_size`. In a process group each rank
+    extracts its part (decoded in `workers` loader processes), and the main rank gets all of them in the split's
+    order (None on the other ranks)."""
+    feats, labels, keys = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)], []  # a rank may own no shard
+    rows = rank_rows(split)
+    mine = split.part(rows)
+    for batch in data.split_batches(mine, image_size, max_bad_fraction=max_bad_fraction, workers=workers):
         feats.append(infer(model, batch.images, image_size, device, pre_logits=True))
         labels.append(batch.labels)
-    return distributed.gather_rows(np.concatenate(feats)), distributed.gather_rows(np.concatenate(labels))
+        keys += batch.keys
+    read = rows_read(mine, keys) + rows.start
+    found = [distributed.gather_to_main(np.concatenate(x[1:] or x)) for x in (feats, labels, [read])]
+    return None if found[0] is None else tuple(found)
+
+
+def rows_read(split: ShardSubset, keys: list[str]) -> np.ndarray:
+    """Which rows of `split` the samples with `keys` (read in row order) are: all of them unless some were
+    unreadable, then found by key hash."""
+    if len(keys) == len(split):
+        return np.arange(len(split), dtype=np.int64)
+    return np.flatnonzero(np.isin(np.asarray(split.index.key[split.positions]), key_hash(keys)))

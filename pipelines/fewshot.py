@@ -33,7 +33,22 @@ class FewshotResult:
 
 def ridge_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, num_classes: int,
                  l2_reg: float) -> np.ndarray:
-    """Class scores [N_test, C] of the ridge regression from features to {-1, +1} one-hot targets.
+    """Class scores [N_test, C] of the ridge regression from features to {-1, +1} one-hot targets."""
+    return _scores(ridge_fit(x_train, y_train, num_classes, l2_reg), x_test)
+
+
+def ridge_predictions(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, num_classes: int,
+                      l2_reg: float, chunk: int = 4096) -> np.ndarray:
+    """The predicted class of each test row, scored `chunk` rows at a time: memory holds chunk x C scores, not
+    N_test x C (21k classes and 100k test images would be 17 GB of float64)."""
+    fit = ridge_fit(x_train, y_train, num_classes, l2_reg)
+    return np.concatenate([_scores(fit, x_test[lo:lo + chunk]).argmax(-1) for lo in range(0, len(x_test), chunk)])
+
+
+def ridge_fit(x_train: np.ndarray, y_train: np.ndarray, num_classes: int,
+              l2_reg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weights [D+1, C] of the ridge regression from features to {-1, +1} one-hot targets, and the training
+    features' mean and std they expect.
 
     Features are standardised with the training set's statistics and given a constant bias feature; the
     solve uses the smaller of the D x D and N x N systems (kernel form when N < D), in float64. The targets
@@ -64,8 +79,12 @@ def ridge_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n
         x = _with_bias(x / std)
         y = 2.0 * onehot.T.toarray() - 1.0
         w = x.T @ scipy.linalg.solve(x @ x.T + l2_reg * np.eye(n), y, assume_a="pos")
-    xt = _with_bias((x_test.astype(np.float64) - mean) / std)
-    return xt @ w
+    return w, mean, std
+
+
+def _scores(fit: tuple[np.ndarray, np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray:
+    w, mean, std = fit
+    return _with_bias((x.astype(np.float64) - mean) / std) @ w
 
 
 def _with_bias(x: np.ndarray) -> np.ndarray:
@@ -73,24 +92,47 @@ def _with_bias(x: np.ndarray) -> np.ndarray:
 
 
 def nested_shots(labels: np.ndarray, shots: tuple[int, ...], seed: int) -> dict[int, np.ndarray]:
-    """Indices of a k-shot training set per k; each set contains the smaller ones (same per-class order)."""
+    """Indices of a k-shot training set per k; each set contains the smaller ones (same per-class order).
+
+    O(N): the rows are sorted by class once (stable, so each class's rows keep their order), then each class's
+    rows are permuted in class order: the same draws as permuting `flatnonzero(labels == c)` class by class.
+    """
     rng = np.random.default_rng([seed, 4242])
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    short = min(len(p) for p in per_class)
-    if max(shots) > short:
+    by_class = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels)
+    present = np.flatnonzero(counts)
+    if max(shots) > (short := int(counts[present].min())):
         raise UserError(f"{max(shots)}-shot asked, but a class has only {short} training examples")
-    return {k: np.sort(np.concatenate([p[:k] for p in per_class])) for k in shots}
+    ends = np.cumsum(counts)
+    firsts = np.stack([rng.permutation(by_class[ends[c] - counts[c]:ends[c]])[:max(shots)] for c in present])
+    return {k: np.sort(firsts[:, :k].ravel()) for k in shots}
+
+
+def draws(labels: np.ndarray, cfg: FewshotConfig, seed: int) -> list[dict[int, np.ndarray]]:
+    """The k-shot training sets of each of `cfg.repeats` draws (rows of the train split)."""
+    return [nested_shots(labels, cfg.shots, seed * 1000 + repeat) for repeat in range(cfg.repeats)]
+
+
+def needed_rows(sets: list[dict[int, np.ndarray]]) -> np.ndarray:
+    """The train rows some draw trains on (sorted): the only ones whose features few-shot needs."""
+    return np.unique(np.concatenate([draw[max(draw)] for draw in sets]))
 
 
 def run(cfg: FewshotConfig, train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-        test_labels: np.ndarray, seed: int) -> FewshotResult:
-    """k-shot top-1 (percent) for every k in `cfg.shots`, mean and std over `cfg.repeats` draws."""
+        test_labels: np.ndarray, seed: int, rows: np.ndarray | None = None) -> FewshotResult:
+    """k-shot top-1 (percent) for every k in `cfg.shots`, mean and std over `cfg.repeats` draws.
+
+    `train_labels` are the whole train split's (the shots are drawn from them); `train_features` are those of its
+    `rows` (sorted; default: every row): `needed_rows` of the draws, less any that could not be read.
+    """
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     scores: dict[int, list[float]] = {k: [] for k in cfg.shots}
-    for repeat in range(cfg.repeats):
-        for k, idx in nested_shots(train_labels, cfg.shots, seed * 1000 + repeat).items():
-            pred = ridge_scores(train_features[idx], train_labels[idx], test_features, num_classes,
-                                cfg.l2_reg).argmax(-1)
+    for draw in draws(train_labels, cfg, seed):
+        for k, idx in draw.items():
+            if rows is not None:  # a chosen row that could not be read is left out of its set
+                idx = idx[np.isin(idx, rows)]
+            at = idx if rows is None else np.searchsorted(rows, idx)
+            pred = ridge_predictions(train_features[at], train_labels[idx], test_features, num_classes, cfg.l2_reg)
             scores[k].append(100.0 * float((pred == test_labels).mean()))
     return FewshotResult({k: float(np.mean(v)) for k, v in scores.items()},
                          {k: float(np.std(v)) for k, v in scores.items()})

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipelines import distributed, models, perf
+from pipelines.data import nested_subset
 from pipelines.data.augment import Augment
 from pipelines.data.stream import ShardSubset
 from pipelines.loop import (
@@ -24,7 +25,7 @@ from pipelines.loop import (
     train_loop,
     warmup_decay,
 )
-from pipelines.metrics import evaluate, holdout
+from pipelines.metrics import evaluate
 from pipelines.runtime import Runtime
 
 
@@ -48,6 +49,7 @@ class FinetuneConfig:
     nonfinite_check_every: int = 25  # steps between host reads of the loss (a NaN/inf stops the run within these)
     augment: Augment = field(default_factory=lambda: Augment(crop="translate", crop_padding=4, flip=False))
     val_fraction: float = 0.1  # minival carved from the train split for the per-epoch curves (0: none)
+    minival_seed: int = 0  # which fixed slice is the minival (`split_minival`): one per task, not per point
 
     def __post_init__(self):
         if sum(v is not None for v in (self.steps, self.epochs, self.examples)) > 1:
@@ -104,11 +106,26 @@ class FinetuneResult:
 
 
 def split_minival(data: ShardSubset, fraction: float, seed: int) -> tuple[ShardSubset, ShardSubset | None]:
-    """(train, minival): a seeded `fraction` of `data` held out for choosing the learning rate and for curves."""
+    """(train, minival): a fixed `fraction` of `data` held out for choosing the learning rate and for curves, and the
+    rest (which never holds a minival row).
+
+    Shards read by offset: the rows first in the index's seeded key order (`SourceIndex.order`, O(N) once per task
+    and seed, stored beside the index), the same samples in every run and point, for any number of ranks or shard
+    order. Shards that can only be streamed: whole shards in a seeded order of their names (`nested_subset`'s
+    `shards` mode), so a minival pass streams those alone, not a tenth of every shard."""
     if fraction == 0:
         return data, None
-    kept, held = (np.sort(i) for i in holdout(len(data), fraction, seed, salt=777))
-    return data.part(kept), data.part(held)
+    index, n_val = data.index, max(1, round(fraction * len(data)))
+    inside = np.zeros(len(index), dtype=bool)
+    inside[data.positions] = True
+    if np.asarray(index.shard_seekable).all():
+        order = np.asarray(index.order(seed))
+        held = np.sort(order[inside[order]][:n_val]).astype(np.int64)
+    else:
+        held = np.asarray(nested_subset(index, n_val, seed, mode="shards").positions)
+        held = held[inside[held]]
+    inside[held] = False
+    return ShardSubset(index, np.flatnonzero(inside)), ShardSubset(index, held)
 
 
 def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, test: ShardSubset,
@@ -125,7 +142,7 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     if hooks.checkpoint_dir is not None or hooks.on_checkpoint is not None:
         raise ValueError("fine-tuning keeps no checkpoints")
     start = time.perf_counter()
-    train, minival = split_minival(train, cfg.val_fraction, rt.seed)
+    train, minival = split_minival(train, cfg.val_fraction, cfg.minival_seed)
     steps = cfg.total_steps(len(train))
     best, val_top1, diverged = None, {}, None
     for lr in cfg.learning_rates:
@@ -143,7 +160,7 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     lr, model, curves = best
     for point in curves if hooks.on_epoch is not None else ():
         hooks.on_epoch(point)
-    result = evaluate(model, test, cfg.image_size, rt.device, rt.loader.max_bad_fraction)
+    result = evaluate(model, test, cfg.image_size, rt.device, rt.loader.max_bad_fraction, rt.loader.workers)
     return FinetuneResult(result["top1"], result["macro_f1"], steps, curves, time.perf_counter() - start, lr,
                           val_top1)
 
@@ -171,7 +188,7 @@ def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: d
     def epoch_end(record: EpochRecord) -> None:
         val = {}
         if minival is not None:
-            val = evaluate(model, minival, cfg.image_size, device, rt.loader.max_bad_fraction)
+            val = evaluate(model, minival, cfg.image_size, device, rt.loader.max_bad_fraction, rt.loader.workers)
         curves.append(FinetuneEpoch(record.epoch, record.loss, record.train_top1, val.get("loss"), val.get("top1")))
 
     batches = streamed_batches(train, cfg.image_size, spec.batch_size, cfg.augment, rt)

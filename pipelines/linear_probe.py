@@ -73,13 +73,14 @@ def run(cfg: LinearProbeConfig, train_features: np.ndarray, train_labels: np.nda
         test_labels: np.ndarray, seed: int, device: torch.device | None = None) -> LinearProbeResult:
     """Fit on (1 - val_fraction) of the train split, pick l2 on the rest, report the test metrics (percent).
 
-    Runs on `device` (float32 on a GPU, float64 on the CPU).
+    Runs on `device` (the GPU where there is one), in float32: the features are standardised, so single precision
+    loses nothing the held-out metrics can see, and it halves the memory and doubles the CPU's throughput against
+    float64 (the gradient is summed over chunks of the rows, so memory does not grow with the split).
     """
     device = device or torch.device("cpu")
-    dtype = torch.float64 if device.type == "cpu" else torch.float32
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     fit, val = holdout(len(train_labels), cfg.val_fraction, seed, salt=31337)
-    x = torch.from_numpy(train_features[np.sort(fit)]).to(device, dtype)
+    x = torch.from_numpy(train_features[np.sort(fit)]).to(device, torch.float32)
     mean, std = x.mean(0), x.std(0, unbiased=False) + 1e-6
     x = (x - mean) / std
     w = fit_logistic(x, torch.from_numpy(train_labels[np.sort(fit)]).to(device), num_classes, cfg.l2_grid,

@@ -67,22 +67,38 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
 
 
 def evaluate(model: nn.Module, data: ShardSubset, image_size: int, device: torch.device,
-             max_bad_fraction: float = 0.001) -> dict[str, float]:
-    """Loss, top-1 and macro-F1 of `model` on a split streamed from its shards batch by batch (in a process group,
-    each rank infers its part and every rank gets the metrics of the whole split)."""
-    logits, labels = [], []
-    for batch in split_batches(rank_part(data), image_size, max_bad_fraction=max_bad_fraction):
+             max_bad_fraction: float = 0.001, workers: int = 0) -> dict[str, float]:
+    """Loss, top-1 and macro-F1 of `model` on a split streamed from its shards batch by batch, decoded in `workers`
+    loader processes (in a process group, each rank infers its part and every rank gets the whole split's
+    metrics)."""
+    logits, labels = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]  # a rank may own no shard of a small split
+    for batch in split_batches(rank_part(data), image_size, max_bad_fraction=max_bad_fraction, workers=workers):
         logits.append(infer(model, batch.images, image_size, device))
         labels.append(batch.labels)
-    logits, labels = (distributed.gather_rows(np.concatenate(x)) for x in (logits, labels))
+    logits, labels = (distributed.gather_rows(np.concatenate(x[1:] or x)) for x in (logits, labels))
     return classification_metrics(logits, labels)
 
 
 def rank_part(split: ShardSubset) -> ShardSubset:
-    """This rank's contiguous part of an evaluation split (the whole split in one process)."""
-    if distributed.ranks().world_size == 1:
-        return split
-    return split.part(distributed.part(len(split)))
+    """This rank's part of an evaluation split (`rank_rows`)."""
+    return split.part(rank_rows(split))
+
+
+def rank_rows(split: ShardSubset) -> slice:
+    """This rank's contiguous part of an evaluation split (the whole split in one process): rows in even parts
+    where shards are read by offset (a rank reads only its samples' bytes); whole shards, split at the shard
+    boundary nearest each even cut, where they can only be streamed (a rank opens only the shards it owns)."""
+    even = distributed.part(len(split))
+    index, positions = split.index, split.positions
+    if distributed.ranks().world_size == 1 or len(positions) == 0 or np.asarray(index.shard_seekable).all():
+        return even
+    shard = index.shard_of(positions)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(shard)) + 1, [len(positions)]])  # where each shard begins
+
+    def cut(at: int) -> int:
+        return int(starts[np.abs(starts - at).argmin()])
+
+    return slice(cut(even.start), cut(even.stop))
 
 
 def holdout(n: int, fraction: float, seed: int, salt: int) -> tuple[np.ndarray, np.ndarray]:

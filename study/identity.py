@@ -98,11 +98,15 @@ def point_id(cfg, model: str, subset_size: int, seed: int) -> str:
 
 def eval_ids(cfg) -> dict[str, str]:
     """One identity per enabled evaluation (a changed `evaluate:` block re-runs only what changed): its protocol
-    (the module's `identity`, or its non-default settings and the downstream tasks) and `EVAL_VERSION`."""
+    (the module's `identity`, or its non-default settings and the downstream tasks), the module's
+    `PROTOCOL_VERSION` where it has one (a change to one evaluation re-runs that one alone) and `EVAL_VERSION`."""
     tasks = [source_settings(task) | {"name": task.label} for task in cfg.downstream]
     out = {}
     for row, section in cfg.evaluate.enabled():
-        protocol = getattr(row.load(), "identity", None)
+        module = row.load()
+        protocol = getattr(module, "identity", None)
         what = protocol(section) if protocol is not None else {row.name: settings(section, row.name), "tasks": tasks}
+        if (version := getattr(module, "PROTOCOL_VERSION", None)) is not None:  # that evaluation's alone changed
+            what["protocol_version"] = version
         out[row.name] = digest({"v": EVAL_VERSION, **what})
     return out

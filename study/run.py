@@ -117,7 +117,7 @@ def git_commit() -> str:
 def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:
     """Generate or check every data source and index it once into storage, before any trial starts (missing paths,
     corrupt shards and repeated keys fail here), with each seed's subset order, so trials only map files."""
-    from pipelines import data, pretrain
+    from pipelines import data, downstream, pretrain
     from study.trial import index_root, sync_indexes
 
     limit, root = cfg.data.loader.max_bad_fraction, index_root(cfg, storage)
@@ -130,6 +130,10 @@ def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:
                 for seed in cfg.seeds:
                     for n in cfg.data.subsets:
                         index.first_rows(seed, n)
+        else:  # what the evaluations cannot measure on this task, refused before any trial starts
+            downstream.check_task(cfg.evaluate, src, found.index())
+            if (ft := cfg.evaluate.finetune) is not None and ft.val_fraction:  # the minival's order: stored once
+                found.index().order(ft.minival_seed)
         sync_indexes(cfg, storage, src, found, upload=True)
 
 

@@ -7,11 +7,12 @@ from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipelines.data import ImageArrays
 from pipelines.data.augment import eval_image
-from pipelines.data.index import ShardSubset, key_filter, scratch_index
+from pipelines.data.index import ShardSubset, SourceIndex, key_filter, scratch_index
 from pipelines.data.labels import Label, label_array
 from pipelines.data.reader import BadCounts, BadSample, DataError, ShardFiles, iter_encoded, read_sample
 
@@ -29,7 +30,7 @@ def encoded(split: ShardSubset, bad: BadCounts) -> Iterator[tuple[str, bytes, La
             shard = int(shard_of[rows[0]])
             url, mine = index.shard_url(shard), positions[rows]
             if not index.shard_seekable[shard]:
-                yield from iter_encoded([url], bad=bad, want=key_filter(index, mine))
+                yield from _streamed(url, index, mine, bad)
                 continue
             for p in mine:
                 try:
@@ -40,13 +41,27 @@ def encoded(split: ShardSubset, bad: BadCounts) -> Iterator[tuple[str, bytes, La
         files.close()
 
 
+def _streamed(url: str, index: SourceIndex, rows: np.ndarray, bad: BadCounts) -> Iterator[tuple[str, bytes, Label]]:
+    """The samples of `rows` (all in shard `url`, which can only be streamed): the shard is read until the last of
+    them has been seen (read, or counted unreadable), not to its end."""
+    left = len(rows)
+    before = sum(bad.values())
+    for sample in iter_encoded([url], bad=bad, want=key_filter(index, rows)):
+        yield sample
+        left -= 1 + sum(bad.values()) - before
+        before = sum(bad.values())
+        if left <= 0:
+            return
+
+
 def eval_batches(split: ShardSubset | list[str], image_size: int, batch_size: int = 256, progress: bool = False,
-                 desc: str = "", max_bad_fraction: float = 0.001) -> Iterator[ImageArrays]:
+                 desc: str = "", max_bad_fraction: float = 0.001, workers: int = 0) -> Iterator[ImageArrays]:
     """A subset (or every sample of a shard list) decoded batch by batch at `image_size`, in row order: memory
-    holds one batch, whatever the split's size.
+    holds one batch (and what the loader workers have decoded ahead), whatever the split's size.
 
     Images go through the evaluation transform of the training image path (`augment.eval_image`: shorter side
-    resized, centre crop). Unreadable samples are counted per cause and skipped (each batch's `bad`: the running
+    resized, centre crop), decoded in `workers` DataLoader processes (0: in this one; the trial passes the
+    pretraining loader's). Unreadable samples are counted per cause and skipped (each batch's `bad`: the running
     counts), up to `max_bad_fraction` of the samples expected; past it DataError names the causes. Labels are
     int64 [b], or [b, K] for a multi-label source (K: the source's `label_width`).
     """
@@ -56,30 +71,78 @@ def eval_batches(split: ShardSubset | list[str], image_size: int, batch_size: in
         expected = len(index) + index.lost  # the whole split: what the tar headers list, and what cut tars lost
     else:
         expected = len(split)
-    width, bad = split.index.label_width, BadCounts()
+    bad = BadCounts()
     where = f"loading {desc or (split.index.shard_url(0) if split.index.num_shards else 'an empty shard list')}"
-    images, labels, names, read = [], [], [], 0
-    for key, raw, label in tqdm(encoded(split, bad), total=len(split), desc=desc or "loading", unit="img",
-                                disable=not progress, mininterval=5):
-        try:
-            images.append(eval_image(raw, image_size))
-        except (OSError, ValueError, Image.DecompressionBombError):
-            bad["undecodable_image"] += 1
-            continue
-        labels.append(label)
-        names.append(key)
-        if len(names) == batch_size:
-            read += len(names)
+    parts = _Decoded(split, image_size, batch_size)
+    if workers:
+        parts = DataLoader(parts, batch_size=None, num_workers=workers, prefetch_factor=4, persistent_workers=False)
+    pending, read = [], 0
+    bar = tqdm(total=len(split), desc=desc or "loading", unit="img", disable=not progress, mininterval=5)
+    for part in parts:
+        bar.update(part["rows"])
+        bad.update(part["bad"])
+        pending.append(part["arrays"])
+        while sum(len(p) for p in pending) >= batch_size:
+            batch, pending = _take(pending, batch_size)
+            read += len(batch)
             bad.check(expected, max_bad_fraction, where)
-            yield ImageArrays(np.stack(images), label_array(labels, width), names, dict(+bad))
-            images, labels, names = [], [], []
-    read += len(names)
+            yield ImageArrays(batch.images, batch.labels, batch.keys, dict(+bad))
+    bar.close()
+    batch, _ = _take(pending, batch_size)
+    read += len(batch)
     bad["truncated_tar"] += max(0, expected - read - sum(bad.values()))  # expected, neither read nor counted
     bad.check(expected, max_bad_fraction, where)
-    if read == 0:
+    if read == 0 and expected:
         raise DataError(f"no samples found: {where}")
-    if names:
-        yield ImageArrays(np.stack(images), label_array(labels, width), names, dict(+bad))
+    if len(batch):
+        yield ImageArrays(batch.images, batch.labels, batch.keys, dict(+bad))
+
+
+def _take(pending: list[ImageArrays], n: int) -> tuple[ImageArrays, list[ImageArrays]]:
+    """The first `n` rows of the decoded parts in `pending` (fewer if they hold fewer), and the rest."""
+    parts = [p for p in pending if len(p)]
+    if not parts:
+        return ImageArrays(np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0, np.int64)), []
+    joined = ImageArrays(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
+                         [k for p in parts for k in p.keys])
+    head = ImageArrays(joined.images[:n], joined.labels[:n], joined.keys[:n])
+    rest = ImageArrays(joined.images[n:], joined.labels[n:], joined.keys[n:])
+    return head, [rest] if len(rest) else []
+
+
+class _Decoded(IterableDataset):
+    """A subset's units, decoded: runs of `batch_size` rows of shards read by offset, and every row a shard that can
+    only be streamed holds (so it is streamed once per pass). DataLoader worker w of W decodes units w, w + W, ...
+    and yields one item per unit; the DataLoader hands them out round-robin, so they arrive in row order."""
+
+    def __init__(self, split: ShardSubset, image_size: int, batch_size: int):
+        self.split, self.image_size = split, image_size
+        shard_of = split.index.shard_of(split.positions)
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(shard_of)) + 1, [len(shard_of)]])
+        self.units = []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            step = batch_size if split.index.shard_seekable[shard_of[lo]] else hi - lo
+            self.units += [(int(a), int(min(a + step, hi))) for a in range(lo, hi, step)]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        width = self.split.index.label_width
+        for lo, hi in self.units[worker::workers]:
+            bad = BadCounts()
+            images, labels, keys = [], [], []
+            for key, raw, label in encoded(self.split.part(slice(lo, hi)), bad):
+                try:
+                    images.append(eval_image(raw, self.image_size))
+                except (OSError, ValueError, Image.DecompressionBombError):
+                    bad["undecodable_image"] += 1
+                    continue
+                labels.append(label)
+                keys.append(key)
+            size = self.image_size
+            arrays = ImageArrays(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+                                 label_array(labels, width), keys)
+            yield {"arrays": arrays, "bad": dict(bad), "rows": hi - lo}
 
 
 def load(split: ShardSubset | list[str], image_size: int, progress: bool = False, desc: str = "",
@@ -91,7 +154,7 @@ def load(split: ShardSubset | list[str], image_size: int, progress: bool = False
                        [k for p in parts for k in p.keys], parts[-1].bad)
 
 
-def split_batches(split: ShardSubset, image_size: int, batch_size: int = 256,
-                  max_bad_fraction: float = 0.001) -> Iterator[ImageArrays]:
+def split_batches(split: ShardSubset, image_size: int, batch_size: int = 256, max_bad_fraction: float = 0.001,
+                  workers: int = 0) -> Iterator[ImageArrays]:
     """Evaluation batches of a split left in its shards, decoded at `image_size` batch by batch (`eval_batches`)."""
-    yield from eval_batches(split, image_size, batch_size, max_bad_fraction=max_bad_fraction)
+    yield from eval_batches(split, image_size, batch_size, max_bad_fraction=max_bad_fraction, workers=workers)

@@ -10,7 +10,7 @@ module exposes:
   out (None: off unless asked);
 - `measure(cfg, inputs: pipelines.downstream.Inputs) -> list[Measurement]`;
 - optionally `identity(cfg) -> dict`: what its protocol's identity hashes (default: its non-default settings and
-  the downstream tasks).
+  the downstream tasks), and `PROTOCOL_VERSION`: bumped when its code changes its results (re-runs it alone).
 
 Adding an evaluation is one module and one row (README, "Add an evaluation").
 """
@@ -23,10 +23,12 @@ from types import ModuleType
 from typing import Literal
 
 # What an evaluation needs, which also says where it runs: the frozen model's pre-logit features of each downstream
-# task's splits (extracted once per task and shared), the pretrained weights and each task's splits (fine-tuning),
-# or the first images of the pretraining source's held-out split (once per point, on the main rank).
-FEATURES, PRETRAINED, PRETRAIN_IMAGES = "features", "pretrained", "pretrain_images"
-Need = Literal["features", "pretrained", "pretrain_images"]
+# task's whole splits (extracted once per task and shared), those of the train rows it chooses and the whole test
+# split (taken from the whole split's where an enabled evaluation extracts it, else extracted for those rows alone),
+# the pretrained weights and each task's splits (fine-tuning), or the first images of the pretraining source's
+# held-out split (once per point, on the main rank).
+FEATURES, ROW_FEATURES, PRETRAINED, PRETRAIN_IMAGES = "features", "row_features", "pretrained", "pretrain_images"
+Need = Literal["features", "row_features", "pretrained", "pretrain_images"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Evaluation:
 
 
 TABLE: tuple[Evaluation, ...] = (
-    Evaluation("fewshot", "pipelines.evaluations.fewshot", FEATURES),
+    Evaluation("fewshot", "pipelines.evaluations.fewshot", ROW_FEATURES),
     Evaluation("linear_probe", "pipelines.evaluations.linear_probe", FEATURES),
     Evaluation("finetune", "pipelines.evaluations.finetune", PRETRAINED),
     Evaluation("diagnostics", "pipelines.evaluations.diagnostics", PRETRAIN_IMAGES),

@@ -8,6 +8,7 @@ from pipelines.finetune import FinetuneConfig as Config
 from pipelines.loop import Hooks
 
 DEFAULT = Config()
+PROTOCOL_VERSION = 2  # 2: the minival is a fixed slice of the task's seeded key order (`finetune.split_minival`)
 
 
 def measure(cfg: Config, inputs: Inputs) -> list[Measurement]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines import linear_probe
+from pipelines import distributed, linear_probe
 from pipelines.downstream import Inputs, Measurement
 from pipelines.linear_probe import LinearProbeConfig as Config
 
@@ -10,6 +10,12 @@ DEFAULT = Config()
 
 
 def measure(cfg: Config, inputs: Inputs) -> list[Measurement]:
-    probe = linear_probe.run(cfg, *inputs.features(), inputs.runtime.seed, device=inputs.runtime.device)
-    return [inputs.measurement("top1", probe.top1), inputs.measurement("macro_f1", probe.macro_f1),
-            inputs.measurement("l2", probe.l2)]
+    """Fit on the whole train split's features, once, on the main rank (on its device)."""
+    found = inputs.features()
+
+    def solve() -> list[Measurement]:
+        probe = linear_probe.run(cfg, *found, inputs.runtime.seed, device=inputs.runtime.device)
+        return [inputs.measurement("top1", probe.top1), inputs.measurement("macro_f1", probe.macro_f1),
+                inputs.measurement("l2", probe.l2)]
+
+    return distributed.on_main(solve)

@@ -313,3 +313,25 @@ def test_a_node_with_its_own_cache_reads_the_stored_index_without_building_it(tm
     from_node = data.load(subset, 32)
     from_driver = data.load(data.nested_subset(found.index(), 50, seed=1), 32)
     assert np.array_equal(from_node.images, from_driver.images) and from_node.keys == from_driver.keys
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["by-offset", "pipe"])
+def test_evaluation_decodes_in_loader_workers_to_the_batches_of_one_process(streamed):
+    from pipelines.data.index import ShardSubset, scratch_index
+    from tests.pipelines.tiny import as_shards
+
+    rng = np.random.default_rng(3)
+    split = as_shards(rng.integers(0, 255, (45, 12, 12, 3), dtype=np.uint8), rng.integers(0, 5, 45), per_shard=10)
+    if streamed:
+        index = scratch_index([f"pipe:cat {url}" for url in split.index.shards])
+        split = ShardSubset(index, np.arange(len(index), dtype=np.int64))
+    rows = split.part(np.r_[0:7, 12:31, 40:45])  # runs that start and stop inside shards
+
+    def batches(workers):
+        return list(data.eval_batches(rows, 8, batch_size=6, workers=workers))
+
+    one, two = batches(0), batches(2)
+    assert [len(b) for b in two] == [len(b) for b in one] == [6, 6, 6, 6, 6, 1]
+    for a, b in zip(one, two, strict=True):
+        assert a.keys == b.keys and np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert [k for b in one for k in b.keys] == [f"{i:06d}" for i in np.r_[0:7, 12:31, 40:45]]

@@ -3,12 +3,16 @@ trial (each timed and recorded on its own) and share one pass of frozen features
 measured too."""
 
 import dataclasses
+import json
 import pickle
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from pipelines import data, downstream, evaluations, models
+from pipelines import data, downstream, evaluations, fewshot, models
 from pipelines.config import ConfigError, to_dict
 from pipelines.data.stream import LoaderConfig
 from pipelines.downstream import EvaluateConfig, Pretrained
@@ -16,6 +20,7 @@ from pipelines.fewshot import FewshotConfig
 from pipelines.linear_probe import LinearProbeConfig
 from pipelines.runtime import Runtime
 from tests.pipelines import glyph_task
+from tests.pipelines.test_distributed import _free_port
 
 
 @pytest.mark.parametrize("row", evaluations.TABLE, ids=lambda row: row.name)
@@ -23,7 +28,8 @@ def test_every_row_names_a_module_with_a_config_a_default_and_measure(row):
     module = row.load()
     assert dataclasses.is_dataclass(module.Config) and callable(module.measure)
     assert module.DEFAULT is None or isinstance(module.DEFAULT, module.Config)
-    assert row.needs in (evaluations.FEATURES, evaluations.PRETRAINED, evaluations.PRETRAIN_IMAGES)
+    assert row.needs in (evaluations.FEATURES, evaluations.ROW_FEATURES, evaluations.PRETRAINED,
+                         evaluations.PRETRAIN_IMAGES)
     assert len(set(evaluations.names())) == len(evaluations.TABLE)
 
 
@@ -86,3 +92,113 @@ def test_diagnostics_run_once_on_the_pretraining_images_and_keep_their_file(digi
     assert [m.metric for m in found] == ["rf_stage1", "rf_stage2", "rf_stage3", "rf_stage4"]  # once, not per task
     assert [m.key for m in found][0] == "diagnostics/pretrain/rf_stage1"  # the evaluation's name, prefixed once
     assert kept == {}  # a ResNet has no Fig 7 arrays to keep
+
+
+def test_fewshot_alone_extracts_only_its_shots_and_the_test_split(digits, monkeypatch):
+    task, model, runtime = digits
+    cfg = FewshotConfig(shots=(1, 5), repeats=2)
+    alone = EvaluateConfig(fewshot=cfg, linear_probe=None, finetune=None, diagnostics=None)
+    shared = EvaluateConfig(fewshot=cfg, linear_probe=LinearProbeConfig(max_iter=5), finetune=None,
+                            diagnostics=None)
+    sizes = []
+    extract = downstream.features
+    monkeypatch.setattr(downstream, "features", lambda m, split, *a, **k: sizes.append(len(split)) or
+                        extract(m, split, *a, **k))
+    few = downstream.run(alone, model, (task,), runtime)
+    train, test = downstream.task_splits(task, runtime.cache_dir)
+    rows = fewshot.needed_rows(fewshot.draws(train.labels, cfg, runtime.seed))
+    assert sizes == [len(rows), len(test)] and len(rows) <= 2 * 5 * 10 < len(train)  # 2 draws, 5 shots, 10 classes
+    whole = downstream.run(shared, model, (task,), runtime, kinds=("fewshot",))
+    assert sizes[2:] == [len(train), len(test)]  # the probe is on: the whole train split, extracted once, shared
+    assert [m.shots for m in few] == [m.shots for m in whole] == [1, 5]
+    assert [m.value for m in few] == pytest.approx([m.value for m in whole], abs=1e-9)  # the same features
+
+
+def _evaluate_on_rank(rank: int, world: int, port: int, task, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        found = _fewshot_and_probe(task, Path(out).parent)
+        if rank == 0:
+            Path(out).write_text(json.dumps([dataclasses.astuple(m) for m in found]))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fewshot_and_probe(task, cache_dir: Path) -> list:
+    torch.manual_seed(0)
+    model = models.build("BiT-R14-Pico", 16, 32)
+    runtime = Runtime(torch.device("cpu"), cache_dir=cache_dir, loader=LoaderConfig(workers=0), progress=False)
+    ev = EvaluateConfig(fewshot=FewshotConfig(shots=(1, 5), repeats=2), finetune=None, diagnostics=None,
+                        linear_probe=LinearProbeConfig(l2_grid=(1e-3, 1e-1), max_iter=30))
+    alone = EvaluateConfig(fewshot=FewshotConfig(shots=(1, 5), repeats=2), linear_probe=None, finetune=None,
+                           diagnostics=None)
+    pretrained = Pretrained("BiT-R14-Pico", model, model.state_dict(), 32)
+    return downstream.run(ev, pretrained, (task,), runtime) + downstream.run(alone, pretrained, (task,), runtime)
+
+
+def test_two_gloo_ranks_measure_the_fewshot_and_probe_numbers_of_one_process(digits, tmp_path):
+    """Each rank extracts its part, the main rank solves once and hands the numbers to the other: the same as one
+    process (to 1e-6: the ranks' batches differ from one process's, so features may differ in the last bits)."""
+    task, _, runtime = digits
+    one = [dataclasses.astuple(m) for m in _fewshot_and_probe(task, runtime.cache_dir)]
+    out = runtime.cache_dir / "two-ranks.json"
+    mp.spawn(_evaluate_on_rank, args=(2, _free_port(), task, str(out)), nprocs=2, join=True)
+    two = [tuple(m) for m in json.loads(out.read_text())]
+    assert [m[:4] for m in two] == [m[:4] for m in one] and len(one) == 2 + 3 + 2  # few-shot, probe, few-shot alone
+    assert [m[4] for m in two] == pytest.approx([m[4] for m in one], abs=1e-6)
+    assert [m[5] or 0.0 for m in two] == pytest.approx([m[5] or 0.0 for m in one], abs=1e-6)  # the spreads
+
+
+@pytest.mark.parametrize("name", ["ViT-Pico/4", "BiT-R14-Pico"])
+def test_diagnostics_read_their_fixed_slice_of_a_source_without_a_test_split_and_nothing_for_a_bit(
+        monkeypatch, name):
+    from pipelines.data import reader
+    from pipelines.data.index import scratch_index
+    from pipelines.evaluations.diagnostics import Config as DiagnosticsConfig
+    from tests.pipelines.tiny import as_shards
+
+    rng = np.random.default_rng(0)
+    local = as_shards(rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8), np.arange(40) % 4, per_shard=10)
+    index = scratch_index([f"pipe:cat {url}" for url in local.index.shards])  # streamed: read from its start
+    source = data.Prepared("letters", {"train": index.shards}, {"train": str(index.folder)})  # no test split
+    opened, samples = [], []
+    open_url, read_shard = reader.open_url, reader.read_shard
+    monkeypatch.setattr(reader, "open_url", lambda url: opened.append(url) or open_url(url))
+    monkeypatch.setattr(reader, "read_shard", lambda url: (samples.append(s) or s for s in read_shard(url)))
+    torch.manual_seed(0)
+    model = models.build(name, 4, 16)
+    ev = EvaluateConfig(fewshot=None, linear_probe=None, finetune=None, diagnostics=DiagnosticsConfig(batch=5))
+    runtime = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=0), progress=False)
+    found = downstream.run(ev, Pretrained(name, model, model.state_dict(), 16, source), (), runtime)
+    assert found and {m.dataset for m in found} == {"pretrain"}
+    if name.startswith("ViT"):  # its 5 images: the first shard, read to the 5th sample (one more header seen)
+        assert opened == index.shards[:1] and len(samples) == 5
+    else:
+        assert opened == [] and samples == []  # a receptive field needs no image
+
+
+def test_what_the_evaluations_cannot_measure_is_refused_in_one_line_naming_the_key(digits, tmp_path):
+    from pipelines.config import UserError
+    from pipelines.data.index import scratch_index
+    from pipelines.data.writer import encode_png, write_samples
+
+    task, model, runtime = digits
+    index = data.prepared(task, runtime.cache_dir).index()
+    with pytest.raises(UserError, match=r"^evaluate.fewshot.shots: 25-shot asked, but class \d of downstream task "
+                                        r"'digits' has only \d+ training examples$"):
+        downstream.check_task(EvaluateConfig(fewshot=FewshotConfig(shots=(25,))), task, index)
+    image = np.zeros((8, 8, 3), np.uint8)
+    write_samples(tmp_path / "multi.tar", ({"__key__": f"{i:04d}", "png": encode_png(image),
+                                            "json": json.dumps({"labels": [i % 3, 3]}).encode()} for i in range(6)))
+    multi = scratch_index([str(tmp_path / "multi.tar")])
+    assert multi.label_width == 2
+    with pytest.raises(UserError, match=r"^evaluate.linear_probe: downstream task 'digits' is multi-label \(up to 2 "
+                                        r"classes per sample\).*set evaluate.linear_probe=null$"):
+        downstream.check_task(EvaluateConfig(fewshot=None), task, multi)
+    downstream.check_task(EvaluateConfig(fewshot=FewshotConfig(shots=(5,))), task, index)  # supported: no error

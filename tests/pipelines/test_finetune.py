@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from pipelines import downstream, finetune, models
+from pipelines.data.index import ShardSubset, scratch_index
 from pipelines.data.stream import LoaderConfig
 from pipelines.downstream import EvaluateConfig, Pretrained
 from pipelines.linear_probe import LinearProbeConfig
@@ -24,6 +25,33 @@ def test_minival_is_a_disjoint_seeded_slice():
     assert np.array_equal(again[1].positions, val.positions) and not np.array_equal(other[1].positions, val.positions)
     kept, none = finetune.split_minival(data, 0.0, seed=0)
     assert kept is data and none is None
+
+
+def test_the_minival_is_the_same_keys_whatever_the_shard_order_and_never_trained_on():
+    """The minival is chosen by the keys' seeded order, not by row numbers, rank or run: the same samples when the
+    shards are listed in another order (rows renumbered), and no rank's part of the train split holds one."""
+    data = as_shards(np.arange(100)[:, None, None, None].repeat(3, -1).astype(np.uint8), np.arange(100) % 4,
+                     per_shard=25)
+    flipped = scratch_index(data.index.shards[::-1])
+    flipped = ShardSubset(flipped, np.arange(len(flipped), dtype=np.int64))
+
+    def keys(subset):
+        return set(np.asarray(subset.index.key[subset.positions]).tolist())
+
+    (train, val), (train2, val2) = finetune.split_minival(data, 0.1, seed=0), finetune.split_minival(flipped, 0.1, 0)
+    assert keys(val) == keys(val2) and len(val) == 10 and keys(train) == keys(train2)
+    assert not keys(train) & keys(val) and keys(train) | keys(val) == keys(data)
+
+
+def test_a_streamed_tasks_minival_is_whole_shards_so_a_pass_streams_only_them():
+    local = as_shards(np.arange(100)[:, None, None, None].repeat(3, -1).astype(np.uint8), np.arange(100) % 4,
+                      per_shard=10)
+    index = scratch_index([f"pipe:cat {url}" for url in local.index.shards])
+    data = ShardSubset(index, np.arange(len(index), dtype=np.int64))
+    train, val = finetune.split_minival(data, 0.2, seed=0)
+    assert len(val) == 20 and len(set(index.shard_of(val.positions).tolist())) == 2  # two whole shards of ten
+    assert not set(train.positions.tolist()) & set(val.positions.tolist()) and len(train) == 80
+    assert np.array_equal(finetune.split_minival(data, 0.2, seed=0)[1].positions, val.positions)
 
 
 def test_finetune_logs_per_epoch_validation_and_learns_at_higher_resolution():

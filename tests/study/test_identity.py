@@ -84,12 +84,14 @@ def _defaults():
 # EVAL_VERSION (evaluations) in study/identity.py; then (in either case, a new field too) update the pin.
 # (The evaluation pin moved when `evaluate.diagnostics: true` + `diagnostic_batch: 128` became the section
 # `evaluate.diagnostics: {batch: 128}`: the same defaults in another shape; the ids below did not move.)
-PINNED_DEFAULTS = ("065098a3544665e1", "25c573da21b646fe")
+# (It moved again with `finetune.minival_seed`, whose minival rule bumped the fine-tune's PROTOCOL_VERSION: the
+# fine-tune ids below moved with it, and only they.)
+PINNED_DEFAULTS = ("065098a3544665e1", "f2b2be84e7cce574")
 # The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade.
 PINNED_EVAL_IDS = {
-    "smoke": {"fewshot": "f863e9d7fb785b7f", "linear_probe": "9380b66fe0457576", "finetune": "d7a44a454bab1786",
+    "smoke": {"fewshot": "f863e9d7fb785b7f", "linear_probe": "9380b66fe0457576", "finetune": "c25c842f373be015",
               "diagnostics": "80422ce3c0f28d18"},
-    "scaling": {"fewshot": "af53271c9c6d482a", "linear_probe": "ddd01448a13d7378", "finetune": "9ecee444a6bce9f5",
+    "scaling": {"fewshot": "af53271c9c6d482a", "linear_probe": "ddd01448a13d7378", "finetune": "979ac9b6693c45f0",
                 "diagnostics": "80422ce3c0f28d18"},
 }
 
