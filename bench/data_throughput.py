@@ -181,6 +181,9 @@ def compare(folder: Path, shards: list[str], size: int, args) -> list[float]:
     print(f"  ratio ours / ImageFolder: {min(ratios):.2f} / {np.median(ratios):.2f} / {max(ratios):.2f}x in img/s "
           f"(per round: {', '.join(f'{x:.2f}' for x in ratios)}); {min(cpu_ratios):.2f} / "
           f"{np.median(cpu_ratios):.2f} / {max(cpu_ratios):.2f}x in CPU per image", flush=True)
+    # What one loader worker (one CPU) feeds: robust to shared cores, unlike img/s (the dry run's LOADER_IMAGES_PER_S)
+    print(f"  one loader worker feeds ~{1e3 / np.median([x.cpu_ms for x in rates['ours']]):.0f} img/s at {size} px "
+          f"(1000 / median CPU ms per image of ours, this process included)", flush=True)
     return ratios
 
 
