@@ -15,6 +15,9 @@ resize or batch), whole by PIL (what ImageFolder decodes), and as our loader dec
 at 224 px, and only down to the crop's bottom edge). Rounds alternate the order of the loaders (A B, B A, ...) so
 drift on shared cores hits both; each line gives min / median / max over the rounds, and the ratio is per round.
 
+Each size also prints what one loader worker (one CPU) feeds, 1000 / our CPU ms per image: the figure the dry run's
+loader bound takes (`LOADER_IMAGES_PER_S` in study/cost.py; measure with `--workers 1`).
+
 Then the stall measurement (skip it with --stall-steps 0): the default study's first trial (configs/scaling.yaml,
 its loader settings, one torch thread as in a trial), and the share of step time spent waiting for the loader.
 

@@ -95,7 +95,8 @@ def describe(cfg: StudyConfig, points: list[GridPoint], actions: dict[str, str],
         Rows with the point (`id`, `model`, `subset_size`, ...), `h100_hours` (pretraining, GPU-bound),
         `finetune_flops`, `finetune_h100_hours` (GPU-bound, every task and learning rate), `bound_h100_hours`
         (both stages at the pace of the slower of the GPUs and the loader), the images/s needed at `mfu` and fed
-        by the loader workers for pretraining and (the most demanding task) fine-tuning, and `action`.
+        by the `loader_workers` of each of the `ranks` for pretraining and (the most demanding task)
+        fine-tuning, and `action`.
     """
     src, finetunes = cfg.data.pretrain, {m: finetune_stages(cfg, m, mfu) for m in cfg.models}
     rows = []
@@ -104,7 +105,8 @@ def describe(cfg: StudyConfig, points: list[GridPoint], actions: dict[str, str],
         fts = finetunes[p.model]
         rows.append({"id": p.id, "model": p.model, "family": p.family, "subset_size": p.subset_size, "seed": p.seed,
                      "steps": p.steps, "examples_seen": p.examples_seen, "pretrain_flops": p.pretrain_flops,
-                     "gpus": cfg.resources.gpus_per_trial, "mfu": mfu, "h100_hours": pre.gpu_hours,
+                     "gpus": cfg.resources.gpus_per_trial, "ranks": cfg.resources.workers_per_trial,
+                     "loader_workers": cfg.data.loader.workers, "mfu": mfu, "h100_hours": pre.gpu_hours,
                      "finetune_flops": sum(s.flops for s in fts),
                      "finetune_h100_hours": sum(s.gpu_hours for s in fts),
                      "bound_h100_hours": pre.hours + sum(s.hours for s in fts),
@@ -136,8 +138,10 @@ def print_grid(rows: list[dict], as_json: bool) -> None:
 def print_loader_bound(rows: list[dict]) -> None:
     """Per model: the images/s a point's GPUs take at the MFU, what its loader workers feed, and so the MFU the
     loader allows."""
-    print(f"\nloader bound per model (images/s of a point's ranks together; loader workers decode "
-          f"~{loader_images_per_s(224):,.0f} 224-px images/s each, LOADER_IMAGES_PER_S in study/cost.py):")
+    workers, ranks = rows[0]["loader_workers"], rows[0]["ranks"]
+    print(f"\nloader bound per model (images/s of a point's {ranks} rank(s) together, each with {workers} loader "
+          f"worker(s); one worker decodes ~{loader_images_per_s(224):,.0f} 224-px images/s, LOADER_IMAGES_PER_S in "
+          f"study/cost.py):")
     print(f"{'model':<14} {'stage':<9} {'needed':>10} {'fed':>10}  MFU the loader allows")
     mfu = rows[0]["mfu"]
     for model in dict.fromkeys(r["model"] for r in rows):
