@@ -15,6 +15,9 @@ resize or batch), whole by PIL (what ImageFolder decodes), and as our loader dec
 at 224 px, and only down to the crop's bottom edge). Rounds alternate the order of the loaders (A B, B A, ...) so
 drift on shared cores hits both; each line gives min / median / max over the rounds, and the ratio is per round.
 
+Each size also prints what one loader worker (one CPU) feeds, 1000 / our CPU ms per image: the figure the dry run's
+loader bound takes (`LOADER_IMAGES_PER_S` in study/cost.py; measure with `--workers 1`).
+
 Then the stall measurement (skip it with --stall-steps 0): the default study's first trial (configs/scaling.yaml,
 its loader settings, one torch thread as in a trial), and the share of step time spent waiting for the loader.
 
@@ -181,6 +184,9 @@ def compare(folder: Path, shards: list[str], size: int, args) -> list[float]:
     print(f"  ratio ours / ImageFolder: {min(ratios):.2f} / {np.median(ratios):.2f} / {max(ratios):.2f}x in img/s "
           f"(per round: {', '.join(f'{x:.2f}' for x in ratios)}); {min(cpu_ratios):.2f} / "
           f"{np.median(cpu_ratios):.2f} / {max(cpu_ratios):.2f}x in CPU per image", flush=True)
+    # What one loader worker (one CPU) feeds: robust to shared cores, unlike img/s (the dry run's LOADER_IMAGES_PER_S)
+    print(f"  one loader worker feeds ~{1e3 / np.median([x.cpu_ms for x in rates['ours']]):.0f} img/s at {size} px "
+          f"(1000 / median CPU ms per image of ours, this process included)", flush=True)
     return ratios
 
 

@@ -85,7 +85,7 @@ def throughput(name: str, precision: str, compiled: bool, device: torch.device, 
     wall = time.perf_counter() - start  # train_loop synchronises at the end of its timing window
     flops = 3 * models.forward_flops(name, size, CLASSES)
     measured = perf.throughput(result.timed_steps * batch, result.timed_seconds, result.waited_seconds,
-                               result.timed_steps, flops, device, precision)
+                               result.timed_steps, flops, device, precision, devices=1)
     return [{"check": "throughput", "model": name, "precision": precision, "compiled": compiled, "batch": batch,
              "step_time_s": measured["step_time_s"], "images_per_s": measured["images_per_s"],
              "mfu": measured.get("mfu", math.nan),

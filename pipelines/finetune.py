@@ -25,7 +25,7 @@ from pipelines.loop import (
     train_loop,
     warmup_decay,
 )
-from pipelines.metrics import evaluate
+from pipelines.metrics import evaluate, holdout_size
 from pipelines.runtime import Runtime
 
 
@@ -105,6 +105,14 @@ class FinetuneResult:
     val_top1: dict[float, float] = field(default_factory=dict)  # minival top-1 at the end of each swept run
 
 
+def schedule(cfg: FinetuneConfig, task_size: int, world_size: int) -> tuple[int, int]:
+    """(steps, global batch) of each run of the sweep on a task of `task_size` training examples, before the data
+    is read (the dry run prices it): the train split less the minival, the batch capped at it, split among ranks."""
+    train = task_size - (holdout_size(task_size, cfg.val_fraction) if cfg.val_fraction else 0)
+    batch = max(world_size, min(cfg.batch_size, train) // world_size * world_size)
+    return cfg.total_steps(train), batch
+
+
 def split_minival(data: ShardSubset, fraction: float, seed: int) -> tuple[ShardSubset, ShardSubset | None]:
     """(train, minival): a fixed `fraction` of `data` held out for choosing the learning rate and for curves, and the
     rest (which never holds a minival row).
@@ -142,13 +150,14 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     if hooks.checkpoint_dir is not None or hooks.on_checkpoint is not None:
         raise ValueError("fine-tuning keeps no checkpoints")
     start = time.perf_counter()
+    steps, batch = schedule(cfg, len(train), distributed.ranks().world_size)
     train, minival = split_minival(train, cfg.val_fraction, cfg.minival_seed)
-    steps = cfg.total_steps(len(train))
     best, val_top1, diverged = None, {}, None
     for lr in cfg.learning_rates:
         label = f"{hooks.label or 'finetune'} lr={lr:g}"
         try:
-            model, curves = _train(cfg, lr, steps, model_name, state, (train, minival), num_classes, rt, label)
+            model, curves = _train(cfg, lr, (steps, batch), model_name, state, (train, minival), num_classes, rt,
+                                   label)
         except TrainingDiverged as err:  # a rate too high for this task is a bad point of the sweep, not an error
             val_top1[lr], diverged = float("nan"), err
             continue
@@ -165,11 +174,12 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
                           val_top1)
 
 
-def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: dict[str, torch.Tensor],
+def _train(cfg: FinetuneConfig, lr: float, plan: tuple[int, int], model_name: str, state: dict[str, torch.Tensor],
            splits: tuple[ShardSubset, ShardSubset | None], num_classes: int, rt: Runtime,
            label: str) -> tuple[torch.nn.Module, list[FinetuneEpoch]]:
-    """One fine-tuning run at learning rate `lr` on `splits` (train, minival): the model and its per-epoch curve."""
-    (train, minival), device = splits, rt.device
+    """One fine-tuning run at learning rate `lr` on `splits` (train, minival) for `plan` (steps, global batch: each
+    of N ranks takes batch / N): the model and its per-epoch curve."""
+    (train, minival), (steps, batch), device = splits, plan, rt.device
     torch.manual_seed(rt.seed)
     model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size).to(device)
     perf.channels_last(model, device)
@@ -177,8 +187,6 @@ def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: d
                                 fused=perf.fused_optimizer(device))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_decay, total=steps, warmup=cfg.warmup_steps, decay="cosine"))
-    where = distributed.ranks()  # the batch is global: each of N ranks takes batch / N
-    batch = max(where.world_size, min(cfg.batch_size, len(train)) // where.world_size * where.world_size)
     spec = LoopSpec(steps=steps, batch_size=batch, image_size=cfg.image_size,
                     grad_clip=cfg.grad_clip, precision=cfg.precision,
                     micro_batch_size=cfg.micro_batch_size, nonfinite_check_every=cfg.nonfinite_check_every,

@@ -104,5 +104,10 @@ def rank_rows(split: ShardSubset) -> slice:
 def holdout(n: int, fraction: float, seed: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) indices: a seeded `fraction` of `n` examples (at least one) held out for validation."""
     perm = np.random.default_rng([seed, salt]).permutation(n)
-    n_val = max(1, int(round(fraction * n)))
+    n_val = holdout_size(n, fraction)
     return perm[n_val:], perm[:n_val]
+
+
+def holdout_size(n: int, fraction: float) -> int:
+    """How many of `n` examples `holdout` holds out: `fraction` of them, at least one."""
+    return max(1, int(round(fraction * n)))

@@ -159,14 +159,28 @@ def peak_flops(device: str | torch.device, precision: str) -> float:
     return math.nan
 
 
+def mfu(train_flops_per_image: float, images_per_s: float, devices: float, peak: float) -> float:
+    """Model FLOPs utilisation per device: the FLOP/s that `images_per_s` (all devices together) take, over the
+    peak of the `devices` devices (of one kind, `peak` FLOP/s each) that share them. Per device, so a point on N
+    GPUs reads the same as on one at the same efficiency, and `--mfu` prices any grid with it."""
+    return train_flops_per_image * images_per_s / (devices * peak)
+
+
+def images_per_s_at(utilisation: float, train_flops_per_image: float, devices: float, peak: float) -> float:
+    """The images per second (all devices together) that `devices` devices take at `utilisation` MFU (`mfu`'s
+    inverse): what the data loader must feed to keep them busy."""
+    return utilisation * devices * peak / train_flops_per_image
+
+
 def throughput(images: int, seconds: float, waited: float, steps: int, train_flops_per_image: float,
-               device: torch.device, precision: str) -> dict[str, float]:
-    """A run's throughput measurements (for MLflow: plain floats). `mfu` and `device_peak_tflops` only where the
-    device's peak is known."""
+               device: torch.device, precision: str, devices: int) -> dict[str, float]:
+    """A run's throughput measurements (for MLflow: plain floats): `images` taken by all `devices` devices (the
+    ranks of a process group, each on a `device` of one kind) in `seconds`. `images_per_s` is theirs together;
+    `mfu` (per device) and `device_peak_tflops` only where the device's peak is known."""
     per_s = images / max(seconds, 1e-9)
     out = {"images_per_s": per_s, "step_time_s": seconds / max(steps, 1),
            "data_wait_fraction": waited / max(seconds, 1e-9), **peak_memory(device)}
     peak = peak_flops(device, precision)
     if math.isfinite(peak):
-        out.update(mfu=train_flops_per_image * per_s / peak, device_peak_tflops=peak / 1e12)
+        out.update(mfu=mfu(train_flops_per_image, per_s, devices, peak), device_peak_tflops=peak / 1e12)
     return out

@@ -74,7 +74,8 @@ class PretrainResult:
     final: EpochRecord | None  # the last epoch's record (None: resumed with no step left)
     seconds: float
     # Steady state of the run (`perf.throughput`): images_per_s, step_time_s, data_wait_fraction,
-    # peak_device_memory_gb (CUDA) or peak_host_rss_gb (CPU), and mfu, device_peak_tflops where the peak is known.
+    # peak_device_memory_gb (CUDA) or peak_host_rss_gb (CPU), and mfu (per device), device_peak_tflops where the peak
+    # is known. images_per_s counts every rank's images.
     throughput: dict[str, float] = field(default_factory=dict)
 
 
@@ -152,7 +153,8 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
                       replace(hooks, label=hooks.label or f"pretrain {model_name}"))
     flops = 3 * models.forward_flops(model_name, image_size, num_classes)  # forward + backward (2x forward)
     throughput = perf.throughput(loop.timed_steps * cfg.batch_size, loop.timed_seconds, loop.waited_seconds,
-                                 loop.timed_steps, flops, device, precision) if loop.timed_steps else {}
+                                 loop.timed_steps, flops, device, precision,
+                                 distributed.ranks().world_size) if loop.timed_steps else {}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = None
     if out_dir is not None and distributed.ranks().main:

@@ -5,6 +5,7 @@ locations, loader, progress and the stop poll), the same for every stage of one 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ class Runtime:
         seed: the trial's seed; a stage derives its own streams from it.
         cache_dir: where sources are materialised (procedural sets, downloads); None where none is needed.
         index_root: where the array indexes live (the study's storage); None: beside the source.
-        loader: how training data are streamed (worker processes, bad-sample budget, open shards).
+        loader: how training data are streamed (worker processes, bad-sample budget, open shards); workers left
+            out (a study sets them from its resources) are set from the CPUs this process may run on.
         progress: show progress bars.
         should_stop: polled at step boundaries; True stops training with a checkpoint (TrainingStopped).
     """
@@ -35,6 +37,10 @@ class Runtime:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     progress: bool = True
     should_stop: Callable[[], bool] | None = None
+
+    def __post_init__(self):
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        object.__setattr__(self, "loader", self.loader.for_cpus(cpus))  # frozen: set once, here
 
     def replace(self, **changes) -> Runtime:
         return dataclasses.replace(self, **changes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +26,8 @@ class DataConfig:
     pretrain: SourceConfig
     subsets: tuple[int, ...]  # numbers of examples; each subset contains the smaller ones
     cache_dir: str = ""  # where generated shards live; default $VITSCALE_CACHE or ~/.cache/vit-scaling
-    loader: LoaderConfig = field(default_factory=LoaderConfig)  # streaming pretraining data from shards
+    # streaming training data from shards; workers left out: resources.cpus_per_worker - 1 (at least 1) per rank
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     # Nested subsets of samples (a seeded permutation of every key), or of whole shards (a subset of a remote
     # source then reads only its own shards).
     subset_mode: Literal["samples", "shards"] = "samples"
@@ -62,6 +63,10 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0,)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     resources: Resources = field(default_factory=Resources)
+
+    def __post_init__(self):  # loader workers left out: from the CPUs each rank holds (saved resolved)
+        loader = self.data.loader.for_cpus(self.resources.cpus_per_worker)
+        object.__setattr__(self, "data", replace(self.data, loader=loader))  # frozen: set once, here
 
     @property
     def cache_dir(self) -> Path:

@@ -20,8 +20,7 @@ import yaml
 
 from pipelines.config import UserError, to_dict
 from study.config import GridPoint, StudyConfig, check_data, expand, load_study, pipe_commands
-
-ASSUMED_MFU = 0.4  # what the dry run assumes without --mfu (35-45% is typical for ViT-B/16 on an H100)
+from study.cost import ASSUMED_MFU, describe, print_grid
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,8 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --suggest: GPU-hours to spend (chosen greedily); default: the best point only")
     parser.add_argument("--apply", metavar="FILE", help="with --suggest: write the grid with the chosen points added")
     parser.add_argument("--mfu", type=float, default=None,
-                        help="with --dry-run or --suggest: price the grid at this model FLOPs utilisation (e.g. a "
-                             "measured pretrain/mfu of a trial on the same GPU); default: 0.4, assumed")
+                        help="with --dry-run or --suggest: price the grid at this model FLOPs utilisation per "
+                             "device, a fraction of one GPU's peak (a trial's pretrain/mfu as logged in MLflow, "
+                             "which is per device, from a run on the same GPU); default: 0.4, assumed")
     parser.add_argument("--fresh", action="store_true",
                         help="ignore earlier results: a new MLflow parent run, every point trained anew")
     parser.add_argument("--address", default=None, help="join an existing Ray cluster instead of starting one")
@@ -52,35 +52,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="take the study's lease even if another driver seems to hold it (when that driver is "
                              "known to be gone)")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
-
-
-def describe(cfg: StudyConfig, points: list[GridPoint], actions: dict[str, str], mfu: float) -> list[dict]:
-    """The dry run's rows, with the cost model: pretraining FLOPs at `mfu` of the H100's bf16 peak, in GPU-hours."""
-    from pipelines.perf import peak_flops
-
-    gpus, peak = cfg.resources.gpus_per_trial, peak_flops("H100 SXM", "bf16")
-    return [{"id": p.id, "model": p.model, "family": p.family, "subset_size": p.subset_size, "seed": p.seed,
-             "steps": p.steps, "examples_seen": p.examples_seen, "pretrain_flops": p.pretrain_flops,
-             "gpus": gpus, "h100_hours": p.pretrain_flops / (peak * mfu) / 3600, "mfu": mfu,
-             "action": actions.get(p.id, "train")} for p in points]
-
-
-def print_grid(rows: list[dict], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=1))
-        return
-    print(f"{'model':<14} {'subset':>12} {'seed':>4} {'examples seen':>15} {'pretrain FLOPs':>15} {'H100-h':>10}  "
-          f"this run")
-    for r in rows:
-        print(f"{r['model']:<14} {r['subset_size']:>12,} {r['seed']:>4} {r['examples_seen']:>15,} "
-              f"{r['pretrain_flops']:>15.3e} {r['h100_hours']:>10.2f}  {r['action']}")
-    total, hours = sum(r["pretrain_flops"] for r in rows), sum(r["h100_hours"] for r in rows)
-    gpus = rows[0]["gpus"] if rows else 0
-    wall = f"; {gpus:g} GPUs per point, so ~{hours / gpus:,.1f} h of wall time one point at a time" if gpus else ""
-    mfu = rows[0]["mfu"] if rows else ASSUMED_MFU
-    said = f"{mfu:.0%} MFU (--mfu)" if mfu != ASSUMED_MFU else f"an assumed {mfu:.0%} MFU (measure it: --mfu X)"
-    print(f"{len(rows)} trials, {total:.3e} pretraining FLOPs in all, ~{hours:,.1f} H100 GPU-hours at {said} of "
-          f"the bf16 peak{wall}")
 
 
 def print_commands(commands: list[str], as_json: bool) -> None:

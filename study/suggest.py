@@ -80,15 +80,17 @@ def print_table(where: str, target, suggestions: list) -> None:
 
 
 class PointCost:
-    """A grid point's GPU-hours, from the dry run's cost model (`study.run.describe`)."""
+    """A grid point's GPU-hours, from the dry run's cost model (`study.cost`): pretraining and fine-tuning, each at
+    the pace of the slower of the GPUs and the loader."""
 
     def __init__(self, cfg: StudyConfig, mfu: float):
         self.cfg, self.mfu = cfg, mfu
 
     def __call__(self, model: str, subset_size: int, seed: int) -> float:
-        from study.run import describe
+        from study.cost import describe
 
-        return describe(self.cfg, [grid_point(self.cfg, model, subset_size, seed)], {}, self.mfu)[0]["h100_hours"]
+        point = grid_point(self.cfg, model, subset_size, seed)
+        return describe(self.cfg, [point], {}, self.mfu)[0]["bound_h100_hours"]
 
 
 def run_suggest(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, mfu: float) -> int:

@@ -198,6 +198,17 @@ def test_peak_flops_is_nan_where_unknown(name, precision):
     assert math.isnan(perf.peak_flops(CPU, "fp32"))
 
 
+def test_mfu_is_per_device():
+    """One device at R images/s and two at 2R (each at R, the same efficiency) report the same MFU, exactly: a
+    fixed measured throughput, as a 2-rank run's `pretrain/mfu` is computed from its global images/s. Dividing
+    by one device's peak alone would report 2x. `--mfu` takes this figure back to price a grid."""
+    flops, peak = 3 * 35.2e9, 989e12  # ViT-B/16's training FLOPs per image (2 x 17.6 G multiply-adds); H100 bf16
+    one = perf.mfu(flops, 2_000.0, devices=1, peak=peak)
+    assert perf.mfu(flops, 4_000.0, devices=2, peak=peak) == pytest.approx(one, rel=1e-12)
+    assert one == pytest.approx(flops * 2_000 / peak)
+    assert perf.images_per_s_at(one, flops, devices=8, peak=peak) == pytest.approx(8 * 2_000.0)  # the inverse
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("name", ["ViT-Pico/4", "BiT-R14-Pico"])
