@@ -278,7 +278,6 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
         resources = {"memory": 1 << 20}  # Tune needs a non-empty request; a driver uses no CPU to speak of
         concurrent = r.max_concurrent_trials or _trials_that_fit(r)
     fn = tune.with_parameters(trainable, plans=plans, cfg=cfg, storage_root=storage.root)
-    shown = [] if verbose else [Console(plans, cfg.downstream[0].label, concurrent or 1)]
     tuner = tune.Tuner(
         tune.with_resources(fn, resources),
         param_space={"point": tune.grid_search(list(plans))},
@@ -286,15 +285,24 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
         # once per slot, not once per point (~8 s of CPU each on a small machine); every trial seeds its own RNGs.
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
                                     trial_name_creator=TrialNames(plans), trial_dirname_creator=TrialNames(plans)),
-        run_config=tune.RunConfig(name=name, **storage.for_ray("tune"), callbacks=[callback, *shown],
+        run_config=tune.RunConfig(name=name, **storage.for_ray("tune"),
                                   failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-                                  progress_reporter=status_table(), verbose=1 if verbose else 0),
+                                  **output(verbose, callback, Console(plans, cfg.downstream[0].label,
+                                                                      concurrent or 1))),
     )
     try:
         tuner.fit()
     finally:
         callback.close()
     return {"ray_start": started - start, "trials": time.perf_counter() - started}
+
+
+def output(verbose: bool, callback: StudyCallback, console: Console) -> dict:
+    """What Tune shows (`RunConfig` arguments): the study's console and Tune silent, or (`verbose`) Tune's own
+    status table with the trials' progress."""
+    if verbose:
+        return {"callbacks": [callback], "progress_reporter": status_table(), "verbose": 1}
+    return {"callbacks": [callback, console], "progress_reporter": None, "verbose": 0}
 
 
 def quiet_tune() -> None:

@@ -31,7 +31,7 @@ def test_ids_are_unique_per_point_and_stable_across_key_order(tmp_path):
 @pytest.mark.parametrize("override", [
     "pretrain.checkpoint_every=3", "pretrain.keep_checkpoints=5", "pretrain.micro_batch_size=16",
     "data.loader.workers=3", "resources.max_failures=7", "data.cache_dir=/elsewhere",
-    "data.pretrain.name=renamed", "resources.max_concurrent_trials=1",
+    "data.pretrain.name=renamed", "resources.max_concurrent_trials=1", "pretrain.log_every=7",
 ])
 def test_execution_only_settings_keep_every_id(tmp_path, override):
     assert _ids(_study(tmp_path, overrides=[override])) == _ids(_study(tmp_path))
@@ -84,7 +84,7 @@ def _defaults():
 # EVAL_VERSION (evaluations) in study/identity.py; then (in either case, a new field too) update the pin.
 # (The evaluation pin moved when `evaluate.diagnostics: true` + `diagnostic_batch: 128` became the section
 # `evaluate.diagnostics: {batch: 128}`: the same defaults in another shape; the ids below did not move.)
-PINNED_DEFAULTS = ("065098a3544665e1", "25c573da21b646fe")
+PINNED_DEFAULTS = ("5b71f88dfab5656e", "25c573da21b646fe")  # recipe pin moved: pretrain.log_every (execution-only)
 # The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade.
 PINNED_EVAL_IDS = {
     "smoke": {"fewshot": "f863e9d7fb785b7f", "linear_probe": "9380b66fe0457576", "finetune": "d7a44a454bab1786",
