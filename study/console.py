@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ray.tune import Callback
 
@@ -148,7 +149,12 @@ class Console(Callback):
             self.event(trial.config["point"], event, progress_of(result))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.fail(trial.config["point"], "error (see the trial's error file in storage: tune/)")
+        self.fail(trial.config["point"], error_text(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        t = self.trials[trial.config["point"]]
+        t.started, t.evaluating, t.progress = None, None, Progress()  # pending again until it restarts
+        self._line(t, f"crashed, retried from its newest checkpoint: {error_text(trial)}")
 
     def on_step_end(self, iteration, trials, **info):
         if self.clock() - self.last_summary >= SUMMARY_EVERY_S:
@@ -217,3 +223,12 @@ class Console(Callback):
 
     def _line(self, t: TrialState, text: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {t.name}  {text}", flush=True)
+
+
+def error_text(trial) -> str:
+    """The last line of a crashed trial's error file (the exception), or a stand-in where it has none."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+        return lines[-1] if lines else "trial raised an error"
+    return "trial raised an error"

@@ -18,7 +18,7 @@ from ray.tune import Callback
 
 from pipelines.config import UserError
 from study.config import StudyConfig
-from study.console import Console
+from study.console import Console, error_text
 from study.interrupt import Interrupt, ray_apart
 from study.protocol import Curve, Failed, Finished, PointRecord, Started, decode
 from study.storage import Storage
@@ -67,7 +67,7 @@ class StudyCallback(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         point = self._point(trial)
-        self.failures[point.id] = _error_text(trial)
+        self.failures[point.id] = error_text(trial)
         self.tracker.fail_point(point, self.failures[point.id], self.tags)
 
     def close(self) -> None:
@@ -339,11 +339,3 @@ class TrialNames:
 
     def __call__(self, trial) -> str:
         return self.names[trial.config["point"]]
-
-
-def _error_text(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).exists():
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-        return lines[-1] if lines else "trial raised an error"
-    return "trial raised an error"

@@ -157,3 +157,18 @@ def test_finishing_a_point_never_holds_tunes_loop():
     with pytest.raises(RuntimeError, match="drawing failed"):
         callback.close()
     assert done == [("fewshot",)]
+
+
+def test_a_crash_tune_retries_or_gives_up_on_names_the_exception(capsys, tmp_path):
+    (tmp_path / "error.txt").write_text("Traceback (most recent call last):\n  ...\nOSError: node lost\n\n")
+    point = SimpleNamespace(name="BiT-R14_n256_s0", model="BiT", steps=10)
+    plans = {"p1": SimpleNamespace(point=point, action="train")}
+    console, trial = Console(plans, "pets", clock=Clock()), SimpleNamespace(config={"point": "p1"})
+    console.event("p1", Started({}), Progress())
+    trial.error_file = str(tmp_path / "error.txt")
+    console.on_trial_recover(0, [], trial)
+    assert console.trials["p1"].started is None  # pending until it restarts
+    console.on_trial_error(0, [], trial)
+    lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[1:3] == ["BiT-R14_n256_s0  crashed, retried from its newest checkpoint: OSError: node lost",
+                          "BiT-R14_n256_s0  FAILED: OSError: node lost"]
