@@ -1,6 +1,7 @@
 """The optimisation loop pretraining and fine-tuning share: the duration helper and the LR schedule, the input
 conversion, the losses, and `train_loop` (over batches streamed from shards, with clipping, checkpoints and
-non-finite-loss detection), which hands its caller one typed `EpochRecord` per epoch."""
+non-finite-loss detection), which hands its caller one typed `EpochRecord` per epoch and one every `log_every`
+steps."""
 
 from __future__ import annotations
 
@@ -94,21 +95,23 @@ class LoopSpec:
     keep_checkpoints: int = 2
     nonfinite_check_every: int = 25  # steps between reads of the loss from the device
     stop_check_every: int = 5  # steps between asking `should_stop` (all ranks at the same steps)
+    log_every: int = 0  # steps between `hooks.on_log` records (one host read each); 0: at epoch ends only
     compile: bool = False  # torch.compile the step's module, after the DDP wrap (`perf.compile_model`)
 
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """One epoch of training, at its last step. `metrics()` names its numbers: the names are made there alone."""
+    """Training over a window ending at `step`: one epoch (`Hooks.on_epoch`), or the steps since the previous log
+    point (`Hooks.on_log`). `metrics()` names its numbers: the names are made there alone."""
 
     epoch: int
     step: int
     examples_seen: int
-    loss: float  # mean over the epoch's samples
+    loss: float  # mean over the window's samples
     train_top1: float  # percent
     lr: float
-    images_per_s: float  # since the run (or its resumption) started
-    loader_wait_fraction: float  # share of the epoch's wall time spent waiting for the next batch
+    images_per_s: float  # epoch records: since the run (or its resumption) started; log records: over the window
+    loader_wait_fraction: float  # share of the window's wall time spent waiting for the next batch
     skipped: dict[str, int] = field(default_factory=dict)  # unreadable samples skipped this epoch, by cause
 
     def metrics(self) -> dict[str, float]:
@@ -127,12 +130,15 @@ class Hooks(Generic[Record]):
 
     Attributes:
         on_epoch: called with each epoch's record (the stage's own type of record).
+        on_log: called on rank 0 every `LoopSpec.log_every` steps and at each epoch end, with the record of the
+            steps since the previous call (a long epoch still gives a curve, an ETA and system metrics).
         checkpoint_dir: resume from its newest checkpoint and write new ones there; None: no checkpoints.
         on_checkpoint: called with each checkpoint written (on rank 0).
         label: the progress bar's name; None: the stage's own.
     """
 
     on_epoch: Callable[[Record], None] | None = None
+    on_log: Callable[[EpochRecord], None] | None = None
     checkpoint_dir: Path | None = None
     on_checkpoint: Callable[[Path], None] | None = None
     label: str | None = None
@@ -186,6 +192,7 @@ class _Sums:
         self.local = torch.zeros(2, dtype=torch.float64, device=device)  # since the last read, this rank only
         self.local_count = 0
         self.checked = step  # the last step whose loss was read and finite
+        self.mark = [0.0, 0, 0]  # the epoch's sums at the previous log point
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """A (micro-)batch's loss and correct top-1 predictions; multi-label (labels [B, K], -1 padded), a top-1
@@ -208,8 +215,15 @@ class _Sums:
         self.checked = step
         return [loss, int(correct), int(count)]
 
+    def window(self, totals: list) -> list:
+        """[loss sum, correct, count] since the previous log point (or the epoch's start), from `read`'s totals."""
+        since = [now - then for now, then in zip(totals, self.mark, strict=True)]
+        self.mark = totals
+        return since
+
     def reset(self) -> None:
         self.values.zero_()
+        self.mark = [0.0, 0, 0]
 
 
 class _Timer:
@@ -219,6 +233,7 @@ class _Timer:
     def __init__(self, device: torch.device, step: int, total: int):
         self.device, self.start_step, self.start = device, step, time.perf_counter()
         self.epoch_start, self.epoch_waited = self.start, 0.0
+        self.log_start, self.log_step, self.log_waited = self.start, step, 0.0
         self.window_step = step + min(5, (total - step) // 4)  # compilation and autotuning happen before it
         self.window_start, self.window_waited = None, 0.0
 
@@ -233,6 +248,7 @@ class _Timer:
         waited = time.perf_counter() - tick
         self.epoch_waited += waited
         self.window_waited += waited
+        self.log_waited += waited
         return batch
 
     def epoch_record(self, epoch: int, step: int, batch_size: int, totals: list, lr: float,
@@ -243,6 +259,18 @@ class _Timer:
                              lr, (step - self.start_step) * batch_size / max(now - self.start, 1e-9),
                              self.epoch_waited / max(now - self.epoch_start, 1e-9), dict(skipped))
         self.epoch_waited = 0.0
+        return record
+
+    def log_record(self, epoch: int, step: int, batch_size: int, window: list, lr: float,
+                   skipped: dict[str, int]) -> EpochRecord:
+        """The record of the steps since the previous log point; its clock restarts."""
+        now = time.perf_counter()
+        loss, correct, count = window
+        seconds = max(now - self.log_start, 1e-9)
+        record = EpochRecord(epoch, step, step * batch_size, loss / max(count, 1), 100.0 * correct / max(count, 1),
+                             lr, (step - self.log_step) * batch_size / seconds, self.log_waited / seconds,
+                             dict(skipped))
+        self.log_start, self.log_step, self.log_waited = now, step, 0.0
         return record
 
     def result(self, last: EpochRecord | None) -> LoopResult:
@@ -258,16 +286,17 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer
                scheduler: torch.optim.lr_scheduler.LRScheduler, rt: Runtime,
                hooks: Hooks[EpochRecord] | None = None) -> LoopResult:
     """Run `spec.steps` optimizer steps over batches from `source` on `rt.device`; each epoch's `EpochRecord`
-    goes to `hooks.on_epoch`.
+    goes to `hooks.on_epoch`, and a record of the steps since the previous one every `spec.log_every` steps and at
+    each epoch end to `hooks.on_log` (on rank 0).
 
     With `hooks.checkpoint_dir`, resumes from its newest checkpoint (weights, optimizer, scheduler, RNG state and
     the step, which fixes the data position), so a killed run continues exactly where its last checkpoint left it.
     In a process group (`pipelines.distributed`) each rank runs this with its part of every batch: DDP averages
     the gradients, the metrics are summed over ranks, and rank 0 alone writes checkpoints.
-    Nothing is read from the device inside the step: the loss is read every `spec.nonfinite_check_every` steps, at
-    epoch ends and before each checkpoint (so no checkpoint holds a diverged state). Every `spec.stop_check_every`
-    steps it asks `rt.should_stop()` (any rank asking stops them all): then it checkpoints and raises
-    TrainingStopped.
+    Nothing is read from the device inside the step: the loss is read every `spec.nonfinite_check_every` and
+    `spec.log_every` steps, at epoch ends and before each checkpoint (so no checkpoint holds a diverged state).
+    Every `spec.stop_check_every` steps it asks `rt.should_stop()` (any rank asking stops them all): then it
+    checkpoints and raises TrainingStopped.
 
     Raises:
         TrainingDiverged: the loss became NaN/inf (within `spec.nonfinite_check_every` steps of it happening).
@@ -304,8 +333,15 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer
                     and distributed.any_rank(rt.should_stop()))
             save = hooks.checkpoint_dir is not None and (step == spec.steps or stop or
                                                         (spec.checkpoint_every and step % spec.checkpoint_every == 0))
-            if save or epoch_done or step % spec.nonfinite_check_every == 0:
+            log = epoch_done or (spec.log_every and step % spec.log_every == 0)
+            if save or log or step % spec.nonfinite_check_every == 0:
                 totals = sums.read(step, desc)  # the one host read; raises if the loss is not finite
+            if log:
+                record = timer.log_record(epoch, step, spec.batch_size, sums.window(totals),
+                                          scheduler.get_last_lr()[0], source.skipped(batch.epoch))
+                if hooks.on_log is not None and where.main:  # the sums are reduced: every rank has these numbers
+                    hooks.on_log(record)
+                    model.train()  # on_log may have evaluated the model
             if save and where.main:
                 _save(hooks, spec, {"step": step, "epoch": epoch, "sums": totals}, model, optimizer, scheduler, scaler)
             if stop:

@@ -44,6 +44,7 @@ class PretrainConfig:
     micro_batch_size: int | None = None  # accumulate gradients over micro-batches of this size
     grad_checkpointing: bool = False  # recompute activations in the backward pass (timm): less memory, ~30% slower
     nonfinite_check_every: int = 25  # steps between host reads of the loss; a NaN/inf stops the run within these
+    log_every: int = 50  # steps between training and system metrics and progress, a host read each (big_vision: 50)
     checkpoint_every: int = 500  # steps between checkpoints (a trial restarted by Tune resumes from the newest)
     keep_checkpoints: int = 2
 
@@ -55,8 +56,8 @@ class PretrainConfig:
             raise ValueError("durations, batch_size and lr must be positive")
         if self.micro_batch_size is not None and not 0 < self.micro_batch_size <= self.batch_size:
             raise ValueError("micro_batch_size must be in (0, batch_size]")
-        if self.nonfinite_check_every <= 0:
-            raise ValueError("nonfinite_check_every must be positive")
+        if self.nonfinite_check_every <= 0 or self.log_every <= 0:
+            raise ValueError("nonfinite_check_every and log_every must be positive")
 
     def total_steps(self, dataset_size: int) -> int:
         return duration_steps(self.epochs, self.steps, self.examples, self.batch_size, dataset_size)
@@ -123,8 +124,9 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
     Args:
         rt: device, seed, loader, progress and the stop poll (polled at step boundaries, it stops the run with a
             checkpoint: TrainingStopped).
-        hooks: each epoch's `EpochRecord`, the checkpoint folder (resumed from if it holds a checkpoint) and
-            each checkpoint written; the progress label (default: `pretrain <model>`).
+        hooks: each epoch's `EpochRecord` and one every `cfg.log_every` steps, the checkpoint folder (resumed
+            from if it holds a checkpoint) and each checkpoint written; the progress label (default:
+            `pretrain <model>`).
         out_dir: where the weights are saved as safetensors; None: not saved.
 
     Run on every rank of a process group, it trains data-parallel (`cfg.batch_size` is global; rank 0 writes the
@@ -146,7 +148,7 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
     spec = LoopSpec(steps=steps, batch_size=cfg.batch_size, image_size=image_size, grad_clip=cfg.grad_clip,
                     loss=cfg.loss, precision=precision, micro_batch_size=cfg.micro_batch_size,
                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-                    nonfinite_check_every=cfg.nonfinite_check_every,
+                    nonfinite_check_every=cfg.nonfinite_check_every, log_every=cfg.log_every,
                     compile=perf.compile_enabled(cfg.compile, device))
     source = training_source(cfg, data, image_size, rt)
     loop = train_loop(model, source, spec, optimizer, scheduler, rt,

@@ -1,7 +1,8 @@
 """The seam between a trial and the driver, as types.
 
-A trial emits `Started`, `Curve`, `Finished` or `Failed` events; Ray Tune carries each as one JSON string (its
-wire format) and the driver decodes it back into the same type. What a finished point produced is a
+A trial emits `Started`, `Stage`, `Curve`, `Finished` or `Failed` events; Ray Tune carries each as one JSON string
+(its wire format), beside the trial's `Progress` as plain numbers, and the driver decodes it back into the same
+type. What a finished point produced is a
 `PointRecord`: its pretraining summary and, per evaluation, the identity of the protocol it ran and the typed
 `Measurement`s. The record is kept in storage (`points/<id>/record.json`) and in MLflow (`record.json`), and
 the results table is built from records alone.
@@ -113,8 +114,17 @@ class Started:
 
 
 @dataclass
+class Stage:
+    """A stage of the trial starts: "pretrain" or an evaluation (`pipelines.evaluations`)."""
+
+    name: str
+    steps: int = 0  # its planned optimizer steps; 0: not counted in steps
+    step: int = 0  # where it starts (a resumed pretraining)
+
+
+@dataclass
 class Curve:
-    prefix: str  # "pretrain" or "finetune/<task>"
+    prefix: str  # "pretrain", "system/<node>" or "finetune/<task>"
     step: int  # the stage's global optimizer step
     values: dict
 
@@ -129,15 +139,36 @@ class Failed:
     reason: str  # one line: a diverged loss or bad data; a deterministic failure Tune must not retry
 
 
-Event = Started | Curve | Finished | Failed
-_KINDS = {cls.__name__: cls for cls in (Started, Curve, Finished, Failed)}
+Event = Started | Stage | Curve | Finished | Failed
+_KINDS = {cls.__name__: cls for cls in (Started, Stage, Curve, Finished, Failed)}
 WIRE_KEY = "study_event"
 
 
-def encode(event: Event) -> dict:
-    """The dict Ray Tune reports: one key holding the event as JSON."""
+@dataclass(frozen=True)
+class Progress:
+    """Where a trial stands: its stage, the stage's step of `steps`, images/s over the last log interval and the
+    seconds the stage has left at its pace so far. Sent with every event as top-level numbers, so Tune's own
+    status table (`--verbose`) shows them as columns and the study's console reads them."""
+
+    stage: str = ""
+    step: int = 0
+    steps: int = 0
+    images_per_s: float | None = None
+    eta_s: float | None = None
+
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(Progress))
+
+
+def encode(event: Event, progress: Progress | None = None) -> dict:
+    """The dict Ray Tune reports: the progress columns, and one key holding the event as JSON."""
     payload = json.loads(event.record.to_json()) if isinstance(event, Finished) else asdict(event)
-    return {WIRE_KEY: json.dumps({"kind": type(event).__name__, "payload": payload})}
+    return {**asdict(progress or Progress()), WIRE_KEY: json.dumps({"kind": type(event).__name__, "payload": payload})}
+
+
+def progress_of(result: dict) -> Progress:
+    """The progress a Tune result carries (an empty one for Tune's own bookkeeping results)."""
+    return Progress(**{k: result[k] for k in COLUMNS if k in result})
 
 
 def decode(result: dict) -> Event | None:

@@ -3,14 +3,13 @@ write the results and the report. Running the same command again resumes, extend
 
     python -m study.run --grid configs/scaling.yaml [key.path=value ...] [--dry-run [--json]] [--fresh]
                         [--suggest [--budget GPU_HOURS] [--apply FILE]] [--mfu X]
-                        [--address host:port] [--out runs] [--storage PATH_OR_URI] [--tracking-uri URI]
+                        [--address host:port] [--out runs] [--storage PATH_OR_URI] [--tracking-uri URI] [--verbose]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -48,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where checkpoints, weights and trial files live (default: OUT/STUDY/storage; "
                              "on a cluster a shared folder or s3://, gs://)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in --out)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray Tune's own status table (with each trial's stage, step, images/s and ETA) "
+                             "instead of the study's one line per trial event")
     parser.add_argument("--force-unlock", action="store_true",
                         help="take the study's lease even if another driver seems to hold it (when that driver is "
                              "known to be gone)")
@@ -298,7 +300,7 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
 
         callback = StudyCallback(plans, finisher, tracker, tags)
         clock.update(run_trials(cfg, plans, where.storage, callback, f"{cfg.study}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                interrupt))
+                                interrupt, args.verbose))
         records.update(callback.records)
         for pid, plan in plans.items():
             if pid not in records:
@@ -373,5 +375,4 @@ def _write_results(cfg, points, records, evals, where, failures: dict[str, str])
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     sys.exit(main())

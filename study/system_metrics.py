@@ -1,9 +1,9 @@
 """System metrics of the node a trial runs on: CPU and memory, and GPU utilisation and memory through NVML where
 there is a GPU, sampled in the background by MLflow's own monitors and averaged between two reads.
 
-A trial reports them with its per-epoch metrics (`system/<node>/<metric>` at the global step), so the driver stays
-MLflow's only writer and each node's numbers reach the run of the point it trained. NVML sees every GPU of the
-node, not only the trial's.
+A trial reports them with its training metrics every `pretrain.log_every` steps (`system/<node>/<metric>` at the
+global step), so the driver stays MLflow's only writer and each node's numbers reach the run of the point it
+trained. NVML sees every GPU of the node, not only the trial's.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class NodeSampler:
         out = {}
         with self.lock:
             for monitor in self.monitors:
-                if not any(monitor.metrics.values()):  # an epoch shorter than the interval: sample it now
+                if not any(monitor.metrics.values()):  # a log interval shorter than the sampling one: sample it now
                     monitor.collect_metrics()
                 out.update(monitor.aggregate_metrics())
                 monitor.clear_metrics()

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,10 @@ from study.protocol import (
     PointFields,
     PointRecord,
     PretrainSummary,
+    Progress,
+    Stage,
     Started,
+    encode,
 )
 from study.storage import PointFiles, Storage
 from study.system_metrics import NodeSampler
@@ -112,6 +115,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
 
     features: dict = {}  # the frozen model's features, extracted once for every evaluation that needs them
     for kind, ident in plan.evals.items():
+        emit(Stage(kind))
         with clock(kind):
             found = downstream.run(cfg.evaluate, pretrained, cfg.downstream, runtime, (kind,), curve, keep, features)
         record.evals[kind] = EvalRecord(ident, found)
@@ -143,11 +147,12 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
                   "world_size": where.world_size, "class_count_min": balance["min"], "class_count_max": balance["max"],
                   "empty_classes": balance["empty_classes"]},
                  {"resumed_from_step": resumed} if resumed else {}))
+    emit(Stage("pretrain", point.steps, resumed))
 
     def push(path: Path) -> None:  # rank 0's checkpoints reach storage, where a retry on any node finds them
         storage.push_checkpoint(path, files.checkpoints, cfg.pretrain.keep_checkpoints)
 
-    def epoch_end(record: EpochRecord) -> None:
+    def logged(record: EpochRecord) -> None:  # every pretrain.log_every steps and at epoch ends
         emit(Curve("pretrain", record.step, record.metrics()))
         if system := sampler.read():
             emit(Curve(f"system/{sampler.node}", record.step, system))
@@ -155,7 +160,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
     rt = Runtime(device, point.seed, loader=loader, progress=progress, should_stop=stop_requested(storage))
     with NodeSampler() as sampler:
         result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, rt,
-                              Hooks(on_epoch=epoch_end, checkpoint_dir=local_ckpts, on_checkpoint=push))
+                              Hooks(on_log=logged, checkpoint_dir=local_ckpts, on_checkpoint=push))
     del train
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
                **result.throughput}  # images_per_s, step_time_s, data_wait_fraction, peak memory, mfu
@@ -240,19 +245,34 @@ def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, stora
     Train's) FailureConfig restarts it, and it resumes from the newest checkpoint in storage."""
     from ray import tune
 
-    from study.protocol import encode
-
     plan = plans[config["point"]]
     if cfg.resources.workers_per_trial > 1:
         return _drive_train_run(plan, cfg, storage_root)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     scratch = Path(tempfile.gettempdir()) / "vitscale-scratch" / plan.point.id  # this node's; removed at the end
-
-    def emit(event: Event) -> None:
-        tune.report(encode(event))
-
-    _run_guarded(cfg, plan, Storage(storage_root), scratch, emit)
+    _run_guarded(cfg, plan, Storage(storage_root), scratch, Reporter(tune.report))
     return None
+
+
+class Reporter:
+    """The trial's side of the wire: each event goes to `send` (Tune's report) with the trial's `Progress`, kept
+    here from the events themselves: a `Stage` starts it, the stage's own curve moves it (step, images/s, and
+    the seconds left at the stage's pace since it started)."""
+
+    def __init__(self, send: Callable[[dict], None], clock: Callable[[], float] = time.monotonic):
+        self.send, self.clock = send, clock
+        self.progress, self.since, self.first = Progress(), clock(), 0
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Stage):
+            self.progress = Progress(event.name, event.step, event.steps)
+            self.since, self.first = self.clock(), event.step
+        elif isinstance(event, Curve) and event.prefix == self.progress.stage:
+            done, steps = event.step - self.first, self.progress.steps
+            eta = (steps - event.step) * (self.clock() - self.since) / done if done > 0 and steps else None
+            self.progress = replace(self.progress, step=event.step, images_per_s=event.values.get("images_per_s"),
+                                    eta_s=eta)
+        self.send(encode(event, self.progress))
 
 
 def _run_guarded(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path, emit: Emit,
@@ -343,8 +363,6 @@ def _rank_main(config: dict) -> None:
     from ray import train
     from ray.train.torch import get_device
 
-    from study.protocol import encode
-
     plan, cfg, events = config["plan"], config["cfg"], config["events"]
     context = train.get_context()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
@@ -354,9 +372,9 @@ def _rank_main(config: dict) -> None:
     distributed.barrier()
     main = context.get_world_rank() == 0
 
-    def emit(event: Event) -> None:
+    def send(result: dict) -> None:
         if main:
-            events.put(encode(event))
+            events.put(result)
 
     scratch = Path(tempfile.gettempdir()) / "vitscale-scratch" / plan.point.id / f"rank{context.get_world_rank()}"
-    _run_guarded(cfg, plan, Storage(config["storage_root"]), scratch, emit, device=get_device())
+    _run_guarded(cfg, plan, Storage(config["storage_root"]), scratch, Reporter(send), device=get_device())

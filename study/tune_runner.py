@@ -1,6 +1,7 @@
 """Ray Tune, kept behind one small module: a local Ray started and stopped here (or `--address` to join a
-cluster), one trial per planned grid point (Tune receives the expanded points, it does not expand a grid), and
-a driver-side callback that turns the trials' typed events into MLflow writes and records."""
+cluster), one trial per planned grid point (Tune receives the expanded points, it does not expand a grid), a
+driver-side callback that turns the trials' typed events into MLflow writes and records, and the study's console
+(`study.console`) in place of Tune's status table unless `verbose`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -16,6 +18,7 @@ from ray.tune import Callback
 
 from pipelines.config import UserError
 from study.config import StudyConfig
+from study.console import Console, error_text
 from study.interrupt import Interrupt, ray_apart
 from study.protocol import Curve, Failed, Finished, PointRecord, Started, decode
 from study.storage import Storage
@@ -24,18 +27,25 @@ from study.trial import TrialPlan, trainable
 
 
 class StudyCallback(Callback):
-    """Per trial: Started -> child run and params, Curve -> per-epoch metrics, Finished -> the record, final
-    metrics and artifacts, Failed (or a crash Tune gave up on) -> the reason."""
+    """Per trial: Started -> child run and params, Curve -> metrics at the step, Finished -> the record, final
+    metrics and artifacts, Failed (or a crash Tune gave up on) -> the reason.
+
+    It runs on Tune's loop, which waits for it (and a trial's next report waits for Tune): MLflow writes are queued
+    to the tracker's thread, and `on_finished` (drawing figures, reading stored files, ~1 s) runs on a thread of
+    its own; `close` waits for it."""
 
     def __init__(self, plans: dict[str, TrialPlan], on_finished, tracker: Tracker, tags: dict):
         self.plans, self.on_finished, self.tracker, self.tags = plans, on_finished, tracker, tags
         self.records: dict[str, PointRecord] = {}
         self.failures: dict[str, str] = {}
+        self.finishing = ThreadPoolExecutor(1, thread_name_prefix="study-finish")
+        self.pending: list[Future] = []
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks into the experiment state; this study never restores a Tuner (it re-plans
-        # from MLflow and storage), so the live tracker and its thread stay out of that file.
-        return {k: v for k, v in self.__dict__.items() if k not in ("tracker", "on_finished")}
+        # from MLflow and storage), so the live tracker and the threads stay out of that file.
+        live = ("tracker", "on_finished", "finishing", "pending")
+        return {k: v for k, v in self.__dict__.items() if k not in live}
 
     def _point(self, trial):
         return self.plans[trial.config["point"]].point
@@ -49,15 +59,22 @@ class StudyCallback(Callback):
                 self.tracker.log_curve(point, prefix, step, values)
             case Finished(record=record):
                 self.records[point.id] = record
-                self.on_finished(point, record, tuple(self.plans[point.id].evals))
+                self.pending.append(self.finishing.submit(self.on_finished, point, record,
+                                                          tuple(self.plans[point.id].evals)))
             case Failed(reason=reason):
                 self.failures[point.id] = reason
                 self.tracker.fail_point(point, reason, self.tags)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         point = self._point(trial)
-        self.failures[point.id] = _error_text(trial)
+        self.failures[point.id] = error_text(trial)
         self.tracker.fail_point(point, self.failures[point.id], self.tags)
+
+    def close(self) -> None:
+        """Wait for the finished points' work; an error there is raised here, as it was on Tune's loop."""
+        self.finishing.shutdown(wait=True)
+        for done in self.pending:
+            done.result()
 
 
 def connect(cfg: StudyConfig, address: str | None) -> None:
@@ -238,11 +255,13 @@ def _check_fits(cfg: StudyConfig, nodes: list[dict], where: str) -> None:
 
 
 def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, callback: StudyCallback,
-               name: str, interrupt: Interrupt) -> dict[str, float]:
+               name: str, interrupt: Interrupt, verbose: bool = False) -> dict[str, float]:
     """Run one Tune trial per plan; results arrive through `callback`. Starts a local Ray unless `connect`
     joined a cluster (its processes deaf to SIGINT and SIGTERM: `interrupt` handles those, after Ray is up).
+    Progress shows as the study's console lines, or as Tune's status table where `verbose`.
     Returns the seconds spent starting Ray and running the trials."""
     start = time.perf_counter()
+    quiet_tune()
     if not ray.is_initialized():
         with ray_apart():
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
@@ -266,12 +285,37 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
         # once per slot, not once per point (~8 s of CPU each on a small machine); every trial seeds its own RNGs.
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
                                     trial_name_creator=TrialNames(plans), trial_dirname_creator=TrialNames(plans)),
-        run_config=tune.RunConfig(name=name, **storage.for_ray("tune"), callbacks=[callback],
+        run_config=tune.RunConfig(name=name, **storage.for_ray("tune"),
                                   failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-                                  verbose=1),
+                                  **output(verbose, callback, Console(plans, cfg.downstream[0].label,
+                                                                      concurrent or 1))),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        callback.close()
     return {"ray_start": started - start, "trials": time.perf_counter() - started}
+
+
+def output(verbose: bool, callback: StudyCallback, console: Console) -> dict:
+    """What Tune shows (`RunConfig` arguments): the study's console and Tune silent, or (`verbose`) Tune's own
+    status table with the trials' progress."""
+    if verbose:
+        return {"callbacks": [callback], "progress_reporter": status_table(), "verbose": 1}
+    return {"callbacks": [callback, console], "progress_reporter": None, "verbose": 0}
+
+
+def quiet_tune() -> None:
+    """Tune's reporter API (`RunConfig.progress_reporter` and `verbose`), set before Tune reads it: the newer AIR
+    output ignores the reporter, and prints a configuration box and a TensorBoard hint at any verbosity."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+
+
+def status_table() -> tune.CLIReporter:
+    """Tune's status table (`--verbose`), with each trial's stage, step, images/s and ETA (the `Progress` its
+    events carry) as columns, every 30 s."""
+    return tune.CLIReporter(metric_columns={"stage": "stage", "step": "step", "steps": "of", "images_per_s": "images/s",
+                                            "eta_s": "eta (s)"}, max_report_frequency=30)
 
 
 def _trials_that_fit(r) -> int:
@@ -295,11 +339,3 @@ class TrialNames:
 
     def __call__(self, trial) -> str:
         return self.names[trial.config["point"]]
-
-
-def _error_text(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).exists():
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-        return lines[-1] if lines else "trial raised an error"
-    return "trial raised an error"

@@ -49,6 +49,23 @@ def test_pretraining_learns_an_easy_task_and_saves_safetensors(tmp_path):
     assert torch.equal(loaded["pos_embed"], result.state_dict["pos_embed"])
 
 
+def test_log_records_come_every_log_every_steps_and_at_epoch_ends_and_add_up_to_the_epoch():
+    """Each log record covers the steps since the previous one (an epoch end is one too): within an epoch, their
+    losses weighted by their steps give the epoch's loss."""
+    cfg = pretrain.PretrainConfig(steps=20, batch_size=8, lr=1e-3, warmup_steps=2, log_every=3)
+    epochs: list[EpochRecord] = []
+    logs: list[EpochRecord] = []
+    pretrain.run(cfg, "ViT-Pico/4", as_shards(*_tiny_images()), 4, 32, IN_PROCESS,
+                 Hooks(on_epoch=epochs.append, on_log=logs.append))  # 64 images: 8 steps an epoch
+    assert [r.step for r in logs] == [3, 6, 8, 9, 12, 15, 16, 18, 20] and [r.step for r in epochs] == [8, 16, 20]
+    assert all(r.images_per_s > 0 and r.examples_seen == 8 * r.step for r in logs)
+    bounds = [0] + [r.step for r in logs]
+    for epoch, (first, last) in zip(epochs, [(0, 3), (3, 7), (7, 9)], strict=True):
+        window = range(first, last)
+        weighted = sum(logs[i].loss * (bounds[i + 1] - bounds[i]) for i in window) / (bounds[last] - bounds[first])
+        assert weighted == pytest.approx(epoch.loss, rel=1e-6)
+
+
 def test_non_finite_loss_stops_the_run_within_the_check_interval(monkeypatch):
     cfg = pretrain.PretrainConfig(steps=5, batch_size=16, lr=1e-3, nonfinite_check_every=3)
     images, labels = _tiny_images()

@@ -35,6 +35,24 @@ def test_study_finishes_and_prints_where_everything_is(smoke):
                      r"over 4 trials: ", proc.stdout, re.M)
 
 
+def test_the_console_shows_each_trials_stages_and_an_eta_instead_of_tunes_table(smoke):
+    _, proc = smoke
+    out = proc.stdout
+    assert not re.search(r"Trial status|== Status ==|Trial name|tensorboard|[╭+]--", out, re.I), out[-3000:]
+    assert "performance bottleneck" not in proc.stderr  # the study's Tune callback never holds Tune's loop
+    for name in (f"{model}_n{n}_s0" for model in ("ViT-Pico-4", "BiT-R14-Pico") for n in (256, 1024)):
+        line = rf"^\d\d:\d\d:\d\d {name}  "
+        assert re.search(line + r"started: 12 pretraining steps on cpu$", out, re.M)
+        for stage in ("pretrain", "fewshot", "linear_probe", "finetune", "diagnostics"):
+            assert re.search(line + rf"{stage}: started", out, re.M), stage
+        assert re.search(line + r"pretrain: step \d+/12 \(\d+%\), loss [\d.]+, [\d,]+ images/s, eta \d:\d\d:\d\d$",
+                         out, re.M)
+        assert re.search(line + r"finished in \d:\d\d:\d\d: fewshot 1-shot [\d.]+%, .*images/s$", out, re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d study: [1-3] of 4 done, \d running, \d pending, [\d,]+ images/s, "
+                     r"eta >?\d:\d\d:\d\d \(\d:\d\d:\d\d elapsed\)$", out, re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d study: 4 of 4 done, 0 running, 0 pending, .*eta 0:00:00", out, re.M)
+
+
 def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
     out, _ = smoke
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
@@ -58,7 +76,10 @@ def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
         assert any(k.startswith("system/") and k.endswith("/cpu_utilization_percentage") for k in m)  # per node
         assert m["pretrain/images_per_s"] > 0 and "pretrain/step_time_s" in m  # measured per trial
         history = client.get_metric_history(child.info.run_id, "pretrain/loss")
-        assert history and all(h.step > 0 for h in history)  # per-epoch metrics at the global step
+        steps = {h.step for h in history}  # at the global step, every log_every (5) steps and at epoch ends
+        assert {5, 10, 12} <= steps and all(s > 0 for s in steps)
+        system = next(k for k in m if k.startswith("system/") and k.endswith("/cpu_utilization_percentage"))
+        assert {h.step for h in client.get_metric_history(child.info.run_id, system)} == steps
         curve = client.get_metric_history(child.info.run_id, "finetune/shapes-novel/val_top1")
         assert [h.step for h in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 1
         assert {"linear_probe/shapes-novel/top1", "finetune/shapes-novel/macro_f1", "linear_probe/shapes-novel/l2",

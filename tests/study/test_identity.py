@@ -31,7 +31,7 @@ def test_ids_are_unique_per_point_and_stable_across_key_order(tmp_path):
 @pytest.mark.parametrize("override", [
     "pretrain.checkpoint_every=3", "pretrain.keep_checkpoints=5", "pretrain.micro_batch_size=16",
     "data.loader.workers=3", "resources.max_failures=7", "data.cache_dir=/elsewhere",
-    "data.pretrain.name=renamed", "resources.max_concurrent_trials=1",
+    "data.pretrain.name=renamed", "resources.max_concurrent_trials=1", "pretrain.log_every=7",
 ])
 def test_execution_only_settings_keep_every_id(tmp_path, override):
     assert _ids(_study(tmp_path, overrides=[override])) == _ids(_study(tmp_path))
@@ -85,8 +85,8 @@ def _defaults():
 # (The evaluation pin moved when `evaluate.diagnostics: true` + `diagnostic_batch: 128` became the section
 # `evaluate.diagnostics: {batch: 128}`: the same defaults in another shape; the ids below did not move.)
 # (It moved again with `finetune.minival_seed`, whose minival rule bumped the fine-tune's PROTOCOL_VERSION: the
-# fine-tune ids below moved with it, and only they.)
-PINNED_DEFAULTS = ("065098a3544665e1", "f2b2be84e7cce574")
+# fine-tune ids below moved with it, and only they. The recipe pin moved with `pretrain.log_every`, execution-only.)
+PINNED_DEFAULTS = ("5b71f88dfab5656e", "f2b2be84e7cce574")
 # The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade.
 PINNED_EVAL_IDS = {
     "smoke": {"fewshot": "f863e9d7fb785b7f", "linear_probe": "9380b66fe0457576", "finetune": "c25c842f373be015",

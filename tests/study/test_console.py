@@ -1,0 +1,174 @@
+"""The study's console (lines, summary, ETA), the progress a trial sends with its events, and what Tune shows."""
+
+import re
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from pipelines.downstream import Measurement
+from study import tune_runner
+from study.console import Console, TrialState, duration, eta, finished_numbers, pace, progress_text
+from study.protocol import (
+    COLUMNS,
+    Curve,
+    EvalRecord,
+    Failed,
+    Finished,
+    PointFields,
+    PointRecord,
+    PretrainSummary,
+    Progress,
+    Stage,
+    Started,
+    decode,
+    encode,
+    progress_of,
+)
+from study.trial import Reporter
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _record(model="ViT-B/16", steps=100, pretrain_s=50.0, evals=(("fewshot", 6.0), ("finetune", 4.0))):
+    fields = PointFields(model, "ViT", 256, steps * 64, 1e12, 0)
+    found = [Measurement("fewshot", "pets", 5, "top1", 41.25, 1.0), Measurement("finetune", "pets", None, "top1", 60.0),
+             Measurement("finetune", "pets", None, "macro_f1", 55.0), Measurement("fewshot", "other", 5, "top1", 9.0)]
+    summary = PretrainSummary(steps, steps * 64, pretrain_s, 0, val_top1=12.5, images_per_s=830.4)
+    return PointRecord("p", fields, summary,
+                       {"fewshot": EvalRecord("a", found[:1] + found[3:]), "finetune": EvalRecord("b", found[1:3])},
+                       {"data": 1.0, "pretrain": pretrain_s, **dict(evals)})
+
+
+def test_durations_and_progress_text():
+    assert duration(0) == "0:00:00" and duration(59.6) == "0:01:00" and duration(3 * 3600 + 62) == "3:01:02"
+    assert progress_text(Progress("pretrain", 40, 120, 412.3, 63.0), 2.71349) == \
+        "pretrain: step 40/120 (33%), loss 2.713, 412 images/s, eta 0:01:03"
+    assert progress_text(Progress("pretrain", 5, 10), None) == "pretrain: step 5/10 (50%)"
+
+
+def test_a_finished_line_gives_the_headline_tasks_top1_then_pretraining():
+    assert finished_numbers(_record(), "pets") == ("fewshot 5-shot 41.2%, finetune 60.0% (top-1, pets), pretrain val "
+                                                   "top-1 12.5%, 830 images/s")
+
+
+def test_pace_is_per_model_from_finished_trials_and_else_from_running_ones():
+    running = TrialState("b", "BiT-M-R50x1", 200, Progress("pretrain", 50, 200, 100.0, 30.0), started=0.0)
+    finished = [("ViT-B/16", _record(steps=100, pretrain_s=50.0)), ("ViT-B/16", _record(steps=300, pretrain_s=50))]
+    measured = pace(finished, [running])
+    assert measured.step_s == {"ViT-B/16": pytest.approx(100 / 400), "BiT-M-R50x1": pytest.approx(30 / 150)}
+    assert measured.eval_s == pytest.approx(10.0)  # data loading is not an evaluation
+    assert measured.per_step("ViT-L/16") == pytest.approx((0.25 + 0.2) / 2)  # an unmeasured model: the mean
+    assert pace([], []).per_step("ViT-B/16") is None
+
+
+def test_the_eta_spreads_the_work_left_over_the_slots_and_waits_for_the_longest_trial():
+    measured = pace([("ViT-B/16", _record(steps=100, pretrain_s=50.0))], [])  # 0.5 s per step, 10 s of evaluations
+    pretraining = TrialState("a", "ViT-B/16", 100, Progress("pretrain", 60, 100, 500.0, 20.0), started=0.0)
+    evaluating = TrialState("b", "ViT-B/16", 100, Progress("fewshot"), started=0.0, evaluating=96.0)
+    pending = TrialState("c", "ViT-B/16", 100)
+    done = TrialState("d", "ViT-B/16", 100, done=True)
+    # left: a 20 + 10, b 10 - (100 - 96), c 100 * 0.5 + 10; over 2 slots
+    assert eta([pretraining, evaluating, pending, done], measured, 100.0, 2) == pytest.approx((30 + 6 + 60) / 2)
+    assert eta([pretraining, evaluating], measured, 100.0, 2) == pytest.approx(30)  # the last ones: the longest
+    assert eta([pretraining, TrialState("e", "ViT-L/16", 10)], pace([], []), 100.0, 1) is None  # no pace for e yet
+
+
+def test_the_console_prints_one_line_per_event_and_a_summary(capsys):
+    clock = Clock()
+    plans = {pid: SimpleNamespace(point=SimpleNamespace(name=f"ViT-B-16_n{n}_s0", model="ViT-B/16", steps=100),
+                                  action="train") for pid, n in (("p1", 256), ("p2", 1024))}
+    console = Console(plans, "pets", slots=1, clock=clock)
+    console.event("p1", Started({"device": "cuda:0"}), Progress())
+    console.event("p1", Stage("pretrain", 100), Progress("pretrain", 0, 100))
+    clock.now += 10
+    console.event("p1", Curve("pretrain", 50, {"loss": 2.5}), Progress("pretrain", 50, 100, 640.0, 10.0))
+    console.event("p1", Curve("system/node", 50, {"cpu": 1.0}), Progress("pretrain", 50, 100, 640.0, 10.0))
+    clock.now += 5  # within SUMMARY_EVERY_S of the last progress line: not printed
+    console.event("p1", Curve("pretrain", 75, {"loss": 2.0}), Progress("pretrain", 75, 100, 640.0, 5.0))
+    console.on_step_end(0, [])
+    clock.now += 30
+    console.on_step_end(0, [])  # the periodic summary: p2 pending, its pace p1's (10 s per 50 steps)
+    console.event("p1", Stage("fewshot"), Progress("fewshot"))
+    console.event("p1", Finished(_record()), Progress("fewshot"))
+    console.event("p2", Failed("TrainingDiverged: loss became nan"), Progress())
+    console.on_experiment_end([])  # nothing new since the last summary
+    lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [
+        "ViT-B-16_n256_s0  started: 100 pretraining steps on cuda:0",
+        "ViT-B-16_n256_s0  pretrain: started (100 steps)",
+        "ViT-B-16_n256_s0  pretrain: step 50/100 (50%), loss 2.5, 640 images/s, eta 0:00:10",
+        "study: 0 of 2 done, 1 running, 1 pending, 640 images/s, eta >0:00:25 (0:00:45 elapsed)",
+        "ViT-B-16_n256_s0  fewshot: started",
+        "ViT-B-16_n256_s0  finished in 0:00:45: fewshot 5-shot 41.2%, finetune 60.0% (top-1, pets), pretrain val "
+        "top-1 12.5%, 830 images/s",
+        "study: 1 of 2 done, 0 running, 1 pending, 0 images/s, eta 0:01:00 (0:00:45 elapsed)",
+        "ViT-B-16_n1024_s0  FAILED: TrainingDiverged: loss became nan",
+        "study: 2 of 2 done (1 failed), 0 running, 0 pending, 0 images/s, eta 0:00:00 (0:00:45 elapsed)",
+    ]
+
+
+def test_a_trial_sends_its_progress_with_every_event():
+    """Tune's table and the console read the stage, step, images/s and the stage's ETA (at its pace so far) from
+    the top-level numbers of each result; the event itself decodes back to its type."""
+    sent, clock = [], Clock()
+    report = Reporter(sent.append, clock)
+    report(Stage("pretrain", 100, 20))  # resumed at step 20
+    clock.now += 8
+    report(Curve("pretrain", 60, {"loss": 1.0, "images_per_s": 320.0}))
+    report(Curve("system/node", 60, {"cpu": 3.0}))
+    report(Stage("fewshot"))
+    assert [progress_of(r) for r in sent] == [Progress("pretrain", 20, 100), Progress("pretrain", 60, 100, 320.0, 8.0),
+                                              Progress("pretrain", 60, 100, 320.0, 8.0), Progress("fewshot")]
+    assert decode(sent[1]) == Curve("pretrain", 60, {"loss": 1.0, "images_per_s": 320.0})
+    assert progress_of({"training_iteration": 3}) == Progress()  # Tune's own bookkeeping
+
+
+def test_verbose_keeps_tunes_status_table_with_the_progress_columns_and_the_default_shows_the_console():
+    callback, console = object(), object()
+    quiet = tune_runner.output(False, callback, console)
+    assert quiet == {"callbacks": [callback, console], "progress_reporter": None, "verbose": 0}
+    verbose = tune_runner.output(True, callback, console)
+    assert verbose["callbacks"] == [callback] and verbose["verbose"] == 1
+    assert list(verbose["progress_reporter"]._metric_columns) == list(COLUMNS)  # stage, step, steps, images/s, eta
+
+
+def test_finishing_a_point_never_holds_tunes_loop():
+    """`on_finished` (figures, stored files) runs beside Tune's loop; `close` waits for it and raises its error."""
+    plan = SimpleNamespace(point=SimpleNamespace(id="p1"), evals={"fewshot": "a"})
+    done = []
+
+    def slow(point, record, evals):
+        time.sleep(1.0)
+        done.append(evals)
+        raise RuntimeError("drawing failed")
+
+    callback = tune_runner.StudyCallback({"p1": plan}, slow, tracker=None, tags={})
+    trial = SimpleNamespace(config={"point": "p1"})
+    start = time.perf_counter()
+    callback.on_trial_result(0, [], trial, encode(Finished(_record())))
+    assert time.perf_counter() - start < 0.2 and callback.records["p1"].point_id == "p"
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        callback.close()
+    assert done == [("fewshot",)]
+
+
+def test_a_crash_tune_retries_or_gives_up_on_names_the_exception(capsys, tmp_path):
+    (tmp_path / "error.txt").write_text("Traceback (most recent call last):\n  ...\nOSError: node lost\n\n")
+    point = SimpleNamespace(name="BiT-R14_n256_s0", model="BiT", steps=10)
+    plans = {"p1": SimpleNamespace(point=point, action="train")}
+    console, trial = Console(plans, "pets", clock=Clock()), SimpleNamespace(config={"point": "p1"})
+    console.event("p1", Started({}), Progress())
+    trial.error_file = str(tmp_path / "error.txt")
+    console.on_trial_recover(0, [], trial)
+    assert console.trials["p1"].started is None  # pending until it restarts
+    console.on_trial_error(0, [], trial)
+    lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[1:3] == ["BiT-R14_n256_s0  crashed, retried from its newest checkpoint: OSError: node lost",
+                          "BiT-R14_n256_s0  FAILED: OSError: node lost"]
