@@ -344,7 +344,8 @@ def headline_columns(cfg: StudyConfig) -> list[str]:
 
     sections = {row.name: section for row, section in cfg.evaluate.enabled()}
     shots = sections["fewshot"].shots if "fewshot" in sections else ()
-    return [headline_name("fewshot", k) for k in shots] + (["finetune_top1"] if "finetune" in sections else [])
+    return [headline_name("fewshot", k) for k in shots] + ([headline_name("finetune", None)] if "finetune" in sections
+                                                           else [])
 
 
 def study_note(title: str, summary: dict) -> str:

@@ -71,8 +71,8 @@ def runs_url(tracking_uri: str, experiment_id: str) -> str:
 
 def study_view(columns: list[str]) -> str:
     """The runs table's shared view (an experiment tag the UI reads as JSON): the headline metric `columns` and the
-    point's tags shown, runs grouped by model (one aggregated line per model in the charts), every run charted (the
-    default draws the 10 newest)."""
+    point's tags shown, runs grouped by model (a group row shows the model's mean), every run charted (the default
+    draws the 10 newest). The UI leaves a parent run collapsed whatever a view says, so the groups show the runs."""
     shown = [f"metrics.`{c}`" for c in columns] + [f"tags.`{t}`" for t in ("model", "subset_size", "seed")]
     return json.dumps({"selectedColumns": shown, "runsHiddenMode": "SHOW_ALL",
                        "groupBy": {"aggregateFunction": "average",
