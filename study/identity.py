@@ -82,14 +82,24 @@ def image_version(src) -> dict:
     return {} if src.source == "shapes" else {"image_version": IMAGE_VERSION}
 
 
+def _full(obj, kind: str) -> dict:
+    """A config in full, defaults included, its execution-only fields left out."""
+    return {k: v for k, v in to_dict(obj).items() if k not in EXECUTION_ONLY.get(kind, ())}
+
+
 def recipe_params(cfg) -> dict:
     """The pretraining recipe and source in full (defaults included, execution-only fields left out), for people
     reading a run: the same for every invocation of a point, as MLflow's immutable params must be."""
-    def full(obj, kind: str) -> dict:
-        return {k: v for k, v in to_dict(obj).items() if k not in EXECUTION_ONLY.get(kind, ())}
-
     return {"recipe_version": RECIPE_VERSION, **image_version(cfg.data.pretrain), "subset_mode": cfg.data.subset_mode,
-            "source": full(cfg.data.pretrain, "source"), "pretrain": full(cfg.pretrain, "pretrain")}
+            "source": _full(cfg.data.pretrain, "source"), "pretrain": _full(cfg.pretrain, "pretrain")}
+
+
+def eval_params(cfg) -> dict:
+    """The evaluation recipe in full, for people reading a run (its hashes are `eval_ids`): every enabled
+    evaluation's config and each downstream task, by name."""
+    return {"eval_version": EVAL_VERSION,
+            "evaluate": {row.name: _full(section, row.name) for row, section in cfg.evaluate.enabled()},
+            "downstream": {task.label: _full(task, "source") for task in cfg.downstream}}
 
 
 def point_id(cfg, model: str, subset_size: int, seed: int) -> str:

@@ -201,7 +201,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     from study.identity import eval_ids
     from study.interrupt import STOP, Interrupt
     from study.plan import plan
-    from study.tracking import Tracker, ui_command
+    from study.tracking import Tracker, comparison_metrics, runs_url, ui_command
     from study.trial import Stopwatch
 
     where = Locations(cfg, args)
@@ -217,7 +217,8 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve())}
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))
-    status, failures = "KILLED", {}
+    tracker.show(list(cfg.models), headline_columns(cfg))
+    status, failures, comparison, note = "KILLED", {}, [], ""
     interrupt = Interrupt(where.storage)
     where.storage.delete_file(STOP)  # a stop asked of an earlier invocation
     try:
@@ -226,17 +227,23 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
             return _stopped(interrupt, tracker, decisions, records, where)
         status = "FAILED"
         with Stopwatch(clock)("report"):
-            _write_results(cfg, points, records, evals, where, failures)
+            table = _write_results(cfg, points, records, evals, where, failures)
+        comparison = comparison_metrics(table)
+        note = study_note(cfg.study, json.loads((where.out / "summary.json").read_text()))
         write_timings(where.out / "timings.json", clock, records, decisions)
         status = "FAILED" if failures else "FINISHED"  # FINISHED only when every point is
     finally:
         files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
         tracker.finish_parent(status, [f for f in files if f.exists()], where.out / "figures",
-                              {"failed_points": f"{len(failures)} of {len(points)}"} if failures else {})
+                              {"failed_points": f"{len(failures)} of {len(points)}"} if failures else {},
+                              description=note, metrics=comparison)
         left = tracker.close()
     print(f"\nresults:  {where.out / 'results.csv'}\nreport:   {where.out / 'report.md'} (and report.html, "
           f"summary.json)\nfigures:  {where.out / 'figures'}\nstorage:  {where.storage_root} (checkpoints, weights)")
-    print(f"mlflow:   {ui_command(where.tracking_uri)}   (experiment '{cfg.study}')")
+    if (serve := ui_command(where.tracking_uri)) is not None:
+        print(f"mlflow:   {serve}   (experiment '{cfg.study}'), then open")
+    if tracker.experiment_id:
+        print(f"runs:     {runs_url(where.tracking_uri, tracker.experiment_id)}")
     if left:
         print(f"mlflow:   {left} writes could not be logged (tracking store unreachable); the next invocation logs "
               "them from the storage", file=sys.stderr)
@@ -308,6 +315,31 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
     return decisions, records, failures
 
 
+def headline_columns(cfg: StudyConfig) -> list[str]:
+    """The runs table's metric columns: the headline task's few-shot and fine-tuning top-1, where they run."""
+    from study.tracking import headline_name
+
+    sections = {row.name: section for row, section in cfg.evaluate.enabled()}
+    shots = sections["fewshot"].shots if "fewshot" in sections else ()
+    return [headline_name("fewshot", k) for k in shots] + ([headline_name("finetune", None)] if "finetune" in sections
+                                                           else [])
+
+
+def study_note(title: str, summary: dict) -> str:
+    """The parent run's description (MLflow shows it atop the run): per evaluation, where each ViT overtakes its
+    ResNet and the gap at both ends of the data range, from the report's `summary.json`."""
+    from analysis.report import eval_name, fmt, gap_lines
+
+    lines = [f"**{title}**: where does the ViT overtake the ResNet? (report: artifact `report.md`)", ""]
+    for c in summary["crossovers"]:
+        found = {"observed": f"at ~{fmt(c['estimate'])} examples, between {fmt(c['bracket'])}",
+                 "extrapolated": f"extrapolated to ~{fmt(c['estimate'])} examples"}.get(c["status"])
+        ci = f" (95% CI {fmt(c['ci'])})" if c.get("ci") else ""
+        lines.append(f"- {eval_name(c['eval'], c['dataset'], c['shots'], c['metric'])}, {c['vit']} vs "
+                     f"{c['resnet']}: " + (found + ci if found else f"no crossover: {c.get('reason')}"))
+    return "\n".join([*lines, "", *(f"- {line}" for line in gap_lines(summary["gaps"]))])
+
+
 def write_timings(path: Path, clock: dict[str, float], records: dict, decisions) -> None:
     """Where this invocation's time went: the driver's stages (wall seconds) and, summed over the points that ran,
     the trials' stages (seconds of trial time; trials run side by side, so these add up to more than the wall)."""
@@ -328,12 +360,15 @@ class Finisher:
     """A finished point: its Fig 7 panel drawn from the stored arrays, then everything logged to its child run."""
 
     def __init__(self, cfg: StudyConfig, where: Locations, tracker, tags: dict):
+        from study.identity import eval_params
+
         self.cfg, self.where, self.tracker, self.tags = cfg, where, tracker, tags
+        self.params = eval_params(cfg)  # the evaluation recipe, on every child
 
     def __call__(self, point: GridPoint, record, ran: tuple[str, ...] | None = None) -> None:
         panel = fig7_panel(point, self.where, self.where.out / "figures" / "points")
         self.tracker.finish_point(point, record, self.where.storage, ran, [panel] if panel else [], self.tags,
-                                  headline_task=self.cfg.downstream[0].label)
+                                  headline_task=self.cfg.downstream[0].label, params=self.params)
 
 
 def fig7_panel(point: GridPoint, where: Locations, folder: Path) -> Path | None:
@@ -359,8 +394,8 @@ def results_table(points: list[GridPoint], records: dict, evals: dict[str, str])
                                 for row in results.rows(p.table_fields, records[p.id].measurements(evals))])
 
 
-def _write_results(cfg, points, records, evals, where, failures: dict[str, str]) -> None:
-    """results.csv and the report over every point of the current grid, old and new together."""
+def _write_results(cfg, points, records, evals, where, failures: dict[str, str]):
+    """results.csv and the report over every point of the current grid, old and new together; returns the table."""
     from analysis import plots, report, results
 
     table = results_table(points, records, evals)
@@ -372,6 +407,7 @@ def _write_results(cfg, points, records, evals, where, failures: dict[str, str])
             by_model.setdefault(p.model, []).append((p.subset_size, path))
     panels = plots.fig7_side_by_side(by_model, folder)
     report.write_report(table, where.out, title=cfg.study, failures=failures, panels=panels)
+    return table
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ whatever is still unlogged when the study ends is logged by the next invocation 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -37,7 +38,10 @@ from study.storage import PointFiles, Storage  # noqa: E402
 
 ROLE_TAG, POINT_TAG, COMPLETE_TAG, WEIGHTS_TAG, EVAL_TAG = "study_role", "point_id", "complete", "has_weights", "eval_"
 RECORD_ARTIFACT = "record.json"  # a child run's `PointRecord`, as storage holds it
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3: open on the runs table
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3: a model-training experiment
+VIEW_KEY = "study"  # the shared runs-table view, experiment tag `mlflow.sharedViewState.study`
+NOTE_TAG, RUN_COLOUR = "mlflow.note.content", "mlflow.runColor"  # a run's description; its colour in the UI
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 _BATCH = 900  # MLflow's log_batch accepts at most 1000 entries
 # Errors that retrying cannot fix (a changed param, a deleted run): reported and the write dropped.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
@@ -52,9 +56,66 @@ def is_remote(tracking_uri: str) -> bool:
     return tracking_uri.startswith(("http://", "https://", "databricks"))
 
 
-def ui_command(tracking_uri: str) -> str:
-    return f"open {tracking_uri} in a browser" if is_remote(tracking_uri) else \
-        f"mlflow ui --backend-store-uri {tracking_uri}"
+def ui_command(tracking_uri: str) -> str | None:
+    """The command that serves a local store's UI (a server serves its own)."""
+    return None if is_remote(tracking_uri) else f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def runs_url(tracking_uri: str, experiment_id: str) -> str:
+    """The page that opens on the study's runs table in the shared view `VIEW_KEY`. MLflow 3 opens an experiment on
+    its GenAI overview whatever the `mlflow.experimentKind` tag says; `workflowType=machine_learning` selects the
+    runs table. A local store's UI is `mlflow ui` at its default address."""
+    base = tracking_uri.rstrip("/") if is_remote(tracking_uri) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
+def study_view(columns: list[str]) -> str:
+    """The runs table's shared view (an experiment tag the UI reads as JSON): the headline metric `columns` and the
+    point's tags shown, runs grouped by model (a group row shows the model's mean), every run charted (the default
+    draws the 10 newest). The UI leaves a parent run collapsed whatever a view says, so the groups show the runs."""
+    shown = [f"metrics.`{c}`" for c in columns] + [f"tags.`{t}`" for t in ("model", "subset_size", "seed")]
+    return json.dumps({"selectedColumns": shown, "runsHiddenMode": "SHOW_ALL",
+                       "groupBy": {"aggregateFunction": "average",
+                                   "groupByKeys": [{"mode": "tag", "groupByData": "model"}]}})
+
+
+def model_colours(models: list[str]) -> dict[str, str]:
+    """A colour per model, in grid order (MLflow colours a run by its `mlflow.runColor` tag)."""
+    return {m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(models)}
+
+
+def point_tags(point, colour: str) -> dict[str, str]:
+    """A child's tags: what the UI groups, filters and colours its runs by."""
+    return {"model": point.model, "family": point.family, "subset_size": str(point.subset_size),
+            "seed": str(point.seed), RUN_COLOUR: colour}
+
+
+def rounded(value: float) -> float:
+    """A metric as MLflow shows it: 4 significant digits (an accuracy in percent: 2 decimals from 10 to 99.99%);
+    whole numbers (steps, examples_seen) exact. The results table keeps full precision."""
+    return value if float(value).is_integer() else float(f"{value:.4g}")
+
+
+def comparison_metrics(table) -> list[Metric]:
+    """The study's comparison on its parent run: per model and accuracy measurement, the mean over seeds stepped by
+    subset size, so the run's own charts draw each model's accuracy against the data size (Fig 3/4).
+
+    Args:
+        table: the tidy results table (`analysis.results`).
+    """
+    import pandas as pd
+
+    from analysis.results import ACCURACY_METRICS
+    from pipelines.downstream import Measurement
+
+    rows = table[table["metric"].isin(ACCURACY_METRICS)]
+    means = rows.groupby(["model", "eval", "dataset", "shots", "metric", "subset_size"], dropna=False)["value"].mean()
+    now = int(time.time() * 1000)
+    out = []
+    for (model, ev, dataset, shots, metric, size), value in means.items():
+        key = Measurement(ev, dataset, None if pd.isna(shots) else int(shots), metric, value).key
+        out.append(Metric(f"{key}/{model.replace('/', '-')}", rounded(value), now, int(size)))
+    return out
 
 
 @dataclass
@@ -140,6 +201,11 @@ def pretrain_metrics(record: PointRecord) -> dict[str, float]:
     return {**out, "pretrain_flops": record.fields.pretrain_flops}
 
 
+def headline_name(evaluation: str, shots: int | None) -> str:
+    """The short name of the headline task's top-1 under `evaluation` (a column of the runs table)."""
+    return "finetune_top1" if evaluation == "finetune" else f"fewshot_{shots}shot_top1"
+
+
 def eval_metrics(record: PointRecord, ran: tuple[str, ...] | None, headline_task: str) -> dict[str, float]:
     """Measurements of the evaluations that ran, by name; the headline task's top-1 also under short names."""
     out = {}
@@ -151,7 +217,7 @@ def eval_metrics(record: PointRecord, ran: tuple[str, ...] | None, headline_task
             if m.spread is not None:
                 out[m.key + "_std"] = m.spread
             if m.dataset == headline_task and m.metric == "top1" and m.eval in ("fewshot", "finetune"):
-                out["finetune_top1" if m.eval == "finetune" else f"fewshot_{m.shots}shot_top1"] = m.value
+                out[headline_name(m.eval, m.shots)] = m.value
     return out
 
 
@@ -171,6 +237,7 @@ class Tracker:
         self.params: dict[str, dict[str, str]] = {}  # run id -> params already logged (params are immutable)
         self.last_step: dict[tuple[str, str], int] = {}  # (run id, key) -> newest step logged
         self.known: dict[str, ChildRun] = {}
+        self.colours: dict[str, str] = {}  # model -> its runs' colour (`show`)
         self.writer = None if read_only else _Writer(tracking_uri)
         try:
             self._open(artifact_root, read_only)
@@ -227,6 +294,13 @@ class Tracker:
                 self.client.log_artifact(self.parent_id, str(f), f"invocations/{invocation}")
         self.writer.submit("the study's parent run", job)
 
+    def show(self, models: list[str], columns: list[str]) -> None:
+        """Colour each model's runs and set the experiment's shared runs-table view (`runs_url` opens it) with the
+        headline metric `columns`."""
+        self.colours = model_colours(models)
+        self.writer.submit("the runs-table view", lambda: self.client.set_experiment_tag(
+            self.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", study_view(columns)))
+
     def start_point(self, point, params: dict, metrics: dict, tags: dict) -> None:
         """Create (or take over) the point's child run and log params; marks it RUNNING."""
         def job() -> None:
@@ -246,11 +320,12 @@ class Tracker:
         self.writer.submit(f"{prefix} curve of {point.name}", job)
 
     def finish_point(self, point, record: PointRecord, storage: Storage, ran: tuple[str, ...] | None,
-                     extra: list[Path], tags: dict, headline_task: str) -> None:
-        """Final metrics of the evaluations that `ran` (all: None), the pretraining summary once, the weights and
-        files from storage, the evaluation ids, then `complete` and FINISHED."""
+                     extra: list[Path], tags: dict, headline_task: str, params: dict) -> None:
+        """The evaluation recipe (`params`), final metrics of the evaluations that `ran` (all: None), the pretraining
+        summary once, the weights and files from storage, the evaluation ids, then `complete` and FINISHED."""
         def job() -> None:
             run_id = self._child(point, tags)
+            self._log_params(run_id, params)
             # Logged once: a re-evaluation adds no pretraining entries (its step is already there).
             self._log_metrics(run_id, pretrain_metrics(record), step=point.steps)
             self._log_metrics(run_id, eval_metrics(record, ran, headline_task), step=point.steps, dedupe=False)
@@ -290,10 +365,14 @@ class Tracker:
         for point in points:
             self.writer.submit(f"stop of {point.name}", lambda point=point: job(point))
 
-    def finish_parent(self, status: str, files: list[Path], folder: Path | None, tags: dict | None = None) -> None:
+    def finish_parent(self, status: str, files: list[Path], folder: Path | None, tags: dict | None = None,
+                      description: str = "", metrics: list[Metric] | None = None) -> None:
+        """The study's comparison (`comparison_metrics`), its `description` (MLflow shows it atop the run), the report
+        `files` and figure `folder` as artifacts, then `status`."""
         def job() -> None:
-            for name, value in (tags or {}).items():
+            for name, value in {**(tags or {}), **({NOTE_TAG: description} if description else {})}.items():
                 self.client.set_tag(self.parent_id, name, value)
+            self._log_comparison(metrics or [])
             for f in files:
                 self.client.log_artifact(self.parent_id, str(f))
             if folder is not None and folder.is_dir():
@@ -344,9 +423,11 @@ class Tracker:
             run_id = found[0].info.run_id
             self.params[run_id] = dict(found[0].data.params)
         else:
+            colour = self.colours.get(point.model, _PALETTE[0])
             run = self.client.create_run(self.experiment_id, run_name=f"{point.model} n={point.subset_size} "
                                          f"seed={point.seed}", tags={MLFLOW_PARENT_RUN_ID: self.parent_id,
-                                                                     ROLE_TAG: "point", POINT_TAG: point.id, **tags})
+                                                                     ROLE_TAG: "point", POINT_TAG: point.id,
+                                                                     **point_tags(point, colour), **tags})
             run_id = run.info.run_id
         self.runs[point.id] = run_id
         self._load_steps(run_id)
@@ -375,13 +456,22 @@ class Tracker:
 
     def _log_metrics(self, run_id: str, metrics: dict, step: int, dedupe: bool = True) -> None:
         now = int(time.time() * 1000)
-        entries = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        entries = [Metric(k, rounded(float(v)), now, step) for k, v in metrics.items()
                    if isinstance(v, int | float) and math.isfinite(v)
                    and not (dedupe and step <= self.last_step.get((run_id, k), -1))]
         for i in range(0, len(entries), _BATCH):
             self.client.log_batch(run_id, metrics=entries[i:i + _BATCH])
         for m in entries:
             self.last_step[(run_id, m.key)] = max(step, self.last_step.get((run_id, m.key), -1))
+
+    def _log_comparison(self, metrics: list[Metric]) -> None:
+        """The entries the parent lacks: a later invocation logs a (key, step) again only if its value changed (more
+        seeds); MLflow keeps every entry, so a changed one shows as a second point at that step."""
+        have = {(m.key, m.step, m.value) for key in {m.key for m in metrics}
+                for m in self.client.get_metric_history(self.parent_id, key)}
+        fresh = [m for m in metrics if (m.key, m.step, m.value) not in have]
+        for i in range(0, len(fresh), _BATCH):
+            self.client.log_batch(self.parent_id, metrics=fresh[i:i + _BATCH])
 
     def _log_stored(self, run_id: str, storage: Storage, point_id: str, tmp: Path, record: PointRecord) -> None:
         (tmp / RECORD_ARTIFACT).write_text(record.to_json())

@@ -24,6 +24,8 @@ def test_study_finishes_and_prints_where_everything_is(smoke):
     out, proc = smoke
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"mlflow ui --backend-store-uri sqlite:///\S+mlflow.db", proc.stdout)
+    assert re.search(r"^runs: +http://127.0.0.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning&"
+                     r"viewStateShareKey=study$", proc.stdout, re.M)
     assert "results:" in proc.stdout and "report:" in proc.stdout and "storage:" in proc.stdout
     timings = json.loads((out / "smoke" / "timings.json").read_text())
     assert timings["points_ran"] == 4 and len(timings["per_point_s"]) == 4
@@ -72,6 +74,11 @@ def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
                 "examples_seen"} <= set(m)
         assert m["examples_seen"] == 768 and len(p["manifest_hash"]) == 16 and p["world_size"] == "1"
         assert p["pretrain.lr"] == "0.001" and "git_commit" in child.data.tags
+        assert p["evaluate.fewshot.shots"] == "[1, 5]" and p["downstream.shapes-novel.size"] == "160"  # the recipe
+        assert {k: child.data.tags[k] for k in ("model", "family", "subset_size", "seed")} == {
+            k: p[k] for k in ("model", "family", "subset_size", "seed")}
+        assert child.data.tags["mlflow.runColor"].startswith("#")
+        assert all(v.is_integer() or v == float(f"{v:.4g}") for v in m.values())  # rounded as the UI shows them
         assert child.data.tags["complete"] == "1" and len(child.data.tags["point_id"]) == 16
         assert any(k.startswith("system/") and k.endswith("/cpu_utilization_percentage") for k in m)  # per node
         assert m["pretrain/images_per_s"] > 0 and "pretrain/step_time_s" in m  # measured per trial
@@ -92,6 +99,30 @@ def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
             "model/pretrained.safetensors", "model/model.json"}
     hashes = {(c.data.params["subset_size"], c.data.params["manifest_hash"]) for c in children}
     assert len(hashes) == 2  # both models trained on the same subset of each size
+    assert len({c.data.tags["mlflow.runColor"] for c in children}) == 2  # one colour per model
+
+
+def test_the_parent_run_carries_the_comparison(smoke):
+    """Per model and evaluation, the mean over seeds stepped by subset size (the run's charts are Figs 3-4); the
+    verdict as its description; the report and figures as artifacts; the experiment's runs-table view."""
+    out, _ = smoke
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smoke")
+    parent = client.search_runs([exp.experiment_id], "tags.study_role = 'parent'")[0]
+    table = pd.read_csv(out / "smoke" / "results.csv")
+    fewshot = table[(table["eval"] == "fewshot") & (table["shots"] == 5) & (table["model"] == "ViT-Pico/4")]
+    history = client.get_metric_history(parent.info.run_id, "fewshot/shapes-novel/5shot_top1/ViT-Pico-4")
+    assert {h.step: h.value for h in history} == {
+        int(n): float(f"{v:.4g}") for n, v in fewshot.groupby("subset_size")["value"].mean().items()}
+    assert {f"finetune/shapes-novel/top1/{m}" for m in ("ViT-Pico-4", "BiT-R14-Pico")} <= set(parent.data.metrics)
+    assert "ViT-Pico/4 vs BiT-R14-Pico" in parent.data.tags["mlflow.note.content"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "results.csv", "summary.json", "figures"} <= artifacts
+    assert "figures/fig4_fewshot_vs_data.png" in {a.path for a in client.list_artifacts(parent.info.run_id,
+                                                                                           "figures")}
+    view = json.loads(exp.tags["mlflow.sharedViewState.study"])
+    assert view["selectedColumns"][:3] == ["metrics.`fewshot_1shot_top1`", "metrics.`fewshot_5shot_top1`",
+                                           "metrics.`finetune_top1`"]
 
 
 def test_results_table_and_figures(smoke):

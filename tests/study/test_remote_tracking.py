@@ -1,9 +1,11 @@
 """A real `mlflow server` on 127.0.0.1 (proxied artifacts): runs and artifacts land on the server, none on the
 driver's disk, and an outage mid-study, long enough for the driver to notice it and for a point to finish, loses no
-row of the results table."""
+row of the results table; the URL the study prints opens its runs table in headless Chromium."""
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,6 +52,14 @@ class Server:
     def stop(self) -> None:
         os.killpg(self.proc.pid, 9)
         self.proc.wait()
+
+
+def browser_dom(url: str) -> str:
+    """The page's DOM once headless Chromium has run its scripts (the UI is a single-page app)."""
+    proc = subprocess.run([shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
+                           "--window-size=1400,900", "--virtual-time-budget=20000", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=180)
+    return proc.stdout
 
 
 def _finished(out) -> bool:
@@ -102,3 +112,10 @@ def test_runs_and_artifacts_go_to_the_server_and_an_outage_loses_nothing(server,
             "model/pretrained.safetensors", "model/model.json"}
     assert list((tmp_path / "server-artifacts").rglob("pretrained.safetensors"))  # on the server's side
     assert not (out / "mlartifacts").exists() and not (out / "mlflow.db").exists()  # nothing on the driver's disk
+    url = re.search(r"^runs: +(\S+)$", again.stdout, re.M).group(1)
+    assert url.startswith(f"{server.uri}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed: the printed URL was not opened in a browser")
+    # The table's rows in order: the model's group (its colour and mean), then its two runs nested under it.
+    rows = re.findall(r">Group: ([^<]+)<|>([^<>]+) n=\d+ seed=\d+<", browser_dom(url))
+    assert rows == [("ViT-Pico/4", ""), ("", "ViT-Pico/4"), ("", "ViT-Pico/4")], rows

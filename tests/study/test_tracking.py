@@ -1,0 +1,49 @@
+"""What the study shows in MLflow, from plain data: the parent's comparison metrics, rounding, the runs-table view."""
+
+import json
+
+import pytest
+
+from analysis import results
+from pipelines.downstream import Measurement
+from study.tracking import comparison_metrics, model_colours, rounded, runs_url, study_view
+
+
+def _table():
+    rows = []
+    for model, family, base in (("ViT-B/16", "ViT", 40.0), ("BiT-R50x1", "BiT", 50.0)):
+        for size in (1000, 10_000):
+            for seed in (0, 1):
+                fields = {"model": model, "family": family, "subset_size": size, "examples_seen": 5 * size,
+                          "pretrain_flops": 1e12, "seed": seed}
+                top1 = base + size / 1000 + seed / 3
+                rows += results.rows(fields, [Measurement("fewshot", "pets", 5, "top1", top1, 0.5),
+                                              Measurement("finetune", "pets", None, "top1", top1 + 10),
+                                              Measurement("finetune", "pets", None, "lr", 0.01)])
+    return results.build_table(rows)
+
+
+def test_the_parent_gets_each_models_accuracy_mean_over_seeds_stepped_by_subset_size():
+    metrics = {(m.key, m.step): m.value for m in comparison_metrics(_table())}
+    assert set(metrics) == {(f"{ev}/pets/{name}/{model}", size)
+                            for ev, name in (("fewshot", "5shot_top1"), ("finetune", "top1"))
+                            for model in ("ViT-B-16", "BiT-R50x1") for size in (1000, 10_000)}  # no lr: not accuracy
+    assert metrics[("fewshot/pets/5shot_top1/ViT-B-16", 1000)] == 41.17  # (41 + 41.333) / 2, 4 digits
+    assert metrics[("finetune/pets/top1/BiT-R50x1", 10_000)] == 70.17
+
+
+@pytest.mark.parametrize(("value", "shown"), [(14.583333333333334, 14.58), (5.46875, 5.469), (100.0, 100.0),
+                                              (1_281_167.0, 1_281_167.0), (0.000123456, 0.0001235), (2.0, 2.0)])
+def test_metrics_are_rounded_to_four_digits_but_counts_stay_exact(value, shown):
+    assert rounded(value) == shown
+
+
+def test_the_url_opens_the_runs_table_in_the_studys_view():
+    assert runs_url("http://host:5000/", "7") == \
+        "http://host:5000/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=study"
+    assert runs_url("sqlite:////x/mlflow.db", "1").startswith("http://127.0.0.1:5000/#/experiments/1/runs?")
+    view = json.loads(study_view(["fewshot_5shot_top1"]))
+    assert view["selectedColumns"][0] == "metrics.`fewshot_5shot_top1`" and view["runsHiddenMode"] == "SHOW_ALL"
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "model"}]
+    colours = model_colours(["ViT-B/16", "BiT-R50x1"])
+    assert len(set(colours.values())) == 2
