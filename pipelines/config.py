@@ -156,7 +156,8 @@ def to_dict(obj: Any) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (values parsed as YAML scalars/lists) to a nested dict."""
+    """Apply `a.b.c=value` overrides (values parsed as YAML scalars/lists) to a nested dict. `key[i]` is entry i of
+    a list, as error messages name it (`downstream[0].root=/data/pets/train`)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.path=value")
@@ -164,14 +165,39 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         keys = path.strip().split(".")
         node = data
         for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{path}': '{key}' is not a mapping")
+            node = _child(node, key, path)
         try:
-            node[keys[-1]] = load_yaml(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override '{item}': value is not valid YAML") from None
+        node, key = _slot(node, keys[-1], path)
+        node[key] = value
     return data
+
+
+_INDEXED = re.compile(r"(.+)\[(\d+)\]")
+
+
+def _slot(node: dict, key: str, path: str) -> tuple[dict | list, str | int]:
+    """Where `key` of an override path lives in `node`: (node, key), or (the list, i) for `name[i]`."""
+    indexed = _INDEXED.fullmatch(key)
+    if indexed is None:
+        return node, key
+    name, i = indexed[1], int(indexed[2])
+    items = node.get(name)
+    if not isinstance(items, list) or i >= len(items):
+        held = f"{len(items)} entries" if isinstance(items, list) else "no list"
+        raise ConfigError(f"override '{path}': {name} has {held}, so there is no {name}[{i}]")
+    return items, i
+
+
+def _child(node: dict, key: str, path: str) -> dict:
+    """The mapping at `key` under `node` (made if absent, unless `key` names a list entry)."""
+    parent, slot = _slot(node, key, path)
+    child = parent[slot] if isinstance(parent, list) else parent.setdefault(slot, {})
+    if not isinstance(child, dict):
+        raise ConfigError(f"override '{path}': '{key}' is not a mapping")
+    return child
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:

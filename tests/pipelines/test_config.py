@@ -53,6 +53,18 @@ def test_dotted_overrides_parse_yaml_values():
         apply_overrides({}, ["pretrain.epochs"])
 
 
+def test_an_override_reaches_a_list_entry_as_error_messages_name_it():
+    data = {"downstream": [{"name": "a", "root": "/x"}, {"name": "b"}], "data": {"subsets": [1, 2]}}
+    apply_overrides(data, ["downstream[1].root=/data/pets", "downstream[0].size=12", "data.subsets[1]=8"])
+    assert data == {"downstream": [{"name": "a", "root": "/x", "size": 12}, {"name": "b", "root": "/data/pets"}],
+                    "data": {"subsets": [1, 8]}}
+    with pytest.raises(ConfigError, match=r"^override 'downstream\[2\].root': downstream has 2 entries, so there "
+                                          r"is no downstream\[2\]$"):
+        apply_overrides(data, ["downstream[2].root=/y"])
+    with pytest.raises(ConfigError, match=r"models has no list, so there is no models\[0\]"):
+        apply_overrides(data, ["models[0]=ViT-B/16"])
+
+
 @pytest.mark.parametrize("text, value", [
     ("1e6", 1e6), ("1E-3", 1e-3), ("3e+4", 3e4), ("2.5e3", 2500.0), (".5", 0.5), ("-.5", -0.5), ("1_000", 1000),
     ("1.0e3", 1000.0), ("1.0e-3", 1e-3), ("42", 42),

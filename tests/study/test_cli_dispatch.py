@@ -1,0 +1,53 @@
+"""`vit-scaling COMMAND` (study/cli.py): each command is its module's `main` with the same arguments."""
+
+import os
+import sys
+
+import pytest
+
+from study import cli
+from tests.conftest import ROOT, run_cli
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_each_command_is_its_modules_main(name, capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse's --help
+        cli.main([name, "--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m {cli.COMMANDS[name].module} ")
+
+
+def test_suggest_is_study_run_with_suggest(monkeypatch):
+    from study import run
+
+    seen = []
+    monkeypatch.setattr(run, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["suggest", "--grid", "g.yaml", "--budget", "10"]) == 0
+    assert seen == [["--suggest", "--grid", "g.yaml", "--budget", "10"]]
+
+
+def test_run_dry_runs_a_grid_as_python_m_study_run_does(capsys):
+    assert cli.main(["run", "--grid", str(ROOT / "configs" / "smoke.yaml"), "--dry-run", "seeds=[0, 1]"]) == 0
+    out = capsys.readouterr().out
+    assert "8 trials" in out and out.count("ViT-Pico/4 ") == 4
+
+
+def test_help_lists_every_command_in_whole_sentences_and_an_unknown_one_is_one_line(cache_dir):
+    proc = run_cli(["-m", "study.cli", "--help"], cache_dir)
+    assert proc.returncode == 0
+    for name, command in cli.COMMANDS.items():
+        assert f"  {name} " in proc.stdout and command.help.endswith(".") and command.help in proc.stdout
+    proc = run_cli(["-m", "study.cli", "runn", "--grid", "g.yaml"], cache_dir)
+    assert (proc.returncode, proc.stderr) == (2, "error: unknown command 'runn'; commands: run, suggest, report, "
+                                                 "compare, mlflow-source\n")
+
+
+def test_the_installed_script_is_the_dispatcher(cache_dir):
+    """`pip install -e .` writes `vit-scaling` beside the interpreter (.ci/run installs afresh, so it runs there)."""
+    assert 'vit-scaling = "study.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    script = os.path.join(os.path.dirname(sys.executable), "vit-scaling")
+    if not os.path.exists(script):
+        pytest.skip(f"{script} is not installed: this environment was installed before [project.scripts] named it "
+                    "(pip install -e . adds it)")
+    proc = run_cli([script, "--help"], cache_dir)  # run_cli prefixes the interpreter: the script is Python
+    assert proc.returncode == 0 and "mlflow-source" in proc.stdout
