@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -79,12 +80,15 @@ def print_unchecked(unchecked: list[str], as_json: bool) -> None:
 
 
 def git_commit() -> str:
+    """The checkout's commit; where there is no .git (a Ray job's uploaded copy of the working dir), the one the
+    submitter passed as VIT_SCALING_GIT_COMMIT; else `unknown`."""
+    given = os.environ.get("VIT_SCALING_GIT_COMMIT", "").strip() or "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip() or given
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return given
 
 
 def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:

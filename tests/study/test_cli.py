@@ -143,3 +143,14 @@ def test_a_storage_that_cannot_be_written_stops_the_driver_in_one_line(tmp_path,
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: Read-only file system") and "give a writable --storage" in last, last
+
+
+def test_without_git_the_commit_is_the_one_the_submitter_passed(monkeypatch, tmp_path):
+    """A Ray job's uploaded working dir has no .git (nor, here, a git on PATH): the commit comes from the job's env."""
+    from study.run import git_commit
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("VIT_SCALING_GIT_COMMIT", "0123abc")
+    assert git_commit() == "0123abc"
+    monkeypatch.delenv("VIT_SCALING_GIT_COMMIT")
+    assert git_commit() == "unknown"
