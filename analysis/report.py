@@ -275,7 +275,8 @@ def to_html(blocks: list[Block], title: str) -> str:
             _, header, rows = block
             head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
             cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-            body.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table></div>')
+            table = f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
+            body.append(f'<div class="scroll">{table}</div>')
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>{''.join(body)}</body></html>")
 

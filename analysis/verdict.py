@@ -143,7 +143,8 @@ def _crossing(cross: dict | None, fitted: bool) -> str:
           else f" (no interval: {cross['reason']})" if cross.get("reason") else "")
     if cross["status"] == "observed":
         lo, hi = cross["bracket"]
-        return f"the ViT overtakes the BiT at ~{_size(cross['estimate'])} images{ci}, between {_size(lo)} and {_size(hi)}"
+        return (f"the ViT overtakes the BiT at ~{_size(cross['estimate'])} images{ci}, between {_size(lo)} and "
+                f"{_size(hi)}")
     return f"the fitted laws cross at ~{_size(cross['estimate'])} images, outside the measured range{ci}"
 
 

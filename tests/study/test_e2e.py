@@ -32,6 +32,9 @@ def test_study_finishes_and_prints_where_everything_is(smoke):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"mlflow ui --backend-store-uri sqlite:///\S+mlflow.db", proc.stdout)
     assert "results:" in proc.stdout and "report:" in proc.stdout and "storage:" in proc.stdout
+    verdict = json.loads((out / "smoke" / "summary.json").read_text())["verdict"]  # the console ends with it
+    said = [verdict["sentence"], *(f"Caveat: {c}" for c in verdict["caveats"])]
+    assert proc.stdout.rstrip().splitlines()[-len(said):] == said and "5-shot top-1" in verdict["sentence"]
     timings = json.loads((out / "smoke" / "timings.json").read_text())
     assert timings["points_ran"] == 4 and len(timings["per_point_s"]) == 4
     assert {"ray_start", "trials", "report"} <= set(timings["driver_wall_s"])
@@ -108,11 +111,16 @@ def test_results_table_and_figures(smoke):
     assert (rf == 19).all() and diag[diag["metric"] == "posemb_locality"]["value"].between(-1, 1).all()
     assert (study_dir / "figures" / "fig7_ViT-Pico-4_n256_vs_n1024.png").exists()
     assert (study_dir / "figures" / "fig7_vit_diagnostics_vs_data.pdf").exists()
-    for name in ("fig3_finetune_vs_data", "fig4_fewshot_vs_data", "fig5_accuracy_vs_compute"):
+    for name in ("fig3_finetune_vs_data", "fig4_fewshot_vs_data"):
         for ext in ("png", "pdf"):
             assert (study_dir / "figures" / f"{name}.{ext}").stat().st_size > 5000
+    # 12 steps at every size: compute is fixed per model, so no Fig 5, and the verdict says why.
+    assert not (study_dir / "figures" / "fig5_accuracy_vs_compute.png").exists()
     report = (study_dir / "report.md").read_text()
     assert "fig4_fewshot_vs_data.png" in report and "| ViT-Pico/4 |" in report
+    summary = json.loads((study_dir / "summary.json").read_text())["verdict"]
+    assert any(c.startswith("compute is fixed per model") for c in summary["caveats"])
+    assert report.split("\n")[2] == f"**{summary['sentence']}**"  # the answer right under the title
 
 
 def test_diverging_trials_fail_with_a_reason_and_the_study_carries_on(tmp_path, cache_dir):
