@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipelines import distributed, models, perf
+from pipelines import distributed, downstream, linear_probe, models, perf
 from pipelines.data.augment import Augment
 from pipelines.data.stream import ShardSubset
 from pipelines.loop import (
@@ -24,7 +24,7 @@ from pipelines.loop import (
     train_loop,
     warmup_decay,
 )
-from pipelines.metrics import evaluate, holdout
+from pipelines.metrics import classification_metrics, evaluate, holdout
 from pipelines.runtime import Runtime
 
 
@@ -48,6 +48,9 @@ class FinetuneConfig:
     nonfinite_check_every: int = 25  # steps between host reads of the loss (a NaN/inf stops the run within these)
     augment: Augment = field(default_factory=lambda: Augment(crop="translate", crop_padding=4, flip=False))
     val_fraction: float = 0.1  # minival carved from the train split for the per-epoch curves (0: none)
+    # The head's start: zero (the ViT paper's set-up), or the linear probe's solution on the same backbone's features
+    # ("LP-FT", Kumar et al. 2022: the features are not distorted by gradients from a head that fits nothing yet).
+    head_init: Literal["zero", "probe"] = "zero"
 
     def __post_init__(self):
         if sum(v is not None for v in (self.steps, self.epochs, self.examples)) > 1:
@@ -58,6 +61,8 @@ class FinetuneConfig:
             raise ValueError("give lr, or an lr_sweep (chosen on the minival: val_fraction > 0)")
         if any(lr <= 0 for lr in self.learning_rates):
             raise ValueError("learning rates must be positive")
+        if self.head_init == "probe" and self.val_fraction == 0:
+            raise ValueError("head_init 'probe' chooses the probe's l2 on the minival: give val_fraction > 0")
 
     @property
     def learning_rates(self) -> tuple[float, ...]:
@@ -127,11 +132,13 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     start = time.perf_counter()
     train, minival = split_minival(train, cfg.val_fraction, rt.seed)
     steps = cfg.total_steps(len(train))
+    head = probe_head(model_name, state, (train, minival), num_classes, cfg.image_size, rt) \
+        if cfg.head_init == "probe" else None
     best, val_top1, diverged = None, {}, None
     for lr in cfg.learning_rates:
         label = f"{hooks.label or 'finetune'} lr={lr:g}"
         try:
-            model, curves = _train(cfg, lr, steps, model_name, state, (train, minival), num_classes, rt, label)
+            model, curves = _train(cfg, lr, steps, model_name, state, (train, minival), num_classes, rt, label, head)
         except TrainingDiverged as err:  # a rate too high for this task is a bad point of the sweep, not an error
             val_top1[lr], diverged = float("nan"), err
             continue
@@ -148,13 +155,49 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
                           val_top1)
 
 
+@dataclass(frozen=True)
+class ProbeHead:
+    """A linear probe as a classifier head on raw pre-logit features: logits = features @ weight.T + bias."""
+
+    weight: torch.Tensor  # [classes, features]
+    bias: torch.Tensor  # [classes]
+    l2: float  # the strength chosen on the minival
+    val_top1: float  # the probe's minival top-1 (percent): the fine-tune's at step 0
+
+
+def probe_head(model_name: str, state: dict[str, torch.Tensor], splits: tuple[ShardSubset, ShardSubset | None],
+               num_classes: int, image_size: int, rt: Runtime,
+               probe: linear_probe.LinearProbeConfig | None = None) -> ProbeHead:
+    """LP-FT's start: the linear probe (`linear_probe.fit_logistic`, every l2 of `probe.l2_grid`) on the pretrained
+    backbone's frozen features of the fine-tune train split at the fine-tune resolution, the l2 chosen on the
+    minival as the learning rate is, folded from standardised features back to raw ones. `probe`: its l2 grid and
+    iterations (default: the linear-probe evaluation's)."""
+    train, minival = splits
+    probe = probe or linear_probe.LinearProbeConfig()
+    model = models.pretrained_for_task(model_name, state, num_classes, image_size).to(rt.device)
+    (x, y), (x_val, y_val) = (downstream.features(model, split, image_size, rt.device, rt.loader.max_bad_fraction)
+                              for split in (train, minival))
+    x = torch.from_numpy(x).double()
+    mean, std = x.mean(0), x.std(0, unbiased=False) + 1e-6
+    w = linear_probe.fit_logistic((x - mean) / std, torch.from_numpy(y), num_classes, probe.l2_grid, probe.max_iter)
+    weight = w[:, :-1] / std[None, :, None]  # [R, D, C] on raw features
+    bias = w[:, -1] - torch.einsum("d,rdc->rc", mean, weight)
+    val = [classification_metrics((torch.from_numpy(x_val).double() @ weight[r] + bias[r]).numpy(), y_val)["top1"]
+           for r in range(len(probe.l2_grid))]
+    best = max(range(len(val)), key=lambda r: (val[r], probe.l2_grid[r]))  # ties: the stronger penalty
+    return ProbeHead(weight[best].T.float().contiguous(), bias[best].float(), probe.l2_grid[best], val[best])
+
+
 def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: dict[str, torch.Tensor],
            splits: tuple[ShardSubset, ShardSubset | None], num_classes: int, rt: Runtime,
-           label: str) -> tuple[torch.nn.Module, list[FinetuneEpoch]]:
-    """One fine-tuning run at learning rate `lr` on `splits` (train, minival): the model and its per-epoch curve."""
+           label: str, head: ProbeHead | None = None) -> tuple[torch.nn.Module, list[FinetuneEpoch]]:
+    """One fine-tuning run at learning rate `lr` on `splits` (train, minival), from a zero head or `head`: the model
+    and its per-epoch curve."""
     (train, minival), device = splits, rt.device
     torch.manual_seed(rt.seed)
     model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size).to(device)
+    if head is not None:
+        set_head(model, head)
     perf.channels_last(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0,
                                 fused=perf.fused_optimizer(device))
@@ -177,3 +220,11 @@ def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: d
     batches = streamed_batches(train, cfg.image_size, spec.batch_size, cfg.augment, rt)
     train_loop(model, batches, spec, optimizer, scheduler, rt, Hooks(on_epoch=epoch_end, label=label))
     return model, curves
+
+
+@torch.no_grad()
+def set_head(model: torch.nn.Module, head: ProbeHead) -> None:
+    """Load `head` into the model's classifier (a linear layer, or a ResNetV2's 1x1 convolution)."""
+    classifier = model.get_classifier()
+    classifier.weight.copy_(head.weight.reshape(classifier.weight.shape))
+    classifier.bias.copy_(head.bias)

@@ -63,6 +63,8 @@ def test_an_evaluation_change_keeps_the_pretraining_and_changes_only_its_own_id(
     before, after = eval_ids(cfg), eval_ids(changed)
     assert set(before) == {"fewshot", "linear_probe", "finetune", "diagnostics"}
     assert {k for k in before if before[k] != after[k]} == {"fewshot"}
+    lp_ft = eval_ids(_study(tmp_path, overrides=["evaluate.finetune.head_init=probe"]))
+    assert {k for k in before if before[k] != lp_ft[k]} == {"finetune"}  # the default (zero) is in no id
     no_probe = eval_ids(_study(tmp_path, overrides=["evaluate.linear_probe=null"]))
     assert "linear_probe" not in no_probe and no_probe["fewshot"] == before["fewshot"]
 
@@ -84,7 +86,7 @@ def _defaults():
 # EVAL_VERSION (evaluations) in study/identity.py; then (in either case, a new field too) update the pin.
 # (The evaluation pin moved when `evaluate.diagnostics: true` + `diagnostic_batch: 128` became the section
 # `evaluate.diagnostics: {batch: 128}`: the same defaults in another shape; the ids below did not move.)
-PINNED_DEFAULTS = ("065098a3544665e1", "25c573da21b646fe")
+PINNED_DEFAULTS = ("065098a3544665e1", "70ddfd13ba2e803b")  # evaluation: + finetune.head_init (default zero)
 # The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade.
 PINNED_EVAL_IDS = {
     "smoke": {"fewshot": "f863e9d7fb785b7f", "linear_probe": "9380b66fe0457576", "finetune": "d7a44a454bab1786",
