@@ -1,5 +1,6 @@
-"""The study report: fits, crossovers, frontier (`summary.json`), figures, `report.md` and a self-contained
-`report.html`, from one tidy results table.
+"""The study report: fits, crossovers, frontier and the verdict (`summary.json`), figures, `report.md` and a
+self-contained `report.html`, from one tidy results table. The page reads as a paper's figure page: the verdict
+(`analysis.verdict`) and its caveats, Fig 4 and Fig 3 with captions, the crossover table, then the rest.
 
     python -m analysis.report --results results.csv --out DIR
 
@@ -147,6 +148,12 @@ def _figures(figures: list[Path], prefix: str) -> list[Block]:
     return [("figure", p, caption(p)) for p in figures if p.suffix == ".png" and p.stem.startswith(prefix)]
 
 
+def more_figures(figures: list[Path]) -> list[Block]:
+    """Fig 5 and the fit diagnostics under their heading, where there are any."""
+    found = _figures(figures, "fig5") + _figures(figures, "fit_diagnostics")
+    return [("h2", "More figures"), *found] if found else []
+
+
 def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[Path],
                  failures: dict[str, str] | None, answer: verdict.Verdict) -> list[Block]:
     """The page: the verdict and its caveats, Fig 4 and Fig 3 with captions, the crossover table, then the rest."""
@@ -172,8 +179,7 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
         ("p", "Percentage points, mean over seeds [95% t interval; paired over seeds when both models ran the "
               "same seeds, which pretrain on the same nested subset]."),
         *(("p", line) for line in gap_lines(summary["gaps"])),
-        ("h2", "More figures"), *_figures(figures, "fig5"), *_figures(figures, "fit_diagnostics"),
-        ("h2", "Results")]
+        *more_figures(figures), ("h2", "Results")]
     for key, frame in fits.accuracy_rows(table).groupby(["eval", "dataset", "shots", "metric"], dropna=False):
         header, rows = _mean_table(frame)
         blocks += [("h3", eval_name(*key)),

@@ -119,8 +119,9 @@ def sentence(table: pd.DataFrame, summary: dict, key: tuple) -> str:
     moves = "goes" if first * last < 0 else "grows" if abs(last) >= abs(first) else "shrinks"
     span = (f"the gap {moves} from {_gap(gaps[0])} at {_size(gaps[0]['subset_size'])} to {_gap(gaps[-1])} at "
             f"{_size(gaps[-1]['subset_size'])} images")
-    unresolved = sum(g["ci"] is None or g["ci"][0] <= 0 <= g["ci"][1] for g in gaps)
-    doubt = f" (the interval includes 0 at {unresolved} of {len(gaps)} sizes)" if unresolved else ""
+    unresolved = sum(g["ci"] is not None and g["ci"][0] <= 0 <= g["ci"][1] for g in gaps)
+    doubt = " (one seed: no intervals)" if all(g["ci"] is None for g in gaps) else \
+        f" (the interval includes 0 at {unresolved} of {len(gaps)} sizes)" if unresolved else ""
     cross = next((c for c in summary["crossovers"] if (c["vit"], c["resnet"], c["eval"], c["dataset"], c["shots"],
                                                        c["metric"]) == (vit, bit, *key)), None)
     if signs == {1.0}:
@@ -160,7 +161,8 @@ def upstream_near_chance(table: pd.DataFrame) -> list[str]:
         mean, lo, hi = intervals.mean_interval(intervals.per_seed(at).to_numpy())
         if lo is None and mean < 2 * chance:
             out.append(f"{model}'s upstream top-1 at {_size(n)} images is {mean:.1f}% (one seed, no interval), "
-                       f"under twice chance ({chance:.2f}%): it barely trained, so its curves say little about data")
+                       f"under twice chance (chance {chance:.2f}%): it barely trained, so its curves say little "
+                       "about data")
         elif lo is not None and lo <= chance:
             out.append(f"{model}'s upstream top-1 at {_size(n)} images is {mean:.1f}% [{lo:.1f}, {hi:.1f}], an "
                        f"interval that includes chance ({chance:.2f}%): it barely trained, so its curves say little "

@@ -62,6 +62,7 @@ def test_vit_leading_everywhere_and_too_few_sizes():
     table = _table(_rows("ViT-B/16", "ViT", lambda n: 60 + np.log10(n)),
                    _rows("BiT-R50x1", "BiT", lambda n: 30 + 3 * np.log10(n)))  # -27 at 10^3, -18 at 10^6
     assert _answer(table).sentence.startswith("ViT-B/16 leads BiT-R50x1 at every measured size; the gap shrinks")
+    assert "at every measured size (one seed: no intervals); the gap" in _answer(table[table["seed"] == 0]).sentence
     one = table[table["subset_size"] == 1e6]
     assert _answer(one).sentence.startswith("Too few subset sizes to say: BiT-R50x1 vs ViT-B/16 measured at 1 size(s);"
                                             " -18.")
@@ -84,7 +85,7 @@ def test_upstream_at_chance_is_a_caveat_and_well_above_it_is_not():
     assert caveat.startswith("ViT-B/16's upstream top-1 at 1,000,000 images is 6.") and "(6.25%)" in caveat
     single = table[table["seed"] == 0].assign(value=lambda t: np.where(t["model"] == "ViT-B/16", 12.0, 40.0))
     (caveat,) = verdict.upstream_near_chance(single)  # one seed: under twice chance
-    assert "12.0% (one seed, no interval), under twice chance" in caveat
+    assert "12.0% (one seed, no interval), under twice chance (chance 6.25%)" in caveat
 
 
 def test_a_parameter_at_its_bound_or_with_an_interval_over_decades_is_degenerate():
