@@ -61,8 +61,6 @@ class FinetuneConfig:
             raise ValueError("give lr, or an lr_sweep (chosen on the minival: val_fraction > 0)")
         if any(lr <= 0 for lr in self.learning_rates):
             raise ValueError("learning rates must be positive")
-        if self.head_init == "probe" and self.val_fraction == 0:
-            raise ValueError("head_init 'probe' chooses the probe's l2 on the minival: give val_fraction > 0")
 
     @property
     def learning_rates(self) -> tuple[float, ...]:
@@ -132,8 +130,7 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     start = time.perf_counter()
     train, minival = split_minival(train, cfg.val_fraction, rt.seed)
     steps = cfg.total_steps(len(train))
-    head = probe_head(model_name, state, (train, minival), num_classes, cfg.image_size, rt) \
-        if cfg.head_init == "probe" else None
+    head = probe_head(model_name, state, train, num_classes, cfg.image_size, rt) if cfg.head_init == "probe" else None
     best, val_top1, diverged = None, {}, None
     for lr in cfg.learning_rates:
         label = f"{hooks.label or 'finetune'} lr={lr:g}"
@@ -161,28 +158,28 @@ class ProbeHead:
 
     weight: torch.Tensor  # [classes, features]
     bias: torch.Tensor  # [classes]
-    l2: float  # the strength chosen on the minival
-    val_top1: float  # the probe's minival top-1 (percent): the fine-tune's at step 0
+    l2: float  # the strength chosen on the probe's held-out slice
+    val_top1: float  # the probe's top-1 (percent) on that slice
 
 
-def probe_head(model_name: str, state: dict[str, torch.Tensor], splits: tuple[ShardSubset, ShardSubset | None],
-               num_classes: int, image_size: int, rt: Runtime,
-               probe: linear_probe.LinearProbeConfig | None = None) -> ProbeHead:
-    """LP-FT's start: the linear probe (`linear_probe.fit_logistic`, every l2 of `probe.l2_grid`) on the pretrained
-    backbone's frozen features of the fine-tune train split at the fine-tune resolution, the l2 chosen on the
-    minival as the learning rate is, folded from standardised features back to raw ones. `probe`: its l2 grid and
-    iterations (default: the linear-probe evaluation's)."""
-    train, minival = splits
+def probe_head(model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, num_classes: int,
+               image_size: int, rt: Runtime, probe: linear_probe.LinearProbeConfig | None = None) -> ProbeHead:
+    """LP-FT's start: the linear probe of the pretrained backbone's frozen features of the fine-tune train split at
+    the fine-tune resolution, fitted as the linear-probe evaluation fits it (`linear_probe.fit_logistic` on
+    standardised features for every l2 of `probe.l2_grid`, the l2 chosen on a held-out `probe.val_fraction`), folded
+    back to raw features. `probe`: default, the linear-probe evaluation's settings."""
     probe = probe or linear_probe.LinearProbeConfig()
     model = models.pretrained_for_task(model_name, state, num_classes, image_size).to(rt.device)
-    (x, y), (x_val, y_val) = (downstream.features(model, split, image_size, rt.device, rt.loader.max_bad_fraction)
-                              for split in (train, minival))
-    x = torch.from_numpy(x).double()
+    features, labels = downstream.features(model, train, image_size, rt.device, rt.loader.max_bad_fraction)
+    fit, held = (np.sort(i) for i in holdout(len(labels), probe.val_fraction, rt.seed, salt=31337))  # as the probe's
+    x = torch.from_numpy(features[fit]).double()
     mean, std = x.mean(0), x.std(0, unbiased=False) + 1e-6
-    w = linear_probe.fit_logistic((x - mean) / std, torch.from_numpy(y), num_classes, probe.l2_grid, probe.max_iter)
+    w = linear_probe.fit_logistic((x - mean) / std, torch.from_numpy(labels[fit]), num_classes, probe.l2_grid,
+                                  probe.max_iter)
     weight = w[:, :-1] / std[None, :, None]  # [R, D, C] on raw features
     bias = w[:, -1] - torch.einsum("d,rdc->rc", mean, weight)
-    val = [classification_metrics((torch.from_numpy(x_val).double() @ weight[r] + bias[r]).numpy(), y_val)["top1"]
+    x_held = torch.from_numpy(features[held]).double()
+    val = [classification_metrics((x_held @ weight[r] + bias[r]).numpy(), labels[held])["top1"]
            for r in range(len(probe.l2_grid))]
     best = max(range(len(val)), key=lambda r: (val[r], probe.l2_grid[r]))  # ties: the stronger penalty
     return ProbeHead(weight[best].T.float().contiguous(), bias[best].float(), probe.l2_grid[best], val[best])
