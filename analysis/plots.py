@@ -306,7 +306,7 @@ def fig7_panels(diag, path: Path, title: str) -> Path:
     for head in range(diag.attn_distance.shape[1]):
         ax.scatter(layers, diag.attn_distance[:, head], s=14, alpha=0.8)
     if (uniform := diag.metrics.get("attn_dist_uniform")) is not None:
-        ax.axhline(uniform, color="0.45", ls="--", lw=1, label="uniform attention")
+        ax.axhline(uniform, color="k", ls=":", lw=1.2, label="uniform attention")
         ax.legend(frameon=False, fontsize=8)
     ax.set(xlabel="network depth (layer)", ylabel="mean attention distance (pixels)", xticks=layers)
     right.suptitle("Attention distance per head", fontsize=10)
@@ -341,7 +341,7 @@ def fig7_across_grid(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     uniform = vit[vit["metric"] == "attn_dist_uniform"].groupby("model")["value"].mean()
     for ax in axes[:2]:
         for model, level in uniform.items():
-            ax.axhline(level, color="0.45", ls="--", lw=1, label=f"{model} uniform attention")
+            ax.axhline(level, color="k", ls=":", lw=1.2, label=f"{model} uniform attention")
     axes[0].set(xlabel="layer (ResNet: stages spread over the same depth)", ylabel="pixels",
                 title="Mean attention distance per layer")
     axes[0].legend(fontsize=7, frameon=False)

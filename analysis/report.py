@@ -132,12 +132,13 @@ CAPTIONS = {  # what to see in each figure, by its file stem's prefix
     "fit_diagnostics": "Fit diagnostics: each fitted law's value vs the measured mean at every size (on the dotted "
                        "diagonal when the law fits), and the largest size predicted from the smaller ones (stars).",
     "fig7_vit": "Fig 7 analog across the grid: mean attention distance per layer, layer 1's mean and minimum over "
-                "heads, and the position-embedding locality vs pretraining examples. Grey dashed lines: uniform "
-                "attention on the model's patch grid; heads well below it attend locally, as a convolution does.",
+                "heads, and the position-embedding locality vs pretraining examples. Black dotted lines: uniform "
+                "attention on the model's patch grid (heads well below it attend locally, as a convolution does); "
+                "grey dashed: the ResNets' receptive field per stage.",
     "compare_": "One evaluation across studies: mean over seeds [95% t interval], one colour per study, one marker "
                 "per family, one line style per model within a study. What to see: whether the studies agree.",
     "fig7_": "One model's Fig 7 panels at its smallest (left) and largest (right) subset: patch-filter principal "
-             "components, position-embedding similarity, attention distance per head (grey dashed: uniform "
+             "components, position-embedding similarity, attention distance per head (black dotted: uniform "
              "attention).",
 }
 
