@@ -147,7 +147,7 @@ def build_blocks(summary: dict, figures: list[Path], title: str) -> list[report.
         ("p", "Missing evaluations (a study that did not measure one): " + ("; ".join(missing) or "none") + "."),
         ("h2", "Curves by study"),
         ("p", "Mean over seeds [95% t interval]; one colour per study, one marker per family."),
-        *(("img", p) for p in figures if p.suffix == ".png"),
+        *(("figure", p, report.caption(p)) for p in figures if p.suffix == ".png"),
         ("h2", "Where does the ViT overtake the ResNet?"),
         ("p", "Each study's crossover table (as its own report gives it: status, estimate, 95% CI), side by side."),
         ("table", ["evaluation", *labels], crossovers),

@@ -65,6 +65,13 @@ def _family_bands(ax, frame: pd.DataFrame) -> None:
                         lw=0, label=f"{families.get(family).label} range")
 
 
+def _chance(ax, frame: pd.DataFrame) -> None:
+    """A dashed line at the panel's chance top-1 (the `chance` column: 100 / classes), where it is known."""
+    chance = frame["chance"].dropna() if "chance" in frame else pd.Series(dtype=float)
+    if len(chance):
+        ax.axhline(float(chance.iloc[0]), color="0.45", ls="--", lw=1, zorder=0, label="chance")
+
+
 def _fitted_curves(ax, frame: pd.DataFrame, key: tuple, fits: dict, palette: dict) -> None:
     sizes = np.geomspace(frame["subset_size"].min(), frame["subset_size"].max(), 100)
     for model in frame["model"].unique():
@@ -96,10 +103,17 @@ def _key(evaluation: str, dataset: str, shots, metric: str = "top1") -> tuple:
     return evaluation, dataset, None if pd.isna(shots) else int(shots), metric
 
 
+PANELS_PER_ROW = 3  # wider figures shrink to the report's column and their text with them
+
+
 def _panels(frame: pd.DataFrame, by: list[str]):
     groups = list(frame.groupby(by, dropna=False))
-    fig, axes = plt.subplots(1, len(groups), squeeze=False, figsize=(3.6 * len(groups) + 1.6, 3.4))
-    return fig, list(zip(axes[0], groups, strict=True))
+    cols = min(len(groups), PANELS_PER_ROW)
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(3.6 * cols + 1.6, 3.4 * rows))
+    for ax in axes.flat[len(groups):]:
+        ax.remove()
+    return fig, list(zip(axes.flat, groups, strict=False))
 
 
 def _legend(fig, axes) -> None:
@@ -119,6 +133,7 @@ def fig_vs_data(table: pd.DataFrame, evaluation: str, out_dir: Path, name: str, 
     for ax, ((dataset, shots), group) in panels:
         key = _key(evaluation, dataset, shots)
         _family_bands(ax, group)
+        _chance(ax, group)
         _lineplot(ax, group, palette)
         _fitted_curves(ax, group, key, fits, palette)
         _mark_crossovers(ax, key, crossovers, group["subset_size"].min(), group["subset_size"].max())
@@ -187,6 +202,7 @@ def fig_vs_compute(table: pd.DataFrame, out_dir: Path, pareto: list[dict], point
             ax.errorbar(pts["pretrain_flops"], pts["mean"], yerr=[pts["mean"] - lo, hi - pts["mean"]], ls="none",
                         marker=families.get(family).marker, color=palette[model], capsize=3, label=model)
         shots = 5 if group["shots"].notna().any() else None
+        _chance(ax, table[(table["eval"] == evaluation) & (table["dataset"] == dataset) & (table["metric"] == "top1")])
         for entry in pareto:
             if (entry["eval"], entry["dataset"], entry["shots"], entry["metric"]) == (evaluation, dataset, shots,
                                                                                         "top1"):
@@ -234,8 +250,9 @@ def fig_fit_diagnostics(table: pd.DataFrame, out_dir: Path, extrapolation: list[
 
 def plot_all(table: pd.DataFrame, out_dir: Path, extrapolation: list[dict] | None = None, fits: dict | None = None,
              crossovers: list[dict] | None = None, pareto: list[dict] | None = None,
-             points: pd.DataFrame | None = None) -> list[Path]:
-    """Draw every figure the table supports into `out_dir`; returns the written files."""
+             points: pd.DataFrame | None = None, compute: bool = True) -> list[Path]:
+    """Draw every figure the table supports into `out_dir`; returns the written files. `compute`: draw accuracy
+    vs compute (Fig 5), which says nothing when every model spends one compute at every size."""
     _style()
     points = intervals.point_table(accuracy_rows(table)) if points is None else points
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +261,7 @@ def plot_all(table: pd.DataFrame, out_dir: Path, extrapolation: list[dict] | Non
                          "Fine-tuning accuracy vs pretraining data (Fig 3 analog)", fits, crossovers),
             *fig_vs_data(table, "fewshot", out_dir, "fig4_fewshot_vs_data",
                          "Linear few-shot accuracy vs pretraining data (Fig 4 analog)", fits, crossovers),
-            *fig_vs_compute(table, out_dir, pareto, points),
+            *(fig_vs_compute(table, out_dir, pareto, points) if compute else []),
             *fig_fit_diagnostics(table, out_dir, extrapolation, fits),
             *fig7_across_grid(table, out_dir)]
 
@@ -288,6 +305,9 @@ def fig7_panels(diag, path: Path, title: str) -> Path:
     layers = np.arange(1, len(diag.attn_distance) + 1)
     for head in range(diag.attn_distance.shape[1]):
         ax.scatter(layers, diag.attn_distance[:, head], s=14, alpha=0.8)
+    if (uniform := diag.metrics.get("attn_dist_uniform")) is not None:
+        ax.axhline(uniform, color="k", ls=":", lw=1.2, label="uniform attention")
+        ax.legend(frameon=False, fontsize=8)
     ax.set(xlabel="network depth (layer)", ylabel="mean attention distance (pixels)", xticks=layers)
     right.suptitle("Attention distance per head", fontsize=10)
     fig.suptitle(title, y=1.02)
@@ -318,6 +338,10 @@ def fig7_across_grid(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         stages = group.groupby("metric")["value"].mean().sort_index()
         x = np.linspace(1, max(layers["layer"].max(), 2), len(stages))
         axes[0].plot(x, stages.to_numpy(), ls="--", color="0.5", lw=1, label=f"{model} receptive field")
+    uniform = vit[vit["metric"] == "attn_dist_uniform"].groupby("model")["value"].mean()
+    for ax in axes[:2]:
+        for model, level in uniform.items():
+            ax.axhline(level, color="k", ls=":", lw=1.2, label=f"{model} uniform attention")
     axes[0].set(xlabel="layer (ResNet: stages spread over the same depth)", ylabel="pixels",
                 title="Mean attention distance per layer")
     axes[0].legend(fontsize=7, frameon=False)

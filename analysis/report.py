@@ -1,5 +1,6 @@
-"""The study report: fits, crossovers, frontier (`summary.json`), figures, `report.md` and a self-contained
-`report.html`, from one tidy results table.
+"""The study report: fits, crossovers, frontier and the verdict (`summary.json`), figures, `report.md` and a
+self-contained `report.html`, from one tidy results table. The page reads as a paper's figure page: the verdict
+(`analysis.verdict`) and its caveats, Fig 4 and Fig 3 with captions, the crossover table, then the rest.
 
     python -m analysis.report --results results.csv --out DIR
 
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import fits, intervals, plots, results
+from analysis import fits, intervals, plots, results, verdict
 from pipelines import families
 from pipelines.config import UserError
 
-Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", header, rows) | ("img", path)
+Block = tuple  # ("h1"|"h2"|"h3"|"p"|"verdict"|"caveat", text) | ("table", header, rows) | ("figure", path, caption)
 
 
 def fmt(v) -> str:
@@ -118,12 +119,53 @@ def eval_name(evaluation, dataset, shots, metric) -> str:
         f" / {metric}"
 
 
+CAPTIONS = {  # what to see in each figure, by its file stem's prefix
+    "fig4": "Fig 4 analog: linear few-shot top-1 on frozen features vs pretraining examples (log x). Points: mean "
+            "over seeds with 95% t intervals; dashed curves: the fitted laws; dotted vertical line: a crossover; "
+            "grey dashed horizontal line: chance (1 / classes). What to see: whether the ViT's curve rises faster "
+            "than the BiT's and meets it within the measured sizes.",
+    "fig3": "Fig 3 analog: top-1 after fine-tuning every weight vs pretraining examples, drawn as Fig 4. What to "
+            "see: whether fine-tuning changes the ordering the frozen features give, and whether the curves clear "
+            "chance.",
+    "fig5": "Fig 5 analog: top-1 vs pretraining compute (FLOPs, log x), the black step line the Pareto frontier. "
+            "What to see: which model buys more accuracy per FLOP.",
+    "fit_diagnostics": "Fit diagnostics: each fitted law's value vs the measured mean at every size (on the dotted "
+                       "diagonal when the law fits), and the largest size predicted from the smaller ones (stars).",
+    "fig7_vit": "Fig 7 analog across the grid: mean attention distance per layer, layer 1's mean and minimum over "
+                "heads, and the position-embedding locality vs pretraining examples. Black dotted lines: uniform "
+                "attention on the model's patch grid (heads well below it attend locally, as a convolution does); "
+                "grey dashed: the ResNets' receptive field per stage.",
+    "compare_": "One evaluation across studies: mean over seeds [95% t interval], one colour per study, one marker "
+                "per family, one line style per model within a study. What to see: whether the studies agree.",
+    "fig7_": "One model's Fig 7 panels at its smallest (left) and largest (right) subset: patch-filter principal "
+             "components, position-embedding similarity, attention distance per head (black dotted: uniform "
+             "attention).",
+}
+
+
+def caption(path: Path) -> str:
+    return next((text for prefix, text in CAPTIONS.items() if path.stem.startswith(prefix)), path.stem)
+
+
+def _figures(figures: list[Path], prefix: str) -> list[Block]:
+    return [("figure", p, caption(p)) for p in figures if p.suffix == ".png" and p.stem.startswith(prefix)]
+
+
+def more_figures(figures: list[Path]) -> list[Block]:
+    """Fig 5 and the fit diagnostics under their heading, where there are any."""
+    found = _figures(figures, "fig5") + _figures(figures, "fit_diagnostics")
+    return [("h2", "More figures"), *found] if found else []
+
+
 def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[Path],
-                 failures: dict[str, str] | None) -> list[Block]:
+                 failures: dict[str, str] | None, answer: verdict.Verdict) -> list[Block]:
+    """The page: the verdict and its caveats, Fig 4 and Fig 3 with captions, the crossover table, then the rest."""
     blocks: list[Block] = [
         ("h1", f"{title}: {versus(table)} across pretraining-data scale"),
+        ("verdict", answer.sentence), *(("caveat", c) for c in answer.caveats),
         ("p", f"{table['model'].nunique()} models, subsets {sorted(int(x) for x in table['subset_size'].unique())}, "
               f"seeds {sorted(int(s) for s in table['seed'].dropna().unique())}; {len(table)} result rows."),
+        *_figures(figures, "fig4"), *_figures(figures, "fig3"),
         ("h2", "Where does the ViT overtake the ResNet?"),
         ("p", "observed: the sign of (ViT − BiT) flips between two measured sizes (log-linear interpolation "
               "inside the bracket; fit_estimate is the fitted curves' crossing there; 95% CI: the same estimate on "
@@ -140,8 +182,7 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
         ("p", "Percentage points, mean over seeds [95% t interval; paired over seeds when both models ran the "
               "same seeds, which pretrain on the same nested subset]."),
         *(("p", line) for line in gap_lines(summary["gaps"])),
-        ("h2", "Figures"), *(("img", p) for p in figures if p.suffix == ".png" and not p.stem.startswith("fig7")),
-        ("h2", "Results")]
+        *more_figures(figures), ("h2", "Results")]
     for key, frame in fits.accuracy_rows(table).groupby(["eval", "dataset", "shots", "metric"], dropna=False):
         header, rows = _mean_table(frame)
         blocks += [("h3", eval_name(*key)),
@@ -173,8 +214,7 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
                    ("p", "Mean attention distance (pixels; class token excluded) per layer, its minimum over heads, "
                          "position-embedding locality (Spearman correlation of embedding similarity with minus "
                          "the 2D grid distance) and, for the ResNets, the theoretical receptive field per stage."),
-                   *(("img", p) for p in figures if p.stem.startswith("fig7") and p.suffix == ".png"),
-                   ("table", *_mean_table_by_metric(diag))]
+                   *_figures(figures, "fig7"), ("table", *_mean_table_by_metric(diag))]
     if failures:
         blocks += [("h2", "Failed trials"), *(("p", f"{name}: {why}") for name, why in failures.items())]
     return blocks
@@ -188,8 +228,12 @@ def to_markdown(blocks: list[Block]) -> str:
             out += ["#" * int(kind[1]) + " " + block[1], ""]
         elif kind == "p":
             out += [block[1], ""]
-        elif kind == "img":
-            out += [f"![{block[1].stem}](figures/{block[1].name})", ""]
+        elif kind == "verdict":
+            out += [f"**{block[1]}**", ""]
+        elif kind == "caveat":
+            out += [f"> Caveat: {block[1]}", ""]
+        elif kind == "figure":
+            out += [f"![{block[1].stem}](figures/{block[1].name})", "", f"*{block[2]}*", ""]
         else:
             _, header, rows = block
             out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -197,12 +241,30 @@ def to_markdown(blocks: list[Block]) -> str:
     return "\n".join(out)
 
 
-_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:3px 8px;"
-        "font-size:13px}th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}")
-# Marks the page once every embedded figure has decoded, so a headless browser can check the report renders.
-_SCRIPT = ("window.addEventListener('load',()=>{const i=[...document.images];document.body.dataset.figures="
-           "i.length&&i.every(x=>x.complete&&x.naturalWidth>0)?'loaded':'missing'});")
+# A page of at most 1,100 px: wide tables scroll inside their own box, figures shrink to the column.
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        ".verdict{font-size:1.25em;line-height:1.4;border-left:4px solid #2a6;padding:.4em .8em;background:#f4faf6}"
+        ".caveat{border-left:4px solid #d90;padding:.2em .8em;background:#fdf8ec;margin:.4em 0}"
+        ".scroll{max-width:100%;overflow-x:auto}table{border-collapse:collapse;margin:.5em 0 1em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#f3f3f3}"
+        "figure{margin:1.5em 0}img{max-width:100%;height:auto;display:block}"
+        "figcaption{font-size:14px;color:#444;margin-top:.4em}")
+# Marks the page once every embedded figure has decoded, and whether it scrolls sideways, so a headless browser can
+# check the report renders.
+_SCRIPT = ("window.addEventListener('load',()=>{const i=[...document.images],d=document.body.dataset;d.figures="
+           "i.length&&i.every(x=>x.complete&&x.naturalWidth>0)?'loaded':'missing';d.overflow="
+           "document.documentElement.scrollWidth>window.innerWidth?'yes':'no'});")
+
+
+def css_width(png: Path) -> int:
+    """A figure's width on the page at its print size (CSS pixels are 1/96 inch): its text then reads at the point
+    size it was drawn with, where the PNG's own pixels (200 dpi) would blow it up 2x. Wider figures shrink to the
+    column (max-width: 100%)."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        dpi = image.info.get("dpi", (96, 96))[0]
+        return round(image.width * 96 / dpi)
 
 
 def to_html(blocks: list[Block], title: str) -> str:
@@ -211,14 +273,19 @@ def to_html(blocks: list[Block], title: str) -> str:
         kind = block[0]
         if kind in ("h1", "h2", "h3", "p"):
             body.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
-        elif kind == "img":
+        elif kind in ("verdict", "caveat"):
+            lead = "Caveat: " if kind == "caveat" else ""
+            body.append(f'<p class="{kind}">{lead}{html.escape(block[1])}</p>')
+        elif kind == "figure":
             data = base64.b64encode(block[1].read_bytes()).decode()
-            body.append(f'<img alt="{block[1].stem}" src="data:image/png;base64,{data}">')
+            body.append(f'<figure><img alt="{block[1].stem}" width="{css_width(block[1])}" '
+                        f'src="data:image/png;base64,{data}"><figcaption>{html.escape(block[2])}</figcaption></figure>')
         else:
             _, header, rows = block
             head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
             cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+            table = f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
+            body.append(f'<div class="scroll">{table}</div>')
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>{''.join(body)}</body></html>")
 
@@ -245,11 +312,13 @@ def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
     summary = {"points": _records(points), "gaps": intervals.gap_table(fits.accuracy_rows(table)),
                "fits": fit_rows, "extrapolation": fits.extrapolation_table(table),
                "crossovers": fits.crossover_table(table, fitted), "pareto": fits.pareto_table(table)}
+    answer = verdict.verdict(table, summary)
+    summary["verdict"] = {"sentence": answer.sentence, "caveats": list(answer.caveats)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     figures = plots.plot_all(table, out / "figures", summary["extrapolation"], fitted, summary["crossovers"],
-                             summary["pareto"], points)
+                             summary["pareto"], points, compute=not verdict.fixed_compute(table))
     figures += panels or []
-    blocks = build_blocks(table, title, summary, figures, failures)
+    blocks = build_blocks(table, title, summary, figures, failures, answer)
     (out / "report.html").write_text(to_html(blocks, title))
     path = out / "report.md"
     path.write_text(to_markdown(blocks))
@@ -266,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_command(write: Callable[[], Path], out: Path) -> int:
-    """A command's end: `write()` makes a report in `out` (returning its markdown path) and where it is printed, or
-    one line and exit 2."""
+    """A command's end: `write()` makes a report in `out` (returning its markdown path), where it is printed and
+    last its verdict (where it has one), or one line and exit 2."""
     try:
         path = write()
     except UserError as err:
@@ -275,6 +344,8 @@ def report_command(write: Callable[[], Path], out: Path) -> int:
         return 2
     print(f"report:  {path}\nhtml:    {out / 'report.html'}\nsummary: {out / 'summary.json'}\n"
           f"figures: {out / 'figures'}")
+    if (answer := verdict.Verdict.read(out / "summary.json")) is not None:
+        print(f"\n{answer.text}")
     return 0
 
 

@@ -12,20 +12,28 @@ from pipelines import evaluations, families
 from pipelines.config import UserError
 
 COLUMNS = ["model", "family", "subset_size", "examples_seen", "pretrain_flops", "eval", "dataset", "shots",
-           "metric", "value", "spread", "seed"]  # spread: std over repeats (few-shot draws), where there are some
+           "metric", "value", "spread", "seed", "chance"]
+# spread: std over repeats (few-shot draws), where there are some; chance: a top-1 row's chance level (100 / the
+# dataset's classes, percent), where the classes are known
 ACCURACY_METRICS = ("top1", "macro_f1")  # percentages, fitted and compared; other metrics have their own units
+# The pretraining source's held-out top-1 (dataset "pretrain"): not an evaluation a study selects, pretraining
+# measures it; it says whether a model trained at all.
+UPSTREAM = "upstream"
 
 
-def rows(fields: dict, measurements: Iterable) -> list[dict]:
+def rows(fields: dict, measurements: Iterable, chance: dict[str, float] | None = None) -> list[dict]:
     """One row per measurement of a trial.
 
     Args:
         fields: the trial's model, family, subset_size, examples_seen, pretrain_flops and seed.
         measurements: records with eval, dataset, shots, metric, value and spread (the trial's typed output).
+        chance: {dataset: chance top-1 in percent}, for the top-1 rows of the datasets it names.
     """
     base = {k: fields[k] for k in ("model", "family", "subset_size", "examples_seen", "pretrain_flops", "seed")}
+    chance = chance or {}
     return [{**base, "eval": m.eval, "dataset": m.dataset, "shots": m.shots, "metric": m.metric,
-             "value": float(m.value), "spread": m.spread} for m in measurements]
+             "value": float(m.value), "spread": m.spread,
+             "chance": chance.get(m.dataset) if m.metric == "top1" else None} for m in measurements]
 
 
 def build_table(records: list[dict]) -> pd.DataFrame:
@@ -52,14 +60,14 @@ def read(path: str | Path) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in table.columns:
             table[col] = None
-    for col in ("subset_size", "examples_seen", "pretrain_flops", "value", "spread", "shots", "seed"):
+    for col in ("subset_size", "examples_seen", "pretrain_flops", "value", "spread", "shots", "seed", "chance"):
         numeric = pd.to_numeric(table[col], errors="coerce")
         bad = numeric.isna() & table[col].notna()
         if bad.any():
             row = int(bad.idxmax())
             raise UserError(f"{path}: column '{col}' row {row + 2} is not a number: {table[col][row]!r}")
         table[col] = numeric
-    for col, valid in (("family", families.names()), ("eval", evaluations.names())):
+    for col, valid in (("family", families.names()), ("eval", (*evaluations.names(), UPSTREAM))):
         bad = ~table[col].isin(valid)
         if bad.any():
             row = int(bad.idxmax())

@@ -80,6 +80,12 @@ def mean_attention_distance(probs: torch.Tensor, grid: int, patch_size: int, num
     return (patches * dist).sum(-1).mean((0, 2)).numpy()
 
 
+def uniform_attention_distance(grid: int, patch_size: int) -> float:
+    """The mean attention distance (pixels) of uniform attention over the patch grid: `mean_attention_distance` of
+    a head that weighs every patch alike. A head near it attends globally; a local head scores well below it."""
+    return float(grid_distances(grid).mean() * patch_size)
+
+
 @torch.no_grad()
 def attention_probabilities(model: nn.Module, x: torch.Tensor, precision: str = "fp32",
                             blocks: str = "blocks") -> list[torch.Tensor]:
@@ -167,7 +173,8 @@ def _attention(model: nn.Module, family: str, parts: families.Attention, images:
     x = to_input(images, image_size, device).contiguous(memory_format=perf.channels_last(model, device))
     probs = attention_probabilities(model, x, perf.resolve_precision(precision, device), parts.blocks)
     dist = np.stack([mean_attention_distance(p.cpu(), grid, patch, model.num_prefix_tokens) for p in probs])
-    metrics = {"posemb_locality": posemb_locality(posemb, grid)}
+    metrics = {"posemb_locality": posemb_locality(posemb, grid),
+               "attn_dist_uniform": uniform_attention_distance(grid, patch)}
     for layer, heads in enumerate(dist, start=1):
         metrics[f"attn_dist_layer{layer}_mean"] = float(heads.mean())
         metrics[f"attn_dist_layer{layer}_min"] = float(heads.min())

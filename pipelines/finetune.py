@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipelines import distributed, models, perf
+from pipelines import distributed, downstream, linear_probe, models, perf
 from pipelines.data import nested_subset
 from pipelines.data.augment import Augment
 from pipelines.data.stream import ShardSubset
@@ -25,7 +25,7 @@ from pipelines.loop import (
     train_loop,
     warmup_decay,
 )
-from pipelines.metrics import evaluate, holdout_size
+from pipelines.metrics import classification_metrics, evaluate, holdout, holdout_size
 from pipelines.runtime import Runtime
 
 
@@ -50,6 +50,9 @@ class FinetuneConfig:
     augment: Augment = field(default_factory=lambda: Augment(crop="translate", crop_padding=4, flip=False))
     val_fraction: float = 0.1  # minival carved from the train split for the per-epoch curves (0: none)
     minival_seed: int = 0  # which fixed slice is the minival (`split_minival`): one per task, not per point
+    # The head's start: zero (the ViT paper's set-up), or the linear probe's solution on the same backbone's features
+    # ("LP-FT", Kumar et al. 2022: the features are not distorted by gradients from a head that fits nothing yet).
+    head_init: Literal["zero", "probe"] = "zero"
 
     def __post_init__(self):
         if sum(v is not None for v in (self.steps, self.epochs, self.examples)) > 1:
@@ -152,12 +155,13 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     start = time.perf_counter()
     steps, batch = schedule(cfg, len(train), distributed.ranks().world_size)
     train, minival = split_minival(train, cfg.val_fraction, cfg.minival_seed)
+    head = probe_head(model_name, state, train, num_classes, cfg.image_size, rt) if cfg.head_init == "probe" else None
     best, val_top1, diverged = None, {}, None
     for lr in cfg.learning_rates:
         label = f"{hooks.label or 'finetune'} lr={lr:g}"
         try:
             model, curves = _train(cfg, lr, (steps, batch), model_name, state, (train, minival), num_classes, rt,
-                                   label)
+                                   label, head)
         except TrainingDiverged as err:  # a rate too high for this task is a bad point of the sweep, not an error
             val_top1[lr], diverged = float("nan"), err
             continue
@@ -174,14 +178,55 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
                           val_top1)
 
 
+@dataclass(frozen=True)
+class ProbeHead:
+    """A linear probe as a classifier head on raw pre-logit features: logits = features @ weight.T + bias."""
+
+    weight: torch.Tensor  # [classes, features]
+    bias: torch.Tensor  # [classes]
+    l2: float  # the strength chosen on the probe's held-out slice
+    val_top1: float  # the probe's top-1 (percent) on that slice
+
+
+def probe_head(model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, num_classes: int,
+               image_size: int, rt: Runtime, probe: linear_probe.LinearProbeConfig | None = None) -> ProbeHead:
+    """LP-FT's start: the linear probe of the pretrained backbone's frozen features of the fine-tune train split at
+    the fine-tune resolution, fitted as the linear-probe evaluation fits it (`linear_probe.fit_logistic` on
+    standardised features for every l2 of `probe.l2_grid`, the l2 chosen on a held-out `probe.val_fraction`), folded
+    back to raw features. `probe`: default, the linear-probe evaluation's settings."""
+    probe = probe or linear_probe.LinearProbeConfig()
+    model = models.pretrained_for_task(model_name, state, num_classes, image_size).to(rt.device)
+    found = downstream.features(model, train, image_size, rt.device, rt.loader.max_bad_fraction, rt.loader.workers)
+    # Extracted by every rank for its part, solved once on the main rank, the head handed to every rank.
+    return distributed.on_main(lambda: _fit_head(found[0], found[1], num_classes, rt.seed, probe))
+
+
+def _fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
+              probe: linear_probe.LinearProbeConfig) -> ProbeHead:
+    fit, held = (np.sort(i) for i in holdout(len(labels), probe.val_fraction, seed, salt=31337))  # as the probe's
+    x = torch.from_numpy(features[fit]).double()
+    mean, std = x.mean(0), x.std(0, unbiased=False) + 1e-6
+    w = linear_probe.fit_logistic((x - mean) / std, torch.from_numpy(labels[fit]), num_classes, probe.l2_grid,
+                                  probe.max_iter)
+    weight = w[:, :-1] / std[None, :, None]  # [R, D, C] on raw features
+    bias = w[:, -1] - torch.einsum("d,rdc->rc", mean, weight)
+    x_held = torch.from_numpy(features[held]).double()
+    val = [classification_metrics((x_held @ weight[r] + bias[r]).numpy(), labels[held])["top1"]
+           for r in range(len(probe.l2_grid))]
+    best = max(range(len(val)), key=lambda r: (val[r], probe.l2_grid[r]))  # ties: the stronger penalty
+    return ProbeHead(weight[best].T.float().contiguous(), bias[best].float(), probe.l2_grid[best], val[best])
+
+
 def _train(cfg: FinetuneConfig, lr: float, plan: tuple[int, int], model_name: str, state: dict[str, torch.Tensor],
            splits: tuple[ShardSubset, ShardSubset | None], num_classes: int, rt: Runtime,
-           label: str) -> tuple[torch.nn.Module, list[FinetuneEpoch]]:
+           label: str, head: ProbeHead | None = None) -> tuple[torch.nn.Module, list[FinetuneEpoch]]:
     """One fine-tuning run at learning rate `lr` on `splits` (train, minival) for `plan` (steps, global batch: each
-    of N ranks takes batch / N): the model and its per-epoch curve."""
+    of N ranks takes batch / N), from a zero head or `head`: the model and its per-epoch curve."""
     (train, minival), (steps, batch), device = splits, plan, rt.device
     torch.manual_seed(rt.seed)
     model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size).to(device)
+    if head is not None:
+        set_head(model, head)
     perf.channels_last(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0,
                                 fused=perf.fused_optimizer(device))
@@ -202,3 +247,11 @@ def _train(cfg: FinetuneConfig, lr: float, plan: tuple[int, int], model_name: st
     batches = streamed_batches(train, cfg.image_size, spec.batch_size, cfg.augment, rt)
     train_loop(model, batches, spec, optimizer, scheduler, rt, Hooks(on_epoch=epoch_end, label=label))
     return model, curves
+
+
+@torch.no_grad()
+def set_head(model: torch.nn.Module, head: ProbeHead) -> None:
+    """Load `head` into the model's classifier (a linear layer, or a ResNetV2's 1x1 convolution)."""
+    classifier = model.get_classifier()
+    classifier.weight.copy_(head.weight.reshape(classifier.weight.shape))
+    classifier.bias.copy_(head.bias)

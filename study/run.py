@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, clock: dict[str, float]) -> int:
+    from analysis.verdict import Verdict
     from study.identity import eval_ids
     from study.interrupt import STOP, Interrupt
     from study.plan import plan
@@ -248,6 +249,8 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
         print(f"mlflow:   {serve}   (experiment '{cfg.study}'), then open")
     if tracker.experiment_id:
         print(f"runs:     {runs_url(where.tracking_uri, tracker.experiment_id)}")
+    if (answer := Verdict.read(where.out / "summary.json")) is not None:
+        print(f"\n{answer.text}")
     if left:
         print(f"mlflow:   {left} writes could not be logged (tracking store unreachable); the next invocation logs "
               "them from the storage", file=sys.stderr)
@@ -390,19 +393,28 @@ def fig7_panel(point: GridPoint, where: Locations, folder: Path) -> Path | None:
     return fig7_panels(diagnostics.from_bytes(raw), path, f"{point.model}, {point.subset_size:,} pretraining examples")
 
 
-def results_table(points: list[GridPoint], records: dict, evals: dict[str, str]):
-    """The tidy table of the grid's finished points: every measurement of the current evaluation protocols."""
+def results_table(cfg: StudyConfig, points: list[GridPoint], records: dict, evals: dict[str, str]):
+    """The tidy table of the grid's finished points: every measurement of the current evaluation protocols, and
+    each point's upstream top-1 (`results.UPSTREAM`), with every dataset's chance top-1."""
     from analysis import results
+    from pipelines.downstream import Measurement
+
+    chance = {"pretrain": 100 / cfg.data.pretrain.num_classes, **{t.label: 100 / t.num_classes for t in cfg.downstream}}
+
+    def measured(record) -> list:
+        upstream = record.pretrain.val_top1 if record.pretrain else None
+        return record.measurements(evals) + (
+            [] if upstream is None else [Measurement(results.UPSTREAM, "pretrain", None, "top1", upstream)])
 
     return results.build_table([row for p in points if p.id in records
-                                for row in results.rows(p.table_fields, records[p.id].measurements(evals))])
+                                for row in results.rows(p.table_fields, measured(records[p.id]), chance)])
 
 
 def _write_results(cfg, points, records, evals, where, failures: dict[str, str]):
     """results.csv and the report over every point of the current grid, old and new together; returns the table."""
     from analysis import plots, report, results
 
-    table = results_table(points, records, evals)
+    table = results_table(cfg, points, records, evals)
     results.write(table, where.out / "results.csv")
     folder = where.out / "figures"
     by_model: dict[str, list[tuple[int, Path]]] = {}

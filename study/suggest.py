@@ -32,7 +32,7 @@ def study_table(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namesp
             record = tracker.fetch_record(d.child) or record  # finished on another machine: its logged record
         if record is not None:
             records[d.point.id] = record
-    return results_table(points, records, evals)
+    return results_table(cfg, points, records, evals)
 
 
 def pick_target(table: pd.DataFrame, headline: str) -> tuple[tuple, pd.DataFrame, str, str]:

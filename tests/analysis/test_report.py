@@ -1,8 +1,10 @@
 """The report end to end from a CSV: summary.json schema, files, and a rendered check in headless Chromium."""
 
 import json
+import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -40,7 +42,8 @@ def report_dir(tmp_path_factory, cache_dir):
 
 def test_summary_json_has_the_documented_schema(report_dir):
     summary = json.loads((report_dir / "summary.json").read_text())
-    assert set(summary) == {"points", "gaps", "fits", "extrapolation", "crossovers", "pareto"}
+    assert set(summary) == {"points", "gaps", "fits", "extrapolation", "crossovers", "pareto", "verdict"}
+    assert summary["verdict"]["sentence"].startswith("The lead changes between BiT-R50x1 and ViT-B/16")
     (cross,) = [c for c in summary["crossovers"] if c["eval"] == "fewshot"]
     assert {"vit", "resnet", "eval", "dataset", "shots", "metric", "status", "estimate", "bracket", "ci"} <= set(cross)
     assert cross["status"] == "observed" and cross["shots"] == 5
@@ -64,6 +67,45 @@ def test_report_files_and_figures(report_dir):
     assert page.count("data:image/png;base64,") == 4 and "<table>" in page
 
 
+class _Page(HTMLParser):
+    """The report page's elements in document order: (tag, attributes, text)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements: list[list] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append([tag, dict(attrs), ""])
+
+    def handle_data(self, data):
+        if self.elements:
+            self.elements[-1][2] += data
+
+
+def test_report_html_reads_as_a_figure_page(report_dir):
+    """The verdict first, then Fig 4 and Fig 3 with their captions, then the crossover table; nothing wider than
+    a 1,400 px window."""
+    page = (report_dir / "report.html").read_text()
+    parser = _Page()
+    parser.feed(page)
+    tags = [(tag, attrs.get("class"), attrs.get("alt"), text) for tag, attrs, text in parser.elements]
+    first_figure = next(i for i, t in enumerate(tags) if t[0] == "figure")
+    verdict_at = next(i for i, t in enumerate(tags) if t[1] == "verdict")
+    assert verdict_at < first_figure and not any(t[0] in ("table", "h2") for t in tags[:first_figure])
+    assert tags[verdict_at][3].startswith("The lead changes between BiT-R50x1 and ViT-B/16")
+    order = [t[2] for t in tags if t[0] == "img"]
+    assert order == ["fig4_fewshot_vs_data", "fig3_finetune_vs_data", "fig5_accuracy_vs_compute", "fit_diagnostics"]
+    captions = [t[3] for t in tags if t[0] == "figcaption"]
+    assert len(captions) == 4 and captions[0].startswith("Fig 4 analog") and captions[1].startswith("Fig 3 analog")
+    assert all("What to see" in c for c in captions[:3])
+    first_table = next(i for i, t in enumerate(tags) if t[0] == "table")
+    assert tags[first_table - 3][3] == "Where does the ViT overtake the ResNet?"  # h2, its note, its box, the table
+    assert tags.index(next(t for t in tags if t[2] == "fig3_finetune_vs_data")) < first_table
+    widths = [int(w) for w in re.findall(r'width="(\d+)"', page) + re.findall(r"width:(\d+)px", page)]
+    assert widths and max(widths) <= 1400
+    assert page.count('<div class="scroll"><table>') == page.count("<table>")  # wide tables scroll in their box
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it: "
                                              "apt-get install chromium)")
 def test_report_html_renders_with_its_figures_in_headless_chromium(report_dir, tmp_path):
@@ -71,8 +113,10 @@ def test_report_html_renders_with_its_figures_in_headless_chromium(report_dir, t
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([*flags, "--window-size=1400,900", "--dump-dom", url], capture_output=True, text=True,
+                         timeout=120)
     assert 'data-figures="loaded"' in dom.stdout, dom.stderr[-2000:]
+    assert 'data-overflow="no"' in dom.stdout  # no horizontal scroll at 1,400 px
     shot = tmp_path / "report.png"
     subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,1800", url], capture_output=True,
                    timeout=120)

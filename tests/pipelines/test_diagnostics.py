@@ -107,6 +107,7 @@ def test_run_measures_uniform_attention_in_pixels_without_the_class_token():
     expected = _uniform_distance(8) * 4  # 8 x 8 patches of 4 pixels; the class token is no position
     assert diag.attn_distance == pytest.approx(np.full((4, 4), expected))
     assert diag.metrics["attn_dist_layer4_min"] == pytest.approx(expected)
+    assert diag.metrics["attn_dist_uniform"] == pytest.approx(expected)  # Fig 7's reference line: this very head
 
 
 def test_run_dispatches_on_the_family():

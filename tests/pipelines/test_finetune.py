@@ -8,6 +8,7 @@ from pipelines.data.stream import LoaderConfig
 from pipelines.downstream import EvaluateConfig, Pretrained
 from pipelines.linear_probe import LinearProbeConfig
 from pipelines.loop import Hooks
+from pipelines.metrics import classification_metrics, evaluate
 from pipelines.runtime import Runtime
 from tests.pipelines import glyph_task
 from tests.pipelines.tiny import as_shards
@@ -66,6 +67,26 @@ def test_finetune_logs_per_epoch_validation_and_learns_at_higher_resolution():
     assert len(epochs) == len(result.curves) == 5  # 30 steps of 32 over 216 train images: 4 epoch ends, then the last
     assert list(epochs[0].metrics()) == ["train_loss", "train_top1", "val_loss", "val_top1"]
     assert epochs[-1].val_loss < epochs[0].val_loss and result.top1 > 90
+
+
+@pytest.mark.parametrize("model_name", ["ViT-Pico/4", "BiT-R14-Pico"])  # a linear head and a 1x1-conv head
+def test_a_probe_head_starts_the_finetune_at_the_probes_accuracy(model_name):
+    """head_init: probe (LP-FT): at step 0 the fine-tune model is the probe, so its top-1 on the minival is the
+    probe's on the same images' features."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 160)
+    images = np.clip(labels[:, None, None, None] * 60 + rng.integers(0, 90, (160, 48, 48, 3)), 0, 255)
+    train, minival = finetune.split_minival(as_shards(images.astype(np.uint8), labels), 0.25, seed=0)
+    state = models.build(model_name, 16, 32).state_dict()
+    head = finetune.probe_head(model_name, state, train, 3, 48, IN_PROCESS)
+    model = models.pretrained_for_task(model_name, state, 3, 48)
+    zero = evaluate(model, minival, 48, torch.device("cpu"))["top1"]
+    x, y = downstream.features(model, minival, 48, torch.device("cpu"))
+    probe = classification_metrics(x @ head.weight.numpy().T + head.bias.numpy(), y)["top1"]
+    finetune.set_head(model, head)
+    step0 = evaluate(model, minival, 48, torch.device("cpu"))["top1"]
+    assert step0 == pytest.approx(probe, abs=100 / len(minival)) and probe > 50  # chance 33%; one image at most
+    assert step0 > zero  # a zero head predicts one class
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,9 @@ def test_study_finishes_and_prints_where_everything_is(smoke):
     assert re.search(r"^runs: +http://127.0.0.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning&"
                      r"viewStateShareKey=study$", proc.stdout, re.M)
     assert "results:" in proc.stdout and "report:" in proc.stdout and "storage:" in proc.stdout
+    verdict = json.loads((out / "smoke" / "summary.json").read_text())["verdict"]  # the console ends with it
+    said = [verdict["sentence"], *(f"Caveat: {c}" for c in verdict["caveats"])]
+    assert proc.stdout.rstrip().splitlines()[-len(said):] == said and "5-shot top-1" in verdict["sentence"]
     timings = json.loads((out / "smoke" / "timings.json").read_text())
     assert timings["points_ran"] == 4 and len(timings["per_point_s"]) == 4
     assert {"ray_start", "trials", "report"} <= set(timings["driver_wall_s"])
@@ -130,8 +133,10 @@ def test_results_table_and_figures(smoke):
     study_dir = out / "smoke"
     table = pd.read_csv(study_dir / "results.csv")
     assert list(table.columns) == ["model", "family", "subset_size", "examples_seen", "pretrain_flops", "eval",
-                                   "dataset", "shots", "metric", "value", "spread", "seed"]
-    evals = table[table["eval"] != "diagnostics"]
+                                   "dataset", "shots", "metric", "value", "spread", "seed", "chance"]
+    upstream = table[table["eval"] == "upstream"]  # each point's held-out pretraining top-1; chance: 16 classes
+    assert len(upstream) == 4 and (upstream["dataset"] == "pretrain").all() and (upstream["chance"] == 6.25).all()
+    evals = table[~table["eval"].isin(["diagnostics", "upstream"])]
     # 4 trials x (1- and 5-shot top-1 + linear probe top-1/macro-F1/chosen l2 + fine-tune top-1/macro-F1/chosen lr)
     assert len(evals) == 4 * (2 + 3 + 3)
     assert set(evals["eval"]) == {"fewshot", "linear_probe", "finetune"}
@@ -141,18 +146,26 @@ def test_results_table_and_figures(smoke):
     assert set(evals[evals["metric"] == "l2"]["value"]) <= {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1}
     fewshot = evals[evals["eval"] == "fewshot"]  # the spread over the repeated k-shot draws travels with the mean
     assert fewshot["spread"].notna().all() and evals[evals["eval"] != "fewshot"]["spread"].isna().all()
-    # Fig 7 numbers: ViT-Pico/4 has 4 layers (mean + min) and a locality; the ResNet a receptive field per stage.
+    top1 = evals["metric"] == "top1"
+    assert (evals[top1]["chance"] == 12.5).all() and evals[~top1]["chance"].isna().all()  # 8 downstream classes
+    # Fig 7 numbers: ViT-Pico/4 has 4 layers (mean + min), a locality and the uniform-attention reference; the
+    # ResNet a receptive field per stage.
     diag = table[table["eval"] == "diagnostics"]
-    assert len(diag) == 2 * (4 * 2 + 1) + 2 * 4
+    assert len(diag) == 2 * (4 * 2 + 2) + 2 * 4
     rf = diag[diag["metric"] == "rf_stage4"]["value"]
     assert (rf == 19).all() and diag[diag["metric"] == "posemb_locality"]["value"].between(-1, 1).all()
     assert (study_dir / "figures" / "fig7_ViT-Pico-4_n256_vs_n1024.png").exists()
     assert (study_dir / "figures" / "fig7_vit_diagnostics_vs_data.pdf").exists()
-    for name in ("fig3_finetune_vs_data", "fig4_fewshot_vs_data", "fig5_accuracy_vs_compute"):
+    for name in ("fig3_finetune_vs_data", "fig4_fewshot_vs_data"):
         for ext in ("png", "pdf"):
             assert (study_dir / "figures" / f"{name}.{ext}").stat().st_size > 5000
+    # 12 steps at every size: compute is fixed per model, so no Fig 5, and the verdict says why.
+    assert not (study_dir / "figures" / "fig5_accuracy_vs_compute.png").exists()
     report = (study_dir / "report.md").read_text()
     assert "fig4_fewshot_vs_data.png" in report and "| ViT-Pico/4 |" in report
+    summary = json.loads((study_dir / "summary.json").read_text())["verdict"]
+    assert any(c.startswith("compute is fixed per model") for c in summary["caveats"])
+    assert report.split("\n")[2] == f"**{summary['sentence']}**"  # the answer right under the title
 
 
 def test_diverging_trials_fail_with_a_reason_and_the_study_carries_on(tmp_path, cache_dir):

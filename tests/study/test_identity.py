@@ -63,6 +63,8 @@ def test_an_evaluation_change_keeps_the_pretraining_and_changes_only_its_own_id(
     before, after = eval_ids(cfg), eval_ids(changed)
     assert set(before) == {"fewshot", "linear_probe", "finetune", "diagnostics"}
     assert {k for k in before if before[k] != after[k]} == {"fewshot"}
+    lp_ft = eval_ids(_study(tmp_path, overrides=["evaluate.finetune.head_init=probe"]))
+    assert {k for k in before if before[k] != lp_ft[k]} == {"finetune"}  # the default (zero) is in no id
     no_probe = eval_ids(_study(tmp_path, overrides=["evaluate.linear_probe=null"]))
     assert "linear_probe" not in no_probe and no_probe["fewshot"] == before["fewshot"]
 
@@ -85,8 +87,9 @@ def _defaults():
 # (The evaluation pin moved when `evaluate.diagnostics: true` + `diagnostic_batch: 128` became the section
 # `evaluate.diagnostics: {batch: 128}`: the same defaults in another shape; the ids below did not move.)
 # (It moved again with `finetune.minival_seed`, whose minival rule bumped the fine-tune's PROTOCOL_VERSION: the
-# fine-tune ids below moved with it, and only they. The recipe pin moved with `pretrain.log_every`, execution-only.)
-PINNED_DEFAULTS = ("5b71f88dfab5656e", "f2b2be84e7cce574")
+# fine-tune ids below moved with it, and only they. The recipe pin moved with `pretrain.log_every`, execution-only;
+# the evaluation pin with `finetune.head_init`, whose default `zero` is left out of the ids.)
+PINNED_DEFAULTS = ("5b71f88dfab5656e", "037cab743654f59a")
 # The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade.
 PINNED_EVAL_IDS = {
     "smoke": {"fewshot": "f863e9d7fb785b7f", "linear_probe": "9380b66fe0457576", "finetune": "c25c842f373be015",

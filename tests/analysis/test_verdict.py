@@ -1,0 +1,123 @@
+"""The verdict: the sentence for each case (a leader, a crossover, too few sizes) and each computed caveat."""
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import fits, intervals, verdict
+
+SIZES = (1e3, 1e4, 1e5, 1e6)
+
+
+def _rows(model, family, accuracy, evaluation="fewshot", shots=5, dataset="d", seeds=(0, 1, 2), flops=None,
+          chance=10.0):
+    """One row per size and seed: accuracy(n) plus seed noise (sd 0.3) of the model's own."""
+    noise = np.random.default_rng(len(model)).normal(0, 0.3, (len(SIZES), len(seeds)))
+    return [{"model": model, "family": family, "subset_size": n, "examples_seen": 10 * n,
+             "pretrain_flops": flops if flops is not None else 1e9 * n, "eval": evaluation, "dataset": dataset,
+             "shots": shots, "metric": "top1", "value": accuracy(n) + noise[i, j], "spread": None, "seed": s,
+             "chance": chance} for i, n in enumerate(SIZES) for j, s in enumerate(seeds)]
+
+
+def _table(*parts) -> pd.DataFrame:
+    table = pd.DataFrame([r for part in parts for r in part])
+    table["shots"] = table["shots"].astype("Int64")
+    return table
+
+
+def _summary(table: pd.DataFrame) -> dict:
+    rows, fitted = fits.fit_table(table)
+    return {"gaps": intervals.gap_table(fits.accuracy_rows(table)), "fits": rows,
+            "crossovers": fits.crossover_table(table, fitted)}
+
+
+def _answer(table):
+    return verdict.verdict(table, _summary(table))
+
+
+def test_bit_leading_everywhere_gives_both_gaps_with_intervals_and_no_crossover():
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: 20 + 8 * np.log10(n)),
+                   _rows("BiT-R50x1", "BiT", lambda n: 30 + 9 * np.log10(n)))
+    answer = _answer(table)
+    gap = r"\+1\d\.\d \[\+1\d\.\d, \+1\d\.\d\]"  # ~13 at 1,000 and ~16 at 10^6 points, with an interval
+    assert re.match(rf"BiT-R50x1 leads ViT-B/16 at every measured size; the gap grows from {gap} at 1,000 to {gap} "
+                    r"at 1,000,000 images \(5-shot top-1 on d, BiT − ViT in points \[95% CI\]\)", answer.sentence)
+    assert answer.sentence.endswith("; no crossover within 1000x of the measured sizes (the fitted laws do not cross).")
+    assert answer.text.splitlines()[0] == answer.sentence
+
+
+def test_an_observed_crossover_gives_its_size_and_bracket():
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: 10 + 15 * np.log10(n)),
+                   _rows("BiT-R50x1", "BiT", lambda n: 40 + 5 * np.log10(n)))  # equal at n = 10^3
+    table.loc[table["subset_size"] == 1e3, "value"] -= 5  # BiT ahead at 1,000 only
+    sentence = _answer(table).sentence
+    assert sentence.startswith("The lead changes between BiT-R50x1 and ViT-B/16")
+    assert "the ViT overtakes the BiT at ~" in sentence and "between 1,000 and 10,000" in sentence
+    assert "[95% CI " in sentence
+
+
+def test_vit_leading_everywhere_and_too_few_sizes():
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: 60 + np.log10(n)),
+                   _rows("BiT-R50x1", "BiT", lambda n: 30 + 3 * np.log10(n)))  # -27 at 10^3, -18 at 10^6
+    assert _answer(table).sentence.startswith("ViT-B/16 leads BiT-R50x1 at every measured size; the gap shrinks")
+    assert "at every measured size (one seed: no intervals); the gap" in _answer(table[table["seed"] == 0]).sentence
+    one = table[table["subset_size"] == 1e6]
+    assert _answer(one).sentence.startswith("Too few subset sizes to say: BiT-R50x1 vs ViT-B/16 measured at 1 size(s);"
+                                            " -18.")
+
+
+def test_the_headline_is_5_shot_few_shot_before_other_evaluations():
+    table = _table(*(_rows(m, f, lambda n: 50.0, evaluation=e, shots=k) for m, f in (("ViT-B/16", "ViT"),
+                                                                                    ("BiT-R50x1", "BiT"))
+                     for e, k in (("finetune", None), ("fewshot", 10), ("fewshot", 5), ("linear_probe", None))))
+    assert verdict.headline(table) == ("fewshot", "d", 5, "top1")
+    assert verdict.headline(table[table["eval"] == "finetune"]) == ("finetune", "d", None, "top1")
+
+
+def test_upstream_at_chance_is_a_caveat_and_well_above_it_is_not():
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: 6.5, evaluation="upstream", shots=None, dataset="pretrain",
+                         chance=6.25),
+                   _rows("BiT-R50x1", "BiT", lambda n: 40.0, evaluation="upstream", shots=None, dataset="pretrain",
+                         chance=6.25))
+    (caveat,) = verdict.upstream_near_chance(table)
+    assert caveat.startswith("ViT-B/16's upstream top-1 at 1,000,000 images is 6.") and "(6.25%)" in caveat
+    single = table[table["seed"] == 0].assign(value=lambda t: np.where(t["model"] == "ViT-B/16", 12.0, 40.0))
+    (caveat,) = verdict.upstream_near_chance(single)  # one seed: under twice chance
+    assert "12.0% (one seed, no interval), under twice chance (chance 6.25%)" in caveat
+
+
+def test_a_parameter_at_its_bound_or_with_an_interval_over_decades_is_degenerate():
+    issue = {"b": 0.3, "c": 2.4e-11, "ci": {"b": [0.2, 0.4], "c": [3.8e-14, 77.5]}}
+    (found,) = verdict.degenerate(issue)
+    assert found == "c = 2.4e-11 [3.8e-14, 77.5] (at its bound 0; interval spans 15 orders of magnitude)"
+    assert verdict.degenerate({"b": 5.0, "c": 3.0, "ci": None}) == ["b = 5 (at its bound 5)"]
+    assert verdict.degenerate({"b": 0.4, "c": 3.0, "ci": {"b": [0.3, 0.5], "c": [0.0, 6.0]}}) == [
+        "c = 3 [0, 6] (interval spans unbounded below)"]
+    assert verdict.degenerate({"b": 0.4, "c": 3.0, "ci": {"b": [0.3, 0.5], "c": [1.0, 6.0]}}) == []
+
+
+def test_fixed_compute_per_model_is_detected():
+    fixed = _table(_rows("ViT-B/16", "ViT", lambda n: 50.0, flops=3e12), _rows("BiT-R50x1", "BiT", lambda n: 50.0,
+                                                                                 flops=5e12))
+    assert verdict.fixed_compute(fixed)
+    assert any("Fig 5" in c for c in _answer(fixed).caveats)
+    assert not verdict.fixed_compute(_table(_rows("ViT-B/16", "ViT", lambda n: 50.0)))
+
+
+def test_a_finetune_below_its_probe_is_a_caveat_with_both_numbers():
+    table = _table(_rows("BiT-R50x1", "BiT", lambda n: 26.1, evaluation="finetune", shots=None),
+                   _rows("BiT-R50x1", "BiT", lambda n: 33.8 if n < 1e6 else 20.0, evaluation="linear_probe",
+                         shots=None))
+    (caveat,) = verdict.finetune_below_probe(table)
+    assert re.match(r"BiT-R50x1's fine-tune on d ends below its frozen linear probe: 2[56]\.\d vs 3[34]\.\d top-1 at "
+                    r"100,000 images \(below at 3 of 4 sizes\)", caveat), caveat
+
+
+@pytest.mark.parametrize("found", [None, {"other": 1}])
+def test_a_summary_without_a_verdict_reads_as_none(tmp_path, found):
+    path = tmp_path / "summary.json"
+    if found is not None:
+        path.write_text('{"other": 1}')
+    assert verdict.Verdict.read(path) is None
