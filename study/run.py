@@ -234,7 +234,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
         with Stopwatch(clock)("report"):
             table = _write_results(cfg, points, records, evals, where, failures)
         comparison = comparison_metrics(table)
-        note = study_note(cfg.study, json.loads((where.out / "summary.json").read_text()))
+        note = study_note(cfg.study, where.out / "summary.json")
         write_timings(where.out / "timings.json", clock, records, decisions)
         status = "FAILED" if failures else "FINISHED"  # FINISHED only when every point is
     finally:
@@ -332,12 +332,16 @@ def headline_columns(cfg: StudyConfig) -> list[str]:
                                                            else [])
 
 
-def study_note(title: str, summary: dict) -> str:
-    """The parent run's description (MLflow shows it atop the run): per evaluation, where each ViT overtakes its
-    ResNet and the gap at both ends of the data range, from the report's `summary.json`."""
+def study_note(title: str, path: Path) -> str:
+    """The parent run's description (MLflow shows it atop the run): the verdict and its caveats, then per
+    evaluation where each ViT overtakes its ResNet and the gap at both ends of the data range, from the report's
+    `summary.json` at `path`."""
     from analysis.report import eval_name, fmt, gap_lines
+    from analysis.verdict import Verdict
 
-    lines = [f"**{title}**: where does the ViT overtake the ResNet? (report: artifact `report.md`)", ""]
+    summary, answer = json.loads(path.read_text()), Verdict.read(path)
+    lines = [f"**{title}**: where does the ViT overtake the ResNet? (report: artifact `report.md`)", "",
+             *([answer.text.replace("\n", "  \n"), ""] if answer else [])]
     for c in summary["crossovers"]:
         found = {"observed": f"at ~{fmt(c['estimate'])} examples, between {fmt(c['bracket'])}",
                  "extrapolated": f"extrapolated to ~{fmt(c['estimate'])} examples"}.get(c["status"])

@@ -118,7 +118,10 @@ def test_the_parent_run_carries_the_comparison(smoke):
     assert {h.step: h.value for h in history} == {
         int(n): float(f"{v:.4g}") for n, v in fewshot.groupby("subset_size")["value"].mean().items()}
     assert {f"finetune/shapes-novel/top1/{m}" for m in ("ViT-Pico-4", "BiT-R14-Pico")} <= set(parent.data.metrics)
-    assert "ViT-Pico/4 vs BiT-R14-Pico" in parent.data.tags["mlflow.note.content"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert "ViT-Pico/4 vs BiT-R14-Pico" in note
+    sentence = json.loads((out / "smoke" / "summary.json").read_text())["verdict"]["sentence"]
+    assert sentence in note and sentence in smoke[1].stdout  # the answer, where a researcher looks first
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "results.csv", "summary.json", "figures"} <= artifacts
     assert "figures/fig4_fewshot_vs_data.png" in {a.path for a in client.list_artifacts(parent.info.run_id,
