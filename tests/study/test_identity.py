@@ -58,6 +58,31 @@ def test_seed_and_subset_change_only_their_points(tmp_path):
     assert point_id(cfg, "ViT-Pico/4", 256, 0) != point_id(cfg, "ViT-Pico/4", 1024, 0)
 
 
+def _by_model(cfg) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for p in expand(cfg):
+        out.setdefault(p.model, set()).add(p.id)
+    return out
+
+
+@pytest.mark.parametrize("recipe", [["recipes.ViT-Pico/4.lr=3.0e-4"], ["recipes.ViT.pool=gap"],
+                                    ["recipes.ViT.dropout=0.1", "recipes.ViT.pos_embed=sincos2d"],
+                                    ["recipes.ViT-Pico/4.steps=20"]])
+def test_a_recipe_changes_the_ids_of_the_points_it_applies_to_and_only_those(tmp_path, recipe):
+    before, after = _by_model(_study(tmp_path)), _by_model(_study(tmp_path, overrides=recipe))
+    assert after["BiT-R14-Pico"] == before["BiT-R14-Pico"] and not after["ViT-Pico/4"] & before["ViT-Pico/4"]
+
+
+def test_a_model_recipe_beats_its_familys_key_by_key_and_the_merge_is_what_is_hashed(tmp_path):
+    cfg = _study(tmp_path, overrides=["recipes.ViT.lr=3.0e-4", "recipes.ViT.dropout=0.1",
+                                      "recipes.ViT-Pico/4.lr=1.0e-3", "recipes.ViT-Pico/4.epochs=2"])
+    merged = cfg.pretrain_for("ViT-Pico/4")
+    assert (merged.lr, merged.dropout, merged.epochs, merged.steps) == (1.0e-3, 0.1, 2, None)  # a duration replaces
+    assert cfg.pretrain_for("BiT-R14-Pico") == cfg.pretrain
+    same = _study(tmp_path, overrides=["recipes.ViT.lr=3.0e-4", "recipes.ViT-Pico/4.lr=1.0e-3"])  # = pretrain's lr
+    assert _ids(same) == _ids(_study(tmp_path))
+
+
 def test_an_evaluation_change_keeps_the_pretraining_and_changes_only_its_own_id(tmp_path):
     cfg, changed = _study(tmp_path), _study(tmp_path, overrides=["evaluate.fewshot.shots=[1, 2, 5]"])
     assert _ids(cfg) == _ids(changed)
