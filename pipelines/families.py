@@ -51,7 +51,8 @@ class Family:
         label: how the report names it.
         bias: "weak" or "strong" inductive bias; the crossover analysis pairs every weak-bias model with every
             strong-bias one (ViT paper: where does the weaker prior overtake the stronger one).
-        builder: "module:function" building a model from its row: `(kwargs, num_classes, image_size) -> nn.Module`.
+        builder: "module:function" building a model from its row and the grid's knobs:
+            `(kwargs, num_classes, image_size, options: models.ModelOptions) -> nn.Module`.
         diagnostic: which Fig 7 numbers apply and where they find their parts; None: no Fig 7 numbers.
         convolutional: has a ResNet path (timm's `train.py` puts such models in channels_last).
         marker: its matplotlib marker in every figure.
