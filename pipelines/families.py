@@ -51,11 +51,14 @@ class Family:
         label: how the report names it.
         bias: "weak" or "strong" inductive bias; the crossover analysis pairs every weak-bias model with every
             strong-bias one (ViT paper: where does the weaker prior overtake the stronger one).
-        builder: "module:function" building a model from its row: `(kwargs, num_classes, image_size) -> nn.Module`.
+        builder: "module:function" building a model from its row and the grid's knobs:
+            `(kwargs, num_classes, image_size, options: models.ModelOptions) -> nn.Module`.
         diagnostic: which Fig 7 numbers apply and where they find their parts; None: no Fig 7 numbers.
         convolutional: has a ResNet path (timm's `train.py` puts such models in channels_last).
         marker: its matplotlib marker in every figure.
         colour: its band colour in the figures.
+        knobs: the model knobs (`pipelines.models.ModelOptions` fields) its builder honours besides the head's
+            initialisation, which every family takes; a grid setting another one fails at load.
     """
 
     name: str
@@ -66,14 +69,18 @@ class Family:
     convolutional: bool
     marker: str
     colour: str
+    knobs: tuple[str, ...] = ()
 
 
 # The order here is the order of figure legends and of error messages.
+_TRANSFORMER = ("dropout", "drop_path", "pool", "pos_embed", "pre_logits")
 FAMILIES: dict[str, Family] = {f.name: f for f in [
-    Family("ViT", "ViT", "weak", "pipelines.models:build_vit", Attention(), False, "o", "#f4a261"),
-    Family("BiT", "BiT-ResNet", "strong", "pipelines.models:build_bit", ReceptiveField(), True, "s", "#8d99ae"),
+    Family("ViT", "ViT", "weak", "pipelines.models:build_vit", Attention(), False, "o", "#f4a261",
+           _TRANSFORMER),
+    Family("BiT", "BiT-ResNet", "strong", "pipelines.models:build_bit", ReceptiveField(), True, "s", "#8d99ae",
+           ("dropout", "drop_path")),
     Family("Hybrid", "R50+ViT hybrid", "weak", "pipelines.models:build_hybrid", Attention(patch_filters=None), True,
-           "^", "#90be6d"),
+           "^", "#90be6d", _TRANSFORMER),
 ]}
 
 

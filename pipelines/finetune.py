@@ -140,9 +140,11 @@ def split_minival(data: ShardSubset, fraction: float, seed: int) -> tuple[ShardS
 
 
 def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, test: ShardSubset,
-        num_classes: int, rt: Runtime, hooks: Hooks[FinetuneEpoch] | None = None) -> FinetuneResult:
+        num_classes: int, rt: Runtime, hooks: Hooks[FinetuneEpoch] | None = None,
+        options: models.ModelOptions = models.NO_OPTIONS) -> FinetuneResult:
     """Fine-tune the pretrained `state` on `train` (less a minival) at each of `cfg.learning_rates`,
     keep the run with the best minival top-1 and report its top-1 and macro-F1 (percent) on `test`.
+    `options` are the knobs the model was pretrained with (a pre-logits layer is replaced by the linear head).
 
     The splits stay in their shards and are streamed (training through the exactly-once loader with `rt.loader`,
     evaluation batch by batch), so memory does not grow with them. `hooks.on_epoch` receives the chosen run's
@@ -155,13 +157,14 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     start = time.perf_counter()
     steps, batch = schedule(cfg, len(train), distributed.ranks().world_size)
     train, minival = split_minival(train, cfg.val_fraction, cfg.minival_seed)
-    head = probe_head(model_name, state, train, num_classes, cfg.image_size, rt) if cfg.head_init == "probe" else None
+    head = (probe_head(model_name, state, train, num_classes, cfg.image_size, rt, options=options)
+            if cfg.head_init == "probe" else None)
     best, val_top1, diverged = None, {}, None
     for lr in cfg.learning_rates:
         label = f"{hooks.label or 'finetune'} lr={lr:g}"
         try:
             model, curves = _train(cfg, lr, (steps, batch), model_name, state, (train, minival), num_classes, rt,
-                                   label, head)
+                                   label, options, head)
         except TrainingDiverged as err:  # a rate too high for this task is a bad point of the sweep, not an error
             val_top1[lr], diverged = float("nan"), err
             continue
@@ -189,13 +192,15 @@ class ProbeHead:
 
 
 def probe_head(model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, num_classes: int,
-               image_size: int, rt: Runtime, probe: linear_probe.LinearProbeConfig | None = None) -> ProbeHead:
+               image_size: int, rt: Runtime, probe: linear_probe.LinearProbeConfig | None = None,
+               options: models.ModelOptions = models.NO_OPTIONS) -> ProbeHead:
     """LP-FT's start: the linear probe of the pretrained backbone's frozen features of the fine-tune train split at
     the fine-tune resolution, fitted as the linear-probe evaluation fits it (`linear_probe.fit_logistic` on
     standardised features for every l2 of `probe.l2_grid`, the l2 chosen on a held-out `probe.val_fraction`), folded
-    back to raw features. `probe`: default, the linear-probe evaluation's settings."""
+    back to raw features. `probe`: default, the linear-probe evaluation's settings; `options`: the pretraining knobs
+    (the features are those of the model fine-tuning starts from)."""
     probe = probe or linear_probe.LinearProbeConfig()
-    model = models.pretrained_for_task(model_name, state, num_classes, image_size).to(rt.device)
+    model = models.pretrained_for_task(model_name, state, num_classes, image_size, options).to(rt.device)
     found = downstream.features(model, train, image_size, rt.device, rt.loader.max_bad_fraction, rt.loader.workers)
     # Extracted by every rank for its part, solved once on the main rank, the head handed to every rank.
     return distributed.on_main(lambda: _fit_head(found[0], found[1], num_classes, rt.seed, probe))
@@ -219,12 +224,13 @@ def _fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
 
 def _train(cfg: FinetuneConfig, lr: float, plan: tuple[int, int], model_name: str, state: dict[str, torch.Tensor],
            splits: tuple[ShardSubset, ShardSubset | None], num_classes: int, rt: Runtime,
-           label: str, head: ProbeHead | None = None) -> tuple[torch.nn.Module, list[FinetuneEpoch]]:
+           label: str, options: models.ModelOptions,
+           head: ProbeHead | None = None) -> tuple[torch.nn.Module, list[FinetuneEpoch]]:
     """One fine-tuning run at learning rate `lr` on `splits` (train, minival) for `plan` (steps, global batch: each
     of N ranks takes batch / N), from a zero head or `head`: the model and its per-epoch curve."""
     (train, minival), (steps, batch), device = splits, plan, rt.device
     torch.manual_seed(rt.seed)
-    model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size).to(device)
+    model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size, options).to(device)
     if head is not None:
         set_head(model, head)
     perf.channels_last(model, device)

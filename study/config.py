@@ -19,6 +19,7 @@ from pipelines.data.stream import LoaderConfig
 from pipelines.downstream import EvaluateConfig
 from pipelines.pretrain import PretrainConfig
 from study.identity import point_id
+from study.recipes import Recipes
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0,)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     resources: Resources = field(default_factory=Resources)
+    recipes: Recipes = field(default_factory=Recipes)  # per model or family, merged over `pretrain` (study.recipes)
 
     def __post_init__(self):  # loader workers left out: from the CPUs each rank holds (saved resolved)
         loader = self.data.loader.for_cpus(self.resources.cpus_per_worker)
@@ -71,6 +73,10 @@ class StudyConfig:
     @property
     def cache_dir(self) -> Path:
         return Path(self.data.cache_dir).expanduser() if self.data.cache_dir else default_cache_dir()
+
+    def pretrain_for(self, model: str) -> PretrainConfig:
+        """How `model` pretrains: `pretrain` with its family's recipe, then its own, merged over it."""
+        return self.recipes.merged(self.pretrain, model)
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,7 @@ def validate(cfg: StudyConfig) -> None:
     if not cfg.models or not cfg.seeds or not cfg.data.subsets or not cfg.downstream:
         raise ConfigError("models, seeds, data.subsets and downstream must each list at least one entry")
     _check_distinct(cfg)
+    _check_recipes(cfg)
     _check_ranges(cfg)
     specs = [models.get_spec(name) for name in cfg.models]
     subsets = cfg.data.subsets
@@ -210,17 +217,33 @@ _RULES = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v 
           "in [0, 1)": lambda v: 0 <= v < 1}
 
 
+def _check_recipes(cfg: StudyConfig) -> None:
+    """Each model's merged recipe goes together and uses only knobs its family takes."""
+    for model in cfg.models:
+        try:
+            models.check_options(model, models.ModelOptions.of(cfg.pretrain_for(model)))
+        except ConfigError as err:
+            raise ConfigError(f"pretrain{cfg.recipes.where(model)}: {err}") from None
+
+
+def _pretrain_rules(cfg: StudyConfig) -> list[tuple[str, float, str]]:
+    """The range rules of every model's pretraining settings, each named by where its value comes from."""
+    rules = []
+    for model in cfg.models:
+        p, key = cfg.pretrain_for(model), cfg.recipes.where(model)
+        rules += [(f"pretrain.{name}{key}", getattr(p, name), rule) for name, rule in (
+            ("warmup_steps", ">= 0"), ("weight_decay", ">= 0"), ("beta1", "in [0, 1)"), ("beta2", "in [0, 1)"),
+            ("grad_clip", ">= 0"),  # 0: no clipping
+            ("checkpoint_every", ">= 0"),  # 0: a checkpoint at the end only
+            ("keep_checkpoints", ">= 1"))]
+    return list(dict.fromkeys(rules))
+
+
 def _check_ranges(cfg: StudyConfig) -> None:
     """Numbers whose type allows values that make no sense: a negative count, a zero size or rate."""
-    p, r, e = cfg.pretrain, cfg.resources, cfg.evaluate
+    r, e = cfg.resources, cfg.evaluate
     rules = [
-        ("pretrain.warmup_steps", p.warmup_steps, ">= 0"),
-        ("pretrain.weight_decay", p.weight_decay, ">= 0"),
-        ("pretrain.beta1", p.beta1, "in [0, 1)"),
-        ("pretrain.beta2", p.beta2, "in [0, 1)"),
-        ("pretrain.grad_clip", p.grad_clip, ">= 0"),  # 0: no clipping
-        ("pretrain.checkpoint_every", p.checkpoint_every, ">= 0"),  # 0: a checkpoint at the end only
-        ("pretrain.keep_checkpoints", p.keep_checkpoints, ">= 1"),
+        *_pretrain_rules(cfg),
         ("resources.workers_per_trial", r.workers_per_trial, ">= 1"),
         ("resources.cpus_per_worker", r.cpus_per_worker, "> 0"),
         ("resources.gpus_per_worker", r.gpus_per_worker, ">= 0"),
@@ -242,17 +265,21 @@ def _check_ranges(cfg: StudyConfig) -> None:
 
 def _check_split(cfg: StudyConfig) -> None:
     """Batches are global: each of the N workers takes batch / N, and micro-batches are per worker."""
-    n, p = cfg.resources.workers_per_trial, cfg.pretrain
-    parts = [("pretrain", p.batch_size, p.micro_batch_size)]
+    n = cfg.resources.workers_per_trial
+    parts = []
+    for model in cfg.models:
+        p = cfg.pretrain_for(model)
+        parts.append(("pretrain", cfg.recipes.where(model), p.batch_size, p.micro_batch_size))
+    parts = list(dict.fromkeys(parts))
     if (f := cfg.evaluate.finetune) is not None:
-        parts.append(("evaluate.finetune", f.batch_size, f.micro_batch_size))
-    for key, batch, micro in parts:
+        parts.append(("evaluate.finetune", "", f.batch_size, f.micro_batch_size))
+    for key, recipes, batch, micro in parts:
         if batch % n:
-            raise ConfigError(f"{key}.batch_size={batch} does not divide among resources.workers_per_trial={n} "
-                              f"workers; use a multiple of {n}")
+            raise ConfigError(f"{key}.batch_size={batch}{recipes} does not divide among "
+                              f"resources.workers_per_trial={n} workers; use a multiple of {n}")
         if micro is not None and not 0 < micro <= batch // n:
-            raise ConfigError(f"{key}.micro_batch_size={micro} must be in (0, {batch // n}], a worker's part of the "
-                              f"batch ({batch} / {n})")
+            raise ConfigError(f"{key}.micro_batch_size={micro}{recipes} must be in (0, {batch // n}], a worker's part "
+                              f"of the batch ({batch} / {n})")
 
 
 def pipe_commands(cfg: StudyConfig) -> list[str]:
@@ -277,11 +304,11 @@ def pipe_commands(cfg: StudyConfig) -> list[str]:
 
 def grid_point(cfg: StudyConfig, model: str, subset_size: int, seed: int) -> GridPoint:
     """One grid point with its planned examples seen and forward FLOPs (no data touched, no weights)."""
-    src = cfg.data.pretrain
-    steps = cfg.pretrain.total_steps(subset_size)
+    src, recipe = cfg.data.pretrain, cfg.pretrain_for(model)
+    steps = recipe.total_steps(subset_size)
     return GridPoint(point_id(cfg, model, subset_size, seed), model, models.get_spec(model).family, subset_size,
-                     seed, steps, steps * cfg.pretrain.batch_size,
-                     models.forward_flops(model, src.image_size, src.num_classes))
+                     seed, steps, steps * recipe.batch_size,
+                     models.forward_flops(model, src.image_size, src.num_classes, models.ModelOptions.of(recipe)))
 
 
 def expand(cfg: StudyConfig) -> list[GridPoint]:

@@ -66,10 +66,11 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
-    """What determines a grid point's pretrained weights, as plain data (`cfg` is a `StudyConfig`)."""
+    """What determines a grid point's pretrained weights, as plain data (`cfg` is a `StudyConfig`): its pretraining
+    settings are `model`'s, recipes merged, so a recipe moves the points it applies to and only those."""
     mode = {} if cfg.data.subset_mode == "samples" else {"subset_mode": cfg.data.subset_mode}
     return {"recipe_version": RECIPE_VERSION, "model": model, "subset_size": subset_size, "seed": seed, **mode,
-            "source": source_settings(cfg.data.pretrain), "pretrain": settings(cfg.pretrain, "pretrain")}
+            "source": source_settings(cfg.data.pretrain), "pretrain": settings(cfg.pretrain_for(model), "pretrain")}
 
 
 def source_settings(src) -> dict:
@@ -87,11 +88,11 @@ def _full(obj, kind: str) -> dict:
     return {k: v for k, v in to_dict(obj).items() if k not in EXECUTION_ONLY.get(kind, ())}
 
 
-def recipe_params(cfg) -> dict:
-    """The pretraining recipe and source in full (defaults included, execution-only fields left out), for people
-    reading a run: the same for every invocation of a point, as MLflow's immutable params must be."""
+def recipe_params(cfg, model: str) -> dict:
+    """`model`'s pretraining recipe and the source in full (defaults included, execution-only fields left out), for
+    people reading a run: the same for every invocation of a point, as MLflow's immutable params must be."""
     return {"recipe_version": RECIPE_VERSION, **image_version(cfg.data.pretrain), "subset_mode": cfg.data.subset_mode,
-            "source": _full(cfg.data.pretrain, "source"), "pretrain": _full(cfg.pretrain, "pretrain")}
+            "source": _full(cfg.data.pretrain, "source"), "pretrain": _full(cfg.pretrain_for(model), "pretrain")}
 
 
 def eval_params(cfg) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import UserError, to_dict
+from pipelines.models import ModelOptions
 from study.config import GridPoint, StudyConfig, check_data, expand, load_study, pipe_commands
 from study.cost import ASSUMED_MFU, describe, print_grid
 
@@ -55,6 +56,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="take the study's lease even if another driver seems to hold it (when that driver is "
                              "known to be gone)")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+
+
+def print_recipes(cfg: StudyConfig, as_json: bool) -> None:
+    """Each model's pretraining recipe, `recipes:` merged over `pretrain:` (text only: --json prints the points)."""
+    if as_json:
+        return
+    print("\nPretraining recipe per model (pretrain: with recipes: merged over it):")
+    for model in cfg.models:
+        p = cfg.pretrain_for(model)
+        duration = next(f"{k} {getattr(p, k):g}" for k in ("epochs", "steps", "examples") if getattr(p, k) is not None)
+        knobs = ModelOptions.of(p).changed() | ({"label_smoothing": p.label_smoothing} if p.label_smoothing else {})
+        print(f"  {model:<16} {duration}, batch {p.batch_size}, {p.optimizer} lr {p.lr:g}, wd {p.weight_decay:g}, "
+              f"warm-up {p.warmup_steps}, {p.decay} decay, {p.loss}"
+              + "".join(f", {k} {v}" for k, v in knobs.items()) + (cfg.recipes.where(model) or " (pretrain: only)"))
 
 
 def print_commands(commands: list[str], as_json: bool) -> None:
@@ -102,7 +117,8 @@ def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:
         found = data.prepare(src, cfg.cache_dir, root, progress=True, max_bad_fraction=limit, mapper=mapper)
         if src is cfg.data.pretrain:  # a multi-label source with a softmax loss
             index = found.index()
-            pretrain.check_labels(cfg.pretrain.loss, index)
+            for loss in dict.fromkeys(cfg.pretrain_for(model).loss for model in cfg.models):  # recipes may differ
+                pretrain.check_labels(loss, index)
             if cfg.data.subset_mode == "samples":  # each seed's order, each point's rows: trials map them
                 for seed in cfg.seeds:
                     for n in cfg.data.subsets:
@@ -161,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         checked = check_data(cfg)  # the same checks for a dry run and, before Ray starts, a real one
         if args.dry_run:
             print_grid(describe(cfg, points, planned_actions(cfg, points, args), args.mfu or ASSUMED_MFU), args.json)
+            print_recipes(cfg, args.json)
             print_commands(pipe_commands(cfg), args.json)
             print_unchecked(checked.unchecked, args.json)
         if checked.problems:

@@ -100,10 +100,11 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     else:
         emit(Started({**identity_params(cfg, point), "device": str(device), "world_size": where.world_size}))
         state = load_weights(storage.read_bytes(files.weights))
-    model = models.build(point.model, src.num_classes, src.image_size)
+    options = models.ModelOptions.of(cfg.pretrain_for(point.model))
+    model = models.build(point.model, src.num_classes, src.image_size, options)
     model.load_state_dict(state)
     model.to(device)
-    pretrained = downstream.Pretrained(point.model, model, state, src.image_size, source)
+    pretrained = downstream.Pretrained(point.model, model, state, src.image_size, source, options)
     runtime = Runtime(device, point.seed, cfg.cache_dir, indexes, cfg.data.loader, progress)
 
     def curve(prefix: str, step: int, values: dict) -> None:
@@ -130,7 +131,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
 def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: PointFiles, source: data.Prepared,
               scratch: Path, device: torch.device, emit: Emit, progress: bool) -> dict[str, torch.Tensor]:
     """Pretrain from scratch or from the newest checkpoint in storage; store the weights and a summary."""
-    src, loader = cfg.data.pretrain, cfg.data.loader
+    src, loader, recipe = cfg.data.pretrain, cfg.data.loader, cfg.pretrain_for(point.model)
     local_ckpts = scratch / "checkpoints"
     shutil.rmtree(local_ckpts, ignore_errors=True)  # storage decides where training resumes, never a node's leftovers
     await_preempted_checkpoint(storage, files.preempted)
@@ -150,7 +151,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
     emit(Stage("pretrain", point.steps, resumed))
 
     def push(path: Path) -> None:  # rank 0's checkpoints reach storage, where a retry on any node finds them
-        storage.push_checkpoint(path, files.checkpoints, cfg.pretrain.keep_checkpoints)
+        storage.push_checkpoint(path, files.checkpoints, recipe.keep_checkpoints)
 
     def logged(record: EpochRecord) -> None:  # every pretrain.log_every steps and at epoch ends
         emit(Curve("pretrain", record.step, record.metrics()))
@@ -159,13 +160,13 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
 
     rt = Runtime(device, point.seed, loader=loader, progress=progress, should_stop=stop_requested(storage))
     with NodeSampler() as sampler:
-        result = pretrain.run(cfg.pretrain, point.model, train, src.num_classes, src.image_size, rt,
+        result = pretrain.run(recipe, point.model, train, src.num_classes, src.image_size, rt,
                               Hooks(on_log=logged, checkpoint_dir=local_ckpts, on_checkpoint=push))
     del train
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
                **result.throughput}  # images_per_s, step_time_s, data_wait_fraction, peak memory, mfu
     if "test" in source.shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
-        model = models.build(point.model, src.num_classes, src.image_size)
+        model = models.build(point.model, src.num_classes, src.image_size, models.ModelOptions.of(recipe))
         model.load_state_dict(result.state_dict)
         val = source.subset("test")
         summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
@@ -175,7 +176,8 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
     storage.write_bytes(files.weights,
                         save_weights(result.state_dict, metadata={"model": point.model, "steps": str(point.steps)}))
     storage.write_bytes(files.model_spec, json.dumps(
-        {"model": point.model, "num_classes": src.num_classes, "image_size": src.image_size}).encode())
+        {"model": point.model, "num_classes": src.num_classes, "image_size": src.image_size,
+         "options": models.ModelOptions.of(recipe).changed()}).encode())
     storage.write_bytes(files.pretrain_summary, json.dumps(summary).encode())
     return result.state_dict
 
@@ -197,7 +199,7 @@ class Stopwatch:
 
 def identity_params(cfg: StudyConfig, point: GridPoint) -> dict:
     """The child run's params: the point and everything its identity hashes (the same for every invocation)."""
-    return {"point_id": point.id, **point.table_fields, "steps": point.steps, **recipe_params(cfg)}
+    return {"point_id": point.id, **point.table_fields, "steps": point.steps, **recipe_params(cfg, point.model)}
 
 
 def pretrain_step_of(checkpoint_name: str | None) -> int:

@@ -15,7 +15,8 @@ def _grid(tmp_path, text: str):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["pretrain.epocs=3"], "unknown key 'pretrain.epocs'; valid keys here: epochs, steps, examples"),
+    (["pretrain.epocs=3"], "unknown key 'pretrain.epocs'; valid keys here: dropout, drop_path, pool, pos_embed, "
+                           "pre_logits, zero_head, head_bias_init, epochs, steps, examples"),
     (["pretrain.batch_size=big"], "pretrain.batch_size: expected int, got 'big'"),
     (["models=[ViT-B/17]"], "unknown model 'ViT-B/17'; valid models: ViT-Ti/16"),
     (["data.subsets=[256, 4096]"], "data.subsets: 4096 examples asked, but data.pretrain holds only 2048"),
@@ -86,10 +87,15 @@ def test_dry_run_json_lists_every_grid_point(cache_dir):
 
 def test_dry_run_lists_the_shell_commands_of_pipe_urls_and_what_each_point_will_do(tmp_path, cache_dir):
     proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--dry-run", "--out", str(tmp_path),
-                    "data.pretrain.source=webdataset", "data.pretrain.urls=pipe:cat /data/s-{0..1}.tar"], cache_dir)
+                    "data.pretrain.source=webdataset", "data.pretrain.urls=pipe:cat /data/s-{0..1}.tar",
+                    "recipes.ViT.dropout=0.1", "recipes.ViT-Pico/4.lr=3e-4"], cache_dir)
     assert proc.returncode == 0, proc.stderr
     assert "  cat /data/s-0.tar\n  cat /data/s-1.tar" in proc.stdout and "2 shell commands" in proc.stdout
     assert proc.stdout.count("  train\n") == 4  # nothing done yet: every point trains
+    # each model's recipe, merged
+    assert ("  ViT-Pico/4       steps 12, batch 64, adamw lr 0.0003, wd 0.1, warm-up 4, cosine decay, softmax, "
+            "dropout 0.1 (with recipes.ViT and recipes.ViT-Pico/4)\n") in proc.stdout
+    assert "  BiT-R14-Pico     steps 12, batch 64, adamw lr 0.001," in proc.stdout
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 

@@ -42,6 +42,18 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
      "pretrain.micro_batch_size=32 must be in (0, 16], a worker's part of the batch (64 / 4)"),
     (["resources.workers_per_trial=2", "evaluate.finetune.batch_size=33", "pretrain.batch_size=64"],
      "evaluate.finetune.batch_size=33 does not divide among resources.workers_per_trial=2 workers"),
+    (["recipes.ViT-B/17.lr=1e-3"], "recipes: 'ViT-B/17' is neither a model nor a family; valid families: ViT, BiT, "
+                                   "Hybrid; valid models: ViT-Ti/16, "),
+    (["recipes.ViT.lrr=1"], "unknown key 'recipes.ViT.lrr'; valid keys here (pretrain's): dropout, drop_path, pool, "),
+    (["recipes.ViT.lr=fast"], "recipes.ViT.lr: expected float, got 'fast'"),
+    (["recipes.ViT.dropout=1.5"], "recipes.ViT: dropout must be in [0, 1), got 1.5"),
+    (["recipes.ViT=0.1"], "recipes.ViT: expected a mapping of pretrain keys, got 0.1"),
+    (["recipes.BiT.pool=gap"], "pretrain (with recipes.BiT): pool='gap' does not apply to BiT-R14-Pico (a BiT model); "
+                               "BiT models take dropout, drop_path, zero_head, head_bias_init"),
+    (["pretrain.pos_embed=sincos2d"], "pretrain: pos_embed='sincos2d' does not apply to BiT-R14-Pico"),
+    (["recipes.ViT-Pico/4.warmup_steps=-1"], "pretrain.warmup_steps (with recipes.ViT-Pico/4) must be >= 0, got -1"),
+    (["resources.workers_per_trial=4", "recipes.ViT.micro_batch_size=32"],
+     "pretrain.micro_batch_size=32 (with recipes.ViT) must be in (0, 16], a worker's part of the batch (64 / 4)"),
 ])
 def test_values_that_make_no_sense_are_refused(overrides, message):
     with pytest.raises(ConfigError) as err:

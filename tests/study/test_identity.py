@@ -39,7 +39,8 @@ def test_execution_only_settings_keep_every_id(tmp_path, override):
 
 @pytest.mark.parametrize("override", [
     "pretrain.lr=3.0e-4", "pretrain.warmup_steps=2", "pretrain.batch_size=32", "data.pretrain.seed=5",
-    "data.pretrain.size=1536", "data.subset_mode=shards",
+    "data.pretrain.size=1536", "data.subset_mode=shards", "pretrain.dropout=0.1", "pretrain.drop_path=0.1",
+    "pretrain.label_smoothing=0.1", "pretrain.zero_head=true", "pretrain.head_bias_init=-10",
 ])
 def test_what_shapes_the_weights_changes_every_id(tmp_path, override):
     before, after = _ids(_study(tmp_path)), _ids(_study(tmp_path, overrides=[override]))
@@ -55,6 +56,31 @@ def test_seed_and_subset_change_only_their_points(tmp_path):
     cfg = _study(tmp_path)
     assert point_id(cfg, "ViT-Pico/4", 256, 0) != point_id(cfg, "ViT-Pico/4", 256, 1)
     assert point_id(cfg, "ViT-Pico/4", 256, 0) != point_id(cfg, "ViT-Pico/4", 1024, 0)
+
+
+def _by_model(cfg) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for p in expand(cfg):
+        out.setdefault(p.model, set()).add(p.id)
+    return out
+
+
+@pytest.mark.parametrize("recipe", [["recipes.ViT-Pico/4.lr=3.0e-4"], ["recipes.ViT.pool=gap"],
+                                    ["recipes.ViT.dropout=0.1", "recipes.ViT.pos_embed=sincos2d"],
+                                    ["recipes.ViT-Pico/4.steps=20"]])
+def test_a_recipe_changes_the_ids_of_the_points_it_applies_to_and_only_those(tmp_path, recipe):
+    before, after = _by_model(_study(tmp_path)), _by_model(_study(tmp_path, overrides=recipe))
+    assert after["BiT-R14-Pico"] == before["BiT-R14-Pico"] and not after["ViT-Pico/4"] & before["ViT-Pico/4"]
+
+
+def test_a_model_recipe_beats_its_familys_key_by_key_and_the_merge_is_what_is_hashed(tmp_path):
+    cfg = _study(tmp_path, overrides=["recipes.ViT.lr=3.0e-4", "recipes.ViT.dropout=0.1",
+                                      "recipes.ViT-Pico/4.lr=1.0e-3", "recipes.ViT-Pico/4.epochs=2"])
+    merged = cfg.pretrain_for("ViT-Pico/4")
+    assert (merged.lr, merged.dropout, merged.epochs, merged.steps) == (1.0e-3, 0.1, 2, None)  # a duration replaces
+    assert cfg.pretrain_for("BiT-R14-Pico") == cfg.pretrain
+    same = _study(tmp_path, overrides=["recipes.ViT.lr=3.0e-4", "recipes.ViT-Pico/4.lr=1.0e-3"])  # = pretrain's lr
+    assert _ids(same) == _ids(_study(tmp_path))
 
 
 def test_an_evaluation_change_keeps_the_pretraining_and_changes_only_its_own_id(tmp_path):
@@ -88,8 +114,19 @@ def _defaults():
 # `evaluate.diagnostics: {batch: 128}`: the same defaults in another shape; the ids below did not move.)
 # (It moved again with `finetune.minival_seed`, whose minival rule bumped the fine-tune's PROTOCOL_VERSION: the
 # fine-tune ids below moved with it, and only they. The recipe pin moved with `pretrain.log_every`, execution-only;
-# the evaluation pin with `finetune.head_init`, whose default `zero` is left out of the ids.)
-PINNED_DEFAULTS = ("5b71f88dfab5656e", "037cab743654f59a")
+# the evaluation pin with `finetune.head_init`, whose default `zero` is left out of the ids; the recipe pin again
+# when the model knobs and label_smoothing joined PretrainConfig, defaults keeping today's models.)
+PINNED_DEFAULTS = ("d305939ea10a8490", "037cab743654f59a")
+# The point ids of the shipped studies, as before the model knobs and recipes: their weights are reused after an
+# upgrade (a new field at its default hashes nothing).
+PINNED_POINT_IDS = {
+    "smoke": ["ca10c6d981753735", "25858b79bb6e7bc5", "7693a98886fca0a3", "db01d08a0c3e82ea"],
+    "scaling": ["0678f07220341783", "88e5df0ed0cdcf0a", "fbfb213814c9f8f1", "93e08960ebfd8828", "87d0ffedea8d3e72",
+                "362c7e818fe42931", "a77e3b5294adbaca", "4e26269413720284", "d886201a9eed8fbf", "717881fa5d60a957",
+                "4da4fd1ba9916bd3", "b4f7e7faab53b7a0", "2cfd7d1d6186eb65", "53e0c1be5ac03d55", "abcd5fb4a46b0a26",
+                "2087732cfa27d368", "d8e3492e9ce5d286", "eeef04345c44f1fd", "9f7312572b0d2543", "8c6c0ae239fd0342",
+                "52ffef9eccbf5d9a", "930e29907a723c58", "629c70efb97d6f31", "fb6181e1ba5f2bce"],
+}
 # The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade.
 PINNED_EVAL_IDS = {
     "smoke": {"fewshot": "f863e9d7fb785b7f", "linear_probe": "9380b66fe0457576", "finetune": "c25c842f373be015",
@@ -101,6 +138,11 @@ PINNED_EVAL_IDS = {
 
 def test_config_defaults_are_pinned_to_the_recipe_and_eval_versions():
     assert _defaults() == PINNED_DEFAULTS, f"defaults changed: see the comment above; now {_defaults()}"
+
+
+@pytest.mark.parametrize("study", PINNED_POINT_IDS)
+def test_the_shipped_studies_keep_their_point_ids(study):
+    assert _ids(load_study(ROOT / "configs" / f"{study}.yaml")) == PINNED_POINT_IDS[study]
 
 
 @pytest.mark.parametrize("study", PINNED_EVAL_IDS)
