@@ -118,6 +118,7 @@ class Pretrained:
     state: dict[str, torch.Tensor]
     image_size: int  # the pretraining resolution: features and diagnostics are taken there
     source: data.Prepared | None = None  # the pretraining source (evaluations that need its images)
+    options: models.ModelOptions = models.NO_OPTIONS  # the knobs it was pretrained with (fine-tuning rebuilds it)
 
     @property
     def family(self) -> str:

@@ -56,6 +56,8 @@ class Family:
         convolutional: has a ResNet path (timm's `train.py` puts such models in channels_last).
         marker: its matplotlib marker in every figure.
         colour: its band colour in the figures.
+        knobs: the model knobs (`pipelines.models.ModelOptions` fields) its builder honours besides the head's
+            initialisation, which every family takes; a grid setting another one fails at load.
     """
 
     name: str
@@ -66,14 +68,18 @@ class Family:
     convolutional: bool
     marker: str
     colour: str
+    knobs: tuple[str, ...] = ()
 
 
 # The order here is the order of figure legends and of error messages.
+_TRANSFORMER = ("dropout", "drop_path", "pool", "pos_embed", "pre_logits")
 FAMILIES: dict[str, Family] = {f.name: f for f in [
-    Family("ViT", "ViT", "weak", "pipelines.models:build_vit", Attention(), False, "o", "#f4a261"),
-    Family("BiT", "BiT-ResNet", "strong", "pipelines.models:build_bit", ReceptiveField(), True, "s", "#8d99ae"),
+    Family("ViT", "ViT", "weak", "pipelines.models:build_vit", Attention(), False, "o", "#f4a261",
+           _TRANSFORMER),
+    Family("BiT", "BiT-ResNet", "strong", "pipelines.models:build_bit", ReceptiveField(), True, "s", "#8d99ae",
+           ("dropout", "drop_path")),
     Family("Hybrid", "R50+ViT hybrid", "weak", "pipelines.models:build_hybrid", Attention(patch_filters=None), True,
-           "^", "#90be6d"),
+           "^", "#90be6d", _TRANSFORMER),
 ]}
 
 

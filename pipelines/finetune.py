@@ -112,9 +112,11 @@ def split_minival(data: ShardSubset, fraction: float, seed: int) -> tuple[ShardS
 
 
 def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, test: ShardSubset,
-        num_classes: int, rt: Runtime, hooks: Hooks[FinetuneEpoch] | None = None) -> FinetuneResult:
+        num_classes: int, rt: Runtime, hooks: Hooks[FinetuneEpoch] | None = None,
+        options: models.ModelOptions = models.NO_OPTIONS) -> FinetuneResult:
     """Fine-tune the pretrained `state` on `train` (less a minival) at each of `cfg.learning_rates`,
     keep the run with the best minival top-1 and report its top-1 and macro-F1 (percent) on `test`.
+    `options` are the knobs the model was pretrained with (a pre-logits layer is replaced by the linear head).
 
     The splits stay in their shards and are streamed (training through the exactly-once loader with `rt.loader`,
     evaluation batch by batch), so memory does not grow with them. `hooks.on_epoch` receives the chosen run's
@@ -131,7 +133,8 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     for lr in cfg.learning_rates:
         label = f"{hooks.label or 'finetune'} lr={lr:g}"
         try:
-            model, curves = _train(cfg, lr, steps, model_name, state, (train, minival), num_classes, rt, label)
+            model, curves = _train(cfg, lr, steps, model_name, state, (train, minival), num_classes, rt, label,
+                                   options)
         except TrainingDiverged as err:  # a rate too high for this task is a bad point of the sweep, not an error
             val_top1[lr], diverged = float("nan"), err
             continue
@@ -150,11 +153,11 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
 
 def _train(cfg: FinetuneConfig, lr: float, steps: int, model_name: str, state: dict[str, torch.Tensor],
            splits: tuple[ShardSubset, ShardSubset | None], num_classes: int, rt: Runtime,
-           label: str) -> tuple[torch.nn.Module, list[FinetuneEpoch]]:
+           label: str, options: models.ModelOptions) -> tuple[torch.nn.Module, list[FinetuneEpoch]]:
     """One fine-tuning run at learning rate `lr` on `splits` (train, minival): the model and its per-epoch curve."""
     (train, minival), device = splits, rt.device
     torch.manual_seed(rt.seed)
-    model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size).to(device)
+    model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size, options).to(device)
     perf.channels_last(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0,
                                 fused=perf.fused_optimizer(device))

@@ -88,6 +88,7 @@ class LoopSpec:
     image_size: int
     grad_clip: float
     loss: str = "softmax"  # or "sigmoid" (multi-label, as for ImageNet-21k)
+    label_smoothing: float = 0.0
     precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (`perf.resolve_precision`)
     micro_batch_size: int | None = None  # gradient accumulation when the batch does not fit
     checkpoint_every: int = 0  # steps; 0: only at the end
@@ -149,16 +150,19 @@ class LoopResult:
     waited_seconds: float = 0.0  # of timed_seconds, waiting for the next batch
 
 
-def loss_fn(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_fn(kind: str, logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """Softmax cross-entropy on int labels [B], or the sigmoid loss on the multi-hot target (BCE summed over
     classes, averaged over samples, as big_vision's `sigmoid_xent`) of labels [B] or, multi-label, [B, K] padded
-    with -1 (the multi-hot target is built here, on the device)."""
+    with -1 (the multi-hot target is built here, on the device). Label smoothing makes either target
+    (1 - smoothing) y + smoothing / classes (optax `smooth_labels`; torch's `label_smoothing` for softmax)."""
     if kind == "sigmoid":
-        return F.binary_cross_entropy_with_logits(logits, multi_hot(labels, logits.shape[-1], logits.dtype),
-                                                  reduction="sum") / logits.shape[0]
+        target = multi_hot(labels, logits.shape[-1], logits.dtype)
+        if smoothing:
+            target = target * (1 - smoothing) + smoothing / logits.shape[-1]
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
     if labels.ndim != 1:
         raise ValueError("softmax cross-entropy needs one label per sample; multi-label targets need loss 'sigmoid'")
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
 def multi_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -363,7 +367,7 @@ def _step(model: nn.Module, batch: Batch, spec: LoopSpec, autocast, scaler: torc
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast:
                 logits = model(x)
-                loss = loss_fn(spec.loss, logits.float(), y)
+                loss = loss_fn(spec.loss, logits.float(), y, spec.label_smoothing)
             scaler.scale(loss if len(y) == n else loss * (len(y) / n)).backward()
         sums.add(loss, logits, y)
 

@@ -14,15 +14,18 @@ released BiT weights (the BiT paper lists none).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pkgutil
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Literal
 
 import torch
-from timm.layers import GroupNormAct, StdConv2d, StdConv2dSame, resample_abs_pos_embed
+from timm.layers import GroupNormAct, StdConv2d, StdConv2dSame, resample_abs_pos_embed, trunc_normal_
 from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_hybrid import HybridEmbed
@@ -45,6 +48,57 @@ class ModelSpec:
     def patch(self) -> int | None:
         """Input pixels per token side: the ViT patch size, or a hybrid's backbone stride (its pixels per token)."""
         return self.kwargs.get("patch_size")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The knobs a grid sets per model (under `pretrain:` or a recipe); the defaults build the table's models as
+    they always were. Which a family honours is its row's `knobs` (`pipelines.families`); the head's two take every
+    family.
+
+    Attributes:
+        dropout: a ViT's dropout after every dense layer but the qkv projection and after adding the position
+            embedding (ViT paper Appendix B.1; big_vision `vit.py`: timm's `proj_drop_rate` and `pos_drop_rate`);
+            a BiT's dropout before its head (timm `ResNetV2(drop_rate)`).
+        drop_path: stochastic depth, rising linearly with depth to this rate (timm `drop_path_rate`).
+        pool: `token` (the class token, as the paper) or `gap` (the mean of the encoder's normalised tokens, no
+            class token: the paper's Appendix D.3 and big_vision `pool_type='gap'`).
+        pos_embed: `learned`, or `sincos2d`: a fixed 2D sin-cos table (big_vision `posemb='sincos2d'`), not a
+            parameter, recomputed for the grid at any resolution.
+        pre_logits: the paper's pretraining head, one tanh hidden layer of the model's width before the classifier
+            (big_vision `rep_size=True`); fine-tuning replaces it by a linear head (`pretrained_for_task`).
+        zero_head: the classifier's weights start at zero (big_vision `head_zeroinit`), so every logit starts at
+            the bias.
+        head_bias_init: the classifier's bias starts here: big_vision pretrains its 21,843-way sigmoid with -10
+            (`configs/vit_i21k.py`, `init_head_bias`), so every class starts near probability 0 and the loss near
+            the positives' alone instead of ~ C log 2.
+    """
+
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    pool: Literal["token", "gap"] = "token"
+    pos_embed: Literal["learned", "sincos2d"] = "learned"
+    pre_logits: bool = False
+    zero_head: bool = False
+    head_bias_init: float = 0.0
+
+    @classmethod
+    def of(cls, config) -> ModelOptions:
+        """The options a config carrying them as fields (`PretrainConfig`) gives."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+    def changed(self) -> dict:
+        """The knobs set to other than their defaults, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
+    def for_finetuning(self) -> ModelOptions:
+        """The architecture a downstream task fine-tunes: the same pooling and position embedding, a linear head
+        (the paper's fine-tuning head) and none of pretraining's regularisation (the public ViT fine-tuning
+        configs set dropout to 0)."""
+        return ModelOptions(pool=self.pool, pos_embed=self.pos_embed)
+
+
+NO_OPTIONS = ModelOptions()
 
 
 def _vit(depth: int, dim: int, heads: int, mlp: int, patch: int, **extra) -> dict:
@@ -102,36 +156,99 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def build(name: str, num_classes: int, image_size: int) -> nn.Module:
-    """Build a fresh timm model by table name (on the current default device; use `torch.device('meta')`)."""
+def check_options(name: str, options: ModelOptions) -> None:
+    """Refuse a knob `name`'s family does not honour (its row's `knobs`), naming it and what the family takes."""
+    family = families.get(get_spec(name).family)
+    head = ("zero_head", "head_bias_init")
+    refused = [k for k in options.changed() if k not in family.knobs + head]
+    if refused:
+        raise ConfigError(f"{refused[0]}={getattr(options, refused[0])!r} does not apply to {name} (a {family.name} "
+                          f"model); {family.name} models take {', '.join(family.knobs + head)}")
+
+
+def build(name: str, num_classes: int, image_size: int, options: ModelOptions = NO_OPTIONS) -> nn.Module:
+    """Build a fresh timm model by table name with `options` (on the current default device; use
+    `torch.device('meta')`)."""
+    check_options(name, options)
     spec = get_spec(name)
     builder = pkgutil.resolve_name(families.get(spec.family).builder)
-    return builder(dict(spec.kwargs), num_classes, image_size)
+    model = builder(dict(spec.kwargs), num_classes, image_size, options)
+    head = model.get_classifier()
+    with torch.no_grad():
+        if options.zero_head:
+            head.weight.zero_()
+        if options.head_bias_init:
+            head.bias.fill_(options.head_bias_init)  # else timm's 0 (ViT and ResNetV2)
+    return model
 
 
-def build_vit(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+def _transformer(options: ModelOptions) -> dict:
+    """timm `VisionTransformer` arguments for the knobs: a class token only for token pooling; GAP averages the
+    final-normed tokens (`fc_norm=False`: norm, then mean, as big_vision), dropout where the paper puts it."""
+    return dict(class_token=options.pool == "token", global_pool="token" if options.pool == "token" else "avg",
+                fc_norm=False, proj_drop_rate=options.dropout, pos_drop_rate=options.dropout,
+                drop_path_rate=options.drop_path)
+
+
+def _finish_transformer(model: VisionTransformer, options: ModelOptions) -> VisionTransformer:
+    """The knobs timm has no argument for: the fixed sin-cos table and the pre-logits layer."""
+    if options.pos_embed == "sincos2d":
+        table = sincos2d(*model.patch_embed.grid_size, model.embed_dim)
+        table = torch.cat([table.new_zeros(model.num_prefix_tokens, model.embed_dim), table])  # no posemb on [cls]
+        del model.pos_embed
+        model.register_buffer("pos_embed", table[None], persistent=False)  # not trained, not in checkpoints
+    if options.pre_logits:
+        # timm's forward_head runs `fc_norm` between pooling and the classifier (an Identity in these models), so
+        # the layer sits there and `forward_head(pre_logits=True)`, the few-shot features, ends with its tanh, as
+        # big_vision's `pre_logits`.
+        fc = nn.Linear(model.embed_dim, model.embed_dim)
+        trunc_normal_(fc.weight, std=0.02)  # timm's init for the ViT's other dense layers
+        nn.init.zeros_(fc.bias)
+        model.fc_norm = nn.Sequential(OrderedDict(fc=fc, act=nn.Tanh()))
+    return model
+
+
+PRE_LOGITS = "fc_norm."  # the pre-logits layer's state-dict prefix, dropped when fine-tuning re-heads the model
+
+
+def sincos2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> torch.Tensor:
+    """[height * width, dim] fixed 2D sin-cos position embedding, row-major over the patch grid, as big_vision's
+    `posemb_sincos_2d` (MoCo v3): [sin x, cos x, sin y, cos y], frequencies temperature^(-i / (dim/4 - 1)).
+    timm's `build_sincos2d_pos_embed` orders the bands and spaces the frequencies differently."""
+    if dim % 4:
+        raise ConfigError(f"pos_embed=sincos2d needs a width divisible by 4, got {dim}")
+    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                          indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4 - 1))
+    x, y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
+
+
+def build_vit(kw: dict, num_classes: int, image_size: int, options: ModelOptions) -> nn.Module:
     """The ViT family's builder (`families.FAMILIES`): a model row's kwargs -> a timm `VisionTransformer`."""
-    # Class token + token pooling, as in the paper; timm's default init (trunc-normal, zero head).
-    return VisionTransformer(img_size=image_size, num_classes=num_classes, class_token=True,
-                             global_pool="token", **kw)
+    # By default class token + token pooling, as in the paper; timm's default init (trunc-normal).
+    return _finish_transformer(VisionTransformer(img_size=image_size, num_classes=num_classes, **kw,
+                                                 **_transformer(options)), options)
 
 
-def build_hybrid(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+def build_hybrid(kw: dict, num_classes: int, image_size: int, options: ModelOptions) -> nn.Module:
     """The Hybrid family's builder: a ResNet-v1 backbone (`hybrid_layers`) as a ViT's patch embedding."""
     layers = kw.pop("hybrid_layers")
     kw.pop("patch_size")  # the backbone's stride; the ViT itself takes 1x1 patches of its features
     backbone = ResNetV2(layers=layers, num_classes=0, global_pool="", preact=False, stem_type="same",
                         conv_layer=partial(StdConv2dSame, eps=1e-8))
-    return VisionTransformer(img_size=image_size, num_classes=num_classes, patch_size=1, class_token=True,
-                             global_pool="token", embed_layer=partial(HybridEmbed, backbone=backbone), **kw)
+    model = VisionTransformer(img_size=image_size, num_classes=num_classes, patch_size=1,
+                              embed_layer=partial(HybridEmbed, backbone=backbone), **kw, **_transformer(options))
+    return _finish_transformer(model, options)
 
 
-def build_bit(kw: dict, num_classes: int, image_size: int) -> nn.Module:
+def build_bit(kw: dict, num_classes: int, image_size: int, options: ModelOptions) -> nn.Module:
     """The BiT family's builder: a timm `ResNetV2` with GroupNorm + Weight Standardization."""
     small_stem = kw.pop("small_stem", False)
     groups = kw.pop("gn_groups", 32)
     model = ResNetV2(num_classes=num_classes, stem_type="fixed", conv_layer=partial(StdConv2d, eps=1e-8),
-                     norm_layer=partial(GroupNormAct, num_groups=groups), **kw)
+                     norm_layer=partial(GroupNormAct, num_groups=groups), drop_rate=options.dropout,
+                     drop_path_rate=options.drop_path, **kw)
     if small_stem:
         model.stem = nn.Sequential(StdConv2d(3, kw["stem_chs"], kernel_size=3, stride=1, padding=1, eps=1e-8))
     return model
@@ -144,27 +261,30 @@ def backbone_params(model: nn.Module) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def forward_flops(name: str, image_size: int, num_classes: int = 1000) -> int:
+def forward_flops(name: str, image_size: int, num_classes: int = 1000, options: ModelOptions = NO_OPTIONS) -> int:
     """FLOPs (2 x multiply-adds) of one forward pass of one image, counted from the module graph on the
     meta device (no weights allocated), attention matmuls included whichever SDPA kernel timm calls."""
     with torch.device("meta"):
-        model = build(name, num_classes, image_size)
+        model = build(name, num_classes, image_size, options)
         x = torch.empty(1, 3, image_size, image_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return int(counter.get_total_flops())
 
 
-def pretrained_for_task(name: str, state: dict[str, torch.Tensor], num_classes: int, image_size: int) -> nn.Module:
-    """A pretrained backbone re-headed for a downstream task at `image_size`.
+def pretrained_for_task(name: str, state: dict[str, torch.Tensor], num_classes: int, image_size: int,
+                        options: ModelOptions = NO_OPTIONS) -> nn.Module:
+    """A pretrained backbone (built with `options`) re-headed for a downstream task at `image_size`.
 
-    The head is dropped and replaced by a zero-initialised one (the paper's fine-tuning set-up); a ViT's
-    position embeddings are resampled by 2D interpolation of the patch grid, the class token kept apart.
+    The head, and a pre-logits layer, are dropped and replaced by a zero-initialised linear head (the paper's
+    fine-tuning set-up, `ModelOptions.for_finetuning`); a learned position embedding is resampled by 2D
+    interpolation of the patch grid, the class token kept apart (a sin-cos one is computed for the new grid).
     """
-    model = build(name, num_classes, image_size)
+    model = build(name, num_classes, image_size, options.for_finetuning())
     prefix = _head_prefix(model)
     head_keys = {k for k in model.state_dict() if k.startswith(prefix)}
-    backbone = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    dropped = (prefix, PRE_LOGITS) if options.pre_logits else (prefix,)
+    backbone = {k: v for k, v in state.items() if not k.startswith(dropped)}
     if "pos_embed" in backbone:
         grid = model.patch_embed.grid_size
         backbone["pos_embed"] = resample_abs_pos_embed(backbone["pos_embed"], new_size=list(grid),

@@ -21,9 +21,12 @@ from pipelines.runtime import Runtime
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(models.ModelOptions):
     """Defaults follow the ViT paper's pretraining set-up (Appendix B.1): Adam(W) with beta1 0.9,
-    beta2 0.999, decoupled weight decay 0.1, linear warm-up then decay, gradient clipping at global norm 1."""
+    beta2 0.999, decoupled weight decay 0.1, linear warm-up then decay, gradient clipping at global norm 1.
+
+    Its first fields are the model knobs (`models.ModelOptions`: dropout, drop_path, pool, pos_embed, pre_logits,
+    zero_head, head_bias_init), so a grid sets them beside the optimiser's, under `pretrain:` or a recipe."""
 
     epochs: float | None = None
     steps: int | None = None
@@ -39,6 +42,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     precision: perf.Precision = "auto"  # auto: bf16 on CUDA (fp16 + loss scaling without bf16), fp32 on a CPU
     loss: Literal["softmax", "sigmoid"] = "softmax"
+    label_smoothing: float = 0.0  # target (1 - e) y + e / classes, either loss (torch's CrossEntropyLoss for softmax)
     augment: Augment = field(default_factory=Augment)  # inception crop + flip, as the ViT paper pretrains
     compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: on CUDA only
     micro_batch_size: int | None = None  # accumulate gradients over micro-batches of this size
@@ -57,6 +61,9 @@ class PretrainConfig:
             raise ValueError("micro_batch_size must be in (0, batch_size]")
         if self.nonfinite_check_every <= 0:
             raise ValueError("nonfinite_check_every must be positive")
+        for name in ("dropout", "drop_path", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     def total_steps(self, dataset_size: int) -> int:
         return duration_steps(self.epochs, self.steps, self.examples, self.batch_size, dataset_size)
@@ -134,7 +141,8 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
     device, start = rt.device, time.perf_counter()
     torch.manual_seed(rt.seed)
     perf.reset_peak_memory(device)
-    model = models.build(model_name, num_classes, image_size).to(device)
+    options = models.ModelOptions.of(cfg)
+    model = models.build(model_name, num_classes, image_size, options).to(device)
     perf.channels_last(model, device)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     steps = cfg.total_steps(len(data))
@@ -143,14 +151,15 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     precision = perf.resolve_precision(cfg.precision, device)
     spec = LoopSpec(steps=steps, batch_size=cfg.batch_size, image_size=image_size, grad_clip=cfg.grad_clip,
-                    loss=cfg.loss, precision=precision, micro_batch_size=cfg.micro_batch_size,
+                    loss=cfg.loss, label_smoothing=cfg.label_smoothing, precision=precision,
+                    micro_batch_size=cfg.micro_batch_size,
                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
                     nonfinite_check_every=cfg.nonfinite_check_every,
                     compile=perf.compile_enabled(cfg.compile, device))
     source = training_source(cfg, data, image_size, rt)
     loop = train_loop(model, source, spec, optimizer, scheduler, rt,
                       replace(hooks, label=hooks.label or f"pretrain {model_name}"))
-    flops = 3 * models.forward_flops(model_name, image_size, num_classes)  # forward + backward (2x forward)
+    flops = 3 * models.forward_flops(model_name, image_size, num_classes, options)  # forward + backward (2x forward)
     throughput = perf.throughput(loop.timed_steps * cfg.batch_size, loop.timed_seconds, loop.waited_seconds,
                                  loop.timed_steps, flops, device, precision) if loop.timed_steps else {}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -54,7 +54,8 @@ class PointFiles:
 
     @property
     def model_spec(self) -> str:
-        """{"model", "num_classes", "image_size"}: what rebuilds the module the weights belong to."""
+        """{"model", "num_classes", "image_size", "options"}: what rebuilds the module the weights belong to
+        (`models.build`; `options`: the knobs set to non-defaults)."""
         return self.file("model.json")
 
     @property

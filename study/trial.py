@@ -97,10 +97,11 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     else:
         emit(Started({**identity_params(cfg, point), "device": str(device), "world_size": where.world_size}))
         state = load_weights(storage.read_bytes(files.weights))
-    model = models.build(point.model, src.num_classes, src.image_size)
+    options = models.ModelOptions.of(cfg.pretrain)
+    model = models.build(point.model, src.num_classes, src.image_size, options)
     model.load_state_dict(state)
     model.to(device)
-    pretrained = downstream.Pretrained(point.model, model, state, src.image_size, source)
+    pretrained = downstream.Pretrained(point.model, model, state, src.image_size, source, options)
     runtime = Runtime(device, point.seed, cfg.cache_dir, indexes, cfg.data.loader, progress)
 
     def curve(prefix: str, step: int, values: dict) -> None:
@@ -160,7 +161,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
                **result.throughput}  # images_per_s, step_time_s, data_wait_fraction, peak memory, mfu
     if "test" in source.shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
-        model = models.build(point.model, src.num_classes, src.image_size)
+        model = models.build(point.model, src.num_classes, src.image_size, models.ModelOptions.of(cfg.pretrain))
         model.load_state_dict(result.state_dict)
         val = source.subset("test")
         summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
@@ -170,7 +171,8 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
     storage.write_bytes(files.weights,
                         save_weights(result.state_dict, metadata={"model": point.model, "steps": str(point.steps)}))
     storage.write_bytes(files.model_spec, json.dumps(
-        {"model": point.model, "num_classes": src.num_classes, "image_size": src.image_size}).encode())
+        {"model": point.model, "num_classes": src.num_classes, "image_size": src.image_size,
+         "options": models.ModelOptions.of(cfg.pretrain).changed()}).encode())
     storage.write_bytes(files.pretrain_summary, json.dumps(summary).encode())
     return result.state_dict
 

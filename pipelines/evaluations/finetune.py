@@ -18,6 +18,6 @@ def measure(cfg: Config, inputs: Inputs) -> list[Measurement]:
     train, test = inputs.splits()
     model = inputs.model
     ft = finetune.run(cfg, model.name, model.state, train, test, inputs.task.num_classes, inputs.runtime,
-                      Hooks(on_epoch=on_epoch, label=f"finetune {inputs.dataset}"))
+                      Hooks(on_epoch=on_epoch, label=f"finetune {inputs.dataset}"), model.options)
     return [inputs.measurement("top1", ft.top1), inputs.measurement("macro_f1", ft.macro_f1),
             inputs.measurement("lr", ft.lr)]

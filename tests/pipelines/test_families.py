@@ -52,8 +52,8 @@ def test_every_family_resolves_its_builder_and_its_diagnostic_parts(family):
 
 # --- a toy family added through the tables alone: a ConvNeXt, strong bias, no Fig 7 numbers -------------------
 
-def build_convnext(kw: dict, num_classes: int, image_size: int) -> torch.nn.Module:
-    """The toy family's builder, found through its family row's `builder` path."""
+def build_convnext(kw: dict, num_classes: int, image_size: int, options: models.ModelOptions) -> torch.nn.Module:
+    """The toy family's builder, found through its family row's `builder` path (its row takes no knobs)."""
     return ConvNeXt(num_classes=num_classes, **kw)
 
 

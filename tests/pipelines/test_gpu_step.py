@@ -78,8 +78,8 @@ def _poisoned_build(monkeypatch, bad_call: int):
     """models.build whose model returns NaN logits from its `bad_call`-th training forward on."""
     original = models.build
 
-    def build(name, num_classes, image_size):
-        model = original(name, num_classes, image_size)
+    def build(name, num_classes, image_size, options):
+        model = original(name, num_classes, image_size, options)
         calls = [0]
 
         def poison(module, args, out):

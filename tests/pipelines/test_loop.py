@@ -55,8 +55,8 @@ def test_non_finite_loss_stops_the_run_within_the_check_interval(monkeypatch):
     data = as_shards(np.zeros_like(images), labels)
     original = models.build
 
-    def poisoned(name, num_classes, image_size):
-        model = original(name, num_classes, image_size)
+    def poisoned(name, num_classes, image_size, options):
+        model = original(name, num_classes, image_size, options)
         with torch.no_grad():
             model.head.weight.fill_(float("nan"))
         return model

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,91 @@ def test_every_convolutional_path_runs_channels_last_and_every_model_can_checkpo
     if in_resnet:  # every spatial convolution of a BiT or a hybrid's backbone (1x1 weights have no layout)
         assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     model.set_grad_checkpointing(True)  # `pretrain.grad_checkpointing`: timm's hook exists for every entry
+
+
+# --- the model knobs (ModelOptions), each against what timm or big_vision does --------------------------------
+
+def test_sincos2d_is_big_visions_table():
+    # big_vision `posemb_sincos_2d(h, w, width)`, written out per entry: row r, column c of the patch grid,
+    # band i of width/4 at frequency 10000^(-i / (width/4 - 1)); [sin(c w), cos(c w), sin(r w), cos(r w)].
+    h, w, width = 2, 3, 8
+    bands = width // 4
+    expected = np.zeros((h * w, width))
+    for r in range(h):
+        for c in range(w):
+            for i in range(bands):
+                freq = 10000.0 ** (-i / (bands - 1))
+                expected[r * w + c, [i, bands + i, 2 * bands + i, 3 * bands + i]] = (
+                    np.sin(c * freq), np.cos(c * freq), np.sin(r * freq), np.cos(r * freq))
+    assert np.allclose(models.sincos2d(h, w, width).numpy(), expected, atol=1e-6)
+
+
+def test_sincos2d_pos_embed_is_fixed_and_recomputed_for_a_new_grid():
+    options = models.ModelOptions(pos_embed="sincos2d")
+    model = models.build("ViT-Pico/4", 10, 32, options)
+    assert "pos_embed" not in dict(model.named_parameters()) and "pos_embed" not in model.state_dict()
+    assert torch.equal(model.pos_embed[0, 0], torch.zeros(64))  # the class token gets none, as in big_vision
+    assert torch.equal(model.pos_embed[0, 1:], models.sincos2d(8, 8, 64))
+    tuned = models.pretrained_for_task("ViT-Pico/4", model.state_dict(), 4, 48, options)
+    assert torch.equal(tuned.pos_embed[0, 1:], models.sincos2d(12, 12, 64))
+
+
+def test_gap_pools_the_mean_of_the_normed_tokens_without_a_class_token():
+    model = models.build("ViT-Pico/4", 10, 32, models.ModelOptions(pool="gap")).eval()
+    assert model.cls_token is None and model.num_prefix_tokens == 0 and model.pos_embed.shape == (1, 64, 64)
+    tokens = model.forward_features(torch.randn(2, 3, 32, 32))  # ends with the encoder's LayerNorm
+    assert torch.allclose(model.forward_head(tokens, pre_logits=True), tokens.mean(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_a_zero_head_gives_uniform_logits_at_the_bias_init(name):
+    model = models.build(name, 10, 32, models.ModelOptions(zero_head=True, head_bias_init=-10.0))
+    logits = model(torch.randn(3, 3, 32, 32))
+    assert torch.equal(logits, torch.full((3, 10), -10.0))
+    from pipelines.loop import loss_fn  # sigmoid at -10: ~ the positive's 10 nats, not 10 x ln 2 at a zero bias
+    assert loss_fn("sigmoid", logits, torch.tensor([1, 2, 3])).item() == pytest.approx(10 + 10 * 4.54e-5, rel=1e-3)
+
+
+def test_label_smoothing_is_torchs_for_softmax_and_the_same_target_for_sigmoid():
+    from pipelines.loop import loss_fn
+
+    logits, labels = torch.randn(4, 5), torch.tensor([0, 3, 1, 4])
+    assert torch.allclose(loss_fn("softmax", logits, labels, 0.1),
+                          torch.nn.CrossEntropyLoss(label_smoothing=0.1)(logits, labels))
+    target = torch.nn.functional.one_hot(labels, 5).float() * 0.9 + 0.1 / 5
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum") / 4
+    assert torch.allclose(loss_fn("sigmoid", logits, labels, 0.1), expected)
+
+
+def test_dropout_and_drop_path_reach_timms_layers_where_the_paper_puts_them():
+    vit = models.build("ViT-Pico/4", 10, 32, models.ModelOptions(dropout=0.1, drop_path=0.2))
+    block = vit.blocks[0]
+    # after adding the position embedding and after every dense layer but qkv (ViT paper B.1); not on attention
+    assert vit.pos_drop.p == block.attn.proj_drop.p == block.mlp.drop1.p == block.mlp.drop2.p == 0.1
+    assert block.attn.attn_drop.p == 0 and vit.head_drop.p == 0
+    assert vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)  # timm's linear rule: the last block's rate
+    bit = models.build("BiT-R14-Pico", 10, 32, models.ModelOptions(dropout=0.1, drop_path=0.2))
+    assert bit.drop_rate == 0.1 and bit.stages[-1].blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.equal(vit.train()(x), vit(x)) and torch.equal(vit.eval()(x), vit(x))
+
+
+def test_pre_logits_is_a_tanh_layer_for_pretraining_replaced_by_a_linear_head_for_fine_tuning():
+    options = models.ModelOptions(pre_logits=True)
+    model = models.build("ViT-Pico/4", 10, 32, options).eval()
+    tokens = model.forward_features(torch.randn(2, 3, 32, 32))
+    features = model.forward_head(tokens, pre_logits=True)  # what few-shot and the linear probe read
+    fc = model.fc_norm.fc
+    assert torch.allclose(features, torch.tanh(fc(tokens[:, 0])), atol=1e-6)
+    assert torch.allclose(model.forward_head(tokens), model.head(features), atol=1e-6)
+    tuned = models.pretrained_for_task("ViT-Pico/4", model.state_dict(), 4, 32, options)
+    assert isinstance(tuned.fc_norm, torch.nn.Identity) and tuned.head.in_features == 64
+    assert torch.equal(tuned.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    assert torch.equal(tuned(torch.randn(2, 3, 32, 32)), torch.zeros(2, 4))
+
+
+def test_a_knob_the_family_does_not_take_is_refused_naming_it():
+    with pytest.raises(ConfigError, match=r"pool='gap' does not apply to BiT-R50x1 \(a BiT model\); BiT models "
+                                          r"take dropout, drop_path, zero_head, head_bias_init"):
+        models.check_options("BiT-R50x1", models.ModelOptions(pool="gap"))
+    models.check_options("R50x1+ViT-B/16", models.ModelOptions(pool="gap", pos_embed="sincos2d", pre_logits=True))

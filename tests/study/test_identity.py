@@ -39,7 +39,8 @@ def test_execution_only_settings_keep_every_id(tmp_path, override):
 
 @pytest.mark.parametrize("override", [
     "pretrain.lr=3.0e-4", "pretrain.warmup_steps=2", "pretrain.batch_size=32", "data.pretrain.seed=5",
-    "data.pretrain.size=1536", "data.subset_mode=shards",
+    "data.pretrain.size=1536", "data.subset_mode=shards", "pretrain.dropout=0.1", "pretrain.drop_path=0.1",
+    "pretrain.label_smoothing=0.1", "pretrain.zero_head=true", "pretrain.head_bias_init=-10",
 ])
 def test_what_shapes_the_weights_changes_every_id(tmp_path, override):
     before, after = _ids(_study(tmp_path)), _ids(_study(tmp_path, overrides=[override]))
@@ -83,8 +84,19 @@ def _defaults():
 # When this fails: if a default changed what a config computes, bump RECIPE_VERSION (pretraining, sources) or
 # EVAL_VERSION (evaluations) in study/identity.py; then (in either case, a new field too) update the pin.
 # (The evaluation pin moved when `evaluate.diagnostics: true` + `diagnostic_batch: 128` became the section
-# `evaluate.diagnostics: {batch: 128}`: the same defaults in another shape; the ids below did not move.)
-PINNED_DEFAULTS = ("065098a3544665e1", "25c573da21b646fe")
+# `evaluate.diagnostics: {batch: 128}`: the same defaults in another shape; the ids below did not move. The recipe
+# pin moved when the model knobs and label_smoothing joined PretrainConfig, defaults keeping today's models.)
+PINNED_DEFAULTS = ("b6f40f28b764076a", "25c573da21b646fe")
+# The point ids of the shipped studies, as before the model knobs and recipes: their weights are reused after an
+# upgrade (a new field at its default hashes nothing).
+PINNED_POINT_IDS = {
+    "smoke": ["ca10c6d981753735", "25858b79bb6e7bc5", "7693a98886fca0a3", "db01d08a0c3e82ea"],
+    "scaling": ["0678f07220341783", "88e5df0ed0cdcf0a", "fbfb213814c9f8f1", "93e08960ebfd8828", "87d0ffedea8d3e72",
+                "362c7e818fe42931", "a77e3b5294adbaca", "4e26269413720284", "d886201a9eed8fbf", "717881fa5d60a957",
+                "4da4fd1ba9916bd3", "b4f7e7faab53b7a0", "2cfd7d1d6186eb65", "53e0c1be5ac03d55", "abcd5fb4a46b0a26",
+                "2087732cfa27d368", "d8e3492e9ce5d286", "eeef04345c44f1fd", "9f7312572b0d2543", "8c6c0ae239fd0342",
+                "52ffef9eccbf5d9a", "930e29907a723c58", "629c70efb97d6f31", "fb6181e1ba5f2bce"],
+}
 # The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade.
 PINNED_EVAL_IDS = {
     "smoke": {"fewshot": "f863e9d7fb785b7f", "linear_probe": "9380b66fe0457576", "finetune": "d7a44a454bab1786",
@@ -96,6 +108,11 @@ PINNED_EVAL_IDS = {
 
 def test_config_defaults_are_pinned_to_the_recipe_and_eval_versions():
     assert _defaults() == PINNED_DEFAULTS, f"defaults changed: see the comment above; now {_defaults()}"
+
+
+@pytest.mark.parametrize("study", PINNED_POINT_IDS)
+def test_the_shipped_studies_keep_their_point_ids(study):
+    assert _ids(load_study(ROOT / "configs" / f"{study}.yaml")) == PINNED_POINT_IDS[study]
 
 
 @pytest.mark.parametrize("study", PINNED_EVAL_IDS)
