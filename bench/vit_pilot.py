@@ -1,7 +1,7 @@
 """ViT recipe pilot: which recipe lets the grid's ViT leave its loss plateau within the default study's compute.
 
     python bench/vit_pilot.py [--grid configs/scaling.yaml] [--recipes baseline lr2e-3 ...] [--seeds 0 1 2]
-        [--set NAME=key=value,key=value ...]
+        [--set 'NAME=key=value;key=value' ...]
 
 Each recipe is a list of dotted overrides of the grid (the study's own config path, so what is piloted here is
 exactly what `study.run --grid configs/scaling.yaml <overrides>` would train). Every (recipe, seed) pretrains the
@@ -12,7 +12,10 @@ split. The BiT is never trained here: the recipe is chosen on the ViT's own upst
 Prints one row per recipe: upstream top-1 on the test split (mean over seeds with its 95% t interval, and the
 seeds' values), the last epoch's mean training loss against chance (ln classes), pretraining seconds per point,
 and, last, each recipe's seconds as a ratio to the first recipe's (the baseline, measured in the same run). The
-seconds are wall time on whatever else the machine is running: compare them within one run only.
+seconds are wall time on whatever else the machine is running: compare them within one run only. Depth, width and
+patch variants (`PILOT_MODELS`) are rows registered in this process only; a recipe names one in `models`.
+Goal (issue 25): upstream top-1 at the largest subset >= 2x chance, its 95% interval over 3 seeds excluding chance,
+at no more seconds per point than the baseline.
 """
 
 from __future__ import annotations
