@@ -110,7 +110,8 @@ def sentence(table: pd.DataFrame, summary: dict, key: tuple) -> str:
     mine = [g for g in summary["gaps"] if (g["vit"], g["resnet"], g["eval"], g["dataset"], g["shots"], g["metric"])
             == (vit, bit, *key)]
     gaps = sorted(mine, key=lambda g: g["subset_size"])
-    where = f"({_name(key)}, BiT − ViT in points [95% CI])"
+    bounds = " [95% CI]" if any(g["ci"] is not None for g in mine) else ""
+    where = f"({_name(key)}, BiT − ViT in points{bounds})"
     if len(gaps) < 2:
         at = f"; {_gap(gaps[0])} at {_size(gaps[0]['subset_size'])} images" if gaps else ""
         return f"Too few subset sizes to say: {bit} vs {vit} measured at {len(gaps)} size(s){at} {where}."
