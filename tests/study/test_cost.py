@@ -58,7 +58,8 @@ def test_the_loader_bounds_the_paper_grids_small_models_at_the_default_workers()
     cfg = load_study(PAPER)
     ranks, workers = cfg.resources.workers_per_trial, cfg.data.loader.workers
     row = _row(cfg, "ViT-B/32")
-    per_image = 3 * models.forward_flops("ViT-B/32", 224, cfg.data.pretrain.num_classes)
+    per_image = 3 * models.forward_flops("ViT-B/32", 224, cfg.data.pretrain.num_classes,
+                                         models.ModelOptions.of(cfg.pretrain_for("ViT-B/32")))  # its recipe's knobs
     assert row["images_per_s_needed"] == pytest.approx(0.4 * cfg.resources.gpus_per_trial * H100_BF16 / per_image)
     assert row["images_per_s_fed"] == pytest.approx(workers * ranks * cost.loader_images_per_s(224))
     assert row["images_per_s_fed"] < row["images_per_s_needed"]  # ViT-B/32 at 40% MFU outruns 7 CPUs per GPU

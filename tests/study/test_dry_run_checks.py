@@ -154,7 +154,7 @@ def test_a_missing_key_names_the_file_the_key_path_and_what_it_takes(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_study(grid, ["pretrained=null"])
     assert str(err.value) == f"{grid}: unknown key 'pretrained'; valid keys here: study, data, downstream, models, " \
-                             "pretrain, seeds, evaluate, resources"
+                             "pretrain, seeds, evaluate, resources, recipes"
     grid.write_text(grid.read_text().replace("pretrained: {steps: 12, batch_size: 64, lr: 1.0e-3, warmup_steps: 4}",
                                              ""))
     with pytest.raises(ConfigError) as err:
