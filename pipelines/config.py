@@ -118,7 +118,7 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"unknown key '{key}'; valid keys here: {', '.join(fields)}")
+        raise ConfigError(f"unknown key '{key}'; valid keys here: {', '.join(_names(cls))}")
     kwargs = {}
     for name, value in data.items():
         finite = not fields[name].metadata.get("allow_nonfinite", False)
@@ -134,10 +134,17 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
 
 
+def _names(cls: type) -> list[str]:
+    """A config's keys, its own before those it inherits (a pretraining schedule before the model knobs)."""
+    own = cls.__dict__.get("__annotations__", {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    return [n for n in names if n in own] + [n for n in names if n not in own]
+
+
 def _expected(tp: Any) -> str:
     """What a missing key takes, for its error message."""
     if dataclasses.is_dataclass(tp):
-        names = [f.name for f in dataclasses.fields(tp)]
+        names = _names(tp)
         return f"a mapping with keys {', '.join(names[:5])}" + (", ..." if len(names) > 5 else "")
     if typing.get_origin(tp) in (tuple, list):
         return f"a list of {_type_name((typing.get_args(tp) or (Any,))[0])}"

@@ -155,8 +155,8 @@ def test_a_missing_key_names_the_file_the_key_path_and_what_it_takes(tmp_path):
         load_study(grid, ["pretrained=null"])
     assert str(err.value) == f"{grid}: unknown key 'pretrained'; valid keys here: study, data, downstream, models, " \
                              "pretrain, seeds, evaluate, resources, recipes"
-    grid.write_text(grid.read_text().replace("pretrained: {steps: 12, batch_size: 64, lr: 1.0e-3, warmup_steps: 4}",
-                                             ""))
+    grid.write_text("".join(line for line in grid.read_text().splitlines(keepends=True)
+                            if not line.startswith("pretrained:")))
     with pytest.raises(ConfigError) as err:
         load_study(grid)
     assert str(err.value) == f"{grid}: missing required key 'pretrain' (a mapping with keys epochs, steps, examples, " \
