@@ -24,7 +24,8 @@ BASE = ["-m", "study.run", "--grid", "configs/smoke.yaml", "pretrain.steps=60", 
 # Only the killed invocation runs one trial at a time (so that, when it dies, two points have not started); how many
 # trials run at once is not part of any identity, so the later invocations run two side by side on 2 cores.
 ONE_AT_A_TIME = "resources.max_concurrent_trials=1"
-ACTIONS = re.compile(r"^(\S+)\s+([\d,]+)\s+(\d+)\s+[\d,]+\s+\S+\s+\S+\s+(reuse|log|evaluate.*|resume|train)$", re.M)
+ACTIONS = re.compile(r"^(\S+)\s+([\d,]+)\s+(\d+)\s+[\d,]+(?:\s+[\d.e+-]+)+\s+(reuse|log|evaluate.*|resume|train)$",
+                     re.M)  # the grid's rows: model, subset, seed, examples, the numeric columns, what this run does
 
 
 def _actions(stdout: str) -> dict[tuple[str, int], str]:
