@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,8 +24,10 @@ PREFIX = "ckpt-"
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: torch.optim.lr_scheduler.LRScheduler, loop_state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` under `root` and prune all but the newest `keep` complete ones.
+         scheduler: torch.optim.lr_scheduler.LRScheduler, loop_state: dict, keep: int = 2,
+         also: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `step` under `root` and prune all but the newest `keep` complete ones; `also` writes more
+    files into the folder (before the state file that marks it complete).
 
     A reader never sees a half-written or half-deleted checkpoint, even if this process is killed midway.
     """
@@ -36,6 +39,8 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     tmp.mkdir()
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
+    if also is not None:
+        also(tmp)
     # state.pt last: it marks a folder complete (storage copies it last too).
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "loop": loop_state, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from pipelines.config import UserError
 from pipelines.data.augment import Augment
 from pipelines.data.stream import Batch, ShardStream, ShardSubset, StreamLoader
 from pipelines.runtime import Runtime
+
+if TYPE_CHECKING:
+    from pipelines.selection import Selector
 
 
 class TrainingDiverged(RuntimeError):
@@ -98,6 +101,7 @@ class LoopSpec:
     stop_check_every: int = 5  # steps between asking `should_stop` (all ranks at the same steps)
     log_every: int = 0  # steps between `hooks.on_log` records (one host read each); 0: at epoch ends only
     compile: bool = False  # torch.compile the step's module, after the DDP wrap (`perf.compile_model`)
+    eval_every: int = 0  # steps between `hooks.select` calls (and at the end); 0: never
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,8 @@ class Hooks(Generic[Record]):
         checkpoint_dir: resume from its newest checkpoint and write new ones there; None: no checkpoints.
         on_checkpoint: called with each checkpoint written (on rank 0).
         label: the progress bar's name; None: the stage's own.
+        select: called on every rank every `LoopSpec.eval_every` steps and at the end, before that step's
+            checkpoint, which keeps what it chose (`pipelines.selection.Selector`).
     """
 
     on_epoch: Callable[[Record], None] | None = None
@@ -143,6 +149,7 @@ class Hooks(Generic[Record]):
     checkpoint_dir: Path | None = None
     on_checkpoint: Callable[[Path], None] | None = None
     label: str | None = None
+    select: Selector | None = None
 
 
 @dataclass(frozen=True)
@@ -255,6 +262,15 @@ class _Timer:
         self.log_waited += waited
         return batch
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` spent off the training path (an evaluation) out of every clock: images/s and MFU stay
+        the training's."""
+        self.start += seconds
+        self.epoch_start += seconds
+        self.log_start += seconds
+        if self.window_start is not None:
+            self.window_start += seconds
+
     def epoch_record(self, epoch: int, step: int, batch_size: int, totals: list, lr: float,
                      skipped: dict[str, int]) -> EpochRecord:
         now = time.perf_counter()
@@ -312,7 +328,7 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer
     perf.enable_tf32(device)
     autocast, scaler = perf.autocast(precision, device), perf.grad_scaler(precision, device)
     memory_format = perf.channels_last(model, device)
-    step, epoch, saved = _resume(hooks.checkpoint_dir, model, optimizer, scheduler, scaler)
+    step, epoch, saved = _resume(hooks, model, optimizer, scheduler, scaler)
     sums = _Sums(device, saved, step)
     timer = _Timer(device, step, spec.steps)
     last: EpochRecord | None = None
@@ -346,6 +362,11 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer
                 if hooks.on_log is not None and where.main:  # the sums are reduced: every rank has these numbers
                     hooks.on_log(record)
                     model.train()  # on_log may have evaluated the model
+            if hooks.select is not None and spec.eval_every and (step % spec.eval_every == 0 or step == spec.steps):
+                tick = time.perf_counter()
+                hooks.select(step)
+                model.train()
+                timer.exclude(time.perf_counter() - tick)
             if save and where.main:
                 _save(hooks, spec, {"step": step, "epoch": epoch, "sums": totals}, model, optimizer, scheduler, scaler)
             if stop:
@@ -363,13 +384,16 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer
     return timer.result(last)
 
 
-def _resume(folder: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _resume(hooks: Hooks, model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> tuple[int, int, list]:
-    """(step, epoch, saved sums) of the newest checkpoint in `folder`, its state loaded; (0, 0, None) if none."""
-    resume = checkpoint.latest(folder)
+    """(step, epoch, saved sums) of the newest checkpoint in `hooks.checkpoint_dir`, its state (and what
+    `hooks.select` kept) loaded; (0, 0, None) if none."""
+    resume = checkpoint.latest(hooks.checkpoint_dir)
     if resume is None:
         return 0, 0, None
     loop = checkpoint.load(resume, model, optimizer, scheduler)
+    if hooks.select is not None:
+        hooks.select.load(resume)
     # Checkpoints of older code also hold "gen" (the RNG of the removed in-memory augmentation): ignored.
     if "scaler" in loop:
         scaler.load_state_dict(loop["scaler"])
@@ -382,7 +406,7 @@ def _save(hooks: Hooks, spec: LoopSpec, state: dict, model: nn.Module, optimizer
     if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
     path = checkpoint.save(hooks.checkpoint_dir, state["step"], model, optimizer, scheduler, state,
-                           spec.keep_checkpoints)
+                           spec.keep_checkpoints, hooks.select.save if hooks.select is not None else None)
     if hooks.on_checkpoint is not None:
         hooks.on_checkpoint(path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
-from pipelines import distributed, models, perf
+from pipelines import distributed, models, perf, selection
 from pipelines.config import UserError
 from pipelines.data.augment import Augment
 from pipelines.data.index import SourceIndex
@@ -51,6 +52,8 @@ class PretrainConfig(models.ModelOptions):
     log_every: int = 50  # steps between training and system metrics and progress, a host read each (big_vision: 50)
     checkpoint_every: int = 500  # steps between checkpoints (a trial restarted by Tune resumes from the newest)
     keep_checkpoints: int = 2
+    eval_every: int | None = None  # steps between evaluations during training (`pipelines.selection`); None: none
+    select: Literal["best", "final"] = "best"  # with eval_every: whose weights the point keeps (without: the last)
 
     def __post_init__(self):
         given = [v for v in (self.epochs, self.steps, self.examples) if v is not None]
@@ -62,9 +65,16 @@ class PretrainConfig(models.ModelOptions):
             raise ValueError("micro_batch_size must be in (0, batch_size]")
         if self.nonfinite_check_every <= 0 or self.log_every <= 0:
             raise ValueError("nonfinite_check_every and log_every must be positive")
+        if self.eval_every is not None and self.eval_every <= 0:
+            raise ValueError(f"eval_every must be a positive number of steps, got {self.eval_every}")
         for name in ("dropout", "drop_path", "label_smoothing"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def selects_best(self) -> bool:
+        """Keep the best measured step's weights (the paper's Fig 4 protocol) rather than the last's."""
+        return self.eval_every is not None and self.select == "best"
 
     def total_steps(self, dataset_size: int) -> int:
         return duration_steps(self.epochs, self.steps, self.examples, self.batch_size, dataset_size)
@@ -75,7 +85,7 @@ WEIGHTS_FILE = "pretrained.safetensors"  # what `run` names the weights in its c
 
 @dataclass
 class PretrainResult:
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor]  # the last step's weights
     weights_path: Path | None
     steps: int
     examples_seen: int
@@ -85,6 +95,14 @@ class PretrainResult:
     # peak_device_memory_gb (CUDA) or peak_host_rss_gb (CPU), and mfu (per device), device_peak_tflops where the peak
     # is known. images_per_s counts every rank's images.
     throughput: dict[str, float] = field(default_factory=dict)
+    # With `eval_every`: the step `select` chose (its weights too with `select: best`); None without, or when a
+    # resumed run had no step left to measure.
+    chosen: selection.Chosen | None = None
+
+    @property
+    def selected_state(self) -> dict[str, torch.Tensor]:
+        """The weights the point keeps: the chosen step's where they were kept, else the last step's."""
+        return self.chosen.state if self.chosen is not None and self.chosen.state is not None else self.state_dict
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -125,7 +143,8 @@ def training_source(cfg: PretrainConfig, data: ShardSubset, image_size: int, rt:
 
 
 def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: int, image_size: int, rt: Runtime,
-        hooks: Hooks[EpochRecord] | None = None, out_dir: Path | None = None) -> PretrainResult:
+        hooks: Hooks[EpochRecord] | None = None, out_dir: Path | None = None,
+        probe: Callable[[torch.nn.Module, int], float] | None = None) -> PretrainResult:
     """Pretrain `model_name` from scratch on `data`, a shard subset streamed with `rt.loader`.
 
     Args:
@@ -134,7 +153,10 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
         hooks: each epoch's `EpochRecord` and one every `cfg.log_every` steps, the checkpoint folder (resumed
             from if it holds a checkpoint) and each checkpoint written; the progress label (default:
             `pretrain <model>`).
-        out_dir: where the weights are saved as safetensors; None: not saved.
+        out_dir: where the weights are saved as safetensors (and the chosen step's, `selection.BEST_FILE`, with
+            `select: best`); None: not saved.
+        probe: measures the model every `cfg.eval_every` steps and at the end, returning the score `select: best`
+            chooses on (`selection.Probe`); needed with `cfg.eval_every`.
 
     Run on every rank of a process group, it trains data-parallel (`cfg.batch_size` is global; rank 0 writes the
     checkpoints and the weights).
@@ -158,10 +180,13 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
                     micro_batch_size=cfg.micro_batch_size,
                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
                     nonfinite_check_every=cfg.nonfinite_check_every, log_every=cfg.log_every,
-                    compile=perf.compile_enabled(cfg.compile, device))
+                    compile=perf.compile_enabled(cfg.compile, device), eval_every=cfg.eval_every or 0)
+    if cfg.eval_every and probe is None:
+        raise ValueError("pretrain.eval_every needs a probe to measure the model with")
+    selector = selection.Selector(model, probe, cfg.selects_best) if cfg.eval_every else None
     source = training_source(cfg, data, image_size, rt)
     loop = train_loop(model, source, spec, optimizer, scheduler, rt,
-                      replace(hooks, label=hooks.label or f"pretrain {model_name}"))
+                      replace(hooks, label=hooks.label or f"pretrain {model_name}", select=selector))
     flops = 3 * models.forward_flops(model_name, image_size, num_classes, options)  # forward + backward (2x forward)
     throughput = perf.throughput(loop.timed_steps * cfg.batch_size, loop.timed_seconds, loop.waited_seconds,
                                  loop.timed_steps, flops, device, precision,
@@ -172,5 +197,7 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / WEIGHTS_FILE
         save_file(state, str(path), metadata={"model": model_name, "steps": str(steps)})
+        if selector is not None and selector.keep_best and selector.best is not None:
+            selection.save_chosen(selector.best, out_dir / selection.BEST_FILE)
     return PretrainResult(state, path, steps, steps * cfg.batch_size, loop.final, time.perf_counter() - start,
-                          throughput)
+                          throughput, selector.chosen if selector is not None else None)

@@ -224,6 +224,20 @@ def _check_recipes(cfg: StudyConfig) -> None:
             models.check_options(model, models.ModelOptions.of(cfg.pretrain_for(model)))
         except ConfigError as err:
             raise ConfigError(f"pretrain{cfg.recipes.where(model)}: {err}") from None
+        if cfg.pretrain_for(model).eval_every:
+            _check_during_training(cfg, f"pretrain.eval_every{cfg.recipes.where(model)}")
+
+
+def _check_during_training(cfg: StudyConfig, key: str) -> None:
+    """Evaluation during training (`pipelines.selection`) measures upstream top-1 on the pretraining source's test
+    split (none is carved from its train split) and selects on few-shot."""
+    name, what = _TEST_SPLIT[cfg.data.pretrain.source]
+    if not getattr(cfg.data.pretrain, name):
+        raise ConfigError(f"{key}: evaluation during training measures upstream top-1 on the pretraining source's "
+                          f"test split, which it lacks: give data.pretrain.{name} ({what})")
+    if cfg.evaluate.fewshot is None:
+        raise ConfigError(f"{key}: evaluation during training selects on few-shot, which evaluate.fewshot=null "
+                          "switches off")
 
 
 def _pretrain_rules(cfg: StudyConfig) -> list[tuple[str, float, str]]:

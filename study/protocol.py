@@ -43,7 +43,9 @@ class PointFields:
 @dataclass(frozen=True)
 class PretrainSummary:
     """What pretraining a point measured. The throughput fields are those `pipelines.perf.throughput` gives the
-    device (a CPU has no device memory, an unknown GPU no MFU); `val_top1` needs a held-out split."""
+    device (a CPU has no device memory, an unknown GPU no MFU); `val_top1` needs a held-out split. With
+    `pretrain.eval_every`, `selected_step` is the step whose weights the point keeps (and evaluates, and `val_top1`
+    measures) and `selected_score` its few-shot headline (`pipelines.selection.headline`)."""
 
     steps: int
     examples_seen: int
@@ -57,6 +59,8 @@ class PretrainSummary:
     peak_host_rss_gb: float | None = None
     mfu: float | None = None
     device_peak_tflops: float | None = None
+    selected_step: int | None = None
+    selected_score: float | None = None
 
     def to_dict(self) -> dict[str, float]:
         """The fields it has (a field the device did not give is absent, as in the stored JSON)."""

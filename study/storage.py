@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipelines import checkpoint, pretrain
+from pipelines import checkpoint, pretrain, selection
 from pipelines.config import UserError
 
 POINTS = "points"  # every grid point's folder is under it
@@ -53,6 +53,15 @@ class PointFiles:
         return self.file(pretrain.WEIGHTS_FILE)
 
     @property
+    def best_weights(self) -> str:
+        """The best step's weights (`pretrain.select: best`), beside the last step's."""
+        return self.file(selection.BEST_FILE)
+
+    def kept_weights(self, select_best: bool) -> str:
+        """The weights a point's evaluations use."""
+        return self.best_weights if select_best else self.weights
+
+    @property
     def model_spec(self) -> str:
         """{"model", "num_classes", "image_size", "options"}: what rebuilds the module the weights belong to
         (`models.build`; `options`: the knobs set to non-defaults)."""
@@ -78,8 +87,10 @@ class PointFiles:
 
     def logged(self) -> list[tuple[str, str | None]]:
         """(file, MLflow artifact folder) of the stored files a point's child run holds besides its record:
-        the weights and their spec under `model/`, which a later invocation fetches back."""
-        return [(self.weights, "model"), (self.model_spec, "model"), (self.class_counts, None)]
+        the weights (the best step's too, where kept) and their spec under `model/`, which a later invocation
+        fetches back."""
+        return [(self.weights, "model"), (self.best_weights, "model"), (self.model_spec, "model"),
+                (self.class_counts, None)]
 
 
 _USERINFO = re.compile(r"(?<=://)[^/@?]*@")  # s3://KEY:SECRET@bucket

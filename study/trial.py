@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load as load_weights
 from safetensors.torch import save as save_weights
 
-from pipelines import data, distributed, downstream, models, pretrain
+from pipelines import data, distributed, downstream, models, pretrain, selection
 from pipelines.config import UserError
 from pipelines.loop import EpochRecord, Hooks, TrainingDiverged, TrainingStopped
 from pipelines.metrics import evaluate
@@ -99,7 +99,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
             storage.delete_dir(files.checkpoints)  # the stored weights and record supersede them
     else:
         emit(Started({**identity_params(cfg, point), "device": str(device), "world_size": where.world_size}))
-        state = load_weights(storage.read_bytes(files.weights))
+        state = load_weights(storage.read_bytes(files.kept_weights(cfg.pretrain_for(point.model).selects_best)))
     options = models.ModelOptions.of(cfg.pretrain_for(point.model))
     model = models.build(point.model, src.num_classes, src.image_size, options)
     model.load_state_dict(state)
@@ -158,28 +158,40 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
         if system := sampler.read():
             emit(Curve(f"system/{sampler.node}", record.step, system))
 
+    def measured(prefix: str, step: int, values: dict) -> None:  # evaluation during training (eval_every)
+        emit(Curve(prefix, step, values))
+
     rt = Runtime(device, point.seed, loader=loader, progress=progress, should_stop=stop_requested(storage))
+    probe = selection.Probe(cfg.evaluate.fewshot, cfg.downstream, source.subset("test"), point.model, src.image_size,
+                            Runtime(device, point.seed, cfg.cache_dir, index_root(cfg, storage), loader, False),
+                            measured) if recipe.eval_every else None
     with NodeSampler() as sampler:
         result = pretrain.run(recipe, point.model, train, src.num_classes, src.image_size, rt,
-                              Hooks(on_log=logged, checkpoint_dir=local_ckpts, on_checkpoint=push))
+                              Hooks(on_log=logged, checkpoint_dir=local_ckpts, on_checkpoint=push), probe=probe)
     del train
     summary = {"seconds": result.seconds, "resumed_from_step": resumed,
                **result.throughput}  # images_per_s, step_time_s, data_wait_fraction, peak memory, mfu
+    if result.chosen is not None:
+        summary |= {"selected_step": result.chosen.step, "selected_score": result.chosen.score}
+    state = result.selected_state
     if "test" in source.shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
         model = models.build(point.model, src.num_classes, src.image_size, models.ModelOptions.of(recipe))
-        model.load_state_dict(result.state_dict)
+        model.load_state_dict(state)
         val = source.subset("test")
         summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
                                        max_bad_fraction=loader.max_bad_fraction)["top1"]
     if not where.main:
-        return result.state_dict
+        return state
     storage.write_bytes(files.weights,
                         save_weights(result.state_dict, metadata={"model": point.model, "steps": str(point.steps)}))
+    if recipe.selects_best:
+        storage.write_bytes(files.best_weights, save_weights(state, metadata={
+            "model": point.model, "step": str(result.chosen.step if result.chosen else point.steps)}))
     storage.write_bytes(files.model_spec, json.dumps(
         {"model": point.model, "num_classes": src.num_classes, "image_size": src.image_size,
          "options": models.ModelOptions.of(recipe).changed()}).encode())
     storage.write_bytes(files.pretrain_summary, json.dumps(summary).encode())
-    return result.state_dict
+    return state
 
 
 class Stopwatch:

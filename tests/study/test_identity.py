@@ -3,6 +3,7 @@
 import pytest
 import yaml
 
+from pipelines.config import ConfigError
 from study.config import expand, load_study
 from study.identity import eval_ids, point_id
 from tests.conftest import ROOT
@@ -41,10 +42,21 @@ def test_execution_only_settings_keep_every_id(tmp_path, override):
     "pretrain.lr=3.0e-4", "pretrain.warmup_steps=2", "pretrain.batch_size=32", "data.pretrain.seed=5",
     "data.pretrain.size=1536", "data.subset_mode=shards", "pretrain.dropout=0.1", "pretrain.drop_path=0.1",
     "pretrain.label_smoothing=0.1", "pretrain.zero_head=true", "pretrain.head_bias_init=-10",
+    "pretrain.eval_every=6",  # evaluation during training chooses the kept weights (select: best)
 ])
 def test_what_shapes_the_weights_changes_every_id(tmp_path, override):
     before, after = _ids(_study(tmp_path)), _ids(_study(tmp_path, overrides=[override]))
     assert not set(before) & set(after)
+
+
+def test_select_final_is_its_own_id_and_evaluation_during_training_needs_a_held_out_split(tmp_path):
+    """`select: best` is the default: with `eval_every` alone a point selects its best step."""
+    best = _ids(_study(tmp_path, overrides=["pretrain.eval_every=6"]))
+    assert best == _ids(_study(tmp_path, overrides=["pretrain.eval_every=6", "pretrain.select=best"]))
+    assert not set(best) & set(_ids(_study(tmp_path, overrides=["pretrain.eval_every=6", "pretrain.select=final"])))
+    with pytest.raises(ConfigError, match=r"pretrain.eval_every: .*give data.pretrain.test_size"):
+        _study(tmp_path, overrides=["pretrain.eval_every=6", "data.pretrain.test_size=0"])
+    assert _ids(_study(tmp_path, overrides=["pretrain.select=best"])) == _ids(_study(tmp_path))  # the default
 
 
 def test_seed_and_subset_change_only_their_points(tmp_path):
@@ -115,8 +127,9 @@ def _defaults():
 # (It moved again with `finetune.minival_seed`, whose minival rule bumped the fine-tune's PROTOCOL_VERSION: the
 # fine-tune ids below moved with it, and only they. The recipe pin moved with `pretrain.log_every`, execution-only;
 # the evaluation pin with `finetune.head_init`, whose default `zero` is left out of the ids; the recipe pin again
-# when the model knobs and label_smoothing joined PretrainConfig, defaults keeping today's models.)
-PINNED_DEFAULTS = ("d305939ea10a8490", "037cab743654f59a")
+# when the model knobs and label_smoothing joined PretrainConfig, defaults keeping today's models; and with
+# `pretrain.eval_every` and `select`, whose defaults (no evaluation during training) keep today's weights.)
+PINNED_DEFAULTS = ("9c864eb75070262f", "037cab743654f59a")
 # The point ids of the shipped studies, as before the model knobs and recipes: their weights are reused after an
 # upgrade (a new field at its default hashes nothing).
 PINNED_POINT_IDS = {
