@@ -22,7 +22,9 @@ def test_the_layout_of_a_point_is_as_earlier_versions_wrote_it():
             files.class_counts, files.fig7) == (
         folder, f"{folder}/record.json", f"{folder}/checkpoints", f"{folder}/pretrained.safetensors",
         f"{folder}/model.json", f"{folder}/pretrain.json", f"{folder}/class_counts.json", f"{folder}/fig7.safetensors")
-    assert files.logged() == [(files.weights, "model"), (files.model_spec, "model"), (files.class_counts, None)]
+    assert files.best_weights == f"{folder}/best.safetensors"  # kept only by `pretrain.select: best`
+    assert files.logged() == [(files.weights, "model"), (files.best_weights, "model"), (files.model_spec, "model"),
+                              (files.class_counts, None)]
 
 
 def test_the_plan_follows_what_storage_holds_and_is_not_changed_afterwards(tmp_path):
