@@ -164,3 +164,23 @@ def await_preempted_checkpoint(storage: Storage, mark: str, grace: float = 120.0
         deadline = time.time() + grace
     while time.time() < deadline and storage.exists(mark):
         time.sleep(0.5)
+
+
+def exit_again_when_swallowed() -> None:
+    """In a trial's worker process: a SIGTERM (Ray's shutdown of an idle worker) whose SystemExit lands in a
+    finaliser or weakref callback cannot exit there; Python would print it as "Exception ignored ... Traceback" on
+    the driver's console and carry on. Deliver the signal again instead, so the exit happens where it can, silently."""
+    if getattr(sys.unraisablehook, "_vitscale", False):
+        return
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, SystemExit):  # again from another thread, once this callback is left
+            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+            again.daemon = True
+            again.start()
+            return
+        default(unraisable)
+
+    hook._vitscale = True
+    sys.unraisablehook = hook

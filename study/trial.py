@@ -29,7 +29,14 @@ from pipelines.perf import pick_device
 from pipelines.runtime import Runtime
 from study.config import GridPoint, StudyConfig
 from study.identity import recipe_params
-from study.interrupt import STOP, await_preempted_checkpoint, preempted, preemption, stop_requested
+from study.interrupt import (
+    STOP,
+    await_preempted_checkpoint,
+    exit_again_when_swallowed,
+    preempted,
+    preemption,
+    stop_requested,
+)
 from study.protocol import (
     Curve,
     EvalRecord,
@@ -260,6 +267,7 @@ def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, stora
     from ray import tune
 
     plan = plans[config["point"]]
+    exit_again_when_swallowed()
     if cfg.resources.workers_per_trial > 1:
         return _drive_train_run(plan, cfg, storage_root)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))

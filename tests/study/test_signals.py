@@ -5,11 +5,12 @@ their next step boundary with a checkpoint, MLflow says KILLED (never RUNNING or
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import checkpointed, mlflow_statuses, run_cli, start_cli, wait_until
+from tests.conftest import ROOT, checkpointed, mlflow_statuses, run_cli, start_cli, wait_until
 
 # Batch 16: the many steps leave time for the signal to land mid-pretraining, and each is cheap, so the rerun is short.
 ARGS = ["--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[1024]", "pretrain.steps=600",
@@ -82,3 +83,26 @@ def test_sigterm_to_a_trial_worker_checkpoints_and_the_retry_resumes_from_it(tmp
                                   "tags.study_role = 'point'")
     assert child.data.metrics["resumed_from_step"] == preempted_at
     assert not list(tmp_path.glob("smoke/storage/points/*/preempted"))
+
+
+def test_a_sigterm_swallowed_by_a_finaliser_is_delivered_again_without_a_stack(tmp_path):
+    """Ray's SIGTERM handler raises SystemExit; where that lands in a weakref callback Python prints a traceback and
+    goes on. In a trial's process the signal is delivered again, and the process exits without a stack."""
+    script = (
+        "import signal, sys, weakref\n"
+        "from study.interrupt import exit_again_when_swallowed\n"
+        "exit_again_when_swallowed()\n"
+        "def handler(*_):\n"
+        "    print('delivered again', flush=True)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, handler)\n"
+        "class A: pass\n"
+        "a = A()\n"
+        "def swallowed(ref): raise SystemExit(1)\n"
+        "r = weakref.ref(a, swallowed)\n"
+        "del a\n"
+        "import time; time.sleep(5)\n"
+        "print('not exited')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "delivered again", (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
