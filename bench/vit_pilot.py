@@ -44,7 +44,7 @@ PILOT_MODELS = [
     models.ModelSpec("ViT-Pico/8-width128", "ViT", dict(depth=4, embed_dim=128, num_heads=4, mlp_ratio=2.0,
                                                         patch_size=8), cpu_sized=True),
 ]
-PLAIN = ("pretrain.pool=gap", "pretrain.pos_embed=sincos2d", "pretrain.zero_head=true")  # Beyer et al. 2022
+PLAIN = ("recipes.ViT.pool=gap", "recipes.ViT.pos_embed=sincos2d", "recipes.ViT.zero_head=true")  # Beyer et al. 2022
 DEPTH2 = ("models=[ViT-Pico/4-depth2, BiT-R14-Pico]",)
 
 # Candidates after Beyer et al. 2022 ("Better plain ViT baselines for ImageNet-1k"), each a set of grid overrides.
@@ -55,10 +55,10 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "warmup20": ("pretrain.warmup_steps=20",),
     "batch64": ("pretrain.batch_size=64", "pretrain.warmup_steps=25"),
     "batch64-lr2e-3": ("pretrain.batch_size=64", "pretrain.warmup_steps=25", "pretrain.lr=2.0e-3"),
-    "gap": ("pretrain.pool=gap",),
-    "sincos2d": ("pretrain.pos_embed=sincos2d",),
-    "zero-head": ("pretrain.zero_head=true",),
-    "gap-zero-head-lr3e-3": ("pretrain.pool=gap", "pretrain.zero_head=true", "pretrain.lr=3.0e-3"),
+    "gap": ("recipes.ViT.pool=gap",),
+    "sincos2d": ("recipes.ViT.pos_embed=sincos2d",),
+    "zero-head": ("recipes.ViT.zero_head=true",),
+    "gap-zero-head-lr3e-3": ("recipes.ViT.pool=gap", "recipes.ViT.zero_head=true", "pretrain.lr=3.0e-3"),
     **{f"plain-lr{lr}": (*PLAIN, f"pretrain.lr={lr}") for lr in ("1e-3", "2e-3", "3e-3", "5e-3", "1e-2")},
     "plain-lr5e-3-warmup20": (*PLAIN, "pretrain.lr=5e-3", "pretrain.warmup_steps=20"),
     "plain-lr3e-3-batch16": (*PLAIN, "pretrain.lr=3e-3", "pretrain.batch_size=16", "pretrain.warmup_steps=100"),
@@ -91,8 +91,9 @@ def pilot(cfg: StudyConfig, recipe: str, seed: int, device: torch.device) -> Tri
     source = data.prepared(src, cfg.cache_dir)
     train = data.nested_subset(source.index(), max(cfg.data.subsets), seed, cfg.data.subset_mode)
     rt = Runtime(device, seed, loader=cfg.data.loader, progress=False)
-    result = pretrain.run(cfg.pretrain, model, train, src.num_classes, src.image_size, rt)
-    net = models.build(model, src.num_classes, src.image_size, models.ModelOptions.of(cfg.pretrain))
+    recipe = cfg.recipes.merged(cfg.pretrain, model)  # the grid's `pretrain:` with the ViT's `recipes:`
+    result = pretrain.run(recipe, model, train, src.num_classes, src.image_size, rt)
+    net = models.build(model, src.num_classes, src.image_size, models.ModelOptions.of(recipe))
     net.load_state_dict(result.state_dict)
     top1 = evaluate(net.to(device), source.subset("test"), src.image_size, device)["top1"]
     return Trial(recipe, seed, top1, result.final.loss, result.final.train_top1, result.seconds,

@@ -25,7 +25,7 @@ from pipelines.loop import (
     train_loop,
     warmup_decay,
 )
-from pipelines.metrics import classification_metrics, evaluate, holdout, holdout_size
+from pipelines.metrics import evaluate, holdout_size
 from pipelines.runtime import Runtime
 
 
@@ -195,31 +195,19 @@ def probe_head(model_name: str, state: dict[str, torch.Tensor], train: ShardSubs
                image_size: int, rt: Runtime, probe: linear_probe.LinearProbeConfig | None = None,
                options: models.ModelOptions = models.NO_OPTIONS) -> ProbeHead:
     """LP-FT's start: the linear probe of the pretrained backbone's frozen features of the fine-tune train split at
-    the fine-tune resolution, fitted as the linear-probe evaluation fits it (`linear_probe.fit_logistic` on
-    standardised features for every l2 of `probe.l2_grid`, the l2 chosen on a held-out `probe.val_fraction`), folded
-    back to raw features. `probe`: default, the linear-probe evaluation's settings; `options`: the pretraining knobs
-    (the features are those of the model fine-tuning starts from)."""
+    the fine-tune resolution, fitted as the linear-probe evaluation fits it (`linear_probe.fit`: every l2 of
+    `probe.l2_grid` on standardised features, the l2 chosen on a held-out `probe.val_fraction`, on the device),
+    folded back to raw features. `probe`: default, the linear-probe evaluation's settings; `options`: the
+    pretraining knobs (the features are those of the model fine-tuning starts from)."""
     probe = probe or linear_probe.LinearProbeConfig()
     model = models.pretrained_for_task(model_name, state, num_classes, image_size, options).to(rt.device)
     found = downstream.features(model, train, image_size, rt.device, rt.loader.max_bad_fraction, rt.loader.workers)
     # Extracted by every rank for its part, solved once on the main rank, the head handed to every rank.
-    return distributed.on_main(lambda: _fit_head(found[0], found[1], num_classes, rt.seed, probe))
+    def solve() -> ProbeHead:
+        fitted = linear_probe.fit(probe, found[0], found[1], num_classes, rt.seed, rt.device)
+        return ProbeHead(*(t.cpu() for t in fitted.raw()), fitted.l2, fitted.val_top1[fitted.l2])
 
-
-def _fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
-              probe: linear_probe.LinearProbeConfig) -> ProbeHead:
-    fit, held = (np.sort(i) for i in holdout(len(labels), probe.val_fraction, seed, salt=31337))  # as the probe's
-    x = torch.from_numpy(features[fit]).double()
-    mean, std = x.mean(0), x.std(0, unbiased=False) + 1e-6
-    w = linear_probe.fit_logistic((x - mean) / std, torch.from_numpy(labels[fit]), num_classes, probe.l2_grid,
-                                  probe.max_iter)
-    weight = w[:, :-1] / std[None, :, None]  # [R, D, C] on raw features
-    bias = w[:, -1] - torch.einsum("d,rdc->rc", mean, weight)
-    x_held = torch.from_numpy(features[held]).double()
-    val = [classification_metrics((x_held @ weight[r] + bias[r]).numpy(), labels[held])["top1"]
-           for r in range(len(probe.l2_grid))]
-    best = max(range(len(val)), key=lambda r: (val[r], probe.l2_grid[r]))  # ties: the stronger penalty
-    return ProbeHead(weight[best].T.float().contiguous(), bias[best].float(), probe.l2_grid[best], val[best])
+    return distributed.on_main(solve)
 
 
 def _train(cfg: FinetuneConfig, lr: float, plan: tuple[int, int], model_name: str, state: dict[str, torch.Tensor],

@@ -140,11 +140,12 @@ PINNED_POINT_IDS = {
                 "2087732cfa27d368", "d8e3492e9ce5d286", "eeef04345c44f1fd", "9f7312572b0d2543", "8c6c0ae239fd0342",
                 "52ffef9eccbf5d9a", "930e29907a723c58", "629c70efb97d6f31", "fb6181e1ba5f2bce"],
 }
-# The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade.
+# The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade (the default
+# study's fine-tune moved once, deliberately, to LP-FT: `head_init: probe`).
 PINNED_EVAL_IDS = {
     "smoke": {"fewshot": "f863e9d7fb785b7f", "linear_probe": "9380b66fe0457576", "finetune": "c25c842f373be015",
               "diagnostics": "80422ce3c0f28d18"},
-    "scaling": {"fewshot": "af53271c9c6d482a", "linear_probe": "ddd01448a13d7378", "finetune": "979ac9b6693c45f0",
+    "scaling": {"fewshot": "af53271c9c6d482a", "linear_probe": "ddd01448a13d7378", "finetune": "43e5362f511e7344",
                 "diagnostics": "80422ce3c0f28d18"},
 }
 
