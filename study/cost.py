@@ -83,7 +83,9 @@ def finetune_stages(cfg: StudyConfig, model: str, mfu: float) -> tuple[Stage, ..
     for task in cfg.downstream:
         steps, batch = finetune.schedule(ft, task.size, cfg.resources.workers_per_trial)
         images = steps * batch * len(ft.learning_rates)
-        flops = 3.0 * models.forward_flops(model, ft.image_size, task.num_classes)
+        # The architecture fine-tuning runs: the recipe's pooling and position embedding, a linear head.
+        options = models.ModelOptions.of(cfg.recipes.merged(cfg.pretrain, model)).for_finetuning()
+        flops = 3.0 * models.forward_flops(model, ft.image_size, task.num_classes, options)
         out.append(stage(cfg, images, flops, ft.image_size, mfu))
     return tuple(out)
 

@@ -46,6 +46,16 @@ def test_finetuning_a_small_task_takes_the_schedule_finetune_runs():
         per_task * len(cfg.downstream))
 
 
+def test_finetuning_is_priced_with_the_architecture_the_recipe_fine_tunes():
+    """GAP drops the class token (one token fewer at every layer); the pre-logits layer is not fine-tuned."""
+    token = _row(load_study(PAPER, ["evaluate.finetune.lr=0.01"]))
+    gap = _row(load_study(PAPER, ["evaluate.finetune.lr=0.01", "recipes.ViT-B/16.pool=gap"]))
+    ft, task = load_study(PAPER).evaluate.finetune, load_study(PAPER).downstream[0]
+    per_image = 3 * models.forward_flops("ViT-B/16", ft.image_size, task.num_classes, models.ModelOptions(pool="gap"))
+    assert gap["finetune_flops"] == pytest.approx(per_image * ft.steps * ft.batch_size)
+    assert gap["finetune_flops"] < token["finetune_flops"]
+
+
 def test_a_stage_takes_the_pace_of_the_slower_of_the_gpus_and_the_loader():
     slow = cost.Stage(flops=1e18, images=10**6, gpu_hours=2.0, needed=4_000.0, fed=1_000.0, serial=False)
     assert slow.loader_hours == pytest.approx(8.0) and slow.hours == pytest.approx(8.0)  # a quarter of the rate
