@@ -70,7 +70,16 @@ def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
     settings are `model`'s, recipes merged, so a recipe moves the points it applies to and only those."""
     mode = {} if cfg.data.subset_mode == "samples" else {"subset_mode": cfg.data.subset_mode}
     return {"recipe_version": RECIPE_VERSION, "model": model, "subset_size": subset_size, "seed": seed, **mode,
-            "source": source_settings(cfg.data.pretrain), "pretrain": settings(cfg.pretrain_for(model), "pretrain")}
+            "source": source_settings(cfg.data.pretrain), "pretrain": pretrain_settings(cfg.pretrain_for(model))}
+
+
+def pretrain_settings(recipe) -> dict:
+    """A pretraining recipe's non-default, result-shaping fields. `select` shapes nothing without `eval_every`
+    (the last step's weights are kept either way), so it is left out then."""
+    out = settings(recipe, "pretrain")
+    if recipe.eval_every is None:
+        out.pop("select", None)
+    return out
 
 
 def source_settings(src) -> dict:

@@ -57,6 +57,7 @@ def test_select_final_is_its_own_id_and_evaluation_during_training_needs_a_held_
     with pytest.raises(ConfigError, match=r"pretrain.eval_every: .*give data.pretrain.test_size"):
         _study(tmp_path, overrides=["pretrain.eval_every=6", "data.pretrain.test_size=0"])
     assert _ids(_study(tmp_path, overrides=["pretrain.select=best"])) == _ids(_study(tmp_path))  # the default
+    assert _ids(_study(tmp_path, overrides=["pretrain.select=final"])) == _ids(_study(tmp_path))  # no eval_every
 
 
 def test_seed_and_subset_change_only_their_points(tmp_path):
