@@ -91,9 +91,9 @@ def pilot(cfg: StudyConfig, recipe: str, seed: int, device: torch.device) -> Tri
     source = data.prepared(src, cfg.cache_dir)
     train = data.nested_subset(source.index(), max(cfg.data.subsets), seed, cfg.data.subset_mode)
     rt = Runtime(device, seed, loader=cfg.data.loader, progress=False)
-    recipe = cfg.recipes.merged(cfg.pretrain, model)  # the grid's `pretrain:` with the ViT's `recipes:`
-    result = pretrain.run(recipe, model, train, src.num_classes, src.image_size, rt)
-    net = models.build(model, src.num_classes, src.image_size, models.ModelOptions.of(recipe))
+    merged = cfg.recipes.merged(cfg.pretrain, model)  # the grid's `pretrain:` with the ViT's `recipes:`
+    result = pretrain.run(merged, model, train, src.num_classes, src.image_size, rt)
+    net = models.build(model, src.num_classes, src.image_size, models.ModelOptions.of(merged))
     net.load_state_dict(result.state_dict)
     top1 = evaluate(net.to(device), source.subset("test"), src.image_size, device)["top1"]
     return Trial(recipe, seed, top1, result.final.loss, result.final.train_top1, result.seconds,
