@@ -265,7 +265,7 @@ def read_samples(files: ShardFiles, path: str, offsets: np.ndarray, sizes: np.nd
         if len(run) == 0:
             continue
         start = int(offsets[run[0]])
-        buf = files.read(path, start, int(offsets[run[-1]] + sizes[run[-1]]) - start)
+        buf = memoryview(files.read(path, start, int(offsets[run[-1]] + sizes[run[-1]]) - start))
         for i in run:
             at, size = int(offsets[i]), int(sizes[i])
             try:
@@ -274,7 +274,7 @@ def read_samples(files: ShardFiles, path: str, offsets: np.ndarray, sizes: np.nd
                 bad[err.cause] += 1
 
 
-def _checked(buf: bytes, path: str, offset: int, size: int) -> tuple[str, bytes, Label]:
+def _checked(buf: bytes | memoryview, path: str, offset: int, size: int) -> tuple[str, bytes, Label]:
     if len(buf) < size:
         raise BadSample("truncated_tar", f"shard {path} ends inside the sample at byte {offset}")
     key, parts = sample_parts(buf)
