@@ -1,6 +1,6 @@
 """Bytes read and seconds per evaluation kind on a large downstream task, one process and 2 gloo ranks.
 
-    python bench/eval_scale.py [--size 200000] [--test-size 10000] [--classes 100] [--streamed]
+    python bench/eval_scale.py [--size 200000] [--test-size 10000] [--classes 100] [--shards local|pipe|s3]
 
 Writes a task of `--size` tiny real PNGs (8 px, a colour per class plus noise) in shards of 1,000, then measures
 each evaluation kind as a trial runs it, with ViT-Pico/4 at 8 px (the model is not the point: the reads are):
@@ -10,9 +10,12 @@ each evaluation kind as a trial runs it, with ViT-Pico/4 at 8 px (the model is n
 - minival: one evaluation pass of the fine-tune minival (10% of the train split, a fixed slice read by offset);
 - fig7: the 128 fixed images of the diagnostics (the first of the test split).
 
-Bytes read are counted where the reader touches a shard (`ShardFiles.read` by offset, and the bytes a streamed
-shard yields with `--streamed`, which lists the shards as `pipe:cat` URLs); bytes needed are the index's spans of
-the samples the kind evaluates. Loader workers are off (`workers=0`), so every read happens in the counted
+Where the shards are read from (`--shards`): `local` files, read by offset; `pipe` (`pipe:cat` URLs), streamed, as
+any opaque stream is, so a sparse kind reads each shard up to its last wanted sample (the inherent cost of a
+stream); `s3`, the shards and their sidecars uploaded to an S3 server on 127.0.0.1 (moto's, a dev dependency) and
+read by byte-range requests. Bytes read are counted where the reader touches a shard (`ShardFiles.read`, by
+offset or by range, and the bytes a streamed shard yields); bytes needed are the index's spans of the samples the
+kind evaluates. Loader workers are off (`workers=0`), so every read happens in the counted
 process. Goal (issue 23): bytes read / bytes needed <= 1.1 for every kind, at 1 and 2 ranks. Prints the ratios
 last.
 """
@@ -22,10 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -53,8 +59,8 @@ def _write_shard(job: tuple) -> str:
     return path
 
 
-def make_task(root: Path, size: int, test_size: int, classes: int, streamed: bool) -> dict:
-    """PNG shards of the train and test splits (written once per shape); the task's SourceConfig fields."""
+def make_task(root: Path, size: int, test_size: int, classes: int) -> dict[str, list[str]]:
+    """PNG shards of the train and test splits (written once per shape, with their sidecars); their file names."""
     jobs = [(str(root / f"{split}-{start // PER_SHARD:06d}.tar"), split, start, min(start + PER_SHARD, n), classes)
             for split, n in (("train", size), ("test", test_size)) for start in range(0, n, PER_SHARD)]
     if not (root / "done").exists():
@@ -62,10 +68,7 @@ def make_task(root: Path, size: int, test_size: int, classes: int, streamed: boo
         with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             list(pool.map(_write_shard, jobs))
         (root / "done").write_text("")
-    prefix = "pipe:cat " if streamed else ""
-    urls = {split: ";".join(prefix + path for path, s, *_ in jobs if s == split) for split in ("train", "test")}
-    return {"source": "webdataset", "name": "tiny-png", "size": size, "test_size": test_size, "image_size": IMAGE,
-            "num_classes": classes, "urls": urls["train"], "test_urls": urls["test"]}
+    return {split: [Path(path).name for path, s, *_ in jobs if s == split] for split in ("train", "test")}
 
 
 class Reads:
@@ -180,6 +183,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def s3_server(shards: Path) -> tuple[subprocess.Popen, str, str]:
+    """moto's S3 server on 127.0.0.1 holding the shards (and sidecars) of `shards` in bucket `evalscale`, fake
+    credentials in this process's environment (the ranks inherit it); (the server, the URL prefix and suffix of the
+    shards)."""
+    import pyarrow.fs as pafs
+
+    moto = shutil.which("moto_server", path=os.path.dirname(sys.executable))
+    if moto is None:
+        raise SystemExit("--shards s3 needs moto's server (a dev dependency): pip install -e '.[dev]'")
+    port = _free_port()
+    server = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    query = f"?endpoint_override=127.0.0.1:{port}&scheme=http"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://evalscale{query}&allow_bucket_creation=true")
+    fs.create_dir("evalscale")
+    pafs.copy_files(str(shards), "evalscale/shards", destination_filesystem=fs, use_threads=True)
+    return server, "s3://evalscale/shards/", query
+
+
 def main() -> None:
     import torch.multiprocessing as mp
 
@@ -187,37 +216,55 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=200_000, help="training images of the task")
     parser.add_argument("--test-size", type=int, default=10_000)
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--streamed", action="store_true", help="list the shards as pipe: URLs (read by streaming)")
+    parser.add_argument("--shards", choices=("local", "pipe", "s3"), default="local",
+                        help="read the shards as local files (by offset), pipe:cat URLs (streamed) or from an S3 "
+                             "server (by byte range)")
     parser.add_argument("--root", default=None, help="where the shards go (default: a temp folder, kept per shape)")
     args = parser.parse_args()
     tag = f"evalscale-{args.size}-{args.test_size}-{args.classes}"
     root = Path(args.root or tempfile.gettempdir()) / tag
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    fields = make_task(root / "shards", args.size, args.test_size, args.classes, args.streamed)
-    cache = root / ("cache-streamed" if args.streamed else "cache")
-    from pipelines.data import SourceConfig, prepare
+    names = make_task(root / "shards", args.size, args.test_size, args.classes)
+    server, prefix, suffix = None, f"{root / 'shards'}/", ""
+    if args.shards == "pipe":
+        prefix = "pipe:cat " + prefix
+    elif args.shards == "s3":
+        server, prefix, suffix = s3_server(root / "shards")
+    try:
+        urls = {split: ";".join(prefix + name + suffix for name in files) for split, files in names.items()}
+        fields = {"source": "webdataset", "name": "tiny-png", "size": args.size, "test_size": args.test_size,
+                  "image_size": IMAGE, "num_classes": args.classes, "urls": urls["train"], "test_urls": urls["test"]}
+        cache = root / f"cache-{args.shards}"
+        from pipelines.data import SourceConfig, prepare
 
-    prepare(SourceConfig(**fields), cache, progress=False)
-    print(f"task: {args.size:,} + {args.test_size:,} PNGs ({'streamed' if args.streamed else 'by offset'}), "
-          f"ready in {time.perf_counter() - start:.0f} s", flush=True)
-    ratios = {}
-    for world in (1, 2):
-        for kind in KINDS:
-            out = str(root / f"{kind}-{world}")
-            if world == 1:
-                measure(0, 1, 0, kind, fields, str(cache), out)
-            else:
-                mp.spawn(measure, args=(world, _free_port(), kind, fields, str(cache), out), nprocs=world, join=True)
-            ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
-            read, needed = sum(r["bytes"] for r in ranks), int(Path(f"{out}.needed").read_text())
-            ratios[(kind, world)] = read / needed
-            per_rank = ", ".join(f"{r['bytes'] / 1e6:.2f}" for r in ranks)
-            print(f"{kind:8s} ranks={world}: read {read / 1e6:8.2f} MB of {needed / 1e6:8.2f} MB needed "
-                  f"(per rank {per_rank} MB), "
-                  f"{max(r['seconds'] for r in ranks):7.1f} s", flush=True)
-    print("bytes read / bytes needed (goal <= 1.1): " + ", ".join(f"{kind} x{world} {ratio:.3f}"
-                                                                  for (kind, world), ratio in ratios.items()))
+        prepare(SourceConfig(**fields), cache, progress=False)
+        print(f"task: {args.size:,} + {args.test_size:,} PNGs ({args.shards} shards), ready in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        ratios = {}
+        for world in (1, 2):
+            for kind in KINDS:
+                ratios[(kind, world)] = _run(kind, world, fields, cache, str(root / f"{kind}-{world}"), mp)
+        print(f"bytes read / bytes needed ({args.shards} shards; goal <= 1.1): " +
+              ", ".join(f"{kind} x{world} {ratio:.3f}" for (kind, world), ratio in ratios.items()))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def _run(kind: str, world: int, fields: dict, cache: Path, out: str, mp) -> float:
+    """Measure `kind` on `world` ranks, print its line; bytes read / bytes needed."""
+    if world == 1:
+        measure(0, 1, 0, kind, fields, str(cache), out)
+    else:
+        mp.spawn(measure, args=(world, _free_port(), kind, fields, str(cache), out), nprocs=world, join=True)
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
+    read, needed = sum(r["bytes"] for r in ranks), int(Path(f"{out}.needed").read_text())
+    per_rank = ", ".join(f"{r['bytes'] / 1e6:.2f}" for r in ranks)
+    print(f"{kind:8s} ranks={world}: read {read / 1e6:8.2f} MB of {needed / 1e6:8.2f} MB needed "
+          f"(per rank {per_rank} MB), {max(r['seconds'] for r in ranks):7.1f} s", flush=True)
+    return read / needed
 
 
 if __name__ == "__main__":

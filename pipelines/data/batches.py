@@ -1,5 +1,6 @@
 """Evaluation reads: a split (or any subset of its rows) decoded batch by batch at one resolution, reading only the
-samples asked for: by offset from local shards, by streaming (and skipping the rest) from remote ones."""
+samples asked for: by offset from local shards, by byte-range requests from object storage (adjacent samples in one
+request), by streaming (and skipping the rest) where a shard can only be streamed (`pipe:`, http(s))."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pipelines.data import ImageArrays
 from pipelines.data.augment import eval_image
 from pipelines.data.index import ShardSubset, SourceIndex, key_filter, scratch_index
 from pipelines.data.labels import Label, label_array
-from pipelines.data.reader import BadCounts, BadSample, DataError, ShardFiles, iter_encoded, read_sample
+from pipelines.data.reader import BadCounts, DataError, ShardFiles, iter_encoded, read_samples
 
 
 def encoded(split: ShardSubset, bad: BadCounts) -> Iterator[tuple[str, bytes, Label]]:
@@ -29,14 +30,10 @@ def encoded(split: ShardSubset, bad: BadCounts) -> Iterator[tuple[str, bytes, La
                 continue
             shard = int(shard_of[rows[0]])
             url, mine = index.shard_url(shard), positions[rows]
-            if not index.shard_seekable[shard]:
+            if index.shard_seekable[shard]:  # LOCAL or RANGED: read by offset, object storage included
+                yield from read_samples(files, url, index.offset[mine], index.size[mine], bad)
+            else:
                 yield from _streamed(url, index, mine, bad)
-                continue
-            for p in mine:
-                try:
-                    yield read_sample(files, url, int(index.offset[p]), int(index.size[p]))
-                except BadSample as err:
-                    bad[err.cause] += 1
     finally:
         files.close()
 

@@ -5,9 +5,9 @@ starts), `size` (u4, the bytes of all its members, headers included: one read ge
 class; -1 where it has none; a multi-label sample's smallest class) and `key` (u8, a hash of its key). A
 multi-label source adds `label_ptr` (u8, n+1) and `label_val` (i4): its classes as CSR. Per shard: `shard_end`
 (u8, cumulative sample counts), `shard_lost` (u4, samples a truncated or corrupt tar lost), `shard_seekable`
-(u1: a local plain tar, read by offset; else streamed) and the URLs in `shards.txt`. That is 24 bytes a sample
-for a single-label source, shared page cache across the processes of a node: no Python object per sample
-(FFCV's metadata table and Hugging Face's Arrow files work the same way).
+(u1, how its samples are read: `LOCAL`, `RANGED` or `STREAMED`, below) and the URLs in `shards.txt`. That is 24
+bytes a sample for a single-label source, shared page cache across the processes of a node: no Python object per
+sample (FFCV's metadata table and Hugging Face's Arrow files work the same way).
 
 The folder is built once (`pipelines.data.scan.build`), shards indexed in parallel (a process pool, or any `map`
 the caller passes, such as Ray tasks across a cluster), merged in one step, and moved into place whole.
@@ -29,7 +29,12 @@ from pipelines import atomic
 from pipelines.data.reader import DataError
 from pipelines.data.sources import check_local_shards
 
-INDEX_VERSION = 3  # 3: columns of arrays, a sample's whole byte span; 2: multi-label JSON; bump when rows change
+INDEX_VERSION = 4  # bump when rows change. 4: RANGED shards; 3: columns of arrays, a sample's byte span; 2: multi-label
+# `shard_seekable`, how a shard's samples are read. LOCAL: a local plain tar, by offset, by every reader. RANGED: a
+# plain tar in object storage (`reader.OBJECT_STORES`): evaluation reads the samples it wants by byte-range requests,
+# pretraining streams it whole (`reader.ShardFiles` says why). STREAMED: streamed only (a `pipe:` command is opaque;
+# http(s) and compressed tars are read from their start).
+STREAMED, LOCAL, RANGED = 0, 1, 2
 SAMPLE_COLUMNS = {"offset": "<u8", "size": "<u4", "label": "<i4", "key": "<u8"}
 SHARD_COLUMNS = {"shard_end": "<u8", "shard_lost": "<u4", "shard_seekable": "u1"}
 Mapper = Callable[[Callable, list], Iterable]  # map(fn, jobs) -> results in job order
@@ -121,7 +126,8 @@ class SourceIndex:
         return out
 
     def keys_of(self, positions: Iterable[int]) -> list[str]:
-        """Sample keys, read back from the tar headers of seekable shards (for messages and tests, not hot paths)."""
+        """Sample keys, read back from the tar headers of seekable (LOCAL, RANGED) shards (for messages and tests,
+        not hot paths)."""
         from pipelines.data.reader import ShardFiles, sample_parts
 
         files, out = ShardFiles(), []

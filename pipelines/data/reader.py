@@ -1,6 +1,7 @@
-"""Reading webdataset tar shards: tar headers (parsed here, so a sample is read by one offset and size), whole
-shards streamed (`read_shard`, for what can only be streamed), the checks every sample passes
-(`image_and_label`), and the counts of what could not be read."""
+"""Reading webdataset tar shards: tar headers (parsed here, so a sample is read by one offset and size), samples read
+by byte span (`ShardFiles`: local files, and object storage for evaluation), whole shards streamed (`read_shard`,
+for what can only be streamed), the checks every sample passes (`image_and_label`), and the counts of what could
+not be read."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import webdataset as wds
 
 from pipelines.config import UserError
@@ -34,13 +36,18 @@ def open_url(url: str):
     """A binary stream of a shard or its sidecar. Object storage (`s3://bucket/key.tar`, `gs://...`) is read through
     `pyarrow.fs`, with credentials from the standard environment variables and the URI options `--storage` takes
     (`?endpoint_override=host:port&scheme=http` for a server other than AWS's); anything else through webdataset's
-    `gopen` (local paths, `pipe:` commands, http(s) URLs)."""
+    `gopen` (local paths, `pipe:` commands, http(s) URLs). Read from start to end: `ShardFiles` reads spans."""
     if url.startswith(OBJECT_STORES):
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(url)
+        fs, path = _object_store(url)
         return fs.open_input_stream(path)
     return wds.gopen(url)
+
+
+def _object_store(url: str):
+    """(pyarrow FileSystem, path) of an object-storage URL (`OBJECT_STORES`)."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(url)
 
 
 BAD_CAUSES = ("truncated_tar", "empty_member", "missing_label", "missing_image", "undecodable_image",
@@ -192,42 +199,82 @@ def sample_parts(buf: bytes) -> tuple[str, dict[str, bytes]]:
 
 
 class ShardFiles:
-    """Open local shards, at most `limit` at a time (least recently used closed first), read by offset.
+    """Shards read by byte span, at most `limit` open at a time (least recently used closed first): local files
+    (`pread`), and plain tars in object storage (`s3://`, `gs://`: one ranged GET per read through `pyarrow.fs`).
 
-    An OS error (a missing file, permissions, too many open files) is a DataError naming the shard and the error:
-    it is not a corrupt sample, and no sample is counted bad for it.
+    Object storage is read this way by evaluation only, which wants a few samples of many shards (so it reads the
+    bytes it evaluates, no more); pretraining streams those shards whole (`stream.ShardStream`), since it reads
+    every sample and a sequential read beats a request per sample.
+
+    An OS or storage error (a missing file or object, permissions, too many open files) is a DataError naming the
+    shard and the error: it is not a corrupt sample, and no sample is counted bad for it.
     """
 
     def __init__(self, limit: int = 64):
         self.limit = limit
-        self.open: OrderedDict[str, int] = OrderedDict()
+        self.open: OrderedDict[str, object] = OrderedDict()  # url -> a local fd, or a pyarrow RandomAccessFile
 
     def read(self, path: str, offset: int, size: int) -> bytes:
         try:
-            fd = self.open.pop(path, None)
-            if fd is None:
+            handle = self.open.pop(path, None)
+            if handle is None:
                 while len(self.open) >= self.limit:
-                    os.close(self.open.popitem(last=False)[1])
-                fd = os.open(path, os.O_RDONLY)
-            self.open[path] = fd
-            return os.pread(fd, size, offset)
-        except OSError as err:
-            raise DataError(f"cannot read shard {path}: {err.strerror or err} (errno {err.errno}); this is the "
-                            f"file system, not the data") from None
+                    _close(self.open.popitem(last=False)[1])
+                handle = _open_ranged(path) if path.startswith(OBJECT_STORES) else os.open(path, os.O_RDONLY)
+            self.open[path] = handle
+            return os.pread(handle, size, offset) if isinstance(handle, int) else handle.read_at(size, offset)
+        except OSError as err:  # pyarrow's storage errors are OSErrors too
+            code = f" (errno {err.errno})" if err.errno else ""
+            raise DataError(f"cannot read shard {path}: {err.strerror or err}{code}; this is the file system or "
+                            f"the storage, not the data") from None
 
     def close(self) -> None:
-        for fd in self.open.values():
-            os.close(fd)
+        for handle in self.open.values():
+            _close(handle)
         self.open.clear()
 
     def __del__(self):
         self.close()
 
 
+def _open_ranged(url: str):
+    fs, path = _object_store(url)
+    return fs.open_input_file(path)
+
+
+def _close(handle) -> None:
+    if isinstance(handle, int):
+        os.close(handle)
+    else:
+        handle.close()
+
+
 def read_sample(files: ShardFiles, path: str, offset: int, size: int) -> tuple[str, bytes, Label]:
-    """(key, image bytes, label) of the sample at `offset` (its first header) spanning `size` bytes of a local
-    shard, checked by `image_and_label` as a streamed sample is."""
-    buf = files.read(path, offset, size)
+    """(key, image bytes, label) of the sample at `offset` (its first header) spanning `size` bytes of a shard that
+    `files` reads, checked by `image_and_label` as a streamed sample is."""
+    return _checked(files.read(path, offset, size), path, offset, size)
+
+
+def read_samples(files: ShardFiles, path: str, offsets: np.ndarray, sizes: np.ndarray, bad: BadCounts
+                 ) -> Iterator[tuple[str, bytes, Label]]:
+    """`read_sample` for several samples of one shard, in order: each run of adjacent spans (consecutive samples
+    of the tar) is read in one request, and split. Unreadable samples are counted per cause in `bad` and skipped."""
+    offsets, sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+    runs = np.split(np.arange(len(offsets)), np.flatnonzero(offsets[1:] != offsets[:-1] + sizes[:-1]) + 1)
+    for run in runs:
+        if len(run) == 0:
+            continue
+        start = int(offsets[run[0]])
+        buf = memoryview(files.read(path, start, int(offsets[run[-1]] + sizes[run[-1]]) - start))
+        for i in run:
+            at, size = int(offsets[i]), int(sizes[i])
+            try:
+                yield _checked(buf[at - start:at - start + size], path, at, size)
+            except BadSample as err:
+                bad[err.cause] += 1
+
+
+def _checked(buf: bytes | memoryview, path: str, offset: int, size: int) -> tuple[str, bytes, Label]:
     if len(buf) < size:
         raise BadSample("truncated_tar", f"shard {path} ends inside the sample at byte {offset}")
     key, parts = sample_parts(buf)
@@ -294,7 +341,8 @@ def image_and_label(key: str, parts: dict[str, bytes]) -> tuple[bytes, Label]:
 def iter_encoded(shards: list[str], bad: BadCounts | None = None, want: Callable[[str], bool] | None = None
                  ) -> Iterator[tuple[str, bytes, Label]]:
     """Encoded (key, image bytes, label) of each sample of streamed shards (optionally only those `want(key)`),
-    checked by `image_and_label`: how shards that cannot be read by offset (`pipe:`, URLs) are read.
+    checked by `image_and_label`: how shards are read that cannot be read by offset (`pipe:`, http(s)), or that
+    pretraining streams (object storage).
 
     Unreadable samples are counted per cause in `bad` and skipped (samples lost to a truncated tar are not
     counted here: the caller knows how many it expected); without `bad` the first one raises DataError.

@@ -16,9 +16,30 @@ import numpy as np
 from tqdm import tqdm
 
 from pipelines import atomic
-from pipelines.data.index import INDEX_VERSION, SAMPLE_COLUMNS, SHARD_COLUMNS, Mapper, SourceIndex, key_hash
+from pipelines.data.index import (
+    INDEX_VERSION,
+    LOCAL,
+    RANGED,
+    SAMPLE_COLUMNS,
+    SHARD_COLUMNS,
+    STREAMED,
+    Mapper,
+    SourceIndex,
+    key_hash,
+)
 from pipelines.data.labels import Label, parse_labels
-from pipelines.data.reader import DataError, TarFormatError, iter_members, open_url, padded, split_member_name
+from pipelines.data.reader import (
+    BLOCK,
+    OBJECT_STORES,
+    DataError,
+    ShardFiles,
+    TarFormatError,
+    iter_members,
+    open_url,
+    padded,
+    parse_header,
+    split_member_name,
+)
 from pipelines.data.sources import info_lengths, is_local, read_sidecar
 
 
@@ -32,7 +53,7 @@ class ShardRows:
     sizes: list[int] = field(default_factory=list)
     labels: list[Label] = field(default_factory=list)
     lost: int = 0
-    seekable: bool = False
+    seekable: int = STREAMED  # how it is read: `index.STREAMED`, `LOCAL` or `RANGED`
 
     def add(self, key: str, offset: int, size: int, cls: bytes | None, meta: bytes | None) -> None:
         label = parse_labels(cls, meta)
@@ -55,7 +76,7 @@ class ShardColumns:
     counts: np.ndarray  # classes per sample
     classes: np.ndarray  # every sample's classes, flat
     lost: int
-    seekable: bool
+    seekable: int
 
     @classmethod
     def of(cls, rows: ShardRows) -> ShardColumns:
@@ -69,19 +90,37 @@ class ShardColumns:
 def scan_shard(url: str, expected: int | None = None, sidecars: bool = True) -> ShardRows:
     """Index one shard: a local plain tar from its headers alone (no image byte is read); a remote shard from its
     sidecar (`sources.sidecar_url`) where it has one, else by streaming it (the only way for shards nobody
-    indexed); compressed local tars by streaming too.
+    indexed); compressed local tars by streaming too. A plain tar in object storage is marked RANGED (its offsets,
+    from the sidecar or the stream, address the object's bytes).
 
     `lost` counts samples the tar cannot give: the shortfall against `expected` (from `_info.json`) where known,
     else the one sample whose members were cut."""
     if not is_local(url):
         side = read_sidecar(url) if sidecars else None
-        if side is not None:
-            return ShardRows(url, list(side["keys"]), list(side["offsets"]), list(side["sizes"]), list(side["labels"]))
-        return _streamed_rows(url, expected)
+        if side is None:
+            rows = _streamed_rows(url, expected)
+        else:
+            rows = ShardRows(url, list(side["keys"]), list(side["offsets"]), list(side["sizes"]), list(side["labels"]))
+        if url.startswith(OBJECT_STORES) and (side is not None or _plain_tar(url)):
+            rows.seekable = RANGED  # a sidecar is written from a plain tar's headers (`_scan_job`, `writer`)
+        return rows
     with open(url, "rb") as f:
         if f.read(2) == b"\x1f\x8b":  # gzip: nothing to seek in
             return _streamed_rows(url, expected)
     return _local_rows(url, expected)
+
+
+def _plain_tar(url: str) -> bool:
+    """Whether an object's first block is a tar header (an uncompressed tar, whose offsets address its bytes):
+    one ranged read."""
+    files = ShardFiles(1)
+    try:
+        parse_header(files.read(url, 0, BLOCK))
+        return True
+    except (TarFormatError, DataError):
+        return False
+    finally:
+        files.close()
 
 
 def _samples(members: Iterable[tuple[str, int, int, Callable[[], bytes]]]) -> Iterator[tuple]:
@@ -106,7 +145,7 @@ def _samples(members: Iterable[tuple[str, int, int, Callable[[], bytes]]]) -> It
 
 
 def _local_rows(url: str, expected: int | None) -> ShardRows:
-    rows, ended = ShardRows(url, seekable=True), []
+    rows, ended = ShardRows(url, seekable=LOCAL), []
     fd = os.open(url, os.O_RDONLY)
     try:
         members = ((m.name, m.start, m.data + padded(m.size), lambda m=m: os.pread(fd, m.size, m.data))
@@ -148,7 +187,7 @@ def _scan_job(job: tuple[list[str], list[int | None], bool, bool]) -> list[Shard
     urls, expected, sidecars, publish = job
     found = [scan_shard(url, n, sidecars) for url, n in zip(urls, expected, strict=True)]
     for rows in found:
-        if publish and rows.seekable:
+        if publish and rows.seekable == LOCAL:
             store_sidecar(Path(rows.url), rows)
     return [ShardColumns.of(rows) for rows in found]
 

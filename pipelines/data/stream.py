@@ -10,10 +10,11 @@ augmented images as one process, and a run can resume from step t with another N
 
 An epoch's order: a seeded shard permutation, then a seeded permutation within consecutive windows of
 `ORDER_WINDOW` positions (the whole epoch for subsets up to that size), computed lazily, so a worker's memory does
-not grow with the source. Local shards are read by offset from the index. Shards that can only be streamed
-(`pipe:` and other remote URLs) cannot be read at arbitrary positions: there each (rank, worker) streams its
-contiguous part of the epoch's shard order through a seeded shuffle buffer, continuing into the next epoch for
-its next batch (the order then depends on N and W; the batch sizes and step counts do not).
+not grow with the source. Local shards are read by offset from the index. All others are streamed, object storage
+included: pretraining reads every sample, and a shard read start to end beats a request per sample (evaluation,
+which wants a few samples of many shards, reads object storage by byte range: `reader.ShardFiles`). There each
+(rank, worker) streams its contiguous part of the epoch's shard order through a seeded shuffle buffer, continuing
+into the next epoch for its next batch (the order then depends on N and W; the batch sizes and step counts do not).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data.augment import Augment, train_image
-from pipelines.data.index import ShardSubset, key_filter
+from pipelines.data.index import LOCAL, ShardSubset, key_filter
 from pipelines.data.labels import label_array
 from pipelines.data.reader import BadCounts, BadSample, DataError, ShardFiles, iter_encoded, read_sample
 
@@ -112,7 +113,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
         self.start_step, self.open_shards = start_step, open_shards
         used = np.flatnonzero(self.counts)
-        self.indexed = bool(np.all(np.asarray(index.shard_seekable)[used])) if len(used) else True
+        self.indexed = bool(np.all(np.asarray(index.shard_seekable)[used] == LOCAL)) if len(used) else True
 
     def shard_rows(self, shard: int) -> np.ndarray:
         """The subset's rows in shard `shard`, in tar order (a view of the subset's positions)."""

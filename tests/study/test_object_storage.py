@@ -58,6 +58,40 @@ def test_a_webdataset_source_reads_its_shards_from_object_storage(shards, tmp_pa
     assert np.array_equal(ours.labels, theirs.labels)
 
 
+def test_an_evaluation_reads_only_its_samples_byte_spans_from_object_storage(shards, tmp_path, monkeypatch):
+    """Evaluation reads a plain tar in object storage by byte range, adjacent samples in one request (pretraining
+    streams it): a sparse subset costs its samples' bytes, and gives the numbers the local copy gives."""
+    import torch
+
+    from pipelines import metrics, models
+    from pipelines.data import eval_batches, reader
+    from pipelines.data.index import RANGED, ShardSubset
+
+    local, remote = shards
+    theirs = data.prepare(_source(local), tmp_path / "local", progress=False).index()
+    ours = data.prepare(_source(remote), tmp_path / "remote", progress=False).index()
+    assert np.all(np.asarray(ours.shard_seekable) == RANGED)  # no sidecar: indexed by streaming, offsets kept
+    for column in ("offset", "size", "key", "label"):
+        assert np.array_equal(getattr(ours, column), getattr(theirs, column))
+    runs = [[3, 4, 5], [130], [300, 301], [500]]  # adjacent samples, in each of the 4 shards of 128
+    rows = np.array([row for run in runs for row in run])
+    streamed, reads = [], []
+    open_url, read = reader.open_url, reader.ShardFiles.read
+    monkeypatch.setattr(reader, "open_url", lambda url: streamed.append(url) or open_url(url))
+    monkeypatch.setattr(reader.ShardFiles, "read", lambda self, path, offset, size: reads.append((path, offset, size))
+                        or read(self, path, offset, size))
+    torch.manual_seed(0)
+    model, cpu = models.build("ViT-Pico/4", 16, 32), torch.device("cpu")
+    got = metrics.evaluate(model, ShardSubset(ours, rows), 32, cpu)
+    first, last = ours.offset.astype(np.int64), (ours.offset + ours.size).astype(np.int64)
+    assert streamed == [] and reads == [(ours.shard_url(row[0] // 128), first[row[0]], last[row[-1]] - first[row[0]])
+                                        for row in runs]  # one request per run, each the run's bytes alone
+    assert got == metrics.evaluate(model, ShardSubset(theirs, rows), 32, cpu)
+    ranged = next(eval_batches(ShardSubset(ours, rows), 32, workers=1))  # from a loader worker too
+    assert ranged.keys == theirs.keys_of(rows)
+    assert np.array_equal(ranged.images, next(eval_batches(ShardSubset(theirs, rows), 32)).images)
+
+
 def test_credentials_in_a_storage_uri_are_refused_without_being_printed():
     assert redact("s3://AKID:sec-ret@bucket/runs?endpoint_override=h:9000") == \
         "s3://***@bucket/runs?endpoint_override=h:9000"
