@@ -2,8 +2,9 @@
 stopping, reporting the best score during training, so a small subset is not judged by an overfit last step).
 
 Every `pretrain.eval_every` steps and at the end, `Probe` measures the current weights: upstream top-1 on the
-source's test split and few-shot on each downstream task (the evaluation a study runs, on these weights), logged at
-the global step. `Selector` keeps the step with the best few-shot headline (`select: best`) or the last (`final`).
+source's test split (or, without one, the slice carved from it: `pipelines.data.held_out`) and few-shot on each
+downstream task (the evaluation a study runs, on these weights), logged at the global step. `Selector` keeps the
+step with the best few-shot headline (`select: best`) or the last (`final`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Probe:
 
     fewshot: FewshotConfig
     tasks: tuple[SourceConfig, ...]
-    val: ShardSubset  # the pretraining source's test split: fixed, and never trained on
+    val: ShardSubset  # the pretraining source's test split or held-out slice: fixed, and never trained on
     model_name: str
     image_size: int
     runtime: Runtime

@@ -32,6 +32,9 @@ class DataConfig:
     # Nested subsets of samples (a seeded permutation of every key), or of whole shards (a subset of a remote
     # source then reads only its own shards).
     subset_mode: Literal["samples", "shards"] = "samples"
+    # Rows carved from a pretraining source without a test split, for upstream validation (`pipelines.data.held_out`;
+    # no subset ever holds one); left out: `StudyConfig.holdout` decides.
+    holdout: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,17 @@ class Resources:
     @property
     def gpus_per_trial(self) -> float:
         return self.workers_per_trial * self.gpus_per_worker
+
+
+# The held-out slice's size where `data.holdout` is left out: big_vision's ImageNet-21k validation slice (configs/
+# vit_i21k.py, 'full[25_600:51_200]'; top-1's standard error under 0.32 points), at most 1% of the source, its
+# ImageNet-1k minival ('train[99%:]'), so a small source keeps 99% for training.
+HELD_OUT_ROWS, HELD_OUT_FRACTION = 25_600, 0.01
+
+
+def held_out_rows(size: int) -> int:
+    """The default held-out slice of a source of `size` training examples (at least one row)."""
+    return max(1, min(HELD_OUT_ROWS, int(size * HELD_OUT_FRACTION)))
 
 
 RENAMED = {"resources.cpus_per_trial": "resources.cpus_per_worker (with resources.workers_per_trial)",
@@ -73,6 +87,16 @@ class StudyConfig:
     @property
     def cache_dir(self) -> Path:
         return Path(self.data.cache_dir).expanduser() if self.data.cache_dir else default_cache_dir()
+
+    @property
+    def holdout(self) -> int:
+        """Rows carved from the pretraining source for upstream validation: `data.holdout` where given; left out, a
+        source without a test split carves `held_out_rows(size)` when any model evaluates during training
+        (`pretrain.eval_every`) and nothing otherwise, so a grid without it keeps its subsets (and ids)."""
+        if self.data.holdout is not None:
+            return self.data.holdout
+        evaluates = any(self.pretrain_for(model).eval_every for model in self.models)
+        return held_out_rows(self.data.pretrain.size) if evaluates and not has_test_split(self.data.pretrain) else 0
 
     def pretrain_for(self, model: str) -> PretrainConfig:
         """How `model` pretrains: `pretrain` with its family's recipe, then its own, merged over it."""
@@ -156,9 +180,7 @@ def validate(cfg: StudyConfig) -> None:
     subsets = cfg.data.subsets
     if min(subsets) <= 0 or list(subsets) != sorted(set(subsets)):
         raise ConfigError(f"data.subsets must be increasing positive sizes, got {list(subsets)}")
-    if max(subsets) > cfg.data.pretrain.size:
-        raise ConfigError(f"data.subsets: {max(subsets)} examples asked, but data.pretrain holds only "
-                          f"{cfg.data.pretrain.size}")
+    _check_pool(cfg)
     names = [task.label for task in cfg.downstream]
     if len(set(names)) != len(names) or any("/" in n for n in names):
         raise ConfigError(f"downstream task names must be unique and contain no '/', got {names}")
@@ -184,9 +206,13 @@ _TEST_SPLIT = {"shapes": ("test_size", "a number of examples > 0"), "webdataset"
                "folder": ("test_root", "a folder of class folders")}
 
 
+def has_test_split(src: SourceConfig) -> bool:
+    return bool(getattr(src, _TEST_SPLIT[src.source][0]))
+
+
 def _check_test_split(task: SourceConfig, key: str) -> None:
     name, what = _TEST_SPLIT[task.source]
-    if not getattr(task, name):
+    if not has_test_split(task):
         raise ConfigError(f"{key}.{name}: a downstream task needs a test split; give {name} ({what}) for source "
                           f"'{task.source}'")
 
@@ -230,14 +256,29 @@ def _check_recipes(cfg: StudyConfig) -> None:
 
 def _check_during_training(cfg: StudyConfig, key: str) -> None:
     """Evaluation during training (`pipelines.selection`) measures upstream top-1 on the pretraining source's test
-    split (none is carved from its train split) and selects on few-shot."""
+    split or, without one, on the slice carved from it (`data.holdout`), and selects on few-shot."""
     name, what = _TEST_SPLIT[cfg.data.pretrain.source]
-    if not getattr(cfg.data.pretrain, name):
+    if not has_test_split(cfg.data.pretrain) and not cfg.holdout:
         raise ConfigError(f"{key}: evaluation during training measures upstream top-1 on the pretraining source's "
-                          f"test split, which it lacks: give data.pretrain.{name} ({what})")
+                          f"test split, which it lacks: give data.pretrain.{name} ({what}), or data.holdout > 0 rows "
+                          f"carved from it")
     if cfg.evaluate.fewshot is None:
         raise ConfigError(f"{key}: evaluation during training selects on few-shot, which evaluate.fewshot=null "
                           "switches off")
+
+
+def _check_pool(cfg: StudyConfig) -> None:
+    """The largest subset fits in the source less its held-out slice; a slice is carved only without a test split."""
+    src, held, largest = cfg.data.pretrain, cfg.holdout, max(cfg.data.subsets)
+    if held < 0:
+        raise ConfigError(f"data.holdout must be >= 0, got {held}")
+    if held and has_test_split(src):
+        raise ConfigError(f"data.holdout: {held} rows asked, but data.pretrain has a test split, which upstream "
+                          f"validation uses: leave data.holdout out (or 0)")
+    if largest > src.size - held:
+        less = f" less the {held} held out for validation (data.holdout)" if held else ""
+        raise ConfigError(f"data.subsets: {largest} examples asked, but data.pretrain holds only {src.size}{less}: "
+                          f"use at most {src.size - held}" + (", or a smaller data.holdout" if held else ""))
 
 
 def _pretrain_rules(cfg: StudyConfig) -> list[tuple[str, float, str]]:

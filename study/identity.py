@@ -4,8 +4,9 @@ size, the pretraining source, the recipe, `RECIPE_VERSION`); each evaluation is 
 (workers, checkpoint cadence, gradient accumulation, compilation, loader processes, paths) are left out, so
 changing them never retrains anything. The git commit is a tag, never part of a hash.
 
-The subset manifest (which examples a point trains on) is a pure function of the source's keys, the subset size
-and the seed, so hashing those hashes the manifest without reading the data; the manifest hash is logged too.
+The subset manifest (which examples a point trains on) is a pure function of the source's keys, the subset size,
+the seed and the held-out slice's size (`data.holdout`, hashed where a slice is carved), so hashing those hashes
+the manifest without reading the data; the manifest hash is logged too.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
     settings are `model`'s, recipes merged, so a recipe moves the points it applies to and only those."""
     mode = {} if cfg.data.subset_mode == "samples" else {"subset_mode": cfg.data.subset_mode}
     return {"recipe_version": RECIPE_VERSION, "model": model, "subset_size": subset_size, "seed": seed, **mode,
-            "source": source_settings(cfg.data.pretrain), "pretrain": pretrain_settings(cfg.pretrain_for(model))}
+            **held_out(cfg), "source": source_settings(cfg.data.pretrain),
+            "pretrain": pretrain_settings(cfg.pretrain_for(model))}
 
 
 def pretrain_settings(recipe) -> dict:
@@ -80,6 +82,12 @@ def pretrain_settings(recipe) -> dict:
     if recipe.eval_every is None:
         out.pop("select", None)
     return out
+
+
+def held_out(cfg) -> dict:
+    """{"holdout": rows} where a slice is carved from the pretraining source (its subsets then hold other rows);
+    {} where none is (a source with a test split, or no validation asked), so those points keep their ids."""
+    return {"holdout": cfg.holdout} if cfg.holdout else {}
 
 
 def source_settings(src) -> dict:
@@ -101,7 +109,8 @@ def recipe_params(cfg, model: str) -> dict:
     """`model`'s pretraining recipe and the source in full (defaults included, execution-only fields left out), for
     people reading a run: the same for every invocation of a point, as MLflow's immutable params must be."""
     return {"recipe_version": RECIPE_VERSION, **image_version(cfg.data.pretrain), "subset_mode": cfg.data.subset_mode,
-            "source": _full(cfg.data.pretrain, "source"), "pretrain": _full(cfg.pretrain_for(model), "pretrain")}
+            **held_out(cfg), "source": _full(cfg.data.pretrain, "source"),
+            "pretrain": _full(cfg.pretrain_for(model), "pretrain")}
 
 
 def eval_params(cfg) -> dict:

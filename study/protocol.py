@@ -43,7 +43,8 @@ class PointFields:
 @dataclass(frozen=True)
 class PretrainSummary:
     """What pretraining a point measured. The throughput fields are those `pipelines.perf.throughput` gives the
-    device (a CPU has no device memory, an unknown GPU no MFU); `val_top1` needs a held-out split. With
+    device (a CPU has no device memory, an unknown GPU no MFU); `val_top1` needs a held-out split: the source's test
+    split, or the slice carved from it (`data.holdout`), of `val_rows` rows. With
     `pretrain.eval_every`, `selected_step` is the step whose weights the point keeps (and evaluates, and `val_top1`
     measures) and `selected_score` its few-shot headline (`pipelines.selection.headline`)."""
 
@@ -52,6 +53,7 @@ class PretrainSummary:
     seconds: float
     resumed_from_step: int
     val_top1: float | None = None
+    val_rows: int | None = None
     images_per_s: float | None = None
     step_time_s: float | None = None
     data_wait_fraction: float | None = None

@@ -108,7 +108,8 @@ def git_commit() -> str:
 
 def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:
     """Generate or check every data source and index it once into storage, before any trial starts (missing paths,
-    corrupt shards and repeated keys fail here), with each seed's subset order, so trials only map files."""
+    corrupt shards and repeated keys fail here), with the held-out slice and each seed's subset order, so trials only
+    map files."""
     from pipelines import data, downstream, pretrain
     from study.trial import index_root, sync_indexes
 
@@ -119,10 +120,11 @@ def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:
             index = found.index()
             for loss in dict.fromkeys(cfg.pretrain_for(model).loss for model in cfg.models):  # recipes may differ
                 pretrain.check_labels(loss, index)
+            held = data.held_out(index, cfg.holdout) if cfg.holdout else None  # stored once, where read by offset
             if cfg.data.subset_mode == "samples":  # each seed's order, each point's rows: trials map them
                 for seed in cfg.seeds:
                     for n in cfg.data.subsets:
-                        index.first_rows(seed, n)
+                        data.nested_subset(index, n, seed, "samples", held)
         else:  # what the evaluations cannot measure on this task, refused before any trial starts
             downstream.check_task(cfg.evaluate, src, found.index())
             if (ft := cfg.evaluate.finetune) is not None and ft.val_fraction:  # the minival's order: stored once

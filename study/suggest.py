@@ -102,7 +102,7 @@ def run_suggest(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namesp
     table = study_table(cfg, points, args)
     key, frame, vit, bit = pick_target(table, cfg.downstream[0].label)
     try:
-        target, ranked = suggest.suggest(frame, vit, bit, cfg.data.pretrain.size,
+        target, ranked = suggest.suggest(frame, vit, bit, cfg.data.pretrain.size - cfg.holdout,  # the subsets' pool
                                          PointCost(cfg, mfu), args.budget)
     except ValueError as err:
         raise UserError(f"--suggest: {err}") from err

@@ -145,7 +145,9 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
     if (name := storage.newest_checkpoint(files.checkpoints)) is not None:
         storage.pull_checkpoint(files.checkpoints, name, local_ckpts)
     resumed = pretrain_step_of(name)
-    train = data.nested_subset(source.index(), point.subset_size, point.seed, cfg.data.subset_mode)
+    held = data.held_out(source.index(), cfg.holdout) if cfg.holdout else None
+    train = data.nested_subset(source.index(), point.subset_size, point.seed, cfg.data.subset_mode, held)
+    val = source.subset("test") if "test" in source.shards else held  # fixed, and never trained on
     balance = data.class_counts(train.labels, src.num_classes)
     where = distributed.ranks()
     if where.main:
@@ -169,7 +171,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
         emit(Curve(prefix, step, values))
 
     rt = Runtime(device, point.seed, loader=loader, progress=progress, should_stop=stop_requested(storage))
-    probe = selection.Probe(cfg.evaluate.fewshot, cfg.downstream, source.subset("test"), point.model, src.image_size,
+    probe = selection.Probe(cfg.evaluate.fewshot, cfg.downstream, val, point.model, src.image_size,
                             Runtime(device, point.seed, cfg.cache_dir, index_root(cfg, storage), loader, False),
                             measured) if recipe.eval_every else None
     with NodeSampler() as sampler:
@@ -181,12 +183,12 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
     if result.chosen is not None:
         summary |= {"selected_step": result.chosen.step, "selected_score": result.chosen.score}
     state = result.selected_state
-    if "test" in source.shards:  # held-out upstream accuracy: is the model data- or optimisation-limited?
+    if val is not None:  # held-out upstream accuracy: is the model data- or optimisation-limited?
         model = models.build(point.model, src.num_classes, src.image_size, models.ModelOptions.of(recipe))
         model.load_state_dict(state)
-        val = source.subset("test")
         summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
                                        max_bad_fraction=loader.max_bad_fraction)["top1"]
+        summary["val_rows"] = len(val)
     if not where.main:
         return state
     storage.write_bytes(files.weights,

@@ -253,30 +253,52 @@ def _write_shapes_shard(job) -> int:
     return write_shard(path, samples)
 
 
-def nested_subset(index: SourceIndex, n: int, seed: int, mode: str = "samples") -> ShardSubset:
+def nested_subset(index: SourceIndex, n: int, seed: int, mode: str = "samples",
+                  held: ShardSubset | None = None) -> ShardSubset:
     """The nested subset of `n` rows for `data.subset_mode`: subset(n) contains every smaller subset, and is a pure
-    function of (the source's keys, seed, n), whatever the shard order or the number of ranks.
+    function of (the source's keys, seed, n, `held`), whatever the shard order or the number of ranks. No row of
+    `held` (the source's `held_out` slice) is ever in it: the subsets are drawn from the rows that remain.
 
     `samples`: the `n` rows first in the source's seeded key order (`SourceIndex.order`: O(N) once per (source,
     seed), then O(n log n) once per (seed, n), stored and memory-mapped: `SourceIndex.first_rows`). `shards`: whole
     shards in a seeded permutation of their names, each contributing its rows in tar order, the last one cut at
     `n`: a subset reads only the shards it covers (9M of a 300M-image source: 3%).
     """
-    if n > len(index):
-        raise DataError(f"subset of {n} examples asked, but the source has only {len(index)}")
+    skip = np.asarray(held.positions) if held is not None else np.zeros(0, dtype=np.int64)
+    if n > len(index) - len(skip):
+        raise DataError(f"subset of {n} examples asked, but the source has only {len(index) - len(skip)}"
+                        + (f" ({len(index)} less {len(skip)} held out for validation)" if len(skip) else ""))
     if mode == "samples":
-        return ShardSubset(index, index.first_rows(seed, n))
+        return ShardSubset(index, index.first_rows(seed, n, skip))
     names = sorted(range(index.num_shards), key=lambda i: os.path.basename(index.shard_url(i)))
     parts, taken = [], 0
     for i in np.random.default_rng([seed, 20210604]).permutation(len(names)):
         shard = names[i]
-        start = index.shard_start(shard)
-        take = min(int(index.shard_end[shard]) - start, n - taken)
-        parts.append(np.arange(start, start + take, dtype=np.int64))
-        taken += take
+        rows = np.arange(index.shard_start(shard), int(index.shard_end[shard]), dtype=np.int64)
+        rows = rows[~np.isin(rows, skip)] if len(skip) else rows
+        parts.append(rows[:n - taken])
+        taken += len(parts[-1])
         if taken == n:
             break
     return ShardSubset(index, np.sort(np.concatenate(parts)))
+
+
+HELD_OUT_SEED = 20210605  # the held-out slice's shard order where shards can only be streamed (any fixed value)
+
+
+def held_out(index: SourceIndex, n: int) -> ShardSubset:
+    """The validation slice carved from a source without a test split (`data.holdout`): `n` rows that no
+    `nested_subset` given it holds, a pure function of the source's keys and `n`, so the same for every point, seed,
+    subset and number of ranks. Shards read by offset: the `n` rows of smallest key hash (a uniform draw,
+    `SourceIndex.smallest_keys`, stored beside the index). Shards that can only be streamed: whole
+    shards in a fixed seeded order of their names (`nested_subset`'s `shards` mode), so a validation pass streams
+    those alone, not a sample of every shard."""
+    if not 0 < n < len(index):
+        raise DataError(f"a held-out slice of {n} rows asked of a source of {len(index)}: give 0 < data.holdout < "
+                        f"{len(index)}")
+    if np.asarray(index.shard_seekable).all():
+        return ShardSubset(index, index.smallest_keys(n))
+    return nested_subset(index, n, HELD_OUT_SEED, mode="shards")
 
 
 def manifest_hash(subset: ShardSubset) -> str:
@@ -312,5 +334,5 @@ def _check_folders(src: SourceConfig) -> dict[str, list[str]]:
 from pipelines.data.batches import eval_batches, load, split_batches  # noqa: E402  (they read `ImageArrays`)
 
 __all__ = ["DataError", "ImageArrays", "Prepared", "ShardSubset", "SourceConfig", "SourceIndex", "class_counts",
-           "default_cache_dir", "eval_batches", "load", "manifest_hash", "nested_subset", "prepare", "prepared",
-           "split_batches"]
+           "default_cache_dir", "eval_batches", "held_out", "load", "manifest_hash", "nested_subset", "prepare",
+           "prepared", "split_batches"]

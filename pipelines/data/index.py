@@ -145,10 +145,20 @@ class SourceIndex:
         index (`order-<seed>.bin`); a read-only index computes it in memory."""
         return self._stored(f"order-{seed}", lambda: np.argsort(_mix(np.asarray(self.key), seed), kind="stable"))
 
-    def first_rows(self, seed: int, n: int) -> np.ndarray:
-        """The `n` rows first in `order(seed)`, sorted: stored beside the index (`subset-<seed>-<n>.bin`) once, then
+    def first_rows(self, seed: int, n: int, skip: np.ndarray | None = None) -> np.ndarray:
+        """The `n` rows first in `order(seed)` that are not in `skip` (sorted rows: a held-out slice), sorted: stored
+        beside the index (`subset-<seed>-<n>.bin`, `subset-<seed>-<n>-skip<hash of skip>.bin`) once, then
         memory-mapped, so every rank and loader worker of every trial of the point shares one copy."""
-        return self._stored(f"subset-{seed}-{n}", lambda: np.sort(np.asarray(self.order(seed)[:n])))
+        if skip is None or not len(skip):
+            return self._stored(f"subset-{seed}-{n}", lambda: np.sort(np.asarray(self.order(seed)[:n])))
+        tag = hashlib.sha256(np.asarray(skip, dtype="<u8").tobytes()).hexdigest()[:12]
+        return self._stored(f"subset-{seed}-{n}-skip{tag}", lambda: np.sort(_first_outside(self.order(seed), n, skip)))
+
+    def smallest_keys(self, n: int) -> np.ndarray:
+        """The `n` rows of smallest key hash, sorted: a uniform draw (the hash is BLAKE2b) that is a pure function of
+        the source's key set, whatever the shard order or seed. O(N) once, stored beside the index
+        (`smallest-<n>.bin`)."""
+        return self._stored(f"smallest-{n}", lambda: np.sort(np.argpartition(np.asarray(self.key), n - 1)[:n]))
 
     def _stored(self, name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
         """Row positions kept as `<name>.bin` beside the index: mapped where stored, else computed and stored (held
@@ -176,6 +186,13 @@ def key_filter(index: SourceIndex, rows: np.ndarray) -> Callable[[str], bool]:
     read for a subset of its samples."""
     wanted = set(np.asarray(index.key[rows]).tolist())
     return lambda key: int(key_hash([key])[0]) in wanted
+
+
+def _first_outside(order: np.ndarray, n: int, skip: np.ndarray) -> np.ndarray:
+    """The first `n` rows of `order` not in `skip`: all among its first n + len(skip), of which at most len(skip) are
+    skipped (O(n + len(skip)), not O(N))."""
+    head = np.asarray(order[:n + len(skip)])
+    return head[~np.isin(head, skip)][:n]
 
 
 def _mix(keys: np.ndarray, seed: int) -> np.ndarray:

@@ -276,6 +276,38 @@ def test_shard_mode_subsets_are_nested_deterministic_and_read_few_shards(tmp_pat
         data.nested_subset(index, 751, seed=0, mode="shards")
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["read by offset", "streamed"])
+def test_a_held_out_slice_is_fixed_and_in_no_subset_of_any_size_seed_or_mode(tmp_path, streamed):
+    """The validation slice carved from a source without a test split: the same whatever the shard order or the
+    process (it takes no seed and no rank), never in a nested subset, which stay nested within the rest."""
+    shards = _source(tmp_path, [100, 80, 120, 100, 50, 100, 90, 110])  # 750 samples
+    urls = [f"pipe:cat {s}" for s in shards] if streamed else shards
+    index = data.SourceIndex(data.cached_index(urls, tmp_path / "index"))
+    held = data.held_out(index, 60)
+    rows = set(np.asarray(held.positions).tolist())
+    assert len(rows) == 60 and np.asarray(index.shard_seekable).all() != streamed
+    if streamed:  # whole shards (the last one cut), so a validation pass streams those alone
+        assert len(set(index.shard_of(held.positions).tolist())) <= 2
+    backwards = data.SourceIndex(data.cached_index(urls[::-1], tmp_path / "index"))
+    assert data.manifest_hash(data.held_out(backwards, 60)) == data.manifest_hash(held)
+    code = ("from pipelines import data; import sys; index = data.SourceIndex(sys.argv[1]); "
+            "print(data.manifest_hash(data.held_out(index, 60)))")
+    out = subprocess.run([sys.executable, "-c", code, str(index.folder)], capture_output=True, text=True)
+    assert out.stdout.strip() == data.manifest_hash(held)  # another process (a rank, a trial) carves the same rows
+    for mode in ("samples", "shards"):
+        for seed in (0, 3):
+            subsets = [set(np.asarray(data.nested_subset(index, n, seed, mode, held).positions).tolist())
+                       for n in (1, 50, 200, 689, 690)]
+            assert [len(s) for s in subsets] == [1, 50, 200, 689, 690]
+            assert all(a < b for a, b in zip(subsets, subsets[1:], strict=False))  # nested
+            assert not set().union(*subsets) & rows and subsets[-1] | rows == set(range(750))
+    with pytest.raises(DataError, match=r"subset of 691 examples asked, but the source has only 690 \(750 less 60 "
+                                        r"held out for validation\)"):
+        data.nested_subset(index, 691, seed=0, held=held)
+    with pytest.raises(DataError, match="a held-out slice of 750 rows asked of a source of 750"):
+        data.held_out(index, 750)
+
+
 def test_a_changed_remote_shard_gets_a_new_index(tmp_path, monkeypatch):
     """Remote shards are keyed by their sidecar's content hash (`pipe:`) or ETag (http), not by their URL alone."""
     from pipelines.data import scan as index_scan

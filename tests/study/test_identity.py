@@ -54,10 +54,43 @@ def test_select_final_is_its_own_id_and_evaluation_during_training_needs_a_held_
     best = _ids(_study(tmp_path, overrides=["pretrain.eval_every=6"]))
     assert best == _ids(_study(tmp_path, overrides=["pretrain.eval_every=6", "pretrain.select=best"]))
     assert not set(best) & set(_ids(_study(tmp_path, overrides=["pretrain.eval_every=6", "pretrain.select=final"])))
-    with pytest.raises(ConfigError, match=r"pretrain.eval_every: .*give data.pretrain.test_size"):
-        _study(tmp_path, overrides=["pretrain.eval_every=6", "data.pretrain.test_size=0"])
+    with pytest.raises(ConfigError, match=r"pretrain.eval_every: .*give data.pretrain.test_size .*or data.holdout"):
+        _study(tmp_path, overrides=["pretrain.eval_every=6", "data.pretrain.test_size=0", "data.holdout=0"])
     assert _ids(_study(tmp_path, overrides=["pretrain.select=best"])) == _ids(_study(tmp_path))  # the default
     assert _ids(_study(tmp_path, overrides=["pretrain.select=final"])) == _ids(_study(tmp_path))  # no eval_every
+
+
+def test_a_slice_is_carved_where_validation_has_no_test_split_and_its_size_is_in_those_ids_only(tmp_path):
+    """Carving changes which rows the subsets hold, so it moves the ids of the points it carves from; a source with
+    a test split (every shipped study: their pins above) carves nothing."""
+    assert _study(tmp_path, overrides=["pretrain.eval_every=6"]).holdout == 0  # smoke's source has a test split
+    untested = ["data.pretrain.test_size=0"]
+    assert _study(tmp_path, overrides=untested).holdout == 0  # no validation asked: nothing carved, ids as before
+    carved = _study(tmp_path, overrides=[*untested, "pretrain.eval_every=6"])
+    assert carved.holdout == 20  # 1% of 2048 (at most 25,600: big_vision's)
+    assert carved.holdout == _study(tmp_path, overrides=[*untested, "recipes.ViT-Pico/4.eval_every=6"]).holdout
+    same = _study(tmp_path, overrides=[*untested, "pretrain.eval_every=6", "data.holdout=20"])
+    assert _ids(same) == _ids(carved)  # the default, written out
+    other = _study(tmp_path, overrides=[*untested, "pretrain.eval_every=6", "data.holdout=40"])
+    assert not set(_ids(other)) & set(_ids(carved))  # another slice: other rows in every subset
+    plain = _ids(_study(tmp_path, overrides=untested))
+    assert not set(_ids(_study(tmp_path, overrides=[*untested, "data.holdout=20"]))) & set(plain)  # val_top1 only
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.subsets=[256, 2048]"], "data.subsets: 2048 examples asked, but data.pretrain holds only 2048 less the 20 "
+                                   "held out for validation (data.holdout): use at most 2028, or a smaller "
+                                   "data.holdout"),
+    (["data.holdout=2048"], "data.subsets: 1024 examples asked, but data.pretrain holds only 2048 less the 2048 "
+                            "held out"),
+    (["data.holdout=-1"], "data.holdout must be >= 0, got -1"),
+    (["data.pretrain.test_size=256", "data.holdout=20"], "data.holdout: 20 rows asked, but data.pretrain has a test "
+                                                         "split, which upstream validation uses"),
+])
+def test_an_impossible_held_out_slice_is_one_line(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        _study(tmp_path, overrides=["data.pretrain.test_size=0", "pretrain.eval_every=6", *overrides])
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_seed_and_subset_change_only_their_points(tmp_path):

@@ -1,6 +1,7 @@
 """One grid point in-process (`run_point`: plain Python, real storage and torch, no Ray): evaluation during
 training and the step it selects."""
 
+import numpy as np
 import pytest
 from safetensors.torch import load as load_weights
 
@@ -8,17 +9,35 @@ from study.config import expand, load_study
 from study.identity import eval_ids
 from study.protocol import Curve
 from study.storage import PointFiles, Storage
-from study.trial import TrialPlan, run_point
+from study.trial import TrialPlan, index_root, run_point
 from tests.conftest import ROOT
 
 
-def test_select_best_logs_each_step_and_the_point_reports_the_chosen_steps_numbers(tmp_path, cache_dir):
+def test_select_best_logs_each_step_and_the_point_reports_the_chosen_steps_numbers(tmp_path, cache_dir,
+                                                                                  monkeypatch):
+    """On a source without a test split: upstream validation reads the slice carved from it, and only that."""
+    from pipelines import data, metrics
+
     cfg = load_study(ROOT / "configs" / "smoke.yaml", [
         "models=[ViT-Pico/4]", "data.subsets=[256]", "pretrain.eval_every=6", f"data.cache_dir={cache_dir}",
-        "evaluate.linear_probe=null", "evaluate.finetune=null", "evaluate.diagnostics=null"])
+        "data.pretrain.test_size=0", "evaluate.linear_probe=null", "evaluate.finetune=null",
+        "evaluate.diagnostics=null"])
     (point,) = expand(cfg)
+    read, real = [], metrics.split_batches  # upstream top-1's reads (`metrics.evaluate`): (rows asked, rows read)
+
+    def counted(split, *args, **kwargs):
+        read.append((np.asarray(split.positions).tolist(), 0))
+        for batch in real(split, *args, **kwargs):
+            read[-1] = (read[-1][0], read[-1][1] + len(batch))
+            yield batch
+
+    monkeypatch.setattr(metrics, "split_batches", counted)
     events, storage = [], Storage(str(tmp_path / "storage"))
     record = run_point(cfg, TrialPlan(point, "train", eval_ids(cfg)), storage, tmp_path / "scratch", events.append)
+    index = data.prepared(cfg.data.pretrain, cache_dir, index_root(cfg, storage)).index()  # what the trial read
+    held = data.held_out(index, 20)  # 1% of the 2,048 images
+    assert read == [(np.asarray(held.positions).tolist(), 20)] * 3  # steps 6 and 12, then the kept weights' val_top1
+    assert record.pretrain.val_rows == 20
     curves = {(e.prefix, e.step): e.values for e in events if isinstance(e, Curve)}
     val = {step: curves["pretrain/val", step]["top1"] for step in (6, 12)}
     shots = {step: curves["pretrain/fewshot/shapes-novel", step] for step in (6, 12)}
