@@ -192,7 +192,7 @@ def test_a_point_finished_in_storage_but_not_closed_in_mlflow_ends_with_one_fini
     child is still RUNNING and not marked complete. The next run logs it and closes it FINISHED, and nothing
     marks it KILLED afterwards."""
     args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[256]",
-            "evaluate.finetune.lr=0.01", "--out", str(tmp_path)]
+            "evaluate.linear_probe=null", "evaluate.finetune=null", "evaluate.diagnostics=null", "--out", str(tmp_path)]
     assert run_cli(args, cache_dir).returncode == 0
     client, (child,) = _client(tmp_path)[0], _children(tmp_path)[1]
     client.delete_tag(child.info.run_id, "complete")
