@@ -101,7 +101,8 @@ def test_joining_a_head_started_with_ray_start(head, tmp_path, cache_dir):
     _refused(impossible, tmp_path, f"resources.gpus_per_worker=1: a trial's worker needs 1 GPUs on one node, but "
                                    f"the cluster at {head} has at most 0")
     proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address", head,
-                    "models=[ViT-Pico/4]", "data.subsets=[256]", "evaluate.finetune.lr=0.01"], cache_dir, timeout=600)
+                    "models=[ViT-Pico/4]", "data.subsets=[256]", "evaluate.linear_probe=null", "evaluate.finetune=null",
+                    "evaluate.diagnostics=null"], cache_dir, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "smoke" / "results.csv").exists()
 

@@ -193,7 +193,8 @@ def test_a_killed_trial_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_
 
     # 60 steps: the first checkpoint (step 10) comes with 50 steps still to go, so the kill lands mid-pretraining.
     args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "models=[ViT-Pico/4]",
-            "data.subsets=[1024]", "pretrain.steps=60", "pretrain.checkpoint_every=10", "evaluate.finetune.lr=0.01"]
+            "data.subsets=[1024]", "pretrain.steps=60", "pretrain.checkpoint_every=10", "evaluate.linear_probe=null",
+            "evaluate.finetune=null", "evaluate.diagnostics=null"]
     proc = start_cli(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wait_until(proc, lambda: checkpointed(tmp_path), "a checkpoint in storage")
     # This study's trial process (its Ray is the driver's child): the trial's DataLoader worker is forked from it
