@@ -225,21 +225,21 @@ def test_held_out_metrics_on_a_multi_label_split():
     assert got["top1"] == pytest.approx(200 / 3) and got["loss"] == pytest.approx(float(expected))
 
 
-def test_the_study_refuses_softmax_on_a_multi_label_source_before_ray_starts(source, tmp_path):
-    import subprocess
-    import sys
-
+def test_the_study_refuses_softmax_on_a_multi_label_source_before_ray_starts(source, tmp_path, monkeypatch, capsys):
+    """`main` as the command line calls it, in this process (a Python start would cost ~8 s of imports)."""
+    from study.run import main
     from tests.conftest import ROOT
 
     paths, truth = source
     urls = str(Path(paths[0]).parent / "train-{0..2}.tar")
-    proc = subprocess.run([sys.executable, "-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path),
-                           "data.pretrain.source=webdataset", f"data.pretrain.urls={urls}", "data.pretrain.size=60",
-                           "data.pretrain.test_size=0", f"data.pretrain.num_classes={CLASSES}", "data.subsets=[30]",
-                           "data.pretrain.image_size=16"], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={**__import__("os").environ, "VITSCALE_CACHE": str(tmp_path / "cache")})
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
-    assert "multi-label" in proc.stderr and "pretrain.loss=sigmoid" in proc.stderr
+    monkeypatch.setenv("VITSCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(ROOT)
+    code = main(["--grid", "configs/smoke.yaml", "--out", str(tmp_path), "data.pretrain.source=webdataset",
+                 f"data.pretrain.urls={urls}", "data.pretrain.size=60", "data.pretrain.test_size=0",
+                 f"data.pretrain.num_classes={CLASSES}", "data.subsets=[30]", "data.pretrain.image_size=16"])
+    stderr = capsys.readouterr().err
+    assert code == 2 and stderr.strip().count("\n") == 0, stderr[-2000:]
+    assert "multi-label" in stderr and "pretrain.loss=sigmoid" in stderr
     # Nothing ran and nothing was tracked; only the source's index was stored (a rerun reuses it).
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "smoke" / "storage" / "points").exists()
     assert [p.name for p in (tmp_path / "smoke").iterdir()] == ["storage"]

@@ -14,6 +14,17 @@ def _grid(tmp_path, text: str):
     return path
 
 
+def _in_process(args: list[str], cache_dir, monkeypatch, capsys) -> tuple[int, str, str]:
+    """`main` as the command line calls it, in this process (a Python start would cost ~8 s of imports): its exit
+    status, stdout and stderr."""
+    from study.run import main
+
+    monkeypatch.setenv("VITSCALE_CACHE", str(cache_dir))
+    monkeypatch.chdir(ROOT)
+    code = main(args)
+    return code, *capsys.readouterr()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["pretrain.epocs=3"], "unknown key 'pretrain.epocs'; valid keys here: epochs, steps, examples"),
     (["pretrain.batch_size=big"], "pretrain.batch_size: expected int, got 'big'"),
@@ -65,14 +76,14 @@ def test_a_grid_file_that_is_not_text_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_grid_file(cache_dir):
-    proc = run_cli(["-m", "study.run", "--grid", "configs/nope.yaml"], cache_dir)
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: grid file not found: configs/nope.yaml"
+def test_missing_grid_file(cache_dir, monkeypatch, capsys):
+    code, _, stderr = _in_process(["--grid", "configs/nope.yaml"], cache_dir, monkeypatch, capsys)
+    assert code == 2 and stderr.strip() == "error: grid file not found: configs/nope.yaml"
 
 
-def test_dry_run_json_lists_every_grid_point(cache_dir):
-    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--dry-run", "--json"], cache_dir)
-    rows = json.loads(proc.stdout)
+def test_dry_run_json_lists_every_grid_point(cache_dir, monkeypatch, capsys):
+    _, stdout, _ = _in_process(["--grid", "configs/smoke.yaml", "--dry-run", "--json"], cache_dir, monkeypatch, capsys)
+    rows = json.loads(stdout)
     assert [(r["model"], r["subset_size"]) for r in rows] == [
         ("ViT-Pico/4", 256), ("ViT-Pico/4", 1024), ("BiT-R14-Pico", 256), ("BiT-R14-Pico", 1024)]
     assert all(r["examples_seen"] == 12 * 64 for r in rows)
@@ -84,30 +95,31 @@ def test_dry_run_json_lists_every_grid_point(cache_dir):
     assert rows[0]["pretrain_flops"] == 3 * 2 * macs * 768  # backward ~ 2 x forward, 768 examples seen
 
 
-def test_dry_run_lists_the_shell_commands_of_pipe_urls_and_what_each_point_will_do(tmp_path, cache_dir):
-    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--dry-run", "--out", str(tmp_path),
-                    "data.pretrain.source=webdataset", "data.pretrain.urls=pipe:cat /data/s-{0..1}.tar",
-                    "recipes.ViT.dropout=0.1", "recipes.ViT-Pico/4.lr=3e-4"], cache_dir)
-    assert proc.returncode == 0, proc.stderr
-    assert "  cat /data/s-0.tar\n  cat /data/s-1.tar" in proc.stdout and "2 shell commands" in proc.stdout
-    assert proc.stdout.count("  train\n") == 4  # nothing done yet: every point trains
+def test_dry_run_lists_the_shell_commands_of_pipe_urls_and_what_each_point_will_do(tmp_path, cache_dir, monkeypatch,
+                                                                                   capsys):
+    args = ["--grid", "configs/smoke.yaml", "--dry-run", "--out", str(tmp_path), "data.pretrain.source=webdataset",
+            "data.pretrain.urls=pipe:cat /data/s-{0..1}.tar", "recipes.ViT.dropout=0.1", "recipes.ViT-Pico/4.lr=3e-4"]
+    code, stdout, stderr = _in_process(args, cache_dir, monkeypatch, capsys)
+    assert code == 0, stderr
+    assert "  cat /data/s-0.tar\n  cat /data/s-1.tar" in stdout and "2 shell commands" in stdout
+    assert stdout.count("  train\n") == 4  # nothing done yet: every point trains
     # each model's recipe, merged
     assert ("  ViT-Pico/4       steps 12, batch 64, adamw lr 0.0003, wd 0.1, warm-up 4, cosine decay, softmax, "
-            "dropout 0.1 (with recipes.ViT and recipes.ViT-Pico/4)\n") in proc.stdout
-    assert "  BiT-R14-Pico     steps 12, batch 64, adamw lr 0.001," in proc.stdout
+            "dropout 0.1 (with recipes.ViT and recipes.ViT-Pico/4)\n") in stdout
+    assert "  BiT-R14-Pico     steps 12, batch 64, adamw lr 0.001," in stdout
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
-def test_paper_scale_dry_run_is_fast_and_touches_no_data(cache_dir):
+def test_paper_scale_dry_run_is_fast_and_touches_no_data(cache_dir, monkeypatch, capsys):
     start = time.monotonic()
-    proc = run_cli(["-m", "study.run", "--grid", "configs/paper/vit-vs-bit-jft.yaml", "--dry-run", "--json",
-                    "--mfu", "0.5"], cache_dir)
+    code, stdout, stderr = _in_process(["--grid", "configs/paper/vit-vs-bit-jft.yaml", "--dry-run", "--json", "--mfu",
+                                        "0.5"], cache_dir, monkeypatch, capsys)
     elapsed = time.monotonic() - start
     # Priced, then checked: its placeholder paths (/data/jft300m/...) are not on this machine.
-    assert proc.returncode == 2 and proc.stderr.startswith(
+    assert code == 2 and stderr.startswith(
         "error: configs/paper/vit-vs-bit-jft.yaml: data.pretrain.urls: /data/jft300m/000000.tar not found (30304 of "
         "30304 shards missing)")
-    rows = json.loads(proc.stdout)
+    rows = json.loads(stdout)
     assert len(rows) == 11 * 4 and elapsed < 60
     assert {"model", "subset_size", "examples_seen", "pretrain_flops", "finetune_h100_hours", "bound_h100_hours",
             "images_per_s_needed", "images_per_s_fed"} <= set(rows[0])  # their arithmetic: tests/study/test_cost.py
@@ -135,18 +147,18 @@ def test_errors_a_retry_cannot_fix_are_named_with_what_to_do(tmp_path):
     assert unfixable_by_retry(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")) is None
 
 
-def test_a_storage_that_cannot_be_written_stops_the_driver_in_one_line(tmp_path, cache_dir):
+def test_a_storage_that_cannot_be_written_stops_the_driver_in_one_line(tmp_path, cache_dir, monkeypatch, capsys):
     """`--storage` on a read-only file system (a tmpfs mounted read-only: root cannot write it either)."""
     import subprocess
 
     ro = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
     try:
-        proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path / "out"),
-                        "--storage", str(ro / "storage")], cache_dir)
+        code, _, stderr = _in_process(["--grid", "configs/smoke.yaml", "--out", str(tmp_path / "out"), "--storage",
+                                       str(ro / "storage")], cache_dir, monkeypatch, capsys)
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in stderr, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: Read-only file system") and "give a writable --storage" in last, last
 
 

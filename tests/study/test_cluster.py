@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
 
@@ -29,41 +29,50 @@ def _refused(proc, tmp_path, message: str) -> None:
     assert not list(tmp_path.iterdir())  # no data, folder or MLflow run
 
 
+def _refused_in_process(args: list[str], tmp_path, cache_dir, monkeypatch, capsys, message: str) -> None:
+    """`main` as the command line calls it, in this process (a Python start per case would cost ~8 s of imports),
+    for refusals made before any Ray starts; a real process's exit status and stderr: the tests below that start a
+    head or a web server."""
+    from study.run import main
+
+    monkeypatch.setenv("VITSCALE_CACHE", str(cache_dir))
+    monkeypatch.chdir(ROOT)
+    code = main(["--grid", "configs/smoke.yaml", "--out", str(tmp_path), *args])
+    _refused(subprocess.CompletedProcess(args, code, "", capsys.readouterr().err), tmp_path, message)
+
+
 @pytest.mark.parametrize("address, message", [
     ("127.0.0.1:{port}", "--address 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}"),
     ("127.0.0.1", "--address '127.0.0.1' is not host:port or auto"),
     ("host:port", "--address 'host:port' is not host:port or auto"),
     ("ray://127.0.0.1:{port}", "--address ray://127.0.0.1:{port}: Ray Client (ray://) is not supported"),
 ])
-def test_an_address_that_cannot_work_is_one_line_and_exit_2(address, message, tmp_path, cache_dir):
+def test_an_address_that_cannot_work_is_one_line_and_exit_2(address, message, tmp_path, cache_dir, monkeypatch,
+                                                            capsys):
     port = _free_port()
-    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path),
-                    "--address", address.format(port=port)], cache_dir, timeout=60)
-    _refused(proc, tmp_path, message.format(port=port))
+    _refused_in_process(["--address", address.format(port=port)], tmp_path, cache_dir, monkeypatch, capsys,
+                        message.format(port=port))
 
 
-def test_auto_with_no_cluster_running(tmp_path, cache_dir, monkeypatch):
+def test_auto_with_no_cluster_running(tmp_path, cache_dir, monkeypatch, capsys):
     from ray._private.services import find_gcs_addresses
 
     if find_gcs_addresses():  # decided before the call: a failing call must fail the test, never skip it
         pytest.skip(f"a Ray cluster is running on this machine ({', '.join(find_gcs_addresses())})")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address",
-                    "auto"], cache_dir, timeout=60)
-    _refused(proc, tmp_path, "--address auto: no Ray cluster is running on this machine")
+    _refused_in_process(["--address", "auto"], tmp_path, cache_dir, monkeypatch, capsys,
+                        "--address auto: no Ray cluster is running on this machine")
 
 
-def test_more_cpus_than_this_machine_has_is_refused_up_front(tmp_path, cache_dir):
-    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path),
-                    "resources.cpus_per_worker=1000"], cache_dir, timeout=60)
-    _refused(proc, tmp_path, "resources.cpus_per_worker=1000: a trial's worker needs 1000 CPUs on one node")
+def test_more_cpus_than_this_machine_has_is_refused_up_front(tmp_path, cache_dir, monkeypatch, capsys):
+    _refused_in_process(["resources.cpus_per_worker=1000"], tmp_path, cache_dir, monkeypatch, capsys,
+                        "resources.cpus_per_worker=1000: a trial's worker needs 1000 CPUs on one node")
 
 
-def test_more_workers_than_this_machine_can_place_is_refused_up_front(tmp_path, cache_dir):
-    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path),
-                    "resources.workers_per_trial=32"], cache_dir, timeout=60)
-    _refused(proc, tmp_path, f"resources.workers_per_trial=32: this machine can place at most {os.cpu_count()} "
-                             "workers of 1 CPUs")
+def test_more_workers_than_this_machine_can_place_is_refused_up_front(tmp_path, cache_dir, monkeypatch, capsys):
+    _refused_in_process(["resources.workers_per_trial=32"], tmp_path, cache_dir, monkeypatch, capsys,
+                        f"resources.workers_per_trial=32: this machine can place at most {os.cpu_count()} workers "
+                        "of 1 CPUs")
 
 
 def _start_head(auth: str, cpus: int = 2) -> str:
@@ -92,7 +101,8 @@ def test_joining_a_head_started_with_ray_start(head, tmp_path, cache_dir):
     _refused(impossible, tmp_path, f"resources.gpus_per_worker=1: a trial's worker needs 1 GPUs on one node, but "
                                    f"the cluster at {head} has at most 0")
     proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address", head,
-                    "models=[ViT-Pico/4]", "data.subsets=[256]", "evaluate.finetune.lr=0.01"], cache_dir, timeout=600)
+                    "models=[ViT-Pico/4]", "data.subsets=[256]", "evaluate.linear_probe=null", "evaluate.finetune=null",
+                    "evaluate.diagnostics=null"], cache_dir, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "smoke" / "results.csv").exists()
 

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from study import compare
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT
 
 
 def test_mlflow_input_spellings():
@@ -17,15 +17,16 @@ def test_mlflow_input_spellings():
 
 
 @pytest.mark.slow
-def test_compare_a_smoke_study_from_mlflow_and_from_its_folder(smoke, tmp_path, cache_dir):
+def test_compare_a_smoke_study_from_mlflow_and_from_its_folder(smoke, tmp_path, capsys):
+    """`main` as the command line calls it, in this process (a Python start would cost ~8 s of imports)."""
     runs, proc = smoke
     assert proc.returncode == 0, proc.stderr[-3000:]
     uri = f"sqlite:///{runs / 'mlflow.db'}"
     out = tmp_path / "cmp"
-    proc = run_cli(["-m", "study.compare", f"mlflow:{uri}#smoke", str(runs / "smoke"),
-                    str(ROOT / "configs" / "published" / "vit_bit_imagenet.csv"), "--label", "from-mlflow",
-                    "--label", "from-folder", "--label", "published", "--out", str(out)], cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = compare.main([f"mlflow:{uri}#smoke", str(runs / "smoke"),
+                         str(ROOT / "configs" / "published" / "vit_bit_imagenet.csv"), "--label", "from-mlflow",
+                         "--label", "from-folder", "--label", "published", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["crossovers"]["from-mlflow"] == summary["crossovers"]["from-folder"]  # the same table
     fewshot = [e for e in summary["evaluations"] if e["eval"] == "fewshot"]

@@ -8,7 +8,9 @@ import pytest
 
 from tests.conftest import mlflow_statuses, mount_tmpfs, run_cli
 
-ARGS = ["--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[256]", "evaluate.finetune.lr=0.01"]
+# Only the few-shot evaluation: the test is about the storage, which fails at the first checkpoint.
+ARGS = ["--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[256]", "evaluate.linear_probe=null",
+        "evaluate.finetune=null", "evaluate.diagnostics=null"]
 
 
 @pytest.mark.slow

@@ -15,11 +15,13 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli, start_cli, wait_until
+from tests.conftest import ROOT, run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
-BASE = ["-m", "study.run", "--grid", "configs/smoke.yaml", "pretrain.steps=60", "pretrain.checkpoint_every=4",
+# 24 steps: the killed invocation's second point has its first checkpoint (step 4) with 20 steps still to go; the
+# driver dies within a poll (0.2 s) of it, a step or two later.
+BASE = ["-m", "study.run", "--grid", "configs/smoke.yaml", "pretrain.steps=24", "pretrain.checkpoint_every=4",
         "evaluate.finetune.steps=4", "evaluate.finetune.lr=0.01"]
 # Only the killed invocation runs one trial at a time (so that, when it dies, two points have not started); how many
 # trials run at once is not part of any identity, so the later invocations run two side by side on 2 cores.
@@ -30,6 +32,17 @@ ACTIONS = re.compile(r"^(\S+)\s+([\d,]+)\s+(\d+)\s+[\d,]+(?:\s+[\d.e+-]+)+\s+(re
 
 def _actions(stdout: str) -> dict[tuple[str, int], str]:
     return {(m[1], int(m[2].replace(",", ""))): m[4] for m in ACTIONS.finditer(stdout)}
+
+
+def _dry_run(out, overrides: list[str], cache_dir, monkeypatch, capsys) -> str:
+    """`BASE ... --dry-run` through `main`, in this process (a Python start would cost ~8 s of imports): its stdout."""
+    from study.run import main
+
+    monkeypatch.setenv("VITSCALE_CACHE", str(cache_dir))
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    assert main([*BASE[2:], "--out", str(out), *overrides, "--dry-run"]) == 0
+    return capsys.readouterr().out
 
 
 def _points(out):
@@ -139,7 +152,7 @@ def test_extending_the_grid_trains_exactly_the_new_points(killed, extended):
         (m, n) for m in ("ViT-Pico/4", "BiT-R14-Pico") for n in (256, 1024, 2048)}
 
 
-def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, cache_dir):
+def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, cache_dir, monkeypatch, capsys):
     out = killed[0]
     before = _pretrain_entries(out)
     proc = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 2, 5]"],
@@ -152,11 +165,11 @@ def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, 
     assert {c.info.status for c in children} == {"FINISHED"} and len(children) == 6
     table = pd.read_csv(out / "smoke" / "results.csv")
     assert sorted(table[table["eval"] == "fewshot"]["shots"].unique()) == [1, 2, 5]
-    again = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 2, 5]",
-                     "--dry-run"], cache_dir)
-    assert set(_actions(again.stdout).values()) == {"reuse"}
-    fresh = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]", "--dry-run", "--fresh"], cache_dir)
-    assert set(_actions(fresh.stdout).values()) == {"train"}  # --fresh ignores what is done
+    again = _dry_run(out, ["data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 2, 5]"], cache_dir,
+                     monkeypatch, capsys)
+    assert set(_actions(again).values()) == {"reuse"}
+    fresh = _dry_run(out, ["data.subsets=[256, 1024, 2048]", "--fresh"], cache_dir, monkeypatch, capsys)
+    assert set(_actions(fresh).values()) == {"train"}  # --fresh ignores what is done
 
 
 def test_weights_in_mlflow_serve_a_reevaluation_without_the_storage(killed, extended, cache_dir, tmp_path):
@@ -179,7 +192,7 @@ def test_a_point_finished_in_storage_but_not_closed_in_mlflow_ends_with_one_fini
     child is still RUNNING and not marked complete. The next run logs it and closes it FINISHED, and nothing
     marks it KILLED afterwards."""
     args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[256]",
-            "evaluate.finetune.lr=0.01", "--out", str(tmp_path)]
+            "evaluate.linear_probe=null", "evaluate.finetune=null", "evaluate.diagnostics=null", "--out", str(tmp_path)]
     assert run_cli(args, cache_dir).returncode == 0
     client, (child,) = _client(tmp_path)[0], _children(tmp_path)[1]
     client.delete_tag(child.info.run_id, "complete")

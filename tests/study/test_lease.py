@@ -12,7 +12,7 @@ import pytest
 
 from study.lease import STALE_AFTER, Lease, LeaseHeld
 from study.storage import Storage
-from tests.conftest import run_cli, start_cli, wait_until
+from tests.conftest import ROOT, start_cli, wait_until
 
 
 def _lease(storage: Storage, **fields) -> None:
@@ -45,15 +45,21 @@ def test_a_held_lease_stops_a_second_driver_and_a_stale_one_is_taken_over(tmp_pa
 
 
 @pytest.mark.slow
-def test_two_drivers_on_one_study(tmp_path, cache_dir):
-    """The second of two drivers started on one study exits 2 in one line while the first runs; the first finishes."""
-    args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "models=[ViT-Pico/4]",
-            "data.subsets=[256]", "evaluate.finetune.lr=0.01"]
-    first = start_cli(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def test_two_drivers_on_one_study(tmp_path, cache_dir, monkeypatch, capsys):
+    """The second of two drivers started on one study exits 2 in one line while the first runs; the first finishes.
+    The second is `main` in this process (a Python start would cost ~8 s of imports, beside the first driver)."""
+    from study.run import main
+
+    args = ["--grid", "configs/smoke.yaml", "--out", str(tmp_path), "models=[ViT-Pico/4]", "data.subsets=[256]",
+            "evaluate.linear_probe=null", "evaluate.finetune=null", "evaluate.diagnostics=null"]
+    first = start_cli(["-m", "study.run", *args], cache_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_until(first, lambda: (tmp_path / "smoke" / "storage" / "lease.json").exists(), "the first driver's lease")
-    second = run_cli(args, cache_dir, timeout=300)
+    monkeypatch.setenv("VITSCALE_CACHE", str(cache_dir))
+    monkeypatch.chdir(ROOT)
+    code = main(args)
+    stderr = capsys.readouterr().err
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
-    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
-    last = second.stderr.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: study 'smoke' in ") and f"pid {first.pid}" in last

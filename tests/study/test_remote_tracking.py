@@ -79,7 +79,7 @@ def server(tmp_path):
 def test_runs_and_artifacts_go_to_the_server_and_an_outage_loses_nothing(server, tmp_path, cache_dir):
     out = tmp_path / "runs"
     args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out), "--tracking-uri", server.uri,
-            "models=[ViT-Pico/4]", "pretrain.steps=60", "pretrain.checkpoint_every=10",
+            "models=[ViT-Pico/4]", "pretrain.steps=30", "pretrain.checkpoint_every=10",
             "resources.max_concurrent_trials=1", "evaluate.finetune.lr=0.01"]
     proc = start_cli(args, cache_dir, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"))
     wait_until(proc, lambda: checkpointed(out), "a checkpoint in storage")
