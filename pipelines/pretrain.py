@@ -53,6 +53,7 @@ class PretrainConfig(models.ModelOptions):
     checkpoint_every: int = 500  # steps between checkpoints (a trial restarted by Tune resumes from the newest)
     keep_checkpoints: int = 2
     eval_every: int | None = None  # steps between evaluations during training (`pipelines.selection`); None: none
+    eval_every_examples: int | None = None  # the same in examples (global batches rounded up), instead of steps
     select: Literal["best", "final"] = "best"  # with eval_every: whose weights the point keeps (without: the last)
 
     def __post_init__(self):
@@ -65,8 +66,11 @@ class PretrainConfig(models.ModelOptions):
             raise ValueError("micro_batch_size must be in (0, batch_size]")
         if self.nonfinite_check_every <= 0 or self.log_every <= 0:
             raise ValueError("nonfinite_check_every and log_every must be positive")
-        if self.eval_every is not None and self.eval_every <= 0:
-            raise ValueError(f"eval_every must be a positive number of steps, got {self.eval_every}")
+        if self.eval_every is not None and self.eval_every_examples is not None:
+            raise ValueError("give eval_every (steps) or eval_every_examples, not both")
+        for name, unit in (("eval_every", "steps"), ("eval_every_examples", "examples")):
+            if (value := getattr(self, name)) is not None and value <= 0:
+                raise ValueError(f"{name} must be a positive number of {unit}, got {value}")
         for name in ("dropout", "drop_path", "label_smoothing"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -74,7 +78,15 @@ class PretrainConfig(models.ModelOptions):
     @property
     def selects_best(self) -> bool:
         """Keep the best measured step's weights (the paper's Fig 4 protocol) rather than the last's."""
-        return self.eval_every is not None and self.select == "best"
+        return self.eval_steps is not None and self.select == "best"
+
+    @property
+    def eval_steps(self) -> int | None:
+        """Steps between evaluations during training (`eval_every`, or `eval_every_examples` in global batches,
+        rounded up); None: no evaluation during training."""
+        if self.eval_every_examples is not None:
+            return -(-self.eval_every_examples // self.batch_size)
+        return self.eval_every
 
     def total_steps(self, dataset_size: int) -> int:
         return duration_steps(self.epochs, self.steps, self.examples, self.batch_size, dataset_size)
@@ -180,10 +192,10 @@ def run(cfg: PretrainConfig, model_name: str, data: ShardSubset, num_classes: in
                     micro_batch_size=cfg.micro_batch_size,
                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
                     nonfinite_check_every=cfg.nonfinite_check_every, log_every=cfg.log_every,
-                    compile=perf.compile_enabled(cfg.compile, device), eval_every=cfg.eval_every or 0)
-    if cfg.eval_every and probe is None:
+                    compile=perf.compile_enabled(cfg.compile, device), eval_every=cfg.eval_steps or 0)
+    if cfg.eval_steps and probe is None:
         raise ValueError("pretrain.eval_every needs a probe to measure the model with")
-    selector = selection.Selector(model, probe, cfg.selects_best) if cfg.eval_every else None
+    selector = selection.Selector(model, probe, cfg.selects_best) if cfg.eval_steps else None
     source = training_source(cfg, data, image_size, rt)
     loop = train_loop(model, source, spec, optimizer, scheduler, rt,
                       replace(hooks, label=hooks.label or f"pretrain {model_name}", select=selector))

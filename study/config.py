@@ -95,7 +95,7 @@ class StudyConfig:
         (`pretrain.eval_every`) and nothing otherwise, so a grid without it keeps its subsets (and ids)."""
         if self.data.holdout is not None:
             return self.data.holdout
-        evaluates = any(self.pretrain_for(model).eval_every for model in self.models)
+        evaluates = any(self.pretrain_for(model).eval_steps for model in self.models)
         return held_out_rows(self.data.pretrain.size) if evaluates and not has_test_split(self.data.pretrain) else 0
 
     def pretrain_for(self, model: str) -> PretrainConfig:
@@ -250,7 +250,7 @@ def _check_recipes(cfg: StudyConfig) -> None:
             models.check_options(model, models.ModelOptions.of(cfg.pretrain_for(model)))
         except ConfigError as err:
             raise ConfigError(f"pretrain{cfg.recipes.where(model)}: {err}") from None
-        if cfg.pretrain_for(model).eval_every:
+        if cfg.pretrain_for(model).eval_steps:
             _check_during_training(cfg, f"pretrain.eval_every{cfg.recipes.where(model)}")
 
 

@@ -76,10 +76,10 @@ def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
 
 
 def pretrain_settings(recipe) -> dict:
-    """A pretraining recipe's non-default, result-shaping fields. `select` shapes nothing without `eval_every`
-    (the last step's weights are kept either way), so it is left out then."""
+    """A pretraining recipe's non-default, result-shaping fields. `select` shapes nothing without evaluation during
+    training (the last step's weights are kept either way), so it is left out then."""
     out = settings(recipe, "pretrain")
-    if recipe.eval_every is None:
+    if recipe.eval_steps is None:
         out.pop("select", None)
     return out
 

@@ -20,6 +20,8 @@ from pipelines.config import ConfigError, from_dict, to_dict
 from pipelines.pretrain import PretrainConfig
 
 _DURATIONS = ("epochs", "steps", "examples")
+# Keys that say one thing in different units: a recipe giving one of a group replaces the whole group.
+_ONE_OF = (_DURATIONS, ("eval_every", "eval_every_examples"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +74,9 @@ class Recipes:
         data = to_dict(base)
         for name in names:
             recipe = self.by_name[name]
-            if any(k in recipe for k in _DURATIONS):
-                data = {k: v for k, v in data.items() if k not in _DURATIONS}
+            for group in _ONE_OF:
+                if any(k in recipe for k in group):
+                    data = {k: v for k, v in data.items() if k not in group}
             data = _merge(data, recipe)
         return from_dict(PretrainConfig, data, f"pretrain{self.where(model)}")
 

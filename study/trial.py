@@ -173,7 +173,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
     rt = Runtime(device, point.seed, loader=loader, progress=progress, should_stop=stop_requested(storage))
     probe = selection.Probe(cfg.evaluate.fewshot, cfg.downstream, val, point.model, src.image_size,
                             Runtime(device, point.seed, cfg.cache_dir, index_root(cfg, storage), loader, False),
-                            measured) if recipe.eval_every else None
+                            measured) if recipe.eval_steps else None
     with NodeSampler() as sampler:
         result = pretrain.run(recipe, point.model, train, src.num_classes, src.image_size, rt,
                               Hooks(on_log=logged, checkpoint_dir=local_ckpts, on_checkpoint=push), probe=probe)

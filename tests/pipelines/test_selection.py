@@ -114,8 +114,9 @@ def test_select_final_reports_the_last_step():
     assert probe.val[STEPS] < max(probe.val.values())  # the same peaked run: final ignores the peak
 
 
-def test_pretrain_run_measures_every_eval_every_steps_and_saves_the_best_beside_the_weights(tmp_path):
-    cfg = pretrain.PretrainConfig(steps=5, batch_size=16, lr=2e-3, warmup_steps=1, eval_every=2)
+@pytest.mark.parametrize("every", [{"eval_every": 2}, {"eval_every_examples": 17}])  # 17 images: 2 batches of 16
+def test_pretrain_run_measures_every_eval_every_steps_and_saves_the_best_beside_the_weights(tmp_path, every):
+    cfg = pretrain.PretrainConfig(steps=5, batch_size=16, lr=2e-3, warmup_steps=1, **every)
     probe = Recorded()
     result = pretrain.run(cfg, "ViT-Pico/4", as_shards(*_images(64, 0)), CLASSES, 32, IN_PROCESS, out_dir=tmp_path,
                           probe=probe)

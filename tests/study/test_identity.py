@@ -58,6 +58,13 @@ def test_select_final_is_its_own_id_and_evaluation_during_training_needs_a_held_
         _study(tmp_path, overrides=["pretrain.eval_every=6", "data.pretrain.test_size=0", "data.holdout=0"])
     assert _ids(_study(tmp_path, overrides=["pretrain.select=best"])) == _ids(_study(tmp_path))  # the default
     assert _ids(_study(tmp_path, overrides=["pretrain.select=final"])) == _ids(_study(tmp_path))  # no eval_every
+    examples = ["pretrain.eval_every_examples=300"]  # the same evaluations, counted in examples
+    final = _ids(_study(tmp_path, overrides=[*examples, "pretrain.select=final"]))
+    assert not set(final) & set(_ids(_study(tmp_path, overrides=examples)))
+    with pytest.raises(ConfigError, match="give eval_every .steps. or eval_every_examples, not both"):
+        _study(tmp_path, overrides=[*examples, "pretrain.eval_every=6"])
+    mixed = _study(tmp_path, overrides=[*examples, "recipes.ViT.eval_every=6"])  # a recipe's unit replaces the base's
+    assert {m: mixed.pretrain_for(m).eval_steps for m in mixed.models} == {"ViT-Pico/4": 6, "BiT-R14-Pico": 5}
 
 
 def test_a_slice_is_carved_where_validation_has_no_test_split_and_its_size_is_in_those_ids_only(tmp_path):
@@ -162,8 +169,9 @@ def _defaults():
 # fine-tune ids below moved with it, and only they. The recipe pin moved with `pretrain.log_every`, execution-only;
 # the evaluation pin with `finetune.head_init`, whose default `zero` is left out of the ids; the recipe pin again
 # when the model knobs and label_smoothing joined PretrainConfig, defaults keeping today's models; and with
-# `pretrain.eval_every` and `select`, whose defaults (no evaluation during training) keep today's weights.)
-PINNED_DEFAULTS = ("9c864eb75070262f", "037cab743654f59a")
+# `pretrain.eval_every` and `select`, whose defaults (no evaluation during training) keep today's weights; and with
+# `pretrain.eval_every_examples`, default None, the same.)
+PINNED_DEFAULTS = ("f9bd4a38d42864be", "037cab743654f59a")
 # The point ids of the shipped studies, as before the model knobs and recipes: their weights are reused after an
 # upgrade (a new field at its default hashes nothing).
 PINNED_POINT_IDS = {
