@@ -129,7 +129,7 @@ def split_minival(data: ShardSubset, fraction: float, seed: int) -> tuple[ShardS
     index, n_val = data.index, max(1, round(fraction * len(data)))
     inside = np.zeros(len(index), dtype=bool)
     inside[data.positions] = True
-    if np.asarray(index.shard_seekable).all():
+    if index.reads_rows:
         order = np.asarray(index.order(seed))
         held = np.sort(order[inside[order]][:n_val]).astype(np.int64)
     else:

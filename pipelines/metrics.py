@@ -90,7 +90,7 @@ def rank_rows(split: ShardSubset) -> slice:
     boundary nearest each even cut, where they can only be streamed (a rank opens only the shards it owns)."""
     even = distributed.part(len(split))
     index, positions = split.index, split.positions
-    if distributed.ranks().world_size == 1 or len(positions) == 0 or np.asarray(index.shard_seekable).all():
+    if distributed.ranks().world_size == 1 or len(positions) == 0 or index.reads_rows:
         return even
     shard = index.shard_of(positions)
     starts = np.concatenate([[0], np.flatnonzero(np.diff(shard)) + 1, [len(positions)]])  # where each shard begins

@@ -296,7 +296,7 @@ def held_out(index: SourceIndex, n: int) -> ShardSubset:
     if not 0 < n < len(index):
         raise DataError(f"a held-out slice of {n} rows asked of a source of {len(index)}: give 0 < data.holdout < "
                         f"{len(index)}")
-    if np.asarray(index.shard_seekable).all():
+    if index.reads_rows:
         return ShardSubset(index, index.smallest_keys(n))
     return nested_subset(index, n, HELD_OUT_SEED, mode="shards")
 

@@ -107,6 +107,13 @@ class SourceIndex:
         return np.searchsorted(self.shard_end, positions, side="right")
 
     @property
+    def reads_rows(self) -> bool:
+        """Whether evaluation reads the rows it wants of every shard alone (LOCAL or RANGED shards), so a sparse set
+        of rows costs its own bytes; False where some shard can only be streamed, and a sparse set should be whole
+        shards (a pass then opens only those)."""
+        return bool(np.all(np.asarray(self.shard_seekable) != STREAMED))
+
+    @property
     def lost(self) -> int:
         """Samples that truncated or corrupt tars lost (what `_info.json` promised, or one per cut tar)."""
         return int(np.asarray(self.shard_lost, dtype=np.int64).sum())
