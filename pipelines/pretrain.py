@@ -84,9 +84,9 @@ class PretrainConfig(models.ModelOptions):
     def eval_steps(self) -> int | None:
         """Steps between evaluations during training (`eval_every`, or `eval_every_examples` in global batches,
         rounded up); None: no evaluation during training."""
-        if self.eval_every_examples is not None:
-            return -(-self.eval_every_examples // self.batch_size)
-        return self.eval_every
+        if self.eval_every_examples is None:
+            return self.eval_every
+        return duration_steps(None, None, self.eval_every_examples, self.batch_size, 0)
 
     def total_steps(self, dataset_size: int) -> int:
         return duration_steps(self.epochs, self.steps, self.examples, self.batch_size, dataset_size)
