@@ -64,7 +64,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2_grid: tu
     return w.detach()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Fitted:
     """The chosen probe: logits = ((x - mean) / std) @ w[:-1] + w[-1], with the l2 picked on the held-out slice."""
 
@@ -75,8 +75,7 @@ class Fitted:
     val_top1: dict[float, float]  # every strength's top-1 (percent) on the held-out slice
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        z = (torch.from_numpy(x).to(self.mean) - self.mean) / self.std
-        return (z @ self.w[:-1] + self.w[-1]).cpu().double().numpy()
+        return _logits(self.w, x, self.mean, self.std)
 
     def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight [C, D], bias [C]) on raw features: the standardisation folded in, as a classifier head."""
@@ -100,11 +99,15 @@ def fit(cfg: LinearProbeConfig, features: np.ndarray, labels: np.ndarray, num_cl
     x = (x - mean) / std
     w = fit_logistic(x, torch.from_numpy(labels[np.sort(train)]).to(device), num_classes, cfg.l2_grid, cfg.max_iter)
     del x
-    every = [Fitted(w[r], mean, std, l2, {}) for r, l2 in enumerate(cfg.l2_grid)]
-    val_top1 = {f.l2: classification_metrics(f.logits(features[val]), labels[val])["top1"] for f in every}
-    best = max(every, key=lambda f: (val_top1[f.l2], f.l2))
-    best.val_top1 = val_top1
-    return best
+    val_top1 = {l2: classification_metrics(_logits(w[r], features[val], mean, std), labels[val])["top1"]
+                for r, l2 in enumerate(cfg.l2_grid)}
+    best = max(range(len(cfg.l2_grid)), key=lambda r: (val_top1[cfg.l2_grid[r]], cfg.l2_grid[r]))  # ties: stronger
+    return Fitted(w[best], mean, std, cfg.l2_grid[best], val_top1)
+
+
+def _logits(w: torch.Tensor, x: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    z = (torch.from_numpy(x).to(mean) - mean) / std
+    return (z @ w[:-1] + w[-1]).cpu().double().numpy()
 
 
 def run(cfg: LinearProbeConfig, train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
