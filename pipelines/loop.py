@@ -81,7 +81,8 @@ def streamed_batches(data: ShardSubset, image_size: int, batch_size: int, augmen
     `rt.loader`'s workers, in an order fixed by `rt.seed`."""
     where, loader = distributed.ranks(), rt.loader
     stream = ShardStream(data, image_size, batch_size, augment, rt.seed, loader.shuffle_buffer, where.rank,
-                         where.world_size, open_shards=loader.open_shards)
+                         where.world_size, open_shards=loader.open_shards,
+                         decoded_cache_mb=loader.decoded_cache_mb)
     return StreamLoader(stream, loader.workers, loader.max_bad_fraction, pin_memory=rt.device.type == "cuda")
 
 

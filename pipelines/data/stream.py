@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.data.augment import Augment, train_image
+from pipelines.data.augment import Augment, augment_decoded, center_box, decode, decode_is_fixed, train_image
 from pipelines.data.index import LOCAL, ShardSubset, key_filter
 from pipelines.data.labels import label_array
 from pipelines.data.reader import BadCounts, BadSample, DataError, ShardFiles, iter_encoded, read_sample
@@ -45,17 +45,23 @@ class LoaderConfig:
     per-epoch shard permutation. Local shards are read by offset, so each worker's part is fully permuted.
     `max_bad_fraction`: unreadable samples (truncated tar, undecodable or empty image, missing label, checksum
     mismatch) are counted per cause and skipped; above this fraction of an epoch the trial fails.
+    `decoded_cache_mb`: where the decode is the same every epoch (crop `translate` or `none`: only the flip and
+    shift are random) and the shards are local, each loader process keeps the decoded images of a subset whose
+    pixels fit in this many MiB, and decodes each once instead of once per epoch (the batches are identical; a
+    small subset trained for many epochs spends most of its loader time decoding). 0 turns it off.
     """
 
     workers: int | None = None
     shuffle_buffer: int = 1024
     max_bad_fraction: float = 0.001
     open_shards: int = 64  # shard files each loader process keeps open (least recently used closed first)
+    decoded_cache_mb: int = 256
 
     def __post_init__(self):
         if ((self.workers or 0) < 0 or self.shuffle_buffer < 1 or not 0 <= self.max_bad_fraction < 1
-                or self.open_shards < 1):
-            raise ValueError("need workers >= 0, shuffle_buffer >= 1, 0 <= max_bad_fraction < 1 and open_shards >= 1")
+                or self.open_shards < 1 or self.decoded_cache_mb < 0):
+            raise ValueError("need workers >= 0, shuffle_buffer >= 1, 0 <= max_bad_fraction < 1, open_shards >= 1 "
+                             "and decoded_cache_mb >= 0")
 
     def for_cpus(self, cpus: float) -> LoaderConfig:
         """This config with `workers` set where it was left out: `cpus` - 1 (whole CPUs), at least 1. Decoding is
@@ -98,7 +104,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, subset: ShardSubset, image_size: int, batch_size: int, augment: Augment, seed: int,
                  shuffle_buffer: int = 1024, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 open_shards: int = 64):
+                 open_shards: int = 64, decoded_cache_mb: int = 0):
         index, rows = subset.index, subset.positions  # shared (memory-mapped) where the subset is stored
         self.index, self.rows, self.label_width = index, rows, index.label_width
         self.counts = np.bincount(index.shard_of(rows), minlength=index.num_shards).astype(np.int64)
@@ -114,6 +120,8 @@ class ShardStream(IterableDataset):
         self.start_step, self.open_shards = start_step, open_shards
         used = np.flatnonzero(self.counts)
         self.indexed = bool(np.all(np.asarray(index.shard_seekable)[used] == LOCAL)) if len(used) else True
+        decoded_mb = self.total * image_size * image_size * 3 / 2**20
+        self.cache_decoded = self.indexed and decode_is_fixed(augment) and decoded_mb <= decoded_cache_mb
 
     def shard_rows(self, shard: int) -> np.ndarray:
         """The subset's rows in shard `shard`, in tar order (a view of the subset's positions)."""
@@ -133,6 +141,7 @@ class ShardStream(IterableDataset):
 
     def _indexed(self, steps: Iterator[int]) -> Iterator[dict]:
         order, files, index = _EpochOrder(self.counts, self.seed), ShardFiles(self.open_shards), self.index
+        cache = _DecodedCache(self.total, self.image_size) if self.cache_decoded else None
         try:
             for t in steps:
                 lo = t * self.batch_size + self.rank * self.local_batch
@@ -140,14 +149,28 @@ class ShardStream(IterableDataset):
                 for p in range(lo, lo + self.local_batch):
                     epoch, at = divmod(p, self.total)
                     shard, i = order.sample(epoch, at)
-                    row = int(self.rows[self.starts[shard] + i])
+                    rng = np.random.default_rng([self.seed, epoch, at, 2])
+                    where = int(self.starts[shard] + i)  # the sample's position in the subset
+                    if cache is not None and cache.has(where):
+                        batch.add_decoded(*cache.get(where), epoch, rng)
+                        continue
+                    row = int(self.rows[where])
                     try:
                         key, raw, label = read_sample(files, index.shard_url(shard), int(index.offset[row]),
                                                       int(index.size[row]))
                     except BadSample as err:
                         batch.bad[epoch][err.cause] += 1
                         continue
-                    batch.add(key, raw, label, epoch, np.random.default_rng([self.seed, epoch, at, 2]))
+                    if cache is None:
+                        batch.add(key, raw, label, epoch, rng)
+                        continue
+                    try:
+                        pixels = decode(raw, self.image_size, center_box)
+                    except _ImageErrors:  # not kept: counted again in every epoch, as without the cache
+                        batch.bad[epoch]["undecodable_image"] += 1
+                        continue
+                    cache.put(where, key, pixels, label)
+                    batch.add_decoded(key, pixels, label, epoch, rng)
                 yield batch.done(t)
         finally:
             files.close()
@@ -218,10 +241,18 @@ class _Batcher:
 
     def add(self, key: str, raw: bytes, label, epoch: int, rng: np.random.Generator) -> None:
         try:
-            self.images.append(train_image(raw, self.stream.image_size, self.stream.augment, rng))
+            image = train_image(raw, self.stream.image_size, self.stream.augment, rng)
         except _ImageErrors:
             self.bad[epoch]["undecodable_image"] += 1
             return
+        self._append(key, image, label, epoch)
+
+    def add_decoded(self, key: str, pixels: np.ndarray, label, epoch: int, rng: np.random.Generator) -> None:
+        """A sample decoded earlier (`_DecodedCache`): only its augmentation is drawn."""
+        self._append(key, augment_decoded(pixels, self.stream.augment, rng), label, epoch)
+
+    def _append(self, key: str, image: np.ndarray, label, epoch: int) -> None:
+        self.images.append(image)
         self.labels.append(label)
         self.keys.append(key)
         self.epochs.append(epoch)
@@ -232,6 +263,28 @@ class _Batcher:
                 "label": label_array(self.labels, self.stream.label_width), "key": self.keys,
                 "epoch": np.asarray(self.epochs, np.int64), "step": step,
                 "bad": {e: dict(counts) for e, counts in self.bad.items() if counts}}
+
+
+class _DecodedCache:
+    """The decoded (not yet augmented) images of one loader process's subset samples, by position in the subset:
+    one uint8 array allocated when the first is kept (`LoaderConfig.decoded_cache_mb` bounds its size)."""
+
+    def __init__(self, total: int, size: int):
+        self.total, self.size, self.pixels = total, size, None
+        self.kept = np.zeros(total, bool)
+        self.keys: list[str | None] = [None] * total
+        self.labels: list = [None] * total
+
+    def has(self, where: int) -> bool:
+        return bool(self.kept[where])
+
+    def get(self, where: int) -> tuple[str, np.ndarray, object]:
+        return self.keys[where], self.pixels[where], self.labels[where]
+
+    def put(self, where: int, key: str, pixels: np.ndarray, label) -> None:
+        if self.pixels is None:
+            self.pixels = np.empty((self.total, self.size, self.size, 3), np.uint8)
+        self.pixels[where], self.keys[where], self.labels[where], self.kept[where] = pixels, key, label, True
 
 
 class _EpochOrder:

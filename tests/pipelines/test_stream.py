@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipelines import data
-from pipelines.data.augment import Augment, center_box, eval_image, inception_box, train_image
+from pipelines.data.augment import Augment, augment_decoded, center_box, eval_image, inception_box, train_image
 from pipelines.data.index import ShardSubset, scratch_index
 from pipelines.data.reader import DataError
 from pipelines.data.stream import ShardStream, StreamLoader, part_plan
@@ -283,3 +283,49 @@ def test_a_remote_source_is_indexed_from_its_sidecars_without_reading_its_shards
     (tmp_path / "train-1.tar.idx.json").unlink()  # no sidecar: that shard is streamed to index it
     assert np.array_equal(scratch_index(urls).key, local.key)
     assert f"{tmp_path}/train-1.tar " in log.read_text()
+
+
+@pytest.mark.parametrize("size,padding", [(8, 1), (16, 4), (9, 7), (8, 8), (8, 12)])
+def test_the_translate_is_a_crop_of_the_zero_padded_image(size, padding):
+    """`augment_decoded` shifts by slicing into a black image: the same pixels and draws as np.pad, then crop."""
+    aug = Augment(crop="translate", crop_padding=padding, flip=True)
+    image = np.random.default_rng(size).integers(1, 256, (size, size, 3), dtype=np.uint8)
+    for seed in range(40):
+        got = augment_decoded(image, aug, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        flipped = image[:, ::-1] if rng.random() < 0.5 else image
+        dy, dx = rng.integers(0, 2 * padding + 1, 2)
+        padded = np.pad(flipped, ((padding, padding), (padding, padding), (0, 0)))
+        assert np.array_equal(got, padded[dy:dy + size, dx:dx + size]) and got.flags.c_contiguous
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decoded_images_are_kept_across_epochs_with_the_same_batches(tmp_path, monkeypatch, workers):
+    """With a fixed decode (translate crop), each loader process decodes a subset sample once, not once per epoch,
+    and the batches (pixels, labels, keys, bad counts) equal decoding every epoch; unreadable samples are counted
+    again in every epoch. A subset over `decoded_cache_mb`, or a random crop, decodes every time."""
+    import pipelines.data.stream as stream
+
+    shards = _corrupt_source(tmp_path)  # 40 good samples, 5 unreadable (2 of them undecodable images)
+    subset = _whole(shards)
+    aug = Augment(crop="translate", crop_padding=2, flip=True)
+    decodes = Counter()
+    real = stream.decode
+    monkeypatch.setattr(stream, "decode", lambda raw, *a: decodes.update([raw]) or real(raw, *a))
+
+    def run(cache_mb, augment=aug):
+        loader = StreamLoader(ShardStream(subset, 12, 9, augment, seed=0, decoded_cache_mb=cache_mb), workers,
+                              max_bad_fraction=0.5)
+        batches = _steps(loader, 15)  # 135 samples: 3 epochs of 45
+        return batches, [loader.skipped(e) for e in range(3)]
+
+    (plain, plain_bad), (kept, kept_bad) = run(0), run(1)
+    assert plain_bad == kept_bad and plain_bad[2] == {"checksum_mismatch": 1, "undecodable_image": 2,
+                                                      "empty_member": 1, "missing_label": 1}
+    for a, b in zip(plain, kept, strict=True):
+        assert a.keys == b.keys and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    if workers == 0:  # the decodes are counted in this process
+        assert len(decodes) == 42 and sorted(set(decodes.values())) == [1, 3]  # 40 kept once, 2 bad every epoch
+        assert not ShardStream(subset, 12, 9, aug, seed=0, decoded_cache_mb=0).cache_decoded
+        assert not ShardStream(subset, 12 * 64, 9, aug, seed=0, decoded_cache_mb=1).cache_decoded  # 45 x 1.7 MiB
+        assert not ShardStream(subset, 12, 9, AUG, seed=0, decoded_cache_mb=1).cache_decoded  # inception: random
