@@ -9,6 +9,7 @@ One colour per model, one marker per family, log x. Every point is the mean over
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +22,7 @@ import seaborn as sns  # noqa: E402
 
 from analysis import intervals  # noqa: E402
 from analysis.fits import Fit, accuracy_rows  # noqa: E402
-from pipelines import families  # noqa: E402
+from pipelines import atomic, families  # noqa: E402
 
 
 def _style() -> None:
@@ -93,10 +94,18 @@ def _mark_crossovers(ax, key: tuple, crossovers: list[dict], lo: float, hi: floa
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     fig.tight_layout()
-    fig.savefig(paths[0], dpi=200)
-    fig.savefig(paths[1])
+    write_figure(fig, paths[0], dpi=200)
+    write_figure(fig, paths[1])
     plt.close(fig)
     return paths
+
+
+def write_figure(fig, path: Path, **savefig) -> None:
+    """`fig.savefig(path)` whole or not at all (`atomic.write_bytes`): a driver killed while drawing leaves no
+    half-written image, which a rerun would take for a finished one (a Fig 7 panel is drawn once, by name)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix[1:], **savefig)
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def _key(evaluation: str, dataset: str, shots, metric: str = "top1") -> tuple:
@@ -311,8 +320,7 @@ def fig7_panels(diag, path: Path, title: str) -> Path:
     ax.set(xlabel="network depth (layer)", ylabel="mean attention distance (pixels)", xticks=layers)
     right.suptitle("Attention distance per head", fontsize=10)
     fig.suptitle(title, y=1.02)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    write_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -371,6 +379,8 @@ def fig7_side_by_side(panels: dict[str, list[tuple[int, Path]]], out_dir: Path) 
         height = max(im.shape[0] for im in images)
         padded = [np.pad(im, ((0, height - im.shape[0]), (0, 20), (0, 0)), constant_values=255) for im in images]
         path = out_dir / f"fig7_{model.replace('/', '-')}_n{small}_vs_n{large}.png"
-        Image.fromarray(np.concatenate(padded, 1)).save(path)
+        buf = io.BytesIO()
+        Image.fromarray(np.concatenate(padded, 1)).save(buf, format="PNG")
+        atomic.write_bytes(path, buf.getvalue())
         written.append(path)
     return written

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import fits, intervals, plots, results, verdict
-from pipelines import families
+from pipelines import atomic, families
 from pipelines.config import UserError
 
 Block = tuple  # ("h1"|"h2"|"h3"|"p"|"verdict"|"caveat", text) | ("table", header, rows) | ("figure", path, caption)
@@ -314,14 +314,14 @@ def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
                "crossovers": fits.crossover_table(table, fitted), "pareto": fits.pareto_table(table)}
     answer = verdict.verdict(table, summary)
     summary["verdict"] = {"sentence": answer.sentence, "caveats": list(answer.caveats)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic.write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
     figures = plots.plot_all(table, out / "figures", summary["extrapolation"], fitted, summary["crossovers"],
                              summary["pareto"], points, compute=not verdict.fixed_compute(table))
     figures += panels or []
     blocks = build_blocks(table, title, summary, figures, failures, answer)
-    (out / "report.html").write_text(to_html(blocks, title))
+    atomic.write_bytes(out / "report.html", to_html(blocks, title).encode())
     path = out / "report.md"
-    path.write_text(to_markdown(blocks))
+    atomic.write_bytes(path, to_markdown(blocks).encode())
     return path
 
 

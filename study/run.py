@@ -411,9 +411,20 @@ def fig7_panel(point: GridPoint, where: Locations, folder: Path) -> Path | None:
     if raw is None:
         return None
     path = folder / f"fig7_{point.name}_{point.id[:8]}.png"  # named by content: drawn once
-    if path.exists():
+    if path.exists() and _whole_png(path):  # (an older release, killed while drawing, could leave a partial one)
         return path
     return fig7_panels(diagnostics.from_bytes(raw), path, f"{point.model}, {point.subset_size:,} pretraining examples")
+
+
+def _whole_png(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError):  # PIL: unidentified or truncated (SyntaxError for some corrupt headers)
+        return False
 
 
 def results_table(cfg: StudyConfig, points: list[GridPoint], records: dict, evals: dict[str, str]):

@@ -20,3 +20,43 @@ def test_the_smallest_and_largest_subsets_sit_side_by_side_padded_white(tmp_path
     assert both.shape == (50, 2 * (30 + 20), 3)  # the taller height; each panel and a 20-pixel white gap
     assert (both[:40, :30] == 0).all() and (both[40:, :30] == 255).all() and (both[:, 50:80] == 60).all()
     assert np.asarray(Image.open(written[1])).shape == (40, 50, 3)  # one subset: its panel once
+
+
+def test_a_panel_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A driver killed while it draws a Fig 7 panel leaves no half-written PNG: the panel is drawn once by name, so
+    a rerun would take a partial file for a finished one (and fail reading it)."""
+    import os
+
+    from analysis.plots import fig7_panels
+    from pipelines import atomic
+    from pipelines.diagnostics import Diagnostics
+
+    rng = np.random.default_rng(0)
+    diag = Diagnostics("ViT", {"posemb_locality": 0.5, "attn_dist_uniform": 16.5},
+                       filters=rng.normal(size=(4, 4, 4, 3)), posemb_sim=rng.uniform(-1, 1, (3, 3, 3, 3)),
+                       attn_distance=rng.uniform(5, 20, (2, 4)))
+    path = tmp_path / "points" / "fig7_ViT-Pico-4_n256_s0_619b45c0.png"
+    replace = os.replace
+
+    def killed(*args):  # the process dies after the bytes are written, before they are renamed into place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "replace", killed)
+    try:
+        fig7_panels(diag, path, "ViT-Pico/4, 256 pretraining examples")
+    except KeyboardInterrupt:
+        pass
+    assert not path.exists() and list(path.parent.iterdir()) == []  # nor its temporary file
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    assert fig7_panels(diag, path, "ViT-Pico/4, 256 pretraining examples") == path
+    assert Image.open(path).format == "PNG" and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_partial_panel_left_by_an_older_release_is_not_taken_for_a_drawn_one(tmp_path):
+    from study.run import _whole_png
+
+    whole = _png(tmp_path / "whole.png", 40, 30, 90)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[:60])
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert _whole_png(whole) and not _whole_png(cut) and not _whole_png(tmp_path / "empty.png")
