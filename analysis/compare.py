@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import fits, intervals, plots, report, results
+from pipelines import atomic
 from pipelines.config import UserError
 
 MLFLOW_PREFIX = "mlflow:"  # an input read from an MLflow experiment (`study.compare`)
@@ -165,7 +166,7 @@ def write_comparison(studies: list[Study], out: Path) -> Path:
     """summary.json, figures/ (one figure per evaluation protocol), report.md and report.html in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(studies)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic.write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
     labels = [s.label for s in studies]
     (out / "figures").mkdir(exist_ok=True)
     points = pd.concat([intervals.point_table(fits.accuracy_rows(s.table)).assign(study=s.label) for s in studies])
@@ -173,9 +174,9 @@ def write_comparison(studies: list[Study], out: Path) -> Path:
                for p in plots.fig_studies_vs_data(points, protocol, labels, out / "figures")]
     title = "Comparison: " + " vs ".join(labels)
     blocks = build_blocks(summary, figures, title)
-    (out / "report.html").write_text(report.to_html(blocks, title))
+    atomic.write_bytes(out / "report.html", report.to_html(blocks, title).encode())
     path = out / "report.md"
-    path.write_text(report.to_markdown(blocks))
+    atomic.write_bytes(path, report.to_markdown(blocks).encode())
     return path
 
 

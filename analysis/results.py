@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines import evaluations, families
+from pipelines import atomic, evaluations, families
 from pipelines.config import UserError
 
 COLUMNS = ["model", "family", "subset_size", "examples_seen", "pretrain_flops", "eval", "dataset", "shots",
@@ -44,7 +44,8 @@ def build_table(records: list[dict]) -> pd.DataFrame:
 
 
 def write(table: pd.DataFrame, path: Path) -> None:
-    table.to_csv(path, index=False)
+    """The table as CSV, whole or not at all (`analysis.compare` and `--suggest` read it back)."""
+    atomic.write_bytes(path, table.to_csv(index=False).encode())
 
 
 def read(path: str | Path) -> pd.DataFrame:
