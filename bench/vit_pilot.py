@@ -152,10 +152,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="configs/scaling.yaml")
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help=f"from: {', '.join(RECIPES)}")
-    parser.add_argument("--set", nargs="*", default=[], help="ad-hoc recipes: 'NAME=key=value;key=value'")
+    parser.add_argument("--set", nargs="*", action="extend", default=[],
+                        help="ad-hoc recipes: 'NAME=key=value;key=value' (repeat --set, or list several after one)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = parser.parse_args()
     models.MODELS.update({spec.name: spec for spec in PILOT_MODELS})
+    unknown = [name for name in args.recipes if name not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe {unknown[0]!r}; known: {', '.join(RECIPES)} (or define one with --set)")
     chosen = {name: RECIPES[name] for name in args.recipes} | parse_sets(args.set)
     base = load_study(args.grid)
     src = base.data.pretrain
