@@ -178,15 +178,18 @@ def _pil_decode(data: bytes, size: int, box_fn) -> np.ndarray:
 
 def train_image(data: bytes, size: int, aug: Augment, rng: np.random.Generator) -> np.ndarray:
     """Encoded image -> augmented uint8 [size, size, 3] for training."""
+    return augment_decoded(train_decode(data, size, aug, rng), aug, rng)
+
+
+def train_decode(data: bytes, size: int, aug: Augment, rng: np.random.Generator) -> np.ndarray:
+    """`train_image`'s decode: the random inception crop, else the centre square, resized to `size`."""
     if aug.crop == "inception":
-        out = decode(data, size, lambda w, h: inception_box(w, h, aug.min_area, rng))
-    else:
-        out = decode(data, size, center_box)
-    return augment_decoded(out, aug, rng)
+        return decode(data, size, lambda w, h: inception_box(w, h, aug.min_area, rng))
+    return decode(data, size, center_box)
 
 
 def decode_is_fixed(aug: Augment) -> bool:
-    """Whether `train_image`'s decode is the same every time (no random crop): then the decoded image can be kept
+    """Whether `train_decode` gives the same image every time (no random crop): then the decoded image can be kept
     and `augment_decoded` applied to it, with the same result as decoding again."""
     return aug.crop != "inception"
 

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.data.augment import Augment, augment_decoded, center_box, decode, decode_is_fixed, train_image
+from pipelines.data.augment import Augment, augment_decoded, decode_is_fixed, train_decode
 from pipelines.data.index import LOCAL, ShardSubset, key_filter
 from pipelines.data.labels import label_array
 from pipelines.data.reader import BadCounts, BadSample, DataError, ShardFiles, iter_encoded, read_sample
@@ -161,16 +161,7 @@ class ShardStream(IterableDataset):
                     except BadSample as err:
                         batch.bad[epoch][err.cause] += 1
                         continue
-                    if cache is None:
-                        batch.add(key, raw, label, epoch, rng)
-                        continue
-                    try:
-                        pixels = decode(raw, self.image_size, center_box)
-                    except _ImageErrors:  # not kept: counted again in every epoch, as without the cache
-                        batch.bad[epoch]["undecodable_image"] += 1
-                        continue
-                    cache.put(where, key, pixels, label)
-                    batch.add_decoded(key, pixels, label, epoch, rng)
+                    batch.add(key, raw, label, epoch, rng, keep=None if cache is None else cache.keeper(where))
                 yield batch.done(t)
         finally:
             files.close()
@@ -239,20 +230,21 @@ class _Batcher:
         self.images, self.labels, self.keys, self.epochs = [], [], [], []
         self.bad: defaultdict[int, BadCounts] = defaultdict(BadCounts)
 
-    def add(self, key: str, raw: bytes, label, epoch: int, rng: np.random.Generator) -> None:
+    def add(self, key: str, raw: bytes, label, epoch: int, rng: np.random.Generator, keep=None) -> None:
+        """Decode and augment a sample (`train_image`); `keep(key, pixels, label)` receives the decoded image. An
+        undecodable one is counted, never kept (so counted again in every epoch)."""
         try:
-            image = train_image(raw, self.stream.image_size, self.stream.augment, rng)
+            pixels = train_decode(raw, self.stream.image_size, self.stream.augment, rng)
         except _ImageErrors:
             self.bad[epoch]["undecodable_image"] += 1
             return
-        self._append(key, image, label, epoch)
+        if keep is not None:
+            keep(key, pixels, label)
+        self.add_decoded(key, pixels, label, epoch, rng)
 
     def add_decoded(self, key: str, pixels: np.ndarray, label, epoch: int, rng: np.random.Generator) -> None:
-        """A sample decoded earlier (`_DecodedCache`): only its augmentation is drawn."""
-        self._append(key, augment_decoded(pixels, self.stream.augment, rng), label, epoch)
-
-    def _append(self, key: str, image: np.ndarray, label, epoch: int) -> None:
-        self.images.append(image)
+        """A decoded sample (by `add`, or earlier: `_DecodedCache`): only its augmentation is left to draw."""
+        self.images.append(augment_decoded(pixels, self.stream.augment, rng))
         self.labels.append(label)
         self.keys.append(key)
         self.epochs.append(epoch)
@@ -271,20 +263,22 @@ class _DecodedCache:
 
     def __init__(self, total: int, size: int):
         self.total, self.size, self.pixels = total, size, None
-        self.kept = np.zeros(total, bool)
-        self.keys: list[str | None] = [None] * total
+        self.keys: list[str | None] = [None] * total  # None: not kept (yet)
         self.labels: list = [None] * total
 
     def has(self, where: int) -> bool:
-        return bool(self.kept[where])
+        return self.keys[where] is not None
 
     def get(self, where: int) -> tuple[str, np.ndarray, object]:
         return self.keys[where], self.pixels[where], self.labels[where]
 
-    def put(self, where: int, key: str, pixels: np.ndarray, label) -> None:
-        if self.pixels is None:
-            self.pixels = np.empty((self.total, self.size, self.size, 3), np.uint8)
-        self.pixels[where], self.keys[where], self.labels[where], self.kept[where] = pixels, key, label, True
+    def keeper(self, where: int):
+        """`_Batcher.add`'s `keep` for the sample at `where`."""
+        def keep(key: str, pixels: np.ndarray, label) -> None:
+            if self.pixels is None:
+                self.pixels = np.empty((self.total, self.size, self.size, 3), np.uint8)
+            self.pixels[where], self.keys[where], self.labels[where] = pixels, key, label
+        return keep
 
 
 class _EpochOrder:
