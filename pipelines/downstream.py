@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines import data, distributed, evaluations, models
+from pipelines import data, distributed, evaluations, linear_probe, models
 from pipelines.config import ConfigError, UserError, from_dict, to_dict
 from pipelines.data import SourceConfig, SourceIndex
 from pipelines.data.index import key_hash
@@ -179,6 +179,19 @@ class Inputs:
         train, _ = self.splits()
         found = self._extract(train.part(np.asarray(rows)))
         return (found[0], np.asarray(rows)[found[2]]) if found is not None else None
+
+    def probe(self, cfg: linear_probe.LinearProbeConfig, num_classes: int) -> linear_probe.Fitted | None:
+        """The linear probe (`linear_probe.fit`) of the whole train split's features, fitted once per task, model
+        and settings (the linear-probe evaluation's and LP-FT's start are one fit where their settings agree); on
+        the main rank, None elsewhere. Every rank calls it (the features are extracted by all ranks)."""
+        found = self._split_features("train")
+        if found is None:
+            return None
+        key = ("probe", self.dataset, self.model.image_size, cfg, num_classes)
+        if key not in self.cache:
+            self.cache[key] = linear_probe.fit(cfg, found[0], found[1], num_classes, self.runtime.seed,
+                                               self.runtime.device)
+        return self.cache[key]
 
     def _key(self, split: str) -> tuple:
         return ("features", self.dataset, self.model.image_size, split)

@@ -141,10 +141,12 @@ def split_minival(data: ShardSubset, fraction: float, seed: int) -> tuple[ShardS
 
 def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, test: ShardSubset,
         num_classes: int, rt: Runtime, hooks: Hooks[FinetuneEpoch] | None = None,
-        options: models.ModelOptions = models.NO_OPTIONS) -> FinetuneResult:
+        options: models.ModelOptions = models.NO_OPTIONS, head: ProbeHead | None = None) -> FinetuneResult:
     """Fine-tune the pretrained `state` on `train` (less a minival) at each of `cfg.learning_rates`,
     keep the run with the best minival top-1 and report its top-1 and macro-F1 (percent) on `test`.
     `options` are the knobs the model was pretrained with (a pre-logits layer is replaced by the linear head).
+    With `head_init: probe`, `head` is the probe to start from where the caller already has it (the evaluation's,
+    `probe_on_frozen_features`); None: fitted here (`probe_head`).
 
     The splits stay in their shards and are streamed (training through the exactly-once loader with `rt.loader`,
     evaluation batch by batch), so memory does not grow with them. `hooks.on_epoch` receives the chosen run's
@@ -157,8 +159,10 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     start = time.perf_counter()
     steps, batch = schedule(cfg, len(train), distributed.ranks().world_size)
     train, minival = split_minival(train, cfg.val_fraction, cfg.minival_seed)
-    head = (probe_head(model_name, state, train, num_classes, cfg.image_size, rt, options=options)
-            if cfg.head_init == "probe" else None)
+    if cfg.head_init == "zero":
+        head = None
+    elif head is None:
+        head = probe_head(model_name, state, train, num_classes, cfg.image_size, rt, options=options)
     best, val_top1, diverged = None, {}, None
     for lr in cfg.learning_rates:
         label = f"{hooks.label or 'finetune'} lr={lr:g}"
@@ -190,6 +194,10 @@ class ProbeHead:
     l2: float  # the strength chosen on the probe's held-out slice
     val_top1: float  # the probe's top-1 (percent) on that slice
 
+    @classmethod
+    def of(cls, fitted: linear_probe.Fitted) -> ProbeHead:
+        return cls(*(t.cpu() for t in fitted.raw()), fitted.l2, fitted.val_top1[fitted.l2])
+
 
 def probe_head(model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, num_classes: int,
                image_size: int, rt: Runtime, probe: linear_probe.LinearProbeConfig | None = None,
@@ -203,11 +211,16 @@ def probe_head(model_name: str, state: dict[str, torch.Tensor], train: ShardSubs
     model = models.pretrained_for_task(model_name, state, num_classes, image_size, options).to(rt.device)
     found = downstream.features(model, train, image_size, rt.device, rt.loader.max_bad_fraction, rt.loader.workers)
     # Extracted by every rank for its part, solved once on the main rank, the head handed to every rank.
-    def solve() -> ProbeHead:
-        fitted = linear_probe.fit(probe, found[0], found[1], num_classes, rt.seed, rt.device)
-        return ProbeHead(*(t.cpu() for t in fitted.raw()), fitted.l2, fitted.val_top1[fitted.l2])
+    return distributed.on_main(
+        lambda: ProbeHead.of(linear_probe.fit(probe, found[0], found[1], num_classes, rt.seed, rt.device)))
 
-    return distributed.on_main(solve)
+
+def probe_on_frozen_features(cfg: FinetuneConfig, image_size: int, options: models.ModelOptions) -> bool:
+    """Whether LP-FT's probe is a probe of the frozen model's evaluation features (`downstream.Inputs.probe`): the
+    fine-tune trains on the whole train split (no minival) at the pretraining resolution `image_size`, and the
+    backbone it starts from has no pre-logits layer to drop, so `probe_head` would extract those very features."""
+    return (cfg.head_init == "probe" and cfg.val_fraction == 0 and cfg.image_size == image_size
+            and not options.pre_logits)
 
 
 def _train(cfg: FinetuneConfig, lr: float, plan: tuple[int, int], model_name: str, state: dict[str, torch.Tensor],

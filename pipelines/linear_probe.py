@@ -110,10 +110,19 @@ def _logits(w: torch.Tensor, x: np.ndarray, mean: torch.Tensor, std: torch.Tenso
     return (z @ w[:-1] + w[-1]).cpu().double().numpy()
 
 
+def classes_seen(*labels: np.ndarray) -> int:
+    """The number of classes the probe fits when none is given: the largest label seen, plus one."""
+    return int(max(y.max() for y in labels)) + 1
+
+
+def score(probe: Fitted, test_features: np.ndarray, test_labels: np.ndarray) -> LinearProbeResult:
+    """A fitted probe's test metrics (percent), with its chosen l2 and the held-out slice's top-1 per strength."""
+    test = classification_metrics(probe.logits(test_features), test_labels)
+    return LinearProbeResult(test["top1"], test["macro_f1"], probe.l2, probe.val_top1)
+
+
 def run(cfg: LinearProbeConfig, train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
         test_labels: np.ndarray, seed: int, device: torch.device | None = None) -> LinearProbeResult:
     """Fit on (1 - val_fraction) of the train split, pick l2 on the rest, report the test metrics (percent)."""
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    probe = fit(cfg, train_features, train_labels, num_classes, seed, device)
-    test = classification_metrics(probe.logits(test_features), test_labels)
-    return LinearProbeResult(test["top1"], test["macro_f1"], probe.l2, probe.val_top1)
+    probe = fit(cfg, train_features, train_labels, classes_seen(train_labels, test_labels), seed, device)
+    return score(probe, test_features, test_labels)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipelines import data, downstream, evaluations, fewshot, models
+from pipelines import data, downstream, evaluations, fewshot, finetune, linear_probe, models
 from pipelines.config import ConfigError, to_dict
 from pipelines.data.stream import LoaderConfig
 from pipelines.downstream import EvaluateConfig, Pretrained
@@ -79,6 +79,36 @@ def test_kinds_run_one_at_a_time_share_one_feature_pass_and_match_a_joint_run(di
     assert set(probe) == {"top1", "macro_f1", "l2"} and probe["l2"] in (1e-3, 1e-1)  # the chosen strength
     assert {(m.eval, m.dataset, m.shots) for m in joint if m.eval == "fewshot"} == {("fewshot", task.label, 1),
                                                                                    ("fewshot", task.label, 5)}
+
+
+@pytest.mark.parametrize("probe", [LinearProbeConfig(), LinearProbeConfig(l2_grid=(1e-3, 1e-1), max_iter=50)],
+                         ids=["same settings", "other settings"])
+def test_lp_ft_starts_from_the_shared_features_and_probe_with_the_numbers_of_its_own_pass(digits, monkeypatch, probe):
+    """LP-FT at the pretraining resolution, on the whole train split: its probe head comes from the features the
+    probe evaluation extracted (one pass of the train split for both), and from the evaluation's fit where their
+    settings agree; the fine-tune's numbers are those of the head it fits alone (`finetune.probe_head`)."""
+    task, model, runtime = digits
+    ft = finetune.FinetuneConfig(image_size=32, steps=6, batch_size=32, lr=0.01, warmup_steps=1, val_fraction=0,
+                                 head_init="probe")
+    ev = EvaluateConfig(fewshot=None, linear_probe=probe, finetune=ft, diagnostics=None)
+    train, test = downstream.task_splits(task, runtime.cache_dir)
+    alone = finetune.run(ft, model.name, model.state, train, test, task.num_classes, runtime, options=model.options)
+    passes, fits = [], []
+    extract, fit = downstream.features, linear_probe.fit
+    monkeypatch.setattr(downstream, "features", lambda *a, **k: passes.append(1) or extract(*a, **k))
+    monkeypatch.setattr(linear_probe, "fit", lambda *a, **k: fits.append(a[0]) or fit(*a, **k))
+    cache: dict = {}
+    found = downstream.run(ev, model, (task,), runtime, kinds=("linear_probe",), cache=cache)
+    found += downstream.run(ev, model, (task,), runtime, kinds=("finetune",), cache=cache)
+    assert len(passes) == 2  # the train and the test split, once each
+    assert fits == ([probe] if probe == LinearProbeConfig() else [probe, LinearProbeConfig()])
+    got = {(m.eval, m.metric): m.value for m in found}
+    assert (got["finetune", "top1"], got["finetune", "macro_f1"]) == (alone.top1, alone.macro_f1)
+    assert finetune.probe_on_frozen_features(ft, 32, model.options)
+    for other in (dataclasses.replace(ft, image_size=48), dataclasses.replace(ft, val_fraction=0.1),
+                  dataclasses.replace(ft, head_init="zero")):
+        assert not finetune.probe_on_frozen_features(other, 32, model.options)  # its own pass, as before
+    assert not finetune.probe_on_frozen_features(ft, 32, models.ModelOptions(pre_logits=True))
 
 
 def test_diagnostics_run_once_on_the_pretraining_images_and_keep_their_file(digits, tmp_path):
