@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -85,6 +86,9 @@ def connect(cfg: StudyConfig, address: str | None) -> None:
         import torch
 
         _check_fits(cfg, [{"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}], "this machine")
+        if (other := cluster_here()) is not None:
+            print(f"note: a Ray cluster is running here ({other}); this study starts a Ray of its own on this "
+                  "machine: to run on that cluster, pass --address auto", file=sys.stderr)
         return
     target = _resolve(address)
     _check_listening(address, target)
@@ -99,6 +103,29 @@ def connect(cfg: StudyConfig, address: str | None) -> None:
     except UserError:
         ray.shutdown()
         raise
+
+
+def cluster_here() -> str | None:
+    """The Ray cluster a bare `ray.init()` here would join instead of starting one (RAY_ADDRESS, or the cluster
+    `ray start` recorded on this machine), or None."""
+    if os.environ.get("RAY_ADDRESS"):
+        return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+    from ray._private.services import find_bootstrap_address
+
+    try:
+        found = find_bootstrap_address(None)
+    except Exception:  # noqa: BLE001  (an unreadable record is no cluster to mention)
+        return None
+    return f"{found}, started by `ray start`" if found else None
+
+
+def start_local() -> None:
+    """This machine's own Ray, whatever RAY_ADDRESS or an earlier `ray start` say (`address="local"`): without
+    --address the study runs here, as it says; a bare `ray.init(num_cpus=...)` would try to join that cluster and
+    fail. Its processes are deaf to SIGINT and SIGTERM (`ray_apart`)."""
+    with ray_apart():
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
+                 logging_level="warning")
 
 
 def index_mapper(address: str | None):
@@ -263,9 +290,7 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
     start = time.perf_counter()
     quiet_tune()
     if not ray.is_initialized():
-        with ray_apart():
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
-                     logging_level="warning")
+        start_local()
     interrupt.install()  # after ray.init, which installs a SIGTERM handler of its own
     logging.getLogger("ray.tune.execution.experiment_state").addFilter(_one_line_when_unfixable)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the study stops its trials itself (study/interrupt.py)

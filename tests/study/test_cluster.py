@@ -94,6 +94,34 @@ def head(request):
     _stop_heads()
 
 
+def test_without_address_the_study_starts_its_own_ray_next_to_a_running_cluster(monkeypatch, capsys):
+    """A bare `ray.init(num_cpus=...)` joins the cluster `ray start` recorded on this machine (or RAY_ADDRESS) and
+    fails there with a traceback: without --address the study starts a Ray of its own, as it says it does, and
+    names the cluster it did not join and how to join it."""
+    import ray
+
+    from study import tune_runner
+    from study.config import load_study
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpus = (os.cpu_count() or 1) + 3  # the head's CPUs, told apart from this machine's
+    _start_head("disabled", cpus)
+    try:
+        tune_runner.connect(load_study(ROOT / "configs" / "smoke.yaml"), None)
+        assert "this study starts a Ray of its own on this machine: to run on that cluster, pass --address auto" in \
+            capsys.readouterr().err
+        tune_runner.start_local()
+        try:
+            assert ray.cluster_resources()["CPU"] == os.cpu_count()
+        finally:
+            ray.shutdown()
+    finally:
+        _stop_heads()
+    assert tune_runner.cluster_here() is None
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert tune_runner.cluster_here() == "RAY_ADDRESS=127.0.0.1:1"
+
+
 @pytest.mark.slow
 def test_joining_a_head_started_with_ray_start(head, tmp_path, cache_dir):
     impossible = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address",
