@@ -73,7 +73,7 @@ class Family:
 
 
 # The order here is the order of figure legends and of error messages.
-_TRANSFORMER = ("dropout", "drop_path", "pool", "pos_embed", "pre_logits")
+_TRANSFORMER = ("dropout", "drop_path", "pool", "pos_embed", "pre_logits", "weight_init")
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("ViT", "ViT", "weak", "pipelines.models:build_vit", Attention(), False, "o", "#f4a261",
            _TRANSFORMER),

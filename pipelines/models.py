@@ -25,7 +25,7 @@ from functools import partial
 from typing import Literal
 
 import torch
-from timm.layers import GroupNormAct, StdConv2d, StdConv2dSame, resample_abs_pos_embed, trunc_normal_
+from timm.layers import GroupNormAct, StdConv2d, StdConv2dSame, lecun_normal_, resample_abs_pos_embed, trunc_normal_
 from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_hybrid import HybridEmbed
@@ -72,6 +72,11 @@ class ModelOptions:
         head_bias_init: the classifier's bias starts here: big_vision pretrains its 21,843-way sigmoid with -10
             (`configs/vit_i21k.py`, `init_head_bias`), so every class starts near probability 0 and the loss near
             the positives' alone instead of ~ C log 2.
+        weight_init: a transformer's initial weights. `timm`: timm's default (every dense layer truncated-normal
+            at std 0.02, as DeiT). `jax`: the ViT paper's and big_vision's (timm `weight_init='jax'`): dense layers
+            Xavier-uniform, the patch embedding (and a hybrid's convolutions) LeCun-normal, the head zero, the
+            class token ~0. At width 64 a std-0.02 layer scales its input by ~0.16, so timm's start is close to a
+            linear model of the patches; the default study's ViT-Pico/4 leaves its loss plateau sooner from `jax`.
     """
 
     dropout: float = 0.0
@@ -81,6 +86,7 @@ class ModelOptions:
     pre_logits: bool = False
     zero_head: bool = False
     head_bias_init: float = 0.0
+    weight_init: Literal["timm", "jax"] = "timm"
 
     @classmethod
     def of(cls, config) -> ModelOptions:
@@ -187,7 +193,7 @@ def _transformer(options: ModelOptions) -> dict:
     final-normed tokens (`fc_norm=False`: norm, then mean, as big_vision), dropout where the paper puts it."""
     return dict(class_token=options.pool == "token", global_pool="token" if options.pool == "token" else "avg",
                 fc_norm=False, proj_drop_rate=options.dropout, pos_drop_rate=options.dropout,
-                drop_path_rate=options.drop_path)
+                drop_path_rate=options.drop_path, weight_init="jax" if options.weight_init == "jax" else "")
 
 
 def _finish_transformer(model: VisionTransformer, options: ModelOptions) -> VisionTransformer:
@@ -202,7 +208,10 @@ def _finish_transformer(model: VisionTransformer, options: ModelOptions) -> Visi
         # the layer sits there and `forward_head(pre_logits=True)`, the few-shot features, ends with its tanh, as
         # big_vision's `pre_logits`.
         fc = nn.Linear(model.embed_dim, model.embed_dim)
-        trunc_normal_(fc.weight, std=0.02)  # timm's init for the ViT's other dense layers
+        if options.weight_init == "jax":
+            lecun_normal_(fc.weight)  # big_vision's pre_logits: a Flax Dense with its default init
+        else:
+            trunc_normal_(fc.weight, std=0.02)  # timm's init for the ViT's other dense layers
         nn.init.zeros_(fc.bias)
         model.fc_norm = nn.Sequential(OrderedDict(fc=fc, act=nn.Tanh()))
     return model

@@ -27,7 +27,8 @@ class PretrainConfig(models.ModelOptions):
     beta2 0.999, decoupled weight decay 0.1, linear warm-up then decay, gradient clipping at global norm 1.
 
     Its first fields are the model knobs (`models.ModelOptions`: dropout, drop_path, pool, pos_embed, pre_logits,
-    zero_head, head_bias_init), so a grid sets them beside the optimiser's, under `pretrain:` or a recipe."""
+    zero_head, head_bias_init, weight_init), so a grid sets them beside the optimiser's, under `pretrain:` or a
+    recipe."""
 
     epochs: float | None = None
     steps: int | None = None

@@ -173,6 +173,25 @@ def test_pre_logits_is_a_tanh_layer_for_pretraining_replaced_by_a_linear_head_fo
     assert torch.equal(tuned(torch.randn(2, 3, 32, 32)), torch.zeros(2, 4))
 
 
+def test_jax_init_is_big_visions_xavier_dense_lecun_patch_embedding_and_zero_head():
+    """`weight_init: jax` (the ViT paper's init): every dense layer Xavier-uniform, the patch embedding LeCun-normal,
+    the head zero; timm's default draws them all at std 0.02. The BiT takes no such knob."""
+    torch.manual_seed(0)
+    jax = models.build("ViT-Pico/4", 16, 32, models.ModelOptions(weight_init="jax", pre_logits=True))
+    timm = models.build("ViT-Pico/4", 16, 32)
+    for name in ("blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.3.mlp.fc1", "blocks.3.mlp.fc2"):
+        w = jax.get_submodule(name).weight
+        bound = (6 / sum(w.shape)) ** 0.5  # Xavier-uniform on [-bound, bound]: std bound / sqrt(3)
+        assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1), name
+        assert timm.get_submodule(name).weight.std().item() == pytest.approx(0.02, rel=0.1), name
+    patch = jax.patch_embed.proj.weight
+    assert patch.std().item() == pytest.approx(patch[0].numel() ** -0.5, rel=0.1)  # LeCun: 1 / sqrt(fan_in)
+    assert torch.equal(jax.head.weight, torch.zeros_like(jax.head.weight))
+    assert jax.fc_norm.fc.weight.std().item() == pytest.approx(64 ** -0.5, rel=0.1)  # pre-logits: Flax's Dense
+    with pytest.raises(ConfigError, match=r"weight_init='jax' does not apply to BiT-R14-Pico"):
+        models.build("BiT-R14-Pico", 16, 32, models.ModelOptions(weight_init="jax"))
+
+
 def test_a_knob_the_family_does_not_take_is_refused_naming_it():
     with pytest.raises(ConfigError, match=r"pool='gap' does not apply to BiT-R50x1 \(a BiT model\); BiT models "
                                           r"take dropout, drop_path, zero_head, head_bias_init"):
