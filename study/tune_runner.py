@@ -87,14 +87,15 @@ def connect(cfg: StudyConfig, address: str | None) -> None:
 
         _check_fits(cfg, [{"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}], "this machine")
         if (other := cluster_here()) is not None:
-            print(f"note: a Ray cluster is running here ({other}); this study starts a Ray of its own on this "
+            named = f"RAY_ADDRESS={other}" if os.environ.get("RAY_ADDRESS") else f"{other}, started by `ray start`"
+            print(f"note: a Ray cluster is running here ({named}); this study starts a Ray of its own on this "
                   "machine: to run on that cluster, pass --address auto", file=sys.stderr)
         return
     target = _resolve(address)
     _check_listening(address, target)
     _match_auth(address, f"{target[0]}:{target[1]}")
-    try:
-        ray.init(address=address, logging_level="warning", configure_logging=True)
+    try:  # the resolved address: Ray's own `auto` could pick another Ray than the one checked above
+        ray.init(address=f"{target[0]}:{target[1]}", logging_level="warning", configure_logging=True)
     except Exception as err:  # noqa: BLE001  (Ray raises ConnectionError, RuntimeError, AuthenticationError, ...)
         raise UserError(f"--address {address}: could not join the Ray cluster: {_first_line(err)}") from None
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -106,17 +107,17 @@ def connect(cfg: StudyConfig, address: str | None) -> None:
 
 
 def cluster_here() -> str | None:
-    """The Ray cluster a bare `ray.init()` here would join instead of starting one (RAY_ADDRESS, or the cluster
-    `ray start` recorded on this machine), or None."""
+    """The address of the Ray cluster this machine names: RAY_ADDRESS, else the one `ray start` recorded; None if
+    neither. It is what `--address auto` joins, and what a bare `ray.init()` would join instead of starting a Ray.
+    Not any Ray found running, as Ray's own `auto` falls back to: that may be another program's private Ray."""
     if os.environ.get("RAY_ADDRESS"):
-        return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+        return os.environ["RAY_ADDRESS"]
     from ray._private.services import find_bootstrap_address
 
     try:
-        found = find_bootstrap_address(None)
-    except Exception:  # noqa: BLE001  (an unreadable record is no cluster to mention)
+        return find_bootstrap_address(None) or None
+    except Exception:  # noqa: BLE001  (an unreadable record names no cluster)
         return None
-    return f"{found}, started by `ray start`" if found else None
 
 
 def start_local() -> None:
@@ -146,12 +147,7 @@ def index_mapper(address: str | None):
 def _resolve(address: str) -> tuple[str, int]:
     """(host, port) to probe; `auto` is the cluster `ray start` recorded on this machine (or RAY_ADDRESS)."""
     if address == "auto":
-        from ray._private.services import get_ray_address_from_environment
-
-        try:
-            found = get_ray_address_from_environment("auto", None)
-        except Exception:  # noqa: BLE001
-            found = None
+        found = cluster_here()
         if not found:
             raise UserError("--address auto: no Ray cluster is running on this machine (start one with "
                             "`ray start --head`, or give --address host:port)")

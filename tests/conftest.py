@@ -8,6 +8,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Tests that run one after another on one pytest-xdist worker: the studies (Ray, signals, kills timed against
+# checkpoints), and apart from them the clusters (`ray start` heads and --address); the studies start Rays of their
+# own (`address="local"`), which a head started beside them does not disturb, nor its stop (tests/study/test_cluster).
+SERIAL = {"tests/study/test_cluster.py": "clusters", "tests/study/": "studies"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """The default run has two pytest-xdist workers (`-n 2`, pyproject.toml): each group of `SERIAL` runs on one of
+    them, in order, and the rest of the suite is shared out test by test. (xdist's own `--dist loadgroup` marks a
+    group in the test's id, which pytest >= 9.2 no longer lets it rewrite.)"""
+    if config.getvalue("dist") != "load":
+        return None  # a --dist asked for on the command line
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SerialGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return next((group for prefix, group in SERIAL.items() if nodeid.startswith(prefix)), nodeid)
+
+    return SerialGroups(config, log)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One shapes cache for the whole session (generated data is keyed by its parameters)."""

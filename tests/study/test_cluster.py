@@ -55,11 +55,13 @@ def test_an_address_that_cannot_work_is_one_line_and_exit_2(address, message, tm
 
 
 def test_auto_with_no_cluster_running(tmp_path, cache_dir, monkeypatch, capsys):
-    from ray._private.services import find_gcs_addresses
+    """No `ray start` record and no RAY_ADDRESS: refused, even while other programs run private Rays here (the
+    other tests' studies do), which Ray's own `auto` would join."""
+    from study.tune_runner import cluster_here
 
-    if find_gcs_addresses():  # decided before the call: a failing call must fail the test, never skip it
-        pytest.skip(f"a Ray cluster is running on this machine ({', '.join(find_gcs_addresses())})")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if cluster_here():  # decided before the call: a failing call must fail the test, never skip it
+        pytest.skip(f"a Ray cluster started by `ray start` is running on this machine ({cluster_here()})")
     _refused_in_process(["--address", "auto"], tmp_path, cache_dir, monkeypatch, capsys,
                         "--address auto: no Ray cluster is running on this machine")
 
@@ -75,16 +77,52 @@ def test_more_workers_than_this_machine_can_place_is_refused_up_front(tmp_path, 
                         "of 1 CPUs")
 
 
+_HEADS: list[int] = []  # the sessions of the `ray start` commands this module ran (their daemons stay in them)
+
+
 def _start_head(auth: str, cpus: int = 2) -> str:
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": auth}
-    subprocess.run([RAY, "start", "--head", "--port", str(port), "--num-cpus", str(cpus),
-                    "--include-dashboard=false"], check=True, capture_output=True, env=env, timeout=120)
+    proc = subprocess.Popen([RAY, "start", "--head", "--port", str(port), "--num-cpus", str(cpus),
+                             "--include-dashboard=false"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    _HEADS.append(proc.pid)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out.decode()[-2000:]
     return f"127.0.0.1:{port}"
 
 
 def _stop_heads() -> None:
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    """Kill the Ray processes of the heads this module started, and only those, then drop the address `ray start`
+    recorded. `ray stop --force` would kill every Ray on the machine: the other tests' studies run beside these."""
+    import signal
+    import time
+
+    import psutil
+    from ray._private.utils import get_ray_address_file
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) in _HEADS:
+                    found.append(p)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                pass
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in ours():
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+        deadline = time.monotonic() + 10
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert not ours(), f"Ray processes of this test's heads still run: {[p.pid for p in ours()]}"
+    _HEADS.clear()
+    Path(get_ray_address_file(None)).unlink(missing_ok=True)
 
 
 @pytest.fixture(params=["token", "disabled"])
@@ -119,7 +157,7 @@ def test_without_address_the_study_starts_its_own_ray_next_to_a_running_cluster(
         _stop_heads()
     assert tune_runner.cluster_here() is None
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
-    assert tune_runner.cluster_here() == "RAY_ADDRESS=127.0.0.1:1"
+    assert tune_runner.cluster_here() == "127.0.0.1:1"
 
 
 @pytest.mark.slow

@@ -101,7 +101,7 @@ def test_ray_train_ranks_train_to_the_parameters_of_one_process(tmp_path, cache_
 
     config = {"cache": cache_dir, "model": model, "out": str(tmp_path / "one.safetensors")}
     _pretrain_on_shards(config)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)  # not a `ray start` one
     try:
         TorchTrainer(_pretrain_on_shards, train_loop_config={**config, "out": str(tmp_path / "two.safetensors")},
                      scaling_config=train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
