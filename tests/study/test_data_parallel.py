@@ -40,7 +40,10 @@ def test_two_ranks_per_point_survive_a_killed_rank(tmp_path, cache_dir, monkeypa
     proc = start_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out),
                       "resources.workers_per_trial=2", "data.subsets=[256]", "models=[ViT-Pico/4]",
                       "pretrain.steps=40", "pretrain.checkpoint_every=4", "resources.max_concurrent_trials=1",
-                      "evaluate.finetune.steps=4", "evaluate.finetune.lr=0.01", "resources.max_failures=2"],
+                      "evaluate.finetune.steps=4", "evaluate.finetune.lr=0.01", "resources.max_failures=2",
+                      # LP-FT from the shared features: the main rank's probe head handed to both ranks
+                      "evaluate.finetune.head_init=probe", "evaluate.finetune.image_size=32",
+                      "evaluate.finetune.val_fraction=0"],
                      cache_dir, stdout=open(tmp_path / "stdout.txt", "w"), stderr=open(tmp_path / "stderr.txt", "w"))
     try:
         wait_until(proc, lambda: checkpointed(out) and len(_train_workers(proc.pid)) == 2, "a checkpoint in storage")
