@@ -199,15 +199,19 @@ class ProbeHead:
         return cls(*(t.cpu() for t in fitted.raw()), fitted.l2, fitted.val_top1[fitted.l2])
 
 
+# The probe LP-FT starts from: the linear-probe evaluation's default settings (also where the evaluation shares it).
+LP_FT_PROBE = linear_probe.LinearProbeConfig()
+
+
 def probe_head(model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, num_classes: int,
                image_size: int, rt: Runtime, probe: linear_probe.LinearProbeConfig | None = None,
                options: models.ModelOptions = models.NO_OPTIONS) -> ProbeHead:
     """LP-FT's start: the linear probe of the pretrained backbone's frozen features of the fine-tune train split at
     the fine-tune resolution, fitted as the linear-probe evaluation fits it (`linear_probe.fit`: every l2 of
     `probe.l2_grid` on standardised features, the l2 chosen on a held-out `probe.val_fraction`, on the device),
-    folded back to raw features. `probe`: default, the linear-probe evaluation's settings; `options`: the
-    pretraining knobs (the features are those of the model fine-tuning starts from)."""
-    probe = probe or linear_probe.LinearProbeConfig()
+    folded back to raw features. `probe`: default `LP_FT_PROBE`; `options`: the pretraining knobs (the features
+    are those of the model fine-tuning starts from)."""
+    probe = probe or LP_FT_PROBE
     model = models.pretrained_for_task(model_name, state, num_classes, image_size, options).to(rt.device)
     found = downstream.features(model, train, image_size, rt.device, rt.loader.max_bad_fraction, rt.loader.workers)
     # Extracted by every rank for its part, solved once on the main rank, the head handed to every rank.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines import distributed, finetune, linear_probe
+from pipelines import distributed, finetune
 from pipelines.downstream import Inputs, Measurement
 from pipelines.finetune import FinetuneConfig as Config
 from pipelines.loop import Hooks
@@ -21,8 +21,8 @@ def measure(cfg: Config, inputs: Inputs) -> list[Measurement]:
     head = None
     if finetune.probe_on_frozen_features(cfg, model.image_size, model.options):
         # LP-FT's start from the features the other evaluations extracted (and the linear probe's fit, where its
-        # settings are LP-FT's defaults) instead of a second pass over the train split: the same numbers.
-        fitted = inputs.probe(linear_probe.LinearProbeConfig(), inputs.task.num_classes)
+        # settings are LP-FT's) instead of a second pass over the train split: the same numbers.
+        fitted = inputs.probe(finetune.LP_FT_PROBE, inputs.task.num_classes)
         head = distributed.on_main(lambda: finetune.ProbeHead.of(fitted))
     ft = finetune.run(cfg, model.name, model.state, train, test, inputs.task.num_classes, inputs.runtime,
                       Hooks(on_epoch=on_epoch, label=f"finetune {inputs.dataset}"), model.options, head)
