@@ -21,6 +21,17 @@ def test_every_entry_builds_on_meta_with_its_published_size(name):
         assert params + head == pytest.approx(spec.published_params_m * 1e6, rel=0.01)
 
 
+def test_the_femto_pair_matches_in_size_and_costs_half_a_pico():
+    """Femto's two rows are a pair (parameter counts within 15%) at about half the Pico rows' forward FLOPs."""
+    def params(name):
+        with torch.device("meta"):
+            return models.backbone_params(models.build(name, 16, 32))
+
+    assert params("BiT-R14-Femto") == pytest.approx(params("ViT-Femto/4"), rel=0.15)
+    for femto, pico in [("ViT-Femto/4", "ViT-Pico/4"), ("BiT-R14-Femto", "BiT-R14-Pico")]:
+        assert models.forward_flops(femto, 32, 16) / models.forward_flops(pico, 32, 16) == pytest.approx(0.5, abs=0.1)
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_model_names_a_family_of_the_family_table(name):
     assert models.MODELS[name].family in families.FAMILIES
