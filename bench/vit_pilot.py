@@ -43,7 +43,7 @@ PILOT_MODELS = [
                                                         patch_size=8), cpu_sized=True),
 ]
 PLAIN = ("recipes.ViT.pool=gap", "recipes.ViT.pos_embed=sincos2d", "recipes.ViT.zero_head=true")  # Beyer et al. 2022
-PICO = ("models=[ViT-Pico/4, BiT-R14-Pico]",)  # the default study's pair before the Femto pair (issue 25)
+PICO = ("models=[ViT-Pico/4, BiT-R14-Pico]",)  # the default study's pair, named so `pico-*` mean it on any grid
 DEPTH2 = ("models=[ViT-Femto/4, BiT-R14-Femto]",)  # ViT-Pico/4 with 2 blocks: the model table's ViT-Femto/4
 
 # Candidates after Beyer et al. 2022 ("Better plain ViT baselines for ImageNet-1k"), each a set of grid overrides.
@@ -71,14 +71,12 @@ RECIPES: dict[str, tuple[str, ...]] = {
     # The recipe before the ViT paper's initialisation (`recipes.ViT.weight_init: jax`) joined configs/scaling.yaml:
     # the rows above it in the README's pilot table were measured from this init (their overrides on top of it).
     "timm-init": ("recipes.ViT.weight_init=timm",),
-    # The rows of the README's pilot table down to the paper's init were measured on ViT-Pico/4, the default study's
-    # ViT then; the recipes above apply to the grid's ViT (ViT-Femto/4 in configs/scaling.yaml now). `pico` is the
-    # old default, `pico-timm-init` the baseline of the rows before the init.
+    "patch8-width128-plain-lr3e-3": ("models=[ViT-Pico/8-width128, BiT-R14-Pico]", *PLAIN, "pretrain.lr=3.0e-3"),
+    # The cuts that would halve a point's compute (README, "Wall time"): half the steps, half the batch, on the
+    # default pair whatever the grid; `depth2` above is the other, half the model.
     "pico": PICO,
-    "pico-timm-init": (*PICO, "recipes.ViT.weight_init=timm"),
     "pico-half-steps": (*PICO, "pretrain.examples=8192", "pretrain.warmup_steps=25"),
     "pico-batch16": (*PICO, "pretrain.batch_size=16", "pretrain.examples=8192"),
-    "patch8-width128-plain-lr3e-3": ("models=[ViT-Pico/8-width128, BiT-R14-Pico]", *PLAIN, "pretrain.lr=3.0e-3"),
 }
 
 
