@@ -12,8 +12,9 @@ split. The BiT is never trained here: the recipe is chosen on the ViT's own upst
 Prints one row per recipe: upstream top-1 on the test split (mean over seeds with its 95% t interval, and the
 seeds' values), the last epoch's mean training loss against chance (ln classes), pretraining seconds per point,
 and, last, each recipe's seconds as a ratio to the first recipe's (the baseline, measured in the same run). The
-seconds are wall time on whatever else the machine is running: compare them within one run only. Depth, width and
-patch variants (`PILOT_MODELS`) are rows registered in this process only; a recipe names one in `models`.
+seconds are wall time on whatever else the machine is running: compare them within one run only. Width and
+patch variants (`PILOT_MODELS`) are rows registered in this process only; a recipe names one in `models`. The depth
+variant is the model table's ViT-Femto/4.
 Goal (issue 25): upstream top-1 at the largest subset >= 2x chance, its 95% interval over 3 seeds excluding chance,
 at no more seconds per point than the baseline.
 """
@@ -34,7 +35,7 @@ from pipelines.perf import pick_device
 from pipelines.runtime import Runtime
 from study.config import StudyConfig, load_study
 
-# Pilot-only rows of the model table: depth/width/patch variants of ViT-Pico/4 (depth 4, width 64, 4 heads, MLP 128,
+# Pilot-only rows of the model table: width/patch variants of ViT-Pico/4 (depth 4, width 64, 4 heads, MLP 128,
 # patch 4), registered by `main` only in this process, so a recipe can name one in `models`.
 PILOT_MODELS = [
     models.ModelSpec("ViT-Pico/8", "ViT", dict(depth=4, embed_dim=64, num_heads=4, mlp_ratio=2.0, patch_size=8),
