@@ -43,26 +43,82 @@ class Fit:
 
 
 def _fit_once(x: np.ndarray, err: np.ndarray, four: bool, start: np.ndarray | None = None) -> np.ndarray:
-    """Least squares in log-x space; x is rescaled by its minimum for conditioning. `start`: parameters (original
-    x scale) to start from, e.g. the point estimate for a bootstrap refit, which then converges in a few steps."""
+    """Least squares in log-x space; x is rescaled by its minimum for conditioning. The 3-parameter law is solved
+    exactly (`fit3`); the 4-parameter one by `curve_fit`, from `start` (parameters on the original x scale, e.g.
+    the point estimate for a bootstrap refit, which then converges in a few steps) when given."""
+    if not four:
+        return fit3(x, err[None, :])[0]
     x0 = x.min()
     xs = x / x0
     c0 = max(0.0, err.min() * 0.5)
-    p0 = [max(err.max() - c0, 1e-3), 0.5, c0] + ([0.0] if four else [])
+    p0 = [max(err.max() - c0, 1e-3), 0.5, c0, 0.0]
     if start is not None and np.all(np.isfinite(start)):
         a, b, c, d = start
-        p0 = [max(a / x0**b, 1e-3), min(max(b, 1e-6), 5.0 - 1e-6), min(max(c, 0.0), 100.0)] + \
-            ([min(d / x0, xs.max())] if four else [])
-    lower = [0.0, 0.0, 0.0] + ([0.0] if four else [])
-    upper = [np.inf, 5.0, 100.0] + ([xs.max()] if four else [])
-    fn = power_law if four else (lambda x, a, b, c: power_law(x, a, b, c))
+        p0 = [max(a / x0**b, 1e-3), min(max(b, 1e-6), B_MAX - 1e-6), min(max(c, 0.0), 100.0), min(d / x0, xs.max())]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OptimizeWarning)
-        popt, _ = curve_fit(fn, xs, err, p0=p0, bounds=(lower, upper), jac=_power_law_jac,
-                            maxfev=2000 if start is not None else 20000)
-    a, b, c = popt[:3]
-    d = popt[3] if four else 0.0
+        popt, _ = curve_fit(power_law, xs, err, p0=p0, bounds=([0.0] * 4, [np.inf, B_MAX, 100.0, xs.max()]),
+                            jac=_power_law_jac, maxfev=2000 if start is not None else 20000)
+    a, b, c, d = popt
     return np.array([a * x0**b, b, c, d * x0])  # back to the original x scale
+
+
+B_MAX = 5.0  # the exponent's upper bound: a law that falls faster is a step, not a power law
+_B_GRID = np.linspace(0.0, B_MAX, 201)
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def fit3(x: np.ndarray, errs: np.ndarray) -> np.ndarray:
+    """Rows of [a, b, c, 0]: err = a * x^-b + c fitted by least squares to each row of `errs` [R, N] (every row
+    measured at the sizes `x`), with a >= 0, 0 <= b <= 5, 0 <= c <= 100.
+
+    Exact, by variable projection: for a fixed b the law is linear in (a, c), a convex problem solved in closed
+    form (`_best_ac`), so only b is searched: a grid of 201 over [0, 5], then golden section around the grid's best
+    to ~1e-10. This is the global minimum, where a local solver from a starting point (`curve_fit`) stops wherever
+    the profile is flat (the degenerate curves: b at its bound, a ~ 0). All rows at once: a curve's 200 bootstrap
+    replicates take ~10 ms together, against ~3 ms each for `curve_fit` (most of a study report's time).
+    """
+    if errs.size == 0 or not np.all(np.isfinite(errs)):
+        raise ValueError("non-finite or no values")
+    log_x = np.log(x / x.min())  # conditioning: the basis (x / x_min)^-b is 1 at the smallest size
+
+    def profile(b: np.ndarray) -> np.ndarray:  # b [R] -> the best sum of squares at b, per row
+        return _best_ac(np.exp(-b[:, None] * log_x[None, :]), errs)[2]
+
+    grid = _best_ac(np.exp(-_B_GRID[:, None, None] * log_x), errs)[2]  # [201, R]
+    best = _B_GRID[np.argmin(grid, axis=0)]
+    step = _B_GRID[1] - _B_GRID[0]
+    lo, hi = np.maximum(best - step, 0.0), np.minimum(best + step, B_MAX)
+    for _ in range(40):  # the bracket shrinks by 0.618 a step: 0.05 -> ~1e-10
+        m1, m2 = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+        left = profile(m1) <= profile(m2)
+        lo, hi = np.where(left, lo, m1), np.where(left, m2, hi)
+    b = np.where(profile(0.5 * (lo + hi)) <= grid.min(axis=0), 0.5 * (lo + hi), best)  # never worse than the grid
+    a, c, _ = _best_ac(np.exp(-b[:, None] * log_x[None, :]), errs)
+    return np.stack([a * x.min() ** b, b, c, np.zeros_like(b)], axis=1)  # a back to the original x scale
+
+
+def _best_ac(f: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (a, c) with a >= 0 and 0 <= c <= 100 minimising sum((a * f + c - y)^2) over the last axis, and that sum,
+    for f and y broadcast together (f [..., N], y [R, N]). Convex: the unconstrained solution where it is feasible,
+    else the best of the three edges (a = 0; c = 0; c = 100), each minimised in closed form and clipped to it."""
+    f, y = np.broadcast_arrays(f, y)
+    n = y.shape[-1]
+    sf, sy, sff, sfy = f.sum(-1), y.sum(-1), (f * f).sum(-1), (f * y).sum(-1)
+    det = n * sff - sf * sf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a_free = (n * sfy - sf * sy) / det
+        c_free = (sy - a_free * sf) / n
+    free_ok = (det > 1e-9 * n * sff) & (a_free >= 0) & (c_free >= 0) & (c_free <= 100)
+    a = np.stack([np.where(free_ok, a_free, 0.0), np.zeros_like(sy), np.maximum(sfy / sff, 0.0),
+                  np.maximum((sfy - 100.0 * sf) / sff, 0.0)])
+    c = np.stack([np.where(free_ok, c_free, 0.0), np.clip(sy / n, 0.0, 100.0), np.zeros_like(sy),
+                  np.full_like(sy, 100.0)])
+    sse = ((a[..., None] * f + c[..., None] - y) ** 2).sum(-1)  # [4, ...]
+    sse[0] = np.where(free_ok, sse[0], np.inf)
+    pick = np.argmin(sse, axis=0)[None]
+    return (np.take_along_axis(a, pick, 0)[0], np.take_along_axis(c, pick, 0)[0],
+            np.take_along_axis(sse, pick, 0)[0])
 
 
 def _power_law_jac(x, *params):
@@ -121,6 +177,8 @@ def fit_law(frame: pd.DataFrame, seed: int = 0, bootstrap: bool = True, n_bootst
         draws = (power_law(x, *params) + rng.choice(resid, len(resid)) for _ in range(n_bootstrap))
     else:
         return Fit(params, bootstrap="none (exactly determined)")
+    if not four:  # every replicate in one exact solve
+        return Fit(params, fit3(x, np.array(list(draws))), kind)
     samples = []
     for boot in draws:
         try:

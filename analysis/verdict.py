@@ -22,9 +22,9 @@ from analysis.results import UPSTREAM
 from pipelines import families
 
 # A fitted parameter is degenerate when the data do not pin it down: its estimate sits at a bound of the fit
-# (`fits._fit_once`: 0 <= b <= 5, 0 <= c <= 100; within `AT_BOUND`), or its 95% bootstrap interval spans more than
+# (`fits.fit3`: 0 <= b <= 5, 0 <= c <= 100; within `AT_BOUND`), or its 95% bootstrap interval spans more than
 # `SPAN_DECADES` orders of magnitude (a lower end at or below 0 counts as an infinite span).
-BOUNDS = {"b": (0.0, 5.0), "c": (0.0, 100.0)}
+BOUNDS = {"b": (0.0, fits.B_MAX), "c": (0.0, 100.0)}
 AT_BOUND = 1e-3
 SPAN_DECADES = 2.0
 

@@ -105,6 +105,51 @@ def test_extrapolation_error_needs_three_sizes_left():
     assert rows["BiT-R50x1"]["status"] == "not enough sizes"
 
 
+def test_the_three_parameter_fit_recovers_a_known_law():
+    sizes = np.array([256.0, 1024.0, 4096.0, 8192.0])  # the default study's: 4 sizes, the 3-parameter law
+    fit = fits.fit_law(_curve("ViT-Pico/4", "ViT", a=900, b=0.7, c=60, sizes=sizes, noise=0.2, seeds=(0, 1, 2)))
+    a, b, c, d = fit.params
+    assert (b, c, d) == (pytest.approx(0.7, abs=0.1), pytest.approx(60, abs=1.0), 0.0)
+    assert fit.bootstrap == "seeds" and fit.samples.shape == (fits.N_BOOTSTRAP, 4)
+    assert np.all(np.isfinite(fit.samples)) and np.all(fit.samples[:, 3] == 0)
+
+
+def _sse(x, err, params):
+    return float(((fits.power_law(x, *params) - err) ** 2).sum())
+
+
+def test_the_three_parameter_fit_is_the_bounded_global_minimum():
+    # Noisy, flat, saturated and rising curves (a small study's degenerate fits: b at its bound, a ~ 0, c at a
+    # bound): the exact solve is never worse than curve_fit from any of three starts, and keeps to the bounds.
+    from scipy.optimize import curve_fit
+
+    rng = np.random.default_rng(0)
+    x = np.repeat([256.0, 1024.0, 4096.0, 8192.0], 3)
+    xs = x / x.min()
+    curves = [fits.power_law(x, 900, 0.7, 60), np.full(12, 80.0), fits.power_law(x, 1e9, 5.0, 75),
+              fits.power_law(x, 5.0, 0.3, 0.0), np.full(12, 99.5), 80 + np.log2(x / 256)]  # the last: rising error
+    errs = np.array([np.clip(curve + rng.normal(0, s, 12), 0, 100) for curve in curves for s in (0.0, 0.5, 3.0)])
+    exact = fits.fit3(x, errs)
+    for err, params in zip(errs, exact, strict=True):
+        a, b, c, d = params
+        assert a >= 0 and 0 <= b <= fits.B_MAX and 0 <= c <= 100 and d == 0
+        local = []
+        for p0 in ([err.max() - err.min() + 1e-3, 0.5, max(err.min() * 0.5, 0)], [1.0, 0.1, 50.0], [10.0, 2.0, 1.0]):
+            try:
+                popt, _ = curve_fit(lambda x, a, b, c: fits.power_law(x, a, b, c), xs, err, p0=p0,
+                                    bounds=([0, 0, 0], [np.inf, fits.B_MAX, 100]), maxfev=20000)
+            except RuntimeError:
+                continue
+            local.append(_sse(xs, err, popt))
+        assert _sse(x, err, params) <= min(local) + 1e-6 * (1 + min(local))
+    assert _sse(x, errs[0], exact[0]) < 1e-12 and exact[0][1] == pytest.approx(0.7, abs=1e-6)  # exact data: exact law
+
+
+def test_the_three_parameter_fit_refuses_non_finite_values():
+    with pytest.raises(ValueError, match="non-finite"):
+        fits.fit3(np.array([1.0, 2.0, 4.0]), np.array([[50.0, np.nan, 40.0]]))
+
+
 def test_pareto_frontier_drops_dominated_points():
     table = pd.DataFrame([
         {"model": m, "subset_size": 1, "pretrain_flops": f, "value": v, "eval": "finetune", "dataset": "d",
