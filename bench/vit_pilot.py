@@ -78,6 +78,10 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "pico": PICO,
     "pico-half-steps": (*PICO, "pretrain.examples=8192", "pretrain.warmup_steps=25"),
     "pico-batch16": (*PICO, "pretrain.batch_size=16", "pretrain.examples=8192"),
+    # Both cuts at 3/4 each: the Femto pair at 12,288 examples, as 384 steps of 32, 512 of 24, or 768 of 16.
+    "femto-384-steps": (*DEPTH2, "pretrain.examples=12288"),
+    "femto-batch24": (*DEPTH2, "pretrain.examples=12288", "pretrain.batch_size=24"),
+    "femto-batch16": (*DEPTH2, "pretrain.examples=12288", "pretrain.batch_size=16", "pretrain.warmup_steps=75"),
 }
 
 
