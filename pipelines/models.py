@@ -148,7 +148,8 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("R50x1+ViT-B/32", "Hybrid", _hybrid(_vit(12, 768, 12, 3072, 32), (3, 4, 6, 3))),
     ModelSpec("R50x1+ViT-B/16", "Hybrid", _hybrid(_vit(12, 768, 12, 3072, 16), (3, 4, 9))),
     ModelSpec("R50x1+ViT-L/16", "Hybrid", _hybrid(_vit(24, 1024, 16, 4096, 16), (3, 4, 9))),
-    # CPU-sized variants for 32-px images; a pair per tier has about the same parameter count. Femto: about half a
+    # CPU-sized variants for 32-px images. The Femto and Pico pairs have about the same parameter count (74k / 84k,
+    # 141k / 127k without heads); the Nano pair does not (ViT 460k, BiT 221k: the BiT grew in depth only). Femto: half a
     # Pico's step (a ViT-Pico/4 with 2 blocks; a BiT-R14-Pico whose first three stages, where its step's time goes
     # at 32 and 16 px, are half as wide, with GroupNorm of 4 groups). Measured as the default study's pair and not
     # taken: README, "The default study", Wall time.
