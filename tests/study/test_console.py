@@ -5,6 +5,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from ray.tune.logger import JsonLoggerCallback
 
 from pipelines.downstream import Measurement
 from study import tune_runner
@@ -133,9 +134,12 @@ def test_a_trial_sends_its_progress_with_every_event():
 def test_verbose_keeps_tunes_status_table_with_the_progress_columns_and_the_default_shows_the_console():
     callback, console = object(), object()
     quiet = tune_runner.output(False, callback, console)
-    assert quiet == {"callbacks": [callback, console], "progress_reporter": None, "verbose": 0}
+    assert quiet["callbacks"][:2] == [callback, console] and quiet["progress_reporter"] is None
+    assert quiet["verbose"] == 0
     verbose = tune_runner.output(True, callback, console)
-    assert verbose["callbacks"] == [callback] and verbose["verbose"] == 1
+    assert verbose["callbacks"][0] == callback and verbose["verbose"] == 1
+    for shown in (quiet, verbose):  # and Tune's own per-trial log, result.json only (no CSV, no TensorBoard)
+        assert [type(c) for c in shown["callbacks"] if c not in (callback, console)] == [JsonLoggerCallback]
     assert list(verbose["progress_reporter"]._metric_columns) == list(COLUMNS)  # stage, step, steps, images/s, eta
 
 

@@ -38,6 +38,10 @@ def test_study_finishes_and_prints_where_everything_is(smoke):
     assert timings["trial_s"]["finetune"] == pytest.approx(sum(p["finetune"] for p in timings["per_point_s"].values()))
     assert re.search(r"^time \(s\): connect \d+, prepare_data \d+, ray_start \d+, trials \d+, report \d+ \| summed "
                      r"over 4 trials: ", proc.stdout, re.M)
+    # Of Tune's own per-trial logs only result.json (what Tune reads back): no CSV, no TensorBoard events.
+    logged = {p.name for p in (out / "smoke" / "storage" / "tune").rglob("*") if p.is_file()}
+    assert "result.json" in logged and "progress.csv" not in logged
+    assert not [n for n in logged if n.startswith("events.out.tfevents")], logged
 
 
 def test_the_console_shows_each_trials_stages_and_an_eta_instead_of_tunes_table(smoke):
@@ -45,6 +49,7 @@ def test_the_console_shows_each_trials_stages_and_an_eta_instead_of_tunes_table(
     out = proc.stdout
     assert not re.search(r"Trial status|== Status ==|Trial name|tensorboard|[╭+]--", out, re.I), out[-3000:]
     assert "performance bottleneck" not in proc.stderr  # the study's Tune callback never holds Tune's loop
+    assert "Token authentication is enabled" not in out + proc.stderr  # Ray's note at every local start: not news
     for name in (f"{model}_n{n}_s0" for model in ("ViT-Pico-4", "BiT-R14-Pico") for n in (256, 1024)):
         line = rf"^\d\d:\d\d:\d\d {name}  "
         assert re.search(line + r"started: 12 pretraining steps on cpu$", out, re.M)
