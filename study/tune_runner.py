@@ -299,8 +299,9 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
     logging.getLogger("ray.tune.execution.experiment_state").addFilter(_one_line_when_unfixable)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the study stops its trials itself (study/interrupt.py)
     # Of Tune's own per-trial logs only result.json (`output`), which Tune reads back for the `ResultGrid`: the
-    # study's record is MLflow and its storage, and writing every reported result also as CSV and TensorBoard events
-    # on Tune's loop cost the driver ~5 s of CPU in the default study (py-spy), beside trials that need both cores.
+    # study's record is MLflow and its storage. Writing every reported result also as CSV and TensorBoard events on
+    # Tune's loop cost the driver 1.9 s of CPU in the default study (getrusage: 33.9 -> 32.0 s; the same wall time)
+    # and put 48 more files (1.7 of 3.9 MB) in the study's storage, which a cluster's storage syncs.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     started = time.perf_counter()
     r = cfg.resources
