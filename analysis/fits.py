@@ -82,10 +82,13 @@ def fit3(x: np.ndarray, errs: np.ndarray) -> np.ndarray:
         raise ValueError("non-finite or no values")
     log_x = np.log(x / x.min())  # conditioning: the basis (x / x_min)^-b is 1 at the smallest size
 
-    def profile(b: np.ndarray) -> np.ndarray:  # b [R] -> the best sum of squares at b, per row
-        return _best_ac(np.exp(-b[:, None] * log_x[None, :]), errs)[2]
+    def basis(b: np.ndarray) -> np.ndarray:  # b [...] -> (x / x_min)^-b [..., N]
+        return np.exp(-b[..., None] * log_x)
 
-    grid = _best_ac(np.exp(-_B_GRID[:, None, None] * log_x), errs)[2]  # [201, R]
+    def profile(b: np.ndarray) -> np.ndarray:  # b [R] -> the best sum of squares at b, per row
+        return _best_ac(basis(b), errs)[2]
+
+    grid = _best_ac(basis(_B_GRID)[:, None, :], errs)[2]  # [201, R]
     best = _B_GRID[np.argmin(grid, axis=0)]
     step = _B_GRID[1] - _B_GRID[0]
     lo, hi = np.maximum(best - step, 0.0), np.minimum(best + step, B_MAX)
@@ -94,7 +97,7 @@ def fit3(x: np.ndarray, errs: np.ndarray) -> np.ndarray:
         left = profile(m1) <= profile(m2)
         lo, hi = np.where(left, lo, m1), np.where(left, m2, hi)
     b = np.where(profile(0.5 * (lo + hi)) <= grid.min(axis=0), 0.5 * (lo + hi), best)  # never worse than the grid
-    a, c, _ = _best_ac(np.exp(-b[:, None] * log_x[None, :]), errs)
+    a, c, _ = _best_ac(basis(b), errs)
     return np.stack([a * x.min() ** b, b, c, np.zeros_like(b)], axis=1)  # a back to the original x scale
 
 

@@ -332,8 +332,9 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
 
 
 def output(verbose: bool, callback: StudyCallback, console: Console) -> dict:
-    """What Tune shows (`RunConfig` arguments): the study's console and Tune silent, or (`verbose`) Tune's own
-    status table with the trials' progress."""
+    """What Tune shows and logs (`RunConfig` arguments): the study's console and Tune silent, or (`verbose`) Tune's
+    own status table with the trials' progress; either way Tune's only log of its own is each trial's result.json
+    (`run_trials` turns the CSV and TensorBoard ones off)."""
     if verbose:
         return {"callbacks": [callback, JsonLoggerCallback()], "progress_reporter": status_table(), "verbose": 1}
     return {"callbacks": [callback, console, JsonLoggerCallback()], "progress_reporter": None, "verbose": 0}
