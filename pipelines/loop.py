@@ -35,11 +35,19 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingStopped(Exception):
     """`should_stop` asked the loop to stop (a signal): it stopped at a step boundary, checkpointed where it had a
-    checkpoint folder; `step` is where it stopped, and a rerun resumes there."""
+    checkpoint folder; `step` is where it stopped, and a rerun resumes there. `stage`: the stage it stopped
+    (pretraining, or an evaluation that trains, which keeps no checkpoint)."""
 
-    def __init__(self, step: int):
-        super().__init__(f"stopped at step {step}")
-        self.step = step
+    def __init__(self, step: int, stage: str = "pretrain"):
+        super().__init__(step, stage)  # its args: what pickling (a rank's error crossing Ray) rebuilds it from
+        self.step, self.stage = step, stage
+
+    def __str__(self) -> str:
+        return f"stopped {self.where}"
+
+    @property
+    def where(self) -> str:
+        return f"at step {self.step}" + ("" if self.stage == "pretrain" else f" of {self.stage}")
 
 
 def duration_steps(epochs: float | None, steps: int | None, examples: int | None, batch_size: int,

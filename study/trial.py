@@ -112,7 +112,10 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     model.load_state_dict(state)
     model.to(device)
     pretrained = downstream.Pretrained(point.model, model, state, src.image_size, source, options)
-    runtime = Runtime(device, point.seed, cfg.cache_dir, indexes, cfg.data.loader, progress)
+    # A stop (a signal to the driver, a preempted worker) reaches fine-tuning's steps too: it keeps no checkpoint,
+    # so a rerun runs that evaluation again, and only that one (the record keeps those finished before it).
+    runtime = Runtime(device, point.seed, cfg.cache_dir, indexes, cfg.data.loader, progress,
+                      should_stop=stop_requested(storage))
 
     def curve(prefix: str, step: int, values: dict) -> None:
         emit(Curve(prefix, step, values))
@@ -123,9 +126,15 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
 
     features: dict = {}  # the frozen model's features, extracted once for every evaluation that needs them
     for kind, ident in plan.evals.items():
+        if (done := record.evals.get(kind)) is not None and done.id == ident:
+            continue  # a retried trial (a preempted worker, a lost node): stored by the attempt before
         emit(Stage(kind))
-        with clock(kind):
-            found = downstream.run(cfg.evaluate, pretrained, cfg.downstream, runtime, (kind,), curve, keep, features)
+        try:
+            with clock(kind):
+                found = downstream.run(cfg.evaluate, pretrained, cfg.downstream, runtime, (kind,), curve, keep,
+                                       features)
+        except TrainingStopped as err:
+            raise TrainingStopped(err.step, kind) from None
         record.evals[kind] = EvalRecord(ident, found)
         if where.main:
             storage.write_bytes(files.record, record.to_json().encode())
@@ -308,9 +317,11 @@ def _run_guarded(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: P
         except TrainingStopped as err:
             if preempted():  # this worker got SIGTERM: checkpointed; it exits, and Tune retries the trial from there
                 saved()
-                raise RuntimeError(f"worker preempted (SIGTERM) at step {err.step}: checkpointed, retried from "
-                                   "there") from None
-            emit(Failed(f"stopped by the driver at step {err.step}; a rerun resumes there"))  # not retried
+                raise RuntimeError(f"worker preempted (SIGTERM) {err.where}: " + (
+                    "checkpointed, retried from there" if err.stage == "pretrain" else
+                    f"retried, {err.stage} from its start")) from None
+            emit(Failed(f"stopped by the driver {err.where}; a rerun " + (  # not retried
+                "resumes there" if err.stage == "pretrain" else f"runs {err.stage} again")))
         except (TrainingDiverged, UserError) as err:
             emit(Failed(f"{type(err).__name__}: {err} (after {time.time() - start:.0f} s)"))
         except OSError as err:

@@ -50,3 +50,54 @@ def test_select_best_logs_each_step_and_the_point_reports_the_chosen_steps_numbe
     files = PointFiles(point.id)
     best, last = (load_weights(storage.read_bytes(f)) for f in (files.best_weights, files.weights))
     assert best.keys() == last.keys() and (chosen == 12) == all((best[k] == last[k]).all() for k in best)
+
+
+def _fewshot_and_finetune(cache_dir, *extra):
+    cfg = load_study(ROOT / "configs" / "smoke.yaml", [
+        "models=[ViT-Pico/4]", "data.subsets=[256]", f"data.cache_dir={cache_dir}", "evaluate.linear_probe=null",
+        "evaluate.diagnostics=null", *extra])
+    (point,) = expand(cfg)
+    return cfg, point
+
+
+def test_a_retried_trial_runs_only_the_evaluations_its_record_lacks(tmp_path, cache_dir, monkeypatch):
+    """A trial retried after its worker was lost: pretraining and the evaluations the record already holds (under
+    the same protocol id) are not run again; the one that was cut off is."""
+    from pipelines import downstream
+
+    cfg, point = _fewshot_and_finetune(cache_dir)
+    evals, storage = eval_ids(cfg), Storage(str(tmp_path / "storage"))
+    first = run_point(cfg, TrialPlan(point, "train", {"fewshot": evals["fewshot"]}), storage, tmp_path / "scratch",
+                      lambda event: None)  # the attempt that ended after its few-shot evaluation
+    ran, real = [], downstream.run
+    monkeypatch.setattr(downstream, "run", lambda *args, **kw: ran.append(args[4]) or real(*args, **kw))
+    again = run_point(cfg, TrialPlan(point, "train", evals), storage, tmp_path / "scratch", lambda event: None)
+    assert ran == [("finetune",)]
+    assert again.evals["fewshot"] == first.evals["fewshot"] and again.pretrain == first.pretrain
+    assert set(again.evals) == {"fewshot", "finetune"}
+
+
+def test_a_stop_asked_during_fine_tuning_stops_it_within_a_few_steps(tmp_path, cache_dir, monkeypatch):
+    """The driver's stop (its signal handler writes the stop file) reaches fine-tuning, which keeps no checkpoint:
+    it ends within `stop_check_every` steps, the record keeps what finished before it, and the stop names the stage."""
+    from pipelines import downstream
+    from pipelines.loop import TrainingStopped
+    from study.interrupt import STOP
+
+    cfg, point = _fewshot_and_finetune(cache_dir, "evaluate.finetune.steps=400")
+    storage, real = Storage(str(tmp_path / "storage")), downstream.run
+
+    def stop_at_fine_tuning(*args, **kw):
+        if args[4] == ("finetune",):
+            storage.write_bytes(STOP, b"SIGTERM")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(downstream, "run", stop_at_fine_tuning)
+    with pytest.raises(TrainingStopped) as stopped:
+        run_point(cfg, TrialPlan(point, "train", eval_ids(cfg)), storage, tmp_path / "scratch", lambda event: None)
+    assert stopped.value.stage == "finetune" and stopped.value.step <= 10, stopped.value
+    assert str(stopped.value) == f"stopped at step {stopped.value.step} of finetune"
+    from study.trial import load_record
+
+    record = load_record(storage, point.id)
+    assert record.pretrain is not None and set(record.evals) == {"fewshot"}
