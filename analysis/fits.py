@@ -283,13 +283,16 @@ MIN_SUPPORT = 0.5  # an interval is given only where at least half of the bootst
 
 
 def observed_crossing(vit: pd.Series, bit: pd.Series) -> tuple[float, float, float] | None:
-    """(estimate, x1, x2): the first measured bracket where ViT - BiT goes from <= 0 to > 0, the crossing placed by
-    log-linear interpolation inside it; None without a sign flip. `vit`, `bit`: mean accuracy by size."""
+    """(estimate, x1, x2): the first measured bracket where ViT - BiT goes from <= 0 to > 0 after a size where the
+    BiT led (a tie is no lead: ViT ahead, tied, ahead does not flip), the crossing placed by log-linear
+    interpolation inside it; None without a sign flip. `vit`, `bit`: mean accuracy by size."""
     sizes = sorted(set(vit.index) & set(bit.index))
     diff = [float(vit[s] - bit[s]) for s in sizes]
+    behind = False  # the last size with a leader had the BiT ahead
     for i in range(len(sizes) - 1):
         (x1, d1), (x2, d2) = (sizes[i], diff[i]), (sizes[i + 1], diff[i + 1])
-        if d1 <= 0 < d2:
+        behind = d1 < 0 if d1 != 0 else behind
+        if d1 <= 0 < d2 and behind:
             t = d1 / (d1 - d2)
             return math.exp(math.log(x1) + t * (math.log(x2) - math.log(x1))), float(x1), float(x2)
     return None
@@ -328,12 +331,15 @@ def _with_interval(found: dict, boots: list[float | None], what: str) -> dict:
 
 def _who_leads(diff: pd.Series) -> str:
     """Words for a ViT - BiT series (by size) with no ViT-overtakes-BiT flip."""
-    if (diff <= 0).all():
-        return "BiT ahead at every measured size"
-    if (diff > 0).all():
-        return "ViT ahead at every measured size"
-    behind = diff[diff <= 0].index.min()
-    return f"ViT ahead only below {behind:,.0f} (the ResNet overtakes the ViT, not the reverse)"
+    ahead, behind = diff > 0, diff < 0
+    tied = f" (tied at {int((diff == 0).sum())})" if (diff == 0).any() else ""
+    if not ahead.any() and not behind.any():
+        return "tied at every measured size"
+    if not ahead.any():
+        return f"BiT ahead at every measured size{tied}"
+    if not behind.any():
+        return f"ViT ahead at every measured size{tied}"
+    return f"ViT ahead only below {diff[behind].index.min():,.0f} (the ResNet overtakes the ViT, not the reverse)"
 
 
 def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit: Fit | None) -> dict:
@@ -368,7 +374,10 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
     if vit_fit is None or bit_fit is None or not sizes:
         return {**none, "reason": "no sign flip between measured sizes, and no fitted law for both (need 3 sizes)"}
     lo, hi = min(sizes), max(sizes)
-    ahead = float(means_v[lo] - means_b[lo]) > 0
+    # Which side a crossing can be on: beyond the largest size while the BiT leads there (also when the ViT led at
+    # the small sizes only: the laws may cross back), below the smallest when the ViT leads at every size.
+    led = [d for d in (means_v[sizes] - means_b[sizes]).to_numpy(float) if d != 0]
+    ahead = bool(led) and led[-1] > 0
     a, b = (lo / EXTRAPOLATE, lo) if ahead else (hi, hi * EXTRAPOLATE)
     estimate = _crossing(lambda x: vit_fit.accuracy(x) - bit_fit.accuracy(x), a, b)
     if estimate is None:

@@ -115,7 +115,8 @@ def sentence(table: pd.DataFrame, summary: dict, key: tuple) -> str:
     if len(gaps) < 2:
         at = f"; {_gap(gaps[0])} at {_size(gaps[0]['subset_size'])} images" if gaps else ""
         return f"Too few subset sizes to say: {bit} vs {vit} measured at {len(gaps)} size(s){at} {where}."
-    signs = {math.copysign(1, g["bit_minus_vit"]) for g in gaps}
+    signs = {math.copysign(1, g["bit_minus_vit"]) for g in gaps if g["bit_minus_vit"] != 0}  # a tie leads neither
+    ties = sum(g["bit_minus_vit"] == 0 for g in gaps)
     first, last = gaps[0]["bit_minus_vit"], gaps[-1]["bit_minus_vit"]
     moves = "goes" if first * last < 0 else "grows" if abs(last) >= abs(first) else "shrinks"
     span = (f"the gap {moves} from {_gap(gaps[0])} at {_size(gaps[0]['subset_size'])} to {_gap(gaps[-1])} at "
@@ -125,10 +126,13 @@ def sentence(table: pd.DataFrame, summary: dict, key: tuple) -> str:
         f" (the interval includes 0 at {unresolved} of {len(gaps)} sizes)" if unresolved else ""
     cross = next((c for c in summary["crossovers"] if (c["vit"], c["resnet"], c["eval"], c["dataset"], c["shots"],
                                                        c["metric"]) == (vit, bit, *key)), None)
-    if signs == {1.0}:
-        lead = f"{bit} leads {vit} at every measured size{doubt}; {span}"
+    every = f"at every measured size but {ties} where they tie" if ties else "at every measured size"
+    if not signs:
+        lead = f"{bit} and {vit} tie at every measured size; {span}"
+    elif signs == {1.0}:
+        lead = f"{bit} leads {vit} {every}{doubt}; {span}"
     elif signs == {-1.0}:
-        lead = f"{vit} leads {bit} at every measured size{doubt}; {span}"
+        lead = f"{vit} leads {bit} {every}{doubt}; {span}"
     else:
         lead = f"The lead changes between {bit} and {vit}{doubt}; {span}"
     fitted = {f["model"] for f in summary["fits"] if f["status"] == "fitted"

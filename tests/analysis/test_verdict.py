@@ -69,6 +69,37 @@ def test_vit_leading_everywhere_and_too_few_sizes():
                                             " -18.")
 
 
+def test_a_vit_ahead_at_the_smallest_size_alone_does_not_hide_a_crossing_beyond_the_largest():
+    """The ViT leads by noise at the smallest size, trails from the next on and climbs faster: the search for where
+    the fitted laws cross looks beyond the largest size, where the BiT leads, not below the smallest."""
+    means = {"ViT-B/16": (10.6, 12.0, 16.0, 18.5), "BiT-R50x1": (10.2, 18.0, 20.0, 20.6)}  # at 256 .. 8,192
+    table = _table([{"model": m, "family": m[:3], "subset_size": n, "examples_seen": 16384, "pretrain_flops": 1e12,
+                     "eval": "fewshot", "dataset": "d", "shots": 5, "metric": "top1", "value": v + off, "spread": None,
+                     "seed": s, "chance": 10.0}
+                    for m, by in means.items() for n, v in zip((256, 1024, 4096, 8192), by, strict=True)
+                    for s, off in enumerate((-0.3, 0.0, 0.3))])
+    summary = _summary(table)
+    (cross,) = summary["crossovers"]
+    assert cross["status"] == "extrapolated" and 8192 < cross["estimate"] < 8192 * 1000, cross
+    assert "the fitted laws cross at ~" in verdict.verdict(table, summary).sentence
+
+
+def test_a_tie_is_no_lead_and_no_flip():
+    """ViT ahead, tied, ahead: the ViT never trails, so nothing is overtaken, and the tie is said."""
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: 30.0, seeds=(0,)),
+                   _rows("BiT-R50x1", "BiT", lambda n: 30.0, seeds=(0,)))
+    table["value"] = [32.0, 30.0, 35.0, 36.0, 30.0, 30.0, 31.0, 31.0]  # ViT 1e3..1e6, then BiT 1e3..1e6
+    summary = _summary(table)
+    (cross,) = summary["crossovers"]
+    assert cross["status"] != "observed" and fits.observed_crossing(
+        table[table["family"] == "ViT"].set_index("subset_size")["value"],
+        table[table["family"] == "BiT"].set_index("subset_size")["value"]) is None
+    assert verdict.verdict(table, summary).sentence.startswith(
+        "ViT-B/16 leads BiT-R50x1 at every measured size but 1 where they tie (one seed: no intervals)")
+    flip = pd.Series([29.0, 30.0, 33.0], index=[1e3, 1e4, 1e5])  # behind, tied, ahead: a flip, bracketed after the tie
+    assert fits.observed_crossing(flip, pd.Series(30.0, index=flip.index)) == pytest.approx((1e4, 1e4, 1e5))
+
+
 def test_the_headline_is_5_shot_few_shot_before_other_evaluations():
     table = _table(*(_rows(m, f, lambda n: 50.0, evaluation=e, shots=k) for m, f in (("ViT-B/16", "ViT"),
                                                                                     ("BiT-R50x1", "BiT"))
