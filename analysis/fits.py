@@ -34,6 +34,7 @@ class Fit:
     params: np.ndarray
     samples: np.ndarray = field(default_factory=lambda: np.empty((0, 4)))
     bootstrap: str = "none"  # "seeds", "residuals" or "none (exactly determined)"
+    seeds: tuple = ()  # per size (ascending), its seeds in the order the bootstrap draws index (`paired`)
 
     def error(self, x):
         return power_law(x, *self.params)
@@ -142,6 +143,23 @@ def _by_size(frame: pd.DataFrame) -> list[tuple[float, np.ndarray]]:
     return out
 
 
+def seed_labels(frame: pd.DataFrame) -> tuple:
+    """Per subset size (ascending), its seeds in `_by_size`'s order: which seed each bootstrap position is."""
+    return tuple(tuple(sorted(group["seed"].fillna(-1).unique())) for _, group in frame.groupby("subset_size"))
+
+
+def paired(vit: Fit, bit: Fit) -> tuple[np.ndarray, np.ndarray]:
+    """Both fits' bootstrap replicates, row i of one matched with row i of the other. Draws are positions among a
+    size's seeds (`seed_resamples`), so matching rows is a paired bootstrap (the same seeds, each of which pretrained
+    both models on the same nested subset) only where both ran the same seeds at every size; otherwise the second's
+    rows come in a fixed shuffled order, so that replicates of unrelated seeds are not matched by position."""
+    n = min(len(vit.samples), len(bit.samples))
+    first, second = vit.samples[:n], bit.samples[:n]
+    if vit.seeds and vit.seeds == bit.seeds:
+        return first, second
+    return first, second[np.random.default_rng(1).permutation(n)]
+
+
 def seed_resamples(counts: list[int], seed: int = 0, n: int = N_BOOTSTRAP):
     """Bootstrap draws of seed positions, per size: resampling seeds within each size. The draws depend only on
     the seed counts and `seed`, so two models with the same seeds per size get the same draws (a paired
@@ -157,7 +175,7 @@ def fit_law(frame: pd.DataFrame, seed: int = 0, bootstrap: bool = True, n_bootst
     Bootstrap: over seeds (resampled within each size, `seed_resamples`) when every size has >= 2 seeds, else
     over residuals; one seed per size and as many sizes as parameters leaves no freedom and no interval.
     """
-    per_size = _by_size(frame)
+    per_size, seeds = _by_size(frame), seed_labels(frame)
     if len(per_size) < 3:
         return None
     four = len(per_size) >= FOUR_PARAM_MIN_SIZES
@@ -181,14 +199,14 @@ def fit_law(frame: pd.DataFrame, seed: int = 0, bootstrap: bool = True, n_bootst
     else:
         return Fit(params, bootstrap="none (exactly determined)")
     if not four:  # every replicate in one exact solve
-        return Fit(params, fit3(x, np.array(list(draws))), kind)
+        return Fit(params, fit3(x, np.array(list(draws))), kind, seeds)
     samples = []
     for boot in draws:
         try:
             samples.append(_fit_once(x, boot, four, start=params))
         except (RuntimeError, ValueError):
             samples.append(np.full(4, np.nan))  # keeps replicate i paired with replicate i of another model
-    return Fit(params, np.array(samples).reshape(-1, 4), kind)
+    return Fit(params, np.array(samples).reshape(-1, 4), kind, seeds)
 
 
 def extrapolation_error(frame: pd.DataFrame, seed: int = 0) -> dict:
@@ -384,9 +402,10 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
         return {**none, "reason": f"{_who_leads(means_v[sizes] - means_b[sizes])} and the fitted laws do not cross "
                                   f"within {EXTRAPOLATE:g}x {'below the smallest' if ahead else 'beyond the largest'} "
                                   "size"}
-    n = min(len(vit_fit.samples), len(bit_fit.samples))
-    fit_boots = [_crossing(lambda x, i=i: power_law(x, *bit_fit.samples[i]) - power_law(x, *vit_fit.samples[i]),
-                           a, b) for i in range(n)]
+    vit_samples, bit_samples = paired(vit_fit, bit_fit)
+    n = len(vit_samples)
+    fit_boots = [_crossing(lambda x, i=i: power_law(x, *bit_samples[i]) - power_law(x, *vit_samples[i]), a, b)
+                 for i in range(n)]
     out = {"status": "extrapolated", "estimate": estimate, "bracket": None, "ci": None, "fit_estimate": estimate,
            "support": None, "reason": f"no bootstrap fits (ViT: {vit_fit.bootstrap}; BiT: {bit_fit.bootstrap})"}
     return _with_interval(out, fit_boots, "fit-bootstrap") if n else out

@@ -29,12 +29,12 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
-from analysis.fits import MIN_SUPPORT, Fit, _by_size, fit_law, power_law, seed_resamples
+from analysis.fits import MIN_SUPPORT, Fit, _by_size, fit_law, paired, power_law, seed_labels, seed_resamples
 
 N_REPLICATES = 40  # bootstrap fits per refit (the report uses 200; 40 resolve a 95% interval's width to ~10%)
 N_OUTCOMES = 12  # simulated outcomes per candidate
@@ -85,8 +85,8 @@ def fit_curve(frame: pd.DataFrame, n: int = N_REPLICATES, seed: int = 0) -> Fit 
     per_size = _by_size(frame)
     if len(per_size) >= 3:
         return fit_law(frame, seed, n_bootstrap=n)
-    return two_size_law(per_size, zlib.crc32(str(frame["model"].iloc[0]).encode()), n, seed) \
-        if len(per_size) == 2 else None
+    return replace(two_size_law(per_size, zlib.crc32(str(frame["model"].iloc[0]).encode()), n, seed),
+                   seeds=seed_labels(frame)) if len(per_size) == 2 else None
 
 
 def two_size_law(per_size: list[tuple[float, np.ndarray]], salt: int, n: int, seed: int) -> Fit:
@@ -114,10 +114,10 @@ def _through(x1: float, x2: float, e1: float, e2: float, u: float) -> np.ndarray
 def crossings(vit: Fit, bit: Fit, lo: float, hi: float) -> np.ndarray:
     """Per paired replicate: the first size in [lo, hi] where ViT's accuracy overtakes BiT's; where none does, `lo`
     if the ViT is ahead there already, else `hi`; NaN where a replicate's fit failed."""
-    n = min(len(vit.samples), len(bit.samples))
     grid = np.geomspace(lo, hi, GRID)
     diff = np.stack([power_law(grid, *b) - power_law(grid, *v)  # err_bit - err_vit = acc_vit - acc_bit
-                     for v, b in zip(vit.samples[:n], bit.samples[:n], strict=True)]) if n else np.empty((0, GRID))
+                     for v, b in zip(*paired(vit, bit), strict=True)]) if min(len(vit.samples), len(bit.samples)) \
+        else np.empty((0, GRID))
     up = (diff[:, :-1] <= 0) & (diff[:, 1:] > 0)
     out = np.where(diff[:, 0] > 0, lo, hi)
     for row in np.flatnonzero(up.any(axis=1)):
@@ -148,9 +148,7 @@ def interval_width(vit: Fit | None, bit: Fit | None, target: Target, lo: float, 
         return math.inf
     if target.kind == "crossover":
         return _width(np.log10(crossings(vit, bit, lo, hi)))
-    n = min(len(vit.samples), len(bit.samples))
-    gap = [power_law(target.at, *b) - power_law(target.at, *v) for v, b in zip(vit.samples[:n], bit.samples[:n],
-                                                                                strict=True)]
+    gap = [power_law(target.at, *b) - power_law(target.at, *v) for v, b in zip(*paired(vit, bit), strict=True)]
     return _width(np.asarray(gap, float))  # err_vit - err_bit = BiT - ViT accuracy
 
 
@@ -194,13 +192,19 @@ def candidates(frame: pd.DataFrame, max_size: int, cost: Cost) -> list[Candidate
 
 def simulate(frame: pd.DataFrame, fits: dict[str, Fit], noise: dict[str, float], cand: Candidate,
              rng: np.random.Generator) -> pd.DataFrame:
-    """`frame` with the candidate's rows drawn from one paired bootstrap replicate plus seed noise."""
+    """`frame` with the candidate's rows drawn from one paired bootstrap replicate plus seed noise (one replicate
+    per model, drawn apart, where the models did not all run the same seeds: `paired`)."""
     n = min(len(f.samples) for f in fits.values())
-    valid = [i for i in range(n) if all(np.isfinite(f.samples[i]).all() for f in fits.values())]
-    i = int(rng.choice(valid)) if valid else None
+    same = len({f.seeds for f in fits.values()}) == 1 and next(iter(fits.values())).seeds != ()
+    groups = [list(fits)] if same else [[model] for model in fits]
+    pick = {}
+    for group in groups:  # the models sharing one replicate
+        valid = [i for i in range(n) if all(np.isfinite(fits[m].samples[i]).all() for m in group)]
+        i = int(rng.choice(valid)) if valid else None
+        pick |= dict.fromkeys(group, i)
     rows = []
     for model, size, seed in cand.points:
-        fit = fits[model]
+        fit, i = fits[model], pick[model]
         params = fit.samples[i] if i is not None else fit.params
         acc = 100.0 - power_law(size, *params) + rng.normal(0.0, noise[model])
         rows.append({"model": model, "subset_size": size, "seed": seed, "value": float(acc)})

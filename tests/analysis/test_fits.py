@@ -158,3 +158,22 @@ def test_pareto_frontier_drops_dominated_points():
     (entry,) = fits.pareto_table(table)
     assert [p["model"] for p in entry["points"]] == ["a", "c"]
     assert math.isclose(entry["points"][1]["pretrain_flops"], 3.0)
+
+
+@pytest.mark.parametrize("bit_seeds", [(3, 4, 5), (5, 4, 3)], ids=["in-order", "relabelled"])
+def test_bootstrap_replicates_pair_by_seed_and_not_by_position(bit_seeds):
+    """Two models of different seeds: replicate i of one has nothing to do with replicate i of the other, so the
+    spread of their gap is that of independent draws, whatever the seeds are called. With the same seeds they stay
+    paired row by row (seed s pretrained both models on the same nested subset)."""
+    sizes, offsets = (256, 1024, 4096, 8192), (-1.3, 0.0, 1.3)
+    vit = pd.concat([_curve("ViT-B/16", "ViT", a=300, b=0.3, c=60, sizes=sizes, seeds=(s,)).assign(
+        value=lambda f, o=o: f["value"] + o) for s, o in zip((0, 1, 2), offsets, strict=True)])
+    bit = pd.concat([_curve("BiT-R50x1", "BiT", a=200, b=0.3, c=55, sizes=sizes, seeds=(s,)).assign(
+        value=lambda f, o=o: f["value"] + o) for s, o in zip(bit_seeds, offsets, strict=True)])
+    fv, fb = fits.fit_law(vit), fits.fit_law(bit)
+    sv, sb = fits.paired(fv, fb)
+    gap = fits.power_law(8192, *sb.T) - fits.power_law(8192, *sv.T)
+    alone = np.hypot(*(fits.power_law(8192, *s.T).std() for s in (sv, sb)))  # independent draws' spread
+    assert gap.std() == pytest.approx(alone, rel=0.25)
+    same = fits.fit_law(bit.assign(seed=bit["seed"].map(dict(zip(bit_seeds, (0, 1, 2), strict=True)))))
+    assert all((a == b).all() for a, b in zip(fits.paired(fv, same), (fv.samples, same.samples), strict=True))
