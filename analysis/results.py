@@ -3,9 +3,11 @@ table, so numbers from elsewhere (a published table, another lab's CSV) go throu
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipelines import atomic, evaluations, families
@@ -48,6 +50,10 @@ def write(table: pd.DataFrame, path: Path) -> None:
     atomic.write_bytes(path, table.to_csv(index=False).encode())
 
 
+def _shown(value) -> str:
+    return "empty" if pd.isna(value) else f"{float(value):g}"
+
+
 def read(path: str | Path) -> pd.DataFrame:
     """Read and check a results CSV; a malformed one is a `UserError` naming the column and row."""
     path = Path(path)
@@ -68,6 +74,19 @@ def read(path: str | Path) -> pd.DataFrame:
             row = int(bad.idxmax())
             raise UserError(f"{path}: column '{col}' row {row + 2} is not a number: {table[col][row]!r}")
         table[col] = numeric
+    bad = ~np.isfinite(table["subset_size"].to_numpy(float))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise UserError(f"{path}: column 'subset_size' row {row + 2} is {_shown(table['subset_size'][row])}: every "
+                        "row needs the size of the subset it pretrained on")
+    bad = ~np.isfinite(table["value"].to_numpy(float))
+    if bad.any():  # left in, the intervals would drop it and still count its seed; said, and left out
+        row = int(np.argmax(bad))
+        print(f"{path}: {int(bad.sum())} row(s) without a finite value left out (the first: row {row + 2}, "
+              f"{table['model'][row]} at {_shown(table['subset_size'][row])} images, seed "
+              f"{_shown(table['seed'][row])}, {table['eval'][row]} {table['metric'][row]}: "
+              f"{_shown(table['value'][row])})", file=sys.stderr)
+        table = table[~bad].reset_index(drop=True)
     for col, valid in (("family", families.names()), ("eval", (*evaluations.names(), UPSTREAM))):
         bad = ~table[col].isin(valid)
         if bad.any():

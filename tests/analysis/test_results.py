@@ -38,10 +38,20 @@ def _row(**kw):
     ([{k: v for k, v in _row().items() if k != "value"}], "missing required column 'value'"),
     ([_row(), _row(value="high")], "column 'value' row 3 is not a number: 'high'"),
     ([_row(family="CNN")], "column 'family' row 2 is 'CNN'; valid: ViT, BiT, Hybrid"),
+    ([_row(subset_size=None)], r"column 'subset_size' row 2 is empty: every row needs the size of the subset"),
 ])
 def test_malformed_results_name_column_and_row(tmp_path, rows, message):
     with pytest.raises(UserError, match=message):
         results.read(_csv(tmp_path, rows))
+
+
+def test_rows_without_a_finite_value_are_left_out_and_said(tmp_path, capsys):
+    """A hole in a CSV from elsewhere: left in, the intervals would drop it and still count its seed."""
+    table = results.read(_csv(tmp_path, [_row(), _row(seed=1, value=None), _row(seed=2, value="inf"), _row(seed=3)]))
+    assert table["seed"].tolist() == [0, 3]
+    assert capsys.readouterr().err.strip().endswith(
+        "2 row(s) without a finite value left out (the first: row 3, ViT-B/16 at 9e+06 images, seed 1, fewshot "
+        "top1: empty)")
 
 
 def test_leader_lines_report_the_gap_per_size():
