@@ -236,6 +236,9 @@ def _check_distinct(cfg: StudyConfig) -> None:
             raise ConfigError(f"{key}: {twice[0]!r} is listed twice; its grid points would run twice")
     if min(cfg.seeds) < 0:
         raise ConfigError(f"seeds: {min(cfg.seeds)} is negative; numpy takes only non-negative seeds")
+    if max(cfg.seeds) >= 2**64:
+        raise ConfigError(f"seeds: {max(cfg.seeds)} is too large; torch takes seeds below 2^64 "
+                          f"({2**64 - 1} at most)")
 
 
 # What each rule in _check_ranges accepts; the rule's text is also the error message.

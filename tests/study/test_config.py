@@ -28,6 +28,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
     (["resources.max_concurrent_trials=-2"], "resources.max_concurrent_trials must be >= 0, got -2"),
     (["seeds=[0, 1, 0]"], "seeds: 0 is listed twice; its grid points would run twice"),
     (["seeds=[-1]"], "seeds: -1 is negative; numpy takes only non-negative seeds"),
+    (["seeds=[18446744073709551616]"], "seeds: 18446744073709551616 is too large; torch takes seeds below 2^64"),
     (["models=[ViT-Pico/4, BiT-R14-Pico, ViT-Pico/4]"],
      "models: 'ViT-Pico/4' is listed twice; its grid points would run twice"),
     (["evaluate.diagnostics.batch=0"], "evaluate.diagnostics: batch must be >= 1, got 0"),
