@@ -28,8 +28,44 @@ STOP = "stop-requested"  # in the study's storage while a stop is asked for; rem
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM to the driver while no trial runs (checking data, logging what storage holds, the
+    report), or a second one while they do: the driver stops at once, saying which signal, and exits 128 + its
+    number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def _at_once(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+def stop_at_once() -> Callable[[], None]:
+    """Install `Interrupted` for SIGINT and SIGTERM (SIGTERM would otherwise end the driver without a word, or
+    with Ray's handler, `ray.init`'s, a bare exit); returns what puts the handlers before it back. A no-op outside
+    the main thread, where handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig in SIGNALS:
+        signal.signal(sig, _at_once)
+
+    def restore() -> None:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
 class Interrupt:
-    """The driver's handler of SIGINT and SIGTERM (install it in the main thread, after Ray has started)."""
+    """The driver's handler of SIGINT and SIGTERM while trials run (install it in the main thread, after Ray has
+    started)."""
 
     def __init__(self, storage: Storage):
         self.storage, self.signum = storage, None
@@ -40,7 +76,7 @@ class Interrupt:
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt  # the second signal: at once
+            raise Interrupted(signum)  # the second signal: at once
         self.signum = signum
         try:
             self.storage.write_bytes(STOP, signal.Signals(signum).name.encode())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -166,7 +167,10 @@ def planned_actions(cfg: StudyConfig, points: list[GridPoint], args: argparse.Na
 
 
 def main(argv: list[str] | None = None) -> int:
+    from study.interrupt import stop_at_once
+
     args = parse_args(argv)
+    restore = stop_at_once()  # until the trials run (`Interrupt`) and after them: a signal stops the driver at once
     try:
         cfg = load_study(args.grid, args.overrides)
         points = expand(cfg)  # the one expansion of the grid; Tune receives these points
@@ -194,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with Stopwatch(clock)("connect"):
                 tune_runner.connect(cfg, args.address)
+            stop_at_once()  # again: joining a cluster (`ray.init`) set Ray's SIGTERM handler, a bare exit
             with Stopwatch(clock)("prepare_data"):
                 storage = Locations(cfg, args).storage
                 prepare_data(cfg, storage, tune_runner.index_mapper(args.address))
@@ -215,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {why}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second signal, or one before the trials started: stop at once
-        print("\nerror: interrupted; rerun the same command to resume (finished points are kept)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # a second signal, or one while no trial runs: stop at once
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"\nerror: stopped by {signal.Signals(signum).name}; rerun the same command to resume (finished points "
+              "are kept)", file=sys.stderr)
+        return 128 + signum
+    finally:
+        restore()
 
 
 def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, clock: dict[str, float]) -> int:
@@ -242,21 +251,25 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))
     tracker.show(list(cfg.models), headline_columns(cfg))
-    status, failures, comparison, note = "KILLED", {}, [], ""
+    status, failures, comparison, note = "FAILED", {}, [], ""
     interrupt = Interrupt(where.storage)
     where.storage.delete_file(STOP)  # a stop asked of an earlier invocation
     try:
         decisions, records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock, interrupt)
         if interrupt.signum is not None:
+            status = "KILLED"
             return _stopped(interrupt, tracker, decisions, records, where)
-        status = "FAILED"
         with Stopwatch(clock)("report"):
             table = _write_results(cfg, points, records, evals, where, failures)
         comparison = comparison_metrics(table)
         note = study_note(cfg.study, where.out / "summary.json")
         write_timings(where.out / "timings.json", clock, records, decisions)
         status = "FAILED" if failures else "FINISHED"  # FINISHED only when every point is
+    except KeyboardInterrupt:  # a signal that stops the driver at once (`Interrupted`)
+        status = "KILLED"
+        raise
     finally:
+        tracker.end_started("FAILED" if status == "FINISHED" else status)  # none left RUNNING, whatever ended this
         files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
         tracker.finish_parent(status, [f for f in files if f.exists()], where.out / "figures",
                               {"failed_points": f"{len(failures)} of {len(points)}"} if failures else {},

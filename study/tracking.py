@@ -234,6 +234,8 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         self.experiment_id, self.parent_id = "", ""
         self.runs: dict[str, str] = {}  # point id -> child run id
+        self.started: set[str] = set()  # points whose child this invocation marked RUNNING (writer thread)
+        self.ended: set[str] = set()  # ... and those it ended since (FINISHED, FAILED, KILLED)
         self.params: dict[str, dict[str, str]] = {}  # run id -> params already logged (params are immutable)
         self.last_step: dict[tuple[str, str], int] = {}  # (run id, key) -> newest step logged
         self.known: dict[str, ChildRun] = {}
@@ -306,6 +308,7 @@ class Tracker:
         def job() -> None:
             run_id = self._child(point, tags)
             self.client.update_run(run_id, status="RUNNING")
+            self.started.add(point.id)
             self._log_params(run_id, params)
             self._log_metrics(run_id, metrics, step=0)
         self.writer.submit(f"start of {point.name}", job)
@@ -337,6 +340,7 @@ class Tracker:
                                   + [RunTag(WEIGHTS_TAG, "1")])
             self.client.set_tag(run_id, COMPLETE_TAG, "1")
             self.client.set_terminated(run_id, "FINISHED")
+            self.ended.add(point.id)
         self.writer.submit(f"results of {point.name}", job)
 
     def fail_point(self, point, reason: str, tags: dict) -> None:
@@ -344,6 +348,7 @@ class Tracker:
             run_id = self._child(point, tags)
             self.client.set_tag(run_id, "failure_reason", reason[:5000])
             self.client.set_terminated(run_id, "FAILED")
+            self.ended.add(point.id)
         self.writer.submit(f"failure of {point.name}", job)
 
     def close_orphans(self, running_now: set[str]) -> None:
@@ -361,9 +366,20 @@ class Tracker:
             run_id = self.runs.get(point.id) or (known.run_id if known is not None else None)
             if run_id is not None:
                 self.client.set_terminated(run_id, "KILLED")
+                self.ended.add(point.id)
 
         for point in points:
             self.writer.submit(f"stop of {point.name}", lambda point=point: job(point))
+
+    def end_started(self, status: str) -> None:
+        """The children this invocation marked RUNNING and has not ended end `status`: the driver was stopped at
+        once (a second signal) or failed while trials ran, so no trial's own end reached MLflow."""
+        def job() -> None:
+            for point_id in sorted(self.started - self.ended):
+                self.client.set_terminated(self.runs[point_id], status)
+                self.ended.add(point_id)
+
+        self.writer.submit("the points left running", job)
 
     def finish_parent(self, status: str, files: list[Path], folder: Path | None, tags: dict | None = None,
                       description: str = "", metrics: list[Metric] | None = None) -> None:

@@ -21,7 +21,7 @@ from ray.tune.logger import JsonLoggerCallback
 from pipelines.config import UserError
 from study.config import StudyConfig
 from study.console import Console, error_text
-from study.interrupt import Interrupt, ray_apart
+from study.interrupt import Interrupt, ray_apart, stop_at_once
 from study.protocol import Curve, Failed, Finished, PointRecord, Started, decode
 from study.storage import Storage
 from study.tracking import Tracker
@@ -327,6 +327,7 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
     try:
         tuner.fit()
     finally:
+        stop_at_once()  # no trial runs now: a signal stops the driver at once (main puts the handlers back)
         callback.close()
     return {"ray_start": started - start, "trials": time.perf_counter() - started}
 

@@ -50,6 +50,40 @@ def test_a_signal_stops_the_study_with_a_checkpoint_and_the_rerun_resumes(sig, t
     assert child.data.metrics["resumed_from_step"] == stopped_at  # from the checkpoint of the stop
 
 
+def test_a_signal_while_the_data_are_prepared_stops_the_driver_in_one_line(tmp_path):
+    """No trial runs yet (the data are generated and indexed): SIGTERM stops the driver at once, in one line and
+    128 + 15, where it used to end it without a word."""
+    cache = tmp_path / "cache"
+    args = ["-m", "study.run", "--out", str(tmp_path / "out"), *ARGS, "data.pretrain.size=60000"]
+    proc = start_cli(args, cache, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_until(proc, lambda: any(p.is_file() for p in cache.rglob("*")), "the data being generated")
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("error: stopped by SIGTERM; rerun the same command to resume (finished "
+                                            "points are kept)")
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once_and_leaves_no_run_running(tmp_path, cache_dir):
+    """The first SIGINT asks the trials to stop; a second, before they have, stops the driver at once: the points it
+    had started end KILLED in MLflow, not RUNNING."""
+    log = tmp_path / "stderr.txt"
+    args = ["-m", "study.run", "--out", str(tmp_path), *ARGS]
+    with log.open("w") as err:
+        proc = start_cli(args, cache_dir, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        wait_until(proc, lambda: checkpointed(tmp_path), "a checkpoint in storage")
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_until(proc, lambda: "SIGINT: stopping" in log.read_text(), "the first signal's line")
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=300)
+    text = log.read_text()
+    assert mlflow_statuses(tmp_path) == ("KILLED", ["KILLED"])
+    assert proc.returncode == 128 + signal.SIGINT, text[-3000:]
+    assert "Traceback" not in text and text.strip().splitlines()[-1].startswith("error: stopped by SIGINT;"), text
+
+
 def _trial_worker(driver_pid: int):
     """The Ray worker process that runs the study's trial (a descendant of the driver's local Ray)."""
     import psutil
