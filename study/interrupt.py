@@ -3,7 +3,8 @@
 The first signal asks every trial to stop at its next step boundary: a stop file in the study's storage, which the
 trials poll (`stop_requested`); each checkpoints and ends, points not yet started do not start, the MLflow runs of
 the points left unfinished and the study's parent end KILLED, and the driver exits 128 + the signal's number with
-one line saying how to resume. A second signal stops at once (`KeyboardInterrupt`).
+one line saying how to resume. A second signal stops at once (`Interrupted`), and so does one while no trial runs
+(`stop_at_once`: the data being prepared, the report); the runs the driver had marked RUNNING end KILLED all the same.
 
 A terminal's Ctrl-C and a scheduler's SIGTERM go to the driver's whole process group, which would otherwise kill the
 local Ray's GCS and raylet, and with them every trial, before any could checkpoint: `ray_apart` starts them in
@@ -36,10 +37,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
 
 
 def _at_once(signum: int, frame) -> None:
