@@ -144,8 +144,10 @@ def _by_size(frame: pd.DataFrame) -> list[tuple[float, np.ndarray]]:
 
 
 def seed_labels(frame: pd.DataFrame) -> tuple:
-    """Per subset size (ascending), its seeds in `_by_size`'s order: which seed each bootstrap position is."""
-    return tuple(tuple(sorted(group["seed"].fillna(-1).unique())) for _, group in frame.groupby("subset_size"))
+    """Per subset size (ascending), (size, its seeds in `_by_size`'s order): which seed each bootstrap position is.
+    Two models with equal labels draw the same seeds at the same sizes (`seed_resamples`): a paired bootstrap."""
+    return tuple((float(n), tuple(sorted(group["seed"].fillna(-1).unique())))
+                 for n, group in frame.groupby("subset_size"))
 
 
 def paired(vit: Fit, bit: Fit) -> tuple[np.ndarray, np.ndarray]:
@@ -323,8 +325,7 @@ def _seed_means(vit: pd.DataFrame, bit: pd.DataFrame) -> list[tuple[pd.Series, p
     pv, pb = _by_size(vit), _by_size(bit)
     if min(len(v) for _, v in pv + pb) < 2:
         return None
-    same = [len(v) for _, v in pv] == [len(v) for _, v in pb] and all(
-        sorted(vit[vit["subset_size"] == n]["seed"]) == sorted(bit[bit["subset_size"] == n]["seed"]) for n, _ in pv)
+    same = seed_labels(vit) == seed_labels(bit)
     draws_v = seed_resamples([len(v) for _, v in pv], 0)
     draws_b = seed_resamples([len(v) for _, v in pb], 0 if same else 1)
     return [(pd.Series([v[i].mean() for (_, v), i in zip(pv, iv, strict=True)], index=[n for n, _ in pv]),
@@ -394,12 +395,13 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
     lo, hi = min(sizes), max(sizes)
     # Which side a crossing can be on: beyond the largest size while the BiT leads there (also when the ViT led at
     # the small sizes only: the laws may cross back), below the smallest when the ViT leads at every size.
-    led = [d for d in (means_v[sizes] - means_b[sizes]).to_numpy(float) if d != 0]
-    ahead = bool(led) and led[-1] > 0
+    diff = means_v[sizes] - means_b[sizes]
+    led = diff[diff != 0]
+    ahead = bool(len(led)) and led.iloc[-1] > 0
     a, b = (lo / EXTRAPOLATE, lo) if ahead else (hi, hi * EXTRAPOLATE)
     estimate = _crossing(lambda x: vit_fit.accuracy(x) - bit_fit.accuracy(x), a, b)
     if estimate is None:
-        return {**none, "reason": f"{_who_leads(means_v[sizes] - means_b[sizes])} and the fitted laws do not cross "
+        return {**none, "reason": f"{_who_leads(diff)} and the fitted laws do not cross "
                                   f"within {EXTRAPOLATE:g}x {'below the smallest' if ahead else 'beyond the largest'} "
                                   "size"}
     vit_samples, bit_samples = paired(vit_fit, bit_fit)

@@ -115,9 +115,9 @@ def crossings(vit: Fit, bit: Fit, lo: float, hi: float) -> np.ndarray:
     """Per paired replicate: the first size in [lo, hi] where ViT's accuracy overtakes BiT's; where none does, `lo`
     if the ViT is ahead there already, else `hi`; NaN where a replicate's fit failed."""
     grid = np.geomspace(lo, hi, GRID)
-    diff = np.stack([power_law(grid, *b) - power_law(grid, *v)  # err_bit - err_vit = acc_vit - acc_bit
-                     for v, b in zip(*paired(vit, bit), strict=True)]) if min(len(vit.samples), len(bit.samples)) \
-        else np.empty((0, GRID))
+    rows = [power_law(grid, *b) - power_law(grid, *v)  # err_bit - err_vit = acc_vit - acc_bit
+            for v, b in zip(*paired(vit, bit), strict=True)]
+    diff = np.stack(rows) if rows else np.empty((0, GRID))
     up = (diff[:, :-1] <= 0) & (diff[:, 1:] > 0)
     out = np.where(diff[:, 0] > 0, lo, hi)
     for row in np.flatnonzero(up.any(axis=1)):
