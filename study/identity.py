@@ -1,5 +1,6 @@
 """Content identities. A grid point is the hash of what determines its pretrained weights (model, seed, subset
-size, the pretraining source, the recipe, `RECIPE_VERSION`); each evaluation is the hash of its own protocol
+size, the pretraining source, the recipe, `RECIPE_VERSION`, and with `select: best` what the kept step is chosen
+on); each evaluation is the hash of its own protocol
 (its config, the downstream tasks, `EVAL_VERSION`). Settings that change only how or where a run executes
 (workers, checkpoint cadence, gradient accumulation, compilation, loader processes, paths) are left out, so
 changing them never retrains anything. The git commit is a tag, never part of a hash.
@@ -72,7 +73,19 @@ def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
     mode = {} if cfg.data.subset_mode == "samples" else {"subset_mode": cfg.data.subset_mode}
     return {"recipe_version": RECIPE_VERSION, "model": model, "subset_size": subset_size, "seed": seed, **mode,
             **held_out(cfg), "source": source_settings(cfg.data.pretrain),
-            "pretrain": pretrain_settings(cfg.pretrain_for(model))}
+            "pretrain": pretrain_settings(cfg.pretrain_for(model)), **selected_on(cfg, model)}
+
+
+def selected_on(cfg, model: str) -> dict:
+    """{"select_on": ...} where `model` keeps its best step (`select: best` with evaluation during training): the
+    step is chosen on few-shot top-1 on the first downstream task (`pipelines.selection.headline`), so that task
+    and the few-shot protocol decide which weights the point keeps. {} otherwise: the last step's weights do not
+    depend on what is measured along the way, and a point that keeps them keeps its id."""
+    if not cfg.pretrain_for(model).selects_best:
+        return {}
+    task = cfg.downstream[0]
+    return {"select_on": {"task": source_settings(task) | {"name": task.label},
+                          "fewshot": settings(cfg.evaluate.fewshot, "fewshot")}}
 
 
 def pretrain_settings(recipe) -> dict:
@@ -110,7 +123,7 @@ def recipe_params(cfg, model: str) -> dict:
     people reading a run: the same for every invocation of a point, as MLflow's immutable params must be."""
     return {"recipe_version": RECIPE_VERSION, **image_version(cfg.data.pretrain), "subset_mode": cfg.data.subset_mode,
             **held_out(cfg), "source": _full(cfg.data.pretrain, "source"),
-            "pretrain": _full(cfg.pretrain_for(model), "pretrain")}
+            "pretrain": _full(cfg.pretrain_for(model), "pretrain"), **selected_on(cfg, model)}
 
 
 def eval_params(cfg) -> dict:

@@ -67,6 +67,32 @@ def test_select_final_is_its_own_id_and_evaluation_during_training_needs_a_held_
     assert {m: mixed.pretrain_for(m).eval_steps for m in mixed.models} == {"ViT-Pico/4": 6, "BiT-R14-Pico": 5}
 
 
+SECOND_TASK = ("downstream=[{name: shapes-novel, source: shapes, size: 160, test_size: 160, image_size: 48, "
+               "num_classes: 8, seed: 1}, {name: other, source: shapes, size: 160, test_size: 160, image_size: 32, "
+               "num_classes: 8, seed: 2}]")
+
+
+@pytest.mark.parametrize("override, moves", [
+    ("downstream[0].seed=7", True),  # another first task: another step scores best
+    ("evaluate.fewshot.shots=[1, 5, 10]", True),  # other draws (the shot sets are nested per draw)
+    ("evaluate.fewshot.l2_reg=1.0", True),
+    (SECOND_TASK, False),  # selection scores the first task only
+    ("evaluate.linear_probe.max_iter=7", False),  # not what selection scores
+    ("evaluate.finetune.steps=3", False),
+])
+def test_what_the_best_step_is_chosen_on_is_in_the_ids_of_the_points_that_choose(tmp_path, override, moves):
+    """With `select: best` the kept weights are the step with the best 5-shot top-1 on the first downstream task, so
+    that task and the few-shot protocol decide them; with `select: final` they do not."""
+    for select, chooses in (("best", True), ("final", False)):
+        during = ["pretrain.eval_every=6", f"pretrain.select={select}"]
+        before, after = _ids(_study(tmp_path, overrides=during)), _ids(_study(tmp_path, overrides=[*during, override]))
+        assert (not set(before) & set(after)) if moves and chooses else before == after, (select, override)
+    only_vit = ["recipes.ViT-Pico/4.eval_every=6", override]  # a recipe's evaluation moves that model's points only
+    before, after = _by_model(_study(tmp_path, overrides=only_vit[:1])), _by_model(_study(tmp_path, overrides=only_vit))
+    assert after["BiT-R14-Pico"] == before["BiT-R14-Pico"]
+    assert (not after["ViT-Pico/4"] & before["ViT-Pico/4"]) if moves else after == before
+
+
 def test_a_slice_is_carved_where_validation_has_no_test_split_and_its_size_is_in_those_ids_only(tmp_path):
     """Carving changes which rows the subsets hold, so it moves the ids of the points it carves from; a source with
     a test split (every shipped study: their pins above) carves nothing."""
