@@ -1,7 +1,7 @@
 """Content identities. A grid point is the hash of what determines its pretrained weights (model, seed, subset
 size, the pretraining source, the recipe, `RECIPE_VERSION`, and with `select: best` what the kept step is chosen
-on); each evaluation is the hash of its own protocol
-(its config, the downstream tasks, `EVAL_VERSION`). Settings that change only how or where a run executes
+on); each evaluation, on each downstream task it runs on, is the hash of its own protocol (its config, that task,
+`EVAL_VERSION`). Settings that change only how or where a run executes
 (workers, checkpoint cadence, gradient accumulation, compilation, loader processes, paths) are left out, so
 changing them never retrains anything. The git commit is a tag, never part of a hash.
 
@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 from pipelines.config import to_dict
+from study.protocol import eval_key
 
 # Only values that differ from their field's default are hashed, so adding a config field whose default keeps
 # today's behaviour keeps every identity (no retraining after an upgrade). Changing a default, or code that
@@ -139,16 +140,23 @@ def point_id(cfg, model: str, subset_size: int, seed: int) -> str:
 
 
 def eval_ids(cfg) -> dict[str, str]:
-    """One identity per enabled evaluation (a changed `evaluate:` block re-runs only what changed): its protocol
-    (the module's `identity`, or its non-default settings and the downstream tasks), the module's
-    `PROTOCOL_VERSION` where it has one (a change to one evaluation re-runs that one alone) and `EVAL_VERSION`."""
-    tasks = [source_settings(task) | {"name": task.label} for task in cfg.downstream]
+    """One identity per enabled evaluation and, for one that runs on each downstream task, per task ({`kind/task`:
+    id}, `study.protocol.eval_key`), so a changed `evaluate:` block re-runs only what changed and a task added to
+    `downstream` runs only on it. What is hashed: the protocol (the module's `identity`, or its non-default
+    settings and, per task, that task), the module's `PROTOCOL_VERSION` where it has one (a change to one
+    evaluation re-runs that one alone) and `EVAL_VERSION`. A study with one downstream task has the ids it had
+    when an evaluation's id hashed the whole task list."""
     out = {}
     for row, section in cfg.evaluate.enabled():
         module = row.load()
         protocol = getattr(module, "identity", None)
-        what = protocol(section) if protocol is not None else {row.name: settings(section, row.name), "tasks": tasks}
+        what = protocol(section) if protocol is not None else {row.name: settings(section, row.name)}
         if (version := getattr(module, "PROTOCOL_VERSION", None)) is not None:  # that evaluation's alone changed
             what["protocol_version"] = version
-        out[row.name] = digest({"v": EVAL_VERSION, **what})
+        if not row.per_task:
+            out[row.name] = digest({"v": EVAL_VERSION, **what})
+            continue
+        for task in cfg.downstream:
+            tasks = [source_settings(task) | {"name": task.label}]
+            out[eval_key(row.name, task.label)] = digest({"v": EVAL_VERSION, **what, "tasks": tasks})
     return out

@@ -1,11 +1,10 @@
 """The seam between a trial and the driver, as types.
 
 A trial emits `Started`, `Stage`, `Curve`, `Finished` or `Failed` events; Ray Tune carries each as one JSON string
-(its wire format), beside the trial's `Progress` as plain numbers, and the driver decodes it back into the same
-type. What a finished point produced is a
-`PointRecord`: its pretraining summary and, per evaluation, the identity of the protocol it ran and the typed
-`Measurement`s. The record is kept in storage (`points/<id>/record.json`) and in MLflow (`record.json`), and
-the results table is built from records alone.
+(its wire format), beside the trial's `Progress` as plain numbers, and the driver decodes it back into the same type.
+What a finished point produced is a `PointRecord`: its pretraining summary and, per evaluation (and downstream task,
+for one that runs on each), the identity of the protocol it ran and the typed `Measurement`s. The record is kept in
+storage (`points/<id>/record.json`) and in MLflow (`record.json`), and the results table is built from records alone.
 """
 
 from __future__ import annotations
@@ -14,17 +13,36 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 
+from pipelines import evaluations
 from pipelines.downstream import Measurement
 
 
+def eval_key(kind: str, task: str | None = None) -> str:
+    """The key of an evaluation's identity and record: `kind/task` for one that runs on each downstream task,
+    `kind` for one that runs once per point (`pipelines.evaluations`)."""
+    return kind if task is None else f"{kind}/{task}"
+
+
+def eval_kind(key: str) -> str:
+    """The evaluation an `eval_key` names (the `eval` column of the results table)."""
+    return key.split("/", 1)[0]
+
+
+def eval_task(key: str) -> str | None:
+    """The downstream task an `eval_key` names; None for an evaluation that runs once per point."""
+    return key.split("/", 1)[1] if "/" in key else None
+
+
 def stale(have: dict[str, str], want: dict[str, str]) -> tuple[str, ...]:
-    """The evaluations of `want` ({kind: protocol id}) missing from `have` or done there with another protocol."""
-    return tuple(k for k, ident in want.items() if have.get(k) != ident)
+    """The evaluations of `want` ({eval_key: protocol id}) missing from `have` or done there with another protocol.
+    An identity recorded per evaluation alone (`kind`, as runs logged before per-task identities are tagged) stands
+    for each of its tasks: it equals a task's identity exactly when that task was the study's only one then."""
+    return tuple(k for k, ident in want.items() if have.get(k, have.get(eval_kind(k))) != ident)
 
 
 @dataclass
 class EvalRecord:
-    id: str  # the protocol's identity (study.identity.eval_ids)
+    id: str  # the protocol's identity on its task (study.identity.eval_ids)
     measurements: list[Measurement]
 
 
@@ -106,11 +124,23 @@ class PointRecord:
         raw = json.loads(text)
         # A measurement belongs to the evaluation it is recorded under (records written before one spelling per
         # evaluation have "diagnostic" measurements under "diagnostics").
-        evals = {k: EvalRecord(v["id"], [Measurement(**{**m, "eval": k}) for m in v["measurements"]])
-                 for k, v in raw.get("evals", {}).items()}
+        evals = {}
+        for k, v in raw.get("evals", {}).items():
+            found = [Measurement(**{**m, "eval": eval_kind(k)}) for m in v["measurements"]]
+            evals.update(_per_task(k, v["id"], found))
         pretrain = raw.get("pretrain") or None
         return cls(raw["point_id"], PointFields(**raw["fields"]),
                    PretrainSummary.from_dict(pretrain) if pretrain else None, evals, raw.get("timings", {}))
+
+
+def _per_task(key: str, ident: str, found: list[Measurement]) -> dict[str, EvalRecord]:
+    """A recorded evaluation under per-task keys. A record written before per-task identities holds an evaluation
+    that runs on each task under `kind` alone, with one identity for all its tasks; it is split into `kind/task`
+    entries that keep that identity (which a task's own matches exactly when it was the study's only task)."""
+    if eval_task(key) is not None or not evaluations.per_task(key):
+        return {key: EvalRecord(ident, found)}
+    tasks = dict.fromkeys(m.dataset for m in found)
+    return {eval_key(key, task): EvalRecord(ident, [m for m in found if m.dataset == task]) for task in tasks}
 
 
 @dataclass

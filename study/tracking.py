@@ -352,11 +352,13 @@ class Tracker:
         self.writer.submit(f"failure of {point.name}", job)
 
     def close_orphans(self, running_now: set[str]) -> None:
-        """Children left RUNNING by a killed driver whose points do not run now are marked KILLED."""
+        """Children left RUNNING by a killed driver whose points do not run now are marked KILLED, or FINISHED where
+        the driver had logged all of it (`complete`) and died before its last write, the status."""
         for point, child in self.known.items():
             if child.status == "RUNNING" and point not in running_now:
-                self.writer.submit(f"orphan {child.run_id}",
-                                   lambda run_id=child.run_id: self.client.set_terminated(run_id, "KILLED"))
+                status = "FINISHED" if child.complete else "KILLED"
+                self.writer.submit(f"orphan {child.run_id}", lambda run_id=child.run_id, status=status:
+                                   self.client.set_terminated(run_id, status))
 
     def kill_points(self, points) -> None:
         """The children of `points` (stopped by a signal) end KILLED, whatever a trial reported on its way out;

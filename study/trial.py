@@ -50,6 +50,8 @@ from study.protocol import (
     Stage,
     Started,
     encode,
+    eval_kind,
+    eval_task,
 )
 from study.storage import PointFiles, Storage
 from study.system_metrics import NodeSampler
@@ -125,17 +127,18 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
             storage.write_bytes(files.file(name), contents)
 
     features: dict = {}  # the frozen model's features, extracted once for every evaluation that needs them
-    for kind, ident in plan.evals.items():
-        if (done := record.evals.get(kind)) is not None and done.id == ident:
+    for key, ident in plan.evals.items():  # {eval_key: id}: per task for an evaluation that runs on each
+        if not record.stale({key: ident}):
             continue  # a retried trial (a preempted worker, a lost node): stored by the attempt before
+        kind, task = eval_kind(key), eval_task(key)
+        tasks = cfg.downstream if task is None else tuple(t for t in cfg.downstream if t.label == task)
         emit(Stage(kind))
         try:
             with clock(kind):
-                found = downstream.run(cfg.evaluate, pretrained, cfg.downstream, runtime, (kind,), curve, keep,
-                                       features)
+                found = downstream.run(cfg.evaluate, pretrained, tasks, runtime, (kind,), curve, keep, features)
         except TrainingStopped as err:
             raise TrainingStopped(err.step, kind) from None
-        record.evals[kind] = EvalRecord(ident, found)
+        record.evals[key] = EvalRecord(ident, found)
         if where.main:
             storage.write_bytes(files.record, record.to_json().encode())
     if not where.main:

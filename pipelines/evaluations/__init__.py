@@ -1,10 +1,10 @@
 """The evaluations table: every evaluation a trial can run, one row each.
 
-A row names the evaluation (its `evaluate.<name>` config key, its key in a point's record, the `eval` column of the
-results table and the prefix of its MLflow metrics), the module that implements it, and what it needs. The module
-is loaded by name when the evaluation runs (big_vision loads its evaluators the same way), so this table stays
-light enough for `analysis` to read without torch, and it travels to Ray workers inside the parsed config. Each
-module exposes:
+A row names the evaluation (its `evaluate.<name>` config key, its key in a point's record (`<name>/<task>` for one
+that runs on each downstream task), the `eval` column of the results table and the prefix of its MLflow metrics), the
+module that implements it, and what it needs. The module is loaded by name when the evaluation runs (big_vision loads
+its evaluators the same way), so this table stays light enough for `analysis` to read without torch, and it travels to
+Ray workers inside the parsed config. Each module exposes:
 
 - `Config`: its typed config section (a frozen dataclass), and `DEFAULT`: the section when a study leaves the key
   out (None: off unless asked);
@@ -52,6 +52,11 @@ TABLE: tuple[Evaluation, ...] = (
     Evaluation("finetune", "pipelines.evaluations.finetune", PRETRAINED),
     Evaluation("diagnostics", "pipelines.evaluations.diagnostics", PRETRAIN_IMAGES),
 )
+
+
+def per_task(name: str) -> bool:
+    """Whether the evaluation `name` runs on each downstream task (False for a name the table lacks)."""
+    return any(row.name == name and row.per_task for row in TABLE)
 
 
 def names() -> tuple[str, ...]:

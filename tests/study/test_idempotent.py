@@ -158,7 +158,7 @@ def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, 
     proc = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 2, 5]"],
                    cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert set(_actions(proc.stdout).values()) == {"evaluate (fewshot)"}
+    assert set(_actions(proc.stdout).values()) == {"evaluate (fewshot/shapes-novel)"}
     assert _pretrain_entries(out) == before  # no pretraining step ran
     _, children = _children(out)
     assert all("fewshot/shapes-novel/2shot_top1" in c.data.metrics for c in children)
@@ -172,25 +172,34 @@ def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, 
     assert set(_actions(fresh).values()) == {"train"}  # --fresh ignores what is done
 
 
+# The smoke study's task, then a second one.
+TWO_TASKS = ("downstream=[{name: shapes-novel, source: shapes, size: 160, test_size: 160, image_size: 48, "
+             "num_classes: 8, seed: 1}, {name: other, source: shapes, size: 160, test_size: 160, image_size: 48, "
+             "num_classes: 8, seed: 2}]")
+
+
 def test_weights_in_mlflow_serve_a_reevaluation_without_the_storage(killed, extended, cache_dir, tmp_path):
-    """Another machine: an empty storage, the same tracking store. The weights come from MLflow; nothing pretrains."""
+    """Another machine: an empty storage, the same tracking store. The weights come from MLflow; nothing pretrains.
+    A second downstream task joins: every evaluation runs on it, and on the first task only the changed few-shot."""
     out = killed[0]
     before = _pretrain_entries(out)
     proc = run_cli([*BASE, "--out", str(out), "--storage", str(tmp_path / "elsewhere"),
-                    "data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 3]"], cache_dir)
+                    "data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 3]", TWO_TASKS], cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert set(_actions(proc.stdout).values()) == {"evaluate (fewshot)"}
+    assert set(_actions(proc.stdout).values()) == {
+        "evaluate (fewshot/shapes-novel, fewshot/other, linear_probe/other, finetune/other)"}
     assert _pretrain_entries(out) == before  # no pretraining step ran
     assert len(list((tmp_path / "elsewhere" / "points").glob("*/pretrained.safetensors"))) == 6  # from MLflow
     table = pd.read_csv(out / "smoke" / "results.csv")
     assert sorted(table[table["eval"] == "fewshot"]["shots"].unique()) == [1, 3]
-    assert len(table[table["eval"] == "finetune"]) == 6 * 3  # top-1, macro-F1 and the chosen lr: from the records
+    finetune = table[table["eval"] == "finetune"]  # top-1, macro-F1 and the chosen lr per task
+    assert finetune.groupby("dataset").size().to_dict() == {"shapes-novel": 6 * 3, "other": 6 * 3}
 
 
 def test_a_point_finished_in_storage_but_not_closed_in_mlflow_ends_with_one_finished_child(tmp_path, cache_dir):
-    """The moment a SIGKILL of the driver can leave: the point's pretraining and evaluations are in storage, its
-    child is still RUNNING and not marked complete. The next run logs it and closes it FINISHED, and nothing
-    marks it KILLED afterwards."""
+    """The moments a SIGKILL of the driver can leave: the point's pretraining and evaluations are in storage, its
+    child is still RUNNING and not marked complete (the next run logs it and closes it FINISHED, and nothing marks it
+    KILLED afterwards), or marked complete but still RUNNING (the next run reuses it and closes it FINISHED)."""
     args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[256]",
             "evaluate.linear_probe=null", "evaluate.finetune=null", "evaluate.diagnostics=null", "--out", str(tmp_path)]
     assert run_cli(args, cache_dir).returncode == 0
@@ -203,3 +212,9 @@ def test_a_point_finished_in_storage_but_not_closed_in_mlflow_ends_with_one_fini
     (after,) = _children(tmp_path)[1]
     assert after.info.run_id == child.info.run_id and after.info.status == "FINISHED"
     assert after.data.tags["complete"] == "1"
+    client.update_run(child.info.run_id, status="RUNNING")  # killed between its last two writes: complete, RUNNING
+    third = run_cli(args, cache_dir)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert _actions(third.stdout) == {("ViT-Pico/4", 256): "reuse"}
+    (last,) = _children(tmp_path)[1]
+    assert last.info.run_id == child.info.run_id and last.info.status == "FINISHED"  # not KILLED: it is complete

@@ -166,12 +166,26 @@ def test_an_evaluation_change_keeps_the_pretraining_and_changes_only_its_own_id(
     cfg, changed = _study(tmp_path), _study(tmp_path, overrides=["evaluate.fewshot.shots=[1, 2, 5]"])
     assert _ids(cfg) == _ids(changed)
     before, after = eval_ids(cfg), eval_ids(changed)
-    assert set(before) == {"fewshot", "linear_probe", "finetune", "diagnostics"}
-    assert {k for k in before if before[k] != after[k]} == {"fewshot"}
+    assert set(before) == {"fewshot/shapes-novel", "linear_probe/shapes-novel", "finetune/shapes-novel", "diagnostics"}
+    assert {k for k in before if before[k] != after[k]} == {"fewshot/shapes-novel"}
     lp_ft = eval_ids(_study(tmp_path, overrides=["evaluate.finetune.head_init=probe"]))
-    assert {k for k in before if before[k] != lp_ft[k]} == {"finetune"}  # the default (zero) is in no id
+    assert {k for k in before if before[k] != lp_ft[k]} == {"finetune/shapes-novel"}  # the default (zero): in no id
     no_probe = eval_ids(_study(tmp_path, overrides=["evaluate.linear_probe=null"]))
-    assert "linear_probe" not in no_probe and no_probe["fewshot"] == before["fewshot"]
+    fewshot = "fewshot/shapes-novel"
+    assert "linear_probe/shapes-novel" not in no_probe and no_probe[fewshot] == before[fewshot]
+
+
+def test_a_downstream_task_added_or_moved_keeps_the_ids_of_the_others(tmp_path):
+    """Each evaluation that runs on each task has an id per task, so adding a task (or reordering the list) runs the
+    evaluations on the new task alone; the diagnostics, which read no task, keep theirs."""
+    one, two = eval_ids(_study(tmp_path)), eval_ids(_study(tmp_path, overrides=[SECOND_TASK]))
+    assert {k: two[k] for k in one} == one
+    assert set(two) - set(one) == {"fewshot/other", "linear_probe/other", "finetune/other"}
+    flipped = SECOND_TASK.replace("downstream=[", "").rstrip("]").split("}, ")
+    reordered = eval_ids(_study(tmp_path, overrides=[f"downstream=[{flipped[1]}, {flipped[0]}}}]"]))
+    assert reordered == two
+    moved = eval_ids(_study(tmp_path, overrides=[SECOND_TASK, "downstream[1].seed=3"]))
+    assert {k for k in two if two[k] != moved[k]} == {"fewshot/other", "linear_probe/other", "finetune/other"}
 
 
 def _defaults():
@@ -211,11 +225,12 @@ PINNED_POINT_IDS = {
 }
 # The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade (the default
 # study's fine-tune moved once, deliberately, to LP-FT: `head_init: probe`).
+# Keyed per task since evaluations that run on each task have an id per task: with one task, the same ids.
 PINNED_EVAL_IDS = {
-    "smoke": {"fewshot": "f863e9d7fb785b7f", "linear_probe": "9380b66fe0457576", "finetune": "c25c842f373be015",
-              "diagnostics": "80422ce3c0f28d18"},
-    "scaling": {"fewshot": "af53271c9c6d482a", "linear_probe": "ddd01448a13d7378", "finetune": "43e5362f511e7344",
-                "diagnostics": "80422ce3c0f28d18"},
+    "smoke": {"fewshot/shapes-novel": "f863e9d7fb785b7f", "linear_probe/shapes-novel": "9380b66fe0457576",
+              "finetune/shapes-novel": "c25c842f373be015", "diagnostics": "80422ce3c0f28d18"},
+    "scaling": {"fewshot/shapes-novel": "af53271c9c6d482a", "linear_probe/shapes-novel": "ddd01448a13d7378",
+                "finetune/shapes-novel": "43e5362f511e7344", "diagnostics": "80422ce3c0f28d18"},
 }
 
 
@@ -235,7 +250,7 @@ def test_the_shipped_studies_keep_their_evaluation_ids(study):
 
 def test_a_null_section_switches_its_evaluation_off(tmp_path):
     ids = eval_ids(_study(tmp_path, overrides=["evaluate.diagnostics=null", "evaluate.finetune=null"]))
-    assert set(ids) == {"fewshot", "linear_probe"}
+    assert set(ids) == {"fewshot/shapes-novel", "linear_probe/shapes-novel"}
 
 
 def test_the_image_path_version_keys_decoded_sources_and_leaves_the_procedural_default_alone(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """A point's record: typed fields, the JSON that storage and MLflow hold unchanged (records written by earlier
-versions load, and are written back byte for byte, but for the one renamed evaluation: diagnostic -> diagnostics)."""
+versions load, and are written back byte for byte, but for the one renamed evaluation, diagnostic -> diagnostics, and
+the per-task keys of the evaluations that run on each downstream task, fewshot -> fewshot/<task>)."""
 
 import dataclasses
 
@@ -79,7 +80,35 @@ def test_a_stored_record_loads_typed_and_is_written_back_byte_for_byte():
     assert record.pretrain.steps == 12 and record.pretrain.val_top1 == 7.421875
     assert record.pretrain.mfu is None  # a CPU run: no known peak, so no MFU
     assert [m.shots for m in record.measurements()] == [None, 1, 5]
-    assert record.to_json() == STORED.replace('"eval": "diagnostic"', '"eval": "diagnostics"')  # one name per kind
+    assert record.to_json() == STORED.replace('"eval": "diagnostic"', '"eval": "diagnostics"').replace(
+        '"fewshot": {', '"fewshot/shapes-novel": {')  # one name per kind; per task where it runs on each
+    assert PointRecord.from_json(record.to_json()) == record
+
+
+def test_a_record_from_before_per_task_identities_stays_current_where_its_task_list_was_the_one_task():
+    """An evaluation recorded under its name alone, with one id for its whole task list, is split per task keeping
+    that id: the smoke study's (one task) needs nothing re-run, a task added runs alone, and a two-task record
+    (whose id hashed both tasks) matches neither task's own id, so both run again, once."""
+    from study.config import load_study
+    from study.identity import eval_ids
+    from study.protocol import stale
+    from tests.conftest import ROOT
+
+    record, cfg = PointRecord.from_json(STORED), load_study(ROOT / "configs" / "smoke.yaml")
+    want = {k: v for k, v in eval_ids(cfg).items() if k in ("fewshot/shapes-novel", "diagnostics")}
+    assert set(record.evals) == {"diagnostics", "fewshot/shapes-novel"} and record.stale(want) == ()
+    assert [m.shots for m in record.measurements(want)] == [None, 1, 5]
+    legacy_tags = {"fewshot": "f863e9d7fb785b7f", "diagnostics": "80422ce3c0f28d18"}  # an MLflow child's, as tagged
+    assert stale(legacy_tags, want) == ()
+    assert stale(legacy_tags, {**want, "fewshot/other": "0123456789abcdef"}) == ("fewshot/other",)
+
+    two = STORED.replace(
+        '"dataset": "shapes-novel",\n     "eval": "fewshot",\n     "metric": "top1",\n     "shots": 5',
+        '"dataset": "other",\n     "eval": "fewshot",\n     "metric": "top1",\n     "shots": 5')
+    split = PointRecord.from_json(two)
+    assert {k: [m.dataset for m in ev.measurements] for k, ev in split.evals.items() if k != "diagnostics"} == {
+        "fewshot/shapes-novel": ["shapes-novel"], "fewshot/other": ["other"]}
+    assert {ev.id for k, ev in split.evals.items() if k != "diagnostics"} == {"f863e9d7fb785b7f"}
 
 
 def test_a_record_not_yet_pretrained_keeps_an_empty_summary():

@@ -6,7 +6,7 @@ import yaml
 from pipelines.downstream import Measurement
 from study.config import expand, load_study
 from study.identity import eval_ids
-from study.protocol import EvalRecord, PointFields, PointRecord, PretrainSummary
+from study.protocol import EvalRecord, PointFields, PointRecord, PretrainSummary, eval_kind
 from study.storage import PointFiles, Storage
 from tests.conftest import ROOT
 
@@ -27,8 +27,8 @@ def _finished_study(tmp_path, monkeypatch, cache_dir):
         acc = 100.0 - (a * p.subset_size**-b + c) + rng.normal(0.0, 0.5)
         measurement = Measurement("finetune", cfg.downstream[0].label, None, "top1", float(acc))
         record = PointRecord(p.id, PointFields(**p.table_fields), PretrainSummary(p.steps, p.examples_seen, 1.0, 0),
-                             {kind: EvalRecord(ident, [measurement] if kind == "finetune" else [])
-                              for kind, ident in evals.items()})
+                             {key: EvalRecord(ident, [measurement] if eval_kind(key) == "finetune" else [])
+                              for key, ident in evals.items()})
         storage.write_bytes(PointFiles(p.id).record, record.to_json().encode())
     return cfg
 

@@ -45,11 +45,14 @@ def test_select_best_logs_each_step_and_the_point_reports_the_chosen_steps_numbe
     summary = record.pretrain
     assert (summary.selected_step, summary.selected_score) == (chosen, shots[chosen]["5shot_top1"])
     assert summary.val_top1 == pytest.approx(val[chosen])  # upstream top-1 of the kept weights
-    final = {f"{m.shots}shot_top1": m.value for m in record.evals["fewshot"].measurements}
+    final = {f"{m.shots}shot_top1": m.value for m in record.evals[FEWSHOT].measurements}
     assert final == pytest.approx(shots[chosen])  # the evaluations ran on the chosen step's weights
     files = PointFiles(point.id)
     best, last = (load_weights(storage.read_bytes(f)) for f in (files.best_weights, files.weights))
     assert best.keys() == last.keys() and (chosen == 12) == all((best[k] == last[k]).all() for k in best)
+
+
+FEWSHOT = "fewshot/shapes-novel"  # the smoke study's one downstream task
 
 
 def _fewshot_and_finetune(cache_dir, *extra):
@@ -67,14 +70,37 @@ def test_a_retried_trial_runs_only_the_evaluations_its_record_lacks(tmp_path, ca
 
     cfg, point = _fewshot_and_finetune(cache_dir)
     evals, storage = eval_ids(cfg), Storage(str(tmp_path / "storage"))
-    first = run_point(cfg, TrialPlan(point, "train", {"fewshot": evals["fewshot"]}), storage, tmp_path / "scratch",
+    first = run_point(cfg, TrialPlan(point, "train", {FEWSHOT: evals[FEWSHOT]}), storage, tmp_path / "scratch",
                       lambda event: None)  # the attempt that ended after its few-shot evaluation
     ran, real = [], downstream.run
     monkeypatch.setattr(downstream, "run", lambda *args, **kw: ran.append(args[4]) or real(*args, **kw))
     again = run_point(cfg, TrialPlan(point, "train", evals), storage, tmp_path / "scratch", lambda event: None)
     assert ran == [("finetune",)]
-    assert again.evals["fewshot"] == first.evals["fewshot"] and again.pretrain == first.pretrain
-    assert set(again.evals) == {"fewshot", "finetune"}
+    assert again.evals[FEWSHOT] == first.evals[FEWSHOT] and again.pretrain == first.pretrain
+    assert set(again.evals) == {FEWSHOT, "finetune/shapes-novel"}
+
+
+def test_a_task_added_to_downstream_runs_the_evaluations_on_it_alone(tmp_path, cache_dir, monkeypatch):
+    """The point (whose weights no task shapes) keeps its id; its record keeps the first task's few-shot and
+    fine-tune, and the evaluations run on the new task only."""
+    from pipelines import downstream
+
+    cfg, point = _fewshot_and_finetune(cache_dir)
+    storage = Storage(str(tmp_path / "storage"))
+    first = run_point(cfg, TrialPlan(point, "train", eval_ids(cfg)), storage, tmp_path / "scratch", lambda e: None)
+    tasks = ("downstream=[{name: shapes-novel, source: shapes, size: 160, test_size: 160, image_size: 48, "
+             "num_classes: 8, seed: 1}, {name: other, source: shapes, size: 160, test_size: 160, image_size: 48, "
+             "num_classes: 8, seed: 2}]")  # smoke's task, then another
+    two, same = _fewshot_and_finetune(cache_dir, tasks)
+    assert same.id == point.id and two.downstream[0] == cfg.downstream[0]
+    ran, real = [], downstream.run
+    monkeypatch.setattr(downstream, "run",
+                        lambda *args, **kw: ran.append((args[4], [t.label for t in args[2]])) or real(*args, **kw))
+    todo = {k: v for k, v in eval_ids(two).items() if k not in first.evals}
+    again = run_point(two, TrialPlan(point, "evaluate", todo), storage, tmp_path / "scratch", lambda e: None)
+    assert ran == [(("fewshot",), ["other"]), (("finetune",), ["other"])]
+    assert {k: again.evals[k] for k in first.evals} == first.evals
+    assert {m.dataset for ev in again.evals.values() for m in ev.measurements} == {"shapes-novel", "other"}
 
 
 def test_a_stop_asked_during_fine_tuning_stops_it_within_a_few_steps(tmp_path, cache_dir, monkeypatch):
@@ -100,4 +126,4 @@ def test_a_stop_asked_during_fine_tuning_stops_it_within_a_few_steps(tmp_path, c
     from study.trial import load_record
 
     record = load_record(storage, point.id)
-    assert record.pretrain is not None and set(record.evals) == {"fewshot"}
+    assert record.pretrain is not None and set(record.evals) == {FEWSHOT}
