@@ -32,8 +32,13 @@ HEADLINE_SHOTS = 5  # the paper's Fig 4 reports 5-shot linear accuracy
 def headline(found: list[downstream.Measurement], shots: tuple[int, ...], task: str) -> float:
     """The score a step is selected on: few-shot top-1 on the first downstream task `task`, 5-shot where the study
     measures it, else its largest shots."""
-    k = HEADLINE_SHOTS if HEADLINE_SHOTS in shots else max(shots)
+    k = headline_shots(shots)
     return next(m.value for m in found if m.dataset == task and m.shots == k and m.metric == "top1")
+
+
+def headline_shots(shots: tuple[int, ...]) -> int:
+    """The k a step is selected on: 5 where the study measures it, else its largest."""
+    return HEADLINE_SHOTS if HEADLINE_SHOTS in shots else max(shots)
 
 
 @dataclass(frozen=True)

@@ -79,14 +79,16 @@ def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
 
 def selected_on(cfg, model: str) -> dict:
     """{"select_on": ...} where `model` keeps its best step (`select: best` with evaluation during training): the
-    step is chosen on few-shot top-1 on the first downstream task (`pipelines.selection.headline`), so that task
-    and the few-shot protocol decide which weights the point keeps. {} otherwise: the last step's weights do not
-    depend on what is measured along the way, and a point that keeps them keeps its id."""
+    step is chosen on few-shot top-1 on the first downstream task (`pipelines.selection.headline`), so that task's
+    data (not its name) and the headline k's few-shot protocol decide which weights the point keeps. {} otherwise:
+    the last step's weights do not depend on what is measured along the way, and a point keeping them keeps its id."""
     if not cfg.pretrain_for(model).selects_best:
         return {}
-    task = cfg.downstream[0]
-    return {"select_on": {"task": source_settings(task) | {"name": task.label},
-                          "fewshot": settings(cfg.evaluate.fewshot, "fewshot")}}
+    from pipelines.selection import headline_shots
+
+    fewshot = cfg.evaluate.fewshot  # its k-shot sets are nested prefixes, so only the headline k's matters
+    return {"select_on": {"task": source_settings(cfg.downstream[0]), "shots": headline_shots(fewshot.shots),
+                          "l2_reg": fewshot.l2_reg, "repeats": fewshot.repeats}}
 
 
 def pretrain_settings(recipe) -> dict:

@@ -28,7 +28,7 @@ class Decision:
 
     point: GridPoint
     action: str  # reuse | log | evaluate | resume | train
-    evals: dict[str, str]  # the evaluations a trial runs {kind: protocol id} (empty when nothing runs)
+    evals: dict[str, str]  # the evaluations a trial runs {eval_key: protocol id} (empty when nothing runs)
     record: PointRecord | None  # what storage holds for the point
     child: ChildRun | None  # its MLflow child run, if any
 

@@ -137,8 +137,8 @@ def _per_task(key: str, ident: str, found: list[Measurement]) -> dict[str, EvalR
     """A recorded evaluation under per-task keys. A record written before per-task identities holds an evaluation
     that runs on each task under `kind` alone, with one identity for all its tasks; it is split into `kind/task`
     entries that keep that identity (which a task's own matches exactly when it was the study's only task)."""
-    if eval_task(key) is not None or not evaluations.per_task(key):
-        return {key: EvalRecord(ident, found)}
+    if eval_task(key) is not None or not evaluations.per_task(key) or not found:
+        return {key: EvalRecord(ident, found)}  # (without measurements, no task to name: `stale` reads it as each)
     tasks = dict.fromkeys(m.dataset for m in found)
     return {eval_key(key, task): EvalRecord(ident, [m for m in found if m.dataset == task]) for task in tasks}
 

@@ -403,12 +403,16 @@ class Finisher:
     """A finished point: its Fig 7 panel drawn from the stored arrays, then everything logged to its child run."""
 
     def __init__(self, cfg: StudyConfig, where: Locations, tracker, tags: dict):
-        from study.identity import eval_params
+        from study.identity import eval_ids, eval_params
 
         self.cfg, self.where, self.tracker, self.tags = cfg, where, tracker, tags
-        self.params = eval_params(cfg)  # the evaluation recipe, on every child
+        self.params, self.evals = eval_params(cfg), eval_ids(cfg)  # the evaluation recipe, on every child
 
     def __call__(self, point: GridPoint, record, ran: tuple[str, ...] | None = None) -> None:
+        """`ran`: the evaluations whose metrics are logged; left out, those of the record that the study asks for
+        now (not those of a task or evaluation it has since dropped, or of another protocol)."""
+        if ran is None:
+            ran = tuple(k for k, ev in record.evals.items() if self.evals.get(k) == ev.id)
         panel = fig7_panel(point, self.where, self.where.out / "figures" / "points")
         self.tracker.finish_point(point, record, self.where.storage, ran, [panel] if panel else [], self.tags,
                                   headline_task=self.cfg.downstream[0].label, params=self.params)

@@ -304,10 +304,13 @@ class Tracker:
             self.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", study_view(columns)))
 
     def start_point(self, point, params: dict, metrics: dict, tags: dict) -> None:
-        """Create (or take over) the point's child run and log params; marks it RUNNING."""
+        """Create (or take over) the point's child run and log params; marks it RUNNING, and no longer `complete`
+        where it was (a re-evaluation cut off by a killed driver then ends KILLED, not FINISHED)."""
         def job() -> None:
             run_id = self._child(point, tags)
             self.client.update_run(run_id, status="RUNNING")
+            if (known := self.known.get(point.id)) is not None and known.complete:
+                self.client.set_tag(run_id, COMPLETE_TAG, "0")
             self.started.add(point.id)
             self._log_params(run_id, params)
             self._log_metrics(run_id, metrics, step=0)

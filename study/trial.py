@@ -62,7 +62,7 @@ Emit = Callable[[Event], None]
 @dataclass(frozen=True)
 class TrialPlan:
     """What one trial does: pretrain `point` unless its weights are stored, then run the evaluations `evals`
-    ({kind: protocol id}). `action` says why it runs (train, resume, evaluate) for messages and `--dry-run`."""
+    ({eval_key: protocol id}). `action` says why it runs (train, resume, evaluate) for messages and `--dry-run`."""
 
     point: GridPoint
     action: str

@@ -74,8 +74,11 @@ SECOND_TASK = ("downstream=[{name: shapes-novel, source: shapes, size: 160, test
 
 @pytest.mark.parametrize("override, moves", [
     ("downstream[0].seed=7", True),  # another first task: another step scores best
-    ("evaluate.fewshot.shots=[1, 5, 10]", True),  # other draws (the shot sets are nested per draw)
+    ("evaluate.fewshot.shots=[1, 10]", True),  # no 5-shot: the headline is the largest k
     ("evaluate.fewshot.l2_reg=1.0", True),
+    ("evaluate.fewshot.repeats=3", True),  # the headline is a mean over the draws
+    ("evaluate.fewshot.shots=[1, 5, 10]", False),  # the 5-shot sets are prefixes of each class's draw, as before
+    ("downstream[0].name=renamed", False),  # a label
     (SECOND_TASK, False),  # selection scores the first task only
     ("evaluate.linear_probe.max_iter=7", False),  # not what selection scores
     ("evaluate.finetune.steps=3", False),

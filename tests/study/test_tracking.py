@@ -47,3 +47,31 @@ def test_the_url_opens_the_runs_table_in_the_studys_view():
     assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "model"}]
     colours = model_colours(["ViT-B/16", "BiT-R50x1"])
     assert len(set(colours.values())) == 2
+
+
+def test_a_cut_off_reevaluation_is_no_longer_complete_and_its_orphan_ends_killed_not_finished(tmp_path):
+    """A real SQLite store. A complete child taken over for a re-evaluation loses `complete` when it starts, so if
+    its driver dies then and the point leaves the grid, the next driver's orphan sweep ends it KILLED; a complete
+    child merely left RUNNING (its driver died before the status write) ends FINISHED."""
+    from study.config import expand, load_study
+    from study.tracking import COMPLETE_TAG, Tracker
+    from tests.conftest import ROOT
+
+    uri, art = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts"
+    points = expand(load_study(ROOT / "configs" / "smoke.yaml"))
+    first = Tracker(uri, "smoke", art)
+    first.start_parent("parent", {}, [], "one")
+    for point in points[:2]:
+        first.start_point(point, {}, {}, {})
+    assert first.close(timeout=60) == 0
+    for point in points[:2]:
+        first.client.set_tag(first.runs[point.id], COMPLETE_TAG, "1")  # both logged in full, both still RUNNING
+    second = Tracker(uri, "smoke", art)
+    assert all(second.known[p.id].complete for p in points[:2])
+    second.start_point(points[0], {}, {}, {})  # a re-evaluation of the first starts, then its driver dies
+    assert second.close(timeout=60) == 0
+    third = Tracker(uri, "smoke", art)
+    third.close_orphans(running_now=set())  # neither point runs now
+    assert third.close(timeout=60) == 0
+    status = {p.id: third.client.get_run(first.runs[p.id]).info.status for p in points[:2]}
+    assert status == {points[0].id: "KILLED", points[1].id: "FINISHED"}
