@@ -2,9 +2,14 @@
 
 A second driver on the same storage finds a fresh lease and stops with one line naming the holder; a lease whose
 heartbeat is older than `STALE_AFTER` (its driver was killed, or lost its node) is taken over, and so is one held
-by a process of this machine that no longer runs (a killed driver, rerun at once); `--force-unlock` removes one by
+by a process of this machine that no longer runs (a killed driver, rerun at once); `--force-unlock` takes one by
 hand. Object stores have no exclusive create, so taking a lease is write, wait, read back: of two
 drivers that write within the wait, the one whose write survived holds it and the other stops.
+
+A driver that was only stalled (a suspended machine, storage out of reach for longer than `STALE_AFTER`), or whose
+lease another driver took with `--force-unlock`, must not take it back: each heartbeat reads the lease first, and
+once it holds another driver's token this driver has lost the study. The heartbeat stops and `on_lost` is called
+(the driver stops its trials at once and exits, writing nothing more: the study is the other driver's now).
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pipelines.config import UserError
-from study.storage import Storage
+
+if TYPE_CHECKING:  # (`study.run` imports this module at start, and storage brings pyarrow)
+    from study.storage import Storage
 
 LEASE = "lease.json"
 HEARTBEAT = 20.0  # seconds between renewals
@@ -29,13 +38,23 @@ class LeaseHeld(UserError):
     """Another driver holds the study's lease."""
 
 
+class LeaseLost(KeyboardInterrupt):
+    """Raised in the driver's main thread (as a signal would be) once another driver has taken its lease."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
 class Lease:
     """Held from `acquire` to `release`; a daemon thread renews it every `HEARTBEAT` seconds."""
 
-    def __init__(self, storage: Storage, study: str):
-        self.storage, self.study = storage, study
+    def __init__(self, storage: Storage, study: str, on_lost: Callable[[dict], None] | None = None,
+                 heartbeat: float = HEARTBEAT):
+        self.storage, self.study, self.on_lost, self.heartbeat = storage, study, on_lost, heartbeat
         self.token = uuid.uuid4().hex
         self.started = time.time()
+        self.lost: dict | None = None  # the lease that replaced this one, once another driver took it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -64,11 +83,21 @@ class Lease:
         self._thread.start()
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT):
+        while not self._stop.wait(self.heartbeat):
             try:
+                held = self.read()
+                if held is not None and held.get("token") != self.token:  # taken: stale to another, or forced
+                    self.lost = held
+                    if self.on_lost is not None:
+                        self.on_lost(held)
+                    return
                 self.storage.write_bytes(LEASE, json.dumps(self._body()).encode())
             except OSError:
                 pass  # storage briefly unreachable: the next beat tries again, well before STALE_AFTER
+
+    def holder(self) -> str:
+        """The driver that took this lease, in words (after `lost` is set)."""
+        return _who(self.lost or {})
 
     def release(self) -> None:
         self._stop.set()
@@ -94,10 +123,13 @@ def _gone(held: dict) -> bool:
         return True
 
 
-def _holder(held: dict, storage: Storage) -> str:
+def _who(held: dict) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(held.get("started", 0))))
+    return f"host {held.get('host', '?')}, pid {held.get('pid', '?')}, started {started}"
+
+
+def _holder(held: dict, storage: Storage) -> str:
     age = time.time() - float(held.get("heartbeat", 0))
-    return (f"study '{held.get('study', '?')}' in {storage.root} is being run by another driver (host "
-            f"{held.get('host', '?')}, pid {held.get('pid', '?')}, started {started}, last heartbeat {age:.0f} s ago); "
-            f"wait for it, or, if that driver is gone, rerun after {STALE_AFTER:.0f} s without a heartbeat or with "
-            f"--force-unlock")
+    return (f"study '{held.get('study', '?')}' in {storage.root} is being run by another driver ({_who(held)}, last "
+            f"heartbeat {age:.0f} s ago); wait for it, or, if that driver is gone, rerun after {STALE_AFTER:.0f} s "
+            f"without a heartbeat or with --force-unlock")

@@ -8,6 +8,7 @@ write the results and the report. Running the same command again resumes, extend
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import os
@@ -23,6 +24,7 @@ from pipelines.config import UserError, to_dict
 from pipelines.models import ModelOptions
 from study.config import GridPoint, StudyConfig, check_data, expand, load_study, pipe_commands
 from study.cost import ASSUMED_MFU, describe, print_grid
+from study.lease import LeaseLost
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -169,7 +171,7 @@ def planned_actions(cfg: StudyConfig, points: list[GridPoint], args: argparse.Na
 def main(argv: list[str] | None = None) -> int:
     from study.interrupt import stop_at_once
 
-    args = parse_args(argv)
+    args, lease = parse_args(argv), None
     restore = stop_at_once()  # until the trials run (`Interrupt`) and after them: a signal stops the driver at once
     try:
         cfg = load_study(args.grid, args.overrides)
@@ -202,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             with Stopwatch(clock)("prepare_data"):
                 storage = Locations(cfg, args).storage
                 prepare_data(cfg, storage, tune_runner.index_mapper(args.address))
-            lease = Lease(storage, cfg.study)
+            lease = Lease(storage, cfg.study, on_lost=lambda held: _thread.interrupt_main(LEASE_LOST))
+            signal.signal(LEASE_LOST, lambda signum, frame: _lost(lease))  # raised where the main thread is
             lease.acquire(force=args.force_unlock)  # one driver per study: a second one stops here
             try:
-                return launch(cfg, points, args, clock)
+                return launch(cfg, points, args, clock, lease)
             finally:
                 lease.release()
         finally:
@@ -221,15 +224,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # a second signal, or one while no trial runs: stop at once
+        if lease is not None and lease.lost is not None:  # (Tune re-raises a plain KeyboardInterrupt, not ours)
+            print(f"\nerror: another driver took this study's lease ({lease.holder()}); this one stopped its trials "
+                  "and wrote nothing more: the study is that driver's now", file=sys.stderr)
+            return 1
         signum = getattr(err, "signum", signal.SIGINT)
         print(f"\nerror: stopped by {signal.Signals(signum).name}; rerun the same command to resume (finished points "
               "are kept)", file=sys.stderr)
         return 128 + signum
     finally:
         restore()
+        signal.signal(LEASE_LOST, signal.SIG_DFL)
 
 
-def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, clock: dict[str, float]) -> int:
+# The lease's heartbeat thread raises `LeaseLost` in the main thread through this signal's handler
+# (`_thread.interrupt_main`: no signal is sent, and the handler runs where the main thread is, Tune's loop included).
+# Not SIGUSR1: Tune takes that one for its own graceful stop while it runs.
+LEASE_LOST = signal.SIGUSR2
+
+
+def _lost(lease) -> None:
+    raise LeaseLost(lease.holder())
+
+
+def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, clock: dict[str, float],
+           lease=None) -> int:
     from analysis.verdict import Verdict
     from study.identity import eval_ids
     from study.interrupt import STOP, Interrupt
@@ -265,7 +284,9 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
         note = study_note(cfg.study, where.out / "summary.json")
         write_timings(where.out / "timings.json", clock, records, decisions)
         status = "FAILED" if failures else "FINISHED"  # FINISHED only when every point is
-    except KeyboardInterrupt:  # a signal that stops the driver at once (`Interrupted`)
+    except KeyboardInterrupt:  # a signal that stops the driver at once (`Interrupted`), or a lost lease
+        if lease is not None and lease.lost is not None:  # the runs we started are the other driver's to end
+            tracker.abandon()
         status = "KILLED"
         raise
     finally:

@@ -145,6 +145,7 @@ class _Writer(threading.Thread):
         super().__init__(daemon=True, name="mlflow-writer")
         self.uri, self.jobs, self.down_since = uri, queue.Queue(), None
         self.stopping = threading.Event()
+        self.dropped = threading.Event()  # the study is another driver's now: queued writes are dropped
         self.start()
 
     def submit(self, what: str, job: Callable[[], None]) -> None:
@@ -153,7 +154,8 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         while True:
             what, job = self.jobs.get()
-            self._until_done(what, job)
+            if not self.dropped.is_set():
+                self._until_done(what, job)
             self.jobs.task_done()
 
     def _until_done(self, what: str, job: Callable[[], None]) -> None:
@@ -404,6 +406,11 @@ class Tracker:
     def close(self, timeout: float = 120.0) -> int:
         """Wait for queued writes (at most `timeout` s); returns how many could not be logged."""
         return self.writer.drain(timeout)
+
+    def abandon(self) -> None:
+        """Write nothing more (queued writes included): another driver took the study, and its runs are its own."""
+        if self.writer is not None:
+            self.writer.dropped.set()
 
     # Reads for a later invocation.
 

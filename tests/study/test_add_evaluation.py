@@ -39,5 +39,5 @@ def test_the_readme_evaluation_reaches_the_results_mlflow_and_the_report(tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], "tags.study_role = 'point'")
     logged = {r.data.params["subset_size"]: r.data.metrics["nearest_mean/shapes-novel/top1"] for r in runs}
     assert logged == {str(n): float(f"{v:.4g}") for n, v in zip(toy["subset_size"], toy["value"], strict=True)}
-    assert all(len(r.data.tags["eval_nearest_mean"]) == 16 for r in runs)  # its own identity
+    assert all(len(r.data.tags["eval_nearest_mean/shapes-novel"]) == 16 for r in runs)  # its own, per task
     assert "nearest_mean / shapes-novel" in (out / "smoke" / "report.md").read_text()

@@ -269,3 +269,13 @@ def test_the_image_path_version_keys_decoded_sources_and_leaves_the_procedural_d
     monkeypatch.setattr(study.identity, "IMAGE_VERSION", study.identity.IMAGE_VERSION + 1)
     assert not set(_ids(decoded)) & set(before[0])
     assert (_ids(procedural), eval_ids(procedural)) == before[1:]
+
+
+def test_a_few_shot_protocol_version_moves_the_points_that_select_on_few_shot_and_only_those(tmp_path, monkeypatch):
+    import pipelines.evaluations.fewshot as fewshot
+
+    best, final = (["pretrain.eval_every=6", f"pretrain.select={select}"] for select in ("best", "final"))
+    before = _ids(_study(tmp_path, overrides=best)), _ids(_study(tmp_path, overrides=final)), _ids(_study(tmp_path))
+    monkeypatch.setattr(fewshot, "PROTOCOL_VERSION", 1, raising=False)
+    assert not set(_ids(_study(tmp_path, overrides=best))) & set(before[0])
+    assert (_ids(_study(tmp_path, overrides=final)), _ids(_study(tmp_path))) == before[1:]

@@ -1,5 +1,6 @@
 """One driver per study: a second driver on the same storage stops in one line naming the holder; a lease whose
-driver is gone (stale heartbeat, or a process of this machine that has ended) is taken over; --force-unlock."""
+driver is gone (stale heartbeat, or a process of this machine that has ended) is taken over; --force-unlock; a
+driver whose lease was taken stops instead of taking it back."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 
 from study.lease import STALE_AFTER, Lease, LeaseHeld
 from study.storage import Storage
-from tests.conftest import ROOT, start_cli, wait_until
+from tests.conftest import ROOT, checkpointed, run_cli, start_cli, wait_until
 
 
 def _lease(storage: Storage, **fields) -> None:
@@ -42,6 +43,53 @@ def test_a_held_lease_stops_a_second_driver_and_a_stale_one_is_taken_over(tmp_pa
     lease = Lease(storage, "smoke")
     lease.acquire(force=True)  # the operator knows better
     lease.release()
+
+
+def test_a_driver_whose_lease_was_taken_does_not_renew_it_and_is_told(tmp_path):
+    """Its heartbeat reads the lease first: another driver's token there (a `--force-unlock`, or a takeover after
+    this driver stalled past STALE_AFTER) ends the heartbeat and calls `on_lost`; the lease is left as taken."""
+    storage, told = Storage(str(tmp_path / "storage")), []
+    first = Lease(storage, "smoke", on_lost=told.append, heartbeat=0.05)
+    first.acquire()
+    second = Lease(storage, "smoke")
+    second.acquire(force=True)
+    deadline = time.monotonic() + 10
+    while not told and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [held["token"] for held in told] == [second.token] and first.lost == told[0]
+    assert f"pid {os.getpid()}" in first.holder()
+    time.sleep(0.3)  # several of the first's heartbeats: none wrote the lease back
+    assert json.loads(storage.read_bytes("lease.json"))["token"] == second.token
+    first.release()  # not its lease: left alone
+    assert json.loads(storage.read_bytes("lease.json"))["token"] == second.token
+    second.release()
+    assert storage.read_bytes("lease.json") is None
+
+
+@pytest.mark.slow
+def test_a_driver_whose_study_another_took_with_force_unlock_stops_and_leaves_it_to_that_one(tmp_path, cache_dir):
+    """The first driver is pretraining; a second takes the study with --force-unlock (as after the first's heartbeat
+    stalled past STALE_AFTER). Within a heartbeat the first stops its trial and exits 1 in one line, writing nothing
+    more (it neither takes the lease back nor ends the runs the second took over); the second finishes the study:
+    every run FINISHED, the lease released."""
+    from mlflow.tracking import MlflowClient
+
+    args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "models=[ViT-Pico/4]",
+            "data.subsets=[256]", "pretrain.steps=600", "pretrain.checkpoint_every=50", "evaluate.linear_probe=null",
+            "evaluate.finetune=null", "evaluate.diagnostics=null"]
+    first = start_cli(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(first, lambda: checkpointed(tmp_path), "the first driver's first checkpoint")
+    second = run_cli([*args, "--force-unlock"], cache_dir)
+    _, err = first.communicate(timeout=120)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert first.returncode == 1 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: another driver took this study's lease (host ") and "the study is that" in last, err
+    assert "resume" in second.stdout  # it took over the first's checkpoint
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}  # the parent and the one point
+    assert not (tmp_path / "smoke" / "storage" / "lease.json").exists()
 
 
 @pytest.mark.slow
