@@ -91,11 +91,15 @@ class StudyConfig:
     @property
     def holdout(self) -> int:
         """Rows carved from the pretraining source for upstream validation: `data.holdout` where given; left out, a
-        source without a test split carves `held_out_rows(size)` when any model evaluates during training
-        (`pretrain.eval_every`) and nothing otherwise, so a grid without it keeps its subsets (and ids)."""
+        source without a test split carves `held_out_rows(size)` when the study evaluates during training
+        (`pretrain.eval_every`, or any recipe's) and nothing otherwise, so a grid without it keeps its subsets (and
+        ids). Whether it does is read from `pretrain` and every recipe, not from the models in the grid: adding or
+        removing a model leaves the other points' subsets, and ids, alone."""
         if self.data.holdout is not None:
             return self.data.holdout
-        evaluates = any(self.pretrain_for(model).eval_steps for model in self.models)
+        during = ("eval_every", "eval_every_examples")
+        evaluates = bool(self.pretrain.eval_steps) or any(
+            recipe.get(key) for recipe in self.recipes.by_name.values() for key in during)
         return held_out_rows(self.data.pretrain.size) if evaluates and not has_test_split(self.data.pretrain) else 0
 
     def pretrain_for(self, model: str) -> PretrainConfig:

@@ -113,6 +113,16 @@ def test_a_slice_is_carved_where_validation_has_no_test_split_and_its_size_is_in
     assert not set(_ids(_study(tmp_path, overrides=[*untested, "data.holdout=20"]))) & set(plain)  # val_top1 only
 
 
+def test_the_carved_slice_does_not_depend_on_which_models_the_grid_holds(tmp_path):
+    """A recipe's evaluation during training carves the slice whether or not its model is in the grid, so adding
+    (or dropping) that model leaves the other model's subsets, and ids, as they were."""
+    carving = ["data.pretrain.test_size=0", "recipes.ViT-Pico/4.eval_every=6"]
+    both = _study(tmp_path, overrides=carving)
+    bit_alone = _study(tmp_path, overrides=[*carving, "models=[BiT-R14-Pico]"])
+    assert both.holdout == bit_alone.holdout == 20
+    assert _by_model(bit_alone)["BiT-R14-Pico"] == _by_model(both)["BiT-R14-Pico"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["data.subsets=[256, 2048]"], "data.subsets: 2048 examples asked, but data.pretrain holds only 2048 less the 20 "
                                    "held out for validation (data.holdout): use at most 2028, or a smaller "
