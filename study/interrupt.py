@@ -64,8 +64,10 @@ class Interrupt:
     """The driver's handler of SIGINT and SIGTERM while trials run (install it in the main thread, after Ray has
     started)."""
 
-    def __init__(self, storage: Storage):
-        self.storage, self.signum = storage, None
+    def __init__(self, storage: Storage, owns: Callable[[], bool] | None = None):
+        """`owns`: whether this driver still holds the study (`Lease.holds`); a driver that does not must not write
+        the stop file, which every trial of the study polls, the other driver's included."""
+        self.storage, self.signum, self.owns = storage, None, owns
 
     def install(self) -> None:
         for sig in SIGNALS:
@@ -74,6 +76,8 @@ class Interrupt:
     def _on_signal(self, signum: int, frame) -> None:
         if self.signum is not None:
             raise Interrupted(signum)  # the second signal: at once
+        if self.owns is not None and not self.owns():
+            raise Interrupted(signum)  # another driver runs the study now: stop this one at once, asking nothing
         self.signum = signum
         try:
             self.storage.write_bytes(STOP, signal.Signals(signum).name.encode())

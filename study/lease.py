@@ -8,8 +8,12 @@ drivers that write within the wait, the one whose write survived holds it and th
 
 A driver that was only stalled (a suspended machine, storage out of reach for longer than `STALE_AFTER`), or whose
 lease another driver took with `--force-unlock`, must not take it back: each heartbeat reads the lease first, and
-once it holds another driver's token this driver has lost the study. The heartbeat stops and `on_lost` is called
-(the driver stops its trials at once and exits, writing nothing more: the study is the other driver's now).
+once it holds another driver's token, or none (taken and since released), this driver has lost the study. It never
+writes the lease again, and `on_lost` is called (the driver drops its queued MLflow writes, stops its trials at once
+and exits: the study is the other driver's now). Storage has no compare-and-swap, so a driver's beat that reads its
+own lease just before another's `--force-unlock` overwrites it can still write it back; the other driver then finds
+its lease taken at its next beat and stops, so one of the two goes on, never both (given storage that does not serve
+stale reads).
 """
 
 from __future__ import annotations
@@ -51,12 +55,37 @@ class Lease:
 
     def __init__(self, storage: Storage, study: str, on_lost: Callable[[dict], None] | None = None,
                  heartbeat: float = HEARTBEAT):
-        self.storage, self.study, self.on_lost, self.heartbeat = storage, study, on_lost, heartbeat
+        self.storage, self.study, self.heartbeat = storage, study, heartbeat
         self.token = uuid.uuid4().hex
         self.started = time.time()
-        self.lost: dict | None = None  # the lease that replaced this one, once another driver took it
+        self.lost: dict | None = None  # the lease that replaced this one ({} if it was removed), once taken
+        self._told: list[Callable[[dict], None]] = [on_lost] if on_lost is not None else []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def when_lost(self, do: Callable[[dict], None]) -> None:
+        """Also call `do(held)` when the lease is found taken, before `on_lost` (e.g. drop the queued MLflow writes);
+        at once where it is already."""
+        self._told.insert(0, do)
+        if self.lost is not None:
+            do(self.lost)
+
+    @property
+    def released(self) -> bool:
+        return self._stop.is_set()
+
+    def holds(self) -> bool:
+        """Whether the lease in storage is still this driver's (a read; where storage cannot be read, as far as this
+        driver knows). Finding it taken marks it lost, as the heartbeat would."""
+        if self.lost is not None:
+            return False
+        try:
+            held = self.read()
+        except OSError:
+            return True
+        if held is None or held.get("token") != self.token:
+            self.lost = held or {}
+        return self.lost is None
 
     def _body(self) -> dict:
         return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "study": self.study,
@@ -83,21 +112,28 @@ class Lease:
         self._thread.start()
 
     def _beat(self) -> None:
+        """Renew the lease while it is this driver's. Once it is not (another driver's token, or no lease: taken
+        and since released), never write it again, and tell `on_lost` at every beat until `release`: a driver
+        interrupted in a place that swallows it (a finaliser) hears it again."""
         while not self._stop.wait(self.heartbeat):
             try:
-                held = self.read()
-                if held is not None and held.get("token") != self.token:  # taken: stale to another, or forced
-                    self.lost = held
-                    if self.on_lost is not None:
-                        self.on_lost(held)
-                    return
-                self.storage.write_bytes(LEASE, json.dumps(self._body()).encode())
+                if self.lost is None:
+                    held = self.read()
+                    if self._stop.is_set():
+                        return  # released while reading: the lease is no longer this thread's business
+                    if held is None or held.get("token") != self.token:  # taken: stale to another, or forced
+                        self.lost = held or {}
+                    else:
+                        self.storage.write_bytes(LEASE, json.dumps(self._body()).encode())
+                        continue
+                for do in self._told:
+                    do(self.lost)
             except OSError:
                 pass  # storage briefly unreachable: the next beat tries again, well before STALE_AFTER
 
     def holder(self) -> str:
         """The driver that took this lease, in words (after `lost` is set)."""
-        return _who(self.lost or {})
+        return _who(self.lost) if self.lost else "its lease file was removed: taken, and released, by another"
 
     def release(self) -> None:
         self._stop.set()

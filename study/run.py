@@ -15,7 +15,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -205,12 +207,15 @@ def main(argv: list[str] | None = None) -> int:
                 storage = Locations(cfg, args).storage
                 prepare_data(cfg, storage, tune_runner.index_mapper(args.address))
             lease = Lease(storage, cfg.study, on_lost=lambda held: _thread.interrupt_main(LEASE_LOST))
-            signal.signal(LEASE_LOST, lambda signum, frame: _lost(lease))  # raised where the main thread is
-            lease.acquire(force=args.force_unlock)  # one driver per study: a second one stops here
+            unhear = hear_lease_lost(lease)
             try:
-                return launch(cfg, points, args, clock, lease)
+                lease.acquire(force=args.force_unlock)  # one driver per study: a second one stops here
+                try:
+                    return launch(cfg, points, args, clock, lease)
+                finally:
+                    lease.release()
             finally:
-                lease.release()
+                unhear()
         finally:
             tune_runner.disconnect()
     except UserError as err:
@@ -234,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
     finally:
         restore()
-        signal.signal(LEASE_LOST, signal.SIG_DFL)
 
 
 # The lease's heartbeat thread raises `LeaseLost` in the main thread through this signal's handler
@@ -243,8 +247,27 @@ def main(argv: list[str] | None = None) -> int:
 LEASE_LOST = signal.SIGUSR2
 
 
-def _lost(lease) -> None:
-    raise LeaseLost(lease.holder())
+def hear_lease_lost(lease) -> Callable[[], None]:
+    """Install the handler that raises `LeaseLost` in the main thread once `lease` is lost (and not yet released);
+    a SIGUSR2 from elsewhere gets the handler that was there before. Returns what puts that one back. A no-op
+    outside the main thread, where handlers cannot be set (nor `_thread.interrupt_main` reach)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    before = signal.getsignal(LEASE_LOST)
+
+    def lost(signum, frame) -> None:
+        if lease.lost is not None and not lease.released:
+            raise LeaseLost(lease.holder())
+        if lease.lost is not None:
+            return  # told once more after the driver stopped: nothing left to stop
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:  # what SIGUSR2 does by default: end the process
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(LEASE_LOST, lost)
+    return lambda: signal.signal(LEASE_LOST, before)
 
 
 def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, clock: dict[str, float],
@@ -263,6 +286,8 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     commit = git_commit()
     (where.out / "git_commit.txt").write_text(commit + "\n")
     tracker = Tracker(where.tracking_uri, cfg.study, where.root / "mlartifacts", fresh=args.fresh)
+    if lease is not None:  # found taken: drop every MLflow write from then on, before the trials are stopped
+        lease.when_lost(lambda held: tracker.abandon())
     evals = eval_ids(cfg)
     decisions = plan(points, evals, where.storage, tracker.known, args.fresh)
     print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, ASSUMED_MFU), as_json=False)
@@ -271,7 +296,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
                          time.strftime("%Y%m%d-%H%M%S"))
     tracker.show(list(cfg.models), headline_columns(cfg))
     status, failures, comparison, note = "FAILED", {}, [], ""
-    interrupt = Interrupt(where.storage)
+    interrupt = Interrupt(where.storage, lease.holds if lease is not None else None)
     where.storage.delete_file(STOP)  # a stop asked of an earlier invocation
     try:
         decisions, records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock, interrupt)

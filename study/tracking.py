@@ -176,7 +176,7 @@ class _Writer(threading.Thread):
                           f"logging the {self.jobs.qsize() + 1} queued writes", file=sys.stderr)
                     self.down_since = None
                 return
-            if self.stopping.is_set():
+            if self.stopping.is_set() or self.dropped.is_set():
                 return
             time.sleep(wait)
             wait = min(2 * wait, 10.0)
@@ -408,9 +408,11 @@ class Tracker:
         return self.writer.drain(timeout)
 
     def abandon(self) -> None:
-        """Write nothing more (queued writes included): another driver took the study, and its runs are its own."""
+        """Write nothing more (queued writes included, and one being retried): another driver took the study, and
+        its runs are its own."""
         if self.writer is not None:
             self.writer.dropped.set()
+            self.writer.stopping.set()
 
     # Reads for a later invocation.
 

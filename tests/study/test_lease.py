@@ -45,25 +45,43 @@ def test_a_held_lease_stops_a_second_driver_and_a_stale_one_is_taken_over(tmp_pa
     lease.release()
 
 
-def test_a_driver_whose_lease_was_taken_does_not_renew_it_and_is_told(tmp_path):
+def _told(told: list, at_least: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while len(told) < at_least and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_driver_whose_lease_was_taken_does_not_renew_it_and_is_told_until_it_releases(tmp_path):
     """Its heartbeat reads the lease first: another driver's token there (a `--force-unlock`, or a takeover after
-    this driver stalled past STALE_AFTER) ends the heartbeat and calls `on_lost`; the lease is left as taken."""
+    this driver stalled past STALE_AFTER), or no lease at all (taken and since released), and it never writes the
+    lease again; it tells `when_lost`, then `on_lost`, at every beat until `release`, and `holds` is False."""
     storage, told = Storage(str(tmp_path / "storage")), []
-    first = Lease(storage, "smoke", on_lost=told.append, heartbeat=0.05)
+    first = Lease(storage, "smoke", on_lost=lambda held: told.append(("lost", held["token"])), heartbeat=0.05)
     first.acquire()
+    first.when_lost(lambda held: told.append(("dropped", held["token"])))
+    assert first.holds() and not told
     second = Lease(storage, "smoke")
     second.acquire(force=True)
-    deadline = time.monotonic() + 10
-    while not told and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [held["token"] for held in told] == [second.token] and first.lost == told[0]
-    assert f"pid {os.getpid()}" in first.holder()
-    time.sleep(0.3)  # several of the first's heartbeats: none wrote the lease back
-    assert json.loads(storage.read_bytes("lease.json"))["token"] == second.token
+    _told(told, 4)
+    assert told[:4] == [("dropped", second.token), ("lost", second.token)] * 2  # told again at the next beat
+    assert not first.holds() and f"pid {os.getpid()}" in first.holder()
+    assert json.loads(storage.read_bytes("lease.json"))["token"] == second.token  # never written back
     first.release()  # not its lease: left alone
+    time.sleep(0.2)
+    after = len(told)
+    time.sleep(0.2)
+    assert len(told) == after  # released: told no more
     assert json.loads(storage.read_bytes("lease.json"))["token"] == second.token
     second.release()
     assert storage.read_bytes("lease.json") is None
+
+    gone = []
+    third = Lease(storage, "smoke", on_lost=gone.append, heartbeat=0.05)
+    third.acquire()
+    storage.delete_file("lease.json")  # taken by another and released since: this driver must not write it back
+    _told(gone)
+    assert gone[0] == {} and "removed" in third.holder() and storage.read_bytes("lease.json") is None
+    third.release()
 
 
 @pytest.mark.slow
@@ -111,3 +129,41 @@ def test_two_drivers_on_one_study(tmp_path, cache_dir, monkeypatch, capsys):
     assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: study 'smoke' in ") and f"pid {first.pid}" in last
+
+
+def test_the_lost_lease_handler_raises_only_for_its_lost_lease_and_a_stale_driver_asks_no_trial_to_stop(tmp_path):
+    """The SIGUSR2 handler `main` installs raises LeaseLost while the lease is lost and not yet released, passes an
+    outside SIGUSR2 to the handler before it, and is put back; a driver that no longer holds the study stops at
+    once on Ctrl-C without writing the stop file, which the other driver's trials poll."""
+    import signal
+
+    from study.interrupt import STOP, Interrupt, Interrupted
+    from study.lease import LeaseLost
+    from study.run import LEASE_LOST, hear_lease_lost
+
+    storage, heard = Storage(str(tmp_path / "storage")), []
+    lease = Lease(storage, "smoke")
+    before = signal.signal(LEASE_LOST, lambda signum, frame: heard.append(signum))
+    try:
+        unhear = hear_lease_lost(lease)
+        handler = signal.getsignal(LEASE_LOST)
+        handler(LEASE_LOST, None)  # not lost: someone else's SIGUSR2
+        assert heard == [LEASE_LOST]
+        lease.lost = {"token": "other", "host": "elsewhere", "pid": 7, "started": 0}
+        with pytest.raises(LeaseLost, match="host elsewhere, pid 7"):
+            handler(LEASE_LOST, None)
+        lease.release()
+        handler(LEASE_LOST, None)  # told once more after the driver stopped: nothing
+        unhear()
+        assert signal.getsignal(LEASE_LOST) is not handler and heard == [LEASE_LOST]
+    finally:
+        signal.signal(LEASE_LOST, before)
+
+    _lease(storage, host="elsewhere")  # another driver holds the study now
+    stale = Lease(storage, "smoke")
+    with pytest.raises(Interrupted):
+        Interrupt(storage, stale.holds)._on_signal(signal.SIGINT, None)
+    assert not storage.exists(STOP) and stale.lost["host"] == "elsewhere"
+    owner = Interrupt(storage, lambda: True)
+    owner._on_signal(signal.SIGINT, None)  # the holder's first signal: its trials are asked to stop
+    assert storage.exists(STOP)
