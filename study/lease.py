@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # (`study.run` imports this module at start, and storage brin
     from study.storage import Storage
 
 LEASE = "lease.json"
-HEARTBEAT = 20.0  # seconds between renewals
+HEARTBEAT = 20.0  # seconds between renewals (`VITSCALE_LEASE_HEARTBEAT_S` sets another, at most STALE_AFTER / 3)
 STALE_AFTER = 120.0  # a lease not renewed for this long belongs to a driver that is gone
 SETTLE = 1.0  # seconds between writing a lease and reading it back
 
@@ -54,8 +54,10 @@ class Lease:
     """Held from `acquire` to `release`; a daemon thread renews it every `HEARTBEAT` seconds."""
 
     def __init__(self, storage: Storage, study: str, on_lost: Callable[[dict], None] | None = None,
-                 heartbeat: float = HEARTBEAT):
-        self.storage, self.study, self.heartbeat = storage, study, heartbeat
+                 heartbeat: float | None = None):
+        self.storage, self.study = storage, study
+        self.heartbeat = heartbeat or min(float(os.environ.get("VITSCALE_LEASE_HEARTBEAT_S", HEARTBEAT)),
+                                          STALE_AFTER / 3)
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self.lost: dict | None = None  # the lease that replaced this one ({} if it was removed), once taken
@@ -64,8 +66,8 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def when_lost(self, do: Callable[[dict], None]) -> None:
-        """Also call `do(held)` when the lease is found taken, before `on_lost` (e.g. drop the queued MLflow writes);
-        at once where it is already."""
+        """Also call `do(held)` when the lease is found taken, before what was registered earlier (so a driver drops
+        its MLflow writes before it stops its trials); at once where it is already."""
         self._told.insert(0, do)
         if self.lost is not None:
             do(self.lost)

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             with Stopwatch(clock)("prepare_data"):
                 storage = Locations(cfg, args).storage
                 prepare_data(cfg, storage, tune_runner.index_mapper(args.address))
-            lease = Lease(storage, cfg.study, on_lost=lambda held: _thread.interrupt_main(LEASE_LOST))
+            lease = Lease(storage, cfg.study)
             unhear = hear_lease_lost(lease)
             try:
                 lease.acquire(force=args.force_unlock)  # one driver per study: a second one stops here
@@ -252,8 +252,9 @@ def hear_lease_lost(lease) -> Callable[[], None]:
     a SIGUSR2 from elsewhere gets the handler that was there before. Returns what puts that one back. A no-op
     outside the main thread, where handlers cannot be set (nor `_thread.interrupt_main` reach)."""
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+        return lambda: None  # (and no interrupt: the main thread is not this driver's)
     before = signal.getsignal(LEASE_LOST)
+    lease.when_lost(lambda held: _thread.interrupt_main(LEASE_LOST))
 
     def lost(signum, frame) -> None:
         if lease.lost is not None and not lease.released:

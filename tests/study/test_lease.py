@@ -85,50 +85,42 @@ def test_a_driver_whose_lease_was_taken_does_not_renew_it_and_is_told_until_it_r
 
 
 @pytest.mark.slow
-def test_a_driver_whose_study_another_took_with_force_unlock_stops_and_leaves_it_to_that_one(tmp_path, cache_dir):
-    """The first driver is pretraining; a second takes the study with --force-unlock (as after the first's heartbeat
-    stalled past STALE_AFTER). Within a heartbeat the first stops its trial and exits 1 in one line, writing nothing
-    more (it neither takes the lease back nor ends the runs the second took over); the second finishes the study:
-    every run FINISHED, the lease released."""
+def test_two_drivers_on_one_study(tmp_path, cache_dir, monkeypatch, capsys):
+    """While a first driver pretrains, a second started on the same study exits 2 in one line naming it. A third
+    takes the study with --force-unlock (as after the first's heartbeat stalled past STALE_AFTER): at its next
+    heartbeat the first stops its trial and exits 1 in one line, writing nothing more (it neither takes the lease
+    back nor ends the run the third took over); the third resumes the first's checkpoint and finishes the study:
+    every run FINISHED, the lease released. The second is `main` in this process (a Python start would cost ~8 s of
+    imports, beside the first driver)."""
     from mlflow.tracking import MlflowClient
 
-    args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "models=[ViT-Pico/4]",
-            "data.subsets=[256]", "pretrain.steps=600", "pretrain.checkpoint_every=50", "evaluate.linear_probe=null",
-            "evaluate.finetune=null", "evaluate.diagnostics=null"]
-    first = start_cli(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_until(first, lambda: checkpointed(tmp_path), "the first driver's first checkpoint")
-    second = run_cli([*args, "--force-unlock"], cache_dir)
-    _, err = first.communicate(timeout=120)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert first.returncode == 1 and "Traceback" not in err, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: another driver took this study's lease (host ") and "the study is that" in last, err
-    assert "resume" in second.stdout  # it took over the first's checkpoint
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}  # the parent and the one point
-    assert not (tmp_path / "smoke" / "storage" / "lease.json").exists()
-
-
-@pytest.mark.slow
-def test_two_drivers_on_one_study(tmp_path, cache_dir, monkeypatch, capsys):
-    """The second of two drivers started on one study exits 2 in one line while the first runs; the first finishes.
-    The second is `main` in this process (a Python start would cost ~8 s of imports, beside the first driver)."""
     from study.run import main
 
+    monkeypatch.setenv("VITSCALE_LEASE_HEARTBEAT_S", "2")  # the first hears of the takeover within 2 s, not 20
     args = ["--grid", "configs/smoke.yaml", "--out", str(tmp_path), "models=[ViT-Pico/4]", "data.subsets=[256]",
-            "evaluate.linear_probe=null", "evaluate.finetune=null", "evaluate.diagnostics=null"]
+            "pretrain.steps=500", "pretrain.checkpoint_every=50", "evaluate.linear_probe=null",
+            "evaluate.finetune=null", "evaluate.diagnostics=null"]
     first = start_cli(["-m", "study.run", *args], cache_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_until(first, lambda: (tmp_path / "smoke" / "storage" / "lease.json").exists(), "the first driver's lease")
+    wait_until(first, lambda: checkpointed(tmp_path), "the first driver's first checkpoint")
     monkeypatch.setenv("VITSCALE_CACHE", str(cache_dir))
     monkeypatch.chdir(ROOT)
     code = main(args)
     stderr = capsys.readouterr().err
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-3000:]
     assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: study 'smoke' in ") and f"pid {first.pid}" in last
+
+    third = run_cli(["-m", "study.run", *args, "--force-unlock"], cache_dir)
+    _, err = first.communicate(timeout=120)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert first.returncode == 1 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: another driver took this study's lease (host ") and "the study is that" in last, err
+    assert "resume" in third.stdout  # it took over the first's checkpoint
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}  # the parent and the one point
+    assert not (tmp_path / "smoke" / "storage" / "lease.json").exists()
 
 
 def test_the_lost_lease_handler_raises_only_for_its_lost_lease_and_a_stale_driver_asks_no_trial_to_stop(tmp_path):
