@@ -84,14 +84,13 @@ def selected_on(cfg, model: str) -> dict:
     the last step's weights do not depend on what is measured along the way, and a point keeping them keeps its id."""
     if not cfg.pretrain_for(model).selects_best:
         return {}
-    from pipelines import evaluations
+    from pipelines.evaluations import fewshot as fewshot_evaluation
     from pipelines.selection import headline_shots
 
     fewshot = cfg.evaluate.fewshot  # its k-shot sets are nested prefixes, so only the headline k's matters
     on = {"task": source_settings(cfg.downstream[0]), "shots": headline_shots(fewshot.shots),
           "l2_reg": fewshot.l2_reg, "repeats": fewshot.repeats}
-    (row,) = (row for row in evaluations.TABLE if row.name == "fewshot")
-    if (version := getattr(row.load(), "PROTOCOL_VERSION", None)) is not None:  # few-shot's code changed its scores
+    if (version := getattr(fewshot_evaluation, "PROTOCOL_VERSION", None)) is not None:  # its code changed scores
         on["protocol_version"] = version
     return {"select_on": on}
 

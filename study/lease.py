@@ -7,13 +7,13 @@ hand. Object stores have no exclusive create, so taking a lease is write, wait, 
 drivers that write within the wait, the one whose write survived holds it and the other stops.
 
 A driver that was only stalled (a suspended machine, storage out of reach for longer than `STALE_AFTER`), or whose
-lease another driver took with `--force-unlock`, must not take it back: each heartbeat reads the lease first, and
-once it holds another driver's token, or none (taken and since released), this driver has lost the study. It never
-writes the lease again, and `on_lost` is called (the driver drops its queued MLflow writes, stops its trials at once
-and exits: the study is the other driver's now). Storage has no compare-and-swap, so a driver's beat that reads its
-own lease just before another's `--force-unlock` overwrites it can still write it back; the other driver then finds
-its lease taken at its next beat and stops, so one of the two goes on, never both (given storage that does not serve
-stale reads).
+lease another driver took with `--force-unlock`, must not take it back: each heartbeat reads the lease first, and once
+it holds another driver's token, or none (taken and since released), this driver has lost the study. It never writes
+the lease again, and what `when_lost` registered is called (the driver drops its queued MLflow writes, stops its
+trials at once and exits: the study is the other driver's now). Storage has no compare-and-swap, so a driver's beat
+that reads its own lease just before another's `--force-unlock` overwrites it can still write it back; the other
+driver then finds its lease taken at its next beat and stops, so one of the two goes on, never both (given storage
+that does not serve stale reads).
 """
 
 from __future__ import annotations
@@ -53,21 +53,20 @@ class LeaseLost(KeyboardInterrupt):
 class Lease:
     """Held from `acquire` to `release`; a daemon thread renews it every `HEARTBEAT` seconds."""
 
-    def __init__(self, storage: Storage, study: str, on_lost: Callable[[dict], None] | None = None,
-                 heartbeat: float | None = None):
+    def __init__(self, storage: Storage, study: str, heartbeat: float | None = None):
         self.storage, self.study = storage, study
         self.heartbeat = heartbeat or min(float(os.environ.get("VITSCALE_LEASE_HEARTBEAT_S", HEARTBEAT)),
                                           STALE_AFTER / 3)
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self.lost: dict | None = None  # the lease that replaced this one ({} if it was removed), once taken
-        self._told: list[Callable[[dict], None]] = [on_lost] if on_lost is not None else []
+        self._told: list[Callable[[dict], None]] = []  # `when_lost`'s, the latest first
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def when_lost(self, do: Callable[[dict], None]) -> None:
-        """Also call `do(held)` when the lease is found taken, before what was registered earlier (so a driver drops
-        its MLflow writes before it stops its trials); at once where it is already."""
+        """Call `do(held)` when the lease is found taken, before what was registered earlier (so a driver drops its
+        MLflow writes before it stops its trials); at once where it is already."""
         self._told.insert(0, do)
         if self.lost is not None:
             do(self.lost)
@@ -115,7 +114,7 @@ class Lease:
 
     def _beat(self) -> None:
         """Renew the lease while it is this driver's. Once it is not (another driver's token, or no lease: taken
-        and since released), never write it again, and tell `on_lost` at every beat until `release`: a driver
+        and since released), never write it again, and tell `when_lost`'s at every beat until `release`: a driver
         interrupted in a place that swallows it (a finaliser) hears it again."""
         while not self._stop.wait(self.heartbeat):
             try:

@@ -54,9 +54,11 @@ def _told(told: list, at_least: int = 1) -> None:
 def test_a_driver_whose_lease_was_taken_does_not_renew_it_and_is_told_until_it_releases(tmp_path):
     """Its heartbeat reads the lease first: another driver's token there (a `--force-unlock`, or a takeover after
     this driver stalled past STALE_AFTER), or no lease at all (taken and since released), and it never writes the
-    lease again; it tells `when_lost`, then `on_lost`, at every beat until `release`, and `holds` is False."""
+    lease again; it tells what `when_lost` registered, the latest first, at every beat until `release`, and `holds`
+    is False."""
     storage, told = Storage(str(tmp_path / "storage")), []
-    first = Lease(storage, "smoke", on_lost=lambda held: told.append(("lost", held["token"])), heartbeat=0.05)
+    first = Lease(storage, "smoke", heartbeat=0.05)
+    first.when_lost(lambda held: told.append(("lost", held["token"])))
     first.acquire()
     first.when_lost(lambda held: told.append(("dropped", held["token"])))
     assert first.holds() and not told
@@ -76,7 +78,8 @@ def test_a_driver_whose_lease_was_taken_does_not_renew_it_and_is_told_until_it_r
     assert storage.read_bytes("lease.json") is None
 
     gone = []
-    third = Lease(storage, "smoke", on_lost=gone.append, heartbeat=0.05)
+    third = Lease(storage, "smoke", heartbeat=0.05)
+    third.when_lost(gone.append)
     third.acquire()
     storage.delete_file("lease.json")  # taken by another and released since: this driver must not write it back
     _told(gone)
