@@ -38,6 +38,25 @@ STALE_AFTER = 120.0  # a lease not renewed for this long belongs to a driver tha
 SETTLE = 1.0  # seconds between writing a lease and reading it back
 
 
+def heartbeat_seconds() -> float:
+    """Seconds between renewals: `VITSCALE_LEASE_HEARTBEAT_S` (at most STALE_AFTER / 3), else HEARTBEAT.
+
+    Raises:
+        UserError: one line, where the variable is not a positive number.
+    """
+    raw = os.environ.get("VITSCALE_LEASE_HEARTBEAT_S")
+    if raw is None:
+        return HEARTBEAT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"VITSCALE_LEASE_HEARTBEAT_S={raw!r}: give the lease's heartbeat in seconds, a number > 0 "
+                        f"(at most {STALE_AFTER / 3:.0f} counts), or unset it for {HEARTBEAT:.0f}")
+    return min(seconds, STALE_AFTER / 3)
+
+
 class LeaseHeld(UserError):
     """Another driver holds the study's lease."""
 
@@ -55,8 +74,7 @@ class Lease:
 
     def __init__(self, storage: Storage, study: str, heartbeat: float | None = None):
         self.storage, self.study = storage, study
-        self.heartbeat = heartbeat or min(float(os.environ.get("VITSCALE_LEASE_HEARTBEAT_S", HEARTBEAT)),
-                                          STALE_AFTER / 3)
+        self.heartbeat = heartbeat or heartbeat_seconds()
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self.lost: dict | None = None  # the lease that replaced this one ({} if it was removed), once taken

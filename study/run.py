@@ -26,7 +26,7 @@ from pipelines.config import UserError, to_dict
 from pipelines.models import ModelOptions
 from study.config import GridPoint, StudyConfig, check_data, expand, load_study, pipe_commands
 from study.cost import ASSUMED_MFU, describe, print_grid
-from study.lease import LeaseLost
+from study.lease import LeaseLost, heartbeat_seconds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     restore = stop_at_once()  # until the trials run (`Interrupt`) and after them: a signal stops the driver at once
     try:
         cfg = load_study(args.grid, args.overrides)
+        heartbeat_seconds()  # a bad VITSCALE_LEASE_HEARTBEAT_S: one line, before any work
         points = expand(cfg)  # the one expansion of the grid; Tune receives these points
         if args.mfu is not None and not 0 < args.mfu <= 1:
             raise UserError(f"--mfu {args.mfu}: a fraction of the peak, in (0, 1]")

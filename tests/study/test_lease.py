@@ -162,3 +162,19 @@ def test_the_lost_lease_handler_raises_only_for_its_lost_lease_and_a_stale_drive
     owner = Interrupt(storage, lambda: True)
     owner._on_signal(signal.SIGINT, None)  # the holder's first signal: its trials are asked to stop
     assert storage.exists(STOP)
+
+
+def test_a_bad_heartbeat_setting_is_one_line_before_any_work(monkeypatch, capsys):
+    from study.lease import heartbeat_seconds
+    from study.run import main
+
+    monkeypatch.chdir(ROOT)
+    for raw in ("abc", "0", "-3", "nan", "inf"):
+        monkeypatch.setenv("VITSCALE_LEASE_HEARTBEAT_S", raw)
+        assert main(["--grid", "configs/smoke.yaml", "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: VITSCALE_LEASE_HEARTBEAT_S={raw!r}: give the lease's heartbeat in seconds, a number "
+                       "> 0 (at most 40 counts), or unset it for 20\n"), err
+    for raw, seconds in (("5", 5.0), ("100", 40.0)):
+        monkeypatch.setenv("VITSCALE_LEASE_HEARTBEAT_S", raw)
+        assert heartbeat_seconds() == seconds == Lease(Storage("/nonexistent"), "smoke").heartbeat
