@@ -174,12 +174,13 @@ class Console(Callback):
                 t.started = now
                 what = f"{t.steps} pretraining steps" if t.steps else "evaluating stored weights"
                 self._line(t, f"started: {what} on {params.get('device', '?')}")
-            case Stage(name=name, steps=steps, step=step):
+            case Stage(name=name, steps=steps, step=step, task=task):
                 t.progress, t.printed = progress, -math.inf  # the stage's first step line is printed
                 if name != "pretrain" and t.evaluating is None:
                     t.evaluating = now
                 at = f" at step {step}" if step else ""
-                self._line(t, f"{name}: started{at}" + (f" ({steps} steps)" if steps else ""))
+                on = f" on {task}" if task else ""
+                self._line(t, f"{name}{on}: started{at}" + (f" ({steps} steps)" if steps else ""))
             case Curve(prefix=prefix, values=values) if prefix == progress.stage:
                 t.progress = progress
                 if now - t.printed >= SUMMARY_EVERY_S:

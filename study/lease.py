@@ -155,6 +155,9 @@ class Lease:
         return _who(self.lost) if self.lost else "its lease file was removed: taken, and released, by another"
 
     def release(self) -> None:
+        """Stop renewing, and remove the lease where it is still this driver's; a second call does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -156,6 +156,7 @@ class Stage:
     name: str
     steps: int = 0  # its planned optimizer steps; 0: not counted in steps
     step: int = 0  # where it starts (a resumed pretraining)
+    task: str | None = None  # the downstream task an evaluation runs on (None: pretraining, diagnostics)
 
 
 @dataclass

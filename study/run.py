@@ -323,6 +323,8 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
                               {"failed_points": f"{len(failures)} of {len(points)}"} if failures else {},
                               description=note, metrics=comparison)
         left = tracker.close()
+        if lease is not None:  # every write is done: a loss found from here on has nothing left to stop
+            lease.release()
     print(f"\nresults:  {where.out / 'results.csv'}\nreport:   {where.out / 'report.md'} (and report.html, "
           f"summary.json)\nfigures:  {where.out / 'figures'}\nstorage:  {where.storage_root} (checkpoints, weights)")
     if (serve := ui_command(where.tracking_uri)) is not None:

@@ -132,7 +132,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
             continue  # a retried trial (a preempted worker, a lost node): stored by the attempt before
         kind, task = eval_kind(key), eval_task(key)
         tasks = cfg.downstream if task is None else tuple(t for t in cfg.downstream if t.label == task)
-        emit(Stage(kind))
+        emit(Stage(kind, task=task))
         try:
             with clock(kind):
                 found = downstream.run(cfg.evaluate, pretrained, tasks, runtime, (kind,), curve, keep, features)

@@ -96,7 +96,7 @@ def test_the_console_prints_one_line_per_event_and_a_summary(capsys):
     console.on_step_end(0, [])
     clock.now += 30
     console.on_step_end(0, [])  # the periodic summary: p2 pending, its pace p1's (10 s per 50 steps)
-    console.event("p1", Stage("fewshot"), Progress("fewshot"))
+    console.event("p1", Stage("fewshot", task="pets"), Progress("fewshot"))
     console.event("p1", Finished(_record()), Progress("fewshot"))
     console.event("p2", Failed("TrainingDiverged: loss became nan"), Progress())
     console.on_experiment_end([])  # nothing new since the last summary
@@ -106,7 +106,7 @@ def test_the_console_prints_one_line_per_event_and_a_summary(capsys):
         "ViT-B-16_n256_s0  pretrain: started (100 steps)",
         "ViT-B-16_n256_s0  pretrain: step 50/100 (50%), loss 2.5, 640 images/s, eta 0:00:10",
         "study: 0 of 2 done, 1 running, 1 pending, 640 images/s, eta >0:00:25 (0:00:45 elapsed)",
-        "ViT-B-16_n256_s0  fewshot: started",
+        "ViT-B-16_n256_s0  fewshot on pets: started",
         "ViT-B-16_n256_s0  finished in 0:00:45: fewshot 5-shot 41.2%, finetune 60.0% (top-1, pets), pretrain val "
         "top-1 12.5%, 830 images/s",
         "study: 1 of 2 done, 0 running, 1 pending, 0 images/s, eta 0:01:00 (0:00:45 elapsed)",

@@ -53,8 +53,9 @@ def test_the_console_shows_each_trials_stages_and_an_eta_instead_of_tunes_table(
     for name in (f"{model}_n{n}_s0" for model in ("ViT-Pico-4", "BiT-R14-Pico") for n in (256, 1024)):
         line = rf"^\d\d:\d\d:\d\d {name}  "
         assert re.search(line + r"started: 12 pretraining steps on cpu$", out, re.M)
-        for stage in ("pretrain", "fewshot", "linear_probe", "finetune", "diagnostics"):
-            assert re.search(line + rf"{stage}: started", out, re.M), stage
+        evaluations = (f"{kind} on shapes-novel" for kind in ("fewshot", "linear_probe", "finetune"))
+        for stage in ("pretrain", *evaluations, "diagnostics"):
+            assert re.search(line + rf"{stage}: started", out, re.M), stage  # an evaluation names its task
         assert re.search(line + r"pretrain: step \d+/12 \(\d+%\), loss [\d.]+, [\d,]+ images/s, eta \d:\d\d:\d\d$",
                          out, re.M)
         assert re.search(line + r"finished in \d:\d\d:\d\d: fewshot 1-shot [\d.]+%, .*images/s$", out, re.M)

@@ -86,6 +86,12 @@ def test_a_driver_whose_lease_was_taken_does_not_renew_it_and_is_told_until_it_r
     assert gone[0] == {} and "removed" in third.holder() and storage.read_bytes("lease.json") is None
     third.release()
 
+    def unreachable(path):
+        raise OSError("storage unreachable")
+
+    storage.read_bytes = unreachable  # a study releases its lease after its last write, and `main` once more
+    third.release()  # the second release touches nothing
+
 
 @pytest.mark.slow
 def test_two_drivers_on_one_study(tmp_path, cache_dir, monkeypatch, capsys):
