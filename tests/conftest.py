@@ -8,10 +8,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Tests that run one after another on one pytest-xdist worker: the studies (Ray, signals, kills timed against
-# checkpoints), and apart from them the clusters (`ray start` heads and --address); the studies start Rays of their
-# own (`address="local"`), which a head started beside them does not disturb, nor its stop (tests/study/test_cluster).
-SERIAL = {"tests/study/test_cluster.py": "clusters", "tests/study/": "studies"}
+# Tests that run one after another on one pytest-xdist worker, by file: the end-to-end studies (Ray, signals, kills
+# timed against checkpoints) in two groups that run side by side (each study starts a Ray of its own,
+# `address="local"`, which another beside it does not disturb), and apart from them the clusters (`ray start` heads
+# and --address; a head's stop leaves the studies' Rays alone: tests/study/test_cluster). Every other test, the
+# unit tests of `study` too, is shared out one by one. A file's module-scoped fixtures and the session's smoke study
+# (`smoke`, tests/study/conftest.py) are made once per worker: their tests stay in one group (checked below).
+SERIAL = {
+    **dict.fromkeys(["test_e2e", "test_compare", "test_idempotent", "test_object_storage", "test_full_disk"],
+                    "studies"),
+    **dict.fromkeys(["test_signals", "test_lease", "test_data_parallel", "test_remote_tracking",
+                     "test_add_evaluation"], "studies-2"),
+    "test_cluster": "clusters",
+}
+
+
+def serial_group(nodeid: str) -> str | None:
+    """The group of `SERIAL` a test runs in (None: shared out)."""
+    path = nodeid.split("::")[0]
+    return SERIAL.get(Path(path).stem) if path.startswith("tests/study/") else None
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -25,9 +40,25 @@ def pytest_xdist_make_scheduler(config, log):
 
     class SerialGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return next((group for prefix, group in SERIAL.items() if nodeid.startswith(prefix)), nodeid)
+            return serial_group(nodeid) or nodeid
 
     return SerialGroups(config, log)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test that starts a study or a Ray of its own (marked slow, under tests/study/) or reads the session's smoke
+    study runs in a group of `SERIAL`, and every reader of the smoke study in the same one: shared out, it would
+    run beside the others unplanned, or make the smoke study once more on the other worker."""
+    unplanned = [item.nodeid for item in items if item.nodeid.startswith("tests/study/")
+                 and serial_group(item.nodeid) is None
+                 and (item.get_closest_marker("slow") or "smoke" in getattr(item, "fixturenames", ()))]
+    readers = {serial_group(item.nodeid) for item in items if "smoke" in getattr(item, "fixturenames", ())}
+    if unplanned:
+        raise pytest.UsageError(f"tests/conftest.py SERIAL: add the file of {', '.join(unplanned)} to a group (it "
+                                "starts a study or reads the smoke study)")
+    if len(readers) > 1:
+        raise pytest.UsageError(f"tests/conftest.py SERIAL: the smoke study's readers are in {sorted(readers)}; "
+                                "put them in one group")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Rerunning the study command resumes, extends and re-evaluates (real Ray, real MLflow, no mocks).
 
-One output folder goes through four invocations: a driver SIGKILLed mid-study, the same command again, a grid with
-one more subset size, and a changed few-shot protocol.
+One output folder goes through six invocations: a driver SIGKILLed mid-study, the same command again, a grid with
+one more subset size, the same again with two points left unclosed in MLflow, a changed few-shot protocol, and
+another storage with a second downstream task.
 """
 
 import json
@@ -152,6 +153,30 @@ def test_extending_the_grid_trains_exactly_the_new_points(killed, extended):
         (m, n) for m in ("ViT-Pico/4", "BiT-R14-Pico") for n in (256, 1024, 2048)}
 
 
+
+def test_points_finished_in_storage_but_not_closed_in_mlflow_end_with_one_finished_child(killed, extended, cache_dir):
+    """The moments a SIGKILL of the driver can leave, put on two of the study's points: the point's pretraining and
+    evaluations are in storage, its child is still RUNNING and not marked complete (the next run logs it and closes
+    it FINISHED, and nothing marks it KILLED afterwards), or marked complete but still RUNNING (the next run reuses
+    it and closes it FINISHED, not KILLED: it is complete)."""
+    out = killed[0]
+    client, (_, children) = _client(out)[0], _children(out)
+    unlogged, unclosed = sorted(children, key=lambda c: c.data.tags["point_id"])[:2]
+    client.delete_tag(unlogged.info.run_id, "complete")
+    for child in (unlogged, unclosed):  # as the killed driver left them
+        client.update_run(child.info.run_id, status="RUNNING")
+    proc = run_cli([*BASE, "--out", str(out), "data.subsets=[256, 1024, 2048]"], cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    point = {c.info.run_id: (c.data.params["model"], int(c.data.params["subset_size"])) for c in children}
+    actions = _actions(proc.stdout)
+    assert actions.pop(point[unlogged.info.run_id]) == "log" and actions.pop(point[unclosed.info.run_id]) == "reuse"
+    assert set(actions.values()) == {"reuse"}, actions
+    _, after = _children(out)
+    assert {c.info.run_id: c.info.status for c in after} == {c.info.run_id: "FINISHED" for c in children}
+    assert all(c.data.tags["complete"] == "1" for c in after)
+    steps = [h.step for h in client.get_metric_history(unlogged.info.run_id, "pretrain/loss")]
+    assert steps and len(steps) == len(set(steps)), steps  # logged again: no (key, step) twice
+
 def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, cache_dir, monkeypatch, capsys):
     out = killed[0]
     before = _pretrain_entries(out)
@@ -194,27 +219,3 @@ def test_weights_in_mlflow_serve_a_reevaluation_without_the_storage(killed, exte
     assert sorted(table[table["eval"] == "fewshot"]["shots"].unique()) == [1, 3]
     finetune = table[table["eval"] == "finetune"]  # top-1, macro-F1 and the chosen lr per task
     assert finetune.groupby("dataset").size().to_dict() == {"shapes-novel": 6 * 3, "other": 6 * 3}
-
-
-def test_a_point_finished_in_storage_but_not_closed_in_mlflow_ends_with_one_finished_child(tmp_path, cache_dir):
-    """The moments a SIGKILL of the driver can leave: the point's pretraining and evaluations are in storage, its
-    child is still RUNNING and not marked complete (the next run logs it and closes it FINISHED, and nothing marks it
-    KILLED afterwards), or marked complete but still RUNNING (the next run reuses it and closes it FINISHED)."""
-    args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "data.subsets=[256]",
-            "evaluate.linear_probe=null", "evaluate.finetune=null", "evaluate.diagnostics=null", "--out", str(tmp_path)]
-    assert run_cli(args, cache_dir).returncode == 0
-    client, (child,) = _client(tmp_path)[0], _children(tmp_path)[1]
-    client.delete_tag(child.info.run_id, "complete")
-    client.update_run(child.info.run_id, status="RUNNING")  # as the killed driver left it
-    again = run_cli(args, cache_dir)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert _actions(again.stdout) == {("ViT-Pico/4", 256): "log"}
-    (after,) = _children(tmp_path)[1]
-    assert after.info.run_id == child.info.run_id and after.info.status == "FINISHED"
-    assert after.data.tags["complete"] == "1"
-    client.update_run(child.info.run_id, status="RUNNING")  # killed between its last two writes: complete, RUNNING
-    third = run_cli(args, cache_dir)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert _actions(third.stdout) == {("ViT-Pico/4", 256): "reuse"}
-    (last,) = _children(tmp_path)[1]
-    assert last.info.run_id == child.info.run_id and last.info.status == "FINISHED"  # not KILLED: it is complete
