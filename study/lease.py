@@ -102,9 +102,13 @@ class Lease:
             held = self.read()
         except OSError:
             return True
-        if held is None or held.get("token") != self.token:
+        if not self._mine(held):
             self.lost = held or {}
         return self.lost is None
+
+    def _mine(self, held: dict | None) -> bool:
+        """Whether `held`, the lease read from storage (None: no lease), is this driver's."""
+        return held is not None and held.get("token") == self.token
 
     def _body(self) -> dict:
         return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "study": self.study,
@@ -125,7 +129,7 @@ class Lease:
         self.storage.write_bytes(LEASE, json.dumps(self._body()).encode())
         time.sleep(SETTLE)
         now = self.read()
-        if now is None or now.get("token") != self.token:
+        if not self._mine(now):
             raise LeaseHeld(_holder(now or {}, self.storage))
         self._thread = threading.Thread(target=self._beat, name="study-lease", daemon=True)
         self._thread.start()
@@ -140,7 +144,7 @@ class Lease:
                     held = self.read()
                     if self._stop.is_set():
                         return  # released while reading: the lease is no longer this thread's business
-                    if held is None or held.get("token") != self.token:  # taken: stale to another, or forced
+                    if not self._mine(held):  # taken: stale to another, or forced
                         self.lost = held or {}
                     else:
                         self.storage.write_bytes(LEASE, json.dumps(self._body()).encode())
@@ -162,7 +166,7 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         held = self.read()
-        if held is not None and held.get("token") == self.token:
+        if self._mine(held):
             self.storage.delete_file(LEASE)
 
 

@@ -153,7 +153,6 @@ def test_extending_the_grid_trains_exactly_the_new_points(killed, extended):
         (m, n) for m in ("ViT-Pico/4", "BiT-R14-Pico") for n in (256, 1024, 2048)}
 
 
-
 def test_points_finished_in_storage_but_not_closed_in_mlflow_end_with_one_finished_child(killed, extended, cache_dir):
     """The moments a SIGKILL of the driver can leave, put on two of the study's points: the point's pretraining and
     evaluations are in storage, its child is still RUNNING and not marked complete (the next run logs it and closes
@@ -176,6 +175,7 @@ def test_points_finished_in_storage_but_not_closed_in_mlflow_end_with_one_finish
     assert all(c.data.tags["complete"] == "1" for c in after)
     steps = [h.step for h in client.get_metric_history(unlogged.info.run_id, "pretrain/loss")]
     assert steps and len(steps) == len(set(steps)), steps  # logged again: no (key, step) twice
+
 
 def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, cache_dir, monkeypatch, capsys):
     out = killed[0]
