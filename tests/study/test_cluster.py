@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,26 @@ import pytest
 from tests.conftest import ROOT, run_cli
 
 RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def private_ray_record():
+    """The heads and clusters this module starts record their address (`ray_current_cluster`) under a temporary
+    directory of their own (RAY_TMPDIR, which this process, `ray start` and the studies it runs all inherit), not in
+    the machine's /tmp/ray: there every other study of the suite, running beside this module, would find a cluster
+    and print its note ("a Ray cluster is running here ...") before the one line of an error it checks. Short, for
+    the Unix sockets Ray puts under it."""
+    before = os.environ.get("RAY_TMPDIR")
+    private = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = private
+    try:
+        yield private
+    finally:
+        if before is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = before
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -132,7 +153,8 @@ def head(request):
     _stop_heads()
 
 
-def test_without_address_the_study_starts_its_own_ray_next_to_a_running_cluster(monkeypatch, capsys):
+def test_without_address_the_study_starts_its_own_ray_next_to_a_running_cluster(private_ray_record, monkeypatch,
+                                                                                capsys):
     """A bare `ray.init(num_cpus=...)` joins the cluster `ray start` recorded on this machine (or RAY_ADDRESS) and
     fails there with a traceback: without --address the study starts a Ray of its own, as it says it does, and
     names the cluster it did not join and how to join it."""
@@ -144,6 +166,7 @@ def test_without_address_the_study_starts_its_own_ray_next_to_a_running_cluster(
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cpus = (os.cpu_count() or 1) + 3  # the head's CPUs, told apart from this machine's
     _start_head("disabled", cpus)
+    assert (Path(private_ray_record) / "ray" / "ray_current_cluster").exists()  # not where the suite's studies look
     try:
         tune_runner.connect(load_study(ROOT / "configs" / "smoke.yaml"), None)
         assert "this study starts a Ray of its own on this machine: to run on that cluster, pass --address auto" in \
@@ -215,8 +238,6 @@ def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cac
     Every trial's node-local scratch is gone before the driver builds the report, so the complete report, figures
     and MLflow artifacts can only have come through the storage. The worker node has a cache of its own: it
     generates the procedural shards there and maps the index the driver stored, building none."""
-    import tempfile
-
     from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
 
