@@ -24,6 +24,7 @@ from pipelines.runtime import Runtime
 
 Curve = Callable[[str, int, dict[str, float]], None]  # (metric prefix, step, per-epoch values)
 Keep = Callable[[str, bytes], None]  # (file name, contents): a file an evaluation made, for the point's storage
+Steps = Callable[[int, int, dict[str, float]], None]  # (step, of steps, the last log window's values): progress
 
 
 class EvaluateConfig:
@@ -140,6 +141,7 @@ class Inputs:
     on_curve: Curve | None = None
     on_file: Keep | None = None
     whole_train: bool = False  # an enabled evaluation extracts the whole train split's features: share them
+    on_progress: Steps | None = None
 
     def measurement(self, metric: str, value: float, shots: int | None = None,
                     spread: float | None = None) -> Measurement:
@@ -220,6 +222,12 @@ class Inputs:
         if self.on_curve is not None:
             self.on_curve(f"{self.eval}/{self.dataset}", step, values)
 
+    def progress(self, step: int, steps: int, values: dict[str, float]) -> None:
+        """Where this evaluation's training stands (`step` of `steps`; the loss and images/s of the steps since the
+        last call), for the console and the scheduler's status: logged nowhere."""
+        if self.on_progress is not None:
+            self.on_progress(step, steps, values)
+
     def keep(self, name: str, contents: bytes) -> None:
         """A file this evaluation made, kept with the point (its storage folder)."""
         if self.on_file is not None:
@@ -228,12 +236,14 @@ class Inputs:
 
 def run(ev: EvaluateConfig, model: Pretrained, tasks: tuple[SourceConfig, ...], runtime: Runtime,
         kinds: tuple[str, ...] | None = None, on_curve: Curve | None = None, on_file: Keep | None = None,
-        cache: dict | None = None) -> list[Measurement]:
+        cache: dict | None = None, on_progress: Steps | None = None) -> list[Measurement]:
     """Run the enabled evaluations named in `kinds` (default: all enabled), in the table's order.
 
     A per-task evaluation runs on every task of `tasks`; one on the pretraining images runs once, on the main rank
     (a fixed batch, no collective). `cache` (a dict the caller keeps for one frozen `model`) carries the features
     across calls that run the evaluations one at a time. Memory holds features, never a split's pixels.
+    `on_curve`, `on_file` and `on_progress`: where an evaluation's curves, files and training progress go
+    (`Inputs.curve`, `.keep`, `.progress`).
     """
     cache = {} if cache is None else cache
     for task in tasks:
@@ -247,11 +257,11 @@ def run(ev: EvaluateConfig, model: Pretrained, tasks: tuple[SourceConfig, ...], 
         if not row.per_task:
             if distributed.ranks().main:
                 out += module.measure(cfg, Inputs(row.name, "pretrain", None, model, runtime, cache, on_curve,
-                                                  on_file))
+                                                  on_file, on_progress=on_progress))
             continue
         for task in tasks:
             out += module.measure(cfg, Inputs(row.name, task.label, task, model, runtime, cache, on_curve, on_file,
-                                              whole_train))
+                                              whole_train, on_progress))
     return out
 
 

@@ -4,7 +4,7 @@ pretraining (ViT position embeddings resampled by 2D interpolation), with the pa
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Literal
 
@@ -47,6 +47,7 @@ class FinetuneConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (pipelines.perf)
     compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: on CUDA only
     nonfinite_check_every: int = 25  # steps between host reads of the loss (a NaN/inf stops the run within these)
+    log_every: int = 50  # steps between progress records (`Hooks.on_log`: loss, images/s), a host read each
     augment: Augment = field(default_factory=lambda: Augment(crop="translate", crop_padding=4, flip=False))
     val_fraction: float = 0.1  # minival carved from the train split for the per-epoch curves (0: none)
     minival_seed: int = 0  # which fixed slice is the minival (`split_minival`): one per task, not per point
@@ -63,10 +64,17 @@ class FinetuneConfig:
             raise ValueError("give lr, or an lr_sweep (chosen on the minival: val_fraction > 0)")
         if any(lr <= 0 for lr in self.learning_rates):
             raise ValueError("learning rates must be positive")
+        if self.log_every <= 0:
+            raise ValueError("log_every must be positive")
 
     @property
     def learning_rates(self) -> tuple[float, ...]:
         return (self.lr,) if self.lr is not None else self.lr_sweep
+
+    def sweep_steps(self, task_size: int, world_size: int) -> int:
+        """The optimizer steps of the whole sweep (every learning rate's run) on a task of `task_size` training
+        examples: what `run`'s `hooks.on_log` counts its steps towards."""
+        return schedule(self, task_size, world_size)[0] * len(self.learning_rates)
 
     def total_steps(self, dataset_size: int) -> int:
         if (self.steps, self.epochs, self.examples) == (None, None, None):
@@ -150,7 +158,9 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
 
     The splits stay in their shards and are streamed (training through the exactly-once loader with `rt.loader`,
     evaluation batch by batch), so memory does not grow with them. `hooks.on_epoch` receives the chosen run's
-    per-epoch curve once the sweep is decided; `hooks.label` names the progress bars (default: `finetune`).
+    per-epoch curve once the sweep is decided; `hooks.on_log` (rank 0) a record every `cfg.log_every` steps and at
+    each epoch end of every run, its step counted over the whole sweep (run i's step s is i × steps + s, of
+    `cfg.sweep_steps`), for progress; `hooks.label` names the progress bars (default: `finetune`).
     Fine-tuning keeps no checkpoints: a stop (`rt.should_stop`) raises TrainingStopped and a rerun starts over.
     """
     hooks = hooks or Hooks()
@@ -164,11 +174,12 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     elif head is None:
         head = probe_head(model_name, state, train, num_classes, cfg.image_size, rt, options=options)
     best, val_top1, diverged = None, {}, None
-    for lr in cfg.learning_rates:
+    for i, lr in enumerate(cfg.learning_rates):
         label = f"{hooks.label or 'finetune'} lr={lr:g}"
+        on_log = None if hooks.on_log is None else partial(_counted_from, i * steps, hooks.on_log)
         try:
             model, curves = _train(cfg, lr, (steps, batch), model_name, state, (train, minival), num_classes, rt,
-                                   label, options, head)
+                                   Hooks(label=label, on_log=on_log), options, head)
         except TrainingDiverged as err:  # a rate too high for this task is a bad point of the sweep, not an error
             val_top1[lr], diverged = float("nan"), err
             continue
@@ -183,6 +194,11 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     result = evaluate(model, test, cfg.image_size, rt.device, rt.loader.max_bad_fraction, rt.loader.workers)
     return FinetuneResult(result["top1"], result["macro_f1"], steps, curves, time.perf_counter() - start, lr,
                           val_top1)
+
+
+def _counted_from(offset: int, on_log, record: EpochRecord) -> None:
+    """`record`, one run's, to `on_log` with its step counted over the sweep."""
+    on_log(replace(record, step=offset + record.step))
 
 
 @dataclass(frozen=True)
@@ -229,10 +245,11 @@ def probe_on_frozen_features(cfg: FinetuneConfig, image_size: int, options: mode
 
 def _train(cfg: FinetuneConfig, lr: float, plan: tuple[int, int], model_name: str, state: dict[str, torch.Tensor],
            splits: tuple[ShardSubset, ShardSubset | None], num_classes: int, rt: Runtime,
-           label: str, options: models.ModelOptions,
+           hooks: Hooks[EpochRecord], options: models.ModelOptions,
            head: ProbeHead | None = None) -> tuple[torch.nn.Module, list[FinetuneEpoch]]:
     """One fine-tuning run at learning rate `lr` on `splits` (train, minival) for `plan` (steps, global batch: each
-    of N ranks takes batch / N), from a zero head or `head`: the model and its per-epoch curve."""
+    of N ranks takes batch / N), from a zero head or `head`: the model and its per-epoch curve. `hooks`: the run's
+    progress-bar label and `on_log` (its per-epoch curve is collected here)."""
     (train, minival), (steps, batch), device = splits, plan, rt.device
     torch.manual_seed(rt.seed)
     model = models.pretrained_for_task(model_name, state, num_classes, cfg.image_size, options).to(device)
@@ -246,7 +263,7 @@ def _train(cfg: FinetuneConfig, lr: float, plan: tuple[int, int], model_name: st
     spec = LoopSpec(steps=steps, batch_size=batch, image_size=cfg.image_size,
                     grad_clip=cfg.grad_clip, precision=cfg.precision,
                     micro_batch_size=cfg.micro_batch_size, nonfinite_check_every=cfg.nonfinite_check_every,
-                    compile=perf.compile_enabled(cfg.compile, device))
+                    log_every=cfg.log_every, compile=perf.compile_enabled(cfg.compile, device))
     curves: list[FinetuneEpoch] = []
 
     def epoch_end(record: EpochRecord) -> None:
@@ -256,7 +273,7 @@ def _train(cfg: FinetuneConfig, lr: float, plan: tuple[int, int], model_name: st
         curves.append(FinetuneEpoch(record.epoch, record.loss, record.train_top1, val.get("loss"), val.get("top1")))
 
     batches = streamed_batches(train, cfg.image_size, spec.batch_size, cfg.augment, rt)
-    train_loop(model, batches, spec, optimizer, scheduler, rt, Hooks(on_epoch=epoch_end, label=label))
+    train_loop(model, batches, spec, optimizer, scheduler, rt, replace(hooks, on_epoch=epoch_end))
     return model, curves
 
 

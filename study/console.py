@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from study.protocol import Curve, Failed, Finished, PointRecord, Progress, Stage, Started, decode, progress_of
+from study.protocol import Curve, Failed, Finished, PointRecord, Progress, Stage, Started, Tick, decode, progress_of
 
 SUMMARY_EVERY_S = 30.0  # also the shortest gap between two progress lines of one trial
 
@@ -34,6 +34,7 @@ class TrialState:
     model: str
     steps: int  # pretraining steps it will run; 0: it only evaluates stored weights
     progress: Progress = field(default_factory=Progress)
+    stage: str = ""  # the running stage as its lines name it: "pretrain", "finetune on pets"
     started: float | None = None  # when it reported `Started`
     evaluating: float | None = None  # when its first evaluation began
     printed: float = -math.inf  # when its last progress line was printed
@@ -112,9 +113,10 @@ def finished_numbers(record: PointRecord, headline_task: str) -> str:
     return ", ".join(parts)
 
 
-def progress_text(p: Progress, loss: float | None) -> str:
-    """`pretrain: step 40/120 (33%), loss 2.713, 412 images/s, eta 0:01:03`."""
-    text = f"{p.stage}: step {p.step}/{p.steps} ({p.step / max(p.steps, 1):.0%})"
+def progress_text(p: Progress, loss: float | None, stage: str | None = None) -> str:
+    """`pretrain: step 40/120 (33%), loss 2.713, 412 images/s, eta 0:01:03`; `stage` names it where the progress's
+    own name does not say enough (`finetune on pets`)."""
+    text = f"{stage or p.stage}: step {p.step}/{p.steps} ({p.step / max(p.steps, 1):.0%})"
     if loss is not None:
         text += f", loss {loss:.4g}"
     if p.images_per_s:
@@ -179,13 +181,12 @@ class Console(Callback):
                 if name != "pretrain" and t.evaluating is None:
                     t.evaluating = now
                 at = f" at step {step}" if step else ""
-                on = f" on {task}" if task else ""
-                self._line(t, f"{name}{on}: started{at}" + (f" ({steps} steps)" if steps else ""))
+                t.stage = name + (f" on {task}" if task else "")
+                self._line(t, f"{t.stage}: started{at}" + (f" ({steps} steps)" if steps else ""))
             case Curve(prefix=prefix, values=values) if prefix == progress.stage:
-                t.progress = progress
-                if now - t.printed >= SUMMARY_EVERY_S:
-                    t.printed = now
-                    self._line(t, progress_text(progress, values.get("loss")))
+                self._progress(t, progress, values, now)
+            case Tick(values=values):
+                self._progress(t, progress, values, now)
             case Curve():
                 t.progress = progress
             case Finished(record=record):
@@ -196,6 +197,13 @@ class Console(Callback):
                 self.summary()
             case Failed(reason=reason):
                 self.fail(point_id, reason)
+
+    def _progress(self, t: TrialState, progress: Progress, values: dict, now: float) -> None:
+        """A step line of the running stage: the first after it starts, then at most one every `SUMMARY_EVERY_S`."""
+        t.progress = progress
+        if now - t.printed >= SUMMARY_EVERY_S:
+            t.printed = now
+            self._line(t, progress_text(progress, values.get("loss"), t.stage))
 
     def fail(self, point_id: str, reason: str) -> None:
         t = self.trials[point_id]

@@ -33,7 +33,7 @@ IMAGE_VERSION = 2  # 2: JPEG crops by libjpeg-turbo at the crop's scale, torch's
 EXECUTION_ONLY = {
     "pretrain": {"checkpoint_every", "keep_checkpoints", "compile", "micro_batch_size", "grad_checkpointing",
                  "nonfinite_check_every", "log_every"},
-    "finetune": {"compile", "micro_batch_size", "nonfinite_check_every"},
+    "finetune": {"compile", "micro_batch_size", "nonfinite_check_every", "log_every"},
     "source": {"name"},  # a label; the generator or the shards decide the pixels
 }
 

@@ -167,6 +167,17 @@ class Curve:
 
 
 @dataclass
+class Tick:
+    """Progress within the running stage where it logs no curve of its own at these steps (fine-tuning: every
+    learning rate's run of its sweep, `step` counted over the sweep of `steps`): moves the console's and Tune's
+    progress, goes to no tracking store."""
+
+    step: int
+    steps: int
+    values: dict  # the steps since the previous tick: loss, images_per_s
+
+
+@dataclass
 class Finished:
     record: PointRecord
 
@@ -176,8 +187,8 @@ class Failed:
     reason: str  # one line: a diverged loss or bad data; a deterministic failure Tune must not retry
 
 
-Event = Started | Stage | Curve | Finished | Failed
-_KINDS = {cls.__name__: cls for cls in (Started, Stage, Curve, Finished, Failed)}
+Event = Started | Stage | Curve | Tick | Finished | Failed
+_KINDS = {cls.__name__: cls for cls in (Started, Stage, Curve, Tick, Finished, Failed)}
 WIRE_KEY = "study_event"
 
 

@@ -49,6 +49,7 @@ from study.protocol import (
     Progress,
     Stage,
     Started,
+    Tick,
     encode,
     eval_kind,
     eval_task,
@@ -122,6 +123,9 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     def curve(prefix: str, step: int, values: dict) -> None:
         emit(Curve(prefix, step, values))
 
+    def tick(step: int, of: int, values: dict) -> None:  # an evaluation's training (fine-tuning's sweep)
+        emit(Tick(step, of, values))
+
     def keep(name: str, contents: bytes) -> None:  # e.g. the ViT's Fig 7 arrays, drawn by the driver
         if where.main:
             storage.write_bytes(files.file(name), contents)
@@ -135,7 +139,8 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
         emit(Stage(kind, task=task))
         try:
             with clock(kind):
-                found = downstream.run(cfg.evaluate, pretrained, tasks, runtime, (kind,), curve, keep, features)
+                found = downstream.run(cfg.evaluate, pretrained, tasks, runtime, (kind,), curve, keep, features,
+                                       tick)
         except TrainingStopped as err:
             raise TrainingStopped(err.step, kind) from None
         record.evals[key] = EvalRecord(ident, found)
@@ -292,8 +297,8 @@ def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, stora
 
 class Reporter:
     """The trial's side of the wire: each event goes to `send` (Tune's report) with the trial's `Progress`, kept
-    here from the events themselves: a `Stage` starts it, the stage's own curve moves it (step, images/s, and
-    the seconds left at the stage's pace since it started)."""
+    here from the events themselves: a `Stage` starts it, the stage's own curve or a `Tick` moves it (step,
+    images/s, and the seconds left at the stage's pace since it started)."""
 
     def __init__(self, send: Callable[[dict], None], clock: Callable[[], float] = time.monotonic):
         self.send, self.clock = send, clock
@@ -303,11 +308,12 @@ class Reporter:
         if isinstance(event, Stage):
             self.progress = Progress(event.name, event.step, event.steps)
             self.since, self.first = self.clock(), event.step
-        elif isinstance(event, Curve) and event.prefix == self.progress.stage:
-            done, steps = event.step - self.first, self.progress.steps
+        elif isinstance(event, Curve) and event.prefix == self.progress.stage or isinstance(event, Tick):
+            steps = event.steps if isinstance(event, Tick) else self.progress.steps
+            done = event.step - self.first
             eta = (steps - event.step) * (self.clock() - self.since) / done if done > 0 and steps else None
-            self.progress = replace(self.progress, step=event.step, images_per_s=event.values.get("images_per_s"),
-                                    eta_s=eta)
+            self.progress = replace(self.progress, step=event.step, steps=steps,
+                                    images_per_s=event.values.get("images_per_s"), eta_s=eta)
         self.send(encode(event, self.progress))
 
 

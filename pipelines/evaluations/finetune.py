@@ -12,11 +12,17 @@ PROTOCOL_VERSION = 2  # 2: the minival is a fixed slice of the task's seeded key
 
 
 def measure(cfg: Config, inputs: Inputs) -> list[Measurement]:
-    """Fine-tune on the task's train split (the chosen run's per-epoch curve goes to `inputs.curve`)."""
+    """Fine-tune on the task's train split (the chosen run's per-epoch curve goes to `inputs.curve`, every run's
+    steps to `inputs.progress`, counted over the sweep)."""
     def on_epoch(epoch: finetune.FinetuneEpoch) -> None:
         inputs.curve(epoch.epoch, epoch.metrics())
 
     train, test = inputs.splits()
+    steps = cfg.sweep_steps(len(train), distributed.ranks().world_size)
+
+    def on_log(record) -> None:
+        inputs.progress(record.step, steps, {"loss": record.loss, "images_per_s": record.images_per_s})
+
     model = inputs.model
     head = None
     if finetune.probe_on_frozen_features(cfg, model.image_size, model.options):
@@ -25,6 +31,7 @@ def measure(cfg: Config, inputs: Inputs) -> list[Measurement]:
         fitted = inputs.probe(finetune.LP_FT_PROBE, inputs.task.num_classes)
         head = distributed.on_main(lambda: finetune.ProbeHead.of(fitted))
     ft = finetune.run(cfg, model.name, model.state, train, test, inputs.task.num_classes, inputs.runtime,
-                      Hooks(on_epoch=on_epoch, label=f"finetune {inputs.dataset}"), model.options, head)
+                      Hooks(on_epoch=on_epoch, on_log=on_log, label=f"finetune {inputs.dataset}"), model.options,
+                      head)
     return [inputs.measurement("top1", ft.top1), inputs.measurement("macro_f1", ft.macro_f1),
             inputs.measurement("lr", ft.lr)]

@@ -131,3 +131,23 @@ def test_the_sweep_keeps_the_learning_rate_best_on_the_minival_and_reports_its_c
     assert result.lr == 0.03 and epochs == result.curves and epochs[-1].val_top1 == result.val_top1[0.03]
     with pytest.raises(ValueError, match="give lr, or an lr_sweep"):
         finetune.FinetuneConfig(lr_sweep=())
+
+
+def test_every_run_of_the_sweep_reports_its_steps_counted_over_the_whole_sweep():
+    """What the console shows while a sweep runs (`hooks.on_log`): run i's step s as i × steps + s, of the sweep's
+    steps, every `log_every` steps and at epoch ends, each run's own (a run's last step is the next one's 0)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 120)
+    images = np.clip(labels[:, None, None, None] * 90 + rng.integers(0, 30, (120, 16, 16, 3)), 0, 255)
+    data_ = as_shards(images.astype(np.uint8), labels)
+    state = models.build("ViT-Pico/4", 16, 16).state_dict()
+    cfg = finetune.FinetuneConfig(image_size=16, steps=15, batch_size=32, warmup_steps=1, lr_sweep=(0.01, 0.03),
+                                  log_every=5)
+    logged = []
+    finetune.run(cfg, "ViT-Pico/4", state, data_, data_, 3, IN_PROCESS, Hooks(on_log=logged.append))
+    steps = [r.step for r in logged]
+    assert cfg.sweep_steps(len(data_), 1) == 30 and steps == sorted(set(steps)) and steps[-1] == 30
+    assert {5, 10, 15, 20, 25, 30} <= set(steps) and any(15 < s < 20 for s in steps)  # run 2's first epoch end
+    assert all(np.isfinite(r.loss) and r.images_per_s > 0 for r in logged)
+    with pytest.raises(ValueError, match="log_every must be positive"):
+        finetune.FinetuneConfig(log_every=0)

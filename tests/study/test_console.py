@@ -22,6 +22,7 @@ from study.protocol import (
     Progress,
     Stage,
     Started,
+    Tick,
     decode,
     encode,
     progress_of,
@@ -97,7 +98,10 @@ def test_the_console_prints_one_line_per_event_and_a_summary(capsys):
     clock.now += 30
     console.on_step_end(0, [])  # the periodic summary: p2 pending, its pace p1's (10 s per 50 steps)
     console.event("p1", Stage("fewshot", task="pets"), Progress("fewshot"))
-    console.event("p1", Finished(_record()), Progress("fewshot"))
+    console.event("p1", Stage("finetune", task="pets"), Progress("finetune"))
+    console.event("p1", Tick(40, 160, {"loss": 1.25, "images_per_s": 320.0}), Progress("finetune", 40, 160, 320.0, 3.0))
+    console.event("p1", Tick(80, 160, {"loss": 1.0}), Progress("finetune", 80, 160, 320.0, 2.0))  # within 30 s
+    console.event("p1", Finished(_record()), Progress("finetune"))
     console.event("p2", Failed("TrainingDiverged: loss became nan"), Progress())
     console.on_experiment_end([])  # nothing new since the last summary
     lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in capsys.readouterr().out.splitlines()]
@@ -107,6 +111,8 @@ def test_the_console_prints_one_line_per_event_and_a_summary(capsys):
         "ViT-B-16_n256_s0  pretrain: step 50/100 (50%), loss 2.5, 640 images/s, eta 0:00:10",
         "study: 0 of 2 done, 1 running, 1 pending, 640 images/s, eta >0:00:25 (0:00:45 elapsed)",
         "ViT-B-16_n256_s0  fewshot on pets: started",
+        "ViT-B-16_n256_s0  finetune on pets: started",
+        "ViT-B-16_n256_s0  finetune on pets: step 40/160 (25%), loss 1.25, 320 images/s, eta 0:00:03",
         "ViT-B-16_n256_s0  finished in 0:00:45: fewshot 5-shot 41.2%, finetune 60.0% (top-1, pets), pretrain val "
         "top-1 12.5%, 830 images/s",
         "study: 1 of 2 done, 0 running, 1 pending, 0 images/s, eta 0:01:00 (0:00:45 elapsed)",
@@ -125,9 +131,14 @@ def test_a_trial_sends_its_progress_with_every_event():
     report(Curve("pretrain", 60, {"loss": 1.0, "images_per_s": 320.0}))
     report(Curve("system/node", 60, {"cpu": 3.0}))
     report(Stage("fewshot"))
+    report(Stage("finetune", task="pets"))  # its steps are known once its sweep starts: each Tick carries them
+    clock.now += 2
+    report(Tick(50, 200, {"loss": 0.5, "images_per_s": 800.0}))
     assert [progress_of(r) for r in sent] == [Progress("pretrain", 20, 100), Progress("pretrain", 60, 100, 320.0, 8.0),
-                                              Progress("pretrain", 60, 100, 320.0, 8.0), Progress("fewshot")]
+                                              Progress("pretrain", 60, 100, 320.0, 8.0), Progress("fewshot"),
+                                              Progress("finetune"), Progress("finetune", 50, 200, 800.0, 6.0)]
     assert decode(sent[1]) == Curve("pretrain", 60, {"loss": 1.0, "images_per_s": 320.0})
+    assert decode(sent[-1]) == Tick(50, 200, {"loss": 0.5, "images_per_s": 800.0})
     assert progress_of({"training_iteration": 3}) == Progress()  # Tune's own bookkeeping
 
 

@@ -58,6 +58,8 @@ def test_the_console_shows_each_trials_stages_and_an_eta_instead_of_tunes_table(
             assert re.search(line + rf"{stage}: started", out, re.M), stage  # an evaluation names its task
         assert re.search(line + r"pretrain: step \d+/12 \(\d+%\), loss [\d.]+, [\d,]+ images/s, eta \d:\d\d:\d\d$",
                          out, re.M)
+        assert re.search(line + r"finetune on shapes-novel: step \d+/\d+ \(\d+%\), loss [\d.]+, [\d,]+ images/s, "
+                                r"eta \d:\d\d:\d\d$", out, re.M)  # the sweep's steps: no curve logs them
         assert re.search(line + r"finished in \d:\d\d:\d\d: fewshot 1-shot [\d.]+%, .*images/s$", out, re.M)
     assert re.search(r"^\d\d:\d\d:\d\d study: [1-3] of 4 done, \d running, \d pending, [\d,]+ images/s, "
                      r"eta >?\d:\d\d:\d\d \(\d:\d\d:\d\d elapsed\)$", out, re.M)

@@ -38,6 +38,13 @@ def test_execution_only_settings_keep_every_id(tmp_path, override):
     assert _ids(_study(tmp_path, overrides=[override])) == _ids(_study(tmp_path))
 
 
+@pytest.mark.parametrize("override", ["evaluate.finetune.log_every=7", "evaluate.finetune.nonfinite_check_every=5",
+                                      "evaluate.finetune.micro_batch_size=8", "evaluate.finetune.compile=false"])
+def test_execution_only_finetune_settings_keep_every_evaluation_id(tmp_path, override):
+    assert eval_ids(_study(tmp_path, overrides=[override])) == eval_ids(_study(tmp_path))
+    assert eval_ids(_study(tmp_path, overrides=["evaluate.finetune.warmup_steps=7"])) != eval_ids(_study(tmp_path))
+
+
 @pytest.mark.parametrize("override", [
     "pretrain.lr=3.0e-4", "pretrain.warmup_steps=2", "pretrain.batch_size=32", "data.pretrain.seed=5",
     "data.pretrain.size=1536", "data.subset_mode=shards", "pretrain.dropout=0.1", "pretrain.drop_path=0.1",
@@ -223,8 +230,9 @@ def _defaults():
 # the evaluation pin with `finetune.head_init`, whose default `zero` is left out of the ids; the recipe pin again
 # when the model knobs and label_smoothing joined PretrainConfig, defaults keeping today's models; and with
 # `pretrain.eval_every` and `select`, whose defaults (no evaluation during training) keep today's weights; and with
-# `pretrain.eval_every_examples`, default None, the same; and with `weight_init`, default `timm`, today's init.)
-PINNED_DEFAULTS = ("5011af01f202a883", "037cab743654f59a")
+# `pretrain.eval_every_examples`, default None, the same; and with `weight_init`, default `timm`, today's init.
+# The evaluation pin moved with `finetune.log_every`, execution-only like pretraining's: the ids below did not.)
+PINNED_DEFAULTS = ("5011af01f202a883", "23cfc9a704db13a7")
 # The point ids of the shipped studies, as before the model knobs and recipes: their weights are reused after an
 # upgrade (a new field at its default hashes nothing). The default study's 12 ViT points moved once, deliberately,
 # to the paper's initialisation (`recipes: {ViT: {weight_init: jax}}`); its BiT points (the last 12) did not.
