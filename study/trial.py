@@ -290,9 +290,32 @@ def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, stora
     if cfg.resources.workers_per_trial > 1:
         return _drive_train_run(plan, cfg, storage_root)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    scratch = Path(tempfile.gettempdir()) / "vitscale-scratch" / plan.point.id  # this node's; removed at the end
-    _run_guarded(cfg, plan, Storage(storage_root), scratch, Reporter(tune.report))
+    _run_guarded(cfg, plan, Storage(storage_root), scratch_dir(plan.point.id), Reporter(tune.report))
     return None
+
+
+def scratch_dir(point_id: str) -> Path:
+    """This process's node-local folder for a trial of `point_id` (its checkpoints before they reach storage),
+    removed when the trial ends. Its own, not the point's: another study on this node can run the same point at the
+    same time (the same grid with another --out), and would resume from this one's checkpoints, or delete them
+    under it. The folders of processes that died (a killed worker, whose retry starts from storage) go here."""
+    base = Path(tempfile.gettempdir()) / "vitscale-scratch"
+    base.mkdir(parents=True, exist_ok=True)
+    for old in base.iterdir():
+        pid = old.name.rpartition("-pid")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return base / f"{point_id}-pid{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 class Reporter:
@@ -420,5 +443,5 @@ def _rank_main(config: dict) -> None:
         if main:
             events.put(result)
 
-    scratch = Path(tempfile.gettempdir()) / "vitscale-scratch" / plan.point.id / f"rank{context.get_world_rank()}"
-    _run_guarded(cfg, plan, Storage(config["storage_root"]), scratch, Reporter(send), device=get_device())
+    _run_guarded(cfg, plan, Storage(config["storage_root"]), scratch_dir(plan.point.id), Reporter(send),
+                 device=get_device())

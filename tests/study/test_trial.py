@@ -1,6 +1,9 @@
 """One grid point in-process (`run_point`: plain Python, real storage and torch, no Ray): evaluation during
 training and the step it selects."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from safetensors.torch import load as load_weights
@@ -127,3 +130,31 @@ def test_a_stop_asked_during_fine_tuning_stops_it_within_a_few_steps(tmp_path, c
 
     record = load_record(storage, point.id)
     assert record.pretrain is not None and set(record.evals) == {FEWSHOT}
+
+
+def test_each_process_has_its_own_scratch_and_a_dead_ones_is_removed(tmp_path, monkeypatch):
+    """Two studies on one node can run the same point at once (the same grid with another --out): each trial's
+    node-local checkpoints are its process's, never the other's to resume from or delete (the suite's two study
+    groups once resumed one smoke trial from the other's step-12 checkpoint, so it trained no step). A killed
+    worker's folder goes at the next trial on the node."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from study.trial import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = "from study.trial import scratch_dir; d = scratch_dir('p1'); d.mkdir(); print(d)"
+    other = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)}).stdout.strip())
+    assert other.parent == tmp_path / "vitscale-scratch" and other.exists()  # its process is gone: left behind
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = tmp_path / "vitscale-scratch" / f"p1-pid{sleeper.pid}"
+        running.mkdir()
+        mine = scratch_dir("p1")
+        assert mine != other and mine != running and mine.name == f"p1-pid{os.getpid()}"
+        assert not other.exists() and running.exists()  # the dead process's folder removed, a live one's kept
+    finally:
+        sleeper.kill()
+        sleeper.wait()
