@@ -75,11 +75,11 @@ def pace(finished: list[tuple[str, PointRecord]], running: list[TrialState]) -> 
 
 
 def time_left(t: TrialState, pace: Pace, now: float) -> float | None:
-    """Seconds until trial `t` is done (its evaluations counted at the measured mean, 0 before any finished);
-    None where no pace is known yet."""
+    """Seconds until trial `t` is done (its evaluations counted at the measured mean, 0 before any finished, and
+    never less than what the evaluation it runs has left by its own steps); None where no pace is known yet."""
     evals = pace.eval_s or 0.0
     if t.evaluating is not None:
-        return max(evals - (now - t.evaluating), 0.0)
+        return max(evals - (now - t.evaluating), t.progress.eta_s or 0.0)
     p, per_step = t.progress, pace.per_step(t.model)
     if p.stage == "pretrain" and p.eta_s is not None:
         return p.eta_s + evals

@@ -80,6 +80,10 @@ def test_the_eta_spreads_the_work_left_over_the_slots_and_waits_for_the_longest_
     assert eta([pretraining, evaluating, pending, done], measured, 100.0, 2) == pytest.approx((30 + 6 + 60) / 2)
     assert eta([pretraining, evaluating], measured, 100.0, 2) == pytest.approx(30)  # the last ones: the longest
     assert eta([pretraining, TrialState("e", "ViT-L/16", 10)], pace([], []), 100.0, 1) is None  # no pace for e yet
+    fine_tuning = TrialState("f", "ViT-B/16", 100, Progress("finetune", 10, 400, 90.0, 45.0), started=0.0,
+                             evaluating=99.0)  # its sweep's steps say 45 s more: more than the 10 s mean
+    assert eta([fine_tuning], measured, 100.0, 1) == pytest.approx(45)
+    assert eta([fine_tuning], pace([], []), 100.0, 1) == pytest.approx(45)  # no trial finished yet
 
 
 def test_the_console_prints_one_line_per_event_and_a_summary(capsys):
