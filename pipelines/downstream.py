@@ -223,8 +223,8 @@ class Inputs:
             self.on_curve(f"{self.eval}/{self.dataset}", step, values)
 
     def progress(self, step: int, steps: int, values: dict[str, float]) -> None:
-        """Where this evaluation's training stands (`step` of `steps`; the loss and images/s of the steps since the
-        last call), for the console and the scheduler's status: logged nowhere."""
+        """Where this evaluation's training stands (`step` of `steps`; the loss and images/s of its last log
+        window), for the console and the scheduler's status; not an MLflow metric (`curve` is)."""
         if self.on_progress is not None:
             self.on_progress(step, steps, values)
 

@@ -4,6 +4,7 @@ pretraining (ViT position embeddings resampled by 2D interpolation), with the pa
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Literal
@@ -47,7 +48,7 @@ class FinetuneConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (pipelines.perf)
     compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: on CUDA only
     nonfinite_check_every: int = 25  # steps between host reads of the loss (a NaN/inf stops the run within these)
-    log_every: int = 50  # steps between progress records (`Hooks.on_log`: loss, images/s), a host read each
+    log_every: int = 50  # steps between progress reports (`run`'s `on_steps`: loss, images/s), a host read each
     augment: Augment = field(default_factory=lambda: Augment(crop="translate", crop_padding=4, flip=False))
     val_fraction: float = 0.1  # minival carved from the train split for the per-epoch curves (0: none)
     minival_seed: int = 0  # which fixed slice is the minival (`split_minival`): one per task, not per point
@@ -70,11 +71,6 @@ class FinetuneConfig:
     @property
     def learning_rates(self) -> tuple[float, ...]:
         return (self.lr,) if self.lr is not None else self.lr_sweep
-
-    def sweep_steps(self, task_size: int, world_size: int) -> int:
-        """The optimizer steps of the whole sweep (every learning rate's run) on a task of `task_size` training
-        examples: what `run`'s `hooks.on_log` counts its steps towards."""
-        return schedule(self, task_size, world_size)[0] * len(self.learning_rates)
 
     def total_steps(self, dataset_size: int) -> int:
         if (self.steps, self.epochs, self.examples) == (None, None, None):
@@ -149,7 +145,8 @@ def split_minival(data: ShardSubset, fraction: float, seed: int) -> tuple[ShardS
 
 def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], train: ShardSubset, test: ShardSubset,
         num_classes: int, rt: Runtime, hooks: Hooks[FinetuneEpoch] | None = None,
-        options: models.ModelOptions = models.NO_OPTIONS, head: ProbeHead | None = None) -> FinetuneResult:
+        options: models.ModelOptions = models.NO_OPTIONS, head: ProbeHead | None = None,
+        on_steps: Callable[[int, int, EpochRecord], None] | None = None) -> FinetuneResult:
     """Fine-tune the pretrained `state` on `train` (less a minival) at each of `cfg.learning_rates`,
     keep the run with the best minival top-1 and report its top-1 and macro-F1 (percent) on `test`.
     `options` are the knobs the model was pretrained with (a pre-logits layer is replaced by the linear head).
@@ -158,9 +155,10 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
 
     The splits stay in their shards and are streamed (training through the exactly-once loader with `rt.loader`,
     evaluation batch by batch), so memory does not grow with them. `hooks.on_epoch` receives the chosen run's
-    per-epoch curve once the sweep is decided; `hooks.on_log` (rank 0) a record every `cfg.log_every` steps and at
-    each epoch end of every run, its step counted over the whole sweep (run i's step s is i × steps + s, of
-    `cfg.sweep_steps`), for progress; `hooks.label` names the progress bars (default: `finetune`).
+    per-epoch curve once the sweep is decided; `hooks.label` names the progress bars (default: `finetune`).
+    `on_steps` (rank 0) hears where the whole sweep stands, about every `cfg.log_every` steps and at each run's end:
+    (steps run, of steps planned, the record of the last log window), a diverged run's unrun steps taken off the
+    plan (`SweepSteps`).
     Fine-tuning keeps no checkpoints: a stop (`rt.should_stop`) raises TrainingStopped and a rerun starts over.
     """
     hooks = hooks or Hooks()
@@ -174,15 +172,17 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     elif head is None:
         head = probe_head(model_name, state, train, num_classes, cfg.image_size, rt, options=options)
     best, val_top1, diverged = None, {}, None
-    for i, lr in enumerate(cfg.learning_rates):
+    sweep = SweepSteps(steps, len(cfg.learning_rates), cfg.log_every, on_steps)
+    for lr in cfg.learning_rates:
         label = f"{hooks.label or 'finetune'} lr={lr:g}"
-        on_log = None if hooks.on_log is None else partial(_counted_from, i * steps, hooks.on_log)
         try:
             model, curves = _train(cfg, lr, (steps, batch), model_name, state, (train, minival), num_classes, rt,
-                                   Hooks(label=label, on_log=on_log), options, head)
+                                   Hooks(label=label, on_log=sweep.logged if on_steps else None), options, head)
         except TrainingDiverged as err:  # a rate too high for this task is a bad point of the sweep, not an error
             val_top1[lr], diverged = float("nan"), err
+            sweep.ended(diverged=True)
             continue
+        sweep.ended(diverged=False)
         val_top1[lr] = curves[-1].val_top1 if minival is not None else float("nan")
         if best is None or val_top1[lr] > val_top1[best[0]]:  # ties keep the earlier rate
             best = (lr, model, curves)
@@ -196,9 +196,28 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
                           val_top1)
 
 
-def _counted_from(offset: int, on_log, record: EpochRecord) -> None:
-    """`record`, one run's, to `on_log` with its step counted over the sweep."""
-    on_log(replace(record, step=offset + record.step))
+class SweepSteps:
+    """Where a sweep of `runs` runs of `steps` steps each stands, for `on_steps(step, steps, record)`: the steps run
+    so far (the finished runs' and this run's), of those planned, from which a diverged run's unrun steps are taken.
+    A run's records (`Hooks.on_log`: every `log_every` steps and at epoch ends) reach `on_steps` at least `log_every`
+    steps apart, and at the run's last step: each is a report to the driver, and epochs can be a few steps long."""
+
+    def __init__(self, steps: int, runs: int, log_every: int, on_steps: Callable[[int, int, EpochRecord], None] | None):
+        self.steps, self.log_every, self.on_steps = steps, log_every, on_steps
+        self.done, self.planned = 0, steps * runs
+        self.reached = self.told = 0  # this run's last logged step, and the last one told
+
+    def logged(self, record: EpochRecord) -> None:
+        self.reached = record.step
+        if self.on_steps is not None and (record.step - self.told >= self.log_every or record.step == self.steps):
+            self.told = record.step
+            self.on_steps(self.done + record.step, self.planned, record)
+
+    def ended(self, diverged: bool) -> None:
+        """The run ended: all its steps run, or (diverged) those up to its last logged step."""
+        ran = self.reached if diverged else self.steps
+        self.done, self.planned = self.done + ran, self.planned - (self.steps - ran)
+        self.reached = self.told = 0
 
 
 @dataclass(frozen=True)

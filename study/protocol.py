@@ -1,7 +1,8 @@
 """The seam between a trial and the driver, as types.
 
-A trial emits `Started`, `Stage`, `Curve`, `Finished` or `Failed` events; Ray Tune carries each as one JSON string
-(its wire format), beside the trial's `Progress` as plain numbers, and the driver decodes it back into the same type.
+A trial emits `Started`, `Stage`, `Curve`, `Tick`, `Finished` or `Failed` events; Ray Tune carries each as one JSON
+string (its wire format), beside the trial's `Progress` as plain numbers, and the driver decodes it back into the same
+type.
 What a finished point produced is a `PointRecord`: its pretraining summary and, per evaluation (and downstream task,
 for one that runs on each), the identity of the protocol it ran and the typed `Measurement`s. The record is kept in
 storage (`points/<id>/record.json`) and in MLflow (`record.json`), and the results table is built from records alone.
@@ -169,8 +170,8 @@ class Curve:
 @dataclass
 class Tick:
     """Progress within the running stage where it logs no curve of its own at these steps (fine-tuning: every
-    learning rate's run of its sweep, `step` counted over the sweep of `steps`): moves the console's and Tune's
-    progress, goes to no tracking store."""
+    learning rate's run of its sweep: `step` run of `steps` planned): moves the console's and Tune's progress, and
+    reaches no MLflow run (Tune's own `result.json` in storage keeps it, as every event)."""
 
     step: int
     steps: int
@@ -220,11 +221,13 @@ def progress_of(result: dict) -> Progress:
 
 
 def decode(result: dict) -> Event | None:
-    """The event in a Tune result, or None for Tune's own bookkeeping results."""
+    """The event in a Tune result, or None for Tune's own bookkeeping results and for a kind this code does not know
+    (a worker's newer checkout: what it adds is progress, never a result)."""
     if WIRE_KEY not in result:
         return None
     raw = json.loads(result[WIRE_KEY])
-    cls = _KINDS[raw["kind"]]
+    if (cls := _KINDS.get(raw["kind"])) is None:
+        return None
     if cls is Finished:
         return Finished(PointRecord.from_json(json.dumps(raw["payload"])))
     return cls(**raw["payload"])

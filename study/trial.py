@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -298,14 +299,17 @@ def scratch_dir(point_id: str) -> Path:
     """This process's node-local folder for a trial of `point_id` (its checkpoints before they reach storage),
     removed when the trial ends. Its own, not the point's: another study on this node can run the same point at the
     same time (the same grid with another --out), and would resume from this one's checkpoints, or delete them
-    under it. The folders of processes that died (a killed worker, whose retry starts from storage) go here."""
+    under it. A trial that raises for a retry (a preempted worker, a transient error) leaves its folder; this
+    host's folders whose process is gone are removed here. The host is in the name, as a temp folder may be shared
+    by nodes whose process ids mean nothing here."""
     base = Path(tempfile.gettempdir()) / "vitscale-scratch"
     base.mkdir(parents=True, exist_ok=True)
+    mark = f"-{socket.gethostname()}-pid"
     for old in base.iterdir():
-        pid = old.name.rpartition("-pid")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        _, here, pid = old.name.rpartition(mark)
+        if here and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    return base / f"{point_id}-pid{os.getpid()}"
+    return base / f"{point_id}{mark}{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:

@@ -18,11 +18,6 @@ def measure(cfg: Config, inputs: Inputs) -> list[Measurement]:
         inputs.curve(epoch.epoch, epoch.metrics())
 
     train, test = inputs.splits()
-    steps = cfg.sweep_steps(len(train), distributed.ranks().world_size)
-
-    def on_log(record) -> None:
-        inputs.progress(record.step, steps, {"loss": record.loss, "images_per_s": record.images_per_s})
-
     model = inputs.model
     head = None
     if finetune.probe_on_frozen_features(cfg, model.image_size, model.options):
@@ -30,8 +25,11 @@ def measure(cfg: Config, inputs: Inputs) -> list[Measurement]:
         # settings are LP-FT's) instead of a second pass over the train split: the same numbers.
         fitted = inputs.probe(finetune.LP_FT_PROBE, inputs.task.num_classes)
         head = distributed.on_main(lambda: finetune.ProbeHead.of(fitted))
+
+    def on_steps(step: int, steps: int, record) -> None:
+        inputs.progress(step, steps, {"loss": record.loss, "images_per_s": record.images_per_s})
+
     ft = finetune.run(cfg, model.name, model.state, train, test, inputs.task.num_classes, inputs.runtime,
-                      Hooks(on_epoch=on_epoch, on_log=on_log, label=f"finetune {inputs.dataset}"), model.options,
-                      head)
+                      Hooks(on_epoch=on_epoch, label=f"finetune {inputs.dataset}"), model.options, head, on_steps)
     return [inputs.measurement("top1", ft.top1), inputs.measurement("macro_f1", ft.macro_f1),
             inputs.measurement("lr", ft.lr)]

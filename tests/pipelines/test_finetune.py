@@ -133,21 +133,29 @@ def test_the_sweep_keeps_the_learning_rate_best_on_the_minival_and_reports_its_c
         finetune.FinetuneConfig(lr_sweep=())
 
 
-def test_every_run_of_the_sweep_reports_its_steps_counted_over_the_whole_sweep():
-    """What the console shows while a sweep runs (`hooks.on_log`): run i's step s as i × steps + s, of the sweep's
-    steps, every `log_every` steps and at epoch ends, each run's own (a run's last step is the next one's 0)."""
+def test_the_sweep_reports_its_steps_run_of_those_planned_and_a_diverged_run_leaves_the_plan():
+    """What the console shows while a sweep runs (`on_steps`): the steps run over every learning rate's run, of the
+    steps planned; a run that diverges takes the steps it did not run off the plan, so the sweep still ends at 100%
+    and its pace counts only steps that ran."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 120)
     images = np.clip(labels[:, None, None, None] * 90 + rng.integers(0, 30, (120, 16, 16, 3)), 0, 255)
     data_ = as_shards(images.astype(np.uint8), labels)
     state = models.build("ViT-Pico/4", 16, 16).state_dict()
-    cfg = finetune.FinetuneConfig(image_size=16, steps=15, batch_size=32, warmup_steps=1, lr_sweep=(0.01, 0.03),
-                                  log_every=5)
-    logged = []
-    finetune.run(cfg, "ViT-Pico/4", state, data_, data_, 3, IN_PROCESS, Hooks(on_log=logged.append))
-    steps = [r.step for r in logged]
-    assert cfg.sweep_steps(len(data_), 1) == 30 and steps == sorted(set(steps)) and steps[-1] == 30
-    assert {5, 10, 15, 20, 25, 30} <= set(steps) and any(15 < s < 20 for s in steps)  # run 2's first epoch end
-    assert all(np.isfinite(r.loss) and r.images_per_s > 0 for r in logged)
+    told = []
+    for sweep in [(0.01, 0.03), (1e38, 0.03)]:  # 1e38 diverges within its first steps
+        cfg = finetune.FinetuneConfig(image_size=16, steps=15, batch_size=32, warmup_steps=1, lr_sweep=sweep,
+                                      log_every=5)
+        told.append([])
+        finetune.run(cfg, "ViT-Pico/4", state, data_, data_, 3, IN_PROCESS,
+                     on_steps=lambda step, steps, record: told[-1].append((step, steps, record.loss)))
+    # 108 train rows, batch 32: epoch ends at steps 4, 7, 11, 14; told at least 5 steps apart and at each run's end
+    assert [(step, steps) for step, steps, _ in told[0]] == [(5, 30), (10, 30), (15, 30), (20, 30), (25, 30), (30, 30)]
+    assert [(step, steps) for step, steps, _ in told[1]] == [(5, 15), (10, 15), (15, 15)]  # run 1 ran no logged step
+    assert all(np.isfinite(loss) for _, _, loss in told[0] + told[1])
+    sweep = finetune.SweepSteps(10, 3, 4, lambda *told: None)
+    sweep.reached = 6  # logged up to step 6, then diverged
+    sweep.ended(diverged=True)
+    assert (sweep.done, sweep.planned) == (6, 26)
     with pytest.raises(ValueError, match="log_every must be positive"):
         finetune.FinetuneConfig(log_every=0)

@@ -1,5 +1,6 @@
 """The study's console (lines, summary, ETA), the progress a trial sends with its events, and what Tune shows."""
 
+import json
 import re
 import time
 from types import SimpleNamespace
@@ -144,6 +145,8 @@ def test_a_trial_sends_its_progress_with_every_event():
     assert decode(sent[1]) == Curve("pretrain", 60, {"loss": 1.0, "images_per_s": 320.0})
     assert decode(sent[-1]) == Tick(50, 200, {"loss": 0.5, "images_per_s": 800.0})
     assert progress_of({"training_iteration": 3}) == Progress()  # Tune's own bookkeeping
+    newer = {**sent[-1], "study_event": json.dumps({"kind": "Unheard", "payload": {"step": 1}})}
+    assert decode(newer) is None  # a kind a newer worker sends: no event, Tune's loop goes on
 
 
 def test_verbose_keeps_tunes_status_table_with_the_progress_columns_and_the_default_shows_the_console():

@@ -137,6 +137,7 @@ def test_each_process_has_its_own_scratch_and_a_dead_ones_is_removed(tmp_path, m
     node-local checkpoints are its process's, never the other's to resume from or delete (the suite's two study
     groups once resumed one smoke trial from the other's step-12 checkpoint, so it trained no step). A killed
     worker's folder goes at the next trial on the node."""
+    import socket
     import subprocess
     import sys
     import tempfile
@@ -144,17 +145,21 @@ def test_each_process_has_its_own_scratch_and_a_dead_ones_is_removed(tmp_path, m
     from study.trial import scratch_dir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host = socket.gethostname()
     code = "from study.trial import scratch_dir; d = scratch_dir('p1'); d.mkdir(); print(d)"
     other = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)}).stdout.strip())
     assert other.parent == tmp_path / "vitscale-scratch" and other.exists()  # its process is gone: left behind
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        running = tmp_path / "vitscale-scratch" / f"p1-pid{sleeper.pid}"
+        running = tmp_path / "vitscale-scratch" / f"p1-{host}-pid{sleeper.pid}"
+        elsewhere = tmp_path / "vitscale-scratch" / f"p1-{host}x-pid{other.name.rpartition('-pid')[2]}"
         running.mkdir()
+        elsewhere.mkdir()  # another node's, on a temp folder the nodes share: its pid means nothing here
         mine = scratch_dir("p1")
-        assert mine != other and mine != running and mine.name == f"p1-pid{os.getpid()}"
+        assert mine != other and mine != running and mine.name == f"p1-{host}-pid{os.getpid()}"
         assert not other.exists() and running.exists()  # the dead process's folder removed, a live one's kept
+        assert elsewhere.exists()
     finally:
         sleeper.kill()
         sleeper.wait()
