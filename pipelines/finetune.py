@@ -177,7 +177,7 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
         label = f"{hooks.label or 'finetune'} lr={lr:g}"
         try:
             model, curves = _train(cfg, lr, (steps, batch), model_name, state, (train, minival), num_classes, rt,
-                                   Hooks(label=label, on_log=sweep.logged if on_steps else None), options, head)
+                                   Hooks(label=label, on_log=sweep.logged), options, head)
         except TrainingDiverged as err:  # a rate too high for this task is a bad point of the sweep, not an error
             val_top1[lr], diverged = float("nan"), err
             sweep.ended(diverged=True)

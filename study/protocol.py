@@ -175,7 +175,7 @@ class Tick:
 
     step: int
     steps: int
-    values: dict  # the steps since the previous tick: loss, images_per_s
+    values: dict  # the last log window's: loss, images_per_s
 
 
 @dataclass

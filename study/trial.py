@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load as load_weights
 from safetensors.torch import save as save_weights
@@ -307,19 +308,9 @@ def scratch_dir(point_id: str) -> Path:
     mark = f"-{socket.gethostname()}-pid"
     for old in base.iterdir():
         _, here, pid = old.name.rpartition(mark)
-        if here and pid.isdigit() and not _alive(int(pid)):
+        if here and pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return base / f"{point_id}{mark}{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 class Reporter:

@@ -238,10 +238,10 @@ def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cac
     Every trial's node-local scratch is gone before the driver builds the report, so the complete report, figures
     and MLflow artifacts can only have come through the storage. The worker node has a cache of its own: it
     generates the procedural shards there and maps the index the driver stored, building none."""
+    import psutil
     from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
 
-    from study.trial import _alive
     from study.tune_runner import set_auth_mode
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # as heads started with `ray start` run (Ray >= 2.59)
@@ -264,7 +264,7 @@ def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cac
     assert list(node_cache.glob("shapes-*/train-*.tar")) and not (node_cache / "index").exists()
     # None left by a process that is gone (this cluster's trials); a study beside this test may be running these points
     scratch = [d for p in points for d in (Path(tempfile.gettempdir()) / "vitscale-scratch").glob(f"{p}-*-pid*")]
-    assert not [d for d in scratch if not _alive(int(d.name.rpartition("-pid")[2]))]
+    assert not [d for d in scratch if not psutil.pid_exists(int(d.name.rpartition("-pid")[2]))]
     study = tmp_path / "runs" / "smoke"
     table = pd.read_csv(study / "results.csv")
     assert sorted(table["subset_size"].unique()) == [256, 1024] and "fig7_ViT-Pico-4_n256_vs_n1024.png" in {
