@@ -95,7 +95,7 @@ def leader_rows(frame: pd.DataFrame) -> list[list[str]]:
         if vit.empty or bit.empty:
             continue
         gap = float(vit["value"].iloc[0] - bit["value"].iloc[0])
-        leader = vit["model"].iloc[0] if gap > 0 else bit["model"].iloc[0]
+        leader = vit["model"].iloc[0] if gap > 0 else bit["model"].iloc[0] if gap < 0 else "tie"
         rows.append([f"{int(n):,}", f"{vit['model'].iloc[0]} {vit['value'].iloc[0]:.1f}",
                      f"{bit['model'].iloc[0]} {bit['value'].iloc[0]:.1f}", f"{gap:+.1f}", leader])
     return rows
@@ -169,8 +169,10 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
         ("h2", "Where does the ViT overtake the ResNet?"),
         ("p", "observed: the sign of (ViT − BiT) flips between two measured sizes (log-linear interpolation "
               "inside the bracket; fit_estimate is the fitted curves' crossing there; 95% CI: the same estimate on "
-              "means with seeds resampled within each size, paired across models); extrapolated: the fitted "
-              "laws cross outside the measured range (95% CI over pairs of seed-bootstrap fits); none: neither. "
+              "means with seeds resampled within each size, paired across models); extrapolated: the fitted laws "
+              "cross outside the measured range (95% CI over pairs of seed-bootstrap fits); fitted: they cross "
+              "inside it, where the measured means do not change leader; none: neither, in the sizes the reason "
+              "names. "
               "support: the fraction of bootstrap replicates that cross; a CI is given where at least half do."),
         ("table", ["ViT", "BiT", "evaluation", "status", "estimate", "bracket", "fit estimate", "95% CI",
                    "support", "no CI because"],

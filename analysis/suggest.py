@@ -149,7 +149,7 @@ def interval_width(vit: Fit | None, bit: Fit | None, target: Target, lo: float, 
     if target.kind == "crossover":
         return _width(np.log10(crossings(vit, bit, lo, hi)))
     gap = [power_law(target.at, *b) - power_law(target.at, *v) for v, b in zip(*paired(vit, bit), strict=True)]
-    return _width(np.asarray(gap, float))  # err_vit - err_bit = BiT - ViT accuracy
+    return _width(np.asarray(gap, float))  # err_bit - err_vit = ViT - BiT accuracy (the width of either sign)
 
 
 def seed_noise(frame: pd.DataFrame, fit: Fit | None) -> float:

@@ -122,8 +122,12 @@ def sentence(table: pd.DataFrame, summary: dict, key: tuple) -> str:
     span = (f"the gap {moves} from {_gap(gaps[0])} at {_size(gaps[0]['subset_size'])} to {_gap(gaps[-1])} at "
             f"{_size(gaps[-1]['subset_size'])} images")
     unresolved = sum(g["ci"] is not None and g["ci"][0] <= 0 <= g["ci"][1] for g in gaps)
-    doubt = " (one seed: no intervals)" if all(g["ci"] is None for g in gaps) else \
-        f" (the interval includes 0 at {unresolved} of {len(gaps)} sizes)" if unresolved else ""
+    with_ci = sum(g["ci"] is not None for g in gaps)
+    rest = len(gaps) - with_ci
+    others = f"; {rest} size{'s' if rest > 1 else ''} with one seed, no interval" if rest else ""
+    doubt = " (one seed: no intervals)" if not with_ci else \
+        f" (the interval includes 0 at {unresolved} of {with_ci} sizes{others})" if unresolved else \
+        f" ({rest} size{'s' if rest > 1 else ''} with one seed: no interval)" if rest else ""
     cross = next((c for c in summary["crossovers"] if (c["vit"], c["resnet"], c["eval"], c["dataset"], c["shots"],
                                                        c["metric"]) == (vit, bit, *key)), None)
     every = f"at every measured size but {ties} where they tie" if ties else "at every measured size"
@@ -137,20 +141,29 @@ def sentence(table: pd.DataFrame, summary: dict, key: tuple) -> str:
         lead = f"The lead changes between {bit} and {vit}{doubt}; {span}"
     fitted = {f["model"] for f in summary["fits"] if f["status"] == "fitted"
               and (f["eval"], f["dataset"], f["shots"], f["metric"]) == key} >= {vit, bit}
-    return f"{lead} {where}; {_crossing(cross, fitted)}."
+    back = (f", and the BiT leads again at {_size(gaps[-1]['subset_size'])}"
+            if cross is not None and cross["status"] == "observed" and last > 0 else "")
+    return f"{lead} {where}; {_crossing(cross, fitted, gaps[0]['subset_size'])}{back}."
 
 
-def _crossing(cross: dict | None, fitted: bool) -> str:
-    """The crossover's clause; `fitted`: both models' laws were fitted (so "none" covers 1000x beyond)."""
+def _crossing(cross: dict | None, fitted: bool, smallest: float) -> str:
+    """The crossover's clause; `fitted`: both models' laws were fitted (so "none" names the sizes searched)."""
     if cross is None or cross["status"] == "none":
-        return (f"no crossover within {fits.EXTRAPOLATE:g}x of the measured sizes (the fitted laws do not cross)"
-                if fitted else "no crossover between the measured sizes (too few sizes to fit laws)")
+        if not fitted or not cross or not cross.get("window"):
+            return "no crossover between the measured sizes (too few sizes to fit laws)"
+        a, b = cross["window"]
+        side = "below the smallest" if a < smallest else "beyond the largest"
+        return (f"no crossover: the fitted ViT does not overtake the BiT between {_size(a)} and {_size(b)} images "
+                f"({fits.EXTRAPOLATE:g}x {side} measured size)")
     ci = (f" [95% CI {_size(cross['ci'][0])}, {_size(cross['ci'][1])}]" if cross.get("ci")
           else f" (no interval: {cross['reason']})" if cross.get("reason") else "")
     if cross["status"] == "observed":
         lo, hi = cross["bracket"]
         return (f"the ViT overtakes the BiT at ~{_size(cross['estimate'])} images{ci}, between {_size(lo)} and "
                 f"{_size(hi)}")
+    if cross["status"] == "fitted":
+        return (f"the fitted laws cross at ~{_size(cross['estimate'])} images{ci}, inside the measured range, where "
+                "the measured means do not change leader")
     return f"the fitted laws cross at ~{_size(cross['estimate'])} images, outside the measured range{ci}"
 
 

@@ -426,7 +426,9 @@ def study_note(title: str, path: Path) -> str:
              *([answer.text.replace("\n", "  \n"), ""] if answer else [])]
     for c in summary["crossovers"]:
         found = {"observed": f"at ~{fmt(c['estimate'])} examples, between {fmt(c['bracket'])}",
-                 "extrapolated": f"extrapolated to ~{fmt(c['estimate'])} examples"}.get(c["status"])
+                 "extrapolated": f"extrapolated to ~{fmt(c['estimate'])} examples",
+                 "fitted": f"the fitted laws cross at ~{fmt(c['estimate'])} examples, inside the measured range "
+                           "(the measured means do not change leader)"}.get(c["status"])
         ci = f" (95% CI {fmt(c['ci'])})" if c.get("ci") else ""
         lines.append(f"- {eval_name(c['eval'], c['dataset'], c['shots'], c['metric'])}, {c['vit']} vs "
                      f"{c['resnet']}: " + (found + ci if found else f"no crossover: {c.get('reason')}"))

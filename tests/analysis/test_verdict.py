@@ -44,8 +44,70 @@ def test_bit_leading_everywhere_gives_both_gaps_with_intervals_and_no_crossover(
     gap = r"\+1\d\.\d \[\+1\d\.\d, \+1\d\.\d\]"  # ~13 at 1,000 and ~16 at 10^6 points, with an interval
     assert re.match(rf"BiT-R50x1 leads ViT-B/16 at every measured size; the gap grows from {gap} at 1,000 to {gap} "
                     r"at 1,000,000 images \(5-shot top-1 on d, BiT − ViT in points \[95% CI\]\)", answer.sentence)
-    assert answer.sentence.endswith("; no crossover within 1000x of the measured sizes (the fitted laws do not cross).")
+    assert answer.sentence.endswith("; no crossover: the fitted ViT does not overtake the BiT between 1,000 and "
+                                    "1,000,000,000 images (1000x beyond the largest measured size).")
     assert answer.text.splitlines()[0] == answer.sentence
+
+
+def test_a_bit_that_overtakes_inside_the_range_is_not_called_laws_that_do_not_cross():
+    """The ViT leads at the small sizes and the BiT overtakes it: the laws do cross, in the other direction, so the
+    sentence names which crossing it looked for and where, not "the fitted laws do not cross"."""
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: 35 + 2 * np.log10(n)),
+                   _rows("BiT-R50x1", "BiT", lambda n: 20 + 6 * np.log10(n)))  # equal at ~3,200
+    summary = _summary(table)
+    (cross,) = summary["crossovers"]
+    assert cross["status"] == "none" and cross["window"] == [1e3, 1e9]
+    assert cross["reason"].startswith("ViT ahead only below 10,000 (the ResNet overtakes the ViT, not the reverse)")
+    sentence = verdict.verdict(table, summary).sentence
+    assert sentence.startswith("The lead changes between BiT-R50x1 and ViT-B/16")
+    assert "do not cross" not in sentence and sentence.endswith(
+        "no crossover: the fitted ViT does not overtake the BiT between 1,000 and 1,000,000,000 images (1000x beyond "
+        "the largest measured size).")
+
+
+def test_laws_that_cross_inside_the_range_where_the_means_do_not_flip_are_found():
+    """The BiT's measured lead falls to ~0.2 points at the largest size while the fitted ViT is already ahead there:
+    the crossing is inside the measured range (status 'fitted'), and its bootstrap replicates that cross before the
+    largest size count as crossing (before, the search began at the largest size and missed them all)."""
+    table = _table(_rows("ViT-B/16", "ViT", dict(zip(SIZES, (30.0, 42.0, 50.8, 53.6), strict=True)).get),
+                   _rows("BiT-R50x1", "BiT", dict(zip(SIZES, (45.0, 48.0, 51.0, 54.0), strict=True)).get))
+    means = table.groupby(["model", "subset_size"])["value"].mean().unstack(0)
+    assert (means["BiT-R50x1"] > means["ViT-B/16"]).all()  # the means never flip
+    summary = _summary(table)
+    (cross,) = summary["crossovers"]
+    assert cross["status"] == "fitted" and 1e5 < cross["estimate"] < 1e6 and cross["support"] > 0.9, cross
+    assert cross["ci"][0] < 1e6
+    assert "inside the measured range, where the measured means do not change leader" in \
+        verdict.verdict(table, summary).sentence
+
+
+def test_a_lead_taken_back_by_the_bit_is_said():
+    """BiT, ViT, BiT, BiT ahead: the ViT overtakes between the first two sizes, and the sentence says the BiT leads
+    again at the largest."""
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: 30.0), _rows("BiT-R50x1", "BiT", lambda n: 30.0))
+    vit = table["family"] == "ViT"
+    table.loc[vit, "value"] += table.loc[vit, "subset_size"].map({1e3: -3.0, 1e4: 3.0, 1e5: -3.0, 1e6: -4.0})
+    sentence = _answer(table).sentence
+    assert "the ViT overtakes the BiT at ~" in sentence and sentence.endswith(
+        "between 1,000 and 10,000, and the BiT leads again at 1,000,000.")
+
+
+def test_sizes_without_an_interval_are_not_counted_as_resolved():
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: 30.0),
+                   _rows("BiT-R50x1", "BiT", lambda n: 30.3 if n <= 1e4 else 33.0))
+    table = table[(table["subset_size"] <= 1e4) | (table["seed"] == 0)]  # one seed at 10^5 and 10^6
+    sentence = _answer(table).sentence
+    assert "(the interval includes 0 at 2 of 2 sizes; 2 sizes with one seed, no interval)" in sentence, sentence
+
+
+def test_a_value_that_is_not_a_number_leaves_the_rest_of_its_curve_fitted():
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: 20 + 8 * np.log10(n)),
+                   _rows("BiT-R50x1", "BiT", lambda n: 30 + 9 * np.log10(n)))
+    table.loc[0, "value"] = np.nan
+    rows, _ = fits.fit_table(table)
+    assert [(r["model"], r["status"]) for r in rows] == [("BiT-R50x1", "fitted"), ("ViT-B/16", "fitted")]
+    points = intervals.point_table(fits.accuracy_rows(table))
+    assert points[(points["model"] == "ViT-B/16") & (points["subset_size"] == 1e3)]["n_seeds"].tolist() == [2]
 
 
 def test_an_observed_crossover_gives_its_size_and_bracket():
