@@ -180,8 +180,9 @@ def write_comparison(studies: list[Study], out: Path) -> Path:
     return path
 
 
-def parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+def parser(prog: str, more: str = "") -> argparse.ArgumentParser:
+    """The command's arguments; `more`: what a command built on this one adds to its description."""
+    parser = argparse.ArgumentParser(prog=prog, description=" ".join(filter(None, (__doc__.split("\n\n")[0], more))))
     parser.add_argument("inputs", nargs="+", help="results CSVs and studies' output folders"
                         + (f" (and {MLFLOW_PREFIX}[TRACKING_URI#]EXPERIMENT)" if prog.startswith("python -m study")
                            else ""))

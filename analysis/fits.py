@@ -179,7 +179,9 @@ def seed_resamples(counts: list[int], seed: int = 0, n: int = N_BOOTSTRAP):
     spread; whole seeds: ~0.75x). But with the 3 seeds a study runs, a whole-seed draw has 10 distinct outcomes and
     is too narrow where offsets do not persist: the crossover interval of `test_suggest`'s coverage check covered
     the truth in 23 of 30 simulated studies with whole seeds, 29 of 30 with this draw. Too wide is the side to err
-    on."""
+    on. (In the default study, a seed's deviation from the seeds' mean at one size correlates with its deviation at
+    the next by 0.26, the median over its 14 top-1 curves, 0.14 to 0.85: offsets persist in part, so its fit
+    intervals are somewhat wide.)"""
     rng = np.random.default_rng(seed)
     for _ in range(n):
         yield [rng.integers(0, k, k) for k in counts]

@@ -328,7 +328,7 @@ def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", required=True, help="tidy results CSV (the study's results.csv schema)")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
@@ -336,10 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     return report_command(lambda: write_report(results.read(args.results), out, title=Path(args.results).stem), out)
 
 
+def check_out(out: Path) -> None:
+    """`out` is a folder or can be made one, said before any input is read (`mkdir` would fail on a file, or below
+    one, after the inputs were read, with a traceback)."""
+    if (there := atomic.file_in_the_way(out)) is not None:
+        raise UserError(f"--out {out}: {'it' if there == out else there} is a file; the report is written into a "
+                        "folder (new or existing)")
+
+
 def report_command(write: Callable[[], Path], out: Path) -> int:
     """A command's end: `write()` makes a report in `out` (returning its markdown path), where it is printed and
     last its verdict (where it has one), or one line and exit 2."""
     try:
+        check_out(out)
         path = write()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -59,7 +59,15 @@ def read(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"results file not found: {path}")
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: not a results CSV (empty file)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a results CSV (not text)") from None
+    except pd.errors.ParserError as err:  # rows of unequal widths, an unclosed quote
+        reason = str(err).strip().removeprefix("Error tokenizing data. C error: ")
+        raise UserError(f"{path}: not a results CSV ({reason})") from None
     required = ["model", "family", "subset_size", "eval", "metric", "value"]
     for col in required:
         if col not in table.columns:

@@ -76,7 +76,7 @@ def images_per_s(world: int, args: argparse.Namespace, index: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-Pico/4")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64, help="global batch (each of 2 workers takes half)")

@@ -12,6 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file that keeps `folder` from being a folder (it, or a parent of it, is a file); None where it is one or
+    can be made one. Said before any work: `mkdir` would fail there only once the work is done."""
+    there = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())  # `exists` is False below a file
+    return None if there.is_dir() else there
+
+
 def temp_name(target: Path) -> Path:
     """A unique hidden name beside `target` (`.<name>.tmp-<pid>-<random>`): never one another writer uses."""
     target = Path(target)

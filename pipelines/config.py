@@ -39,7 +39,22 @@ class _Loader(yaml.SafeLoader):
 
     PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent: `1e6`, `1.0e3` and `-.5` are strings
     there. This adds YAML 1.2's floats (a dot or an exponent); ints (`1_000` too) and the rest resolve as before.
+    A key given twice in one mapping is an error, where PyYAML keeps the last silently (a second `seeds:` further
+    down a grid would override the first unseen); keys a merge (`<<: *base`) brings in may still be overridden.
     """
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"key '{key}' is given twice (also on line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^[-+]?(?:

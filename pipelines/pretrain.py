@@ -58,11 +58,16 @@ class PretrainConfig(models.ModelOptions):
     select: Literal["best", "final"] = "best"  # with eval_every: whose weights the point keeps (without: the last)
 
     def __post_init__(self):
-        given = [v for v in (self.epochs, self.steps, self.examples) if v is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one duration: epochs, steps or examples")
-        if any(v <= 0 for v in given) or self.batch_size <= 0 or self.lr <= 0:
-            raise ValueError("durations, batch_size and lr must be positive")
+        named = {k: v for k, v in (("epochs", self.epochs), ("steps", self.steps), ("examples", self.examples))
+                 if v is not None}
+        if len(named) != 1:
+            fix = (f" (both {' and '.join(named)} are set: set all but one to null, e.g. {next(iter(named))}=null)"
+                   if named else "")
+            raise ValueError(f"give exactly one duration: epochs, steps or examples{fix}")
+        bad = [f"{k} must be > 0 (got {v})" for k, v in (*named.items(), ("batch_size", self.batch_size),
+                                                          ("lr", self.lr)) if v <= 0]
+        if bad:
+            raise ValueError("; ".join(bad))
         if self.micro_batch_size is not None and not 0 < self.micro_batch_size <= self.batch_size:
             raise ValueError("micro_batch_size must be in (0, batch_size]")
         if self.nonfinite_check_every <= 0 or self.log_every <= 0:

@@ -45,7 +45,7 @@ def log_to_study_runs(studies: list[compare.Study], out: Path, default_uri: str)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = compare.parser("python -m study.compare")
+    parser = compare.parser("python -m study.compare", __doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI,
                         help="where an `mlflow:EXPERIMENT` input without a URI lives")
     args = parser.parse_args(argv)

@@ -147,7 +147,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
     except OSError as err:
         raise ConfigError(f"grid file {path} cannot be read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML: {where}{problem or str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of study keys at the top level")
     try:  # every error names the file, then the key path

@@ -15,7 +15,19 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from study.protocol import Curve, Failed, Finished, PointRecord, Progress, Stage, Started, Tick, decode, progress_of
+from study.protocol import (
+    Curve,
+    Failed,
+    Finished,
+    PointRecord,
+    Progress,
+    Stage,
+    Started,
+    Stopped,
+    Tick,
+    decode,
+    progress_of,
+)
 
 SUMMARY_EVERY_S = 30.0  # also the shortest gap between two progress lines of one trial
 
@@ -38,7 +50,8 @@ class TrialState:
     started: float | None = None  # when it reported `Started`
     evaluating: float | None = None  # when its first evaluation began
     printed: float = -math.inf  # when its last progress line was printed
-    done: bool = False
+    done: bool = False  # finished, failed or stopped: nothing left for it in this invocation
+    stopped: bool = False  # stopped by the driver (a signal): a rerun resumes it
 
 
 @dataclass(frozen=True)
@@ -197,6 +210,9 @@ class Console(Callback):
                 self.summary()
             case Failed(reason=reason):
                 self.fail(point_id, reason)
+            case Stopped(reason=reason):
+                t.done = t.stopped = True
+                self._line(t, reason)
 
     def _progress(self, t: TrialState, progress: Progress, values: dict, now: float) -> None:
         """A step line of the running stage: the first after it starts, then at most one every `SUMMARY_EVERY_S`."""
@@ -217,17 +233,20 @@ class Console(Callback):
         self.last_summary = now
         running = [t for t in trials if t.started is not None and not t.done]
         self.slots = max(self.slots, len(running))
-        done = sum(t.done for t in trials)
+        ended = sum(t.done for t in trials)
+        done = ended - sum(t.stopped for t in trials)
         images = sum(t.progress.images_per_s or 0 for t in running if t.progress.stage == "pretrain")
         measured = pace(self.finished, running)
         left = eta(trials, measured, now, self.slots)
-        failed = f" ({self.failed} failed)" if self.failed else ""
+        stopped = sum(t.stopped for t in trials)
+        failed = ", ".join(f"{n} {what}" for n, what in ((self.failed, "failed"), (stopped, "stopped")) if n)
+        failed = f" ({failed})" if failed else ""
         if left is None:
             when = "eta unknown until a trial reports its pace"
         else:  # before a trial has finished, its evaluations are not timed: the ETA is a lower bound
             when = f"eta {'' if measured.eval_s is not None else '>'}{duration(left)}"
         print(f"{time.strftime('%H:%M:%S')} study: {done} of {len(trials)} done{failed}, {len(running)} running, "
-              f"{len(trials) - done - len(running)} pending, {images:,.0f} images/s, {when} "
+              f"{len(trials) - ended - len(running)} pending, {images:,.0f} images/s, {when} "
               f"({duration(now - self.start)} elapsed)", flush=True)
 
     def _line(self, t: TrialState, text: str) -> None:

@@ -8,16 +8,85 @@ back), read through MLflow's public client API; and the report rebuilt from it.
 from __future__ import annotations
 
 import argparse
+import re
+import sqlite3
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from analysis import report, results
 from pipelines.config import UserError
-from study.tracking import ROLE_TAG
+from study.tracking import ROLE_TAG, check_tracking_uri
+
+
+def open_store(tracking_uri: str) -> MlflowClient:
+    """A client of the tracking store at `tracking_uri`, which must exist: MLflow makes a missing sqlite database
+    (and its folders) on first use, so a mistyped path would leave an empty store behind and find no study in it.
+
+    Raises:
+        UserError: one line, for a scheme MLflow does not take, a local store that is not there, or a database
+            store without its driver.
+    """
+    check_tracking_uri(tracking_uri)
+    scheme = urlparse(tracking_uri).scheme.split("+")[0].lower()
+    if scheme == "sqlite":
+        path = Path(tracking_uri.partition("://")[2].removeprefix("/").partition("?")[0])
+        found = _holds_mlflow(path) if path.is_file() else False
+        if found is None:
+            raise UserError(f"{tracking_uri}: {path} is not an SQLite database; a study's store is its --out "
+                            "folder's mlflow.db")
+        if not found:  # missing, or a database MLflow would add its tables to
+            raise UserError(f"no MLflow store at {path} ({tracking_uri}); a study's is its --out folder's mlflow.db")
+    elif scheme in ("", "file"):
+        path = Path(url2pathname(urlparse(tracking_uri).path) if scheme else tracking_uri)
+        if not path.is_dir():
+            raise UserError(f"no MLflow store at {path} ({tracking_uri}): no such folder")
+    try:
+        return MlflowClient(tracking_uri)
+    except ImportError as err:  # a database store whose driver is not installed (e.g. postgresql: psycopg2)
+        raise UserError(f"{tracking_uri}: MLflow cannot open it ({err}); install the database's Python "
+                        "driver") from None
+
+
+def _holds_mlflow(path: Path) -> bool | None:
+    """Whether an SQLite file holds MLflow's tables (an empty file holds none), read-only; None for a file that is
+    not SQLite. One this process cannot read now (locked) counts as MLflow's: MLflow then says what it finds."""
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'"
+            return db.execute(query).fetchone() is not None
+    except sqlite3.OperationalError:
+        return True
+    except sqlite3.DatabaseError:
+        return None
+
+
+@contextmanager
+def store_errors(tracking_uri: str) -> Iterator[None]:
+    """MLflow's errors reading the store as one line: a server that cannot be reached (MLflow wraps the
+    connection error of `requests`), or MLflow's own first line."""
+    import requests
+
+    try:
+        yield
+    except MlflowException as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, requests.ConnectionError | requests.Timeout):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(cause))
+            why = "timed out" if isinstance(cause, requests.Timeout) else errno[1] if errno else type(cause).__name__
+            raise UserError(f"cannot reach the MLflow tracking server at {tracking_uri} ({why})") from None
+        first = (str(err.message).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"MLflow at {tracking_uri}: {first}") from None
 
 
 def study_run_id(client: MlflowClient, name: str) -> str:
@@ -36,8 +105,9 @@ def study_run_id(client: MlflowClient, name: str) -> str:
 
 def table_from_experiment(name: str, tracking_uri: str) -> pd.DataFrame:
     """The results table of the experiment's most recent study (parent) run."""
-    client = MlflowClient(tracking_uri)
-    run_id = study_run_id(client, name)
+    with store_errors(tracking_uri):
+        client = open_store(tracking_uri)
+        run_id = study_run_id(client, name)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, "results.csv", tmp)

@@ -188,8 +188,16 @@ class Failed:
     reason: str  # one line: a diverged loss or bad data; a deterministic failure Tune must not retry
 
 
-Event = Started | Stage | Curve | Tick | Finished | Failed
-_KINDS = {cls.__name__: cls for cls in (Started, Stage, Curve, Tick, Finished, Failed)}
+@dataclass
+class Stopped:
+    """The driver is stopping the study (a signal): the trial stopped at a step boundary, with its checkpoint where
+    it keeps one. Not a failure: a rerun resumes it (`reason` says where)."""
+
+    reason: str
+
+
+Event = Started | Stage | Curve | Tick | Finished | Failed | Stopped
+_KINDS = {cls.__name__: cls for cls in (Started, Stage, Curve, Tick, Finished, Failed, Stopped)}
 WIRE_KEY = "study_event"
 
 

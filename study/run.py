@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from pipelines import atomic
 from pipelines.config import UserError, to_dict
 from pipelines.models import ModelOptions
 from study.config import GridPoint, StudyConfig, check_data, expand, load_study, pipe_commands
@@ -61,6 +62,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="take the study's lease even if another driver seems to hold it (when that driver is "
                              "known to be gone)")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flags that only mean something with --dry-run or --suggest, given without it: a study must not start (and
+    spend GPU-hours) because `--dry-run` was forgotten.
+
+    Raises:
+        UserError: one line naming the flag and what it needs.
+    """
+    needs = {"--json": ("--dry-run", args.json and not args.dry_run),
+             "--budget": ("--suggest", args.budget is not None and not args.suggest),
+             "--apply": ("--suggest", args.apply is not None and not args.suggest),
+             "--mfu": ("--dry-run or --suggest", args.mfu is not None and not (args.dry_run or args.suggest))}
+    for flag, (with_, given_alone) in needs.items():
+        if given_alone:
+            raise UserError(f"{flag} works only with {with_}; add it (nothing was run)")
+    if args.dry_run and args.suggest:
+        raise UserError("--dry-run and --suggest are two different reports: give one of them")
 
 
 def print_recipes(cfg: StudyConfig, as_json: bool) -> None:
@@ -151,6 +170,28 @@ class Locations:
         self.tracking_uri = args.tracking_uri or default_tracking_uri(self.root)
 
 
+def check_folders(cfg: StudyConfig, args: argparse.Namespace, create: bool) -> None:
+    """The local folders this invocation writes (--out, a local --storage, data.cache_dir) can be folders: none is
+    a file, nor under one; with `create` (a real run) each is made here, so that one that cannot be (no permission,
+    a read-only or pseudo file system) is one line before any work, not a traceback from deep in a stage.
+
+    Raises:
+        UserError: naming the option or key, the path and why.
+    """
+    folders = [("data.cache_dir", cfg.cache_dir), ("--out", Path(args.out).expanduser() / cfg.study)]
+    if args.storage and "://" not in args.storage:  # before --out: a refusal leaves no study folder behind
+        folders.insert(0, ("--storage", Path(args.storage).expanduser()))
+    for what, path in folders:
+        if (there := atomic.file_in_the_way(path)) is not None:
+            raise UserError(f"{what}: {path} cannot be a folder: {there} is a file; give a folder")
+    for what, path in folders if create else ():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"{what}: cannot make the folder {path} ({err.strerror or err}); give a folder this "
+                            "user can write") from None
+
+
 def read_plan(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace):
     """The plan from what storage and MLflow hold, read without writing to either, and the read-only tracker it
     came from (None without a tracking store)."""
@@ -176,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     args, lease = parse_args(argv), None
     restore = stop_at_once()  # until the trials run (`Interrupt`) and after them: a signal stops the driver at once
     try:
+        check_flags(args)
+        if args.tracking_uri is not None:
+            from study.tracking import check_tracking_uri
+
+            check_tracking_uri(args.tracking_uri)
         cfg = load_study(args.grid, args.overrides)
         heartbeat_seconds()  # a bad VITSCALE_LEASE_HEARTBEAT_S: one line, before any work
         points = expand(cfg)  # the one expansion of the grid; Tune receives these points
@@ -185,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             from study.suggest import run_suggest
 
             return run_suggest(cfg, points, args, args.mfu or ASSUMED_MFU)
+        check_folders(cfg, args, create=False)
         checked = check_data(cfg)  # the same checks for a dry run and, before Ray starts, a real one
         if args.dry_run:
             print_grid(describe(cfg, points, planned_actions(cfg, points, args), args.mfu or ASSUMED_MFU), args.json)
@@ -195,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("\n".join(f"{args.grid}: {problem}" for problem in checked.problems))
         if args.dry_run:
             return 0
+        check_folders(cfg, args, create=True)
         from study import tune_runner
         from study.lease import Lease
         from study.trial import Stopwatch
@@ -277,7 +325,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     from analysis.verdict import Verdict
     from study.identity import eval_ids
     from study.interrupt import STOP, Interrupt
-    from study.plan import plan
+    from study.plan import RUNS, plan
     from study.tracking import Tracker, comparison_metrics, runs_url, ui_command
     from study.trial import Stopwatch
 
@@ -293,6 +341,9 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     evals = eval_ids(cfg)
     decisions = plan(points, evals, where.storage, tracker.known, args.fresh)
     print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, ASSUMED_MFU), as_json=False)
+    if not any(d.action in RUNS for d in decisions):
+        print(f"\nall {len(decisions)} points are done: nothing to train or evaluate; writing the report from what "
+              "storage and MLflow hold", flush=True)
     tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve())}
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))
@@ -320,7 +371,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
         tracker.end_started("FAILED" if status == "FINISHED" else status)  # none left RUNNING, whatever ended this
         files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
         tracker.finish_parent(status, [f for f in files if f.exists()], where.out / "figures",
-                              {"failed_points": f"{len(failures)} of {len(points)}"} if failures else {},
+                              {"failed_points": f"{len(failures)} of {len(points)}" if failures else None},
                               description=note, metrics=comparison)
         left = tracker.close()
         if lease is not None:  # every write is done: a loss found from here on has nothing left to stop
@@ -398,8 +449,8 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
         clock.update(run_trials(cfg, plans, where.storage, callback, f"{cfg.study}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 interrupt, args.verbose))
         records.update(callback.records)
-        for pid, plan in plans.items():
-            if pid not in records:
+        for pid, plan in plans.items():  # (after a signal, a point stopped or not started is no failure)
+            if pid not in records and (pid in callback.failures or interrupt.signum is None):
                 failures[plan.point.name] = callback.failures.get(pid, "no result reported")
     return decisions, records, failures
 

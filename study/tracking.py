@@ -48,6 +48,27 @@ _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_AL
               "INVALID_STATE", "PERMISSION_DENIED"}
 
 
+# The tracking URI schemes MLflow's client takes (`mlflow.tracking.registry`; a database's `+driver` aside).
+SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A tracking URI MLflow can open, checked before any work (its client would raise a traceback at the first
+    read).
+
+    Raises:
+        UserError: one line naming the scheme and the valid ones.
+    """
+    from urllib.parse import urlparse
+
+    from pipelines.config import UserError
+
+    scheme = urlparse(uri).scheme.split("+")[0].lower()
+    if scheme and scheme not in SCHEMES:
+        raise UserError(f"--tracking-uri {uri}: MLflow takes no '{scheme}://' store; give one of "
+                        f"{', '.join(s + '://' for s in SCHEMES)} or a local folder")
+
+
 def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
@@ -190,6 +211,10 @@ class _Writer(threading.Thread):
     def drain(self, timeout: float) -> int:
         """Wait up to `timeout` s for the queue to empty; returns the number of writes left."""
         deadline = time.time() + timeout
+        if self.jobs.unfinished_tasks and self.down_since is not None:  # a wait of minutes: say what it is
+            print(f"mlflow: {self.uri} is still unreachable; waiting up to {timeout:.0f} s for its "
+                  f"{self.jobs.unfinished_tasks} queued writes (what is left then, the next invocation logs from "
+                  "the study's storage)", file=sys.stderr)
         while self.jobs.unfinished_tasks and time.time() < deadline:
             time.sleep(0.2)
         self.stopping.set()
@@ -233,7 +258,13 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path, fresh: bool = False,
                  read_only: bool = False):
         self.uri, self.name, self.fresh = tracking_uri, experiment, fresh
-        self.client = MlflowClient(tracking_uri)
+        try:
+            self.client = MlflowClient(tracking_uri)
+        except ImportError as err:  # a database store whose driver is not installed (e.g. postgresql: psycopg2)
+            from pipelines.config import UserError
+
+            raise UserError(f"--tracking-uri {tracking_uri}: MLflow cannot open it ({_first_line(err)}); install "
+                            "the database's Python driver") from None
         self.experiment_id, self.parent_id = "", ""
         self.runs: dict[str, str] = {}  # point id -> child run id
         self.started: set[str] = set()  # points whose child this invocation marked RUNNING (writer thread)
@@ -365,6 +396,13 @@ class Tracker:
                 self.writer.submit(f"orphan {child.run_id}", lambda run_id=child.run_id, status=status:
                                    self.client.set_terminated(run_id, status))
 
+    def note_stop(self, point, reason: str) -> None:
+        """Why a started point's run ends KILLED (`kill_points` ends it): a tag, on the run the point started."""
+        def job() -> None:
+            if (run_id := self.runs.get(point.id)) is not None:
+                self.client.set_tag(run_id, "stop_reason", reason[:5000])
+        self.writer.submit(f"stop of {point.name}", job)
+
     def kill_points(self, points) -> None:
         """The children of `points` (stopped by a signal) end KILLED, whatever a trial reported on its way out;
         a point that never started has no child and gets none."""
@@ -391,10 +429,14 @@ class Tracker:
     def finish_parent(self, status: str, files: list[Path], folder: Path | None, tags: dict | None = None,
                       description: str = "", metrics: list[Metric] | None = None) -> None:
         """The study's comparison (`comparison_metrics`), its `description` (MLflow shows it atop the run), the report
-        `files` and figure `folder` as artifacts, then `status`."""
+        `files` and figure `folder` as artifacts, then `status`; a tag given as None is removed where set."""
         def job() -> None:
+            tagged = self.client.get_run(self.parent_id).data.tags
             for name, value in {**(tags or {}), **({NOTE_TAG: description} if description else {})}.items():
-                self.client.set_tag(self.parent_id, name, value)
+                if value is not None:
+                    self.client.set_tag(self.parent_id, name, value)
+                elif name in tagged:  # None: no longer true (an earlier invocation's failures, since resumed)
+                    self.client.delete_tag(self.parent_id, name)
             self._log_comparison(metrics or [])
             for f in files:
                 self.client.log_artifact(self.parent_id, str(f))

@@ -51,6 +51,7 @@ from study.protocol import (
     Progress,
     Stage,
     Started,
+    Stopped,
     Tick,
     encode,
     eval_kind,
@@ -81,6 +82,11 @@ def load_record(storage: Storage, point_id: str) -> PointRecord | None:
     return PointRecord.from_json(raw) if raw is not None else None
 
 
+class NotStarted(Exception):
+    """The driver was stopping the study when this point's trial began: it ends at once and reports nothing, so the
+    point stays as it was (no MLflow run, nothing in storage)."""
+
+
 def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path, emit: Emit,
               progress: bool = False, device: torch.device | None = None) -> PointRecord | None:
     """Run one trial; every file it makes goes to `storage` (`PointFiles`), `scratch` is node-local.
@@ -90,7 +96,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     record (the other ranks return None)."""
     point, files = plan.point, plan.files
     if storage.exists(STOP):  # the driver is stopping the study: a point not started yet stays so
-        raise TrainingStopped(0)
+        raise NotStarted(point.id)
     device = device or pick_device(cfg.resources.gpus_per_worker)
     where = distributed.ranks()
     record = load_record(storage, point.id) or PointRecord(point.id, PointFields(**point.table_fields))
@@ -347,8 +353,10 @@ def _run_guarded(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: P
                 raise RuntimeError(f"worker preempted (SIGTERM) {err.where}: " + (
                     "checkpointed, retried from there" if err.stage == "pretrain" else
                     f"retried, {err.stage} from its start")) from None
-            emit(Failed(f"stopped by the driver {err.where}; a rerun " + (  # not retried
+            emit(Stopped(f"stopped by the driver {err.where}; a rerun " + (  # not retried
                 "resumes there" if err.stage == "pretrain" else f"runs {err.stage} again")))
+        except NotStarted:
+            pass  # no event: no MLflow run, and the console counts it as not started
         except (TrainingDiverged, UserError) as err:
             emit(Failed(f"{type(err).__name__}: {err} (after {time.time() - start:.0f} s)"))
         except OSError as err:

@@ -22,7 +22,7 @@ from pipelines.config import UserError
 from study.config import StudyConfig
 from study.console import Console, error_text
 from study.interrupt import Interrupt, ray_apart, stop_at_once
-from study.protocol import Curve, Failed, Finished, PointRecord, Started, decode
+from study.protocol import Curve, Failed, Finished, PointRecord, Started, Stopped, decode
 from study.storage import Storage
 from study.tracking import Tracker
 from study.trial import TrialPlan, trainable
@@ -66,6 +66,8 @@ class StudyCallback(Callback):
             case Failed(reason=reason):
                 self.failures[point.id] = reason
                 self.tracker.fail_point(point, reason, self.tags)
+            case Stopped(reason=reason):  # not a failure: the driver's `_stopped` ends its run KILLED
+                self.tracker.note_stop(point, reason)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         point = self._point(trial)

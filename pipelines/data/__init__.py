@@ -10,18 +10,41 @@ import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from tqdm import tqdm
 
 from pipelines import atomic
-from pipelines.data import scan, shapes
-from pipelines.data.folder import folder_classes, folder_files, folder_to_shards
-from pipelines.data.index import INDEX_VERSION, Mapper, ShardSubset, SourceIndex, rebased
+from pipelines.data import shapes
 from pipelines.data.reader import BadCounts, DataError
 from pipelines.data.sources import check_local_shards, info_lengths, is_local, shard_identity, split_files, write_info
 from pipelines.data.writer import write_shard
+
+if TYPE_CHECKING:
+    from pipelines.data.index import Mapper, ShardSubset, SourceIndex
+
+# `index` and `folder` (and `scan` and `batches`, which import `index`) are imported where they are used, not here:
+# `python -m pipelines.data.index` (or `.folder`) imports this package first, and a package that had imported the
+# module already would make runpy run a second copy of it as `__main__` (and warn so). `__getattr__` gives their
+# names as attributes of this package all the same (a test patches them in their own module, where they are read).
+_LAZY = {**dict.fromkeys(("INDEX_VERSION", "Mapper", "ShardSubset", "SourceIndex", "rebased"), "index"),
+         **dict.fromkeys(("folder_classes", "folder_files", "folder_to_shards"), "folder"),
+         **dict.fromkeys(("eval_batches", "load", "split_batches"), "batches")}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = globals()[name] = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 SHARD_SIZE = 4096
 SHAPES_LAYOUT = 2  # 2: `_info.json` in timm's layout (`sources.write_info`); the shards' bytes are unchanged
@@ -50,8 +73,20 @@ class SourceConfig:
     duplicates: Literal["refuse", "first"] = "refuse"  # a key in two places: refused, or the first copy kept
 
     def __post_init__(self):
-        if self.size <= 0 or self.test_size < 0 or self.image_size < 8 or self.num_classes < 2:
-            raise ValueError("need size > 0, test_size >= 0, image_size >= 8 and num_classes >= 2")
+        bad = [f"{key} must be {need} (got {value})" for key, value, ok, need in (
+            ("size", self.size, self.size > 0, "> 0"), ("test_size", self.test_size, self.test_size >= 0, ">= 0"),
+            ("image_size", self.image_size, self.image_size >= 8, ">= 8"),
+            ("num_classes", self.num_classes, self.num_classes >= 2, ">= 2"),
+            ("seed", self.seed, self.seed >= 0, ">= 0, as numpy's seeds are")) if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+        other = {"webdataset": ("root", "test_root", "folder"), "folder": ("urls", "test_urls", "webdataset")}
+        if self.source in other:
+            *keys, theirs = other[self.source]
+            given = [k for k in keys if getattr(self, k)]
+            if given:  # e.g. `urls=` added to a folder grid would otherwise be ignored, the folder still read
+                raise ValueError(f"source '{self.source}' takes no {' or '.join(repr(k) for k in given)} (source "
+                                 f"'{theirs}''s keys); set source: {theirs} to read that instead")
         if self.source == "webdataset" and not self.urls:
             raise ValueError("source 'webdataset' needs 'urls' (e.g. /data/in21k/{000000..001023}.tar)")
         if self.source == "folder" and not self.root:
@@ -88,10 +123,14 @@ class Prepared:
     rebase: tuple[str, str] | None = None  # shards made in the driver's cache, found in this node's
 
     def index(self, split: str = "train") -> SourceIndex:
+        from pipelines.data.index import SourceIndex
+
         return SourceIndex(self.indexes[split], self.rebase)
 
     def subset(self, split: str = "train") -> ShardSubset:
         """A whole split as a subset (evaluation reads all of it)."""
+        from pipelines.data.index import ShardSubset
+
         index = self.index(split)
         return ShardSubset(index, np.arange(len(index), dtype=np.int64))
 
@@ -129,6 +168,8 @@ def prepared(src: SourceConfig, cache_dir: Path, index_root: Path | None = None)
     """What the driver's `prepare` recorded for `src` (O(1): no shard is listed or identified again); shards that
     live in this node's cache (generated or converted) are made here if this node lacks them. Falls back to
     `prepare` where nothing is recorded (a plain Python process)."""
+    from pipelines.data.index import rebased
+
     cache_dir, root = Path(cache_dir), _index_root(cache_dir, index_root)
     path = record_path(src, root)
     if not path.exists():
@@ -151,6 +192,8 @@ def _index_root(cache_dir: Path, index_root: Path | None) -> Path:
 
 
 def record_path(src: SourceConfig, root: Path) -> Path:
+    from pipelines.data.index import INDEX_VERSION
+
     ident = json.dumps([INDEX_VERSION, {k: v for k, v in src.__dict__.items() if k != "name"}], sort_keys=True)
     return root / "prepared" / f"{hashlib.sha256(ident.encode()).hexdigest()[:20]}.json"
 
@@ -160,6 +203,9 @@ def cached_index(shards: list[str], root: Path, mapper: Mapper | None = None, pr
     """The folder of `shards`' index under `root`, built there once (in parallel, moved into place whole) under a
     key made from the shards' identity: a local shard's path, size and modification time; a remote one's ETag or
     its sidecar's content hash. A rewritten shard changes the key, and so does `INDEX_VERSION`."""
+    from pipelines.data import scan
+    from pipelines.data.index import INDEX_VERSION
+
     remote = [shard for shard in shards if not is_local(shard)]
     with ThreadPoolExecutor(max_workers=min(16, len(remote) or 1)) as pool:  # remote look-ups wait on the network
         found = dict(zip(remote, pool.map(shard_identity, remote), strict=True))
@@ -210,6 +256,8 @@ def _check_info(src: SourceConfig, first_shard: str) -> None:
 def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool) -> list[str]:
     """A class folder converted once into shards in the cache (keyed by its files' names, sizes and mtimes), so
     a `folder` source is read by the same reader, index and image path as every other source."""
+    from pipelines.data.folder import folder_files, folder_to_shards
+
     files = folder_files(root)
     ident = [os.path.abspath(root), split] + [(key, os.stat(path).st_size, os.stat(path).st_mtime_ns)
                                               for key, path in files]
@@ -264,6 +312,8 @@ def nested_subset(index: SourceIndex, n: int, seed: int, mode: str = "samples",
     shards in a seeded permutation of their names, each contributing its rows in tar order, the last one cut at
     `n`: a subset reads only the shards it covers (9M of a 300M-image source: 3%).
     """
+    from pipelines.data.index import ShardSubset
+
     skip = np.asarray(held.positions) if held is not None else np.zeros(0, dtype=np.int64)
     if n > len(index) - len(skip):
         raise DataError(f"subset of {n} examples asked, but the source has only {len(index) - len(skip)}"
@@ -293,6 +343,8 @@ def held_out(index: SourceIndex, n: int) -> ShardSubset:
     `SourceIndex.smallest_keys`, stored beside the index). Shards that can only be streamed: whole
     shards in a fixed seeded order of their names (`nested_subset`'s `shards` mode), so a validation pass streams
     those alone, not a sample of every shard."""
+    from pipelines.data.index import ShardSubset
+
     if not 0 < n < len(index):
         raise DataError(f"a held-out slice of {n} rows asked of a source of {len(index)}: give 0 < data.holdout < "
                         f"{len(index)}")
@@ -317,6 +369,8 @@ def class_counts(labels: np.ndarray, num_classes: int) -> dict:
 
 
 def _check_folders(src: SourceConfig) -> dict[str, list[str]]:
+    from pipelines.data.folder import folder_classes
+
     splits = {"train": [src.root]} | ({"test": [src.test_root]} if src.test_root else {})
     classes = None
     for (path,) in splits.values():
@@ -330,8 +384,6 @@ def _check_folders(src: SourceConfig) -> dict[str, list[str]]:
         raise DataError(f"{src.root} has {len(classes)} class folders, but num_classes is {src.num_classes}")
     return splits
 
-
-from pipelines.data.batches import eval_batches, load, split_batches  # noqa: E402  (they read `ImageArrays`)
 
 __all__ = ["DataError", "ImageArrays", "Prepared", "ShardSubset", "SourceConfig", "SourceIndex", "class_counts",
            "default_cache_dir", "eval_batches", "held_out", "load", "manifest_hash", "nested_subset", "prepare",

@@ -3,6 +3,7 @@ by the same reader, index and image path as every other source."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipelines import atomic
+from pipelines.config import UserError
 from pipelines.data.labels import Label
 from pipelines.data.reader import IMAGE_EXTS, DataError
 from pipelines.data.sources import write_info
@@ -88,21 +91,42 @@ def _write_folder_shard(job: tuple) -> int:
     return write_samples(path, (_folder_sample(root, *sample) for sample in samples))
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a shard size of 0 or less would write no shard and say it had)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
+
+def split_name(text: str) -> str:
+    """An argparse type: a split's name, the prefix of its shards' file names in --out."""
+    if not text or "/" in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name prefix (no '/', not starting with '.')")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.data.folder",
                                      description="Convert an ImageNet-style folder (root/<class>/<image>) to shards.")
     parser.add_argument("--from-folder", required=True, help="folder of class folders")
     parser.add_argument("--out", required=True, help="output folder for the shards, classes.json and _info.json")
-    parser.add_argument("--split", default="train", help="split name: shard prefix and _info.json entry")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--split", type=split_name, default="train",
+                        help="split name: shard prefix and _info.json entry")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard")
     args = parser.parse_args(argv)
+    out = Path(args.out)
     try:
         if not os.path.isdir(args.from_folder):
             raise DataError(f"data path not found: {args.from_folder} (expected a folder of class folders)")
-        info = folder_to_shards(args.from_folder, Path(args.out), args.split, args.shard_size)
-    except DataError as err:
+        if (there := atomic.file_in_the_way(out)) is not None:
+            raise UserError(f"--out {out}: {'it' if there == out else there} is a file; the shards are written "
+                            "into a folder (new or existing)")
+        info = folder_to_shards(args.from_folder, out, args.split, args.shard_size)
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     split = info["splits"][args.split]

@@ -87,3 +87,18 @@ def test_inputs_that_cannot_be_compared_fail_with_one_line(tmp_path, capsys):
     assert "python -m study.compare" in capsys.readouterr().err
     assert compare.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "has no" in capsys.readouterr().err
+    (tmp_path / "empty.csv").touch()
+    assert compare.main([str(a), str(tmp_path / "empty.csv"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'empty.csv'}: not a results CSV (empty file)\n"
+    assert compare.main([str(a), "--out", str(a / "results.csv")]) == 2
+    assert capsys.readouterr().err == (f"error: --out {a / 'results.csv'}: it is a file; the report is written "
+                                       "into a folder (new or existing)\n")
+    assert not (tmp_path / "out").exists() and [p.name for p in a.iterdir()] == ["results.csv"]
+
+
+def test_help_is_the_docstring_s_first_paragraph(capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    shown = capsys.readouterr().out.split("\n\n")[1]
+    assert " ".join(shown.split()) == " ".join(compare.__doc__.split("\n\n")[0].split())
+    assert shown.endswith(".")

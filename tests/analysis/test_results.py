@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from analysis import results
+from analysis import report, results
 from analysis.report import leader_rows
 from pipelines.config import UserError
 from pipelines.downstream import Measurement
@@ -43,6 +43,37 @@ def _row(**kw):
 def test_malformed_results_name_column_and_row(tmp_path, rows, message):
     with pytest.raises(UserError, match=message):
         results.read(_csv(tmp_path, rows))
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"), (b"\n  \n", "empty file"), (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not text"),
+    (b"model,family\nViT-B/16,ViT\nViT-B/16,ViT,9e6\n", "Expected 2 fields in line 3, saw 3"),
+])
+def test_a_file_that_is_not_a_csv_is_one_line_and_no_report(tmp_path, capsys, content, reason):
+    """`results.read` is what the report, the comparison and `--suggest` read a table with."""
+    path = tmp_path / "r.csv"
+    path.write_bytes(content)
+    assert report.main(["--results", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {path}: not a results CSV ({reason})\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_one_line_before_the_results_are_read(tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    for out, which in ((mine, "it"), (mine / "report", str(mine))):
+        assert report.main(["--results", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (f"error: --out {out}: {which} is a file; the report is written into a "
+                                           "folder (new or existing)\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and mine.read_text() == "mine"
+
+
+def test_report_help_is_the_docstring_s_first_paragraph(capsys):
+    with pytest.raises(SystemExit):
+        report.main(["--help"])
+    shown = capsys.readouterr().out.split("\n\n")[1]
+    assert " ".join(shown.split()) == " ".join(report.__doc__.split("\n\n")[0].split())
+    assert shown.endswith(".")
 
 
 def test_rows_without_a_finite_value_are_left_out_and_said(tmp_path, capsys):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines import data
+from pipelines.data import folder as folder_module
 from pipelines.data import shapes
 from pipelines.data.augment import eval_image
 from pipelines.data.reader import DataError, iter_encoded
@@ -152,8 +153,8 @@ def test_folder_source_is_converted_once_to_shards_that_give_the_model_the_same_
     src = data.SourceConfig(source="folder", root=str(tmp_path / "train"), test_root=str(tmp_path / "test"),
                             size=12, test_size=6, num_classes=3, image_size=16)
     converted = []
-    real = data.folder_to_shards
-    monkeypatch.setattr(data, "folder_to_shards", lambda *a, **k: converted.append(a) or real(*a, **k))
+    real = folder_module.folder_to_shards
+    monkeypatch.setattr(folder_module, "folder_to_shards", lambda *a, **k: converted.append(a) or real(*a, **k))
     found = data.prepare(src, tmp_path / "cache")
     splits = found.shards
     assert all(path.endswith(".tar") for paths in splits.values() for path in paths)
@@ -217,6 +218,46 @@ def test_folder_to_shards_round_trip_is_pixel_and_label_identical(tmp_path, cach
     bad = run_cli(["-m", "pipelines.data.folder", "--from-folder", str(tmp_path / "nope"), "--out", str(tmp_path)],
                   cache_dir)
     assert bad.returncode == 2 and bad.stderr.startswith("error: data path not found")
+
+
+def test_the_folder_command_refuses_bad_arguments_with_one_line_and_writes_nothing(tmp_path, capsys):
+    """A shard size below 1 would write no shard and say it had (or fail in `range`); an --out that is a file, a
+    folder without images: one line, exit 2, nothing written."""
+    from pipelines.data.folder import main
+
+    _folder(tmp_path / "src", ["cat", "dog"], 2, np.random.default_rng(0))
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "cat" / "notes.txt").write_text("no image")
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    base = ["--from-folder", str(tmp_path / "src"), "--out", str(tmp_path / "wds")]
+    for argv, line in (([*base, "--shard-size", "0"], "argument --shard-size: '0' is not a positive integer"),
+                       ([*base, "--shard-size", "-3"], "argument --shard-size: '-3' is not a positive integer"),
+                       ([*base, "--split", "a/b"], "argument --split: 'a/b' is not a file name prefix")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and line in capsys.readouterr().err.splitlines()[-1]
+    for argv, line in ((base[:2] + ["--out", str(mine)], f"--out {mine}: it is a file; the shards are written into "
+                        "a folder (new or existing)"),
+                       (base[:2] + ["--out", str(mine / "wds")], f"--out {mine / 'wds'}: {mine} is a file"),
+                       (["--from-folder", str(tmp_path / "empty"), "--out", str(tmp_path / "wds")],
+                        f"no images found under {tmp_path / 'empty'} (expected {tmp_path / 'empty'}/<class>/<image>)")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {line}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes.txt", "src"] and mine.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", [["pipelines.data.folder", "--from-folder", "nope", "--out", "x"],
+                                     ["pipelines.data.index", "nope-{0..1}.tar", "--out", "x"]])
+def test_the_data_commands_run_without_runpy_s_warning(tmp_path, command):
+    """`pipelines.data` imports neither command's module: runpy would run a second copy of it as `__main__`, and
+    say so with a RuntimeWarning on every run."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_class_counts_report_the_spread():

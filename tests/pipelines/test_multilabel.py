@@ -13,6 +13,8 @@ from PIL import Image
 
 from pipelines import data, pretrain
 from pipelines.config import UserError
+from pipelines.data import index as index_module
+from pipelines.data import scan
 from pipelines.data.augment import Augment
 from pipelines.data.index import scratch_index
 from pipelines.data.labels import parse_labels
@@ -206,8 +208,9 @@ def test_an_index_from_an_older_reader_is_not_reused(tmp_path):
     assert read_sidecar(url) is None
     cache = tmp_path / "cache"
     data.cached_index([str(tmp_path / "train-0.tar")], cache)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "INDEX_VERSION", data.INDEX_VERSION + 1)
+    with pytest.MonkeyPatch.context() as patch:  # the next version's writer and reader
+        for module, version in ((index_module, index_module.INDEX_VERSION + 1), (scan, scan.INDEX_VERSION + 1)):
+            patch.setattr(module, "INDEX_VERSION", version)
         data.cached_index([str(tmp_path / "train-0.tar")], cache)
     assert len([p for p in cache.iterdir() if (p / "meta.json").exists()]) == 2  # another version, another key
 

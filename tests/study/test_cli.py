@@ -54,6 +54,39 @@ def test_bad_input_is_one_line_and_exit_2(overrides, message, cache_dir, tmp_pat
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--json"], "--json works only with --dry-run; add it (nothing was run)"),
+    (["--budget", "5"], "--budget works only with --suggest; add it (nothing was run)"),
+    (["--apply", "x.yaml"], "--apply works only with --suggest; add it (nothing was run)"),
+    (["--mfu", "0.3"], "--mfu works only with --dry-run or --suggest; add it (nothing was run)"),
+    (["--dry-run", "--suggest"], "--dry-run and --suggest are two different reports: give one of them"),
+    (["--tracking-uri", "foo://bar"], "--tracking-uri foo://bar: MLflow takes no 'foo://' store; give one of "
+                                      "file://, sqlite://, "),
+    (["data.cache_dir=/proc/no-such-folder"], "data.cache_dir: cannot make the folder /proc/no-such-folder (No such "
+                                              "file or directory); give a folder this user can write"),
+])
+def test_flags_and_folders_that_cannot_work_are_one_line_before_any_work(flags, message, cache_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    """A flag of --dry-run or --suggest given alone would have run the whole study; a folder that cannot be made
+    would have failed in a stage, with a traceback."""
+    code, _, stderr = _in_process(["--grid", "configs/smoke.yaml", "--out", str(tmp_path / "out"), *flags],
+                                  cache_dir, monkeypatch, capsys)
+    assert code == 2 and stderr.startswith(f"error: {message}") and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []], ids=["dry-run", "run"])
+@pytest.mark.parametrize("option", ["--out", "--storage"])
+def test_an_out_or_storage_under_a_file_is_one_line(option, dry_run, cache_dir, tmp_path, monkeypatch, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    where = {"--out": str(tmp_path / "out"), "--storage": str(tmp_path / "storage"), option: str(afile)}
+    code, _, stderr = _in_process(["--grid", "configs/smoke.yaml", *dry_run, *(x for kv in where.items() for x in kv)],
+                                  cache_dir, monkeypatch, capsys)
+    shown = afile / "smoke" if option == "--out" else afile
+    assert code == 2 and stderr == f"error: {option}: {shown} cannot be a folder: {afile} is a file; give a folder\n"
+
+
 def test_bad_input_from_the_command_line_is_one_line_exit_2_and_no_traceback(cache_dir, tmp_path):
     proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path),
                     "data.pretrain.source=webdataset", "data.pretrain.urls=/nonexistent/{000000..000003}.tar"],
@@ -157,9 +190,11 @@ def test_a_storage_that_cannot_be_written_stops_the_driver_in_one_line(tmp_path,
                                        str(ro / "storage")], cache_dir, monkeypatch, capsys)
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
-    assert code == 1 and "Traceback" not in stderr, stderr[-2000:]
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: Read-only file system") and "give a writable --storage" in last, last
+    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]  # found before any work: bad input
+    (line,) = stderr.strip().splitlines()
+    assert line == (f"error: --storage: cannot make the folder {ro / 'storage'} (Read-only file system); give a "
+                    "folder this user can write"), line
+    assert not (tmp_path / "out" / "smoke").exists()  # nothing made before the refusal
 
 
 def test_without_git_the_commit_is_the_one_the_submitter_passed(monkeypatch, tmp_path):

@@ -16,6 +16,17 @@ def test_mlflow_input_spellings():
     assert compare.experiment_of("runs/smoke", "x") is None
 
 
+def test_help_says_what_the_comparison_does_and_what_mlflow_adds(capsys):
+    from analysis import compare as analysis_compare
+
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
+    assert shown == " ".join(" ".join(module.__doc__.split("\n\n")[0].split())
+                             for module in (analysis_compare, compare))
+    assert shown.endswith(".")
+
+
 @pytest.mark.slow
 def test_compare_a_smoke_study_from_mlflow_and_from_its_folder(smoke, tmp_path, capsys):
     """`main` as the command line calls it, in this process (a Python start would cost ~8 s of imports)."""

@@ -17,6 +17,14 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
     (["pretrain.lr=.inf"], "pretrain.lr: expected a finite number, got inf"),
     (["pretrain.weight_decay=.nan"], "pretrain.weight_decay: expected a finite number, got nan"),
     (["pretrain.checkpoint_every=-1"], "pretrain.checkpoint_every must be >= 0, got -1"),
+    (["data.pretrain.seed=-1"], "data.pretrain: seed must be >= 0, as numpy's seeds are (got -1)"),
+    (["data.pretrain.image_size=7", "data.pretrain.num_classes=1"],
+     "data.pretrain: image_size must be >= 8 (got 7); num_classes must be >= 2 (got 1)"),
+    (["data.pretrain.source=folder", "data.pretrain.root=/d", "data.pretrain.urls=/d/{0..3}.tar"],
+     "data.pretrain: source 'folder' takes no 'urls' (source 'webdataset''s keys); set source: webdataset to read "
+     "that instead"),
+    (["data.pretrain.source=webdataset", "data.pretrain.urls=/d/{0..3}.tar", "data.pretrain.root=/d"],
+     "data.pretrain: source 'webdataset' takes no 'root' (source 'folder''s keys)"),
     (["pretrain.keep_checkpoints=0"], "pretrain.keep_checkpoints must be >= 1, got 0"),
     (["pretrain.beta2=1"], r"pretrain.beta2 must be in [0, 1), got 1.0"),
     (["pretrain.warmup_steps=-5"], "pretrain.warmup_steps must be >= 0, got -5"),
@@ -99,3 +107,23 @@ evaluate: {fewshot: {shots: [1]}}
         "curl -s https://h/train-0.tar", "curl -s https://h/train-1.tar", "curl -s https://h/train-2.tar",
         "aws s3 cp s3://b/pets-0.tar -", "aws s3 cp s3://b/pets-test.tar -"]
     assert pipe_commands(load_study(SMOKE)) == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ("study: x\nmodels: [ViT-Pico/4\n", "is not valid YAML: line 3, column 1: expected ',' or ']', but got "
+                                        "'<stream end>'"),
+    ("study: x\nseeds: [0]\nmodels: [ViT-Pico/4]\nseeds: [1]\n",
+     "is not valid YAML: line 4, column 1: key 'seeds' is given twice (also on line 2)"),
+    ("base: &b {lr: 1.0}\npretrain: {<<: *b, lr: 2.0}\n", None),  # a merge's key may be overridden
+])
+def test_a_yaml_error_names_its_line_and_a_key_given_twice_is_one(tmp_path, text, message):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(text)
+    if message is None:
+        from pipelines.config import load_yaml
+
+        assert load_yaml(text)["pretrain"] == {"lr": 2.0}
+        return
+    with pytest.raises(ConfigError) as err:
+        load_study(grid)
+    assert str(err.value) == f"{grid} {message}"

@@ -23,6 +23,7 @@ from study.protocol import (
     Progress,
     Stage,
     Started,
+    Stopped,
     Tick,
     decode,
     encode,
@@ -194,3 +195,18 @@ def test_a_crash_tune_retries_or_gives_up_on_names_the_exception(capsys, tmp_pat
     lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in capsys.readouterr().out.splitlines()]
     assert lines[1:3] == ["BiT-R14_n256_s0  crashed, retried from its newest checkpoint: OSError: node lost",
                           "BiT-R14_n256_s0  FAILED: OSError: node lost"]
+
+
+def test_a_trial_stopped_by_the_driver_is_stopped_not_failed_and_one_never_started_stays_pending(capsys):
+    clock = Clock()
+    plans = {pid: SimpleNamespace(point=SimpleNamespace(name=f"ViT-B-16_n{n}_s0", model="ViT-B/16", steps=100),
+                                  action="train") for pid, n in (("p1", 256), ("p2", 1024), ("p3", 4096))}
+    console = Console(plans, "pets", slots=1, clock=clock)
+    console.event("p1", Started({"device": "cpu"}), Progress())
+    console.event("p1", Stopped("stopped by the driver at step 40; a rerun resumes there"), Progress())
+    console.event("p2", Failed("TrainingDiverged: loss became nan"), Progress())
+    console.on_experiment_end([])
+    lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[1] == "ViT-B-16_n256_s0  stopped by the driver at step 40; a rerun resumes there"
+    assert lines[-1].startswith("study: 1 of 3 done (1 failed, 1 stopped), 0 running, 1 pending")
+    assert decode(encode(Stopped("x"))) == Stopped("x")

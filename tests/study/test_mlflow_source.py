@@ -34,3 +34,25 @@ def test_the_latest_study_run_s_table_is_read_back_unchanged(tmp_path):
     with pytest.raises(UserError, match="experiments there: .*toy"):
         table_from_experiment("other", uri)
     assert main(["--experiment", "other", "--tracking-uri", uri, "--out", str(tmp_path / "report")]) == 2
+
+
+def test_a_store_that_is_not_there_is_one_line_and_nothing_is_made(tmp_path, capsys, monkeypatch):
+    """MLflow would make a missing sqlite store (and its folders) and find no study in it; a scheme it does not
+    take, or a server it cannot reach, would be a traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.db").write_text("mine")
+    (tmp_path / "empty.db").touch()
+    cases = {None: "no MLflow store at runs/mlflow.db (sqlite:///runs/mlflow.db); a study's is its --out",
+             f"sqlite:///{tmp_path}/nope/mlflow.db": f"no MLflow store at {tmp_path}/nope/mlflow.db (sqlite:",
+             "sqlite:///empty.db": "no MLflow store at empty.db (sqlite:///empty.db)",
+             "sqlite:///notes.db": "sqlite:///notes.db: notes.db is not an SQLite database",
+             str(tmp_path / "mlruns"): f"no MLflow store at {tmp_path / 'mlruns'} (",
+             "foo://bar": "--tracking-uri foo://bar: MLflow takes no 'foo://' store; give one of file://, sqlite://",
+             "http://127.0.0.1:1": "cannot reach the MLflow tracking server at http://127.0.0.1:1 (Connection refused)"}
+    for uri, line in cases.items():
+        argv = ["--experiment", "smoke", "--out", str(tmp_path / "report")]
+        assert main(argv + (["--tracking-uri", uri] if uri else [])) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {line}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "notes.db"]
+    assert (tmp_path / "notes.db").read_text() == "mine" and (tmp_path / "empty.db").stat().st_size == 0

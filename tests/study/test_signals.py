@@ -27,18 +27,30 @@ def _steps(tmp_path) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_the_study_with_a_checkpoint_and_the_rerun_resumes(sig, tmp_path, cache_dir):
-    args = ["-m", "study.run", "--out", str(tmp_path), *ARGS]
+    """With SIGINT a second point waits behind the first (one trial at a time): stopped before it started, it gets
+    no MLflow run and is not called a failure."""
+    pending = ["data.subsets=[1024, 2048]", "resources.max_concurrent_trials=1"] if sig == signal.SIGINT else []
+    args = ["-m", "study.run", "--out", str(tmp_path), *ARGS, *pending]
+    points = 2 if pending else 1
     proc = start_cli(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     wait_until(proc, lambda: checkpointed(tmp_path), "a checkpoint in storage")
     os.killpg(proc.pid, sig)  # the driver's whole process group, as a terminal or a scheduler signals a job
-    _, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + sig, err[-3000:]
     assert "Traceback" not in err and "core dumped" not in err and "Aborted" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith(f"stopped by {sig.name}: 0 of 1 points done, 1 stopped")
+    assert err.strip().splitlines()[-1].startswith(
+        f"stopped by {sig.name}: 0 of {points} points done, {points} stopped")
     assert "rerun the same command to resume" in err
+    assert "FAILED" not in out and "failed" not in out, out[-3000:]
+    assert "stopped by the driver at step" in out, out[-3000:]
     stopped_at = _steps(tmp_path)[-1]
     assert stopped_at % 5 == 0 and stopped_at < 300  # a step boundary, before the end
-    assert mlflow_statuses(tmp_path) == ("KILLED", ["KILLED"])
+    assert mlflow_statuses(tmp_path) == ("KILLED", ["KILLED"])  # with SIGINT: no run for the point not started
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert not any("failed_points" in r.data.tags for r in runs)  # stopped, not failed
+    assert [r.data.tags["stop_reason"] for r in runs if "mlflow.parentRunId" in r.data.tags] == [
+        f"stopped by the driver at step {_steps(tmp_path)[-1]}; a rerun resumes there"]
     if sig == signal.SIGINT:
         return
     again = run_cli(args, cache_dir, timeout=900)
@@ -48,6 +60,21 @@ def test_a_signal_stops_the_study_with_a_checkpoint_and_the_rerun_resumes(sig, t
     (child,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
                                   "tags.study_role = 'point'")
     assert child.data.metrics["resumed_from_step"] == stopped_at  # from the checkpoint of the stop
+
+
+def test_ctrl_c_while_torch_imports_is_one_line_not_a_traceback(tmp_path):
+    """The driver's handlers are set in `main`, after seconds of importing torch, timm and Ray: a Ctrl-C before then
+    ends the process as SIGINT does (130), in one line."""
+    import time
+
+    proc = start_cli(["-m", "study.run", "--out", str(tmp_path), "--dry-run", *ARGS], tmp_path / "cache",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.3)  # importing takes ~4 s here
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT), err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        "stopped by SIGINT before anything started; nothing was run"], err[-3000:]
 
 
 def test_a_signal_while_the_data_are_prepared_stops_the_driver_in_one_line(tmp_path):

@@ -75,3 +75,47 @@ def test_a_cut_off_reevaluation_is_no_longer_complete_and_its_orphan_ends_killed
     assert third.close(timeout=60) == 0
     status = {p.id: third.client.get_run(first.runs[p.id]).info.status for p in points[:2]}
     assert status == {points[0].id: "KILLED", points[1].id: "FINISHED"}
+
+
+def test_a_resumed_study_that_finishes_loses_the_failed_points_tag_of_the_invocation_before(tmp_path):
+    """A real SQLite store: the first invocation ends FAILED with `failed_points`; the rerun that finishes every
+    point ends FINISHED without it (the tag said what is no longer true)."""
+    from study.tracking import Tracker
+
+    uri, art = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts"
+    first = Tracker(uri, "smoke", art)
+    first.start_parent("parent", {}, [], "one")
+    first.finish_parent("FAILED", [], None, {"failed_points": "1 of 4"})
+    assert first.close(timeout=60) == 0
+    assert first.client.get_run(first.parent_id).data.tags["failed_points"] == "1 of 4"
+    second = Tracker(uri, "smoke", art)
+    assert second.parent_id == first.parent_id  # the rerun reuses the study's parent
+    second.start_parent("parent", {}, [], "two")
+    second.finish_parent("FINISHED", [], None, {"failed_points": None})
+    second.finish_parent("FINISHED", [], None, {"failed_points": None})  # absent already: nothing to remove
+    assert second.close(timeout=60) == 0
+    parent = second.client.get_run(second.parent_id)
+    assert parent.info.status == "FINISHED" and "failed_points" not in parent.data.tags
+
+
+def test_waiting_on_an_unreachable_server_at_the_end_says_so(capsys):
+    """The writes queued for a server that is down are waited for at the end (up to `close`'s timeout): a silent
+    wait of minutes looked like a hang, so it is said, with the count."""
+    from study.tracking import _Writer
+
+    writer = _Writer("http://127.0.0.1:1")
+
+    def refused() -> None:
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    writer.submit("a metric", refused)
+    writer.submit("another", refused)
+    import time
+
+    while writer.down_since is None:  # the first write has failed (as it has, long before the end, in a study)
+        time.sleep(0.01)
+    left = writer.drain(timeout=1.0)
+    err = capsys.readouterr().err.splitlines()
+    assert left == 2 and err[0].startswith("mlflow: http://127.0.0.1:1 is unreachable (")
+    assert err[1] == ("mlflow: http://127.0.0.1:1 is still unreachable; waiting up to 1 s for its 2 queued writes "
+                      "(what is left then, the next invocation logs from the study's storage)")
