@@ -301,14 +301,17 @@ def _int_or_none(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA else int(v)
 
 
-def _crossing(diff_fn, lo: float, hi: float) -> float | None:
-    """First x in [lo, hi] (log grid) where diff goes from <= 0 to > 0, refined by bisection in log x."""
+def _crossing(diff_fn, lo: float, hi: float, lasting: bool = False) -> float | None:
+    """First x in [lo, hi] (log grid) where diff goes from <= 0 to > 0, refined by bisection in log x. `lasting`:
+    the last such x, and only where diff stays > 0 from there to `hi` (an overtaking the other curve takes back
+    within the window is none)."""
     grid = np.geomspace(lo, hi, 400)
     d = diff_fn(grid)
     idx = np.flatnonzero((d[:-1] <= 0) & (d[1:] > 0))
-    if not len(idx):
+    if not len(idx) or lasting and not d[-1] > 0:
         return None
-    a, b = math.log(grid[idx[0]]), math.log(grid[idx[0] + 1])
+    at = idx[-1] if lasting else idx[0]
+    a, b = math.log(grid[at]), math.log(grid[at + 1])
     for _ in range(60):
         mid = 0.5 * (a + b)
         a, b = (mid, b) if diff_fn(np.array([math.exp(mid)]))[0] <= 0 else (a, mid)
@@ -411,25 +414,26 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
     if vit_fit is None or bit_fit is None or not sizes:
         return {**none, "reason": "no sign flip between measured sizes, and no fitted law for both (need 3 sizes)"}
     lo, hi = min(sizes), max(sizes)
-    # Where the fitted laws are searched for the ViT overtaking: from the smallest size to 1000x beyond the largest
-    # while the BiT leads at the largest (the laws may cross inside the measured range where the means do not flip,
-    # and so may a bootstrap replicate: counted where it crosses, not as "never"); from 1000x below the smallest to
-    # the largest when the ViT leads there (it can only have overtaken before).
+    # Where the fitted laws are searched for the ViT overtaking for good (ahead from there to the window's end):
+    # from the smallest size to 1000x beyond the largest while the BiT leads at the largest (the laws may cross
+    # inside the measured range where the means do not flip, and so may a bootstrap replicate: counted where it
+    # crosses, not as "never"); from 1000x below the smallest to the largest when the ViT leads there (it can only
+    # have overtaken before).
     diff = means_v[sizes] - means_b[sizes]
     led = diff[diff != 0]
     ahead = bool(len(led)) and led.iloc[-1] > 0
     a, b = (lo / EXTRAPOLATE, hi) if ahead else (lo, hi * EXTRAPOLATE)
     window = {"window": [float(a), float(b)]}
-    estimate = _crossing(lambda x: vit_fit.accuracy(x) - bit_fit.accuracy(x), a, b)
+    estimate = _crossing(lambda x: vit_fit.accuracy(x) - bit_fit.accuracy(x), a, b, lasting=True)
     if estimate is None:
         where = (f"from {EXTRAPOLATE:g}x below the smallest size to the largest" if ahead else
                  f"from the smallest size to {EXTRAPOLATE:g}x beyond the largest")
         return {**none, **window,
-                "reason": f"{_who_leads(diff)}, and the fitted ViT does not overtake the BiT {where}"}
+                "reason": f"{_who_leads(diff)}, and the fitted ViT does not overtake the BiT for good {where}"}
     vit_samples, bit_samples = paired(vit_fit, bit_fit)
     n = len(vit_samples)
-    fit_boots = [_crossing(lambda x, i=i: power_law(x, *bit_samples[i]) - power_law(x, *vit_samples[i]), a, b)
-                 for i in range(n)]
+    fit_boots = [_crossing(lambda x, i=i: power_law(x, *bit_samples[i]) - power_law(x, *vit_samples[i]), a, b,
+                           lasting=True) for i in range(n)]
     status = "extrapolated" if not lo <= estimate <= hi else "fitted"
     out = {"status": status, "estimate": estimate, "bracket": None, "ci": None, "fit_estimate": estimate, **window,
            "support": None, "reason": f"no bootstrap fits (ViT: {vit_fit.bootstrap}; BiT: {bit_fit.bootstrap})"}

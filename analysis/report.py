@@ -170,9 +170,9 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
         ("p", "observed: the sign of (ViT − BiT) flips between two measured sizes (log-linear interpolation "
               "inside the bracket; fit_estimate is the fitted curves' crossing there; 95% CI: the same estimate on "
               "means with seeds resampled within each size, paired across models); extrapolated: the fitted laws "
-              "cross outside the measured range (95% CI over pairs of seed-bootstrap fits); fitted: they cross "
-              "inside it, where the measured means do not change leader; none: neither, in the sizes the reason "
-              "names. "
+              "cross outside the measured range, the ViT ahead from there on (95% CI over pairs of seed-bootstrap "
+              "fits); fitted: they cross so inside it, where the measured means show no ViT overtaking; none: "
+              "neither, in the sizes the reason names. "
               "support: the fraction of bootstrap replicates that cross; a CI is given where at least half do."),
         ("table", ["ViT", "BiT", "evaluation", "status", "estimate", "bracket", "fit estimate", "95% CI",
                    "support", "no CI because"],
@@ -339,9 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 def check_out(out: Path) -> None:
     """`out` is a folder or can be made one, said before any input is read (`mkdir` would fail on a file, or below
     one, after the inputs were read, with a traceback)."""
-    if (there := atomic.file_in_the_way(out)) is not None:
-        raise UserError(f"--out {out}: {'it' if there == out else there} is a file; the report is written into a "
-                        "folder (new or existing)")
+    if (problem := atomic.folder_problem(out)) is not None:
+        raise UserError(f"--out {out} {problem}; the report is written into a folder (new or existing)")
 
 
 def report_command(write: Callable[[], Path], out: Path) -> int:

@@ -100,7 +100,7 @@ def _gap(g: dict) -> str:
 
 
 def _size(n: float) -> str:
-    return f"{n:,.0f}"
+    return f"{n:,.0f}" if n >= 10 else f"{n:.2g}"  # (a search window's end 1000x below 256 images: 0.26)
 
 
 def sentence(table: pd.DataFrame, summary: dict, key: tuple) -> str:
@@ -153,8 +153,8 @@ def _crossing(cross: dict | None, fitted: bool, smallest: float) -> str:
             return "no crossover between the measured sizes (too few sizes to fit laws)"
         a, b = cross["window"]
         side = "below the smallest" if a < smallest else "beyond the largest"
-        return (f"no crossover: the fitted ViT does not overtake the BiT between {_size(a)} and {_size(b)} images "
-                f"({fits.EXTRAPOLATE:g}x {side} measured size)")
+        return (f"no crossover: the fitted ViT does not overtake the BiT for good between {_size(a)} and "
+                f"{_size(b)} images ({fits.EXTRAPOLATE:g}x {side} measured size)")
     ci = (f" [95% CI {_size(cross['ci'][0])}, {_size(cross['ci'][1])}]" if cross.get("ci")
           else f" (no interval: {cross['reason']})" if cross.get("reason") else "")
     if cross["status"] == "observed":
@@ -162,8 +162,8 @@ def _crossing(cross: dict | None, fitted: bool, smallest: float) -> str:
         return (f"the ViT overtakes the BiT at ~{_size(cross['estimate'])} images{ci}, between {_size(lo)} and "
                 f"{_size(hi)}")
     if cross["status"] == "fitted":
-        return (f"the fitted laws cross at ~{_size(cross['estimate'])} images{ci}, inside the measured range, where "
-                "the measured means do not change leader")
+        return (f"the fitted ViT overtakes the BiT at ~{_size(cross['estimate'])} images{ci}, inside the measured "
+                "range, where the measured means show no ViT overtaking")
     return f"the fitted laws cross at ~{_size(cross['estimate'])} images, outside the measured range{ci}"
 
 

@@ -12,11 +12,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def file_in_the_way(folder: Path) -> Path | None:
-    """The file that keeps `folder` from being a folder (it, or a parent of it, is a file); None where it is one or
-    can be made one. Said before any work: `mkdir` would fail there only once the work is done."""
-    there = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())  # `exists` is False below a file
-    return None if there.is_dir() else there
+def folder_problem(folder: Path, write: bool = True) -> str | None:
+    """Why `folder` cannot be used as a folder to write into (`write`; else to read from or make), as words to
+    follow its name: it or a parent of it is a file, a parent cannot be looked into, or the folder (or the nearest
+    one that exists) cannot be written. None where it can. Said before any work: `mkdir` or a write would fail only
+    once the work is done."""
+    try:
+        there = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())  # False below a file, too
+    except OSError as err:  # `exists` raises for a folder it may not look into
+        return f"cannot be looked into: {err.filename or folder} ({err.strerror or err})"
+    if not there.is_dir():
+        return "is a file" if there == Path(folder) else f"is below {there}, a file"
+    if write and not os.access(there, os.W_OK | os.X_OK):
+        why = "a read-only file system" if os.statvfs(there).f_flag & os.ST_RDONLY else "no permission"
+        return f"cannot be written ({why})" if there == Path(folder) else \
+            f"cannot be made: {there} cannot be written ({why})"
+    return None
 
 
 def temp_name(target: Path) -> Path:

@@ -46,15 +46,22 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
+            if key_node.tag == "tag:yaml.org,2002:merge" or not _within(key_node, node):
+                continue  # a merge, or a key a merge brought in (from elsewhere in the file): may be overridden
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, typing.Hashable) and key in seen:
+            if not isinstance(key, typing.Hashable):
+                continue  # PyYAML's own error says so
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping", node.start_mark,
                     f"key '{key}' is given twice (also on line {seen[key].line + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
+
+
+def _within(inner, outer) -> bool:
+    """Whether node `inner` is written inside node `outer` (not brought in from an anchor elsewhere)."""
+    return outer.start_mark.index <= inner.start_mark.index <= outer.end_mark.index
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^[-+]?(?:

@@ -172,19 +172,20 @@ class Locations:
 
 def check_folders(cfg: StudyConfig, args: argparse.Namespace, create: bool) -> None:
     """The local folders this invocation writes (--out, a local --storage, data.cache_dir) can be folders: none is
-    a file, nor under one; with `create` (a real run) each is made here, so that one that cannot be (no permission,
-    a read-only or pseudo file system) is one line before any work, not a traceback from deep in a stage.
+    a file or below one, and --out and --storage can be written (the cache may be a filled, read-only one). With
+    `create` (a real run, once the other checks passed) each is made here, so that one that cannot be (a read-only or
+    pseudo file system) is one line before any work, not a traceback from deep in a stage. Paths as the run reads
+    them (`Locations`: no `~` expanded).
 
     Raises:
         UserError: naming the option or key, the path and why.
     """
-    folders = [("data.cache_dir", cfg.cache_dir), ("--out", Path(args.out).expanduser() / cfg.study)]
-    if args.storage and "://" not in args.storage:  # before --out: a refusal leaves no study folder behind
-        folders.insert(0, ("--storage", Path(args.storage).expanduser()))
-    for what, path in folders:
-        if (there := atomic.file_in_the_way(path)) is not None:
-            raise UserError(f"{what}: {path} cannot be a folder: {there} is a file; give a folder")
-    for what, path in folders if create else ():
+    folders = [("--storage", Path(args.storage), True)] if args.storage and "://" not in args.storage else []
+    folders += [("data.cache_dir", cfg.cache_dir, False), ("--out", Path(args.out) / cfg.study, True)]
+    for what, path, write in folders:
+        if (problem := atomic.folder_problem(path, write)) is not None:
+            raise UserError(f"{what}: {path} {problem}; give a folder this user can write")
+    for what, path, _ in folders if create else ():  # (--out last: a refusal leaves no study folder behind)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -242,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("\n".join(f"{args.grid}: {problem}" for problem in checked.problems))
         if args.dry_run:
             return 0
-        check_folders(cfg, args, create=True)
         from study import tune_runner
         from study.lease import Lease
         from study.trial import Stopwatch
@@ -252,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             with Stopwatch(clock)("connect"):
                 tune_runner.connect(cfg, args.address)
             stop_at_once()  # again: joining a cluster (`ray.init`) set Ray's SIGTERM handler, a bare exit
+            storage = Locations(cfg, args).storage
+            check_folders(cfg, args, create=True)  # after the checks of --address, resources and storage
             with Stopwatch(clock)("prepare_data"):
-                storage = Locations(cfg, args).storage
                 prepare_data(cfg, storage, tune_runner.index_mapper(args.address))
             lease = Lease(storage, cfg.study)
             unhear = hear_lease_lost(lease)
@@ -325,7 +326,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     from analysis.verdict import Verdict
     from study.identity import eval_ids
     from study.interrupt import STOP, Interrupt
-    from study.plan import RUNS, plan
+    from study.plan import plan
     from study.tracking import Tracker, comparison_metrics, runs_url, ui_command
     from study.trial import Stopwatch
 
@@ -341,9 +342,6 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     evals = eval_ids(cfg)
     decisions = plan(points, evals, where.storage, tracker.known, args.fresh)
     print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, ASSUMED_MFU), as_json=False)
-    if not any(d.action in RUNS for d in decisions):
-        print(f"\nall {len(decisions)} points are done: nothing to train or evaluate; writing the report from what "
-              "storage and MLflow hold", flush=True)
     tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve())}
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))
@@ -371,7 +369,8 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
         tracker.end_started("FAILED" if status == "FINISHED" else status)  # none left RUNNING, whatever ended this
         files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
         tracker.finish_parent(status, [f for f in files if f.exists()], where.out / "figures",
-                              {"failed_points": f"{len(failures)} of {len(points)}" if failures else None},
+                              {"failed_points": f"{len(failures)} of {len(points)}"} if failures else
+                              {"failed_points": None} if status == "FINISHED" else {},  # (None: removed where set)
                               description=note, metrics=comparison)
         left = tracker.close()
         if lease is not None:  # every write is done: a loss found from here on has nothing left to stop
@@ -442,6 +441,9 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
     # KILLED from the status read before the logging would undo it).
     tracker.close_orphans(set(plans) | {d.point.id for d in decisions if d.action == "log"})
     failures: dict[str, str] = {}
+    if not plans:
+        print(f"\nall {len(decisions)} points are done: nothing to train or evaluate; the report is written from what "
+              "storage and MLflow hold", flush=True)
     if plans:
         from study.tune_runner import StudyCallback, run_trials
 
@@ -478,8 +480,8 @@ def study_note(title: str, path: Path) -> str:
     for c in summary["crossovers"]:
         found = {"observed": f"at ~{fmt(c['estimate'])} examples, between {fmt(c['bracket'])}",
                  "extrapolated": f"extrapolated to ~{fmt(c['estimate'])} examples",
-                 "fitted": f"the fitted laws cross at ~{fmt(c['estimate'])} examples, inside the measured range "
-                           "(the measured means do not change leader)"}.get(c["status"])
+                 "fitted": f"the fitted ViT overtakes at ~{fmt(c['estimate'])} examples, inside the measured "
+                           "range (the measured means show no ViT overtaking)"}.get(c["status"])
         ci = f" (95% CI {fmt(c['ci'])})" if c.get("ci") else ""
         lines.append(f"- {eval_name(c['eval'], c['dataset'], c['shots'], c['metric'])}, {c['vit']} vs "
                      f"{c['resnet']}: " + (found + ci if found else f"no crossover: {c.get('reason')}"))

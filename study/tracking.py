@@ -48,25 +48,44 @@ _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_AL
               "INVALID_STATE", "PERMISSION_DENIED"}
 
 
-# The tracking URI schemes MLflow's client takes (`mlflow.tracking.registry`; a database's `+driver` aside).
+# The tracking URI schemes MLflow's client takes (`mlflow.tracking.registry`; a database's `+driver` aside), where
+# its registry (which plugins add to) cannot be read.
 SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
+DATABASES = ("postgresql", "mysql", "mssql")
 
 
 def check_tracking_uri(uri: str) -> None:
     """A tracking URI MLflow can open, checked before any work (its client would raise a traceback at the first
-    read).
+    read, or, for a database whose Python driver is missing, once the data were prepared): a scheme MLflow (or a
+    plugin) takes, and a database's driver importable. Nothing is connected to.
 
     Raises:
-        UserError: one line naming the scheme and the valid ones.
+        UserError: one line naming the scheme and the valid ones, or the driver missing.
     """
     from urllib.parse import urlparse
 
     from pipelines.config import UserError
 
     scheme = urlparse(uri).scheme.split("+")[0].lower()
-    if scheme and scheme not in SCHEMES:
+    try:  # MLflow's own registry of store schemes: plugins add theirs there
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        schemes = tuple(s for s in _tracking_store_registry._registry if s)
+    except (ImportError, AttributeError):
+        schemes = SCHEMES
+    if scheme and scheme not in schemes:
         raise UserError(f"--tracking-uri {uri}: MLflow takes no '{scheme}://' store; give one of "
-                        f"{', '.join(s + '://' for s in SCHEMES)} or a local folder")
+                        f"{', '.join(s + '://' for s in schemes)} or a local folder")
+    if scheme in DATABASES:
+        from sqlalchemy.engine import make_url
+
+        try:
+            make_url(uri).get_dialect().import_dbapi()
+        except ImportError as err:
+            raise UserError(f"--tracking-uri {uri}: MLflow cannot open it ({_first_line(err)}); install the "
+                            "database's Python driver") from None
+        except Exception:  # noqa: BLE001  (a malformed URL: MLflow names it when it opens the store)
+            pass
 
 
 def default_tracking_uri(root: Path) -> str:

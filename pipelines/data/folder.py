@@ -122,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not os.path.isdir(args.from_folder):
             raise DataError(f"data path not found: {args.from_folder} (expected a folder of class folders)")
-        if (there := atomic.file_in_the_way(out)) is not None:
-            raise UserError(f"--out {out}: {'it' if there == out else there} is a file; the shards are written "
-                            "into a folder (new or existing)")
+        if (problem := atomic.folder_problem(out)) is not None:
+            raise UserError(f"--out {out} {problem}; the shards are written into a folder (new or existing)")
         info = folder_to_shards(args.from_folder, out, args.split, args.shard_size)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -91,7 +91,7 @@ def test_inputs_that_cannot_be_compared_fail_with_one_line(tmp_path, capsys):
     assert compare.main([str(a), str(tmp_path / "empty.csv"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'empty.csv'}: not a results CSV (empty file)\n"
     assert compare.main([str(a), "--out", str(a / "results.csv")]) == 2
-    assert capsys.readouterr().err == (f"error: --out {a / 'results.csv'}: it is a file; the report is written "
+    assert capsys.readouterr().err == (f"error: --out {a / 'results.csv'} is a file; the report is written "
                                        "into a folder (new or existing)\n")
     assert not (tmp_path / "out").exists() and [p.name for p in a.iterdir()] == ["results.csv"]
 

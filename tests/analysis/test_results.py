@@ -61,10 +61,10 @@ def test_a_file_that_is_not_a_csv_is_one_line_and_no_report(tmp_path, capsys, co
 def test_an_out_that_is_a_file_is_one_line_before_the_results_are_read(tmp_path, capsys):
     mine = tmp_path / "notes.txt"
     mine.write_text("mine")
-    for out, which in ((mine, "it"), (mine / "report", str(mine))):
+    for out, which in ((mine, "is a file"), (mine / "report", f"is below {mine}, a file")):
         assert report.main(["--results", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2
-        assert capsys.readouterr().err == (f"error: --out {out}: {which} is a file; the report is written into a "
-                                           "folder (new or existing)\n")
+        assert capsys.readouterr().err == (f"error: --out {out} {which}; the report is written into a folder (new "
+                                           "or existing)\n")
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and mine.read_text() == "mine"
 
 

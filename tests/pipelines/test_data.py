@@ -237,9 +237,9 @@ def test_the_folder_command_refuses_bad_arguments_with_one_line_and_writes_nothi
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and line in capsys.readouterr().err.splitlines()[-1]
-    for argv, line in ((base[:2] + ["--out", str(mine)], f"--out {mine}: it is a file; the shards are written into "
-                        "a folder (new or existing)"),
-                       (base[:2] + ["--out", str(mine / "wds")], f"--out {mine / 'wds'}: {mine} is a file"),
+    for argv, line in ((base[:2] + ["--out", str(mine)], f"--out {mine} is a file; the shards are written into a "
+                        "folder (new or existing)"),
+                       (base[:2] + ["--out", str(mine / "wds")], f"--out {mine / 'wds'} is below {mine}, a file"),
                        (["--from-folder", str(tmp_path / "empty"), "--out", str(tmp_path / "wds")],
                         f"no images found under {tmp_path / 'empty'} (expected {tmp_path / 'empty'}/<class>/<image>)")):
         assert main(argv) == 2
