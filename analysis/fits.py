@@ -43,11 +43,13 @@ class Fit:
         return 100.0 - self.error(x)
 
 
-def _fit_once(x: np.ndarray, err: np.ndarray, four: bool, start: np.ndarray | None = None) -> np.ndarray:
+def _fit_once(x: np.ndarray, err: np.ndarray, four: bool, start: np.ndarray | None = None,
+              three: np.ndarray | None = None) -> np.ndarray:
     """Least squares in log-x space; x is rescaled by its minimum for conditioning. The 3-parameter law is solved
     exactly (`fit3`); the 4-parameter one by `curve_fit`, from `start` (parameters on the original x scale, e.g.
     the point estimate for a bootstrap refit, which then converges in a few steps) when given, and replaced by the
-    exact 3-parameter solution (its d = 0 case) where that fits better."""
+    exact 3-parameter solution (its d = 0 case, `three` where the caller solved it already) where that fits
+    better."""
     if not four:
         return fit3(x, err[None, :])[0]
     x0 = x.min()
@@ -65,7 +67,7 @@ def _fit_once(x: np.ndarray, err: np.ndarray, four: bool, start: np.ndarray | No
     four_params = np.array([a * x0**b, b, c, d * x0])  # back to the original x scale
     # The 3-parameter law is the 4-parameter one at d = 0, solved exactly: a local solver that stops in a worse
     # minimum (a flat profile) must not give a curve the smaller family beats.
-    three = fit3(x, err[None, :])[0]
+    three = fit3(x, err[None, :])[0] if three is None else three
     sse = [float(np.sum((power_law(x, *p) - err) ** 2)) for p in (four_params, three)]
     return four_params if sse[0] <= sse[1] else three
 
@@ -218,10 +220,11 @@ def fit_law(frame: pd.DataFrame, seed: int = 0, bootstrap: bool = True, n_bootst
         return Fit(params, bootstrap="none (exactly determined)")
     if not four:  # every replicate in one exact solve
         return Fit(params, fit3(x, np.array(list(draws))), kind, seeds)
+    boots = np.array(list(draws))
     samples = []
-    for boot in draws:
+    for boot, three in zip(boots, fit3(x, boots), strict=True):  # every replicate's 3-parameter law in one solve
         try:
-            samples.append(_fit_once(x, boot, four, start=params))
+            samples.append(_fit_once(x, boot, four, start=params, three=three))
         except (RuntimeError, ValueError):
             samples.append(np.full(4, np.nan))  # keeps replicate i paired with replicate i of another model
     return Fit(params, np.array(samples).reshape(-1, 4), kind, seeds)

@@ -124,10 +124,14 @@ def sentence(table: pd.DataFrame, summary: dict, key: tuple) -> str:
     unresolved = sum(g["ci"] is not None and g["ci"][0] <= 0 <= g["ci"][1] for g in gaps)
     with_ci = sum(g["ci"] is not None for g in gaps)
     rest = len(gaps) - with_ci
-    others = f"; {rest} size{'s' if rest > 1 else ''} with one seed, no interval" if rest else ""
-    doubt = " (one seed: no intervals)" if not with_ci else \
-        f" (the interval includes 0 at {unresolved} of {with_ci} sizes{others})" if unresolved else \
-        f" ({rest} size{'s' if rest > 1 else ''} with one seed: no interval)" if rest else ""
+    one_seed = f"{rest} size{'s' if rest > 1 else ''} with one seed"
+    if not with_ci:
+        doubt = " (one seed: no intervals)"
+    elif unresolved:
+        doubt = f" (the interval includes 0 at {unresolved} of {with_ci} sizes" + (
+            f"; {one_seed}, no interval)" if rest else ")")
+    else:
+        doubt = f" ({one_seed}: no interval)" if rest else ""
     cross = next((c for c in summary["crossovers"] if (c["vit"], c["resnet"], c["eval"], c["dataset"], c["shots"],
                                                        c["metric"]) == (vit, bit, *key)), None)
     every = f"at every measured size but {ties} where they tie" if ties else "at every measured size"

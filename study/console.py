@@ -233,12 +233,11 @@ class Console(Callback):
         self.last_summary = now
         running = [t for t in trials if t.started is not None and not t.done]
         self.slots = max(self.slots, len(running))
-        ended = sum(t.done for t in trials)
-        done = ended - sum(t.stopped for t in trials)
+        ended, stopped = sum(t.done for t in trials), sum(t.stopped for t in trials)
+        done = ended - stopped
         images = sum(t.progress.images_per_s or 0 for t in running if t.progress.stage == "pretrain")
         measured = pace(self.finished, running)
         left = eta(trials, measured, now, self.slots)
-        stopped = sum(t.stopped for t in trials)
         failed = ", ".join(f"{n} {what}" for n, what in ((self.failed, "failed"), (stopped, "stopped")) if n)
         failed = f" ({failed})" if failed else ""
         if left is None:

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import report, results
 from pipelines.config import UserError
-from study.tracking import ROLE_TAG, check_tracking_uri
+from study.tracking import ROLE_TAG, check_tracking_uri, open_client
 
 
 def open_store(tracking_uri: str) -> MlflowClient:
@@ -49,11 +49,7 @@ def open_store(tracking_uri: str) -> MlflowClient:
         path = Path(url2pathname(urlparse(tracking_uri).path) if scheme else tracking_uri)
         if not path.is_dir():
             raise UserError(f"no MLflow store at {path} ({tracking_uri}): no such folder")
-    try:
-        return MlflowClient(tracking_uri)
-    except ImportError as err:  # a database store whose driver is not installed (e.g. postgresql: psycopg2)
-        raise UserError(f"{tracking_uri}: MLflow cannot open it ({err}); install the database's Python "
-                        "driver") from None
+    return open_client(tracking_uri)
 
 
 def _holds_mlflow(path: Path) -> bool | None:

@@ -444,7 +444,7 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
     if not plans:
         print(f"\nall {len(decisions)} points are done: nothing to train or evaluate; the report is written from what "
               "storage and MLflow hold", flush=True)
-    if plans:
+    else:
         from study.tune_runner import StudyCallback, run_trials
 
         callback = StudyCallback(plans, finisher, tracker, tags)

@@ -82,10 +82,25 @@ def check_tracking_uri(uri: str) -> None:
         try:
             make_url(uri).get_dialect().import_dbapi()
         except ImportError as err:
-            raise UserError(f"--tracking-uri {uri}: MLflow cannot open it ({_first_line(err)}); install the "
-                            "database's Python driver") from None
+            raise _no_driver(uri, err) from None
         except Exception:  # noqa: BLE001  (a malformed URL: MLflow names it when it opens the store)
             pass
+
+
+def open_client(uri: str) -> MlflowClient:
+    """MLflow's client of `uri`; a store whose Python driver is missing is one line (`UserError`), not MLflow's
+    traceback."""
+    try:
+        return MlflowClient(uri)
+    except ImportError as err:  # a database store whose driver is not installed (e.g. postgresql: psycopg2)
+        raise _no_driver(uri, err) from None
+
+
+def _no_driver(uri: str, err: ImportError):
+    from pipelines.config import UserError
+
+    return UserError(f"--tracking-uri {uri}: MLflow cannot open it ({_first_line(err)}); install the database's "
+                     "Python driver")
 
 
 def default_tracking_uri(root: Path) -> str:
@@ -277,13 +292,7 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path, fresh: bool = False,
                  read_only: bool = False):
         self.uri, self.name, self.fresh = tracking_uri, experiment, fresh
-        try:
-            self.client = MlflowClient(tracking_uri)
-        except ImportError as err:  # a database store whose driver is not installed (e.g. postgresql: psycopg2)
-            from pipelines.config import UserError
-
-            raise UserError(f"--tracking-uri {tracking_uri}: MLflow cannot open it ({_first_line(err)}); install "
-                            "the database's Python driver") from None
+        self.client = open_client(tracking_uri)
         self.experiment_id, self.parent_id = "", ""
         self.runs: dict[str, str] = {}  # point id -> child run id
         self.started: set[str] = set()  # points whose child this invocation marked RUNNING (writer thread)
@@ -450,7 +459,8 @@ class Tracker:
         """The study's comparison (`comparison_metrics`), its `description` (MLflow shows it atop the run), the report
         `files` and figure `folder` as artifacts, then `status`; a tag given as None is removed where set."""
         def job() -> None:
-            tagged = self.client.get_run(self.parent_id).data.tags
+            gone = [name for name, value in (tags or {}).items() if value is None]
+            tagged = self.client.get_run(self.parent_id).data.tags if gone else {}
             for name, value in {**(tags or {}), **({NOTE_TAG: description} if description else {})}.items():
                 if value is not None:
                     self.client.set_tag(self.parent_id, name, value)
