@@ -204,7 +204,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-_INDEXED = re.compile(r"(.+)\[(\d+)\]")
+_INDEXED = re.compile(r"(.+)\[([^\]]*)\]")
 
 
 def _slot(node: dict, key: str, path: str) -> tuple[dict | list, str | int]:
@@ -212,12 +212,18 @@ def _slot(node: dict, key: str, path: str) -> tuple[dict | list, str | int]:
     indexed = _INDEXED.fullmatch(key)
     if indexed is None:
         return node, key
-    name, i = indexed[1], int(indexed[2])
+    name = indexed[1]
     items = node.get(name)
-    if not isinstance(items, list) or i >= len(items):
-        held = f"{len(items)} entries" if isinstance(items, list) else "no list"
-        raise ConfigError(f"override '{path}': {name} has {held}, so there is no {name}[{i}]")
-    return items, i
+    held = f"{len(items)} entries" if isinstance(items, list) else "no list"
+    valid = f"{name}[0]..{name}[{len(items) - 1}] (or from the end, {name}[-1])" if items else "none"
+    try:
+        i = int(indexed[2])
+    except ValueError:
+        raise ConfigError(f"override '{path}': '{indexed[2]}' is not an entry number; {name} has {held}, "
+                          f"valid: {valid}") from None
+    if not isinstance(items, list) or not -len(items) <= i < len(items):
+        raise ConfigError(f"override '{path}': {name} has {held}, so there is no {name}[{i}]; valid: {valid}")
+    return items, i % len(items)
 
 
 def _child(node: dict, key: str, path: str) -> dict:

@@ -137,6 +137,10 @@ class GridPoint:
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """Read a grid YAML, apply `key.path=value` overrides, type-check and validate it."""
     path = Path(path)
+    if path.is_dir():
+        grids = sorted(p.name for p in path.glob("*.yaml"))
+        held = f" (it holds {', '.join(grids[:6])}{', ...' if len(grids) > 6 else ''})" if grids else ""
+        raise ConfigError(f"--grid {path} is a folder{held}; give a YAML grid file, e.g. configs/scaling.yaml")
     if not path.is_file():
         raise ConfigError(f"grid file not found: {path}")
     try:

@@ -94,6 +94,10 @@ def print_recipes(cfg: StudyConfig, as_json: bool) -> None:
         print(f"  {model:<16} {duration}, batch {p.batch_size}, {p.optimizer} lr {p.lr:g}, wd {p.weight_decay:g}, "
               f"warm-up {p.warmup_steps}, {p.decay} decay, {p.loss}"
               + "".join(f", {k} {v}" for k, v in knobs.items()) + (cfg.recipes.where(model) or " (pretrain: only)"))
+        steps, size = min((p.total_steps(size), size) for size in cfg.data.subsets)
+        if p.warmup_steps >= steps:  # allowed (a quick check runs a few steps), but never what a study wants
+            print(f"    note: the warm-up ({p.warmup_steps} steps) is not shorter than the run ({steps} steps at "
+                  f"{size:,} images): the learning rate never reaches {p.lr:g}")
 
 
 def print_commands(commands: list[str], as_json: bool) -> None:

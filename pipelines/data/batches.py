@@ -15,7 +15,7 @@ from pipelines.data import ImageArrays
 from pipelines.data.augment import eval_image
 from pipelines.data.index import ShardSubset, SourceIndex, key_filter, scratch_index
 from pipelines.data.labels import Label, label_array
-from pipelines.data.reader import BadCounts, DataError, ShardFiles, iter_encoded, read_samples
+from pipelines.data.reader import BadCounts, DataError, ShardFiles, iter_encoded, read_samples, undecodable
 
 
 def encoded(split: ShardSubset, bad: BadCounts) -> Iterator[tuple[str, bytes, Label]]:
@@ -77,7 +77,7 @@ def eval_batches(split: ShardSubset | list[str], image_size: int, batch_size: in
     bar = tqdm(total=len(split), desc=desc or "loading", unit="img", disable=not progress, mininterval=5)
     for part in parts:
         bar.update(part["rows"])
-        bad.update(part["bad"])
+        bad.update(BadCounts.of(*part["bad"]))
         pending.append(part["arrays"])
         while sum(len(p) for p in pending) >= batch_size:
             batch, pending = _take(pending, batch_size)
@@ -119,27 +119,27 @@ class _Decoded(IterableDataset):
         self.units = []
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             step = batch_size if split.index.shard_seekable[shard_of[lo]] else hi - lo
-            self.units += [(int(a), int(min(a + step, hi))) for a in range(lo, hi, step)]
+            self.units += [(int(a), int(min(a + step, hi)), int(shard_of[lo])) for a in range(lo, hi, step)]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         width = self.split.index.label_width
-        for lo, hi in self.units[worker::workers]:
+        for lo, hi, shard in self.units[worker::workers]:
             bad = BadCounts()
             images, labels, keys = [], [], []
             for key, raw, label in encoded(self.split.part(slice(lo, hi)), bad):
                 try:
                     images.append(eval_image(raw, self.image_size))
-                except (OSError, ValueError, Image.DecompressionBombError):
-                    bad["undecodable_image"] += 1
+                except (OSError, ValueError, Image.DecompressionBombError) as err:
+                    bad.add("undecodable_image", undecodable(key, err, self.split.index.shard_url(shard)))
                     continue
                 labels.append(label)
                 keys.append(key)
             size = self.image_size
             arrays = ImageArrays(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
                                  label_array(labels, width), keys)
-            yield {"arrays": arrays, "bad": dict(bad), "rows": hi - lo}
+            yield {"arrays": arrays, "bad": bad.parts(), "rows": hi - lo}
 
 
 def load(split: ShardSubset | list[str], image_size: int, progress: bool = False, desc: str = "",

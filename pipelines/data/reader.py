@@ -63,15 +63,60 @@ class BadSample(Exception):
 
 
 class BadCounts(Counter):
-    """Unreadable samples per cause; `check` fails once they exceed a fraction of the samples expected."""
+    """Unreadable samples per cause, and the first of each (`first`: cause -> which sample, in which shard, and why),
+    so the error that ends a run can name a file to look at. `check` fails once they exceed a fraction of the samples
+    expected. Pickles with its examples (DataLoader workers send theirs), and `update` from another BadCounts keeps
+    the earliest example of each cause."""
+
+    def __init__(self, *args, **kwargs):
+        self.first: dict[str, str] = {}
+        super().__init__(*args, **kwargs)  # `update`: a BadCounts given brings its examples
+
+    def add(self, cause: str, example: str) -> None:
+        """One unreadable sample of `cause`; `example` says which (kept if it is the first of its cause)."""
+        self[cause] += 1
+        self.first.setdefault(cause, example)
+
+    def update(self, other=None, /, **kwargs):
+        super().update(other, **kwargs)
+        for cause, example in getattr(other, "first", {}).items():
+            self.first.setdefault(cause, example)
+
+    def clear(self):
+        super().clear()
+        self.first.clear()
+
+    def parts(self) -> tuple[dict[str, int], dict[str, str]]:
+        """Plain dicts, for a DataLoader item: its collation copies a Mapping and then `update`s it, which for a
+        Counter adds the counts a second time."""
+        return dict(self), dict(self.first)
+
+    @classmethod
+    def of(cls, counts: dict[str, int], first: dict[str, str]) -> BadCounts:
+        """The BadCounts `parts` gave."""
+        bad = cls(counts)
+        bad.first.update(first)
+        return bad
+
+    def __reduce__(self):
+        return BadCounts.of, self.parts()
 
     def check(self, expected: int, max_fraction: float, where: str) -> None:
         bad = sum(self.values())
         if bad > max_fraction * expected:
             causes = ", ".join(f"{cause} {n}" for cause, n in sorted(self.items()) if n)
+            first = "; ".join(f"first {cause}: {self.first[cause]}" for cause, n in sorted(self.items())
+                              if n and cause in self.first)
             raise DataError(f"{where}: {bad:,} of {expected:,} samples unreadable ({100 * bad / expected:.2f}%: "
-                            f"{causes}), above the limit max_bad_fraction={max_fraction:g}; fix or re-write the "
-                            f"shards, or raise data.loader.max_bad_fraction")
+                            f"{causes}), above the limit max_bad_fraction={max_fraction:g}"
+                            + (f" ({first})" if first else "")
+                            + "; fix or re-write the shards, or raise data.loader.max_bad_fraction")
+
+
+def undecodable(key: str, err: Exception, shard: str | None = None) -> str:
+    """`BadCounts`' example of an image that would not decode: which sample, where, and what the decoder said (a
+    zero-byte or cut file, a format PIL does not read, a decompression bomb)."""
+    return f"sample '{key}'" + (f" in {shard}" if shard else "") + f": {type(err).__name__}: {err}"
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -271,12 +316,12 @@ def read_samples(files: ShardFiles, path: str, offsets: np.ndarray, sizes: np.nd
             try:
                 yield _checked(buf[at - start:at - start + size], path, at, size)
             except BadSample as err:
-                bad[err.cause] += 1
+                bad.add(err.cause, f"{err} (in {path} at byte {at})")
 
 
 def _checked(buf: bytes | memoryview, path: str, offset: int, size: int) -> tuple[str, bytes, Label]:
     if len(buf) < size:
-        raise BadSample("truncated_tar", f"shard {path} ends inside the sample at byte {offset}")
+        raise BadSample("truncated_tar", f"the shard ends inside the sample at byte {offset}")
     key, parts = sample_parts(buf)
     return (key, *image_and_label(key, parts))
 
@@ -357,7 +402,8 @@ def iter_encoded(shards: list[str], bad: BadCounts | None = None, want: Callable
                 except BadSample as err:
                     if bad is None:
                         raise DataError(f"{err} (in {shard})") from None
-                    bad[err.cause] += 1
+                    bad.add(err.cause, f"{err} (in {shard})")
         except BadSample as err:  # the rest of this shard is lost: the caller counts it as expected but not read
             if bad is None:
                 raise DataError(str(err)) from None
+            bad.first.setdefault(err.cause, str(err))

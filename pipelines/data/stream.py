@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipelines.data.augment import Augment, augment_decoded, decode_is_fixed, train_decode
 from pipelines.data.index import LOCAL, ShardSubset, key_filter
 from pipelines.data.labels import label_array
-from pipelines.data.reader import BadCounts, BadSample, DataError, ShardFiles, iter_encoded, read_sample
+from pipelines.data.reader import BadCounts, BadSample, DataError, ShardFiles, iter_encoded, read_sample, undecodable
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,9 @@ class ShardStream(IterableDataset):
 
     Each item is a dict: `image` uint8 [b, S, S, 3], `label` int64 [b] (a multi-label source: [b, K], each row a
     sample's classes padded with -1, K the most any sample of the source carries), `key` (sample keys), `epoch` (each
-    sample's), `step` (the global step it belongs to) and `bad` ({epoch: {cause: samples skipped as
-    unreadable}}). `batch_size` is global; a rank
-    takes batch_size / world_size samples per step.
+    sample's), `step` (the global step it belongs to) and `bad` ({epoch: `BadCounts.parts()`}: per cause, the
+    samples skipped as unreadable and the first one's example). `batch_size` is global; a rank takes
+    batch_size / world_size samples per step.
     """
 
     def __init__(self, subset: ShardSubset, image_size: int, batch_size: int, augment: Augment, seed: int,
@@ -159,9 +159,10 @@ class ShardStream(IterableDataset):
                         key, raw, label = read_sample(files, index.shard_url(shard), int(index.offset[row]),
                                                       int(index.size[row]))
                     except BadSample as err:
-                        batch.bad[epoch][err.cause] += 1
+                        batch.bad[epoch].add(err.cause, f"{err} (in {index.shard_url(shard)})")
                         continue
-                    batch.add(key, raw, label, epoch, rng, keep=None if cache is None else cache.keeper(where))
+                    batch.add(key, raw, label, epoch, rng, keep=None if cache is None else cache.keeper(where),
+                              shard=index.shard_url(shard))
                 yield batch.done(t)
         finally:
             files.close()
@@ -218,6 +219,8 @@ class ShardStream(IterableDataset):
             bad.update(here)
             if len(take) > found:  # indexed, but the tar ended (or changed) before them
                 bad["truncated_tar"] += len(take) - found
+                bad.first.setdefault("truncated_tar", f"{self.index.shard_url(shard)} ended before "
+                                                      f"{len(take) - found} of its indexed samples")
 
 _ImageErrors = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for corrupt or cut images
 
@@ -230,13 +233,15 @@ class _Batcher:
         self.images, self.labels, self.keys, self.epochs = [], [], [], []
         self.bad: defaultdict[int, BadCounts] = defaultdict(BadCounts)
 
-    def add(self, key: str, raw: bytes, label, epoch: int, rng: np.random.Generator, keep=None) -> None:
+    def add(self, key: str, raw: bytes, label, epoch: int, rng: np.random.Generator, keep=None,
+            shard: str | None = None) -> None:
         """Decode and augment a sample (`train_image`); `keep(key, pixels, label)` receives the decoded image. An
-        undecodable one is counted, never kept (so counted again in every epoch)."""
+        undecodable one is counted (with `shard`, where it is known, for the error to name), never kept (so counted
+        again in every epoch)."""
         try:
             pixels = train_decode(raw, self.stream.image_size, self.stream.augment, rng)
-        except _ImageErrors:
-            self.bad[epoch]["undecodable_image"] += 1
+        except _ImageErrors as err:
+            self.bad[epoch].add("undecodable_image", undecodable(key, err, shard))
             return
         if keep is not None:
             keep(key, pixels, label)
@@ -254,7 +259,7 @@ class _Batcher:
         return {"image": np.stack(self.images) if self.images else np.zeros((0, size, size, 3), np.uint8),
                 "label": label_array(self.labels, self.stream.label_width), "key": self.keys,
                 "epoch": np.asarray(self.epochs, np.int64), "step": step,
-                "bad": {e: dict(counts) for e, counts in self.bad.items() if counts}}
+                "bad": {e: counts.parts() for e, counts in self.bad.items() if counts}}
 
 
 class _DecodedCache:
@@ -360,8 +365,8 @@ class StreamLoader:
         for expected, item in zip(itertools.count(start_step), loader, strict=False):
             t = item["step"]
             assert t == expected, f"loader returned step {t} for {expected}"  # the round-robin contract
-            for epoch, counts in item["bad"].items():
-                self.bad[epoch].update(counts)
+            for epoch, parts in item["bad"].items():
+                self.bad[epoch].update(BadCounts.of(*parts))
                 self.bad[epoch].check(total, self.max_bad_fraction, f"epoch {epoch} of the training data")
             if len(item["label"]) == 0:
                 raise DataError(f"step {t} of the training data: no readable samples")

@@ -59,10 +59,18 @@ def test_an_override_reaches_a_list_entry_as_error_messages_name_it():
     assert data == {"downstream": [{"name": "a", "root": "/x", "size": 12}, {"name": "b", "root": "/data/pets"}],
                     "data": {"subsets": [1, 8]}}
     with pytest.raises(ConfigError, match=r"^override 'downstream\[2\].root': downstream has 2 entries, so there "
-                                          r"is no downstream\[2\]$"):
+                                          r"is no downstream\[2\]; valid: downstream\[0\]..downstream\[1\] \(or from "
+                                          r"the end, downstream\[-1\]\)$"):
         apply_overrides(data, ["downstream[2].root=/y"])
-    with pytest.raises(ConfigError, match=r"models has no list, so there is no models\[0\]"):
+    with pytest.raises(ConfigError, match=r"models has no list, so there is no models\[0\]; valid: none"):
         apply_overrides(data, ["models[0]=ViT-B/16"])
+    apply_overrides(data, ["downstream[-1].name=c", "data.subsets[-2]=4"])  # from the end, as in Python
+    assert data["downstream"][1]["name"] == "c" and data["data"]["subsets"] == [4, 8]
+    with pytest.raises(ConfigError, match=r"no downstream\[-3\]"):
+        apply_overrides(data, ["downstream[-3].name=d"])
+    with pytest.raises(ConfigError, match=r"^override 'downstream\[x\].name': 'x' is not an entry number; downstream "
+                                          r"has 2 entries, valid: downstream\[0\]"):
+        apply_overrides(data, ["downstream[x].name=d"])
 
 
 @pytest.mark.parametrize("text, value", [

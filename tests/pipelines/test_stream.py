@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import math
+import re
 import sys
 import tarfile
 from collections import Counter
@@ -164,12 +165,19 @@ def test_corrupt_samples_are_counted_per_cause_and_skipped(tmp_path):
     assert sorted(epoch) == [f"g{i:03d}" for i in range(40)]
     assert loader.skipped(0) == {"checksum_mismatch": 1, "undecodable_image": 2, "empty_member": 1,
                                  "missing_label": 1}
+    first = loader.bad[0].first  # one example of each cause, from the loader's worker processes, naming the file
+    assert sorted(first) == sorted(loader.skipped(0)) and all(shards[0] in why for why in first.values())
+    assert re.fullmatch(rf"sample '(header|cut)' in {re.escape(shards[0])}: \w+Error: .+", first["undecodable_image"])
+    assert first["missing_label"].startswith("sample 'nolabel' has no .cls label")
     strict = StreamLoader(ShardStream(index, 12, 8, AUG, seed=0), workers=0)  # default limit 0.1%
     with pytest.raises(DataError, match=r"epoch 0 of the training data: \d of 45 samples unreadable \(.*\), above "
-                                        r"the limit max_bad_fraction=0.001"):  # as soon as the limit is passed
-        _epochs(strict, 1)
+                                        r"the limit max_bad_fraction=0.001 \(first \w+: sample '\w+'"):
+        _epochs(strict, 1)  # as soon as the limit is passed, naming the sample
     loaded = data.load(shards, 12, max_bad_fraction=0.5)
     assert len(loaded) == 40 and loaded.bad == loader.skipped(0)
+    with pytest.raises(DataError, match=rf"\(first checksum_mismatch: sample 'flip': .*; first empty_member: sample "
+                                        rf"'empty' has a zero-byte .jpg \(in {re.escape(shards[0])} at byte \d+\); "):
+        data.load(shards, 12)  # evaluation's reader names them too
 
 
 def test_truncated_tars_are_counted_when_indexed_and_when_streamed(tmp_path):

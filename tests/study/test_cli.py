@@ -111,6 +111,11 @@ def test_a_grid_file_that_is_not_text_is_one_line_and_exit_2(tmp_path, capsys):
 def test_missing_grid_file(cache_dir, monkeypatch, capsys):
     code, _, stderr = _in_process(["--grid", "configs/nope.yaml"], cache_dir, monkeypatch, capsys)
     assert code == 2 and stderr.strip() == "error: grid file not found: configs/nope.yaml"
+    code, _, stderr = _in_process(["--grid", "tests"], cache_dir, monkeypatch, capsys)
+    assert code == 2 and stderr.strip() == "error: --grid tests is a folder; give a YAML grid file, e.g. " \
+                                           "configs/scaling.yaml"
+    code, _, stderr = _in_process(["--grid", "configs"], cache_dir, monkeypatch, capsys)
+    assert code == 2 and stderr.startswith("error: --grid configs is a folder (it holds ") and "scaling.yaml" in stderr
 
 
 def test_dry_run_json_lists_every_grid_point(cache_dir, monkeypatch, capsys):
@@ -205,3 +210,13 @@ def test_without_git_the_commit_is_the_one_the_submitter_passed(monkeypatch, tmp
     assert git_commit() == "0123abc"
     monkeypatch.delenv("VIT_SCALING_GIT_COMMIT")
     assert git_commit() == "unknown"
+
+
+def test_dry_run_notes_a_warm_up_that_is_not_shorter_than_the_run(cache_dir, monkeypatch, capsys):
+    code, stdout, _ = _in_process(["--grid", "configs/smoke.yaml", "--dry-run", "pretrain.warmup_steps=12"],
+                                  cache_dir, monkeypatch, capsys)
+    notes = [line.strip() for line in stdout.splitlines() if line.strip().startswith("note: the warm-up")]
+    assert code == 0 and notes == ["note: the warm-up (12 steps) is not shorter than the run (12 steps at 256 "
+                                   "images): the learning rate never reaches 0.001"] * 2
+    _, stdout, _ = _in_process(["--grid", "configs/smoke.yaml", "--dry-run"], cache_dir, monkeypatch, capsys)
+    assert "note: the warm-up" not in stdout
