@@ -142,8 +142,12 @@ def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:
     from study.trial import index_root, sync_indexes
 
     limit, root = cfg.data.loader.max_bad_fraction, index_root(cfg, storage)
-    for src in (cfg.data.pretrain, *cfg.downstream):
-        found = data.prepare(src, cfg.cache_dir, root, progress=True, max_bad_fraction=limit, mapper=mapper)
+    keys = ["data.pretrain", *(f"downstream[{i}]" for i in range(len(cfg.downstream)))]
+    for key, src in zip(keys, (cfg.data.pretrain, *cfg.downstream), strict=True):
+        try:
+            found = data.prepare(src, cfg.cache_dir, root, progress=True, max_bad_fraction=limit, mapper=mapper)
+        except data.DataError as err:  # which source of the grid: two may read the same kind of data
+            raise data.DataError(f"{key}: {err}") from None
         if src is cfg.data.pretrain:  # a multi-label source with a softmax loss
             index = found.index()
             for loss in dict.fromkeys(cfg.pretrain_for(model).loss for model in cfg.models):  # recipes may differ

@@ -9,6 +9,7 @@ import http.server
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -111,7 +112,8 @@ def test_a_key_in_two_shards_is_refused_naming_both(tmp_path):
     prepared = data.prepare(keep_first, tmp_path / "cache", progress=False)
     assert len(prepared.index()) == n - 1 and prepared.index().keys_of(range(n - 1)) == kept
     assert data.load(prepared.subset(), 8).keys == kept
-    with pytest.raises(DataError, match=f"declares size {n} but its shards hold {n - 1} readable samples"):
+    with pytest.raises(DataError, match=rf"declares size {n}, but its 2 shards \({re.escape(urls)}\) hold {n - 1} "
+                                        rf"readable samples; declare size: {n - 1} or fewer$"):
         data.prepare(data.SourceConfig(**{**keep_first.__dict__, "size": n}), tmp_path / "cache", progress=False)
 
 

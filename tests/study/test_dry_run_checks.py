@@ -192,3 +192,30 @@ def test_shards_are_checked_against_their_info_json_or_listed_as_not_checked(tmp
     assert found.unchecked == [] and found.problems == [
         f"data.subsets=12: more than the 10 samples {tmp_path}/_info.json lists for these shards; at most 10",
         f"data.pretrain.num_classes: 4, but {tmp_path}/_info.json says num_classes 3; set data.pretrain.num_classes: 3"]
+
+
+def test_a_cut_shard_found_when_indexed_is_one_line_naming_the_source_key_and_the_shard(folders, tmp_path):
+    """What only reading tells (a tar cut short, without _info.json to count against) stops the real run where it
+    indexes (after Ray starts: on a cluster the index is built there), before any trial, naming the grid's key and
+    the shard."""
+    import numpy as np
+
+    from pipelines.data.writer import write_shard
+
+    rng = np.random.default_rng(0)
+    shards = [tmp_path / "wds" / f"train-{s}.tar" for s in range(2)]
+    shards[0].parent.mkdir()
+    for s, path in enumerate(shards):
+        write_shard(path, ((f"{s}-{i:03d}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), i % 3)
+                           for i in range(8)))
+    raw = shards[1].read_bytes()
+    shards[1].write_bytes(raw[:len(raw) // 2])
+    pretrain = {"source": "webdataset", "urls": str(tmp_path / "wds" / "train-{0..1}.tar"), "size": 8,
+                "image_size": 32, "num_classes": 3}
+    grid = _grid(tmp_path, json.dumps(pretrain), _task(*folders), subsets="[4, 8]")
+    done = run_cli(["-m", "study.run", "--grid", str(grid), "--out", str(tmp_path / "out")], tmp_path / "cache")
+    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("error")]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert not list((tmp_path / "out").glob("*/storage/points/*")), "a trial started"
+    assert lines[0].startswith("error: data.pretrain: indexing webdataset: 1 of ") and \
+        f"(first truncated_tar: {shards[1]} lost 1)" in lines[0], lines[0]
