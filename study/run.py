@@ -335,7 +335,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     from study.identity import eval_ids
     from study.interrupt import STOP, Interrupt
     from study.plan import plan
-    from study.tracking import Tracker, comparison_metrics, runs_url, ui_command
+    from study.tracking import Tracker, comparison_metrics
     from study.trial import Stopwatch
 
     where = Locations(cfg, args)
@@ -354,14 +354,14 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))
     tracker.show(list(cfg.models), headline_columns(cfg))
-    status, failures, comparison, note = "FAILED", {}, [], ""
+    status, failures, comparison, note, stopped = "FAILED", {}, [], "", None
     interrupt = Interrupt(where.storage, lease.holds if lease is not None else None)
     where.storage.delete_file(STOP)  # a stop asked of an earlier invocation
     try:
         decisions, records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock, interrupt)
         if interrupt.signum is not None:
-            status = "KILLED"
-            return _stopped(interrupt, tracker, decisions, records, where)
+            status, stopped = "KILLED", _stopped(interrupt, tracker, decisions, records, where)
+            return interrupt.exit_code
         with Stopwatch(clock)("report"):
             table = _write_results(cfg, points, records, evals, where, failures)
         comparison = comparison_metrics(table)
@@ -383,12 +383,13 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
         left = tracker.close()
         if lease is not None:  # every write is done: a loss found from here on has nothing left to stop
             lease.release()
+        if stopped is not None:  # where the finished points are, and the stop's own line last
+            print(f"\nstorage:  {where.storage_root} (checkpoints, weights)", file=sys.stderr)
+            _print_tracking(cfg, where, tracker, file=sys.stderr)
+            print(stopped, file=sys.stderr)
     print(f"\nresults:  {where.out / 'results.csv'}\nreport:   {where.out / 'report.md'} (and report.html, "
           f"summary.json)\nfigures:  {where.out / 'figures'}\nstorage:  {where.storage_root} (checkpoints, weights)")
-    if (serve := ui_command(where.tracking_uri)) is not None:
-        print(f"mlflow:   {serve}   (experiment '{cfg.study}'), then open")
-    if tracker.experiment_id:
-        print(f"runs:     {runs_url(where.tracking_uri, tracker.experiment_id)}")
+    _print_tracking(cfg, where, tracker)
     if (answer := Verdict.read(where.out / "summary.json")) is not None:
         print(f"\n{answer.text}")
     if left:
@@ -401,13 +402,23 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     return 0
 
 
-def _stopped(interrupt, tracker, decisions, records: dict, where) -> int:
-    """After a signal: the points left unfinished end KILLED (the parent too, in `launch`), one line, 128 + n."""
+def _print_tracking(cfg: StudyConfig, where: Locations, tracker, file=None) -> None:
+    """Where the MLflow UI shows the study: the command that serves a local store, and the experiment's URL."""
+    from study.tracking import runs_url, ui_command
+
+    if (serve := ui_command(where.tracking_uri)) is not None:
+        print(f"mlflow:   {serve}   (experiment '{cfg.study}'), then open", file=file)
+    if tracker.experiment_id:
+        print(f"runs:     {runs_url(where.tracking_uri, tracker.experiment_id)}", file=file)
+
+
+def _stopped(interrupt, tracker, decisions, records: dict, where) -> str:
+    """After a signal: the points left unfinished end KILLED (the parent too, in `launch`). Returns the one line
+    that says so, printed once every write is done."""
     left = [d.point for d in decisions if d.point.id not in records]
     tracker.kill_points(left)
-    print(f"\nstopped by {interrupt.name}: {len(records)} of {len(decisions)} points done, {len(left)} stopped "
-          f"(checkpoints in {where.storage_root}); rerun the same command to resume", file=sys.stderr)
-    return interrupt.exit_code
+    return (f"\nstopped by {interrupt.name}: {len(records)} of {len(decisions)} points done, {len(left)} stopped "
+            f"(checkpoints in {where.storage_root}); rerun the same command to resume")
 
 
 def settle(d, evals: dict[str, str], where: Locations, tracker, finisher, records: dict):

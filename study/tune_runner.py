@@ -17,6 +17,7 @@ import ray
 from ray import tune
 from ray.tune import Callback
 from ray.tune.logger import JsonLoggerCallback
+from ray.tune.progress_reporter import TrialProgressCallback
 
 from pipelines.config import UserError
 from study.config import StudyConfig
@@ -340,7 +341,17 @@ def output(verbose: bool, callback: StudyCallback, console: Console) -> dict:
     (`run_trials` turns the CSV and TensorBoard ones off)."""
     if verbose:
         return {"callbacks": [callback, JsonLoggerCallback()], "progress_reporter": status_table(), "verbose": 1}
-    return {"callbacks": [callback, console, JsonLoggerCallback()], "progress_reporter": None, "verbose": 0}
+    return {"callbacks": [callback, console, JsonLoggerCallback(), SilentTrialProgress()], "progress_reporter": None,
+            "verbose": 0}
+
+
+class SilentTrialProgress(TrialProgressCallback):
+    """Tune's per-trial printer, silenced. Tune adds one where none is given, and at verbose 0 it still prints
+    "Trial X completed. Last result: " for a trial that ended without a result (one the driver's stop ended before
+    it started, `NotStarted`), which reads as if it had run."""
+
+    def _print(self, msg: str) -> None:
+        pass
 
 
 def quiet_tune() -> None:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from ray.tune.logger import JsonLoggerCallback
+from ray.tune.progress_reporter import TrialProgressCallback
 
 from pipelines.downstream import Measurement
 from study import tune_runner
@@ -150,15 +151,24 @@ def test_a_trial_sends_its_progress_with_every_event():
     assert decode(newer) is None  # a kind a newer worker sends: no event, Tune's loop goes on
 
 
-def test_verbose_keeps_tunes_status_table_with_the_progress_columns_and_the_default_shows_the_console():
+def test_verbose_keeps_tunes_status_table_with_the_progress_columns_and_the_default_shows_the_console(capsys):
     callback, console = object(), object()
     quiet = tune_runner.output(False, callback, console)
     assert quiet["callbacks"][:2] == [callback, console] and quiet["progress_reporter"] is None
     assert quiet["verbose"] == 0
     verbose = tune_runner.output(True, callback, console)
     assert verbose["callbacks"][0] == callback and verbose["verbose"] == 1
-    for shown in (quiet, verbose):  # and Tune's own per-trial log, result.json only (no CSV, no TensorBoard)
-        assert [type(c) for c in shown["callbacks"] if c not in (callback, console)] == [JsonLoggerCallback]
+    # Tune's own per-trial log is result.json only (no CSV, no TensorBoard); quiet, its per-trial printer says nothing
+    assert [type(c) for c in verbose["callbacks"] if c != callback] == [JsonLoggerCallback]
+    assert [type(c) for c in quiet["callbacks"][2:]] == [JsonLoggerCallback, tune_runner.SilentTrialProgress]
+
+    class Trial:  # one that ended without a result (stopped before it started)
+        last_result = {}
+
+    TrialProgressCallback().on_trial_complete(0, [], Trial())
+    assert "completed. Last result" in capsys.readouterr().out  # what Tune's own printer says, even at verbose 0
+    quiet["callbacks"][-1].on_trial_complete(0, [], Trial())
+    assert capsys.readouterr().out == ""
     assert list(verbose["progress_reporter"]._metric_columns) == list(COLUMNS)  # stage, step, steps, images/s, eta
 
 

@@ -41,7 +41,10 @@ def test_a_signal_stops_the_study_with_a_checkpoint_and_the_rerun_resumes(sig, t
     assert err.strip().splitlines()[-1].startswith(
         f"stopped by {sig.name}: 0 of {points} points done, {points} stopped")
     assert "rerun the same command to resume" in err
+    assert f"storage:  {tmp_path / 'smoke' / 'storage'} (checkpoints, weights)" in err.splitlines()  # and the UI
+    assert any(line.startswith("mlflow:   mlflow ui --backend-store-uri sqlite:///") for line in err.splitlines())
     assert "FAILED" not in out and "failed" not in out, out[-3000:]
+    assert "completed. Last result" not in out  # Tune's word for the point the stop kept from starting
     assert "stopped by the driver at step" in out, out[-3000:]
     stopped_at = _steps(tmp_path)[-1]
     assert stopped_at % 5 == 0 and stopped_at < 300  # a step boundary, before the end
