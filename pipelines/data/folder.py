@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
@@ -63,32 +64,81 @@ def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int
             for start in range(0, len(files), shard_size)]
     workers = min(len(jobs), workers or os.cpu_count() or 1)
     bar = tqdm(total=len(files), desc=f"{root} -> shards", unit="img", disable=not progress, mininterval=2)
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for written in pool.map(_write_folder_shard, jobs):
-                bar.update(written)
-    else:
-        for job in jobs:
-            bar.update(_write_folder_shard(job))
+    broken: list[tuple[str, str]] = []
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as pool:
+        for written, suspects in pool.map(_write_folder_shard, jobs):
+            bar.update(written)
+            broken += suspects
     bar.close()
+    if broken:  # written all the same: the readers count them unreadable, up to data.loader.max_bad_fraction
+        path, why = min(broken)
+        print(f"warning: {len(broken):,} of {len(files):,} files under {root} do not look like whole images (first: "
+              f"{path}: {why}); they are kept, and a run skips them as unreadable up to "
+              f"data.loader.max_bad_fraction", file=sys.stderr)
     (out / "classes.json").write_text(json.dumps(classes, indent=0))
     return write_info(out, split, [path.name for _, path, _ in jobs], [len(samples) for _, _, samples in jobs],
                       name=Path(root).name, num_classes=len(classes))
 
 
-def _folder_sample(root: str, i: int, key: str, file: str, label: Label) -> dict:
+class _InProcess:
+    """`ProcessPoolExecutor`'s `map` in this process (one worker)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    map = staticmethod(map)
+
+
+_SIGNATURES = {"jpg": (b"\xff\xd8\xff", b"\xff\xd9", "JPEG"), "png": (b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82", "PNG"),
+               "webp": (b"RIFF", None, "WEBP")}
+
+
+def broken_image(data: bytes, ext: str) -> str | None:
+    """Why a file's bytes are not a whole image of its extension's format, from its first and last bytes alone (no
+    decoding): empty, another format, or cut before its end marker (JPEG's EOI, PNG's IEND; JPEG allows trailing
+    bytes after EOI, so its last 4 KiB are searched, and a file without the marker there is decoded before it is
+    called cut). None: it looks whole (it may still not decode)."""
+    if not data:
+        return "zero bytes"
+    start, end, name = _SIGNATURES["jpg" if ext == "jpeg" else ext]
+    if not data.startswith(start) or (name == "WEBP" and data[8:12] != b"WEBP"):
+        return f"not {name} data (starts {data[:8].hex(' ')})"
+    if end is not None and end not in data[-4096:] and not _decodes(data):  # (trailing bytes: some cameras')
+        return f"a {name} cut short (no end marker)"
+    return None
+
+
+def _decodes(data: bytes) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def _folder_sample(root: str, i: int, key: str, file: str, label: Label, suspects: list) -> dict:
     ext = file.rpartition(".")[2].lower()
     with open(file, "rb") as f:
         data = f.read()
+    if (why := broken_image(data, ext)) is not None:
+        suspects.append((os.path.relpath(file, root), why))
     return {"__key__": f"{i:09d}", "jpg" if ext == "jpeg" else ext: data, "cls": str(label).encode(),
             "json": json.dumps({"path": os.path.relpath(file, root), "class": key.split("/", 1)[0],
                                 "sha256": hashlib.sha256(data).hexdigest()}).encode()}
 
 
-def _write_folder_shard(job: tuple) -> int:
-    """One shard of `folder_to_shards`, with its sidecar index."""
+def _write_folder_shard(job: tuple) -> tuple[int, list[tuple[str, str]]]:
+    """One shard of `folder_to_shards`, with its sidecar index: the samples written, and (path, why) of each file
+    that does not look like a whole image (`broken_image`)."""
     root, path, samples = job
-    return write_samples(path, (_folder_sample(root, *sample) for sample in samples))
+    suspects: list[tuple[str, str]] = []
+    return write_samples(path, (_folder_sample(root, *sample, suspects) for sample in samples)), suspects
 
 
 def positive_int(text: str) -> int:

@@ -218,6 +218,32 @@ def test_folder_to_shards_round_trip_is_pixel_and_label_identical(tmp_path, cach
     bad = run_cli(["-m", "pipelines.data.folder", "--from-folder", str(tmp_path / "nope"), "--out", str(tmp_path)],
                   cache_dir)
     assert bad.returncode == 2 and bad.stderr.startswith("error: data path not found")
+    assert "warning" not in proc.stderr  # every file whole
+
+
+def test_the_folder_command_warns_of_files_that_are_not_whole_images_and_keeps_them(tmp_path, capsys):
+    from PIL import Image
+
+    from pipelines.data.folder import broken_image, folder_to_shards
+
+    root = tmp_path / "folder"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(root / name / f"{i}.jpg")
+    whole = (root / "cat" / "0.jpg").read_bytes()
+    (root / "cat" / "1.jpg").write_bytes(whole[:len(whole) // 2])  # an interrupted copy
+    (root / "dog" / "0.jpg").write_bytes(b"")
+    (root / "dog" / "1.jpg").write_bytes(b"<html>not found</html>")  # a saved error page
+    (root / "dog" / "2.jpg").write_bytes(whole + bytes(8192))  # trailing bytes after the end marker: decodes
+    assert broken_image(whole, "jpg") is None and broken_image(whole + bytes(8192), "jpeg") is None
+    assert broken_image(b"", "png") == "zero bytes" and broken_image(b"\x89PNG\r\n\x1a\n" + b"x" * 30, "png") == \
+        "a PNG cut short (no end marker)"
+    info = folder_to_shards(str(root), tmp_path / "wds", progress=False, workers=1)
+    said = capsys.readouterr().err
+    assert info["splits"]["train"]["num_samples"] == 6  # kept: the readers count them, up to max_bad_fraction
+    assert said.startswith(f"warning: 3 of 6 files under {root} do not look like whole images (first: cat/1.jpg: a "
+                           "JPEG cut short (no end marker)); they are kept"), said
 
 
 def test_the_folder_command_refuses_bad_arguments_with_one_line_and_writes_nothing(tmp_path, capsys):
