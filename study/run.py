@@ -112,14 +112,16 @@ def print_commands(commands: list[str], as_json: bool) -> None:
         print(f"  {command}")
 
 
-def print_unchecked(unchecked: list[str], as_json: bool) -> None:
-    """What the dry run could not check without reading the data (remote shards, shards without `_info.json`)."""
-    if not unchecked:
-        return
+def print_unchecked(found, as_json: bool) -> None:
+    """What the dry run could not check without reading the data (remote shards, shards without `_info.json`), and
+    what it saw but cannot price (cut tars: how many samples they lost)."""
     out = sys.stderr if as_json else sys.stdout  # stdout stays one JSON document
-    print("\nnot checked (the real run checks these when it indexes the data, before any trial starts):", file=out)
-    for line in unchecked:
-        print(f"  {line}", file=out)
+    for lines, header in ((found.unchecked, "not checked"), (found.noted, "noted")):
+        if lines:
+            print(f"\n{header} (the real run checks these when it indexes the data, before any trial starts):",
+                  file=out)
+            for line in lines:
+                print(f"  {line}", file=out)
 
 
 def git_commit() -> str:
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             print_grid(describe(cfg, points, planned_actions(cfg, points, args), args.mfu or ASSUMED_MFU), args.json)
             print_recipes(cfg, args.json)
             print_commands(pipe_commands(cfg), args.json)
-            print_unchecked(checked.unchecked, args.json)
+            print_unchecked(checked, args.json)
         if checked.problems:
             raise UserError("\n".join(f"{args.grid}: {problem}" for problem in checked.problems))
         if args.dry_run:

@@ -1,7 +1,8 @@
 """Cheap checks of a source before anything runs: no image decoded, no tar read. Local paths exist, class folders
 match `num_classes`, image counts (files per class folder) and `_info.json` sample counts hold what the config
-declares and asks. What only reading can tell (remote URLs, `pipe:` commands, shards without `_info.json`) is
-listed as not checked; `prepare` checks it when it indexes the shards."""
+declares and asks, and local plain tars end as a tar ends (not cut short). What only reading can tell (remote URLs,
+`pipe:` commands, shards without `_info.json`, what a cut tar lost) is listed; `prepare` checks it when it indexes
+the shards."""
 
 from __future__ import annotations
 
@@ -11,20 +12,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.data.folder import folder_classes, is_image
+from pipelines.data.reader import BLOCK
 from pipelines.data.sources import expand_urls, info_lengths, is_local
 
 
 @dataclass
 class Findings:
-    """What a preflight found: `problems` (each one line, `key.path: what is wrong; what would be valid`) and
-    `unchecked` (each one line, `key.path: why it could not be checked here`)."""
+    """What a preflight found: `problems` (each one line, `key.path: what is wrong; what would be valid`),
+    `unchecked` (each one line, `key.path: why it could not be checked here`) and `noted` (each one line: a defect
+    seen whose cost, samples lost against `data.loader.max_bad_fraction`, the real run counts when it indexes)."""
 
     problems: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
+    noted: list[str] = field(default_factory=list)  # seen, but what it costs only indexing tells (a cut tar)
 
     def __iadd__(self, other: Findings) -> Findings:
         self.problems += other.problems
         self.unchecked += other.unchecked
+        self.noted += other.noted
         return self
 
 
@@ -100,6 +105,7 @@ def _shards(urls: str, key: str, needs, found: Findings, classes: tuple[str, int
         found.unchecked.append(f"{key}: {n} remote shard{'s' * (n > 1)} ({remote}): existence and sample count are "
                                "checked when they are indexed")
         return
+    _cut_tars(local, key, found)
     info = Path(local[0]).parent / "_info.json"
     if not info.exists():
         found.unchecked.append(f"{key}: no _info.json beside {local[0]}: the sample count is checked when the "
@@ -121,6 +127,25 @@ def _shards(urls: str, key: str, needs, found: Findings, classes: tuple[str, int
     if classes and isinstance(held_classes, int) and held_classes != classes[1]:
         found.problems.append(f"{classes[0]}: {classes[1]}, but {info} says num_classes {held_classes}; "
                               f"set {classes[0]}: {held_classes}")
+
+
+def _cut_tars(shards: list[str], key: str, found: Findings) -> None:
+    """Plain tars that do not end as every tar writer ends them (a whole number of 512-byte blocks, the last two
+    zero): cut short, by an interrupted copy or download. Two reads of each shard's first and last bytes."""
+    cut = []
+    for url in shards:
+        with open(url, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if f.read(2) == b"\x1f\x8b":
+                continue  # gzip: its end is checked when it is streamed
+            f.seek(max(size - 2 * BLOCK, 0))
+            if size % BLOCK or size < 2 * BLOCK or f.read() != bytes(2 * BLOCK):
+                cut.append((url, size))
+    if cut:
+        url, size = cut[0]
+        found.noted.append(f"{key}: {len(cut)} of {len(shards)} shards cut short (first {url}: {size:,} bytes, "
+                           "without the two zero blocks a tar ends with); the run counts the samples they lost "
+                           "against data.loader.max_bad_fraction and stops above it: re-copy them")
 
 
 def _held(found: Findings, held: int, what: str, needs: list[tuple[str, int]]) -> None:

@@ -195,9 +195,9 @@ def test_shards_are_checked_against_their_info_json_or_listed_as_not_checked(tmp
 
 
 def test_a_cut_shard_found_when_indexed_is_one_line_naming_the_source_key_and_the_shard(folders, tmp_path):
-    """What only reading tells (a tar cut short, without _info.json to count against) stops the real run where it
-    indexes (after Ray starts: on a cluster the index is built there), before any trial, naming the grid's key and
-    the shard."""
+    """The dry run notes a tar cut short; what only reading tells (the samples it lost, here without _info.json to
+    count against) stops the real run where it indexes (after Ray starts: on a cluster the index is built there),
+    before any trial, naming the grid's key and the shard."""
     import numpy as np
 
     from pipelines.data.writer import write_shard
@@ -213,6 +213,11 @@ def test_a_cut_shard_found_when_indexed_is_one_line_naming_the_source_key_and_th
     pretrain = {"source": "webdataset", "urls": str(tmp_path / "wds" / "train-{0..1}.tar"), "size": 8,
                 "image_size": 32, "num_classes": 3}
     grid = _grid(tmp_path, json.dumps(pretrain), _task(*folders), subsets="[4, 8]")
+    dry = run_cli(["-m", "study.run", "--grid", str(grid), "--dry-run"], tmp_path / "cache")
+    assert dry.returncode == 0 and (f"noted (the real run checks these when it indexes the data, before any trial "
+                                    f"starts):\n  data.pretrain.urls: 1 of 2 shards cut short (first {shards[1]}: "
+                                    f"{len(raw) // 2:,} bytes, without the two zero blocks a tar ends with)") \
+        in dry.stdout, dry.stdout[-2000:]
     done = run_cli(["-m", "study.run", "--grid", str(grid), "--out", str(tmp_path / "out")], tmp_path / "cache")
     lines = [line for line in done.stderr.strip().splitlines() if line.startswith("error")]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
