@@ -419,7 +419,9 @@ def _stopped(interrupt, tracker, decisions, records: dict, where) -> str:
     that says so, printed once every write is done."""
     left = [d.point for d in decisions if d.point.id not in records]
     tracker.kill_points(left)
-    return (f"\nstopped by {interrupt.name}: {len(records)} of {len(decisions)} points done, {len(left)} stopped "
+    ran = sum(p.id in tracker.begun for p in left)  # the rest were waiting for a free slot
+    waiting = f", {len(left) - ran} not started" if ran < len(left) else ""
+    return (f"\nstopped by {interrupt.name}: {len(records)} of {len(decisions)} points done, {ran} stopped{waiting} "
             f"(checkpoints in {where.storage_root}); rerun the same command to resume")
 
 

@@ -296,6 +296,7 @@ class Tracker:
         self.experiment_id, self.parent_id = "", ""
         self.runs: dict[str, str] = {}  # point id -> child run id
         self.started: set[str] = set()  # points whose child this invocation marked RUNNING (writer thread)
+        self.begun: set[str] = set()  # points whose trial said it started, in this invocation (as it is told)
         self.ended: set[str] = set()  # ... and those it ended since (FINISHED, FAILED, KILLED)
         self.params: dict[str, dict[str, str]] = {}  # run id -> params already logged (params are immutable)
         self.last_step: dict[tuple[str, str], int] = {}  # (run id, key) -> newest step logged
@@ -375,6 +376,7 @@ class Tracker:
             self.started.add(point.id)
             self._log_params(run_id, params)
             self._log_metrics(run_id, metrics, step=0)
+        self.begun.add(point.id)
         self.writer.submit(f"start of {point.name}", job)
 
     def log_curve(self, point, prefix: str, step: int, values: dict) -> None:

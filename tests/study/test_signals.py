@@ -39,7 +39,7 @@ def test_a_signal_stops_the_study_with_a_checkpoint_and_the_rerun_resumes(sig, t
     assert proc.returncode == 128 + sig, err[-3000:]
     assert "Traceback" not in err and "core dumped" not in err and "Aborted" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith(
-        f"stopped by {sig.name}: 0 of {points} points done, {points} stopped")
+        f"stopped by {sig.name}: 0 of {points} points done, 1 stopped" + (", 1 not started" if pending else " ("))
     assert "rerun the same command to resume" in err
     assert f"storage:  {tmp_path / 'smoke' / 'storage'} (checkpoints, weights)" in err.splitlines()  # and the UI
     assert any(line.startswith("mlflow:   mlflow ui --backend-store-uri sqlite:///") for line in err.splitlines())
