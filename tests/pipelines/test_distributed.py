@@ -4,6 +4,7 @@ reading its slice of every batch from shards through the production loader."""
 
 import os
 import socket
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -118,3 +119,34 @@ def test_a_batch_the_ranks_cannot_split_is_refused():
     assert Ranks(1, 4).share(512) == 128
     with pytest.raises(ValueError, match="batch 30 does not divide among 4 workers; use a multiple of 4"):
         Ranks(0, 4).share(30)
+
+
+def _stop_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Only rank 1 is told to stop (its stop file lookup saw the file; rank 0's, a moment earlier, did not)."""
+    from pipelines.loop import TrainingStopped
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))  # fail, not hang
+    try:
+        torch.set_num_threads(1)
+        rt = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=0), progress=False,
+                     should_stop=lambda: rank == 1)
+        cfg = _cfg(None).__class__(**{**_cfg(None).__dict__, "steps": 40})
+        try:
+            pretrain.run(cfg, "ViT-Pico/4", _data(), 4, 16, rt)
+            stopped = -1
+        except TrainingStopped as err:
+            stopped = err.step
+        torch.save({"step": torch.tensor(stopped)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_stop_one_rank_sees_stops_every_rank_at_the_same_step(tmp_path):
+    """Each rank asks `should_stop` on its own; were they to act on their own answers, rank 1 would leave while
+    rank 0 waits in the next step's all-reduce until the collective's timeout. They agree (`any_rank`) first."""
+    out = tmp_path / "stopped"
+    _data()
+    mp.spawn(_stop_rank, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    steps = [int(torch.load(f"{out}.{rank}", weights_only=True)["step"]) for rank in range(2)]
+    assert steps[0] == steps[1] and 0 < steps[0] < 40, steps
