@@ -56,15 +56,20 @@ def load(specs: list[str], labels: list[str] | None, resolve: Resolve = read_inp
     """Every input read and labelled; labels must be one per input and distinct."""
     if labels and len(labels) != len(specs):
         raise UserError(f"{len(labels)} --label for {len(specs)} inputs: give one per input, in order")
+    if labels:
+        _distinct(labels)  # before any input is read (an MLflow input is downloaded)
     studies = []
     for i, spec in enumerate(specs):
         default, table = resolve(spec)
         studies.append(Study(labels[i] if labels else default, spec, table))
-    seen = [s.label for s in studies]
-    twice = sorted({label for label in seen if seen.count(label) > 1})
+    _distinct([s.label for s in studies])
+    return studies
+
+
+def _distinct(labels: list[str]) -> None:
+    twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
         raise UserError(f"several inputs are labelled {', '.join(twice)}: name each with --label, one per input")
-    return studies
 
 
 def _key(row: dict) -> tuple:

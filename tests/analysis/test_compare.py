@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from analysis import compare, fits, intervals, plots
+from pipelines.config import UserError
 from tests.conftest import ROOT
 
 PUBLISHED = ROOT / "configs" / "published" / "vit_bit_imagenet.csv"
@@ -85,6 +86,10 @@ def test_inputs_that_cannot_be_compared_fail_with_one_line(tmp_path, capsys):
     assert "--label" in capsys.readouterr().err
     assert compare.main([str(a), "mlflow:smoke", "--out", str(tmp_path / "out")]) == 2
     assert "python -m study.compare" in capsys.readouterr().err
+    read = []
+    with pytest.raises(UserError, match="several inputs are labelled x"):  # before any input is read
+        compare.load([str(a), "mlflow:smoke"], ["x", "x"], lambda spec: read.append(spec))
+    assert read == []
     assert compare.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "has no" in capsys.readouterr().err
     (tmp_path / "empty.csv").touch()
