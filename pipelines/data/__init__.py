@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from pipelines import atomic
 from pipelines.data import shapes
-from pipelines.data.reader import BadCounts, DataError
+from pipelines.data.reader import BadCounts, BadSample, DataError
 from pipelines.data.sources import check_local_shards, info_lengths, is_local, shard_identity, split_files, write_info
 from pipelines.data.writer import write_shard
 
@@ -160,6 +160,8 @@ def prepare(src: SourceConfig, cache_dir: Path, index_root: Path | None = None, 
                for split, urls in shards.items()}
     found = Prepared(src.label, shards, indexes)
     check_source(src, found.index("train"), max_bad_fraction)
+    for split in shards:
+        check_classes(src, found.index(split), split)
     atomic.write_bytes(record_path(src, root), found.to_json(cache_dir).encode())
     return found
 
@@ -233,6 +235,24 @@ def check_source(src: SourceConfig, index: SourceIndex, max_bad_fraction: float 
         cut = int(np.flatnonzero(index.shard_lost)[0])
         bad.first["truncated_tar"] = f"{index.shard_url(cut)} lost {int(index.shard_lost[cut])}"
     bad.check(held + lost, max_bad_fraction, f"indexing {src.label}")
+
+
+def check_classes(src: SourceConfig, index: SourceIndex, split: str = "train") -> None:
+    """Every sample's classes are among the `num_classes` the source declares (a class past them would fail the
+    first batch that holds it, as an index out of the head's range)."""
+    values = index.label_val if index.label_ptr is not None else index.label
+    if len(values) == 0 or (top := int(np.max(values))) < src.num_classes:
+        return
+    at = int(np.argmax(values))
+    row = at if index.label_ptr is None else int(np.searchsorted(index.label_ptr, at, side="right")) - 1
+    shard = index.shard_url(int(index.shard_of(np.asarray([row]))[0]))
+    try:
+        which = f"sample '{index.keys_of([row])[0]}' in {shard}"
+    except (OSError, DataError, BadSample):  # a shard that can only be streamed: its key is not read back here
+        which = f"a sample in {shard}"
+    raise DataError(f"source '{src.label}' ({split}): {which} has class {top}, but num_classes is {src.num_classes} "
+                    f"(classes 0..{src.num_classes - 1}); set num_classes: {top + 1} if the source has that many, "
+                    f"else fix its labels")
 
 
 def _shard_lists(src: SourceConfig, cache_dir: Path, progress: bool) -> dict[str, list[str]]:

@@ -60,6 +60,10 @@ def _folder(src, key: str, needs, test_needs, found: Findings) -> None:
     train = _count_folder(src.root, f"{key}.root", found)
     if train is None:
         return
+    if empty := [name for name, n in train.items() if n == 0]:  # a class no model could learn, silently at chance
+        found.problems.append(f"{key}.root: {len(empty)} class folder{'s' * (len(empty) > 1)} without images "
+                              f"({os.path.join(src.root, empty[0])}{', ...' if len(empty) > 1 else ''}); add their "
+                              f"images, or remove them and lower {key}.num_classes")
     if len(train) != src.num_classes:
         found.problems.append(f"{key}.num_classes: {src.num_classes}, but {src.root} has {len(train)} class folders "
                               f"({_names(train)}); set {key}.num_classes: {len(train)}")
@@ -94,6 +98,10 @@ def _shards(urls: str, key: str, needs, found: Findings, classes: tuple[str, int
     """One split's shards: local ones exist, and hold `needs` and the declared `classes` where `_info.json` says."""
     shards = expand_urls(urls)
     local = [u for u in shards if is_local(u)]
+    if folders := [u for u in local if os.path.isdir(u)]:
+        found.problems.append(f"{key}: {folders[0]} is a folder; give tar shards: a path, or a brace range such as "
+                              f"{os.path.join(folders[0], 'train-{000000..000099}.tar')}")
+        return
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
         found.problems.append(f"{key}: {missing[0]} not found ({len(missing)} of {len(shards)} shards missing); "

@@ -36,6 +36,9 @@ def check_local_shards(urls: str) -> list[str]:
     missing = [u for u in shards if is_local(u) and not os.path.exists(u)]
     if missing:
         raise DataError(f"data path not found: {missing[0]} ({len(missing)} of {len(shards)} shards missing)")
+    if folders := [u for u in shards if is_local(u) and os.path.isdir(u)]:
+        raise DataError(f"{folders[0]} is a folder; give tar shards: a path, or a brace range such as "
+                        f"{os.path.join(folders[0], 'train-{000000..000099}.tar')}")
     return shards
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -434,3 +435,19 @@ def test_evaluation_decodes_in_loader_workers_to_the_batches_of_one_process(stre
     for a, b in zip(one, two, strict=True):
         assert a.keys == b.keys and np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
     assert [k for b in one for k in b.keys] == [f"{i:06d}" for i in np.r_[0:7, 12:31, 40:45]]
+
+
+def test_a_class_past_num_classes_is_one_line_naming_the_sample_when_the_source_is_prepared(tmp_path):
+    from pipelines.data.writer import write_shard
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "wds" / "train-0.tar"
+    path.parent.mkdir()
+    write_shard(path, ((f"k{i}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), 7 if i == 5 else i % 4)
+                       for i in range(12)))
+    src = data.SourceConfig(source="webdataset", urls=str(path), size=12, num_classes=4, image_size=8)
+    with pytest.raises(DataError, match=rf"^source 'webdataset' \(train\): sample 'k5' in {re.escape(str(path))} has "
+                                        r"class 7, but num_classes is 4 \(classes 0..3\); set num_classes: 8 if"):
+        data.prepare(src, tmp_path / "cache", progress=False)
+    assert len(data.prepare(data.SourceConfig(**{**src.__dict__, "num_classes": 8}), tmp_path / "cache",
+                            progress=False).index()) == 12

@@ -77,6 +77,10 @@ def _main(args, monkeypatch, tmp_path, capsys):
                 "data.pretrain.num_classes: 3"),
     ("info", "downstream[0].size=12: more than the 10 samples {tmp}/wds/_info.json lists for these shards; at "
              "most 10"),
+    ("empty-class", "data.pretrain.root: 1 class folder without images ({tmp}/other/emu); add their images, or "
+                    "remove them and lower data.pretrain.num_classes"),
+    ("folder-url", "data.pretrain.urls: {tmp}/wds is a folder; give tar shards: a path, or a brace range such as "
+                   "{tmp}/wds/train-{{000000..000099}}.tar"),
 ])
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_each_defect_is_one_line_naming_the_file_and_key_exit_2_before_ray(defect, message, dry_run, folders,
@@ -92,10 +96,18 @@ def test_each_defect_is_one_line_naming_the_file_and_key_exit_2_before_ray(defec
     elif defect == "info":  # shards with an `_info.json` that holds fewer samples than the declared size
         (tmp_path / "wds").mkdir()
         for name in ("a.tar", "b.tar"):
-            (tmp_path / "wds" / name).write_bytes(b"")  # never read: the dry run reads no tar
+            (tmp_path / "wds" / name).write_bytes(b"")  # never indexed: the dry run reads a tar's ends only
         write_info(tmp_path / "wds", "train", ["a.tar", "b.tar"], [6, 4], num_classes=3)
         task = _task(train, test, source="webdataset", root=None, test_root=None,
                      urls=f"{tmp_path}/wds/{{a,b}}.tar", test_urls=f"{tmp_path}/wds/a.tar")
+    elif defect == "empty-class":
+        other = _folder(tmp_path / "other")  # not the downstream task's folder
+        (other / "emu").mkdir()
+        pretrain = _pretrain(other, num_classes=4)
+    elif defect == "folder-url":
+        (tmp_path / "wds").mkdir()
+        pretrain = json.dumps({"source": "webdataset", "urls": str(tmp_path / "wds"), "size": 12, "image_size": 32,
+                               "num_classes": 3})
     grid = _grid(tmp_path, pretrain, task, subsets)
     code, out, err = _main(["--grid", str(grid), *(["--dry-run"] if dry_run else [])], monkeypatch, tmp_path,
                            capsys)
