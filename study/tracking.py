@@ -173,6 +173,9 @@ def comparison_metrics(table) -> list[Metric]:
     return out
 
 
+ENDED_TAGS = ("stop_reason", "failure_reason")  # why a point's run ended unfinished; removed when it finishes
+
+
 @dataclass
 class ChildRun:
     run_id: str
@@ -405,6 +408,10 @@ class Tracker:
             self.client.log_batch(run_id, tags=[RunTag(f"{EVAL_TAG}{k}", v.id) for k, v in record.evals.items()]
                                   + [RunTag(WEIGHTS_TAG, "1")])
             self.client.set_tag(run_id, COMPLETE_TAG, "1")
+            known = self.known.get(point.id)
+            for name in ENDED_TAGS:  # an earlier invocation's stop or failure of this point, no longer true
+                if known is not None and known.run_id == run_id and name in known.tags:
+                    self.client.delete_tag(run_id, name)
             self.client.set_terminated(run_id, "FINISHED")
             self.ended.add(point.id)
         self.writer.submit(f"results of {point.name}", job)

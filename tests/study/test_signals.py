@@ -63,6 +63,7 @@ def test_a_signal_stops_the_study_with_a_checkpoint_and_the_rerun_resumes(sig, t
     (child,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
                                   "tags.study_role = 'point'")
     assert child.data.metrics["resumed_from_step"] == stopped_at  # from the checkpoint of the stop
+    assert "stop_reason" not in child.data.tags  # the stop is over: the run finished
 
 
 def test_ctrl_c_while_torch_imports_is_one_line_not_a_traceback(tmp_path):
