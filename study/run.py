@@ -395,8 +395,8 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     if (answer := Verdict.read(where.out / "summary.json")) is not None:
         print(f"\n{answer.text}")
     if left:
-        print(f"mlflow:   {left} writes could not be logged (tracking store unreachable); the next invocation logs "
-              "them from the storage", file=sys.stderr)
+        print(f"mlflow:   {left} writes could not be logged (the tracking store was unreachable or full); the next "
+              "invocation logs them from the storage", file=sys.stderr)
     if failures:
         print(f"{len(failures)} of {len(points)} trials failed: " +
               "; ".join(f"{name}: {why}" for name, why in failures.items()), file=sys.stderr)

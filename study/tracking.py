@@ -11,7 +11,9 @@ whatever is still unlogged when the study ends is logged by the next invocation 
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
 import queue
@@ -31,6 +33,10 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
+
+# A database store logs every failed write with its traceback (an ERROR of this logger) before raising it; the
+# writer says what failed, once, in one line (`_Writer`).
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 from pipelines.config import flatten  # noqa: E402
 from study.protocol import PointRecord  # noqa: E402
@@ -204,6 +210,8 @@ class _Writer(threading.Thread):
         self.uri, self.jobs, self.down_since = uri, queue.Queue(), None
         self.stopping = threading.Event()
         self.dropped = threading.Event()  # the study is another driver's now: queued writes are dropped
+        self.full: str | None = None  # the local store's disk is full: writes from then on are counted, not tried
+        self.lost = 0
         self.start()
 
     def submit(self, what: str, job: Callable[[], None]) -> None:
@@ -212,7 +220,9 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         while True:
             what, job = self.jobs.get()
-            if not self.dropped.is_set():
+            if self.full is not None:
+                self.lost += 1
+            elif not self.dropped.is_set():
                 self._until_done(what, job)
             self.jobs.task_done()
 
@@ -221,12 +231,16 @@ class _Writer(threading.Thread):
         while True:
             try:
                 job()
-            except MlflowException as err:
-                if err.error_code in _PERMANENT:
+            except Exception as err:  # noqa: BLE001  (a network or database error: wait and retry)
+                if disk_full(err):  # no wait brings the space back: say so once, and try nothing more
+                    self.full, self.lost = _first_line(err), self.lost + 1
+                    print(f"mlflow: the disk under {self.uri} is full ({self.full}); this invocation logs nothing "
+                          "more there, and its runs may show RUNNING: free space and rerun the same command, which "
+                          "logs what is missing from the study's storage", file=sys.stderr)
+                    return
+                if isinstance(err, MlflowException) and err.error_code in _PERMANENT:
                     print(f"mlflow: {what} not logged: {_first_line(err)}", file=sys.stderr)
                     return
-                self._down(err)
-            except Exception as err:  # noqa: BLE001  (a network or database error: wait and retry)
                 self._down(err)
             else:
                 if self.down_since is not None:
@@ -255,7 +269,19 @@ class _Writer(threading.Thread):
         while self.jobs.unfinished_tasks and time.time() < deadline:
             time.sleep(0.2)
         self.stopping.set()
-        return self.jobs.unfinished_tasks
+        return self.jobs.unfinished_tasks + self.lost
+
+
+def disk_full(err: BaseException) -> bool:
+    """A write that failed for want of space on a local store (SQLite's "database or disk is full", or ENOSPC from
+    a file store or an artifact copy): not an outage, which a wait can end."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", None) == errno.ENOSPC or "database or disk is full" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def pretrain_metrics(record: PointRecord) -> dict[str, float]:

@@ -33,3 +33,34 @@ def test_a_full_storage_fails_the_trial_once_in_one_line_and_the_rerun_finishes(
     assert (out / "smoke" / "results.csv").exists()
     parent, children = mlflow_statuses(out)
     assert parent == "FINISHED" and children.count("FINISHED") == 1
+
+
+def test_a_full_disk_under_the_mlflow_store_is_said_once_and_nothing_waits_on_it(tmp_path, capfd):
+    """A local store whose disk fills: one line (no SQLAlchemy tracebacks, which MLflow logs for every failed
+    write), the queued writes counted as not logged, and no wait for space a wait cannot bring back."""
+    import time
+
+    from study.tracking import Tracker
+
+    disk = mount_tmpfs(tmp_path / "disk", "size=2m")
+    try:
+        tracker = Tracker(f"sqlite:///{disk / 'mlflow.db'}", "full", disk / "artifacts")
+        with open(disk / "filler", "wb") as f:  # what else wrote to that disk
+            try:
+                while True:
+                    f.write(bytes(1 << 16))
+                    f.flush()
+            except OSError:
+                pass
+        capfd.readouterr()
+        for i in range(20):
+            tracker.writer.submit(f"tag {i}", lambda i=i: tracker.client.set_experiment_tag(
+                tracker.experiment_id, f"k{i}", "v" * 19_000))
+        start = time.monotonic()
+        assert tracker.close(timeout=60) == 20 and time.monotonic() - start < 10
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err[-3000:]
+    assert err.startswith(f"mlflow: the disk under sqlite:///{disk / 'mlflow.db'} is full ((sqlite3.OperationalError) "
+                          "database or disk is full); this invocation logs nothing more there"), err
