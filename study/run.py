@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from pipelines import atomic
-from pipelines.config import UserError, to_dict
+from pipelines.config import UserError, flatten, to_dict
 from pipelines.models import ModelOptions
 from study.config import GridPoint, StudyConfig, check_data, expand, load_study, pipe_commands
 from study.cost import ASSUMED_MFU, describe, print_grid
@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "which is per device, from a run on the same GPU); default: 0.4, assumed")
     parser.add_argument("--fresh", action="store_true",
                         help="ignore earlier results: a new MLflow parent run, every point trained anew")
+    parser.add_argument("--replace", action="store_true",
+                        help="let this grid be the study even though it leaves out finished points of its last run "
+                             "(a changed recipe or source, a model or seed taken out); they stay in storage and "
+                             "MLflow, and the earlier grid reuses them")
     parser.add_argument("--address", default=None, help="join an existing Ray cluster instead of starting one")
     parser.add_argument("--out", default="runs", help="output root (results, figures, the MLflow store)")
     parser.add_argument("--storage", default=None,
@@ -341,12 +345,14 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     from study.trial import Stopwatch
 
     where = Locations(cfg, args)
-    where.out.mkdir(parents=True, exist_ok=True)
     resolved = to_dict(cfg)
+    tracker = Tracker(where.tracking_uri, cfg.study, where.root / "mlartifacts", fresh=args.fresh)
+    if not args.fresh and not args.replace:
+        check_nothing_left_out(cfg, points, tracker.known, where.out / "config.yaml", resolved)
+    where.out.mkdir(parents=True, exist_ok=True)
     (where.out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     commit = git_commit()
     (where.out / "git_commit.txt").write_text(commit + "\n")
-    tracker = Tracker(where.tracking_uri, cfg.study, where.root / "mlartifacts", fresh=args.fresh)
     if lease is not None:  # found taken: drop every MLflow write from then on, before the trials are stopped
         lease.when_lost(lambda held: tracker.abandon())
     evals = eval_ids(cfg)
@@ -402,6 +408,32 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
               "; ".join(f"{name}: {why}" for name, why in failures.items()), file=sys.stderr)
         return 1
     return 0
+
+
+def check_nothing_left_out(cfg: StudyConfig, points: list[GridPoint], known: dict, last_config: Path,
+                           resolved: dict) -> None:
+    """Refuse a grid that leaves out finished points of the study's last run (its MLflow children): its report,
+    verdict and MLflow parent would then describe this grid alone, and the finished work would drop out of them.
+    Adding points, and changing only the evaluations, leave none out."""
+    planned = {p.id for p in points}
+    left_out = [pid for pid, child in known.items() if child.complete and pid not in planned]
+    if not left_out:
+        return
+    changed = ""
+    if last_config.is_file():
+        try:
+            before = flatten(yaml.safe_load(last_config.read_text()) or {})
+        except (OSError, yaml.YAMLError):
+            before = None
+        if isinstance(before, dict):
+            now = flatten(resolved)
+            keys = [k for k in dict.fromkeys([*before, *now]) if before.get(k) != now.get(k)]
+            shown = "; ".join(f"{k}: {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}" for k in keys[:3])
+            changed = f" (changed since: {shown}{'; ...' if len(keys) > 3 else ''})" if keys else ""
+    raise UserError(f"study '{cfg.study}' has {len(left_out)} finished point{'s' * (len(left_out) > 1)} this grid "
+                    f"leaves out{changed}; its report, verdict and MLflow parent would then show this grid alone. "
+                    f"To keep both, give this grid its own name (study=NAME) or --out; to let it be the study, add "
+                    f"--replace (the points left out stay in storage and MLflow, and the earlier grid reuses them)")
 
 
 def _print_tracking(cfg: StudyConfig, where: Locations, tracker, file=None) -> None:

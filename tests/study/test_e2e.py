@@ -239,3 +239,25 @@ def test_the_readme_snippet_loads_a_points_weights_from_mlflow(smoke):
     loaded = scope["model"].state_dict()
     assert set(loaded) == set(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
     assert scope["model"](torch.zeros(1, 3, 32, 32)).shape == (1, 16)
+
+
+def test_a_grid_that_leaves_out_finished_points_is_refused_and_the_study_s_report_kept(smoke, tmp_path, cache_dir):
+    """A changed recipe under the same study and --out: every finished point would drop out of the report, the
+    verdict and the MLflow parent. One line naming what changed and the ways on, exit 2; nothing rewritten."""
+    import shutil
+
+    from tests.conftest import mlflow_statuses
+
+    out = tmp_path / "runs"
+    shutil.copytree(smoke[0], out)  # its store and storage (the experiment's artifacts stay where they were)
+    before = {name: (out / "smoke" / name).read_bytes() for name in ("results.csv", "report.md", "config.yaml")}
+    proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out), "pretrain.lr=0.01"],
+                   cache_dir)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: study 'smoke' has 4 finished points this grid leaves out (changed since: "
+                                "pretrain.lr: 0.001 -> 0.01); its report, verdict and MLflow parent would then show "
+                                "this grid alone."), errors[0]
+    assert "--replace" in errors[0] and "study=NAME" in errors[0]
+    assert {name: (out / "smoke" / name).read_bytes() for name in before} == before
+    assert mlflow_statuses(out) == ("FINISHED", ["FINISHED"] * 4)
