@@ -56,6 +56,7 @@ def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int
     if not files:
         raise DataError(f"no images found under {root} (expected {root}/<class>/<image>)")
     classes = folder_classes(root)
+    _check_out(out, split, classes)
     labels = {name: i for i, name in enumerate(classes)}
     order = np.random.default_rng(seed).permutation(len(files))
     out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +79,28 @@ def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int
     (out / "classes.json").write_text(json.dumps(classes, indent=0))
     return write_info(out, split, [path.name for _, path, _ in jobs], [len(samples) for _, _, samples in jobs],
                       name=Path(root).name, num_classes=len(classes))
+
+
+def _check_out(out: Path, split: str, classes: list[str]) -> None:
+    """`out` may hold other splits of the same classes (a train and a test folder converted in turn), not shards of
+    this split already (they would mix with these, and a brace range would read both), nor another class list
+    (label i would mean another class in each split)."""
+    if not out.is_dir():
+        return
+    if held := sorted(out.glob(f"{split}-*.tar")):
+        raise DataError(f"--out {out} already holds {len(held)} {split} shard{'s' * (len(held) > 1)} ({held[0].name}"
+                        f"{', ...' if len(held) > 1 else ''}); give an empty folder, or remove them first")
+    named = out / "classes.json"
+    if named.is_file():
+        try:
+            theirs = json.loads(named.read_text())
+        except (OSError, ValueError):
+            theirs = None
+        if theirs != classes:
+            shown = ", ".join(map(str, theirs[:5])) if isinstance(theirs, list) else "unreadable"
+            raise DataError(f"--out {out} holds the splits of other class folders (classes.json: {shown}), not these "
+                            f"({', '.join(classes[:5])}): label i would name another class in each split; give the "
+                            f"same class folders, or another --out")
 
 
 class _InProcess:

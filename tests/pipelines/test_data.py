@@ -275,6 +275,30 @@ def test_the_folder_command_refuses_bad_arguments_with_one_line_and_writes_nothi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes.txt", "src"] and mine.read_text() == "mine"
 
 
+def test_the_folder_command_adds_splits_of_the_same_classes_and_refuses_to_mix(tmp_path, capsys):
+    """A train and a test folder converted in turn into one --out; a second train conversion there (its shards would
+    mix with the first's), or a folder of other classes (label i would differ per split): one line, nothing written."""
+    from pipelines.data.folder import main
+
+    rng = np.random.default_rng(0)
+    _folder(tmp_path / "train", ["cat", "dog"], 3, rng)
+    _folder(tmp_path / "test", ["cat", "dog"], 2, rng)
+    _folder(tmp_path / "other", ["cat", "emu"], 2, rng)
+    out = tmp_path / "wds"
+    assert main(["--from-folder", str(tmp_path / "train"), "--out", str(out), "--shard-size", "2"]) == 0
+    assert main(["--from-folder", str(tmp_path / "test"), "--out", str(out), "--split", "test"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert main(["--from-folder", str(tmp_path / "train"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {out} already holds 3 train shards (train-000000.tar, ...); "
+                                       "give an empty folder, or remove them first\n")
+    assert main(["--from-folder", str(tmp_path / "other"), "--out", str(out), "--split", "val"]) == 2
+    assert capsys.readouterr().err == (f"error: --out {out} holds the splits of other class folders (classes.json: "
+                                       "cat, dog), not these (cat, emu): label i would name another class in each "
+                                       "split; give the same class folders, or another --out\n")
+    assert sorted(p.name for p in out.iterdir()) == written
+
+
 @pytest.mark.parametrize("command", [["pipelines.data.folder", "--from-folder", "nope", "--out", "x"],
                                      ["pipelines.data.index", "nope-{0..1}.tar", "--out", "x"]])
 def test_the_data_commands_run_without_runpy_s_warning(tmp_path, command):
