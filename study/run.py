@@ -221,11 +221,6 @@ def read_plan(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespac
     return plan(points, eval_ids(cfg), where.storage, children, args.fresh), tracker
 
 
-def planned_actions(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) -> dict[str, str]:
-    """For `--dry-run`: what each point would do."""
-    return {d.point.id: d.describe() for d in read_plan(cfg, points, args)[0]}
-
-
 def main(argv: list[str] | None = None) -> int:
     from study.interrupt import stop_at_once
 
@@ -249,13 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         check_folders(cfg, args, create=False)
         checked = check_data(cfg)  # the same checks for a dry run and, before Ray starts, a real one
         if args.dry_run:
-            print_grid(describe(cfg, points, planned_actions(cfg, points, args), args.mfu or ASSUMED_MFU), args.json)
+            decisions, tracker = read_plan(cfg, points, args)
+            print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, args.mfu or ASSUMED_MFU),
+                       args.json)
             print_recipes(cfg, args.json)
             print_commands(pipe_commands(cfg), args.json)
             print_unchecked(checked, args.json)
         if checked.problems:
             raise UserError("\n".join(f"{args.grid}: {problem}" for problem in checked.problems))
         if args.dry_run:
+            if tracker is not None and not args.replace:  # what the real run would refuse, once MLflow is open
+                check_nothing_left_out(cfg, points, tracker.known, Locations(cfg, args).out / "config.yaml",
+                                       to_dict(cfg))
             return 0
         from study import tune_runner
         from study.lease import Lease

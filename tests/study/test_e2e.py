@@ -261,3 +261,7 @@ def test_a_grid_that_leaves_out_finished_points_is_refused_and_the_study_s_repor
     assert "--replace" in errors[0] and "study=NAME" in errors[0]
     assert {name: (out / "smoke" / name).read_bytes() for name in before} == before
     assert mlflow_statuses(out) == ("FINISHED", ["FINISHED"] * 4)
+    changed = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out), "pretrain.lr=0.01", "--dry-run"]
+    dry = run_cli(changed, cache_dir)  # the dry run says so too
+    assert dry.returncode == 2 and dry.stderr.strip().splitlines()[-1] == errors[0], dry.stderr[-2000:]
+    assert run_cli([*changed, "--replace"], cache_dir).returncode == 0
