@@ -229,12 +229,46 @@ def check_source(src: SourceConfig, index: SourceIndex, max_bad_fraction: float 
         shards = f"{index.num_shards} shard{'s' * (index.num_shards != 1)}"
         raise DataError(f"source '{src.label}' declares size {src.size:,}, but its {shards} "
                         f"({src.urls or src.root or 'generated'}) hold {held:,} readable samples{where}; "
-                        f"declare size: {held} or fewer")
+                        + (merged_keys(index) or f"declare size: {held} or fewer"))
     bad = BadCounts(truncated_tar=lost)
     if lost:
         cut = int(np.flatnonzero(index.shard_lost)[0])
         bad.first["truncated_tar"] = f"{index.shard_url(cut)} lost {int(index.shard_lost[cut])}"
     bad.check(held + lost, max_bad_fraction, f"indexing {src.label}")
+
+
+def merged_keys(index: SourceIndex, members: int = 1000) -> str | None:
+    """Why a source may hold fewer samples than declared: webdataset cuts a member's key at the first '.' of its file
+    name, so `img.0000.jpg` and `img.0001.jpg` are one sample `img`. Found from the first local shard's first
+    `members` headers (no image read): a sample with several images. None where none is found."""
+    import itertools
+
+    from pipelines.data.index import LOCAL
+    from pipelines.data.reader import IMAGE_EXTS, TarFormatError, iter_members, split_member_name
+
+    if index.num_shards == 0 or index.shard_seekable[0] != LOCAL:
+        return None
+    url = index.shard_url(0)
+    images: dict[str, list[str]] = {}
+    with open(url, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+
+        def read_at(at: int, n: int) -> bytes:
+            f.seek(at)
+            return f.read(n)
+
+        try:
+            for m in itertools.islice(iter_members(read_at, size), members):
+                key, ext = split_member_name(m.name)
+                if ext.rpartition(".")[2] in IMAGE_EXTS:
+                    images.setdefault(key, []).append(os.path.basename(m.name))
+        except TarFormatError:  # a cut tar: what was read is enough
+            pass
+    merged = next((names for names in images.values() if len(names) > 1), None)
+    if merged is None:
+        return None
+    return (f"members such as {merged[0]} and {merged[1]} are one sample: a key ends at the first '.' of a member's "
+            f"name (webdataset's rule), so write each sample's members as <key>.<ext> with no '.' in the key")
 
 
 def check_classes(src: SourceConfig, index: SourceIndex, split: str = "train") -> None:

@@ -475,3 +475,25 @@ def test_a_class_past_num_classes_is_one_line_naming_the_sample_when_the_source_
         data.prepare(src, tmp_path / "cache", progress=False)
     assert len(data.prepare(data.SourceConfig(**{**src.__dict__, "num_classes": 8}), tmp_path / "cache",
                             progress=False).index()) == 12
+
+
+def test_members_whose_names_hold_a_dot_are_said_to_merge_into_one_sample(tmp_path):
+    """webdataset cuts a key at the first '.': `img.0000.jpg` ... are one sample `img`, and the size check says why."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    path = tmp_path / "train-0.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(8):
+            for name, body in ((f"img.{i:04d}.jpg", io.BytesIO()), (f"img.{i:04d}.cls", io.BytesIO(b"1"))):
+                if name.endswith(".jpg"):
+                    Image.new("RGB", (8, 8)).save(body, "JPEG")
+                info = tarfile.TarInfo(name)
+                info.size = len(body.getvalue())
+                tar.addfile(info, io.BytesIO(body.getvalue()))
+    src = data.SourceConfig(source="webdataset", urls=str(path), size=8, num_classes=2, image_size=8)
+    with pytest.raises(DataError, match=r"hold 1 readable samples; members such as img.0000.jpg and img.0001.jpg are "
+                                        r"one sample: a key ends at the first '.'"):
+        data.prepare(src, tmp_path / "cache", progress=False)
