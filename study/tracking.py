@@ -79,9 +79,14 @@ def check_tracking_uri(uri: str) -> None:
         schemes = tuple(s for s in _tracking_store_registry._registry if s)
     except (ImportError, AttributeError):
         schemes = SCHEMES
-    if scheme and scheme not in schemes:
+    folder = scheme in ("", "file") or len(scheme) == 1  # a path (C:\\ on Windows): MLflow's file store
+    if folder and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise UserError(f"--tracking-uri {uri}: a folder (file) store, which MLflow 3 opens only with "
+                        f"MLFLOW_ALLOW_FILE_STORE=true; give sqlite:///PATH/mlflow.db (a local store: the default is "
+                        f"OUT/mlflow.db) or http://HOST:PORT (a server)")
+    if scheme and not folder and scheme not in schemes:
         raise UserError(f"--tracking-uri {uri}: MLflow takes no '{scheme}://' store; give one of "
-                        f"{', '.join(s + '://' for s in schemes)} or a local folder")
+                        f"{', '.join(s + '://' for s in schemes if s != 'file')}")
     if scheme in DATABASES:
         from sqlalchemy.engine import make_url
 

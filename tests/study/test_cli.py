@@ -61,6 +61,9 @@ def test_bad_input_is_one_line_and_exit_2(overrides, message, cache_dir, tmp_pat
     (["--mfu", "0.3"], "--mfu works only with --dry-run or --suggest; add it (nothing was run)"),
     (["--dry-run", "--suggest"], "--dry-run and --suggest are two different reports: give one of them"),
     (["--tracking-uri", "foo://bar"], "--tracking-uri foo://bar: MLflow takes no 'foo://' store; give one of "),
+    (["--tracking-uri", "127.0.0.1:5000"], "--tracking-uri 127.0.0.1:5000: a folder (file) store, which MLflow 3 "
+                                           "opens only with MLFLOW_ALLOW_FILE_STORE=true; give sqlite:///"),
+    (["--tracking-uri", "file:///tmp/mlruns"], "--tracking-uri file:///tmp/mlruns: a folder (file) store"),
     (["data.cache_dir=/proc/no-such-folder"], "data.cache_dir: cannot make the folder /proc/no-such-folder (No such "
                                               "file or directory); give a folder this user can write"),
 ])

@@ -46,7 +46,8 @@ def test_a_store_that_is_not_there_is_one_line_and_nothing_is_made(tmp_path, cap
              f"sqlite:///{tmp_path}/nope/mlflow.db": f"no MLflow store at {tmp_path}/nope/mlflow.db (sqlite:",
              "sqlite:///empty.db": "no MLflow store at empty.db (sqlite:///empty.db)",
              "sqlite:///notes.db": "sqlite:///notes.db: notes.db is not an SQLite database",
-             str(tmp_path / "mlruns"): f"no MLflow store at {tmp_path / 'mlruns'} (",
+             str(tmp_path / "mlruns"): f"--tracking-uri {tmp_path / 'mlruns'}: a folder (file) store, which MLflow 3 "
+                                       "opens only with MLFLOW_ALLOW_FILE_STORE=true",
              "foo://bar": "--tracking-uri foo://bar: MLflow takes no 'foo://' store; give one of ",
              "http://127.0.0.1:1": "cannot reach the MLflow tracking server at http://127.0.0.1:1 (Connection refused)"}
     for uri, line in cases.items():
