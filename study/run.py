@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         check_folders(cfg, args, create=False)
         checked = check_data(cfg)  # the same checks for a dry run and, before Ray starts, a real one
         if args.dry_run:
+            Locations(cfg, args).storage.check(write=False)
             decisions, tracker = read_plan(cfg, points, args)
             print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, args.mfu or ASSUMED_MFU),
                        args.json)
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 tune_runner.connect(cfg, args.address)
             stop_at_once()  # again: joining a cluster (`ray.init`) set Ray's SIGTERM handler, a bare exit
             storage = Locations(cfg, args).storage
+            storage.check(write=True)
             check_folders(cfg, args, create=True)  # after the checks of --address, resources and storage
             with Stopwatch(clock)("prepare_data"):
                 prepare_data(cfg, storage, tune_runner.index_mapper(args.address))

@@ -121,6 +121,24 @@ class Storage:
     def __repr__(self) -> str:
         return f"Storage({self.root!r})"
 
+    def check(self, write: bool) -> None:
+        """Object storage answers, and (`write`) takes a write: one line before any work instead of the first
+        write's traceback once the data are prepared (a bucket that is not there, an endpoint down, credentials
+        refused). The dry run only reads; a local root is checked as a folder (`run.check_folders`)."""
+        if self.local_path("") is not None:
+            return
+        try:
+            self.fs.get_file_info(self.path(""))
+            if write:
+                probe = f".write-check-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                self.write_bytes(probe, b"")
+                self.delete_file(probe)
+        except OSError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise UserError(f"--storage {redact(self.root)}: cannot {'write' if write else 'read'} there ({first}); "
+                            "check the bucket, the endpoint and the credentials (AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS)") from None
+
     def path(self, rel: str) -> str:
         return f"{self.base}/{rel}".rstrip("/")
 

@@ -6,6 +6,7 @@ variables only."""
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -102,6 +103,29 @@ def test_credentials_in_a_storage_uri_are_refused_without_being_printed():
     with pytest.raises(UserError, match="environment variables") as err:
         Storage("s3://AKID:sec-ret@bucket/runs")
     assert "sec-ret" not in str(err.value) and "AKID" not in str(err.value)
+
+
+def test_storage_that_cannot_be_read_or_written_is_one_line_before_any_work(s3_server, tmp_path, monkeypatch):
+    """A bucket that is not there, refused credentials, an endpoint down: the dry run reads, the run writes a probe,
+    and either says so in one line instead of a traceback once the data are prepared."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = s.getsockname()[1]  # nothing listens there
+    s3_server.client().create_bucket(Bucket="there")
+    cases = [(f"s3://nobucket/x?endpoint_override={s3_server.host}&scheme=http", "write"),  # (not made for us)
+             (s3_server.uri("there", "x"), None),
+             (f"s3://there/x?endpoint_override=127.0.0.1:{down}&scheme=http", "read")]
+    for uri, fails in cases:
+        storage = Storage(uri)
+        for write in (False, True):
+            if fails is None or (fails == "write" and not write):
+                storage.check(write)
+                continue
+            with pytest.raises(UserError, match=rf"^--storage .*: cannot {'write' if write else 'read'} there \(.+\); "
+                                                r"check the bucket, the endpoint and the credentials"):
+                storage.check(write)
+    left = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="there").get("Contents", [])]
+    assert left == ["x/"]  # the root's folder marker (a run makes it anyway), not the probe
 
 
 # The end-to-end study: one output folder, three invocations (SIGKILLed, the same command, one more subset).
