@@ -202,6 +202,12 @@ def command(args: argparse.Namespace, resolve: Resolve = read_input,
     out = Path(args.out)
 
     def write() -> Path:
+        for spec in args.inputs:  # a study's own folder: its report.md, summary.json and figures would be replaced
+            here = Path(spec)
+            if not spec.startswith(MLFLOW_PREFIX) and here.exists() and \
+                    (here if here.is_dir() else here.parent).resolve() == out.resolve():
+                raise UserError(f"--out {out} is the folder of the input {spec}: the comparison would replace that "
+                                f"study's own report; give another folder")
         studies = load(args.inputs, args.label, resolve)
         path = write_comparison(studies, out)
         if then is not None:

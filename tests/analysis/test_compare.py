@@ -95,6 +95,10 @@ def test_inputs_that_cannot_be_compared_fail_with_one_line(tmp_path, capsys):
     (tmp_path / "empty.csv").touch()
     assert compare.main([str(a), str(tmp_path / "empty.csv"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'empty.csv'}: not a results CSV (empty file)\n"
+    for given in (a, a / "results.csv"):  # the study's own folder: its report would be replaced
+        assert compare.main([str(given), str(a), "--label", "x", "--label", "y", "--out", str(a)]) == 2
+        assert capsys.readouterr().err == (f"error: --out {a} is the folder of the input {given}: the comparison "
+                                           "would replace that study's own report; give another folder\n")
     assert compare.main([str(a), "--out", str(a / "results.csv")]) == 2
     assert capsys.readouterr().err == (f"error: --out {a / 'results.csv'} is a file; the report is written "
                                        "into a folder (new or existing)\n")
