@@ -9,6 +9,7 @@ idempotent runner then trains only those.
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,9 +55,18 @@ def extended(cfg: StudyConfig, chosen: list) -> StudyConfig:
     return replace(cfg, data=replace(cfg.data, subsets=tuple(sizes)), seeds=seeds)
 
 
-def write_grid(cfg: StudyConfig, path: Path, source: str) -> None:
+def same_place(args) -> str:
+    """The flags that find this study's finished points (`--out`, `--storage`, `--tracking-uri`, as given): a run
+    of the extended grid without them would train every point anew, elsewhere."""
+    given = (("--out", args.out if args.out != "runs" else None), ("--storage", args.storage),
+             ("--tracking-uri", args.tracking_uri))
+    return "".join(f" {flag} {shlex.quote(value)}" for flag, value in given if value)
+
+
+def write_grid(cfg: StudyConfig, path: Path, source: str, place: str = "") -> None:
     header = (f"# {cfg.study}: {source} extended by `python -m study.run --grid {source} --suggest --apply`.\n"
-              f"# Run: python -m study.run --grid {path}  (points already finished are reused; only new ones train)\n")
+              f"# Run: python -m study.run --grid {path}{place}  (points already finished are reused; only new ones "
+              "train)\n")
     path.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
@@ -113,6 +123,7 @@ def run_suggest(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namesp
     if args.apply:
         if not chosen:
             raise UserError("--apply: no candidate narrows the interval within the budget; nothing written")
-        write_grid(extended(cfg, chosen), Path(args.apply), args.grid)
-        print(f"wrote {args.apply}: python -m study.run --grid {args.apply} trains only the new points")
+        write_grid(extended(cfg, chosen), Path(args.apply), args.grid, same_place(args))
+        print(f"wrote {args.apply}: python -m study.run --grid {args.apply}{same_place(args)} trains only the new "
+              "points")
     return 0

@@ -46,6 +46,8 @@ def test_suggest_prints_the_ranking_and_apply_plans_only_the_new_points(tmp_path
     rows = [line for line in printed.splitlines() if "points (every model" in line]
     assert len(rows) == 4 and any(line.startswith("*") for line in rows)  # 2 midpoints, 2x = the source, a seed
     assert "128" in printed and "512" in printed and "2,048" in printed
+    run = f"python -m study.run --grid {grid} --out {tmp_path / 'runs'}"  # where the finished points are found
+    assert f"wrote {grid}: {run} trains only the new points" in printed and f"# Run: {run}  (" in grid.read_text()
 
     new = load_study(grid)
     assert set(new.data.subsets) >= set(cfg.data.subsets) and set(new.seeds) >= set(cfg.seeds)
