@@ -215,7 +215,9 @@ def read_plan(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespac
     from study.tracking import Tracker
 
     where, tracker = Locations(cfg, args), None
-    if not args.fresh and (args.tracking_uri is not None or (where.root / "mlflow.db").exists()):
+    sqlite = where.tracking_uri.startswith("sqlite:///")  # a local store that is not there has nothing to read,
+    missing = sqlite and not Path(where.tracking_uri.removeprefix("sqlite:///")).exists()  # and opening would make it
+    if not args.fresh and not missing and (args.tracking_uri is not None or (where.root / "mlflow.db").exists()):
         tracker = Tracker(where.tracking_uri, cfg.study, where.root / "mlartifacts", read_only=True)
     children = tracker.known if tracker is not None else {}
     return plan(points, eval_ids(cfg), where.storage, children, args.fresh), tracker

@@ -223,3 +223,10 @@ def test_dry_run_notes_a_warm_up_that_is_not_shorter_than_the_run(cache_dir, mon
                                    "images): the learning rate never reaches 0.001"] * 2
     _, stdout, _ = _in_process(["--grid", "configs/smoke.yaml", "--dry-run"], cache_dir, monkeypatch, capsys)
     assert "note: the warm-up" not in stdout
+
+
+def test_a_dry_run_makes_no_tracking_store(cache_dir, monkeypatch, capsys, tmp_path):
+    store = tmp_path / "nope" / "x" / "mlflow.db"
+    code, _, _ = _in_process(["--grid", "configs/smoke.yaml", "--dry-run", "--out", str(tmp_path / "out"),
+                              "--tracking-uri", f"sqlite:///{store}"], cache_dir, monkeypatch, capsys)
+    assert code == 0 and not (tmp_path / "nope").exists() and not (tmp_path / "out").exists()
