@@ -329,11 +329,15 @@ def write_report(table: pd.DataFrame, out: Path, title: str = "scaling study",
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", required=True, help="tidy results CSV (the study's results.csv schema)")
+    parser.add_argument("--results", required=True,
+                        help="tidy results CSV (the study's results.csv schema), or a study's folder holding one")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    return report_command(lambda: write_report(results.read(args.results), out, title=Path(args.results).stem), out)
+    given = Path(args.results)
+    path = given / "results.csv" if given.is_dir() and (given / "results.csv").is_file() else given  # a study's folder
+    title = given.resolve().name if path is not given else given.stem
+    return report_command(lambda: write_report(results.read(path), out, title=title), out)
 
 
 def check_out(out: Path) -> None:

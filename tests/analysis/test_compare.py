@@ -111,3 +111,13 @@ def test_help_is_the_docstring_s_first_paragraph(capsys):
     shown = capsys.readouterr().out.split("\n\n")[1]
     assert " ".join(shown.split()) == " ".join(compare.__doc__.split("\n\n")[0].split())
     assert shown.endswith(".")
+
+
+def test_the_report_command_takes_a_study_folder_as_compare_does(tmp_path, capsys):
+    from analysis import report
+
+    a = _study(tmp_path / "smoke", [("finetune", None)])
+    assert report.main(["--results", str(a), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# smoke")
+    assert report.main(["--results", str(tmp_path), "--out", str(tmp_path / "out2")]) == 2  # no results.csv there
+    assert capsys.readouterr().err.startswith(f"error: results file not found: {tmp_path}")
