@@ -345,12 +345,14 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     from study.identity import eval_ids
     from study.interrupt import STOP, Interrupt
     from study.plan import plan
+    from study.storage import redact
     from study.tracking import Tracker, comparison_metrics
     from study.trial import Stopwatch
 
     where = Locations(cfg, args)
     resolved = to_dict(cfg)
     tracker = Tracker(where.tracking_uri, cfg.study, where.root / "mlartifacts", fresh=args.fresh)
+    check_one_storage(cfg, tracker, where)
     if not args.fresh and not args.replace:
         check_nothing_left_out(cfg, points, tracker.known, where.out / "config.yaml", resolved)
     where.out.mkdir(parents=True, exist_ok=True)
@@ -362,7 +364,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     evals = eval_ids(cfg)
     decisions = plan(points, evals, where.storage, tracker.known, args.fresh)
     print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, ASSUMED_MFU), as_json=False)
-    tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve())}
+    tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve()), STORAGE_TAG: redact(where.storage_root)}
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))
     tracker.show(list(cfg.models), headline_columns(cfg))
@@ -412,6 +414,23 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
               "; ".join(f"{name}: {why}" for name, why in failures.items()), file=sys.stderr)
         return 1
     return 0
+
+
+STORAGE_TAG = "storage"  # the parent's: the storage its driver leases (`study.lease`), and the points live in
+
+
+def check_one_storage(cfg: StudyConfig, tracker, where: Locations) -> None:
+    """The study's lease lives in its storage, so two drivers of one MLflow study with different storage would not
+    see each other, and would both train and write into the same runs. A parent still RUNNING under other storage
+    (its driver running, or killed before it could end it) is refused: that storage's lease says which."""
+    from study.storage import redact
+
+    theirs = tracker.parent_tags.get(STORAGE_TAG)
+    if tracker.parent_status == "RUNNING" and theirs is not None and theirs != redact(where.storage_root):
+        raise UserError(f"study '{cfg.study}' at {tracker.uri} is RUNNING with storage {theirs}, not "
+                        f"{redact(where.storage_root)}: another driver may be running it, and the two would train and "
+                        f"log the same points. Give --storage {theirs} (its lease tells whether that driver is alive; "
+                        f"a dead one's work is resumed), or study=NAME for a study of its own")
 
 
 def check_nothing_left_out(cfg: StudyConfig, points: list[GridPoint], known: dict, last_config: Path,

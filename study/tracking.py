@@ -328,6 +328,7 @@ class Tracker:
         self.uri, self.name, self.fresh = tracking_uri, experiment, fresh
         self.client = open_client(tracking_uri)
         self.experiment_id, self.parent_id = "", ""
+        self.parent_status, self.parent_tags = "", {}  # the parent found at start, as it was then
         self.runs: dict[str, str] = {}  # point id -> child run id
         self.started: set[str] = set()  # points whose child this invocation marked RUNNING (writer thread)
         self.begun: set[str] = set()  # points whose trial said it started, in this invocation (as it is told)
@@ -363,6 +364,7 @@ class Tracker:
                                               order_by=["attributes.start_time DESC"], max_results=1)
             if parents:
                 self.parent_id = parents[0].info.run_id
+                self.parent_status, self.parent_tags = parents[0].info.status, dict(parents[0].data.tags)
                 self.known = self._children()
 
     def _children(self) -> dict[str, ChildRun]:

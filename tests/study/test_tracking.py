@@ -119,3 +119,28 @@ def test_waiting_on_an_unreachable_server_at_the_end_says_so(capsys):
     assert left == 2 and err[0].startswith("mlflow: http://127.0.0.1:1 is unreachable (")
     assert err[1] == ("mlflow: http://127.0.0.1:1 is still unreachable; waiting up to 1 s for its 2 queued writes "
                       "(what is left then, the next invocation logs from the study's storage)")
+
+
+def test_a_study_running_under_other_storage_is_refused(tmp_path):
+    """Two drivers of one MLflow study with different storage hold different leases: the second is refused while the
+    parent is RUNNING under the first's storage; the same storage, or a parent that ended, passes."""
+    from types import SimpleNamespace
+
+    from pipelines.config import UserError
+    from study.run import STORAGE_TAG, check_one_storage
+    from study.tracking import Tracker
+
+    uri, art = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts"
+    cfg = SimpleNamespace(study="smoke")
+    first = Tracker(uri, "smoke", art)
+    first.start_parent("parent", {STORAGE_TAG: "s3://bkt/a"}, [], "one")
+    assert first.close(timeout=60) == 0  # left RUNNING, as by a driver that runs (or was killed)
+    running = Tracker(uri, "smoke", art, read_only=True)
+    check_one_storage(cfg, running, SimpleNamespace(storage_root="s3://bkt/a"))
+    with pytest.raises(UserError, match=r"^study 'smoke' at sqlite:///.* is RUNNING with storage s3://bkt/a, not "
+                                        r"s3://bkt/b: another driver may be running it.*Give --storage s3://bkt/a"):
+        check_one_storage(cfg, running, SimpleNamespace(storage_root="s3://bkt/b"))
+    ended = Tracker(uri, "smoke", art)
+    ended.finish_parent("KILLED", [], None)
+    assert ended.close(timeout=60) == 0
+    check_one_storage(cfg, Tracker(uri, "smoke", art, read_only=True), SimpleNamespace(storage_root="s3://bkt/b"))
