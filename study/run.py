@@ -207,14 +207,14 @@ def check_folders(cfg: StudyConfig, args: argparse.Namespace, create: bool) -> N
                             "user can write") from None
 
 
-def read_plan(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace):
-    """The plan from what storage and MLflow hold, read without writing to either, and the read-only tracker it
-    came from (None without a tracking store)."""
+def read_plan(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, where: Locations | None = None):
+    """The plan from what storage and MLflow hold (at `where`, made from `args` if not given), read without writing
+    to either, and the read-only tracker it came from (None without a tracking store)."""
     from study.identity import eval_ids
     from study.plan import plan
     from study.tracking import Tracker
 
-    where, tracker = Locations(cfg, args), None
+    where, tracker = where or Locations(cfg, args), None
     sqlite = where.tracking_uri.startswith("sqlite:///")  # a local store that is not there has nothing to read,
     missing = sqlite and not Path(where.tracking_uri.removeprefix("sqlite:///")).exists()  # and opening would make it
     if not args.fresh and not missing and (args.tracking_uri is not None or (where.root / "mlflow.db").exists()):
@@ -246,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         check_folders(cfg, args, create=False)
         checked = check_data(cfg)  # the same checks for a dry run and, before Ray starts, a real one
         if args.dry_run:
-            Locations(cfg, args).storage.check(write=False)
-            decisions, tracker = read_plan(cfg, points, args)
+            where = Locations(cfg, args)
+            where.storage.check(write=False)
+            decisions, tracker = read_plan(cfg, points, args, where)
             print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, args.mfu or ASSUMED_MFU),
                        args.json)
             print_recipes(cfg, args.json)
@@ -257,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("\n".join(f"{args.grid}: {problem}" for problem in checked.problems))
         if args.dry_run:
             if tracker is not None and not args.replace:  # what the real run would refuse, once MLflow is open
-                check_nothing_left_out(cfg, points, tracker.known, Locations(cfg, args).out / "config.yaml",
-                                       to_dict(cfg))
+                check_nothing_left_out(cfg, points, tracker.known, where.out / "config.yaml", to_dict(cfg))
             return 0
         from study import tune_runner
         from study.lease import Lease

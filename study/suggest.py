@@ -123,7 +123,7 @@ def run_suggest(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namesp
     if args.apply:
         if not chosen:
             raise UserError("--apply: no candidate narrows the interval within the budget; nothing written")
-        write_grid(extended(cfg, chosen), Path(args.apply), args.grid, same_place(args))
-        print(f"wrote {args.apply}: python -m study.run --grid {args.apply}{same_place(args)} trains only the new "
-              "points")
+        place = same_place(args)
+        write_grid(extended(cfg, chosen), Path(args.apply), args.grid, place)
+        print(f"wrote {args.apply}: python -m study.run --grid {args.apply}{place} trains only the new points")
     return 0

@@ -223,16 +223,15 @@ def check_source(src: SourceConfig, index: SourceIndex, max_bad_fraction: float 
     """The training split holds the declared `size`, and truncated or corrupt tars lost at most
     `max_bad_fraction` of it."""
     held, lost = len(index), index.lost
+    cut = int(np.flatnonzero(index.shard_lost)[0]) if lost else None  # the first shard a cut or corrupt tar made short
     if held < src.size:
-        cut = np.flatnonzero(index.shard_lost)
-        where = f" ({lost} lost to truncated or corrupt tars, first {index.shard_url(int(cut[0]))})" if lost else ""
+        where = f" ({lost} lost to truncated or corrupt tars, first {index.shard_url(cut)})" if lost else ""
         shards = f"{index.num_shards} shard{'s' * (index.num_shards != 1)}"
         raise DataError(f"source '{src.label}' declares size {src.size:,}, but its {shards} "
                         f"({src.urls or src.root or 'generated'}) hold {held:,} readable samples{where}; "
                         + (merged_keys(index) or f"declare size: {held} or fewer"))
     bad = BadCounts(truncated_tar=lost)
     if lost:
-        cut = int(np.flatnonzero(index.shard_lost)[0])
         bad.first["truncated_tar"] = f"{index.shard_url(cut)} lost {int(index.shard_lost[cut])}"
     bad.check(held + lost, max_bad_fraction, f"indexing {src.label}")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.data.folder import folder_classes, is_image
 from pipelines.data.reader import BLOCK
-from pipelines.data.sources import expand_urls, info_lengths, is_local
+from pipelines.data.sources import expand_urls, folder_given, info_lengths, is_local
 
 
 @dataclass
@@ -98,9 +98,8 @@ def _shards(urls: str, key: str, needs, found: Findings, classes: tuple[str, int
     """One split's shards: local ones exist, and hold `needs` and the declared `classes` where `_info.json` says."""
     shards = expand_urls(urls)
     local = [u for u in shards if is_local(u)]
-    if folders := [u for u in local if os.path.isdir(u)]:
-        found.problems.append(f"{key}: {folders[0]} is a folder; give tar shards: a path, or a brace range such as "
-                              f"{os.path.join(folders[0], 'train-{000000..000099}.tar')}")
+    if (folder := folder_given(local)) is not None:
+        found.problems.append(f"{key}: {folder}")
         return
     missing = [u for u in local if not os.path.exists(u)]
     if missing:

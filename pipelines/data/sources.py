@@ -36,10 +36,16 @@ def check_local_shards(urls: str) -> list[str]:
     missing = [u for u in shards if is_local(u) and not os.path.exists(u)]
     if missing:
         raise DataError(f"data path not found: {missing[0]} ({len(missing)} of {len(shards)} shards missing)")
-    if folders := [u for u in shards if is_local(u) and os.path.isdir(u)]:
-        raise DataError(f"{folders[0]} is a folder; give tar shards: a path, or a brace range such as "
-                        f"{os.path.join(folders[0], 'train-{000000..000099}.tar')}")
+    if (folder := folder_given(shards)) is not None:
+        raise DataError(folder)
     return shards
+
+
+def folder_given(shards: list[str]) -> str | None:
+    """What is wrong where a local shard path is a folder (the folder of the shards given for them), or None."""
+    folder = next((u for u in shards if is_local(u) and os.path.isdir(u)), None)
+    return None if folder is None else (f"{folder} is a folder; give tar shards: a path, or a brace range such as "
+                                        f"{os.path.join(folder, 'train-{000000..000099}.tar')}")
 
 
 def info_lengths(shards: list[str]) -> dict[str, int]:

@@ -162,7 +162,7 @@ class ShardStream(IterableDataset):
                         batch.bad[epoch].add(err.cause, f"{err} (in {index.shard_url(shard)})")
                         continue
                     batch.add(key, raw, label, epoch, rng, keep=None if cache is None else cache.keeper(where),
-                              shard=index.shard_url(shard))
+                              shard=shard)
                 yield batch.done(t)
         finally:
             files.close()
@@ -234,14 +234,15 @@ class _Batcher:
         self.bad: defaultdict[int, BadCounts] = defaultdict(BadCounts)
 
     def add(self, key: str, raw: bytes, label, epoch: int, rng: np.random.Generator, keep=None,
-            shard: str | None = None) -> None:
+            shard: int | None = None) -> None:
         """Decode and augment a sample (`train_image`); `keep(key, pixels, label)` receives the decoded image. An
-        undecodable one is counted (with `shard`, where it is known, for the error to name), never kept (so counted
-        again in every epoch)."""
+        undecodable one is counted (with its `shard`'s URL, where the shard is known, for the error to name: looked
+        up only then), never kept (so counted again in every epoch)."""
         try:
             pixels = train_decode(raw, self.stream.image_size, self.stream.augment, rng)
         except _ImageErrors as err:
-            self.bad[epoch].add("undecodable_image", undecodable(key, err, shard))
+            url = None if shard is None else self.stream.index.shard_url(shard)
+            self.bad[epoch].add("undecodable_image", undecodable(key, err, url))
             return
         if keep is not None:
             keep(key, pixels, label)
