@@ -68,6 +68,8 @@ class Interrupt:
         """`owns`: whether this driver still holds the study (`Lease.holds`); a driver that does not must not write
         the stop file, which every trial of the study polls, the other driver's included."""
         self.storage, self.signum, self.owns = storage, None, owns
+        # Ends the study from another thread and exits, where Ray holds the main thread (a lost cluster: `launch`)
+        self.last_words: Callable[[BaseException], None] | None = None
 
     def install(self) -> None:
         for sig in SIGNALS:

@@ -348,6 +348,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     from study.storage import redact
     from study.tracking import Tracker, comparison_metrics
     from study.trial import Stopwatch
+    from study.tune_runner import ClusterLost
 
     where = Locations(cfg, args)
     resolved = to_dict(cfg)
@@ -368,9 +369,43 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))
     tracker.show(list(cfg.models), headline_columns(cfg))
-    status, failures, comparison, note, stopped = "FAILED", {}, [], "", None
+    status, failures, comparison, note, stopped, lost, left = "FAILED", {}, [], "", None, None, 0
     interrupt = Interrupt(where.storage, lease.holds if lease is not None else None)
     where.storage.delete_file(STOP)  # a stop asked of an earlier invocation
+    ending = threading.Lock()
+
+    def end() -> None:
+        """None of the runs left RUNNING, whatever ended this invocation; once, from the main thread or, where
+        Ray holds that, from the cluster watch (`last_words`)."""
+        nonlocal left
+        if not ending.acquire(blocking=False):
+            ending.acquire()  # the other thread is ending the study: this one waits for the process to exit
+        tracker.end_started("FAILED" if status == "FINISHED" else status, lost)
+        files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
+        ended = {"failed_points": f"{len(failures)} of {len(points)}" if failures else None, "failure_reason": lost}
+        tracker.finish_parent(status, [f for f in files if f.exists()], where.out / "figures",
+                              {k: v for k, v in ended.items() if v is not None or status == "FINISHED"},
+                              description=note, metrics=comparison)  # (None: removed where set)
+        left = tracker.close()
+        if lease is not None:  # every write is done: a loss found from here on has nothing left to stop
+            lease.release()
+        if stopped is not None:  # where the finished points are, and the stop's own line last
+            print(f"\nstorage:  {where.storage_root} (checkpoints, weights)", file=sys.stderr)
+            _print_tracking(cfg, where, tracker, file=sys.stderr)
+            print(stopped, file=sys.stderr)
+
+    def last_words(err: ClusterLost) -> None:
+        """Ray's head stopped answering: end the study and exit 1, from the main thread or, where Ray holds that (a
+        call to the GCS it retries until it aborts the process), from the cluster watch's."""
+        nonlocal lost, stopped
+        lost = f"{err}: the points running were lost since their last checkpoint"
+        stopped = _lost(err, tracker, where, args.address)
+        end()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    interrupt.last_words = last_words
     try:
         decisions, records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock, interrupt)
         if interrupt.signum is not None:
@@ -382,25 +417,15 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
         note = study_note(cfg.study, where.out / "summary.json")
         write_timings(where.out / "timings.json", clock, records, decisions)
         status = "FAILED" if failures else "FINISHED"  # FINISHED only when every point is
+    except ClusterLost as err:  # Ray's head stopped answering: end every run before Ray's client aborts the driver
+        last_words(err)  # (and exit: Ray's shutdown, here or at the interpreter's exit, would wait on the GCS)
     except KeyboardInterrupt:  # a signal that stops the driver at once (`Interrupted`), or a lost lease
         if lease is not None and lease.lost is not None:  # the runs we started are the other driver's to end
             tracker.abandon()
         status = "KILLED"
         raise
     finally:
-        tracker.end_started("FAILED" if status == "FINISHED" else status)  # none left RUNNING, whatever ended this
-        files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
-        tracker.finish_parent(status, [f for f in files if f.exists()], where.out / "figures",
-                              {"failed_points": f"{len(failures)} of {len(points)}"} if failures else
-                              {"failed_points": None} if status == "FINISHED" else {},  # (None: removed where set)
-                              description=note, metrics=comparison)
-        left = tracker.close()
-        if lease is not None:  # every write is done: a loss found from here on has nothing left to stop
-            lease.release()
-        if stopped is not None:  # where the finished points are, and the stop's own line last
-            print(f"\nstorage:  {where.storage_root} (checkpoints, weights)", file=sys.stderr)
-            _print_tracking(cfg, where, tracker, file=sys.stderr)
-            print(stopped, file=sys.stderr)
+        end()
     print(f"\nresults:  {where.out / 'results.csv'}\nreport:   {where.out / 'report.md'} (and report.html, "
           f"summary.json)\nfigures:  {where.out / 'figures'}\nstorage:  {where.storage_root} (checkpoints, weights)")
     _print_tracking(cfg, where, tracker)
@@ -478,6 +503,15 @@ def _stopped(interrupt, tracker, decisions, records: dict, where) -> str:
     waiting = f", {len(left) - ran} not started" if ran < len(left) else ""
     return (f"\nstopped by {interrupt.name}: {len(records)} of {len(decisions)} points done, {ran} stopped{waiting} "
             f"(checkpoints in {where.storage_root}); rerun the same command to resume")
+
+
+def _lost(err, tracker, where, address: str | None) -> str:
+    """After `ClusterLost`: the one line that says so, printed once every write is done (the runs this invocation
+    started end FAILED in `launch`)."""
+    running = len(tracker.begun - tracker.ended)
+    again = "once the cluster is back, rerun" if address else "rerun"
+    return (f"\nerror: {err}; {running} point{'s' * (running != 1)} running end FAILED in MLflow (their checkpoints "
+            f"are in {where.storage_root}): {again} the same command to resume")
 
 
 def settle(d, evals: dict[str, str], where: Locations, tracker, finisher, records: dict):

@@ -486,11 +486,14 @@ class Tracker:
         for point in points:
             self.writer.submit(f"stop of {point.name}", lambda point=point: job(point))
 
-    def end_started(self, status: str) -> None:
-        """The children this invocation marked RUNNING and has not ended end `status`: the driver was stopped at
-        once (a second signal) or failed while trials ran, so no trial's own end reached MLflow."""
+    def end_started(self, status: str, reason: str | None = None) -> None:
+        """The children this invocation marked RUNNING and has not ended end `status` (tagged `failure_reason` where
+        a `reason` is given): the driver was stopped at once (a second signal), lost its Ray cluster or failed while
+        trials ran, so no trial's own end reached MLflow."""
         def job() -> None:
             for point_id in sorted(self.started - self.ended):
+                if reason is not None:
+                    self.client.set_tag(self.runs[point_id], "failure_reason", reason[:5000])
                 self.client.set_terminated(self.runs[point_id], status)
                 self.ended.add(point_id)
 

@@ -5,11 +5,15 @@ driver-side callback that turns the trials' typed events into MLflow writes and 
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -327,9 +331,12 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
                                   **output(verbose, callback, Console(plans, cfg.downstream[0].label,
                                                                       concurrent or 1))),
     )
+    watch = ClusterWatch(ray.get_runtime_context().gcs_address, interrupt.last_words)
+    watch.start()
     try:
         tuner.fit()
     finally:
+        watch.stop()
         stop_at_once()  # no trial runs now: a signal stops the driver at once (main puts the handlers back)
         callback.close()
     return {"ray_start": started - start, "trials": time.perf_counter() - started}
@@ -378,6 +385,103 @@ def _trials_that_fit(r) -> int:
 def disconnect() -> None:
     if ray.is_initialized():
         ray.shutdown()
+
+
+# The watch's thread raises `ClusterLost` in the main thread through this signal's handler (`_thread.interrupt_main`:
+# no signal is sent). The lease's signal (`study.run.LEASE_LOST`); each handler passes on what is not its own.
+CLUSTER_LOST = signal.SIGUSR2
+
+
+class ClusterLost(KeyboardInterrupt):
+    """Ray's GCS (the cluster's head) stopped answering while trials ran. Ray's own client in the driver would abort
+    the process `gcs_rpc_server_reconnect_timeout_s` (60 s) after, with a C++ log line and every MLflow run left
+    RUNNING; the study ends first, its runs FAILED with the reason, and exits 1 with one line."""
+
+    def __init__(self, gcs: str, seconds: float):
+        super().__init__(gcs)
+        self.gcs, self.seconds = gcs, seconds
+
+    def __str__(self) -> str:
+        return f"the Ray cluster's head (GCS at {self.gcs}) stopped answering {self.seconds:.0f} s ago"
+
+
+def reconnect_timeout() -> float:
+    """How long Ray's clients wait for a GCS that does not answer before they abort their process (Ray's default, or
+    the `RAY_gcs_rpc_server_reconnect_timeout_s` a cluster with a restartable GCS sets)."""
+    try:
+        return max(2.0, float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "60")))
+    except ValueError:
+        return 60.0
+
+
+class ClusterWatch:
+    """While trials run, open a TCP connection to the GCS every `every` seconds. One that has refused (or timed
+    out) for `grace` seconds (half of Ray's reconnect timeout: a GCS that restarts comes back within it; the other
+    half is the driver's to end its runs) is lost: `ClusterLost` is raised in the main thread, or, where Ray holds
+    that thread, `stuck` ends the study from the watch's. A note is printed once the GCS has not answered for `note`
+    seconds, and another if it answers again.
+
+    Nothing the trials still hold can be saved by then: Tune's loop in the driver waits on the GCS, and each trial
+    waits in its next `report` for that loop, so what a lost point keeps is its last periodic checkpoint."""
+
+    def __init__(self, gcs: str, stuck: Callable[[ClusterLost], None] | None = None, grace: float | None = None,
+                 every: float = 1.0, note: float = 5.0, heard_within: float = 3.0):
+        self.gcs, self.stuck, self.every, self.note, self.heard_within = gcs, stuck, every, note, heard_within
+        self.grace = grace if grace is not None else reconnect_timeout() / 2
+        self.lost: ClusterLost | None = None
+        self._raised, self._stop = threading.Event(), threading.Event()
+        self._before = None
+        self._thread = threading.Thread(target=self._watch, name="cluster-watch", daemon=True)
+
+    def answers(self) -> bool:
+        host, _, port = self.gcs.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(2.0, self.every * 2)):
+                return True
+        except (OSError, ValueError):
+            return False
+
+    def start(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._before = signal.getsignal(CLUSTER_LOST)
+            signal.signal(CLUSTER_LOST, self._heard)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._before is not None:
+            signal.signal(CLUSTER_LOST, self._before)
+            self._before = None
+
+    def _heard(self, signum: int, frame) -> None:
+        if self.lost is not None and not self._raised.is_set():
+            self._raised.set()
+            raise self.lost
+        if callable(self._before):
+            self._before(signum, frame)
+
+    def _watch(self) -> None:
+        down, noted = None, False
+        while not self._stop.wait(self.every):
+            if self.answers():
+                if noted:
+                    print(f"ray: the cluster's head (GCS at {self.gcs}) answers again", file=sys.stderr, flush=True)
+                down, noted = None, False
+                continue
+            now = time.monotonic()
+            down = down if down is not None else now - self.every / 2  # it went some time since the last answer
+            if not noted and now - down >= self.note:
+                noted = True
+                print(f"ray: the cluster's head (GCS at {self.gcs}) has not answered for {now - down:.0f} s; the study "
+                      f"ends at {self.grace:.0f} s unless it answers again", file=sys.stderr, flush=True)
+            if now - down >= self.grace and not self._stop.is_set():
+                self.lost = ClusterLost(self.gcs, now - down)
+                _thread.interrupt_main(CLUSTER_LOST)
+                # Tune's loop may be inside a call to the GCS, which Ray retries in C++ (the GIL released) until it
+                # aborts the process: then the main thread never hears, and `stuck` ends the study from here.
+                if not self._raised.wait(self.heard_within) and self.stuck is not None:
+                    self.stuck(self.lost)
+                return
 
 
 class TrialNames:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, checkpointed, run_cli, start_cli, wait_until
 
 RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
 
@@ -194,6 +194,90 @@ def test_joining_a_head_started_with_ray_start(head, tmp_path, cache_dir):
                     "evaluate.diagnostics=null"], cache_dir, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "smoke" / "results.csv").exists()
+
+
+def _kill_gcs() -> None:
+    """SIGKILL the GCS of the heads this module started (a head node lost), and only theirs."""
+    import psutil
+
+    for p in psutil.process_iter(["name"]):
+        try:
+            if os.getsid(p.pid) in _HEADS and p.info["name"].startswith("gcs_server"):
+                p.kill()
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+
+
+def test_the_cluster_watch_raises_in_the_main_thread_or_ends_the_study_from_its_own(capsys):
+    """A GCS port that stops answering: after `grace` the main thread gets `ClusterLost` where it runs Python (Tune's
+    loop between calls); a main thread held in one long call (Ray's C++ retrying the GCS; a sleep here) does not
+    hear it, and `stuck` ends the study from the watch's thread instead."""
+    import threading
+    import time
+
+    from study.tune_runner import ClusterLost, ClusterWatch
+
+    for held in (False, True):
+        server = socket.create_server(("127.0.0.1", 0))
+        gcs = f"127.0.0.1:{server.getsockname()[1]}"
+        stuck: list[tuple[ClusterLost, bool]] = []
+
+        def end(err: ClusterLost, stuck=stuck) -> None:
+            stuck.append((err, threading.current_thread() is threading.main_thread()))
+
+        watch = ClusterWatch(gcs, end, grace=0.6, every=0.1, note=0.3, heard_within=0.3)
+        watch.start()
+        try:
+            time.sleep(0.5)  # it answers: nothing happens
+            server.close()
+            with pytest.raises(ClusterLost, match=f"GCS at {gcs}"):
+                if held:
+                    time.sleep(2.0)  # the watch's interrupt is heard only after this call returns
+                else:
+                    for _ in range(40):
+                        time.sleep(0.05)
+        finally:
+            watch.stop()
+        assert [(type(err), in_main) for err, in_main in stuck] == ([(ClusterLost, False)] if held else [])
+        assert f"ray: the cluster's head (GCS at {gcs}) has not answered for" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_head_lost_mid_study_ends_its_runs_failed_in_one_line(tmp_path, cache_dir):
+    """The head's GCS killed while a trial runs: Tune's loop in the driver then waits on the GCS in C++, and Ray's
+    client would abort the driver `gcs_rpc_server_reconnect_timeout_s` later with a C++ log line and every MLflow run
+    left RUNNING. The study ends first (at half that timeout, set to 20 s here): one line, exit 1, the parent and the
+    running point's child FAILED with the reason, the checkpoint kept in storage for the rerun."""
+    from mlflow.tracking import MlflowClient
+
+    address = _start_head("token")
+    try:
+        args = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address", address,
+                "models=[ViT-Pico/4]", "data.subsets=[1024]", "pretrain.steps=2000", "pretrain.batch_size=16",
+                "pretrain.checkpoint_every=10"]
+        with open(tmp_path / "err.txt", "w") as err:
+            os.environ["RAY_gcs_rpc_server_reconnect_timeout_s"] = "20"
+            try:
+                proc = start_cli(args, cache_dir, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+            finally:
+                del os.environ["RAY_gcs_rpc_server_reconnect_timeout_s"]
+            try:
+                wait_until(proc, lambda: checkpointed(tmp_path), "a checkpoint")
+                _kill_gcs()
+                assert proc.wait(timeout=60) == 1
+            finally:
+                proc.kill()
+    finally:
+        _stop_heads()
+    lines = (tmp_path / "err.txt").read_text().strip().splitlines()
+    assert "stopped answering" in lines[-1] and "1 point running end FAILED in MLflow" in lines[-1], lines[-8:]
+    assert "once the cluster is back, rerun the same command to resume" in lines[-1]
+    assert not [line for line in lines if "Failed to connect to GCS" in line or "Traceback" in line]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # the parent and the one point
+    assert all("stopped answering" in r.data.tags["failure_reason"] for r in runs)
+    assert checkpointed(tmp_path)
 
 
 def test_a_token_the_cluster_refuses_or_lacks_is_one_line(tmp_path, cache_dir, monkeypatch):
