@@ -300,7 +300,8 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
     Returns the seconds spent starting Ray and running the trials."""
     start = time.perf_counter()
     quiet_tune()
-    if not ray.is_initialized():
+    own = not ray.is_initialized()
+    if own:
         start_local()
     interrupt.install()  # after ray.init, which installs a SIGTERM handler of its own
     logging.getLogger("ray.tune.execution.experiment_state").addFilter(_one_line_when_unfixable)
@@ -331,7 +332,7 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
                                   **output(verbose, callback, Console(plans, cfg.downstream[0].label,
                                                                       concurrent or 1))),
     )
-    watch = ClusterWatch(ray.get_runtime_context().gcs_address, interrupt.last_words)
+    watch = ClusterWatch(ray.get_runtime_context().gcs_address, interrupt.last_words, own=own)
     watch.start()
     try:
         tuner.fit()
@@ -397,12 +398,12 @@ class ClusterLost(KeyboardInterrupt):
     the process `gcs_rpc_server_reconnect_timeout_s` (60 s) after, with a C++ log line and every MLflow run left
     RUNNING; the study ends first, its runs FAILED with the reason, and exits 1 with one line."""
 
-    def __init__(self, gcs: str, seconds: float):
-        super().__init__(gcs)
-        self.gcs, self.seconds = gcs, seconds
+    def __init__(self, head: str, seconds: float):
+        super().__init__(head)
+        self.head, self.seconds = head, seconds
 
     def __str__(self) -> str:
-        return f"the Ray cluster's head (GCS at {self.gcs}) stopped answering {self.seconds:.0f} s ago"
+        return f"{self.head} stopped answering {self.seconds:.0f} s ago"
 
 
 def reconnect_timeout() -> float:
@@ -425,8 +426,9 @@ class ClusterWatch:
     waits in its next `report` for that loop, so what a lost point keeps is its last periodic checkpoint."""
 
     def __init__(self, gcs: str, stuck: Callable[[ClusterLost], None] | None = None, grace: float | None = None,
-                 every: float = 1.0, note: float = 5.0, heard_within: float = 3.0):
+                 every: float = 1.0, note: float = 5.0, heard_within: float = 3.0, own: bool = False):
         self.gcs, self.stuck, self.every, self.note, self.heard_within = gcs, stuck, every, note, heard_within
+        self.head = f"{'this study' if own else 'the cluster'}'s Ray head (GCS at {gcs})"  # `own`: started here
         self.grace = grace if grace is not None else reconnect_timeout() / 2
         self.lost: ClusterLost | None = None
         self._raised, self._stop = threading.Event(), threading.Event()
@@ -465,17 +467,17 @@ class ClusterWatch:
         while not self._stop.wait(self.every):
             if self.answers():
                 if noted:
-                    print(f"ray: the cluster's head (GCS at {self.gcs}) answers again", file=sys.stderr, flush=True)
+                    print(f"ray: {self.head} answers again", file=sys.stderr, flush=True)
                 down, noted = None, False
                 continue
             now = time.monotonic()
             down = down if down is not None else now - self.every / 2  # it went some time since the last answer
             if not noted and now - down >= self.note:
                 noted = True
-                print(f"ray: the cluster's head (GCS at {self.gcs}) has not answered for {now - down:.0f} s; the study "
+                print(f"ray: {self.head} has not answered for {now - down:.0f} s; the study "
                       f"ends at {self.grace:.0f} s unless it answers again", file=sys.stderr, flush=True)
             if now - down >= self.grace and not self._stop.is_set():
-                self.lost = ClusterLost(self.gcs, now - down)
+                self.lost = ClusterLost(self.head, now - down)
                 _thread.interrupt_main(CLUSTER_LOST)
                 # Tune's loop may be inside a call to the GCS, which Ray retries in C++ (the GIL released) until it
                 # aborts the process: then the main thread never hears, and `stuck` ends the study from here.

@@ -239,7 +239,7 @@ def test_the_cluster_watch_raises_in_the_main_thread_or_ends_the_study_from_its_
         finally:
             watch.stop()
         assert [(type(err), in_main) for err, in_main in stuck] == ([(ClusterLost, False)] if held else [])
-        assert f"ray: the cluster's head (GCS at {gcs}) has not answered for" in capsys.readouterr().err
+        assert f"ray: the cluster's Ray head (GCS at {gcs}) has not answered for" in capsys.readouterr().err
 
 
 @pytest.mark.slow
