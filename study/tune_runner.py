@@ -13,8 +13,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -230,16 +231,35 @@ TOKEN_HELP = "copy the head's ~/.ray/auth_token here, or set RAY_AUTH_TOKEN (or 
 
 
 def _ping(gcs: str) -> None:
-    """One cheap call to the cluster's GCS (raises AuthenticationError when it wants another token)."""
+    """One cheap call to the cluster's GCS (raises AuthenticationError when it wants another token). Ray's C++ client
+    logs a refused call on the process's stderr ("Failed to get cluster ID from GCS server: Unauthenticated ...", a
+    warning on every run against a cluster with tokens, whose first probe goes without one): the probe's answer is
+    what counts, so that stream is muted while it runs."""
     from ray._raylet import GcsClient
     from ray.exceptions import AuthenticationError
 
     try:
-        GcsClient(address=gcs).internal_kv_exists(b"vitscale-auth-probe", namespace=None, timeout=10)
+        with _native_stderr_muted():
+            GcsClient(address=gcs).internal_kv_exists(b"vitscale-auth-probe", namespace=None, timeout=10)
     except AuthenticationError:
         raise
     except Exception as err:  # noqa: BLE001  (a GCS that does not answer: RpcError, TimeoutError, ...)
         raise UserError(f"{gcs}: the cluster's GCS did not answer: {_first_line(err)}") from None
+
+
+@contextmanager
+def _native_stderr_muted() -> Iterator[None]:
+    """File descriptor 2 goes to /dev/null while the block runs (what C++ code writes there; Python's `sys.stderr`
+    is flushed first and writes there too)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def set_auth_mode(mode: str) -> None:
