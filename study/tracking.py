@@ -213,6 +213,7 @@ class _Writer(threading.Thread):
     def __init__(self, uri: str):
         super().__init__(daemon=True, name="mlflow-writer")
         self.uri, self.jobs, self.down_since = uri, queue.Queue(), None
+        self.answered = False  # some write of this invocation reached the store
         self.stopping = threading.Event()
         self.dropped = threading.Event()  # the study is another driver's now: queued writes are dropped
         self.full: str | None = None  # the local store's disk is full: writes from then on are counted, not tried
@@ -248,6 +249,7 @@ class _Writer(threading.Thread):
                     return
                 self._down(err)
             else:
+                self.answered = True
                 if self.down_since is not None:
                     print(f"mlflow: {self.uri} is reachable again after {time.time() - self.down_since:.0f} s; "
                           f"logging the {self.jobs.qsize() + 1} queued writes", file=sys.stderr)
@@ -261,16 +263,24 @@ class _Writer(threading.Thread):
     def _down(self, err: Exception) -> None:
         if self.down_since is None:
             self.down_since = time.time()
-            print(f"mlflow: {self.uri} is unreachable ({_first_line(err)}); training goes on, results are kept "
-                  "in the study's storage and logged when the server is back", file=sys.stderr)
+            print(f"mlflow: {self.uri} is unreachable ({unreachable_why(err)}); training goes on, results are kept "
+                  "in the study's storage and logged when the server is back (a wrong address: stop with Ctrl-C and "
+                  "fix --tracking-uri)", file=sys.stderr)
 
-    def drain(self, timeout: float) -> int:
-        """Wait up to `timeout` s for the queue to empty; returns the number of writes left."""
-        deadline = time.time() + timeout
-        if self.jobs.unfinished_tasks and self.down_since is not None:  # a wait of minutes: say what it is
+    def drain(self, timeout: float, unanswered: float = 10.0) -> int:
+        """Wait up to `timeout` s for the queue to empty (`unanswered` s where the store has not taken one write of
+        this invocation: a wrong address or a server down since the start, which two more minutes rarely bring
+        back); returns the number of writes left."""
+        if self.jobs.unfinished_tasks and self.down_since is not None and not self.answered:
+            timeout = min(timeout, unanswered)
+            print(f"mlflow: {self.uri} has not answered once in this invocation; its {self.jobs.unfinished_tasks} "
+                  "queued writes are left to the next invocation, which logs them from the study's storage",
+                  file=sys.stderr)
+        elif self.jobs.unfinished_tasks and self.down_since is not None:  # a wait of minutes: say what it is
             print(f"mlflow: {self.uri} is still unreachable; waiting up to {timeout:.0f} s for its "
                   f"{self.jobs.unfinished_tasks} queued writes (what is left then, the next invocation logs from "
                   "the study's storage)", file=sys.stderr)
+        deadline = time.time() + timeout
         while self.jobs.unfinished_tasks and time.time() < deadline:
             time.sleep(0.2)
         self.stopping.set()
@@ -320,6 +330,19 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
+_UNREACHABLE = (("Connection refused", "connection refused: nothing listens there"),
+                ("Name or service not known", "no such host"), ("Temporary failure in name resolution", "no such host"),
+                ("nodename nor servname", "no such host"), ("timed out", "timed out"),
+                ("No route to host", "no route to host"), ("Network is unreachable", "network unreachable"))
+
+
+def unreachable_why(err: Exception) -> str:
+    """Why a server did not answer, in a few words where the error names a socket's failure (MLflow wraps it in a
+    message that quotes urllib3's repr), else the error's first line."""
+    text = str(err)
+    return next((why for cause, why in _UNREACHABLE if cause in text), _first_line(err))
+
+
 class Tracker:
     """The study's parent run and its children. Reads (at start) are synchronous; writes are queued."""
 
@@ -342,7 +365,7 @@ class Tracker:
             self._open(artifact_root, read_only)
         except Exception as err:  # noqa: BLE001  (an outage at start: plan from storage, log later)
             if self.writer is None:
-                print(f"mlflow: {tracking_uri} is unreachable ({_first_line(err)}); planning from storage alone",
+                print(f"mlflow: {tracking_uri} is unreachable ({unreachable_why(err)}); planning from storage alone",
                       file=sys.stderr)
                 return
             self.writer._down(err)

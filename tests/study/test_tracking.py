@@ -99,26 +99,35 @@ def test_a_resumed_study_that_finishes_loses_the_failed_points_tag_of_the_invoca
 
 
 def test_waiting_on_an_unreachable_server_at_the_end_says_so(capsys):
-    """The writes queued for a server that is down are waited for at the end (up to `close`'s timeout): a silent
-    wait of minutes looked like a hang, so it is said, with the count."""
-    from study.tracking import _Writer
+    """The writes queued for a server that went down are waited for at the end (up to `close`'s timeout): a silent
+    wait of minutes looked like a hang, so it is said, with the count. A server that has not answered once in this
+    invocation (a mistyped port, a server not started) is not waited for minutes: its writes are left to the next
+    invocation at once, and the first line says why in a few words."""
+    import time
 
-    writer = _Writer("http://127.0.0.1:1")
+    from study.tracking import _Writer
 
     def refused() -> None:
         raise ConnectionRefusedError("[Errno 111] Connection refused")
 
-    writer.submit("a metric", refused)
-    writer.submit("another", refused)
-    import time
-
-    while writer.down_since is None:  # the first write has failed (as it has, long before the end, in a study)
-        time.sleep(0.01)
-    left = writer.drain(timeout=1.0)
-    err = capsys.readouterr().err.splitlines()
-    assert left == 2 and err[0].startswith("mlflow: http://127.0.0.1:1 is unreachable (")
-    assert err[1] == ("mlflow: http://127.0.0.1:1 is still unreachable; waiting up to 1 s for its 2 queued writes "
-                      "(what is left then, the next invocation logs from the study's storage)")
+    for answered_once in (True, False):
+        writer = _Writer("http://127.0.0.1:1")
+        if answered_once:
+            writer.submit("the parent", lambda: None)
+        writer.submit("a metric", refused)
+        writer.submit("another", refused)
+        while writer.down_since is None:  # the first refused write has failed (long before the end, in a study)
+            time.sleep(0.01)
+        start = time.monotonic()
+        left = writer.drain(timeout=30.0 if not answered_once else 1.0, unanswered=0.5)
+        assert left == 2 and time.monotonic() - start < 5
+        err = capsys.readouterr().err.splitlines()
+        assert err[0].startswith("mlflow: http://127.0.0.1:1 is unreachable (connection refused: nothing listens "
+                                 "there); training goes on")
+        assert err[1] == ("mlflow: http://127.0.0.1:1 is still unreachable; waiting up to 1 s for its 2 queued writes "
+                          "(what is left then, the next invocation logs from the study's storage)" if answered_once else
+                          "mlflow: http://127.0.0.1:1 has not answered once in this invocation; its 2 queued writes "
+                          "are left to the next invocation, which logs them from the study's storage")
 
 
 def test_a_study_running_under_other_storage_is_refused(tmp_path):
