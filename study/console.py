@@ -186,9 +186,12 @@ class Console(Callback):
         self.last_event = now
         match event:
             case Started(params=params):
+                # Started twice without Tune's retry between (`on_trial_recover` clears it): Ray Train restarted the
+                # point's ranks in the same trial, a rank or its node having been lost
+                again = " again (a rank was lost; Ray Train restarted the ranks)" if t.started is not None else ""
                 t.started = now
                 what = f"{t.steps} pretraining steps" if t.steps else "evaluating stored weights"
-                self._line(t, f"started: {what} on {params.get('device', '?')}")
+                self._line(t, f"started{again}: {what} on {params.get('device', '?')}")
             case Stage(name=name, steps=steps, step=step, task=task):
                 t.progress, t.printed = progress, -math.inf  # the stage's first step line is printed
                 if name != "pretrain" and t.evaluating is None:

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         clock: dict[str, float] = {}
         try:
             with Stopwatch(clock)("connect"):
-                tune_runner.connect(cfg, args.address)
+                tune_runner.connect(cfg, args.address, args.verbose)
             stop_at_once()  # again: joining a cluster (`ray.init`) set Ray's SIGTERM handler, a bare exit
             storage = Locations(cfg, args).storage
             storage.check(write=True)

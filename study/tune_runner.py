@@ -87,7 +87,7 @@ class StudyCallback(Callback):
             done.result()
 
 
-def connect(cfg: StudyConfig, address: str | None) -> None:
+def connect(cfg: StudyConfig, address: str | None, verbose: bool = False) -> None:
     """Check that the study can run where it is asked to, before any data or run exists: join the cluster at
     `address` (host:port or `auto`; Ray Client's `ray://` is refused) and check that one node can place a trial's
     worker; with no address, check this machine (the local Ray itself starts only when a trial runs)."""
@@ -104,7 +104,8 @@ def connect(cfg: StudyConfig, address: str | None) -> None:
     _check_listening(address, target)
     _match_auth(address, f"{target[0]}:{target[1]}")
     try:  # the resolved address: Ray's own `auto` could pick another Ray than the one checked above
-        ray.init(address=f"{target[0]}:{target[1]}", logging_level="warning", configure_logging=True)
+        ray.init(address=f"{target[0]}:{target[1]}", logging_level="warning", configure_logging=True,
+                 log_to_driver=verbose)
     except Exception as err:  # noqa: BLE001  (Ray raises ConnectionError, RuntimeError, AuthenticationError, ...)
         raise UserError(f"--address {address}: could not join the Ray cluster: {_first_line(err)}") from None
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -129,14 +130,41 @@ def cluster_here() -> str | None:
         return None
 
 
-def start_local() -> None:
+def start_local(verbose: bool = False) -> None:
     """This machine's own Ray, whatever RAY_ADDRESS or an earlier `ray start` say (`address="local"`): without
     --address the study runs here, as it says; a bare `ray.init(num_cpus=...)` would try to join that cluster and
-    fail. Its processes are deaf to SIGINT and SIGTERM (`ray_apart`)."""
+    fail. Its processes are deaf to SIGINT and SIGTERM (`ray_apart`).
+
+    `log_to_driver` (here and in `connect`) only where `verbose`: the trials print nothing of their own (their events
+    reach the console through Tune), so what Ray forwards from its actors is its own machinery's: Ray Train's
+    controller and placement-group cleaner (193 lines, three tracebacks, for one rank killed in a data-parallel
+    point whose study then finished) and worker processes' stacks. The console prints one line for each of those
+    events; each process's output stays in the Ray session's log files on its node."""
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_the_default_auth_note)
     with ray_apart():
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
-                 logging_level="warning")
+                 logging_level="warning", log_to_driver=verbose)
+
+
+def cluster_errors_in_one_line() -> None:
+    """Ray prints the errors its cluster reports to the driver (a node marked dead, a raylet that ended) as they come,
+    the raylet's with its last 20 log lines and a state dump below: for a lost node, 24 lines of C++ internals in the
+    middle of the console. Only each message's first line is printed (the node and what happened); the rest stays in
+    the node's raylet log. A no-op where Ray's printer is not where it was (Ray 2.60: `worker.print_to_stdstream`,
+    which the thread that listens for these errors calls by its module name)."""
+    from ray._private import worker
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "_vitscale", False):
+        return
+
+    def first_lines(data, ignore_prefix: bool):
+        if data.get("pid") == "raylet" and isinstance(data.get("lines"), list):
+            data = {**data, "lines": [str(line).strip().splitlines()[0] for line in data["lines"] if str(line).strip()]}
+        return printer(data, ignore_prefix)
+
+    first_lines._vitscale = True
+    worker.print_to_stdstream = first_lines
 
 
 def _not_the_default_auth_note(record: logging.LogRecord) -> bool:
@@ -274,6 +302,13 @@ def set_auth_mode(mode: str) -> None:
         pass
 
 
+def _trial_task_failed(record: logging.LogRecord) -> bool:
+    """Tune logs a crashed trial's traceback ("Trial task failed for trial X", a lost node's included) before it
+    retries or fails it; the study's console prints its own line for each (`Console.on_trial_recover` and
+    `on_trial_error`), and the traceback stays in the trial's error file in storage."""
+    return not record.getMessage().startswith("Trial task failed for trial")
+
+
 def _one_line_when_unfixable(record: logging.LogRecord) -> bool:
     """Tune logs a traceback each time it cannot save its state to storage; where the cause is one a retry cannot
     fix (a full disk), the trial's own line says what to do: keep Tune's message, drop the stack."""
@@ -322,9 +357,13 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
     quiet_tune()
     own = not ray.is_initialized()
     if own:
-        start_local()
+        start_local(verbose)
+    if not verbose:
+        cluster_errors_in_one_line()
     interrupt.install()  # after ray.init, which installs a SIGTERM handler of its own
     logging.getLogger("ray.tune.execution.experiment_state").addFilter(_one_line_when_unfixable)
+    if not verbose:  # the console says it in one line ("crashed, retried ..." or the failure): no stack beside it
+        logging.getLogger("ray.tune.execution.tune_controller").addFilter(_trial_task_failed)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the study stops its trials itself (study/interrupt.py)
     # Of Tune's own per-trial logs only result.json (`output`), which Tune reads back for the `ResultGrid`: the
     # study's record is MLflow and its storage. Writing every reported result also as CSV and TensorBoard events on

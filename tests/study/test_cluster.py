@@ -243,6 +243,28 @@ def test_the_cluster_watch_raises_in_the_main_thread_or_ends_the_study_from_its_
         assert f"ray: the cluster's Ray head (GCS at {gcs}) has not answered for" in capsys.readouterr().err
 
 
+def test_errors_the_cluster_reports_print_their_first_line_only(capsys):
+    """A raylet that ended reports its last 20 log lines and a state dump to the driver: one line is printed."""
+    from ray._private import worker
+
+    from study.tune_runner import cluster_errors_in_one_line
+
+    before = worker.print_to_stdstream
+    try:
+        cluster_errors_in_one_line()
+        cluster_errors_in_one_line()  # twice (a study run twice in one process): wrapped once
+        dump = "Raylet is terminated. Termination is unexpected.\n    [state-dump] NodeManager ...\n    [2026] ..."
+        worker.print_to_stdstream({"lines": [dump], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        worker.print_to_stdstream({"lines": ["a worker's own\nsecond line"], "pid": 1234, "is_err": False,
+                                   "ip": "127.0.0.1", "task_name": "t", "actor_name": "", "job": "01"},
+                                  ignore_prefix=False)
+    finally:
+        worker.print_to_stdstream = before
+    out = capsys.readouterr().out
+    assert "Raylet is terminated. Termination is unexpected." in out and "state-dump" not in out
+    assert "second line" in out  # other processes' output (shown where `verbose`) is left as it is
+
+
 @pytest.mark.slow
 def test_a_head_lost_mid_study_ends_its_runs_failed_in_one_line(tmp_path, cache_dir):
     """The head's GCS killed while a trial runs: Tune's loop in the driver then waits on the GCS in C++, and Ray's
