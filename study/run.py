@@ -528,7 +528,7 @@ def settle(d, evals: dict[str, str], where: Locations, tracker, finisher, record
         records[d.point.id] = record
     elif d.action == "log":
         records[d.point.id] = d.record
-        finisher(d.point, d.record)
+        finisher(d.point, d.record, curves=True)
     elif d.action == "evaluate" and d.record is None and not tracker.fetch_weights(
             d.child, where.storage, PointFiles(d.point.id)):
         return replace(d, action="train", evals=dict(evals))  # the logged weights could not be fetched
@@ -625,11 +625,17 @@ class Finisher:
         self.cfg, self.where, self.tracker, self.tags = cfg, where, tracker, tags
         self.params, self.evals = eval_params(cfg), eval_ids(cfg)  # the evaluation recipe, on every child
 
-    def __call__(self, point: GridPoint, record, ran: tuple[str, ...] | None = None) -> None:
+    def __call__(self, point: GridPoint, record, ran: tuple[str, ...] | None = None, curves: bool = False) -> None:
         """`ran`: the evaluations whose metrics are logged; left out, those of the record that the study asks for
-        now (not those of a task or evaluation it has since dropped, or of another protocol)."""
+        now (not those of a task or evaluation it has since dropped, or of another protocol). `curves`: the point's
+        stored curves too, those its run lacks (a point logged from storage, whose live writes were lost)."""
+        from study.storage import PointFiles
+        from study.trial import read_curves
+
         if ran is None:
             ran = tuple(k for k, ev in record.evals.items() if self.evals.get(k) == ev.id)
+        if curves:
+            self.tracker.log_history(point, read_curves(self.where.storage, PointFiles(point.id).curves), self.tags)
         panel = fig7_panel(point, self.where, self.where.out / "figures" / "points")
         self.tracker.finish_point(point, record, self.where.storage, ran, [panel] if panel else [], self.tags,
                                   headline_task=self.cfg.downstream[0].label, params=self.params)

@@ -85,6 +85,12 @@ class PointFiles:
         """A ViT's Fig 7 arrays (`pipelines.diagnostics.to_bytes`), drawn by the driver."""
         return self.file("fig7.safetensors")
 
+    @property
+    def curves(self) -> str:
+        """Every curve the point's trial emitted, {prefix: {step: {name: value}}} (`study.trial.CurveLog`): what a
+        later invocation logs to MLflow where the live writes were lost (a tracking outage, a killed driver)."""
+        return self.file("curves.json")
+
     def logged(self) -> list[tuple[str, str | None]]:
         """(file, MLflow artifact folder) of the stored files a point's child run holds besides its record:
         the weights (the best step's too, where kept) and their spec under `model/`, which a later invocation

@@ -447,6 +447,24 @@ class Tracker:
             self._log_metrics(run_id, fresh, step)
         self.writer.submit(f"{prefix} curve of {point.name}", job)
 
+    def log_history(self, point, curves: dict[str, dict[str, dict]], tags: dict) -> None:
+        """A point's stored curves ({prefix: {step: values}}, `study.trial.CurveLog`), the (key, step) entries its
+        run lacks: what the live writes of an earlier invocation did not log (a tracking outage, a killed driver)."""
+        def job() -> None:
+            run_id = self._child(point, tags)
+            now = int(time.time() * 1000)
+            entries = [Metric(f"{prefix}/{k}", rounded(float(v)), now, int(step))
+                       for prefix, steps in curves.items() if isinstance(steps, dict)
+                       for step, values in steps.items() if str(step).lstrip("-").isdigit() and isinstance(values, dict)
+                       for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)
+                       and int(step) > self.last_step.get((run_id, f"{prefix}/{k}"), -1)]
+            for i in range(0, len(entries), _BATCH):
+                self.client.log_batch(run_id, metrics=entries[i:i + _BATCH])
+            for m in entries:
+                self.last_step[(run_id, m.key)] = max(m.step, self.last_step.get((run_id, m.key), -1))
+        if curves:
+            self.writer.submit(f"stored curves of {point.name}", job)
+
     def finish_point(self, point, record: PointRecord, storage: Storage, ran: tuple[str, ...] | None,
                      extra: list[Path], tags: dict, headline_task: str, params: dict) -> None:
         """The evaluation recipe (`params`), final metrics of the evaluations that `ran` (all: None), the pretraining

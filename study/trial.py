@@ -87,6 +87,40 @@ class NotStarted(Exception):
     point stays as it was (no MLflow run, nothing in storage)."""
 
 
+class CurveLog:
+    """The curves a point's trial emits (`Curve` events: pretraining every `log_every` steps, evaluation during
+    training, the fine-tune sweep, system metrics), kept in storage (`PointFiles.curves`) with each checkpoint, after
+    pretraining and after each evaluation, by the main rank. The driver logs them to MLflow as they come; a point
+    finished while MLflow could not be written (an outage, a killed driver) is logged by a later invocation from
+    storage, curves included. A resumed trial starts from the stored file, so its history spans every attempt (a
+    step run twice keeps its last values)."""
+
+    def __init__(self, storage: Storage, path: str, main: bool):
+        self.storage, self.path, self.main = storage, path, main
+        self.curves: dict[str, dict[str, dict]] = (read_curves(storage, path) if main else {})
+
+    def recording(self, emit: Emit) -> Emit:
+        def recorded(event) -> None:
+            if self.main and isinstance(event, Curve):
+                self.curves.setdefault(event.prefix, {})[str(event.step)] = event.values
+            emit(event)
+        return recorded
+
+    def save(self) -> None:
+        if self.main and self.curves:
+            self.storage.write_bytes(self.path, json.dumps(self.curves, separators=(",", ":")).encode())
+
+
+def read_curves(storage: Storage, path: str) -> dict[str, dict[str, dict]]:
+    """The stored curves, or none where the file is absent or not what `CurveLog` writes (it is only a copy)."""
+    raw = storage.read_bytes(path)
+    try:
+        curves = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return curves if isinstance(curves, dict) else {}
+
+
 def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path, emit: Emit,
               progress: bool = False, device: torch.device | None = None) -> PointRecord | None:
     """Run one trial; every file it makes goes to `storage` (`PointFiles`), `scratch` is node-local.
@@ -99,6 +133,8 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
         raise NotStarted(point.id)
     device = device or pick_device(cfg.resources.gpus_per_worker)
     where = distributed.ranks()
+    curves = CurveLog(storage, files.curves, where.main)
+    emit = curves.recording(emit)
     record = load_record(storage, point.id) or PointRecord(point.id, PointFields(**point.table_fields))
     clock = Stopwatch(record.timings)
     src = cfg.data.pretrain
@@ -108,7 +144,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
         source = data.prepared(src, cfg.cache_dir, indexes)
     if not record.pretrain:
         with clock("pretrain"):
-            state = _pretrain(cfg, point, storage, files, source, scratch, device, emit, progress)
+            state = _pretrain(cfg, point, storage, files, source, scratch, device, emit, progress, curves.save)
         distributed.barrier()  # rank 0 has stored the weights and the summary
         record.pretrain = PretrainSummary(steps=point.steps, examples_seen=point.examples_seen,
                                           **json.loads(storage.read_bytes(files.pretrain_summary)))
@@ -152,6 +188,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
         except TrainingStopped as err:
             raise TrainingStopped(err.step, kind) from None
         record.evals[key] = EvalRecord(ident, found)
+        curves.save()
         if where.main:
             storage.write_bytes(files.record, record.to_json().encode())
     if not where.main:
@@ -161,8 +198,10 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
 
 
 def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: PointFiles, source: data.Prepared,
-              scratch: Path, device: torch.device, emit: Emit, progress: bool) -> dict[str, torch.Tensor]:
-    """Pretrain from scratch or from the newest checkpoint in storage; store the weights and a summary."""
+              scratch: Path, device: torch.device, emit: Emit, progress: bool,
+              save_curves: Callable[[], None] = lambda: None) -> dict[str, torch.Tensor]:
+    """Pretrain from scratch or from the newest checkpoint in storage; store the weights and a summary (and the
+    curves, `save_curves`, with each checkpoint and at the end)."""
     src, loader, recipe = cfg.data.pretrain, cfg.data.loader, cfg.pretrain_for(point.model)
     local_ckpts = scratch / "checkpoints"
     shutil.rmtree(local_ckpts, ignore_errors=True)  # storage decides where training resumes, never a node's leftovers
@@ -186,6 +225,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
 
     def push(path: Path) -> None:  # rank 0's checkpoints reach storage, where a retry on any node finds them
         storage.push_checkpoint(path, files.checkpoints, recipe.keep_checkpoints)
+        save_curves()
 
     def logged(record: EpochRecord) -> None:  # every pretrain.log_every steps and at epoch ends
         emit(Curve("pretrain", record.step, record.metrics()))
@@ -225,6 +265,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
         {"model": point.model, "num_classes": src.num_classes, "image_size": src.image_size,
          "options": models.ModelOptions.of(recipe).changed()}).encode())
     storage.write_bytes(files.pretrain_summary, json.dumps(summary).encode())
+    save_curves()
     return state
 
 

@@ -100,6 +100,12 @@ def test_mlflow_has_one_parent_and_a_finished_child_per_grid_point(smoke):
         assert {h.step for h in client.get_metric_history(child.info.run_id, system)} == steps
         curve = client.get_metric_history(child.info.run_id, "finetune/shapes-novel/val_top1")
         assert [h.step for h in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 1
+        # The same curves kept in storage, for an invocation that logs the point from there (`CurveLog`)
+        stored = json.loads((out / "smoke" / "storage" / "points" / child.data.tags["point_id"] /
+                             "curves.json").read_text())
+        assert {int(s) for s in stored["pretrain"]} == steps and len(stored["finetune/shapes-novel"]) == len(curve)
+        assert [stored["pretrain"][str(h.step)]["loss"] for h in history] == pytest.approx(
+            [h.value for h in history], rel=1e-3)  # (MLflow's are rounded to 4 digits)
         assert {"linear_probe/shapes-novel/top1", "finetune/shapes-novel/macro_f1", "linear_probe/shapes-novel/l2",
                 "finetune/shapes-novel/lr", "diagnostics/pretrain/rf_stage1" if p["family"] == "BiT" else
                 "diagnostics/pretrain/posemb_locality"} <= set(m)

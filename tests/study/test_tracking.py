@@ -98,6 +98,36 @@ def test_a_resumed_study_that_finishes_loses_the_failed_points_tag_of_the_invoca
     assert parent.info.status == "FINISHED" and "failed_points" not in parent.data.tags
 
 
+def test_stored_curves_fill_in_what_the_run_lacks_and_nothing_twice(tmp_path):
+    """A real SQLite store. A point logged from storage (its live writes lost to an outage or a killed driver) gets
+    the curves its trial stored: the (key, step) entries its run lacks, not those it has (logged live before)."""
+    from study.config import expand, load_study
+    from study.tracking import Tracker
+    from tests.conftest import ROOT
+
+    uri, art = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts"
+    point = expand(load_study(ROOT / "configs" / "smoke.yaml"))[0]
+    first = Tracker(uri, "smoke", art)
+    first.start_parent("parent", {}, [], "one")
+    first.start_point(point, {}, {}, {})
+    first.log_curve(point, "pretrain", 5, {"loss": 2.5})  # what reached MLflow before the outage
+    assert first.close(timeout=60) == 0
+    stored = {"pretrain": {"5": {"loss": 2.5}, "10": {"loss": 2.25, "lr": 0.001}, "x": {"loss": 1.0}},
+              "finetune/shapes-novel": {"1": {"val_top1": 0.125, "bad": float("nan")}}, "junk": []}
+    second = Tracker(uri, "smoke", art)
+    second.log_history(point, stored, {})
+    second.log_history(point, stored, {})  # (twice: nothing more)
+    assert second.close(timeout=60) == 0
+    run_id = first.runs[point.id]
+
+    def history(key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in second.client.get_metric_history(run_id, key)]
+
+    assert sorted(history("pretrain/loss")) == [(5, 2.5), (10, 2.25)]
+    assert history("pretrain/lr") == [(10, 0.001)] and history("finetune/shapes-novel/val_top1") == [(1, 0.125)]
+    assert "finetune/shapes-novel/bad" not in second.client.get_run(run_id).data.metrics
+
+
 def test_waiting_on_an_unreachable_server_at_the_end_says_so(capsys):
     """The writes queued for a server that went down are waited for at the end (up to `close`'s timeout): a silent
     wait of minutes looked like a hang, so it is said, with the count. A server that has not answered once in this
