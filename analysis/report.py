@@ -342,9 +342,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_out(out: Path) -> None:
     """`out` is a folder or can be made one, said before any input is read (`mkdir` would fail on a file, or below
-    one, after the inputs were read, with a traceback)."""
+    one, after the inputs were read, with a traceback); and not a study run's own folder, whose report (with what
+    only the run knows: its Fig 7 panels, its failed trials) would be replaced."""
     if (problem := atomic.folder_problem(out)) is not None:
         raise UserError(f"--out {out} {problem}; the report is written into a folder (new or existing)")
+    if (out / STUDY_MARK).is_file():
+        raise UserError(f"--out {out} is a study run's folder ({STUDY_MARK} beside its report): writing there would "
+                        "replace that study's own report; give another folder")
+
+
+STUDY_MARK = "git_commit.txt"  # written by `study.run` into every study's folder, and by nothing else
 
 
 def report_command(write: Callable[[], Path], out: Path) -> int:

@@ -101,6 +101,65 @@ def read(path: str | Path) -> pd.DataFrame:
             row = int(bad.idxmax())
             raise UserError(f"{path}: column '{col}' row {row + 2} is {table[col][row]!r}; valid: "
                             f"{', '.join(valid)}")
+    if table.empty:
+        raise UserError(f"{path}: no result rows (a header alone, or every value empty): nothing to report")
+    _check_values(path, table)
     table["dataset"] = table["dataset"].fillna("")
     table["shots"] = table["shots"].astype("Int64")
+    _check_repeats(path, table)
     return table[COLUMNS + [c for c in table.columns if c not in COLUMNS]]
+
+
+def _check_values(path: Path, table: pd.DataFrame) -> None:
+    """Values no study writes: a subset size that is not a positive whole number, a seed or shot count that is not
+    a whole number >= 0, an accuracy outside [0, 100], a row without its model or metric (a line cut short: pandas
+    fills the missing fields with nothing)."""
+    for col in ("model", "metric"):
+        bad = table[col].isna()
+        if bad.any():
+            row = int(bad.idxmax())
+            raise UserError(f"{path}: column '{col}' row {row + 2} is empty (a line cut short?): every row names its "
+                            f"{col}")
+    bad = table["subset_size"] <= 0
+    if bad.any():
+        row = int(bad.idxmax())
+        raise UserError(f"{path}: column 'subset_size' row {row + 2} is {_shown(table['subset_size'][row])}; it must "
+                        "be a number of images > 0")
+    for col, what in (("seed", "a whole number >= 0"), ("shots", "a whole number >= 0")):
+        values = table[col]
+        bad = values.notna() & ((values % 1 != 0) | (values < 0))
+        if bad.any():
+            row = int(bad.idxmax())
+            raise UserError(f"{path}: column '{col}' row {row + 2} is {_shown(values[row])}; it must be {what}")
+    if table["seed"].isna().any() and table["seed"].notna().any():
+        row = int(table["seed"].isna().idxmax())
+        raise UserError(f"{path}: column 'seed' row {row + 2} is empty while other rows have one (a line cut "
+                        "short?): give every row its seed, or none")
+    accuracy = table["metric"].isin(ACCURACY_METRICS)
+    bad = accuracy & ((table["value"] < 0) | (table["value"] > 100))
+    if bad.any():
+        row = int(bad.idxmax())
+        raise UserError(f"{path}: column 'value' row {row + 2} is {_shown(table['value'][row])}, a "
+                        f"{table['metric'][row]} outside [0, 100]: accuracies are percentages")
+    for metric in ACCURACY_METRICS:
+        values = table.loc[table["metric"] == metric, "value"]
+        if len(values) and (values <= 1).all() and (values > 0).any():
+            print(f"{path}: every {metric} is at most 1: if they are fractions, multiply them by 100 (the report "
+                  "reads percentages, as are the chance levels)", file=sys.stderr)
+
+
+KEY = ["model", "subset_size", "seed", "eval", "dataset", "shots", "metric"]  # one measurement of one trial
+
+
+def _check_repeats(path: Path, table: pd.DataFrame) -> None:
+    """Two rows of one measurement would be averaged as if they were one (a column left out, such as `shots`, makes
+    the 1- and 5-shot rows of a trial repeats; so does a table pasted twice)."""
+    repeated = table.duplicated(subset=KEY, keep=False)
+    if repeated.any():
+        first = table[repeated].index[:2]
+        row = table.loc[first[0]]
+        shots = "" if pd.isna(row["shots"]) else f", {int(row['shots'])} shots"
+        raise UserError(f"{path}: rows {first[0] + 2} and {first[1] + 2} are the same measurement ({row['model']} at "
+                        f"{_shown(row['subset_size'])} images, seed {_shown(row['seed'])}, {row['eval']} "
+                        f"{row['metric']}{shots}): each (model, subset_size, seed, eval, dataset, shots, metric) is "
+                        "one row")

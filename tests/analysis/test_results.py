@@ -39,6 +39,15 @@ def _row(**kw):
     ([_row(), _row(value="high")], "column 'value' row 3 is not a number: 'high'"),
     ([_row(family="CNN")], "column 'family' row 2 is 'CNN'; valid: ViT, BiT, Hybrid"),
     ([_row(subset_size=None)], r"column 'subset_size' row 2 is empty: every row needs the size of the subset"),
+    # values no study writes, each of which went into a verdict before
+    ([_row(), _row(subset_size=-5)], r"column 'subset_size' row 3 is -5; it must be a number of images > 0"),
+    ([_row(seed=1.5)], r"column 'seed' row 2 is 1.5; it must be a whole number >= 0"),
+    ([_row(shots=2.5)], r"column 'shots' row 2 is 2.5; it must be a whole number >= 0"),
+    ([_row(value=250.0)], r"column 'value' row 2 is 250, a top1 outside \[0, 100\]: accuracies are percentages"),
+    ([_row(), _row(seed=None)], r"column 'seed' row 3 is empty while other rows have one \(a line cut short\?\)"),
+    ([_row(), _row(model=None)], r"column 'model' row 3 is empty \(a line cut short\?\)"),
+    ([_row(shots=1), _row(shots=5), _row(shots=1, value=40.0)],  # a column left out or a table pasted twice
+     r"rows 2 and 4 are the same measurement \(ViT-B/16 at 9e\+06 images, seed 0, fewshot top1, 1 shots\)"),
 ])
 def test_malformed_results_name_column_and_row(tmp_path, rows, message):
     with pytest.raises(UserError, match=message):
@@ -56,6 +65,27 @@ def test_a_file_that_is_not_a_csv_is_one_line_and_no_report(tmp_path, capsys, co
     assert report.main(["--results", str(path), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: {path}: not a results CSV ({reason})\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_table_without_rows_is_one_line(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text(",".join(results.COLUMNS) + "\n")
+    with pytest.raises(UserError, match="no result rows"):
+        results.read(path)
+
+
+def test_a_study_run_s_folder_is_not_an_out(tmp_path, capsys):
+    """Its report holds what only the run knows (Fig 7 panels, failed trials): `analysis.report`, `study.compare` and
+    `study.mlflow_source` all refuse to write there."""
+    study = tmp_path / "smoke"
+    study.mkdir()
+    (study / report.STUDY_MARK).write_text("abc\n")
+    (study / "report.md").write_text("the study's own")
+    assert report.main(["--results", str(_csv(tmp_path, [_row()])), "--out", str(study)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {study} is a study run's folder (git_commit.txt beside its "
+                                       "report): writing there would replace that study's own report; give another "
+                                       "folder\n")
+    assert (study / "report.md").read_text() == "the study's own"
 
 
 def test_an_out_that_is_a_file_is_one_line_before_the_results_are_read(tmp_path, capsys):
