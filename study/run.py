@@ -83,7 +83,11 @@ def check_flags(args: argparse.Namespace) -> None:
         if given_alone:
             raise UserError(f"{flag} works only with {with_}; add it (nothing was run)")
     if args.dry_run and args.suggest:
-        raise UserError("--dry-run and --suggest are two different reports: give one of them")
+        raise UserError("--dry-run and --suggest (`vit-scaling suggest`) are two different reports: give one of them")
+    if args.apply is not None:
+        from study.suggest import check_apply
+
+        check_apply(args.apply, args.grid)
 
 
 def print_recipes(cfg: StudyConfig, as_json: bool) -> None:

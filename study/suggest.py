@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from pipelines.config import UserError, to_dict
-from study.config import GridPoint, StudyConfig, grid_point
+from study.config import GridPoint, StudyConfig, expand, grid_point
 
 
 def study_table(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace) -> pd.DataFrame:
@@ -37,11 +37,19 @@ def study_table(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namesp
 
 
 def pick_target(table: pd.DataFrame, headline: str) -> tuple[tuple, pd.DataFrame, str, str]:
-    """The first (ViT or hybrid, BiT) pair on the first evaluation of the headline dataset (else of any)."""
+    """The first (ViT or hybrid, BiT) pair on the evaluation the study's verdict reads (`analysis.verdict.headline`:
+    5-shot top-1 where measured), else on the first evaluation of the headline dataset (else of any)."""
     from analysis.fits import accuracy_rows
     from analysis.intervals import GROUP, model_pairs
+    from analysis.verdict import headline as verdict_key
 
-    groups = sorted(accuracy_rows(table).groupby(GROUP, dropna=False), key=lambda kv: kv[0][1] != headline)
+    rows = accuracy_rows(table)
+    if (key := verdict_key(table)) is not None:
+        frame = rows[(rows["eval"] == key[0]) & (rows["dataset"] == key[1]) & (rows["metric"] == key[3])]
+        frame = frame[frame["shots"].isna()] if key[2] is None else frame[frame["shots"] == key[2]]
+        if pairs := model_pairs(frame):
+            return key, frame, *pairs[0]
+    groups = sorted(rows.groupby(GROUP, dropna=False), key=lambda kv: kv[0][1] != headline)
     for key, frame in groups:
         if pairs := model_pairs(frame):
             return key, frame, *pairs[0]
@@ -123,7 +131,30 @@ def run_suggest(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namesp
     if args.apply:
         if not chosen:
             raise UserError("--apply: no candidate narrows the interval within the budget; nothing written")
-        place = same_place(args)
-        write_grid(extended(cfg, chosen), Path(args.apply), args.grid, place)
+        place, grid = same_place(args), extended(cfg, chosen)
+        write_grid(grid, Path(args.apply), args.grid, place)
         print(f"wrote {args.apply}: python -m study.run --grid {args.apply}{place} trains only the new points")
+        have = {(p.model, p.subset_size, p.seed) for p in points}
+        new = [(p.model, p.subset_size, p.seed) for p in expand(grid) if (p.model, p.subset_size, p.seed) not in have]
+        priced = sum(len(s.candidate.points) for s in chosen)
+        if len(new) > priced:  # a new seed also runs at each new size: points no candidate priced alone
+            cost = PointCost(cfg, mfu)
+            hours = sum(cost(*p) for p in new)
+            over = f", over the --budget of {args.budget:g}" if args.budget is not None and hours > args.budget else ""
+            print(f"note: the grid crosses every seed with every size, so it adds {len(new)} points, not the "
+                  f"{priced} priced above: {hours:.3g} GPU-hours{over}")
     return 0
+
+
+def check_apply(path: str, grid: str) -> None:
+    """`--apply FILE` can be written, checked before any ranking: a new file in an existing folder, not the grid
+    read (nor any file that exists: what it holds would be replaced)."""
+    target = Path(path)
+    if target.exists() and target.resolve() == Path(grid).resolve():
+        raise UserError(f"--apply {path} is the --grid file: the extended grid goes into a new file, beside it")
+    if target.is_dir():
+        raise UserError(f"--apply {path} is a folder: give the new grid file's path, e.g. {target / 'next.yaml'}")
+    if target.exists():
+        raise UserError(f"--apply {path} exists: give a new file name (what it holds would be replaced)")
+    if not target.parent.is_dir():
+        raise UserError(f"--apply {path}: the folder {target.parent} does not exist")

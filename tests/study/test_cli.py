@@ -59,7 +59,14 @@ def test_bad_input_is_one_line_and_exit_2(overrides, message, cache_dir, tmp_pat
     (["--budget", "5"], "--budget works only with --suggest; add it (nothing was run)"),
     (["--apply", "x.yaml"], "--apply works only with --suggest; add it (nothing was run)"),
     (["--mfu", "0.3"], "--mfu works only with --dry-run or --suggest; add it (nothing was run)"),
-    (["--dry-run", "--suggest"], "--dry-run and --suggest are two different reports: give one of them"),
+    (["--dry-run", "--suggest"], "--dry-run and --suggest (`vit-scaling suggest`) are two different reports: give "
+                                 "one of them"),
+    # --apply's file, checked before any ranking (it was a traceback after it, or the --grid file overwritten)
+    (["--suggest", "--apply", "configs/smoke.yaml"], "--apply configs/smoke.yaml is the --grid file: the extended "
+                                                      "grid goes into a new file, beside it"),
+    (["--suggest", "--apply", "configs"], "--apply configs is a folder: give the new grid file's path"),
+    (["--suggest", "--apply", "README.md"], "--apply README.md exists: give a new file name"),
+    (["--suggest", "--apply", "no/such/next.yaml"], "--apply no/such/next.yaml: the folder no/such does not exist"),
     (["--tracking-uri", "foo://bar"], "--tracking-uri foo://bar: MLflow takes no 'foo://' store; give one of "),
     (["--tracking-uri", "127.0.0.1:5000"], "--tracking-uri 127.0.0.1:5000: a folder (file) store, which MLflow 3 "
                                            "opens only with MLFLOW_ALLOW_FILE_STORE=true; give sqlite:///"),
