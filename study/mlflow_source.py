@@ -96,6 +96,10 @@ def study_run_id(client: MlflowClient, name: str) -> str:
                                  order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
         raise UserError(f"experiment '{name}' has no study run")
+    if (status := parents[0].info.status) != "FINISHED":  # its table is the last one an invocation of it wrote
+        print(f"note: the latest study run of '{name}' is {status} (its last invocation "
+              f"{'is running' if status == 'RUNNING' else 'did not finish'}): the table is the one an invocation of "
+              "it logged last", file=sys.stderr)
     return parents[0].info.run_id
 
 

@@ -373,7 +373,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
                          time.strftime("%Y%m%d-%H%M%S"))
     tracker.show(list(cfg.models), headline_columns(cfg))
-    status, failures, comparison, note, stopped, lost, left = "FAILED", {}, [], "", None, None, 0
+    status, failures, comparison, note, stopped, lost, left, reported = "FAILED", {}, [], "", None, None, 0, False
     interrupt = Interrupt(where.storage, lease.holds if lease is not None else None)
     where.storage.delete_file(STOP)  # a stop asked of an earlier invocation
     ending = threading.Lock()
@@ -385,9 +385,11 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
         if not ending.acquire(blocking=False):
             ending.acquire()  # the other thread is ending the study: this one waits for the process to exit
         tracker.end_started("FAILED" if status == "FINISHED" else status, lost)
-        files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")]
+        # The report's files only where this invocation wrote them: those of an earlier one (a stopped run's folder)
+        # would otherwise reach the parent as if they were this invocation's
+        files = [where.out / f for f in ("results.csv", "report.md", "report.html", "summary.json")] if reported else []
         ended = {"failed_points": f"{len(failures)} of {len(points)}" if failures else None, "failure_reason": lost}
-        tracker.finish_parent(status, [f for f in files if f.exists()], where.out / "figures",
+        tracker.finish_parent(status, [f for f in files if f.exists()], where.out / "figures" if reported else None,
                               {k: v for k, v in ended.items() if v is not None or status == "FINISHED"},
                               description=note, metrics=comparison)  # (None: removed where set)
         left = tracker.close()
@@ -417,6 +419,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
             return interrupt.exit_code
         with Stopwatch(clock)("report"):
             table = _write_results(cfg, points, records, evals, where, failures)
+        reported = True
         comparison = comparison_metrics(table)
         note = study_note(cfg.study, where.out / "summary.json")
         write_timings(where.out / "timings.json", clock, records, decisions)
