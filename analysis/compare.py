@@ -67,7 +67,14 @@ def load(specs: list[str], labels: list[str] | None, resolve: Resolve = read_inp
 
 
 def _distinct(labels: list[str]) -> None:
-    twice = sorted({label for label in labels if labels.count(label) > 1})
+    """Labels name columns of the report's tables and legend entries of its figures: each one non-empty, distinct
+    from the others once spaces around it are dropped, and without '|' (a markdown table's cell border)."""
+    for label in labels:
+        if not label.strip() or "|" in label:
+            raise UserError(f"--label {label!r}: a study's name in the report's tables and figures, not empty and "
+                            "without '|'")
+    stripped = [label.strip() for label in labels]
+    twice = sorted({label for label in stripped if stripped.count(label) > 1})
     if twice:
         raise UserError(f"several inputs are labelled {', '.join(twice)}: name each with --label, one per input")
 
@@ -218,7 +225,7 @@ def command(args: argparse.Namespace, resolve: Resolve = read_input,
 
 
 def main(argv: list[str] | None = None) -> int:
-    return command(parser("python -m analysis.compare").parse_args(argv))
+    return command(parser("python -m analysis.compare").parse_intermixed_args(argv))  # options between the inputs
 
 
 if __name__ == "__main__":

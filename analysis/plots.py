@@ -185,10 +185,11 @@ def fig_studies_vs_data(points: pd.DataFrame, evaluation: str, studies: list[str
                 lo, hi = pts["ci_low"].fillna(pts["mean"]), pts["ci_high"].fillna(pts["mean"])
                 ax.errorbar(pts["subset_size"], pts["mean"], yerr=[pts["mean"] - lo, hi - pts["mean"]],
                             color=colour[study], marker=families.get(family).marker, ls=("-", "--", ":", "-.")[i % 4],
-                            capsize=3, label=f"{study}: {model}")
+                            capsize=3, label=_plain(f"{study}: {model}"))
         missing = [s for s in studies if s not in set(group["study"])]
         if missing:
-            ax.text(0.02, 0.98, "missing: " + ", ".join(missing), transform=ax.transAxes, va="top", fontsize=7)
+            ax.text(0.02, 0.98, _plain("missing: " + ", ".join(missing)), transform=ax.transAxes, va="top",
+                    fontsize=7)
         _size_axis(ax, _spread(sorted(group["subset_size"].unique())))
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{dataset}" + ("" if pd.isna(shots) else f", {int(shots)}-shot"))
@@ -384,3 +385,8 @@ def fig7_side_by_side(panels: dict[str, list[tuple[int, Path]]], out_dir: Path) 
         atomic.write_bytes(path, buf.getvalue())
         written.append(path)
     return written
+
+
+def _plain(text: str) -> str:
+    """A user's label as written: matplotlib reads text between two '$' as math (and fails on what it cannot parse)."""
+    return text.replace("$", r"\$")

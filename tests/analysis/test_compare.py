@@ -90,6 +90,11 @@ def test_inputs_that_cannot_be_compared_fail_with_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match="several inputs are labelled x"):  # before any input is read
         compare.load([str(a), "mlflow:smoke"], ["x", "x"], lambda spec: read.append(spec))
     assert read == []
+    for labels, message in ((["x", "x "], "several inputs are labelled x"), (["a|b", "c"], "without '|'"),
+                            ([" ", "c"], "not empty")):  # a '|' split every markdown table's row
+        with pytest.raises(UserError, match=message):
+            compare.load([str(a), "mlflow:smoke"], labels, lambda spec: read.append(spec))
+    assert read == []
     assert compare.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "has no" in capsys.readouterr().err
     (tmp_path / "empty.csv").touch()

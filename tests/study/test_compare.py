@@ -2,6 +2,7 @@
 the study's parent run. Unit tests of the comparison itself: tests/analysis/test_compare.py."""
 
 import json
+import re
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -34,8 +35,8 @@ def test_compare_a_smoke_study_from_mlflow_and_from_its_folder(smoke, tmp_path, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     uri = f"sqlite:///{runs / 'mlflow.db'}"
     out = tmp_path / "cmp"
-    code = compare.main([f"mlflow:{uri}#smoke", str(runs / "smoke"),
-                         str(ROOT / "configs" / "published" / "vit_bit_imagenet.csv"), "--label", "from-mlflow",
+    code = compare.main([f"mlflow:{uri}#smoke", "--label", "from-mlflow", str(runs / "smoke"),  # options between
+                         str(ROOT / "configs" / "published" / "vit_bit_imagenet.csv"),
                          "--label", "from-folder", "--label", "published", "--out", str(out)])
     assert code == 0, capsys.readouterr().err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -45,5 +46,7 @@ def test_compare_a_smoke_study_from_mlflow_and_from_its_folder(smoke, tmp_path, 
     client = MlflowClient(uri)
     (parent,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
                                    "tags.study_role = 'parent'")
-    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "comparisons/cmp")}
-    assert {"comparisons/cmp/report.md", "comparisons/cmp/report.html", "comparisons/cmp/summary.json"} <= logged
+    (folder,) = [a.path for a in client.list_artifacts(parent.info.run_id, "comparisons")]
+    assert re.fullmatch(r"comparisons/cmp-\d{8}-\d{6}", folder)  # a later `cmp` is kept apart
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, folder)}
+    assert {f"{folder}/report.md", f"{folder}/report.html", f"{folder}/summary.json"} <= logged
