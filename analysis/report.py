@@ -30,10 +30,11 @@ def fmt(v) -> str:
     """A number, list or missing value as a table cell (missing: an en dash)."""
     if v is None or (isinstance(v, float) and pd.isna(v)):
         return "–"
-    if isinstance(v, float):
+    if isinstance(v, int | float) and not isinstance(v, bool):  # sizes (subset sizes, a crossover's estimate)
+        v = float(v)  # written alike, whole or not: `[512, 1,024]`, not `[512.00, 1,024]`
         if abs(v) >= 1e7 or (v and abs(v) < 0.01):
             return f"{v:.3g}"
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.2f}"
+        return f"{v:,.0f}" if abs(v) >= 100 or v.is_integer() else f"{v:.2f}"
     if isinstance(v, list):
         return "[" + ", ".join(fmt(x) for x in v) + "]"
     return str(v)
