@@ -60,3 +60,22 @@ def test_suggest_prints_the_ranking_and_apply_plans_only_the_new_points(tmp_path
     actions = {r["id"]: r["action"] for r in json.loads(capsys.readouterr().out)}
     assert {i for i, a in actions.items() if a == "train"} == added  # the finished points are only logged
     assert all(a == "log" for i, a in actions.items() if i not in added)
+
+
+def test_apply_says_what_the_written_grid_adds_beyond_the_priced_candidates(tmp_path, monkeypatch, cache_dir, capsys):
+    """A grid crosses every seed with every size: a new seed chosen with new sizes also runs at those sizes, which no
+    candidate priced alone (the 24 points priced become 30); `--apply` says so, with their cost against --budget."""
+    from study.run import main
+
+    cfg = _finished_study(tmp_path, monkeypatch, cache_dir)
+    grid = tmp_path / "next.yaml"
+    code = main(["--grid", str(ROOT / "configs" / "smoke.yaml"), SIZES, SEEDS, "--out", str(tmp_path / "runs"),
+                 "--suggest", "--budget", "0.01", "--apply", str(grid)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    chosen = [line for line in printed.splitlines() if line.startswith("*") and "points (every model" in line]
+    assert len(chosen) == 4 and any("one more seed" in line for line in chosen)  # a seed with three new sizes
+    added = len({p.id for p in expand(load_study(grid))} - {p.id for p in expand(cfg)})
+    assert added == 30
+    assert ("note: the grid crosses every seed with every size, so it adds 30 points, not the 24 priced above: "
+            "0.0111 GPU-hours, over the --budget of 0.01") in printed
