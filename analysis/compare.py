@@ -47,7 +47,9 @@ def read_input(spec: str) -> tuple[str, pd.DataFrame]:
     path = Path(spec)
     if path.is_dir():
         if not (path / "results.csv").is_file():
-            raise UserError(f"{path}: a study's output folder holds results.csv, and this one has none")
+            below = sorted(str(p.parent) for p in path.glob("*/results.csv"))  # `--out` given, not `--out/<study>`
+            hint = f" (the studies' folders below it: {', '.join(below)})" if below else ""
+            raise UserError(f"{path}: a study's output folder holds results.csv, and this one has none{hint}")
         return path.resolve().name, results.read(path / "results.csv")
     return path.stem, results.read(path)
 

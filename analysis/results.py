@@ -57,6 +57,10 @@ def _shown(value) -> str:
 def read(path: str | Path) -> pd.DataFrame:
     """Read and check a results CSV; a malformed one is a `UserError` naming the column and row."""
     path = Path(path)
+    if path.is_dir():
+        below = sorted(str(p.parent) for p in path.glob("*/results.csv"))  # `--out` given, not `--out/<study>`
+        raise UserError(f"{path} is a folder without results.csv; give a study's folder or a results CSV"
+                        + (f" (the studies' folders below it: {', '.join(below)})" if below else ""))
     if not path.is_file():
         raise UserError(f"results file not found: {path}")
     try:

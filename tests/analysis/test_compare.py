@@ -96,7 +96,7 @@ def test_inputs_that_cannot_be_compared_fail_with_one_line(tmp_path, capsys):
             compare.load([str(a), "mlflow:smoke"], labels, lambda spec: read.append(spec))
     assert read == []
     assert compare.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
-    assert "has no" in capsys.readouterr().err
+    assert f"has none (the studies' folders below it: {a})" in capsys.readouterr().err  # `--out`, not its study
     (tmp_path / "empty.csv").touch()
     assert compare.main([str(a), str(tmp_path / "empty.csv"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'empty.csv'}: not a results CSV (empty file)\n"
@@ -125,4 +125,5 @@ def test_the_report_command_takes_a_study_folder_as_compare_does(tmp_path, capsy
     assert report.main(["--results", str(a), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "report.md").read_text().startswith("# smoke")
     assert report.main(["--results", str(tmp_path), "--out", str(tmp_path / "out2")]) == 2  # no results.csv there
-    assert capsys.readouterr().err.startswith(f"error: results file not found: {tmp_path}")
+    assert capsys.readouterr().err == (f"error: {tmp_path} is a folder without results.csv; give a study's folder "
+                                       f"or a results CSV (the studies' folders below it: {a})\n")
