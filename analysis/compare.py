@@ -47,9 +47,8 @@ def read_input(spec: str) -> tuple[str, pd.DataFrame]:
     path = Path(spec)
     if path.is_dir():
         if not (path / "results.csv").is_file():
-            below = sorted(str(p.parent) for p in path.glob("*/results.csv"))  # `--out` given, not `--out/<study>`
-            hint = f" (the studies' folders below it: {', '.join(below)})" if below else ""
-            raise UserError(f"{path}: a study's output folder holds results.csv, and this one has none{hint}")
+            raise UserError(f"{path}: a study's output folder holds results.csv, and this one has none"
+                            + results.studies_below(path))
         return path.resolve().name, results.read(path / "results.csv")
     return path.stem, results.read(path)
 

@@ -54,13 +54,19 @@ def _shown(value) -> str:
     return "empty" if pd.isna(value) else f"{float(value):g}"
 
 
+def studies_below(folder: Path) -> str:
+    """Where a folder without results.csv was given for a study's (`--out`, not `--out/<study>`): the studies' folders
+    below it, as a clause for the error ("" where there are none)."""
+    below = sorted(str(p.parent) for p in folder.glob("*/results.csv"))
+    return f" (the studies' folders below it: {', '.join(below)})" if below else ""
+
+
 def read(path: str | Path) -> pd.DataFrame:
     """Read and check a results CSV; a malformed one is a `UserError` naming the column and row."""
     path = Path(path)
     if path.is_dir():
-        below = sorted(str(p.parent) for p in path.glob("*/results.csv"))  # `--out` given, not `--out/<study>`
         raise UserError(f"{path} is a folder without results.csv; give a study's folder or a results CSV"
-                        + (f" (the studies' folders below it: {', '.join(below)})" if below else ""))
+                        + studies_below(path))
     if not path.is_file():
         raise UserError(f"results file not found: {path}")
     try:
@@ -115,9 +121,9 @@ def read(path: str | Path) -> pd.DataFrame:
 
 
 def _check_values(path: Path, table: pd.DataFrame) -> None:
-    """Values no study writes: a subset size that is not a positive whole number, a seed or shot count that is not
-    a whole number >= 0, an accuracy outside [0, 100], a row without its model or metric (a line cut short: pandas
-    fills the missing fields with nothing)."""
+    """Values no study writes: a subset size that is not > 0, a seed or shot count that is not a whole number >= 0,
+    an accuracy outside [0, 100], a row without its model or metric (a line cut short: pandas fills the missing
+    fields with nothing)."""
     for col in ("model", "metric"):
         bad = table[col].isna()
         if bad.any():

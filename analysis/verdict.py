@@ -74,7 +74,8 @@ def headline(table: pd.DataFrame) -> tuple | None:
     return min(keys)[1] if keys else None
 
 
-def _rows(table: pd.DataFrame, key: tuple) -> pd.DataFrame:
+def key_rows(table: pd.DataFrame, key: tuple) -> pd.DataFrame:
+    """The rows of one (eval, dataset, shots, metric) key, as `headline` returns it (shots None: none)."""
     frame = table[(table["eval"] == key[0]) & (table["dataset"] == key[1]) & (table["metric"] == key[3])]
     return frame[frame["shots"].isna()] if key[2] is None else frame[frame["shots"] == key[2]]
 
@@ -105,7 +106,7 @@ def _size(n: float) -> str:
 
 def sentence(table: pd.DataFrame, summary: dict, key: tuple) -> str:
     """One or two sentences on `key`'s best ViT vs best BiT: leader, gap at both ends, crossover."""
-    frame = _rows(table, key)
+    frame = key_rows(table, key)
     vit, bit = _best(frame, "weak"), _best(frame, "strong")
     mine = [g for g in summary["gaps"] if (g["vit"], g["resnet"], g["eval"], g["dataset"], g["shots"], g["metric"])
             == (vit, bit, *key)]

@@ -30,6 +30,12 @@ class ConfigError(UserError):
     """A config key, type or value is not valid."""
 
 
+def first_line(err: BaseException) -> str:
+    """An error's message cut to its first line (at most 300 characters), or its type where it has none: what a
+    one-line message quotes of an error from a library."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 

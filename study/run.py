@@ -382,8 +382,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
         """None of the runs left RUNNING, whatever ended this invocation; once, from the main thread or, where
         Ray holds that, from the cluster watch (`last_words`)."""
         nonlocal left
-        if not ending.acquire(blocking=False):
-            ending.acquire()  # the other thread is ending the study: this one waits for the process to exit
+        ending.acquire()  # never released: a second caller waits while the first ends the study and the process
         tracker.end_started("FAILED" if status == "FINISHED" else status, lost)
         # The report's files only where this invocation wrote them: those of an earlier one (a stopped run's folder)
         # would otherwise reach the parent as if they were this invocation's

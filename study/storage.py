@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from pipelines import checkpoint, pretrain, selection
-from pipelines.config import UserError
+from pipelines.config import UserError, first_line
 
 POINTS = "points"  # every grid point's folder is under it
 
@@ -140,8 +140,8 @@ class Storage:
                 self.write_bytes(probe, b"")
                 self.delete_file(probe)
         except OSError as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            raise UserError(f"--storage {redact(self.root)}: cannot {'write' if write else 'read'} there ({first}); "
+            raise UserError(f"--storage {redact(self.root)}: cannot {'write' if write else 'read'} there "
+                            f"({first_line(err)}); "
                             "check the bucket, the endpoint and the credentials (AWS_ACCESS_KEY_ID and "
                             "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS)") from None
 

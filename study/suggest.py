@@ -42,11 +42,11 @@ def pick_target(table: pd.DataFrame, headline: str) -> tuple[tuple, pd.DataFrame
     from analysis.fits import accuracy_rows
     from analysis.intervals import GROUP, model_pairs
     from analysis.verdict import headline as verdict_key
+    from analysis.verdict import key_rows
 
     rows = accuracy_rows(table)
     if (key := verdict_key(table)) is not None:
-        frame = rows[(rows["eval"] == key[0]) & (rows["dataset"] == key[1]) & (rows["metric"] == key[3])]
-        frame = frame[frame["shots"].isna()] if key[2] is None else frame[frame["shots"] == key[2]]
+        frame = key_rows(rows, key)
         if pairs := model_pairs(frame):
             return key, frame, *pairs[0]
     groups = sorted(rows.groupby(GROUP, dropna=False), key=lambda kv: kv[0][1] != headline)

@@ -38,7 +38,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 # writer says what failed, once, in one line (`_Writer`).
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
-from pipelines.config import flatten  # noqa: E402
+from pipelines.config import first_line, flatten  # noqa: E402
 from study.protocol import PointRecord  # noqa: E402
 from study.storage import PointFiles, Storage  # noqa: E402
 
@@ -110,7 +110,7 @@ def open_client(uri: str) -> MlflowClient:
 def _no_driver(uri: str, err: ImportError):
     from pipelines.config import UserError
 
-    return UserError(f"--tracking-uri {uri}: MLflow cannot open it ({_first_line(err)}); install the database's "
+    return UserError(f"--tracking-uri {uri}: MLflow cannot open it ({first_line(err)}); install the database's "
                      "Python driver")
 
 
@@ -239,13 +239,13 @@ class _Writer(threading.Thread):
                 job()
             except Exception as err:  # noqa: BLE001  (a network or database error: wait and retry)
                 if disk_full(err):  # no wait brings the space back: say so once, and try nothing more
-                    self.full, self.lost = _first_line(err), self.lost + 1
+                    self.full, self.lost = first_line(err), self.lost + 1
                     print(f"mlflow: the disk under {self.uri} is full ({self.full}); this invocation logs nothing "
                           "more there, and its runs may show RUNNING: free space and rerun the same command, which "
                           "logs what is missing from the study's storage", file=sys.stderr)
                     return
                 if isinstance(err, MlflowException) and err.error_code in _PERMANENT:
-                    print(f"mlflow: {what} not logged: {_first_line(err)}", file=sys.stderr)
+                    print(f"mlflow: {what} not logged: {first_line(err)}", file=sys.stderr)
                     return
                 self._down(err)
             else:
@@ -326,10 +326,6 @@ def eval_metrics(record: PointRecord, ran: tuple[str, ...] | None, headline_task
     return out
 
 
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-
-
 _UNREACHABLE = (("Connection refused", "connection refused: nothing listens there"),
                 ("Name or service not known", "no such host"), ("Temporary failure in name resolution", "no such host"),
                 ("nodename nor servname", "no such host"), ("timed out", "timed out"),
@@ -340,7 +336,7 @@ def unreachable_why(err: Exception) -> str:
     """Why a server did not answer, in a few words where the error names a socket's failure (MLflow wraps it in a
     message that quotes urllib3's repr), else the error's first line."""
     text = str(err)
-    return next((why for cause, why in _UNREACHABLE if cause in text), _first_line(err))
+    return next((why for cause, why in _UNREACHABLE if cause in text), first_line(err))
 
 
 class Tracker:
@@ -453,15 +449,12 @@ class Tracker:
         def job() -> None:
             run_id = self._child(point, tags)
             now = int(time.time() * 1000)
-            entries = [Metric(f"{prefix}/{k}", rounded(float(v)), now, int(step))
-                       for prefix, steps in curves.items() if isinstance(steps, dict)
-                       for step, values in steps.items() if str(step).lstrip("-").isdigit() and isinstance(values, dict)
-                       for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)
-                       and int(step) > self.last_step.get((run_id, f"{prefix}/{k}"), -1)]
-            for i in range(0, len(entries), _BATCH):
-                self.client.log_batch(run_id, metrics=entries[i:i + _BATCH])
-            for m in entries:
-                self.last_step[(run_id, m.key)] = max(m.step, self.last_step.get((run_id, m.key), -1))
+            self._log_entries(run_id, [Metric(f"{prefix}/{k}", rounded(float(v)), now, int(step))
+                                       for prefix, steps in curves.items() if isinstance(steps, dict)
+                                       for step, values in steps.items()
+                                       if str(step).lstrip("-").isdigit() and isinstance(values, dict)
+                                       for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)
+                                       and int(step) > self.last_step.get((run_id, f"{prefix}/{k}"), -1)])
         if curves:
             self.writer.submit(f"stored curves of {point.name}", job)
 
@@ -643,13 +636,16 @@ class Tracker:
 
     def _log_metrics(self, run_id: str, metrics: dict, step: int, dedupe: bool = True) -> None:
         now = int(time.time() * 1000)
-        entries = [Metric(k, rounded(float(v)), now, step) for k, v in metrics.items()
-                   if isinstance(v, int | float) and math.isfinite(v)
-                   and not (dedupe and step <= self.last_step.get((run_id, k), -1))]
+        self._log_entries(run_id, [Metric(k, rounded(float(v)), now, step) for k, v in metrics.items()
+                                   if isinstance(v, int | float) and math.isfinite(v)
+                                   and not (dedupe and step <= self.last_step.get((run_id, k), -1))])
+
+    def _log_entries(self, run_id: str, entries: list[Metric]) -> None:
+        """Metric entries in batches MLflow takes, then each key's newest step noted (`last_step`)."""
         for i in range(0, len(entries), _BATCH):
             self.client.log_batch(run_id, metrics=entries[i:i + _BATCH])
         for m in entries:
-            self.last_step[(run_id, m.key)] = max(step, self.last_step.get((run_id, m.key), -1))
+            self.last_step[(run_id, m.key)] = max(m.step, self.last_step.get((run_id, m.key), -1))
 
     def _log_comparison(self, metrics: list[Metric]) -> None:
         """The entries the parent lacks: a later invocation logs a (key, step) again only if its value changed (more

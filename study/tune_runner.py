@@ -24,7 +24,7 @@ from ray.tune import Callback
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.progress_reporter import TrialProgressCallback
 
-from pipelines.config import UserError
+from pipelines.config import UserError, first_line
 from study.config import StudyConfig
 from study.console import Console, error_text
 from study.interrupt import Interrupt, ray_apart, stop_at_once
@@ -107,7 +107,7 @@ def connect(cfg: StudyConfig, address: str | None, verbose: bool = False) -> Non
         ray.init(address=f"{target[0]}:{target[1]}", logging_level="warning", configure_logging=True,
                  log_to_driver=verbose)
     except Exception as err:  # noqa: BLE001  (Ray raises ConnectionError, RuntimeError, AuthenticationError, ...)
-        raise UserError(f"--address {address}: could not join the Ray cluster: {_first_line(err)}") from None
+        raise UserError(f"--address {address}: could not join the Ray cluster: {first_line(err)}") from None
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     try:
         _check_fits(cfg, nodes, f"the cluster at {address}")
@@ -272,7 +272,7 @@ def _ping(gcs: str) -> None:
     except AuthenticationError:
         raise
     except Exception as err:  # noqa: BLE001  (a GCS that does not answer: RpcError, TimeoutError, ...)
-        raise UserError(f"{gcs}: the cluster's GCS did not answer: {_first_line(err)}") from None
+        raise UserError(f"{gcs}: the cluster's GCS did not answer: {first_line(err)}") from None
 
 
 @contextmanager
@@ -317,12 +317,8 @@ def _one_line_when_unfixable(record: logging.LogRecord) -> bool:
     err = record.exc_info[1] if record.exc_info else None
     if isinstance(err, OSError) and unfixable_by_retry(err) is not None:
         record.msg, record.args, record.exc_info, record.exc_text = (
-            f"{record.getMessage().rstrip(': ')}: {_first_line(err)}", None, None, None)
+            f"{record.getMessage().rstrip(': ')}: {first_line(err)}", None, None, None)
     return True
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def _token_available() -> bool:
