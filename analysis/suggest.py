@@ -74,10 +74,12 @@ class Suggestion:
     width_after: float  # expected, over the simulated outcomes
     reduction: float  # target width now - width_after
     chosen: bool  # within the budget, greedily by reduction per GPU-hour
+    points: tuple[tuple[str, int, int], ...] = ()  # what the grid gains with it, given the candidates chosen
+    gpu_hours: float = 0.0  # their cost: more than the candidate's alone where a seed meets a new size
 
     @property
     def per_gpu_hour(self) -> float:
-        return self.reduction / self.candidate.gpu_hours if self.candidate.gpu_hours > 0 else math.inf
+        return self.reduction / self.gpu_hours if self.gpu_hours > 0 else math.inf
 
 
 def fit_curve(frame: pd.DataFrame, n: int = N_REPLICATES, seed: int = 0) -> Fit | None:
@@ -258,11 +260,13 @@ def suggest(frame: pd.DataFrame, vit: str, bit: str, max_size: int, cost: Cost,
         vit, bit: the two models' names in `frame`.
         max_size: the largest subset the source holds.
         cost: GPU-hours of one grid point.
-        budget: GPU-hours to spend; candidates are chosen greedily by reduction per GPU-hour while it lasts
-            (each candidate's reduction is simulated alone, not jointly with the ones chosen before it).
+        budget: GPU-hours to spend; candidates are chosen greedily by reduction per GPU-hour while it lasts,
+            each priced with the points it adds to the grid of those chosen before it (a seed chosen after a
+            size also runs at that size); its reduction is simulated alone, not jointly with them.
             None: only the best candidate is chosen.
     Returns:
-        The target interval (now) and the candidates, best reduction per GPU-hour first.
+        The target interval (now) and the candidates, best reduction per GPU-hour first (each priced as chosen, or
+        as it would add to all those chosen).
     """
     frame = frame[frame["model"].isin([vit, bit])][["model", "subset_size", "seed", "value"]]
     frame = frame.assign(seed=frame["seed"].fillna(0))
@@ -272,13 +276,43 @@ def suggest(frame: pd.DataFrame, vit: str, bit: str, max_size: int, cost: Cost,
                          "parameter) for a bootstrap to simulate from")
     cands = candidates(frame, max_size, cost)
     target = target_for(fits, vit, bit, frame, cands, budget)
-    ranked = sorted(((c, expected_width(frame, vit, bit, target, fits, c)) for c in cands),
-                    key=lambda cw: _rank(target.width - cw[1], cw[0].gpu_hours))
-    out, spent = [], 0.0
-    for c, after in ranked:
-        useful = target.width - after > 0
-        fits_budget = spent + c.gpu_hours <= budget if budget is not None else not any(s.chosen for s in out)
-        chosen = useful and fits_budget
-        spent += c.gpu_hours if chosen else 0.0
-        out.append(Suggestion(c, after, target.width - after, chosen))
-    return target, out
+    after = {c: expected_width(frame, vit, bit, target, fits, c) for c in cands}
+    grid = Grid(frame, cost)
+    chosen: list[Candidate] = []
+    while len(chosen) < (len(cands) if budget is not None else 1):  # greedy, each priced with those chosen before
+        affordable = [(c, grid.adds(chosen, c)) for c in cands if c not in chosen and target.width - after[c] > 0]
+        affordable = [(c, hours) for c, (_, hours) in affordable
+                      if budget is None or grid.hours(chosen) + hours <= budget]
+        if not affordable:
+            break
+        chosen.append(min(affordable, key=lambda ch: _rank(target.width - after[ch[0]], ch[1]))[0])
+    out = []
+    for c in cands:
+        # a chosen candidate's price with those chosen before it; the others' with all chosen (what adding it costs)
+        points, hours = grid.adds(chosen[:chosen.index(c)] if c in chosen else chosen, c)
+        out.append(Suggestion(c, after[c], target.width - after[c], c in chosen, points, hours))
+    return target, sorted(out, key=lambda s: _rank(s.reduction, s.gpu_hours))
+
+
+class Grid:
+    """The points a grid gains from candidates: a grid crosses every model, size and seed, so a new seed chosen with a
+    new size also runs at that size, which neither candidate holds alone."""
+
+    def __init__(self, frame: pd.DataFrame, cost: Cost):
+        self.models = sorted(frame["model"].unique())
+        self.sizes = {int(s) for s in frame["subset_size"].unique()}
+        self.seeds = {int(s) for s in frame["seed"].dropna().unique()} or {0}
+        self.cost = cost
+
+    def points(self, chosen: list[Candidate]) -> set[tuple[str, int, int]]:
+        sizes = self.sizes | {c.value for c in chosen if c.kind == "size"}
+        seeds = self.seeds | {c.value for c in chosen if c.kind == "seed"}
+        return {(m, n, s) for m in self.models for n in sizes for s in seeds}
+
+    def adds(self, chosen: list[Candidate], cand: Candidate) -> tuple[tuple[tuple[str, int, int], ...], float]:
+        """The points `cand` adds to the grid with `chosen`, and their GPU-hours."""
+        new = tuple(sorted(self.points([*chosen, cand]) - self.points(chosen)))
+        return new, sum(self.cost(*p) for p in new)
+
+    def hours(self, chosen: list[Candidate]) -> float:
+        return sum(self.cost(*p) for p in self.points(chosen) - self.points([]))

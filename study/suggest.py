@@ -87,12 +87,15 @@ def print_table(where: str, target, suggestions: list) -> None:
     for s in suggestions:
         c = s.candidate
         models = ", ".join(dict.fromkeys(m for m, _, _ in c.points))
-        sizes = sorted({n for _, n, _ in c.points})
+        sizes = sorted({n for _, n, _ in s.points or c.points})
         size = f"{c.value:,}" if c.kind == "size" else f"{sizes[0]:,}..{sizes[-1]:,}"
         seeds = ",".join(str(x) for x in sorted({x for _, _, x in c.points}))
-        print(f"{'*' if s.chosen else ' '} {models:<24} {size:>14} {seeds:>8} {c.gpu_hours:>9.3g} "
-              f"{s.width_after:>12.3g} {s.per_gpu_hour:>10.3g}  {c.reason}")
-    spent = sum(s.candidate.gpu_hours for s in suggestions if s.chosen)
+        more = len(s.points) - len(c.points)  # a seed at the sizes chosen with it, or a size for the seeds
+        reason = c.reason + (f"; {len(s.points)} with the {'sizes' if c.kind == 'seed' else 'seed'} chosen"
+                             f"{'' if s.chosen else ' (if added)'}" if more else "")
+        print(f"{'*' if s.chosen else ' '} {models:<24} {size:>14} {seeds:>8} {s.gpu_hours:>9.3g} "
+              f"{s.width_after:>12.3g} {s.per_gpu_hour:>10.3g}  {reason}")
+    spent = sum(s.gpu_hours for s in suggestions if s.chosen)
     print(f"* chosen: {spent:.3g} GPU-hours. width after: the interval's expected width ({target.unit}), a mean over "
           f"simulated outcomes; per GPU-h: its expected narrowing per GPU-hour")
 
@@ -136,13 +139,14 @@ def run_suggest(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namesp
         print(f"wrote {args.apply}: python -m study.run --grid {args.apply}{place} trains only the new points")
         have = {(p.model, p.subset_size, p.seed) for p in points}
         new = [(p.model, p.subset_size, p.seed) for p in expand(grid) if (p.model, p.subset_size, p.seed) not in have]
-        priced = sum(len(s.candidate.points) for s in chosen)
-        if len(new) > priced:  # a new seed also runs at each new size: points no candidate priced alone
+        priced = sum(len(s.points) for s in chosen)
+        if len(new) != priced:  # the ranking crosses the measured sizes and seeds only: a new seed also runs at the
+            # grid's sizes not measured yet
             cost = PointCost(cfg, mfu)
             hours = sum(cost(*p) for p in new)
             over = f", over the --budget of {args.budget:g}" if args.budget is not None and hours > args.budget else ""
-            print(f"note: the grid crosses every seed with every size, so it adds {len(new)} points, not the "
-                  f"{priced} priced above: {hours:.3g} GPU-hours{over}")
+            print(f"note: the written grid adds {len(new)} points, not the {priced} priced above: {hours:.3g} "
+                  f"GPU-hours{over}")
     return 0
 
 
