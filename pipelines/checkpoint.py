@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -51,6 +52,30 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     for trash in filter(None, [replaced, *pruned]):
         shutil.rmtree(trash)
     return final
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of a rank's own random draws (dropout, drop-path) in a process group: rank 0 keeps `seed` (one
+    process trains as before), the others draw apart from it and from every other point's seed."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def rng_state(device: torch.device) -> np.ndarray:
+    """This process's torch generators as one uint8 row [1, n]: the CPU's, then `device`'s where it is a GPU (the
+    dropout and drop-path masks of a CUDA model come from the latter)."""
+    parts = [torch.get_rng_state()]
+    if device.type == "cuda":
+        parts.append(torch.cuda.get_rng_state(device))
+    return torch.cat(parts).numpy()[None]
+
+
+def set_rng_state(row: np.ndarray | torch.Tensor, device: torch.device) -> None:
+    """Restore what `rng_state` saved (the GPU's part only where this run is on one and it was saved on one)."""
+    row = torch.as_tensor(row, dtype=torch.uint8)
+    cpu = torch.get_rng_state().numel()
+    torch.set_rng_state(row[:cpu].clone())
+    if device.type == "cuda" and row.numel() > cpu:
+        torch.cuda.set_rng_state(row[cpu:].clone(), device)
 
 
 def _set_aside(path: Path) -> Path:

@@ -208,7 +208,7 @@ class Inputs:
     def _extract(self, split: ShardSubset) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         loader = self.runtime.loader
         return features(self.model.module, split, self.model.image_size, self.runtime.device,
-                        loader.max_bad_fraction, loader.workers)
+                        loader.max_bad_fraction, loader.workers, self.runtime.precision)
 
     def pretrain_images(self, n: int) -> np.ndarray:
         """The first `n` images (uint8 [n, H, W, 3]) of the pretraining source's held-out split (train if none)."""
@@ -297,16 +297,17 @@ def task_splits(task: SourceConfig, cache_dir: Path, index_root: Path | None = N
 
 
 def features(model: torch.nn.Module, split: ShardSubset, image_size: int, device: torch.device,
-             max_bad_fraction: float = 0.001, workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+             max_bad_fraction: float = 0.001, workers: int = 0, precision: str = "auto"
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Frozen pre-logit features [n, D] (float32), labels [n] and which of the split's rows they are ([n], sorted:
-    unreadable samples are skipped), extracted batch by batch at `image_size`. In a process group each rank
-    extracts its part (decoded in `workers` loader processes), and the main rank gets all of them in the split's
-    order (None on the other ranks)."""
+    unreadable samples are skipped), extracted batch by batch at `image_size` in `precision`. In a process group
+    each rank extracts its part (decoded in `workers` loader processes), and the main rank gets all of them in the
+    split's order (None on the other ranks)."""
     feats, labels, keys = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)], []  # a rank may own no shard
     rows = rank_rows(split)
     mine = split.part(rows)
     for batch in data.split_batches(mine, image_size, max_bad_fraction=max_bad_fraction, workers=workers):
-        feats.append(infer(model, batch.images, image_size, device, pre_logits=True))
+        feats.append(infer(model, batch.images, image_size, device, pre_logits=True, precision=precision))
         labels.append(batch.labels)
         keys += batch.keys
     read = rows_read(mine, keys) + rows.start

@@ -191,7 +191,8 @@ def run(cfg: FinetuneConfig, model_name: str, state: dict[str, torch.Tensor], tr
     lr, model, curves = best
     for point in curves if hooks.on_epoch is not None else ():
         hooks.on_epoch(point)
-    result = evaluate(model, test, cfg.image_size, rt.device, rt.loader.max_bad_fraction, rt.loader.workers)
+    result = evaluate(model, test, cfg.image_size, rt.device, rt.loader.max_bad_fraction, rt.loader.workers,
+                      cfg.precision)
     return FinetuneResult(result["top1"], result["macro_f1"], steps, curves, time.perf_counter() - start, lr,
                           val_top1)
 
@@ -248,7 +249,8 @@ def probe_head(model_name: str, state: dict[str, torch.Tensor], train: ShardSubs
     are those of the model fine-tuning starts from)."""
     probe = probe or LP_FT_PROBE
     model = models.pretrained_for_task(model_name, state, num_classes, image_size, options).to(rt.device)
-    found = downstream.features(model, train, image_size, rt.device, rt.loader.max_bad_fraction, rt.loader.workers)
+    found = downstream.features(model, train, image_size, rt.device, rt.loader.max_bad_fraction, rt.loader.workers,
+                                rt.precision)  # the frozen backbone's, as the evaluations' features
     # Extracted by every rank for its part, solved once on the main rank, the head handed to every rank.
     return distributed.on_main(
         lambda: ProbeHead.of(linear_probe.fit(probe, found[0], found[1], num_classes, rt.seed, rt.device)))
@@ -288,7 +290,8 @@ def _train(cfg: FinetuneConfig, lr: float, plan: tuple[int, int], model_name: st
     def epoch_end(record: EpochRecord) -> None:
         val = {}
         if minival is not None:
-            val = evaluate(model, minival, cfg.image_size, device, rt.loader.max_bad_fraction, rt.loader.workers)
+            val = evaluate(model, minival, cfg.image_size, device, rt.loader.max_bad_fraction, rt.loader.workers,
+                           cfg.precision)
         curves.append(FinetuneEpoch(record.epoch, record.loss, record.train_top1, val.get("loss"), val.get("top1")))
 
     batches = streamed_batches(train, cfg.image_size, spec.batch_size, cfg.augment, rt)

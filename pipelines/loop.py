@@ -205,14 +205,15 @@ class _Sums:
     """Loss, correct-prediction and sample sums kept on the device (no host read per step), with the one read at
     log points: summed over ranks, so every rank sees the same numbers and stops together on a non-finite loss."""
 
-    def __init__(self, device: torch.device, saved: list | None = None, step: int = 0):
+    def __init__(self, device: torch.device, saved: list | None = None, step: int = 0, mark: list | None = None):
         loss, correct, count = saved or (0.0, 0, 0)
         self.device = device
         self.values = torch.tensor([loss, correct, count], dtype=torch.float64, device=device)
         self.local = torch.zeros(2, dtype=torch.float64, device=device)  # since the last read, this rank only
         self.local_count = 0
         self.checked = step  # the last step whose loss was read and finite
-        self.mark = [0.0, 0, 0]  # the epoch's sums at the previous log point
+        # the epoch's sums at the previous log point (a resumed run's first window starts where the saved one did)
+        self.mark = list(mark if mark is not None else saved or (0.0, 0, 0))
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """A (micro-)batch's loss and correct top-1 predictions; multi-label (labels [B, K], -1 padded), a top-1
@@ -337,8 +338,10 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer
     perf.enable_tf32(device)
     autocast, scaler = perf.autocast(precision, device), perf.grad_scaler(precision, device)
     memory_format = perf.channels_last(model, device)
-    step, epoch, saved = _resume(hooks, model, optimizer, scheduler, scaler)
-    sums = _Sums(device, saved, step)
+    if where.rank:  # this rank's dropout and drop-path masks are its own, not a copy of rank 0's
+        torch.manual_seed(checkpoint.rank_seed(rt.seed, where.rank))
+    step, epoch, saved, mark = _resume(hooks, model, optimizer, scheduler, scaler, device)
+    sums = _Sums(device, saved, step, mark)
     timer = _Timer(device, step, spec.steps)
     last: EpochRecord | None = None
     batches = source.batches(step) if step < spec.steps else iter(())
@@ -353,6 +356,7 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer
             batch = timer.next_batch(batches)
             optimizer.zero_grad(set_to_none=True)
             _step(net, batch, spec, autocast, scaler, memory_format, device, sums)
+            lr = scheduler.get_last_lr()[0]  # the rate this step takes (the scheduler then moves to the next one's)
             _update(model, optimizer, scheduler, scaler, spec.grad_clip)
             step += 1
             bar.update(1)
@@ -366,8 +370,8 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer
             if save or log or step % spec.nonfinite_check_every == 0:
                 totals = sums.read(step, desc)  # the one host read; raises if the loss is not finite
             if log:
-                record = timer.log_record(epoch, step, spec.batch_size, sums.window(totals),
-                                          scheduler.get_last_lr()[0], source.skipped(batch.epoch))
+                record = timer.log_record(epoch, step, spec.batch_size, sums.window(totals), lr,
+                                          source.skipped(batch.epoch))
                 if hooks.on_log is not None and where.main:  # the sums are reduced: every rank has these numbers
                     hooks.on_log(record)
                     model.train()  # on_log may have evaluated the model
@@ -376,37 +380,50 @@ def train_loop(model: nn.Module, source: StreamLoader, spec: LoopSpec, optimizer
                 hooks.select(step)
                 model.train()
                 timer.exclude(time.perf_counter() - tick)
-            if save and where.main:
-                _save(hooks, spec, {"step": step, "epoch": epoch, "sums": totals}, model, optimizer, scheduler, scaler)
-            if stop:
-                distributed.barrier()  # rank 0's checkpoint is complete before any rank leaves
-                raise TrainingStopped(step)
+            generators = distributed.gather_to_main(checkpoint.rng_state(device)) if save else None  # every rank's
+            if save and where.main:  # the sums of the epoch in progress after this step: none at an epoch's end
+                _save(hooks, spec, {"step": step, "epoch": epoch, "sums": [0.0, 0, 0] if epoch_done else totals,
+                                    "mark": [0.0, 0, 0] if epoch_done else sums.mark,
+                                    "generators": torch.from_numpy(generators)}, model, optimizer, scheduler, scaler)
             if epoch_done:
-                last = timer.epoch_record(epoch, step, spec.batch_size, totals, scheduler.get_last_lr()[0],
-                                          source.skipped(batch.epoch))
+                last = timer.epoch_record(epoch, step, spec.batch_size, totals, lr, source.skipped(batch.epoch))
                 sums.reset()
                 bar.set_postfix(loss=f"{last.loss:.3f}", acc=f"{last.train_top1:.1f}")
                 if hooks.on_epoch is not None:
                     hooks.on_epoch(last)
                     model.train()  # on_epoch may have evaluated the model
                 timer.epoch_start = time.perf_counter()
+            if stop:  # after the epoch's record, where this step ended one
+                distributed.barrier()  # rank 0's checkpoint is complete before any rank leaves
+                raise TrainingStopped(step)
     return timer.result(last)
 
 
 def _resume(hooks: Hooks, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> tuple[int, int, list]:
-    """(step, epoch, saved sums) of the newest checkpoint in `hooks.checkpoint_dir`, its state (and what
-    `hooks.select` kept) loaded; (0, 0, None) if none."""
+            scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, device: torch.device
+            ) -> tuple[int, int, list | None, list | None]:
+    """(step, epoch, saved sums, the sums at the last log point) of the newest checkpoint in
+    `hooks.checkpoint_dir`, its state (and what `hooks.select` kept) loaded; (0, 0, None, None) if none.
+
+    Each rank's generators (CPU and GPU) continue where they were saved. With another number of ranks than saved,
+    or from a checkpoint of older code (rank 0's CPU generator only), rank 0 continues rank 0's and the others keep
+    their own seed's: the run cannot continue exactly then."""
     resume = checkpoint.latest(hooks.checkpoint_dir)
     if resume is None:
-        return 0, 0, None
-    loop = checkpoint.load(resume, model, optimizer, scheduler)
+        return 0, 0, None, None
+    where, own = distributed.ranks(), checkpoint.rng_state(device)
+    loop = checkpoint.load(resume, model, optimizer, scheduler)  # restores rank 0's CPU generator
+    generators = loop.get("generators")
+    if generators is not None and (len(generators) == where.world_size or where.main):
+        checkpoint.set_rng_state(generators[where.rank], device)
+    elif where.rank:
+        checkpoint.set_rng_state(own[0], device)
     if hooks.select is not None:
         hooks.select.load(resume)
     # Checkpoints of older code also hold "gen" (the RNG of the removed in-memory augmentation): ignored.
     if "scaler" in loop:
         scaler.load_state_dict(loop["scaler"])
-    return loop["step"], loop["epoch"], loop["sums"]
+    return loop["step"], loop["epoch"], loop["sums"], loop.get("mark")  # older checkpoints: no mark
 
 
 def _save(hooks: Hooks, spec: LoopSpec, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -67,13 +67,13 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
 
 
 def evaluate(model: nn.Module, data: ShardSubset, image_size: int, device: torch.device,
-             max_bad_fraction: float = 0.001, workers: int = 0) -> dict[str, float]:
+             max_bad_fraction: float = 0.001, workers: int = 0, precision: str = "auto") -> dict[str, float]:
     """Loss, top-1 and macro-F1 of `model` on a split streamed from its shards batch by batch, decoded in `workers`
-    loader processes (in a process group, each rank infers its part and every rank gets the whole split's
-    metrics)."""
+    loader processes, inferred in `precision` (in a process group, each rank infers its part and every rank gets
+    the whole split's metrics)."""
     logits, labels = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]  # a rank may own no shard of a small split
     for batch in split_batches(rank_part(data), image_size, max_bad_fraction=max_bad_fraction, workers=workers):
-        logits.append(infer(model, batch.images, image_size, device))
+        logits.append(infer(model, batch.images, image_size, device, precision=precision))
         labels.append(batch.labels)
     logits, labels = (distributed.gather_rows(np.concatenate(x[1:] or x)) for x in (logits, labels))
     return classification_metrics(logits, labels)

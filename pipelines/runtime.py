@@ -28,6 +28,8 @@ class Runtime:
             out (a study sets them from its resources) are set from the CPUs this process may run on.
         progress: show progress bars.
         should_stop: polled at step boundaries; True stops training with a checkpoint (TrainingStopped).
+        precision: of the passes through a frozen pretrained model (features, logits, diagnostics): the
+            pretraining's (`perf.resolve_precision`: auto is bf16 on CUDA, fp32 on a CPU).
     """
 
     device: torch.device
@@ -37,6 +39,7 @@ class Runtime:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     progress: bool = True
     should_stop: Callable[[], bool] | None = None
+    precision: str = "auto"
 
     def __post_init__(self):
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -3,22 +3,29 @@ stopping, reporting the best score during training, so a small subset is not jud
 
 Every `pretrain.eval_every` steps and at the end, `Probe` measures the current weights: upstream top-1 on the
 source's test split (or, without one, the slice carved from it: `pipelines.data.held_out`) and few-shot on each
-downstream task (the evaluation a study runs, on these weights), logged at the global step. `Selector` keeps the
-step with the best few-shot headline (`select: best`) or the last (`final`).
+downstream task, logged at the global step. `Selector` keeps the step with the best few-shot headline (`select:
+best`) or the last (`final`).
+
+The few-shot a step is chosen on never reads a task's test split: its queries are a minival carved from the task's
+train split (`minival`: a fixed 10%, at most 10,000 rows, the same for every point), its k-shot sets are drawn from
+the rest. The study's few-shot evaluation then measures the chosen weights on the test split; chosen on that split,
+its number would be the maximum over steps of the number reported, biased upwards by the choice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipelines import downstream, evaluations
+from pipelines.config import UserError
 from pipelines.data import SourceConfig
 from pipelines.data.stream import ShardSubset
 from pipelines.fewshot import FewshotConfig
@@ -27,6 +34,18 @@ from pipelines.runtime import Runtime
 
 BEST_FILE = "best.safetensors"  # the best step's weights: in each checkpoint folder, and beside the final weights
 HEADLINE_SHOTS = 5  # the paper's Fig 4 reports 5-shot linear accuracy
+MINIVAL_FRACTION, MINIVAL_MAX = 0.1, 10_000  # the queries a step is chosen on, carved from each task's train split
+MINIVAL_SEED = 0  # which rows: the same for every point and seed
+
+
+def minival(train: ShardSubset) -> tuple[ShardSubset, ShardSubset]:
+    """(the rest, the minival) of a downstream task's train split: the k-shot sets are drawn from the rest, the
+    minival holds the queries (`finetune.split_minival`'s carving: rows by seeded key order, or whole shards where
+    they can only be streamed)."""
+    from pipelines.finetune import split_minival
+
+    rest, held = split_minival(train, min(MINIVAL_FRACTION, MINIVAL_MAX / max(len(train), 1)), MINIVAL_SEED)
+    return rest, held
 
 
 def headline(found: list[downstream.Measurement], shots: tuple[int, ...], task: str) -> float:
@@ -44,7 +63,8 @@ def headline_shots(shots: tuple[int, ...]) -> int:
 @dataclass(frozen=True)
 class Probe:
     """What a point measures of its weights during pretraining; `on_curve(prefix, step, values)` hears each number
-    at the global step, under `pretrain/val` and `pretrain/fewshot/<task>`."""
+    at the global step, under `pretrain/val` and `pretrain/minival_fewshot/<task>` (few-shot on each task's
+    `minival`, not on its test split)."""
 
     fewshot: FewshotConfig
     tasks: tuple[SourceConfig, ...]
@@ -53,20 +73,45 @@ class Probe:
     image_size: int
     runtime: Runtime
     on_curve: Callable[[str, int, dict[str, float]], None] | None = None
+    splits: dict = field(default_factory=dict, compare=False)  # each task's (rest, minival), carved once
 
     def __call__(self, model: nn.Module, step: int) -> float:
         """Measure `model` (on every rank of a process group) and return its headline score."""
         loader = self.runtime.loader
-        val = evaluate(model, self.val, self.image_size, self.runtime.device, loader.max_bad_fraction)["top1"]
+        val = evaluate(model, self.val, self.image_size, self.runtime.device, loader.max_bad_fraction,
+                       precision=self.runtime.precision)["top1"]
         only = downstream.EvaluateConfig(**{**dict.fromkeys(evaluations.names()), "fewshot": self.fewshot})
         pretrained = downstream.Pretrained(self.model_name, model, model.state_dict(), self.image_size)
-        found = downstream.run(only, pretrained, self.tasks, self.runtime)
+        found = downstream.run(only, pretrained, self.tasks, self.runtime, cache=self._minival_splits())
         if self.on_curve is not None:
             self.on_curve("pretrain/val", step, {"top1": val})
             for task in self.tasks:
-                self.on_curve(f"pretrain/fewshot/{task.label}", step,
+                self.on_curve(f"pretrain/minival_fewshot/{task.label}", step,
                               {f"{m.shots}shot_{m.metric}": m.value for m in found if m.dataset == task.label})
         return headline(found, self.fewshot.shots, self.tasks[0].label)
+
+    def _minival_splits(self) -> dict:
+        """An evaluation cache whose splits of each task are (the rest, the minival) of its train split: few-shot
+        draws its k-shot sets from the first and queries the second (`downstream.Inputs.splits`)."""
+        for task in self.tasks:
+            if task.label not in self.splits:
+                train, _ = downstream.task_splits(task, self.runtime.cache_dir, self.runtime.index_root)
+                rest, held = minival(train)
+                check_shots(rest, task, max(self.fewshot.shots))
+                self.splits[task.label] = (rest, held)
+        return {("splits", label): pair for label, pair in self.splits.items()}
+
+
+def check_shots(rest: ShardSubset, task: SourceConfig, shots: int) -> None:
+    """The rest of a task's train split still holds `shots` examples of every class it has."""
+    labels = np.asarray(rest.labels, dtype=np.int64)
+    counts = np.bincount(labels[labels >= 0], minlength=task.num_classes)
+    present = np.flatnonzero(counts)
+    short = present[counts[present] < shots]
+    if len(short):
+        raise UserError(f"pretrain.eval_every: {shots}-shot asked, but class {int(short[0])} of downstream task "
+                        f"'{task.label}' has {counts[short[0]]} training examples outside the minival a step is "
+                        f"chosen on ({MINIVAL_FRACTION:.0%} of its train split): fewer shots, or a larger task")
 
 
 @dataclass(frozen=True)

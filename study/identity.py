@@ -80,16 +80,20 @@ def point_identity(cfg, model: str, subset_size: int, seed: int) -> dict:
 def selected_on(cfg, model: str) -> dict:
     """{"select_on": ...} where `model` keeps its best step (`select: best` with evaluation during training): the
     step is chosen on few-shot top-1 on the first downstream task (`pipelines.selection.headline`), so that task's
-    data (not its name) and the headline k's few-shot protocol decide which weights the point keeps. {} otherwise:
+    data (not its name), the headline k's few-shot protocol and the minival it queries decide which weights the
+    point keeps. {} otherwise:
     the last step's weights do not depend on what is measured along the way, and a point keeping them keeps its id."""
     if not cfg.pretrain_for(model).selects_best:
         return {}
+    from pipelines import selection
     from pipelines.evaluations import fewshot as fewshot_evaluation
-    from pipelines.selection import headline_shots
 
     fewshot = cfg.evaluate.fewshot  # its k-shot sets are nested prefixes, so only the headline k's matters
-    on = {"task": source_settings(cfg.downstream[0]), "shots": headline_shots(fewshot.shots),
-          "l2_reg": fewshot.l2_reg, "repeats": fewshot.repeats}
+    on = {"task": source_settings(cfg.downstream[0]), "shots": selection.headline_shots(fewshot.shots),
+          "l2_reg": fewshot.l2_reg, "repeats": fewshot.repeats,
+          # the queries: a minival of the task's train split (points chosen on its test split, before, train again)
+          "queries": {"minival": selection.MINIVAL_FRACTION, "at_most": selection.MINIVAL_MAX,
+                      "seed": selection.MINIVAL_SEED}}
     if (version := getattr(fewshot_evaluation, "PROTOCOL_VERSION", None)) is not None:  # its code changed scores
         on["protocol_version"] = version
     return {"select_on": on}

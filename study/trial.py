@@ -162,7 +162,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     # A stop (a signal to the driver, a preempted worker) reaches fine-tuning's steps too: it keeps no checkpoint,
     # so a rerun runs that evaluation again, and only that one (the record keeps those finished before it).
     runtime = Runtime(device, point.seed, cfg.cache_dir, indexes, cfg.data.loader, progress,
-                      should_stop=stop_requested(storage))
+                      should_stop=stop_requested(storage), precision=cfg.pretrain_for(point.model).precision)
 
     def curve(prefix: str, step: int, values: dict) -> None:
         emit(Curve(prefix, step, values))
@@ -237,7 +237,8 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
 
     rt = Runtime(device, point.seed, loader=loader, progress=progress, should_stop=stop_requested(storage))
     probe = selection.Probe(cfg.evaluate.fewshot, cfg.downstream, val, point.model, src.image_size,
-                            Runtime(device, point.seed, cfg.cache_dir, index_root(cfg, storage), loader, False),
+                            Runtime(device, point.seed, cfg.cache_dir, index_root(cfg, storage), loader, False,
+                                    precision=recipe.precision),
                             measured) if recipe.eval_steps else None
     with NodeSampler() as sampler:
         result = pretrain.run(recipe, point.model, train, src.num_classes, src.image_size, rt,
@@ -252,7 +253,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
         model = models.build(point.model, src.num_classes, src.image_size, models.ModelOptions.of(recipe))
         model.load_state_dict(state)
         summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
-                                       max_bad_fraction=loader.max_bad_fraction)["top1"]
+                                       max_bad_fraction=loader.max_bad_fraction, precision=recipe.precision)["top1"]
         summary["val_rows"] = len(val)
     if not where.main:
         return state

@@ -170,10 +170,14 @@ class ShardStream(IterableDataset):
     # -- streamed shards: each (rank, worker) reads its part of every epoch --------------------------------------
 
     def _streamed(self, steps: Iterator[int], worker: int, workers: int) -> Iterator[dict]:
-        part, parts = self.rank * workers + worker, self.world_size * workers
         first = next(steps)
-        # This worker's batches before `first` (one per `workers` steps) were consumed: skip their samples, undecoded.
-        skip = ((first - worker) // workers) * self.local_batch
+        # Step t is always read from part t mod `workers` (of this rank), whichever worker serves it after a resume:
+        # a worker numbered by its place in this process would read another part's samples from a resume step that
+        # is not a multiple of `workers`, replaying some and never reading others.
+        lane = first % workers
+        part, parts = self.rank * workers + lane, self.world_size * workers
+        # The part's batches before `first` (one per `workers` steps) were consumed: skip their samples, undecoded.
+        skip = ((first - lane) // workers) * self.local_batch
         samples = self._part_samples(part, parts, skip)
         for t in itertools.chain([first], steps):
             batch = _Batcher(self)

@@ -31,7 +31,8 @@ def identity(cfg: Config) -> dict:
 def measure(cfg: Config, inputs: Inputs) -> list[Measurement]:
     model = inputs.model
     images = inputs.pretrain_images(cfg.batch) if diagnostics.needs_images(model.family) else None  # none for a BiT
-    diag = diagnostics.run(model.module, model.family, images, model.image_size, inputs.runtime.device)
+    diag = diagnostics.run(model.module, model.family, images, model.image_size, inputs.runtime.device,
+                           inputs.runtime.precision)
     if diag.has_panel:
         inputs.keep(FILE, diagnostics.to_bytes(diag))
     return [inputs.measurement(name, value) for name, value in diag.metrics.items()]

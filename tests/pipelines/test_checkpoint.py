@@ -251,3 +251,19 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_another_device(tmp_path):
     moments = [s["exp_avg"] for s in opt2.state.values()]
     assert moments and all(m.device.type == "cpu" for m in moments)
     assert all(torch.equal(a, b["exp_avg"]) for a, b in zip(moments, opt.state.values(), strict=True))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_the_saved_generators_replay_the_dropout_masks_of_the_device(device):
+    """`rng_state` holds the CPU generator and, on a GPU, the GPU's (where a CUDA model's dropout draws from): after
+    `set_rng_state` the next masks are those drawn after the save."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    x = torch.ones(64, 64, device=device)
+    torch.nn.functional.dropout(x, 0.5)
+    saved = checkpoint.rng_state(device)
+    after = torch.nn.functional.dropout(x, 0.5)
+    torch.nn.functional.dropout(x, 0.5)
+    checkpoint.set_rng_state(saved[0], device)
+    assert torch.equal(torch.nn.functional.dropout(x, 0.5), after)

@@ -232,3 +232,23 @@ def test_what_the_evaluations_cannot_measure_is_refused_in_one_line_naming_the_k
                                         r"classes per sample\).*set evaluate.linear_probe=null$"):
         downstream.check_task(EvaluateConfig(fewshot=None), task, multi)
     downstream.check_task(EvaluateConfig(fewshot=FewshotConfig(shots=(5,))), task, index)  # supported: no error
+
+
+def test_frozen_passes_run_in_the_runtimes_precision(digits, monkeypatch):
+    """The features an evaluation extracts, and the fine-tune's evaluation logits, run in the precision the study
+    set (the pretraining's in `Runtime.precision`, the fine-tune's own): `infer` ran bf16 on a GPU whatever was set."""
+    from pipelines import metrics
+
+    task, model, runtime = digits
+    asked = []
+    infer = metrics.infer
+    monkeypatch.setattr(downstream, "infer", lambda *a, **k: asked.append(("features", k["precision"])) or
+                        infer(*a, **k))
+    monkeypatch.setattr(metrics, "infer", lambda *a, **k: asked.append(("logits", k["precision"])) or infer(*a, **k))
+    ev = EvaluateConfig(fewshot=FewshotConfig(shots=(1,), repeats=1), linear_probe=None, diagnostics=None,
+                        finetune=finetune.FinetuneConfig(image_size=32, steps=2, batch_size=32, lr=0.01, val_fraction=0,
+                                                         precision="fp32"))
+    downstream.run(ev, model, (task,), runtime.replace(precision="bf16"))
+    assert {"features"} < {what for what, _ in asked} and {"logits"} < {what for what, _ in asked}
+    assert {p for what, p in asked if what == "features"} == {"bf16"}
+    assert {p for what, p in asked if what == "logits"} == {"fp32"}

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import numpy as np
@@ -64,6 +65,35 @@ def test_log_records_come_every_log_every_steps_and_at_epoch_ends_and_add_up_to_
         window = range(first, last)
         weighted = sum(logs[i].loss * (bounds[i + 1] - bounds[i]) for i in window) / (bounds[last] - bounds[first])
         assert weighted == pytest.approx(epoch.loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("images, stop_at", [(64, 10), (80, 5)], ids=["mid log window", "at an epoch's end"])
+def test_a_run_stopped_and_resumed_logs_what_the_uninterrupted_run_logs(tmp_path, images, stop_at):
+    """Stopped mid log window (64 images, 4 steps an epoch: checkpoint at step 10, the last log at 9), the resumed
+    run's first record covers steps 10-12, as the uninterrupted run's does, not the epoch from its start. Stopped at
+    an epoch's end (80 images: step 5), that epoch's record is made before the stop and the next epoch starts from
+    nothing (it held both epochs' sums). Each record's lr is the rate its last step took."""
+    from pipelines.loop import TrainingStopped
+
+    cfg = pretrain.PretrainConfig(steps=12, batch_size=16, lr=1e-3, warmup_steps=2, log_every=3, checkpoint_every=2)
+
+    def run(folder, stop=False):
+        logs, epochs = [], []
+        polls = itertools.count(5, 5)  # the stop is polled every 5 steps
+        asks = (lambda: next(polls) >= stop_at) if stop else None
+        rt = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=0), progress=False, should_stop=asks)
+        hooks = Hooks(on_log=lambda r: logs.append((r.step, r.loss, r.train_top1, r.lr)),
+                      on_epoch=lambda r: epochs.append((r.step, r.loss, r.train_top1)), checkpoint_dir=folder)
+        try:
+            pretrain.run(cfg, "ViT-Femto/4", as_shards(*_tiny_images(images)), 4, 32, rt, hooks)
+        except TrainingStopped as stopped:
+            assert stopped.step == stop_at
+        return logs, epochs
+
+    straight = run(tmp_path / "a")
+    assert straight[0][0][3] == pytest.approx(1e-3)  # step 3 took the warm-up's peak (step 2 ended the warm-up)
+    (logs, epochs), (more_logs, more_epochs) = run(tmp_path / "b", stop=True), run(tmp_path / "b")
+    assert (logs + more_logs, epochs + more_epochs) == straight
 
 
 def test_non_finite_loss_stops_the_run_within_the_check_interval(monkeypatch):

@@ -139,3 +139,32 @@ def test_best_is_selected_only_among_steps_measured_during_training():
     assert pretrain.PretrainConfig(steps=5, eval_every=2).selects_best
     with pytest.raises(ValueError, match="eval_every must be a positive"):
         pretrain.PretrainConfig(steps=5, eval_every=0)
+
+
+def test_a_step_is_chosen_on_a_minival_of_the_tasks_train_split_never_on_its_test_split(tmp_path, monkeypatch):
+    """The probe's few-shot queries are a fixed minival carved from the task's train split and its k-shot sets come
+    from the rest: the test split, on which the study's few-shot evaluation reports the chosen weights, is never
+    read (chosen on it, the reported number was the maximum over steps of itself)."""
+    from pipelines import downstream
+    from pipelines.fewshot import FewshotConfig
+    from tests.pipelines import glyph_task
+
+    task = glyph_task.digit_task(tmp_path, 200, 100)
+    rt = Runtime(CPU, cache_dir=tmp_path, loader=LoaderConfig(workers=0), progress=False)
+    train, test = downstream.task_splits(task, tmp_path)
+    read, real = [], downstream.features
+    monkeypatch.setattr(downstream, "features", lambda m, split, *a, **k: read.append(split) or real(m, split, *a, **k))
+    curves = []
+    probe = selection.Probe(FewshotConfig(shots=(1, 5), repeats=2), (task,), as_shards(*VAL), "ViT-Femto/4", 32, rt,
+                            lambda prefix, step, values: curves.append((prefix, step, values)))
+    torch.manual_seed(0)
+    score = probe(models.build("ViT-Femto/4", CLASSES, 32), 3)
+    rest, held = selection.minival(train)
+    assert len(held) == 20 and len(rest) == 180  # 10% of the 200 train images
+    urls = {s.index.shard_url(i) for s in read for i in range(s.index.num_shards)}
+    assert urls.isdisjoint(test.index.shard_url(i) for i in range(test.index.num_shards))  # the test split unread
+    support, queries = read  # the draws' rows, then the minival
+    assert set(queries.positions.tolist()) == set(held.positions.tolist())
+    assert set(support.positions.tolist()) <= set(rest.positions.tolist())
+    assert [c[0] for c in curves] == ["pretrain/val", "pretrain/minival_fewshot/digits"]
+    assert score == curves[1][2]["5shot_top1"]

@@ -246,6 +246,21 @@ def test_streamed_pipe_urls_are_read_exactly_once_with_bad_samples_counted(tmp_p
     assert sum(loader.skipped(0).values()) == len(subset) - len(good)
 
 
+@pytest.mark.parametrize("start", [3, 4, 5])
+def test_a_streamed_source_resumed_at_any_step_replays_the_same_batches(tmp_path, start):
+    """Shards read only as streams (`pipe:`), through 2 loader workers: a resume at a step that is not a multiple of
+    the workers gives the uninterrupted run's batches from there on (each step reads from the part its step number
+    names, not the part of the worker that happens to serve it), so no sample is read twice in an epoch."""
+    shards, keys = _source(tmp_path, [20, 20])
+    rows = _whole([f"pipe:cat {path}" for path in shards])
+    make = lambda: StreamLoader(ShardStream(rows, 12, 4, AUG, seed=3, shuffle_buffer=4), workers=2)  # noqa: E731
+    first = _steps(make(), 12)  # 10 steps an epoch
+    resumed = _steps(make(), 12 - start, start_step=start)
+    assert [b.keys for b in resumed] == [b.keys for b in first[start:]]
+    epoch = [k for b in first[:start] + resumed[:10 - start] for k in b.keys]
+    assert Counter(epoch) == Counter(keys)
+
+
 def test_translate_pads_with_a_black_border_in_the_stream():
     """A white image shifted by up to 4 px in the loader's workers shows a black border, and reaches the model as
     white and black only (the model input, in [-1, 1])."""
