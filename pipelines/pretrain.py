@@ -24,7 +24,9 @@ from pipelines.runtime import Runtime
 @dataclass(frozen=True)
 class PretrainConfig(models.ModelOptions):
     """Defaults follow the ViT paper's pretraining set-up (Appendix B.1): Adam(W) with beta1 0.9,
-    beta2 0.999, decoupled weight decay 0.1, linear warm-up then decay, gradient clipping at global norm 1.
+    beta2 0.999, decoupled weight decay 0.1 (torch's AdamW: scaled by the learning rate, as the paper's Flax Adam),
+    linear warm-up then decay, gradient clipping at global norm 1. `optimizer: sgd` is the BiT paper's SGD: momentum
+    0.9 with `weight_decay` as L2 on the gradient (coupled, torch's SGD).
 
     Its first fields are the model knobs (`models.ModelOptions`: dropout, drop_path, pool, pos_embed, pre_logits,
     zero_head, head_bias_init, weight_init), so a grid sets them beside the optimiser's, under `pretrain:` or a
