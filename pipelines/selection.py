@@ -137,7 +137,8 @@ class Selector:
         score = self.probe(self.model, step)
         self.last = Chosen(step, score)
         if self.keep_best and (self.best is None or score > self.best.score):
-            self.best = Chosen(step, score, {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()})
+            self.best = Chosen(step, score, {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                                             for k, v in self.model.state_dict().items()})  # a BiT is channels_last
 
     @property
     def chosen(self) -> Chosen | None:

@@ -114,12 +114,15 @@ def test_select_final_reports_the_last_step():
     assert probe.val[STEPS] < max(probe.val.values())  # the same peaked run: final ignores the peak
 
 
-@pytest.mark.parametrize("every", [{"eval_every": 2}, {"eval_every_examples": 17}])  # 17 images: 2 batches of 16
-def test_pretrain_run_measures_every_eval_every_steps_and_saves_the_best_beside_the_weights(tmp_path, every):
-    cfg = pretrain.PretrainConfig(steps=5, batch_size=16, lr=2e-3, warmup_steps=1, **every)
+@pytest.mark.parametrize("every, model", [({"eval_every": 2}, "ViT-Pico/4"),
+                                          ({"eval_every_examples": 17}, "ViT-Pico/4"),  # 17 images: 2 batches of 16
+                                          ({"eval_every": 2}, "BiT-R14-Pico")])
+def test_pretrain_run_measures_every_eval_every_steps_and_saves_the_best_beside_the_weights(tmp_path, every, model):
+    """... in checkpoints too; a BiT's weights are channels_last in training, saved as safetensors (contiguous)."""
+    cfg = pretrain.PretrainConfig(steps=5, batch_size=16, lr=2e-3, warmup_steps=1, checkpoint_every=2, **every)
     probe = Recorded()
-    result = pretrain.run(cfg, "ViT-Pico/4", as_shards(*_images(64, 0)), CLASSES, 32, IN_PROCESS, out_dir=tmp_path,
-                          probe=probe)
+    result = pretrain.run(cfg, model, as_shards(*_images(64, 0)), CLASSES, 32, IN_PROCESS, out_dir=tmp_path,
+                          probe=probe, hooks=Hooks(checkpoint_dir=tmp_path / "checkpoints"))
     assert sorted(probe.val) == [2, 4, 5] and cfg.selects_best  # and at the end; best: eval_every's default
     best = max(probe.val, key=lambda step: (probe.val[step], -step))
     assert result.chosen.step == best and result.selected_state is result.chosen.state
