@@ -8,7 +8,8 @@ one line saying how to resume. A second signal stops at once (`Interrupted`), an
 
 A terminal's Ctrl-C and a scheduler's SIGTERM go to the driver's whole process group, which would otherwise kill the
 local Ray's GCS and raylet, and with them every trial, before any could checkpoint: `ray_apart` starts them in
-process groups of their own, with both signals ignored (they still die with the driver: Ray binds them to it).
+process groups of their own, with both signals ignored (they still die with the driver: Ray binds them to it); a
+signal to the driver while Ray starts is held until it has.
 
 SIGTERM to a trial's worker (its node being preempted) is `preemption`'s: the trial checkpoints and Tune retries it.
 """
@@ -100,7 +101,10 @@ class Interrupt:
 @contextmanager
 def ray_apart() -> Iterator[None]:
     """While the block runs, processes that Ray starts (`ray.init`'s GCS, raylet, ...) are put in process groups of
-    their own, and SIGINT and SIGTERM are ignored (a process started then inherits that unless it handles them)."""
+    their own, with SIGINT and SIGTERM ignored (set in each before it runs Ray's code, and inherited by what it
+    starts unless that handles them). A signal to the driver meanwhile is held, not lost, and raised as
+    `Interrupted` when the block ends: Ray has started by then, and the driver stops at once, as it does while no
+    trial runs (ignored in the driver, a Ctrl-C during Ray's start was lost and a SIGTERM ended it without a word)."""
     from ray._private import services  # where Ray spawns its processes: one class, patched for the block
 
     spawn = services.ConsolePopen
@@ -108,18 +112,45 @@ def ray_apart() -> Iterator[None]:
 
     class Apart(spawn):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**apart, **kwargs})
+            given = kwargs.get("preexec_fn")
 
+            def deaf() -> None:  # in the child, between fork and exec
+                for sig in SIGNALS:
+                    signal.signal(sig, signal.SIG_IGN)
+                if given is not None:
+                    given()
+
+            super().__init__(*args, **{**apart, **kwargs, "preexec_fn": deaf})
+
+    held: list[int] = []
     before = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, lambda signum, frame: held.append(signum))
     services.ConsolePopen = Apart
     try:
-        yield
+        with keep_sigterm():
+            yield
     finally:
         services.ConsolePopen = spawn
         for sig, handler in before.items():
             signal.signal(sig, handler)
+    if held:
+        raise Interrupted(held[0])
+
+
+@contextmanager
+def keep_sigterm() -> Iterator[None]:
+    """`ray.init` as a driver first sets a SIGTERM handler of its own, `sys.exit(15)`: a SIGTERM while Ray starts or
+    joins a cluster ended the driver with code 15 and not a word, its runs left FAILED. Within the block Ray's
+    setter does nothing, and the driver's handler stays."""
+    from ray._private import utils
+
+    setter = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None  # ray.init calls it as `ray._private.utils.set_sigterm_handler`
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = setter
 
 
 def stop_requested(storage: Storage, every: float = 2.0) -> Callable[[], bool]:

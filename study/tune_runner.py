@@ -27,7 +27,7 @@ from ray.tune.progress_reporter import TrialProgressCallback
 from pipelines.config import UserError, first_line
 from study.config import StudyConfig
 from study.console import Console, error_text
-from study.interrupt import Interrupt, ray_apart, stop_at_once
+from study.interrupt import Interrupt, keep_sigterm, ray_apart, stop_at_once
 from study.protocol import Curve, Failed, Finished, PointRecord, Started, Stopped, decode
 from study.storage import Storage
 from study.tracking import Tracker
@@ -104,8 +104,9 @@ def connect(cfg: StudyConfig, address: str | None, verbose: bool = False) -> Non
     _check_listening(address, target)
     _match_auth(address, f"{target[0]}:{target[1]}")
     try:  # the resolved address: Ray's own `auto` could pick another Ray than the one checked above
-        ray.init(address=f"{target[0]}:{target[1]}", logging_level="warning", configure_logging=True,
-                 log_to_driver=verbose)
+        with keep_sigterm():  # the driver's handler (`stop_at_once`), not Ray's bare exit
+            ray.init(address=f"{target[0]}:{target[1]}", logging_level="warning", configure_logging=True,
+                     log_to_driver=verbose)
     except Exception as err:  # noqa: BLE001  (Ray raises ConnectionError, RuntimeError, AuthenticationError, ...)
         raise UserError(f"--address {address}: could not join the Ray cluster: {first_line(err)}") from None
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -356,7 +357,7 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
         start_local(verbose)
     if not verbose:
         cluster_errors_in_one_line()
-    interrupt.install()  # after ray.init, which installs a SIGTERM handler of its own
+    interrupt.install()  # after ray.init
     logging.getLogger("ray.tune.execution.experiment_state").addFilter(_one_line_when_unfixable)
     if not verbose:  # the console says it in one line ("crashed, retried ..." or the failure): no stack beside it
         logging.getLogger("ray.tune.execution.tune_controller").addFilter(_trial_task_failed)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -172,3 +173,32 @@ def test_a_sigterm_swallowed_by_a_finaliser_is_delivered_again_without_a_stack(t
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "delivered again", (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
+def test_a_signal_while_ray_starts_is_held_until_it_has_and_rays_processes_ignore_it():
+    """While `ray.init` starts the study's own Ray, SIGINT/SIGTERM to the driver were ignored: a Ctrl-C was lost (the
+    study ran on) and a SIGTERM ended it without a word. Now the signal is held and raised as `Interrupted` once
+    Ray has started (the driver then stops at once, in one line); what Ray spawns meanwhile still ignores both, in a
+    process group of its own."""
+    import time
+
+    from ray._private import services
+
+    from study.interrupt import Interrupted, ray_apart, stop_at_once
+
+    restore, child, reached = stop_at_once(), None, False
+    try:
+        with pytest.raises(Interrupted) as caught, ray_apart():
+            child = services.ConsolePopen(["sleep", "30"])
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the signal's handler has run: Ray's start goes on
+            reached = True
+        assert reached and caught.value.signum == signal.SIGTERM
+        status = (Path("/proc") / str(child.pid) / "status").read_text()
+        ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+        assert all(ignored & (1 << (sig - 1)) for sig in (signal.SIGINT, signal.SIGTERM))
+        assert os.getpgid(child.pid) == child.pid
+    finally:
+        if child is not None:
+            child.kill()
+        restore()
