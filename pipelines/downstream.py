@@ -211,11 +211,15 @@ class Inputs:
                         loader.max_bad_fraction, loader.workers, self.runtime.precision)
 
     def pretrain_images(self, n: int) -> np.ndarray:
-        """The first `n` images (uint8 [n, H, W, 3]) of the pretraining source's held-out split (train if none)."""
+        """The readable ones of the first `n` images (uint8 [<= n, H, W, 3]) of the pretraining source's held-out
+        split (train if none). A fixed slice for the diagnostics, which describe the model, not the data: an
+        unreadable image there is skipped (up to half of them) rather than failing a point whose training and
+        evaluations are done (the data's own budget, `max_bad_fraction`, is the training's and the evaluations')."""
         source = self.model.source
         index = source.index("test" if "test" in source.shards else "train")
         first = ShardSubset(index, np.arange(min(n, len(index)), dtype=np.int64))  # a fixed slice, read by offset
-        return data.load(first, self.model.image_size, max_bad_fraction=self.runtime.loader.max_bad_fraction).images
+        bad = max(self.runtime.loader.max_bad_fraction, 0.5)
+        return data.load(first, self.model.image_size, max_bad_fraction=bad).images
 
     def curve(self, step: int, values: dict[str, float]) -> None:
         """Per-epoch values at `step`, logged under `<eval>/<dataset>/`."""

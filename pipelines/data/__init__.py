@@ -317,7 +317,7 @@ def _check_info(src: SourceConfig, first_shard: str) -> None:
 def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool) -> list[str]:
     """A class folder converted once into shards in the cache (keyed by its files' names, sizes and mtimes), so
     a `folder` source is read by the same reader, index and image path as every other source."""
-    from pipelines.data.folder import folder_files, folder_to_shards
+    from pipelines.data.folder import folder_files, folder_to_shards, warn_broken
 
     files = folder_files(root)
     ident = [os.path.abspath(root), split] + [(key, os.stat(path).st_size, os.stat(path).st_mtime_ns)
@@ -325,7 +325,9 @@ def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool) -> li
     dest = cache_dir / f"folder-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}"
     if not (dest / "_info.json").exists():
         with atomic.folder(dest) as tmp:
-            folder_to_shards(root, tmp, split, progress=progress)
+            folder_to_shards(root, tmp, split, progress=progress)  # warns of broken files
+    elif progress:
+        warn_broken(root, dest, len(files))
     return [str(dest / name) for name in json.loads((dest / "_info.json").read_text())["splits"][split]["filenames"]]
 
 

@@ -65,17 +65,15 @@ def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int
             for start in range(0, len(files), shard_size)]
     workers = min(len(jobs), workers or os.cpu_count() or 1)
     bar = tqdm(total=len(files), desc=f"{root} -> shards", unit="img", disable=not progress, mininterval=2)
-    broken: list[tuple[str, str]] = []
+    broken: list[tuple[str, str, str]] = []
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as pool:
         for written, suspects in pool.map(_write_folder_shard, jobs):
             bar.update(written)
             broken += suspects
     bar.close()
     if broken:  # written all the same: the readers count them unreadable, up to data.loader.max_bad_fraction
-        path, why = min(broken)
-        print(f"warning: {len(broken):,} of {len(files):,} files under {root} do not look like whole images (first: "
-              f"{path}: {why}); they are kept, and a run skips them as unreadable up to "
-              f"data.loader.max_bad_fraction", file=sys.stderr)
+        (out / BROKEN).write_text(json.dumps(sorted(broken), indent=0))
+        warn_broken(root, out, len(files))
     (out / "classes.json").write_text(json.dumps(classes, indent=0))
     return write_info(out, split, [path.name for _, path, _ in jobs], [len(samples) for _, _, samples in jobs],
                       name=Path(root).name, num_classes=len(classes))
@@ -145,22 +143,37 @@ def _decodes(data: bytes) -> bool:
         return False
 
 
+BROKEN = "broken.json"  # beside the converted shards: [path, sample key, why] of each file that is no whole image
+
+
+def warn_broken(root: str, shards: Path, total: int) -> None:
+    """Name the files of `root` converted into `shards` that do not look like whole images, and the sample keys a
+    reader's errors will name them by (on every run that uses the converted folder, not only the first)."""
+    if not (shards / BROKEN).exists():
+        return
+    broken = json.loads((shards / BROKEN).read_text())
+    path, key, why = broken[0]
+    print(f"warning: {len(broken):,} of {total:,} files under {root} do not look like whole images (first: {path}, "
+          f"sample '{key}' of its shards: {why}); they are kept, and a run skips them as unreadable up "
+          f"to data.loader.max_bad_fraction: fix or remove them", file=sys.stderr)
+
+
 def _folder_sample(root: str, i: int, key: str, file: str, label: Label, suspects: list) -> dict:
     ext = file.rpartition(".")[2].lower()
     with open(file, "rb") as f:
         data = f.read()
     if (why := broken_image(data, ext)) is not None:
-        suspects.append((os.path.relpath(file, root), why))
+        suspects.append((os.path.relpath(file, root), f"{i:09d}", why))
     return {"__key__": f"{i:09d}", "jpg" if ext == "jpeg" else ext: data, "cls": str(label).encode(),
             "json": json.dumps({"path": os.path.relpath(file, root), "class": key.split("/", 1)[0],
                                 "sha256": hashlib.sha256(data).hexdigest()}).encode()}
 
 
-def _write_folder_shard(job: tuple) -> tuple[int, list[tuple[str, str]]]:
-    """One shard of `folder_to_shards`, with its sidecar index: the samples written, and (path, why) of each file
-    that does not look like a whole image (`broken_image`)."""
+def _write_folder_shard(job: tuple) -> tuple[int, list[tuple[str, str, str]]]:
+    """One shard of `folder_to_shards`, with its sidecar index: the samples written, and (path, sample key, why) of
+    each file that does not look like a whole image (`broken_image`)."""
     root, path, samples = job
-    suspects: list[tuple[str, str]] = []
+    suspects: list[tuple[str, str, str]] = []
     return write_samples(path, (_folder_sample(root, *sample, suspects) for sample in samples)), suspects
 
 

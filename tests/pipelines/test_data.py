@@ -243,8 +243,12 @@ def test_the_folder_command_warns_of_files_that_are_not_whole_images_and_keeps_t
     info = folder_to_shards(str(root), tmp_path / "wds", progress=False, workers=1)
     said = capsys.readouterr().err
     assert info["splits"]["train"]["num_samples"] == 6  # kept: the readers count them, up to max_bad_fraction
-    assert said.startswith(f"warning: 3 of 6 files under {root} do not look like whole images (first: cat/1.jpg: a "
-                           "JPEG cut short (no end marker)); they are kept"), said
+    assert said.startswith(f"warning: 3 of 6 files under {root} do not look like whole images (first: cat/1.jpg, "
+                           "sample '000000001' of its shards: a JPEG cut short (no end marker)); they are kept"), said
+    from pipelines.data.folder import warn_broken
+
+    warn_broken(str(root), tmp_path / "wds", 6)  # a later run on the converted folder: the reader names the key
+    assert capsys.readouterr().err == said
 
 
 def test_the_folder_command_refuses_bad_arguments_with_one_line_and_writes_nothing(tmp_path, capsys):

@@ -252,3 +252,34 @@ def test_frozen_passes_run_in_the_runtimes_precision(digits, monkeypatch):
     assert {"features"} < {what for what, _ in asked} and {"logits"} < {what for what, _ in asked}
     assert {p for what, p in asked if what == "features"} == {"bf16"}
     assert {p for what, p in asked if what == "logits"} == {"fp32"}
+
+
+def test_diagnostics_skip_an_unreadable_image_of_their_slice_instead_of_failing_the_point(tmp_path):
+    """One unreadable file among the first images of a source without a test split (a user's class folder): the
+    diagnostics measure the others; they failed the point, after its training and evaluations, on the 0.1% budget."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from pipelines.data.index import scratch_index
+    from pipelines.evaluations.diagnostics import Config as DiagnosticsConfig
+
+    rng = np.random.default_rng(0)
+    shard = tmp_path / "train-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(12):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            for ext, raw in (("jpg", b"garbage" if i == 5 else buf.getvalue()), ("cls", str(i % 4).encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+    index = scratch_index([str(shard)])
+    source = data.Prepared("mine", {"train": index.shards}, {"train": str(index.folder)})
+    torch.manual_seed(0)
+    model = models.build("ViT-Pico/4", 4, 16)
+    ev = EvaluateConfig(fewshot=None, linear_probe=None, finetune=None, diagnostics=DiagnosticsConfig(batch=12))
+    runtime = Runtime(torch.device("cpu"), loader=LoaderConfig(workers=0), progress=False)
+    found = downstream.run(ev, Pretrained("ViT-Pico/4", model, model.state_dict(), 16, source), (), runtime)
+    assert found and all(np.isfinite(m.value) for m in found)
