@@ -322,6 +322,11 @@ def _crossing(diff_fn, lo: float, hi: float, lasting: bool = False) -> float | N
 
 
 EXTRAPOLATE = 1000.0  # search fitted crossings up to 1000x beyond the measured range on either side
+
+
+def _below(smallest: float, start: float) -> str:
+    """Where a search below the measured sizes starts, in words: `EXTRAPOLATE`x below, or one image."""
+    return "one image" if smallest / EXTRAPOLATE < start else f"{EXTRAPOLATE:g}x below the smallest size"
 MIN_SUPPORT = 0.5  # an interval is given only where at least half of the bootstrap replicates cross
 
 
@@ -425,11 +430,11 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
     diff = means_v[sizes] - means_b[sizes]
     led = diff[diff != 0]
     ahead = bool(len(led)) and led.iloc[-1] > 0
-    a, b = (lo / EXTRAPOLATE, hi) if ahead else (lo, hi * EXTRAPOLATE)
+    a, b = (max(lo / EXTRAPOLATE, 1.0), hi) if ahead else (lo, hi * EXTRAPOLATE)  # a subset holds one image or more
     window = {"window": [float(a), float(b)]}
     estimate = _crossing(lambda x: vit_fit.accuracy(x) - bit_fit.accuracy(x), a, b, lasting=True)
     if estimate is None:
-        where = (f"from {EXTRAPOLATE:g}x below the smallest size to the largest" if ahead else
+        where = (f"from {_below(lo, a)} to the largest" if ahead else
                  f"from the smallest size to {EXTRAPOLATE:g}x beyond the largest")
         return {**none, **window,
                 "reason": f"{_who_leads(diff)}, and the fitted ViT does not overtake the BiT for good {where}"}

@@ -20,6 +20,7 @@ import pandas as pd
 from analysis import fits, intervals
 from analysis.results import UPSTREAM
 from pipelines import families
+from pipelines.config import count
 
 # A fitted parameter is degenerate when the data do not pin it down: its estimate sits at a bound of the fit
 # (`fits.fit3`: 0 <= b <= 5, 0 <= c <= 100; within `AT_BOUND`), or its 95% bootstrap interval spans more than
@@ -115,13 +116,14 @@ def sentence(table: pd.DataFrame, summary: dict, key: tuple) -> str:
     where = f"({_name(key)}, BiT − ViT in points{bounds})"
     if len(gaps) < 2:
         at = f"; {_gap(gaps[0])} at {_size(gaps[0]['subset_size'])} images" if gaps else ""
-        return f"Too few subset sizes to say: {bit} vs {vit} measured at {len(gaps)} size(s){at} {where}."
+        return f"Too few subset sizes to say: {bit} vs {vit} measured at {count(len(gaps), 'size')}{at} {where}."
     signs = {math.copysign(1, g["bit_minus_vit"]) for g in gaps if g["bit_minus_vit"] != 0}  # a tie leads neither
     ties = sum(g["bit_minus_vit"] == 0 for g in gaps)
     first, last = gaps[0]["bit_minus_vit"], gaps[-1]["bit_minus_vit"]
-    moves = "goes" if first * last < 0 else "grows" if abs(last) >= abs(first) else "shrinks"
-    span = (f"the gap {moves} from {_gap(gaps[0])} at {_size(gaps[0]['subset_size'])} to {_gap(gaps[-1])} at "
-            f"{_size(gaps[-1]['subset_size'])} images")
+    moves = ("goes from" if first * last < 0 else "grows from" if abs(last) > abs(first) else
+             "shrinks from" if abs(last) < abs(first) else "is as large at both ends:")
+    span = (f"the gap {moves} {_gap(gaps[0])} at {_size(gaps[0]['subset_size'])} "
+            f"{'and' if moves.endswith(':') else 'to'} {_gap(gaps[-1])} at {_size(gaps[-1]['subset_size'])} images")
     unresolved = sum(g["ci"] is not None and g["ci"][0] <= 0 <= g["ci"][1] for g in gaps)
     with_ci = sum(g["ci"] is not None for g in gaps)
     rest = len(gaps) - with_ci
@@ -157,9 +159,11 @@ def _crossing(cross: dict | None, fitted: bool, smallest: float) -> str:
         if not fitted or not cross or not cross.get("window"):
             return "no crossover between the measured sizes (too few sizes to fit laws)"
         a, b = cross["window"]
-        side = "below the smallest" if a < smallest else "beyond the largest"
+        side = ("down to one image" if smallest / fits.EXTRAPOLATE < a else
+                f"{fits.EXTRAPOLATE:g}x below the smallest measured size") if a < smallest else \
+            f"{fits.EXTRAPOLATE:g}x beyond the largest measured size"
         return (f"no crossover: the fitted ViT does not overtake the BiT for good between {_size(a)} and "
-                f"{_size(b)} images ({fits.EXTRAPOLATE:g}x {side} measured size)")
+                f"{_size(b)} images ({side})")
     ci = (f" [95% CI {_size(cross['ci'][0])}, {_size(cross['ci'][1])}]" if cross.get("ci")
           else f" (no interval: {cross['reason']})" if cross.get("reason") else "")
     if cross["status"] == "observed":
@@ -224,7 +228,8 @@ def degenerate_fits(fit_rows: list[dict], key: tuple | None) -> list[str]:
         else:
             others += 1
     if others:
-        out.append(f"{others} fit(s) on other evaluations are degenerate as well (summary.json 'fits')")
+        out.append(f"{count(others, 'fit')} on other evaluations {'is' if others == 1 else 'are'} degenerate as well "
+                   "(summary.json 'fits')")
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -34,6 +35,12 @@ def first_line(err: BaseException) -> str:
     """An error's message cut to its first line (at most 300 characters), or its type where it has none: what a
     one-line message quotes of an error from a library."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def count(n: float, noun: str, nouns: str | None = None) -> str:
+    """`n` and its noun, singular for one: "1 shard", "1,024 shards", "0.5 GPUs" (`nouns`: an irregular plural)."""
+    number = f"{int(n):,}" if float(n).is_integer() else f"{n:g}"
+    return f"{number} {noun if n == 1 else nouns or noun + 's'}"
 
 
 def _type_name(tp: Any) -> str:
@@ -192,7 +199,18 @@ def to_dict(obj: Any) -> Any:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (values parsed as YAML scalars/lists) to a nested dict. `key[i]` is entry i of
-    a list, as error messages name it (`downstream[0].root=/data/pets/train`)."""
+    a list, as error messages name it (`downstream[0].root=/data/pets/train`). A key given twice is refused: the
+    last would win silently (a shell expanding an unquoted `{000000..000002}` makes three overrides of one key)."""
+    given: dict[str, list[str]] = {}
+    for item in overrides:
+        if "=" in item:
+            given.setdefault(item.split("=", 1)[0].strip(), []).append(item.split("=", 1)[1])
+    for path, values in given.items():
+        if len(values) > 1:
+            shell = " (a shell expands an unquoted {a..b} into one override per value: quote it)" \
+                if len(os.path.commonprefix(values)) >= 3 and len(set(values)) == len(values) else ""
+            raise ConfigError(f"override '{path}' given {len(values)} times ({', '.join(values[:3])}"
+                              f"{', ...' if len(values) > 3 else ''}); give it once{shell}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.path=value")

@@ -21,8 +21,12 @@ class FewshotConfig:
     repeats: int = 3  # independent draws of the k-shot sets; for each draw the sets are nested
 
     def __post_init__(self):
-        if not self.shots or min(self.shots) < 1 or self.repeats < 1 or self.l2_reg < 0:
-            raise ValueError("shots must be positive integers, repeats >= 1 and l2_reg >= 0")
+        if not self.shots or min(self.shots) < 1:
+            raise ValueError(f"shots={list(self.shots)}: must be positive integers (k examples per class)")
+        if self.repeats < 1:
+            raise ValueError(f"repeats={self.repeats}: must be >= 1")
+        if self.l2_reg < 0:
+            raise ValueError(f"l2_reg={self.l2_reg}: must be >= 0")
 
 
 @dataclass

@@ -611,13 +611,18 @@ def write_timings(path: Path, clock: dict[str, float], records: dict, decisions)
     the trials' stages (seconds of trial time; trials run side by side, so these add up to more than the wall)."""
     from study.plan import RUNS
 
-    ran = [records[d.point.id] for d in decisions if d.action in RUNS and d.point.id in records]
+    ran = {}  # a record's timings add up over every invocation that worked on it: this one's are what it added
+    for d in decisions:
+        if d.action in RUNS and d.point.id in records:
+            before = d.record.timings if d.record is not None else {}
+            added = {k: v - before.get(k, 0.0) for k, v in records[d.point.id].timings.items()}
+            ran[d.point.id] = {k: v for k, v in added.items() if v > 0}
     trials: dict[str, float] = {}
-    for record in ran:
-        for stage, seconds in record.timings.items():
+    for timings in ran.values():
+        for stage, seconds in timings.items():
             trials[stage] = trials.get(stage, 0.0) + seconds
     path.write_text(json.dumps({"driver_wall_s": clock, "trial_s": trials, "points_ran": len(ran),
-                                "per_point_s": {r.point_id: r.timings for r in ran}}, indent=1))
+                                "per_point_s": ran}, indent=1))
     print("\ntime (s): " + ", ".join(f"{k} {v:.0f}" for k, v in clock.items()) +
           (f" | summed over {len(ran)} trials: " + ", ".join(f"{k} {v:.0f}" for k, v in trials.items()) if ran else ""))
 

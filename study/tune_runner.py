@@ -24,7 +24,7 @@ from ray.tune import Callback
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.progress_reporter import TrialProgressCallback
 
-from pipelines.config import UserError, first_line
+from pipelines.config import UserError, count, first_line
 from study.config import StudyConfig
 from study.console import Console, error_text
 from study.interrupt import Interrupt, keep_sigterm, ray_apart, stop_at_once
@@ -335,12 +335,13 @@ def _check_fits(cfg: StudyConfig, nodes: list[dict], where: str) -> None:
         most = max((n.get(kind, 0) for n in nodes), default=0)
         if amount > most:
             key = "cpus_per_worker" if kind == "CPU" else "gpus_per_worker"
-            raise UserError(f"resources.{key}={amount:g}: a trial's worker needs {amount:g} {kind}s on one node, "
+            raise UserError(f"resources.{key}={amount:g}: a trial's worker needs {count(amount, kind)} on one node, "
                             f"but {where} has at most {most:g}; lower it or add a bigger node")
     places = sum(min((n.get(k, 0) // v) if v else r.workers_per_trial for k, v in need.items()) for n in nodes)
     if places < r.workers_per_trial:
         raise UserError(f"resources.workers_per_trial={r.workers_per_trial}: {where} can place at most "
-                        f"{int(places)} workers of {r.cpus_per_worker:g} CPUs and {r.gpus_per_worker:g} GPUs; "
+                        f"{count(int(places), 'worker')} of {count(r.cpus_per_worker, 'CPU')} and "
+                        f"{count(r.gpus_per_worker, 'GPU')}; "
                         "lower it or add nodes")
 
 

@@ -225,7 +225,11 @@ def check_source(src: SourceConfig, index: SourceIndex, max_bad_fraction: float 
     held, lost = len(index), index.lost
     cut = int(np.flatnonzero(index.shard_lost)[0]) if lost else None  # the first shard a cut or corrupt tar made short
     if held < src.size:
-        where = f" ({lost} lost to truncated or corrupt tars, first {index.shard_url(cut)})" if lost else ""
+        # a cut tar's loss is known where `_info.json` lists its count; without, only its one cut sample is counted
+        listed = info_lengths([index.shard_url(s) for s in range(index.num_shards)]) if lost else {}
+        cuts = [index.shard_url(int(s)) for s in np.flatnonzero(index.shard_lost)]
+        bound = "" if all(os.path.basename(url) in listed for url in cuts) else "at least "
+        where = f" ({bound}{lost} lost to truncated or corrupt tars, first {index.shard_url(cut)})" if lost else ""
         shards = f"{index.num_shards} shard{'s' * (index.num_shards != 1)}"
         raise DataError(f"source '{src.label}' declares size {src.size:,}, but its {shards} "
                         f"({src.urls or src.root or 'generated'}) hold {held:,} readable samples{where}; "
@@ -438,7 +442,8 @@ def _check_folders(src: SourceConfig) -> dict[str, list[str]]:
     classes = None
     for (path,) in splits.values():
         if not os.path.isdir(path):
-            raise DataError(f"data path not found: {path} (expected a folder of class folders)")
+            what = "is a file, not a folder" if os.path.exists(path) else "not found"
+            raise DataError(f"data path {path} {what} (expected a folder of class folders)")
         found = folder_classes(path)
         if classes is not None and found != classes:
             raise DataError(f"{path} has classes {found[:5]}..., unlike the train folder's {classes[:5]}...")

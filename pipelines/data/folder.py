@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipelines import atomic
-from pipelines.config import UserError
+from pipelines.config import UserError, count
 from pipelines.data.labels import Label
 from pipelines.data.reader import IMAGE_EXTS, DataError
 from pipelines.data.sources import write_info
@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     split = info["splits"][args.split]
-    print(f"{split['num_samples']:,} samples of {info['num_classes']} classes in {len(split['filenames'])} shards: "
+    print(f"{count(split['num_samples'], 'sample')} of {count(info['num_classes'], 'class', 'classes')}"
+          f" in {count(len(split['filenames']), 'shard')}: "
           f"{args.out}/{args.split}-{{000000..{len(split['filenames']) - 1:06d}}}.tar")
     return 0
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import atomic
+from pipelines.config import count
 from pipelines.data.reader import DataError
 from pipelines.data.sources import check_local_shards
 
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     meta = index.meta
-    print(f"{meta['num_samples']:,} samples in {meta['num_shards']:,} shards indexed in {meta['build_seconds']:.1f} s "
+    print(f"{count(meta['num_samples'], 'sample')} in {count(meta['num_shards'], 'shard')} indexed in "
+          f"{meta['build_seconds']:.1f} s "
           f"({meta['num_samples'] / max(meta['build_seconds'], 1e-9):,.0f} samples/s): {args.out}")
     return 0
 

@@ -81,7 +81,8 @@ def _folder(src, key: str, needs, test_needs, found: Findings) -> None:
 def _count_folder(root: str, key: str, found: Findings) -> dict[str, int] | None:
     """Images per class folder (the files `folder.is_image` takes), or None if absent."""
     if not os.path.isdir(root):
-        found.problems.append(f"{key}: {root} not found; give a folder of class folders (<class>/<image>)")
+        what = "is a file, not a folder" if os.path.exists(root) else "not found"
+        found.problems.append(f"{key}: {root} {what}; give a folder of class folders (<class>/<image>)")
         return None
     counts = {}
     for name in folder_classes(root):

@@ -58,10 +58,13 @@ class LoaderConfig:
     decoded_cache_mb: int = 256
 
     def __post_init__(self):
-        if ((self.workers or 0) < 0 or self.shuffle_buffer < 1 or not 0 <= self.max_bad_fraction < 1
-                or self.open_shards < 1 or self.decoded_cache_mb < 0):
-            raise ValueError("need workers >= 0, shuffle_buffer >= 1, 0 <= max_bad_fraction < 1, open_shards >= 1 "
-                             "and decoded_cache_mb >= 0")
+        rules = [("workers", (self.workers or 0) >= 0, ">= 0"), ("shuffle_buffer", self.shuffle_buffer >= 1, ">= 1"),
+                 ("max_bad_fraction", 0 <= self.max_bad_fraction < 1, "in [0, 1)"),
+                 ("open_shards", self.open_shards >= 1, ">= 1"),
+                 ("decoded_cache_mb", self.decoded_cache_mb >= 0, ">= 0")]
+        for name, ok, valid in rules:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)}: must be {valid}")
 
     def for_cpus(self, cpus: float) -> LoaderConfig:
         """This config with `workers` set where it was left out: `cpus` - 1 (whole CPUs), at least 1. Decoding is

@@ -126,7 +126,7 @@ def test_vit_leading_everywhere_and_too_few_sizes():
     single = _answer(table[table["seed"] == 0]).sentence
     assert "at every measured size (one seed: no intervals); the gap" in single and "CI" not in single
     one = table[table["subset_size"] == 1e6]
-    assert _answer(one).sentence.startswith("Too few subset sizes to say: BiT-R50x1 vs ViT-B/16 measured at 1 size(s);"
+    assert _answer(one).sentence.startswith("Too few subset sizes to say: BiT-R50x1 vs ViT-B/16 measured at 1 size;"
                                             " -18.")
 
 
@@ -227,3 +227,24 @@ def test_a_fitted_overtaking_the_bit_takes_back_is_no_crossover():
     cross = fits.crossover(rows, bit, vit_fit, bit_fit)
     assert cross["status"] == "none" and cross["reason"].endswith(
         "the fitted ViT does not overtake the BiT for good from the smallest size to 1000x beyond the largest"), cross
+
+
+def test_a_vit_ahead_from_small_sizes_is_searched_down_to_one_image_not_a_fraction_of_one():
+    """Sizes 32..32,768: the search below the smallest starts at one image (1000x below was 0.032 images)."""
+    sizes = (32, 256, 2048, 32768)
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: 40 + 6 * np.log10(n)),
+                   _rows("BiT-R50x1", "BiT", lambda n: 30 + 5 * np.log10(n)))
+    table["subset_size"] = table["subset_size"].map(dict(zip(SIZES, sizes, strict=True)))
+    answer = _answer(table)
+    assert answer.sentence.endswith("; no crossover: the fitted ViT does not overtake the BiT for good between 1 "
+                                    "and 32,768 images (down to one image)."), answer.sentence
+
+
+def test_an_equal_gap_at_both_ends_is_not_called_growth():
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: 20 + 8 * np.log10(n)),
+                   _rows("BiT-R50x1", "BiT", lambda n: 30 + 8 * np.log10(n)))
+    gaps = _summary(table)["gaps"]
+    for g in gaps:
+        g["bit_minus_vit"] = 10.0  # equal at every size, to the printed digit and beyond
+    answer = verdict.verdict(table, {**_summary(table), "gaps": gaps})
+    assert "the gap is as large at both ends: +10.0" in answer.sentence, answer.sentence

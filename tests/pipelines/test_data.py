@@ -186,8 +186,11 @@ def test_folder_source_errors_name_the_problem(tmp_path):
     base = dict(source="folder", root=str(tmp_path / "train"), size=2, num_classes=2)
     with pytest.raises(DataError, match="unlike the train folder's"):
         data.prepare(data.SourceConfig(**base, test_root=str(tmp_path / "test")), tmp_path)
-    with pytest.raises(DataError, match="data path not found: .*nope"):
+    with pytest.raises(DataError, match="data path .*nope not found"):
         data.prepare(data.SourceConfig(**base, test_root=str(tmp_path / "nope")), tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DataError, match="data path .*a-file is a file, not a folder"):
+        data.prepare(data.SourceConfig(**base, test_root=str(tmp_path / "a-file")), tmp_path)
     with pytest.raises(DataError, match="has 2 class folders, but num_classes is 3"):
         data.prepare(data.SourceConfig(**{**base, "num_classes": 3}), tmp_path)
 

@@ -191,9 +191,14 @@ def test_truncated_tars_are_counted_when_indexed_and_when_streamed(tmp_path):
     assert 30 < read < 60 and loader.skipped(0) == {"truncated_tar": 60 - read}
     cut = scratch_index(shards)
     assert len(cut) - 30 == read - 30 and cut.shard_lost.tolist() == [0, 1]  # without _info.json: the one cut
+    full = data.SourceConfig(source="webdataset", urls=str(tmp_path / "{000000..000001}.tar"), size=60, num_classes=5)
+    with pytest.raises(DataError, match=rf"hold {read} readable samples \(at least 1 lost to truncated"):
+        data.check_source(full, cut)  # what the tar lost beyond its cut sample is not known
     (tmp_path / "_info.json").write_text(json.dumps({"splits": {"train": {
         "filenames": ["000000.tar", "000001.tar"], "shard_lengths": [30, 30]}}}))
     assert scratch_index(shards).shard_lost.tolist() == [0, 60 - read]
+    with pytest.raises(DataError, match=rf"hold {read} readable samples \({60 - read} lost to truncated"):
+        data.check_source(full, scratch_index(shards))
     src = data.SourceConfig(source="webdataset", urls=str(tmp_path / "{000000..000001}.tar"), size=40, num_classes=5)
     with pytest.raises(DataError, match=rf"indexing webdataset: {60 - read} of 60 samples unreadable .*truncated_tar"):
         data.prepare(src, tmp_path / "cache")

@@ -89,13 +89,13 @@ def test_auto_with_no_cluster_running(tmp_path, cache_dir, monkeypatch, capsys):
 
 def test_more_cpus_than_this_machine_has_is_refused_up_front(tmp_path, cache_dir, monkeypatch, capsys):
     _refused_in_process(["resources.cpus_per_worker=1000"], tmp_path, cache_dir, monkeypatch, capsys,
-                        "resources.cpus_per_worker=1000: a trial's worker needs 1000 CPUs on one node")
+                        "resources.cpus_per_worker=1000: a trial's worker needs 1,000 CPUs on one node")
 
 
 def test_more_workers_than_this_machine_can_place_is_refused_up_front(tmp_path, cache_dir, monkeypatch, capsys):
     _refused_in_process(["resources.workers_per_trial=32"], tmp_path, cache_dir, monkeypatch, capsys,
                         f"resources.workers_per_trial=32: this machine can place at most {os.cpu_count()} workers "
-                        "of 1 CPUs")
+                        "of 1 CPU")
 
 
 _HEADS: list[int] = []  # the sessions of the `ray start` commands this module ran (their daemons stay in them)
@@ -187,7 +187,7 @@ def test_without_address_the_study_starts_its_own_ray_next_to_a_running_cluster(
 def test_joining_a_head_started_with_ray_start(head, tmp_path, cache_dir):
     impossible = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address",
                           head, "resources.gpus_per_worker=1"], cache_dir, timeout=120)
-    _refused(impossible, tmp_path, f"resources.gpus_per_worker=1: a trial's worker needs 1 GPUs on one node, but "
+    _refused(impossible, tmp_path, f"resources.gpus_per_worker=1: a trial's worker needs 1 GPU on one node, but "
                                    f"the cluster at {head} has at most 0")
     proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address", head,
                     "models=[ViT-Pico/4]", "data.subsets=[256]", "evaluate.linear_probe=null", "evaluate.finetune=null",
@@ -335,7 +335,7 @@ def test_a_head_without_cpus_and_no_worker_node_is_refused_up_front(tmp_path, ca
                         address], cache_dir, timeout=60)
     finally:
         _stop_heads()
-    _refused(proc, tmp_path, f"resources.cpus_per_worker=1: a trial's worker needs 1 CPUs on one node, but the "
+    _refused(proc, tmp_path, f"resources.cpus_per_worker=1: a trial's worker needs 1 CPU on one node, but the "
                              f"cluster at {address} has at most 0")
 
 

@@ -129,22 +129,28 @@ def test_the_console_prints_one_line_per_event_and_a_summary(capsys):
 
 
 def test_a_trial_sends_its_progress_with_every_event():
-    """Tune's table and the console read the stage, step, images/s and the stage's ETA (at its pace so far) from
-    the top-level numbers of each result; the event itself decodes back to its type."""
+    """Tune's table and the console read the stage, step, images/s and the stage's ETA (at its pace since its first
+    reported step: the start-up before it made the first ETAs many times too long) from the top-level numbers of each
+    result; the event itself decodes back to its type."""
     sent, clock = [], Clock()
     report = Reporter(sent.append, clock)
     report(Stage("pretrain", 100, 20))  # resumed at step 20
+    clock.now += 30  # building the model, the loader's start, the first batches
+    report(Curve("pretrain", 21, {"loss": 1.1, "images_per_s": 40.0}))  # no pace yet
     clock.now += 8
-    report(Curve("pretrain", 60, {"loss": 1.0, "images_per_s": 320.0}))
-    report(Curve("system/node", 60, {"cpu": 3.0}))
+    report(Curve("pretrain", 61, {"loss": 1.0, "images_per_s": 320.0}))  # 40 steps in 8 s: 39 left, 7.8 s
+    report(Curve("system/node", 61, {"cpu": 3.0}))
     report(Stage("fewshot"))
     report(Stage("finetune", task="pets"))  # its steps are known once its sweep starts: each Tick carries them
     clock.now += 2
+    report(Tick(10, 200, {"loss": 0.6, "images_per_s": 100.0}))
+    clock.now += 2
     report(Tick(50, 200, {"loss": 0.5, "images_per_s": 800.0}))
-    assert [progress_of(r) for r in sent] == [Progress("pretrain", 20, 100), Progress("pretrain", 60, 100, 320.0, 8.0),
-                                              Progress("pretrain", 60, 100, 320.0, 8.0), Progress("fewshot"),
-                                              Progress("finetune"), Progress("finetune", 50, 200, 800.0, 6.0)]
-    assert decode(sent[1]) == Curve("pretrain", 60, {"loss": 1.0, "images_per_s": 320.0})
+    assert [progress_of(r) for r in sent] == [
+        Progress("pretrain", 20, 100), Progress("pretrain", 21, 100, 40.0, None),
+        Progress("pretrain", 61, 100, 320.0, 7.8), Progress("pretrain", 61, 100, 320.0, 7.8), Progress("fewshot"),
+        Progress("finetune"), Progress("finetune", 10, 200, 100.0, None), Progress("finetune", 50, 200, 800.0, 7.5)]
+    assert decode(sent[2]) == Curve("pretrain", 61, {"loss": 1.0, "images_per_s": 320.0})
     assert decode(sent[-1]) == Tick(50, 200, {"loss": 0.5, "images_per_s": 800.0})
     assert progress_of({"training_iteration": 3}) == Progress()  # Tune's own bookkeeping
     newer = {**sent[-1], "study_event": json.dumps({"kind": "Unheard", "payload": {"step": 1}})}

@@ -72,6 +72,8 @@ def _main(args, monkeypatch, tmp_path, capsys):
 
 @pytest.mark.parametrize("defect, message", [
     ("missing", "downstream[0].test_root: {tmp}/nowhere not found; give a folder of class folders (<class>/<image>)"),
+    ("a-file", "downstream[0].test_root: {tmp}/notes.txt is a file, not a folder; give a folder of class folders "
+               "(<class>/<image>)"),
     ("subset", "data.pretrain.size=16, data.subsets=16: more than the 12 images in {tmp}/train; at most 12"),
     ("classes", "data.pretrain.num_classes: 5, but {tmp}/train has 3 class folders (cat, dog, owl); set "
                 "data.pretrain.num_classes: 3"),
@@ -89,6 +91,9 @@ def test_each_defect_is_one_line_naming_the_file_and_key_exit_2_before_ray(defec
     pretrain, task, subsets = _pretrain(train), _task(train, test), "[4, 8]"
     if defect == "missing":
         task = _task(train, tmp_path / "nowhere")
+    elif defect == "a-file":
+        (tmp_path / "notes.txt").write_text("a file, not a folder")
+        task = _task(train, tmp_path / "notes.txt")
     elif defect == "subset":
         pretrain, subsets = _pretrain(train, size=16), "[4, 16]"
     elif defect == "classes":

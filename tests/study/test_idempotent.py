@@ -190,6 +190,9 @@ def test_a_changed_evaluation_reevaluates_without_pretraining(killed, extended, 
     assert {c.info.status for c in children} == {"FINISHED"} and len(children) == 6
     table = pd.read_csv(out / "smoke" / "results.csv")
     assert sorted(table[table["eval"] == "fewshot"]["shots"].unique()) == [1, 2, 5]
+    timings = json.loads((out / "smoke" / "timings.json").read_text())  # this invocation's: few-shot (and its data)
+    assert "fewshot" in timings["trial_s"] and set(timings["trial_s"]) <= {"fewshot", "data"}, timings
+    assert timings["points_ran"] == 6 and "pretrain" not in proc.stdout.split("time (s)")[-1]
     again = _dry_run(out, ["data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 2, 5]"], cache_dir,
                      monkeypatch, capsys)
     assert set(_actions(again).values()) == {"reuse"}
