@@ -64,12 +64,13 @@ def info_lengths(shards: list[str]) -> dict[str, int]:
 
 def write_info(folder: Path, split: str, filenames: list[str], lengths: list[int], **extra) -> dict:
     """Add `split` to `folder/_info.json` (timm's wds layout: per split its sample count, shard names and
-    lengths), keeping other splits; `extra` (name, num_classes, ...) goes to the top level."""
+    lengths), keeping other splits; `extra` (name, num_classes, ...) goes to the top level (a name already there
+    stays: the second split's folder, `test`, does not rename the dataset)."""
     from pipelines import atomic
 
     path = folder / "_info.json"
     info = json.loads(path.read_text()) if path.exists() else {"splits": {}}
-    info.update(extra)
+    info.update({k: v for k, v in extra.items() if k != "name" or "name" not in info})
     info["splits"][split] = {"num_samples": int(sum(lengths)), "filenames": list(filenames),
                              "shard_lengths": [int(n) for n in lengths]}
     atomic.write_bytes(path, json.dumps(info, indent=1).encode())

@@ -294,6 +294,7 @@ def test_the_folder_command_adds_splits_of_the_same_classes_and_refuses_to_mix(t
     out = tmp_path / "wds"
     assert main(["--from-folder", str(tmp_path / "train"), "--out", str(out), "--shard-size", "2"]) == 0
     assert main(["--from-folder", str(tmp_path / "test"), "--out", str(out), "--split", "test"]) == 0
+    assert json.loads((out / "_info.json").read_text())["name"] == "train"  # the dataset's, not the last split's
     written = sorted(p.name for p in out.iterdir())
     capsys.readouterr()
     assert main(["--from-folder", str(tmp_path / "train"), "--out", str(out)]) == 2
