@@ -26,6 +26,7 @@ and a third size (simulated from those replicates) is refitted with the full law
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Callable
@@ -302,7 +303,7 @@ class Grid:
         self.models = sorted(frame["model"].unique())
         self.sizes = {int(s) for s in frame["subset_size"].unique()}
         self.seeds = {int(s) for s in frame["seed"].dropna().unique()} or {0}
-        self.cost = cost
+        self.cost = functools.cache(cost)  # each point priced once (the dry run's cost model per call)
 
     def points(self, chosen: list[Candidate]) -> set[tuple[str, int, int]]:
         sizes = self.sizes | {c.value for c in chosen if c.kind == "size"}
