@@ -643,8 +643,12 @@ class Finisher:
         from study.storage import PointFiles
         from study.trial import read_curves
 
+        current = tuple(k for k, ev in record.evals.items() if self.evals.get(k) == ev.id)
         if ran is None:
-            ran = tuple(k for k, ev in record.evals.items() if self.evals.get(k) == ev.id)
+            ran = current
+        else:  # and those an earlier invocation ran but never logged (stopped, killed, the tracking server down)
+            logged = self.tracker.logged_evals(point)
+            ran = tuple(dict.fromkeys([*ran, *(k for k in current if logged.get(k) != record.evals[k].id)]))
         if curves:
             self.tracker.log_history(point, read_curves(self.where.storage, PointFiles(point.id).curves), self.tags)
         panel = fig7_panel(point, self.where, self.where.out / "figures" / "points")

@@ -354,6 +354,7 @@ class Tracker:
         self.ended: set[str] = set()  # ... and those it ended since (FINISHED, FAILED, KILLED)
         self.params: dict[str, dict[str, str]] = {}  # run id -> params already logged (params are immutable)
         self.last_step: dict[tuple[str, str], int] = {}  # (run id, key) -> newest step logged
+        self.steps: dict[tuple[str, str], set[int]] = {}  # (run id, key) -> every step it holds (`log_history`)
         self.known: dict[str, ChildRun] = {}
         self.colours: dict[str, str] = {}  # model -> its runs' colour (`show`)
         self.writer = None if read_only else _Writer(tracking_uri)
@@ -445,7 +446,8 @@ class Tracker:
 
     def log_history(self, point, curves: dict[str, dict[str, dict]], tags: dict) -> None:
         """A point's stored curves ({prefix: {step: values}}, `study.trial.CurveLog`), the (key, step) entries its
-        run lacks: what the live writes of an earlier invocation did not log (a tracking outage, a killed driver)."""
+        run lacks: what the live writes of an earlier invocation did not log (a tracking outage, a killed driver),
+        also below the steps this invocation logged live (a resumed point's first part)."""
         def job() -> None:
             run_id = self._child(point, tags)
             now = int(time.time() * 1000)
@@ -454,9 +456,17 @@ class Tracker:
                                        for step, values in steps.items()
                                        if str(step).lstrip("-").isdigit() and isinstance(values, dict)
                                        for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)
-                                       and int(step) > self.last_step.get((run_id, f"{prefix}/{k}"), -1)])
+                                       and int(step) not in self.steps.get((run_id, f"{prefix}/{k}"), ())])
         if curves:
             self.writer.submit(f"stored curves of {point.name}", job)
+
+    def logged_evals(self, point) -> dict[str, str]:
+        """{evaluation: its id} whose final metrics the point's child run held when the study was planned (the
+        tags `finish_point` sets after logging them): an earlier invocation stopped mid-point logged none."""
+        known = self.known.get(point.id)
+        if known is None:
+            return {}
+        return {k[len(EVAL_TAG):]: v for k, v in known.tags.items() if k.startswith(EVAL_TAG)}
 
     def finish_point(self, point, record: PointRecord, storage: Storage, ran: tuple[str, ...] | None,
                      extra: list[Path], tags: dict, headline_task: str, params: dict) -> None:
@@ -618,6 +628,7 @@ class Tracker:
         for key in self.client.get_run(run_id).data.metrics:
             history = self.client.get_metric_history(run_id, key)
             self.last_step[(run_id, key)] = max(m.step for m in history)
+            self.steps[(run_id, key)] = {m.step for m in history}
 
     def _log_params(self, run_id: str, params: dict) -> None:
         """Params not yet on the run. MLflow params are immutable: a value that changed since the run logged it
@@ -646,6 +657,7 @@ class Tracker:
             self.client.log_batch(run_id, metrics=entries[i:i + _BATCH])
         for m in entries:
             self.last_step[(run_id, m.key)] = max(m.step, self.last_step.get((run_id, m.key), -1))
+            self.steps.setdefault((run_id, m.key), set()).add(m.step)
 
     def _log_comparison(self, metrics: list[Metric]) -> None:
         """The entries the parent lacks: a later invocation logs a (key, step) again only if its value changed (more

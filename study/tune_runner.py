@@ -68,7 +68,7 @@ class StudyCallback(Callback):
             case Finished(record=record):
                 self.records[point.id] = record
                 self.pending.append(self.finishing.submit(self.on_finished, point, record,
-                                                          tuple(self.plans[point.id].evals)))
+                                                          tuple(self.plans[point.id].evals), True))
             case Failed(reason=reason):
                 self.failures[point.id] = reason
                 self.tracker.fail_point(point, reason, self.tags)

@@ -100,7 +100,8 @@ def test_a_resumed_study_that_finishes_loses_the_failed_points_tag_of_the_invoca
 
 def test_stored_curves_fill_in_what_the_run_lacks_and_nothing_twice(tmp_path):
     """A real SQLite store. A point logged from storage (its live writes lost to an outage or a killed driver) gets
-    the curves its trial stored: the (key, step) entries its run lacks, not those it has (logged live before)."""
+    the curves its trial stored: the (key, step) entries its run lacks, below the steps it has too (the first part
+    of a resumed point, lost), not those it has (logged live)."""
     from study.config import expand, load_study
     from study.tracking import Tracker
     from tests.conftest import ROOT
@@ -110,7 +111,7 @@ def test_stored_curves_fill_in_what_the_run_lacks_and_nothing_twice(tmp_path):
     first = Tracker(uri, "smoke", art)
     first.start_parent("parent", {}, [], "one")
     first.start_point(point, {}, {}, {})
-    first.log_curve(point, "pretrain", 5, {"loss": 2.5})  # what reached MLflow before the outage
+    first.log_curve(point, "pretrain", 10, {"loss": 2.25})  # logged live by a resumed trial (step 5: an outage's)
     assert first.close(timeout=60) == 0
     stored = {"pretrain": {"5": {"loss": 2.5}, "10": {"loss": 2.25, "lr": 0.001}, "x": {"loss": 1.0}},
               "finetune/shapes-novel": {"1": {"val_top1": 0.125, "bad": float("nan")}}, "junk": []}
@@ -183,3 +184,38 @@ def test_a_study_running_under_other_storage_is_refused(tmp_path):
     ended.finish_parent("KILLED", [], None)
     assert ended.close(timeout=60) == 0
     check_one_storage(cfg, Tracker(uri, "smoke", art, read_only=True), SimpleNamespace(storage_root="s3://bkt/b"))
+
+
+def test_a_point_finished_after_a_stop_logs_the_evaluations_its_stopped_run_never_logged(tmp_path):
+    """A real SQLite store. A point stopped after its few-shot evaluation (its record holds it; its run was never
+    finished, so holds no metric of it) is finished by the next invocation, which runs only the fine-tune: the run
+    gets the few-shot metrics too, and once, not those an earlier finish logged (its eval tags say which)."""
+    from argparse import Namespace
+
+    from study.config import expand, load_study
+    from study.identity import eval_ids
+    from study.protocol import EvalRecord, PointFields, PointRecord, PretrainSummary, eval_kind
+    from study.run import Finisher, Locations
+    from study.tracking import Tracker
+    from tests.conftest import ROOT
+
+    cfg = load_study(ROOT / "configs" / "smoke.yaml", ["evaluate.linear_probe=null", "evaluate.diagnostics=null"])
+    point, evals = expand(cfg)[0], eval_ids(cfg)
+    where = Locations(cfg, Namespace(out=str(tmp_path / "runs"), storage=None, tracking_uri=None))
+    values = {"fewshot": Measurement("fewshot", "shapes-novel", 5, "top1", 31.25),
+              "finetune": Measurement("finetune", "shapes-novel", None, "top1", 40.5)}
+    record = PointRecord(point.id, PointFields(**point.table_fields), PretrainSummary(point.steps, point.examples_seen,
+                         1.0, 0), {k: EvalRecord(i, [values[eval_kind(k)]]) for k, i in evals.items()})
+    first = Tracker(where.tracking_uri, "smoke", tmp_path / "artifacts")
+    first.start_parent("parent", {}, [], "one")
+    first.start_point(point, {}, {}, {})  # then stopped: no final metric, no eval tag
+    assert first.close(timeout=60) == 0
+    finetune = next(k for k in evals if eval_kind(k) == "finetune")
+    for _ in range(2):  # the second: a re-evaluation of the fine-tune alone, after the first finished the point
+        second = Tracker(where.tracking_uri, "smoke", tmp_path / "artifacts")
+        Finisher(cfg, where, second, {})(point, record, (finetune,), curves=True)
+        assert second.close(timeout=60) == 0
+    run_id = first.runs[point.id]
+    metrics = second.client.get_run(run_id).data.metrics
+    assert metrics["fewshot/shapes-novel/5shot_top1"] == 31.25 and metrics["finetune/shapes-novel/top1"] == 40.5
+    assert len(second.client.get_metric_history(run_id, "fewshot/shapes-novel/5shot_top1")) == 1
