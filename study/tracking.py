@@ -532,14 +532,21 @@ class Tracker:
 
     def end_started(self, status: str, reason: str | None = None) -> None:
         """The children this invocation marked RUNNING and has not ended end `status` (tagged `failure_reason` where
-        a `reason` is given): the driver was stopped at once (a second signal), lost its Ray cluster or failed while
-        trials ran, so no trial's own end reached MLflow."""
+        a `reason` is given): the driver was stopped at once (a second signal, or one while no trial runs), lost its
+        Ray cluster or failed while trials ran, so no trial's own end reached MLflow. Children an earlier, killed
+        driver left RUNNING end KILLED (FINISHED where complete)."""
         def job() -> None:
             for point_id in sorted(self.started - self.ended):
                 if reason is not None:
                     self.client.set_tag(self.runs[point_id], "failure_reason", reason[:5000])
                 self.client.set_terminated(self.runs[point_id], status)
                 self.ended.add(point_id)
+            # Children a killed driver left RUNNING whose points this invocation was to run but never started (it
+            # stopped first): not this invocation's to fail; ended as `close_orphans` ends the others.
+            for point_id, child in sorted(self.known.items()):
+                if child.status == "RUNNING" and point_id not in self.started | self.ended:
+                    self.client.set_terminated(child.run_id, "FINISHED" if child.complete else "KILLED")
+                    self.ended.add(point_id)
 
         self.writer.submit("the points left running", job)
 

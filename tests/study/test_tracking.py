@@ -219,3 +219,23 @@ def test_a_point_finished_after_a_stop_logs_the_evaluations_its_stopped_run_neve
     metrics = second.client.get_run(run_id).data.metrics
     assert metrics["fewshot/shapes-novel/5shot_top1"] == 31.25 and metrics["finetune/shapes-novel/top1"] == 40.5
     assert len(second.client.get_metric_history(run_id, "fewshot/shapes-novel/5shot_top1")) == 1
+
+
+def test_a_run_a_killed_driver_left_running_ends_when_the_next_invocation_stops_before_its_trial_starts(tmp_path):
+    """A real SQLite store. The next invocation plans the point (so its orphan sweep leaves it alone) and is then
+    stopped at once, before the trial starts: the child ended RUNNING. It ends KILLED now."""
+    from study.config import expand, load_study
+    from study.tracking import Tracker
+    from tests.conftest import ROOT
+
+    uri, art = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts"
+    point = expand(load_study(ROOT / "configs" / "smoke.yaml"))[0]
+    killed = Tracker(uri, "smoke", art)
+    killed.start_parent("parent", {}, [], "one")
+    killed.start_point(point, {}, {}, {})
+    assert killed.close(timeout=60) == 0  # (its driver then killed: nothing ended)
+    rerun = Tracker(uri, "smoke", art)
+    rerun.close_orphans({point.id})  # the point runs again now: not an orphan
+    rerun.end_started("KILLED")  # a signal before its trial started
+    assert rerun.close(timeout=60) == 0
+    assert rerun.client.get_run(killed.runs[point.id]).info.status == "KILLED"
