@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -530,14 +531,20 @@ def settle(d, evals: dict[str, str], where: Locations, tracker, finisher, record
     if d.action == "reuse":
         record = d.record if d.record and not d.record.stale(evals) else tracker.fetch_record(d.child)
         if record is None:  # a complete child without its record (logged by an older version): retrain
+            print(f"note: {d.point.name}: its MLflow run holds no record of its results; it trains again", flush=True)
             return replace(d, action="train", evals=dict(evals))
         records[d.point.id] = record
     elif d.action == "log":
         records[d.point.id] = d.record
         finisher(d.point, d.record, curves=True)
-    elif d.action == "evaluate" and d.record is None and not tracker.fetch_weights(
-            d.child, where.storage, PointFiles(d.point.id)):
-        return replace(d, action="train", evals=dict(evals))  # the logged weights could not be fetched
+    elif d.action == "evaluate" and d.record is None:
+        files = PointFiles(d.point.id)
+        if not tracker.fetch_weights(d.child, where.storage, files):
+            print(f"note: {d.point.name}: its MLflow run holds no weights to re-evaluate; it trains again", flush=True)
+            return replace(d, action="train", evals=dict(evals))
+        from study.trial import load_record
+
+        return replace(d, record=load_record(where.storage, d.point.id))  # what it held: this invocation adds to it
     return d
 
 
@@ -665,9 +672,13 @@ def fig7_panel(point: GridPoint, where: Locations, folder: Path) -> Path | None:
     raw = where.storage.read_bytes(PointFiles(point.id).fig7)
     if raw is None:
         return None
-    path = folder / f"fig7_{point.name}_{point.id[:8]}.png"  # named by content: drawn once
+    # Named by content (the point and its arrays: diagnostics re-measured with other settings draw anew): drawn once
+    stem = f"fig7_{point.name}_{point.id[:8]}"
+    path = folder / f"{stem}_{hashlib.sha256(raw).hexdigest()[:8]}.png"
     if path.exists() and _whole_png(path):  # (an older release, killed while drawing, could leave a partial one)
         return path
+    for old in folder.glob(f"{stem}*.png"):  # the point's panel of arrays it no longer holds
+        old.unlink(missing_ok=True)
     return fig7_panels(diagnostics.from_bytes(raw), path, f"{point.model}, {point.subset_size:,} pretraining examples")
 
 

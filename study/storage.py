@@ -172,12 +172,19 @@ class Storage:
             return None
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write `rel` whole: a temporary name, then a move."""
+        """Write `rel` whole: a temporary name, then a move (on a local disk, the bytes synced before it: a machine
+        that goes down right after the move leaves the file whole, not empty)."""
         target = self.path(rel)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self.fs.move(tmp, target)
 
     def upload_file(self, local: Path, rel: str) -> None:

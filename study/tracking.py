@@ -38,7 +38,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 # writer says what failed, once, in one line (`_Writer`).
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
-from pipelines.config import first_line, flatten  # noqa: E402
+from pipelines.config import UserError, first_line, flatten  # noqa: E402
 from study.protocol import PointRecord  # noqa: E402
 from study.storage import PointFiles, Storage  # noqa: E402
 
@@ -584,25 +584,33 @@ class Tracker:
     # Reads for a later invocation.
 
     def fetch_record(self, child: ChildRun) -> PointRecord | None:
+        """The record a finished point logged; None where its run has none (logged by an older version)."""
         with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = self.client.download_artifacts(child.run_id, RECORD_ARTIFACT, tmp)
-            except Exception:  # noqa: BLE001  (no such artifact, or the store is unreachable)
-                return None
-            return PointRecord.from_json(Path(path).read_text())
+            path = self._artifact(child, RECORD_ARTIFACT, tmp)
+            return PointRecord.from_json(path.read_text()) if path is not None else None
 
     def fetch_weights(self, child: ChildRun, storage: Storage, files: PointFiles) -> bool:
-        """Copy a finished point's logged weights (and record) into storage, for re-evaluation elsewhere."""
+        """Copy a finished point's logged weights (and record) into storage, for re-evaluation elsewhere; False
+        where its run holds none."""
         with tempfile.TemporaryDirectory() as tmp:
-            try:
-                folder = Path(self.client.download_artifacts(child.run_id, "model", tmp))
-                record = Path(self.client.download_artifacts(child.run_id, RECORD_ARTIFACT, tmp))
-            except Exception:  # noqa: BLE001
+            folder, record = self._artifact(child, "model", tmp), self._artifact(child, RECORD_ARTIFACT, tmp)
+            if folder is None or record is None:
                 return False
             for f in folder.iterdir():
                 storage.upload_file(f, files.file(f.name))
             storage.upload_file(record, files.record)
         return True
+
+    def _artifact(self, child: ChildRun, name: str, tmp: str) -> Path | None:
+        """A top-level artifact of `child` downloaded into `tmp`; None where the run has none. A store that does
+        not answer raises UserError: taken for "none", it made a finished point train again, silently."""
+        try:
+            if name not in {Path(a.path).name for a in self.client.list_artifacts(child.run_id)}:
+                return None
+            return Path(self.client.download_artifacts(child.run_id, name, tmp))
+        except Exception as err:  # noqa: BLE001  (MlflowException, requests' and boto's errors, OSError, ...)
+            raise UserError(f"MLflow's artifact store did not give {name} of run {child.run_id}: {first_line(err)}; "
+                            "rerun when it answers (the point is not trained again meanwhile)") from None
 
     # Helpers (writer thread only).
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from safetensors.torch import load as load_weights
 from safetensors.torch import save as save_weights
 
 from pipelines import data, distributed, downstream, models, pretrain, selection
-from pipelines.config import UserError
+from pipelines.config import UserError, first_line
 from pipelines.loop import EpochRecord, Hooks, TrainingDiverged, TrainingStopped
 from pipelines.metrics import evaluate
 from pipelines.perf import pick_device
@@ -78,8 +79,18 @@ class TrialPlan:
 
 
 def load_record(storage: Storage, point_id: str) -> PointRecord | None:
-    raw = storage.read_bytes(PointFiles(point_id).record)
-    return PointRecord.from_json(raw) if raw is not None else None
+    """The point's record in storage; None where there is none, or where it cannot be read (cut short or not a
+    record: said in one line; the plan then goes by MLflow and the checkpoints, and a trial writes it anew)."""
+    rel = PointFiles(point_id).record
+    raw = storage.read_bytes(rel)
+    if raw is None:
+        return None
+    try:
+        return PointRecord.from_json(raw)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        print(f"warning: {storage.path(rel)} is not a readable record ({first_line(err)}): ignored; the point is "
+              "planned from MLflow and its checkpoints", file=sys.stderr)
+        return None
 
 
 class NotStarted(Exception):
@@ -366,8 +377,9 @@ class Reporter:
     here from the events themselves: a `Stage` starts it, the stage's own curve or a `Tick` moves it (step,
     images/s, and the seconds left at the stage's pace since its first step was reported). The pace is measured
     from that first report, not from the stage's start: building the model, starting the loader and the first
-    batches (a resumed run's too) would make the first ETAs many times the real one (0:23:32 for a 1.6-minute
-    point); the first report of a stage has no ETA."""
+    batches (a resumed run's too) made the first ETAs many times the real one (0:23:32 for a 1.6-minute point).
+    The first report's ETA is its own log window's images/s over the examples left (`examples_seen` / step a
+    step), where it says them; else none."""
 
     def __init__(self, send: Callable[[dict], None], clock: Callable[[], float] = time.monotonic):
         self.send, self.clock = send, clock
@@ -379,10 +391,16 @@ class Reporter:
             self.first = None
         elif isinstance(event, Curve) and event.prefix == self.progress.stage or isinstance(event, Tick):
             steps = event.steps if isinstance(event, Tick) else self.progress.steps
+            rate, seen = event.values.get("images_per_s"), event.values.get("examples_seen")
             if self.first is None:
                 self.since, self.first = self.clock(), event.step
             done = event.step - self.first
-            eta = (steps - event.step) * (self.clock() - self.since) / done if done > 0 and steps else None
+            if done > 0 and steps:
+                eta = (steps - event.step) * (self.clock() - self.since) / done
+            elif steps and rate and seen and event.step > 0:
+                eta = (steps - event.step) * seen / event.step / rate
+            else:
+                eta = None
             self.progress = replace(self.progress, step=event.step, steps=steps,
                                     images_per_s=event.values.get("images_per_s"), eta_s=eta)
         self.send(encode(event, self.progress))

@@ -26,8 +26,10 @@ def measure(cfg: Config, inputs: Inputs) -> list[Measurement]:
         fitted = inputs.probe(finetune.LP_FT_PROBE, inputs.task.num_classes)
         head = distributed.on_main(lambda: finetune.ProbeHead.of(fitted))
 
-    def on_steps(step: int, steps: int, record) -> None:
-        inputs.progress(step, steps, {"loss": record.loss, "images_per_s": record.images_per_s})
+    def on_steps(step: int, steps: int, record) -> None:  # `step` counts over the sweep; so do its examples
+        per_step = record.examples_seen / max(record.step, 1)
+        inputs.progress(step, steps, {"loss": record.loss, "images_per_s": record.images_per_s,
+                                      "examples_seen": step * per_step})
 
     ft = finetune.run(cfg, model.name, model.state, train, test, inputs.task.num_classes, inputs.runtime,
                       Hooks(on_epoch=on_epoch, label=f"finetune {inputs.dataset}"), model.options, head, on_steps)

@@ -60,3 +60,29 @@ def test_a_partial_panel_left_by_an_older_release_is_not_taken_for_a_drawn_one(t
     cut.write_bytes(whole.read_bytes()[:60])
     (tmp_path / "empty.png").write_bytes(b"")
     assert _whole_png(whole) and not _whole_png(cut) and not _whole_png(tmp_path / "empty.png")
+
+
+def test_a_point_remeasured_with_other_arrays_gets_its_panel_drawn_anew(tmp_path):
+    """Diagnostics re-run with other settings rewrite the point's arrays: its panel is named by them, so it is drawn
+    again (the old PNG, named by the point alone, reached MLflow and the report), and the old one goes."""
+    from types import SimpleNamespace
+
+    from pipelines import diagnostics
+    from pipelines.diagnostics import Diagnostics
+    from study.config import expand, load_study
+    from study.run import fig7_panel
+    from study.storage import PointFiles, Storage
+    from tests.conftest import ROOT
+
+    point = expand(load_study(ROOT / "configs" / "smoke.yaml", ["models=[ViT-Pico/4]"]))[0]
+    where = SimpleNamespace(storage=Storage(str(tmp_path / "storage")))
+    drawn = []
+    for seed in (0, 1, 1):
+        rng = np.random.default_rng(seed)
+        diag = Diagnostics("ViT", {"posemb_locality": 0.5, "attn_dist_uniform": 16.5},
+                           filters=rng.normal(size=(4, 4, 4, 3)), posemb_sim=rng.uniform(-1, 1, (3, 3, 3, 3)),
+                           attn_distance=rng.uniform(5, 20, (2, 4)))
+        where.storage.write_bytes(PointFiles(point.id).fig7, diagnostics.to_bytes(diag))
+        drawn.append(fig7_panel(point, where, tmp_path / "points"))
+    assert drawn[0] != drawn[1] == drawn[2]  # new arrays, a new panel; the same arrays, the same one
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == [drawn[1].name]

@@ -136,20 +136,20 @@ def test_a_trial_sends_its_progress_with_every_event():
     report = Reporter(sent.append, clock)
     report(Stage("pretrain", 100, 20))  # resumed at step 20
     clock.now += 30  # building the model, the loader's start, the first batches
-    report(Curve("pretrain", 21, {"loss": 1.1, "images_per_s": 40.0}))  # no pace yet
+    report(Curve("pretrain", 21, {"loss": 1.1, "images_per_s": 40.0}))  # no pace yet, nor examples: no ETA
     clock.now += 8
     report(Curve("pretrain", 61, {"loss": 1.0, "images_per_s": 320.0}))  # 40 steps in 8 s: 39 left, 7.8 s
     report(Curve("system/node", 61, {"cpu": 3.0}))
     report(Stage("fewshot"))
     report(Stage("finetune", task="pets"))  # its steps are known once its sweep starts: each Tick carries them
     clock.now += 2
-    report(Tick(10, 200, {"loss": 0.6, "images_per_s": 100.0}))
+    report(Tick(10, 200, {"loss": 0.6, "images_per_s": 100.0, "examples_seen": 320}))  # its window's pace: 61 s
     clock.now += 2
     report(Tick(50, 200, {"loss": 0.5, "images_per_s": 800.0}))
     assert [progress_of(r) for r in sent] == [
         Progress("pretrain", 20, 100), Progress("pretrain", 21, 100, 40.0, None),
         Progress("pretrain", 61, 100, 320.0, 7.8), Progress("pretrain", 61, 100, 320.0, 7.8), Progress("fewshot"),
-        Progress("finetune"), Progress("finetune", 10, 200, 100.0, None), Progress("finetune", 50, 200, 800.0, 7.5)]
+        Progress("finetune"), Progress("finetune", 10, 200, 100.0, 60.8), Progress("finetune", 50, 200, 800.0, 7.5)]
     assert decode(sent[2]) == Curve("pretrain", 61, {"loss": 1.0, "images_per_s": 320.0})
     assert decode(sent[-1]) == Tick(50, 200, {"loss": 0.5, "images_per_s": 800.0})
     assert progress_of({"training_iteration": 3}) == Progress()  # Tune's own bookkeeping
@@ -183,7 +183,7 @@ def test_finishing_a_point_never_holds_tunes_loop():
     plan = SimpleNamespace(point=SimpleNamespace(id="p1"), evals={"fewshot": "a"})
     done = []
 
-    def slow(point, record, evals):
+    def slow(point, record, evals, curves):
         time.sleep(1.0)
         done.append(evals)
         raise RuntimeError("drawing failed")

@@ -239,3 +239,44 @@ def test_a_run_a_killed_driver_left_running_ends_when_the_next_invocation_stops_
     rerun.end_started("KILLED")  # a signal before its trial started
     assert rerun.close(timeout=60) == 0
     assert rerun.client.get_run(killed.runs[point.id]).info.status == "KILLED"
+
+
+def test_an_artifact_store_that_does_not_answer_stops_the_plan_instead_of_retraining(tmp_path, monkeypatch):
+    """A real SQLite store. A run without the artifact: None (an older version's run: the point trains again, and the
+    console says so). A store that fails to answer (injected here: the artifact server down) is one line, not a
+    silent "none" that retrained a finished point and marked its run KILLED."""
+    from pipelines.config import UserError
+    from study.config import expand, load_study
+    from study.tracking import Tracker
+    from tests.conftest import ROOT
+
+    uri, art = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts"
+    point = expand(load_study(ROOT / "configs" / "smoke.yaml"))[0]
+    first = Tracker(uri, "smoke", art)
+    first.start_parent("parent", {}, [], "one")
+    first.start_point(point, {}, {}, {})
+    assert first.close(timeout=60) == 0
+    again = Tracker(uri, "smoke", art)
+    child = again.known[point.id]
+    assert again.fetch_record(child) is None and not again.fetch_weights(child, None, None)
+
+    def down(*args, **kwargs):
+        raise ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded")
+
+    monkeypatch.setattr(again.client, "list_artifacts", down)
+    with pytest.raises(UserError, match=r"^MLflow's artifact store did not give record.json of run \w+: "
+                                        r"HTTPConnectionPool.*; rerun when it answers"):
+        again.fetch_record(child)
+    assert again.close(timeout=60) == 0
+
+
+def test_a_record_cut_short_is_ignored_in_one_line_not_a_traceback(tmp_path, capsys):
+    from study.storage import PointFiles, Storage
+    from study.trial import load_record
+
+    storage = Storage(str(tmp_path / "storage"))
+    storage.write_bytes(PointFiles("abc").record, b'{"point_id": "abc", "fie')
+    assert load_record(storage, "abc") is None
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "record.json is not a readable record (" in err
+    assert len(err.splitlines()) == 1
