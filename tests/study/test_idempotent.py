@@ -218,6 +218,8 @@ def test_weights_in_mlflow_serve_a_reevaluation_without_the_storage(killed, exte
         "evaluate (fewshot/shapes-novel, fewshot/other, linear_probe/other, finetune/other)"}
     assert _pretrain_entries(out) == before  # no pretraining step ran
     assert len(list((tmp_path / "elsewhere" / "points").glob("*/pretrained.safetensors"))) == 6  # from MLflow
+    timings = json.loads((out / "smoke" / "timings.json").read_text())["trial_s"]
+    assert "pretrain" not in timings and "finetune" in timings, timings  # this invocation's: the weights' record
     table = pd.read_csv(out / "smoke" / "results.csv")
     assert sorted(table[table["eval"] == "fewshot"]["shots"].unique()) == [1, 3]
     finetune = table[table["eval"] == "finetune"]  # top-1, macro-F1 and the chosen lr per task
