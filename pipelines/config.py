@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import types
 import typing
 from typing import Any, TypeVar
@@ -199,8 +200,9 @@ def to_dict(obj: Any) -> Any:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (values parsed as YAML scalars/lists) to a nested dict. `key[i]` is entry i of
-    a list, as error messages name it (`downstream[0].root=/data/pets/train`). A key given twice is refused: the
-    last would win silently (a shell expanding an unquoted `{000000..000002}` makes three overrides of one key)."""
+    a list, as error messages name it (`downstream[0].root=/data/pets/train`). A key given more than once takes
+    its last value, said in one line on stderr: a script layering its overrides means it, but a shell expanding an
+    unquoted `{000000..000002}` makes three overrides of one key, and the study would read the last shard alone."""
     given: dict[str, list[str]] = {}
     for item in overrides:
         if "=" in item:
@@ -209,8 +211,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if len(values) > 1:
             shell = " (a shell expands an unquoted {a..b} into one override per value: quote it)" \
                 if len(os.path.commonprefix(values)) >= 3 and len(set(values)) == len(values) else ""
-            raise ConfigError(f"override '{path}' given {len(values)} times ({', '.join(values[:3])}"
-                              f"{', ...' if len(values) > 3 else ''}); give it once{shell}")
+            print(f"note: override '{path}' given {len(values)} times ({', '.join(values[:3])}"
+                  f"{', ...' if len(values) > 3 else ''}): the last is used{shell}", file=sys.stderr)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.path=value")
