@@ -324,9 +324,10 @@ def _crossing(diff_fn, lo: float, hi: float, lasting: bool = False) -> float | N
 EXTRAPOLATE = 1000.0  # search fitted crossings up to 1000x beyond the measured range on either side
 
 
-def _below(smallest: float, start: float) -> str:
-    """Where a search below the measured sizes starts, in words: `EXTRAPOLATE`x below, or one image."""
-    return "one image" if smallest / EXTRAPOLATE < start else f"{EXTRAPOLATE:g}x below the smallest size"
+def from_one_image(smallest: float, start: float) -> bool:
+    """Whether a search below the measured sizes starts at one image (a subset holds one or more) rather than
+    `EXTRAPOLATE`x below the smallest size."""
+    return smallest / EXTRAPOLATE < start
 MIN_SUPPORT = 0.5  # an interval is given only where at least half of the bootstrap replicates cross
 
 
@@ -434,7 +435,8 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
     window = {"window": [float(a), float(b)]}
     estimate = _crossing(lambda x: vit_fit.accuracy(x) - bit_fit.accuracy(x), a, b, lasting=True)
     if estimate is None:
-        where = (f"from {_below(lo, a)} to the largest" if ahead else
+        below = "one image" if from_one_image(lo, a) else f"{EXTRAPOLATE:g}x below the smallest size"
+        where = (f"from {below} to the largest" if ahead else
                  f"from the smallest size to {EXTRAPOLATE:g}x beyond the largest")
         return {**none, **window,
                 "reason": f"{_who_leads(diff)}, and the fitted ViT does not overtake the BiT for good {where}"}

@@ -281,9 +281,9 @@ def suggest(frame: pd.DataFrame, vit: str, bit: str, max_size: int, cost: Cost,
     grid = Grid(frame, cost)
     chosen: list[Candidate] = []
     while len(chosen) < (len(cands) if budget is not None else 1):  # greedy, each priced with those chosen before
+        spent = grid.hours(chosen)
         affordable = [(c, grid.adds(chosen, c)) for c in cands if c not in chosen and target.width - after[c] > 0]
-        affordable = [(c, hours) for c, (_, hours) in affordable
-                      if budget is None or grid.hours(chosen) + hours <= budget]
+        affordable = [(c, hours) for c, (_, hours) in affordable if budget is None or spent + hours <= budget]
         if not affordable:
             break
         chosen.append(min(affordable, key=lambda ch: _rank(target.width - after[ch[0]], ch[1]))[0])

@@ -159,7 +159,7 @@ def _crossing(cross: dict | None, fitted: bool, smallest: float) -> str:
         if not fitted or not cross or not cross.get("window"):
             return "no crossover between the measured sizes (too few sizes to fit laws)"
         a, b = cross["window"]
-        side = ("down to one image" if smallest / fits.EXTRAPOLATE < a else
+        side = ("down to one image" if fits.from_one_image(smallest, a) else
                 f"{fits.EXTRAPOLATE:g}x below the smallest measured size") if a < smallest else \
             f"{fits.EXTRAPOLATE:g}x beyond the largest measured size"
         return (f"no crossover: the fitted ViT does not overtake the BiT for good between {_size(a)} and "

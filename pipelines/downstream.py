@@ -283,12 +283,19 @@ def check_task(ev: EvaluateConfig, task: SourceConfig, index: SourceIndex) -> No
                         f"{index.label_width} classes per sample); the evaluations take one class per sample: use a "
                         f"single-label task, or set evaluate.{per_task[0]}=null")
     if (fewshot := ev.fewshot) is not None:
-        labels = np.asarray(index.label, dtype=np.int64)
-        counts = np.bincount(labels[labels >= 0], minlength=task.num_classes)  # -1: a sample without a class
-        short = int(np.flatnonzero(counts == counts[counts > 0].min())[0])
-        if max(fewshot.shots) > counts[short]:
+        short, n = fewest(index.label, task.num_classes)
+        if max(fewshot.shots) > n:
             raise UserError(f"evaluate.fewshot.shots: {max(fewshot.shots)}-shot asked, but class {short} of downstream "
-                            f"task '{task.label}' has only {counts[short]} training examples")
+                            f"task '{task.label}' has only {n} training examples")
+
+
+def fewest(labels, num_classes: int) -> tuple[int, int]:
+    """The class with the fewest examples among those `labels` hold (the first of them), and its count: at most
+    that many shots can be drawn of every class."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes)  # -1: a sample without a class
+    short = int(np.flatnonzero(counts == counts[counts > 0].min())[0])
+    return short, int(counts[short])
 
 
 def task_splits(task: SourceConfig, cache_dir: Path, index_root: Path | None = None

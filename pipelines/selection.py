@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -44,8 +43,7 @@ def minival(train: ShardSubset) -> tuple[ShardSubset, ShardSubset]:
     they can only be streamed)."""
     from pipelines.finetune import split_minival
 
-    rest, held = split_minival(train, min(MINIVAL_FRACTION, MINIVAL_MAX / max(len(train), 1)), MINIVAL_SEED)
-    return rest, held
+    return split_minival(train, min(MINIVAL_FRACTION, MINIVAL_MAX / max(len(train), 1)), MINIVAL_SEED)
 
 
 def headline(found: list[downstream.Measurement], shots: tuple[int, ...], task: str) -> float:
@@ -103,14 +101,12 @@ class Probe:
 
 
 def check_shots(rest: ShardSubset, task: SourceConfig, shots: int) -> None:
-    """The rest of a task's train split still holds `shots` examples of every class it has."""
-    labels = np.asarray(rest.labels, dtype=np.int64)
-    counts = np.bincount(labels[labels >= 0], minlength=task.num_classes)
-    present = np.flatnonzero(counts)
-    short = present[counts[present] < shots]
-    if len(short):
-        raise UserError(f"pretrain.eval_every: {shots}-shot asked, but class {int(short[0])} of downstream task "
-                        f"'{task.label}' has {counts[short[0]]} training examples outside the minival a step is "
+    """The rest of a task's train split still holds `shots` examples of every class it has
+    (`downstream.fewest`, as the few-shot evaluation checks its whole train split)."""
+    short, n = downstream.fewest(rest.labels, task.num_classes)
+    if shots > n:
+        raise UserError(f"pretrain.eval_every: {shots}-shot asked, but class {short} of downstream task "
+                        f"'{task.label}' has {n} training examples outside the minival a step is "
                         f"chosen on ({MINIVAL_FRACTION:.0%} of its train split): fewer shots, or a larger task")
 
 

@@ -223,12 +223,12 @@ def check_source(src: SourceConfig, index: SourceIndex, max_bad_fraction: float 
     """The training split holds the declared `size`, and truncated or corrupt tars lost at most
     `max_bad_fraction` of it."""
     held, lost = len(index), index.lost
-    cut = int(np.flatnonzero(index.shard_lost)[0]) if lost else None  # the first shard a cut or corrupt tar made short
+    cuts = [int(s) for s in np.flatnonzero(index.shard_lost)]  # the shards a cut or corrupt tar made short
+    cut = cuts[0] if lost else None
     if held < src.size:
         # a cut tar's loss is known where `_info.json` lists its count; without, only its one cut sample is counted
         listed = info_lengths([index.shard_url(s) for s in range(index.num_shards)]) if lost else {}
-        cuts = [index.shard_url(int(s)) for s in np.flatnonzero(index.shard_lost)]
-        bound = "" if all(os.path.basename(url) in listed for url in cuts) else "at least "
+        bound = "" if all(os.path.basename(index.shard_url(s)) in listed for s in cuts) else "at least "
         where = f" ({bound}{lost} lost to truncated or corrupt tars, first {index.shard_url(cut)})" if lost else ""
         shards = f"{index.num_shards} shard{'s' * (index.num_shards != 1)}"
         raise DataError(f"source '{src.label}' declares size {src.size:,}, but its {shards} "
