@@ -3,10 +3,11 @@ on the number of ranks or DataLoader workers, and every rank running the same nu
 
 The subset is one endless sequence: epoch after epoch, each a seeded order of all its samples. Global step t
 takes positions [tB, (t+1)B) of that sequence (B the global batch), so a batch may straddle two epochs and every
-batch is full; rank r of N takes the r-th of N equal slices of it, and DataLoader worker w of W reads the steps
-t = w (mod W) (the DataLoader hands batches out round-robin, so they arrive in step order). Each sample's
-augmentation is drawn from a generator seeded by (seed, epoch, position), so N ranks see, step for step, the same
-augmented images as one process, and a run can resume from step t with another N or W.
+batch is full (less its unreadable samples, which are counted and skipped); rank r of N takes the r-th of N equal
+slices of it, and DataLoader worker w of W reads the steps t = w (mod W) (the DataLoader hands batches out
+round-robin, so they arrive in step order). Each sample's augmentation is drawn from a generator seeded by (seed,
+epoch, position), so N ranks see, step for step, the same augmented images as one process, and a run can resume
+from step t with another N or W.
 
 An epoch's order: a seeded shard permutation, then a seeded permutation within consecutive windows of
 `ORDER_WINDOW` positions (the whole epoch for subsets up to that size), computed lazily, so a worker's memory does
@@ -179,21 +180,26 @@ class ShardStream(IterableDataset):
         # is not a multiple of `workers`, replaying some and never reading others.
         lane = first % workers
         part, parts = self.rank * workers + lane, self.world_size * workers
-        # The part's batches before `first` (one per `workers` steps) were consumed: skip their samples, undecoded.
+        # Each step takes `local_batch` positions of the part's sequence, readable or not (an unreadable sample
+        # leaves its batch a sample short, as on local shards), so the positions before `first` (one batch per
+        # `workers` steps) are known without knowing which samples were unreadable: skip them, undecoded.
         skip = ((first - lane) // workers) * self.local_batch
-        samples = self._part_samples(part, parts, skip)
+        positions = self._part_positions(part, parts, skip)
         for t in itertools.chain([first], steps):
             batch = _Batcher(self)
-            while len(batch.keys) < self.local_batch:
-                key, raw, label, epoch, here = next(samples)
-                batch.bad[epoch].update(here)
-                rng = np.random.default_rng([self.seed, epoch, part, len(batch.keys), t, 3])
+            for j in range(self.local_batch):
+                key, raw, label, epoch, bad = next(positions)
+                if bad is not None:
+                    batch.bad[epoch].update(bad)
+                    continue
+                rng = np.random.default_rng([self.seed, epoch, part, j, t, 3])
                 batch.add(key, raw, label, epoch, rng)
             yield batch.done(t)
 
-    def _part_samples(self, part: int, parts: int, skip: int) -> Iterator[tuple]:
-        """(key, bytes, label, epoch, bad counts) of this part's samples, epoch after epoch; the first `skip`
-        readable ones dropped."""
+    def _part_positions(self, part: int, parts: int, skip: int) -> Iterator[tuple]:
+        """(key, bytes, label, epoch, None) for each readable position of this part's sequence, epoch after epoch,
+        and (None, None, None, epoch, BadCounts of one sample) for each unreadable one (in the shuffled order, as
+        the reader met them); the first `skip` positions dropped. Every epoch holds the part's indexed samples."""
         size = (part + 1) * self.total // parts - part * self.total // parts
         if size == 0:
             raise ValueError(f"{self.total} samples cannot feed {parts} (ranks x loader workers) streams")
@@ -203,31 +209,38 @@ class ShardStream(IterableDataset):
             order = np.random.default_rng([self.seed, epoch, 1]).permutation(self.index.num_shards)
             plan = part_plan(self.counts.tolist(), order, part, parts)
             rng = np.random.default_rng([self.seed, epoch, part, 2])
-            bad = BadCounts()
-            for key, raw, label in _shuffled(self._stream(plan, bad), rng, self.shuffle_buffer):
-                here = BadCounts(bad)  # what the reader counted since the previous sample
-                bad.clear()
+            for key, raw, label, bad in _shuffled(self._stream(plan), rng, self.shuffle_buffer):
                 if skip:
                     skip -= 1
                     continue
-                yield key, raw, label, epoch, here
+                yield key, raw, label, epoch, bad
 
-    def _stream(self, plan, bad: BadCounts) -> Iterator[tuple[str, bytes, int]]:
-        """Streamed shards through the one shard read loop (`iter_encoded`, as evaluation reads them)."""
+    def _stream(self, plan) -> Iterator[tuple]:
+        """Streamed shards through the one shard read loop (`iter_encoded`, as evaluation reads them): (key, bytes,
+        label, None) per readable sample and (None, None, None, BadCounts of one) per indexed sample not read."""
         for shard, first, stop in plan:
             take = self.shard_rows(shard)[first:stop]
             found, here = 0, BadCounts()
             for sample in iter_encoded([self.index.shard_url(shard)], here, key_filter(self.index, take)):
                 found += 1 + sum(here.values())  # read, and those read but unreadable (counted by cause)
-                bad.update(here)
-                here.clear()
-                yield sample
+                yield from _unreadable(here)
+                yield (*sample, None)
             found += sum(here.values())
-            bad.update(here)
-            if len(take) > found:  # indexed, but the tar ended (or changed) before them
-                bad["truncated_tar"] += len(take) - found
-                bad.first.setdefault("truncated_tar", f"{self.index.shard_url(shard)} ended before "
-                                                      f"{len(take) - found} of its indexed samples")
+            if len(take) > found:  # indexed, but the tar ended (or changed) before them (the reader's example first)
+                here["truncated_tar"] += len(take) - found
+                here.first.setdefault("truncated_tar", f"{self.index.shard_url(shard)} ended before "
+                                                       f"{len(take) - found} of its indexed samples")
+            yield from _unreadable(here)
+
+
+def _unreadable(counts: BadCounts) -> Iterator[tuple]:
+    """One (None, None, None, BadCounts of one sample) per sample `counts` holds, each with its cause's example;
+    empties `counts`."""
+    for cause, n in list(counts.items()):
+        one = BadCounts.of({cause: 1}, {cause: counts.first[cause]} if cause in counts.first else {})
+        yield from itertools.repeat((None, None, None, one), n)
+    counts.clear()
+
 
 _ImageErrors = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for corrupt or cut images
 

@@ -359,3 +359,28 @@ def test_decoded_images_are_kept_across_epochs_with_the_same_batches(tmp_path, m
         assert not ShardStream(subset, 12, 9, aug, seed=0, decoded_cache_mb=0).cache_decoded
         assert not ShardStream(subset, 12 * 64, 9, aug, seed=0, decoded_cache_mb=1).cache_decoded  # 45 x 1.7 MiB
         assert not ShardStream(subset, 12, 9, AUG, seed=0, decoded_cache_mb=1).cache_decoded  # inception: random
+
+
+@pytest.mark.parametrize("start", [3, 8, 13])
+def test_a_streamed_source_with_unreadable_samples_resumes_where_it_stopped(tmp_path, start):
+    """Unreadable samples (each kind a reader meets, and a tar cut after indexing) in `pipe:` shards, 2 loader
+    workers: each step takes its positions whether they read or not, so a resume (mid-epoch, or epochs in) gives the
+    uninterrupted run's batches, and every epoch reads each readable sample once and counts each unreadable one."""
+    shards, _ = _source(tmp_path, [20, 17])
+    (tmp_path / "c").mkdir()
+    urls = [f"pipe:cat {path}" for path in shards + _corrupt_source(tmp_path / "c")]
+    rows = _whole(urls)  # 82 samples indexed; then the second shard loses its end
+    raw = open(shards[1], "rb").read()
+    open(shards[1], "wb").write(raw[:len(raw) // 2])
+    readable = {k for k, *_ in data.reader.iter_encoded(urls, data.reader.BadCounts())} - {"header", "cut"}
+    make = lambda: StreamLoader(ShardStream(rows, 12, 8, AUG, seed=3, shuffle_buffer=6), workers=2,  # noqa: E731
+                                max_bad_fraction=0.5)
+    first = _steps(make(), 24)  # 82 positions an epoch: 10.25 steps of 8
+    resumed = _steps(make(), 24 - start, start_step=start)
+    assert [b.keys for b in resumed] == [b.keys for b in first[start:]]
+    for epoch in range(2):
+        keys = [k for b in first for k, e in zip(b.keys, b.sample_epochs, strict=True) if e == epoch]
+        assert Counter(keys) == Counter(readable)
+    loader = make()
+    _steps(loader, 24)  # each loader worker's part is 41 positions an epoch: 2 epochs by step 24
+    assert sum(loader.skipped(0).values()) == sum(loader.skipped(1).values()) == 82 - len(readable)
