@@ -32,8 +32,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM to the driver while no trial runs (checking data, logging what storage holds, the
-    report), or a second one while they do: the driver stops at once, saying which signal, and exits 128 + its
-    number."""
+    report), or a second one while they do (or the first, where the trials cannot be asked to stop: the stop file
+    cannot be written): the driver stops at once, saying which signal, and exits 128 + its number."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -84,8 +84,10 @@ class Interrupt:
         self.signum = signum
         try:
             self.storage.write_bytes(STOP, signal.Signals(signum).name.encode())
-        except OSError:
-            pass  # storage unreachable: the trials stop when Ray does
+        except OSError as err:  # the trials cannot be asked (a full disk, storage unreachable): stop them at once
+            print(f"\n{signal.Signals(signum).name}: could not ask the trials to checkpoint ({err}); stopping at "
+                  "once (they resume from their last checkpoint)", file=sys.stderr, flush=True)
+            raise Interrupted(signum) from None
         print(f"\n{signal.Signals(signum).name}: stopping; trials checkpoint at their next step (send it again to "
               "stop at once)", file=sys.stderr, flush=True)
 

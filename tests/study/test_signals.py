@@ -202,3 +202,21 @@ def test_a_signal_while_ray_starts_is_held_until_it_has_and_rays_processes_ignor
         if child is not None:
             child.kill()
         restore()
+
+
+def test_a_stop_that_cannot_be_written_stops_at_once_in_one_line(tmp_path, capsys):
+    """The first signal asks the trials to checkpoint through a file in the study's storage; where that file cannot
+    be written (a full disk, storage gone), the driver says so and stops at once rather than promising a stop that
+    the trials never hear of (they would run on to their end)."""
+    from study.interrupt import STOP, Interrupt, Interrupted
+    from study.storage import Storage
+
+    (tmp_path / "storage").write_text("a file where the study's folder should be")  # every write fails: ENOTDIR
+    interrupt = Interrupt(Storage(str(tmp_path / "storage")), lambda: True)
+    with pytest.raises(Interrupted) as stopped:
+        interrupt._on_signal(signal.SIGTERM, None)
+    assert stopped.value.args == (signal.SIGTERM,) and interrupt.exit_code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("SIGTERM: could not ask the trials to checkpoint (") and err.count("\n") == 0
+    assert "stopping at once (they resume from their last checkpoint)" in err
+    assert not Storage(str(tmp_path)).exists(f"storage/{STOP}")
