@@ -18,7 +18,15 @@ from tqdm import tqdm
 from pipelines import atomic
 from pipelines.data import shapes
 from pipelines.data.reader import BadCounts, BadSample, DataError
-from pipelines.data.sources import check_local_shards, info_lengths, is_local, shard_identity, split_files, write_info
+from pipelines.data.sources import (
+    check_local_shards,
+    info_files,
+    info_lengths,
+    is_local,
+    shard_identity,
+    split_files,
+    write_info,
+)
 from pipelines.data.writer import write_shard
 
 if TYPE_CHECKING:
@@ -228,7 +236,7 @@ def check_source(src: SourceConfig, index: SourceIndex, max_bad_fraction: float 
     if held < src.size:
         # a cut tar's loss is known where `_info.json` lists its count; without, only its one cut sample is counted
         listed = info_lengths([index.shard_url(s) for s in range(index.num_shards)]) if lost else {}
-        bound = "" if all(os.path.basename(index.shard_url(s)) in listed for s in cuts) else "at least "
+        bound = "" if all(index.shard_url(s) in listed for s in cuts) else "at least "
         where = f" ({bound}{lost} lost to truncated or corrupt tars, first {index.shard_url(cut)})" if lost else ""
         shards = f"{index.num_shards} shard{'s' * (index.num_shards != 1)}"
         raise DataError(f"source '{src.label}' declares size {src.size:,}, but its {shards} "
@@ -297,7 +305,7 @@ def _shard_lists(src: SourceConfig, cache_dir: Path, progress: bool) -> dict[str
         splits = {"train": check_local_shards(src.urls)}
         if src.test_urls:
             splits["test"] = check_local_shards(src.test_urls)
-        _check_info(src, splits["train"][0])
+        _check_info(src, splits["train"])
         return splits
     if src.source == "folder":
         return {split: _folder_shards(root, split, cache_dir, progress)
@@ -308,14 +316,18 @@ def _shard_lists(src: SourceConfig, cache_dir: Path, progress: bool) -> dict[str
     return {split: files for split in ("train", "test") if (files := split_files(root, split))}
 
 
-def _check_info(src: SourceConfig, first_shard: str) -> None:
-    """Where the shards come with an `_info.json` (timm's wds layout), check the declared size against it."""
-    info_path = Path(first_shard).parent / "_info.json"
-    if not is_local(first_shard) or not info_path.exists():
+def _check_info(src: SourceConfig, shards: list[str]) -> None:
+    """Where the shards come with an `_info.json` (timm's wds layout) in each of their folders, check the declared
+    size against the train samples those files list together."""
+    files = info_files(shards)
+    if not files or not all(path.exists() for path in files):
         return
-    held = json.loads(info_path.read_text()).get("splits", {}).get("train", {}).get("num_samples")
-    if held is not None and src.size > held:
-        raise DataError(f"source '{src.label}' declares size {src.size}, but {info_path} lists {held} train samples")
+    held = [json.loads(path.read_text()).get("splits", {}).get("train", {}).get("num_samples") for path in files]
+    if None in held or src.size <= sum(held):
+        return
+    where = str(files[0]) if len(files) == 1 else f"the _info.json files of its {len(files)} folders"
+    raise DataError(f"source '{src.label}' declares size {src.size}, but {where} list{'s' * (len(files) == 1)} "
+                    f"{sum(held)} train samples")
 
 
 def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.data.folder import folder_classes, is_image
 from pipelines.data.reader import BLOCK
-from pipelines.data.sources import expand_urls, folder_given, info_lengths, is_local
+from pipelines.data.sources import expand_urls, folder_given, info_files, info_lengths, info_listing, is_local
 
 
 @dataclass
@@ -114,27 +114,38 @@ def _shards(urls: str, key: str, needs, found: Findings, classes: tuple[str, int
                                "checked when they are indexed")
         return
     _cut_tars(local, key, found)
-    info = Path(local[0]).parent / "_info.json"
-    if not info.exists():
-        found.unchecked.append(f"{key}: no _info.json beside {local[0]}: the sample count is checked when the "
-                               "shards are indexed")
+    infos = info_files(local)  # one per folder the shards are in: each lists its own shards
+    if absent := [path for path in infos if not path.exists()]:
+        found.unchecked.append(f"{key}: no _info.json beside {_first_in(local, absent[0])}: the sample count is "
+                               "checked when the shards are indexed")
         return
-    try:
-        lengths = info_lengths(local)
-        held_classes = json.loads(info.read_text()).get("num_classes")
-    except (ValueError, AttributeError):
-        found.problems.append(f"{key}: {info} is not the JSON object timm's wds layout describes; fix or remove it")
-        return
-    named = [lengths.get(os.path.basename(u)) for u in local]
-    if None in named:
-        gone = local[named.index(None)]
-        found.unchecked.append(f"{key}: {info} does not list {os.path.basename(gone)}: the sample count is checked "
-                               "when the shards are indexed")
+    declared = {}
+    for path in infos:
+        try:
+            declared[path] = json.loads(path.read_text()).get("num_classes")
+            info_listing(path)  # its splits, as `info_lengths` reads them
+        except (ValueError, AttributeError):
+            found.problems.append(f"{key}: {path} is not the JSON object timm's wds layout describes; fix or "
+                                  "remove it")
+            return
+    lengths = info_lengths(local)
+    where = str(infos[0]) if len(infos) == 1 else f"the _info.json files of their {len(infos)} folders"
+    if unlisted := [u for u in local if u not in lengths]:
+        found.unchecked.append(f"{key}: {Path(unlisted[0]).parent / '_info.json'} does not list "
+                               f"{os.path.basename(unlisted[0])}: the sample count is checked when the shards are "
+                               "indexed")
     else:
-        _held(found, sum(named), f"samples {info} lists for these shards", needs)
-    if classes and isinstance(held_classes, int) and held_classes != classes[1]:
-        found.problems.append(f"{classes[0]}: {classes[1]}, but {info} says num_classes {held_classes}; "
-                              f"set {classes[0]}: {held_classes}")
+        _held(found, sum(lengths.values()), f"samples {where} list{'s' * (len(infos) == 1)} for these shards", needs)
+    for path, held_classes in declared.items():
+        if classes and isinstance(held_classes, int) and held_classes != classes[1]:
+            found.problems.append(f"{classes[0]}: {classes[1]}, but {path} says num_classes {held_classes}; "
+                                  f"set {classes[0]}: {held_classes}")
+            break
+
+
+def _first_in(shards: list[str], info: Path) -> str:
+    """The first of `shards` in the folder of `info`."""
+    return next(u for u in shards if Path(u).parent == info.parent)
 
 
 def _cut_tars(shards: list[str], key: str, found: Findings) -> None:

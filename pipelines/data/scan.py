@@ -220,7 +220,7 @@ def build(shards: list[str], folder: Path, *, mapper: Mapper | None = None, work
     workers = workers or os.cpu_count() or 1
     per_job = max(1, min(64, len(shards) // (workers * 8) or 1))
     lengths = info_lengths(shards)
-    jobs = [(shards[i:i + per_job], [lengths.get(os.path.basename(u)) for u in shards[i:i + per_job]], sidecars,
+    jobs = [(shards[i:i + per_job], [lengths.get(u) for u in shards[i:i + per_job]], sidecars,
              write_sidecars) for i in range(0, len(shards), per_job)]
     started = time.perf_counter()
     with atomic.folder(Path(folder)) as tmp:

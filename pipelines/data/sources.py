@@ -49,10 +49,30 @@ def folder_given(shards: list[str]) -> str | None:
 
 
 def info_lengths(shards: list[str]) -> dict[str, int]:
-    """Shard name -> sample count from an `_info.json` beside local shards, if there is one."""
-    if not shards or not is_local(shards[0]):
-        return {}
-    path = Path(shards[0]).parent / "_info.json"
+    """Shard path -> sample count, for the local shards that the `_info.json` in their own folder lists (shards
+    from several folders, `a/{0..3}.tar;b/{0..3}.tar`, each by its folder's file, never by a name another folder
+    also uses)."""
+    out: dict[str, int] = {}
+    listed: dict[str, dict[str, int]] = {}
+    for url in shards:
+        if not is_local(url):
+            continue
+        folder, name = os.path.split(url)
+        if folder not in listed:
+            listed[folder] = info_listing(Path(folder) / "_info.json")
+        if (n := listed[folder].get(name)) is not None:
+            out[url] = n
+    return out
+
+
+def info_files(shards: list[str]) -> list[Path]:
+    """The `_info.json` path of each folder that holds local shards of `shards` (whether it exists or not), in
+    order of first appearance."""
+    return [Path(folder) / "_info.json" for folder in dict.fromkeys(os.path.dirname(u) for u in shards if is_local(u))]
+
+
+def info_listing(path: Path) -> dict[str, int]:
+    """Shard name -> sample count over every split of one `_info.json`; {} where there is none."""
     if not path.exists():
         return {}
     out = {}

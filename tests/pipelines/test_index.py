@@ -423,3 +423,32 @@ def test_the_index_command_indexes_shards_it_did_not_write(tmp_path, cache_dir):
     again = run_cli(["-m", "pipelines.data.index", str(tmp_path / "in" / "train-{0..4}.tar"), "--out",
                      str(tmp_path / "idx2")], cache_dir)
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "train-4.tar" in again.stderr
+
+
+# -- 6. shards in several folders -----------------------------------------------------------------------------------
+
+
+def test_shards_in_several_folders_are_counted_by_each_folders_own_info_json(tmp_path):
+    """`a/train-{0..3}.tar;b/train-{0..3}.tar`: the same shard names in two folders, each with its `_info.json`. Each
+    shard's count comes from its own folder's file (by name alone, folder b's shards took folder a's counts: the true
+    size was refused, and the counts a cut tar lost were wrong), in indexing, the size check and the dry run."""
+    from pipelines.data.preflight import inspect
+    from pipelines.data.sources import write_info
+
+    for folder, per in (("a", 10), ("b", 8)):
+        _write(tmp_path / folder, [[f"{folder}{s}-{i}" for i in range(per)] for s in range(4)])
+        write_info(tmp_path / folder, "train", [f"train-{s}.tar" for s in range(4)], [per] * 4, num_classes=3)
+    urls = f"{tmp_path}/a/train-{{0..3}}.tar;{tmp_path}/b/train-{{0..3}}.tar"
+    src = lambda size: data.SourceConfig(source="webdataset", urls=urls, size=size, num_classes=3)  # noqa: E731
+    index = data.prepare(src(72), tmp_path / "cache").index()
+    assert len(index) == 72 and index.lost == 0 and not index.shard_lost.any()
+    with pytest.raises(DataError, match=r"declares size 73, but the _info.json files of its 2 folders list 72"):
+        data.prepare(src(73), tmp_path / "cache")
+    assert inspect(src(72), "data.pretrain").problems == []
+    (problem,) = inspect(src(73), "data.pretrain").problems
+    assert problem.startswith("data.pretrain.size=73: more than the 72 samples the _info.json files of their 2 "
+                              "folders list for these shards")
+    raw = (tmp_path / "b" / "train-1.tar").read_bytes()  # cut in b: lost counts come from b's own _info.json
+    (tmp_path / "b" / "train-1.tar").write_bytes(raw[:len(raw) // 2])
+    cut = data.prepare(src(60), tmp_path / "cache2", max_bad_fraction=0.5).index()
+    assert cut.lost == 72 - len(cut) and int(cut.shard_lost[5]) == 8 - (len(cut) - 64)
