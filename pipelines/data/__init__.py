@@ -167,8 +167,8 @@ def prepare(src: SourceConfig, cache_dir: Path, index_root: Path | None = None, 
     indexes = {split: str(cached_index(urls, root, mapper=mapper, progress=progress, duplicates=src.duplicates))
                for split, urls in shards.items()}
     found = Prepared(src.label, shards, indexes)
-    check_source(src, found.index("train"), max_bad_fraction)
     for split in shards:
+        check_source(src, found.index(split), max_bad_fraction, split)
         check_classes(src, found.index(split), split)
     atomic.write_bytes(record_path(src, root), found.to_json(cache_dir).encode())
     return found
@@ -227,25 +227,30 @@ def cached_index(shards: list[str], root: Path, mapper: Mapper | None = None, pr
     return folder
 
 
-def check_source(src: SourceConfig, index: SourceIndex, max_bad_fraction: float = 0.001) -> None:
-    """The training split holds the declared `size`, and truncated or corrupt tars lost at most
-    `max_bad_fraction` of it."""
+def check_source(src: SourceConfig, index: SourceIndex, max_bad_fraction: float = 0.001, split: str = "train"
+                 ) -> None:
+    """A split holds what the source declares of it (`size` for train; `test_size`, where given, for test), and
+    truncated or corrupt tars lost at most `max_bad_fraction` of it (a test split's lost samples would silently
+    shrink every evaluation's test set)."""
     held, lost = len(index), index.lost
     cuts = [int(s) for s in np.flatnonzero(index.shard_lost)]  # the shards a cut or corrupt tar made short
     cut = cuts[0] if lost else None
-    if held < src.size:
+    key, declared = ("size", src.size) if split == "train" else ("test_size", src.test_size)
+    if held < declared:
         # a cut tar's loss is known where `_info.json` lists its count; without, only its one cut sample is counted
         listed = info_lengths([index.shard_url(s) for s in range(index.num_shards)]) if lost else {}
         bound = "" if all(index.shard_url(s) in listed for s in cuts) else "at least "
         where = f" ({bound}{lost} lost to truncated or corrupt tars, first {index.shard_url(cut)})" if lost else ""
         shards = f"{index.num_shards} shard{'s' * (index.num_shards != 1)}"
-        raise DataError(f"source '{src.label}' declares size {src.size:,}, but its {shards} "
-                        f"({src.urls or src.root or 'generated'}) hold {held:,} readable samples{where}; "
-                        + (merged_keys(index) or f"declare size: {held} or fewer"))
+        given = (src.urls or src.root) if split == "train" else (src.test_urls or src.test_root)
+        its = "its" if split == "train" else f"its {split} split's"
+        raise DataError(f"source '{src.label}' declares {key} {declared:,}, but {its} {shards} "
+                        f"({given or 'generated'}) hold {held:,} readable samples{where}; "
+                        + (merged_keys(index) or f"declare {key}: {held} or fewer"))
     bad = BadCounts(truncated_tar=lost)
     if lost:
         bad.first["truncated_tar"] = f"{index.shard_url(cut)} lost {int(index.shard_lost[cut])}"
-    bad.check(held + lost, max_bad_fraction, f"indexing {src.label}")
+    bad.check(held + lost, max_bad_fraction, f"indexing {src.label}" + ("" if split == "train" else f" ({split})"))
 
 
 def merged_keys(index: SourceIndex, members: int = 1000) -> str | None:

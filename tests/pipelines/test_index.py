@@ -452,3 +452,25 @@ def test_shards_in_several_folders_are_counted_by_each_folders_own_info_json(tmp
     (tmp_path / "b" / "train-1.tar").write_bytes(raw[:len(raw) // 2])
     cut = data.prepare(src(60), tmp_path / "cache2", max_bad_fraction=0.5).index()
     assert cut.lost == 72 - len(cut) and int(cut.shard_lost[5]) == 8 - (len(cut) - 64)
+
+
+def test_a_test_split_is_checked_for_lost_samples_and_its_declared_size(tmp_path):
+    """A test split's shards are held to what train's are: samples a cut tar lost count against max_bad_fraction,
+    and `test_size` must be there (before, evaluation silently scored fewer test images)."""
+    train, _ = _write(tmp_path / "train", _grid(2, 10))
+    test, _ = _write(tmp_path / "test", [[f"t{s}-{i}" for i in range(10)] for s in range(4)])
+    from pipelines.data.sources import write_info
+
+    write_info(tmp_path / "test", "test", [os.path.basename(u) for u in test], [10] * 4)
+    src = lambda test_size=0: data.SourceConfig(  # noqa: E731
+        source="webdataset", urls=f"{tmp_path}/train/train-{{0..1}}.tar", size=20, num_classes=3,
+        test_urls=f"{tmp_path}/test/train-{{0..3}}.tar", test_size=test_size)
+    assert len(data.prepare(src(40), tmp_path / "cache").index("test")) == 40
+    with pytest.raises(DataError, match=r"declares test_size 41, but its test split's 4 shards \(.*\) hold 40 "
+                                        r"readable samples; declare test_size: 40 or fewer"):
+        data.prepare(src(41), tmp_path / "cache")
+    raw = Path(test[2]).read_bytes()
+    Path(test[2]).write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(DataError, match=r"indexing webdataset \(test\): \d+ of 40 samples unreadable .*truncated_tar"):
+        data.prepare(src(), tmp_path / "cache")
+    assert 20 < len(data.prepare(src(), tmp_path / "cache", max_bad_fraction=0.5).index("test")) < 40
