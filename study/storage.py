@@ -9,8 +9,10 @@ checkpoint folder is complete once its `state.pt` (written last) exists.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from pipelines import checkpoint, pretrain, selection
 from pipelines.config import UserError, first_line
 
 POINTS = "points"  # every grid point's folder is under it
+CHUNK = 8 << 20  # bytes per read and write when a file is copied to or from storage
 
 
 @dataclass(frozen=True)
@@ -188,16 +191,45 @@ class Storage:
         self.fs.move(tmp, target)
 
     def upload_file(self, local: Path, rel: str) -> None:
-        self.write_bytes(rel, Path(local).read_bytes())
+        """Copy a local file to `rel` in chunks (an index column of a web-scale source is gigabytes: never whole in
+        memory). Object storage shows an object only once its upload completes, so it is written in place (and
+        removed if the copy fails: closing the stream would complete it); a local root takes a temporary name, the
+        bytes synced, then a rename."""
+        target = self.path(rel)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        on_disk = isinstance(self.fs, pafs.LocalFileSystem)
+        dest = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if on_disk else target
+        try:
+            with open(local, "rb") as src, self.fs.open_output_stream(dest) as out:
+                shutil.copyfileobj(src, out, CHUNK)
+            if on_disk:
+                fd = os.open(dest, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self.fs.move(dest, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(dest)
+            raise
 
     def download_file(self, rel: str, local: Path) -> bool:
-        data = self.read_bytes(rel)
-        if data is None:
+        """Copy `rel` to the local file `local` in chunks, through a temporary name; False where `rel` is absent."""
+        from pipelines import atomic
+
+        try:
+            src = self.fs.open_input_stream(self.path(rel))
+        except FileNotFoundError:
             return False
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, local)
+        tmp = atomic.temp_name(local)
+        try:
+            with src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
 
     def delete_file(self, rel: str) -> None:

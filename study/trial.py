@@ -315,8 +315,11 @@ def index_root(cfg: StudyConfig, storage: Storage) -> Path:
 
 def sync_indexes(cfg: StudyConfig, storage: Storage, src, found: data.Prepared | None = None,
                  upload: bool = False) -> None:
-    """With object storage: the driver uploads what it prepared (`upload`, `found`); a node downloads the record and
-    the index folders it lacks, once (each folder moved into place whole). Nothing to do on a local root."""
+    """With object storage: the driver uploads what it prepared (`upload`, `found`); a node brings its copy up to
+    what storage holds before each trial: the index folders the stored record names that it lacks (each moved into
+    place whole), the files a folder it has lacks (orders of seeds added later), and then the record itself, last,
+    so a trial that finds the record finds its folders, and a node that prepared the source from other shards
+    (rewritten since) takes the new record rather than keeping its own. Nothing to do on a local root."""
     from pipelines import atomic
 
     if storage.local_path("index") is not None:
@@ -326,17 +329,32 @@ def sync_indexes(cfg: StudyConfig, storage: Storage, src, found: data.Prepared |
     rel = f"index/{record.parent.name}/{record.name}"
     if upload:
         for folder in map(Path, found.indexes.values()):  # what storage lacks (new seeds' orders too), meta.json last
-            for f in sorted(folder.iterdir(), key=lambda p: p.name == "meta.json"):
+            for f in sorted(_finished(folder.iterdir()), key=lambda p: p.name == "meta.json"):
                 if not storage.exists(f"index/{folder.name}/{f.name}"):
                     storage.upload_file(f, f"index/{folder.name}/{f.name}")
         storage.upload_file(record, rel)
         return
-    if not record.exists() and storage.download_file(rel, record):
-        for folder in (root / Path(f).name for f in json.loads(record.read_text())["indexes"].values()):
-            if not (folder / "meta.json").exists():
-                with atomic.folder(folder) as tmp:
-                    for name in storage.list_dir(f"index/{folder.name}"):
-                        storage.download_file(f"index/{folder.name}/{name}", tmp / name)
+    stored = storage.read_bytes(rel)
+    if stored is None:
+        return  # nothing uploaded: `data.prepared` prepares the source here
+    for folder in (root / Path(f).name for f in json.loads(stored)["indexes"].values()):
+        names = storage.list_dir(f"index/{folder.name}")
+        if not (folder / "meta.json").exists():
+            with atomic.folder(folder) as tmp:
+                for name in names:
+                    storage.download_file(f"index/{folder.name}/{name}", tmp / name)
+            continue
+        have = {p.name for p in folder.iterdir()}
+        for name in names:
+            if name not in have:
+                storage.download_file(f"index/{folder.name}/{name}", folder / name)
+    if not record.exists() or record.read_bytes() != stored:
+        atomic.write_bytes(record, stored)
+
+
+def _finished(files) -> list[Path]:
+    """Files, less the temporary ones a writer is filling (`atomic.temp_name`'s hidden names)."""
+    return [f for f in files if not f.name.startswith(".")]
 
 
 def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, storage_root: str) -> None:

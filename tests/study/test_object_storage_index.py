@@ -43,3 +43,62 @@ def test_a_node_downloads_the_stored_index_once_and_builds_none(s3, tmp_path, mo
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "node-cache" / "index").rglob("*") if p.is_file()}
     sync_indexes(node, storage, src)  # a second trial on that node: nothing downloaded again
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_a_node_takes_the_index_of_rewritten_shards_and_never_a_record_without_its_folders(s3, tmp_path):
+    """A node that read the shards before they were rewritten (same names, other labels) takes the driver's new
+    record and index at its next trial (it kept its own record and read stale labels before); and a download cut
+    short leaves no record on the node, so the next trial downloads again instead of failing on a half index."""
+    import types
+
+    import pytest
+
+    from pipelines.data.writer import write_shard
+    from study.storage import Storage
+    from study.trial import index_root, sync_indexes
+
+    def shards(labels: int) -> None:
+        rng = np.random.default_rng(labels)
+        (tmp_path / "shards").mkdir(exist_ok=True)
+        for s in range(2):
+            write_shard(tmp_path / "shards" / f"train-{s}.tar",
+                        [(f"{s}-{i}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), i % labels) for i in range(8)])
+
+    storage = Storage(s3)
+    storage.write_bytes("created", b"")
+    driver, node = (types.SimpleNamespace(cache_dir=tmp_path / name) for name in ("driver-cache", "node-cache"))
+    src = data.SourceConfig(source="webdataset", urls=f"{tmp_path}/shards/train-{{0..1}}.tar", size=16,
+                            num_classes=4)
+
+    def invocation():
+        found = data.prepare(src, driver.cache_dir, index_root(driver, storage), progress=False)
+        sync_indexes(driver, storage, src, found, upload=True)
+        sync_indexes(node, storage, src)
+        return found, data.prepared(src, node.cache_dir, index_root(node, storage))
+
+    shards(4)
+    found, here = invocation()
+    assert here.index().label.tolist() == found.index().label.tolist() == [i % 4 for i in range(8)] * 2
+    os.utime(tmp_path / "shards" / "train-0.tar", ns=(1, 1))  # rewritten: another identity, another index
+    shards(3)
+    found, here = invocation()
+    assert os.path.basename(here.indexes["train"]) == os.path.basename(found.indexes["train"])
+    assert here.index().label.tolist() == [i % 3 for i in range(8)] * 2
+
+    fresh = types.SimpleNamespace(cache_dir=tmp_path / "fresh-node")
+    real, calls = Storage.download_file, []
+
+    def cut(self, rel, local):
+        calls.append(rel)
+        if len(calls) == 2:
+            raise OSError("connection reset")
+        return real(self, rel, local)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Storage, "download_file", cut)
+        with pytest.raises(OSError, match="connection reset"):
+            sync_indexes(fresh, storage, src)
+    root = index_root(fresh, storage)
+    assert not data.record_path(src, root).exists() and not (root / os.path.basename(found.indexes["train"])).exists()
+    sync_indexes(fresh, storage, src)  # the next trial
+    assert data.prepared(src, fresh.cache_dir, root).index().label.tolist() == [i % 3 for i in range(8)] * 2
