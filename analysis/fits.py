@@ -282,7 +282,7 @@ def accuracy_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def fit_table(table: pd.DataFrame) -> tuple[list[dict], dict[tuple, Fit]]:
-    """Every curve's fit as summary rows, and the fits keyed by (model, eval, dataset, shots, metric)."""
+    """Every curve's fit as summary rows, and the fits keyed by `fit_key` (model, eval, dataset, shots, metric)."""
     rows, fits = [], {}
     table = accuracy_rows(table)
     for key, frame in table.groupby(["model", *GROUP], dropna=False):
@@ -292,12 +292,19 @@ def fit_table(table: pd.DataFrame) -> tuple[list[dict], dict[tuple, Fit]]:
         if fit is None:
             rows.append({**row, "status": "too few sizes (need 3)"})
             continue
-        fits[key] = fit
+        fits[fit_key(key[0], key[1:])] = fit
         a, b, c, d = (float(v) for v in fit.params)
         row.update(form="a*(x+d)^-b+c" if d else "a*x^-b+c", a=a, b=b, c=c, d=d, bootstrap=fit.bootstrap,
                    ci={"b": _interval(fit.samples[:, 1]), "c": _interval(fit.samples[:, 2])})
         rows.append(row)
     return rows, fits
+
+
+def fit_key(model: str, group: tuple) -> tuple:
+    """A fit's key: (model, eval, dataset, shots, metric), shots None for evaluations without shots (a groupby over
+    the nullable shots column gives <NA>, which the figures' look-ups, by None, never matched)."""
+    evaluation, dataset, shots, metric = group
+    return model, evaluation, dataset, _int_or_none(shots), metric
 
 
 def _int_or_none(v):
@@ -456,8 +463,8 @@ def crossover_table(table: pd.DataFrame, fits: dict[tuple, Fit]) -> list[dict]:
     table = accuracy_rows(table)
     for key, frame in table.groupby(GROUP, dropna=False):
         for v, r in model_pairs(frame):
-            found = crossover(frame[frame["model"] == v], frame[frame["model"] == r], fits.get((v, *key)),
-                              fits.get((r, *key)))
+            found = crossover(frame[frame["model"] == v], frame[frame["model"] == r], fits.get(fit_key(v, key)),
+                              fits.get(fit_key(r, key)))
             out.append({"vit": v, "resnet": r, "eval": key[0], "dataset": key[1],
                         "shots": _int_or_none(key[2]), "metric": key[3], **found})
     return out

@@ -190,3 +190,35 @@ def test_the_four_parameter_fit_is_never_worse_than_the_three_parameter_law_it_c
         sse = [float(np.sum((fits.power_law(x, *p) - err) ** 2))
                for p in (fits._fit_once(x, err, four=True), fits.fit3(x, err[None])[0])]
         assert sse[0] <= sse[1] * (1 + 1e-9) + 1e-12
+
+
+def test_a_curve_without_shots_has_its_law_drawn_and_in_the_fit_diagnostics(tmp_path, monkeypatch):
+    """Fine-tune and linear-probe rows carry no shot count (<NA> in the results table's nullable column): their fits
+    are keyed with shots None, as the figures look them up (Fig 3 drew no fitted law, and the fit diagnostics held
+    only the few-shot fits, before)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from analysis import plots
+
+    rng = np.random.default_rng(0)
+    frames = [_curve(m, f, a, 0.4, c, seeds=(0, 1, 2), noise=0.3, rng=rng) for m, f, a, c in
+              (("ViT-B/16", "ViT", 900, 20), ("BiT-R50x1", "BiT", 300, 30))]
+    table = pd.concat(frames + [f.assign(eval="finetune", shots=None) for f in frames], ignore_index=True)
+    table["shots"] = table["shots"].astype("Int64")
+    _, fitted = fits.fit_table(table)
+    assert sorted((k[1], k[3]) for k in fitted) == [("fewshot", 5)] * 2 + [("finetune", None)] * 2
+    drawn, real = [], plots._fitted_curves
+
+    def fitted_curves(ax, frame, key, found, palette):
+        drawn.append((key[0], sorted(m for m in frame["model"].unique() if found.get((m, *key)) is not None)))
+        real(ax, frame, key, found, palette)
+
+    monkeypatch.setattr(plots, "_fitted_curves", fitted_curves)
+    plots.fig_vs_data(table, "finetune", tmp_path, "fig3", "Fig 3", fitted, [])
+    assert drawn == [("finetune", ["BiT-R50x1", "ViT-B/16"])]
+    points, errorbar = [], plots.plt.Axes.errorbar
+    monkeypatch.setattr(plots.plt.Axes, "errorbar", lambda ax, x, y, **kw: points.append(len(x)) or errorbar(
+        ax, x, y, **kw))
+    plots.fig_fit_diagnostics(table, tmp_path, [], fitted)
+    assert points == [4 * len(SIZES)]  # every size of all four fits
