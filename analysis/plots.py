@@ -125,11 +125,21 @@ def _panels(frame: pd.DataFrame, by: list[str]):
     return fig, list(zip(axes.flat, groups, strict=False))
 
 
-def _legend(fig, axes) -> None:
-    for ax in axes[:-1]:
-        if ax.get_legend():
-            ax.get_legend().remove()
-    sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+def _legend(fig, axes, fontsize: float | None = None) -> None:
+    """One legend, right of the last panel, naming every entry of every panel once (a model or study drawn in some
+    panels only is named, wherever it is missing: the last panel's own legend named only what it drew)."""
+    entries: dict[str, object] = {}
+    for ax in axes:
+        legend = ax.get_legend()
+        if legend is not None:  # seaborn's: its handles (hue and style, with their headers)
+            pairs = zip(legend.legend_handles, (t.get_text() for t in legend.get_texts()), strict=True)
+            legend.remove()
+        else:  # matplotlib's labelled artists (errorbar containers keep their markers)
+            pairs = zip(*ax.get_legend_handles_labels(), strict=True)
+        for handle, label in pairs:
+            entries.setdefault(label, handle)
+    axes[-1].legend(list(entries.values()), list(entries), loc="upper left", bbox_to_anchor=(1.02, 1),
+                    frameon=False, fontsize=fontsize)
 
 
 def fig_vs_data(table: pd.DataFrame, evaluation: str, out_dir: Path, name: str, title: str, fits: dict,
@@ -193,8 +203,7 @@ def fig_studies_vs_data(points: pd.DataFrame, evaluation: str, studies: list[str
         _size_axis(ax, _spread(sorted(group["subset_size"].unique())))
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{dataset}" + ("" if pd.isna(shots) else f", {int(shots)}-shot"))
-    # matplotlib's own legend: seaborn's move_legend would redraw the errorbar handles without their markers
-    panels[-1][0].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=7)
+    _legend(fig, [ax for ax, _ in panels], fontsize=7)
     fig.suptitle(f"{evaluation}: accuracy vs pretraining data, by study")
     return _save(fig, out_dir, f"compare_{evaluation}")
 

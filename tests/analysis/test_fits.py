@@ -222,3 +222,26 @@ def test_a_curve_without_shots_has_its_law_drawn_and_in_the_fit_diagnostics(tmp_
         ax, x, y, **kw))
     plots.fig_fit_diagnostics(table, tmp_path, [], fitted)
     assert points == [4 * len(SIZES)]  # every size of all four fits
+
+
+def test_the_legend_names_what_any_panel_draws_not_only_the_last(tmp_path, monkeypatch):
+    """A model (or a study) drawn in some panels only is named in the figure's one legend, whichever panel is last."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from analysis import intervals, plots
+
+    rng = np.random.default_rng(0)
+    vit, bit = (_curve(m, f, 900, 0.4, 20, seeds=(0, 1), noise=0.3, rng=rng) for m, f in
+                (("ViT-B/16", "ViT"), ("BiT-R50x1", "BiT")))
+    table = pd.concat([vit, bit, vit.assign(shots=10)], ignore_index=True)  # the 10-shot panel has no BiT
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.fig_vs_data(table, "fewshot", tmp_path, "fig4", "Fig 4", {}, [])
+    points = pd.concat([intervals.point_table(fits.accuracy_rows(pd.concat([vit, bit]))).assign(study="A"),
+                        intervals.point_table(fits.accuracy_rows(vit.assign(shots=1))).assign(study="B")])
+    plots.fig_studies_vs_data(points, "fewshot", ["A", "B"], tmp_path)
+    (single, studies) = ([t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+                         for fig in figures)
+    assert {"ViT-B/16", "BiT-R50x1"} <= set(single) and len(single) == len(set(single))
+    assert sorted(studies) == ["A: BiT-R50x1", "A: ViT-B/16", "B: ViT-B/16"]  # B drew the 1-shot panel, not the last
