@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import OptimizeWarning, curve_fit
 
-from analysis.intervals import GROUP, model_pairs
+from analysis.intervals import GROUP, model_pairs, same_seeds
 from analysis.results import ACCURACY_METRICS
 
 N_BOOTSTRAP = 200
@@ -458,13 +458,19 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
 
 
 def crossover_table(table: pd.DataFrame, fits: dict[tuple, Fit]) -> list[dict]:
-    """Every (ViT or Hybrid, BiT) pair measured on the same evaluation."""
+    """Every (ViT or Hybrid, BiT) pair measured on the same evaluation, over the seeds both ran at each size
+    (`intervals.same_seeds`)."""
     out = []
     table = accuracy_rows(table)
     for key, frame in table.groupby(GROUP, dropna=False):
         for v, r in model_pairs(frame):
-            found = crossover(frame[frame["model"] == v], frame[frame["model"] == r], fits.get(fit_key(v, key)),
-                              fits.get(fit_key(r, key)))
+            vit, bit = frame[frame["model"] == v], frame[frame["model"] == r]
+            pair_v, pair_b = same_seeds(vit, bit)
+            if len(pair_v) == len(vit) and len(pair_b) == len(bit):
+                fit_v, fit_b = fits.get(fit_key(v, key)), fits.get(fit_key(r, key))
+            else:  # a seed one model lacks: both laws fitted again to the seeds both ran, as the means are
+                fit_v, fit_b = fit_law(pair_v), fit_law(pair_b)
+            found = crossover(pair_v, pair_b, fit_v, fit_b)
             out.append({"vit": v, "resnet": r, "eval": key[0], "dataset": key[1],
                         "shots": _int_or_none(key[2]), "metric": key[3], **found})
     return out

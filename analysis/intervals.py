@@ -3,8 +3,9 @@
 A point's interval is Student's t interval over its seeds (mean +- t_{0.975, n-1} * sd / sqrt(n)). With the
 3-5 seeds a CPU study affords, a percentile bootstrap of a mean under-covers badly (3 values have only 10
 distinct resampled means); the t interval is exact for normal seed noise and says honestly how wide 3 seeds are.
-A gap between two models is paired over seeds when both ran the same seeds (seed s of every model pretrains on
-the same nested subset, so the per-seed differences cancel the subset draw), else Welch's interval.
+A gap between two models is paired over the seeds both ran (seed s of every model pretrains on the same nested
+subset, so the per-seed differences cancel the subset draw; a seed only one model ran is left out), else, with
+fewer than two in common, Welch's interval.
 """
 
 from __future__ import annotations
@@ -66,10 +67,15 @@ def _mean_or_none(col: pd.Series) -> float | None:
 
 
 def gap(bit: pd.Series, vit: pd.Series) -> dict:
-    """BiT minus ViT (percentage points) from per-seed values, with its 95% interval and how it was made."""
-    if len(bit) >= 2 and set(bit.index) == set(vit.index):
-        mean, lo, hi = mean_interval((bit - vit[bit.index]).to_numpy())
-        method = f"paired over {len(bit)} seeds"
+    """BiT minus ViT (percentage points) from per-seed values, with its 95% interval and how it was made: paired over
+    the seeds both ran where there are two or more (a seed one model lacks, a failed trial, is left out: it would
+    bring its subset's draw into the mean unpaired, and could flip the gap's sign), else Welch's interval."""
+    common = bit.index.intersection(vit.index)
+    if len(common) >= 2:
+        mean, lo, hi = mean_interval((bit[common] - vit[common]).to_numpy())
+        method = f"paired over {len(common)} seeds"
+        if not len(common) == len(bit) == len(vit):
+            method += f" (those both ran; BiT {len(bit)}, ViT {len(vit)})"
     elif len(bit) >= 2 and len(vit) >= 2:
         mean = float(bit.mean() - vit.mean())
         vb, vv = bit.var(ddof=1) / len(bit), vit.var(ddof=1) / len(vit)
@@ -82,6 +88,21 @@ def gap(bit: pd.Series, vit: pd.Series) -> dict:
         mean, lo, hi = float(bit.mean() - vit.mean()), None, None
         method = "one seed: no interval"
     return {"bit_minus_vit": mean, "ci": None if lo is None else [lo, hi], "method": method}
+
+
+def same_seeds(vit: pd.DataFrame, bit: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both models' rows, at each size only the seeds both ran there (all of each where they share none): seed s
+    of every model pretrains on the same nested subset, so comparing means over different seed sets mixes the
+    subsets' draws into the difference."""
+    both = (set(zip(vit["subset_size"], vit["seed"].fillna(-1), strict=True))
+            & set(zip(bit["subset_size"], bit["seed"].fillna(-1), strict=True)))
+    shared_sizes = {n for n, _ in both}
+
+    def keep(frame: pd.DataFrame) -> pd.DataFrame:
+        pairs = zip(frame["subset_size"], frame["seed"].fillna(-1), strict=True)
+        return frame[[(n, s) in both or n not in shared_sizes for n, s in pairs]]
+
+    return keep(vit), keep(bit)
 
 
 def model_pairs(frame: pd.DataFrame) -> list[tuple[str, str]]:

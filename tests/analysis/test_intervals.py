@@ -47,6 +47,25 @@ def test_gap_is_paired_over_seeds_when_both_models_ran_the_same_seeds():
     assert unpaired["method"].startswith("Welch") and unpaired["ci"][1] - unpaired["ci"][0] > 20
 
 
+def test_a_seed_one_model_lacks_is_left_out_of_the_gap_and_the_crossover():
+    """A failed ViT trial (seed 2 at 4,096): the BiT's seed 2 shares its subset with the ViT's seed 2, not with the
+    seeds the ViT kept, so the gap pairs the two seeds both ran. With the seed effect (the subset's draw) larger than
+    the gap, comparing means over different seed sets flipped it (and the verdict): here +2 everywhere."""
+    subset = {0: 0.0, 1: 12.0, 2: -30.0}  # each seed's subset draw, shared by both models
+    sizes = (256, 1024, 4096)
+    vit = _rows("ViT-Pico/4", "ViT", {n: [20 + subset[s] for s in range(3)] for n in sizes})
+    bit = _rows("BiT-R14-Pico", "BiT", {n: [22 + subset[s] + 0.1 * s for s in range(3)] for n in sizes})
+    vit = [r for r in vit if not (r["subset_size"] == 4096 and r["seed"] == 2)]
+    table = pd.DataFrame(vit + bit)
+    at = {g["subset_size"]: g for g in intervals.gap_table(table)}
+    assert at[4096]["bit_minus_vit"] == pytest.approx(2.05)
+    assert at[4096]["method"] == "paired over 2 seeds (those both ran; BiT 3, ViT 2)"
+    assert at[256]["method"] == "paired over 3 seeds"
+    (crossing,) = fits.crossover_table(table, fits.fit_table(table)[1])
+    assert crossing["status"] == "none"  # over all BiT seeds the 4,096 means flip (BiT 3.4 behind), then back
+    assert intervals.gap(pd.Series([1.0, 2.0]), pd.Series([0.0, 1.0], index=[5, 6]))["method"].startswith("Welch")
+
+
 def test_gap_lines_give_the_smallest_and_largest_subset_with_intervals():
     table = pd.DataFrame(_rows("ViT-Pico/4", "ViT", {256: [10, 30, 50], 1024: [5, 5, 5], 4096: [20, 21, 22]})
                          + _rows("BiT-R14-Pico", "BiT", {256: [11, 32, 53], 1024: [9, 9, 9], 4096: [20, 21, 22]}))
