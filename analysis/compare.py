@@ -97,7 +97,7 @@ def _crossover_cell(rows: list[dict]) -> str:
     cells = []
     for c in rows:
         at = "" if c["estimate"] is None else f" {report.fmt(c['estimate'])}"
-        ci = "" if c.get("ci") is None else f" {report.fmt(c['ci'])}"
+        ci = "" if c.get("ci") is None else f" {fits.interval_text(c['ci'], c.get('window'), report.fmt)}"
         cells.append(f"{c['vit']} × {c['resnet']}: {c['status']}{at}{ci}")
     return "; ".join(cells) or "no ViT–BiT pair"
 

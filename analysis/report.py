@@ -174,11 +174,14 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
               "cross outside the measured range, the ViT ahead from there on (95% CI over pairs of seed-bootstrap "
               "fits); fitted: they cross so inside it, where the measured means show no ViT overtaking; none: "
               "neither, in the sizes the reason names. "
-              "support: the fraction of bootstrap replicates that cross; a CI is given where at least half do."),
+              "support: the fraction of bootstrap replicates that cross; a CI is given where at least half do, over "
+              "every replicate (one that does not cross lies below or beyond the sizes searched, and where more "
+              "than 2.5% do, that end of the CI is open)."),
         ("table", ["ViT", "BiT", "evaluation", "status", "estimate", "bracket", "fit estimate", "95% CI",
                    "support", "no CI because"],
          [[c["vit"], c["resnet"], eval_name(c["eval"], c["dataset"], c["shots"], c["metric"]), c["status"],
-           fmt(c["estimate"]), fmt(c["bracket"]), fmt(c["fit_estimate"]), fmt(c["ci"]),
+           fmt(c["estimate"]), fmt(c["bracket"]), fmt(c["fit_estimate"]),
+           fits.interval_text(c["ci"], c.get("window"), fmt) or "–",
            "–" if c.get("support") is None else f"{c['support']:.0%}", c.get("reason") or "–"]
           for c in summary["crossovers"]]),
         ("h2", "BiT − ViT at the smallest and the largest subset"),

@@ -162,9 +162,12 @@ def _crossing(cross: dict | None, fitted: bool, smallest: float) -> str:
         side = ("down to one image" if fits.from_one_image(smallest, a) else
                 f"{fits.EXTRAPOLATE:g}x below the smallest measured size") if a < smallest else \
             f"{fits.EXTRAPOLATE:g}x beyond the largest measured size"
+        support = cross.get("support")
+        doubt = (f"; {support:.0%} of the bootstrap fits do, so one is not ruled out" if support is not None
+                 and support > (1 - intervals.LEVEL) / 2 else "")
         return (f"no crossover: the fitted ViT does not overtake the BiT for good between {_size(a)} and "
-                f"{_size(b)} images ({side})")
-    ci = (f" [95% CI {_size(cross['ci'][0])}, {_size(cross['ci'][1])}]" if cross.get("ci")
+                f"{_size(b)} images ({side}{doubt})")
+    ci = (f" [95% CI {fits.interval_text(cross['ci'], cross.get('window'), _size)[1:-1]}]" if cross.get("ci")
           else f" (no interval: {cross['reason']})" if cross.get("reason") else "")
     if cross["status"] == "observed":
         lo, hi = cross["bracket"]

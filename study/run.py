@@ -596,6 +596,7 @@ def study_note(title: str, path: Path) -> str:
     """The parent run's description (MLflow shows it atop the run): the verdict and its caveats, then per
     evaluation where each ViT overtakes its ResNet and the gap at both ends of the data range, from the report's
     `summary.json` at `path`."""
+    from analysis.fits import interval_text
     from analysis.report import eval_name, fmt, gap_lines
     from analysis.verdict import Verdict
 
@@ -607,7 +608,7 @@ def study_note(title: str, path: Path) -> str:
                  "extrapolated": f"extrapolated to ~{fmt(c['estimate'])} examples",
                  "fitted": f"the fitted ViT overtakes at ~{fmt(c['estimate'])} examples, inside the measured "
                            "range (the measured means show no ViT overtaking)"}.get(c["status"])
-        ci = f" (95% CI {fmt(c['ci'])})" if c.get("ci") else ""
+        ci = f" (95% CI {interval_text(c['ci'], c.get('window'), fmt)})" if c.get("ci") else ""
         lines.append(f"- {eval_name(c['eval'], c['dataset'], c['shots'], c['metric'])}, {c['vit']} vs "
                      f"{c['resnet']}: " + (found + ci if found else f"no crossover: {c.get('reason')}"))
     return "\n".join([*lines, "", *(f"- {line}" for line in gap_lines(summary["gaps"]))])

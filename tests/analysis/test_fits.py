@@ -245,3 +245,47 @@ def test_the_legend_names_what_any_panel_draws_not_only_the_last(tmp_path, monke
                          for fig in figures)
     assert {"ViT-B/16", "BiT-R50x1"} <= set(single) and len(single) == len(set(single))
     assert sorted(studies) == ["A: BiT-R50x1", "A: ViT-B/16", "B: ViT-B/16"]  # B drew the 1-shot panel, not the last
+
+
+def test_a_crossover_interval_counts_the_replicates_that_do_not_cross_at_their_side():
+    """Replicates that do not cross in the sizes searched lie beyond them (the BiT still ahead there) or below them
+    (the ViT already ahead): where more than 2.5% do, that end of the interval is open, not a percentile of the
+    crossing replicates alone (a finite upper end at 73% support, before)."""
+    crossing = list(np.geomspace(1e4, 1e5, 80))
+    found = fits._with_interval({}, crossing + [math.inf] * 20, "fit-bootstrap")
+    assert found["support"] == 0.8 and found["ci"][0] == pytest.approx(crossing[2], rel=0.03) and found["ci"][1] is None
+    found = fits._with_interval({}, crossing + [math.inf] * 1, "fit-bootstrap")  # 1 of 81: past 2.5%, closed
+    assert None not in found["ci"] and found["ci"][1] <= 1e5
+    found = fits._with_interval({}, [-math.inf] * 10 + crossing, "seed-bootstrap")
+    assert found["ci"][0] is None and 9e4 < found["ci"][1] <= 1e5
+    assert fits.interval_text([2e4, None], [256, 8.192e6]) == "[20,000, beyond 8,192,000]"
+    assert fits.interval_text([None, 300], None) == "[below the smallest size, 300]"
+    assert fits._with_interval({}, crossing[:40] + [math.inf] * 60, "fit-bootstrap")["ci"] is None  # 40%: none
+
+
+def test_no_crossover_says_how_many_bootstrap_fits_cross_all_the_same():
+    """'none' is decided by the fitted laws, so its support is their bootstrap's (it was the measured means', 0%
+    where a third of the fits crossed), and the verdict says when a crossover is not ruled out."""
+    from analysis import intervals, verdict
+
+    sizes = [256, 1024, 4096, 8192]
+    for r in range(40):  # laws that truly cross at ~29,800 images, 3.6x beyond the largest size, seed noise sd 1
+        rng = np.random.default_rng(r)
+        table = pd.concat([_curve("ViT-B/16", "ViT", 222, 0.3, 45, sizes, 1.0, (0, 1, 2), rng),
+                           _curve("BiT-R50x1", "BiT", 40, 0.2, 50, sizes, 1.0, (0, 1, 2), rng)], ignore_index=True)
+        rows, fitted = fits.fit_table(table)
+        (c,) = fits.crossover_table(table, fitted)
+        if c["status"] == "none" and c["support"] > 0.1:
+            break
+    else:
+        raise AssertionError("no 'none' with crossing bootstrap fits in 40 simulated studies")
+    vit, bit = (fitted[(m, "fewshot", "d", 5, "top1")] for m in ("ViT-B/16", "BiT-R50x1"))
+    vit, bit = fits.paired(vit, bit)
+    a, b = c["window"]
+    crosses = [fits._crossing(lambda x, i=i: fits.power_law(x, *bit[i]) - fits.power_law(x, *vit[i]), a, b,
+                              lasting=True) is not None for i in range(len(vit))]
+    assert c["support"] == pytest.approx(np.mean(crosses))
+    summary = {"gaps": intervals.gap_table(fits.accuracy_rows(table)), "fits": rows, "crossovers": [c]}
+    table["chance"] = 20.0
+    assert f"; {c['support']:.0%} of the bootstrap fits do, so one is not ruled out)." in verdict.verdict(
+        table, summary).sentence
