@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import numpy as np
 from pipelines import atomic
 from pipelines.config import count
 from pipelines.data.reader import DataError
-from pipelines.data.sources import check_local_shards
+from pipelines.data.sources import check_local_shards, is_local
 
 INDEX_VERSION = 4  # bump when rows change. 4: RANGED shards; 3: columns of arrays, a sample's byte span; 2: multi-label
 # `shard_seekable`, how a shard's samples are read. LOCAL: a local plain tar, by offset, by every reader. RANGED: a
@@ -263,9 +264,16 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--out {args.out} exists; an index is written into a new folder")
         from pipelines.data.scan import build
 
+        sidecars = not args.no_sidecars
+        if sidecars:  # beside the shards: a read-only data mount takes none, and the index is all that is asked
+            folders = dict.fromkeys(os.path.dirname(os.path.abspath(u)) for u in shards if is_local(u))
+            if blocked := next(((f, why) for f in folders if (why := atomic.folder_problem(Path(f)))), None):
+                sidecars = False
+                print(f"note: no sidecars written: {blocked[0]} {blocked[1]} (--no-sidecars says this is meant)",
+                      file=sys.stderr)
         index = build(shards, Path(args.out), workers=args.workers, duplicates=args.duplicates,
-                      write_sidecars=not args.no_sidecars, progress=True)
-    except DataError as err:
+                      write_sidecars=sidecars, progress=True)
+    except (DataError, OSError) as err:  # OSError: --out cannot be written (a full disk, a read-only folder)
         print(f"error: {err}", file=sys.stderr)
         return 2
     meta = index.meta

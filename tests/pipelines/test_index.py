@@ -425,6 +425,32 @@ def test_the_index_command_indexes_shards_it_did_not_write(tmp_path, cache_dir):
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "train-4.tar" in again.stderr
 
 
+def test_the_index_command_on_a_read_only_data_mount_writes_the_index_without_sidecars(tmp_path, cache_dir):
+    """Shards on a read-only mount (as data often is): one note that no sidecars are written, and the index (it was
+    a process pool's traceback and no index, the sidecars written by default)."""
+    import subprocess
+
+    from pipelines.data.index import SourceIndex
+    from tests.conftest import run_cli
+
+    _write(tmp_path / "in", _grid(2, 10))
+    for side in (tmp_path / "in").glob("*.idx.json"):
+        side.unlink()
+    (tmp_path / "ro").mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(tmp_path / "in"), str(tmp_path / "ro")],
+                      capture_output=True).returncode:
+        pytest.skip("no read-only bind mount here (needs root and a mount namespace that allows it)")
+    try:
+        proc = run_cli(["-m", "pipelines.data.index", str(tmp_path / "ro" / "train-{0..1}.tar"), "--out",
+                        str(tmp_path / "idx"), "--workers", "2"], cache_dir)
+    finally:
+        subprocess.run(["umount", str(tmp_path / "ro")], check=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: no sidecars written: {tmp_path / 'ro'} cannot be written (a read-only file system)" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(SourceIndex(tmp_path / "idx")) == 20
+    assert not list((tmp_path / "in").glob("*.idx.json"))
+
+
 # -- 6. shards in several folders -----------------------------------------------------------------------------------
 
 
