@@ -193,7 +193,14 @@ def prepared(src: SourceConfig, cache_dir: Path, index_root: Path | None = None)
     rebase = (there, here) if here != there else None
     shards = {split: [rebased(s, rebase) for s in urls] for split, urls in raw["shards"].items()}
     if not os.path.exists(shards["train"][0]):
-        _shard_lists(src, cache_dir, progress=False)
+        if src.source == "folder":  # made where the driver's index says, whatever this node's copy's mtimes
+            for split, (root,) in _check_folders(src).items():
+                made = _folder_shards(root, split, cache_dir, progress=False, dest=Path(shards[split][0]).parent)
+                if [os.path.basename(u) for u in made] != [os.path.basename(u) for u in shards[split]]:
+                    raise DataError(f"{root} on this node converts to {len(made)} shards, the driver's to "
+                                    f"{len(shards[split])}: give every node the same files")
+        else:
+            _shard_lists(src, cache_dir, progress=False)
     return Prepared(raw["label"], shards, raw["indexes"], rebase)
 
 
@@ -335,15 +342,18 @@ def _check_info(src: SourceConfig, shards: list[str]) -> None:
                     f"{sum(held)} train samples")
 
 
-def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool) -> list[str]:
+def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool, dest: Path | None = None) -> list[str]:
     """A class folder converted once into shards in the cache (keyed by its files' names, sizes and mtimes), so
-    a `folder` source is read by the same reader, index and image path as every other source."""
+    a `folder` source is read by the same reader, index and image path as every other source. `dest`: where, if
+    not under that key (a node converts into the driver's folder, whose index it reads: its own copy of the files
+    may carry other mtimes; the same files give the same tar layout)."""
     from pipelines.data.folder import folder_files, folder_to_shards, warn_broken
 
     files = folder_files(root)
-    ident = [os.path.abspath(root), split] + [(key, os.stat(path).st_size, os.stat(path).st_mtime_ns)
-                                              for key, path in files]
-    dest = cache_dir / f"folder-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}"
+    if dest is None:
+        ident = [os.path.abspath(root), split] + [(key, os.stat(path).st_size, os.stat(path).st_mtime_ns)
+                                                  for key, path in files]
+        dest = cache_dir / f"folder-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}"
     if not (dest / "_info.json").exists():
         with atomic.folder(dest) as tmp:
             folder_to_shards(root, tmp, split, progress=progress)  # warns of broken files

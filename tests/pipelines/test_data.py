@@ -172,6 +172,28 @@ def test_folder_source_is_converted_once_to_shards_that_give_the_model_the_same_
     assert len(data.load(data.nested_subset(found.index(), 5, seed=0), 16)) == 5
 
 
+def test_a_node_whose_copy_of_a_folder_source_has_other_mtimes_reads_it_through_the_drivers_index(tmp_path):
+    """The index (in shared storage) was built on the driver's conversion; a node converts its own copy of the
+    folders (the same files, copied without their mtimes) into the folder that index names, and reads the driver's
+    pixels (it converted under another key, and every read failed: "cannot read shard ...")."""
+    rng = np.random.default_rng(0)
+    _folder(tmp_path / "train", ["cat", "ant"], 5, rng)
+    _folder(tmp_path / "test", ["cat", "ant"], 2, rng)
+    src = data.SourceConfig(source="folder", root=str(tmp_path / "train"), test_root=str(tmp_path / "test"),
+                            size=10, test_size=4, num_classes=2, image_size=16)
+    index_root = tmp_path / "storage" / "index"  # a local or NFS --storage: every node sees it
+    driver = data.prepare(src, tmp_path / "driver-cache", index_root, progress=False)
+    for image in tmp_path.glob("t*/*/*.jpg"):
+        os.utime(image, ns=(10**18, 10**18))  # the node's copy
+    node = data.prepared(src, tmp_path / "node-cache", index_root)
+    for split in ("train", "test"):
+        assert all(str(tmp_path / "node-cache") in u and os.path.exists(u) for u in node.shards[split])
+        ours, theirs = data.load(node.subset(split), 16), data.load(driver.subset(split), 16)
+        assert ours.keys == theirs.keys and np.array_equal(ours.images, theirs.images)
+    assert sorted(p.name for p in (tmp_path / "node-cache").iterdir()) == sorted(
+        {os.path.basename(os.path.dirname(u)) for urls in driver.shards.values() for u in urls})
+
+
 def _jsons(shards):
     """(key, .json bytes) of every sample: where a converted image came from."""
     from pipelines.data.reader import read_shard
