@@ -223,15 +223,15 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
     held = data.held_out(source.index(), cfg.holdout) if cfg.holdout else None
     train = data.nested_subset(source.index(), point.subset_size, point.seed, cfg.data.subset_mode, held)
     val = source.subset("test") if "test" in source.shards else held  # fixed, and never trained on
-    balance = data.class_counts(train.labels, src.num_classes)
     where = distributed.ranks()
-    if where.main:
+    if where.main:  # what only rank 0 logs: each costs memory in the subset's size, once per node, not per rank
+        balance = data.class_counts(train, src.num_classes)
         storage.write_bytes(files.class_counts, json.dumps(balance).encode())
-    emit(Started({**identity_params(cfg, point), "manifest_hash": data.manifest_hash(train),
-                  "device": str(device), "planned_steps": point.steps, "loader_workers": loader.workers,
-                  "world_size": where.world_size, "class_count_min": balance["min"], "class_count_max": balance["max"],
-                  "empty_classes": balance["empty_classes"]},
-                 {"resumed_from_step": resumed} if resumed else {}))
+        emit(Started({**identity_params(cfg, point), "manifest_hash": data.manifest_hash(train),
+                      "device": str(device), "planned_steps": point.steps, "loader_workers": loader.workers,
+                      "world_size": where.world_size, "class_count_min": balance["min"],
+                      "class_count_max": balance["max"], "empty_classes": balance["empty_classes"]},
+                     {"resumed_from_step": resumed} if resumed else {}))
     emit(Stage("pretrain", point.steps, resumed))
 
     def push(path: Path) -> None:  # rank 0's checkpoints reach storage, where a retry on any node finds them

@@ -458,12 +458,19 @@ def manifest_hash(subset: ShardSubset) -> str:
     return hashlib.sha256(np.sort(np.asarray(subset.index.key[subset.positions])).tobytes()).hexdigest()[:16]
 
 
-def class_counts(labels: np.ndarray, num_classes: int) -> dict:
+def class_counts(labels: np.ndarray | ShardSubset, num_classes: int, chunk: int = 1 << 20) -> dict:
     """Per-class example counts of a (sub)set and their spread: small subsets are where imbalance bites.
 
     `labels` is int [n], or [n, k] for a multi-label source (-1 padded, see `shards.label_array`): a sample counts
-    once for each of its classes. Unlabelled samples (label -1, skipped when read) are not counted."""
-    counts = np.bincount(labels[labels >= 0], minlength=num_classes)
+    once for each of its classes. Unlabelled samples (label -1, skipped when read) are not counted. A subset is
+    counted `chunk` rows at a time, so memory stays bounded whatever its size (a multi-label subset's padded labels
+    would be n x k)."""
+    parts = [labels] if isinstance(labels, np.ndarray) else (
+        labels.part(slice(i, i + chunk)).labels for i in range(0, len(labels.positions), chunk))
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for part in parts:
+        found = np.bincount(part[part >= 0], minlength=num_classes)
+        counts = np.pad(counts, (0, len(found) - len(counts))) + found  # a class past num_classes: counted too
     return {"counts": counts.tolist(), "min": int(counts.min()), "max": int(counts.max()),
             "empty_classes": int((counts == 0).sum())}
 

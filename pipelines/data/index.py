@@ -105,8 +105,10 @@ class SourceIndex:
         return int(self.shard_end[shard - 1]) if shard else 0
 
     def shard_of(self, positions: np.ndarray) -> np.ndarray:
-        """The shard each row in `positions` lies in."""
-        return np.searchsorted(self.shard_end, positions, side="right")
+        """The shard each row in `positions` lies in (shard ends cast to the rows' type: unsigned ends against signed
+        rows would make numpy cast both to float64, a copy of the rows)."""
+        positions = np.asarray(positions)
+        return np.searchsorted(np.asarray(self.shard_end).astype(positions.dtype), positions, side="right")
 
     @property
     def reads_rows(self) -> bool:

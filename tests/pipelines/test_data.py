@@ -344,6 +344,7 @@ def test_the_data_commands_run_without_runpy_s_warning(tmp_path, command):
 def test_class_counts_report_the_spread():
     balance = data.class_counts(np.array([0, 0, 1, 3]), 5)
     assert balance == {"counts": [2, 1, 0, 1, 0], "min": 0, "max": 2, "empty_classes": 2}
+    assert data.class_counts(np.array([0, 6]), 5)["counts"] == [1, 0, 0, 0, 0, 0, 1]  # past num_classes: counted
 
 
 def _source(folder, counts, tag=""):

@@ -131,6 +131,7 @@ def test_evaluation_batches_and_class_counts_carry_every_label(source):
     assert dict(zip(split.keys, _rows(split.labels), strict=True)) == truth
     counts = data.class_counts(_everything(paths).labels, CLASSES)
     expected = np.bincount([c for classes in truth.values() for c in classes], minlength=CLASSES)
+    assert data.class_counts(_everything(paths), CLASSES, chunk=7) == counts  # a subset, read 7 rows at a time
     assert counts["counts"] == expected.tolist() and sum(counts["counts"]) > len(truth)
     assert counts["min"] == expected.min() and counts["max"] == expected.max() and counts["empty_classes"] == 0
 
