@@ -73,22 +73,32 @@ def _chance(ax, frame: pd.DataFrame) -> None:
         ax.axhline(float(chance.iloc[0]), color="0.45", ls="--", lw=1, zorder=0, label="chance")
 
 
-def _fitted_curves(ax, frame: pd.DataFrame, key: tuple, fits: dict, palette: dict) -> None:
-    sizes = np.geomspace(frame["subset_size"].min(), frame["subset_size"].max(), 100)
+def _fitted_curves(ax, frame: pd.DataFrame, key: tuple, fits: dict, palette: dict,
+                   reach: tuple[float, float] | None = None) -> None:
+    """Each model's fitted law over the measured sizes, or over `reach` (the sizes out to a crossover marked beyond
+    them: the dashed laws meet at the dotted line)."""
+    lo, hi = reach or (frame["subset_size"].min(), frame["subset_size"].max())
+    sizes = np.geomspace(lo, hi, 100)
     for model in frame["model"].unique():
         fit: Fit | None = fits.get((model, *key))
         if fit is not None:
             ax.plot(sizes, fit.accuracy(sizes), ls="--", lw=1, color=palette[model], alpha=0.8)
 
 
-def _mark_crossovers(ax, key: tuple, crossovers: list[dict], lo: float, hi: float) -> None:
-    for c in crossovers:
-        if (c["eval"], c["dataset"], c["shots"], c["metric"]) != key or c["estimate"] is None:
-            continue
-        if lo / 10 <= c["estimate"] <= hi * 10:
-            ax.axvline(c["estimate"], color="k", ls=":", lw=1)
-            ax.annotate(f"{c['status']}\n{_short(c['estimate'])}", (c["estimate"], ax.get_ylim()[0]),
-                        xytext=(3, 3), textcoords="offset points", fontsize=7)
+def _marked(key: tuple, crossovers: list[dict], lo: float, hi: float) -> list[dict]:
+    """The panel's crossovers that are drawn: within 10x of its measured sizes."""
+    return [c for c in crossovers if (c["eval"], c["dataset"], c["shots"], c["metric"]) == key
+            and c["estimate"] is not None and lo / 10 <= c["estimate"] <= hi * 10]
+
+
+def _mark_crossovers(ax, marked: list[dict], hi: float) -> None:
+    """A dotted line at each crossover, labelled inside the axes (left of the line where it is past the sizes)."""
+    for c in marked:
+        ax.axvline(c["estimate"], color="k", ls=":", lw=1)
+        right = c["estimate"] > hi
+        ax.annotate(f"{c['status']}\n{_short(c['estimate'])}", (c["estimate"], 0.02),
+                    xycoords=ax.get_xaxis_transform(), xytext=(-3 if right else 3, 3), textcoords="offset points",
+                    ha="right" if right else "left", fontsize=7)
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
@@ -154,8 +164,11 @@ def fig_vs_data(table: pd.DataFrame, evaluation: str, out_dir: Path, name: str, 
         _family_bands(ax, group)
         _chance(ax, group)
         _lineplot(ax, group, palette)
-        _fitted_curves(ax, group, key, fits, palette)
-        _mark_crossovers(ax, key, crossovers, group["subset_size"].min(), group["subset_size"].max())
+        lo, hi = group["subset_size"].min(), group["subset_size"].max()
+        marked = _marked(key, crossovers, lo, hi)
+        reach = (min([lo, *(c["estimate"] for c in marked)]), max([hi, *(c["estimate"] for c in marked)]))
+        _fitted_curves(ax, group, key, fits, palette, reach)
+        _mark_crossovers(ax, marked, hi)
         _size_axis(ax, sorted(group["subset_size"].unique()))
         ax.set_title(f"{dataset}" + ("" if pd.isna(shots) else f", {int(shots)}-shot"))
     _legend(fig, [ax for ax, _ in panels])
@@ -378,19 +391,23 @@ def fig7_across_grid(table: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 
 def fig7_side_by_side(panels: dict[str, list[tuple[int, Path]]], out_dir: Path) -> list[Path]:
-    """Per model, its Fig 7 panels (`fig7_panels` PNGs) at the smallest and the largest subset side by side in one
-    PNG. `panels`: {model: [(subset size, PNG path)]}."""
+    """Per model, its Fig 7 panels (`fig7_panels` PNGs) at the smallest and the largest subset in one PNG, the
+    smallest above the largest (each keeps its own width, so its text reads at the size it was drawn: two side by
+    side were twice a page's width and shrank to half), with the panels' dpi, which the report sizes it by.
+    `panels`: {model: [(subset size, PNG path)]}."""
     from PIL import Image
 
     written = []
     for model, items in panels.items():
         (small, a), (large, b) = min(items), max(items)
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in dict.fromkeys([a, b])]
-        height = max(im.shape[0] for im in images)
-        padded = [np.pad(im, ((0, height - im.shape[0]), (0, 20), (0, 0)), constant_values=255) for im in images]
+        opened = [Image.open(p) for p in dict.fromkeys([a, b])]
+        dpi = opened[0].info.get("dpi")
+        images = [np.asarray(im.convert("RGB")) for im in opened]
+        width = max(im.shape[1] for im in images)
+        padded = [np.pad(im, ((0, 20), (0, width - im.shape[1]), (0, 0)), constant_values=255) for im in images]
         path = out_dir / f"fig7_{model.replace('/', '-')}_n{small}_vs_n{large}.png"
         buf = io.BytesIO()
-        Image.fromarray(np.concatenate(padded, 1)).save(buf, format="PNG")
+        Image.fromarray(np.concatenate(padded, 0)[:-20]).save(buf, format="PNG", **({"dpi": dpi} if dpi else {}))
         atomic.write_bytes(path, buf.getvalue())
         written.append(path)
     return written

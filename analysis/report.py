@@ -34,6 +34,8 @@ def fmt(v) -> str:
         v = float(v)  # written alike, whole or not: `[512, 1,024]`, not `[512.00, 1,024]`
         if abs(v) >= 1e7 or (v and abs(v) < 0.01):
             return f"{v:.3g}"
+        if abs(v) < 1 and not v.is_integer():  # two significant digits: b = 0.030 [0.027, 0.033], not 0.03 [0.03, 0.03]
+            return f"{v:#.2g}"
         return f"{v:,.0f}" if abs(v) >= 100 or v.is_integer() else f"{v:.2f}"
     if isinstance(v, list):
         return "[" + ", ".join(fmt(x) for x in v) + "]"
@@ -138,7 +140,7 @@ CAPTIONS = {  # what to see in each figure, by its file stem's prefix
                 "grey dashed: the ResNets' receptive field per stage.",
     "compare_": "One evaluation across studies: mean over seeds [95% t interval], one colour per study, one marker "
                 "per family, one line style per model within a study. What to see: whether the studies agree.",
-    "fig7_": "One model's Fig 7 panels at its smallest (left) and largest (right) subset: patch-filter principal "
+    "fig7_": "One model's Fig 7 panels at its smallest (top) and largest (bottom) subset: patch-filter principal "
              "components, position-embedding similarity, attention distance per head (black dotted: uniform "
              "attention).",
 }

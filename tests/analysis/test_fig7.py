@@ -1,4 +1,4 @@
-"""Fig 7 side by side: a model's panels at its smallest and largest subset, composited into one PNG."""
+"""Fig 7 at two sizes: a model's panels at its smallest and largest subset, composited into one PNG."""
 
 import numpy as np
 from PIL import Image
@@ -11,15 +11,24 @@ def _png(path, height: int, width: int, grey: int):
     return path
 
 
-def test_the_smallest_and_largest_subsets_sit_side_by_side_padded_white(tmp_path):
-    small, mid, large = (_png(tmp_path / f"{n}.png", h, 30, g) for n, h, g in ((10, 40, 0), (20, 45, 90), (30, 50, 60)))
+def test_the_smallest_subset_sits_above_the_largest_padded_white_at_the_panels_dpi(tmp_path):
+    """One above the other, so each keeps the width it was drawn at (side by side, two 12-inch panels shrank to half
+    on the report's page, their text ~5 px); the panels' dpi travels, so the report sizes the PNG at print size."""
+    from analysis.report import css_width
+
+    small, mid, large = (_png(tmp_path / f"{n}.png", h, w, g) for n, h, w, g in
+                         ((10, 40, 30, 0), (20, 45, 30, 90), (30, 50, 36, 60)))
+    for path in (small, large):
+        Image.open(path).save(path, dpi=(120, 120))
     panels = {"ViT-B/16": [(30, large), (10, small), (20, mid)], "ViT-Pico/4": [(10, small)]}
     written = fig7_side_by_side(panels, tmp_path)
     assert [p.name for p in written] == ["fig7_ViT-B-16_n10_vs_n30.png", "fig7_ViT-Pico-4_n10_vs_n10.png"]
     both = np.asarray(Image.open(written[0]))
-    assert both.shape == (50, 2 * (30 + 20), 3)  # the taller height; each panel and a 20-pixel white gap
-    assert (both[:40, :30] == 0).all() and (both[40:, :30] == 255).all() and (both[:, 50:80] == 60).all()
-    assert np.asarray(Image.open(written[1])).shape == (40, 50, 3)  # one subset: its panel once
+    assert both.shape == (40 + 20 + 50, 36, 3)  # the smallest, a 20-pixel white gap, the largest; the wider width
+    assert (both[:40, :30] == 0).all() and (both[:40, 30:] == 255).all() and (both[40:60] == 255).all()
+    assert (both[60:] == 60).all()
+    assert np.asarray(Image.open(written[1])).shape == (40, 30, 3)  # one subset: its panel once
+    assert css_width(written[0]) == round(36 * 96 / 120)
 
 
 def test_a_panel_is_written_whole_or_not_at_all(tmp_path, monkeypatch):

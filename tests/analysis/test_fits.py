@@ -210,9 +210,9 @@ def test_a_curve_without_shots_has_its_law_drawn_and_in_the_fit_diagnostics(tmp_
     assert sorted((k[1], k[3]) for k in fitted) == [("fewshot", 5)] * 2 + [("finetune", None)] * 2
     drawn, real = [], plots._fitted_curves
 
-    def fitted_curves(ax, frame, key, found, palette):
+    def fitted_curves(ax, frame, key, found, palette, reach=None):
         drawn.append((key[0], sorted(m for m in frame["model"].unique() if found.get((m, *key)) is not None)))
-        real(ax, frame, key, found, palette)
+        real(ax, frame, key, found, palette, reach)
 
     monkeypatch.setattr(plots, "_fitted_curves", fitted_curves)
     plots.fig_vs_data(table, "finetune", tmp_path, "fig3", "Fig 3", fitted, [])
