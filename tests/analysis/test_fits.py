@@ -61,7 +61,8 @@ def test_crossover_beyond_the_measured_range_is_extrapolated_with_an_interval():
     _, fitted = fits.fit_table(table)
     (row,) = fits.crossover_table(table, fitted)
     assert row["status"] == "extrapolated" and row["estimate"] == pytest.approx(true, rel=0.25)
-    assert row["ci"] is not None and row["ci"][0] < row["estimate"] < row["ci"][1]
+    lo, hi = row["ci"]  # open above where over 2.5% of the replicates do not cross within 1000x (here 9%)
+    assert lo < row["estimate"] and (hi > row["estimate"] if hi is not None else 0.5 <= row["support"] < 0.975)
 
 
 def test_curves_that_never_cross():
