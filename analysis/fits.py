@@ -380,6 +380,7 @@ def _with_interval(found: dict, boots: list[float], what: str) -> dict:
     replicates put past the searched sizes is open (None: "below" or "beyond" them), not a percentile of the
     replicates that happened to cross."""
     values = np.asarray(boots, dtype=float)
+    values = values[~np.isnan(values)]  # a replicate whose fit failed: neither crossing nor not
     crossing = np.isfinite(values)
     support = float(crossing.mean()) if len(values) else None
     found["support"] = support
@@ -417,9 +418,10 @@ def interval_text(ci: list | None, window: list | None, size=lambda n: f"{n:,.0f
 
 
 def _ahead_at_largest(vit: pd.Series, bit: pd.Series) -> bool:
-    """Whether the ViT's mean is ahead of the BiT's at the largest size both were measured at."""
-    top = max(set(vit.index) & set(bit.index))
-    return bool(vit[top] > bit[top])
+    """Whether the ViT's mean is ahead of the BiT's at the largest size both were measured at (False where they
+    share none)."""
+    common = set(vit.index) & set(bit.index)
+    return bool(common) and bool(vit[max(common)] > bit[max(common)])
 
 
 def _who_leads(diff: pd.Series) -> str:
@@ -483,6 +485,9 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
     n = len(vit_samples)
     fit_boots = []
     for i in range(n):
+        if not (np.isfinite(vit_samples[i]).all() and np.isfinite(bit_samples[i]).all()):
+            fit_boots.append(math.nan)  # a refit that failed (kept as NaN for pairing): left out, not "no crossing"
+            continue
         gain = lambda x, i=i: power_law(x, *bit_samples[i]) - power_law(x, *vit_samples[i])  # noqa: E731
         fit_boots.append(_side(_crossing(gain, a, b, lasting=True), bool(gain(np.array([b]))[0] > 0)))
     if estimate is None:
@@ -490,7 +495,9 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
         where = (f"from {below} to the largest" if ahead else
                  f"from the smallest size to {EXTRAPOLATE:g}x beyond the largest")
         # what decided "none" is the fitted laws: their bootstrap says how firmly (not the measured means')
-        support = float(np.isfinite(fit_boots).mean()) if n else none["support"]
+        known = np.asarray(fit_boots, dtype=float)
+        known = known[~np.isnan(known)]
+        support = float(np.isfinite(known).mean()) if len(known) else none["support"]
         return {**none, **window, "support": support,
                 "reason": f"{_who_leads(diff)}, and the fitted ViT does not overtake the BiT for good {where}"}
     status = "extrapolated" if not lo <= estimate <= hi else "fitted"

@@ -68,14 +68,18 @@ def _mean_or_none(col: pd.Series) -> float | None:
 
 def gap(bit: pd.Series, vit: pd.Series) -> dict:
     """BiT minus ViT (percentage points) from per-seed values, with its 95% interval and how it was made: paired over
-    the seeds both ran where there are two or more (a seed one model lacks, a failed trial, is left out: it would
-    bring its subset's draw into the mean unpaired, and could flip the gap's sign), else Welch's interval."""
+    the seeds both ran (a seed one model lacks, a failed trial, is left out: it would bring its subset's draw into
+    the mean unpaired, and could flip the gap's sign), with an interval where there are two or more; Welch's
+    interval where they share no seed."""
     common = bit.index.intersection(vit.index)
     if len(common) >= 2:
         mean, lo, hi = mean_interval((bit[common] - vit[common]).to_numpy())
         method = f"paired over {len(common)} seeds"
         if not len(common) == len(bit) == len(vit):
             method += f" (those both ran; BiT {len(bit)}, ViT {len(vit)})"
+    elif len(common) == 1:  # the one seed both ran: paired, with no interval (the others' subsets differ)
+        mean, lo, hi = float((bit[common] - vit[common]).iloc[0]), None, None
+        method = f"one seed both ran: no interval (BiT {len(bit)}, ViT {len(vit)})"
     elif len(bit) >= 2 and len(vit) >= 2:
         mean = float(bit.mean() - vit.mean())
         vb, vv = bit.var(ddof=1) / len(bit), vit.var(ddof=1) / len(vit)

@@ -192,27 +192,31 @@ class Storage:
 
     def upload_file(self, local: Path, rel: str) -> None:
         """Copy a local file to `rel` in chunks (an index column of a web-scale source is gigabytes: never whole in
-        memory). Object storage shows an object only once its upload completes, so it is written in place (and
-        removed if the copy fails: closing the stream would complete it); a local root takes a temporary name, the
-        bytes synced, then a rename."""
+        memory), under a temporary name moved into place when whole (on a local disk, its bytes synced first): a
+        failed copy leaves no part of it under `rel` (closing an object store's stream would complete a cut upload
+        there), and its temporary object is removed."""
         target = self.path(rel)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        on_disk = isinstance(self.fs, pafs.LocalFileSystem)
-        dest = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if on_disk else target
+        tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            with open(local, "rb") as src, self.fs.open_output_stream(dest) as out:
+            with open(local, "rb") as src, self.fs.open_output_stream(tmp) as out:
                 shutil.copyfileobj(src, out, CHUNK)
-            if on_disk:
-                fd = os.open(dest, os.O_RDONLY)
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                fd = os.open(tmp, os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                self.fs.move(dest, target)
+            self.fs.move(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
-                self.fs.delete_file(dest)
+                self.fs.delete_file(tmp)
             raise
+
+    def sizes(self, rel: str) -> dict[str, int]:
+        """Name -> size in bytes of the files directly under `rel` (empty when it does not exist)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+        return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
 
     def download_file(self, rel: str, local: Path) -> bool:
         """Copy `rel` to the local file `local` in chunks, through a temporary name; False where `rel` is absent."""

@@ -329,8 +329,9 @@ def sync_indexes(cfg: StudyConfig, storage: Storage, src, found: data.Prepared |
     rel = f"index/{record.parent.name}/{record.name}"
     if upload:
         for folder in map(Path, found.indexes.values()):  # what storage lacks (new seeds' orders too), meta.json last
+            stored = storage.sizes(f"index/{folder.name}")
             for f in sorted(_finished(folder.iterdir()), key=lambda p: p.name == "meta.json"):
-                if not storage.exists(f"index/{folder.name}/{f.name}"):
+                if stored.get(f.name) != f.stat().st_size:
                     storage.upload_file(f, f"index/{folder.name}/{f.name}")
         storage.upload_file(record, rel)
         return
@@ -338,15 +339,16 @@ def sync_indexes(cfg: StudyConfig, storage: Storage, src, found: data.Prepared |
     if stored is None:
         return  # nothing uploaded: `data.prepared` prepares the source here
     for folder in (root / Path(f).name for f in json.loads(stored)["indexes"].values()):
-        names = storage.list_dir(f"index/{folder.name}")
+        sizes = {name: n for name, n in storage.sizes(f"index/{folder.name}").items() if not name.startswith(".")
+                 and ".tmp-" not in name}  # an upload in progress, under its temporary name
         if not (folder / "meta.json").exists():
             with atomic.folder(folder) as tmp:
-                for name in names:
+                for name in sizes:
                     storage.download_file(f"index/{folder.name}/{name}", tmp / name)
             continue
-        have = {p.name for p in folder.iterdir()}
-        for name in names:
-            if name not in have:
+        have = {p.name: p.stat().st_size for p in _finished(folder.iterdir())}
+        for name, n in sizes.items():
+            if have.get(name) != n:  # absent here, or not what storage holds now
                 storage.download_file(f"index/{folder.name}/{name}", folder / name)
     if not record.exists() or record.read_bytes() != stored:
         atomic.write_bytes(record, stored)

@@ -133,3 +133,23 @@ def test_a_resnet_overtaking_the_vit_is_not_called_a_vit_lead():
                                                          for i, n in enumerate(sizes)}))
     (row,) = fits.crossover_table(table, fits.fit_table(table)[1])
     assert row["status"] == "none" and row["reason"].startswith("ViT ahead only below 1,024")
+
+
+def test_one_seed_both_ran_is_paired_without_an_interval_and_disjoint_sizes_have_no_crossover():
+    """Two of three trials of one model failed at a size: the gap is the one seed both ran, not the other seeds'
+    mean against it (which had the opposite sign here); two models measured at no common size have no crossover
+    (the bootstrap's "who is ahead at the largest common size" had no size to look at, and raised)."""
+    g = intervals.gap(pd.Series([22.0, 34.0, -8.0]), pd.Series([20.0]))
+    assert g == {"bit_minus_vit": 2.0, "ci": None, "method": "one seed both ran: no interval (BiT 3, ViT 1)"}
+    vit = _rows("ViT-Pico/4", "ViT", {n: [20.0, 21.0] for n in (256, 1024, 4096)})
+    bit = _rows("BiT-R14-Pico", "BiT", {n: [22.0, 23.0] for n in (512, 2048, 8192)})
+    table = pd.DataFrame(vit + bit)
+    (row,) = fits.crossover_table(table, fits.fit_table(table)[1])
+    assert row["status"] == "none" and row["ci"] is None
+
+
+def test_a_failed_bootstrap_refit_is_left_out_not_counted_as_no_crossing():
+    """A replicate whose refit failed is kept as NaN (for pairing); it says nothing about where the laws cross, so
+    it neither lowers the support nor opens the interval (6 failed refits of 200 opened its upper end)."""
+    found = fits._with_interval({}, [1e4 + i for i in range(90)] + [math.nan] * 10, "fit-bootstrap")
+    assert found["support"] == 1.0 and None not in found["ci"]

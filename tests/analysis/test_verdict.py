@@ -265,3 +265,9 @@ def test_an_equal_gap_at_both_ends_is_not_called_growth():
         g["bit_minus_vit"] = 10.0  # equal at every size, to the printed digit and beyond
     answer = verdict.verdict(table, {**_summary(table), "gaps": gaps})
     assert "the gap is as large at both ends: +10.0" in answer.sentence, answer.sentence
+
+
+def test_an_upstream_evaluation_that_produced_no_number_is_not_called_near_chance():
+    table = _table(_rows("ViT-B/16", "ViT", lambda n: float("nan"), evaluation="upstream", shots=None,
+                         dataset="pretrain", chance=6.25))
+    assert verdict.upstream_near_chance(table) == []

@@ -102,3 +102,59 @@ def test_a_node_takes_the_index_of_rewritten_shards_and_never_a_record_without_i
     assert not data.record_path(src, root).exists() and not (root / os.path.basename(found.indexes["train"])).exists()
     sync_indexes(fresh, storage, src)  # the next trial
     assert data.prepared(src, fresh.cache_dir, root).index().label.tolist() == [i % 3 for i in range(8)] * 2
+
+
+def test_a_cut_upload_leaves_nothing_under_its_name_and_a_short_copy_is_replaced(s3, tmp_path, monkeypatch):
+    """An upload that fails midway leaves no object under its name (closing the stream would complete it there);
+    a stored index file whose size is not the local one is uploaded again by the driver, and a node's copy whose
+    size is not the stored one is downloaded again (a name alone said "present")."""
+    import pytest
+
+    from study import storage as storage_module
+    from study.storage import Storage
+    from study.trial import index_root, sync_indexes
+
+    storage = Storage(s3)
+    storage.write_bytes("created", b"")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 * storage_module.CHUNK))
+
+    def cut(src, out, length):
+        out.write(src.read(length))
+        raise OSError("connection reset")
+
+    class Undeletable:  # the clean-up after the failure fails too (the endpoint went away)
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def delete_file(self, path):
+            raise OSError("endpoint gone")
+
+    fs, storage.fs = storage.fs, Undeletable(storage.fs)
+    with monkeypatch.context() as patch:
+        patch.setattr(storage_module.shutil, "copyfileobj", cut)
+        with pytest.raises(OSError, match="connection reset"):
+            storage.upload_file(big, "index/x/big.bin")
+    storage.fs = fs
+    assert "big.bin" not in storage.sizes("index/x")  # at most a temporary object, which nothing reads
+    storage.upload_file(big, "index/x/big.bin")
+    assert storage.sizes("index/x")["big.bin"] == big.stat().st_size
+
+    driver, node = _config(tmp_path / "driver-cache"), _config(tmp_path / "node-cache")
+    src = driver.data.pretrain
+    found = data.prepare(src, driver.cache_dir, index_root(driver, storage), progress=False)
+    sync_indexes(driver, storage, src, found, upload=True)
+    folder = os.path.basename(found.indexes["train"])
+    name = next(n for n in storage.sizes(f"index/{folder}") if n != "meta.json")
+    whole = (found.index().folder / name).read_bytes()
+    storage.write_bytes(f"index/{folder}/{name}", whole[:10])  # what a cut upload of an older release left
+    sync_indexes(driver, storage, src, found, upload=True)
+    assert storage.read_bytes(f"index/{folder}/{name}") == whole
+    sync_indexes(node, storage, src)
+    mine = index_root(node, storage) / folder / name
+    mine.write_bytes(whole[:10])  # a node's short copy
+    sync_indexes(node, storage, src)
+    assert mine.read_bytes() == whole
