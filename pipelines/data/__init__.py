@@ -22,6 +22,7 @@ from pipelines.data.sources import (
     check_local_shards,
     info_files,
     info_lengths,
+    info_listing,
     is_local,
     shard_identity,
     split_files,
@@ -227,11 +228,23 @@ def cached_index(shards: list[str], root: Path, mapper: Mapper | None = None, pr
     with ThreadPoolExecutor(max_workers=min(16, len(remote) or 1)) as pool:  # remote look-ups wait on the network
         found = dict(zip(remote, pool.map(shard_identity, remote), strict=True))
     ident = [f"index-v{INDEX_VERSION}", duplicates, *(found.get(s) or shard_identity(s) for s in shards),
-             info_lengths(shards)]  # an `_info.json` saying what a cut shard lost changes the index too
+             _listed_for_key(shards)]  # an `_info.json` saying what a cut shard lost changes the index too
     folder = Path(root) / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
     if not (folder / "meta.json").exists():
         scan.build(shards, folder, mapper=mapper, workers=workers, duplicates=duplicates, progress=progress)
     return folder
+
+
+def _listed_for_key(shards: list[str]) -> dict[str, int]:
+    """What `_info.json` lists, as an index key holds it: for shards in one folder, that folder's whole listing by
+    shard name (the form every index built so far was keyed with, so none is built again); for several folders,
+    each shard's count from its own folder's file, by path."""
+    if not shards or not is_local(shards[0]):
+        return {}
+    folders = {os.path.dirname(s) for s in shards if is_local(s)}
+    if len(folders) == 1:
+        return info_listing(Path(shards[0]).parent / "_info.json")
+    return info_lengths(shards)
 
 
 def check_source(src: SourceConfig, index: SourceIndex, max_bad_fraction: float = 0.001, split: str = "train"

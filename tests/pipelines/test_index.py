@@ -474,6 +474,10 @@ def test_shards_in_several_folders_are_counted_by_each_folders_own_info_json(tmp
     (problem,) = inspect(src(73), "data.pretrain").problems
     assert problem.startswith("data.pretrain.size=73: more than the 72 samples the _info.json files of their 2 "
                               "folders list for these shards")
+    from pipelines.data import _listed_for_key
+
+    one = [f"{tmp_path}/a/train-{s}.tar" for s in range(2)]  # one folder: keyed as every index before this was
+    assert _listed_for_key(one) == {f"train-{s}.tar": 10 for s in range(4)}  # (by name, the folder's whole listing)
     raw = (tmp_path / "b" / "train-1.tar").read_bytes()  # cut in b: lost counts come from b's own _info.json
     (tmp_path / "b" / "train-1.tar").write_bytes(raw[:len(raw) // 2])
     cut = data.prepare(src(60), tmp_path / "cache2", max_bad_fraction=0.5).index()
