@@ -223,8 +223,11 @@ class ShardStream(IterableDataset):
         label, None) per readable sample and (None, None, None, BadCounts of one) per indexed sample not read."""
         for shard, first, stop in plan:
             take = self.shard_rows(shard)[first:stop]
-            found, here = 0, BadCounts()
+            found, here, seen = 0, BadCounts(), set()
             for sample in iter_encoded([self.index.shard_url(shard)], here, key_filter(self.index, take)):
+                if sample[0] in seen:  # a key repeated in the tar (`duplicates: first` indexed its first copy)
+                    continue
+                seen.add(sample[0])
                 found += 1 + sum(here.values())  # read, and those read but unreadable (counted by cause)
                 yield from _unreadable(here)
                 yield (*sample, None)

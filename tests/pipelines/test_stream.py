@@ -384,3 +384,19 @@ def test_a_streamed_source_with_unreadable_samples_resumes_where_it_stopped(tmp_
     loader = make()
     _steps(loader, 24)  # each loader worker's part is 41 positions an epoch: 2 epochs by step 24
     assert sum(loader.skipped(0).values()) == sum(loader.skipped(1).values()) == 82 - len(readable)
+
+
+def test_a_key_repeated_in_a_streamed_tar_is_read_once_per_epoch(tmp_path):
+    """`duplicates: first` indexes a repeated key once; the stream reads it once too (its second copy took a
+    position the epoch does not have, so later epochs and a resume drifted by one)."""
+    rng = np.random.default_rng(0)
+    samples = [(f"k{i:02d}", {"jpg": _jpeg(rng), "cls": b"1"}) for i in range(12)]
+    _shard(tmp_path / "000000.tar", samples + [samples[3]])  # k03 again, at the tar's end
+    index = data.SourceIndex(data.cached_index([f"pipe:cat {tmp_path}/000000.tar"], tmp_path / "index",
+                                               duplicates="first"))
+    rows = ShardSubset(index, np.arange(len(index), dtype=np.int64))
+    make = lambda: StreamLoader(ShardStream(rows, 12, 4, AUG, seed=0, shuffle_buffer=4), workers=0)  # noqa: E731
+    first = _steps(make(), 9)  # 3 steps an epoch
+    for epoch in range(3):
+        assert Counter(k for b in first[3 * epoch:3 * epoch + 3] for k in b.keys) == Counter(k for k, _ in samples)
+    assert [b.keys for b in _steps(make(), 4, start_step=5)] == [b.keys for b in first[5:]]
