@@ -79,7 +79,8 @@ def gap(bit: pd.Series, vit: pd.Series) -> dict:
             method += f" (those both ran; BiT {len(bit)}, ViT {len(vit)})"
     elif len(common) == 1:  # the one seed both ran: paired, with no interval (the others' subsets differ)
         mean, lo, hi = float((bit[common] - vit[common]).iloc[0]), None, None
-        method = f"one seed both ran: no interval (BiT {len(bit)}, ViT {len(vit)})"
+        method = ("one seed: no interval" if len(bit) == len(vit) == 1 else
+                  f"one seed both ran: no interval (BiT {len(bit)}, ViT {len(vit)})")
     elif len(bit) >= 2 and len(vit) >= 2:
         mean = float(bit.mean() - vit.mean())
         vb, vv = bit.var(ddof=1) / len(bit), vit.var(ddof=1) / len(vit)

@@ -187,8 +187,8 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
            "–" if c.get("support") is None else f"{c['support']:.0%}", c.get("reason") or "–"]
           for c in summary["crossovers"]]),
         ("h2", "BiT − ViT at the smallest and the largest subset"),
-        ("p", "Percentage points, mean over seeds [95% t interval; paired over seeds when both models ran the "
-              "same seeds, which pretrain on the same nested subset]."),
+        ("p", "Percentage points, mean over seeds [95% t interval; paired over the seeds both models ran, which "
+              "pretrain on the same nested subset (a seed only one ran is left out)]."),
         *(("p", line) for line in gap_lines(summary["gaps"])),
         *more_figures(figures), ("h2", "Results")]
     for key, frame in fits.accuracy_rows(table).groupby(["eval", "dataset", "shots", "metric"], dropna=False):
