@@ -183,7 +183,8 @@ def upstream_near_chance(table: pd.DataFrame) -> list[str]:
     """Models whose upstream top-1 at their largest size has not clearly left chance: a mean under twice chance, or
     a 95% t interval over seeds that includes chance (issue 25's bar: at least twice chance, the interval clear of
     it), whatever the number of seeds."""
-    rows = table[(table["eval"] == UPSTREAM) & table["chance"].notna() & np.isfinite(table["value"])]
+    value = pd.to_numeric(table["value"], errors="coerce")  # the table also holds non-numeric values
+    rows = table[(table["eval"] == UPSTREAM) & table["chance"].notna() & np.isfinite(value)]
     out = []
     for model, frame in rows.groupby("model"):
         n = frame["subset_size"].max()

@@ -175,32 +175,26 @@ class Storage:
             return None
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write `rel` whole: a temporary name, then a move (on a local disk, the bytes synced before it: a machine
-        that goes down right after the move leaves the file whole, not empty)."""
-        target = self.path(rel)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self.fs.move(tmp, target)
+        """Write `rel` whole (`_put`)."""
+        self._put(rel, lambda out: out.write(data))
 
     def upload_file(self, local: Path, rel: str) -> None:
         """Copy a local file to `rel` in chunks (an index column of a web-scale source is gigabytes: never whole in
-        memory), under a temporary name moved into place when whole (on a local disk, its bytes synced first): a
-        failed copy leaves no part of it under `rel` (closing an object store's stream would complete a cut upload
-        there), and its temporary object is removed."""
+        memory), whole or not at all (`_put`)."""
+        with open(local, "rb") as src:
+            self._put(rel, lambda out: shutil.copyfileobj(src, out, CHUNK))
+
+    def _put(self, rel: str, fill) -> None:
+        """Write `rel` by `fill(stream)` under a temporary name, moved into place when whole (on a local disk, the
+        bytes synced before it: a machine that goes down right after the move leaves the file whole, not empty). A
+        failed write leaves no part of it under `rel` (closing an object store's stream would complete a cut upload
+        there), and its temporary file is removed."""
         target = self.path(rel)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            with open(local, "rb") as src, self.fs.open_output_stream(tmp) as out:
-                shutil.copyfileobj(src, out, CHUNK)
+            with self.fs.open_output_stream(tmp) as out:
+                fill(out)
             if isinstance(self.fs, pafs.LocalFileSystem):
                 fd = os.open(tmp, os.O_RDONLY)
                 try:
