@@ -157,14 +157,19 @@ def keep_sigterm() -> Iterator[None]:
 
 def stop_requested(storage: Storage, every: float = 2.0) -> Callable[[], bool]:
     """A trial's `should_stop`: whether this worker is being preempted, or the stop file exists (looked up at most
-    every `every` seconds)."""
+    every `every` seconds; where storage does not answer, as far as the trial knows: not asked, and training goes
+    on, so an outage of a minute does not crash every trial at its next look, the checkpoint being what needs it)."""
     state = {"at": 0.0, "stop": False}
 
     def ask() -> bool:
         if _PREEMPTED.is_set():
             return True
         if not state["stop"] and time.monotonic() - state["at"] >= every:
-            state["at"], state["stop"] = time.monotonic(), storage.exists(STOP)
+            state["at"] = time.monotonic()
+            try:
+                state["stop"] = storage.exists(STOP)
+            except OSError:
+                pass
         return state["stop"]
 
     return ask

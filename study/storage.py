@@ -23,6 +23,7 @@ from pipelines import checkpoint, pretrain, selection
 from pipelines.config import UserError, first_line
 
 POINTS = "points"  # every grid point's folder is under it
+_SCHEMES = {"s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az", "http", "https", "file", "mock"}  # what `s3//x` meant
 CHUNK = 8 << 20  # bytes per read and write when a file is copied to or from storage
 
 
@@ -117,6 +118,10 @@ class Storage:
     def __init__(self, root: str):
         self.root = root
         local = "://" not in root
+        if local and (scheme := re.match(r"([A-Za-z][A-Za-z0-9+.-]+)(:/|//)", root)) and (
+                ":" in scheme.group(0) or scheme.group(1).lower() in _SCHEMES):
+            raise UserError(f"--storage {redact(root)}: a URI with a mangled '://' (it would be a local folder named "
+                            f"after it); write {scheme.group(1)}://..., or give a local path")
         if not local and redact(root) != root:  # Ray would store the URI in its experiment state, and we print it
             raise UserError(f"--storage {redact(root)}: credentials in the URI would be printed and stored; put them "
                             "in the standard environment variables (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "

@@ -96,6 +96,17 @@ def test_an_out_or_storage_under_a_file_is_one_line(option, dry_run, cache_dir, 
     assert code == 2 and stderr == f"error: {option}: {problem}; give a folder this user can write\n", stderr
 
 
+@pytest.mark.parametrize("storage", ["s3:/bucket/runs?endpoint_override=127.0.0.1:9&scheme=http", "s3//bucket/runs"])
+def test_a_storage_uri_with_a_mangled_scheme_is_one_line_not_a_local_folder(storage, cache_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    """`s3:/...` and `s3//...` have no '://', so they were taken for local folders (named after the URI, under the
+    working directory), and a study on a cluster kept its results on the nodes that made them, exit 0."""
+    code, _, stderr = _in_process(["--grid", "configs/smoke.yaml", "--dry-run", "--out", str(tmp_path / "out"),
+                                   "--storage", storage], cache_dir, monkeypatch, capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "a URI with a mangled '://'" in stderr, stderr
+    assert "write s3://..., or give a local path" in stderr and not (ROOT / storage.split("/")[0]).exists()
+
+
 def test_bad_input_from_the_command_line_is_one_line_exit_2_and_no_traceback(cache_dir, tmp_path):
     proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path),
                     "data.pretrain.source=webdataset", "data.pretrain.urls=/nonexistent/{000000..000003}.tar"],

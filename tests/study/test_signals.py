@@ -220,3 +220,29 @@ def test_a_stop_that_cannot_be_written_stops_at_once_in_one_line(tmp_path, capsy
     assert err.startswith("SIGTERM: could not ask the trials to checkpoint (") and err.count("\n") == 0
     assert "stopping at once (they resume from their last checkpoint)" in err
     assert not Storage(str(tmp_path)).exists(f"storage/{STOP}")
+
+
+def test_storage_that_does_not_answer_neither_stops_a_trial_nor_raises_at_the_drivers_end(tmp_path):
+    """A storage outage of a minute: the trial's look for the stop file reads "not asked" and training goes on (it
+    raised, and every trial crashed at its next look, up to its retries); the driver's lease release, on its way out
+    with the error that brought it there, does not raise a second one over it."""
+    from study.interrupt import STOP, stop_requested
+    from study.lease import Lease
+    from study.storage import Storage
+
+    storage = Storage(str(tmp_path / "storage"))
+    lease = Lease(storage, "smoke")
+    lease.acquire()
+    ask = stop_requested(storage, every=0.0)
+    answering = storage.fs
+
+    class Down:
+        def __getattr__(self, name):
+            raise OSError("Could not connect to the endpoint")
+
+    storage.fs = Down()
+    assert ask() is False
+    lease.release()  # no second error
+    storage.fs = answering
+    storage.write_bytes(STOP, b"SIGINT")
+    assert ask() is True
