@@ -24,6 +24,7 @@ from pipelines.config import UserError, first_line
 
 POINTS = "points"  # every grid point's folder is under it
 _SCHEMES = {"s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az", "http", "https", "file", "mock"}  # what `s3//x` meant
+TMP = ".tmp-"  # in the name of a file `_put` is still writing (it is moved to its own name when whole)
 CHUNK = 8 << 20  # bytes per read and write when a file is copied to or from storage
 
 
@@ -196,7 +197,7 @@ class Storage:
         there), and its temporary file is removed."""
         target = self.path(rel)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = f"{target}{TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             with self.fs.open_output_stream(tmp) as out:
                 fill(out)
@@ -213,9 +214,11 @@ class Storage:
             raise
 
     def sizes(self, rel: str) -> dict[str, int]:
-        """Name -> size in bytes of the files directly under `rel` (empty when it does not exist)."""
+        """Name -> size in bytes of the whole files directly under `rel` (empty when it does not exist): not those a
+        writer is still filling under a temporary name."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
-        return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
+        return {info.base_name: info.size for info in infos
+                if info.type == pafs.FileType.File and TMP not in info.base_name}
 
     def download_file(self, rel: str, local: Path) -> bool:
         """Copy `rel` to the local file `local` in chunks, through a temporary name; False where `rel` is absent."""

@@ -339,8 +339,7 @@ def sync_indexes(cfg: StudyConfig, storage: Storage, src, found: data.Prepared |
     if stored is None:
         return  # nothing uploaded: `data.prepared` prepares the source here
     for folder in (root / Path(f).name for f in json.loads(stored)["indexes"].values()):
-        sizes = {name: n for name, n in storage.sizes(f"index/{folder.name}").items() if not name.startswith(".")
-                 and ".tmp-" not in name}  # an upload in progress, under its temporary name
+        sizes = storage.sizes(f"index/{folder.name}")
         if not (folder / "meta.json").exists():
             with atomic.folder(folder) as tmp:
                 for name in sizes:
