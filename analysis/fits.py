@@ -379,10 +379,9 @@ def _with_interval(found: dict, boots: list[float], what: str) -> dict:
     ahead where the search starts; +inf: the BiT still ahead where it ends), so an end that more than 2.5% of the
     replicates put past the searched sizes is open (None: "below" or "beyond" them), not a percentile of the
     replicates that happened to cross."""
-    values = np.asarray(boots, dtype=float)
-    values = values[~np.isnan(values)]  # a replicate whose fit failed: neither crossing nor not
+    values = _known(boots)
     crossing = np.isfinite(values)
-    support = float(crossing.mean()) if len(values) else None
+    support = _support(boots)
     found["support"] = support
     if support is not None and support >= MIN_SUPPORT:
         if crossing.sum() < 10:
@@ -396,6 +395,19 @@ def _with_interval(found: dict, boots: list[float], what: str) -> dict:
         found["reason"] = (f"only {int(crossing.sum())} of {len(values)} {what} replicates cross "
                            f"(< {MIN_SUPPORT:.0%}): where it crosses is not resolved")
     return found
+
+
+def _known(boots: list[float]) -> np.ndarray:
+    """Bootstrap crossings (+-inf: none, on that side), less the replicates whose fit failed (NaN: neither crossing
+    nor not)."""
+    values = np.asarray(boots, dtype=float)
+    return values[~np.isnan(values)]
+
+
+def _support(boots: list[float]) -> float | None:
+    """The fraction of the known replicates that cross in the sizes searched; None without any."""
+    values = _known(boots)
+    return float(np.isfinite(values).mean()) if len(values) else None
 
 
 def _side(crossing: float | None, vit_ahead_at_end: bool) -> float:
@@ -465,7 +477,7 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
                "support": None, "window": None, "reason": no_seeds}
         return out if boot_estimates is None else _with_interval(out, boot_estimates, "seed-bootstrap")
     none = {"status": "none", "estimate": None, "bracket": None, "ci": None, "fit_estimate": None, "window": None,
-            "support": None if boot_estimates is None else float(np.isfinite(boot_estimates).mean())}
+            "support": None if boot_estimates is None else _support(boot_estimates)}
     sizes = sorted(set(means_v.index) & set(means_b.index))
     if vit_fit is None or bit_fit is None or not sizes:
         return {**none, "reason": "no sign flip between measured sizes, and no fitted law for both (need 3 sizes)"}
@@ -495,10 +507,8 @@ def crossover(vit: pd.DataFrame, bit: pd.DataFrame, vit_fit: Fit | None, bit_fit
         where = (f"from {below} to the largest" if ahead else
                  f"from the smallest size to {EXTRAPOLATE:g}x beyond the largest")
         # what decided "none" is the fitted laws: their bootstrap says how firmly (not the measured means')
-        known = np.asarray(fit_boots, dtype=float)
-        known = known[~np.isnan(known)]
-        support = float(np.isfinite(known).mean()) if len(known) else none["support"]
-        return {**none, **window, "support": support,
+        support = _support(fit_boots)
+        return {**none, **window, "support": none["support"] if support is None else support,
                 "reason": f"{_who_leads(diff)}, and the fitted ViT does not overtake the BiT for good {where}"}
     status = "extrapolated" if not lo <= estimate <= hi else "fitted"
     out = {"status": status, "estimate": estimate, "bracket": None, "ci": None, "fit_estimate": estimate, **window,
