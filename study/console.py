@@ -185,12 +185,18 @@ class Console(Callback):
         t, now = self.trials[point_id], self.clock()
         self.last_event = now
         match event:
-            case Started(params=params):
+            case Started(params=params, metrics=metrics):
                 # Started twice without Tune's retry between (`on_trial_recover` clears it): Ray Train restarted the
                 # point's ranks in the same trial, a rank or its node having been lost
                 again = " again (a rank was lost; Ray Train restarted the ranks)" if t.started is not None else ""
                 t.started = now
-                what = f"{t.steps} pretraining steps" if t.steps else "evaluating stored weights"
+                # What the trial does, as it says (a retry of a point whose pretraining had finished evaluates)
+                if "planned_steps" not in params:
+                    what = "evaluating stored weights"
+                elif resumed := metrics.get("resumed_from_step"):
+                    what = f"pretraining from step {resumed:,} of {params['planned_steps']:,}"
+                else:
+                    what = f"{params['planned_steps']:,} pretraining steps"
                 self._line(t, f"started{again}: {what} on {params.get('device', '?')}")
             case Stage(name=name, steps=steps, step=step, task=task):
                 t.progress, t.printed = progress, -math.inf  # the stage's first step line is printed

@@ -172,6 +172,34 @@ class Lease:
             pass  # takes it then (the error that brought the driver here is what it reports)
 
 
+def token_in(storage: Storage) -> str | None:
+    """The token of the lease `storage` holds (None: no lease, or none readable)."""
+    try:
+        raw = storage.read_bytes(LEASE)
+        return json.loads(raw).get("token") if raw is not None else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_shared(storage: Storage, token: str | None) -> None:
+    """A trial's own check that its node sees the driver's local storage folder (the driver checked the nodes of
+    the cluster when it started, `tune_runner.check_nodes_see`; this one covers a node that joined since): the folder
+    holds the lease with the driver's `token`. Nothing to check for an object store, or without a token.
+
+    Raises:
+        UserError: naming this node and what to give instead.
+    """
+    if token is not None and storage.local_path("") is not None and token_in(storage) != token:
+        raise UserError(not_shared(storage, f"this node ({socket.gethostname()})"))
+
+
+def not_shared(storage: Storage, nodes: str, many: bool = False) -> str:
+    return (f"{nodes} {'do' if many else 'does'} not see the study's storage {storage.root} as the driver does "
+            "(its lease is not there): a trial there would keep its checkpoints and weights on that node's own disk, "
+            "out of the driver's reach; give --storage a folder every node mounts at the same path (NFS, a parallel "
+            "file system), or an object store (s3://bucket/prefix)")
+
+
 def _gone(held: dict) -> bool:
     """The lease's driver is gone: no heartbeat for `STALE_AFTER`, or it ran on this machine and its process has
     ended (or its pid now belongs to a process started after the lease)."""

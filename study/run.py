@@ -184,8 +184,8 @@ class Locations:
 
         self.root = Path(args.out).resolve()
         self.out = self.root / cfg.study
-        self.storage_root = args.storage or str(self.out / "storage")
-        self.storage = Storage(self.storage_root)
+        self.storage = Storage(args.storage or str(self.out / "storage"))
+        self.storage_root = self.storage.root  # a local one absolute, as the trials receive it
         self.tracking_uri = args.tracking_uri or default_tracking_uri(self.root)
 
 
@@ -277,13 +277,14 @@ def main(argv: list[str] | None = None) -> int:
             storage = Locations(cfg, args).storage
             storage.check(write=True)
             check_folders(cfg, args, create=True)  # after the checks of --address, resources and storage
-            with Stopwatch(clock)("prepare_data"):
-                prepare_data(cfg, storage, tune_runner.index_mapper(args.address))
             lease = Lease(storage, cfg.study)
             unhear = hear_lease_lost(lease)
             try:
-                lease.acquire(force=args.force_unlock)  # one driver per study: a second one stops here
+                lease.acquire(force=args.force_unlock)  # one driver per study: a second one stops here, before data
                 try:
+                    tune_runner.check_nodes_see(storage, lease.token)  # a local --storage every node of a cluster sees
+                    with Stopwatch(clock)("prepare_data"):
+                        prepare_data(cfg, storage, tune_runner.index_mapper(args.address))
                     return launch(cfg, points, args, clock, lease)
                 finally:
                     lease.release()
@@ -413,7 +414,8 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
 
     interrupt.last_words = last_words
     try:
-        decisions, records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock, interrupt)
+        decisions, records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock, interrupt,
+                                            lease.token if lease is not None else None)
         if interrupt.signum is not None:
             status, stopped = "KILLED", _stopped(interrupt, tracker, decisions, records, where)
             return interrupt.exit_code
@@ -439,8 +441,8 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     if (answer := Verdict.read(where.out / "summary.json")) is not None:
         print(f"\n{answer.text}")
     if left:
-        print(f"mlflow:   {left} writes could not be logged (the tracking store was unreachable or full); the next "
-              "invocation logs them from the storage", file=sys.stderr)
+        print(f"mlflow:   {left} writes could not be logged (the tracking store was unreachable, full or failing); "
+              "the next invocation logs them from the storage", file=sys.stderr)
     if failures:
         print(f"{len(failures)} of {len(points)} trials failed: " +
               "; ".join(f"{name}: {why}" for name, why in failures.items()), file=sys.stderr)
@@ -548,9 +550,11 @@ def settle(d, evals: dict[str, str], where: Locations, tracker, finisher, record
     return d
 
 
-def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, float], interrupt):
-    """Log what storage already holds, run the trials the plan needs; returns the decisions as settled
-    (`settle`), {point id: record} and the failures."""
+def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, float], interrupt,
+         lease_token: str | None = None):
+    """Log what storage already holds, run the trials the plan needs (each checks that its node sees the storage
+    that holds `lease_token`'s lease); returns the decisions as settled (`settle`), {point id: record} and the
+    failures."""
     from study.plan import RUNS
     from study.storage import PointFiles
     from study.trial import TrialPlan
@@ -574,7 +578,7 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
 
         callback = StudyCallback(plans, finisher, tracker, tags)
         clock.update(run_trials(cfg, plans, where.storage, callback, f"{cfg.study}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                interrupt, args.verbose))
+                                interrupt, args.verbose, lease_token))
         records.update(callback.records)
         for pid, plan in plans.items():  # (after a signal, a point stopped or not started is no failure)
             if pid not in records and (pid in callback.failures or interrupt.signum is None):

@@ -117,8 +117,10 @@ class Storage:
     """A storage root and paths relative to it (a point's: `PointFiles`)."""
 
     def __init__(self, root: str):
-        self.root = root
         local = "://" not in root
+        # A local root as an absolute path: trials receive it, and a relative one would name another folder in their
+        # working directory (Tune's trial folder, a cluster node's own).
+        self.root = os.path.abspath(root) if local and root else root
         if local and (scheme := re.match(r"([A-Za-z][A-Za-z0-9+.-]+)(:/|//)", root)) and (
                 ":" in scheme.group(0) or scheme.group(1).lower() in _SCHEMES):
             raise UserError(f"--storage {redact(root)}: a URI with a mangled '://' (it would be a local folder named "

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import queue
+import re
 import sys
 import tempfile
 import threading
@@ -28,6 +29,10 @@ from pathlib import Path
 # The client's own retries (7, with backoff) would hold one write for minutes; our writer retries instead.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# The console is the study's: no "View run ... at" pair per ended run (nor the extra read of the run it costs), and
+# no progress bar per artifact a re-evaluation downloads (its weights).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
@@ -184,6 +189,7 @@ def comparison_metrics(table) -> list[Metric]:
     return out
 
 
+REPORT_NOT_LOGGED = "report_not_logged"  # the parent's: why the report's files are not among its artifacts
 ENDED_TAGS = ("stop_reason", "failure_reason")  # why a point's run ended unfinished; removed when it finishes
 
 
@@ -217,27 +223,33 @@ class _Writer(threading.Thread):
         self.stopping = threading.Event()
         self.dropped = threading.Event()  # the study is another driver's now: queued writes are dropped
         self.full: str | None = None  # the local store's disk is full: writes from then on are counted, not tried
+        self.failing = False  # the server answered the last write with an error of its own (`_failing`)
         self.lost = 0
         self.start()
 
-    def submit(self, what: str, job: Callable[[], None]) -> None:
-        self.jobs.put((what, job))
+    def submit(self, what: str, job: Callable[[], None], given_up: Callable[[str], None] | None = None) -> None:
+        """Queue `job`; `given_up(why)` is called (on this thread) if the writer gives it up (`FAILING_TRIES`), `why`
+        naming the server's answer."""
+        self.jobs.put((what, job, given_up))
 
     def run(self) -> None:
         while True:
-            what, job = self.jobs.get()
+            what, job, given_up = self.jobs.get()
             if self.full is not None:
                 self.lost += 1
             elif not self.dropped.is_set():
-                self._until_done(what, job)
+                self._until_done(what, job, given_up)
             self.jobs.task_done()
 
-    def _until_done(self, what: str, job: Callable[[], None]) -> None:
-        wait = 1.0
+    def _until_done(self, what: str, job: Callable[[], None], given_up: Callable[[str], None] | None) -> None:
+        wait, failed, reset = 1.0, 0, False
         while True:
             try:
                 job()
             except Exception as err:  # noqa: BLE001  (a network or database error: wait and retry)
+                if self.failing and not reset and connection_reset(err):
+                    reset = True  # the connection a failed upload left (the server answered without reading it)
+                    continue
                 if disk_full(err):  # no wait brings the space back: say so once, and try nothing more
                     self.full, self.lost = first_line(err), self.lost + 1
                     print(f"mlflow: the disk under {self.uri} is full ({self.full}); this invocation logs nothing "
@@ -247,18 +259,39 @@ class _Writer(threading.Thread):
                 if isinstance(err, MlflowException) and err.error_code in _PERMANENT:
                     print(f"mlflow: {what} not logged: {first_line(err)}", file=sys.stderr)
                     return
-                self._down(err)
+                if (status := server_error(err)) is not None:  # it answers: a wait rarely mends its own store
+                    failed += 1
+                    if self._failing(what, status, failed):
+                        self.lost += 1
+                        if given_up is not None:
+                            given_up(f"HTTP {status} from {self.uri}, {failed} tries")
+                        return
+                else:
+                    self._down(err)
             else:
                 self.answered = True
                 if self.down_since is not None:
                     print(f"mlflow: {self.uri} is reachable again after {time.time() - self.down_since:.0f} s; "
                           f"logging the {self.jobs.qsize() + 1} queued writes", file=sys.stderr)
                     self.down_since = None
+                self.failing = False
                 return
             if self.stopping.is_set() or self.dropped.is_set():
                 return
             time.sleep(wait)
             wait = min(2 * wait, 10.0)
+
+    def _failing(self, what: str, status: int, tries: int) -> bool:
+        """A write the server answered with an error of its own (its artifact store or database failing, not an
+        outage): said once until a write succeeds again; given up after `FAILING_TRIES`, so the writes behind it (the
+        other points', the runs' ends) still get through. Returns whether to give it up."""
+        if not self.failing:
+            self.failing = True
+            print(f"mlflow: {self.uri} answers {what} with HTTP {status}: the server runs, but its own store failed "
+                  "(check its artifact store and database); each write is tried "
+                  f"{FAILING_TRIES} times, and what fails is left to the next invocation, which logs it from the "
+                  "study's storage", file=sys.stderr)
+        return tries >= FAILING_TRIES
 
     def _down(self, err: Exception) -> None:
         if self.down_since is None:
@@ -285,6 +318,27 @@ class _Writer(threading.Thread):
             time.sleep(0.2)
         self.stopping.set()
         return self.jobs.unfinished_tasks + self.lost
+
+
+FAILING_TRIES = 4  # tries of a write the server answers with an error of its own (1 + 2 + 4 s between them)
+# The HTTP status of a response MLflow's client raised for (its own retries off: urllib3's "too many 500 error
+# responses"; an error body it could not parse: "error code 500 != 200")
+_STATUS = re.compile(r"too many (\d{3}) error responses|error code (\d{3}) != 200")
+
+
+def server_error(err: BaseException) -> int | None:
+    """The HTTP status where the tracking server answered a write with an error of its own (5xx); None where it did
+    not answer, or answered as a gateway or a busy server does (429, 502-504: the server is not there, or not yet),
+    which a wait can mend."""
+    found = _STATUS.search(str(err))
+    status = int(found.group(1) or found.group(2)) if found else None
+    return status if status is not None and status >= 500 and status not in (502, 503, 504) else None
+
+
+def connection_reset(err: BaseException) -> bool:
+    """A request cut on a connection the server had closed (as it does after answering an upload with an error,
+    unread): one retry at once, on a new connection, is no outage."""
+    return "Connection aborted" in str(err) or "ConnectionResetError" in str(err)
 
 
 def disk_full(err: BaseException) -> bool:
@@ -350,11 +404,13 @@ class Tracker:
         self.parent_status, self.parent_tags = "", {}  # the parent found at start, as it was then
         self.runs: dict[str, str] = {}  # point id -> child run id
         self.started: set[str] = set()  # points whose child this invocation marked RUNNING (writer thread)
+        self.unlogged: dict[str, str] = {}  # points whose final logging the writer gave up: why (writer thread)
         self.begun: set[str] = set()  # points whose trial said it started, in this invocation (as it is told)
         self.ended: set[str] = set()  # ... and those it ended since (FINISHED, FAILED, KILLED)
         self.params: dict[str, dict[str, str]] = {}  # run id -> params already logged (params are immutable)
         self.last_step: dict[tuple[str, str], int] = {}  # (run id, key) -> newest step logged
         self.steps: dict[tuple[str, str], set[int]] = {}  # (run id, key) -> every step it holds (`log_history`)
+        self.newest: dict[tuple[str, str], tuple[int, float]] = {}  # (run id, key) -> its newest step and value there
         self.known: dict[str, ChildRun] = {}
         self.colours: dict[str, str] = {}  # model -> its runs' colour (`show`)
         self.writer = None if read_only else _Writer(tracking_uri)
@@ -491,7 +547,12 @@ class Tracker:
                     self.client.delete_tag(run_id, name)
             self.client.set_terminated(run_id, "FINISHED")
             self.ended.add(point.id)
-        self.writer.submit(f"results of {point.name}", job)
+        def given_up(why: str) -> None:  # its run ends FAILED with why (`end_started`), not RUNNING
+            self.unlogged[point.id] = (f"its final logging failed at the tracking server ({why}); the next "
+                                       "invocation logs it from the study's storage")
+            if point.id in self.runs:
+                self.started.add(point.id)
+        self.writer.submit(f"results of {point.name}", job, given_up)
 
     def fail_point(self, point, reason: str, tags: dict) -> None:
         def job() -> None:
@@ -537,8 +598,8 @@ class Tracker:
         driver left RUNNING end KILLED (FINISHED where complete)."""
         def job() -> None:
             for point_id in sorted(self.started - self.ended):
-                if reason is not None:
-                    self.client.set_tag(self.runs[point_id], "failure_reason", reason[:5000])
+                if (why := reason or self.unlogged.get(point_id)) is not None:
+                    self.client.set_tag(self.runs[point_id], "failure_reason", why[:5000])
                 self.client.set_terminated(self.runs[point_id], status)
                 self.ended.add(point_id)
             # Children a killed driver left RUNNING whose points this invocation was to run but never started (it
@@ -553,11 +614,15 @@ class Tracker:
     def finish_parent(self, status: str, files: list[Path], folder: Path | None, tags: dict | None = None,
                       description: str = "", metrics: list[Metric] | None = None) -> None:
         """The study's comparison (`comparison_metrics`), its `description` (MLflow shows it atop the run), the report
-        `files` and figure `folder` as artifacts, then `status`; a tag given as None is removed where set."""
+        `files` and figure `folder` as artifacts, then `status`; a tag given as None is removed where set. Where the
+        server fails these writes (its artifact store, `_Writer._failing`), the parent still ends `status`, tagged
+        `report_not_logged` with why, which the next invocation that logs the report removes."""
+        tags = {**(tags or {}), REPORT_NOT_LOGGED: None}
+
         def job() -> None:
-            gone = [name for name, value in (tags or {}).items() if value is None]
+            gone = [name for name, value in tags.items() if value is None]
             tagged = self.client.get_run(self.parent_id).data.tags if gone else {}
-            for name, value in {**(tags or {}), **({NOTE_TAG: description} if description else {})}.items():
+            for name, value in {**tags, **({NOTE_TAG: description} if description else {})}.items():
                 if value is not None:
                     self.client.set_tag(self.parent_id, name, value)
                 elif name in tagged:  # None: no longer true (an earlier invocation's failures, since resumed)
@@ -568,7 +633,20 @@ class Tracker:
             if folder is not None and folder.is_dir():
                 self.client.log_artifacts(self.parent_id, str(folder), folder.name)
             self.client.set_terminated(self.parent_id, status)
-        self.writer.submit("the study's report", job)
+
+        def given_up(why: str) -> None:  # the status at least, which the tracking store (not its artifacts) takes
+            for again in (True, False):  # (once more on a new connection, where the failed upload cut this one)
+                try:
+                    self.client.set_tag(self.parent_id, REPORT_NOT_LOGGED, f"the tracking server failed its files "
+                                        f"({why}); the next invocation that writes the report logs them")
+                    self.client.set_terminated(self.parent_id, status)
+                    return
+                except Exception as err:  # noqa: BLE001  (the server fails these too: the next invocation ends it)
+                    if not (again and connection_reset(err)):
+                        print(f"mlflow: the study's parent run could not be ended {status}: {first_line(err)}",
+                              file=sys.stderr)
+                        return
+        self.writer.submit("the study's report", job, given_up)
 
     def close(self, timeout: float = 120.0) -> int:
         """Wait for queued writes (at most `timeout` s); returns how many could not be logged."""
@@ -639,11 +717,14 @@ class Tracker:
         return run_id
 
     def _load_steps(self, run_id: str) -> None:
-        """The newest step of every metric a taken-over run already has, so nothing is logged twice."""
+        """The steps of every metric a taken-over run already has, and the value last logged at its newest step, so
+        nothing is logged twice."""
         for key in self.client.get_run(run_id).data.metrics:
             history = self.client.get_metric_history(run_id, key)
-            self.last_step[(run_id, key)] = max(m.step for m in history)
+            newest = max(history, key=lambda m: (m.step, m.timestamp))
+            self.last_step[(run_id, key)] = newest.step
             self.steps[(run_id, key)] = {m.step for m in history}
+            self.newest[(run_id, key)] = (newest.step, newest.value)
 
     def _log_params(self, run_id: str, params: dict) -> None:
         """Params not yet on the run. MLflow params are immutable: a value that changed since the run logged it
@@ -661,17 +742,24 @@ class Tracker:
         done.update((p.key, p.value) for p in plist)
 
     def _log_metrics(self, run_id: str, metrics: dict, step: int, dedupe: bool = True) -> None:
+        """The entries at `step` the run lacks: with `dedupe`, those of keys not yet logged at or past it; without
+        (final evaluation metrics, which a re-evaluation logs again at the same step), those whose value differs
+        from the one last logged there (a retried write, or the rerun of a driver killed before it tagged the
+        point complete, adds none)."""
         now = int(time.time() * 1000)
-        self._log_entries(run_id, [Metric(k, rounded(float(v)), now, step) for k, v in metrics.items()
-                                   if isinstance(v, int | float) and math.isfinite(v)
-                                   and not (dedupe and step <= self.last_step.get((run_id, k), -1))])
+        entries = [Metric(k, rounded(float(v)), now, step) for k, v in metrics.items()
+                   if isinstance(v, int | float) and math.isfinite(v)]
+        self._log_entries(run_id, [m for m in entries if (step > self.last_step.get((run_id, m.key), -1) if dedupe
+                                                          else self.newest.get((run_id, m.key)) != (step, m.value))])
 
     def _log_entries(self, run_id: str, entries: list[Metric]) -> None:
         """Metric entries in batches MLflow takes, then each key's newest step noted (`last_step`)."""
         for i in range(0, len(entries), _BATCH):
             self.client.log_batch(run_id, metrics=entries[i:i + _BATCH])
         for m in entries:
-            self.last_step[(run_id, m.key)] = max(m.step, self.last_step.get((run_id, m.key), -1))
+            if m.step >= self.last_step.get((run_id, m.key), -1):
+                self.last_step[(run_id, m.key)] = m.step
+                self.newest[(run_id, m.key)] = (m.step, m.value)
             self.steps.setdefault((run_id, m.key), set()).add(m.step)
 
     def _log_comparison(self, metrics: list[Metric]) -> None:

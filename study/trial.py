@@ -40,6 +40,7 @@ from study.interrupt import (
     preemption,
     stop_requested,
 )
+from study.lease import check_shared
 from study.protocol import (
     Curve,
     EvalRecord,
@@ -358,7 +359,8 @@ def _finished(files) -> list[Path]:
     return [f for f in files if not f.name.startswith(".")]
 
 
-def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, storage_root: str) -> None:
+def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, storage_root: str,
+              lease_token: str | None = None) -> None:
     """Ray Tune function trainable for the point `config["point"]`: the point itself (one worker), or the driver of
     its Ray Train run (`resources.workers_per_trial` > 1). Failures known to be deterministic (divergence, bad
     data) are reported as `Failed` and end the trial without a retry; anything else raises, so Tune's (or
@@ -368,9 +370,10 @@ def trainable(config: dict, plans: dict[str, TrialPlan], cfg: StudyConfig, stora
     plan = plans[config["point"]]
     exit_again_when_swallowed()
     if cfg.resources.workers_per_trial > 1:
-        return _drive_train_run(plan, cfg, storage_root)
+        return _drive_train_run(plan, cfg, storage_root, lease_token)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    _run_guarded(cfg, plan, Storage(storage_root), scratch_dir(plan.point.id), Reporter(tune.report))
+    _run_guarded(cfg, plan, Storage(storage_root), scratch_dir(plan.point.id), Reporter(tune.report),
+                 lease_token=lease_token)
     return None
 
 
@@ -426,10 +429,13 @@ class Reporter:
 
 
 def _run_guarded(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path, emit: Emit,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, lease_token: str | None = None) -> None:
+    """`run_point`, its failures as events (where a retry cannot mend them) or raised for Tune's retry; first, where
+    the driver gave its lease's token, a check that this node sees the driver's storage."""
     start = time.time()
     with preemption(storage, plan.files.preempted) as saved:
         try:
+            check_shared(storage, lease_token)
             run_point(cfg, plan, storage, scratch, emit, device=device)
         except TrainingStopped as err:
             if preempted():  # this worker got SIGTERM: checkpointed; it exits, and Tune retries the trial from there
@@ -470,7 +476,7 @@ def unfixable_by_retry(err: OSError, root: str | None = None) -> str | None:
             f"cannot fix it; finished points and checkpoints are kept). {str(err).splitlines()[0][:300]}")
 
 
-def _drive_train_run(plan: TrialPlan, cfg: StudyConfig, storage_root: str) -> None:
+def _drive_train_run(plan: TrialPlan, cfg: StudyConfig, storage_root: str, lease_token: str | None = None) -> None:
     """Start the point's Ray Train run (N DDP ranks that Ray places, across nodes when needed) and pass rank 0's
     events on to Tune as they come. The Train run's state lives in storage under `train/`; its restarts (a rank
     or node lost) resume from the point's newest checkpoint in storage."""
@@ -483,7 +489,8 @@ def _drive_train_run(plan: TrialPlan, cfg: StudyConfig, storage_root: str) -> No
     r = cfg.resources
     events = Queue(actor_options={"num_cpus": 0})  # lives in the trial's (CPU-less) placement group
     trainer = TorchTrainer(
-        _rank_main, train_loop_config={"plan": plan, "cfg": cfg, "storage_root": storage_root, "events": events},
+        _rank_main, train_loop_config={"plan": plan, "cfg": cfg, "storage_root": storage_root, "events": events,
+                                       "lease_token": lease_token},
         scaling_config=train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
                                            resources_per_worker={"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}),
         run_config=train.RunConfig(name=f"{plan.point.id}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -520,6 +527,7 @@ def _rank_main(config: dict) -> None:
     plan, cfg, events = config["plan"], config["cfg"], config["events"]
     context = train.get_context()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    check_shared(Storage(config["storage_root"]), config.get("lease_token"))  # each rank's node, before any read
     if context.get_local_rank() == 0:  # one process per node writes the shared cache, the others read it
         for src in (cfg.data.pretrain, *cfg.downstream):  # shards generated in this node's cache, if it lacks them
             data.prepared(src, cfg.cache_dir, index_root(cfg, Storage(config["storage_root"])))

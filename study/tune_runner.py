@@ -117,6 +117,61 @@ def connect(cfg: StudyConfig, address: str | None, verbose: bool = False) -> Non
         raise
 
 
+SEE_TIMEOUT = 60.0  # seconds the nodes have to answer whether they see the storage
+
+
+def check_nodes_see(storage: Storage, token: str) -> None:
+    """On a joined cluster, a local storage folder must be one that every node sees at the same path: a trial placed
+    on a node that does not would keep its checkpoints and weights on that node's own disk, out of the driver's
+    reach (its point tagged as having weights, and trained again by the next run). Each alive node reads the lease
+    this driver has just written there, in a task pinned to it that takes no CPU; a node that does not answer in
+    `SEE_TIMEOUT` gets a note (its trials check for themselves: `lease.check_shared`). Nothing to check for an
+    object store, or without a joined cluster (the study's own Ray is this machine).
+
+    Raises:
+        UserError: naming the nodes that see another folder, or none.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from study.lease import not_shared
+
+    if storage.local_path("") is None or not ray.is_initialized():
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    read = ray.remote(num_cpus=0, max_retries=0)(_token_seen)
+    refs = {read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+        storage.root): n for n in nodes}
+    ready, silent = ray.wait(list(refs), num_returns=len(refs), timeout=SEE_TIMEOUT)
+    for ref in silent:
+        ray.cancel(ref, force=True)
+    blind, unchecked = [], [f"{_node_name(refs[ref])}: no answer in {SEE_TIMEOUT:.0f} s" for ref in silent]
+    for ref in ready:
+        try:
+            if ray.get(ref) != token:
+                blind.append(_node_name(refs[ref]))
+        except Exception as err:  # noqa: BLE001  (a worker that could not start there: Ray's errors vary)
+            unchecked.append(f"{_node_name(refs[ref])}: {first_line(err)[:200]}")
+    if blind:
+        raise UserError(not_shared(storage, f"{count(len(blind), 'node')} of {len(nodes)} ({', '.join(blind)})",
+                                   many=len(blind) > 1))
+    for line in unchecked:
+        print(f"note: not checked that node {line} sees the storage {storage.root}; a trial placed there checks for "
+              "itself", file=sys.stderr)
+
+
+def _token_seen(root: str) -> str | None:
+    """On a node: the token of the lease in the storage folder at `root` as this node sees it."""
+    from study.lease import token_in
+
+    return token_in(Storage(root))
+
+
+def _node_name(node: dict) -> str:
+    return f"{node.get('NodeManagerAddress', '?')} ({node.get('NodeManagerHostname', '?')}, node {node['NodeID'][:8]})"
+
+
 def cluster_here() -> str | None:
     """The address of the Ray cluster this machine names: RAY_ADDRESS, else the one `ray start` recorded; None if
     neither. It is what `--address auto` joins, and what a bare `ray.init()` would join instead of starting a Ray.
@@ -129,6 +184,33 @@ def cluster_here() -> str | None:
         return find_bootstrap_address(None) or None
     except Exception:  # noqa: BLE001  (an unreadable record names no cluster)
         return None
+
+
+def _record_dir() -> str:
+    from ray._private.utils import get_ray_address_file
+
+    return os.path.dirname(get_ray_address_file(None))
+
+
+def heads_elsewhere() -> list[tuple[str, str]]:
+    """(address, temp dir) of the heads `ray start --head --temp-dir DIR` started on this machine, whose record is in
+    DIR rather than where `auto` looks: found by their GCS processes, whose session folder's parent holds the
+    record. A private Ray (`ray.init()`, another program's) writes none, and is not listed."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if proc.info["name"] != "gcs_server":
+                continue
+            session = next((a.split("=", 1)[1] for a in proc.info["cmdline"] or [] if a.startswith("--session-dir=")),
+                           None)
+            record = Path(session).parent / "ray_current_cluster" if session else None
+            if record is not None and str(record.parent) != _record_dir() and record.is_file():
+                found.append((record.read_text().strip(), str(record.parent)))
+        except (psutil.Error, OSError):
+            continue
+    return sorted(set(found))
 
 
 def start_local(verbose: bool = False) -> None:
@@ -194,8 +276,12 @@ def _resolve(address: str) -> tuple[str, int]:
     if address == "auto":
         found = cluster_here()
         if not found:
-            raise UserError("--address auto: no Ray cluster is running on this machine (start one with "
-                            "`ray start --head`, or give --address host:port)")
+            others = heads_elsewhere()
+            raise UserError(f"--address auto: no Ray cluster is recorded on this machine (RAY_ADDRESS, or `ray "
+                            f"start`'s record in {_record_dir()}); " + (
+                                "start one with `ray start --head`, or give --address host:port" if not others else
+                                "heads started with another --temp-dir run here: "
+                                f"{', '.join(f'{a} ({d})' for a, d in others)}: give --address {others[0][0]}"))
         address = found
     if address.startswith("ray://"):
         raise UserError(f"--address {address}: Ray Client (ray://) is not supported: the study's Tune callback and "
@@ -239,7 +325,7 @@ def _match_auth(address: str, gcs: str) -> None:
     explicit = os.environ.get("RAY_AUTH_MODE")
     set_auth_mode("disabled")
     try:
-        _ping(gcs)
+        _ping(gcs, address)
         return  # no token asked for: none is sent
     except AuthenticationError:
         pass
@@ -251,7 +337,7 @@ def _match_auth(address: str, gcs: str) -> None:
         raise UserError(f"{where} and this machine has no token: {TOKEN_HELP}")
     set_auth_mode("token")
     try:
-        _ping(gcs)
+        _ping(gcs, address)
     except AuthenticationError:
         raise UserError(f"{where} and refused this machine's token: {TOKEN_HELP}") from None
 
@@ -259,7 +345,7 @@ def _match_auth(address: str, gcs: str) -> None:
 TOKEN_HELP = "copy the head's ~/.ray/auth_token here, or set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
 
 
-def _ping(gcs: str) -> None:
+def _ping(gcs: str, address: str | None = None) -> None:
     """One cheap call to the cluster's GCS (raises AuthenticationError when it wants another token). Ray's C++ client
     logs a refused call on the process's stderr ("Failed to get cluster ID from GCS server: Unauthenticated ...", a
     warning on every run against a cluster with tokens, whose first probe goes without one): the probe's answer is
@@ -273,7 +359,17 @@ def _ping(gcs: str) -> None:
     except AuthenticationError:
         raise
     except Exception as err:  # noqa: BLE001  (a GCS that does not answer: RpcError, TimeoutError, ...)
-        raise UserError(f"{gcs}: the cluster's GCS did not answer: {first_line(err)}") from None
+        code = getattr(err, "rpc_code", None)
+        if code == 12:  # UNIMPLEMENTED: a gRPC server without the GCS's services (a raylet's or an agent's port)
+            raise UserError(f"--address {address or gcs}: {gcs} answers gRPC, but not as a Ray cluster's GCS; give "
+                            "the head's GCS port (`ray start --head --port PORT`, 6379 by default)") from None
+        why = " ".join(str(err).split())[:200] or type(err).__name__
+        named = f"gRPC status {code} ({_GRPC_CODES[code]}): " if code in _GRPC_CODES else ""
+        raise UserError(f"--address {address or gcs}: the cluster's GCS at {gcs} did not answer: {named}{why}"
+                        ) from None
+
+
+_GRPC_CODES = {4: "deadline exceeded", 14: "unavailable", 13: "internal", 2: "unknown", 8: "resource exhausted"}
 
 
 @contextmanager
@@ -301,6 +397,10 @@ def set_auth_mode(mode: str) -> None:
         Config.initialize("")
     except (ImportError, AttributeError):  # an older Ray reads the variable when it connects
         pass
+
+
+def _not_slow_warning(record: logging.LogRecord) -> bool:
+    return "may be a performance bottleneck" not in record.getMessage()
 
 
 def _trial_task_failed(record: logging.LogRecord) -> bool:
@@ -346,28 +446,30 @@ def _check_fits(cfg: StudyConfig, nodes: list[dict], where: str) -> None:
 
 
 def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, callback: StudyCallback,
-               name: str, interrupt: Interrupt, verbose: bool = False) -> dict[str, float]:
+               name: str, interrupt: Interrupt, verbose: bool = False, lease_token: str | None = None
+               ) -> dict[str, float]:
     """Run one Tune trial per plan; results arrive through `callback`. Starts a local Ray unless `connect`
     joined a cluster (its processes deaf to SIGINT and SIGTERM: `interrupt` handles those, after Ray is up).
     Progress shows as the study's console lines, or as Tune's status table where `verbose`.
     Returns the seconds spent starting Ray and running the trials."""
     start = time.perf_counter()
-    quiet_tune()
+    quiet_tune(verbose)
     own = not ray.is_initialized()
     if own:
         start_local(verbose)
     if not verbose:
         cluster_errors_in_one_line()
     interrupt.install()  # after ray.init
-    logging.getLogger("ray.tune.execution.experiment_state").addFilter(_one_line_when_unfixable)
-    if not verbose:  # the console says it in one line ("crashed, retried ..." or the failure): no stack beside it
-        logging.getLogger("ray.tune.execution.tune_controller").addFilter(_trial_task_failed)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the study stops its trials itself (study/interrupt.py)
     # Of Tune's own per-trial logs only result.json (`output`), which Tune reads back for the `ResultGrid`: the
     # study's record is MLflow and its storage. Writing every reported result also as CSV and TensorBoard events on
     # Tune's loop cost the driver 1.9 s of CPU in the default study (getrusage: 33.9 -> 32.0 s; the same wall time)
     # and put 48 more files (1.7 of 3.9 MB) in the study's storage, which a cluster's storage syncs.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # A trial runs in the driver's working directory (where Ray started here; Tune passes the variable to every
+    # trial), not in a folder of Tune's: a relative path of the grid (`data.cache_dir`, a source's root or shards)
+    # means there what it means to the driver that checked it. (A relative --storage is made absolute: `Storage`.)
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     started = time.perf_counter()
     r = cfg.resources
     if r.workers_per_trial == 1:
@@ -376,7 +478,7 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
     else:  # the trial only drives its Ray Train run, whose workers hold the resources (gang-scheduled)
         resources = {"memory": 1 << 20}  # Tune needs a non-empty request; a driver uses no CPU to speak of
         concurrent = r.max_concurrent_trials or _trials_that_fit(r)
-    fn = tune.with_parameters(trainable, plans=plans, cfg=cfg, storage_root=storage.root)
+    fn = tune.with_parameters(trainable, plans=plans, cfg=cfg, storage_root=storage.root, lease_token=lease_token)
     tuner = tune.Tuner(
         tune.with_resources(fn, resources),
         param_space={"point": tune.grid_search(list(plans))},
@@ -419,10 +521,17 @@ class SilentTrialProgress(TrialProgressCallback):
         pass
 
 
-def quiet_tune() -> None:
+def quiet_tune(verbose: bool = False) -> None:
     """Tune's reporter API (`RunConfig.progress_reporter` and `verbose`), set before Tune reads it: the newer AIR
-    output ignores the reporter, and prints a configuration box and a TensorBoard hint at any verbosity."""
+    output ignores the reporter, and prints a configuration box and a TensorBoard hint at any verbosity. Unless
+    `verbose`, Tune's logs of what the console already says, or what nobody can act on, are left out."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(_one_line_when_unfixable)
+    if not verbose:  # the console says it in one line ("crashed, retried ..." or the failure): no stack beside it
+        logging.getLogger("ray.tune.execution.tune_controller").addFilter(_trial_task_failed)
+        # Tune's "The `process_trial_result` operation took 0.612 s, which may be a performance bottleneck": its
+        # loop's own pace (the study's writes are queued off it), nothing a user of the study can act on
+        logging.getLogger("ray.tune.utils.util").addFilter(_not_slow_warning)
 
 
 def status_table() -> tune.CLIReporter:

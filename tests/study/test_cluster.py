@@ -3,6 +3,7 @@ Ray >= 2.59 starts it), and addresses or resource requests that can never work, 
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -84,7 +85,33 @@ def test_auto_with_no_cluster_running(tmp_path, cache_dir, monkeypatch, capsys):
     if cluster_here():  # decided before the call: a failing call must fail the test, never skip it
         pytest.skip(f"a Ray cluster started by `ray start` is running on this machine ({cluster_here()})")
     _refused_in_process(["--address", "auto"], tmp_path, cache_dir, monkeypatch, capsys,
-                        "--address auto: no Ray cluster is running on this machine")
+                        "--address auto: no Ray cluster is recorded on this machine (RAY_ADDRESS, or `ray start`'s "
+                        "record in ")
+
+
+def test_auto_names_a_head_started_with_another_temp_dir(tmp_path, cache_dir, monkeypatch, capsys):
+    """`ray start --head --temp-dir DIR` records its address in DIR, where `auto` does not look (nor does Ray's):
+    refused in one line that names the head's address to give instead."""
+    from study.run import main
+    from study.tune_runner import cluster_here
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if cluster_here():
+        pytest.skip(f"a Ray cluster started by `ray start` is running on this machine ({cluster_here()})")
+    temp = Path(tempfile.mkdtemp(prefix="ray-temp-", dir="/tmp"))
+    try:
+        port = _start_head("disabled", cpus=0, temp_dir=temp).rpartition(":")[2]
+        monkeypatch.setenv("VITSCALE_CACHE", str(cache_dir))
+        monkeypatch.chdir(ROOT)
+        code = main(["--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address", "auto"])
+    finally:
+        _stop_heads()
+        shutil.rmtree(temp, ignore_errors=True)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line.startswith("error: --address auto: no Ray cluster is recorded on this machine")
+    assert re.search(rf"heads started with another --temp-dir run here: .*:{port} \({temp}\).*: give --address "
+                     rf"\S+:\d+$", line), line
+    assert not list(tmp_path.iterdir())
 
 
 def test_more_cpus_than_this_machine_has_is_refused_up_front(tmp_path, cache_dir, monkeypatch, capsys):
@@ -101,12 +128,13 @@ def test_more_workers_than_this_machine_can_place_is_refused_up_front(tmp_path, 
 _HEADS: list[int] = []  # the sessions of the `ray start` commands this module ran (their daemons stay in them)
 
 
-def _start_head(auth: str, cpus: int = 2) -> str:
+def _start_head(auth: str, cpus: int = 2, temp_dir: Path | None = None, *extra: str) -> str:
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": auth}
+    temp = ["--temp-dir", str(temp_dir)] if temp_dir is not None else []
     proc = subprocess.Popen([RAY, "start", "--head", "--port", str(port), "--num-cpus", str(cpus),
-                             "--include-dashboard=false"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+                             "--include-dashboard=false", *temp, *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
     _HEADS.append(proc.pid)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out.decode()[-2000:]
@@ -383,6 +411,21 @@ def test_two_nodes_trials_on_the_worker_node_files_through_storage(tmp_path, cac
         assert {"record.json", "class_counts.json", "model"} <= names and any(n.startswith("fig7_") for n in names)
 
 
+def test_the_port_of_a_raylet_instead_of_the_gcs_is_one_line(tmp_path, cache_dir):
+    """Another of the head's gRPC ports (its raylet's, as `ray status` lists beside the GCS's): it speaks gRPC, so
+    only the GCS's own call tells them apart; refused naming the port to give, not with Ray's "RPC error:"."""
+    port = _free_port()
+    _start_head("disabled", 0, None, "--node-manager-port", str(port))
+    try:
+        proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path), "--address",
+                        f"127.0.0.1:{port}"], cache_dir, timeout=60)
+    finally:
+        _stop_heads()
+    _refused(proc, tmp_path, f"--address 127.0.0.1:{port}: 127.0.0.1:{port} answers gRPC, but not as a Ray "
+                             "cluster's GCS; give the head's GCS port (`ray start --head --port PORT`, 6379 by "
+                             "default)")
+
+
 def test_an_address_where_something_else_listens_is_one_line_within_30_s(tmp_path, cache_dir):
     """A web server at the port: refused in one line, fast (Ray's own client would retry for minutes)."""
     import http.server
@@ -401,3 +444,39 @@ def test_an_address_where_something_else_listens_is_one_line_within_30_s(tmp_pat
         server.shutdown()
     _refused(proc, tmp_path, f"--address 127.0.0.1:{port}: 127.0.0.1:{port} answers, but not as a Ray cluster")
     assert took < 30
+
+
+def _start_node_without(address: str, hidden: Path) -> None:
+    """A worker node (`ray start --address`) in a mount namespace of its own, where `hidden` is an empty tmpfs: a
+    node that does not mount the folder the driver's --storage names, as a cluster without a shared file system is."""
+    script = 'mount -t tmpfs tmpfs "$1" && exec "$2" start --address "$3" --num-cpus 2'
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(hidden),
+                             RAY, address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "RAY_AUTH_MODE": "token"}, start_new_session=True)
+    _HEADS.append(proc.pid)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out.decode()[-2000:]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="a node that does not see a folder needs a mount namespace: root and unshare")
+def test_a_node_that_does_not_see_the_local_storage_is_refused_before_any_work(tmp_path, cache_dir):
+    """A cluster whose worker node has its own disk where the driver's --storage is: the trials placed there would
+    keep their weights out of the driver's reach. Refused in one line naming the node, before any data or run; the
+    lease the check read is released."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    address = _start_head("token", cpus=0)
+    try:
+        _start_node_without(address, shared)
+        proc = run_cli(["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(tmp_path / "runs"),
+                        "--storage", str(shared), "--address", address], cache_dir, timeout=180)
+    finally:
+        _stop_heads()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 node of 2 (") and (
+        f"does not see the study's storage {shared} as the driver does" in last), last
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not list(shared.iterdir())  # no index, point or lease left
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # no MLflow run

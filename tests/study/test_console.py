@@ -94,7 +94,7 @@ def test_the_console_prints_one_line_per_event_and_a_summary(capsys):
     plans = {pid: SimpleNamespace(point=SimpleNamespace(name=f"ViT-B-16_n{n}_s0", model="ViT-B/16", steps=100),
                                   action="train") for pid, n in (("p1", 256), ("p2", 1024))}
     console = Console(plans, "pets", slots=1, clock=clock)
-    console.event("p1", Started({"device": "cuda:0"}), Progress())
+    console.event("p1", Started({"device": "cuda:0", "planned_steps": 100}), Progress())
     console.event("p1", Stage("pretrain", 100), Progress("pretrain", 0, 100))
     clock.now += 10
     console.event("p1", Curve("pretrain", 50, {"loss": 2.5}), Progress("pretrain", 50, 100, 640.0, 10.0))
@@ -226,3 +226,54 @@ def test_a_trial_stopped_by_the_driver_is_stopped_not_failed_and_one_never_start
     assert lines[1] == "ViT-B-16_n256_s0  stopped by the driver at step 40; a rerun resumes there"
     assert lines[-1].startswith("study: 1 of 3 done (1 failed, 1 stopped), 0 running, 1 pending")
     assert decode(encode(Stopped("x"))) == Stopped("x")
+
+
+def test_a_started_line_says_what_the_trial_does_resumed_or_evaluating(capsys):
+    """A point planned to train: a retry resumed from a checkpoint says from which step, and one whose pretraining
+    had finished before it was cut off says it evaluates (not the plan's "100 pretraining steps")."""
+    plans = {f"p{i}": SimpleNamespace(point=SimpleNamespace(name=f"P{i}", model="ViT-B/16", steps=1000),
+                                      action="train") for i in range(3)}
+    console = Console(plans, "pets", slots=1, clock=Clock())
+    console.event("p0", Started({"device": "cpu", "planned_steps": 1000}), Progress())
+    console.event("p1", Started({"device": "cpu", "planned_steps": 1000}, {"resumed_from_step": 400}), Progress())
+    console.event("p2", Started({"device": "cpu", "world_size": 1}), Progress())
+    lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == ["P0  started: 1,000 pretraining steps on cpu",
+                     "P1  started: pretraining from step 400 of 1,000 on cpu",
+                     "P2  started: evaluating stored weights on cpu"]
+
+
+def test_tunes_slow_operation_warnings_are_left_out_of_the_console_unless_verbose(monkeypatch):
+    """Tune warns when its loop takes over 0.5 s for a result ("... may be a performance bottleneck"): nothing a
+    study's user can act on (the study's MLflow writes are off that loop), so not printed; `--verbose` keeps it."""
+    import logging
+    import time
+
+    from ray.tune.utils import util
+
+    from study.tune_runner import quiet_tune
+
+    monkeypatch.setattr(util, "START_OF_TIME", time.time() - 120)  # Tune warns only after its first minute
+    logger, seen = logging.getLogger("ray.tune.utils.util"), []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+
+    def slow() -> list[str]:
+        seen.clear()
+        logger.handle(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, "x", (), None))  # one that stays
+        with util.warn_if_slow("process_trial_result", threshold=0.001):
+            time.sleep(0.01)
+        return seen[1:]
+
+    logger.addHandler(handler)
+    filters = list(logger.filters)
+    try:
+        assert any("performance bottleneck" in m for m in slow())  # Tune's, as it is
+        quiet_tune(verbose=True)
+        assert any("performance bottleneck" in m for m in slow())
+        quiet_tune(verbose=False)
+        assert slow() == []
+        assert seen == ["x"]
+    finally:
+        logger.removeHandler(handler)
+        logger.filters[:] = filters

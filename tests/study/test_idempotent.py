@@ -208,10 +208,11 @@ TWO_TASKS = ("downstream=[{name: shapes-novel, source: shapes, size: 160, test_s
 
 def test_weights_in_mlflow_serve_a_reevaluation_without_the_storage(killed, extended, cache_dir, tmp_path):
     """Another machine: an empty storage, the same tracking store. The weights come from MLflow; nothing pretrains.
-    A second downstream task joins: every evaluation runs on it, and on the first task only the changed few-shot."""
+    A second downstream task joins: every evaluation runs on it, and on the first task only the changed few-shot.
+    --storage is a relative path: the trials write where the driver reads (not in Tune's trial folders)."""
     out = killed[0]
     before = _pretrain_entries(out)
-    proc = run_cli([*BASE, "--out", str(out), "--storage", str(tmp_path / "elsewhere"),
+    proc = run_cli([*BASE, "--out", str(out), "--storage", os.path.relpath(tmp_path / "elsewhere", ROOT),
                     "data.subsets=[256, 1024, 2048]", "evaluate.fewshot.shots=[1, 3]", TWO_TASKS], cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(_actions(proc.stdout).values()) == {

@@ -22,6 +22,22 @@ def _lease(storage: Storage, **fields) -> None:
     storage.write_bytes("lease.json", json.dumps(body).encode())
 
 
+def test_a_second_driver_stops_in_one_line_before_it_prepares_any_data(tmp_path, cache_dir, monkeypatch, capsys):
+    """The study's command run while another driver holds its lease: exit 2 with the holder named, and nothing of
+    the study written (no index in storage, no MLflow store): the data are the lease holder's to prepare."""
+    from study.run import main
+
+    storage = Storage(str(tmp_path / "out" / "smoke" / "storage"))
+    _lease(storage)
+    monkeypatch.setenv("VITSCALE_CACHE", str(tmp_path / "cache"))  # empty: the shards would be generated here
+    monkeypatch.chdir(ROOT)
+    code = main(["--grid", "configs/smoke.yaml", "--out", str(tmp_path / "out")])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line.startswith("error: study 'smoke' in ") and "being run by another driver" in line
+    assert storage.list_dir("") == ["lease.json"] and not list((tmp_path / "cache").rglob("*.*"))  # no shard
+    assert not (tmp_path / "out" / "mlflow.db").exists()
+
+
 def test_a_held_lease_stops_a_second_driver_and_a_stale_one_is_taken_over(tmp_path):
     storage = Storage(str(tmp_path / "storage"))
     _lease(storage)  # a live process of this machine (this one, standing in for another driver), renewed just now

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 class Server:
     def __init__(self, root):
         self.root = root
+        self.artifacts = root / "server-artifacts"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -33,7 +34,7 @@ class Server:
     def start(self) -> None:
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-               "--artifacts-destination", str(self.root / "server-artifacts"), "--workers", "1"]
+               "--artifacts-destination", str(self.artifacts), "--workers", "1"]
         # The server's job runner (MLflow 3's server-side jobs; the study submits none) is a second process that
         # imports MLflow while the server starts: without it, a start takes about half as long on 2 cores.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -98,6 +99,7 @@ def test_runs_and_artifacts_go_to_the_server_and_an_outage_loses_nothing(server,
     assert len(table[~table["eval"].isin(["diagnostics", "upstream"])]) == 2 * (2 + 3 + 3)
     again = run_cli(args, cache_dir)  # logs from storage whatever the outage kept from MLflow
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "View run" not in stderr + again.stdout + again.stderr  # MLflow's own line per ended run: not printed
     client = MlflowClient(server.uri)
     exp = client.get_experiment_by_name("smoke")
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
@@ -119,3 +121,72 @@ def test_runs_and_artifacts_go_to_the_server_and_an_outage_loses_nothing(server,
     # The table's rows in order: the model's group (its colour and mean), then its two runs nested under it.
     rows = re.findall(r">Group: ([^<]+)<|>([^<>]+) n=\d+ seed=\d+<", browser_dom(url))
     assert rows == [("ViT-Pico/4", ""), ("", "ViT-Pico/4"), ("", "ViT-Pico/4")], rows
+
+
+def test_a_server_whose_artifact_store_fails_ends_the_runs_and_lets_later_writes_through(server, tmp_path, capsys):
+    """The server answers, but its artifact store fails every upload (HTTP 500): said as that, not as an outage; a
+    point's final logging is given up after a few tries, so the writes queued behind it (another point's curve, the
+    runs' ends) still get through. Its run ends FAILED saying why, the parent its status with why its report is
+    missing, and nothing stays RUNNING. A next invocation, the store mended, logs both."""
+    from argparse import Namespace
+
+    from pipelines.downstream import Measurement
+    from study.config import expand, load_study
+    from study.identity import eval_ids
+    from study.protocol import EvalRecord, PointFields, PointRecord, PretrainSummary, eval_kind
+    from study.run import Locations
+    from study.storage import Storage
+    from study.tracking import REPORT_NOT_LOGGED, Tracker
+    from tests.conftest import ROOT
+
+    cfg = load_study(ROOT / "configs" / "smoke.yaml", ["evaluate.linear_probe=null", "evaluate.diagnostics=null"])
+    (point, other, *_), evals = expand(cfg), eval_ids(cfg)
+    where = Locations(cfg, Namespace(out=str(tmp_path / "runs"), storage=None, tracking_uri=server.uri))
+    values = {"fewshot": Measurement("fewshot", "shapes-novel", 5, "top1", 31.25),
+              "finetune": Measurement("finetune", "shapes-novel", None, "top1", 40.5)}
+    record = PointRecord(point.id, PointFields(**point.table_fields), PretrainSummary(point.steps, point.examples_seen,
+                         1.0, 0), {k: EvalRecord(i, [values[eval_kind(k)]]) for k, i in evals.items()})
+    report = tmp_path / "report.md"
+    report.write_text("# report")
+    server.stop()
+    server.artifacts = tmp_path / "a-file" / "artifacts"  # below a file: every upload fails on the server's side
+    (tmp_path / "a-file").write_text("")
+    server.start()
+
+    def invocation() -> tuple[Tracker, int, float]:
+        tracker = Tracker(where.tracking_uri, "smoke", tmp_path / "unused")
+        tracker.start_parent("smoke", {}, [], "now")
+        tracker.start_point(point, {}, {}, {})
+        tracker.start_point(other, {}, {}, {})
+        tracker.finish_point(point, record, Storage(str(tmp_path / "storage")), None, [report], {}, "shapes-novel",
+                             {})
+        tracker.log_curve(other, "pretrain/train", 1, {"loss": 2.5})  # queued behind the failing job
+        tracker.end_started("FAILED")
+        tracker.finish_parent("FINISHED", [report], None)
+        start = time.monotonic()
+        return tracker, tracker.close(timeout=120), time.monotonic() - start
+
+    tracker, left, took = invocation()
+    err = capsys.readouterr().err
+    assert left == 2 and took < 60, (left, took)  # the point's results and the parent's report, given up
+    assert err.count("answers results of ") == 1 and "with HTTP 500" in err and "unreachable" not in err, err
+    client = tracker.client
+    run = client.get_run(tracker.runs[point.id])
+    assert run.info.status == "FAILED" and "HTTP 500" in run.data.tags["failure_reason"]
+    assert "complete" not in run.data.tags and run.data.metrics["finetune/shapes-novel/top1"] == 40.5
+    assert client.get_run(tracker.runs[other.id]).data.metrics["pretrain/train/loss"] == 2.5
+    parent = client.get_run(tracker.parent_id)
+    assert parent.info.status == "FINISHED" and "HTTP 500" in parent.data.tags[REPORT_NOT_LOGGED]
+    assert "RUNNING" not in {r.info.status for r in client.search_runs([tracker.experiment_id])}
+
+    server.stop()
+    server.artifacts = tmp_path / "server-artifacts"
+    server.start()
+    tracker, left, _ = invocation()
+    assert left == 0
+    run = client.get_run(tracker.runs[point.id])
+    assert run.info.status == "FINISHED" and run.data.tags["complete"] == "1"
+    assert len(client.get_metric_history(run.info.run_id, "finetune/shapes-novel/top1")) == 1  # logged once
+    parent = client.get_run(tracker.parent_id)
+    assert parent.info.status == "FINISHED" and REPORT_NOT_LOGGED not in parent.data.tags
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md"}

@@ -191,6 +191,7 @@ def test_a_point_finished_after_a_stop_logs_the_evaluations_its_stopped_run_neve
     finished, so holds no metric of it) is finished by the next invocation, which runs only the fine-tune: the run
     gets the few-shot metrics too, and once, not those an earlier finish logged (its eval tags say which)."""
     from argparse import Namespace
+    from dataclasses import replace
 
     from study.config import expand, load_study
     from study.identity import eval_ids
@@ -219,6 +220,21 @@ def test_a_point_finished_after_a_stop_logs_the_evaluations_its_stopped_run_neve
     metrics = second.client.get_run(run_id).data.metrics
     assert metrics["fewshot/shapes-novel/5shot_top1"] == 31.25 and metrics["finetune/shapes-novel/top1"] == 40.5
     assert len(second.client.get_metric_history(run_id, "fewshot/shapes-novel/5shot_top1")) == 1
+    # The fine-tune's same value, logged again by the second invocation and a retried write, is one entry; a
+    # re-evaluation that changed it adds one at the same step
+    history = [(m.step, m.value) for m in second.client.get_metric_history(run_id, "finetune/shapes-novel/top1")]
+    assert history == [(point.steps, 40.5)]
+    third = Tracker(where.tracking_uri, "smoke", tmp_path / "artifacts")
+    finish = Finisher(cfg, where, third, {})
+    finish(point, record, (finetune,), curves=True)
+    finish(point, record, (finetune,), curves=True)  # as the writer's retry of a job that failed after logging
+    values["finetune"] = Measurement("finetune", "shapes-novel", None, "top1", 41.0)
+    changed = replace(record, evals={k: EvalRecord(i, [values[eval_kind(k)]]) for k, i in evals.items()})
+    finish(point, changed, (finetune,), curves=True)
+    assert third.close(timeout=60) == 0
+    history = [(m.step, m.value) for m in third.client.get_metric_history(run_id, "finetune/shapes-novel/top1")]
+    assert sorted(history) == [(point.steps, 40.5), (point.steps, 41.0)]
+    assert third.client.get_run(run_id).data.metrics["finetune/shapes-novel/top1"] == 41.0
 
 
 def test_a_run_a_killed_driver_left_running_ends_when_the_next_invocation_stops_before_its_trial_starts(tmp_path):

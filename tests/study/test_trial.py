@@ -161,3 +161,32 @@ def test_each_process_has_its_own_scratch_and_a_dead_ones_is_removed(tmp_path, m
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_trial_on_a_node_that_does_not_see_the_drivers_storage_fails_before_writing(tmp_path, cache_dir):
+    """A node that joined after the driver checked the cluster, with its own disk at the storage's path: the lease
+    the driver holds is not there (or another's is), so the trial fails in one line (no retry) and writes nothing; on
+    the driver's folder it runs."""
+    import json
+
+    from study.lease import LEASE
+    from study.protocol import Failed, Finished
+    from study.trial import _run_guarded
+
+    cfg, point = _fewshot_and_finetune(cache_dir, "evaluate.fewshot.shots=[1]", "evaluate.finetune=null",
+                                       "pretrain.steps=2")
+    plan = TrialPlan(point, "train", eval_ids(cfg))
+    for held in (None, "another driver's"):
+        storage = Storage(str(tmp_path / f"node-{held is None}"))
+        if held is not None:
+            storage.write_bytes(LEASE, json.dumps({"token": held}).encode())
+        events = []
+        _run_guarded(cfg, plan, storage, tmp_path / "scratch", events.append, lease_token="the driver's")
+        assert len(events) == 1 and isinstance(events[0], Failed), events
+        assert events[0].reason.startswith("UserError: this node (") and "does not see the study's storage" in (
+            events[0].reason)
+        assert storage.list_dir("") == ([] if held is None else [LEASE])
+    storage.write_bytes(LEASE, json.dumps({"token": "the driver's"}).encode())
+    events = []
+    _run_guarded(cfg, plan, storage, tmp_path / "scratch", events.append, lease_token="the driver's")
+    assert isinstance(events[-1], Finished), events[-1]
