@@ -370,6 +370,19 @@ def pipe_commands(cfg: StudyConfig) -> list[str]:
     return list(dict.fromkeys(commands))
 
 
+def pipe_specs(cfg: StudyConfig) -> dict[str, int]:
+    """The grid's `pipe:` specs as written (each `;`-separated part of `urls` and `test_urls`, without `pipe:`,
+    brace ranges unexpanded), each once, with how many shell commands it expands to: what `pipe_commands` lists,
+    in as many lines as the grid file has specs."""
+    specs: dict[str, int] = {}
+    for src in (cfg.data.pretrain, *cfg.downstream):
+        for urls in (src.urls, src.test_urls):
+            for spec in (urls or "").split(";"):
+                if spec.strip().startswith("pipe:"):
+                    specs[spec.strip().removeprefix("pipe:")] = len(expand_urls(spec))
+    return specs
+
+
 def grid_point(cfg: StudyConfig, model: str, subset_size: int, seed: int) -> GridPoint:
     """One grid point with its planned examples seen and forward FLOPs (no data touched, no weights)."""
     src, recipe = cfg.data.pretrain, cfg.pretrain_for(model)

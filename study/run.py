@@ -26,7 +26,7 @@ import yaml
 from pipelines import atomic
 from pipelines.config import UserError, flatten, to_dict
 from pipelines.models import ModelOptions
-from study.config import GridPoint, StudyConfig, check_data, expand, load_study, pipe_commands
+from study.config import GridPoint, StudyConfig, check_data, expand, load_study, pipe_commands, pipe_specs
 from study.cost import ASSUMED_MFU, describe, print_grid
 from study.lease import LeaseLost, heartbeat_seconds
 
@@ -109,16 +109,28 @@ def print_recipes(cfg: StudyConfig, as_json: bool) -> None:
                   f"{size:,} images): the learning rate never reaches {p.lr:g}")
 
 
-def print_commands(commands: list[str], as_json: bool) -> None:
-    """A grid file is code: show every shell command its `pipe:` URLs would run."""
+LIST_COMMANDS = 20  # up to this many, the pipe: commands are listed one by one; more, as the grid's specs
+
+
+def print_commands(commands: list[str], as_json: bool, specs: dict[str, int] | None = None) -> None:
+    """A grid file is code: show every shell command its `pipe:` URLs would run: each, up to `LIST_COMMANDS`, else
+    each of the grid's `specs` with its brace ranges and how many commands it expands to (a line per shard of a
+    30,000-shard source would bury the one that matters)."""
     if not commands:
         return
     if as_json:  # stdout stays one JSON document
         print(f"{len(commands)} shell commands from pipe: URLs; --dry-run without --json lists them", file=sys.stderr)
         return
-    print(f"\nThe grid's pipe: URLs run these {len(commands)} shell commands (review them as you would a script):")
-    for command in commands:
-        print(f"  {command}")
+    if len(commands) <= LIST_COMMANDS or not specs:
+        print(f"\nThe grid's pipe: URLs run these {len(commands)} shell commands (review them as you would a script):")
+        for command in commands:
+            print(f"  {command}")
+        return
+    print(f"\nThe grid's pipe: URLs run {len(commands):,} shell commands, from these {len(specs)} specs, each with its "
+          "brace ranges (review them as you would a script):")
+    width = max(len(spec) for spec in specs)
+    for spec, n in specs.items():
+        print(f"  {spec:<{width}}  ({n:,} command{'s' * (n != 1)})")
 
 
 def print_unchecked(found, as_json: bool) -> None:
@@ -257,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, args.mfu or ASSUMED_MFU),
                        args.json)
             print_recipes(cfg, args.json)
-            print_commands(pipe_commands(cfg), args.json)
+            print_commands(pipe_commands(cfg), args.json, pipe_specs(cfg))
             print_unchecked(checked, args.json)
         if checked.problems:
             raise UserError("\n".join(f"{args.grid}: {problem}" for problem in checked.problems))

@@ -112,11 +112,17 @@ def sidecar_url(url: str) -> str:
     return f"{head}{dot}{SIDECAR}{tail}" if dot else url + SIDECAR
 
 
+def _probe(url: str) -> str:
+    """`url` to read a sidecar that may not exist: a `pipe:` command's own stderr silenced (`cat: ...: No such file`
+    twice per shard of a source without sidecars; that it has none is what the probe finds out)."""
+    return f"pipe:exec 2>/dev/null; {url[len('pipe:'):]}" if url.startswith("pipe:") else url
+
+
 def read_sidecar(url: str) -> dict | None:
     """A shard's sidecar index, or None where there is none or another reader version wrote it (the shard is then
     streamed to index it)."""
     try:
-        with open_url(sidecar_url(url)) as f:
+        with open_url(_probe(sidecar_url(url))) as f:
             side = json.loads(f.read())
     except (OSError, ValueError):
         return None
@@ -140,7 +146,7 @@ def shard_identity(url: str) -> list:
         if tag:
             return [url, "etag", tag]
     try:
-        with open_url(sidecar_url(url)) as f:
+        with open_url(_probe(sidecar_url(url))) as f:
             return [url, "sidecar", hashlib.sha256(f.read()).hexdigest()]
     except (OSError, ValueError):
         return [url]

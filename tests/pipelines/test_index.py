@@ -411,6 +411,9 @@ def test_the_index_command_indexes_shards_it_did_not_write(tmp_path, cache_dir):
     shards, _ = _write(tmp_path / "in", _grid(4, 25))
     for side in (tmp_path / "in").glob("*.idx.json"):
         side.unlink()  # shards this project did not write carry none
+    piped = run_cli(["-m", "pipelines.data.index", f"pipe:cat {tmp_path / 'in' / 'train-{0..3}.tar'}", "--out",
+                     str(tmp_path / "piped")], cache_dir)  # streamed: the probe for a sidecar finds none, quietly
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr  # (was `cat: ...: No such file` x2 a shard)
     proc = run_cli(["-m", "pipelines.data.index", str(tmp_path / "in" / "train-{0..3}.tar"), "--out",
                     str(tmp_path / "idx"), "--workers", "2"], cache_dir)
     assert proc.returncode == 0, proc.stderr

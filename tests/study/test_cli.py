@@ -160,6 +160,15 @@ def test_dry_run_lists_the_shell_commands_of_pipe_urls_and_what_each_point_will_
     code, stdout, stderr = _in_process(args, cache_dir, monkeypatch, capsys)
     assert code == 0, stderr
     assert "  cat /data/s-0.tar\n  cat /data/s-1.tar" in stdout and "2 shell commands" in stdout
+    many = [*args[:6],
+            "data.pretrain.urls=pipe:cat /data/s-{0000..2999}.tar;pipe:curl -s http://h/x.tar",
+            "data.pretrain.test_urls=pipe:cat /data/t-{0..29}.tar"]
+    code, listing, stderr = _in_process(many, cache_dir, monkeypatch, capsys)  # a line per spec, not per shard
+    assert code == 0, stderr
+    listed = listing.split("(review them as you would a script):\n")[1].split("\n\n")[0].splitlines()
+    assert "run 3,031 shell commands, from these 3 specs" in listing and listed == [
+        "  cat /data/s-{0000..2999}.tar  (3,000 commands)", "  curl -s http://h/x.tar        (1 command)",
+        "  cat /data/t-{0..29}.tar       (30 commands)"]
     assert stdout.count("  train\n") == 4  # nothing done yet: every point trains
     # each model's recipe, merged
     assert ("  ViT-Pico/4       steps 12, batch 64, adamw lr 0.0003, wd 0.1, warm-up 4, cosine decay, softmax, "
