@@ -14,7 +14,7 @@ from pipelines import models
 from pipelines.config import ConfigError, apply_overrides, from_dict, load_yaml
 from pipelines.data import SourceConfig, default_cache_dir
 from pipelines.data.preflight import Findings, inspect
-from pipelines.data.sources import expand_urls
+from pipelines.data.sources import expand_urls, is_local
 from pipelines.data.stream import LoaderConfig
 from pipelines.downstream import EvaluateConfig
 from pipelines.pretrain import PretrainConfig
@@ -368,6 +368,26 @@ def pipe_commands(cfg: StudyConfig) -> list[str]:
         for urls in (src.urls, src.test_urls):
             commands += [url.removeprefix("pipe:") for url in expand_urls(urls or "") if url.startswith("pipe:")]
     return list(dict.fromkeys(commands))
+
+
+def relative_paths(cfg: StudyConfig) -> list[tuple[str, str]]:
+    """(key, value) of every local path of the grid given relative: `data.cache_dir` (or VITSCALE_CACHE), each
+    source's `root` and `test_root`, and each `;`-separated local shard spec of its `urls` and `test_urls`."""
+    import os
+
+    out = []
+    if cfg.data.cache_dir and not os.path.isabs(os.path.expanduser(cfg.data.cache_dir)):
+        out.append(("data.cache_dir", cfg.data.cache_dir))
+    elif not cfg.data.cache_dir and not os.path.isabs(os.path.expanduser(os.environ.get("VITSCALE_CACHE", "/"))):
+        out.append(("VITSCALE_CACHE", os.environ["VITSCALE_CACHE"]))
+    keys = ["data.pretrain", *(f"downstream[{i}]" for i in range(len(cfg.downstream)))]
+    for key, src in zip(keys, (cfg.data.pretrain, *cfg.downstream), strict=True):
+        for name in ("root", "test_root", "urls", "test_urls"):
+            for spec in (getattr(src, name) or "").split(";") if name.endswith("urls") else [getattr(src, name)]:
+                spec = (spec or "").strip()
+                if spec and is_local(spec) and not os.path.isabs(os.path.expanduser(spec)):
+                    out.append((f"{key}.{name}", spec))
+    return out
 
 
 def pipe_specs(cfg: StudyConfig) -> dict[str, int]:

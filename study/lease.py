@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.config import UserError
@@ -172,13 +173,35 @@ class Lease:
             pass  # takes it then (the error that brought the driver here is what it reports)
 
 
-def token_in(storage: Storage) -> str | None:
-    """The token of the lease `storage` holds (None: no lease, or none readable)."""
+def lease_token_at(root: str) -> str | None:
+    """The token of the lease in the local storage folder `root` (None: no lease there, or one that cannot be
+    parsed). Plain file reads: run on each node of a cluster (`tune_runner.check_nodes_see`), where importing the
+    storage layer would cost a fresh worker seconds of imports.
+
+    Raises:
+        OSError: where the folder cannot be read (an NFS hiccup): not an answer either way.
+    """
     try:
-        raw = storage.read_bytes(LEASE)
-        return json.loads(raw).get("token") if raw is not None else None
-    except (OSError, ValueError, AttributeError):
+        raw = (Path(root) / LEASE).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    try:
+        held = json.loads(raw)
+    except ValueError:
+        return None
+    return held.get("token") if isinstance(held, dict) else None
+
+
+def sees_lease(root: str, token: str, tries: int = 3, wait: float = 2.0) -> str | None:
+    """`lease_token_at(root)`, read again up to `tries` times `wait` s apart while it is not `token`: a network
+    file system may answer from a cache of the folder that predates the lease for a few seconds. Returns what was
+    read last."""
+    for attempt in range(tries):
+        if (found := lease_token_at(root)) == token:
+            return found
+        if attempt + 1 < tries:
+            time.sleep(wait)
+    return found
 
 
 def check_shared(storage: Storage, token: str | None) -> None:
@@ -188,16 +211,21 @@ def check_shared(storage: Storage, token: str | None) -> None:
 
     Raises:
         UserError: naming this node and what to give instead.
+        OSError: where the folder cannot be read (Tune's retry may find it readable).
     """
-    if token is not None and storage.local_path("") is not None and token_in(storage) != token:
-        raise UserError(not_shared(storage, f"this node ({socket.gethostname()})"))
+    if token is None or (local := storage.local_path("")) is None:
+        return
+    if (found := sees_lease(str(local), token)) != token:
+        raise UserError(not_shared(storage, f"this node ({socket.gethostname()})", other=found is not None))
 
 
-def not_shared(storage: Storage, nodes: str, many: bool = False) -> str:
+def not_shared(storage: Storage, nodes: str, many: bool = False, other: bool = False) -> str:
+    why = ("another lease is there: another folder, or another driver has taken the study" if other else
+           "its lease is not there")
     return (f"{nodes} {'do' if many else 'does'} not see the study's storage {storage.root} as the driver does "
-            "(its lease is not there): a trial there would keep its checkpoints and weights on that node's own disk, "
-            "out of the driver's reach; give --storage a folder every node mounts at the same path (NFS, a parallel "
-            "file system), or an object store (s3://bucket/prefix)")
+            f"({why}): a trial there would keep its checkpoints and weights on that node's own disk, out of the "
+            "driver's reach; give --storage a folder every node mounts at the same path (NFS, a parallel file "
+            "system), or an object store (s3://bucket/prefix)")
 
 
 def _gone(held: dict) -> bool:

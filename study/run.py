@@ -26,7 +26,16 @@ import yaml
 from pipelines import atomic
 from pipelines.config import UserError, flatten, to_dict
 from pipelines.models import ModelOptions
-from study.config import GridPoint, StudyConfig, check_data, expand, load_study, pipe_commands, pipe_specs
+from study.config import (
+    GridPoint,
+    StudyConfig,
+    check_data,
+    expand,
+    load_study,
+    pipe_commands,
+    pipe_specs,
+    relative_paths,
+)
 from study.cost import ASSUMED_MFU, describe, print_grid
 from study.lease import LeaseLost, heartbeat_seconds
 
@@ -260,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             from study.suggest import run_suggest
 
             return run_suggest(cfg, points, args, args.mfu or ASSUMED_MFU)
+        if args.address is not None and (relative := relative_paths(cfg)):  # before any check of the data
+            key, value = relative[0]
+            raise UserError(f"{key}={value}: a relative path means another folder on each node of a cluster (a "
+                            "trial there runs where that node's `ray start` ran); give an absolute path"
+                            + (f" (and for {', '.join(k for k, _ in relative[1:])})" if len(relative) > 1 else ""))
         check_folders(cfg, args, create=False)
         checked = check_data(cfg)  # the same checks for a dry run and, before Ray starts, a real one
         if args.dry_run:
@@ -472,6 +486,8 @@ def check_one_storage(cfg: StudyConfig, tracker, where: Locations) -> None:
     from study.storage import redact
 
     theirs = tracker.parent_tags.get(STORAGE_TAG)
+    if theirs is not None and "://" not in theirs:  # an earlier release tagged a relative --storage as given
+        theirs = os.path.abspath(theirs)
     if tracker.parent_status == "RUNNING" and theirs is not None and theirs != redact(where.storage_root):
         raise UserError(f"study '{cfg.study}' at {tracker.uri} is RUNNING with storage {theirs}, not "
                         f"{redact(where.storage_root)}: another driver may be running it, and the two would train and "

@@ -323,15 +323,23 @@ class _Writer(threading.Thread):
 FAILING_TRIES = 4  # tries of a write the server answers with an error of its own (1 + 2 + 4 s between them)
 # The HTTP status of a response MLflow's client raised for (its own retries off: urllib3's "too many 500 error
 # responses"; an error body it could not parse: "error code 500 != 200")
-_STATUS = re.compile(r"too many (\d{3}) error responses|error code (\d{3}) != 200")
+_STATUS = re.compile(r"too many (\d{3}) error responses|error code (\d{3}) != 200|(\d{3}) Server Error")
 
 
 def server_error(err: BaseException) -> int | None:
     """The HTTP status where the tracking server answered a write with an error of its own (5xx); None where it did
     not answer, or answered as a gateway or a busy server does (429, 502-504: the server is not there, or not yet),
-    which a wait can mend."""
-    found = _STATUS.search(str(err))
-    status = int(found.group(1) or found.group(2)) if found else None
+    which a wait can mend. From the response where the error carries one (requests' HTTPError), its message
+    (MLflow's client quotes urllib3's or requests' words), or, for an error body MLflow parsed (`RestException`:
+    the server's own INTERNAL_ERROR, whose status it drops), 500."""
+    from mlflow.exceptions import RestException
+
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if not isinstance(status, int):
+        found = _STATUS.search(str(err))
+        status = int(next(g for g in found.groups() if g)) if found else None
+    if status is None and isinstance(err, RestException) and err.error_code == "INTERNAL_ERROR":
+        status = 500
     return status if status is not None and status >= 500 and status not in (502, 503, 504) else None
 
 
@@ -617,7 +625,7 @@ class Tracker:
         `files` and figure `folder` as artifacts, then `status`; a tag given as None is removed where set. Where the
         server fails these writes (its artifact store, `_Writer._failing`), the parent still ends `status`, tagged
         `report_not_logged` with why, which the next invocation that logs the report removes."""
-        tags = {**(tags or {}), REPORT_NOT_LOGGED: None}
+        tags = {**(tags or {}), **({REPORT_NOT_LOGGED: None} if files or folder is not None else {})}
 
         def job() -> None:
             gone = [name for name, value in tags.items() if value is None]

@@ -40,7 +40,7 @@ from study.interrupt import (
     preemption,
     stop_requested,
 )
-from study.lease import check_shared
+from study.lease import check_shared, not_shared
 from study.protocol import (
     Curve,
     EvalRecord,
@@ -527,16 +527,24 @@ def _rank_main(config: dict) -> None:
     plan, cfg, events = config["plan"], config["cfg"], config["events"]
     context = train.get_context()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    check_shared(Storage(config["storage_root"]), config.get("lease_token"))  # each rank's node, before any read
-    if context.get_local_rank() == 0:  # one process per node writes the shared cache, the others read it
-        for src in (cfg.data.pretrain, *cfg.downstream):  # shards generated in this node's cache, if it lacks them
-            data.prepared(src, cfg.cache_dir, index_root(cfg, Storage(config["storage_root"])))
-    distributed.barrier()
     main = context.get_world_rank() == 0
 
     def send(result: dict) -> None:
         if main:
             events.put(result)
 
-    _run_guarded(cfg, plan, Storage(config["storage_root"]), scratch_dir(plan.point.id), Reporter(send),
-                 device=get_device())
+    storage = Storage(config["storage_root"])
+    try:  # each rank's node sees the driver's storage, before any read: else the point fails, not retried
+        check_shared(storage, config.get("lease_token"))
+        blind = None
+    except UserError as err:
+        blind = str(err)
+    if distributed.any_rank(blind is not None):  # every rank returns; rank 0 says why
+        Reporter(send)(Failed(f"UserError: {blind or not_shared(storage, 'the node of another rank of this point')}"))
+        return
+    if context.get_local_rank() == 0:  # one process per node writes the shared cache, the others read it
+        for src in (cfg.data.pretrain, *cfg.downstream):  # shards generated in this node's cache, if it lacks them
+            data.prepared(src, cfg.cache_dir, index_root(cfg, storage))
+    distributed.barrier()
+
+    _run_guarded(cfg, plan, storage, scratch_dir(plan.point.id), Reporter(send), device=get_device())

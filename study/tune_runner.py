@@ -133,39 +133,34 @@ def check_nodes_see(storage: Storage, token: str) -> None:
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from study.lease import not_shared
+    from study.lease import not_shared, sees_lease
 
     if storage.local_path("") is None or not ray.is_initialized():
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return
-    read = ray.remote(num_cpus=0, max_retries=0)(_token_seen)
+    read = ray.remote(num_cpus=0, max_retries=0)(sees_lease)
+    root = str(storage.local_path(""))
     refs = {read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-        storage.root): n for n in nodes}
+        root, token): n for n in nodes}
     ready, silent = ray.wait(list(refs), num_returns=len(refs), timeout=SEE_TIMEOUT)
     for ref in silent:
         ray.cancel(ref, force=True)
-    blind, unchecked = [], [f"{_node_name(refs[ref])}: no answer in {SEE_TIMEOUT:.0f} s" for ref in silent]
+    blind, other, unchecked = [], False, [(refs[ref], f"no answer in {SEE_TIMEOUT:.0f} s") for ref in silent]
     for ref in ready:
         try:
-            if ray.get(ref) != token:
+            if (found := ray.get(ref)) != token:
                 blind.append(_node_name(refs[ref]))
-        except Exception as err:  # noqa: BLE001  (a worker that could not start there: Ray's errors vary)
-            unchecked.append(f"{_node_name(refs[ref])}: {first_line(err)[:200]}")
+                other = other or found is not None
+        except Exception as err:  # noqa: BLE001  (a worker that could not start there, a read error: Ray's vary)
+            unchecked.append((refs[ref], first_line(err)[:200]))
     if blind:
         raise UserError(not_shared(storage, f"{count(len(blind), 'node')} of {len(nodes)} ({', '.join(blind)})",
-                                   many=len(blind) > 1))
-    for line in unchecked:
-        print(f"note: not checked that node {line} sees the storage {storage.root}; a trial placed there checks for "
-              "itself", file=sys.stderr)
-
-
-def _token_seen(root: str) -> str | None:
-    """On a node: the token of the lease in the storage folder at `root` as this node sees it."""
-    from study.lease import token_in
-
-    return token_in(Storage(root))
+                                   many=len(blind) > 1, other=other))
+    for node, why in unchecked:
+        print(f"note: could not check whether node {_node_name(node)} sees the storage {storage.root} ({why}); a "
+              "trial placed there checks for itself", file=sys.stderr)
 
 
 def _node_name(node: dict) -> str:
@@ -466,9 +461,11 @@ def run_trials(cfg: StudyConfig, plans: dict[str, TrialPlan], storage: Storage, 
     # Tune's loop cost the driver 1.9 s of CPU in the default study (getrusage: 33.9 -> 32.0 s; the same wall time)
     # and put 48 more files (1.7 of 3.9 MB) in the study's storage, which a cluster's storage syncs.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    # A trial runs in the driver's working directory (where Ray started here; Tune passes the variable to every
-    # trial), not in a folder of Tune's: a relative path of the grid (`data.cache_dir`, a source's root or shards)
-    # means there what it means to the driver that checked it. (A relative --storage is made absolute: `Storage`.)
+    # A trial runs in the working directory of the Ray that runs it (the driver's, for the study's own Ray; Tune
+    # passes the variable to every trial), not in a folder of Tune's: a relative path of the grid (`data.cache_dir`,
+    # a source's root or shards) means there what it means to the driver that checked it. (A relative --storage is
+    # made absolute: `Storage`; on a joined cluster, where nodes run where `ray start` ran, the driver refuses other
+    # relative paths: `run.main`.)
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     started = time.perf_counter()
     r = cfg.resources

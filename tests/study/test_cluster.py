@@ -480,3 +480,14 @@ def test_a_node_that_does_not_see_the_local_storage_is_refused_before_any_work(t
     assert "Traceback" not in proc.stderr, proc.stderr
     assert not list(shared.iterdir())  # no index, point or lease left
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # no MLflow run
+
+
+def test_a_relative_data_path_on_a_cluster_is_refused_before_joining(tmp_path, cache_dir, monkeypatch, capsys):
+    """On a cluster a trial runs where its node's `ray start` ran, so a relative path names another folder there:
+    refused in one line naming the keys, before the address is even tried (nothing listens at it here)."""
+    _refused_in_process(["--address", f"127.0.0.1:{_free_port()}", "data.cache_dir=relcache",
+                         "data.pretrain.source=webdataset", "data.pretrain.urls=shards/train-{0..1}.tar;/abs/x.tar"],
+                        tmp_path, cache_dir, monkeypatch, capsys,
+                        "data.cache_dir=relcache: a relative path means another folder on each node of a cluster (a "
+                        "trial there runs where that node's `ray start` ran); give an absolute path (and for "
+                        "data.pretrain.urls)")

@@ -119,3 +119,33 @@ def test_ray_train_ranks_train_to_the_parameters_of_one_process(tmp_path, cache_
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# The study's command with every trial handed a lease token other than the driver's: what the ranks of a point meet
+# on a node that sees another folder at the storage's path (one that joined after the driver checked the nodes).
+BLIND = """
+import sys
+import study.tune_runner as runner
+real = runner.run_trials
+def blind(cfg, plans, storage, callback, name, interrupt, verbose=False, lease_token=None):
+    return real(cfg, plans, storage, callback, name, interrupt, verbose, "not the driver's token")
+runner.run_trials = blind
+from study.run import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ranks_on_a_node_that_does_not_see_the_storage_fail_the_point_once_without_a_retry(tmp_path, cache_dir):
+    """Every rank checks its node before it reads anything; they agree (one all-reduce), rank 0 reports the failure
+    and all return: one FAILED line, no crash retried by Train or Tune, nothing written for the point."""
+    from tests.conftest import run_cli
+
+    out = tmp_path / "out"
+    proc = run_cli(["-c", BLIND, "--grid", "configs/smoke.yaml", "--out", str(out), "models=[ViT-Pico/4]",
+                    "data.subsets=[256]", "resources.workers_per_trial=2"], cache_dir, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed = [line for line in proc.stdout.splitlines() if "ViT-Pico-4_n256_s0" in line and "FAILED" in line]
+    assert len(failed) == 1 and "UserError: this node (" in failed[0] and "does not see the study's storage" in (
+        failed[0]) and "another lease is there" in failed[0], proc.stdout[-3000:]
+    assert "retried" not in proc.stdout and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not list((out / "smoke" / "storage" / "points").glob("*/*.safetensors"))

@@ -182,6 +182,11 @@ def test_a_server_whose_artifact_store_fails_ends_the_runs_and_lets_later_writes
     server.stop()
     server.artifacts = tmp_path / "server-artifacts"
     server.start()
+    stopped = Tracker(where.tracking_uri, "smoke", tmp_path / "unused")  # an invocation stopped before its report
+    stopped.start_parent("smoke", {}, [], "stopped")
+    stopped.finish_parent("KILLED", [], None)
+    assert stopped.close(timeout=60) == 0
+    assert REPORT_NOT_LOGGED in client.get_run(tracker.parent_id).data.tags  # it logged no report: still missing
     tracker, left, _ = invocation()
     assert left == 0
     run = client.get_run(tracker.runs[point.id])

@@ -1,6 +1,7 @@
 """What the study shows in MLflow, from plain data: the parent's comparison metrics, rounding, the runs-table view."""
 
 import json
+import os
 
 import pytest
 
@@ -184,6 +185,14 @@ def test_a_study_running_under_other_storage_is_refused(tmp_path):
     ended.finish_parent("KILLED", [], None)
     assert ended.close(timeout=60) == 0
     check_one_storage(cfg, Tracker(uri, "smoke", art, read_only=True), SimpleNamespace(storage_root="s3://bkt/b"))
+    # A parent an earlier release tagged with a relative --storage, as given: the same folder, made absolute, passes
+    relative = Tracker(uri, "smoke", art, fresh=True)
+    relative.start_parent("parent", {STORAGE_TAG: "relstore"}, [], "two")
+    assert relative.close(timeout=60) == 0
+    running = Tracker(uri, "smoke", art, read_only=True)
+    check_one_storage(cfg, running, SimpleNamespace(storage_root=os.path.abspath("relstore")))
+    with pytest.raises(UserError, match=rf"RUNNING with storage {os.path.abspath('relstore')}, not /elsewhere"):
+        check_one_storage(cfg, running, SimpleNamespace(storage_root="/elsewhere"))
 
 
 def test_a_point_finished_after_a_stop_logs_the_evaluations_its_stopped_run_never_logged(tmp_path):
@@ -296,3 +305,35 @@ def test_a_record_cut_short_is_ignored_in_one_line_not_a_traceback(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("warning: ") and "record.json is not a readable record (" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_server_that_answers_with_an_error_of_its_own_is_told_from_one_that_does_not_answer():
+    """The forms MLflow's client (its own retries off) raises for an HTTP answer, each giving its status, and for no
+    answer, or a gateway's or busy server's, None (a wait may mend those: they are outages)."""
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    from study.tracking import server_error
+
+    url = "API request to http://127.0.0.1:5000/api/2.0/mlflow-artifacts/artifacts/1/x failed with exception "
+    response = requests.Response()
+    response.status_code = 507
+    answered = {
+        MlflowException(url + "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded with url: /x "
+                              "(Caused by ResponseError('too many 500 error responses'))"): 500,
+        MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with error code 501 != 200. "
+                        "Response body: '<html>'"): 501,
+        MlflowException("507 Server Error: Insufficient Storage for url: http://127.0.0.1:5000/x"): 507,
+        requests.HTTPError("Insufficient Storage", response=response): 507,
+        RestException({"error_code": "INTERNAL_ERROR", "message": "the artifact store failed"}): 500,
+    }
+    for err, status in answered.items():
+        assert server_error(err) == status, err
+    silent = [MlflowException(url + "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded with url: "
+                                    "/x (Caused by NewConnectionError('Connection refused'))"),
+              MlflowException(url + "(Caused by ResponseError('too many 503 error responses'))"),
+              MlflowException("API request failed with error code 429 != 200. Response body: 'slow down'"),
+              RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such run"}),
+              TimeoutError("timed out")]
+    for err in silent:
+        assert server_error(err) is None, err
