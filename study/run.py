@@ -396,6 +396,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
         lease.when_lost(lambda held: tracker.abandon())
     evals = eval_ids(cfg)
     decisions = plan(points, evals, where.storage, tracker.known, args.fresh)
+    note_unseen(tracker, decisions)
     print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, ASSUMED_MFU), as_json=False)
     tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve()), STORAGE_TAG: redact(where.storage_root)}
     tracker.start_parent(cfg.study, tags, [where.out / "config.yaml", where.out / "git_commit.txt"],
@@ -477,6 +478,16 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
 
 
 STORAGE_TAG = "storage"  # the parent's: the storage its driver leases (`study.lease`), and the points live in
+
+
+def note_unseen(tracker, decisions) -> None:
+    """Where the tracking store did not answer when the study was planned, say what that may cost: a point it holds
+    (weights logged from another machine's storage) and this storage lacks is planned to train again. Training goes
+    on (an outage must not stop a study); the user can stop it."""
+    if tracker.unseen and (todo := sum(d.action == "train" for d in decisions)):
+        print(f"note: the {todo} points to train were planned from the storage alone ({tracker.uri} did not answer): "
+              "any of them the tracking store holds (weights logged from another machine's storage) would be "
+              "trained again; if it may, stop with Ctrl-C and rerun once it answers", file=sys.stderr)
 
 
 def check_one_storage(cfg: StudyConfig, tracker, where: Locations) -> None:

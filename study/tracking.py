@@ -422,9 +422,11 @@ class Tracker:
         self.known: dict[str, ChildRun] = {}
         self.colours: dict[str, str] = {}  # model -> its runs' colour (`show`)
         self.writer = None if read_only else _Writer(tracking_uri)
+        self.unseen = False  # the store did not answer when opened: `known` is empty for want of an answer
         try:
             self._open(artifact_root, read_only)
         except Exception as err:  # noqa: BLE001  (an outage at start: plan from storage, log later)
+            self.unseen = True
             if self.writer is None:
                 print(f"mlflow: {tracking_uri} is unreachable ({unreachable_why(err)}); planning from storage alone",
                       file=sys.stderr)

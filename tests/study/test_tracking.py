@@ -162,6 +162,30 @@ def test_waiting_on_an_unreachable_server_at_the_end_says_so(capsys):
                           "are left to the next invocation, which logs them from the study's storage")
 
 
+def test_a_plan_made_without_the_tracking_store_says_what_it_may_retrain(tmp_path, capsys):
+    """The server down when the study starts: the plan comes from the storage alone, so a point the store holds
+    (weights logged from another machine) and this storage lacks would train again; the study goes on, saying so."""
+    import socket
+    from types import SimpleNamespace
+
+    from study.run import note_unseen
+    from study.tracking import Tracker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there
+    decisions = [SimpleNamespace(action=a) for a in ("train", "train", "reuse", "log")]
+    up = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "smoke", tmp_path / "artifacts")
+    note_unseen(up, decisions)
+    assert up.close(timeout=10) == 0 and not up.unseen and "note:" not in capsys.readouterr().err
+    tracker = Tracker(down, "smoke", tmp_path / "artifacts")
+    assert tracker.unseen and tracker.known == {}
+    note_unseen(tracker, decisions)
+    tracker.close(timeout=1)
+    assert (f"note: the 2 points to train were planned from the storage alone ({down} did not answer): any of them "
+            "the tracking store holds") in capsys.readouterr().err
+
+
 def test_a_study_running_under_other_storage_is_refused(tmp_path):
     """Two drivers of one MLflow study with different storage hold different leases: the second is refused while the
     parent is RUNNING under the first's storage; the same storage, or a parent that ended, passes."""
