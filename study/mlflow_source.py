@@ -119,14 +119,24 @@ def table_from_experiment(name: str, tracking_uri: str) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study.mlflow_source",
-                                     description="Rebuild a study's report from its MLflow store alone.")
+                                     description="Rebuild a study's results table (results.csv) and report from its "
+                                                 "MLflow store alone.")
     parser.add_argument("--experiment", required=True, help="MLflow experiment (study) name: its latest study run")
     parser.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    return report.report_command(lambda: report.write_report(
-        table_from_experiment(args.experiment, args.tracking_uri), out, title=args.experiment), out)
+
+    def write() -> Path:
+        table = table_from_experiment(args.experiment, args.tracking_uri)
+        out.mkdir(parents=True, exist_ok=True)
+        results.write(table, out / "results.csv")  # the table itself, as the study wrote it (what compare reads)
+        return report.write_report(table, out, title=args.experiment)
+
+    code = report.report_command(write, out)
+    if code == 0:
+        print(f"results: {out / 'results.csv'}")
+    return code
 
 
 if __name__ == "__main__":

@@ -247,6 +247,36 @@ def test_the_readme_snippet_loads_a_points_weights_from_mlflow(smoke):
     assert scope["model"](torch.zeros(1, 3, 32, 32)).shape == (1, 16)
 
 
+def test_the_readmes_weights_snippet_builds_a_recipes_options_and_loads_the_selected_steps_weights(tmp_path):
+    """A point whose recipe changes the model (`pool: gap`, no class token) and selects its best step: the snippet
+    builds that model, and loads the weights the evaluations used (`best.safetensors`), not the last step's. A real
+    MLflow store, the artifacts as the study logs them (`PointFiles.logged`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipelines import models
+
+    options = models.ModelOptions(pool="gap", weight_init="jax")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps({"model": "ViT-Pico/4", "num_classes": 16, "image_size": 32,
+                                                   "options": options.changed()}))
+    best, last = (models.build("ViT-Pico/4", 16, 32, options).state_dict() for _ in range(2))
+    save_file(best, folder / "best.safetensors")
+    save_file(last, folder / "pretrained.safetensors")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("x", artifact_location=(tmp_path / "art").as_uri()))
+    client.log_artifacts(run.info.run_id, str(folder), "model")
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("<!-- weights-snippet", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {"RUN_ID": run.info.run_id, "TRACKING_URI": uri}
+    exec(snippet, scope)  # noqa: S102
+    loaded = scope["model"].state_dict()
+    assert "cls_token" not in loaded and all(torch.equal(loaded[k], best[k]) for k in best)
+    assert not all(torch.equal(loaded[k], last[k]) for k in last)
+
+
 def test_a_grid_that_leaves_out_finished_points_is_refused_and_the_study_s_report_kept(smoke, tmp_path, cache_dir):
     """A changed recipe under the same study and --out: every finished point would drop out of the report, the
     verdict and the MLflow parent. One line naming what changed and the ways on, exit 2; nothing rewritten."""

@@ -34,6 +34,11 @@ def test_the_latest_study_run_s_table_is_read_back_unchanged(tmp_path):
     with pytest.raises(UserError, match="experiments there: .*toy"):
         table_from_experiment("other", uri)
     assert main(["--experiment", "other", "--tracking-uri", uri, "--out", str(tmp_path / "report")]) == 2
+    # The command writes the table itself beside the report (what `compare` and `report` read back)
+    assert main(["--experiment", "toy", "--tracking-uri", uri, "--out", str(tmp_path / "rebuilt")]) == 0
+    rebuilt = results.read(tmp_path / "rebuilt" / "results.csv")
+    pd.testing.assert_frame_equal(rebuilt, results.read(tmp_path / "results.csv"))
+    assert (tmp_path / "rebuilt" / "report.md").is_file()
 
 
 def test_a_store_that_is_not_there_is_one_line_and_nothing_is_made(tmp_path, capsys, monkeypatch):
