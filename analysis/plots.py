@@ -38,7 +38,7 @@ def _short(n: float) -> str:
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if n >= div:
             return f"{n / div:.3g}{suffix}"
-    return f"{n:g}"
+    return f"{n:.0f}" if n >= 100 else f"{n:.3g}"  # a crossover's estimate is a fractional size: 880, not 879.824
 
 
 def _size_axis(ax, sizes) -> None:

@@ -198,6 +198,17 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def _brace_expanded(values: list[str]) -> bool:
+    """The values look like a shell's expansion of one `{a..b}` or `{x,y}`: distinct, with a common prefix or
+    suffix of 3 characters or more, and what differs between them a word each (`000001`, `b`), never nothing or
+    a list's tail (two overrides a script layered, `[A, B]` then `[A]`)."""
+    if len(set(values)) < len(values):
+        return False
+    head = len(os.path.commonprefix(values))
+    tail = len(os.path.commonprefix([v[head:][::-1] for v in values]))
+    return head + tail >= 3 and all(re.fullmatch(r"\w+", v[head:len(v) - tail]) for v in values)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (values parsed as YAML scalars/lists) to a nested dict. `key[i]` is entry i of
     a list, as error messages name it (`downstream[0].root=/data/pets/train`). A key given more than once takes
@@ -210,7 +221,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for path, values in given.items():
         if len(values) > 1:
             shell = " (a shell expands an unquoted {a..b} into one override per value: quote it)" \
-                if len(os.path.commonprefix(values)) >= 3 and len(set(values)) == len(values) else ""
+                if _brace_expanded(values) else ""
             print(f"note: override '{path}' given {len(values)} times ({', '.join(values[:3])}"
                   f"{', ...' if len(values) > 3 else ''}): the last is used{shell}", file=sys.stderr)
     for item in overrides:

@@ -63,8 +63,9 @@ class PretrainConfig(models.ModelOptions):
         named = {k: v for k, v in (("epochs", self.epochs), ("steps", self.steps), ("examples", self.examples))
                  if v is not None}
         if len(named) != 1:
-            fix = (f" ({' and '.join(named) if len(named) == 2 else 'all three'} are set: set all but one to null, "
-                   f"e.g. {next(iter(named))}: null)" if named else "")
+            keep = [f"{', '.join(f'{other}: null' for other in named if other != kept)} keeps {kept}" for kept in named]
+            fix = (f" ({' and '.join(named) if len(named) == 2 else 'all three'} are set: {'; '.join(keep)})"
+                   if named else "")
             raise ValueError(f"give exactly one duration: epochs, steps or examples{fix}")
         bad = [f"{k} must be > 0 (got {v})" for k, v in (*named.items(), ("batch_size", self.batch_size),
                                                           ("lr", self.lr)) if v <= 0]

@@ -610,8 +610,9 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
     tracker.close_orphans(set(plans) | {d.point.id for d in decisions if d.action == "log"})
     failures: dict[str, str] = {}
     if not plans:
-        print(f"\nall {len(decisions)} points are done: nothing to train or evaluate; the report is written from what "
-              "storage and MLflow hold", flush=True)
+        done = f"all {len(decisions)} points are" if len(decisions) > 1 else "the 1 point is"
+        print(f"\n{done} done: nothing to train or evaluate; the report is written from what storage and MLflow hold",
+              flush=True)
     else:
         from study.tune_runner import StudyCallback, run_trials
 

@@ -122,3 +122,11 @@ def test_report_html_renders_with_its_figures_in_headless_chromium(report_dir, t
                    timeout=120)
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (1800, 1200) and pixels.std() > 10  # not a blank page
+
+
+def test_a_size_on_a_figure_reads_as_a_size():
+    """A crossover's estimate is a fractional number of images: its label on a figure rounds it as sizes are."""
+    from analysis.plots import _short
+
+    assert [_short(n) for n in (879.824, 999.6, 12.345, 8192, 2.5e6, 0.5)] == ["880", "1000", "12.3", "8.19k",
+                                                                              "2.5M", "0.5"]

@@ -66,6 +66,10 @@ def test_a_key_given_twice_takes_the_last_and_says_so(capsys):
         "size": 1024}
     said = capsys.readouterr().err
     assert said == "note: override 'data.pretrain.size' given 2 times (2048, 1024): the last is used\n"
+    for layered in (["models=[ViT-Pico/4, BiT-R14-Pico]", "models=[ViT-Pico/4]"],  # a script's, not a shell's
+                    ["downstream[0].test_root=/d/test", "downstream[0].test_root=/d/test_empty"]):
+        apply_overrides({"downstream": [{}]}, layered)
+        assert "a shell expands" not in capsys.readouterr().err
 
 
 def test_an_override_reaches_a_list_entry_as_error_messages_name_it():

@@ -31,6 +31,8 @@ def _in_process(args: list[str], cache_dir, monkeypatch, capsys) -> tuple[int, s
     (["models=[ViT-B/17]"], "unknown model 'ViT-B/17'; valid models: ViT-Ti/16"),
     (["data.subsets=[256, 4096]"], "data.subsets: 4096 examples asked, but data.pretrain holds only 2048"),
     (["pretrain.steps=null"], "pretrain: give exactly one duration: epochs, steps or examples"),
+    (["pretrain.examples=512"], "pretrain: give exactly one duration: epochs, steps or examples (steps and examples "
+                                "are set: examples: null keeps steps; steps: null keeps examples)"),
     (["evaluate.finetune.image_size=50"], "evaluate.finetune.image_size=50 is not a multiple of ViT-Pico/4's "
                                           "patch size 4"),
     (["data.pretrain.source=webdataset", "data.pretrain.urls=/nonexistent/{000000..000003}.tar"],
