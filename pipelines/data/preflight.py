@@ -75,6 +75,10 @@ def _folder(src, key: str, needs, test_needs, found: Findings) -> None:
         if sorted(test) != sorted(train):
             found.problems.append(f"{key}.test_root: {src.test_root} has class folders ({_names(test)}), unlike "
                                   f"{key}.root's ({_names(train)}); both need the same class folders")
+        elif empty := [name for name, n in test.items() if n == 0]:  # accuracy silently over the other classes
+            found.problems.append(f"{key}.test_root: {len(empty)} class folder{'s' * (len(empty) > 1)} without "
+                                  f"images ({os.path.join(src.test_root, empty[0])}{', ...' if len(empty) > 1 else ''})"
+                                  ": the test accuracy would leave out their classes; add their test images")
         _held(found, sum(test.values()), f"images in {src.test_root}", test_needs)
 
 

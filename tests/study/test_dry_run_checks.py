@@ -81,6 +81,8 @@ def _main(args, monkeypatch, tmp_path, capsys):
              "most 10"),
     ("empty-class", "data.pretrain.root: 1 class folder without images ({tmp}/other/emu); add their images, or "
                     "remove them and lower data.pretrain.num_classes"),
+    ("empty-test-class", "downstream[0].test_root: 1 class folder without images ({tmp}/test/owl): the test "
+                         "accuracy would leave out their classes; add their test images"),
     ("folder-url", "data.pretrain.urls: {tmp}/wds is a folder; give tar shards: a path, or a brace range such as "
                    "{tmp}/wds/train-{{000000..000099}}.tar"),
 ])
@@ -109,6 +111,9 @@ def test_each_defect_is_one_line_naming_the_file_and_key_exit_2_before_ray(defec
         other = _folder(tmp_path / "other")  # not the downstream task's folder
         (other / "emu").mkdir()
         pretrain = _pretrain(other, num_classes=4)
+    elif defect == "empty-test-class":
+        for image in (test / "owl").iterdir():
+            image.unlink()
     elif defect == "folder-url":
         (tmp_path / "wds").mkdir()
         pretrain = json.dumps({"source": "webdataset", "urls": str(tmp_path / "wds"), "size": 12, "image_size": 32,
