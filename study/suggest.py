@@ -162,3 +162,11 @@ def check_apply(path: str, grid: str) -> None:
         raise UserError(f"--apply {path} exists: give a new file name (what it holds would be replaced)")
     if not target.parent.is_dir():
         raise UserError(f"--apply {path}: the folder {target.parent} does not exist")
+
+
+if __name__ == "__main__":  # `python -m study.suggest ARGS` is `python -m study.run --suggest ARGS`
+    import sys
+
+    from study.run import main
+
+    sys.exit(main(["--suggest", *sys.argv[1:]]))

@@ -43,6 +43,16 @@ def test_help_lists_every_command_in_whole_sentences_and_an_unknown_one_is_one_l
                                                  "compare, mlflow-source\n")
 
 
+def test_every_command_runs_as_its_own_module_too(cache_dir, tmp_path):
+    """`python -m study.suggest` (the module a reader of the code finds) is `study.run --suggest`, not a silent
+    exit 0; the other commands' modules have their own entry points."""
+    proc = run_cli(["-m", "study.suggest", "--grid", "configs/smoke.yaml", "--out", str(tmp_path)], cache_dir)
+    assert (proc.returncode, proc.stderr) == (2, "error: --suggest: no ViT/BiT pair measured on one evaluation yet; "
+                                                 "run the grid first\n")
+    for module in {c.module for c in cli.COMMANDS.values()}:
+        assert "\nif __name__ == \"__main__\":" in (ROOT / f"{module.replace('.', '/')}.py").read_text(), module
+
+
 def test_the_installed_script_is_the_dispatcher(cache_dir):
     """`pip install -e .` writes `vit-scaling` beside the interpreter (.ci/run installs afresh, so it runs there)."""
     assert 'vit-scaling = "study.cli:main"' in (ROOT / "pyproject.toml").read_text()
