@@ -23,8 +23,13 @@ GROUP = ["eval", "dataset", "shots", "metric"]
 POINT = ["model", "family", *GROUP, "subset_size"]
 
 
-def mean_interval(values) -> tuple[float, float | None, float | None]:
-    """Mean of `values` (one per seed) and its 95% t interval; no interval from a single value."""
+PERCENT = (0.0, 100.0)  # an accuracy's range (`results.ACCURACY_METRICS`)
+
+
+def mean_interval(values, bounds: tuple[float, float] | None = None) -> tuple[float, float | None, float | None]:
+    """Mean of `values` (one per seed) and its 95% t interval; no interval from a single value. With `bounds` (a
+    metric's range: `PERCENT` for an accuracy) the interval is cut to it: with 2-3 seeds a t interval of an accuracy
+    near 100% reaches past it (99.5 [93.1, 105.9]), which no accuracy can be."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if len(v) == 0:
@@ -33,12 +38,19 @@ def mean_interval(values) -> tuple[float, float | None, float | None]:
     if len(v) < 2:
         return mean, None, None
     half = float(stats.t.ppf(0.5 + LEVEL / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return mean, mean - half, mean + half
+    lo, hi = mean - half, mean + half
+    return (mean, lo, hi) if bounds is None else (mean, max(lo, bounds[0]), min(hi, bounds[1]))
 
 
 def errorbar(values) -> tuple[float, float]:
     """seaborn's `errorbar=` callable: the same interval the tables give (a single seed: no bar)."""
     mean, lo, hi = mean_interval(values)
+    return (mean, mean) if lo is None else (lo, hi)
+
+
+def accuracy_errorbar(values) -> tuple[float, float]:
+    """`errorbar` for an accuracy: cut to 0-100%, as the tables give it."""
+    mean, lo, hi = mean_interval(values, PERCENT)
     return (mean, mean) if lo is None else (lo, hi)
 
 
@@ -48,11 +60,14 @@ def per_seed(frame: pd.DataFrame) -> pd.Series:
 
 
 def point_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per plotted point (model, evaluation, subset size): n_seeds, mean, ci_low, ci_high and the mean
-    examples_seen / pretrain_flops (the compute axis)."""
+    """One row per plotted point (model, evaluation, subset size): n_seeds, mean, ci_low, ci_high (an accuracy's cut
+    to 0-100) and the mean examples_seen / pretrain_flops (the compute axis)."""
     out = []
+    from analysis.results import ACCURACY_METRICS
+
     for key, frame in table.groupby(POINT, dropna=False):
-        mean, lo, hi = mean_interval(per_seed(frame).to_numpy())
+        metric = dict(zip(POINT, key, strict=True))["metric"]
+        mean, lo, hi = mean_interval(per_seed(frame).to_numpy(), PERCENT if metric in ACCURACY_METRICS else None)
         out.append({**dict(zip(POINT, key, strict=True)), "n_seeds": int(frame["seed"].nunique(dropna=False)),
                     "mean": mean, "ci_low": lo, "ci_high": hi,
                     "examples_seen": _mean_or_none(frame["examples_seen"]),

@@ -52,7 +52,7 @@ def _lineplot(ax, frame: pd.DataFrame, palette: dict) -> None:
     present = [f for f in families.names() if f in set(frame["family"])]  # the table's order, in every legend
     sns.lineplot(data=frame, x="subset_size", y="value", hue="model", style="family", style_order=present,
                  markers={f: families.get(f).marker for f in present}, dashes=False, palette=palette,
-                 errorbar=intervals.errorbar, err_style="bars", err_kws={"capsize": 3}, ax=ax, markersize=7)
+                 errorbar=intervals.accuracy_errorbar, err_style="bars", err_kws={"capsize": 3}, ax=ax, markersize=7)
     ax.set_ylabel("top-1 accuracy (%)")
 
 

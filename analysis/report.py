@@ -124,9 +124,9 @@ def eval_name(evaluation, dataset, shots, metric) -> str:
 
 CAPTIONS = {  # what to see in each figure, by its file stem's prefix
     "fig4": "Fig 4 analog: linear few-shot top-1 on frozen features vs pretraining examples (log x). Points: mean "
-            "over seeds with 95% t intervals; dashed curves: the fitted laws; dotted vertical line: a crossover; "
-            "grey dashed horizontal line: chance (1 / classes). What to see: whether the ViT's curve rises faster "
-            "than the BiT's and meets it within the measured sizes.",
+            "over seeds with 95% t intervals (cut to 0-100%); dashed curves: the fitted laws; dotted vertical line: "
+            "a crossover; grey dashed horizontal line: chance (1 / classes). What to see: whether the ViT's curve "
+            "rises faster than the BiT's and meets it within the measured sizes.",
     "fig3": "Fig 3 analog: top-1 after fine-tuning every weight vs pretraining examples, drawn as Fig 4. What to "
             "see: whether fine-tuning changes the ordering the frozen features give, and whether the curves clear "
             "chance.",
@@ -194,7 +194,8 @@ def build_blocks(table: pd.DataFrame, title: str, summary: dict, figures: list[P
     for key, frame in fits.accuracy_rows(table).groupby(["eval", "dataset", "shots", "metric"], dropna=False):
         header, rows = _mean_table(frame)
         blocks += [("h3", eval_name(*key)),
-                   ("p", "Percent, by pretraining subset size (examples): mean over seeds [95% t interval]."),
+                   ("p", "Percent, by pretraining subset size (examples): mean over seeds [95% t interval, cut to "
+                         "0-100]."),
                    ("table", header, rows)]
         leads = leader_rows(frame)
         if leads:

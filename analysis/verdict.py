@@ -190,7 +190,7 @@ def upstream_near_chance(table: pd.DataFrame) -> list[str]:
         n = frame["subset_size"].max()
         at = frame[frame["subset_size"] == n]
         chance = float(at["chance"].iloc[0])
-        mean, lo, hi = intervals.mean_interval(intervals.per_seed(at).to_numpy())
+        mean, lo, hi = intervals.mean_interval(intervals.per_seed(at).to_numpy(), intervals.PERCENT)
         includes = lo is not None and lo <= chance
         if not includes and mean >= 2 * chance:
             continue

@@ -32,7 +32,24 @@ def test_point_table_gives_each_plotted_point_its_mean_and_interval():
     assert points.loc[256, "n_seeds"] == 3 and points.loc[256, "mean"] == 20
     assert points.loc[256, "ci_high"] - points.loc[256, "mean"] == pytest.approx(T_975_2DF * 10 / math.sqrt(3))
     assert points.loc[1024, "mean"] == 40 and pd.isna(points.loc[1024, "ci_low"])
-    assert intervals.errorbar([10, 20, 30]) == pytest.approx((points.loc[256, "ci_low"], points.loc[256, "ci_high"]))
+    assert intervals.accuracy_errorbar([10, 20, 30]) == pytest.approx((points.loc[256, "ci_low"],
+                                                                       points.loc[256, "ci_high"]))
+    assert points.loc[256, "ci_low"] == 0  # 20 - 24.8, an accuracy's interval cut at 0
+
+
+def test_an_accuracys_interval_is_cut_to_0_100_and_other_metrics_are_not():
+    """2 seeds near 100%: the t interval (12.7 x the spread) reaches past 100, which no accuracy can; an accuracy's
+    interval in the tables and its error bar stop at 100 (and 0), a metric in other units (px) keeps its own."""
+    high = [99.0, 100.0]
+    rows = _rows("BiT-R14-Pico", "BiT", {256: high}) + [
+        {**r, "eval": "diagnostics", "metric": "attn_dist_layer1_mean", "shots": None}
+        for r in _rows("BiT-R14-Pico", "BiT", {256: [99.0, 120.0]})]
+    points = intervals.point_table(pd.DataFrame(rows)).set_index("metric")
+    assert points.loc["top1", "ci_high"] == 100.0 and points.loc["top1", "ci_low"] < 99.0
+    assert points.loc["attn_dist_layer1_mean", "ci_high"] > 200  # not an accuracy: uncut
+    assert intervals.accuracy_errorbar(high) == (points.loc["top1", "ci_low"], 100.0)
+    assert intervals.errorbar(high)[1] > 100  # the generic one, for any unit
+    assert intervals.mean_interval([0.0, 2.0], intervals.PERCENT)[1] == 0.0
 
 
 def test_gap_is_paired_over_seeds_when_both_models_ran_the_same_seeds():
