@@ -39,3 +39,25 @@ def test_the_plan_follows_what_storage_holds_and_is_not_changed_afterwards(tmp_p
     assert decide(POINT, EVALS, storage, None, fresh=True).action == "train"
     with pytest.raises(dataclasses.FrozenInstanceError):
         d.action = "train"
+
+
+def test_a_grid_leaving_out_points_names_the_changed_field_of_a_task_and_the_evaluations_last(tmp_path):
+    """The refusal's "changed since" names a task's changed field as an override names it (not the whole
+    `downstream` list), and puts evaluation settings, which never leave a point out, after what can."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from pipelines.config import UserError
+    from study.run import check_nothing_left_out
+
+    before = {"pretrain": {"lr": 0.001}, "evaluate": {"fewshot": {"shots": [1, 5]}},
+              "downstream": [{"name": "pets", "test_root": "/d/test", "size": 10}]}
+    now = {"pretrain": {"lr": 0.001}, "evaluate": {"fewshot": {"shots": [1, 10]}},
+           "downstream": [{"name": "pets", "test_root": "/d/test/", "size": 10}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(before))
+    with pytest.raises(UserError, match=r"has 1 finished point this grid leaves out \(changed since: "
+                                        r"downstream\[0\]\.test_root: /d/test -> /d/test/; evaluate\.fewshot\.shots: "
+                                        r"\[1, 5\] -> \[1, 10\]\); its report"):
+        check_nothing_left_out(SimpleNamespace(study="s"), [], {"p": SimpleNamespace(complete=True)},
+                               tmp_path / "config.yaml", now)
