@@ -42,16 +42,15 @@ def mean_interval(values, bounds: tuple[float, float] | None = None) -> tuple[fl
     return (mean, lo, hi) if bounds is None else (mean, max(lo, bounds[0]), min(hi, bounds[1]))
 
 
-def errorbar(values) -> tuple[float, float]:
+def errorbar(values, bounds: tuple[float, float] | None = None) -> tuple[float, float]:
     """seaborn's `errorbar=` callable: the same interval the tables give (a single seed: no bar)."""
-    mean, lo, hi = mean_interval(values)
+    mean, lo, hi = mean_interval(values, bounds)
     return (mean, mean) if lo is None else (lo, hi)
 
 
 def accuracy_errorbar(values) -> tuple[float, float]:
     """`errorbar` for an accuracy: cut to 0-100%, as the tables give it."""
-    mean, lo, hi = mean_interval(values, PERCENT)
-    return (mean, mean) if lo is None else (lo, hi)
+    return errorbar(values, PERCENT)
 
 
 def per_seed(frame: pd.DataFrame) -> pd.Series:
@@ -62,13 +61,14 @@ def per_seed(frame: pd.DataFrame) -> pd.Series:
 def point_table(table: pd.DataFrame) -> pd.DataFrame:
     """One row per plotted point (model, evaluation, subset size): n_seeds, mean, ci_low, ci_high (an accuracy's cut
     to 0-100) and the mean examples_seen / pretrain_flops (the compute axis)."""
-    out = []
     from analysis.results import ACCURACY_METRICS
 
+    out = []
     for key, frame in table.groupby(POINT, dropna=False):
-        metric = dict(zip(POINT, key, strict=True))["metric"]
-        mean, lo, hi = mean_interval(per_seed(frame).to_numpy(), PERCENT if metric in ACCURACY_METRICS else None)
-        out.append({**dict(zip(POINT, key, strict=True)), "n_seeds": int(frame["seed"].nunique(dropna=False)),
+        named = dict(zip(POINT, key, strict=True))
+        mean, lo, hi = mean_interval(per_seed(frame).to_numpy(),
+                                     PERCENT if named["metric"] in ACCURACY_METRICS else None)
+        out.append({**named, "n_seeds": int(frame["seed"].nunique(dropna=False)),
                     "mean": mean, "ci_low": lo, "ci_high": hi,
                     "examples_seen": _mean_or_none(frame["examples_seen"]),
                     "pretrain_flops": _mean_or_none(frame["pretrain_flops"])})

@@ -272,13 +272,18 @@ def _child(node: dict, key: str, path: str) -> dict:
     return child
 
 
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """`{'a': {'b': 1}}` -> `{'a.b': 1}`; lists stay as values."""
+def flatten(data: dict, prefix: str = "", index_lists: bool = False) -> dict[str, Any]:
+    """`{'a': {'b': 1}}` -> `{'a.b': 1}`; lists stay as values, or, with `index_lists`, a list holding dicts or lists
+    is flattened by index as an override names its entries (`downstream[0].root`)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
+        out.update(_flat(value, f"{prefix}{key}", index_lists))
     return out
+
+
+def _flat(value: Any, name: str, index_lists: bool) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return flatten(value, name + ".", index_lists)
+    if index_lists and isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{name}[{i}]", index_lists).items()}
+    return {name: value}

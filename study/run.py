@@ -522,7 +522,8 @@ def check_nothing_left_out(cfg: StudyConfig, points: list[GridPoint], known: dic
         except (OSError, yaml.YAMLError):
             before = None
         if isinstance(before, dict):
-            before, now = _leaves(before), _leaves(resolved)
+            # by the key an override names each with: a changed task by its field, not as the whole list
+            before, now = flatten(before, index_lists=True), flatten(resolved, index_lists=True)
             keys = [k for k in dict.fromkeys([*before, *now]) if before.get(k) != now.get(k)]
             # what can move a point first: an evaluation's settings (`evaluate.`) never leave one out
             keys.sort(key=lambda k: k.startswith("evaluate."))
@@ -532,16 +533,6 @@ def check_nothing_left_out(cfg: StudyConfig, points: list[GridPoint], known: dic
                     f"leaves out{changed}; its report, verdict and MLflow parent would then show this grid alone. "
                     f"To keep both, give this grid its own name (study=NAME) or --out; to let it be the study, add "
                     f"--replace (the points left out stay in storage and MLflow, and the earlier grid reuses them)")
-
-
-def _leaves(data, prefix: str = "") -> dict:
-    """Every scalar of a resolved grid by the key an override names it with (`downstream[0].test_root`): a changed
-    task is then named by its field, not shown as the whole list."""
-    if isinstance(data, dict):
-        return {k: v for key, value in data.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
-    if isinstance(data, list) and any(isinstance(v, dict | list) for v in data):
-        return {k: v for i, value in enumerate(data) for k, v in _leaves(value, f"{prefix[:-1]}[{i}].").items()}
-    return {prefix[:-1]: data}
 
 
 def _print_tracking(cfg: StudyConfig, where: Locations, tracker, file=None) -> None:

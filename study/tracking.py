@@ -416,9 +416,8 @@ class Tracker:
         self.begun: set[str] = set()  # points whose trial said it started, in this invocation (as it is told)
         self.ended: set[str] = set()  # ... and those it ended since (FINISHED, FAILED, KILLED)
         self.params: dict[str, dict[str, str]] = {}  # run id -> params already logged (params are immutable)
-        self.last_step: dict[tuple[str, str], int] = {}  # (run id, key) -> newest step logged
         self.steps: dict[tuple[str, str], set[int]] = {}  # (run id, key) -> every step it holds (`log_history`)
-        self.newest: dict[tuple[str, str], tuple[int, float]] = {}  # (run id, key) -> its newest step and value there
+        self.newest: dict[tuple[str, str], tuple[int, float]] = {}  # (run id, key) -> its newest step, the value there
         self.known: dict[str, ChildRun] = {}
         self.colours: dict[str, str] = {}  # model -> its runs' colour (`show`)
         self.writer = None if read_only else _Writer(tracking_uri)
@@ -506,7 +505,7 @@ class Tracker:
         def job() -> None:
             run_id = self._child(point, {})
             fresh = {f"{prefix}/{k}": v for k, v in values.items()
-                     if step > self.last_step.get((run_id, f"{prefix}/{k}"), -1)}
+                     if step > self._last_step(run_id, f"{prefix}/{k}")}
             self._log_metrics(run_id, fresh, step)
         self.writer.submit(f"{prefix} curve of {point.name}", job)
 
@@ -644,18 +643,12 @@ class Tracker:
                 self.client.log_artifacts(self.parent_id, str(folder), folder.name)
             self.client.set_terminated(self.parent_id, status)
 
-        def given_up(why: str) -> None:  # the status at least, which the tracking store (not its artifacts) takes
-            for again in (True, False):  # (once more on a new connection, where the failed upload cut this one)
-                try:
-                    self.client.set_tag(self.parent_id, REPORT_NOT_LOGGED, f"the tracking server failed its files "
-                                        f"({why}); the next invocation that writes the report logs them")
-                    self.client.set_terminated(self.parent_id, status)
-                    return
-                except Exception as err:  # noqa: BLE001  (the server fails these too: the next invocation ends it)
-                    if not (again and connection_reset(err)):
-                        print(f"mlflow: the study's parent run could not be ended {status}: {first_line(err)}",
-                              file=sys.stderr)
-                        return
+        def given_up(why: str) -> None:  # the status at least, which the tracking store (not its artifacts) takes:
+            def end() -> None:  # queued as every write is (its retries, a reset connection's included)
+                self.client.set_tag(self.parent_id, REPORT_NOT_LOGGED, f"the tracking server failed its files "
+                                    f"({why}); the next invocation that writes the report logs them")
+                self.client.set_terminated(self.parent_id, status)
+            self.writer.submit("the study's end", end)
         self.writer.submit("the study's report", job, given_up)
 
     def close(self, timeout: float = 120.0) -> int:
@@ -732,7 +725,6 @@ class Tracker:
         for key in self.client.get_run(run_id).data.metrics:
             history = self.client.get_metric_history(run_id, key)
             newest = max(history, key=lambda m: (m.step, m.timestamp))
-            self.last_step[(run_id, key)] = newest.step
             self.steps[(run_id, key)] = {m.step for m in history}
             self.newest[(run_id, key)] = (newest.step, newest.value)
 
@@ -759,16 +751,19 @@ class Tracker:
         now = int(time.time() * 1000)
         entries = [Metric(k, rounded(float(v)), now, step) for k, v in metrics.items()
                    if isinstance(v, int | float) and math.isfinite(v)]
-        self._log_entries(run_id, [m for m in entries if (step > self.last_step.get((run_id, m.key), -1) if dedupe
+        self._log_entries(run_id, [m for m in entries if (step > self._last_step(run_id, m.key) if dedupe
                                                           else self.newest.get((run_id, m.key)) != (step, m.value))])
 
+    def _last_step(self, run_id: str, key: str) -> int:
+        """The newest step `key` holds on the run (-1: none)."""
+        return self.newest.get((run_id, key), (-1, 0.0))[0]
+
     def _log_entries(self, run_id: str, entries: list[Metric]) -> None:
-        """Metric entries in batches MLflow takes, then each key's newest step noted (`last_step`)."""
+        """Metric entries in batches MLflow takes, then each key's newest step and value there noted (`newest`)."""
         for i in range(0, len(entries), _BATCH):
             self.client.log_batch(run_id, metrics=entries[i:i + _BATCH])
         for m in entries:
-            if m.step >= self.last_step.get((run_id, m.key), -1):
-                self.last_step[(run_id, m.key)] = m.step
+            if m.step >= self._last_step(run_id, m.key):
                 self.newest[(run_id, m.key)] = (m.step, m.value)
             self.steps.setdefault((run_id, m.key), set()).add(m.step)
 

@@ -135,13 +135,13 @@ def check_nodes_see(storage: Storage, token: str) -> None:
 
     from study.lease import not_shared, sees_lease
 
-    if storage.local_path("") is None or not ray.is_initialized():
+    if (local := storage.local_path("")) is None or not ray.is_initialized():
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return
     read = ray.remote(num_cpus=0, max_retries=0)(sees_lease)
-    root = str(storage.local_path(""))
+    root = str(local)
     refs = {read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
         root, token): n for n in nodes}
     ready, silent = ray.wait(list(refs), num_returns=len(refs), timeout=SEE_TIMEOUT)
@@ -340,7 +340,7 @@ def _match_auth(address: str, gcs: str) -> None:
 TOKEN_HELP = "copy the head's ~/.ray/auth_token here, or set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
 
 
-def _ping(gcs: str, address: str | None = None) -> None:
+def _ping(gcs: str, address: str) -> None:
     """One cheap call to the cluster's GCS (raises AuthenticationError when it wants another token). Ray's C++ client
     logs a refused call on the process's stderr ("Failed to get cluster ID from GCS server: Unauthenticated ...", a
     warning on every run against a cluster with tokens, whose first probe goes without one): the probe's answer is
@@ -356,11 +356,11 @@ def _ping(gcs: str, address: str | None = None) -> None:
     except Exception as err:  # noqa: BLE001  (a GCS that does not answer: RpcError, TimeoutError, ...)
         code = getattr(err, "rpc_code", None)
         if code == 12:  # UNIMPLEMENTED: a gRPC server without the GCS's services (a raylet's or an agent's port)
-            raise UserError(f"--address {address or gcs}: {gcs} answers gRPC, but not as a Ray cluster's GCS; give "
+            raise UserError(f"--address {address}: {gcs} answers gRPC, but not as a Ray cluster's GCS; give "
                             "the head's GCS port (`ray start --head --port PORT`, 6379 by default)") from None
         why = " ".join(str(err).split())[:200] or type(err).__name__
         named = f"gRPC status {code} ({_GRPC_CODES[code]}): " if code in _GRPC_CODES else ""
-        raise UserError(f"--address {address or gcs}: the cluster's GCS at {gcs} did not answer: {named}{why}"
+        raise UserError(f"--address {address}: the cluster's GCS at {gcs} did not answer: {named}{why}"
                         ) from None
 
 
