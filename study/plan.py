@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from study.config import GridPoint
-from study.protocol import PointRecord, stale
+from study.protocol import PointRecord, Stamps, eval_task, stale
 from study.storage import PointFiles, Storage
 from study.tracking import ChildRun
 from study.trial import load_record
@@ -39,14 +39,17 @@ class Decision:
 
 
 def decide(point: GridPoint, evals: dict[str, str], storage: Storage, child: ChildRun | None,
-           fresh: bool) -> Decision:
+           fresh: bool, stamps: Stamps | None = None) -> Decision:
+    """`stamps`: the data as prepared for this invocation; an evaluation on a task whose files changed since the
+    record's runs again (`changed_data` says where the pretraining data changed: the driver decides that)."""
     if fresh:
         return Decision(point, "train", dict(evals), None, None)
     record = load_record(storage, point.id)
-    if child is not None and child.complete and not stale(child.eval_ids, evals):
+    moved = record.changed(stamps) if record is not None and stamps is not None else ()
+    if child is not None and child.complete and not stale(child.eval_ids, evals) and not moved:
         return Decision(point, "reuse", {}, record, child)
     if record is not None and record.pretrain:
-        todo = record.stale(evals)
+        todo = record.stale(evals, stamps)
         return Decision(point, "evaluate" if todo else "log", {k: evals[k] for k in todo}, record, child)
     if child is not None and child.has_weights:
         todo = stale(child.eval_ids, evals) or tuple(evals)  # an incomplete child re-runs every evaluation
@@ -57,5 +60,15 @@ def decide(point: GridPoint, evals: dict[str, str], storage: Storage, child: Chi
 
 
 def plan(points: list[GridPoint], evals: dict[str, str], storage: Storage, children: dict[str, ChildRun],
-         fresh: bool) -> list[Decision]:
-    return [decide(p, evals, storage, children.get(p.id), fresh) for p in points]
+         fresh: bool, stamps: Stamps | None = None) -> list[Decision]:
+    return [decide(p, evals, storage, children.get(p.id), fresh, stamps) for p in points]
+
+
+def changed_data(decisions: list[Decision], stamps: Stamps) -> dict[str, list[Decision]]:
+    """The points whose record measured something on files changed since, by what changed: "pretrain" (their
+    weights were trained on other data) or a downstream task's name (their evaluations on it run again)."""
+    found: dict[str, list[Decision]] = {}
+    for d in decisions:
+        for key in d.record.changed(stamps) if d.record is not None else ():
+            found.setdefault(key if key == "pretrain" else eval_task(key) or key, []).append(d)
+    return {key: list({id(d): d for d in ds}.values()) for key, ds in found.items()}

@@ -45,6 +45,28 @@ def stale(have: dict[str, str], want: dict[str, str]) -> tuple[str, ...]:
 class EvalRecord:
     id: str  # the protocol's identity on its task (study.identity.eval_ids)
     measurements: list[Measurement]
+    data: dict[str, str] | None = None  # its task's `data_stamp` when it ran (None: not known, or no task)
+
+
+@dataclass(frozen=True)
+class Stamps:
+    """What the data were when the driver prepared them (`pipelines.data.data_stamp`): the pretraining source's, and
+    each downstream task's by name. A trial records them with what it measures; the plan compares them with a
+    point's record (`changed`), so results are never reused on files changed since."""
+
+    pretrain: dict[str, str] | None = None
+    tasks: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def of(self, key: str) -> dict[str, str] | None:
+        """The stamp of the data evaluation `key` (an `eval_key`) ran on: its task's; None for one run once a point."""
+        task = eval_task(key)
+        return None if task is None else self.tasks.get(task)
+
+
+def same_data(recorded: dict | None, now: dict | None) -> bool:
+    """Whether data stamped `recorded` are those stamped `now`. Unknown counts as the same: a record written before
+    stamps were kept, or a plan made without preparing the data (a dry run)."""
+    return not recorded or not now or recorded.get("files") == now.get("files")
 
 
 @dataclass(frozen=True)
@@ -104,20 +126,40 @@ class PointRecord:
     pretrain: PretrainSummary | None = None  # None until the point is pretrained
     evals: dict[str, EvalRecord] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the trial(s) that made it
+    data: dict[str, str] = field(default_factory=dict)  # the pretraining data's stamp when pretrained ({}: unknown)
 
     def measurements(self, kinds: dict[str, str] | None = None) -> list[Measurement]:
         """Every measurement, or only those of the evaluations whose identity matches `kinds`."""
         return [m for kind, ev in sorted(self.evals.items())
                 if kinds is None or kinds.get(kind) == ev.id for m in ev.measurements]
 
-    def stale(self, kinds: dict[str, str]) -> tuple[str, ...]:
-        """The evaluations of `kinds` that this record lacks or ran with another protocol."""
-        return stale({k: ev.id for k, ev in self.evals.items()}, kinds)
+    def stale(self, kinds: dict[str, str], stamps: Stamps | None = None) -> tuple[str, ...]:
+        """The evaluations of `kinds` that this record lacks or ran with another protocol, or (given `stamps`) on
+        a task whose files have changed since."""
+        old = stale({k: ev.id for k, ev in self.evals.items()}, kinds)
+        moved = () if stamps is None else self.changed(stamps)
+        return tuple(k for k in kinds if k in old or k in moved)
+
+    def changed(self, stamps: Stamps) -> tuple[str, ...]:
+        """What this record measured on data whose files have changed since (`same_data`): "pretrain" (the
+        pretraining source), and each evaluation's key whose task changed."""
+        found = () if not self.pretrain or same_data(self.data, stamps.pretrain) else ("pretrain",)
+        return found + tuple(k for k, ev in self.evals.items() if not same_data(ev.data, stamps.of(k)))
+
+    def restamp(self, stamps: Stamps) -> None:
+        """Take `stamps` as the data of what this record holds (`--same-data`: the files changed in name only)."""
+        if self.pretrain and self.data and stamps.pretrain:
+            self.data = dict(stamps.pretrain)
+        for key, ev in self.evals.items():
+            if ev.data and (now := stamps.of(key)):
+                ev.data = dict(now)
 
     def to_json(self) -> str:
         raw = {"point_id": self.point_id, "fields": asdict(self.fields),
                "pretrain": self.pretrain.to_dict() if self.pretrain else {},  # {}: not pretrained yet
-               "evals": {k: asdict(ev) for k, ev in self.evals.items()}, "timings": self.timings}
+               "evals": {k: {f: v for f, v in asdict(ev).items() if f != "data" or v}  # none: as written before
+                         for k, ev in self.evals.items()}, "timings": self.timings,
+               **({"data": self.data} if self.data else {})}
         return json.dumps(raw, indent=1, sort_keys=True)
 
     @classmethod
@@ -128,18 +170,19 @@ class PointRecord:
         evals = {}
         for k, v in raw.get("evals", {}).items():
             found = [Measurement(**{**m, "eval": eval_kind(k)}) for m in v["measurements"]]
-            evals.update(_per_task(k, v["id"], found))
+            evals.update(_per_task(k, v["id"], found, v.get("data")))
         pretrain = raw.get("pretrain") or None
         return cls(raw["point_id"], PointFields(**raw["fields"]),
-                   PretrainSummary.from_dict(pretrain) if pretrain else None, evals, raw.get("timings", {}))
+                   PretrainSummary.from_dict(pretrain) if pretrain else None, evals, raw.get("timings", {}),
+                   raw.get("data") or {})
 
 
-def _per_task(key: str, ident: str, found: list[Measurement]) -> dict[str, EvalRecord]:
+def _per_task(key: str, ident: str, found: list[Measurement], stamp: dict | None = None) -> dict[str, EvalRecord]:
     """A recorded evaluation under per-task keys. A record written before per-task identities holds an evaluation
     that runs on each task under `kind` alone, with one identity for all its tasks; it is split into `kind/task`
     entries that keep that identity (which a task's own matches exactly when it was the study's only task)."""
     if eval_task(key) is not None or not evaluations.per_task(key) or not found:
-        return {key: EvalRecord(ident, found)}  # (without measurements, no task to name: `stale` reads it as each)
+        return {key: EvalRecord(ident, found, stamp)}  # (no measurements: no task to name, `stale` reads it as each)
     tasks = dict.fromkeys(m.dataset for m in found)
     return {eval_key(key, task): EvalRecord(ident, [m for m in found if m.dataset == task]) for task in tasks}
 

@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="let this grid be the study even though it leaves out finished points of its last run "
                              "(a changed recipe or source, a model or seed taken out); they stay in storage and "
                              "MLflow, and the earlier grid reuses them")
+    parser.add_argument("--same-data", action="store_true",
+                        help="keep the results of points whose data files changed since they were measured, where "
+                             "the content is the same (files copied or touched); without it such points are refused "
+                             "(pretraining data) or evaluated again (a downstream task)")
     parser.add_argument("--address", default=None, help="join an existing Ray cluster instead of starting one")
     parser.add_argument("--out", default="runs", help="output root (results, figures, the MLflow store)")
     parser.add_argument("--storage", default=None,
@@ -92,6 +96,8 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, (with_, given_alone) in needs.items():
         if given_alone:
             raise UserError(f"{flag} works only with {with_}; add it (nothing was run)")
+    if args.same_data and args.fresh:
+        raise UserError("--same-data keeps earlier results and --fresh ignores them: give one of them")
     if args.dry_run and args.suggest:
         raise UserError("--dry-run and --suggest (`vit-scaling suggest`) are two different reports: give one of them")
     if args.apply is not None:
@@ -166,14 +172,16 @@ def git_commit() -> str:
         return given
 
 
-def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:
+def prepare_data(cfg: StudyConfig, storage, mapper=None):
     """Generate or check every data source and index it once into storage, before any trial starts (missing paths,
     corrupt shards and repeated keys fail here), with the held-out slice and each seed's subset order, so trials only
-    map files."""
+    map files. Returns what the files are (`Stamps`), for the plan to compare with what finished points saw."""
     from pipelines import data, downstream, pretrain
+    from study.protocol import Stamps
     from study.trial import index_root, sync_indexes
 
     limit, root = cfg.data.loader.max_bad_fraction, index_root(cfg, storage)
+    stamps = Stamps()
     keys = ["data.pretrain", *(f"downstream[{i}]" for i in range(len(cfg.downstream)))]
     for key, src in zip(keys, (cfg.data.pretrain, *cfg.downstream), strict=True):
         try:
@@ -181,6 +189,7 @@ def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:
         except data.DataError as err:  # which source of the grid: two may read the same kind of data
             raise data.DataError(f"{key}: {err}") from None
         if src is cfg.data.pretrain:  # a multi-label source with a softmax loss
+            stamps = Stamps(found.stamp, stamps.tasks)
             index = found.index()
             for loss in dict.fromkeys(cfg.pretrain_for(model).loss for model in cfg.models):  # recipes may differ
                 pretrain.check_labels(loss, index)
@@ -190,10 +199,12 @@ def prepare_data(cfg: StudyConfig, storage, mapper=None) -> None:
                     for n in cfg.data.subsets:
                         data.nested_subset(index, n, seed, "samples", held)
         else:  # what the evaluations cannot measure on this task, refused before any trial starts
+            stamps.tasks[src.label] = found.stamp
             downstream.check_task(cfg.evaluate, src, found.index())
             if (ft := cfg.evaluate.finetune) is not None and ft.val_fraction:  # the minival's order: stored once
                 found.index().order(ft.minival_seed)
         sync_indexes(cfg, storage, src, found, upload=True)
+    return stamps
 
 
 class Locations:
@@ -310,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     tune_runner.check_nodes_see(storage, lease.token)  # a local --storage every node of a cluster sees
                     with Stopwatch(clock)("prepare_data"):
-                        prepare_data(cfg, storage, tune_runner.index_mapper(args.address))
-                    return launch(cfg, points, args, clock, lease)
+                        stamps = prepare_data(cfg, storage, tune_runner.index_mapper(args.address))
+                    return launch(cfg, points, args, clock, lease, stamps)
                 finally:
                     lease.release()
             finally:
@@ -372,7 +383,7 @@ def hear_lease_lost(lease) -> Callable[[], None]:
 
 
 def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, clock: dict[str, float],
-           lease=None) -> int:
+           lease=None, stamps=None) -> int:
     from analysis.verdict import Verdict
     from study.identity import eval_ids
     from study.interrupt import STOP, Interrupt
@@ -395,7 +406,9 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     if lease is not None:  # found taken: drop every MLflow write from then on, before the trials are stopped
         lease.when_lost(lambda held: tracker.abandon())
     evals = eval_ids(cfg)
-    decisions = plan(points, evals, where.storage, tracker.known, args.fresh)
+    decisions = plan(points, evals, where.storage, tracker.known, args.fresh, stamps)
+    if stamps is not None and check_changed_data(cfg, decisions, stamps, args.same_data, where.storage):
+        decisions = plan(points, evals, where.storage, tracker.known, args.fresh, stamps)  # as restamped
     note_unseen(tracker, decisions)
     print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, ASSUMED_MFU), as_json=False)
     tags = {"git_commit": commit, "grid_file": str(Path(args.grid).resolve()), STORAGE_TAG: redact(where.storage_root)}
@@ -442,7 +455,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
     interrupt.last_words = last_words
     try:
         decisions, records, failures = _run(cfg, decisions, evals, where, tracker, tags, args, clock, interrupt,
-                                            lease.token if lease is not None else None)
+                                            lease.token if lease is not None else None, stamps)
         if interrupt.signum is not None:
             status, stopped = "KILLED", _stopped(interrupt, tracker, decisions, records, where)
             return interrupt.exit_code
@@ -488,6 +501,61 @@ def note_unseen(tracker, decisions) -> None:
         print(f"note: the {todo} points to train were planned from the storage alone ({tracker.uri} did not answer): "
               "any of them the tracking store holds (weights logged from another machine's storage) would be "
               "trained again; if it may, stop with Ctrl-C and rerun once it answers", file=sys.stderr)
+
+
+def check_changed_data(cfg: StudyConfig, decisions, stamps, same_data: bool, storage) -> bool:
+    """Finished points whose data changed since they were measured (`study.plan.changed_data`). Weights trained on
+    other files are never reused silently: refused in one line unless `--same-data` (the files changed in name
+    only: a copy, a touch), which restamps the records (True: the caller plans again). Evaluations on a changed
+    downstream task run again, said in a note.
+
+    Raises:
+        UserError: the pretraining data changed under finished points.
+    """
+    from study.plan import changed_data
+    from study.protocol import eval_task
+    from study.storage import PointFiles
+
+    changed = changed_data(decisions, stamps)
+    if not changed:
+        return False
+    if same_data:
+        kept = {d.point.id: d for ds in changed.values() for d in ds}
+        for d in kept.values():
+            d.record.restamp(stamps)
+            storage.write_bytes(PointFiles(d.point.id).record, d.record.to_json().encode())
+        print(f"note: --same-data: the results of {len(kept)} point{'s' * (len(kept) != 1)} measured on "
+              f"{', '.join(_data_key(cfg, key) for key in changed)} are kept, as measured on these files", flush=True)
+        return True
+
+    def how(recorded: dict, now: dict) -> str:
+        if recorded.get("sizes") != now.get("sizes"):
+            return "files added, removed or of other sizes"
+        return "only modification times differ: a copy or a touch, or a rewrite of the same size"
+
+    if (points := changed.get("pretrain")) is not None:
+        n = len(points)
+        raise UserError(
+            f"{_data_key(cfg, 'pretrain')}: its files changed since {n} finished point{'s' * (n != 1)} of this study "
+            f"trained on them ({how(points[0].record.data, stamps.pretrain)}), so their results would stand for data "
+            f"they never saw. To train on these files beside those results, give the study a new name "
+            f"(study=NAME); --fresh trains this study's points anew; --same-data keeps the results if the content "
+            f"is the same")
+    for task, points in changed.items():
+        ev = next(ev for k, ev in points[0].record.evals.items() if eval_task(k) == task and ev.data)
+        n = len(points)
+        print(f"note: {_data_key(cfg, task)}: its files changed since {n} point{'s' * (n != 1)} "
+              f"{'were' if n != 1 else 'was'} evaluated on it ({how(ev.data, stamps.tasks[task])}); those evaluations "
+              "run again (--same-data keeps them if the content is the same)", flush=True)
+    return False
+
+
+def _data_key(cfg: StudyConfig, key: str) -> str:
+    """How the grid names a source: `data.pretrain (label)` for "pretrain", `downstream[i] (label)` for a task."""
+    if key == "pretrain":
+        return f"data.pretrain ({cfg.data.pretrain.label})"
+    i = next(i for i, task in enumerate(cfg.downstream) if task.label == key)
+    return f"downstream[{i}] ({key})"
 
 
 def check_one_storage(cfg: StudyConfig, tracker, where: Locations) -> None:
@@ -593,11 +661,12 @@ def settle(d, evals: dict[str, str], where: Locations, tracker, finisher, record
 
 
 def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, float], interrupt,
-         lease_token: str | None = None):
+         lease_token: str | None = None, stamps=None):
     """Log what storage already holds, run the trials the plan needs (each checks that its node sees the storage
     that holds `lease_token`'s lease); returns the decisions as settled (`settle`), {point id: record} and the
     failures."""
     from study.plan import RUNS
+    from study.protocol import Stamps
     from study.storage import PointFiles
     from study.trial import TrialPlan
 
@@ -607,7 +676,8 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
     if args.fresh:
         for d in decisions:
             where.storage.delete_dir(PointFiles(d.point.id).folder)
-    plans = {d.point.id: TrialPlan(d.point, d.action, d.evals) for d in decisions if d.action in RUNS}
+    plans = {d.point.id: TrialPlan(d.point, d.action, d.evals, stamps or Stamps())
+             for d in decisions if d.action in RUNS}
     # A child this invocation logs or runs is its own; only the others left RUNNING are orphans (marking a logged one
     # KILLED from the status read before the logging would undo it).
     tracker.close_orphans(set(plans) | {d.point.id for d in decisions if d.action == "log"})

@@ -52,6 +52,7 @@ from study.protocol import (
     PretrainSummary,
     Progress,
     Stage,
+    Stamps,
     Started,
     Stopped,
     Tick,
@@ -73,6 +74,7 @@ class TrialPlan:
     point: GridPoint
     action: str
     evals: dict[str, str]
+    stamps: Stamps = Stamps()  # the data as the driver prepared them, recorded with what is measured on them
 
     @property
     def files(self) -> PointFiles:
@@ -160,6 +162,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
         distributed.barrier()  # rank 0 has stored the weights and the summary
         record.pretrain = PretrainSummary(steps=point.steps, examples_seen=point.examples_seen,
                                           **json.loads(storage.read_bytes(files.pretrain_summary)))
+        record.data = dict(plan.stamps.pretrain or {})
         if where.main:
             storage.write_bytes(files.record, record.to_json().encode())
             storage.delete_dir(files.checkpoints)  # the stored weights and record supersede them
@@ -188,7 +191,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
 
     features: dict = {}  # the frozen model's features, extracted once for every evaluation that needs them
     for key, ident in plan.evals.items():  # {eval_key: id}: per task for an evaluation that runs on each
-        if not record.stale({key: ident}):
+        if not record.stale({key: ident}, plan.stamps):
             continue  # a retried trial (a preempted worker, a lost node): stored by the attempt before
         kind, task = eval_kind(key), eval_task(key)
         tasks = cfg.downstream if task is None else tuple(t for t in cfg.downstream if t.label == task)
@@ -199,7 +202,7 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
                                        tick)
         except TrainingStopped as err:
             raise TrainingStopped(err.step, kind) from None
-        record.evals[key] = EvalRecord(ident, found)
+        record.evals[key] = EvalRecord(ident, found, plan.stamps.of(key))
         curves.save()
         if where.main:
             storage.write_bytes(files.record, record.to_json().encode())

@@ -18,7 +18,7 @@ SERIAL = {
     **dict.fromkeys(["test_e2e", "test_compare", "test_idempotent", "test_object_storage", "test_full_disk"],
                     "studies"),
     **dict.fromkeys(["test_signals", "test_lease", "test_data_parallel", "test_remote_tracking",
-                     "test_add_evaluation"], "studies-2"),
+                     "test_add_evaluation", "test_changed_data"], "studies-2"),
     "test_cluster": "clusters",
 }
 

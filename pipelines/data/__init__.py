@@ -130,6 +130,7 @@ class Prepared:
     shards: dict[str, list[str]]
     indexes: dict[str, str]
     rebase: tuple[str, str] | None = None  # shards made in the driver's cache, found in this node's
+    stamp: dict[str, str] | None = None  # what its files were when the driver prepared it (`data_stamp`)
 
     def index(self, split: str = "train") -> SourceIndex:
         from pipelines.data.index import SourceIndex
@@ -145,7 +146,7 @@ class Prepared:
 
     def to_json(self, cache_dir: Path) -> str:
         return json.dumps({"label": self.label, "shards": self.shards, "indexes": self.indexes,
-                           "cache_dir": str(Path(cache_dir).resolve())})
+                           "cache_dir": str(Path(cache_dir).resolve()), "stamp": self.stamp})
 
 
 def default_cache_dir() -> Path:
@@ -164,10 +165,11 @@ def prepare(src: SourceConfig, cache_dir: Path, index_root: Path | None = None, 
     records what it prepared (`prepared`), so trials open the index without identifying a shard again.
     """
     cache_dir, root = Path(cache_dir), _index_root(cache_dir, index_root)
-    shards = _shard_lists(src, cache_dir, progress)
-    indexes = {split: str(cached_index(urls, root, mapper=mapper, progress=progress, duplicates=src.duplicates))
+    shards, files = _shard_lists(src, cache_dir, progress)
+    indexes = {split: str(cached_index(urls, root, mapper=mapper, progress=progress, duplicates=src.duplicates,
+                                       identities=files[split] if src.source == "webdataset" else None))
                for split, urls in shards.items()}
-    found = Prepared(src.label, shards, indexes)
+    found = Prepared(src.label, shards, indexes, stamp=data_stamp(files))
     for split in shards:
         check_source(src, found.index(split), max_bad_fraction, split)
         check_classes(src, found.index(split), split)
@@ -188,7 +190,7 @@ def prepared(src: SourceConfig, cache_dir: Path, index_root: Path | None = None)
     raw = json.loads(path.read_text())
     raw["indexes"] = {split: str(root / Path(folder).name) for split, folder in raw["indexes"].items()}  # this node's
     if src.source == "webdataset":
-        return Prepared(raw["label"], raw["shards"], raw["indexes"])
+        return Prepared(raw["label"], raw["shards"], raw["indexes"], stamp=raw.get("stamp"))
     # Generated or converted shards live in each node's cache, made there if this node has not made them yet.
     here, there = str(cache_dir.resolve()), raw["cache_dir"]
     rebase = (there, here) if here != there else None
@@ -196,13 +198,30 @@ def prepared(src: SourceConfig, cache_dir: Path, index_root: Path | None = None)
     if not os.path.exists(shards["train"][0]):
         if src.source == "folder":  # made where the driver's index says, whatever this node's copy's mtimes
             for split, (root,) in _check_folders(src).items():
-                made = _folder_shards(root, split, cache_dir, progress=False, dest=Path(shards[split][0]).parent)
+                made, _ = _folder_shards(root, split, cache_dir, progress=False, dest=Path(shards[split][0]).parent)
                 if [os.path.basename(u) for u in made] != [os.path.basename(u) for u in shards[split]]:
                     raise DataError(f"{root} on this node converts to {len(made)} shards, the driver's to "
                                     f"{len(shards[split])}: give every node the same files")
         else:
             _shard_lists(src, cache_dir, progress=False)
-    return Prepared(raw["label"], shards, raw["indexes"], rebase)
+    return Prepared(raw["label"], shards, raw["indexes"], rebase, raw.get("stamp"))
+
+
+def data_stamp(files: dict[str, list[list]]) -> dict[str, str]:
+    """What a source's files are, as two digests of each split's file identities: `files` of them whole (a local
+    file's path or key, size and modification time; a remote shard's ETag or sidecar hash, or its URL; the
+    procedural source's generator key), `sizes` of them without the local files' modification times. A point's
+    record keeps the stamp of the data it was trained or evaluated on, so a rerun on files changed since is caught
+    (`study.plan.changed_data`); `sizes` alone equal says only the times changed (a copy or a touch, or a rewrite of
+    the same size). Cheap at any scale: what indexing identifies anyway, no byte of an image read."""
+    def timeless(entry: list) -> list:  # a local file's [name, size, mtime]; a remote shard's [url, kind, tag]
+        return entry[:2] if len(entry) == 3 and isinstance(entry[1], int) and isinstance(entry[2], int) else entry
+
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+    return {"files": digest(files), "sizes": digest({split: [timeless(e) for e in entries]
+                                                     for split, entries in files.items()})}
 
 
 def _index_root(cache_dir: Path, index_root: Path | None) -> Path:
@@ -217,22 +236,29 @@ def record_path(src: SourceConfig, root: Path) -> Path:
 
 
 def cached_index(shards: list[str], root: Path, mapper: Mapper | None = None, progress: bool = False,
-                 duplicates: str = "refuse", workers: int | None = None) -> Path:
+                 duplicates: str = "refuse", workers: int | None = None, identities: list[list] | None = None
+                 ) -> Path:
     """The folder of `shards`' index under `root`, built there once (in parallel, moved into place whole) under a
-    key made from the shards' identity: a local shard's path, size and modification time; a remote one's ETag or
-    its sidecar's content hash. A rewritten shard changes the key, and so does `INDEX_VERSION`."""
+    key made from the shards' identity (`shard_identities`, or `identities` where the caller has them): a local
+    shard's path, size and modification time; a remote one's ETag or its sidecar's content hash. A rewritten shard
+    changes the key, and so does `INDEX_VERSION`."""
     from pipelines.data import scan
     from pipelines.data.index import INDEX_VERSION
 
-    remote = [shard for shard in shards if not is_local(shard)]
-    with ThreadPoolExecutor(max_workers=min(16, len(remote) or 1)) as pool:  # remote look-ups wait on the network
-        found = dict(zip(remote, pool.map(shard_identity, remote), strict=True))
-    ident = [f"index-v{INDEX_VERSION}", duplicates, *(found.get(s) or shard_identity(s) for s in shards),
+    ident = [f"index-v{INDEX_VERSION}", duplicates, *(identities or shard_identities(shards)),
              _listed_for_key(shards)]  # an `_info.json` saying what a cut shard lost changes the index too
     folder = Path(root) / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
     if not (folder / "meta.json").exists():
         scan.build(shards, folder, mapper=mapper, workers=workers, duplicates=duplicates, progress=progress)
     return folder
+
+
+def shard_identities(shards: list[str]) -> list[list]:
+    """`sources.shard_identity` of each shard, the remote ones looked up 16 at a time."""
+    remote = [shard for shard in shards if not is_local(shard)]
+    with ThreadPoolExecutor(max_workers=min(16, len(remote) or 1)) as pool:  # remote look-ups wait on the network
+        found = dict(zip(remote, pool.map(shard_identity, remote), strict=True))
+    return [found.get(s) or shard_identity(s) for s in shards]
 
 
 def _listed_for_key(shards: list[str]) -> dict[str, int]:
@@ -325,20 +351,27 @@ def check_classes(src: SourceConfig, index: SourceIndex, split: str = "train") -
                     f"else fix its labels")
 
 
-def _shard_lists(src: SourceConfig, cache_dir: Path, progress: bool) -> dict[str, list[str]]:
+def _shard_lists(src: SourceConfig, cache_dir: Path, progress: bool
+                 ) -> tuple[dict[str, list[str]], dict[str, list[list]]]:
+    """Each split's shards, and the identities of the files its content comes from (`data_stamp`): the shards of a
+    `webdataset` source, the images of a `folder` one (not the shards converted from them, which a cleared cache
+    makes anew), the generator's key for `shapes`."""
     if src.source == "webdataset":
         splits = {"train": check_local_shards(src.urls)}
         if src.test_urls:
             splits["test"] = check_local_shards(src.test_urls)
         _check_info(src, splits["train"])
-        return splits
+        return splits, {split: shard_identities(urls) for split, urls in splits.items()}
     if src.source == "folder":
-        return {split: _folder_shards(root, split, cache_dir, progress)
+        made = {split: _folder_shards(root, split, cache_dir, progress)
                 for split, (root,) in _check_folders(src).items()}
-    root = cache_dir / f"shapes-{_shapes_digest(src)}"
+        return {split: shards for split, (shards, _) in made.items()}, {split: f for split, (_, f) in made.items()}
+    digest = _shapes_digest(src)
+    root = cache_dir / f"shapes-{digest}"
     if not (root / "_info.json").exists():
         _generate_shapes(src, root, progress)
-    return {split: files for split in ("train", "test") if (files := split_files(root, split))}
+    splits = {split: files for split in ("train", "test") if (files := split_files(root, split))}
+    return splits, {split: [["shapes", digest]] for split in splits}
 
 
 def _check_info(src: SourceConfig, shards: list[str]) -> None:
@@ -355,24 +388,27 @@ def _check_info(src: SourceConfig, shards: list[str]) -> None:
                     f"{sum(held)} train samples")
 
 
-def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool, dest: Path | None = None) -> list[str]:
+def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool, dest: Path | None = None
+                   ) -> tuple[list[str], list[list]]:
     """A class folder converted once into shards in the cache (keyed by its files' names, sizes and mtimes), so
-    a `folder` source is read by the same reader, index and image path as every other source. `dest`: where, if
-    not under that key (a node converts into the driver's folder, whose index it reads: its own copy of the files
-    may carry other mtimes; the same files give the same tar layout)."""
+    a `folder` source is read by the same reader, index and image path as every other source; and those files'
+    [key, size, mtime] (none where `dest` is given). `dest`: where, if not under that key (a node converts into the
+    driver's folder, whose index it reads: its own copy of the files may carry other mtimes; the same files give
+    the same tar layout)."""
     from pipelines.data.folder import folder_files, folder_to_shards, warn_broken
 
-    files = folder_files(root)
+    files, stats = folder_files(root), []
     if dest is None:
-        ident = [os.path.abspath(root), split] + [(key, os.stat(path).st_size, os.stat(path).st_mtime_ns)
-                                                  for key, path in files]
+        stats = [[key, (st := os.stat(path)).st_size, st.st_mtime_ns] for key, path in files]
+        ident = [os.path.abspath(root), split] + stats
         dest = cache_dir / f"folder-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}"
     if not (dest / "_info.json").exists():
         with atomic.folder(dest) as tmp:
             folder_to_shards(root, tmp, split, progress=progress)  # warns of broken files
     elif progress:
         warn_broken(root, dest, len(files))
-    return [str(dest / name) for name in json.loads((dest / "_info.json").read_text())["splits"][split]["filenames"]]
+    names = json.loads((dest / "_info.json").read_text())["splits"][split]["filenames"]
+    return [str(dest / name) for name in names], stats
 
 
 def _shapes_digest(src: SourceConfig) -> str:

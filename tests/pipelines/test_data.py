@@ -528,3 +528,37 @@ def test_members_whose_names_hold_a_dot_are_said_to_merge_into_one_sample(tmp_pa
     with pytest.raises(DataError, match=r"hold 1 readable samples; members such as img.0000.jpg and img.0001.jpg are "
                                         r"one sample: a key ends at the first '.'"):
         data.prepare(src, tmp_path / "cache", progress=False)
+
+
+def test_a_sources_stamp_follows_its_files_not_the_cache_made_from_them(tmp_path):
+    """`Prepared.stamp`: the same files give the same stamp, even converted or generated again into an empty cache;
+    new modification times change `files` alone; a rewritten image changes `sizes` too. A webdataset source's
+    stamp is its shards', the same way; the procedural source's, its generator's key."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    _folder(tmp_path / "train", ["cat", "ant"], 3, rng)
+    src = data.SourceConfig(source="folder", root=str(tmp_path / "train"), size=6, num_classes=2, image_size=16)
+    first = data.prepare(src, tmp_path / "cache", progress=False).stamp
+    shutil.rmtree(tmp_path / "cache")
+    assert data.prepare(src, tmp_path / "cache", progress=False).stamp == first
+    os.utime(tmp_path / "train" / "cat" / "0.jpg", ns=(10**18, 10**18))
+    touched = data.prepare(src, tmp_path / "cache", progress=False).stamp
+    assert touched["files"] != first["files"] and touched["sizes"] == first["sizes"]
+    from PIL import Image
+
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "train" / "cat" / "0.jpg")
+    rewritten = data.prepare(src, tmp_path / "cache", progress=False).stamp
+    assert rewritten["sizes"] != first["sizes"]
+
+    shapes = data.SourceConfig(source="shapes", size=8, num_classes=2, image_size=8)
+    made = data.prepare(shapes, tmp_path / "cache2", progress=False)
+    shutil.rmtree(tmp_path / "cache2")
+    assert data.prepare(shapes, tmp_path / "cache2", progress=False).stamp == made.stamp
+    urls = made.shards["train"]
+    wds = data.SourceConfig(source="webdataset", urls=urls[0], size=8, num_classes=2, image_size=8)
+    before = data.prepare(wds, tmp_path / "cache3", progress=False).stamp
+    os.utime(urls[0], ns=(10**18, 10**18))
+    after = data.prepare(wds, tmp_path / "cache3", progress=False).stamp
+    assert after["files"] != before["files"] and after["sizes"] == before["sizes"]
+    assert data.prepared(wds, tmp_path / "cache3").stamp == after  # as the driver recorded it, for a trial

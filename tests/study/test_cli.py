@@ -63,6 +63,7 @@ def test_bad_input_is_one_line_and_exit_2(overrides, message, cache_dir, tmp_pat
     (["--mfu", "0.3"], "--mfu works only with --dry-run or --suggest; add it (nothing was run)"),
     (["--dry-run", "--suggest"], "--dry-run and --suggest (`vit-scaling suggest`) are two different reports: give "
                                  "one of them"),
+    (["--same-data", "--fresh"], "--same-data keeps earlier results and --fresh ignores them: give one of them"),
     # --apply's file, checked before any ranking (it was a traceback after it, or the --grid file overwritten)
     (["--suggest", "--apply", "configs/smoke.yaml"], "--apply configs/smoke.yaml is the --grid file: the extended "
                                                       "grid goes into a new file, beside it"),

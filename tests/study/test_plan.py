@@ -61,3 +61,28 @@ def test_a_grid_leaving_out_points_names_the_changed_field_of_a_task_and_the_eva
                                         r"\[1, 5\] -> \[1, 10\]\); its report"):
         check_nothing_left_out(SimpleNamespace(study="s"), [], {"p": SimpleNamespace(complete=True)},
                                tmp_path / "config.yaml", now)
+
+
+def test_a_point_measured_on_files_changed_since_is_found_and_its_task_evaluated_again(tmp_path):
+    """A changed downstream task re-runs the evaluations on it (not `reuse`, even where MLflow's child is
+    complete); changed pretraining data is reported by `changed_data` for the driver to refuse."""
+    from study.plan import changed_data
+    from study.protocol import EvalRecord, Stamps
+    from study.tracking import COMPLETE_TAG, EVAL_TAG, WEIGHTS_TAG, ChildRun
+
+    storage, files = Storage(str(tmp_path)), PointFiles(POINT.id)
+    old, new = {"files": "a", "sizes": "s"}, {"files": "b", "sizes": "t"}
+    evals = {"fewshot/pets": "f1", "diagnostics": "d1"}
+    record = PointRecord(POINT.id, PointFields(**POINT.table_fields), PretrainSummary(12, 768, 1.0, 0),
+                         {"fewshot/pets": EvalRecord("f1", [], old), "diagnostics": EvalRecord("d1", [])},
+                         data=old)
+    storage.write_bytes(files.record, record.to_json().encode())
+    child = ChildRun("r", "FINISHED", {COMPLETE_TAG: "1", WEIGHTS_TAG: "1",
+                                       **{EVAL_TAG + k: v for k, v in evals.items()}}, {})
+    assert decide(POINT, evals, storage, child, False, Stamps(old, {"pets": old})).action == "reuse"
+    assert decide(POINT, evals, storage, child, False).action == "reuse"  # a dry run: nothing prepared
+    d = decide(POINT, evals, storage, child, False, Stamps(old, {"pets": new}))
+    assert (d.action, d.evals) == ("evaluate", {"fewshot/pets": "f1"})
+    assert changed_data([d], Stamps(old, {"pets": new})) == {"pets": [d]}
+    d = decide(POINT, evals, storage, child, False, Stamps(new, {"pets": old}))
+    assert changed_data([d, d], Stamps(new, {"pets": old})) == {"pretrain": [d]}

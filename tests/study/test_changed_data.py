@@ -1,0 +1,75 @@
+"""Data changed in place under a finished study (real Ray, real MLflow, real tar shards on disk): a downstream task
+rewritten is evaluated again without pretraining; pretraining shards touched are refused in one line, before any
+trial, and `--same-data` keeps the results. Before, every rerun reused the results measured on the old files."""
+
+import json
+import shutil
+
+import pytest
+
+from pipelines import data
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _shards(src: data.SourceConfig, cache, to):
+    """The shapes source `src` generated, its shards copied to `to` (plain tar shards, as a user's)."""
+    made = data.prepare(src, cache, progress=False)
+    to.mkdir()
+    for split in ("train", "test"):
+        (shard,) = made.shards[split]
+        shutil.copy(shard, to / f"{split}.tar")
+
+
+def _record(out) -> dict:
+    (path,) = (out / "smoke" / "storage" / "points").glob("*/record.json")
+    return json.loads(path.read_text())
+
+
+def test_a_study_on_files_changed_since_reevaluates_a_task_and_refuses_changed_pretraining_data(tmp_path, cache_dir):
+    pre, task, other = tmp_path / "pre", tmp_path / "task", tmp_path / "other"
+    _shards(data.SourceConfig(source="shapes", size=512, test_size=128, image_size=32, num_classes=16, seed=0),
+            cache_dir, pre)
+    novel = dict(source="shapes", size=160, test_size=160, image_size=48, num_classes=8)
+    _shards(data.SourceConfig(**novel, seed=1), cache_dir, task)
+    _shards(data.SourceConfig(**novel, seed=2), cache_dir, other)
+    out = tmp_path / "runs"
+    command = ["-m", "study.run", "--grid", "configs/smoke.yaml", "--out", str(out), "models=[ViT-Pico/4]",
+               "data.subsets=[256]", "pretrain.steps=6", "evaluate.finetune=null", "evaluate.diagnostics=null",
+               "data.pretrain.source=webdataset", f"data.pretrain.urls={pre}/train.tar",
+               f"data.pretrain.test_urls={pre}/test.tar", "data.pretrain.size=512", "data.pretrain.test_size=128",
+               "downstream[0].source=webdataset", f"downstream[0].urls={task}/train.tar",
+               f"downstream[0].test_urls={task}/test.tar"]
+    first = run_cli(command, cache_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    trained = _record(out)
+    assert trained["data"] and trained["evals"]["fewshot/shapes-novel"]["data"]
+
+    shutil.copy(other / "test.tar", task / "test.tar")  # the task's test split rewritten: other images, same keys
+    again = run_cli(command, cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert ("note: downstream[0] (shapes-novel): its files changed since 1 point was evaluated on it (files added, "
+            "removed or of other sizes); those evaluations run again") in again.stdout
+    assert "evaluate (fewshot/shapes-novel" in again.stdout, again.stdout
+    evaluated = _record(out)
+    assert evaluated["pretrain"] == trained["pretrain"] and evaluated["data"] == trained["data"]  # not retrained
+    assert evaluated["evals"]["fewshot/shapes-novel"] != trained["evals"]["fewshot/shapes-novel"]
+    assert evaluated["evals"]["linear_probe/shapes-novel"]["data"] != trained["evals"][
+        "linear_probe/shapes-novel"]["data"]
+
+    (pre / "train.tar").write_bytes((pre / "train.tar").read_bytes())  # the same bytes, a new modification time
+    refused = run_cli(command, cache_dir)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: data.pretrain (webdataset): its files changed since 1 finished point of this study trained on them "
+        "(only modification times differ: a copy or a touch, or a rewrite of the same size), so their results "
+        "would stand for data they never saw. To train on these files beside those results, give the study a new "
+        "name (study=NAME); --fresh trains this study's points anew; --same-data keeps the results if the content "
+        "is the same"], refused.stderr[-3000:]
+    assert _record(out) == evaluated
+
+    kept = run_cli([*command, "--same-data"], cache_dir)
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert "the 1 point is done" in kept.stdout and "--same-data: the results of 1 point" in kept.stdout
+    restamped = _record(out)
+    assert restamped["data"] != evaluated["data"] and restamped["evals"] == evaluated["evals"]
