@@ -11,10 +11,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from study.config import GridPoint
-from study.protocol import PointRecord, Stamps, eval_task, stale
+from study.protocol import PointRecord, Stamps, changed_since, eval_task, stale
 from study.storage import PointFiles, Storage
 from study.tracking import ChildRun
 from study.trial import load_record
@@ -31,6 +32,7 @@ class Decision:
     evals: dict[str, str]  # the evaluations a trial runs {eval_key: protocol id} (empty when nothing runs)
     record: PointRecord | None  # what storage holds for the point
     child: ChildRun | None  # its MLflow child run, if any
+    started_on: dict[str, dict] | None = None  # resume: what its pretraining started on (`PointFiles.data_stamp`)
 
     def describe(self) -> str:
         if self.action == "evaluate":
@@ -45,7 +47,7 @@ def decide(point: GridPoint, evals: dict[str, str], storage: Storage, child: Chi
     if fresh:
         return Decision(point, "train", dict(evals), None, None)
     record = load_record(storage, point.id)
-    moved = record.changed(stamps) if record is not None and stamps is not None else ()
+    moved = record.changed(stamps, evals) if record is not None and stamps is not None else ()
     if child is not None and child.complete and not stale(child.eval_ids, evals) and not moved:
         return Decision(point, "reuse", {}, record, child)
     if record is not None and record.pretrain:
@@ -55,8 +57,19 @@ def decide(point: GridPoint, evals: dict[str, str], storage: Storage, child: Chi
         todo = stale(child.eval_ids, evals) or tuple(evals)  # an incomplete child re-runs every evaluation
         return Decision(point, "evaluate", {k: evals[k] for k in todo}, None, child)
     if storage.newest_checkpoint(PointFiles(point.id).checkpoints) is not None:
-        return Decision(point, "resume", dict(evals), record, child)
+        started = _started_on(storage, point) if stamps is not None else None
+        return Decision(point, "resume", dict(evals), record, child, started)
     return Decision(point, "train", dict(evals), record, child)
+
+
+def _started_on(storage: Storage, point: GridPoint) -> dict | None:
+    """What a point's checkpoints started on (`PointFiles.data_stamp`); None where not written or not readable."""
+    raw = storage.read_bytes(PointFiles(point.id).data_stamp)
+    try:
+        found = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def plan(points: list[GridPoint], evals: dict[str, str], storage: Storage, children: dict[str, ChildRun],
@@ -64,11 +77,19 @@ def plan(points: list[GridPoint], evals: dict[str, str], storage: Storage, child
     return [decide(p, evals, storage, children.get(p.id), fresh, stamps) for p in points]
 
 
-def changed_data(decisions: list[Decision], stamps: Stamps) -> dict[str, list[Decision]]:
-    """The points whose record measured something on files changed since, by what changed: "pretrain" (their
-    weights were trained on other data) or a downstream task's name (their evaluations on it run again)."""
-    found: dict[str, list[Decision]] = {}
+def changed_data(decisions: list[Decision], evals: dict[str, str], stamps: Stamps
+                 ) -> dict[str, list[tuple[Decision, dict]]]:
+    """The points that measured something on files changed since, with the stamp they measured on, by what changed:
+    "pretrain" or "select/<task>" (their weights came from other data: trained on them, or their kept step chosen
+    on them; a resumed run's checkpoints included), or "task/<task>" (their evaluations of `evals` on it)."""
+    found: dict[str, dict[str, tuple[Decision, dict]]] = {}
     for d in decisions:
-        for key in d.record.changed(stamps) if d.record is not None else ():
-            found.setdefault(key if key == "pretrain" else eval_task(key) or key, []).append(d)
-    return {key: list({id(d): d for d in ds}.values()) for key, ds in found.items()}
+        stamped, record = {}, d.record
+        for key in record.changed(stamps, evals) if record is not None else ():
+            stamped[key] = record.data[key] if key in record.data else record.evals[key].data
+        if d.action == "resume" and d.started_on:
+            stamped |= {k: d.started_on[k] for k in changed_since(d.started_on, stamps)}
+        for key, stamp in stamped.items():
+            source = key if key == "pretrain" or key.startswith("select/") else f"task/{eval_task(key)}"
+            found.setdefault(source, {}).setdefault(d.point.id, (d, stamp))
+    return {source: list(ds.values()) for source, ds in found.items()}

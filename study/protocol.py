@@ -52,21 +52,37 @@ class EvalRecord:
 class Stamps:
     """What the data were when the driver prepared them (`pipelines.data.data_stamp`): the pretraining source's, and
     each downstream task's by name. A trial records them with what it measures; the plan compares them with a
-    point's record (`changed`), so results are never reused on files changed since."""
+    point's record (`PointRecord.changed`), so results are never reused on files changed since. A source whose
+    files could not all be identified has none (None): it is not compared."""
 
     pretrain: dict[str, str] | None = None
     tasks: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def of(self, key: str) -> dict[str, str] | None:
-        """The stamp of the data evaluation `key` (an `eval_key`) ran on: its task's; None for one run once a point."""
+        """The stamp of the data `key` was measured on: "pretrain", a task's ("select/<task>", the task a kept step
+        is chosen on, or an `eval_key` of an evaluation on it); None for an evaluation run once a point."""
+        if key == "pretrain":
+            return self.pretrain
         task = eval_task(key)
         return None if task is None else self.tasks.get(task)
+
+    def weights(self, select_on: str | None) -> dict[str, dict[str, str]]:
+        """What a point's weights come from: the pretraining data and, with `pretrain.select: best`, the task its
+        kept step is chosen on (`select_on`: that task's name)."""
+        found = {"pretrain": self.pretrain, **({f"select/{select_on}": self.of(f"select/{select_on}")}
+                                               if select_on is not None else {})}
+        return {key: dict(stamp) for key, stamp in found.items() if stamp}
 
 
 def same_data(recorded: dict | None, now: dict | None) -> bool:
     """Whether data stamped `recorded` are those stamped `now`. Unknown counts as the same: a record written before
-    stamps were kept, or a plan made without preparing the data (a dry run)."""
+    stamps were kept, a source that could not be identified, or a plan made without preparing the data (a dry run)."""
     return not recorded or not now or recorded.get("files") == now.get("files")
+
+
+def changed_since(stamped: dict[str, dict], stamps: Stamps) -> tuple[str, ...]:
+    """The keys of `stamped` ({key: stamp}, `Stamps.of`'s keys) whose data changed since."""
+    return tuple(key for key, stamp in stamped.items() if not same_data(stamp, stamps.of(key)))
 
 
 @dataclass(frozen=True)
@@ -126,7 +142,7 @@ class PointRecord:
     pretrain: PretrainSummary | None = None  # None until the point is pretrained
     evals: dict[str, EvalRecord] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the trial(s) that made it
-    data: dict[str, str] = field(default_factory=dict)  # the pretraining data's stamp when pretrained ({}: unknown)
+    data: dict[str, dict] = field(default_factory=dict)  # what its weights came from (`Stamps.weights`; {}: unknown)
 
     def measurements(self, kinds: dict[str, str] | None = None) -> list[Measurement]:
         """Every measurement, or only those of the evaluations whose identity matches `kinds`."""
@@ -137,19 +153,19 @@ class PointRecord:
         """The evaluations of `kinds` that this record lacks or ran with another protocol, or (given `stamps`) on
         a task whose files have changed since."""
         old = stale({k: ev.id for k, ev in self.evals.items()}, kinds)
-        moved = () if stamps is None else self.changed(stamps)
+        moved = () if stamps is None else self.changed(stamps, kinds)
         return tuple(k for k in kinds if k in old or k in moved)
 
-    def changed(self, stamps: Stamps) -> tuple[str, ...]:
-        """What this record measured on data whose files have changed since (`same_data`): "pretrain" (the
-        pretraining source), and each evaluation's key whose task changed."""
-        found = () if not self.pretrain or same_data(self.data, stamps.pretrain) else ("pretrain",)
-        return found + tuple(k for k, ev in self.evals.items() if not same_data(ev.data, stamps.of(k)))
+    def changed(self, stamps: Stamps, kinds: dict[str, str] | None = None) -> tuple[str, ...]:
+        """What this record measured on data whose files have changed since (`same_data`): the sources of its weights
+        ("pretrain", "select/<task>"), then the evaluations (of `kinds`, where given) whose task changed."""
+        weights = changed_since(self.data, stamps) if self.pretrain else ()
+        evals = {k: ev.data for k, ev in self.evals.items() if ev.data and (kinds is None or k in kinds)}
+        return weights + changed_since(evals, stamps)
 
     def restamp(self, stamps: Stamps) -> None:
         """Take `stamps` as the data of what this record holds (`--same-data`: the files changed in name only)."""
-        if self.pretrain and self.data and stamps.pretrain:
-            self.data = dict(stamps.pretrain)
+        self.data = {key: dict(stamps.of(key) or stamp) for key, stamp in self.data.items()}
         for key, ev in self.evals.items():
             if ev.data and (now := stamps.of(key)):
                 ev.data = dict(now)

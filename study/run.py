@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from pipelines import atomic
-from pipelines.config import UserError, flatten, to_dict
+from pipelines.config import UserError, count, flatten, to_dict
 from pipelines.models import ModelOptions
 from study.config import (
     GridPoint,
@@ -407,7 +407,7 @@ def launch(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namespace, 
         lease.when_lost(lambda held: tracker.abandon())
     evals = eval_ids(cfg)
     decisions = plan(points, evals, where.storage, tracker.known, args.fresh, stamps)
-    if stamps is not None and check_changed_data(cfg, decisions, stamps, args.same_data, where.storage):
+    if stamps is not None and check_changed_data(cfg, decisions, evals, stamps, args.same_data, where.storage):
         decisions = plan(points, evals, where.storage, tracker.known, args.fresh, stamps)  # as restamped
     note_unseen(tracker, decisions)
     print_grid(describe(cfg, points, {d.point.id: d.describe() for d in decisions}, ASSUMED_MFU), as_json=False)
@@ -503,59 +503,67 @@ def note_unseen(tracker, decisions) -> None:
               "trained again; if it may, stop with Ctrl-C and rerun once it answers", file=sys.stderr)
 
 
-def check_changed_data(cfg: StudyConfig, decisions, stamps, same_data: bool, storage) -> bool:
-    """Finished points whose data changed since they were measured (`study.plan.changed_data`). Weights trained on
-    other files are never reused silently: refused in one line unless `--same-data` (the files changed in name
-    only: a copy, a touch), which restamps the records (True: the caller plans again). Evaluations on a changed
-    downstream task run again, said in a note.
+def check_changed_data(cfg: StudyConfig, decisions, evals: dict[str, str], stamps, same_data: bool,
+                       storage) -> bool:
+    """Finished points whose data changed since they were measured (`study.plan.changed_data`). Weights that came
+    from other files are never reused silently: refused in one line naming every source that changed, unless
+    `--same-data` (the content is the same: files copied or touched), which restamps what the points hold (True:
+    the caller plans again). Evaluations on a changed downstream task run again, said in a note.
 
     Raises:
-        UserError: the pretraining data changed under finished points.
+        UserError: the data a point's weights came from changed.
     """
     from study.plan import changed_data
-    from study.protocol import eval_task
     from study.storage import PointFiles
 
-    changed = changed_data(decisions, stamps)
+    changed = changed_data(decisions, evals, stamps)
     if not changed:
         return False
     if same_data:
-        kept = {d.point.id: d for ds in changed.values() for d in ds}
+        kept = {d.point.id: d for found in changed.values() for d, _ in found}
         for d in kept.values():
-            d.record.restamp(stamps)
-            storage.write_bytes(PointFiles(d.point.id).record, d.record.to_json().encode())
-        print(f"note: --same-data: the results of {len(kept)} point{'s' * (len(kept) != 1)} measured on "
-              f"{', '.join(_data_key(cfg, key) for key in changed)} are kept, as measured on these files", flush=True)
+            files = PointFiles(d.point.id)
+            if d.record is not None:
+                d.record.restamp(stamps)
+                storage.write_bytes(files.record, d.record.to_json().encode())
+            if d.started_on:
+                now = {key: stamps.of(key) or stamp for key, stamp in d.started_on.items()}
+                storage.write_bytes(files.data_stamp, json.dumps(now).encode())
+        print(f"note: --same-data: the results of {count(len(kept), 'point')} measured on "
+              f"{', '.join(_source(cfg, key) for key in changed)} are kept, as measured on these files", flush=True)
         return True
 
-    def how(recorded: dict, now: dict) -> str:
-        if recorded.get("sizes") != now.get("sizes"):
-            return "files added, removed or of other sizes"
+    def how(source: str) -> str:
+        now = stamps.of(source)
+        if any(stamp.get("sizes") != now.get("sizes") for _, stamp in changed[source]):
+            return "files added or removed, or their sizes or content tags changed"
         return "only modification times differ: a copy or a touch, or a rewrite of the same size"
 
-    if (points := changed.get("pretrain")) is not None:
-        n = len(points)
-        raise UserError(
-            f"{_data_key(cfg, 'pretrain')}: its files changed since {n} finished point{'s' * (n != 1)} of this study "
-            f"trained on them ({how(points[0].record.data, stamps.pretrain)}), so their results would stand for data "
-            f"they never saw. To train on these files beside those results, give the study a new name "
-            f"(study=NAME); --fresh trains this study's points anew; --same-data keeps the results if the content "
-            f"is the same")
-    for task, points in changed.items():
-        ev = next(ev for k, ev in points[0].record.evals.items() if eval_task(k) == task and ev.data)
-        n = len(points)
-        print(f"note: {_data_key(cfg, task)}: its files changed since {n} point{'s' * (n != 1)} "
-              f"{'were' if n != 1 else 'was'} evaluated on it ({how(ev.data, stamps.tasks[task])}); those evaluations "
-              "run again (--same-data keeps them if the content is the same)", flush=True)
+    def since(source: str, it: str = "them") -> str:
+        n = len(changed[source])
+        did = {"pretrain": f"trained on {it}", "select": f"chose their kept step on {it}"}.get(
+            source.split("/")[0], f"{'was' if n == 1 else 'were'} evaluated on {it}")
+        return f"its files changed since {count(n, 'point')} of this study {did} ({how(source)})"
+
+    if weights := [source for source in changed if not source.startswith("task/")]:
+        said = [f"{_source(cfg, source)}: {since(source)}" for source in weights]
+        said += [f"and {_source(cfg, source)}: {since(source)}" for source in changed if source not in weights]
+        raise UserError(f"{'; '.join(said)}. Their results would stand for data they never saw: to train on these "
+                        "files beside them, give the study a new name (study=NAME); --fresh trains this study's "
+                        "points anew; --same-data keeps the results if the content is the same")
+    for source in changed:
+        print(f"note: {_source(cfg, source)}: {since(source, 'it')}; those evaluations run again (--same-data keeps "
+              "them if the content is the same)", flush=True)
     return False
 
 
-def _data_key(cfg: StudyConfig, key: str) -> str:
-    """How the grid names a source: `data.pretrain (label)` for "pretrain", `downstream[i] (label)` for a task."""
+def _source(cfg: StudyConfig, key: str) -> str:
+    """How the grid names the source of a `changed_data` key: `data.pretrain (label)`, `downstream[i] (label)`."""
     if key == "pretrain":
         return f"data.pretrain ({cfg.data.pretrain.label})"
-    i = next(i for i, task in enumerate(cfg.downstream) if task.label == key)
-    return f"downstream[{i}] ({key})"
+    label = key.split("/", 1)[1]
+    i = next(i for i, task in enumerate(cfg.downstream) if task.label == label)
+    return f"downstream[{i}] ({label})"
 
 
 def check_one_storage(cfg: StudyConfig, tracker, where: Locations) -> None:

@@ -49,6 +49,12 @@ class PointFiles:
         return self.file("record.json")
 
     @property
+    def data_stamp(self) -> str:
+        """What pretraining started on (`Stamps.weights`), written when it starts from step 0: a run resumed from its
+        checkpoints on files changed since is found (`study.plan`), and the record keeps it."""
+        return self.file("data.json")
+
+    @property
     def checkpoints(self) -> str:
         """The newest few pretraining checkpoints (deleted once the weights and record are stored)."""
         return self.file("checkpoints")

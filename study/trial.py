@@ -157,12 +157,16 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
         sync_indexes(cfg, storage, src)
         source = data.prepared(src, cfg.cache_dir, indexes)
     if not record.pretrain:
+        origin = plan.stamps.weights(cfg.downstream[0].label if cfg.pretrain_for(point.model).selects_best else None)
+        if where.main and origin and storage.newest_checkpoint(files.checkpoints) is None:  # starts from step 0
+            storage.write_bytes(files.data_stamp, json.dumps(origin).encode())
         with clock("pretrain"):
             state = _pretrain(cfg, point, storage, files, source, scratch, device, emit, progress, curves.save)
         distributed.barrier()  # rank 0 has stored the weights and the summary
         record.pretrain = PretrainSummary(steps=point.steps, examples_seen=point.examples_seen,
                                           **json.loads(storage.read_bytes(files.pretrain_summary)))
-        record.data = dict(plan.stamps.pretrain or {})
+        started = storage.read_bytes(files.data_stamp)  # what step 0 saw, if a checkpoint was resumed since
+        record.data = json.loads(started) if started else origin
         if where.main:
             storage.write_bytes(files.record, record.to_json().encode())
             storage.delete_dir(files.checkpoints)  # the stored weights and record supersede them

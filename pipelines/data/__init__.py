@@ -207,13 +207,18 @@ def prepared(src: SourceConfig, cache_dir: Path, index_root: Path | None = None)
     return Prepared(raw["label"], shards, raw["indexes"], rebase, raw.get("stamp"))
 
 
-def data_stamp(files: dict[str, list[list]]) -> dict[str, str]:
+def data_stamp(files: dict[str, list[list]]) -> dict[str, str] | None:
     """What a source's files are, as two digests of each split's file identities: `files` of them whole (a local
-    file's path or key, size and modification time; a remote shard's ETag or sidecar hash, or its URL; the
-    procedural source's generator key), `sizes` of them without the local files' modification times. A point's
-    record keeps the stamp of the data it was trained or evaluated on, so a rerun on files changed since is caught
+    file's path or key, size and modification time; a remote shard's ETag or sidecar hash; the procedural source's
+    generator settings), `sizes` of them without the local files' modification times. A point's record keeps the
+    stamp of the data it was trained or evaluated on, so a rerun on files changed since is caught
     (`study.plan.changed_data`); `sizes` alone equal says only the times changed (a copy or a touch, or a rewrite of
-    the same size). Cheap at any scale: what indexing identifies anyway, no byte of an image read."""
+    the same size). Cheap at any scale: what indexing identifies anyway, no byte of an image read. None where a
+    remote shard is known by its URL alone (no ETag or sidecar, or its look-up failed this time): such a source is
+    not compared, rather than found changed by a look-up that failed."""
+    if any(len(entry) == 1 for entries in files.values() for entry in entries):
+        return None
+
     def timeless(entry: list) -> list:  # a local file's [name, size, mtime]; a remote shard's [url, kind, tag]
         return entry[:2] if len(entry) == 3 and isinstance(entry[1], int) and isinstance(entry[2], int) else entry
 
@@ -366,12 +371,11 @@ def _shard_lists(src: SourceConfig, cache_dir: Path, progress: bool
         made = {split: _folder_shards(root, split, cache_dir, progress)
                 for split, (root,) in _check_folders(src).items()}
         return {split: shards for split, (shards, _) in made.items()}, {split: f for split, (_, f) in made.items()}
-    digest = _shapes_digest(src)
-    root = cache_dir / f"shapes-{digest}"
+    root = cache_dir / f"shapes-{_shapes_digest(src)}"
     if not (root / "_info.json").exists():
         _generate_shapes(src, root, progress)
     splits = {split: files for split in ("train", "test") if (files := split_files(root, split))}
-    return splits, {split: [["shapes", digest]] for split in splits}
+    return splits, {split: [["shapes", *_shapes_pixels(src)]] for split in splits}
 
 
 def _check_info(src: SourceConfig, shards: list[str]) -> None:
@@ -411,9 +415,13 @@ def _folder_shards(root: str, split: str, cache_dir: Path, progress: bool, dest:
     return [str(dest / name) for name in names], stats
 
 
+def _shapes_pixels(src: SourceConfig) -> list:
+    """What decides the procedural source's images and labels (not how its shards are laid out)."""
+    return [shapes.GENERATOR_VERSION, src.seed, src.size, src.test_size, src.image_size, src.num_classes]
+
+
 def _shapes_digest(src: SourceConfig) -> str:
-    ident = [shapes.GENERATOR_VERSION, src.seed, src.size, src.test_size, src.image_size, src.num_classes]
-    ident.append(SHAPES_LAYOUT)
+    ident = [*_shapes_pixels(src), SHAPES_LAYOUT]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
 
 

@@ -530,10 +530,11 @@ def test_members_whose_names_hold_a_dot_are_said_to_merge_into_one_sample(tmp_pa
         data.prepare(src, tmp_path / "cache", progress=False)
 
 
-def test_a_sources_stamp_follows_its_files_not_the_cache_made_from_them(tmp_path):
+def test_a_sources_stamp_follows_its_files_not_the_cache_made_from_them(tmp_path, monkeypatch):
     """`Prepared.stamp`: the same files give the same stamp, even converted or generated again into an empty cache;
     new modification times change `files` alone; a rewritten image changes `sizes` too. A webdataset source's
-    stamp is its shards', the same way; the procedural source's, its generator's key."""
+    stamp is its shards', the same way; the procedural source's, its generator's settings (not its shards' layout);
+    a source with a shard known by its URL alone has none (a failed look-up must not read as changed files)."""
     import shutil
 
     rng = np.random.default_rng(0)
@@ -562,3 +563,8 @@ def test_a_sources_stamp_follows_its_files_not_the_cache_made_from_them(tmp_path
     after = data.prepare(wds, tmp_path / "cache3", progress=False).stamp
     assert after["files"] != before["files"] and after["sizes"] == before["sizes"]
     assert data.prepared(wds, tmp_path / "cache3").stamp == after  # as the driver recorded it, for a trial
+    monkeypatch.setattr(data, "SHAPES_LAYOUT", data.SHAPES_LAYOUT + 1)  # shards laid out anew, the same pixels
+    assert data.prepare(shapes, tmp_path / "cache2", progress=False).stamp == made.stamp
+    tagged = {"train": [["s3://b/0.tar", "sidecar", "ab12"], ["https://h/1.tar", "etag", "x"]]}
+    assert data.data_stamp(tagged)["files"] == data.data_stamp(tagged)["sizes"]  # no time to leave out
+    assert data.data_stamp({"train": [*tagged["train"], ["pipe:cat /d/2.tar"]]}) is None

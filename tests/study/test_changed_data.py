@@ -49,27 +49,32 @@ def test_a_study_on_files_changed_since_reevaluates_a_task_and_refuses_changed_p
     shutil.copy(other / "test.tar", task / "test.tar")  # the task's test split rewritten: other images, same keys
     again = run_cli(command, cache_dir)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert ("note: downstream[0] (shapes-novel): its files changed since 1 point was evaluated on it (files added, "
-            "removed or of other sizes); those evaluations run again") in again.stdout
+    assert ("note: downstream[0] (shapes-novel): its files changed since 1 point of this study was evaluated on it "
+            "(files added or removed, or their sizes or content tags changed); those evaluations run again "
+            "(--same-data keeps them if the content is the same)") in again.stdout, again.stdout
     assert "evaluate (fewshot/shapes-novel" in again.stdout, again.stdout
     evaluated = _record(out)
     assert evaluated["pretrain"] == trained["pretrain"] and evaluated["data"] == trained["data"]  # not retrained
-    assert evaluated["evals"]["fewshot/shapes-novel"] != trained["evals"]["fewshot/shapes-novel"]
-    assert evaluated["evals"]["linear_probe/shapes-novel"]["data"] != trained["evals"][
-        "linear_probe/shapes-novel"]["data"]
+    for kind in ("fewshot", "linear_probe"):  # run again (their seconds add up), on the task as it is now
+        assert evaluated["timings"][kind] > trained["timings"][kind]
+        assert evaluated["evals"][f"{kind}/shapes-novel"]["data"] != trained["evals"][f"{kind}/shapes-novel"]["data"]
 
     (pre / "train.tar").write_bytes((pre / "train.tar").read_bytes())  # the same bytes, a new modification time
+    shutil.copy(other / "train.tar", task / "train.tar")  # and the task's train split rewritten
     refused = run_cli(command, cache_dir)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
-        "error: data.pretrain (webdataset): its files changed since 1 finished point of this study trained on them "
-        "(only modification times differ: a copy or a touch, or a rewrite of the same size), so their results "
-        "would stand for data they never saw. To train on these files beside those results, give the study a new "
-        "name (study=NAME); --fresh trains this study's points anew; --same-data keeps the results if the content "
-        "is the same"], refused.stderr[-3000:]
+        "error: data.pretrain (webdataset): its files changed since 1 point of this study trained on them (only "
+        "modification times differ: a copy or a touch, or a rewrite of the same size); and downstream[0] "
+        "(shapes-novel): its files changed since 1 point of this study was evaluated on them (files added or "
+        "removed, or their sizes or content tags changed). Their results would stand for data they never saw: to "
+        "train on these files beside them, give the study a new name (study=NAME); --fresh trains this study's "
+        "points anew; --same-data keeps the results if the content is the same"], refused.stderr[-3000:]
     assert _record(out) == evaluated
 
     kept = run_cli([*command, "--same-data"], cache_dir)
     assert kept.returncode == 0, kept.stderr[-3000:]
-    assert "the 1 point is done" in kept.stdout and "--same-data: the results of 1 point" in kept.stdout
+    assert "the 1 point is done" in kept.stdout and ("note: --same-data: the results of 1 point measured on "
+                                                     "data.pretrain (webdataset), downstream[0] (shapes-novel) are "
+                                                     "kept") in kept.stdout, kept.stdout
     restamped = _record(out)
-    assert restamped["data"] != evaluated["data"] and restamped["evals"] == evaluated["evals"]
+    assert restamped["data"] != evaluated["data"] and restamped["timings"] == evaluated["timings"]

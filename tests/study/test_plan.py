@@ -65,24 +65,39 @@ def test_a_grid_leaving_out_points_names_the_changed_field_of_a_task_and_the_eva
 
 def test_a_point_measured_on_files_changed_since_is_found_and_its_task_evaluated_again(tmp_path):
     """A changed downstream task re-runs the evaluations on it (not `reuse`, even where MLflow's child is
-    complete); changed pretraining data is reported by `changed_data` for the driver to refuse."""
+    complete); changed pretraining data, also under a checkpoint to resume, is reported by `changed_data` for the
+    driver to refuse; a task named "pretrain" is not the pretraining source."""
+    import json
+
     from study.plan import changed_data
     from study.protocol import EvalRecord, Stamps
     from study.tracking import COMPLETE_TAG, EVAL_TAG, WEIGHTS_TAG, ChildRun
 
     storage, files = Storage(str(tmp_path)), PointFiles(POINT.id)
     old, new = {"files": "a", "sizes": "s"}, {"files": "b", "sizes": "t"}
-    evals = {"fewshot/pets": "f1", "diagnostics": "d1"}
+    evals = {"fewshot/pretrain": "f1", "diagnostics": "d1"}
     record = PointRecord(POINT.id, PointFields(**POINT.table_fields), PretrainSummary(12, 768, 1.0, 0),
-                         {"fewshot/pets": EvalRecord("f1", [], old), "diagnostics": EvalRecord("d1", [])},
-                         data=old)
+                         {"fewshot/pretrain": EvalRecord("f1", [], old), "diagnostics": EvalRecord("d1", [])},
+                         data={"pretrain": old})
     storage.write_bytes(files.record, record.to_json().encode())
     child = ChildRun("r", "FINISHED", {COMPLETE_TAG: "1", WEIGHTS_TAG: "1",
                                        **{EVAL_TAG + k: v for k, v in evals.items()}}, {})
-    assert decide(POINT, evals, storage, child, False, Stamps(old, {"pets": old})).action == "reuse"
+    assert decide(POINT, evals, storage, child, False, Stamps(old, {"pretrain": old})).action == "reuse"
     assert decide(POINT, evals, storage, child, False).action == "reuse"  # a dry run: nothing prepared
-    d = decide(POINT, evals, storage, child, False, Stamps(old, {"pets": new}))
-    assert (d.action, d.evals) == ("evaluate", {"fewshot/pets": "f1"})
-    assert changed_data([d], Stamps(old, {"pets": new})) == {"pets": [d]}
-    d = decide(POINT, evals, storage, child, False, Stamps(new, {"pets": old}))
-    assert changed_data([d, d], Stamps(new, {"pets": old})) == {"pretrain": [d]}
+    task_moved = Stamps(old, {"pretrain": new})
+    d = decide(POINT, evals, storage, child, False, task_moved)
+    assert (d.action, d.evals) == ("evaluate", {"fewshot/pretrain": "f1"})
+    assert changed_data([d], evals, task_moved) == {"task/pretrain": [(d, old)]}
+    assert changed_data([d], {"diagnostics": "d1"}, task_moved) == {}  # few-shot no longer asked for
+    moved = Stamps(new, {"pretrain": old})
+    d = decide(POINT, evals, storage, child, False, moved)
+    assert changed_data([d, d], evals, moved) == {"pretrain": [(d, old)]}
+
+    other = dataclasses.replace(POINT, id="fedcba9876543210")
+    ckpts = PointFiles(other.id)
+    storage.write_bytes(f"{ckpts.checkpoints}/ckpt-00000006/state.pt", b"x")
+    storage.write_bytes(ckpts.data_stamp, json.dumps({"pretrain": old}).encode())
+    d = decide(other, evals, storage, None, False, moved)
+    assert (d.action, d.started_on) == ("resume", {"pretrain": old})
+    assert changed_data([d], evals, moved) == {"pretrain": [(d, old)]}
+    assert changed_data([d], evals, Stamps(old)) == {}

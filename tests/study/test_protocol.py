@@ -135,13 +135,15 @@ def test_typed_fields_are_frozen_and_unknown_summary_keys_fail():
 
 
 def test_a_record_keeps_the_stamp_of_the_data_it_measured_and_names_what_changed_since():
-    """The pretraining data's stamp on the record, a task's on each evaluation; a record from before stamps (or a
-    plan without them, a dry run) changes nothing; `restamp` (--same-data) takes the new files as the old."""
+    """What the weights came from (the pretraining data, and the task a kept step is chosen on) on the record, a
+    task's stamp on each evaluation; a record from before stamps (or a plan without them, a dry run) changes
+    nothing; an evaluation no longer asked for is not looked at; `restamp` (--same-data) takes the new files."""
     from study.protocol import EvalRecord, Stamps
 
     old, new = {"files": "a", "sizes": "s"}, {"files": "b", "sizes": "s"}
     record = PointRecord.from_json(STORED)
-    record.data = dict(old)
+    record.data = Stamps(old, {"shapes-novel": old}).weights("shapes-novel")
+    assert record.data == {"pretrain": old, "select/shapes-novel": old}
     record.evals["fewshot/shapes-novel"].data = dict(old)
     assert PointRecord.from_json(record.to_json()) == record
     kinds = {k: ev.id for k, ev in record.evals.items()}
@@ -149,12 +151,15 @@ def test_a_record_keeps_the_stamp_of_the_data_it_measured_and_names_what_changed
     assert record.changed(same) == () and record.stale(kinds, same) == ()
     assert record.changed(Stamps(new, {"shapes-novel": old})) == ("pretrain",)
     moved = Stamps(old, {"shapes-novel": new})
-    assert record.changed(moved) == ("fewshot/shapes-novel",)
+    assert record.changed(moved) == ("select/shapes-novel", "fewshot/shapes-novel")
+    assert record.changed(moved, {"diagnostics": "x"}) == ("select/shapes-novel",)  # few-shot no longer asked
     assert record.stale(kinds, moved) == ("fewshot/shapes-novel",) and record.stale(kinds) == ()
     assert PointRecord.from_json(STORED).changed(Stamps(new, {"shapes-novel": new})) == ()  # stamped by nobody
-    assert record.changed(Stamps()) == ()  # nothing prepared
+    assert record.changed(Stamps()) == ()  # nothing prepared, or nothing identifiable
     record.restamp(Stamps(new, {"shapes-novel": new}))
-    assert record.data == new and record.evals["fewshot/shapes-novel"] == EvalRecord(
+    assert record.data == {"pretrain": new, "select/shapes-novel": new}
+    assert record.evals["fewshot/shapes-novel"] == EvalRecord(
         record.evals["fewshot/shapes-novel"].id, record.evals["fewshot/shapes-novel"].measurements, new)
     assert record.changed(Stamps(new, {"shapes-novel": new})) == ()
     assert record.evals["diagnostics"].data is None  # run once a point: no task to stamp
+    assert Stamps(old).weights(None) == {"pretrain": old} and Stamps().weights("x") == {}
