@@ -93,11 +93,34 @@ def print_table(where: str, target, suggestions: list) -> None:
         more = len(s.points) - len(c.points)  # a seed at the sizes chosen with it, or a size for the seeds
         reason = c.reason + (f"; {len(s.points)} with the {'sizes' if c.kind == 'seed' else 'seed'} chosen"
                              f"{'' if s.chosen else ' (if added)'}" if more else "")
+        gain = f"{s.per_gpu_hour:.3g}" if s.reduction > 0 else "widens" if s.reduction < 0 else "none"
         print(f"{'*' if s.chosen else ' '} {models:<24} {size:>14} {seeds:>8} {s.gpu_hours:>9.3g} "
-              f"{s.width_after:>12.3g} {s.per_gpu_hour:>10.3g}  {reason}")
+              f"{s.width_after:>12.3g} {gain:>10}  {reason}")
     spent = sum(s.gpu_hours for s in suggestions if s.chosen)
-    print(f"* chosen: {spent:.3g} GPU-hours. width after: the interval's expected width ({target.unit}), a mean over "
-          f"simulated outcomes; per GPU-h: its expected narrowing per GPU-hour")
+    chosen = f"* chosen: {spent:.3g} GPU-hours" if spent else "none chosen: no candidate narrows it"
+    print(f"{chosen}. width after: the interval's expected width ({target.unit}), a mean over simulated outcomes; "
+          "per GPU-h: its expected narrowing per GPU-hour (widens: the simulated interval is wider after)")
+
+
+def caveats(frame: pd.DataFrame, key: tuple, vit: str, bit: str, target) -> list[str]:
+    """What the ranking rests on that the data do not support, as the verdict says it: the fitted laws it
+    simulates from, where degenerate (`analysis.verdict.degenerate_fits`); and, ranking a gap, how the interval it
+    narrows (the laws' seed bootstrap) compares with the verdict's (a t interval over the paired seeds), which with
+    few seeds is wider."""
+    from analysis import fits, intervals, verdict
+
+    rows, _ = fits.fit_table(frame[frame["model"].isin([vit, bit])])
+    out = [f"{c}; the widths above are simulated from it, so read the ranking as a rough guide"
+           for c in verdict.degenerate_fits(rows, key)]
+    if target.kind == "gap":
+        n = frame["subset_size"].max()
+        at = frame[frame["subset_size"] == n]
+        g = intervals.gap(intervals.per_seed(at[at["model"] == bit]), intervals.per_seed(at[at["model"] == vit]))
+        if g["ci"] is not None and (width := g["ci"][1] - g["ci"][0]) > target.width:
+            out.append(f"the verdict's interval of BiT - ViT at {n:,.0f} is {width:.3g} points wide (a t interval, "
+                       f"{g['method']}); the {target.width:.3g} above is the fitted laws' seed bootstrap, narrower "
+                       "with few seeds, which a simulated seed can widen")
+    return out
 
 
 class PointCost:
@@ -130,6 +153,8 @@ def run_suggest(cfg: StudyConfig, points: list[GridPoint], args: argparse.Namesp
     shots = "" if pd.isna(key[2]) else f" {int(key[2])}-shot"
     print_table(f"{vit} vs {bit} on {key[0]}{shots} {key[1]} ({key[3]}), H100-hours at {mfu:.0%} MFU", target,
                 ranked)
+    for caveat in caveats(frame, key, vit, bit, target):
+        print(f"caveat: {caveat}")
     chosen = [s for s in ranked if s.chosen]
     if args.apply:
         if not chosen:

@@ -1,6 +1,8 @@
 """`--suggest` on a study whose storage holds finished points: the ranking is printed, `--apply` writes a grid that
 `--dry-run` accepts and that plans only the new points."""
 
+import re
+
 import yaml
 
 from pipelines.downstream import Measurement
@@ -16,7 +18,7 @@ SIZES, SEEDS = "data.subsets=[64, 256, 1024]", "seeds=[0, 1, 2]"
 TRUTH = {"ViT": (900.0, 0.5, 10.0), "BiT": (120.0, 0.25, 20.0)}  # err = a * n^-b + c; they cross near n = 350
 
 
-def _finished_study(tmp_path, monkeypatch, cache_dir):
+def _finished_study(tmp_path, monkeypatch, cache_dir, truth=TRUTH, noise=0.5):
     """The smoke grid at 3 sizes x 3 seeds, each point's record in storage with a finetune accuracy from the laws."""
     import numpy as np
 
@@ -25,8 +27,8 @@ def _finished_study(tmp_path, monkeypatch, cache_dir):
     evals, rng = eval_ids(cfg), np.random.default_rng(0)
     storage = Storage(str(tmp_path / "runs" / cfg.study / "storage"))
     for p in expand(cfg):
-        a, b, c = TRUTH[p.family]
-        acc = 100.0 - (a * p.subset_size**-b + c) + rng.normal(0.0, 0.5)
+        a, b, c = truth[p.family]
+        acc = 100.0 - (a * p.subset_size**-b + c) + rng.normal(0.0, noise)
         measurement = Measurement("finetune", cfg.downstream[0].label, None, "top1", float(acc))
         record = PointRecord(p.id, PointFields(**p.table_fields), PretrainSummary(p.steps, p.examples_seen, 1.0, 0),
                              {key: EvalRecord(ident, [measurement] if eval_kind(key) == "finetune" else [])
@@ -85,3 +87,26 @@ def test_the_budget_prices_a_seed_at_the_sizes_chosen_with_it(tmp_path, monkeypa
     assert chosen and spent <= budget and abs(sum(cost(*p) for p in added) - spent) <= 1e-3 * spent
     if any("one more seed" in line for line in chosen) and len(chosen) > 1:
         assert any("with the sizes chosen" in line for line in chosen)
+
+
+def test_on_flat_curves_the_ranking_says_its_fits_are_degenerate_and_how_its_interval_compares(tmp_path, monkeypatch,
+                                                                                              cache_dir, capsys):
+    """Curves that do not move with data (as the default study's after 1,024 images) fit laws at their bounds, and
+    3 seeds' bootstrap is narrower than the verdict's t interval: the ranking says both, in the verdict's words,
+    and a candidate whose simulated interval is wider reads "widens", not a negative rate. Before, it printed a
+    2.3-point width beside the verdict's 29.7 and a negative "per GPU-h", with no caveat."""
+    from study.run import main
+
+    flat = {"ViT": (0.0, 0.5, 80.0), "BiT": (0.0, 0.5, 75.0)}  # 20 and 25%, whatever the size
+    _finished_study(tmp_path, monkeypatch, cache_dir, flat, noise=3.0)
+    code = main(["--grid", str(ROOT / "configs" / "smoke.yaml"), SIZES, SEEDS, "--out", str(tmp_path / "runs"),
+                 "--suggest"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    caveats = [line for line in printed.splitlines() if line.startswith("caveat: ")]
+    assert any(" fit on " in c and "is degenerate: " in c and "read the ranking as a rough guide" in c
+               for c in caveats), printed
+    assert any(c.startswith("caveat: the verdict's interval of BiT - ViT at 1,024 is ") and "paired over 3 seeds" in c
+               for c in caveats), printed
+    rows = [line for line in printed.splitlines() if "points (every model" in line]
+    assert rows and not any(re.search(r"\s-\d", line) for line in rows), printed  # no negative rate
