@@ -122,6 +122,20 @@ def print_recipes(cfg: StudyConfig, as_json: bool) -> None:
         if p.warmup_steps >= steps:  # allowed (a quick check runs a few steps), but never what a study wants
             print(f"    note: the warm-up ({p.warmup_steps} steps) is not shorter than the run ({steps} steps at "
                   f"{size:,} images): the learning rate never reaches {p.lr:g}")
+        if p.selects_best and (queries := minival_size(cfg.downstream[0])) < MINIVAL_WARN:
+            print(f"    note: its kept step is chosen on a minival of ~{queries:,} images of downstream[0] "
+                  f"({cfg.downstream[0].label}): one image is {100 / queries:.2g} points of few-shot top-1, so steps "
+                  "closer than a few of those are picked by chance (a larger task, or pretrain.select: last)")
+
+
+MINIVAL_WARN = 200  # a minival smaller than this (each image > 0.5 points) is noted in the dry run's recipes
+
+
+def minival_size(task) -> int:
+    """About how many of `task`'s train images a kept step is chosen on (`pipelines.selection.minival`)."""
+    from pipelines.selection import MINIVAL_FRACTION, MINIVAL_MAX
+
+    return max(1, round(min(MINIVAL_FRACTION, MINIVAL_MAX / max(task.size, 1)) * task.size))
 
 
 LIST_COMMANDS = 20  # up to this many, the pipe: commands are listed one by one; more, as the grid's specs

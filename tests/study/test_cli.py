@@ -255,6 +255,19 @@ def test_dry_run_notes_a_warm_up_that_is_not_shorter_than_the_run(cache_dir, mon
     assert "note: the warm-up" not in stdout
 
 
+def test_dry_run_notes_a_kept_step_chosen_on_a_minival_of_a_few_images(cache_dir, monkeypatch, capsys):
+    """`select: best` on the smoke task (160 training images) chooses on 16 of them: one image is 6.2 points, so
+    the dry run says so (it said nothing); a task 25x larger is not noted."""
+    best = ["--grid", "configs/smoke.yaml", "--dry-run", "pretrain.eval_every=6", "pretrain.select=best"]
+    code, stdout, _ = _in_process(best, cache_dir, monkeypatch, capsys)
+    notes = [line.strip() for line in stdout.splitlines() if "kept step is chosen" in line]
+    assert code == 0 and notes == ["note: its kept step is chosen on a minival of ~16 images of downstream[0] "
+                                   "(shapes-novel): one image is 6.2 points of few-shot top-1, so steps closer than "
+                                   "a few of those are picked by chance (a larger task, or pretrain.select: last)"] * 2
+    _, stdout, _ = _in_process([*best, "downstream[0].size=4000"], cache_dir, monkeypatch, capsys)
+    assert "kept step is chosen" not in stdout
+
+
 def test_a_dry_run_makes_no_tracking_store(cache_dir, monkeypatch, capsys, tmp_path):
     store = tmp_path / "nope" / "x" / "mlflow.db"
     code, _, _ = _in_process(["--grid", "configs/smoke.yaml", "--dry-run", "--out", str(tmp_path / "out"),
