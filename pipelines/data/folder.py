@@ -4,6 +4,7 @@ by the same reader, index and image path as every other source."""
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -73,6 +74,7 @@ def folder_to_shards(root: str, out: Path, split: str = "train", shard_size: int
     bar.close()
     if broken:  # written all the same: the readers count them unreadable, up to data.loader.max_bad_fraction
         (out / BROKEN).write_text(json.dumps(sorted(broken), indent=0))
+        (out / ORIGIN).write_text(json.dumps({"root": os.path.abspath(root)}))
         warn_broken(root, out, len(files))
     (out / "classes.json").write_text(json.dumps(classes, indent=0))
     return write_info(out, split, [path.name for _, path, _ in jobs], [len(samples) for _, _, samples in jobs],
@@ -144,6 +146,30 @@ def _decodes(data: bytes) -> bool:
 
 
 BROKEN = "broken.json"  # beside the converted shards: [path, sample key, why] of each file that is no whole image
+
+
+ORIGIN = "origin.json"  # beside BROKEN: {"root": the folder converted}, for `origin` to give a full path
+
+
+@functools.lru_cache(maxsize=64)
+def _flagged(folder: str) -> dict[str, str]:
+    """{sample key: the file it came from} of the files a conversion into `folder` flagged (`BROKEN`); {} where
+    none was, or the folder is not a conversion."""
+    try:
+        broken = json.loads((Path(folder) / BROKEN).read_text())
+    except (OSError, ValueError):
+        return {}
+    try:
+        root = json.loads((Path(folder) / ORIGIN).read_text())["root"]
+    except (OSError, ValueError, KeyError):
+        root = ""  # converted by a release that did not write it: the path below the folder source's root
+    return {key: os.path.join(root, path) for path, key, _ in broken}
+
+
+def origin(shard: str, key: str) -> str | None:
+    """The image file a converted folder's sample `key` in `shard` was copied from, where the conversion flagged it
+    (`warn_broken`): what an error about that sample names, rather than the cache's shard alone."""
+    return _flagged(os.path.dirname(shard)).get(key)
 
 
 def warn_broken(root: str, shards: Path, total: int) -> None:

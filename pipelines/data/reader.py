@@ -114,9 +114,14 @@ class BadCounts(Counter):
 
 
 def undecodable(key: str, err: Exception, shard: str | None = None) -> str:
-    """`BadCounts`' example of an image that would not decode: which sample, where, and what the decoder said (a
-    zero-byte or cut file, a format PIL does not read, a decompression bomb)."""
-    return f"sample '{key}'" + (f" in {shard}" if shard else "") + f": {type(err).__name__}: {err}"
+    """`BadCounts`' example of an image that would not decode: which sample, where (for a folder source, the image
+    file it came from, where its conversion flagged it), and what the decoder said (a zero-byte or cut file, a
+    format PIL does not read, a decompression bomb)."""
+    from pipelines.data.folder import origin
+
+    source = origin(shard, key) if shard and "://" not in shard and not shard.startswith("pipe:") else None
+    return (f"sample '{key}'" + (f" in {shard}" if shard else "") + (f" (the file {source})" if source else "")
+            + f": {type(err).__name__}: {err}")
 
 
 def split_member_name(name: str) -> tuple[str, str]:

@@ -274,6 +274,11 @@ def test_the_folder_command_warns_of_files_that_are_not_whole_images_and_keeps_t
 
     warn_broken(str(root), tmp_path / "wds", 6)  # a later run on the converted folder: the reader names the key
     assert capsys.readouterr().err == said
+    shards = [str(p) for p in sorted((tmp_path / "wds").glob("train-*.tar"))]
+    with pytest.raises(data.DataError) as failed:  # the error that stops a run names the image, not only the shard
+        data.load(shards, 16, max_bad_fraction=0.0)
+    assert re.search(rf"first undecodable_image: sample '\d+' in {re.escape(shards[0])} \(the file "
+                     rf"{re.escape(str(root))}/(cat/1|dog/[01])\.jpg\): ", str(failed.value)), str(failed.value)
 
 
 def test_the_folder_command_refuses_bad_arguments_with_one_line_and_writes_nothing(tmp_path, capsys):
