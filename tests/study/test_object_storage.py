@@ -128,9 +128,10 @@ def test_storage_that_cannot_be_read_or_written_is_one_line_before_any_work(s3_s
     assert left == ["x/"]  # the root's folder marker (a run makes it anyway), not the probe
 
 
-# The end-to-end study: one output folder, three invocations (SIGKILLed, the same command, one more subset).
+# The end-to-end study: one output folder, three invocations (SIGKILLed, the same command, one more subset). 100
+# steps, a checkpoint every 20 (each is an upload to the bucket): the kill after the first leaves 80 to resume.
 STUDY = ["-m", "study.run", "--grid", "configs/smoke.yaml", "models=[ViT-Pico/4]", "pretrain.steps=100",
-         "pretrain.checkpoint_every=5", "evaluate.finetune.steps=4", "evaluate.finetune.lr=0.01",
+         "pretrain.checkpoint_every=20", "evaluate.finetune.steps=4", "evaluate.finetune.lr=0.01",
          "data.pretrain.source=webdataset", "data.pretrain.size=512", "data.pretrain.test_size=0"]
 ACTION = re.compile(r"^ViT-Pico/4\s+([\d,]+)\s+\d+\s+.*\s(reuse|log|evaluate\S*|resume|train)$", re.M)
 
