@@ -195,7 +195,7 @@ def prepare_data(cfg: StudyConfig, storage, mapper=None):
     from study.trial import index_root, sync_indexes
 
     limit, root = cfg.data.loader.max_bad_fraction, index_root(cfg, storage)
-    stamps = Stamps()
+    pretrained_on, tasks = None, {}
     keys = ["data.pretrain", *(f"downstream[{i}]" for i in range(len(cfg.downstream)))]
     for key, src in zip(keys, (cfg.data.pretrain, *cfg.downstream), strict=True):
         try:
@@ -203,7 +203,7 @@ def prepare_data(cfg: StudyConfig, storage, mapper=None):
         except data.DataError as err:  # which source of the grid: two may read the same kind of data
             raise data.DataError(f"{key}: {err}") from None
         if src is cfg.data.pretrain:  # a multi-label source with a softmax loss
-            stamps = Stamps(found.stamp, stamps.tasks)
+            pretrained_on = found.stamp
             index = found.index()
             for loss in dict.fromkeys(cfg.pretrain_for(model).loss for model in cfg.models):  # recipes may differ
                 pretrain.check_labels(loss, index)
@@ -213,12 +213,12 @@ def prepare_data(cfg: StudyConfig, storage, mapper=None):
                     for n in cfg.data.subsets:
                         data.nested_subset(index, n, seed, "samples", held)
         else:  # what the evaluations cannot measure on this task, refused before any trial starts
-            stamps.tasks[src.label] = found.stamp
+            tasks[src.label] = found.stamp
             downstream.check_task(cfg.evaluate, src, found.index())
             if (ft := cfg.evaluate.finetune) is not None and ft.val_fraction:  # the minival's order: stored once
                 found.index().order(ft.minival_seed)
         sync_indexes(cfg, storage, src, found, upload=True)
-    return stamps
+    return Stamps(pretrained_on, tasks)
 
 
 class Locations:

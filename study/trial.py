@@ -158,8 +158,11 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
         source = data.prepared(src, cfg.cache_dir, indexes)
     if not record.pretrain:
         origin = plan.stamps.weights(cfg.downstream[0].label if cfg.pretrain_for(point.model).selects_best else None)
-        if where.main and origin and storage.newest_checkpoint(files.checkpoints) is None:  # starts from step 0
-            storage.write_bytes(files.data_stamp, json.dumps(origin).encode())
+        if where.main and storage.newest_checkpoint(files.checkpoints) is None:  # starts from step 0, on these data
+            if origin:
+                storage.write_bytes(files.data_stamp, json.dumps(origin).encode())
+            else:  # not identified this time: an earlier start's stamp would speak for data this run did not see
+                storage.delete_file(files.data_stamp)
         with clock("pretrain"):
             state = _pretrain(cfg, point, storage, files, source, scratch, device, emit, progress, curves.save)
         distributed.barrier()  # rank 0 has stored the weights and the summary

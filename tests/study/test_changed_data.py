@@ -46,6 +46,8 @@ def test_a_study_on_files_changed_since_reevaluates_a_task_and_refuses_changed_p
     assert first.returncode == 0, first.stderr[-3000:]
     trained = _record(out)
     assert trained["data"] and trained["evals"]["fewshot/shapes-novel"]["data"]
+    (started,) = (out / "smoke" / "storage" / "points").glob("*/data.json")  # what step 0 saw: a resume compares it
+    assert json.loads(started.read_text()) == trained["data"] and set(trained["data"]) == {"pretrain"}
 
     shutil.copy(other / "test.tar", task / "test.tar")  # the task's test split rewritten: other images, same keys
     again = run_cli(command, cache_dir)
