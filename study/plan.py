@@ -33,10 +33,11 @@ class Decision:
     record: PointRecord | None  # what storage holds for the point
     child: ChildRun | None  # its MLflow child run, if any
     started_on: dict[str, dict] | None = None  # resume: what its pretraining started on (`PointFiles.data_stamp`)
+    upstream: bool = False  # evaluate: its upstream top-1 again (the pretraining source's test split changed)
 
     def describe(self) -> str:
         if self.action == "evaluate":
-            return f"evaluate ({', '.join(self.evals)})"
+            return f"evaluate ({', '.join([*(['upstream top-1'] if self.upstream else []), *self.evals])})"
         return self.action
 
 
@@ -51,8 +52,9 @@ def decide(point: GridPoint, evals: dict[str, str], storage: Storage, child: Chi
     if child is not None and child.complete and not stale(child.eval_ids, evals) and not moved:
         return Decision(point, "reuse", {}, record, child)
     if record is not None and record.pretrain:
-        todo = record.stale(evals, stamps)
-        return Decision(point, "evaluate" if todo else "log", {k: evals[k] for k in todo}, record, child)
+        todo, upstream = record.stale(evals, stamps), "upstream" in moved
+        return Decision(point, "evaluate" if todo or upstream else "log", {k: evals[k] for k in todo}, record, child,
+                        upstream=upstream)
     if child is not None and child.has_weights:
         todo = stale(child.eval_ids, evals) or tuple(evals)  # an incomplete child re-runs every evaluation
         return Decision(point, "evaluate", {k: evals[k] for k in todo}, None, child)
@@ -81,7 +83,8 @@ def changed_data(decisions: list[Decision], evals: dict[str, str], stamps: Stamp
                  ) -> dict[str, list[tuple[Decision, dict]]]:
     """The points that measured something on files changed since, with the stamp they measured on, by what changed:
     "pretrain" or "select/<task>" (their weights came from other data: trained on them, or their kept step chosen
-    on them; a resumed run's checkpoints included), or "task/<task>" (their evaluations of `evals` on it)."""
+    on them; a resumed run's checkpoints included), "upstream" (their upstream top-1, on the pretraining source's
+    test split) or "task/<task>" (their evaluations of `evals` on it)."""
     found: dict[str, dict[str, tuple[Decision, dict]]] = {}
     for d in decisions:
         stamped, record = {}, d.record
@@ -90,6 +93,6 @@ def changed_data(decisions: list[Decision], evals: dict[str, str], stamps: Stamp
         if d.action == "resume" and d.started_on:
             stamped |= {k: d.started_on[k] for k in changed_since(d.started_on, stamps)}
         for key, stamp in stamped.items():
-            source = key if key == "pretrain" or key.startswith("select/") else f"task/{eval_task(key)}"
+            source = key if key in ("pretrain", "upstream") or key.startswith("select/") else f"task/{eval_task(key)}"
             found.setdefault(source, {}).setdefault(d.point.id, (d, stamp))
     return {source: list(ds.values()) for source, ds in found.items()}

@@ -45,42 +45,58 @@ def stale(have: dict[str, str], want: dict[str, str]) -> tuple[str, ...]:
 class EvalRecord:
     id: str  # the protocol's identity on its task (study.identity.eval_ids)
     measurements: list[Measurement]
-    data: dict[str, str] | None = None  # its task's `data_stamp` when it ran (None: not known, or no task)
+    data: dict | None = None  # its task's splits' stamps when it ran (`Stamps.of`; None: not known, or no task)
+
+
+Stamp = dict[str, dict | None]  # per split ("train", "test"), `pipelines.data.data_stamp`'s digests (None: unknown)
 
 
 @dataclass(frozen=True)
 class Stamps:
-    """What the data were when the driver prepared them (`pipelines.data.data_stamp`): the pretraining source's, and
-    each downstream task's by name. A trial records them with what it measures; the plan compares them with a
-    point's record (`PointRecord.changed`), so results are never reused on files changed since. A source whose
-    files could not all be identified has none (None): it is not compared."""
+    """What the data were when the driver prepared them (`pipelines.data.data_stamp`, per split): the pretraining
+    source's, and each downstream task's by name. A trial records them with what it measures; the plan compares them
+    with a point's record (`PointRecord.changed`), so results are never reused on files changed since."""
 
-    pretrain: dict[str, str] | None = None
-    tasks: dict[str, dict[str, str]] = field(default_factory=dict)
+    pretrain: Stamp | None = None
+    tasks: dict[str, Stamp | None] = field(default_factory=dict)
 
-    def of(self, key: str) -> dict[str, str] | None:
-        """The stamp of the data `key` was measured on: "pretrain", a task's ("select/<task>", the task a kept step
-        is chosen on, or an `eval_key` of an evaluation on it); None for an evaluation run once a point."""
-        if key == "pretrain":
-            return self.pretrain
-        task = eval_task(key)
-        return None if task is None else self.tasks.get(task)
+    def of(self, key: str) -> Stamp | None:
+        """The splits what `key` names was measured on, as stamped now: "pretrain" (the pretraining source's train
+        split: the weights), "upstream" (its test split: the upstream top-1), "select/<task>" (the task's train
+        split, whose minival a kept step is chosen on), an `eval_key` (its task, both splits); None where unknown,
+        or for an evaluation run once a point."""
+        if key in ("pretrain", "upstream"):
+            split = "train" if key == "pretrain" else "test"
+            found = {split: (self.pretrain or {}).get(split)}
+        elif (task := eval_task(key)) is None or self.tasks.get(task) is None:
+            return None
+        else:
+            found = {"train": self.tasks[task].get("train")} if key.startswith("select/") else dict(self.tasks[task])
+        return found if any(found.values()) else None
 
-    def weights(self, select_on: str | None) -> dict[str, dict[str, str]]:
-        """What a point's weights come from: the pretraining data and, with `pretrain.select: best`, the task its
-        kept step is chosen on (`select_on`: that task's name)."""
-        found = {"pretrain": self.pretrain, **({f"select/{select_on}": self.of(f"select/{select_on}")}
-                                               if select_on is not None else {})}
-        return {key: dict(stamp) for key, stamp in found.items() if stamp}
-
-
-def same_data(recorded: dict | None, now: dict | None) -> bool:
-    """Whether data stamped `recorded` are those stamped `now`. Unknown counts as the same: a record written before
-    stamps were kept, a source that could not be identified, or a plan made without preparing the data (a dry run)."""
-    return not recorded or not now or recorded.get("files") == now.get("files")
+    def weights(self, select_on: str | None, upstream: bool) -> dict[str, Stamp]:
+        """What a point's pretraining measured on: its training data, with `upstream` the test split its upstream
+        top-1 is measured on, and with `pretrain.select: best` the task its kept step is chosen on (`select_on`)."""
+        keys = ["pretrain", *(["upstream"] if upstream else []), *([f"select/{select_on}"] if select_on else [])]
+        return {key: stamp for key in keys if (stamp := self.of(key))}
 
 
-def changed_since(stamped: dict[str, dict], stamps: Stamps) -> tuple[str, ...]:
+def same_data(recorded: Stamp | None, now: Stamp | None) -> bool:
+    """Whether splits stamped `recorded` are those stamped `now`. Unknown counts as the same: a record written before
+    stamps were kept, a split that could not be identified, or a plan made without preparing the data (a dry run)."""
+    if not recorded or not now:
+        return True
+    return all(r is None or n is None or r.get("files") == n.get("files")
+               for split in recorded.keys() | now.keys() for r, n in [(recorded.get(split), now.get(split))])
+
+
+def sizes_differ(recorded: Stamp, now: Stamp | None) -> bool:
+    """Whether a split's files differ in more than their modification times (added, removed, resized, re-tagged)."""
+    return any((r or {}).get("sizes") != ((now or {}).get(split) or {}).get("sizes") for split, r in recorded.items()
+               if r is not None and (now or {}).get(split) is not None)
+
+
+def changed_since(stamped: dict[str, Stamp], stamps: Stamps) -> tuple[str, ...]:
     """The keys of `stamped` ({key: stamp}, `Stamps.of`'s keys) whose data changed since."""
     return tuple(key for key, stamp in stamped.items() if not same_data(stamp, stamps.of(key)))
 
@@ -142,7 +158,7 @@ class PointRecord:
     pretrain: PretrainSummary | None = None  # None until the point is pretrained
     evals: dict[str, EvalRecord] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the trial(s) that made it
-    data: dict[str, dict] = field(default_factory=dict)  # what its weights came from (`Stamps.weights`; {}: unknown)
+    data: dict[str, dict] = field(default_factory=dict)  # what its pretraining measured on (`Stamps.weights`)
 
     def measurements(self, kinds: dict[str, str] | None = None) -> list[Measurement]:
         """Every measurement, or only those of the evaluations whose identity matches `kinds`."""
@@ -157,8 +173,9 @@ class PointRecord:
         return tuple(k for k in kinds if k in old or k in moved)
 
     def changed(self, stamps: Stamps, kinds: dict[str, str] | None = None) -> tuple[str, ...]:
-        """What this record measured on data whose files have changed since (`same_data`): the sources of its weights
-        ("pretrain", "select/<task>"), then the evaluations (of `kinds`, where given) whose task changed."""
+        """What this record measured on data whose files have changed since (`same_data`): what its pretraining
+        measured on ("pretrain", "upstream", "select/<task>"), then the evaluations (of `kinds`, where given) whose
+        task changed."""
         weights = changed_since(self.data, stamps) if self.pretrain else ()
         evals = {k: ev.data for k, ev in self.evals.items() if ev.data and (kinds is None or k in kinds)}
         return weights + changed_since(evals, stamps)

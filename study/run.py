@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--same-data", action="store_true",
                         help="keep the results of points whose data files changed since they were measured, where "
                              "the content is the same (files copied or touched); without it such points are refused "
-                             "(pretraining data) or evaluated again (a downstream task)")
+                             "(the data their weights came from) or measured again (a test split, a downstream task)")
     parser.add_argument("--address", default=None, help="join an existing Ray cluster instead of starting one")
     parser.add_argument("--out", default="runs", help="output root (results, figures, the MLflow store)")
     parser.add_argument("--storage", default=None,
@@ -125,7 +125,7 @@ def print_recipes(cfg: StudyConfig, as_json: bool) -> None:
         if p.selects_best and (queries := minival_size(cfg.downstream[0])) < MINIVAL_WARN:
             print(f"    note: its kept step is chosen on a minival of ~{queries:,} images of downstream[0] "
                   f"({cfg.downstream[0].label}): one image is {100 / queries:.2g} points of few-shot top-1, so steps "
-                  "closer than a few of those are picked by chance (a larger task, or pretrain.select: last)")
+                  "closer than a few of those are picked by chance (a larger task, or pretrain.select: final)")
 
 
 MINIVAL_WARN = 200  # a minival smaller than this (each image > 0.5 points) is noted in the dry run's recipes
@@ -310,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
             print_recipes(cfg, args.json)
             print_commands(pipe_commands(cfg), args.json, pipe_specs(cfg))
             print_unchecked(checked, args.json)
+            stamped = sum(1 for d in decisions if d.record is not None and d.action in ("reuse", "log", "evaluate")
+                          and (d.record.data or any(ev.data for ev in d.record.evals.values())))
+            if stamped and not args.json:
+                print(f"note: {count(stamped, 'finished point')} kept above: the dry run does not compare the data "
+                      "with what they were measured on (it prepares nothing); the run does, before any trial")
         if checked.problems:
             raise UserError("\n".join(f"{args.grid}: {problem}" for problem in checked.problems))
         if args.dry_run:
@@ -528,6 +533,7 @@ def check_changed_data(cfg: StudyConfig, decisions, evals: dict[str, str], stamp
         UserError: the data a point's weights came from changed.
     """
     from study.plan import changed_data
+    from study.protocol import sizes_differ
     from study.storage import PointFiles
 
     changed = changed_data(decisions, evals, stamps)
@@ -548,36 +554,38 @@ def check_changed_data(cfg: StudyConfig, decisions, evals: dict[str, str], stamp
         return True
 
     def how(source: str) -> str:
-        now = stamps.of(source)
-        if any(stamp.get("sizes") != now.get("sizes") for _, stamp in changed[source]):
+        if any(sizes_differ(stamp, stamps.of(source)) for _, stamp in changed[source]):
             return "files added or removed, or their sizes or content tags changed"
         return "only modification times differ: a copy or a touch, or a rewrite of the same size"
 
     def since(source: str, it: str = "them") -> str:
         n = len(changed[source])
-        did = {"pretrain": f"trained on {it}", "select": f"chose their kept step on {it}"}.get(
+        did = {"pretrain": f"trained on {it}", "select": f"chose their kept step on {it}",
+               "upstream": f"measured upstream top-1 on {it}"}.get(
             source.split("/")[0], f"{'was' if n == 1 else 'were'} evaluated on {it}")
         return f"its files changed since {count(n, 'point')} of this study {did} ({how(source)})"
 
-    if weights := [source for source in changed if not source.startswith("task/")]:
+    if weights := [source for source in changed if source == "pretrain" or source.startswith("select/")]:
         said = [f"{_source(cfg, source)}: {since(source)}" for source in weights]
         said += [f"and {_source(cfg, source)}: {since(source)}" for source in changed if source not in weights]
         raise UserError(f"{'; '.join(said)}. Their results would stand for data they never saw: to train on these "
                         "files beside them, give the study a new name (study=NAME); --fresh trains this study's "
                         "points anew; --same-data keeps the results if the content is the same")
     for source in changed:
-        print(f"note: {_source(cfg, source)}: {since(source, 'it')}; those evaluations run again (--same-data keeps "
-              "them if the content is the same)", flush=True)
+        what = "it is measured again" if source == "upstream" else "those evaluations run again"
+        print(f"note: {_source(cfg, source)}: {since(source, 'it')}; {what} (--same-data keeps the results if the "
+              "content is the same)", flush=True)
     return False
 
 
 def _source(cfg: StudyConfig, key: str) -> str:
-    """How the grid names the source of a `changed_data` key: `data.pretrain (label)`, `downstream[i] (label)`."""
-    if key == "pretrain":
-        return f"data.pretrain ({cfg.data.pretrain.label})"
+    """How the grid names the split(s) of a `changed_data` key: `data.pretrain (label)` (its train split),
+    `data.pretrain (label), its test split`, `downstream[i] (label)` (its train split, for "select/")."""
+    if key in ("pretrain", "upstream"):
+        return f"data.pretrain ({cfg.data.pretrain.label})" + (", its test split" if key == "upstream" else "")
     label = key.split("/", 1)[1]
     i = next(i for i, task in enumerate(cfg.downstream) if task.label == label)
-    return f"downstream[{i}] ({label})"
+    return f"downstream[{i}] ({label})" + (", its train split" if key.startswith("select/") else "")
 
 
 def check_one_storage(cfg: StudyConfig, tracker, where: Locations) -> None:
@@ -698,7 +706,7 @@ def _run(cfg, decisions, evals, where, tracker, tags, args, clock: dict[str, flo
     if args.fresh:
         for d in decisions:
             where.storage.delete_dir(PointFiles(d.point.id).folder)
-    plans = {d.point.id: TrialPlan(d.point, d.action, d.evals, stamps or Stamps())
+    plans = {d.point.id: TrialPlan(d.point, d.action, d.evals, stamps or Stamps(), d.upstream)
              for d in decisions if d.action in RUNS}
     # A child this invocation logs or runs is its own; only the others left RUNNING are orphans (marking a logged one
     # KILLED from the status read before the logging would undo it).

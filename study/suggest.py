@@ -118,8 +118,8 @@ def caveats(frame: pd.DataFrame, key: tuple, vit: str, bit: str, target) -> list
         g = intervals.gap(intervals.per_seed(at[at["model"] == bit]), intervals.per_seed(at[at["model"] == vit]))
         if g["ci"] is not None and (width := g["ci"][1] - g["ci"][0]) > target.width:
             out.append(f"the verdict's interval of BiT - ViT at {n:,.0f} is {width:.3g} points wide (a t interval, "
-                       f"{g['method']}); the {target.width:.3g} above is the fitted laws' seed bootstrap, narrower "
-                       "with few seeds, which a simulated seed can widen")
+                       f"{g['method']}); the {target.width:.3g} above (at {target.at:,.0f}) is the fitted laws' seed "
+                       "bootstrap, narrower with few seeds, which a simulated seed can widen")
     return out
 
 

@@ -59,6 +59,7 @@ from study.protocol import (
     encode,
     eval_kind,
     eval_task,
+    same_data,
 )
 from study.storage import PointFiles, Storage
 from study.system_metrics import NodeSampler
@@ -75,6 +76,7 @@ class TrialPlan:
     action: str
     evals: dict[str, str]
     stamps: Stamps = Stamps()  # the data as the driver prepared them, recorded with what is measured on them
+    upstream: bool = False  # measure the stored weights' upstream top-1 again (its split's files changed)
 
     @property
     def files(self) -> PointFiles:
@@ -156,8 +158,10 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     with clock("data"):
         sync_indexes(cfg, storage, src)
         source = data.prepared(src, cfg.cache_dir, indexes)
-    if not record.pretrain:
-        origin = plan.stamps.weights(cfg.downstream[0].label if cfg.pretrain_for(point.model).selects_best else None)
+    stored = bool(record.pretrain)  # pretrained by an earlier trial
+    if not stored:
+        origin = plan.stamps.weights(cfg.downstream[0].label if cfg.pretrain_for(point.model).selects_best else None,
+                                     upstream="test" in source.shards)
         if where.main and storage.newest_checkpoint(files.checkpoints) is None:  # starts from step 0, on these data
             if origin:
                 storage.write_bytes(files.data_stamp, json.dumps(origin).encode())
@@ -180,6 +184,15 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     model = models.build(point.model, src.num_classes, src.image_size, options)
     model.load_state_dict(state)
     model.to(device)
+    if plan.upstream and stored and not same_data(record.data.get("upstream"), now := plan.stamps.of("upstream")):
+        with clock("upstream"):
+            val = source.subset("test")
+            top1 = evaluate(model, val, src.image_size, device, max_bad_fraction=cfg.data.loader.max_bad_fraction,
+                            precision=cfg.pretrain_for(point.model).precision)["top1"]
+        record.pretrain = replace(record.pretrain, val_top1=top1, val_rows=len(val))
+        record.data["upstream"] = now
+        if where.main:
+            storage.write_bytes(files.record, record.to_json().encode())
     pretrained = downstream.Pretrained(point.model, model, state, src.image_size, source, options)
     # A stop (a signal to the driver, a preempted worker) reaches fine-tuning's steps too: it keeps no checkpoint,
     # so a rerun runs that evaluation again, and only that one (the record keeps those finished before it).

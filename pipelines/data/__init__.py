@@ -130,7 +130,7 @@ class Prepared:
     shards: dict[str, list[str]]
     indexes: dict[str, str]
     rebase: tuple[str, str] | None = None  # shards made in the driver's cache, found in this node's
-    stamp: dict[str, str] | None = None  # what its files were when the driver prepared it (`data_stamp`)
+    stamp: dict[str, dict | None] | None = None  # per split, what its files were when prepared (`data_stamp`)
 
     def index(self, split: str = "train") -> SourceIndex:
         from pipelines.data.index import SourceIndex
@@ -207,26 +207,24 @@ def prepared(src: SourceConfig, cache_dir: Path, index_root: Path | None = None)
     return Prepared(raw["label"], shards, raw["indexes"], rebase, raw.get("stamp"))
 
 
-def data_stamp(files: dict[str, list[list]]) -> dict[str, str] | None:
-    """What a source's files are, as two digests of each split's file identities: `files` of them whole (a local
-    file's path or key, size and modification time; a remote shard's ETag or sidecar hash; the procedural source's
+def data_stamp(files: dict[str, list[list]]) -> dict[str, dict[str, str] | None]:
+    """What each split of a source is, as two digests of its file identities: `files` of them whole (a local file's
+    path or key, size and modification time; a remote shard's ETag or sidecar hash; the procedural source's
     generator settings), `sizes` of them without the local files' modification times. A point's record keeps the
-    stamp of the data it was trained or evaluated on, so a rerun on files changed since is caught
+    stamps of the splits it was trained or evaluated on, so a rerun on files changed since is caught
     (`study.plan.changed_data`); `sizes` alone equal says only the times changed (a copy or a touch, or a rewrite of
-    the same size). Cheap at any scale: what indexing identifies anyway, no byte of an image read. None where a
-    remote shard is known by its URL alone (no ETag or sidecar, or its look-up failed this time): such a source is
-    not compared, rather than found changed by a look-up that failed."""
-    if any(len(entry) == 1 for entries in files.values() for entry in entries):
-        return None
-
+    the same size). Cheap at any scale: what indexing identifies anyway, no byte of an image read. None for a split
+    with a remote shard known by its URL alone (no ETag or sidecar, or its look-up failed this time): it is not
+    compared, rather than found changed by a look-up that failed."""
     def timeless(entry: list) -> list:  # a local file's [name, size, mtime]; a remote shard's [url, kind, tag]
         return entry[:2] if len(entry) == 3 and isinstance(entry[1], int) and isinstance(entry[2], int) else entry
 
     def digest(obj) -> str:
-        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
 
-    return {"files": digest(files), "sizes": digest({split: [timeless(e) for e in entries]
-                                                     for split, entries in files.items()})}
+    return {split: None if any(len(e) == 1 for e in entries) else
+            {"files": digest(entries), "sizes": digest([timeless(e) for e in entries])}
+            for split, entries in files.items()}
 
 
 def _index_root(cache_dir: Path, index_root: Path | None) -> Path:
@@ -375,7 +373,7 @@ def _shard_lists(src: SourceConfig, cache_dir: Path, progress: bool
     if not (root / "_info.json").exists():
         _generate_shapes(src, root, progress)
     splits = {split: files for split in ("train", "test") if (files := split_files(root, split))}
-    return splits, {split: [["shapes", *_shapes_pixels(src)]] for split in splits}
+    return splits, {split: [["shapes", split, *_shapes_pixels(src)]] for split in splits}
 
 
 def _check_info(src: SourceConfig, shards: list[str]) -> None:

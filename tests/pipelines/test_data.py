@@ -539,37 +539,40 @@ def test_a_sources_stamp_follows_its_files_not_the_cache_made_from_them(tmp_path
     """`Prepared.stamp`: the same files give the same stamp, even converted or generated again into an empty cache;
     new modification times change `files` alone; a rewritten image changes `sizes` too. A webdataset source's
     stamp is its shards', the same way; the procedural source's, its generator's settings (not its shards' layout);
-    a source with a shard known by its URL alone has none (a failed look-up must not read as changed files)."""
+    a split with a shard known by its URL alone has none (a failed look-up must not read as changed files)."""
     import shutil
 
     rng = np.random.default_rng(0)
     _folder(tmp_path / "train", ["cat", "ant"], 3, rng)
     src = data.SourceConfig(source="folder", root=str(tmp_path / "train"), size=6, num_classes=2, image_size=16)
-    first = data.prepare(src, tmp_path / "cache", progress=False).stamp
+    first = data.prepare(src, tmp_path / "cache", progress=False).stamp["train"]
     shutil.rmtree(tmp_path / "cache")
-    assert data.prepare(src, tmp_path / "cache", progress=False).stamp == first
+    assert data.prepare(src, tmp_path / "cache", progress=False).stamp["train"] == first
     os.utime(tmp_path / "train" / "cat" / "0.jpg", ns=(10**18, 10**18))
-    touched = data.prepare(src, tmp_path / "cache", progress=False).stamp
+    touched = data.prepare(src, tmp_path / "cache", progress=False).stamp["train"]
     assert touched["files"] != first["files"] and touched["sizes"] == first["sizes"]
     from PIL import Image
 
     Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "train" / "cat" / "0.jpg")
-    rewritten = data.prepare(src, tmp_path / "cache", progress=False).stamp
+    rewritten = data.prepare(src, tmp_path / "cache", progress=False).stamp["train"]
     assert rewritten["sizes"] != first["sizes"]
 
-    shapes = data.SourceConfig(source="shapes", size=8, num_classes=2, image_size=8)
+    shapes = data.SourceConfig(source="shapes", size=8, test_size=4, num_classes=2, image_size=8)
     made = data.prepare(shapes, tmp_path / "cache2", progress=False)
+    assert set(made.stamp) == {"train", "test"} and made.stamp["train"] != made.stamp["test"]
     shutil.rmtree(tmp_path / "cache2")
     assert data.prepare(shapes, tmp_path / "cache2", progress=False).stamp == made.stamp
     urls = made.shards["train"]
-    wds = data.SourceConfig(source="webdataset", urls=urls[0], size=8, num_classes=2, image_size=8)
+    wds = data.SourceConfig(source="webdataset", urls=urls[0], test_urls=made.shards["test"][0], size=8, test_size=4,
+                            num_classes=2, image_size=8)
     before = data.prepare(wds, tmp_path / "cache3", progress=False).stamp
     os.utime(urls[0], ns=(10**18, 10**18))
     after = data.prepare(wds, tmp_path / "cache3", progress=False).stamp
-    assert after["files"] != before["files"] and after["sizes"] == before["sizes"]
+    assert after["train"]["files"] != before["train"]["files"] and after["train"]["sizes"] == before["train"]["sizes"]
+    assert after["test"] == before["test"]  # one split changed, the other did not
     assert data.prepared(wds, tmp_path / "cache3").stamp == after  # as the driver recorded it, for a trial
     monkeypatch.setattr(data, "SHAPES_LAYOUT", data.SHAPES_LAYOUT + 1)  # shards laid out anew, the same pixels
     assert data.prepare(shapes, tmp_path / "cache2", progress=False).stamp == made.stamp
     tagged = {"train": [["s3://b/0.tar", "sidecar", "ab12"], ["https://h/1.tar", "etag", "x"]]}
-    assert data.data_stamp(tagged)["files"] == data.data_stamp(tagged)["sizes"]  # no time to leave out
-    assert data.data_stamp({"train": [*tagged["train"], ["pipe:cat /d/2.tar"]]}) is None
+    assert data.data_stamp(tagged)["train"]["files"] == data.data_stamp(tagged)["train"]["sizes"]  # no time
+    assert data.data_stamp({**tagged, "test": [["pipe:cat /d/2.tar"]]})["test"] is None  # known by URL alone

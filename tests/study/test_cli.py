@@ -263,7 +263,7 @@ def test_dry_run_notes_a_kept_step_chosen_on_a_minival_of_a_few_images(cache_dir
     notes = [line.strip() for line in stdout.splitlines() if "kept step is chosen" in line]
     assert code == 0 and notes == ["note: its kept step is chosen on a minival of ~16 images of downstream[0] "
                                    "(shapes-novel): one image is 6.2 points of few-shot top-1, so steps closer than "
-                                   "a few of those are picked by chance (a larger task, or pretrain.select: last)"] * 2
+                                   "a few of those are picked by chance (a larger task, or pretrain.select: final)"] * 2
     _, stdout, _ = _in_process([*best, "downstream[0].size=4000"], cache_dir, monkeypatch, capsys)
     assert "kept step is chosen" not in stdout
 

@@ -65,8 +65,9 @@ def test_a_grid_leaving_out_points_names_the_changed_field_of_a_task_and_the_eva
 
 def test_a_point_measured_on_files_changed_since_is_found_and_its_task_evaluated_again(tmp_path):
     """A changed downstream task re-runs the evaluations on it (not `reuse`, even where MLflow's child is
-    complete); changed pretraining data, also under a checkpoint to resume, is reported by `changed_data` for the
-    driver to refuse; a task named "pretrain" is not the pretraining source."""
+    complete), a changed upstream test split the upstream top-1; changed pretraining data, also under a checkpoint
+    to resume, is reported by `changed_data` for the driver to refuse; a task named "pretrain" is not the
+    pretraining source."""
     import json
 
     from study.plan import changed_data
@@ -74,30 +75,35 @@ def test_a_point_measured_on_files_changed_since_is_found_and_its_task_evaluated
     from study.tracking import COMPLETE_TAG, EVAL_TAG, WEIGHTS_TAG, ChildRun
 
     storage, files = Storage(str(tmp_path)), PointFiles(POINT.id)
-    old, new = {"files": "a", "sizes": "s"}, {"files": "b", "sizes": "t"}
+    a, b = {"files": "a", "sizes": "s"}, {"files": "b", "sizes": "t"}
+    same = Stamps({"train": a, "test": a}, {"pretrain": {"train": a, "test": a}})
     evals = {"fewshot/pretrain": "f1", "diagnostics": "d1"}
     record = PointRecord(POINT.id, PointFields(**POINT.table_fields), PretrainSummary(12, 768, 1.0, 0),
-                         {"fewshot/pretrain": EvalRecord("f1", [], old), "diagnostics": EvalRecord("d1", [])},
-                         data={"pretrain": old})
+                         {"fewshot/pretrain": EvalRecord("f1", [], same.of("fewshot/pretrain")),
+                          "diagnostics": EvalRecord("d1", [])}, data=same.weights(None, upstream=True))
     storage.write_bytes(files.record, record.to_json().encode())
     child = ChildRun("r", "FINISHED", {COMPLETE_TAG: "1", WEIGHTS_TAG: "1",
                                        **{EVAL_TAG + k: v for k, v in evals.items()}}, {})
-    assert decide(POINT, evals, storage, child, False, Stamps(old, {"pretrain": old})).action == "reuse"
+    assert decide(POINT, evals, storage, child, False, same).action == "reuse"
     assert decide(POINT, evals, storage, child, False).action == "reuse"  # a dry run: nothing prepared
-    task_moved = Stamps(old, {"pretrain": new})
+    task_moved = Stamps(same.pretrain, {"pretrain": {"train": a, "test": b}})
     d = decide(POINT, evals, storage, child, False, task_moved)
-    assert (d.action, d.evals) == ("evaluate", {"fewshot/pretrain": "f1"})
-    assert changed_data([d], evals, task_moved) == {"task/pretrain": [(d, old)]}
+    assert (d.action, d.evals, d.upstream) == ("evaluate", {"fewshot/pretrain": "f1"}, False)
+    assert changed_data([d], evals, task_moved) == {"task/pretrain": [(d, {"train": a, "test": a})]}
     assert changed_data([d], {"diagnostics": "d1"}, task_moved) == {}  # few-shot no longer asked for
-    moved = Stamps(new, {"pretrain": old})
+    test_moved = Stamps({"train": a, "test": b}, same.tasks)
+    d = decide(POINT, evals, storage, child, False, test_moved)
+    assert (d.action, d.evals, d.upstream, d.describe()) == ("evaluate", {}, True, "evaluate (upstream top-1)")
+    assert changed_data([d], evals, test_moved) == {"upstream": [(d, {"test": a})]}
+    moved = Stamps({"train": b, "test": a}, same.tasks)
     d = decide(POINT, evals, storage, child, False, moved)
-    assert changed_data([d, d], evals, moved) == {"pretrain": [(d, old)]}
+    assert changed_data([d, d], evals, moved) == {"pretrain": [(d, {"train": a})]}
 
     other = dataclasses.replace(POINT, id="fedcba9876543210")
     ckpts = PointFiles(other.id)
     storage.write_bytes(f"{ckpts.checkpoints}/ckpt-00000006/state.pt", b"x")
-    storage.write_bytes(ckpts.data_stamp, json.dumps({"pretrain": old}).encode())
+    storage.write_bytes(ckpts.data_stamp, json.dumps({"pretrain": {"train": a}}).encode())
     d = decide(other, evals, storage, None, False, moved)
-    assert (d.action, d.started_on) == ("resume", {"pretrain": old})
-    assert changed_data([d], evals, moved) == {"pretrain": [(d, old)]}
-    assert changed_data([d], evals, Stamps(old)) == {}
+    assert (d.action, d.started_on) == ("resume", {"pretrain": {"train": a}})
+    assert changed_data([d], evals, moved) == {"pretrain": [(d, {"train": a})]}
+    assert changed_data([d], evals, same) == {}

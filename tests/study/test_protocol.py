@@ -135,31 +135,37 @@ def test_typed_fields_are_frozen_and_unknown_summary_keys_fail():
 
 
 def test_a_record_keeps_the_stamp_of_the_data_it_measured_and_names_what_changed_since():
-    """What the weights came from (the pretraining data, and the task a kept step is chosen on) on the record, a
-    task's stamp on each evaluation; a record from before stamps (or a plan without them, a dry run) changes
-    nothing; an evaluation no longer asked for is not looked at; `restamp` (--same-data) takes the new files."""
+    """What its pretraining measured on (the pretraining source's train split, its test split for the upstream
+    top-1, and the train split of the task a kept step is chosen on) on the record, a task's splits on each
+    evaluation; a record from before stamps (or a plan without them, a dry run) changes nothing; an evaluation no
+    longer asked for is not looked at; `restamp` (--same-data) takes the new files."""
     from study.protocol import EvalRecord, Stamps
 
-    old, new = {"files": "a", "sizes": "s"}, {"files": "b", "sizes": "s"}
+    a, b = {"files": "a", "sizes": "s"}, {"files": "b", "sizes": "s"}
+    old = Stamps({"train": a, "test": a}, {"shapes-novel": {"train": a, "test": a}})
     record = PointRecord.from_json(STORED)
-    record.data = Stamps(old, {"shapes-novel": old}).weights("shapes-novel")
-    assert record.data == {"pretrain": old, "select/shapes-novel": old}
-    record.evals["fewshot/shapes-novel"].data = dict(old)
+    record.data = old.weights("shapes-novel", upstream=True)
+    assert record.data == {"pretrain": {"train": a}, "upstream": {"test": a}, "select/shapes-novel": {"train": a}}
+    record.evals["fewshot/shapes-novel"].data = old.of("fewshot/shapes-novel")
     assert PointRecord.from_json(record.to_json()) == record
     kinds = {k: ev.id for k, ev in record.evals.items()}
-    same = Stamps(old, {"shapes-novel": old})
-    assert record.changed(same) == () and record.stale(kinds, same) == ()
-    assert record.changed(Stamps(new, {"shapes-novel": old})) == ("pretrain",)
-    moved = Stamps(old, {"shapes-novel": new})
+    assert record.changed(old) == () and record.stale(kinds, old) == ()
+    assert record.changed(Stamps({"train": b, "test": a}, old.tasks)) == ("pretrain",)
+    assert record.changed(Stamps({"train": a, "test": b}, old.tasks)) == ("upstream",)  # the weights are kept
+    test_moved = Stamps(old.pretrain, {"shapes-novel": {"train": a, "test": b}})  # not what a step is chosen on
+    assert record.changed(test_moved) == ("fewshot/shapes-novel",)
+    moved = Stamps(old.pretrain, {"shapes-novel": {"train": b, "test": a}})
     assert record.changed(moved) == ("select/shapes-novel", "fewshot/shapes-novel")
     assert record.changed(moved, {"diagnostics": "x"}) == ("select/shapes-novel",)  # few-shot no longer asked
     assert record.stale(kinds, moved) == ("fewshot/shapes-novel",) and record.stale(kinds) == ()
-    assert PointRecord.from_json(STORED).changed(Stamps(new, {"shapes-novel": new})) == ()  # stamped by nobody
-    assert record.changed(Stamps()) == ()  # nothing prepared, or nothing identifiable
-    record.restamp(Stamps(new, {"shapes-novel": new}))
-    assert record.data == {"pretrain": new, "select/shapes-novel": new}
+    assert PointRecord.from_json(STORED).changed(moved) == ()  # stamped by nobody
+    assert record.changed(Stamps()) == ()  # nothing prepared
+    assert record.changed(Stamps({"train": None, "test": a}, old.tasks)) == ()  # a split not identified this time
+    record.restamp(moved)
+    assert record.data["select/shapes-novel"] == {"train": b} and record.changed(moved) == ()
     assert record.evals["fewshot/shapes-novel"] == EvalRecord(
-        record.evals["fewshot/shapes-novel"].id, record.evals["fewshot/shapes-novel"].measurements, new)
-    assert record.changed(Stamps(new, {"shapes-novel": new})) == ()
+        record.evals["fewshot/shapes-novel"].id, record.evals["fewshot/shapes-novel"].measurements,
+        {"train": b, "test": a})
     assert record.evals["diagnostics"].data is None  # run once a point: no task to stamp
-    assert Stamps(old).weights(None) == {"pretrain": old} and Stamps().weights("x") == {}
+    assert Stamps({"train": a}).weights(None, upstream=False) == {"pretrain": {"train": a}}
+    assert Stamps().weights("x", upstream=True) == {}
