@@ -74,6 +74,10 @@ class Stamps:
             found = {"train": self.tasks[task].get("train")} if key.startswith("select/") else dict(self.tasks[task])
         return found if any(found.values()) else None
 
+    def now(self, stamped: dict[str, Stamp]) -> dict[str, Stamp]:
+        """`stamped` ({key: stamp}) with each stamp as the data are now, where known (`--same-data`)."""
+        return {key: self.of(key) or stamp for key, stamp in stamped.items()}
+
     def weights(self, select_on: str | None, upstream: bool) -> dict[str, Stamp]:
         """What a point's pretraining measured on: its training data, with `upstream` the test split its upstream
         top-1 is measured on, and with `pretrain.select: best` the task its kept step is chosen on (`select_on`)."""
@@ -182,10 +186,10 @@ class PointRecord:
 
     def restamp(self, stamps: Stamps) -> None:
         """Take `stamps` as the data of what this record holds (`--same-data`: the files changed in name only)."""
-        self.data = {key: dict(stamps.of(key) or stamp) for key, stamp in self.data.items()}
+        self.data = stamps.now(self.data)
         for key, ev in self.evals.items():
-            if ev.data and (now := stamps.of(key)):
-                ev.data = dict(now)
+            if ev.data:
+                ev.data = stamps.of(key) or ev.data
 
     def to_json(self) -> str:
         raw = {"point_id": self.point_id, "fields": asdict(self.fields),

@@ -547,8 +547,7 @@ def check_changed_data(cfg: StudyConfig, decisions, evals: dict[str, str], stamp
                 d.record.restamp(stamps)
                 storage.write_bytes(files.record, d.record.to_json().encode())
             if d.started_on:
-                now = {key: stamps.of(key) or stamp for key, stamp in d.started_on.items()}
-                storage.write_bytes(files.data_stamp, json.dumps(now).encode())
+                storage.write_bytes(files.data_stamp, json.dumps(stamps.now(d.started_on)).encode())
         print(f"note: --same-data: the results of {count(len(kept), 'point')} measured on "
               f"{', '.join(_source(cfg, key) for key in changed)} are kept, as measured on these files", flush=True)
         return True

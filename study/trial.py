@@ -186,10 +186,8 @@ def run_point(cfg: StudyConfig, plan: TrialPlan, storage: Storage, scratch: Path
     model.to(device)
     if plan.upstream and stored and not same_data(record.data.get("upstream"), now := plan.stamps.of("upstream")):
         with clock("upstream"):
-            val = source.subset("test")
-            top1 = evaluate(model, val, src.image_size, device, max_bad_fraction=cfg.data.loader.max_bad_fraction,
-                            precision=cfg.pretrain_for(point.model).precision)["top1"]
-        record.pretrain = replace(record.pretrain, val_top1=top1, val_rows=len(val))
+            record.pretrain = replace(record.pretrain,
+                                      **upstream_top1(cfg, point.model, model, source.subset("test"), device))
         record.data["upstream"] = now
         if where.main:
             storage.write_bytes(files.record, record.to_json().encode())
@@ -287,9 +285,7 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
     if val is not None:  # held-out upstream accuracy: is the model data- or optimisation-limited?
         model = models.build(point.model, src.num_classes, src.image_size, models.ModelOptions.of(recipe))
         model.load_state_dict(state)
-        summary["val_top1"] = evaluate(model.to(device), val, src.image_size, device,
-                                       max_bad_fraction=loader.max_bad_fraction, precision=recipe.precision)["top1"]
-        summary["val_rows"] = len(val)
+        summary |= upstream_top1(cfg, point.model, model.to(device), val, device)
     if not where.main:
         return state
     storage.write_bytes(files.weights,
@@ -303,6 +299,15 @@ def _pretrain(cfg: StudyConfig, point: GridPoint, storage: Storage, files: Point
     storage.write_bytes(files.pretrain_summary, json.dumps(summary).encode())
     save_curves()
     return state
+
+
+def upstream_top1(cfg: StudyConfig, model_name: str, model: torch.nn.Module, val: data.ShardSubset,
+                  device: torch.device) -> dict[str, float]:
+    """`val_top1` and `val_rows` of a pretraining summary: `model`'s top-1 on `val`, the pretraining source's test
+    split or the slice held out of it (on every rank of a process group)."""
+    top1 = evaluate(model, val, cfg.data.pretrain.image_size, device, max_bad_fraction=cfg.data.loader.max_bad_fraction,
+                    precision=cfg.pretrain_for(model_name).precision)["top1"]
+    return {"val_top1": top1, "val_rows": len(val)}
 
 
 class Stopwatch:

@@ -118,8 +118,9 @@ def undecodable(key: str, err: Exception, shard: str | None = None) -> str:
     file it came from, where its conversion flagged it), and what the decoder said (a zero-byte or cut file, a
     format PIL does not read, a decompression bomb)."""
     from pipelines.data.folder import origin
+    from pipelines.data.sources import is_local
 
-    source = origin(shard, key) if shard and "://" not in shard and not shard.startswith("pipe:") else None
+    source = origin(shard, key) if shard and is_local(shard) else None
     return (f"sample '{key}'" + (f" in {shard}" if shard else "") + (f" (the file {source})" if source else "")
             + f": {type(err).__name__}: {err}")
 
