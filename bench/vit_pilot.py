@@ -1,13 +1,16 @@
 """ViT recipe pilot: which recipe lets the grid's ViT leave its loss plateau within the default study's compute.
 
-    python bench/vit_pilot.py [--grid configs/scaling.yaml] [--recipes baseline lr2e-3 ...] [--seeds 0 1 2]
-        [--set 'NAME=key=value;key=value' ...]
+    python bench/vit_pilot.py [--grid configs/scaling-pico.yaml] [--recipes baseline lr2e-3 ...] [--seeds 0 1 2]
+        [--set 'NAME=key=value;key=value' ...] [--bias weak|strong]
 
 Each recipe is a list of dotted overrides of the grid (the study's own config path, so what is piloted here is
-exactly what `study.run --grid configs/scaling.yaml <overrides>` would train). Every (recipe, seed) pretrains the
+exactly what `study.run --grid configs/scaling-pico.yaml <overrides>` would train). The default grid is the Pico study,
+on which every recipe below was piloted (the README's tables); the default study, configs/scaling.yaml, is its
+`femto-batch24`. Every (recipe, seed) pretrains the
 grid's ViT once on the largest nested subset through `pipelines.pretrain.run`, as a trial does (same subset for a
 seed, same loader, one torch thread per `resources.cpus_per_worker`), then scores it on the source's held-out test
-split. The BiT is never trained here: the recipe is chosen on the ViT's own upstream numbers alone.
+split. The recipe is chosen on the ViT's own upstream numbers alone; `--bias strong` trains the grid's BiT instead,
+to see on the BiT's own numbers what a cut (a smaller model, fewer examples) costs it.
 
 Prints one row per recipe: upstream top-1 on the test split (mean over seeds with its 95% t interval, and the
 seeds' values), the last epoch's mean training loss against chance (ln classes), pretraining seconds per point,
@@ -42,6 +45,10 @@ PILOT_MODELS = [
                      cpu_sized=True),
     models.ModelSpec("ViT-Pico/8-width128", "ViT", dict(depth=4, embed_dim=128, num_heads=4, mlp_ratio=2.0,
                                                         patch_size=8), cpu_sized=True),
+    # BiT-R14-Pico with a stride-2 stem: its first stage at 16 px, a third of its step (a cheaper BiT tried for
+    # issue 25's budget; `--bias strong`).
+    models.ModelSpec("BiT-R14-Pico/s2", "BiT", dict(layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_chs=16,
+                                                    small_stem=True, gn_groups=8, stem_stride=2), cpu_sized=True),
 ]
 PLAIN = ("recipes.ViT.pool=gap", "recipes.ViT.pos_embed=sincos2d", "recipes.ViT.zero_head=true")  # Beyer et al. 2022
 PICO = ("models=[ViT-Pico/4, BiT-R14-Pico]",)  # the default study's pair, named so `pico-*` mean it on any grid
@@ -49,7 +56,7 @@ DEPTH2 = ("models=[ViT-Femto/4, BiT-R14-Femto]",)  # ViT-Pico/4 with 2 blocks: t
 
 # Candidates after Beyer et al. 2022 ("Better plain ViT baselines for ImageNet-1k"), each a set of grid overrides.
 RECIPES: dict[str, tuple[str, ...]] = {
-    "baseline": (),  # configs/scaling.yaml as it stands
+    "baseline": (),  # the grid as it stands (configs/scaling-pico.yaml unless --grid says otherwise)
     "lr2e-3": ("pretrain.lr=2.0e-3",),
     "lr3e-3": ("pretrain.lr=3.0e-3",),
     "warmup20": ("pretrain.warmup_steps=20",),
@@ -69,7 +76,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "patch8": ("models=[ViT-Pico/8, BiT-R14-Pico]",),
     "patch8-lr3e-3": ("models=[ViT-Pico/8, BiT-R14-Pico]", "pretrain.lr=3.0e-3"),
     "patch8-width128": ("models=[ViT-Pico/8-width128, BiT-R14-Pico]",),
-    # The recipe before the ViT paper's initialisation (`recipes.ViT.weight_init: jax`) joined configs/scaling.yaml:
+    # The recipe before the ViT paper's initialisation (`recipes.ViT.weight_init: jax`) joined the grid:
     # the rows above it in the README's pilot table were measured from this init (their overrides on top of it).
     "timm-init": ("recipes.ViT.weight_init=timm",),
     "patch8-width128-plain-lr3e-3": ("models=[ViT-Pico/8-width128, BiT-R14-Pico]", *PLAIN, "pretrain.lr=3.0e-3"),
@@ -78,9 +85,11 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "pico": PICO,
     "pico-half-steps": (*PICO, "pretrain.examples=8192", "pretrain.warmup_steps=25"),
     "pico-batch16": (*PICO, "pretrain.batch_size=16", "pretrain.examples=8192"),
+    "pico-batch24": (*PICO, "pretrain.batch_size=24", "pretrain.examples=12288"),
+    "femto-vit-s2-bit": ("models=[ViT-Femto/4, BiT-R14-Pico/s2]",),
     # Both cuts at 3/4 each: the Femto pair at 12,288 examples, as 384 steps of 32, 512 of 24, or 768 of 16.
     "femto-384-steps": (*DEPTH2, "pretrain.examples=12288"),
-    "femto-batch24": (*DEPTH2, "pretrain.examples=12288", "pretrain.batch_size=24"),
+    "femto-batch24": (*DEPTH2, "pretrain.examples=12288", "pretrain.batch_size=24"),  # the default study's
     "femto-batch16": (*DEPTH2, "pretrain.examples=12288", "pretrain.batch_size=16", "pretrain.warmup_steps=75"),
 }
 
@@ -96,10 +105,11 @@ class Trial:
     images_per_s: float
 
 
-def pilot(cfg: StudyConfig, recipe: str, seed: int, device: torch.device) -> Trial:
-    """Pretrain the grid's ViT on its largest subset for `seed` and score it on the held-out split."""
+def pilot(cfg: StudyConfig, recipe: str, seed: int, device: torch.device, bias: str = "weak") -> Trial:
+    """Pretrain the grid's ViT (`bias` "strong": its BiT) on its largest subset for `seed` and score it on the
+    held-out split."""
     src = cfg.data.pretrain
-    model = vit_of(cfg)
+    model = model_of(cfg, bias)
     source = data.prepared(src, cfg.cache_dir)
     train = data.nested_subset(source.index(), max(cfg.data.subsets), seed, cfg.data.subset_mode)
     rt = Runtime(device, seed, loader=cfg.data.loader, progress=False)
@@ -112,21 +122,22 @@ def pilot(cfg: StudyConfig, recipe: str, seed: int, device: torch.device) -> Tri
                  result.throughput.get("images_per_s", math.nan))
 
 
-def warm_up(cfg: StudyConfig, device: torch.device) -> None:
+def warm_up(cfg: StudyConfig, device: torch.device, bias: str = "weak") -> None:
     """A few untimed steps first, so the first recipe's seconds do not also pay for the process's one-time costs
     (imports on first use, the allocator, oneDNN's kernels)."""
     src = cfg.data.pretrain
     train = data.nested_subset(data.prepared(src, cfg.cache_dir).index(), max(cfg.data.subsets), 0)
     short = replace(cfg.pretrain, epochs=None, examples=None, steps=8, warmup_steps=1)
-    pretrain.run(short, vit_of(cfg), train, src.num_classes, src.image_size,
+    pretrain.run(short, model_of(cfg, bias), train, src.num_classes, src.image_size,
                  Runtime(device, loader=cfg.data.loader, progress=False))
 
 
-def vit_of(cfg: StudyConfig) -> str:
-    vits = [m for m in cfg.models if models.get_spec(m).family in families.with_bias("weak")]
-    if len(vits) != 1:
-        raise SystemExit(f"the grid must name exactly one ViT (or hybrid) model, found {vits}")
-    return vits[0]
+def model_of(cfg: StudyConfig, bias: str = "weak") -> str:
+    """The grid's one model of that inductive bias: "weak", its ViT (or hybrid); "strong", its BiT."""
+    found = [m for m in cfg.models if models.get_spec(m).family in families.with_bias(bias)]
+    if len(found) != 1:
+        raise SystemExit(f"the grid must name exactly one {bias}-bias model, found {found}")
+    return found[0]
 
 
 def report(trials: list[Trial], chance: float) -> None:
@@ -162,11 +173,14 @@ def parse_sets(items: list[str]) -> dict[str, tuple[str, ...]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", default="configs/scaling.yaml")
+    parser.add_argument("--grid", default="configs/scaling-pico.yaml")
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help=f"from: {', '.join(RECIPES)}")
     parser.add_argument("--set", nargs="*", action="extend", default=[],
                         help="ad-hoc recipes: 'NAME=key=value;key=value' (repeat --set, or list several after one)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--bias", choices=["weak", "strong"], default="weak",
+                        help="which of the grid's models to pilot: weak, its ViT (the default); strong, its BiT "
+                             "(to see what a cut costs the BiT on its own numbers, after the ViT's recipe is chosen)")
     args = parser.parse_args()
     models.MODELS.update({spec.name: spec for spec in PILOT_MODELS})
     unknown = [name for name in args.recipes if name not in RECIPES]
@@ -178,13 +192,13 @@ def main() -> None:
     data.prepare(src, base.cache_dir, progress=False)  # once, before any clock starts
     torch.set_num_threads(max(1, int(base.resources.cpus_per_worker)))  # one trial's threads
     device = pick_device(base.resources.gpus_per_worker)
-    warm_up(base, device)
+    warm_up(base, device, args.bias)
     trials = []
     for name, overrides in chosen.items():
         cfg = load_study(args.grid, list(overrides))
         for seed in args.seeds:
             start = time.perf_counter()
-            trials.append(pilot(cfg, name, seed, device))
+            trials.append(pilot(cfg, name, seed, device, args.bias))
             t = trials[-1]
             print(f"{name} seed {seed}: top-1 {t.top1:.1f}, loss {t.loss:.3f}, pretrain {t.seconds:.1f} s "
                   f"({t.images_per_s:.0f} img/s), {time.perf_counter() - start:.1f} s with the test split", flush=True)

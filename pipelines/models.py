@@ -261,12 +261,14 @@ def build_hybrid(kw: dict, num_classes: int, image_size: int, options: ModelOpti
 def build_bit(kw: dict, num_classes: int, image_size: int, options: ModelOptions) -> nn.Module:
     """The BiT family's builder: a timm `ResNetV2` with GroupNorm + Weight Standardization."""
     small_stem = kw.pop("small_stem", False)
+    stem_stride = kw.pop("stem_stride", 1)
     groups = kw.pop("gn_groups", 32)
     model = ResNetV2(num_classes=num_classes, stem_type="fixed", conv_layer=partial(StdConv2d, eps=1e-8),
                      norm_layer=partial(GroupNormAct, num_groups=groups), drop_rate=options.dropout,
                      drop_path_rate=options.drop_path, **kw)
     if small_stem:
-        model.stem = nn.Sequential(StdConv2d(3, kw["stem_chs"], kernel_size=3, stride=1, padding=1, eps=1e-8))
+        model.stem = nn.Sequential(StdConv2d(3, kw["stem_chs"], kernel_size=3, stride=stem_stride, padding=1,
+                                             eps=1e-8))
     return model
 
 

@@ -234,25 +234,33 @@ def _defaults():
 # The evaluation pin moved with `finetune.log_every`, execution-only like pretraining's: the ids below did not.)
 PINNED_DEFAULTS = ("5011af01f202a883", "23cfc9a704db13a7")
 # The point ids of the shipped studies, as before the model knobs and recipes: their weights are reused after an
-# upgrade (a new field at its default hashes nothing). The default study's 12 ViT points moved once, deliberately,
-# to the paper's initialisation (`recipes: {ViT: {weight_init: jax}}`); its BiT points (the last 12) did not.
+# upgrade (a new field at its default hashes nothing). The Pico study's 12 ViT points (configs/scaling-pico.yaml, the
+# default study until it became the Femto pair) moved once, deliberately, to the paper's initialisation (`recipes:
+# {ViT: {weight_init: jax}}`); its BiT points (the last 12) did not.
 PINNED_POINT_IDS = {
     "smoke": ["ca10c6d981753735", "25858b79bb6e7bc5", "7693a98886fca0a3", "db01d08a0c3e82ea"],
-    "scaling": ["5543f9738bad0384", "b5e77f1d56750024", "6588299bbeedf56a", "307034f5a1d00cab", "7c4d8cf7ea5a2e26",
+    "scaling": ["375ead643132fdd8", "1dc2f46aee88e896", "711e2c07a49449cc", "62e8ac4b26fb2fdc", "4f875aab3b898ff9",
+                "660a750f8ffb7a04", "ca856721ccef17fd", "e27a1cf2b791eac9", "10468ecd98f2a3ed", "c92a482d4e601c46",
+                "48f2064783a2dd74", "8ce0690b5ced570a", "249a6bd48b097160", "b9a28a80b091d296", "c162d7e61649ced6",
+                "6763c3765d71f32b", "78f18ed33f141417", "a5b1d8370d336ecd", "8a745098eeca941c", "f2e6e2624ef19024",
+                "64167f689db9a497", "d92aa1ad43df2875", "59483d2b743c186e", "28d8073b0433239e"],
+    "scaling-pico": ["5543f9738bad0384", "b5e77f1d56750024", "6588299bbeedf56a", "307034f5a1d00cab", "7c4d8cf7ea5a2e26",
                 "d7c59bd5195969e8", "00a76d37fa593c47", "f46f4e2d98ab5489", "4e7d46f01145e0af", "ce44a416799ba7e8",
                 "7a38b16d6c5f11ac", "dec9a94985533aef", "2cfd7d1d6186eb65", "53e0c1be5ac03d55", "abcd5fb4a46b0a26",
                 "2087732cfa27d368", "d8e3492e9ce5d286", "eeef04345c44f1fd", "9f7312572b0d2543", "8c6c0ae239fd0342",
                 "52ffef9eccbf5d9a", "930e29907a723c58", "629c70efb97d6f31", "fb6181e1ba5f2bce"],
 }
-# The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade (the default
+# The evaluation ids of the shipped studies: finished studies are not re-evaluated after an upgrade (the Pico
 # study's fine-tune moved once, deliberately, to LP-FT: `head_init: probe`; the smoke study's once, to a sweep of
-# two learning rates instead of four, for the tests' time).
+# two learning rates instead of four, for the tests' time). The default study evaluates as the Pico study does.
 # Keyed per task since evaluations that run on each task have an id per task: with one task, the same ids.
 PINNED_EVAL_IDS = {
     "smoke": {"fewshot/shapes-novel": "f863e9d7fb785b7f", "linear_probe/shapes-novel": "9380b66fe0457576",
               "finetune/shapes-novel": "b6fb55b863502d9d", "diagnostics": "80422ce3c0f28d18"},
     "scaling": {"fewshot/shapes-novel": "af53271c9c6d482a", "linear_probe/shapes-novel": "ddd01448a13d7378",
                 "finetune/shapes-novel": "43e5362f511e7344", "diagnostics": "80422ce3c0f28d18"},
+    "scaling-pico": {"fewshot/shapes-novel": "af53271c9c6d482a", "linear_probe/shapes-novel": "ddd01448a13d7378",
+                     "finetune/shapes-novel": "43e5362f511e7344", "diagnostics": "80422ce3c0f28d18"},
 }
 
 
