@@ -1,4 +1,4 @@
-"""ViT recipe pilot: which recipe lets the grid's ViT leave its loss plateau within the default study's compute.
+"""ViT recipe pilot: which recipe lets the grid's ViT leave its loss plateau within the grid's compute.
 
     python bench/vit_pilot.py [--grid configs/scaling-pico.yaml] [--recipes baseline lr2e-3 ...] [--seeds 0 1 2]
         [--set 'NAME=key=value;key=value' ...] [--bias weak|strong]
@@ -51,7 +51,7 @@ PILOT_MODELS = [
                                                     small_stem=True, gn_groups=8, stem_stride=2), cpu_sized=True),
 ]
 PLAIN = ("recipes.ViT.pool=gap", "recipes.ViT.pos_embed=sincos2d", "recipes.ViT.zero_head=true")  # Beyer et al. 2022
-PICO = ("models=[ViT-Pico/4, BiT-R14-Pico]",)  # the default study's pair, named so `pico-*` mean it on any grid
+PICO = ("models=[ViT-Pico/4, BiT-R14-Pico]",)  # the Pico study's pair, named so `pico-*` mean it on any grid
 DEPTH2 = ("models=[ViT-Femto/4, BiT-R14-Femto]",)  # ViT-Pico/4 with 2 blocks: the model table's ViT-Femto/4
 
 # Candidates after Beyer et al. 2022 ("Better plain ViT baselines for ImageNet-1k"), each a set of grid overrides.

@@ -76,7 +76,7 @@ class ModelOptions:
             at std 0.02, as DeiT). `jax`: the ViT paper's and big_vision's (timm `weight_init='jax'`): dense layers
             Xavier-uniform, the patch embedding (and a hybrid's convolutions) LeCun-normal, the head zero, the
             class token ~0. At width 64 a std-0.02 layer scales its input by ~0.16, so timm's start is close to a
-            linear model of the patches; the default study's ViT-Pico/4 leaves its loss plateau sooner from `jax`.
+            linear model of the patches; the Pico study's ViT-Pico/4 leaves its loss plateau sooner from `jax`.
     """
 
     dropout: float = 0.0
@@ -151,8 +151,8 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     # CPU-sized variants for 32-px images. The Femto and Pico pairs have about the same parameter count (74k / 84k,
     # 141k / 127k without heads); the Nano pair does not (ViT 460k, BiT 221k: the BiT grew in depth only). Femto: half a
     # Pico's step (a ViT-Pico/4 with 2 blocks; a BiT-R14-Pico whose first three stages, where its step's time goes
-    # at 32 and 16 px, are half as wide, with GroupNorm of 4 groups). Measured as the default study's pair and not
-    # taken: README, "The default study", Wall time.
+    # at 32 and 16 px, are half as wide, with GroupNorm of 4 groups). The Femto pair is the default study's
+    # (configs/scaling.yaml), the Pico pair the Pico study's (configs/scaling-pico.yaml): README, "The default study".
     ModelSpec("ViT-Femto/4", "ViT", _vit(2, 64, 4, 128, 4), cpu_sized=True),
     ModelSpec("ViT-Pico/4", "ViT", _vit(4, 64, 4, 128, 4), cpu_sized=True),
     ModelSpec("ViT-Nano/4", "ViT", _vit(6, 96, 4, 192, 4), cpu_sized=True),
