@@ -4,13 +4,13 @@
         [--set 'NAME=key=value;key=value' ...] [--bias weak|strong]
 
 Each recipe is a list of dotted overrides of the grid (the study's own config path, so what is piloted here is
-exactly what `study.run --grid configs/scaling-pico.yaml <overrides>` would train). The default grid is the Pico study,
-on which every recipe below was piloted (the README's tables); the default study, configs/scaling.yaml, is its
-`femto-batch24`. Every (recipe, seed) pretrains the
-grid's ViT once on the largest nested subset through `pipelines.pretrain.run`, as a trial does (same subset for a
-seed, same loader, one torch thread per `resources.cpus_per_worker`), then scores it on the source's held-out test
-split. The recipe is chosen on the ViT's own upstream numbers alone; `--bias strong` trains the grid's BiT instead,
-to see on the BiT's own numbers what a cut (a smaller model, fewer examples) costs it.
+exactly what `study.run --grid configs/scaling-pico.yaml <overrides>` would train). The default grid is the Pico
+study, on which every recipe below was piloted (the README's tables); the default study, configs/scaling.yaml, is its
+`femto-batch24`. Every (recipe, seed) pretrains the grid's ViT once on the largest nested subset through
+`pipelines.pretrain.run`, as a trial does (same subset for a seed, same loader, one torch thread per
+`resources.cpus_per_worker`), then scores it on the source's held-out test split. The recipe is chosen on the
+ViT's own upstream numbers alone; `--bias strong` trains the grid's BiT instead, to see on the BiT's own numbers what
+a cut (a smaller model, fewer examples) costs it.
 
 Prints one row per recipe: upstream top-1 on the test split (mean over seeds with its 95% t interval, and the
 seeds' values), the last epoch's mean training loss against chance (ln classes), pretraining seconds per point,
