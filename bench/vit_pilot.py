@@ -47,8 +47,8 @@ PILOT_MODELS = [
                                                         patch_size=8), cpu_sized=True),
     # BiT-R14-Pico with a stride-2 stem: its first stage at 16 px, a third of its step (a cheaper BiT tried for
     # issue 25's budget; `--bias strong`).
-    models.ModelSpec("BiT-R14-Pico/s2", "BiT", dict(layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_chs=16,
-                                                    small_stem=True, gn_groups=8, stem_stride=2), cpu_sized=True),
+    models.ModelSpec("BiT-R14-Pico/s2", "BiT", {**models.MODELS["BiT-R14-Pico"].kwargs, "stem_stride": 2},
+                     cpu_sized=True),
 ]
 PLAIN = ("recipes.ViT.pool=gap", "recipes.ViT.pos_embed=sincos2d", "recipes.ViT.zero_head=true")  # Beyer et al. 2022
 PICO = ("models=[ViT-Pico/4, BiT-R14-Pico]",)  # the Pico study's pair, named so `pico-*` mean it on any grid
