@@ -11,7 +11,6 @@ tables.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -66,4 +65,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from study.cli import exit_now
+
+    exit_now(main())

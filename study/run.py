@@ -874,4 +874,6 @@ def _write_results(cfg, points, records, evals, where, failures: dict[str, str])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from study.cli import exit_now
+
+    exit_now(main())

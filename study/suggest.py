@@ -192,6 +192,7 @@ def check_apply(path: str, grid: str) -> None:
 if __name__ == "__main__":  # `python -m study.suggest ARGS` is `python -m study.run --suggest ARGS`
     import sys
 
+    from study.cli import exit_now
     from study.run import main
 
-    sys.exit(main(["--suggest", *sys.argv[1:]]))
+    exit_now(main(["--suggest", *sys.argv[1:]]))

@@ -2,7 +2,9 @@
 
 import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,9 +55,38 @@ def test_every_command_runs_as_its_own_module_too(cache_dir, tmp_path):
         assert "\nif __name__ == \"__main__\":" in (ROOT / f"{module.replace('.', '/')}.py").read_text(), module
 
 
+# What `exit_now` keeps of `sys.exit`: a non-daemon thread, a pool never shut down, an atexit handler, a temporary
+# folder left to its finalizer, and output still in the buffers of piped streams (lost to a bare `os._exit`).
+EXITS = '''
+import atexit, concurrent.futures, sys, tempfile, threading, time
+from pathlib import Path
+from study.cli import exit_now
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("joined"))).start()
+pool = concurrent.futures.ThreadPoolExecutor(1)
+pool.submit(lambda: (time.sleep(0.5), (out / "future").write_text("done")))
+kept = tempfile.TemporaryDirectory(dir=out)
+(out / "tmp").write_text(kept.name)
+print("to stdout", end="")
+print("to stderr", end="", file=sys.stderr)
+exit_now(3)
+'''
+
+
+def test_exit_now_finishes_what_sys_exit_would_before_it_skips_the_teardown(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", EXITS, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "to stdout", "to stderr")
+    assert {f: (tmp_path / f).read_text() for f in ("atexit", "thread", "future")} == {
+        "atexit": "ran", "thread": "joined", "future": "done"}
+    assert not Path((tmp_path / "tmp").read_text()).exists()  # weakref.finalize's atexit removed it
+
+
 def test_the_installed_script_is_the_dispatcher(cache_dir):
     """`pip install -e .` writes `vit-scaling` beside the interpreter (.ci/run installs afresh, so it runs there)."""
-    assert 'vit-scaling = "study.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    assert 'vit-scaling = "study.cli:console"' in (ROOT / "pyproject.toml").read_text()
     script = os.path.join(os.path.dirname(sys.executable), "vit-scaling")
     if not os.path.exists(script):
         pytest.skip(f"{script} is not installed: this environment was installed before [project.scripts] named it "
